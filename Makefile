@@ -1,0 +1,36 @@
+# Two commands set everything up on a fresh machine with only Python:
+#   make demo   -> venv + install + synth data -> convert -> train -> eval -> checkpoint
+#   make test   -> venv + install + full test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tierec-installed
+
+.PHONY: demo test venv bench clean torchrec
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU wheel first: an unpinned torch would pull several GB of CUDA packages.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tierec demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+# Optional TorchRec baseline for benchmarks/ (see docs/benchmarks.md).
+torchrec: $(STAMP)
+	$(BIN)/python -m pip install -q fbgemm-gpu-cpu==1.8.0 tensordict "torchmetrics==1.0.3" tqdm pyre-extensions
+	$(BIN)/python -m pip install -q --no-deps torchrec==1.8.0
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_embedding.py
+
+clean:
+	rm -rf runs .pytest_cache

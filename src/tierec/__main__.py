@@ -1,0 +1,3 @@
+from tierec.cli import main
+
+raise SystemExit(main())

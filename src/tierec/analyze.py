@@ -1,0 +1,392 @@
+"""`tierec analyze`: miss-ratio curves of a data set or trace, and what cache to buy.
+
+For every table (sparse feature of a data set, or the one trace of a file) it
+simulates LRU, in-cache LFU and Belady's MIN (`tierec.cache.sim`) over a grid
+of cache sizes, prints hit ratios, writes PNG plots and a JSON of the curves,
+and, given a memory budget, splits it across tables to minimise total misses
+(greedy marginal gain on the concave hull of each table's hit curve).
+See docs/analyze.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tierec.errors import TierecError
+
+log = logging.getLogger("tierec.analyze")
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+          "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+
+
+def parse_bytes(text: str) -> int:
+    """``"2GiB"`` -> 2147483648. Binary units: K, M, G, T, KiB, MiB, GiB, TiB;
+    decimal: kB, MB, GB, TB; a bare number is bytes. Case-insensitive."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise TierecError(f"cannot read {text!r} as a number of bytes (e.g. 2GiB, 512MiB, 1.5GB, 1048576)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise TierecError(f"a memory budget must be > 0 bytes, got {text!r}")
+    return n
+
+
+def format_bytes(n: float) -> str:
+    for unit, f in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= f:
+            return f"{n / f:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def parse_sizes(text: str) -> np.ndarray:
+    """``"1000,2000,4k,1M"`` -> int64 array (k = 1,000, M = 1,000,000: sizes are counts of rows)."""
+    out = []
+    for tok in str(text).split(","):
+        t = tok.strip().replace("_", "")
+        if not t:
+            continue
+        mult = {"k": 1000, "m": 1000**2, "g": 1000**3}.get(t[-1].lower(), 1)
+        body = t[:-1] if mult > 1 else t
+        try:
+            v = float(body) * mult
+        except ValueError:
+            raise TierecError(f"--sizes: {tok.strip()!r} is not a cache size (use e.g. 1000,10k,1M)") from None
+        if v < 1 or v != int(v):
+            raise TierecError(f"--sizes: cache sizes must be whole numbers >= 1, got {tok.strip()!r}")
+        out.append(int(v))
+    if not out:
+        raise TierecError("--sizes: no sizes given")
+    return np.unique(np.array(out, np.int64))
+
+
+# --------------------------------------------------------------------------- allocation
+def _upper_hull(xs: np.ndarray, ys: np.ndarray) -> list[tuple[int, float]]:
+    """Concave majorant of points sorted by x (monotone chain): [(x, y)] from the first point."""
+    hull: list[tuple[int, float]] = []
+    for x, y in zip(xs.tolist(), ys.tolist()):
+        if hull and x == hull[-1][0]:
+            if y <= hull[-1][1]:
+                continue
+            hull.pop()
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (x - x1) <= (y - y1) * (x2 - x1):  # middle point under the chord
+                hull.pop()
+            else:
+                break
+        hull.append((x, y))
+    return hull
+
+
+def _curve_points(curve, dense: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(sizes, hits) candidate points for allocation, including (0, 0) and the footprint."""
+    u = curve.distinct
+    xs = [np.array([0, u], np.int64), curve.sizes[curve.sizes <= u]]
+    if curve.distances is not None and u > 0:  # LRU: exact everywhere, use a dense grid
+        xs.append(np.unique(np.round(np.geomspace(1, u, dense)).astype(np.int64)))
+    x = np.unique(np.concatenate(xs))
+    y = np.array([curve.hits_at(int(s)) for s in x], np.float64)
+    return x, y
+
+
+def allocate(curves: dict, budget_rows: int) -> dict[str, int]:
+    """Split ``budget_rows`` cache rows across tables to maximise total hits.
+
+    ``curves``: ``{table: MissRatioCurve}`` of one policy. Greedy on marginal
+    gain: the segments of every table's concave hull of hits-vs-size, best
+    hits-per-row first; exact for concave curves and piecewise-linear
+    hits. A table never gets more rows than its footprint (no gain beyond).
+    Returns ``{table: rows}``.
+    """
+    segs = []
+    for name, c in curves.items():
+        x, y = _curve_points(c)
+        hull = _upper_hull(x, y)
+        for j in range(1, len(hull)):
+            dx, dy = hull[j][0] - hull[j - 1][0], hull[j][1] - hull[j - 1][1]
+            if dx > 0 and dy > 0:
+                segs.append((-dy / dx, name, j, dx))
+    segs.sort(key=lambda s: (s[0], s[2]))
+    alloc = dict.fromkeys(curves, 0)
+    blocked: set[str] = set()
+    left = int(budget_rows)
+    for _, name, _, dx in segs:
+        if left <= 0:
+            break
+        if name in blocked:
+            continue
+        take = min(dx, left)
+        alloc[name] += take
+        left -= take
+        if take < dx:
+            blocked.add(name)
+    return alloc
+
+
+def proportional_split(curves: dict, budget_rows: int) -> dict[str, int]:
+    """Rows proportional to each table's footprint (a common rule of thumb), capped at it."""
+    total = sum(c.distinct for c in curves.values())
+    if total == 0:
+        return dict.fromkeys(curves, 0)
+    return {n: int(min(c.distinct, budget_rows * c.distinct // total)) for n, c in curves.items()}
+
+
+# --------------------------------------------------------------------------- plotting
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "trace"
+
+
+_STYLE = {"lru": ("LRU", "C0"), "lfu": ("LFU (in-cache)", "C1"), "min": ("MIN (Belady)", "C2")}
+
+
+def plot_curves(path: Path, name: str, curves: dict, alloc_rows: int | None = None,
+                row_bytes: int | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    any_c = next(iter(curves.values()))
+    n, u = any_c.requests, any_c.distinct
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for pol, c in curves.items():
+        label, color = _STYLE[pol]
+        if c.distances is not None and u > 0:  # LRU: exact, draw it densely
+            xs = np.unique(np.round(np.geomspace(1, max(u, int(c.sizes.max(initial=1))), 300)).astype(np.int64))
+            hits = np.searchsorted(c.distances, xs, side="left")
+            ax.plot(xs, 1 - hits / n, color=color, label=label)
+            ax.plot(c.sizes, c.miss_ratio, "o", color=color, ms=3)
+        else:
+            ax.plot(c.sizes, c.miss_ratio, "o-", color=color, ms=3, label=label)
+    ax.axhline(u / n, color="grey", ls=":", lw=1, label=f"cold misses ({u / n:.1%})")
+    if alloc_rows:
+        ax.axvline(alloc_rows, color="k", ls="--", lw=1, label=f"recommended: {alloc_rows:,} rows")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("cache size (rows)" + (f", {row_bytes} B each" if row_bytes else ""))
+    ax.set_ylabel("miss ratio")
+    ax.set_title(f"{name}: {n:,} requests, {u:,} distinct IDs")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- command
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="DATASET_OR_TRACE",
+                   help="a tierec data set directory, an ARC trace (.lis, .lis.zst) or a plain trace "
+                        "(one integer ID per line; zstd-compressed OK)")
+    p.add_argument("--format", choices=["auto", "dataset", "arc", "plain"], default="auto",
+                   help="input kind (default auto: a directory with manifest.json is a data set, *.lis[.zst] "
+                        "an ARC trace, anything else a plain trace)")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated cache sizes in rows, e.g. 1000,10k,1M (default: --points log-spaced "
+                        "sizes from 0.01%% of each table's distinct IDs up to all of them)")
+    p.add_argument("--points", type=int, default=16, help="number of sizes in the default grid (default: 16)")
+    p.add_argument("--policies", default="lru,lfu,min", help="comma-separated subset of lru,lfu,min (default: all three)")
+    p.add_argument("--no-bypass", action="store_true",
+                   help="MIN must cache every miss (default: MIN may bypass, the true optimum)")
+    p.add_argument("--max-requests", type=int, default=None, help="use only the first N requests of each trace")
+    g = p.add_argument_group("data sets")
+    g.add_argument("--split", default="train", help="split to read (default: train)")
+    g.add_argument("--tables", default=None, help="comma-separated sparse features to analyse (default: all)")
+    g.add_argument("--dedup-per-batch", type=int, default=None, metavar="BATCH_SIZE",
+                   help="keep one request per distinct ID per batch of BATCH_SIZE rows "
+                        "(a training step fetches each distinct row once)")
+    g.add_argument("--shuffle", action="store_true",
+                   help="read rows in the order `tierec train` sees in epoch 0 with --seed (default: storage order)")
+    g.add_argument("--seed", type=int, default=0, help="shuffle seed, as `tierec train --seed` (default: 0)")
+    g = p.add_argument_group("memory budget")
+    g.add_argument("--memory-budget", default=None, metavar="BYTES",
+                   help="cache memory for all tables together, e.g. 2GiB, 512MiB, 1.5GB")
+    g.add_argument("--row-bytes", type=int, default=None,
+                   help="bytes per cached row (default for ARC traces: 512, one block)")
+    g.add_argument("--dim", type=int, default=None, help="embedding dimension: row bytes = dim * --bytes-per-elem")
+    g.add_argument("--bytes-per-elem", type=int, default=4, help="bytes per embedding element (default: 4, fp32)")
+    g.add_argument("--policy", choices=["lru", "lfu", "min"], default=None,
+                   help="curves used to split the budget (default: lru if computed, else the first of --policies)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write mrc_<table>.png and curves.json here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="miss-ratio curves (LRU, LFU, MIN) of a data set or trace; cache sizing",
+                       description=__doc__.split("\n\n")[0] + " Prints hit ratios per table and cache size; "
+                       "with --memory-budget, recommends how many rows to cache per table. See docs/analyze.md.")
+    add_arguments(p)
+    p.set_defaults(func=main)
+
+
+def _row_bytes(args, fmt: str) -> int | None:
+    if args.row_bytes is not None and args.dim is not None:
+        raise TierecError("give --row-bytes or --dim, not both")
+    if args.row_bytes is not None:
+        if args.row_bytes <= 0:
+            raise TierecError(f"--row-bytes must be > 0, got {args.row_bytes}")
+        return args.row_bytes
+    if args.dim is not None:
+        if args.dim <= 0 or args.bytes_per_elem <= 0:
+            raise TierecError("--dim and --bytes-per-elem must be > 0")
+        return args.dim * args.bytes_per_elem
+    return 512 if fmt == "arc" else None
+
+
+def main(args) -> int:
+    from tqdm import tqdm
+
+    from tierec.cache import sim, traces
+
+    policies = [s.strip().lower() for s in args.policies.split(",") if s.strip()]
+    bad = [s for s in policies if s not in sim.POLICIES]
+    if bad or not policies:
+        raise TierecError(f"--policies: unknown {', '.join(bad) or '(none given)'} (choose from lru, lfu, min)")
+    policies = list(dict.fromkeys(policies))
+    sizes = parse_sizes(args.sizes) if args.sizes is not None else None
+    if args.points < 2:
+        raise TierecError(f"--points must be >= 2, got {args.points}")
+    if args.max_requests is not None and args.max_requests <= 0:
+        raise TierecError(f"--max-requests must be > 0, got {args.max_requests}")
+    budget = parse_bytes(args.memory_budget) if args.memory_budget is not None else None
+    if args.policy is not None and args.policy not in policies:
+        raise TierecError(f"--policy {args.policy} is not among --policies {','.join(policies)}")
+    rec_policy = args.policy or ("lru" if "lru" in policies else policies[0])
+
+    fmt = traces.detect_format(args.input) if args.format == "auto" else args.format
+    if fmt != "dataset":
+        used = [f for f, v in (("--tables", args.tables), ("--dedup-per-batch", args.dedup_per_batch),
+                               ("--shuffle", args.shuffle or None)) if v is not None]
+        if used:
+            raise TierecError(f"{', '.join(used)} only apply to tierec data sets, and {args.input} is a {fmt} trace")
+    row_bytes = _row_bytes(args, fmt)
+    if budget is not None and row_bytes is None:
+        raise TierecError("--memory-budget needs the size of a row: give --row-bytes or --dim")
+
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    kw = {}
+    if fmt == "dataset":
+        tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
+        kw = dict(split=args.split, tables=tables, dedup_batch=args.dedup_per_batch, shuffle=args.shuffle,
+                  seed=args.seed, progress=progress)
+    fmt, trs = traces.load_traces(args.input, fmt, max_requests=args.max_requests, **kw)
+    read_s = time.perf_counter() - t0
+    empty = [k for k, v in trs.items() if v.size == 0]
+    if empty and len(empty) == len(trs):
+        raise TierecError(f"{args.input}: no requests to analyse")
+    for k in empty:
+        log.warning("table %s has no requests; skipped", k)
+        del trs[k]
+
+    # Grid per table, and the amount of work for the progress bar.
+    grids = {}
+    for name, tr in trs.items():
+        grids[name] = sizes if sizes is not None else sim.default_sizes(int(np.unique(tr).size), args.points)
+    steps = sum(len(g) * len(policies) for g in grids.values())
+    results: dict[str, dict] = {}
+    timings: dict[str, dict] = {}
+    with tqdm(total=steps, desc="simulate", unit="size", disable=not progress, dynamic_ncols=True,
+              file=sys.stderr) as bar:
+        for name, tr in trs.items():
+            results[name], timings[name] = {}, {}
+            for pol in policies:
+                bar.set_postfix_str(f"{name} {pol}")
+                t1 = time.perf_counter()
+                c = sim.miss_ratio_curves(tr, grids[name], [pol], name=name, bypass=not args.no_bypass,
+                                          progress=bar.update)[pol]
+                timings[name][pol] = round(time.perf_counter() - t1, 3)
+                results[name][pol] = c
+
+    # ------------------------------------------------------------------ report
+    out = sys.stdout
+    print(f"{args.input} ({fmt}): {len(results)} table(s); read in {read_s:.1f} s", file=out)
+    pol_names = {"lru": "LRU", "lfu": "LFU", "min": "MIN"}
+    for name, curves in results.items():
+        c0 = next(iter(curves.values()))
+        n, u = c0.requests, c0.distinct
+        print(f"\n{name}: {n:,} requests, {u:,} distinct IDs; best possible hit ratio "
+              f"{100 * (n - u) / n:.2f}% (cold misses only)", file=out)
+        head = f"{'cache size':>12} {'% of IDs':>9}" + "".join(f" {pol_names[p] + ' hit %':>10}" for p in curves)
+        print(head, file=out)
+        for i, s in enumerate(c0.sizes.tolist()):
+            row = f"{s:>12,} {100 * s / u:>9.2f}" + "".join(f" {100 * c.hit_ratio[i]:>10.2f}" for c in curves.values())
+            print(row, file=out)
+        print("  (" + ", ".join(f"{pol_names[p]} {t:.2f} s" for p, t in timings[name].items()) + ")", file=out)
+
+    rec = None
+    if budget is not None:
+        rec_curves = {n: cs[rec_policy] for n, cs in results.items()}
+        budget_rows = budget // row_bytes
+        alloc = allocate(rec_curves, budget_rows)
+        prop = proportional_split(rec_curves, budget_rows)
+        exact = rec_policy == "lru"
+        tot_req = sum(c.requests for c in rec_curves.values())
+        rows_used = sum(alloc.values())
+        print(f"\nmemory budget {format_bytes(budget)} at {row_bytes} B/row = {budget_rows:,} rows; "
+              f"split by {pol_names[rec_policy]} curves to minimise total misses:", file=out)
+        print(f"{'table':<20} {'rows':>14} {'bytes':>12} {'% of IDs':>9} {'hit %':>8} {'misses':>14}", file=out)
+        tables_rec = {}
+        tot_hits = 0.0
+        for name, c in rec_curves.items():
+            r = alloc[name]
+            h = c.hits_at(r)
+            tot_hits += h
+            tables_rec[name] = {"rows": int(r), "bytes": int(r * row_bytes), "hit_ratio": h / c.requests,
+                                "misses": int(round(c.requests - h)), "distinct": c.distinct,
+                                "proportional_rows": int(prop[name])}
+            print(f"{name[:20]:<20} {r:>14,} {format_bytes(r * row_bytes):>12} {100 * r / c.distinct:>9.2f} "
+                  f"{100 * h / c.requests:>8.2f} {int(round(c.requests - h)):>14,}", file=out)
+        prop_hits = sum(c.hits_at(prop[n]) for n, c in rec_curves.items())
+        print(f"{'total':<20} {rows_used:>14,} {format_bytes(rows_used * row_bytes):>12} {'':>9} "
+              f"{100 * tot_hits / tot_req:>8.2f} {int(round(tot_req - tot_hits)):>14,}", file=out)
+        if rows_used < budget_rows:
+            print(f"  {budget_rows - rows_used:,} rows of the budget are left over: every table fits "
+                  "or more rows would not cut misses", file=out)
+        if len(rec_curves) > 1:
+            print(f"  for comparison, rows proportional to distinct IDs: hit {100 * prop_hits / tot_req:.2f}%, "
+                  f"misses {int(round(tot_req - prop_hits)):,}", file=out)
+        if not exact:
+            print(f"  ({pol_names[rec_policy]} hits between simulated sizes are interpolated)", file=out)
+        rec = {"policy": rec_policy, "budget_bytes": budget, "row_bytes": row_bytes, "budget_rows": int(budget_rows),
+               "rows_used": int(rows_used), "hit_ratio": tot_hits / tot_req,
+               "misses": int(round(tot_req - tot_hits)), "proportional_hit_ratio": prop_hits / tot_req,
+               "tables": tables_rec}
+
+    if args.out:
+        od = Path(args.out)
+        try:
+            od.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TierecError(f"{od}: cannot create output directory ({e.strerror})") from None
+        pngs = {}
+        for name, curves in results.items():
+            path = od / f"mrc_{_safe(name)}.png"
+            plot_curves(path, name, curves, rec["tables"][name]["rows"] if rec else None, row_bytes)
+            pngs[name] = path.name
+        doc = {
+            "input": str(args.input), "format": fmt, "policies": policies, "min_bypass": not args.no_bypass,
+            "max_requests": args.max_requests,
+            "dataset": ({"split": args.split, "dedup_per_batch": args.dedup_per_batch, "shuffle": args.shuffle,
+                         "seed": args.seed} if fmt == "dataset" else None),
+            "tables": {name: {"requests": next(iter(cs.values())).requests,
+                              "distinct": next(iter(cs.values())).distinct,
+                              "png": pngs[name],
+                              "curves": {p: c.to_dict() for p, c in cs.items()},
+                              "seconds": timings[name]}
+                       for name, cs in results.items()},
+            "recommendation": rec,
+        }
+        (od / "curves.json").write_text(json.dumps(doc, indent=1))
+        print(f"\nwrote {len(pngs)} plot(s) and curves.json to {od}", file=out)
+    return 0

@@ -1,0 +1,172 @@
+"""`tierec data convert`: raw Criteo / libSVM / libFM / MovieLens text -> a tierec data set.
+
+Streams the input through a `tierec.data.readers` reader (constant memory), splits
+rows into ``train`` and ``test`` by a hash of each row's input line number and the
+seed (deterministic; the test split is a held-out random ``test_fraction``), and
+writes both through `DatasetWriter`. The manifest's ``source`` records the input,
+the format, rows read, bad rows skipped and the options. See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tierec.data.dataset import MANIFEST, DatasetWriter
+from tierec.data.hashing import splitmix64
+from tierec.data.readers import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_NUM_EMBEDDINGS,
+    FORMATS,
+    open_reader,
+    take_rows,
+)
+from tierec.errors import ConfigError, TierecError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+
+
+def is_test_row(lines: np.ndarray, test_fraction: float, seed: int = 0) -> np.ndarray:
+    """Which rows go to the test split: ``u(line, seed) < test_fraction``.
+
+    ``u`` is a uniform number in [0, 1) from ``splitmix64(splitmix64(line) ^ splitmix64(seed))``,
+    so a row's split depends only on its input line number and the seed.
+    """
+    if test_fraction <= 0:
+        return np.zeros(len(lines), bool)
+    s = splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], np.uint64))[0]
+    with np.errstate(over="ignore"):
+        h = splitmix64(splitmix64(np.asarray(lines, np.int64).view(np.uint64)) ^ s)
+    u = (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return u < test_fraction
+
+
+def _prepare_out_dir(out: Path) -> None:
+    """Refuse to write into a non-empty directory that is not (an unfinished) tierec data set; clear old shards."""
+    if out.exists() and not out.is_dir():
+        raise TierecError(f"{out}: exists and is not a directory")
+    if not out.exists():
+        return
+    entries = [e for e in out.iterdir() if not e.name.startswith(".")]
+    foreign = [e.name for e in entries if e.name not in (MANIFEST, *SPLITS)]
+    if foreign:
+        raise TierecError(f"{out}: directory exists and holds other files ({', '.join(sorted(foreign)[:3])}); "
+                          "choose an empty or new --out")
+    for split in SPLITS:
+        d = out / split
+        if d.is_dir():
+            for f in d.glob("part-*.parquet"):
+                f.unlink()
+
+
+def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None, table_sizes=None,
+            test_fraction: float = 0.1, seed: int = 0, skip_bad_rows: bool = False,
+            rows_per_file: int = 1 << 20, row_group_size: int = 65536, field_map=None,
+            max_rows: int | None = None, rating_threshold: float = 4.0,
+            block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True) -> dict:
+    """Convert ``input_path`` (format ``fmt``, one of `FORMATS`) into a data set at ``out_dir``.
+
+    Returns the manifest (also written to ``out_dir/manifest.json``).
+    """
+    if fmt not in FORMATS:
+        raise TierecError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if not 0.0 <= float(test_fraction) < 1.0:
+        raise ConfigError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    if int(rows_per_file) <= 0:
+        raise ConfigError(f"--rows-per-file must be > 0, got {rows_per_file}")
+    if int(row_group_size) <= 0:
+        raise ConfigError(f"--row-group-size must be > 0, got {row_group_size}")
+    reader = open_reader(input_path, fmt, num_embeddings=num_embeddings, table_sizes=table_sizes,
+                         skip_bad_rows=skip_bad_rows, field_map=field_map, rating_threshold=rating_threshold,
+                         max_rows=max_rows, block_size=block_size, progress=progress)
+    out = Path(out_dir)
+    _prepare_out_dir(out)
+    log.info("converting %s (%s, %d bytes) -> %s", reader.path, fmt, reader.path.stat().st_size, out)
+    writer = DatasetWriter(out, reader.schema, splits=SPLITS, rows_per_file=int(rows_per_file),
+                           row_group_size=min(int(row_group_size), int(rows_per_file)))
+    for block in reader:
+        is_test = is_test_row(block.lines, float(test_fraction), int(seed))
+        writer.splits["train"].write(take_rows(block.chunk, ~is_test))
+        writer.splits["test"].write(take_rows(block.chunk, is_test))
+    stats = reader.stats
+    fm = getattr(reader, "field_map", None)
+    options = {
+        "test_fraction": float(test_fraction),
+        "seed": int(seed),
+        "skip_bad_rows": bool(skip_bad_rows),
+        "max_rows": max_rows,
+        "num_embeddings": num_embeddings if num_embeddings is not None else DEFAULT_NUM_EMBEDDINGS,
+        "table_sizes": table_sizes if table_sizes is None or isinstance(table_sizes, (list, dict)) else str(table_sizes),
+        "rows_per_file": int(rows_per_file),
+        "row_group_size": int(row_group_size),
+    }
+    if fmt == "movielens":
+        options["rating_threshold"] = float(rating_threshold)
+    if fmt in ("libsvm", "libfm"):
+        options["field_map"] = str(field_map) if isinstance(field_map, (str, os.PathLike)) else None
+        options["field_map_resolved"] = None if fm is None else {
+            "sparse": {n: {"keys": [list(r) for r in ranges], "side": side} for n, ranges, _, side in fm.sparse},
+            "dense": {n: [list(r) for r in ranges] for n, ranges in fm.dense},
+            "unmapped": fm.unmapped,
+        }
+    source = {
+        "path": str(reader.path.resolve()),
+        "format": fmt,
+        "bytes": reader.path.stat().st_size,
+        "rows_read": stats.rows_read,
+        "bad_rows_skipped": stats.bad_rows,
+        "bad_row_examples": stats.bad_row_examples,
+        "split_rule": "test iff u(line number, seed) < test_fraction; u from splitmix64 (tierec.data.convert.is_test_row)",
+        "options": options,
+    }
+    manifest = writer.close(source=source)
+    return manifest
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="input file (.gz/.bz2/.xz/.zst are decompressed on the fly)")
+    p.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
+                   help="criteo-tsv: Criteo Kaggle/Terabyte train.txt / day_N (tab-separated, no header); "
+                        "criteo-csv: same columns with a header; libsvm: 'label idx:val ...'; "
+                        "libfm: 'label field:idx:val ...'; movielens: u.data or RecBole .inter")
+    p.add_argument("--out", required=True, help="output data set directory (new, empty, or an earlier conversion)")
+    p.add_argument("--num-embeddings", type=int, default=DEFAULT_NUM_EMBEDDINGS,
+                   help="rows per embedding table; for Criteo, the cap on the published Kaggle cardinalities")
+    p.add_argument("--table-sizes", default=None, metavar="FILE_OR_LIST",
+                   help="per-feature table sizes, overriding --num-embeddings: '1000,20,...' in feature order, "
+                        "'C1=1000,C3=50', or a YAML/JSON file holding such a list or mapping")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of rows held out as the test split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip and count malformed rows instead of stopping at the first one")
+    p.add_argument("--rows-per-file", type=int, default=1 << 20, help="rows per Parquet shard")
+    p.add_argument("--row-group-size", type=int, default=65536, help="rows per Parquet row group")
+    p.add_argument("--field-map", default=None, metavar="FILE",
+                   help="libsvm/libfm: YAML/JSON mapping of indices / fields to named features (docs/data.md)")
+    p.add_argument("--max-rows", type=int, default=None, help="stop after this many good rows")
+    p.add_argument("--rating-threshold", type=float, default=4.0,
+                   help="movielens: label = 1 when rating >= this, else 0")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a TTY)")
+
+
+def main(args) -> int:
+    t0 = time.perf_counter()
+    m = convert(args.input, args.out, args.fmt, num_embeddings=args.num_embeddings, table_sizes=args.table_sizes,
+                test_fraction=args.test_fraction, seed=args.seed, skip_bad_rows=args.skip_bad_rows,
+                rows_per_file=args.rows_per_file, row_group_size=args.row_group_size, field_map=args.field_map,
+                max_rows=args.max_rows, rating_threshold=args.rating_threshold,
+                progress=not getattr(args, "no_progress", False))
+    dt = max(time.perf_counter() - t0, 1e-9)
+    rows = {k: v["rows"] for k, v in m["splits"].items()}
+    total = sum(rows.values())
+    print(f"{args.out}: wrote {total:,} rows (train {rows['train']:,}, test {rows['test']:,}); "
+          f"bad rows skipped: {m['source']['bad_rows_skipped']:,}; {total / dt:,.0f} rows/s")
+    return 0

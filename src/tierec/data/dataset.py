@@ -1,0 +1,439 @@
+"""tierec's on-disk data set: Parquet shards plus a JSON manifest.
+
+Layout of a data set directory::
+
+    DATASET/
+      manifest.json              schema, row counts, per-file sha256 and sizes
+      train/part-00000.parquet   one file per shard, row groups of ``row_group_size``
+      test/part-00000.parquet
+
+Columns of every shard:
+
+- ``label``: float32, 0 or 1;
+- one float32 column per dense feature (already transformed, e.g. ``log(1 + x)``);
+- one ``list<int64>`` column per sparse feature: row IDs already hashed into
+  ``[0, num_embeddings)``; an empty list is a missing value;
+- ``session`` (int64), only when the data set has a session key.
+
+Readers stream one row group at a time (constant memory), shuffle row-group
+order and rows within a row group from ``(seed, epoch)``, and can start at any
+batch index (for exact resume) without reading the skipped row groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from tierec.errors import DataError, TierecError
+from tierec.sparse import KeyedJaggedTensor
+
+FORMAT = "tierec-dataset"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class SparseFeature:
+    """One categorical feature and the embedding table behind it."""
+
+    name: str
+    num_embeddings: int
+    side: str = "item"  # "user": constant within a session; "item": varies per sample
+
+    def __post_init__(self):
+        if self.num_embeddings <= 0:
+            raise TierecError(f"sparse feature {self.name!r}: num_embeddings must be > 0, got {self.num_embeddings}")
+        if self.side not in ("user", "item"):
+            raise TierecError(f"sparse feature {self.name!r}: side must be 'user' or 'item', got {self.side!r}")
+
+
+@dataclass
+class Schema:
+    dense: list[str]
+    sparse: list[SparseFeature]
+    session_key: str | None = None
+
+    @property
+    def sparse_names(self) -> list[str]:
+        return [f.name for f in self.sparse]
+
+    def arrow_schema(self) -> pa.Schema:
+        fields = [pa.field("label", pa.float32())]
+        fields += [pa.field(n, pa.float32()) for n in self.dense]
+        fields += [pa.field(f.name, pa.list_(pa.int64())) for f in self.sparse]
+        if self.session_key is not None:
+            fields.append(pa.field("session", pa.int64()))
+        return pa.schema(fields)
+
+    def to_json(self) -> dict:
+        return {"dense": self.dense, "sparse": [asdict(f) for f in self.sparse], "session_key": self.session_key}
+
+    @staticmethod
+    def from_json(d: dict) -> "Schema":
+        return Schema(list(d["dense"]), [SparseFeature(**f) for f in d["sparse"]], d.get("session_key"))
+
+
+# --------------------------------------------------------------------------- in-memory chunks
+@dataclass
+class Chunk:
+    """A block of rows as numpy arrays (host memory).
+
+    ``sparse[name] = (values int64 [m], offsets int64 [n + 1])`` with ``offsets[0] == 0``.
+    """
+
+    label: np.ndarray  # float32 [n]
+    dense: np.ndarray  # float32 [n, n_dense]
+    sparse: dict[str, tuple[np.ndarray, np.ndarray]]
+    session: np.ndarray | None = None  # int64 [n]
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def slice(self, a: int, b: int) -> "Chunk":
+        sp = {}
+        for k, (v, o) in self.sparse.items():
+            sp[k] = (v[o[a] : o[b]], o[a : b + 1] - o[a])
+        s = self.session[a:b] if self.session is not None else None
+        return Chunk(self.label[a:b], self.dense[a:b], sp, s)
+
+    @staticmethod
+    def concat(chunks: list["Chunk"]) -> "Chunk":
+        if len(chunks) == 1:
+            return chunks[0]
+        sp = {}
+        for k in chunks[0].sparse:
+            vals = np.concatenate([c.sparse[k][0] for c in chunks])
+            lens = np.concatenate([np.diff(c.sparse[k][1]) for c in chunks])
+            sp[k] = (vals, np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
+        s = np.concatenate([c.session for c in chunks]) if chunks[0].session is not None else None
+        return Chunk(
+            np.concatenate([c.label for c in chunks]), np.concatenate([c.dense for c in chunks]), sp, s
+        )
+
+    @staticmethod
+    def from_arrow(table: pa.Table, schema: Schema) -> "Chunk":
+        label = table.column("label").to_numpy().astype(np.float32, copy=False)
+        n = len(label)
+        if schema.dense:
+            dense = np.stack([table.column(c).to_numpy().astype(np.float32, copy=False) for c in schema.dense], 1)
+        else:
+            dense = np.zeros((n, 0), np.float32)
+        sp = {}
+        for f in schema.sparse:
+            col = table.column(f.name).combine_chunks()
+            offs = col.offsets.to_numpy().astype(np.int64)
+            vals = col.values.to_numpy().astype(np.int64, copy=False)[offs[0] : offs[-1]]
+            sp[f.name] = (vals, offs - offs[0])
+        session = table.column("session").to_numpy() if schema.session_key is not None else None
+        return Chunk(label, dense, sp, session)
+
+    def to_arrow(self, schema: Schema) -> pa.Table:
+        cols = [pa.array(self.label, pa.float32())]
+        cols += [pa.array(self.dense[:, i], pa.float32()) for i in range(len(schema.dense))]
+        for f in schema.sparse:
+            v, o = self.sparse[f.name]
+            cols.append(pa.ListArray.from_arrays(pa.array(o.astype(np.int32)), pa.array(v, pa.int64())))
+        if schema.session_key is not None:
+            cols.append(pa.array(self.session, pa.int64()))
+        return pa.Table.from_arrays(cols, schema=schema.arrow_schema())
+
+
+@dataclass
+class Batch:
+    """One training batch of B samples.
+
+    dense: float32 [B, n_dense]; sparse: KeyedJaggedTensor over the sparse keys;
+    labels: float32 [B].
+    """
+
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
+    labels: torch.Tensor
+    session: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        s = self.session.to(device, non_blocking=non_blocking) if self.session is not None else None
+        return Batch(
+            self.dense.to(device, non_blocking=non_blocking),
+            self.sparse.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            s,
+        )
+
+    @staticmethod
+    def from_chunk(chunk: Chunk, keys: list[str]) -> "Batch":
+        vals = [chunk.sparse[k][0] for k in keys]
+        lens = [np.diff(chunk.sparse[k][1]) for k in keys]
+        values = torch.from_numpy(np.concatenate(vals) if vals else np.zeros(0, np.int64))
+        lengths = torch.from_numpy(np.concatenate(lens).astype(np.int64) if lens else np.zeros(0, np.int64))
+        kjt = KeyedJaggedTensor(keys, values, lengths, stride=len(chunk))
+        s = _tensor(chunk.session) if chunk.session is not None else None
+        return Batch(_tensor(chunk.dense), kjt, _tensor(chunk.label), s)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """numpy -> torch without a copy when possible (Arrow-backed arrays are read-only: copy those)."""
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+# --------------------------------------------------------------------------- writing
+def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(bufsize):
+            h.update(b)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class SplitWriter:
+    """Appends chunks to one split (e.g. ``train``), rolling files every ``rows_per_file`` rows."""
+
+    def __init__(self, root: Path, split: str, schema: Schema, rows_per_file: int = 1 << 20,
+                 row_group_size: int = 65536, compression: str = "zstd"):
+        self.dir = Path(root) / split
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.schema, self.rows_per_file, self.row_group_size = schema, rows_per_file, row_group_size
+        self.compression = compression
+        self.files: list[dict] = []
+        self._pending: list[Chunk] = []
+        self._pending_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._file_rows = 0
+        self.rows = 0
+
+    def write(self, chunk: Chunk) -> None:
+        if len(chunk) == 0:
+            return
+        self._pending.append(chunk)
+        self._pending_rows += len(chunk)
+        while self._pending_rows >= self.row_group_size:
+            self._flush_group(self.row_group_size)
+
+    def _flush_group(self, n: int) -> None:
+        all_rows = Chunk.concat(self._pending)
+        group, rest = all_rows.slice(0, n), all_rows.slice(n, len(all_rows))
+        self._pending = [rest] if len(rest) else []
+        self._pending_rows = len(rest)
+        if self._writer is None:
+            path = self.dir / f"part-{len(self.files):05d}.parquet"
+            self._writer = pq.ParquetWriter(path, self.schema.arrow_schema(), compression=self.compression)
+            self.files.append({"path": f"{self.dir.name}/{path.name}", "rows": 0})
+        self._writer.write_table(group.to_arrow(self.schema), row_group_size=n)
+        self.files[-1]["rows"] += n
+        self._file_rows += n
+        self.rows += n
+        if self._file_rows >= self.rows_per_file:
+            self._close_file()
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._file_rows = 0
+
+    def close(self) -> dict:
+        if self._pending_rows:
+            self._flush_group(self._pending_rows)
+        self._close_file()
+        for f in self.files:
+            p = self.dir.parent / f["path"]
+            f["bytes"] = p.stat().st_size
+            f["sha256"] = sha256_file(p)
+        return {"rows": self.rows, "files": self.files}
+
+
+class DatasetWriter:
+    """Writes a whole data set: one `SplitWriter` per split, then the manifest."""
+
+    def __init__(self, root: str | os.PathLike, schema: Schema, splits=("train", "test"), **kw):
+        self.root = Path(root)
+        if (self.root / MANIFEST).exists():
+            (self.root / MANIFEST).unlink()  # an unfinished rewrite must not look complete
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.schema = schema
+        self.splits = {s: SplitWriter(self.root, s, schema, **kw) for s in splits}
+
+    def close(self, source: dict | None = None, extra: dict | None = None) -> dict:
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "schema": self.schema.to_json(),
+            "splits": {name: w.close() for name, w in self.splits.items()},
+            "source": source or {},
+        }
+        if extra:
+            manifest.update(extra)
+        atomic_write_bytes(self.root / MANIFEST, json.dumps(manifest, indent=2).encode())
+        return manifest
+
+
+# --------------------------------------------------------------------------- reading
+class Dataset:
+    """A tierec data set directory (see module doc)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        mpath = self.root / MANIFEST
+        if not self.root.exists():
+            raise TierecError(f"{self.root}: data set directory does not exist")
+        if not mpath.exists():
+            raise TierecError(f"{mpath}: no manifest; is this a tierec data set? (make one with `tierec data convert` or `tierec data synth`)")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"manifest is not valid JSON ({e.msg})", str(mpath), e.lineno) from None
+        if self.manifest.get("format") != FORMAT:
+            raise DataError(f"not a {FORMAT} manifest (format={self.manifest.get('format')!r})", str(mpath))
+        self.schema = Schema.from_json(self.manifest["schema"])
+        for split in self.manifest["splits"].values():
+            for f in split["files"]:
+                p = self.root / f["path"]
+                if not p.exists():
+                    raise DataError("listed in the manifest but missing", str(p))
+                if p.stat().st_size != f["bytes"]:
+                    raise DataError(f"size {p.stat().st_size} bytes does not match the manifest's {f['bytes']} "
+                                    "(truncated or rewritten; re-run `tierec data convert`)", str(p))
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def num_rows(self, split: str) -> int:
+        return int(self._split(split)["rows"])
+
+    def _split(self, split: str) -> dict:
+        if split not in self.manifest["splits"]:
+            raise TierecError(f"{self.root}: no split {split!r} (has: {', '.join(self.splits)})")
+        return self.manifest["splits"][split]
+
+    def verify(self) -> None:
+        """Recompute every file's sha256 against the manifest."""
+        for split in self.manifest["splits"].values():
+            for f in split["files"]:
+                p = self.root / f["path"]
+                if sha256_file(p) != f["sha256"]:
+                    raise DataError("sha256 does not match the manifest (corrupt file)", str(p))
+
+    def row_groups(self, split: str) -> list[tuple[str, int, int]]:
+        """[(file path, row group index, rows)] in storage order."""
+        out = []
+        for f in self._split(split)["files"]:
+            p = str(self.root / f["path"])
+            md = pq.ParquetFile(p).metadata
+            out += [(p, i, md.row_group(i).num_rows) for i in range(md.num_row_groups)]
+        return out
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                start_batch: int = 0, drop_last: bool = False, max_rows: int | None = None) -> Iterator[Batch]:
+        """Stream batches of ``batch_size`` rows (the last may be smaller unless ``drop_last``).
+
+        Order is a pure function of ``(seed, epoch)``; ``start_batch`` skips batches
+        without reading the skipped row groups, so a resumed run sees the same batches.
+        """
+        for chunk in self.chunks(split, batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                                 start_batch=start_batch, drop_last=drop_last, max_rows=max_rows):
+            yield Batch.from_chunk(chunk, self.schema.sparse_names)
+
+    def num_batches(self, split: str, batch_size: int, drop_last: bool = False, max_rows: int | None = None) -> int:
+        n = self.num_rows(split) if max_rows is None else min(max_rows, self.num_rows(split))
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+    def chunks(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+               start_batch: int = 0, drop_last: bool = False, max_rows: int | None = None) -> Iterator[Chunk]:
+        if batch_size <= 0:
+            raise TierecError(f"batch size must be > 0, got {batch_size}")
+        groups = self.row_groups(split)
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(groups)) if shuffle else np.arange(len(groups))
+        total = sum(g[2] for g in groups) if max_rows is None else min(max_rows, sum(g[2] for g in groups))
+        skip = start_batch * batch_size
+        # Plan: (group, rows to drop at its start) after skipping; shuffle perms drawn for every group
+        # in order so that the permutation of a group does not depend on start_batch.
+        perms_seed = rng.integers(0, 2**63 - 1, size=len(groups))
+        plan, seen = [], 0
+        for gi in order:
+            n = groups[gi][2]
+            if seen + n <= skip:
+                seen += n
+                continue
+            plan.append((gi, max(0, skip - seen)))
+            seen += n
+        remaining = total - skip
+        if remaining <= 0:
+            return
+
+        def load(item):
+            gi, drop = item
+            path, rg, n = groups[gi]
+            table = pq.ParquetFile(path).read_row_group(rg)
+            if shuffle:
+                perm = np.random.default_rng(perms_seed[gi]).permutation(n)
+                table = table.take(pa.array(perm))
+            chunk = Chunk.from_arrow(table, self.schema)
+            return chunk.slice(drop, len(chunk)) if drop else chunk
+
+        buf: list[Chunk] = []
+        buffered = 0
+        with ThreadPoolExecutor(1) as pool:  # read the next row group while this one is consumed
+            fut = pool.submit(load, plan[0]) if plan else None
+            for i in range(len(plan)):
+                chunk = fut.result()
+                fut = pool.submit(load, plan[i + 1]) if i + 1 < len(plan) else None
+                if len(chunk) > remaining:
+                    chunk = chunk.slice(0, remaining)
+                remaining -= len(chunk)
+                buf.append(chunk)
+                buffered += len(chunk)
+                if buffered >= batch_size:
+                    data = Chunk.concat(buf)
+                    nfull = len(data) // batch_size
+                    for b in range(nfull):
+                        yield data.slice(b * batch_size, (b + 1) * batch_size)
+                    rest = data.slice(nfull * batch_size, len(data))
+                    buf, buffered = ([rest], len(rest)) if len(rest) else ([], 0)
+                if remaining <= 0:
+                    break
+            if fut is not None:
+                fut.cancel()
+        if buffered and not drop_last:
+            yield Chunk.concat(buf)

@@ -1,0 +1,275 @@
+"""Embedding bags over pluggable row storage, with the optimizer fused into backward.
+
+One training step for one table (B samples, N IDs, U unique IDs, D dims):
+
+1. forward:  ``uniq, inverse = unique(ids)``; ``ws = storage.acquire(uniq)`` makes
+   the U rows addressable in a fast tensor (``ws.weight[ws.index[k]]`` is row
+   ``uniq[k]``); pooled [B, D] = ``embedding_bag(ws.weight, ws.index[inverse], offsets)``.
+2. backward: per-ID gradient = pooled gradient of its bag (divided by the bag
+   length for mean pooling), summed per unique row with one ``index_add_`` into
+   [U, D]; the sparse optimizer updates those U rows (and their state) in place;
+   ``storage.release(ws)`` writes them back if they were a temporary copy.
+
+So every unique row is fetched once and updated once per step, and no dense
+gradient of a table exists. Storage backends implement `TableStorage`; this file
+has the in-memory one, the tiered ones live in ``tierec.storage``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from tierec.errors import ConfigError
+from tierec.modules.optim import SparseOptimizer
+from tierec.sparse import KeyedJaggedTensor
+
+INIT_CHUNK_ROWS = 65536
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """One embedding table. ``feature`` is the sparse key it serves (defaults to ``name``)."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    pooling: str = "sum"  # "sum" | "mean"
+    feature: str | None = None
+
+    def __post_init__(self):
+        if self.num_embeddings <= 0:
+            raise ConfigError(f"table {self.name!r}: num_embeddings must be > 0, got {self.num_embeddings}")
+        if self.embedding_dim <= 0:
+            raise ConfigError(f"table {self.name!r}: embedding_dim must be > 0, got {self.embedding_dim}")
+        if self.pooling not in ("sum", "mean"):
+            raise ConfigError(f"table {self.name!r}: pooling must be 'sum' or 'mean', got {self.pooling!r}")
+
+    @property
+    def key(self) -> str:
+        return self.feature or self.name
+
+
+def init_rows(seed: int, table_index: int, num_embeddings: int, dim: int, start: int, end: int) -> torch.Tensor:
+    """Initial weights of rows [start, end): uniform(-1/sqrt(n), 1/sqrt(n)), as DLRM/TorchRec do.
+
+    Values depend only on (seed, table, row), generated in fixed chunks of
+    ``INIT_CHUNK_ROWS`` rows, so any storage backend that initialises any range of
+    rows gets the same numbers.
+    """
+    bound = num_embeddings ** -0.5
+    out = torch.empty(end - start, dim)
+    c0 = start // INIT_CHUNK_ROWS
+    c1 = (end - 1) // INIT_CHUNK_ROWS if end > start else c0 - 1
+    for c in range(c0, c1 + 1):  # loop over 64K-row chunks, not rows
+        a, b = c * INIT_CHUNK_ROWS, min((c + 1) * INIT_CHUNK_ROWS, num_embeddings)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + table_index) * 1_000_003 + c)
+        vals = torch.empty(b - a, dim).uniform_(-bound, bound, generator=g)
+        lo, hi = max(a, start), min(b, end)
+        out[lo - start : hi - start] = vals[lo - a : hi - a]
+    return out
+
+
+@dataclass
+class WorkingSet:
+    """The rows of one step, addressable in a fast tensor.
+
+    weight [R, D] and state [R, S] hold them; ``index`` [U] gives the position of
+    each requested ID. ``ids`` [U] are the requested IDs (unique, sorted).
+    """
+
+    ids: torch.Tensor
+    index: torch.Tensor
+    weight: torch.Tensor
+    state: torch.Tensor
+    handle: object = None  # backend-private
+
+
+class TableStorage(Protocol):
+    """Where a table's rows (weights + optimizer state) live."""
+
+    num_embeddings: int
+    dim: int
+    state_dim: int
+
+    def acquire(self, ids: torch.Tensor) -> WorkingSet: ...
+
+    def release(self, ws: WorkingSet, dirty: bool) -> None: ...
+
+    def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class InMemoryTable:
+    """All rows in one tensor on ``device``: the plain, exact reference path."""
+
+    identity_index = True  # acquire(ids).index is ids itself
+
+    def __init__(self, num_embeddings: int, dim: int, state_dim: int, device="cpu"):
+        self.num_embeddings, self.dim, self.state_dim = num_embeddings, dim, state_dim
+        self.weight = torch.empty(num_embeddings, dim, device=device)
+        self.state = torch.zeros(num_embeddings, state_dim, device=device)
+
+    def acquire(self, ids: torch.Tensor) -> WorkingSet:
+        return WorkingSet(ids, ids, self.weight, self.state)
+
+    def release(self, ws: WorkingSet, dirty: bool) -> None:
+        pass
+
+    def read_rows(self, start: int, end: int):
+        return self.weight[start:end], self.state[start:end]
+
+    def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None:
+        n = weight.shape[0]
+        self.weight[start : start + n] = weight
+        self.state[start : start + n] = state
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.state.nbytes
+
+
+def dedup(values: torch.Tensor, with_inverse: bool = True):
+    """values int64 [N] -> (uniq [U] sorted, inverse [N] or None, perm [N], counts [U]).
+
+    ``values[perm]`` is sorted (stable: equal IDs keep their input order), so the
+    IDs of unique row k are ``perm[seg[k]:seg[k+1]]`` with ``seg`` the prefix sums
+    of ``counts``; ``uniq[inverse] == values``.
+    """
+    sorted_vals, perm = torch.sort(values, stable=True)
+    uniq, counts = torch.unique_consecutive(sorted_vals, return_counts=True)
+    inverse = None
+    if with_inverse:
+        inverse = torch.empty_like(values)
+        inverse[perm] = torch.repeat_interleave(torch.arange(uniq.numel(), device=values.device), counts,
+                                                output_size=values.numel())
+    return uniq, inverse, perm, counts
+
+
+def row_gradients(grad_out: torch.Tensor, lengths: torch.Tensor, perm: torch.Tensor, counts: torch.Tensor,
+                  mean: bool, weights: torch.Tensor | None) -> torch.Tensor:
+    """Summed gradient of every unique row, [U, D], from the pooled gradient [B, D].
+
+    A row's gradient is the sum, over its occurrences, of its bag's gradient
+    (times the ID's weight; divided by the bag length for mean pooling). Computed
+    as one embedding_bag over ``grad_out``: bag k gathers the occurrences of row k.
+    """
+    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths,
+                                  output_size=perm.numel())
+    scale = None
+    if mean:
+        scale = (1.0 / lengths.clamp(min=1).to(grad_out.dtype)).index_select(0, bag)
+    if weights is not None:
+        scale = weights if scale is None else scale * weights
+    seg = torch.cumsum(counts, 0) - counts
+    psw = scale.index_select(0, perm) if scale is not None else None
+    return F.embedding_bag(bag.index_select(0, perm), grad_out, seg, mode="sum", per_sample_weights=psw)
+
+
+class _FusedPooledLookup(torch.autograd.Function):
+    """pooled = embedding_bag(ws rows); backward applies the sparse optimizer in place."""
+
+    @staticmethod
+    def forward(ctx, anchor, table: "EmbeddingBag", ws: WorkingSet, idx, offsets, perm, counts, psw):
+        pooled = F.embedding_bag(idx, ws.weight, offsets[:-1], mode="sum", per_sample_weights=psw)
+        lengths = offsets[1:] - offsets[:-1]
+        if table.config.pooling == "mean":
+            pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
+        ctx.table, ctx.ws, ctx.weighted = table, ws, psw is not None
+        ctx.save_for_backward(lengths, perm, counts, psw if psw is not None else torch.empty(0))
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        lengths, perm, counts, psw = ctx.saved_tensors
+        table, ws = ctx.table, ctx.ws
+        grad_rows = row_gradients(grad_out.contiguous(), lengths, perm, counts, table.config.pooling == "mean",
+                                  psw if ctx.weighted else None)
+        table.step += 1
+        table.optimizer.update(ws.weight, ws.state, ws.index, grad_rows, int(table.step))
+        table.storage.release(ws, dirty=True)
+        ctx.ws = None
+        return (None,) * 8
+
+
+class EmbeddingBag(torch.nn.Module):
+    """One table: pooled lookups over a `TableStorage`, updated by a fused sparse optimizer."""
+
+    def __init__(self, config: TableConfig, storage: TableStorage, optimizer: SparseOptimizer):
+        super().__init__()
+        self.config, self.storage, self.optimizer = config, storage, optimizer
+        # Autograd needs one input that requires grad for backward to reach us.
+        self.register_buffer("_anchor", torch.ones((), requires_grad=False), persistent=False)
+        # Number of optimizer steps applied (Adam's bias correction); saved with the dense state.
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, values: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None = None):
+        """values int64 [N], offsets int64 [B+1] -> pooled float32 [B, D]."""
+        # In-memory tables address rows by ID: no inverse map needed.
+        identity = getattr(self.storage, "identity_index", False)
+        uniq, inverse, perm, counts = dedup(values, with_inverse=not identity)
+        ws = self.storage.acquire(uniq)
+        # Positions of every ID inside ws.weight.
+        idx = values if identity else ws.index.index_select(0, inverse)
+        if self.training and torch.is_grad_enabled():
+            anchor = self._anchor.detach().requires_grad_(True)
+            return _FusedPooledLookup.apply(anchor, self, ws, idx, offsets, perm, counts, weights)
+        try:
+            pooled = F.embedding_bag(idx, ws.weight, offsets[:-1], mode="sum", per_sample_weights=weights)
+            if self.config.pooling == "mean":
+                pooled = pooled / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(pooled.dtype)
+            return pooled
+        finally:
+            self.storage.release(ws, dirty=False)
+
+
+class EmbeddingBagCollection(torch.nn.Module):
+    """Several tables, one per sparse key; ``forward(kjt) -> [B, T, D]`` in table order."""
+
+    def __init__(self, tables: list[EmbeddingBag]):
+        super().__init__()
+        self.tables = torch.nn.ModuleList(tables)
+        keys = [t.config.key for t in tables]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"two tables serve the same feature: {keys}")
+        self.keys = keys
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        by_key = kjt.to_dict()
+        missing = [k for k in self.keys if k not in by_key]
+        if missing:
+            raise ConfigError(f"batch has no sparse feature(s) {missing}; it has {kjt.keys()}")
+        out = []
+        for table in self.tables:
+            jt = by_key[table.config.key]
+            out.append(table(jt.values, jt.offsets(), jt.weights))
+        return torch.stack(out, 1)
+
+
+def build_collection(configs: list[TableConfig], optimizer: SparseOptimizer, seed: int,
+                     storage_factory=None, device="cpu") -> EmbeddingBagCollection:
+    """Create tables with deterministic initial weights (see `init_rows`).
+
+    ``storage_factory(index, config, state_dim) -> TableStorage | None`` picks the
+    backend; None (or no factory) keeps the table in memory.
+    """
+    tables = []
+    for i, cfg in enumerate(configs):
+        sdim = optimizer.state_dim(cfg.embedding_dim)
+        st = storage_factory(i, cfg, sdim) if storage_factory is not None else None
+        if st is None:
+            st = InMemoryTable(cfg.num_embeddings, cfg.embedding_dim, sdim, device=device)
+            for a in range(0, cfg.num_embeddings, INIT_CHUNK_ROWS * 16):
+                b = min(a + INIT_CHUNK_ROWS * 16, cfg.num_embeddings)
+                st.weight[a:b] = init_rows(seed, i, cfg.num_embeddings, cfg.embedding_dim, a, b)
+        tables.append(EmbeddingBag(cfg, st, optimizer))
+    return EmbeddingBagCollection(tables)

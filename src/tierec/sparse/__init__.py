@@ -1,0 +1,3 @@
+from tierec.sparse.jagged import JaggedTensor, KeyedJaggedTensor
+
+__all__ = ["JaggedTensor", "KeyedJaggedTensor"]

@@ -1,0 +1,633 @@
+"""A software cache of embedding rows in front of a slower `TableStorage`.
+
+`CachedTable` keeps up to ``capacity_rows`` rows -- weights and optimizer state
+together -- in two tensors on ``device`` (``weight`` [C, D], ``state`` [C, S]),
+in front of a *backing* store: an `SsdTable`, another `CachedTable` (stack them
+for device <- DRAM <- SSD), or any `TableStorage` such as `InMemoryTable`.
+
+Index (memory proportional to the cache, not the table): an open-addressing
+hash map id -> slot held in two tensors of H = 2^k >= 3 x capacity entries
+(linear probing, Fibonacci hashing), probed for a whole batch at once: one
+gather + compare per probe round, rounds repeated only for the few IDs that
+collided (see `_HashIndex`). Per-slot bookkeeping is O(C) too: slot -> ID,
+dirty bit, last-access stamp, LFU count, static frequency, pin count. Nothing
+is sized by ``num_embeddings``.
+
+Policies (the eviction priority; every miss is admitted):
+
+* ``lru``:  least recently used first (unique access stamps).
+* ``lfu``:  smallest in-cache access count first (count starts at 1 on
+  admission, forgotten on eviction), ties least recently used first.
+* ``freq``: smallest static frequency first -- frequencies given up front as
+  ``(ids, counts)`` tensors or a `CountMinSketch`, e.g. counted over the data
+  set -- ties least recently used first; `warm_up` preloads the hottest rows.
+
+Victims are picked with one ``kthvalue`` over the resident slots (plus a
+``topk`` among ties), never among the rows the current batch needs or rows
+pinned by an outstanding working set.
+
+Coherence: a row lives in at most one place where it can be *newer* than below:
+if it is cached, the cached copy is the newest. Rows are read from the backing
+store only on a miss; a dirty row is written back when evicted or flushed;
+``read_rows`` overlays cached rows on the backing store's, ``write_rows`` writes
+through to the backing store and refreshes (and cleans) the cached copies.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from tierec.errors import ConfigError
+from tierec.modules.embedding import WorkingSet
+from tierec.storage.sketch import CountMinSketch
+
+POLICIES = ("lru", "lfu", "freq")
+_MAX = torch.iinfo(torch.int64).max
+
+
+def _storage_device(st) -> torch.device:
+    dev = getattr(st, "device", None)
+    if dev is None and hasattr(st, "weight"):
+        dev = st.weight.device
+    return torch.device(dev if dev is not None else "cpu")
+
+
+def _unpin(pins: torch.Tensor, slots: torch.Tensor) -> None:
+    pins.index_add_(0, slots, pins.new_full((1,), -1).expand(slots.numel()))
+
+
+@dataclass
+class _Handle:
+    """Backend-private part of a working set of a `CachedTable`."""
+
+    owner: CachedTable
+    kind: str  # "cache": ws.index are cache slots; "temp": ws.weight/state are a gathered copy
+    pinned: torch.Tensor  # cache slots pinned until release
+    hit_idx: torch.Tensor | None = None  # temp: positions (in ids) served from the cache ...
+    miss_idx: torch.Tensor | None = None  # ... and from the backing store
+    fin: object = None
+    released: bool = False
+
+
+class _FreqTable:
+    """Static frequencies as sorted (ids, counts) tensors: memory proportional to the IDs kept."""
+
+    def __init__(self, ids: torch.Tensor, counts: torch.Tensor, device):
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        counts = torch.as_tensor(counts).reshape(-1).to(torch.int64)
+        if ids.numel() != counts.numel():
+            raise ConfigError(f"freq: {ids.numel()} ids but {counts.numel()} counts")
+        order = torch.argsort(ids)
+        self.ids, self.counts = ids[order].to(device), counts[order].to(device)
+
+    def query(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ids.numel() == 0:
+            return torch.zeros(ids.numel(), dtype=torch.int64, device=ids.device)
+        pos = torch.searchsorted(self.ids, ids).clamp_(max=self.ids.numel() - 1)
+        return torch.where(self.ids[pos] == ids, self.counts[pos], 0)
+
+    def hottest(self, n: int) -> torch.Tensor:
+        k = min(n, self.ids.numel())
+        return self.ids[torch.topk(self.counts, k).indices]
+
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing)
+_EMPTY, _TOMB = -1, -2
+
+
+class _HashIndex:
+    """Open-addressing hash map id -> slot in two tensors (linear probing, vectorised probing).
+
+    ``H`` = a power of two >= 3 x capacity entries (int64 key, int32 slot): memory
+    O(capacity), never O(table). Every operation probes all its IDs at once; the
+    Python loop runs over probe *rounds* (about 1-2 on average, a few dozen at
+    worst), each round on the IDs still unresolved. Deleted entries become
+    tombstones; the map is rebuilt from the live entries when live + tombstones
+    exceed H/2, so probe sequences stay short.
+    """
+
+    def __init__(self, capacity: int, device):
+        self.bits = max(4, (3 * capacity - 1).bit_length())
+        self.H = 1 << self.bits
+        self.mask = self.H - 1
+        self.device = device
+        self.keys = torch.full((self.H,), _EMPTY, dtype=torch.int64, device=device)
+        self.vals = torch.full((self.H,), -1, dtype=torch.int32, device=device)
+        self.live = self.tomb = 0
+
+    def _hash(self, ids: torch.Tensor) -> torch.Tensor:
+        return ((ids * _GOLDEN) >> (64 - self.bits)) & self.mask  # high bits of the product
+
+    def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids [U] -> (found bool [U], slot int64 [U] (valid where found), table position [U])."""
+        pos = self._hash(ids)
+        k = self.keys.index_select(0, pos)
+        found = k == ids
+        slot = self.vals.index_select(0, pos).long()
+        pend = (~found) & (k != _EMPTY)
+        if bool(pend.any()):
+            idx = pend.nonzero().squeeze(1)
+            p, cur = pos.index_select(0, idx), ids.index_select(0, idx)
+            while idx.numel():  # loop over probe rounds, vectorised over the IDs still unresolved
+                p = (p + 1) & self.mask
+                k = self.keys.index_select(0, p)
+                f = k == cur
+                if bool(f.any()):
+                    fi, fp = idx[f], p[f]
+                    found[fi] = True
+                    slot[fi] = self.vals.index_select(0, fp).long()
+                    pos[fi] = fp
+                cont = (~f) & (k != _EMPTY)
+                idx, p, cur = idx[cont], p[cont], cur[cont]
+        return found, slot, pos
+
+    def insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        """Insert ``ids`` (unique, none present) -> ``slots``."""
+        n = ids.numel()
+        if n == 0:
+            return
+        if self.live + self.tomb + n > self.H // 2 and self.tomb:
+            raise _NeedsRebuild
+        idx = torch.arange(n, device=self.device)
+        p = self._hash(ids)
+        slots = slots.to(torch.int32)
+        while idx.numel():  # probe rounds: claim free entries, one winner per entry
+            k = self.keys.index_select(0, p)
+            free = k < 0
+            placed = torch.zeros(idx.numel(), dtype=torch.bool, device=self.device)
+            if bool(free.any()):
+                fsel = free.nonzero().squeeze(1)
+                fi, fp = idx.index_select(0, fsel), p.index_select(0, fsel)
+                want = ids.index_select(0, fi)
+                self.keys.index_put_((fp,), want)
+                won = self.keys.index_select(0, fp) == want
+                self.vals.index_copy_(0, fp[won], slots.index_select(0, fi[won]))
+                self.tomb -= int((k.index_select(0, fsel)[won] == _TOMB).sum())
+                placed[fsel[won]] = True
+            keep = ~placed
+            idx, p = idx[keep], (p[keep] + 1) & self.mask
+        self.live += n
+
+    def remove(self, ids: torch.Tensor) -> None:
+        """Delete ``ids`` (all present)."""
+        if ids.numel() == 0:
+            return
+        found, _, pos = self.lookup(ids)
+        assert bool(found.all()), "removing an id that is not cached"
+        self.keys.index_fill_(0, pos, _TOMB)
+        self.vals.index_fill_(0, pos, -1)
+        self.live -= ids.numel()
+        self.tomb += ids.numel()
+
+    def rebuild(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        self.keys.fill_(_EMPTY)
+        self.vals.fill_(-1)
+        self.live = self.tomb = 0
+        self.insert(ids, slots)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.vals.nbytes
+
+
+class _NeedsRebuild(Exception):
+    pass
+
+
+class CachedTable:
+    """Rows cached on ``device`` in front of ``backing``. Implements ``TableStorage``; exact.
+
+    ``acquire(ids)`` (unique, sorted) makes the rows resident and returns a working
+    set over the cache tensors, updated in place by the optimizer; when they
+    cannot all be resident at once (more unique rows than the capacity, or too
+    many pinned) it returns a temporary gathered copy and writes it back on
+    release. ``freq`` (policy ``"freq"``): ``(ids, counts)`` tensors, a mapping
+    id -> count, or a `CountMinSketch`; rows it does not list count 0.
+
+    Working sets must be released (the `EmbeddingBag` does it in backward, or at
+    once in eval); a working set dropped without release just unpins its slots.
+    Two outstanding *temporary* working sets that share a row and are both
+    released dirty keep only the later update (as for `SsdTable` alone).
+    """
+
+    def __init__(self, backing, capacity_rows: int, policy: str = "lru", device="cpu", name: str = "", *,
+                 freq=None):
+        if policy not in POLICIES:
+            raise ConfigError(f"cache policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+        if int(capacity_rows) < 1:
+            raise ConfigError(f"cache {name!r}: capacity_rows must be >= 1, got {capacity_rows}")
+        self.backing = backing
+        self.num_embeddings, self.dim, self.state_dim = backing.num_embeddings, backing.dim, backing.state_dim
+        self.capacity = min(int(capacity_rows), self.num_embeddings)
+        self.policy, self.name = policy, name
+        self.device = torch.device(device)
+        self.row_bytes = (self.dim + self.state_dim) * 4
+        self._bdev = _storage_device(backing)
+        C, dev, i64 = self.capacity, self.device, torch.int64
+        self.weight = torch.zeros(C, self.dim, device=dev)
+        self.state = torch.zeros(C, self.state_dim, device=dev)
+        # slots [0, size) are occupied; slots are never freed, so free slots are [size, C)
+        self.size = 0
+        self._index = _HashIndex(C, dev)  # cached id -> slot
+        self._slot_id = torch.full((C,), -1, dtype=i64, device=dev)
+        self._dirty = torch.zeros(C, dtype=torch.bool, device=dev)
+        self._stamp = torch.zeros(C, dtype=i64, device=dev)  # last access, unique per access
+        self._pins = torch.zeros(C, dtype=torch.int32, device=dev)
+        self._count = torch.zeros(C, dtype=i64, device=dev) if policy == "lfu" else None
+        self._prio = torch.zeros(C, dtype=i64, device=dev) if policy == "freq" else None
+        self._clock = 1
+        self._freq = None
+        if freq is not None:
+            self.set_frequencies(freq)
+        elif policy == "freq":
+            raise ConfigError(f"cache {name!r}: policy 'freq' needs freq=(ids, counts) or a CountMinSketch")
+        self._counting = True
+        self.reset_stats()
+
+    # ------------------------------------------------------------------ frequencies
+    def set_frequencies(self, freq) -> None:
+        """Static per-row frequencies for policy "freq" (re-ranks the resident rows too)."""
+        if isinstance(freq, CountMinSketch):
+            self._freq = freq
+        elif isinstance(freq, Mapping):
+            self._freq = _FreqTable(torch.tensor(list(freq.keys()), dtype=torch.int64),
+                                    torch.tensor(list(freq.values()), dtype=torch.int64), self.device)
+        elif isinstance(freq, (tuple, list)) and len(freq) == 2:
+            self._freq = _FreqTable(freq[0], freq[1], self.device)
+        else:
+            raise ConfigError("freq must be (ids, counts) tensors, a mapping id -> count, or a CountMinSketch")
+        if self._prio is not None and self.size:
+            self._prio[: self.size] = self._frequency(self._slot_id[: self.size])
+
+    def _frequency(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._freq is None:
+            return torch.zeros(ids.numel(), dtype=torch.int64, device=self.device)
+        return self._freq.query(ids).to(self.device, torch.int64)
+
+    def warm_up(self, ids: torch.Tensor | None = None) -> int:
+        """Load rows before training: the hottest ``capacity`` of ``ids`` (by the static frequencies
+        when given, else the first ``capacity`` distinct ones), or with ``ids=None`` the hottest rows
+        of the ``(ids, counts)`` frequencies. Not counted as hits/misses. Returns rows loaded."""
+        if ids is None:
+            if not isinstance(self._freq, _FreqTable):
+                raise ConfigError("warm_up() without ids needs frequencies given as (ids, counts)")
+            ids = self._freq.hottest(self.capacity)
+        ids = torch.unique(torch.as_tensor(ids, dtype=torch.int64).to(self.device))
+        if ids.numel() > self.capacity:
+            if self._freq is not None:
+                ids = ids[torch.topk(self._frequency(ids), self.capacity).indices]
+            else:
+                ids = ids[: self.capacity]
+            ids = torch.sort(ids).values
+        self._counting = False
+        try:
+            self.release(self.acquire(ids), dirty=False)
+        finally:
+            self._counting = True
+        self._st["warmup_rows"] += ids.numel()
+        return ids.numel()
+
+    # ------------------------------------------------------------------ index
+    def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [U] -> (hit bool [U], slot [U]; valid where hit)."""
+        if self.size == 0 or ids.numel() == 0:
+            return torch.zeros(ids.numel(), dtype=torch.bool, device=self.device), torch.zeros_like(ids)
+        found, slot, _ = self._index.lookup(ids)
+        return found, slot
+
+    def _index_insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        try:
+            self._index.insert(ids, slots)
+        except _NeedsRebuild:  # too many tombstones: rebuild from the slot table (amortised O(1) per row)
+            self._index.rebuild(self._slot_id[: self.size], torch.arange(self.size, device=self.device))
+
+    def _cached_in_range(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, slots) of the cached rows in [start, end): a hash lookup of the range, or a scan of the
+        slots when the range is larger than the cache -- O(min(end - start, capacity))."""
+        if self.size == 0 or end <= start:
+            e = torch.empty(0, dtype=torch.int64, device=self.device)
+            return e, e
+        if end - start <= self.size:
+            ids = torch.arange(start, end, device=self.device)
+            hit, slot = self._lookup(ids)
+            return ids[hit], slot[hit]
+        sid = self._slot_id[: self.size]
+        sl = ((sid >= start) & (sid < end)).nonzero().squeeze(1)
+        return sid[sl], sl
+
+    def resident_ids(self) -> torch.Tensor:
+        """The cached row IDs, sorted."""
+        return torch.sort(self._slot_id[: self.size]).values
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of all bookkeeping (index + per-slot metadata): O(capacity), independent of the table."""
+        ts = [self._slot_id, self._dirty, self._stamp, self._pins, self._count, self._prio]
+        return self._index.nbytes + sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.state.nbytes
+
+    # ------------------------------------------------------------------ replacement
+    def _touch(self, slots: torch.Tensor) -> None:
+        n = slots.numel()
+        self._stamp.index_copy_(0, slots, self._clock + torch.arange(n, device=self.device))
+        self._clock += n
+        if self._count is not None:
+            self._count.index_add_(0, slots, self._count.new_ones(1).expand(n))
+
+    def _victim_key(self) -> torch.Tensor:
+        K = self.size
+        if self.policy == "lru":
+            return self._stamp[:K].clone()
+        return (self._count if self.policy == "lfu" else self._prio)[:K].clone()
+
+    def _pick_slots(self, n: int, protect: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Slots for ``n`` new rows -- (free slots, victims): free slots first, then the lowest-priority
+        resident rows not in ``protect`` and not pinned. None if there is no room. Changes nothing."""
+        K, C = self.size, self.capacity
+        free = min(C - K, n)
+        need = n - free
+        free_slots = torch.arange(K, K + free, device=self.device)
+        if need == 0:
+            return free_slots, free_slots[:0]
+        key = self._victim_key()
+        key[protect] = _MAX
+        key[self._pins[:K] > 0] = _MAX
+        if int((key != _MAX).sum()) < need:
+            return None
+        if need == K:
+            return free_slots, torch.arange(K, device=self.device)
+        thr = torch.kthvalue(key, need).values  # O(K) selection, no sort
+        victims = (key < thr).nonzero().squeeze(1)
+        rest = need - victims.numel()
+        if rest:  # ties at the threshold: least recently used first
+            eq = (key == thr).nonzero().squeeze(1)
+            victims = torch.cat([victims, eq[torch.topk(self._stamp[eq], rest, largest=False).indices]])
+        return free_slots, victims
+
+    def _evict(self, victims: torch.Tensor) -> None:
+        """Write the dirty victims back (one batched write, sorted by id), then drop them from the index."""
+        if victims.numel() == 0:
+            return
+        vid = self._slot_id.index_select(0, victims)
+        vdirty = self._dirty.index_select(0, victims)
+        if bool(vdirty.any()):
+            wid, order = torch.sort(vid[vdirty])
+            wslots = victims[vdirty].index_select(0, order)
+            self._bwrite(wid, self.weight.index_select(0, wslots), self.state.index_select(0, wslots))
+            self._st["writebacks"] += wid.numel()
+        self._dirty.index_fill_(0, victims, False)
+        self._index.remove(vid)
+        self._st["evictions"] += victims.numel()
+
+    def _take(self, picked: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Evict the victims of `_pick_slots` and claim its free slots; returns the slots in order."""
+        free_slots, victims = picked
+        self._evict(victims)
+        self.size += free_slots.numel()
+        return torch.cat([free_slots, victims])
+
+    def _install(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        """Record sorted ``ids`` as living in ``slots`` (their data is written by the caller)."""
+        self._slot_id.index_copy_(0, slots, ids)
+        self._index_insert(ids, slots)
+        if self._count is not None:
+            self._count.index_fill_(0, slots, 0)
+        if self._prio is not None:
+            self._prio.index_copy_(0, slots, self._frequency(ids))
+
+    # ------------------------------------------------------------------ backing I/O
+    def _bread(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.backing
+        ids = ids.to(self._bdev)
+        if hasattr(b, "read"):
+            w, s = b.read(ids)
+        else:
+            ws = b.acquire(ids)
+            try:
+                w, s = ws.weight.index_select(0, ws.index), ws.state.index_select(0, ws.index)
+            finally:
+                b.release(ws, dirty=False)
+        self._st["rows_read"] += ids.numel()
+        self._st["read_calls"] += 1
+        return w.to(self.device), s.to(self.device)
+
+    def _bwrite(self, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> None:
+        b = self.backing
+        ids, w, s = ids.to(self._bdev), w.to(self._bdev), s.to(self._bdev)
+        if hasattr(b, "write"):
+            b.write(ids, w, s)
+        else:
+            ws = b.acquire(ids)
+            ws.weight.index_copy_(0, ws.index, w)
+            ws.state.index_copy_(0, ws.index, s)
+            b.release(ws, dirty=True)
+        self._st["rows_written"] += ids.numel()
+        self._st["write_calls"] += 1
+
+    # ------------------------------------------------------------------ TableStorage
+    def _handle(self, ws: WorkingSet, kind: str, pinned: torch.Tensor, **kw) -> WorkingSet:
+        if pinned.numel():
+            self._pins.index_add_(0, pinned, self._pins.new_ones(1).expand(pinned.numel()))
+        h = _Handle(self, kind, pinned, **kw)
+        h.fin = weakref.finalize(ws, _unpin, self._pins, pinned)  # unpin if dropped unreleased
+        ws.handle = h
+        return ws
+
+    def acquire(self, ids: torch.Tensor) -> WorkingSet:
+        """Make rows ``ids`` (int64 [U], unique, sorted) addressable; see the class doc."""
+        ids = ids.to(self.device)
+        U = ids.numel()
+        hit, slots = self._lookup(ids)
+        nh = int(hit.sum())
+        if self._counting:
+            self._st["lookups"] += U
+            self._st["hits"] += nh
+            self._st["misses"] += U - nh
+        if nh < U:
+            miss = (~hit).nonzero().squeeze(1)
+            picked = self._pick_slots(U - nh, slots[hit]) if U <= self.capacity else None
+            if picked is None:
+                return self._acquire_temp(ids, hit, slots)
+            miss_ids = ids.index_select(0, miss)
+            w, s = self._bread(miss_ids)  # before any change: a failed read leaves the cache intact
+            new = self._take(picked)
+            self._install(miss_ids, new)
+            self.weight.index_copy_(0, new, w)
+            self.state.index_copy_(0, new, s)
+            slots = slots.index_copy(0, miss, new)
+        self._touch(slots)
+        return self._handle(WorkingSet(ids, slots, self.weight, self.state), "cache", slots)
+
+    def _acquire_temp(self, ids: torch.Tensor, hit: torch.Tensor, slots: torch.Tensor) -> WorkingSet:
+        U = ids.numel()
+        hit_idx, miss_idx = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
+        hit_slots = slots[hit_idx]
+        w = torch.empty(U, self.dim, device=self.device)
+        s = torch.empty(U, self.state_dim, device=self.device)
+        w[hit_idx], s[hit_idx] = self.weight[hit_slots], self.state[hit_slots]
+        w[miss_idx], s[miss_idx] = self._bread(ids[miss_idx])
+        self._touch(hit_slots)
+        if self._counting:
+            self._st["bypass_acquires"] += 1
+        ws = WorkingSet(ids, torch.arange(U, device=self.device), w, s)
+        return self._handle(ws, "temp", hit_slots, hit_idx=hit_idx, miss_idx=miss_idx)
+
+    def release(self, ws: WorkingSet, dirty: bool) -> None:
+        h = ws.handle
+        if not isinstance(h, _Handle) or h.owner is not self:
+            raise ValueError(f"cache {self.name!r}: working set was not acquired from this table")
+        if h.released:
+            raise RuntimeError(f"cache {self.name!r}: working set released twice")
+        h.released = True
+        h.fin.detach()
+        try:
+            if dirty and ws.ids.numel():
+                if h.kind == "cache":
+                    self._dirty.index_fill_(0, ws.index, True)
+                else:
+                    hs = h.pinned
+                    self.weight[hs] = ws.weight[h.hit_idx]
+                    self.state[hs] = ws.state[h.hit_idx]
+                    self._dirty[hs] = True
+                    if h.miss_idx.numel():
+                        self._bwrite(ws.ids[h.miss_idx], ws.weight[h.miss_idx], ws.state[h.miss_idx])
+        finally:
+            if h.pinned.numel():
+                _unpin(self._pins, h.pinned)
+
+    # ------------------------------------------------------------------ batched row access (for upper tiers)
+    def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``ids`` (unique, any order) as fresh tensors; misses are admitted like in `acquire`."""
+        ids = ids.to(self.device)
+        order = None
+        if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+            ids, order = torch.sort(ids)
+        ws = self.acquire(ids)
+        try:
+            if ws.handle.kind == "temp":
+                w, s = ws.weight, ws.state
+            else:
+                w, s = ws.weight.index_select(0, ws.index), ws.state.index_select(0, ws.index)
+        finally:
+            self.release(ws, dirty=False)
+        if order is not None:
+            w2, s2 = torch.empty_like(w), torch.empty_like(s)
+            w2[order], s2[order] = w, s
+            w, s = w2, s2
+        return w, s
+
+    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
+        """Write rows ``ids`` (unique, any order): into the cache (write-allocate, no fetch, dirty);
+        when the misses cannot all be made resident they go straight to the backing store."""
+        ids = ids.to(self.device)
+        weight, state = weight.to(self.device), state.to(self.device)
+        if ids.numel() == 0:
+            return
+        if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+            ids, order = torch.sort(ids)
+            weight, state = weight[order], state[order]
+        hit, slots = self._lookup(ids)
+        hit_idx, miss_idx = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
+        hs = slots[hit_idx]
+        self.weight[hs], self.state[hs] = weight[hit_idx], state[hit_idx]
+        self._dirty[hs] = True
+        touched = hs
+        self._st["write_hits"] += hit_idx.numel()
+        self._st["write_misses"] += miss_idx.numel()
+        if miss_idx.numel():
+            picked = self._pick_slots(miss_idx.numel(), hs) if ids.numel() <= self.capacity else None
+            if picked is None:
+                self._bwrite(ids[miss_idx], weight[miss_idx], state[miss_idx])
+            else:
+                new = self._take(picked)
+                self._install(ids[miss_idx], new)
+                self.weight[new], self.state[new] = weight[miss_idx], state[miss_idx]
+                self._dirty[new] = True
+                touched = torch.cat([hs, new])
+        self._touch(touched)
+
+    def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [start, end) with the newest values: the backing store's, overlaid by cached rows."""
+        w, s = self.backing.read_rows(start, end)
+        if not _returns_fresh(self.backing):
+            w, s = w.clone(), s.clone()
+        self._st["rows_read"] += end - start
+        ids, sl = self._cached_in_range(start, end)
+        if ids.numel():
+            rel = (ids - start).to(w.device)
+            w[rel] = self.weight[sl].to(w.device)
+            s[rel] = self.state[sl].to(s.device)
+        return w, s
+
+    def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None:
+        """Write rows [start, start+n) through to the backing store and refresh the cached ones (clean)."""
+        n = weight.shape[0]
+        self.backing.write_rows(start, weight, state)
+        self._st["rows_written"] += n
+        ids, sl = self._cached_in_range(start, start + n)
+        if ids.numel():
+            rel = (ids - start).to(weight.device)
+            self.weight[sl] = weight[rel].to(self.device)
+            self.state[sl] = state[rel].to(self.device)
+            self._dirty[sl] = False
+
+    def flush(self) -> None:
+        """Write every dirty row back (one batched write, sorted by id), mark them clean, flush below."""
+        d = self._dirty[: self.size].nonzero().squeeze(1)
+        if d.numel():
+            ids, order = torch.sort(self._slot_id[d])
+            sl = d[order]
+            self._bwrite(ids, self.weight[sl], self.state[sl])
+            self._dirty[sl] = False
+            self._st["flushed_rows"] += ids.numel()
+        self.backing.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if hasattr(self.backing, "close"):
+            self.backing.close()
+
+    # ------------------------------------------------------------------ stats
+    def reset_stats(self, recursive: bool = True) -> None:
+        self._st = dict.fromkeys(("lookups", "hits", "misses", "evictions", "writebacks", "flushed_rows",
+                                  "rows_read", "rows_written", "read_calls", "write_calls", "write_hits",
+                                  "write_misses", "bypass_acquires", "warmup_rows"), 0)
+        if recursive and hasattr(self.backing, "reset_stats"):
+            self.backing.reset_stats()
+
+    def stats(self) -> dict:
+        """This tier's counters, with the backing store's under ``"backing"``.
+
+        lookups = hits + misses count the unique IDs of every ``acquire``/``read`` (an
+        upper tier's misses are this tier's lookups); evictions: rows evicted; writebacks:
+        dirty rows written back on eviction; flushed_rows: written back by `flush`;
+        bytes_read / bytes_written: traffic to the backing store (misses, write-backs,
+        bypassed rows, ``read_rows``/``write_rows``); bypass_acquires: working sets that
+        could not be made resident and were served as a temporary copy.
+        """
+        st = dict(self._st)
+        out = {"tier": "cache", "name": self.name, "policy": self.policy, "device": str(self.device),
+               "capacity": self.capacity, "resident": self.size,
+               "dirty_rows": int(self._dirty[: self.size].sum()), **st,
+               "hit_rate": st["hits"] / st["lookups"] if st["lookups"] else 0.0,
+               "bytes_read": st["rows_read"] * self.row_bytes, "bytes_written": st["rows_written"] * self.row_bytes}
+        if hasattr(self.backing, "stats"):
+            out["backing"] = self.backing.stats()
+        return out
+
+    def __repr__(self) -> str:
+        return (f"CachedTable({self.backing!r}, capacity_rows={self.capacity}, policy={self.policy!r}, "
+                f"device={str(self.device)!r}, name={self.name!r})")
+
+
+def _returns_fresh(st) -> bool:
+    from tierec.storage.ssd import SsdTable
+
+    return isinstance(st, (SsdTable, CachedTable))

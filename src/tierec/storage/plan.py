@@ -1,0 +1,167 @@
+"""Placing tables in a memory budget: which stay in memory, which go to SSD, how big each cache is.
+
+The budget counts embedding storage only: in-memory tables (weights + optimizer
+state) and, for SSD tables, their caches (rows + index). Everything else (the
+dense network, batches, the Python runtime) is a fixed overhead on top; see
+docs/storage.md for its measured size.
+
+Water-filling by access share: every table is entitled to a share of the budget
+proportional to its share of lookups (measured in a pass over the first batches
+of the data). A table whose whole size fits in its entitlement stays in memory
+and hands the rest back; this repeats until no further table fits. The tables
+left go to SSD, each with a cache of its entitlement.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from tierec.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int, what: str = "memory budget") -> int:
+    """'2GiB', '512MB', '1.5g', 1000 -> bytes."""
+    if isinstance(text, int):
+        n = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(f"{what}: cannot read {text!r} as a size (examples: 2GiB, 512MB, 1000000)")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ConfigError(f"{what} must be > 0, got {text!r}")
+    return n
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+@dataclass
+class TableNeeds:
+    name: str
+    num_embeddings: int
+    row_bytes: int  # weights + optimizer state
+    lookups: int  # measured in the sampling pass
+
+    @property
+    def table_bytes(self) -> int:
+        return self.num_embeddings * self.row_bytes
+
+
+@dataclass
+class Placement:
+    name: str
+    placement: str  # "memory" | "ssd"
+    cache_rows: int  # 0 for memory tables
+    policy: str
+    table_bytes: int
+    budget_bytes: int  # what this table may use from the budget
+    access_share: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_tables(tables: list[TableNeeds], budget: int, policy: str = "lru", index_bytes_per_row: int = 64,
+                overrides: dict[str, dict] | None = None) -> list[Placement]:
+    """Split ``budget`` bytes across ``tables`` (see module doc). ``overrides[name]`` may set
+    ``placement`` ("memory"/"ssd"), ``cache_rows`` and ``policy`` for one table."""
+    overrides = overrides or {}
+    unknown = set(overrides) - {t.name for t in tables}
+    if unknown:
+        raise ConfigError(f"per-table settings name unknown table(s) {sorted(unknown)}; "
+                          f"tables are {[t.name for t in tables]}")
+    out: dict[str, Placement] = {}
+    remaining = budget
+    free = []
+    for t in tables:  # fixed choices first: they spend budget before the water-filling
+        o = overrides.get(t.name, {})
+        if o.get("placement") == "memory":
+            out[t.name] = Placement(t.name, "memory", 0, policy, t.table_bytes, t.table_bytes, 0.0)
+            remaining -= t.table_bytes
+        elif o.get("placement") == "ssd" and "cache_rows" in o:
+            rows = int(o["cache_rows"])
+            cost = rows * (t.row_bytes + index_bytes_per_row)
+            out[t.name] = Placement(t.name, "ssd", rows, o.get("policy", policy), t.table_bytes, cost, 0.0)
+            remaining -= cost
+        else:
+            free.append(t)
+    if remaining < 0:
+        raise ConfigError(f"per-table settings need {format_bytes(budget - remaining)}, more than the memory "
+                          f"budget of {format_bytes(budget)}")
+    total_lookups = sum(max(t.lookups, 1) for t in free) or 1
+    share = {t.name: max(t.lookups, 1) / total_lookups for t in free}
+    pending = list(free)
+    while pending:
+        pool = sum(share[t.name] for t in pending)
+        fits = [t for t in pending if t.table_bytes <= remaining * share[t.name] / pool
+                and overrides.get(t.name, {}).get("placement") != "ssd"]
+        if not fits:
+            break
+        for t in fits:
+            out[t.name] = Placement(t.name, "memory", 0, policy, t.table_bytes, t.table_bytes, share[t.name])
+            remaining -= t.table_bytes
+            pending.remove(t)
+    pool = sum(share[t.name] for t in pending) or 1.0
+    for t in pending:
+        entitled = int(remaining * share[t.name] / pool)
+        rows = min(t.num_embeddings, entitled // (t.row_bytes + index_bytes_per_row))
+        pol = overrides.get(t.name, {}).get("policy", policy)
+        if rows < 1:
+            raise ConfigError(f"the memory budget of {format_bytes(budget)} leaves table {t.name!r} no cache row; "
+                              "raise --memory-budget")
+        out[t.name] = Placement(t.name, "ssd", rows, pol, t.table_bytes, rows * (t.row_bytes + index_bytes_per_row),
+                                share[t.name])
+    return [out[t.name] for t in tables]
+
+
+@dataclass
+class AccessSample:
+    """Per-table access counts from a pass over the first batches: ``ids`` and ``counts`` int64 [distinct]."""
+
+    lookups: int
+    ids: np.ndarray
+    counts: np.ndarray
+
+
+def measure_lookups(dataset, names: list[str], batch_size: int, max_batches: int = 50,
+                    seed: int = 0) -> dict[str, AccessSample]:
+    """Count lookups per (table, ID) over the first ``max_batches`` training batches of epoch 0."""
+    seen: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i, chunk in enumerate(dataset.chunks("train", batch_size, shuffle=True, seed=seed)):
+        if i >= max_batches:
+            break
+        for n in names:
+            seen[n].append(chunk.sparse[n][0])
+    out = {}
+    for n in names:
+        vals = np.concatenate(seen[n]) if seen[n] else np.zeros(0, np.int64)
+        ids, counts = np.unique(vals, return_counts=True)
+        out[n] = AccessSample(int(vals.size), ids, counts.astype(np.int64))
+    return out
+
+
+def describe(plan: list[Placement], budget: int) -> str:
+    lines = [f"memory budget {format_bytes(budget)} for embedding storage:",
+             f"  {'table':<12} {'placement':<9} {'size':>11} {'cache rows':>12} {'budget':>11} {'access':>7}"]
+    for p in plan:
+        cache = f"{p.cache_rows:,}" if p.placement == "ssd" else "-"
+        lines.append(f"  {p.name:<12} {p.placement:<9} {format_bytes(p.table_bytes):>11} {cache:>12} "
+                     f"{format_bytes(p.budget_bytes):>11} {p.access_share:7.1%}")
+    used = sum(p.budget_bytes for p in plan)
+    lines.append(f"  total used {format_bytes(used)} of {format_bytes(budget)}")
+    return "\n".join(lines)

@@ -1,0 +1,502 @@
+"""One embedding table in one file on local disk (the SSD tier).
+
+File format: exactly a checkpoint table file (see ``tierec.train.checkpoint``):
+float32 rows ``[num_embeddings, dim + state_dim]``, row ``r`` at byte offset
+``r * (dim + state_dim) * 4``, weights then optimizer state, no header. A
+checkpoint's ``tables/<name>.tbl`` can be opened as an `SsdTable` and an
+`SsdTable` file can be loaded as a checkpoint table file.
+
+Beside it, ``<path>.json`` (the *sidecar*, optional when opening) records
+``num_embeddings``, ``dim``, ``state_dim``, ``dtype`` and, while the file is
+unchanged since it was created, its ``sha256``. Opening a file whose size or
+sidecar does not match the arguments raises `CheckpointError`.
+
+I/O modes:
+
+* default (``direct_io=False``): a numpy memmap of the file; a batch of rows
+  is read or written with one vectorised fancy-indexing operation (the kernel
+  pages the 4 KiB pages in and out through the page cache).
+* ``direct_io=True``: bypasses the page cache with ``O_DIRECT``. The rows of a
+  batch are mapped to the 4 KiB blocks that hold them, overlapping/adjacent
+  blocks are coalesced into runs (vectorised), and each run is read with one
+  ``os.preadv`` into a page-aligned anonymous ``mmap`` buffer -- this mode
+  loops in Python over the *runs* (not the rows), which is the only per-item
+  Python loop in the storage package. Writes are read-modify-write of those
+  blocks (a row shares its blocks with its neighbours); the last partial block
+  of the file, which ``O_DIRECT`` cannot write without extending the file, is
+  written through the page cache and dropped from it with
+  ``posix_fadvise(DONTNEED)``. Where the filesystem refuses ``O_DIRECT``
+  (tmpfs, some overlays) the same block I/O goes through the page cache
+  followed by ``posix_fadvise(DONTNEED)`` on the range, and a warning says so.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import mmap
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tierec.data.dataset import _umask, atomic_write_bytes
+from tierec.errors import CheckpointError, ConfigError
+from tierec.modules.embedding import INIT_CHUNK_ROWS, WorkingSet, init_rows
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tierec-table"
+ALIGN = 4096  # O_DIRECT block size and buffer alignment
+MAX_IO = 1 << 26  # bytes per preadv/pwritev call (Linux caps one call at ~2 GiB)
+FAULT_AROUND_BYTES = 64 << 10  # Linux maps up to this much around a faulting file page
+RSS_RELEASE_BYTES = 8 << 20  # mapped bytes touched before the map's pages are dropped from RSS
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p.with_name(p.name + ".json")
+
+
+def _open_direct(path: Path) -> int:
+    """Open ``path`` with O_DIRECT (a function so that tests can make it fail)."""
+    return os.open(path, os.O_RDWR | os.O_DIRECT)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SsdTable:
+    """A table's rows (weights + optimizer state) in a fixed-offset row file. Implements ``TableStorage``.
+
+    ``create=True`` (re)writes the file: ``init="random"`` fills the weights with
+    ``init_rows(init_seed, table_index, ...)`` (the same numbers as every other
+    backend) and the state with zeros, streaming 64K-row chunks into a temp file
+    renamed over ``path`` (constant memory, atomic). ``init="zeros"`` instead
+    sizes the file with ``ftruncate`` without writing it: a sparse file of zero
+    rows, instant at any size (for tests and for tables loaded from a checkpoint
+    right after). ``readonly=True`` opens the file without write access.
+    """
+
+    def __init__(self, path: str | os.PathLike, num_embeddings: int, dim: int, state_dim: int, *,
+                 create: bool = False, init_seed: int | None = None, table_index: int = 0,
+                 direct_io: bool = False, init: str = "random", readonly: bool = False):
+        if num_embeddings <= 0 or dim <= 0 or state_dim < 0:
+            raise ConfigError(f"{path}: bad table shape {num_embeddings} rows x (dim {dim} + state {state_dim})")
+        if init not in ("random", "zeros"):
+            raise ConfigError(f"{path}: init must be 'random' or 'zeros', got {init!r}")
+        self.path = Path(path)
+        self.num_embeddings, self.dim, self.state_dim = int(num_embeddings), int(dim), int(state_dim)
+        self.width = self.dim + self.state_dim
+        self.row_bytes = self.width * 4
+        self.file_bytes = self.num_embeddings * self.row_bytes
+        self.device = torch.device("cpu")
+        self.readonly = readonly
+        if create:
+            if readonly:
+                raise ConfigError(f"{path}: cannot create a table file read-only")
+            self._create(init, init_seed, table_index)
+        self._sidecar = self._check()
+        self._sha_valid = "sha256" in self._sidecar
+        self._mm = None
+        self._fd = -1  # O_DIRECT descriptor (direct mode only)
+        self._bfd = -1  # buffered descriptor (direct mode: tails and fallback)
+        self.direct_io = bool(direct_io)
+        self.odirect = False  # whether O_DIRECT is really in use
+        if self.direct_io:
+            self._bfd = os.open(self.path, os.O_RDONLY if readonly else os.O_RDWR)
+            try:
+                self._fd = _open_direct(self.path) if not readonly else os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+                self.odirect = True
+            except (OSError, AttributeError) as e:
+                self._direct_fallback(e)
+        else:
+            self._mm = np.memmap(self.path, dtype=np.float32, mode="r" if readonly else "r+",
+                                 shape=(self.num_embeddings, self.width))
+        self._mapped_bytes = 0
+        self.reset_stats()
+
+    # ------------------------------------------------------------------ file creation and checks
+    @classmethod
+    def open(cls, path: str | os.PathLike, **kw) -> SsdTable:
+        """Open an existing table file, taking its shape from the sidecar ``<path>.json``."""
+        meta = _read_sidecar(Path(path))
+        if meta is None:
+            raise CheckpointError(f"{sidecar_path(path)}: no sidecar; pass num_embeddings, dim and state_dim")
+        return cls(path, meta["num_embeddings"], meta["dim"], meta["state_dim"], **kw)
+
+    def _meta(self, sha256: str | None) -> dict:
+        m = {"format": FORMAT, "num_embeddings": self.num_embeddings, "dim": self.dim,
+             "state_dim": self.state_dim, "dtype": "float32", "row_bytes": self.row_bytes}
+        if sha256 is not None:
+            m["sha256"] = sha256
+        return m
+
+    def _create(self, init: str, seed: int | None, table_index: int) -> None:
+        if init == "random" and seed is None:
+            raise ConfigError(f"{self.path}: create=True with init='random' needs init_seed")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        side = sidecar_path(self.path)
+        if side.exists():  # a crash between the renames below must not leave a stale sidecar
+            side.unlink()
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        sha = None
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            if init == "zeros":
+                os.ftruncate(fd, self.file_bytes)
+            else:
+                h = hashlib.sha256()
+                n, zeros = self.num_embeddings, None
+                with os.fdopen(os.dup(fd), "wb") as f:
+                    for a in range(0, n, INIT_CHUNK_ROWS):
+                        b = min(a + INIT_CHUNK_ROWS, n)
+                        w = init_rows(seed, table_index, n, self.dim, a, b)
+                        if zeros is None or zeros.shape[0] != b - a:
+                            zeros = torch.zeros(b - a, self.state_dim)
+                        buf = torch.cat([w, zeros], 1).numpy().tobytes()
+                        h.update(buf)
+                        f.write(buf)
+                    f.flush()
+                sha = h.hexdigest()
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, self.path)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.path.parent)
+        atomic_write_bytes(side, json.dumps(self._meta(sha), indent=2).encode())
+
+    def _check(self) -> dict:
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: table file does not exist")
+        meta = _read_sidecar(self.path) or {}
+        if meta:
+            got = (meta.get("num_embeddings"), meta.get("dim"), meta.get("state_dim"), meta.get("dtype", "float32"))
+            want = (self.num_embeddings, self.dim, self.state_dim, "float32")
+            if got != want:
+                raise CheckpointError(
+                    f"{self.path}: its sidecar {sidecar_path(self.path).name} describes {got[0]} rows x (dim {got[1]} "
+                    f"+ state {got[2]}) {got[3]}, but this table is {want[0]} rows x (dim {want[1]} + state "
+                    f"{want[2]}) float32 (a different table or optimizer?)")
+        size = self.path.stat().st_size
+        if size != self.file_bytes:
+            raise CheckpointError(
+                f"{self.path}: {size} bytes, expected {self.file_bytes} ({self.num_embeddings} rows x "
+                f"{self.width} float32 = dim {self.dim} + state {self.state_dim}); the table file is truncated "
+                "or belongs to a different table/optimizer")
+        return meta
+
+    def verify(self) -> bool:
+        """Recompute the file's sha256 and compare it with the sidecar's; False when none is recorded."""
+        if "sha256" not in self._sidecar or not self._sha_valid:
+            return False
+        self.flush()
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        if h.hexdigest() != self._sidecar["sha256"]:
+            raise CheckpointError(f"{self.path}: sha256 does not match its sidecar (corrupt table file)")
+        return True
+
+    def _mutating(self) -> None:
+        if self.readonly:
+            raise CheckpointError(f"{self.path}: table file was opened read-only")
+        if self._sha_valid:  # the recorded checksum no longer describes the file
+            self._sha_valid = False
+            self._sidecar = self._meta(None)
+            atomic_write_bytes(sidecar_path(self.path), json.dumps(self._sidecar, indent=2).encode())
+
+    # ------------------------------------------------------------------ batched row I/O
+    def _check_ids(self, ids: torch.Tensor) -> np.ndarray:
+        ids_np = ids.detach().to("cpu", torch.int64).numpy().reshape(-1)
+        if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= self.num_embeddings):
+            raise IndexError(f"{self.path}: row ids must be in [0, {self.num_embeddings}), "
+                             f"got [{ids_np.min()}, {ids_np.max()}]")
+        return ids_np
+
+    def _split(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.from_numpy(rows)
+        if self.state_dim == 0:
+            return t, t[:, :0]
+        return t[:, : self.dim].contiguous(), t[:, self.dim:].contiguous()
+
+    def _join(self, w: torch.Tensor, s: torch.Tensor) -> np.ndarray:
+        w = w.detach().to("cpu", torch.float32)
+        if self.state_dim == 0:
+            return w.contiguous().numpy()
+        return torch.cat([w, s.detach().to("cpu", torch.float32)], 1).numpy()
+
+    def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``ids`` (int64 [U], any order) -> (weights [U, dim], state [U, state_dim]), fresh tensors."""
+        ids_np = self._check_ids(ids)
+        t0 = time.perf_counter()
+        if ids_np.size == 0:
+            rows = np.empty((0, self.width), np.float32)
+        elif self._mm is not None:
+            rows = np.asarray(self._mm[ids_np])  # one vectorised gather (a copy)
+            self._touched(ids_np.size, scattered=True)
+        else:
+            rows = self._block_io(ids_np, None)
+        self._account("read", ids_np.size, time.perf_counter() - t0)
+        return self._split(rows)
+
+    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
+        """Write rows ``ids`` (int64 [U], unique, any order) from weight [U, dim] and state [U, state_dim]."""
+        ids_np = self._check_ids(ids)
+        if ids_np.size == 0:
+            return
+        self._mutating()
+        rows = self._join(weight, state)
+        t0 = time.perf_counter()
+        if self._mm is not None:
+            self._mm[ids_np] = rows  # one vectorised scatter
+            self._touched(ids_np.size, scattered=True)
+        else:
+            self._block_io(ids_np, rows)
+        self._account("write", ids_np.size, time.perf_counter() - t0)
+
+    def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [start, end) as fresh tensors (used by checkpoints)."""
+        if not 0 <= start <= end <= self.num_embeddings:
+            raise IndexError(f"{self.path}: row range [{start}, {end}) outside [0, {self.num_embeddings})")
+        t0 = time.perf_counter()
+        if self._mm is not None:
+            rows = np.array(self._mm[start:end])
+            self._touched(end - start)
+        elif end > start:
+            rows = self._block_io(np.arange(start, end, dtype=np.int64), None)
+        else:
+            rows = np.empty((0, self.width), np.float32)
+        self._account("read", end - start, time.perf_counter() - t0)
+        return self._split(rows)
+
+    def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None:
+        n = weight.shape[0]
+        if not 0 <= start <= start + n <= self.num_embeddings:
+            raise IndexError(f"{self.path}: row range [{start}, {start + n}) outside [0, {self.num_embeddings})")
+        if n == 0:
+            return
+        self._mutating()
+        rows = self._join(weight, state)
+        t0 = time.perf_counter()
+        if self._mm is not None:
+            self._mm[start : start + n] = rows
+            self._touched(n)
+        else:
+            self._block_io(np.arange(start, start + n, dtype=np.int64), rows)
+        self._account("write", n, time.perf_counter() - t0)
+
+    def _touched(self, rows: int, scattered: bool = False) -> None:
+        """Keep mapped file pages out of the process's resident memory.
+
+        Pages a memory map touches count in the process's RSS until unmapped. Once
+        ``RSS_RELEASE_BYTES`` of rows went through the map, drop the mapping's pages
+        from this process (MADV_DONTNEED on a shared file mapping loses nothing:
+        they stay in the OS page cache and are written back by the kernel).
+        """
+        # a scattered row's page fault maps the pages around it too (the kernel's fault-around, 64 KiB)
+        self._mapped_bytes += rows * (max(self.row_bytes, FAULT_AROUND_BYTES) if scattered else self.row_bytes)
+        if self._mapped_bytes >= RSS_RELEASE_BYTES and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm._mmap.madvise(mmap.MADV_DONTNEED)
+            self._mapped_bytes = 0
+
+    # ------------------------------------------------------------------ TableStorage
+    def acquire(self, ids: torch.Tensor) -> WorkingSet:
+        """Without a cache: a temporary working set of the gathered rows (index = arange)."""
+        w, s = self.read(ids)
+        dev = ids.device
+        return WorkingSet(ids, torch.arange(ids.numel(), device=dev), w.to(dev), s.to(dev), handle="ssd-temp")
+
+    def release(self, ws: WorkingSet, dirty: bool) -> None:
+        if dirty and ws.ids.numel():
+            self.write(ws.ids, ws.weight, ws.state)
+
+    def flush(self) -> None:
+        """Make every write durable (msync / fsync)."""
+        if self.readonly:
+            return
+        if self._mm is not None:
+            self._mm.flush()
+        if self._bfd >= 0:
+            os.fsync(self._bfd)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            if not self.readonly:
+                self._mm.flush()
+            self._mm = None  # the mapping goes when its last view does
+        for name in ("_fd", "_bfd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def nbytes(self) -> int:
+        return self.file_bytes
+
+    # ------------------------------------------------------------------ direct I/O
+    def _direct_fallback(self, err: Exception) -> None:
+        log.warning("%s: O_DIRECT is not supported here (%s); direct_io falls back to buffered reads/writes "
+                    "followed by posix_fadvise(DONTNEED)", self.path, err)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+        self.odirect = False
+
+    def _block_io(self, ids_np: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
+        """Read (rows None) or write the given rows through 4 KiB-block runs; see the module doc."""
+        try:
+            return self._block_io_once(ids_np, rows)
+        except OSError as e:
+            if self.odirect and e.errno == errno.EINVAL:  # opened, but the filesystem refuses O_DIRECT I/O
+                self._direct_fallback(e)
+                return self._block_io_once(ids_np, rows)
+            raise
+
+    def _block_io_once(self, ids_np: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
+        order = None
+        if ids_np.size > 1 and not np.all(ids_np[1:] > ids_np[:-1]):
+            order = np.argsort(ids_np, kind="stable")
+            ids_np = ids_np[order]
+            if rows is not None:
+                rows = rows[order]
+        rb = self.row_bytes
+        start = ids_np * rb
+        blo = start // ALIGN
+        bhi = (start + rb + ALIGN - 1) // ALIGN
+        # runs of overlapping/adjacent blocks (ids sorted -> blo, bhi non-decreasing)
+        new = np.empty(ids_np.size, bool)
+        new[0] = True
+        new[1:] = blo[1:] > bhi[:-1]
+        first = np.flatnonzero(new)
+        run_of = np.cumsum(new) - 1
+        run_lo = blo[first]
+        last = np.append(first[1:], ids_np.size) - 1
+        run_len = bhi[last] - run_lo
+        run_buf = np.concatenate([[0], np.cumsum(run_len)[:-1]])
+        total = int(run_len.sum()) * ALIGN
+        pos = (run_buf[run_of] * ALIGN + start - run_lo[run_of] * ALIGN) // 4  # float index of each row
+        buf = mmap.mmap(-1, total)  # page-aligned, as O_DIRECT needs
+        mv = memoryview(buf)
+        fd = self._fd if self.odirect else self._bfd
+        size = self.file_bytes
+        runs = list(zip((run_lo * ALIGN).tolist(), (run_len * ALIGN).tolist(), (run_buf * ALIGN).tolist()))
+        dev_read = dev_written = 0
+        try:
+            for foff, nbytes, boff in runs:  # loop over coalesced runs (not rows)
+                want = min(nbytes, size - foff)
+                done = 0
+                while done < want:
+                    r = os.preadv(fd, [mv[boff + done : boff + min(nbytes, done + MAX_IO)]], foff + done)
+                    if r <= 0:
+                        raise OSError(errno.EIO, f"{self.path}: short read at byte {foff + done}")
+                    done += r
+                dev_read += done
+            floats = np.frombuffer(buf, dtype=np.float32)
+            win = np.lib.stride_tricks.as_strided(floats, shape=(floats.size - self.width + 1, self.width),
+                                                  strides=(4, 4), writeable=rows is not None)
+            if rows is None:
+                out = win[pos]  # vectorised gather: a copy
+                if order is not None:
+                    res = np.empty_like(out)
+                    res[order] = out
+                    out = res
+                return out
+            win[pos] = rows  # patch the rows into their blocks
+            for foff, nbytes, boff in runs:
+                valid = min(nbytes, size - foff)
+                aligned = valid if (valid == nbytes or not self.odirect) else valid // ALIGN * ALIGN
+                done = 0
+                while done < aligned:
+                    w = os.pwritev(fd, [mv[boff + done : boff + min(aligned, done + MAX_IO)]], foff + done)
+                    if w <= 0:
+                        raise OSError(errno.EIO, f"{self.path}: short write at byte {foff + done}")
+                    done += w
+                if valid > aligned:  # the file's partial last block: through the page cache
+                    os.pwrite(self._bfd, mv[boff + aligned : boff + valid], foff + aligned)
+                    os.posix_fadvise(self._bfd, foff + aligned, valid - aligned, os.POSIX_FADV_DONTNEED)
+                dev_written += valid
+            return None
+        finally:
+            if not self.odirect:  # drop what the buffered I/O put in the page cache
+                lo, hi = runs[0][0], runs[-1][0] + runs[-1][1]
+                os.posix_fadvise(self._bfd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            self._dev_bytes_read += dev_read
+            self._dev_bytes_written += dev_written
+            del mv
+            try:
+                buf.close()
+            except BufferError:  # a numpy view still exports it; freed at GC
+                pass
+
+    # ------------------------------------------------------------------ counters
+    def _account(self, op: str, rows: int, seconds: float) -> None:
+        c = self._counters
+        c[f"{op}_calls"] += 1
+        c[f"rows_{op}"] += rows
+        c[f"bytes_{op}"] += rows * self.row_bytes
+        c[f"{op}_time_s"] += seconds
+
+    def reset_stats(self) -> None:
+        self._counters = {"read_calls": 0, "write_calls": 0, "rows_read": 0, "rows_write": 0,
+                          "bytes_read": 0, "bytes_write": 0, "read_time_s": 0.0, "write_time_s": 0.0}
+        self._dev_bytes_read = self._dev_bytes_written = 0
+
+    def stats(self) -> dict:
+        """Counters since creation / `reset_stats`: rows and bytes (logical, row-sized) read and
+        written, calls, seconds in I/O, and the bytes the device really moved (whole blocks in
+        direct mode; equal to the logical bytes in memmap mode, where the kernel's paging is not seen)."""
+        c = self._counters
+        direct = self._mm is None
+        return {
+            "tier": "ssd", "path": str(self.path),
+            "mode": ("o_direct" if self.odirect else "buffered+fadvise") if direct else "memmap",
+            "rows_read": c["rows_read"], "rows_written": c["rows_write"],
+            "bytes_read": c["bytes_read"], "bytes_written": c["bytes_write"],
+            "read_calls": c["read_calls"], "write_calls": c["write_calls"],
+            "read_time_s": c["read_time_s"], "write_time_s": c["write_time_s"],
+            "io_time_s": c["read_time_s"] + c["write_time_s"],
+            "device_bytes_read": self._dev_bytes_read if direct else c["bytes_read"],
+            "device_bytes_written": self._dev_bytes_written if direct else c["bytes_write"],
+        }
+
+    def __repr__(self) -> str:
+        return (f"SsdTable({str(self.path)!r}, {self.num_embeddings}, {self.dim}, {self.state_dim}, "
+                f"direct_io={self.direct_io})")
+
+
+def _read_sidecar(path: Path) -> dict | None:
+    side = sidecar_path(path)
+    if not side.exists():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{side}: table sidecar is not valid JSON ({e}); delete it or recreate the table") from None
+    if not isinstance(meta, dict) or not all(k in meta for k in ("num_embeddings", "dim", "state_dim")):
+        raise CheckpointError(f"{side}: table sidecar lacks num_embeddings/dim/state_dim")
+    return meta

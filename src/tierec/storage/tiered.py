@@ -1,0 +1,95 @@
+"""Build a model's table storage from a memory budget: in-memory tables, or SSD files behind caches."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from tierec.storage.cache import CachedTable
+from tierec.storage.plan import (AccessSample, Placement, TableNeeds, describe, measure_lookups, parse_bytes,
+                                 plan_tables)
+from tierec.storage.ssd import SsdTable
+
+log = logging.getLogger(__name__)
+
+# Cache bookkeeping per cached row (hash index + per-slot metadata), counted in the budget:
+INDEX_BYTES_PER_ROW = 104  # upper bound of CachedTable.index_nbytes per row (57-101 B)
+
+
+def limit_malloc_retention(threshold: int = 1 << 20) -> bool:
+    """Make glibc return freed blocks of >= ``threshold`` bytes to the OS at once.
+
+    glibc raises its mmap threshold after large frees, after which freed
+    multi-MB temporaries (table initialisation, batches) stay in the heap and
+    count as resident memory. Fixing the thresholds keeps peak RSS within the
+    memory budget plus a fixed overhead. No-op (False) where mallopt is missing.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+def plan_storage(cfg, schema, dataset, state_dim: int) -> tuple[list[Placement], dict[str, AccessSample], int]:
+    """Measure access shares on the first batches and split ``cfg.memory_budget`` across tables."""
+    names = schema.sparse_names
+    sample = measure_lookups(dataset, names, cfg.batch_size, cfg.plan_batches, cfg.seed)
+    row_bytes = (cfg.embedding_dim + state_dim) * 4
+    needs = [TableNeeds(f.name, f.num_embeddings, row_bytes, sample[f.name].lookups) for f in schema.sparse]
+    overrides = {}
+    for name, t in cfg.tables.items():
+        o = {}
+        if t.placement != "auto":
+            o["placement"] = t.placement
+        if t.cache_rows is not None:
+            o["cache_rows"] = t.cache_rows
+            o.setdefault("placement", "ssd")
+        if t.policy is not None:
+            o["policy"] = t.policy
+        overrides[name] = o
+    if cfg.memory_budget is not None:
+        budget = parse_bytes(cfg.memory_budget, "memory_budget")
+    else:  # only explicit per-table settings: everything else fits
+        budget = sum(n.table_bytes for n in needs) + sum(
+            o.get("cache_rows", 0) * (row_bytes + INDEX_BYTES_PER_ROW) for o in overrides.values())
+        for n in needs:
+            overrides.setdefault(n.name, {}).setdefault("placement", "memory")
+    plan = plan_tables(needs, budget, cfg.cache_policy, INDEX_BYTES_PER_ROW, overrides)
+    log.info("%s", describe(plan, budget))
+    return plan, sample, budget
+
+
+def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSample], root: Path,
+                         device: torch.device, fresh: bool = True):
+    """``factory(index, table_config, state_dim)`` for `build_collection`: None keeps a table in memory.
+
+    ``fresh=False`` (resume) sizes the SSD files without initialising them: the
+    checkpoint's rows are loaded over them right after.
+    """
+    by_name = {p.name: p for p in plan}
+    root.mkdir(parents=True, exist_ok=True)
+    limit_malloc_retention()
+
+    def factory(i, tcfg, state_dim):
+        p = by_name[tcfg.name]
+        if p.placement == "memory":
+            return None
+        ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim, create=True,
+                       init_seed=cfg.seed, table_index=i, direct_io=cfg.direct_io,
+                       init="random" if fresh else "zeros")
+        freq = None
+        if p.policy == "freq":
+            s = sample[tcfg.name]
+            freq = (torch.from_numpy(s.ids), torch.from_numpy(s.counts))
+        cache = CachedTable(ssd, p.cache_rows, p.policy, device=device, name=tcfg.name, freq=freq)
+        if p.policy == "freq" and fresh:
+            cache.warm_up()
+        return cache
+
+    return factory

@@ -1,0 +1,201 @@
+"""Atomic, checksummed checkpoints.
+
+Layout of a run's checkpoints::
+
+    RUN/checkpoints/
+      LATEST                     name of the newest complete checkpoint (replaced atomically)
+      step-00000120/
+        manifest.json            step, epoch, config, schema, tables, sha256 + size of every file
+        dense.pt                 dense weights, dense optimizer, RNG states, counters (torch.save)
+        tables/<name>.tbl        one file per table: float32 rows [num_embeddings, dim + state_dim],
+                                 row r at byte offset r * (dim + state_dim) * 4 (weights, then state)
+
+A checkpoint is written into ``step-N.tmp-*``, every file fsynced, then renamed
+to ``step-N`` and only then published in ``LATEST``: a crash at any point leaves
+the previous checkpoint intact. Loading checks every file's size and sha256.
+The table files are the same fixed-offset row files the SSD tier reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tierec.data.dataset import _umask, atomic_write_bytes
+from tierec.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tierec-checkpoint"
+VERSION = 1
+CHUNK_ROWS = 1 << 16
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_table_file(path: Path, storage) -> dict:
+    """Stream a table's rows (weights | state) to ``path``; returns {bytes, sha256}."""
+    h = hashlib.sha256()
+    n = storage.num_embeddings
+    with open(path, "wb") as f:
+        for a in range(0, n, CHUNK_ROWS):
+            b = min(a + CHUNK_ROWS, n)
+            w, s = storage.read_rows(a, b)
+            buf = torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy().tobytes()
+            h.update(buf)
+            f.write(buf)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def read_table_file(path: Path, storage, expect: dict) -> None:
+    """Load rows from ``path`` into ``storage``, verifying size and sha256 as it reads."""
+    n, d, s = storage.num_embeddings, storage.dim, storage.state_dim
+    width = d + s
+    if not path.exists():
+        raise CheckpointError(f"{path}: table file is missing")
+    size = path.stat().st_size
+    if size != expect["bytes"] or size != n * width * 4:
+        raise CheckpointError(f"{path}: {size} bytes, expected {n * width * 4} ({n} rows x {width} float32); "
+                              "the file is truncated or does not belong to this checkpoint")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for a in range(0, n, CHUNK_ROWS):
+            b = min(a + CHUNK_ROWS, n)
+            raw = f.read((b - a) * width * 4)
+            h.update(raw)
+            rows = torch.from_numpy(np.frombuffer(raw, dtype=np.float32).reshape(b - a, width).copy())
+            storage.write_rows(a, rows[:, :d], rows[:, d:])
+    if h.hexdigest() != expect["sha256"]:
+        raise CheckpointError(f"{path}: sha256 does not match the checkpoint manifest (corrupt table file)")
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, tables: dict, meta: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``step`` under ``run_dir/checkpoints`` and publish it in LATEST.
+
+    ``tables`` maps table name -> storage (read with ``read_rows``); ``meta`` is
+    JSON-able (config, schema, counters) and goes into the manifest.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{name}.tmp-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        files = {}
+        buf = io.BytesIO()
+        torch.save(dense_state, buf)
+        data = buf.getvalue()
+        (tmp / "dense.pt").write_bytes(data)
+        with open(tmp / "dense.pt", "rb+") as f:
+            os.fsync(f.fileno())
+        files["dense.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (tmp / "tables").mkdir()
+        table_meta = []
+        for tname, st in tables.items():
+            rel = f"tables/{tname}.tbl"
+            files[rel] = write_table_file(tmp / rel, st)
+            table_meta.append({"name": tname, "file": rel, "num_embeddings": st.num_embeddings,
+                               "dim": st.dim, "state_dim": st.state_dim, "dtype": "float32"})
+        manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files, "tables": table_meta, **meta}
+        atomic_write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())
+        _fsync_dir(tmp / "tables")
+        _fsync_dir(tmp)
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_bytes(root / "LATEST", name.encode())
+    _prune(root, keep, keep_name=name)
+    log.info("checkpoint %s written", final)
+    return final
+
+
+def _prune(root: Path, keep: int, keep_name: str) -> None:
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and ".tmp-" not in p.name)
+    for p in done[:-keep]:
+        if p.name != keep_name:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in root.iterdir():  # leftovers of crashed writes
+        if ".tmp-" in p.name:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run dir, its ``checkpoints`` dir, or one ``step-N`` dir -> the checkpoint dir."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint or run directory")
+    if (p / "manifest.json").exists() and (p / "dense.pt").exists():
+        return p
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    latest = p / "LATEST"
+    if latest.exists():
+        c = p / latest.read_text().strip()
+        if not c.is_dir():
+            raise CheckpointError(f"{latest}: points to {c.name}, which does not exist")
+        return c
+    raise CheckpointError(f"{path}: no checkpoint found (expected a LATEST file or a manifest.json)")
+
+
+def read_manifest(ckpt: Path) -> dict:
+    mpath = ckpt / "manifest.json"
+    if not mpath.exists():
+        raise CheckpointError(f"{mpath}: checkpoint manifest is missing")
+    try:
+        m = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mpath}:{e.lineno}: manifest is not valid JSON ({e.msg}); the checkpoint is corrupt") from None
+    if m.get("format") != FORMAT:
+        raise CheckpointError(f"{mpath}: not a tierec checkpoint (format={m.get('format')!r})")
+    if m.get("version") != VERSION:
+        raise CheckpointError(f"{mpath}: checkpoint version {m.get('version')} is not supported (expected {VERSION})")
+    return m
+
+
+def load_dense_state(ckpt: Path, manifest: dict) -> dict:
+    path = ckpt / "dense.pt"
+    expect = manifest["files"].get("dense.pt")
+    if not path.exists() or expect is None:
+        raise CheckpointError(f"{path}: dense state is missing")
+    data = path.read_bytes()
+    if len(data) != expect["bytes"]:
+        raise CheckpointError(f"{path}: {len(data)} bytes, manifest says {expect['bytes']} (truncated checkpoint)")
+    if hashlib.sha256(data).hexdigest() != expect["sha256"]:
+        raise CheckpointError(f"{path}: sha256 does not match the checkpoint manifest (corrupt checkpoint)")
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def load_tables(ckpt: Path, manifest: dict, tables: dict) -> None:
+    by_name = {t["name"]: t for t in manifest["tables"]}
+    for tname, st in tables.items():
+        t = by_name.get(tname)
+        if t is None:
+            raise CheckpointError(f"{ckpt}: checkpoint has no table {tname!r} (has {sorted(by_name)})")
+        if (t["num_embeddings"], t["dim"], t["state_dim"]) != (st.num_embeddings, st.dim, st.state_dim):
+            raise CheckpointError(
+                f"{ckpt}: table {tname!r} is {t['num_embeddings']}x{t['dim']}+{t['state_dim']} in the checkpoint "
+                f"but {st.num_embeddings}x{st.dim}+{st.state_dim} in the model (different config?)")
+        read_table_file(ckpt / t["file"], st, manifest["files"][t["file"]])

@@ -1,0 +1,105 @@
+"""`TrainConfig`: every knob of `tierec train`, from flags and/or a TOML/YAML file."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
+
+from tierec.config import from_dict, load_config_file
+from tierec.errors import ConfigError
+
+
+@dataclass
+class TableSettings:
+    """Per-table storage settings (config file only: `[tables.C3]` in TOML)."""
+
+    placement: Literal["auto", "memory", "ssd"] = "auto"
+    cache_rows: int | None = None  # SSD tables: rows in the DRAM/device cache
+    policy: Literal["lru", "lfu", "freq"] | None = None
+
+    def __post_init__(self):
+        if self.cache_rows is not None and self.cache_rows <= 0:
+            raise ConfigError(f"cache_rows must be > 0, got {self.cache_rows}")
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # tierec data set directory (`tierec data synth|convert`)
+    out: str = "runs/train"  # run directory: metrics.jsonl, checkpoints/
+    model: Literal["dlrm"] = "dlrm"
+    embedding_dim: int = 16
+    pooling: Literal["sum", "mean"] = "sum"
+    bottom_mlp: list[int] = field(default_factory=lambda: [64, 32])  # hidden sizes; a layer to embedding_dim follows
+    top_mlp: list[int] = field(default_factory=lambda: [64, 32])  # hidden sizes; a layer to 1 logit follows
+    batch_size: int = 1024
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many steps in total (checkpointed; resume goes on)
+    max_train_rows: int | None = None  # use only the first rows of each epoch
+    dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+    lr: float = 1e-3  # dense learning rate
+    sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    shuffle: bool = True
+    seed: int = 0
+    eval_every: int = 0  # steps between evaluations; 0: at the end of each epoch
+    eval_batch_size: int = 8192
+    max_eval_rows: int | None = None
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of each epoch
+    keep_checkpoints: int = 2
+    log_every: int = 50  # steps between JSONL training records
+    num_threads: int | None = None  # torch intra-op threads; default: torch's choice
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+    carbon_region: str | None = None  # grid region for operational CO2e (see docs/energy.md)
+    carbon_intensity: float | None = None  # gCO2e/kWh; overrides carbon_region
+    memory_budget: str | None = None  # e.g. "2GiB": tables beyond it go to SSD behind caches
+    storage_dir: str | None = None  # where SSD table files live (default: OUT/tables)
+    cache_policy: Literal["lru", "lfu", "freq"] = "lru"
+    direct_io: bool = False  # SSD reads bypass the OS page cache (O_DIRECT)
+    plan_batches: int = 50  # batches read to measure each table's access share
+    tables: dict[str, TableSettings] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "keep_checkpoints", "log_every",
+                     "plan_batches"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_steps", "max_train_rows", "max_eval_rows", "num_threads"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"{name} must be > 0, got {v}")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "sparse_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if any(h <= 0 for h in self.bottom_mlp + self.top_mlp):
+            raise ConfigError("MLP layer sizes must be > 0")
+        self.tables = {k: TableSettings(**v) if isinstance(v, dict) else v for k, v in self.tables.items()}
+        if self.memory_budget is not None:
+            from tierec.storage.plan import parse_bytes
+
+            parse_bytes(self.memory_budget, "memory_budget")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def field_names() -> list[str]:
+        return [f.name for f in fields(TrainConfig)]
+
+
+def make_config(config_file: str | None, overrides: dict) -> TrainConfig:
+    """File values, then flag values that were given (not None), then defaults."""
+    data = {}
+    if config_file:
+        data = load_config_file(config_file)
+        source = config_file
+    else:
+        source = "flags"
+    merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = from_dict(TrainConfig, merged, source)
+    if not cfg.data:
+        raise ConfigError("no data set given: pass --data DIR or set `data` in the config file")
+    return cfg

@@ -1,0 +1,289 @@
+"""The training loop: short and flat.
+
+One step: read batch -> DLRM forward (embedding rows fetched once per unique ID)
+-> BCE loss -> backward (embedding rows updated in place by the fused sparse
+optimizer) -> dense optimizer step. Evaluation, JSONL records and checkpoints
+happen at fixed step intervals; everything is a pure function of the config's
+seed, so an interrupted and resumed run ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tierec import __version__, energy
+from tierec.data.dataset import Dataset, Schema
+from tierec.errors import ConfigError, TierecError
+from tierec.modules.dlrm import DLRM
+from tierec.modules.embedding import TableConfig, build_collection
+from tierec.modules.optim import SparseOptimizer
+from tierec.train import checkpoint as ckpt
+from tierec.train.config import TrainConfig
+from tierec.train.metrics import log_loss, roc_auc
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset: Dataset | None = None,
+                fresh: bool = True) -> DLRM:
+    """DLRM for ``schema``; with a memory budget (or per-table SSD settings) and a ``dataset``
+    to measure access shares on, the tables that do not fit go to SSD behind caches."""
+    tables = [TableConfig(f.name, f.num_embeddings, cfg.embedding_dim, cfg.pooling) for f in schema.sparse]
+    if not tables:
+        raise ConfigError("the data set has no sparse features; DLRM needs at least one")
+    sparse_opt = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr)
+    factory = None
+    if dataset is not None and (cfg.memory_budget is not None or cfg.tables):
+        from tierec.storage.tiered import make_storage_factory, plan_storage
+
+        plan, sample, _ = plan_storage(cfg, schema, dataset, sparse_opt.state_dim(cfg.embedding_dim))
+        root = Path(cfg.storage_dir) if cfg.storage_dir else Path(cfg.out) / "tables"
+        factory = make_storage_factory(cfg, plan, sample, root, device, fresh=fresh)
+    torch.manual_seed(cfg.seed)
+    ebc = build_collection(tables, sparse_opt, seed=cfg.seed, storage_factory=factory, device=device)
+    return DLRM(len(schema.dense), ebc, cfg.bottom_mlp, cfg.top_mlp).to(device)
+
+
+def cache_stats(model: DLRM) -> dict[str, dict]:
+    """Per-table counters of every tier that keeps them (cached / SSD tables)."""
+    return {t.config.name: t.storage.stats() for t in model.embeddings.tables if hasattr(t.storage, "stats")}
+
+
+def overall_hit_rate(stats: dict[str, dict]) -> float | None:
+    lookups = sum(s.get("lookups", 0) for s in stats.values())
+    return sum(s.get("hits", 0) for s in stats.values()) / lookups if lookups else None
+
+
+def make_dense_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.dense_optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.dense_optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr)
+
+
+class JsonlLog:
+    """Append-only JSON-lines metrics log (one record per line, flushed each write)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", buffering=1)
+
+    def write(self, event: str, **fields) -> None:
+        self.f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+@torch.no_grad()
+def evaluate(model: DLRM, ds: Dataset, split: str, batch_size: int, device: torch.device,
+             max_rows: int | None = None, progress: bool = True) -> dict:
+    """AUC and log-loss of ``model`` on ``split``."""
+    was_training = model.training
+    model.eval()
+    probs, labels = [], []
+    n_batches = ds.num_batches(split, batch_size, max_rows=max_rows)
+    t0 = time.perf_counter()
+    for batch in tqdm(ds.batches(split, batch_size, max_rows=max_rows), total=n_batches, desc=f"eval {split}",
+                      leave=False, disable=None if progress else True, unit="batch"):
+        batch = batch.to(device)
+        probs.append(torch.sigmoid(model(batch.dense, batch.sparse)).cpu().numpy())
+        labels.append(batch.labels.cpu().numpy())
+    model.train(was_training)
+    if not probs:
+        raise TierecError(f"{ds.root}: split {split!r} has no rows to evaluate")
+    p, y = np.concatenate(probs), np.concatenate(labels)
+    return {"split": split, "rows": int(y.size), "auc": roc_auc(y, p), "logloss": log_loss(y, p),
+            "positive_rate": float(y.mean()), "eval_s": round(time.perf_counter() - t0, 3)}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = pick_device(cfg.device)
+        self.ds = Dataset(cfg.data)
+        if "train" not in self.ds.splits:
+            raise TierecError(f"{cfg.data}: data set has no 'train' split")
+        if self.ds.num_rows("train") == 0:
+            raise TierecError(f"{cfg.data}: the train split is empty")
+        self.out = Path(cfg.out)
+        self.model = build_model(cfg, self.ds.schema, self.device, dataset=self.ds, fresh=not resume)
+        self.dense_opt = make_dense_optimizer(cfg, self.model.dense_parameters())
+        self.loss_fn = torch.nn.BCEWithLogitsLoss()
+        self.epoch, self.batch_in_epoch, self.step, self.samples = 0, 0, 0, 0
+        self.train_s = 0.0
+        if resume:
+            self._resume()
+        self.log = JsonlLog(self.out / "metrics.jsonl")
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def tables(self) -> dict:
+        return {t.config.name: t.storage for t in self.model.embeddings.tables}
+
+    def save(self) -> Path:
+        for st in self.tables.values():
+            st.flush()
+        dense_state = {
+            "model": self.model.state_dict(),
+            "dense_optimizer": self.dense_opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        meta = {
+            "tierec_version": __version__,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "samples": self.samples,
+            "train_s": self.train_s,
+            "config": self.cfg.to_dict(),
+            "schema": self.ds.schema.to_json(),
+        }
+        return ckpt.save_checkpoint(self.out, self.step, dense_state, self.tables, meta, keep=self.cfg.keep_checkpoints)
+
+    def _resume(self) -> None:
+        try:
+            path = ckpt.resolve_checkpoint(self.out)
+        except TierecError:
+            raise TierecError(f"--resume: no checkpoint in {self.out} to resume from") from None
+        m = ckpt.read_manifest(path)
+        if m["schema"] != self.ds.schema.to_json():
+            raise ConfigError(f"--resume: checkpoint {path} was trained on a data set with a different schema")
+        state = ckpt.load_dense_state(path, m)
+        self.model.load_state_dict(state["model"])
+        self.dense_opt.load_state_dict(state["dense_optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        ckpt.load_tables(path, m, self.tables)
+        self.step, self.epoch, self.batch_in_epoch = m["step"], m["epoch"], m["batch_in_epoch"]
+        self.samples, self.train_s = m["samples"], m.get("train_s", 0.0)
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self, batch) -> float:
+        batch = batch.to(self.device, non_blocking=True)
+        logits = self.model(batch.dense, batch.sparse)
+        loss = self.loss_fn(logits, batch.labels)
+        self.dense_opt.zero_grad(set_to_none=True)
+        loss.backward()  # also updates the embedding rows (fused sparse optimizer)
+        self.dense_opt.step()
+        return loss.item()
+
+    def evaluate(self, split: str = "test") -> dict:
+        return evaluate(self.model, self.ds, split, self.cfg.eval_batch_size, self.device,
+                        self.cfg.max_eval_rows, self.cfg.progress)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        per_epoch = self.ds.num_batches("train", cfg.batch_size, max_rows=cfg.max_train_rows)
+        total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+        self.log.write("start", step=self.step, config=cfg.to_dict(), train_rows=self.ds.num_rows("train"),
+                       steps_per_epoch=per_epoch, device=str(self.device), threads=torch.get_num_threads())
+        meter = energy.meter(region=cfg.carbon_region, intensity_g_per_kwh=cfg.carbon_intensity,
+                             work_unit="samples").start()
+        bar = tqdm(total=total, initial=min(self.step, total), desc="train", unit="step", dynamic_ncols=True,
+                   disable=None if cfg.progress else True)
+        last_eval: dict | None = None
+        window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
+        self.model.train()
+        while self.epoch < cfg.epochs and self.step < total:
+            batches = self.ds.batches("train", cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=self.epoch,
+                                      start_batch=self.batch_in_epoch, max_rows=cfg.max_train_rows)
+            t_step = time.perf_counter()
+            for batch in batches:
+                loss = self.train_step(batch)
+                now = time.perf_counter()
+                self.train_s += now - t_step
+                self.step += 1
+                self.batch_in_epoch += 1
+                self.samples += batch.size
+                meter.add_work(batch.size)
+                window_loss += loss * batch.size
+                window_n += batch.size
+                window_samples += batch.size
+                end_of_epoch = self.batch_in_epoch >= per_epoch
+                if end_of_epoch:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or end_of_epoch or self.step >= total:
+                    sps = window_samples / max(now - window_t0, 1e-9)
+                    stats = cache_stats(self.model)
+                    hit = overall_hit_rate(stats)
+                    post = {"loss": f"{window_loss / window_n:.4f}", "samples_s": f"{sps:,.0f}"}
+                    if hit is not None:
+                        post["hit"] = f"{hit:.1%}"
+                    bar.set_postfix(post)
+                    extra = {"cache": stats} if stats else {}
+                    self.log.write("train", step=self.step, epoch=self.epoch, loss=window_loss / window_n,
+                                   samples_per_s=sps, samples=self.samples, **extra)
+                    window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
+                do_eval = (cfg.eval_every and self.step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch)
+                if do_eval and "test" in self.ds.splits:
+                    last_eval = self.evaluate()
+                    self.log.write("eval", step=self.step, epoch=self.epoch, **last_eval)
+                    log.info("step %d: test AUC %.4f, log-loss %.4f", self.step, last_eval["auc"], last_eval["logloss"])
+                done = self.step >= total
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or end_of_epoch or done:
+                    self.save()
+                if done or end_of_epoch:
+                    break
+                t_step = time.perf_counter()
+        bar.close()
+        if last_eval is None and "test" in self.ds.splits:
+            last_eval = self.evaluate()
+            self.log.write("eval", step=self.step, epoch=self.epoch, **last_eval)
+        report = meter.stop()
+        self.log.write("energy", step=self.step, **report.to_dict())
+        log.info("%s", report.summary_line())
+        summary = {"step": self.step, "epoch": self.epoch, "samples": self.samples,
+                   "train_s": round(self.train_s, 3),
+                   "samples_per_s": self.samples / self.train_s if self.train_s else None,
+                   "checkpoint": str(ckpt.resolve_checkpoint(self.out)) if self.step else None}
+        if last_eval:
+            summary.update(auc=last_eval["auc"], logloss=last_eval["logloss"])
+        stats = cache_stats(self.model)
+        if stats:
+            summary["cache_hit_rate"] = overall_hit_rate(stats)
+            summary["ssd_bytes_read"] = sum(s.get("bytes_read", 0) for s in stats.values())
+            summary["ssd_bytes_written"] = sum(s.get("bytes_written", 0) for s in stats.values())
+        summary["energy"] = report.columns() | {"summary": report.summary_line()}
+        self.log.write("end", **summary)
+        self.log.close()
+        return summary
+
+
+def load_for_eval(checkpoint: str, data: str | None = None, device: str = "auto") -> tuple[DLRM, Dataset, dict]:
+    """Rebuild the model of a checkpoint and load its weights (for `tierec eval` and serving)."""
+    path = ckpt.resolve_checkpoint(checkpoint)
+    m = ckpt.read_manifest(path)
+    cfg_dict = dict(m["config"])
+    if data:
+        cfg_dict["data"] = data
+    cfg = TrainConfig(**cfg_dict)
+    ds = Dataset(cfg.data)
+    if ds.schema.to_json() != m["schema"]:
+        raise ConfigError(f"{cfg.data}: its schema differs from the one checkpoint {path} was trained on")
+    dev = pick_device(device)
+    model = build_model(cfg, ds.schema, dev)
+    state = ckpt.load_dense_state(path, m)
+    model.load_state_dict(state["model"])
+    ckpt.load_tables(path, m, {t.config.name: t.storage for t in model.embeddings.tables})
+    model.eval()
+    return model, ds, m

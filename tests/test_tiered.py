@@ -1,0 +1,130 @@
+"""Training with tables on SSD behind caches: bit-identical to all-in-memory, within a memory budget."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tierec.errors import ConfigError
+from tierec.storage.plan import TableNeeds, parse_bytes, plan_tables
+from tierec.train.config import TrainConfig
+from tierec.train.trainer import Trainer
+
+
+def cfg(data, out, **kw):
+    base = dict(data=str(data), out=str(out), embedding_dim=8, bottom_mlp=[16], top_mlp=[16], batch_size=256,
+                epochs=2, progress=False, log_every=4, plan_batches=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def table_rows(trainer):
+    out = {}
+    for t in trainer.model.embeddings.tables:
+        t.storage.flush()
+        out[t.config.name] = t.storage.read_rows(0, t.storage.num_embeddings)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dataset, tmp_path_factory):
+    t = Trainer(cfg(tiny_dataset, tmp_path_factory.mktemp("ref")))
+    return t.fit(), table_rows(t)
+
+
+@pytest.mark.parametrize("budget,policy", [("6KiB", "lru"), ("6KiB", "lfu"), ("6KiB", "freq"), ("20KiB", "lru"),
+                                           ("20KiB", "freq")])
+def test_tiered_training_is_bit_identical(tiny_dataset, tmp_path, reference, budget, policy):
+    ref_summary, ref_rows = reference
+    t = Trainer(cfg(tiny_dataset, tmp_path, memory_budget=budget, cache_policy=policy))
+    summary = t.fit()
+    kinds = {type(tb.storage).__name__ for tb in t.model.embeddings.tables}
+    assert "CachedTable" in kinds, "the budget must push tables to SSD"
+    assert summary["auc"] == ref_summary["auc"] and summary["logloss"] == ref_summary["logloss"]
+    for name, (w, s) in table_rows(t).items():
+        assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name
+    assert summary["ssd_bytes_read"] > 0 and 0 <= summary["cache_hit_rate"] < 1
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    cache = next(r for r in records if r["event"] == "train")["cache"]
+    st = next(iter(cache.values()))
+    assert st["hits"] + st["misses"] == st["lookups"] and "bytes_read" in st["backing"]
+
+
+def test_tiered_resume_and_per_table_settings(tiny_dataset, tmp_path, reference):
+    _, ref_rows = reference
+    tables = {"s0": {"placement": "ssd", "cache_rows": 5, "policy": "lfu"}, "s1": {"placement": "memory"}}
+    Trainer(cfg(tiny_dataset, tmp_path, memory_budget="20KiB", tables=tables, max_steps=11)).fit()
+    t = Trainer(cfg(tiny_dataset, tmp_path, memory_budget="20KiB", tables=tables), resume=True)
+    t.fit()
+    storages = {tb.config.name: tb.storage for tb in t.model.embeddings.tables}
+    assert storages["s0"].capacity == 5 and storages["s0"].policy == "lfu"
+    assert type(storages["s1"]).__name__ == "InMemoryTable"
+    for name, (w, s) in table_rows(t).items():
+        assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name
+
+
+def test_plan_water_fills_by_access_share():
+    needs = [TableNeeds("small_hot", 100, 100, 900), TableNeeds("big", 10_000, 100, 90),
+             TableNeeds("cold", 10_000, 100, 10)]
+    plan = {p.name: p for p in plan_tables(needs, 200_000, index_bytes_per_row=0)}
+    assert plan["small_hot"].placement == "memory"
+    assert plan["big"].placement == plan["cold"].placement == "ssd"
+    # what small_hot left over is split 90:10
+    assert plan["big"].cache_rows == 1710 and plan["cold"].cache_rows == 190
+    assert sum(p.budget_bytes for p in plan.values()) <= 200_000
+
+
+def test_plan_errors():
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse_bytes("two gigs")
+    with pytest.raises(ConfigError, match="unknown table"):
+        plan_tables([TableNeeds("a", 10, 4, 1)], 100, overrides={"b": {}})
+    with pytest.raises(ConfigError, match="no cache row"):
+        plan_tables([TableNeeds("a", 1000, 400, 1)], 100)
+    assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("1.5k") == 1500
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, torch
+    torch.set_num_threads(1)
+    from tierec.data.synth import SynthConfig, generate
+    from tierec.train.config import TrainConfig
+    from tierec.train.trainer import Trainer
+    data, out, card, budget = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    if out == "-":  # make the data in its own process: its memory is not the trainer's
+        generate(SynthConfig(rows=20000, seed=0, cardinalities=[card] * 4, max_cardinality=0, num_dense=4), data,
+                 progress=False)
+        sys.exit(0)
+    cfg = TrainConfig(data=data, out=out, embedding_dim=32, bottom_mlp=[16], top_mlp=[16], batch_size=512,
+                      progress=False, memory_budget=None if budget == "none" else budget, max_eval_rows=2000)
+    Trainer(cfg).fit()
+    print(json.dumps({"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+""")
+
+
+def peak_rss(tmp_path, name, card, budget):
+    r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path / f"{name}-data"), "-", str(card), budget],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path / f"{name}-data"), str(tmp_path / name),
+                        str(card), budget], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])["maxrss"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="issue 3 open: peak RSS of a tiered run still grows with table size "
+                   "(measured +273 MiB over base for 528 MB of tables at a 32 MiB budget)")
+def test_peak_rss_stays_within_budget_plus_overhead(tmp_path):
+    rows = 1_000_000  # 4 tables x 1M rows x (32 + 1) floats = 528 MB of tables
+    tables_bytes = 4 * rows * 33 * 4
+    budget = 32 << 20
+    overhead = 160 << 20  # documented in docs/storage.md: allocator, Arrow pool, checkpoint/eval transients
+    base = peak_rss(tmp_path, "base", 100, "none")  # same process with negligible tables
+    tiered = peak_rss(tmp_path, "tiered", rows, "32MiB")
+    in_memory = peak_rss(tmp_path, "mem", rows, "none")
+    assert in_memory - base > tables_bytes * 0.9, "the measurement must see tables held in memory"
+    assert tiered - base <= budget + overhead, (tiered - base) / 2**20

@@ -57,8 +57,7 @@ class DLRM(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """dense float32 [B, n_dense], sparse KJT -> logits float32 [B]."""
         x = self.bottom(dense)
-        e = self.embeddings(sparse)
-        z = torch.cat([x.unsqueeze(1), e], 1)
+        z = torch.stack([x, *self.embeddings.pooled(sparse)], 1)  # [B, T+1, D], one copy
         return self.top(torch.cat([x, self.interaction(z)], 1)).squeeze(1)
 
     def dense_parameters(self):

@@ -233,7 +233,8 @@ class EmbeddingBag(torch.nn.Module):
 
 
 class EmbeddingBagCollection(torch.nn.Module):
-    """Several tables, one per sparse key; ``forward(kjt) -> [B, T, D]`` in table order."""
+    """Several tables, one per sparse key; ``forward(kjt) -> [B, T, D]`` in table order
+    (``pooled(kjt)`` gives the T tensors [B, D] without stacking them)."""
 
     def __init__(self, tables: list[EmbeddingBag]):
         super().__init__()
@@ -244,6 +245,9 @@ class EmbeddingBagCollection(torch.nn.Module):
         self.keys = keys
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return torch.stack(self.pooled(kjt), 1)
+
+    def pooled(self, kjt: KeyedJaggedTensor) -> list[torch.Tensor]:
         by_key = kjt.to_dict()
         missing = [k for k in self.keys if k not in by_key]
         if missing:
@@ -252,7 +256,7 @@ class EmbeddingBagCollection(torch.nn.Module):
         for table in self.tables:
             jt = by_key[table.config.key]
             out.append(table(jt.values, jt.offsets(), jt.weights))
-        return torch.stack(out, 1)
+        return out
 
 
 def build_collection(configs: list[TableConfig], optimizer: SparseOptimizer, seed: int,

@@ -100,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="synthesise Criteo-shaped data, train a DLRM, evaluate, checkpoint (a few minutes)")
     p.add_argument("--out", default="runs/demo", help="where data, metrics and checkpoints go (default: runs/demo)")
-    p.add_argument("--rows", type=int, default=600_000, help="synthetic rows (default: 600000)")
+    p.add_argument("--rows", type=int, default=2_000_000, help="synthetic rows (default: 2000000)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 

@@ -84,7 +84,7 @@ def test_plan_errors():
         plan_tables([TableNeeds("a", 10, 4, 1)], 100, overrides={"b": {}})
     with pytest.raises(ConfigError, match="no cache row"):
         plan_tables([TableNeeds("a", 1000, 400, 1)], 100)
-    assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("1.5k") == 1500
+    assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("1.5kB") == 1500 and parse_bytes("1K") == 1024
 
 
 RSS_SCRIPT = textwrap.dedent("""

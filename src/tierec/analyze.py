@@ -20,33 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tierec.config import format_bytes, parse_bytes
 from tierec.errors import TierecError
 
 log = logging.getLogger("tierec.analyze")
-
-_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
-          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-          "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
-
-
-def parse_bytes(text: str) -> int:
-    """``"2GiB"`` -> 2147483648. Binary units: K, M, G, T, KiB, MiB, GiB, TiB;
-    decimal: kB, MB, GB, TB; a bare number is bytes. Case-insensitive."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise TierecError(f"cannot read {text!r} as a number of bytes (e.g. 2GiB, 512MiB, 1.5GB, 1048576)")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n <= 0:
-        raise TierecError(f"a memory budget must be > 0 bytes, got {text!r}")
-    return n
-
-
-def format_bytes(n: float) -> str:
-    for unit, f in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= f:
-            return f"{n / f:.2f} {unit}"
-    return f"{int(n)} B"
-
 
 def parse_sizes(text: str) -> np.ndarray:
     """``"1000,2000,4k,1M"`` -> int64 array (k = 1,000, M = 1,000,000: sizes are counts of rows)."""

@@ -311,7 +311,7 @@ def _min_hits_no_bypass(nexts: list, n: int, size: int) -> int:
         return 0
     cached = bytearray(n + 1)
     heap: list[int] = []
-    push, replace = heapq.heappush, heapq.heapreplace
+    push = heapq.heappush
     used = dead = hits = 0  # dead: cached keys never requested again (evicted first)
     for t, nx in enumerate(nexts):
         if cached[t]:

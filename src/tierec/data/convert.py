@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tierec.data.dataset import MANIFEST, DatasetWriter
+from tierec.data.dataset import DatasetWriter, prepare_output_dir
 from tierec.data.hashing import splitmix64
 from tierec.data.readers import (
     DEFAULT_BLOCK_SIZE,
@@ -48,24 +48,6 @@ def is_test_row(lines: np.ndarray, test_fraction: float, seed: int = 0) -> np.nd
     return u < test_fraction
 
 
-def _prepare_out_dir(out: Path) -> None:
-    """Refuse to write into a non-empty directory that is not (an unfinished) tierec data set; clear old shards."""
-    if out.exists() and not out.is_dir():
-        raise TierecError(f"{out}: exists and is not a directory")
-    if not out.exists():
-        return
-    entries = [e for e in out.iterdir() if not e.name.startswith(".")]
-    foreign = [e.name for e in entries if e.name not in (MANIFEST, *SPLITS)]
-    if foreign:
-        raise TierecError(f"{out}: directory exists and holds other files ({', '.join(sorted(foreign)[:3])}); "
-                          "choose an empty or new --out")
-    for split in SPLITS:
-        d = out / split
-        if d.is_dir():
-            for f in d.glob("part-*.parquet"):
-                f.unlink()
-
-
 def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None, table_sizes=None,
             test_fraction: float = 0.1, seed: int = 0, skip_bad_rows: bool = False,
             rows_per_file: int = 1 << 20, row_group_size: int = 65536, field_map=None,
@@ -87,7 +69,7 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
                          skip_bad_rows=skip_bad_rows, field_map=field_map, rating_threshold=rating_threshold,
                          max_rows=max_rows, block_size=block_size, progress=progress)
     out = Path(out_dir)
-    _prepare_out_dir(out)
+    prepare_output_dir(out)
     log.info("converting %s (%s, %d bytes) -> %s", reader.path, fmt, reader.path.stat().st_size, out)
     writer = DatasetWriter(out, reader.schema, splits=SPLITS, rows_per_file=int(rows_per_file),
                            row_group_size=min(int(row_group_size), int(rows_per_file)))

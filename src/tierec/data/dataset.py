@@ -22,10 +22,8 @@ batch index (for exact resume) without reading the skipped row groups.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from tierec.errors import DataError, TierecError
+from tierec.fsio import atomic_write_bytes, sha256_file
 from tierec.sparse import KeyedJaggedTensor
 
 FORMAT = "tierec-dataset"
@@ -194,37 +193,6 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- writing
-def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(bufsize):
-            h.update(b)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 class SplitWriter:
     """Appends chunks to one split (e.g. ``train``), rolling files every ``rows_per_file`` rows."""
 
@@ -305,6 +273,24 @@ class DatasetWriter:
             manifest.update(extra)
         atomic_write_bytes(self.root / MANIFEST, json.dumps(manifest, indent=2).encode())
         return manifest
+
+
+def prepare_output_dir(out: Path) -> None:
+    """Refuse to write into a non-empty directory that is not (an unfinished) tierec data set; clear old shards."""
+    if out.exists() and not out.is_dir():
+        raise TierecError(f"{out}: exists and is not a directory")
+    if not out.exists():
+        return
+    entries = [e for e in out.iterdir() if not e.name.startswith(".")]
+    foreign = [e.name for e in entries if e.name not in (MANIFEST, "train", "test")]
+    if foreign:
+        raise TierecError(f"{out}: directory exists and holds other files ({', '.join(sorted(foreign)[:3])}); "
+                          "choose an empty or new --out")
+    for split in ("train", "test"):
+        d = out / split
+        if d.is_dir():
+            for f in d.glob("part-*.parquet"):
+                f.unlink()
 
 
 # --------------------------------------------------------------------------- reading

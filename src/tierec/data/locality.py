@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from tierec.errors import DataError
+from tierec.train.metrics import roc_auc  # noqa: F401  (re-exported for the generator's tests)
 
 #: Upper edges of Meta's bins: (0,1], (1,2], (2,4], ..., (16384,32768]; the last bin is 32768+.
 BIN_EDGES: list[int] = [0] + [1 << i for i in range(16)]  # 0, 1, 2, 4, ..., 32768
@@ -234,25 +235,6 @@ def top_share(counts: np.ndarray | Sequence[np.ndarray], fraction: float = 0.01,
     k = min(k, counts.size)
     top = np.partition(counts, counts.size - k)[counts.size - k:]
     return float(top.sum() / total)
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC (Mann-Whitney U with average ranks for ties); labels are 0/1."""
-    y = np.asarray(labels).astype(bool).ravel()
-    s = np.asarray(scores, np.float64).ravel()
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUC needs both positive and negative labels")
-    order = np.argsort(s, kind="mergesort")
-    ss = s[order]
-    ranks = np.empty(s.size, np.float64)
-    # average ranks over ties
-    starts = np.r_[0, np.flatnonzero(np.diff(ss)) + 1]
-    ends = np.r_[starts[1:], s.size]
-    avg = (starts + ends + 1) / 2.0  # 1-based average rank of each tie group
-    ranks[order] = np.repeat(avg, ends - starts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 # --------------------------------------------------------------------------- expected histograms

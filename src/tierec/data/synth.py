@@ -42,16 +42,12 @@ from typing import Iterator
 
 import numpy as np
 
-from tierec.data.dataset import MANIFEST, Chunk, DatasetWriter, Schema, SparseFeature
+from tierec.data.dataset import Chunk, DatasetWriter, Schema, SparseFeature, prepare_output_dir
 from tierec.data.hashing import splitmix64
+from tierec.data.readers import CRITEO_KAGGLE_CARDINALITIES
 from tierec.errors import ConfigError, TierecError
 
 #: Published cardinalities of the 26 categorical features of Criteo Kaggle (C1..C26).
-CRITEO_KAGGLE_CARDINALITIES = [
-    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
-    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
-]
-
 BLOCK_ROWS = 65536  # rows generated per block (part of the reproducibility contract)
 HEAD_RANKS = 1 << 18  # ranks sampled exactly (alias table); beyond: continuous power-law tail
 REF_BATCH = 65536  # batch size the "auto" profile is calibrated at (Meta's 2021 statistics)
@@ -813,29 +809,12 @@ def ground_truth(cfg: SynthConfig | Synthesizer, chunk: Chunk) -> dict[str, np.n
     return syn.ground_truth(chunk)
 
 
-def _prepare_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise TierecError(f"{out}: exists and is not a directory")
-    if not out.exists():
-        return
-    entries = [e for e in out.iterdir() if not e.name.startswith(".")]
-    foreign = [e.name for e in entries if e.name not in (MANIFEST, *_SPLITS)]
-    if foreign:
-        raise TierecError(f"{out}: directory exists and holds other files ({', '.join(sorted(foreign)[:3])}); "
-                          "choose an empty or new --out")
-    for split in _SPLITS:
-        d = out / split
-        if d.is_dir():
-            for f in d.glob("part-*.parquet"):
-                f.unlink()
-
-
 def generate(cfg: SynthConfig, out_dir, progress: bool | None = None) -> dict:
     """Write the data set of ``cfg`` (train and test splits) to ``out_dir``; returns the manifest."""
     from tqdm import tqdm
 
     out = Path(out_dir)
-    _prepare_out_dir(out)
+    prepare_output_dir(out)
     syn = Synthesizer(cfg)
     show = cfg.progress if progress is None else progress
     disable = not show or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())

@@ -15,40 +15,14 @@ left go to SSD, each with a cache of its entitlement.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from tierec.config import format_bytes, parse_bytes  # noqa: F401  (re-exported)
 from tierec.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str | int, what: str = "memory budget") -> int:
-    """'2GiB', '512MB', '1.5g', 1000 -> bytes."""
-    if isinstance(text, int):
-        n = text
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ConfigError(f"{what}: cannot read {text!r} as a size (examples: 2GiB, 512MB, 1000000)")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n <= 0:
-        raise ConfigError(f"{what} must be > 0, got {text!r}")
-    return n
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
-
 
 @dataclass
 class TableNeeds:

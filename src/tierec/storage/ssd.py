@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tierec.data.dataset import _umask, atomic_write_bytes
+from tierec.fsio import atomic_write_bytes, fsync_dir, umask
 from tierec.errors import CheckpointError, ConfigError
 from tierec.modules.embedding import INIT_CHUNK_ROWS, WorkingSet, init_rows
 
@@ -66,14 +66,6 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 def _open_direct(path: Path) -> int:
     """Open ``path`` with O_DIRECT (a function so that tests can make it fail)."""
     return os.open(path, os.O_RDWR | os.O_DIRECT)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SsdTable:
@@ -152,7 +144,7 @@ class SsdTable:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         sha = None
         try:
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, 0o666 & ~umask())
             if init == "zeros":
                 os.ftruncate(fd, self.file_bytes)
             else:
@@ -179,7 +171,7 @@ class SsdTable:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         atomic_write_bytes(side, json.dumps(self._meta(sha), indent=2).encode())
 
     def _check(self) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tierec.data.dataset import _umask, atomic_write_bytes
+from tierec.fsio import atomic_write_bytes, fsync_dir, umask
 from tierec.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -38,14 +38,6 @@ log = logging.getLogger(__name__)
 FORMAT = "tierec-checkpoint"
 VERSION = 1
 CHUNK_ROWS = 1 << 16
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_table_file(path: Path, storage) -> dict:
@@ -98,7 +90,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, ta
     name = f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{name}.tmp-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         files = {}
         buf = io.BytesIO()
         torch.save(dense_state, buf)
@@ -116,13 +108,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, ta
                                "dim": st.dim, "state_dim": st.state_dim, "dtype": "float32"})
         manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files, "tables": table_meta, **meta}
         atomic_write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())
-        _fsync_dir(tmp / "tables")
-        _fsync_dir(tmp)
+        fsync_dir(tmp / "tables")
+        fsync_dir(tmp)
         final = root / name
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -66,6 +66,27 @@ def test_tiered_resume_and_per_table_settings(tiny_dataset, tmp_path, reference)
         assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name
 
 
+def test_tiered_checkpoint_evaluates_from_its_table_files(tiny_dataset, tmp_path, reference):
+    from tierec.errors import CheckpointError
+    from tierec.train import checkpoint as ckpt
+    from tierec.train.trainer import evaluate, load_for_eval
+
+    ref_summary, _ = reference
+    Trainer(cfg(tiny_dataset, tmp_path, memory_budget="6KiB")).fit()
+    model, ds, manifest = load_for_eval(str(tmp_path))
+    kinds = {type(tb.storage).__name__ for tb in model.embeddings.tables}
+    assert kinds == {"CachedTable"}, "SSD tables must be served from the checkpoint files, not loaded into memory"
+    assert all(tb.storage.backing.readonly for tb in model.embeddings.tables)
+    res = evaluate(model, ds, "test", 512, torch.device("cpu"), progress=False)
+    assert res["auc"] == ref_summary["auc"]
+    f = next((ckpt.resolve_checkpoint(tmp_path) / "tables").iterdir())
+    data = bytearray(f.read_bytes())
+    data[7] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_for_eval(str(tmp_path))
+
+
 def test_plan_water_fills_by_access_share():
     needs = [TableNeeds("small_hot", 100, 100, 900), TableNeeds("big", 10_000, 100, 90),
              TableNeeds("cold", 10_000, 100, 10)]

@@ -93,3 +93,30 @@ def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSam
         return cache
 
     return factory
+
+
+def checkpoint_storage_factory(ckpt_dir: Path, manifest: dict, plan: list[dict], device: torch.device):
+    """Read-only storage over a checkpoint's table files: SSD tables of ``plan`` are opened in
+    place behind caches of their planned size (``freq`` caches become ``lru``: the training
+    sample is not kept); each file's size and sha256 are checked against the manifest first."""
+    from tierec.errors import CheckpointError
+    from tierec.fsio import sha256_file
+
+    by_name = {p["name"]: p for p in plan if p["placement"] == "ssd"}
+    files = {t["name"]: t for t in manifest["tables"]}
+
+    def factory(i, tcfg, state_dim):
+        p = by_name.get(tcfg.name)
+        if p is None:
+            return None
+        t = files.get(tcfg.name)
+        if t is None:
+            raise CheckpointError(f"{ckpt_dir}: checkpoint has no table {tcfg.name!r}")
+        path = Path(ckpt_dir) / t["file"]
+        ssd = SsdTable(path, tcfg.num_embeddings, tcfg.embedding_dim, state_dim, readonly=True)  # checks the size
+        if sha256_file(path) != manifest["files"][t["file"]]["sha256"]:
+            raise CheckpointError(f"{path}: sha256 does not match the checkpoint manifest (corrupt table file)")
+        policy = "lru" if p["policy"] == "freq" else p["policy"]
+        return CachedTable(ssd, p["cache_rows"], policy, device=device, name=tcfg.name)
+
+    return factory

@@ -40,15 +40,16 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset: Dataset | None = None,
-                fresh: bool = True) -> DLRM:
+                fresh: bool = True, storage_factory=None) -> DLRM:
     """DLRM for ``schema``; with a memory budget (or per-table SSD settings) and a ``dataset``
-    to measure access shares on, the tables that do not fit go to SSD behind caches."""
+    to measure access shares on, the tables that do not fit go to SSD behind caches.
+    ``storage_factory`` (see `build_collection`) overrides the planning."""
     tables = [TableConfig(f.name, f.num_embeddings, cfg.embedding_dim, cfg.pooling) for f in schema.sparse]
     if not tables:
         raise ConfigError("the data set has no sparse features; DLRM needs at least one")
     sparse_opt = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr)
-    factory = None
-    if dataset is not None and (cfg.memory_budget is not None or cfg.tables):
+    factory, plan = storage_factory, None
+    if factory is None and dataset is not None and (cfg.memory_budget is not None or cfg.tables):
         from tierec.storage.tiered import make_storage_factory, plan_storage
 
         plan, sample, _ = plan_storage(cfg, schema, dataset, sparse_opt.state_dim(cfg.embedding_dim))
@@ -56,7 +57,9 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
         factory = make_storage_factory(cfg, plan, sample, root, device, fresh=fresh)
     torch.manual_seed(cfg.seed)
     ebc = build_collection(tables, sparse_opt, seed=cfg.seed, storage_factory=factory, device=device)
-    return DLRM(len(schema.dense), ebc, cfg.bottom_mlp, cfg.top_mlp).to(device)
+    model = DLRM(len(schema.dense), ebc, cfg.bottom_mlp, cfg.top_mlp).to(device)
+    model.storage_plan = [p.to_dict() for p in plan] if plan else None  # saved in checkpoints
+    return model
 
 
 def cache_stats(model: DLRM) -> dict[str, dict]:
@@ -155,6 +158,7 @@ class Trainer:
             "train_s": self.train_s,
             "config": self.cfg.to_dict(),
             "schema": self.ds.schema.to_json(),
+            "storage_plan": self.model.storage_plan,
         }
         return ckpt.save_checkpoint(self.out, self.step, dense_state, self.tables, meta, keep=self.cfg.keep_checkpoints)
 
@@ -281,9 +285,17 @@ def load_for_eval(checkpoint: str, data: str | None = None, device: str = "auto"
     if ds.schema.to_json() != m["schema"]:
         raise ConfigError(f"{cfg.data}: its schema differs from the one checkpoint {path} was trained on")
     dev = pick_device(device)
-    model = build_model(cfg, ds.schema, dev)
+    plan = m.get("storage_plan") or []
+    on_ssd = {p["name"] for p in plan if p["placement"] == "ssd"}
+    factory = None
+    if on_ssd:  # tables larger than memory are read from the checkpoint's files, behind caches
+        from tierec.storage.tiered import checkpoint_storage_factory
+
+        factory = checkpoint_storage_factory(path, m, plan, dev)
+    model = build_model(cfg, ds.schema, dev, storage_factory=factory)
     state = ckpt.load_dense_state(path, m)
     model.load_state_dict(state["model"])
-    ckpt.load_tables(path, m, {t.config.name: t.storage for t in model.embeddings.tables})
+    ckpt.load_tables(path, m, {t.config.name: t.storage for t in model.embeddings.tables
+                               if t.config.name not in on_ssd})
     model.eval()
     return model, ds, m

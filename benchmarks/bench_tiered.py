@@ -134,6 +134,42 @@ def _drop_page_cache(path: Path) -> None:
         os.close(fd)
 
 
+def _page_cache_bytes(paths) -> int | None:
+    """Bytes of these files now in the OS page cache (mincore over a mapping that touches nothing)."""
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    page, total = os.sysconf("SC_PAGE_SIZE"), 0
+    for path in paths:
+        size = os.path.getsize(path)
+        if size == 0:
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr is None or addr == ctypes.c_void_p(-1).value:
+                return None
+            try:
+                vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+                if libc.mincore(addr, size, vec) != 0:
+                    return None
+                total += int((np.frombuffer(vec, np.uint8) & 1).sum()) * page
+            finally:
+                libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+    return total
+
+
 def _fmt_b(n: float) -> str:
     return format_bytes(n) if n >= 1 else "0 B"
 
@@ -457,10 +493,17 @@ def part1(a, stream, sample, work: Path) -> dict:
           f"({s['storage']['mode']}); kernel /proc/self/io {_fmt_b(ps['kernel_read_bytes'])} read / "
           f"{_fmt_b(ps['kernel_write_bytes'])} written")
     if ws:
+        w = ws["storage"]
         print(f"# warm-up ({a.warmup} steps from empty caches): ssd {ws['samples_per_s']:,.0f} samples/s, "
-              f"hit rate {ws['storage']['hit_rate']:.2%}, {_fmt_b(ws['storage']['ssd_bytes_read'] / a.warmup)} "
-              f"read/step; caches hold {s['storage']['resident']:,} rows at the end "
-              f"({s['storage']['resident'] / sum(cache_rows):.1%} of capacity)")
+              f"hit rate {w['hit_rate']:.2%}, {_fmt_b(w['ssd_bytes_read'] / a.warmup)} read/step "
+              f"(device blocks {_fmt_b(w['ssd_device_bytes_read'] / a.warmup)}, kernel "
+              f"{_fmt_b(w['kernel_read_bytes'] / a.warmup)})")
+    pc = _page_cache_bytes(sorted(root.glob("*.tbl")))
+    out["page_cache_bytes_end"] = pc
+    print(f"# at the end: caches hold {s['storage']['resident']:,} rows ({s['storage']['resident'] / sum(cache_rows):.1%} "
+          f"of capacity); the OS page cache holds "
+          + (f"{_fmt_b(pc)} ({pc / total:.1%}) of the table files (outside the budget and outside RSS)"
+             if pc is not None else "an unknown part of the table files"))
     print(f"# losses of the two peers bit-identical at all {len(losses['memory'])} steps: "
           f"{'yes' if identical else 'NO'}")
     return out

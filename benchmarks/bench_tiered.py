@@ -2,7 +2,9 @@
 
     python benchmarks/bench_tiered.py                # 8 tables x 1,048,576 rows x 64 dims (2.03 GiB), 512 MiB budget
     python benchmarks/bench_tiered.py --threads 1 --json runs/tiered.json
-    python benchmarks/bench_tiered.py --table-rows 4194304 --budget 2GiB     # full size: 8.1 GiB of tables
+    python benchmarks/bench_tiered.py --direct-io --parts 1          # the SSD tier without the OS page cache
+    python benchmarks/bench_tiered.py --direct-io --table-rows 4194304 --budget 2GiB --parts 1
+                                                     # full size: 8.1 GiB (8.7 GB) of tables, 2 GiB budget
 
 Three parts, each printed as a table with ratios (`--parts 1,2,3` picks some):
 
@@ -59,18 +61,22 @@ import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0] + "/src")
 
-from tierec.cache.sim import lfu_hit_rate, lru_hit_rates, min_hit_rate  # noqa: E402
-from tierec.cache.traces import dedup_per_batch  # noqa: E402
-from tierec.config import format_bytes, parse_bytes  # noqa: E402
-from tierec.data.dataset import Batch, Chunk  # noqa: E402
-from tierec.data.synth import SynthConfig, iter_chunks  # noqa: E402
-from tierec.errors import TierecError  # noqa: E402
-from tierec.modules.dlrm import DLRM  # noqa: E402
-from tierec.modules.embedding import InMemoryTable, TableConfig, build_collection, dedup  # noqa: E402
-from tierec.modules.optim import SparseOptimizer  # noqa: E402
-from tierec.storage import CachedTable  # noqa: E402
-from tierec.storage.plan import AccessSample, TableNeeds, plan_tables  # noqa: E402
-from tierec.storage.tiered import INDEX_BYTES_PER_ROW, limit_malloc_retention, make_storage_factory  # noqa: E402
+from tierec.cache.sim import lfu_hit_rate, lru_hit_rates, min_hit_rate
+from tierec.cache.traces import dedup_per_batch
+from tierec.config import format_bytes, parse_bytes
+from tierec.data.dataset import Batch, Chunk
+from tierec.data.synth import SynthConfig, iter_chunks
+from tierec.errors import TierecError
+from tierec.modules.dlrm import DLRM
+from tierec.modules.embedding import InMemoryTable, TableConfig, build_collection, dedup
+from tierec.modules.optim import SparseOptimizer
+from tierec.storage import CachedTable
+from tierec.storage.plan import AccessSample, TableNeeds, plan_tables
+from tierec.storage.tiered import (
+    INDEX_BYTES_PER_ROW,
+    limit_malloc_retention,
+    make_storage_factory,
+)
 
 try:
     from tierec.energy import meter as energy_meter
@@ -369,7 +375,7 @@ def worker(peer, a, stream, plan, sample, root, conn):
                 res["energy"] = m.stop().columns()
             del batches
             conn.send(res)
-    except BaseException as e:  # report, do not hang the parent
+    except Exception as e:  # noqa: BLE001  (report, do not hang the parent)
         conn.send({"error": f"{peer}: {type(e).__name__}: {e}\n{traceback.format_exc()}"})
 
 
@@ -398,7 +404,11 @@ def part1(a, stream, sample, work: Path) -> dict:
     row_bytes = (a.dim + SPARSE.state_dim(a.dim)) * 4
     table_bytes = a.table_rows * row_bytes
     needs = [TableNeeds(k, a.table_rows, row_bytes, sample[k].lookups) for k in stream.keys]
-    plan = plan_tables(needs, a.budget, a.policy, INDEX_BYTES_PER_ROW, {k: {"placement": "ssd"} for k in stream.keys})
+    try:
+        plan = plan_tables(needs, a.budget, a.policy, INDEX_BYTES_PER_ROW,
+                           {k: {"placement": "ssd"} for k in stream.keys})
+    except TierecError as e:
+        raise TierecError(f"--budget {_fmt_b(a.budget)}: {e}") from None
     cache_rows = [p.cache_rows for p in plan]
     total = table_bytes * a.tables
     print(f"\n## part 1: larger than memory -- DLRM, {a.tables} tables x {a.table_rows:,} rows x {a.dim} dims "
@@ -623,14 +633,14 @@ def part3(a, work: Path) -> dict:
     names = list(peers)
     times = {(p, d): [] for p in names for d in dists}
     for p in names:  # warm-up round (allocator, caches of the CPU)
-        for d in dists:
-            run(peers[p], dists[d], min(4, a.overhead_batches))
+        for vals in dists.values():
+            run(peers[p], vals, min(4, a.overhead_batches))
             if isinstance(peers[p], CachedTable):
                 peers[p].reset_stats()
     for r in range(a.overhead_rounds):
         for p in (names if r % 2 == 0 else names[::-1]):
-            for d in dists:
-                times[(p, d)].append(run(peers[p], dists[d], a.overhead_batches))
+            for d, vals in dists.items():
+                times[(p, d)].append(run(peers[p], vals, a.overhead_batches))
     hit = {p: peers[p].stats()["hit_rate"] for p in names if isinstance(peers[p], CachedTable)}
     out = {"rows": R, "dim": D, "batch": B, "hot": H, "unique_per_batch": uniq, "results": {}}
     print(f"{'peer':20s} {'IDs':>8s} {'ms/batch':>9s} {'lookups/s':>12s} {'vs memory':>10s} {'hit rate':>9s}")
@@ -673,7 +683,7 @@ def _nonneg_int(text):
 
 def _bytes(text):
     try:
-        return parse_bytes(text, "--budget")
+        return parse_bytes(text, "budget")
     except TierecError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

@@ -33,8 +33,8 @@ Three parts, each printed as a table with ratios (`--parts 1,2,3` picks some):
    --overhead-batch bags x --overhead-hot IDs over one --overhead-rows-row table at a 100% hit
    rate (capacity = table rows, warmed): CachedTable (each policy) vs InMemoryTable, lookups/s.
 
-Everything written goes to a fresh temporary directory under --dir (default: the current
-directory), removed at the end unless --keep.
+Everything written goes to a fresh temporary directory under --dir (default: runs/, which
+git ignores), removed at the end unless --keep.
 """
 
 from __future__ import annotations
@@ -739,7 +739,7 @@ def parse_args(argv=None):
     p.add_argument("--parts", type=_choice_list(("1", "2", "3")), default=["1", "2", "3"],
                    help="which parts to run (default 1,2,3)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="data seed (default 0)")
-    p.add_argument("--dir", default=".", help="where to make the temporary directory for SSD files (default .)")
+    p.add_argument("--dir", default="runs", help="where to make the temporary directory for SSD files (default runs/, git-ignored)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
@@ -757,6 +757,7 @@ def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
     started = datetime.datetime.now().astimezone()
+    Path(a.dir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench_tiered.", dir=a.dir)).resolve()
     result = {"args": {k: v for k, v in vars(a).items()}, "date": started.isoformat(timespec="seconds"),
               "machine": _machine(), "command": " ".join([Path(sys.executable).name, *sys.argv])}

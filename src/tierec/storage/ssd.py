@@ -115,6 +115,8 @@ class SsdTable:
         else:
             self._mm = np.memmap(self.path, dtype=np.float32, mode="r" if readonly else "r+",
                                  shape=(self.num_embeddings, self.width))
+            if hasattr(mmap, "MADV_RANDOM"):  # rows are read at random: no kernel read-ahead of whole files
+                self._mm._mmap.madvise(mmap.MADV_RANDOM)
         self._mapped_bytes = 0
         self.reset_stats()
 

@@ -109,7 +109,7 @@ def test_plan_errors():
 
 
 RSS_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, sys, torch
     torch.set_num_threads(1)
     from tierec.data.synth import SynthConfig, generate
     from tierec.train.config import TrainConfig
@@ -123,7 +123,9 @@ RSS_SCRIPT = textwrap.dedent("""
                       progress=False, memory_budget=None if budget == "none" else budget, max_eval_rows=2000,
                       direct_io=True)  # O_DIRECT: no table pages mapped into the process
     Trainer(cfg).fit()
-    print(json.dumps({"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    # VmHWM: this process's peak RSS (ru_maxrss would carry the forking parent's over exec)
+    hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    print(json.dumps({"maxrss": hwm * 1024}))
 """)
 
 

@@ -176,10 +176,6 @@ def _page_cache_bytes(paths) -> int | None:
     return total
 
 
-def _fmt_b(n: float) -> str:
-    return format_bytes(n) if n >= 1 else "0 B"
-
-
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -408,11 +404,11 @@ def part1(a, stream, sample, work: Path) -> dict:
         plan = plan_tables(needs, a.budget, a.policy, INDEX_BYTES_PER_ROW,
                            {k: {"placement": "ssd"} for k in stream.keys})
     except TierecError as e:
-        raise TierecError(f"--budget {_fmt_b(a.budget)}: {e}") from None
+        raise TierecError(f"--budget {format_bytes(a.budget)}: {e}") from None
     cache_rows = [p.cache_rows for p in plan]
     total = table_bytes * a.tables
     print(f"\n## part 1: larger than memory -- DLRM, {a.tables} tables x {a.table_rows:,} rows x {a.dim} dims "
-          f"(+1 row-wise Adagrad state) = {_fmt_b(total)} of tables; budget {_fmt_b(a.budget)} "
+          f"(+1 row-wise Adagrad state) = {format_bytes(total)} of tables; budget {format_bytes(a.budget)} "
           f"(tables = {total / a.budget:.2f}x the budget)")
     print(f"# ssd peer: {a.policy} caches of {min(cache_rows):,}-{max(cache_rows):,} rows/table "
           f"({min(cache_rows) / a.table_rows:.1%} of rows) planned from the budget at {row_bytes} B/row + "
@@ -478,8 +474,8 @@ def part1(a, stream, sample, work: Path) -> dict:
         method = es[-1]["method"] if es else "-"
         hwm = mem[p]["train_hwm_mib"]
         hit = f"{tot['hit_rate']:9.2%}" if tot["hit_rate"] is not None else f"{'-':>9s}"
-        rd = _fmt_b(tot["ssd_bytes_read"] / steps) if p == "ssd" else "-"
-        wr = _fmt_b(tot["ssd_bytes_written"] / steps) if p == "ssd" else "-"
+        rd = format_bytes(tot["ssd_bytes_read"] / steps) if p == "ssd" else "-"
+        wr = format_bytes(tot["ssd_bytes_written"] / steps) if p == "ssd" else "-"
         print(f"{p:7s} {sps:10,.0f} {sps / base:9.2f}x {mem[p]['maxrss_mib']:6,.0f} MiB "
               f"{(f'{hwm:6,.0f} MiB' if hwm else '-'):>10s} {hit} {rd:>14s} {wr:>15s} {jk:13.3f}  {method}")
         out["peers"][p] = {"samples_per_s": sps, "rounds": [r["samples_per_s"] for r in rs], "vs_memory": sps / base,
@@ -499,20 +495,20 @@ def part1(a, stream, sample, work: Path) -> dict:
     print(f"# ssd per step: {ps['misses']:,.0f} misses of {ps['lookups']:,.0f} unique lookups, "
           f"{ps['evictions']:,.0f} evictions ({ps['writebacks']:,.0f} dirty write-backs); file I/O "
           f"{1e3 * (ps['ssd_read_time_s'] + ps['ssd_write_time_s']):.1f} ms/step; device blocks "
-          f"{_fmt_b(ps['ssd_device_bytes_read'])} read / {_fmt_b(ps['ssd_device_bytes_written'])} written "
-          f"({s['storage']['mode']}); kernel /proc/self/io {_fmt_b(ps['kernel_read_bytes'])} read / "
-          f"{_fmt_b(ps['kernel_write_bytes'])} written")
+          f"{format_bytes(ps['ssd_device_bytes_read'])} read / {format_bytes(ps['ssd_device_bytes_written'])} written "
+          f"({s['storage']['mode']}); kernel /proc/self/io {format_bytes(ps['kernel_read_bytes'])} read / "
+          f"{format_bytes(ps['kernel_write_bytes'])} written")
     if ws:
         w = ws["storage"]
         print(f"# warm-up ({a.warmup} steps from empty caches): ssd {ws['samples_per_s']:,.0f} samples/s, "
-              f"hit rate {w['hit_rate']:.2%}, {_fmt_b(w['ssd_bytes_read'] / a.warmup)} read/step "
-              f"(device blocks {_fmt_b(w['ssd_device_bytes_read'] / a.warmup)}, kernel "
-              f"{_fmt_b(w['kernel_read_bytes'] / a.warmup)})")
+              f"hit rate {w['hit_rate']:.2%}, {format_bytes(w['ssd_bytes_read'] / a.warmup)} read/step "
+              f"(device blocks {format_bytes(w['ssd_device_bytes_read'] / a.warmup)}, kernel "
+              f"{format_bytes(w['kernel_read_bytes'] / a.warmup)})")
     pc = _page_cache_bytes(sorted(root.glob("*.tbl")))
     out["page_cache_bytes_end"] = pc
     print(f"# at the end: caches hold {s['storage']['resident']:,} rows ({s['storage']['resident'] / sum(cache_rows):.1%} "
           f"of capacity); the OS page cache holds "
-          + (f"{_fmt_b(pc)} ({pc / total:.1%}) of the table files (outside the budget and outside RSS)"
+          + (f"{format_bytes(pc)} ({pc / total:.1%}) of the table files (outside the budget and outside RSS)"
              if pc is not None else "an unknown part of the table files"))
     print(f"# losses of the two peers bit-identical at all {len(losses['memory'])} steps: "
           f"{'yes' if identical else 'NO'}")
@@ -576,14 +572,14 @@ def part2(a, traces: dict, sample: dict, stream) -> dict:
             r["misses_per_step"] = (1 - r["hit_rate"]) * requests / n_batches
             r.setdefault("bytes_read_per_step", r["misses_per_step"] * row_bytes)
         mn = rows["MIN (Belady, offline)"]["hit_rate"]
-        print(f"\ncache = {f:.1%} of rows = {C:,} rows/table ({_fmt_b(C * a.tables * row_bytes)} of rows in all)")
+        print(f"\ncache = {f:.1%} of rows = {C:,} rows/table ({format_bytes(C * a.tables * row_bytes)} of rows in all)")
         print(f"{'cache':30s} {'hit rate':>9s} {'vs MIN':>7s} {'misses vs MIN':>14s} {'misses/step':>12s} "
               f"{'SSD read/step':>14s} {'SSD write/step':>15s}")
         for name, r in rows.items():
             wr = r.get("bytes_written_per_step")
             print(f"{name:30s} {r['hit_rate']:9.2%} {r['hit_rate'] / mn:6.2f}x "
                   f"{(1 - r['hit_rate']) / max(1 - mn, 1e-12):13.2f}x {r['misses_per_step']:12,.0f} "
-                  f"{_fmt_b(r['bytes_read_per_step']):>14s} {(_fmt_b(wr) if wr is not None else '-'):>15s}")
+                  f"{format_bytes(r['bytes_read_per_step']):>14s} {(format_bytes(wr) if wr is not None else '-'):>15s}")
         print(f"{'(infinite cache: cold misses)':30s} {ceiling:9.2%}")
         out["fractions"][str(f)] = {"rows_per_table": C, "results": rows, "sim_seconds": sim_s}
     print(f"# part 2 took {time.perf_counter() - t0:.1f} s", file=sys.stderr)

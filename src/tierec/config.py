@@ -131,8 +131,6 @@ _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
 def parse_bytes(text, what: str = "memory budget") -> int:
     """``"2GiB"`` -> 2147483648. Binary units: K, M, G, T, KiB, MiB, GiB, TiB;
     decimal: kB, MB, GB, TB; a bare number is bytes. Case-insensitive."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        text = str(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
         raise ConfigError(f"{what}: cannot read {text!r} as a number of bytes (e.g. 2GiB, 512MiB, 1.5GB, 1048576)")

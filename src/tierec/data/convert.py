@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tierec.data.dataset import DatasetWriter, prepare_output_dir
+from tierec.data.dataset import SPLITS, DatasetWriter, prepare_output_dir
 from tierec.data.hashing import splitmix64
 from tierec.data.readers import (
     DEFAULT_BLOCK_SIZE,
@@ -30,7 +30,6 @@ from tierec.errors import ConfigError, TierecError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
 
 
 def is_test_row(lines: np.ndarray, test_fraction: float, seed: int = 0) -> np.ndarray:

@@ -41,6 +41,7 @@ from tierec.sparse import KeyedJaggedTensor
 FORMAT = "tierec-dataset"
 VERSION = 1
 MANIFEST = "manifest.json"
+SPLITS = ("train", "test")  # the splits `convert` and `synth` write
 
 
 # --------------------------------------------------------------------------- schema
@@ -253,7 +254,7 @@ class SplitWriter:
 class DatasetWriter:
     """Writes a whole data set: one `SplitWriter` per split, then the manifest."""
 
-    def __init__(self, root: str | os.PathLike, schema: Schema, splits=("train", "test"), **kw):
+    def __init__(self, root: str | os.PathLike, schema: Schema, splits=SPLITS, **kw):
         self.root = Path(root)
         if (self.root / MANIFEST).exists():
             (self.root / MANIFEST).unlink()  # an unfinished rewrite must not look complete
@@ -282,11 +283,11 @@ def prepare_output_dir(out: Path) -> None:
     if not out.exists():
         return
     entries = [e for e in out.iterdir() if not e.name.startswith(".")]
-    foreign = [e.name for e in entries if e.name not in (MANIFEST, "train", "test")]
+    foreign = [e.name for e in entries if e.name not in (MANIFEST, *SPLITS)]
     if foreign:
         raise TierecError(f"{out}: directory exists and holds other files ({', '.join(sorted(foreign)[:3])}); "
                           "choose an empty or new --out")
-    for split in ("train", "test"):
+    for split in SPLITS:
         d = out / split
         if d.is_dir():
             for f in d.glob("part-*.parquet"):

@@ -42,7 +42,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tierec.data.dataset import Chunk, DatasetWriter, Schema, SparseFeature, prepare_output_dir
+from tierec.data.dataset import SPLITS, Chunk, DatasetWriter, Schema, SparseFeature, prepare_output_dir
 from tierec.data.hashing import splitmix64
 from tierec.data.readers import CRITEO_KAGGLE_CARDINALITIES
 from tierec.errors import ConfigError, TierecError
@@ -58,7 +58,6 @@ REF_BATCH = 65536  # batch size the "auto" profile is calibrated at (Meta's 2021
 AUTO_PROFILE = {"a0": 0.501, "a1": -0.0831, "rho": 1.20, "gamma": 7.31, "fresh": 0.01}
 
 SPLIT_CODES = {"train": 0, "test": 1, "pilot": 2}
-_SPLITS = ("train", "test")
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -618,8 +617,8 @@ class Synthesizer:
     def chunks(self, split: str = "train", chunk_rows: int | None = None,
                max_rows: int | None = None) -> Iterator[Chunk]:
         """Yield the rows of ``split`` in order, as chunks of ``chunk_rows`` (default: `BLOCK_ROWS`)."""
-        if split not in _SPLITS:
-            raise TierecError(f"no split {split!r} (splits: {', '.join(_SPLITS)})")
+        if split not in SPLITS:
+            raise TierecError(f"no split {split!r} (splits: {', '.join(SPLITS)})")
         if chunk_rows is not None and chunk_rows <= 0:
             raise TierecError(f"chunk_rows must be > 0, got {chunk_rows}")
         total = self.cfg.split_rows()[split]
@@ -818,10 +817,10 @@ def generate(cfg: SynthConfig, out_dir, progress: bool | None = None) -> dict:
     syn = Synthesizer(cfg)
     show = cfg.progress if progress is None else progress
     disable = not show or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
-    writer = DatasetWriter(out, syn.schema, splits=_SPLITS, rows_per_file=cfg.rows_per_file,
+    writer = DatasetWriter(out, syn.schema, splits=SPLITS, rows_per_file=cfg.rows_per_file,
                            row_group_size=min(cfg.row_group_size, cfg.rows_per_file))
     with tqdm(total=cfg.rows, unit="rows", unit_scale=True, desc="synth", file=sys.stderr, disable=disable) as bar:
-        for split in _SPLITS:
+        for split in SPLITS:
             for chunk in syn.chunks(split):
                 writer.splits[split].write(chunk)
                 bar.update(len(chunk))
@@ -878,7 +877,7 @@ def write_criteo_tsv(cfg: SynthConfig, path, progress: bool | None = None) -> in
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "wb") as f, tqdm(total=cfg.rows, unit="rows", unit_scale=True, desc="synth", file=sys.stderr,
                                      disable=disable) as bar:
-        for split in _SPLITS:
+        for split in SPLITS:
             for chunk in syn.chunks(split):
                 cols = {"label": pa.array(chunk.label.astype(np.int64))}
                 raw = np.rint(np.expm1(chunk.dense.astype(np.float64))).astype(np.int64)

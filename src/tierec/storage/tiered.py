@@ -100,7 +100,7 @@ def checkpoint_storage_factory(ckpt_dir: Path, manifest: dict, plan: list[dict],
     place behind caches of their planned size (``freq`` caches become ``lru``: the training
     sample is not kept); each file's size and sha256 are checked against the manifest first."""
     from tierec.errors import CheckpointError
-    from tierec.fsio import sha256_file
+    from tierec.train.checkpoint import verify_file
 
     by_name = {p["name"]: p for p in plan if p["placement"] == "ssd"}
     files = {t["name"]: t for t in manifest["tables"]}
@@ -113,9 +113,8 @@ def checkpoint_storage_factory(ckpt_dir: Path, manifest: dict, plan: list[dict],
         if t is None:
             raise CheckpointError(f"{ckpt_dir}: checkpoint has no table {tcfg.name!r}")
         path = Path(ckpt_dir) / t["file"]
-        ssd = SsdTable(path, tcfg.num_embeddings, tcfg.embedding_dim, state_dim, readonly=True)  # checks the size
-        if sha256_file(path) != manifest["files"][t["file"]]["sha256"]:
-            raise CheckpointError(f"{path}: sha256 does not match the checkpoint manifest (corrupt table file)")
+        verify_file(path, manifest["files"][t["file"]])
+        ssd = SsdTable(path, tcfg.num_embeddings, tcfg.embedding_dim, state_dim, readonly=True)
         policy = "lru" if p["policy"] == "freq" else p["policy"]
         return CachedTable(ssd, p["cache_rows"], policy, device=device, name=tcfg.name)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tierec.fsio import atomic_write_bytes, fsync_dir, umask
+from tierec.fsio import atomic_write_bytes, fsync_dir, sha256_file, umask
 from tierec.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,17 @@ def read_manifest(ckpt: Path) -> dict:
     if m.get("version") != VERSION:
         raise CheckpointError(f"{mpath}: checkpoint version {m.get('version')} is not supported (expected {VERSION})")
     return m
+
+
+def verify_file(path: Path, expect: dict) -> None:
+    """Check a checkpoint file's size and sha256 against its manifest entry (streams the file)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: listed in the checkpoint manifest but missing")
+    size = path.stat().st_size
+    if size != expect["bytes"]:
+        raise CheckpointError(f"{path}: {size} bytes, manifest says {expect['bytes']} (truncated checkpoint)")
+    if sha256_file(path) != expect["sha256"]:
+        raise CheckpointError(f"{path}: sha256 does not match the checkpoint manifest (corrupt checkpoint)")
 
 
 def load_dense_state(ckpt: Path, manifest: dict) -> dict:

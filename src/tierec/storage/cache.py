@@ -71,6 +71,7 @@ class _Handle:
     miss_idx: torch.Tensor | None = None  # ... and from the backing store
     fin: object = None
     released: bool = False
+    step: int | None = None  # look-ahead caches: the training step this working set was prepared for
 
 
 class _FreqTable:
@@ -110,13 +111,13 @@ class _HashIndex:
     exceed H/2, so probe sequences stay short.
     """
 
-    def __init__(self, capacity: int, device):
+    def __init__(self, capacity: int, device, val_dtype: torch.dtype = torch.int32):
         self.bits = max(4, (3 * capacity - 1).bit_length())
         self.H = 1 << self.bits
         self.mask = self.H - 1
         self.device = device
         self.keys = torch.full((self.H,), _EMPTY, dtype=torch.int64, device=device)
-        self.vals = torch.full((self.H,), -1, dtype=torch.int32, device=device)
+        self.vals = torch.full((self.H,), -1, dtype=val_dtype, device=device)
         self.live = self.tomb = 0
 
     def _hash(self, ids: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,7 @@ class _HashIndex:
             raise _NeedsRebuild
         idx = torch.arange(n, device=self.device)
         p = self._hash(ids)
-        slots = slots.to(torch.int32)
+        slots = slots.to(self.vals.dtype)
         while idx.numel():  # probe rounds: claim free entries, one winner per entry
             k = self.keys.index_select(0, p)
             free = k < 0

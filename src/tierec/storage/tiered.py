@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tierec.storage.cache import CachedTable
+from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.plan import (AccessSample, Placement, TableNeeds, describe, measure_lookups, parse_bytes,
                                  plan_tables)
 from tierec.storage.ssd import SsdTable
@@ -15,7 +16,7 @@ from tierec.storage.ssd import SsdTable
 log = logging.getLogger(__name__)
 
 # Cache bookkeeping per cached row (hash index + per-slot metadata), counted in the budget:
-INDEX_BYTES_PER_ROW = 104  # upper bound of CachedTable.index_nbytes per row (57-101 B)
+INDEX_BYTES_PER_ROW = 120  # upper bound of index_nbytes per row: CachedTable 57-101 B, LookaheadCache +16 B
 
 
 def limit_malloc_retention(threshold: int = 1 << 20) -> bool:
@@ -83,6 +84,8 @@ def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSam
         ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim, create=True,
                        init_seed=cfg.seed, table_index=i, direct_io=cfg.direct_io,
                        init="random" if fresh else "zeros")
+        if p.policy == "lookahead":
+            return LookaheadCache(ssd, p.cache_rows, device=device, name=tcfg.name)
         freq = None
         if p.policy == "freq":
             s = sample[tcfg.name]
@@ -97,8 +100,9 @@ def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSam
 
 def checkpoint_storage_factory(ckpt_dir: Path, manifest: dict, plan: list[dict], device: torch.device):
     """Read-only storage over a checkpoint's table files: SSD tables of ``plan`` are opened in
-    place behind caches of their planned size (``freq`` caches become ``lru``: the training
-    sample is not kept); each file's size and sha256 are checked against the manifest first."""
+    place behind caches of their planned size (``freq`` and ``lookahead`` caches become ``lru``:
+    the training sample and future batches are not at hand); each file's size and sha256 are
+    checked against the manifest first."""
     from tierec.errors import CheckpointError
     from tierec.train.checkpoint import verify_file
 
@@ -115,7 +119,7 @@ def checkpoint_storage_factory(ckpt_dir: Path, manifest: dict, plan: list[dict],
         path = Path(ckpt_dir) / t["file"]
         verify_file(path, manifest["files"][t["file"]])
         ssd = SsdTable(path, tcfg.num_embeddings, tcfg.embedding_dim, state_dim, readonly=True)
-        policy = "lru" if p["policy"] == "freq" else p["policy"]
+        policy = "lru" if p["policy"] in ("freq", "lookahead") else p["policy"]
         return CachedTable(ssd, p["cache_rows"], policy, device=device, name=tcfg.name)
 
     return factory

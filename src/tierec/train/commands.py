@@ -45,7 +45,11 @@ HELP = {
     "memory_budget": "memory for embedding storage, e.g. 2GiB: tables that fit stay in memory, the rest go to SSD "
                      "behind caches sized by access share (default: everything in memory)",
     "storage_dir": "directory for SSD table files (default: OUT/tables)",
-    "cache_policy": "eviction policy of SSD tables' caches",
+    "cache_policy": "eviction policy of SSD tables' caches; lookahead: prefetch and evict (Belady) from the "
+                    "batches read ahead, overlapped with compute",
+    "lookahead": "cache-policy lookahead: batches read ahead (the window the oracle sees)",
+    "prefetch_depth": "cache-policy lookahead: steps whose rows are made resident ahead of the trainer",
+    "lookahead_memory": "cache-policy lookahead: most batch data held for the window, e.g. 512MiB",
     "direct_io": "read SSD tables with O_DIRECT, bypassing the OS page cache",
     "plan_batches": "batches read to measure each table's access share for --memory-budget",
 }

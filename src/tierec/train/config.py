@@ -15,7 +15,7 @@ class TableSettings:
 
     placement: Literal["auto", "memory", "ssd"] = "auto"
     cache_rows: int | None = None  # SSD tables: rows in the DRAM/device cache
-    policy: Literal["lru", "lfu", "freq"] | None = None
+    policy: Literal["lru", "lfu", "freq", "lookahead"] | None = None
 
     def __post_init__(self):
         if self.cache_rows is not None and self.cache_rows <= 0:
@@ -54,14 +54,17 @@ class TrainConfig:
     carbon_intensity: float | None = None  # gCO2e/kWh; overrides carbon_region
     memory_budget: str | None = None  # e.g. "2GiB": tables beyond it go to SSD behind caches
     storage_dir: str | None = None  # where SSD table files live (default: OUT/tables)
-    cache_policy: Literal["lru", "lfu", "freq"] = "lru"
+    cache_policy: Literal["lru", "lfu", "freq", "lookahead"] = "lru"
+    lookahead: int = 200  # cache_policy lookahead: batches read ahead to plan prefetch and eviction
+    prefetch_depth: int = 4  # cache_policy lookahead: steps prepared (rows resident) ahead of the trainer
+    lookahead_memory: str = "1GiB"  # cap on batch data held for the look-ahead window
     direct_io: bool = False  # SSD reads bypass the OS page cache (O_DIRECT)
     plan_batches: int = 50  # batches read to measure each table's access share
     tables: dict[str, TableSettings] = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "keep_checkpoints", "log_every",
-                     "plan_batches"):
+                     "plan_batches", "lookahead", "prefetch_depth"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_steps", "max_train_rows", "max_eval_rows", "num_threads"):
@@ -77,10 +80,11 @@ class TrainConfig:
         if any(h <= 0 for h in self.bottom_mlp + self.top_mlp):
             raise ConfigError("MLP layer sizes must be > 0")
         self.tables = {k: TableSettings(**v) if isinstance(v, dict) else v for k, v in self.tables.items()}
-        if self.memory_budget is not None:
-            from tierec.storage.plan import parse_bytes
+        from tierec.storage.plan import parse_bytes
 
+        if self.memory_budget is not None:
             parse_bytes(self.memory_budget, "memory_budget")
+        parse_bytes(self.lookahead_memory, "lookahead_memory")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -9,6 +9,7 @@ seed, so an interrupted and resumed run ends with the same weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -19,14 +20,17 @@ import torch
 from tqdm import tqdm
 
 from tierec import __version__, energy
+from tierec.config import parse_bytes
 from tierec.data.dataset import Dataset, Schema
 from tierec.errors import ConfigError, TierecError
 from tierec.modules.dlrm import DLRM
 from tierec.modules.embedding import TableConfig, build_collection
 from tierec.modules.optim import SparseOptimizer
+from tierec.storage.lookahead import LookaheadCache
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig
 from tierec.train.metrics import log_loss, roc_auc
+from tierec.train.pipeline import LookaheadPipeline
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +193,30 @@ class Trainer:
         self.dense_opt.step()
         return loss.item()
 
+    def _train_batches(self, total: int):
+        """Training batches from the current position to step ``total``, across epochs."""
+        cfg = self.cfg
+        epoch, start, step = self.epoch, self.batch_in_epoch, self.step
+        while epoch < cfg.epochs and step < total:
+            for b in self.ds.batches("train", cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=epoch,
+                                     start_batch=start, max_rows=cfg.max_train_rows):
+                yield b
+                step += 1
+                if step >= total:
+                    return
+            epoch, start = epoch + 1, 0
+
+    def _lookahead_pipeline(self, stream):
+        """A `LookaheadPipeline` over ``stream`` when some tables have look-ahead caches, else None."""
+        caches = {t.config.key: t.storage for t in self.model.embeddings.tables
+                  if isinstance(t.storage, LookaheadCache)}
+        if not caches:
+            return None
+        cfg = self.cfg
+        return LookaheadPipeline(stream, caches, window=cfg.lookahead, depth=cfg.prefetch_depth,
+                                 max_bytes=parse_bytes(cfg.lookahead_memory, "lookahead_memory"),
+                                 start_step=self.step)
+
     def evaluate(self, split: str = "test") -> dict:
         return evaluate(self.model, self.ds, split, self.cfg.eval_batch_size, self.device,
                         self.cfg.max_eval_rows, self.cfg.progress)
@@ -206,11 +234,12 @@ class Trainer:
         last_eval: dict | None = None
         window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
         self.model.train()
-        while self.epoch < cfg.epochs and self.step < total:
-            batches = self.ds.batches("train", cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=self.epoch,
-                                      start_batch=self.batch_in_epoch, max_rows=cfg.max_train_rows)
+        stream = self._train_batches(total)
+        pipe = self._lookahead_pipeline(stream)
+        quiet = pipe.paused if pipe is not None else contextlib.nullcontext
+        try:
             t_step = time.perf_counter()
-            for batch in batches:
+            for batch in pipe if pipe is not None else stream:
                 loss = self.train_step(batch)
                 now = time.perf_counter()
                 self.train_s += now - t_step
@@ -226,33 +255,41 @@ class Trainer:
                     self.epoch += 1
                     self.batch_in_epoch = 0
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or end_of_epoch or self.step >= total:
+                done = self.step >= total
+                if self.step % cfg.log_every == 0 or end_of_epoch or done:
                     sps = window_samples / max(now - window_t0, 1e-9)
                     stats = cache_stats(self.model)
                     hit = overall_hit_rate(stats)
                     post = {"loss": f"{window_loss / window_n:.4f}", "samples_s": f"{sps:,.0f}"}
                     if hit is not None:
                         post["hit"] = f"{hit:.1%}"
-                    bar.set_postfix(post)
                     extra = {"cache": stats} if stats else {}
+                    if pipe is not None:
+                        extra["prefetch"] = pipe.summary()
+                        post["stall"] = f"{pipe.stats['stall_s'] / max(self.train_s, 1e-9):.1%}"
+                    bar.set_postfix(post)
                     self.log.write("train", step=self.step, epoch=self.epoch, loss=window_loss / window_n,
                                    samples_per_s=sps, samples=self.samples, **extra)
                     window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
                 do_eval = (cfg.eval_every and self.step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch)
                 if do_eval and "test" in self.ds.splits:
-                    last_eval = self.evaluate()
-                    self.log.write("eval", step=self.step, epoch=self.epoch, **last_eval)
+                    with quiet():
+                        last_eval = self.evaluate() | {"step": self.step}
+                    self.log.write("eval", epoch=self.epoch, **last_eval)
                     log.info("step %d: test AUC %.4f, log-loss %.4f", self.step, last_eval["auc"], last_eval["logloss"])
-                done = self.step >= total
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or end_of_epoch or done:
-                    self.save()
-                if done or end_of_epoch:
+                    with quiet():
+                        self.save()
+                if done:
                     break
                 t_step = time.perf_counter()
+        finally:
+            if pipe is not None:
+                pipe.close()
         bar.close()
-        if last_eval is None and "test" in self.ds.splits:
-            last_eval = self.evaluate()
-            self.log.write("eval", step=self.step, epoch=self.epoch, **last_eval)
+        if (last_eval is None or last_eval["step"] != self.step) and "test" in self.ds.splits:
+            last_eval = self.evaluate() | {"step": self.step}  # the summary reports the final model
+            self.log.write("eval", epoch=self.epoch, **last_eval)
         report = meter.stop()
         self.log.write("energy", step=self.step, **report.to_dict())
         log.info("%s", report.summary_line())
@@ -267,6 +304,10 @@ class Trainer:
             summary["cache_hit_rate"] = overall_hit_rate(stats)
             summary["ssd_bytes_read"] = sum(s.get("bytes_read", 0) for s in stats.values())
             summary["ssd_bytes_written"] = sum(s.get("bytes_written", 0) for s in stats.values())
+        if pipe is not None:
+            pf = pipe.summary()
+            summary["prefetch"] = pf
+            summary["stall_fraction"] = pf["stall_s"] / self.train_s if self.train_s else None
         summary["energy"] = report.columns() | {"summary": report.summary_line()}
         self.log.write("end", **summary)
         self.log.close()

@@ -1,0 +1,351 @@
+"""Look-ahead (oracle) caching: Belady's rule within a window of future batches.
+
+During training the future is known: the loader can read the next batches now.
+Two pieces use it, one per table:
+
+* `NextUseOracle` holds the unique IDs of every *observed* future step (the
+  window) and answers "when is this row used next?" in O(1) per row.
+* `LookaheadCache` is a `CachedTable` whose eviction order comes from the
+  oracle: rows with no use inside the window go first (lowest long-run
+  frequency first), then the row whose next use is furthest away (Belady).
+  Rows are brought in ahead of their step by `prepare(step, ids)` -- called by
+  the `tierec.train.pipeline.LookaheadPipeline` worker, overlapped with compute --
+  which also pins them until the step's working set is released.
+
+The step protocol, for steps in increasing order::
+
+    cache.observe(s, ids_s)           # the loader read step s (s may be far ahead)
+    ws = cache.prepare(s, ids_s)      # rows resident and pinned (None: no room yet)
+    ws = cache.acquire(ids_s)         # the model takes the prepared working set ...
+    cache.release(ws, dirty=True)     # ... and returns it: unpinned, next use updated
+
+Exactness: a row is only ever read from the backing store when it is not
+resident here, and a dirty row is written back (by the thread that evicts it,
+before that thread reads anything else) when it is evicted. During training only
+the pipeline's worker thread reads or writes the backing store; the trainer
+thread touches cache rows that the worker has pinned for it. Anything else
+(evaluation, checkpoints) runs with the worker paused; then `acquire` serves a
+temporary copy without changing what is cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+import torch
+
+from tierec.modules.embedding import WorkingSet
+from tierec.storage.cache import CachedTable, _HashIndex
+from tierec.storage.sketch import CountMinSketch
+
+log = logging.getLogger(__name__)
+
+NEVER = torch.iinfo(torch.int64).max  # "no use inside the window"
+_COLD_BASE = torch.iinfo(torch.int64).min // 2  # eviction keys of rows not used in the window
+
+
+class NextUseOracle:
+    """Next-use steps of row IDs inside a window of future steps.
+
+    ``observe(step, ids)`` registers the unique IDs of a future step (steps in
+    increasing order); ``consume(step)`` retires the oldest observed step and
+    returns, for each of its IDs, the next observed step that uses it (`NEVER`
+    if none). Memory is O(occurrences in the window): every observed (step, id)
+    is an *occurrence*, numbered in order; a ring buffer holds each occurrence's
+    next-use step, and a hash map id -> latest occurrence links a new
+    occurrence to the previous one of the same ID. No per-ID Python loop.
+    """
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self._steps: deque[tuple[int, torch.Tensor, int]] = deque()  # (step, ids, first occurrence)
+        self._ring = torch.full((1024,), NEVER, dtype=torch.int64, device=self.device)
+        self._next_occ = 0
+        self._last = _HashIndex(1024, self.device, torch.int64)  # id -> latest occurrence
+        self.last_observed = -1
+
+    def __len__(self) -> int:
+        """Observed steps not yet consumed."""
+        return len(self._steps)
+
+    @property
+    def occurrences(self) -> int:
+        return self._next_occ - self._steps[0][2] if self._steps else 0
+
+    def observe(self, step: int, ids: torch.Tensor) -> torch.Tensor:
+        """Register step ``step``'s unique IDs (int64 [U]). Returns bool [U]: True where the ID has
+        no earlier use in the window (its next use is now ``step``)."""
+        if step <= self.last_observed:
+            raise ValueError(f"observe: step {step} after step {self.last_observed}; steps must increase")
+        ids = ids.to(self.device)
+        U = ids.numel()
+        self._reserve(U)
+        occ = self._next_occ + torch.arange(U, device=self.device)
+        R = self._ring.numel()
+        found, prev, pos = self._last.lookup(ids)
+        fi = found.nonzero().squeeze(1)
+        if fi.numel():
+            self._ring.index_fill_(0, prev.index_select(0, fi) % R, step)  # previous occurrence -> this step
+            self._last.vals.index_copy_(0, pos.index_select(0, fi), occ.index_select(0, fi))
+        self._ring.index_fill_(0, occ % R, NEVER)
+        first = ~found
+        self._last.insert(ids[first], occ[first])
+        self._steps.append((step, ids, self._next_occ))
+        self._next_occ += U
+        self.last_observed = step
+        return first
+
+    def consume(self, step: int) -> torch.Tensor:
+        """Retire the oldest observed step (must be ``step``); returns the next use of each of its
+        IDs, int64 [U] (`NEVER` where the window holds no later use)."""
+        if not self._steps or self._steps[0][0] != step:
+            oldest = self._steps[0][0] if self._steps else None
+            raise ValueError(f"consume: step {step} is not the oldest observed step ({oldest})")
+        _, ids, o0 = self._steps.popleft()
+        nu = self._ring.index_select(0, (o0 + torch.arange(ids.numel(), device=self.device)) % self._ring.numel())
+        last = nu == NEVER
+        if bool(last.any()):
+            self._last.remove(ids[last])
+        return nu
+
+    def _reserve(self, n: int) -> None:
+        """Room for ``n`` more occurrences in the ring and the hash map (grow by doubling)."""
+        live = self.occurrences
+        R = self._ring.numel()
+        if live + n > R:
+            R2 = 1 << (2 * (live + n) - 1).bit_length()
+            ring = torch.full((R2,), NEVER, dtype=torch.int64, device=self.device)
+            if live:
+                occ = torch.arange(self._steps[0][2], self._next_occ, device=self.device)
+                ring[occ % R2] = self._ring[occ % R]
+            self._ring = ring
+        h = self._last
+        if h.live + h.tomb + n > h.H // 2:  # rebuild from the live latest occurrences, with room to grow
+            ids, occ = self._latest_occurrences()
+            self._last = _HashIndex(max(1024, 2 * (ids.numel() + n)), self.device, torch.int64)
+            self._last.insert(ids, occ)
+
+    def _latest_occurrences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._steps:
+            e = torch.empty(0, dtype=torch.int64, device=self.device)
+            return e, e
+        ids = torch.cat([s[1] for s in self._steps])
+        occ = torch.arange(self._steps[0][2], self._next_occ, device=self.device)
+        last = self._ring.index_select(0, occ % self._ring.numel()) == NEVER
+        return ids[last], occ[last]
+
+
+class LookaheadCache(CachedTable):
+    """A `CachedTable` that evicts by next use inside the look-ahead window (see module doc).
+
+    Per cached row it adds ``_next`` (step of next use, `NEVER` outside the
+    window) and ``_lfreq`` (long-run use count from a count-min sketch of every
+    observed step, kept across evictions): 16 B per row. ``stats()`` counts a
+    row brought in by `prepare` as a miss, so ``hit_rate`` is 1 - rows fetched /
+    rows looked up, directly comparable to Belady's MIN of `tierec.cache.sim`.
+    """
+
+    def __init__(self, backing, capacity_rows: int, device="cpu", name: str = "", *, sketch_width: int | None = None):
+        super().__init__(backing, capacity_rows, "lru", device, name)
+        self.policy = "lookahead"
+        C = self.capacity
+        self._next = torch.full((C,), NEVER, dtype=torch.int64, device=self.device)
+        self._lfreq = torch.zeros(C, dtype=torch.int64, device=self.device)
+        width = sketch_width or max(1024, 1 << (4 * C - 1).bit_length())
+        self._sketch = CountMinSketch(width=width, depth=2, device=self.device)
+        self.oracle = NextUseOracle(self.device)
+        self._mu = threading.Lock()  # metadata: index, pins, dirty bits, next uses, oracle
+        self._prepared: deque[WorkingSet] = deque()
+        self.pipeline = None  # the LookaheadPipeline driving this cache, if any
+
+    # ------------------------------------------------------------------ policy
+    def _victim_key(self) -> torch.Tensor:
+        K = self.size
+        nxt = self._next[:K]
+        cold = _COLD_BASE + self._lfreq[:K].clamp(max=1 << 40)
+        return torch.where(nxt == NEVER, cold, -nxt)
+
+    def _install(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        super()._install(ids, slots)
+        self._next.index_fill_(0, slots, NEVER)
+        self._lfreq.index_copy_(0, slots, self._sketch.query(ids))
+
+    @property
+    def index_nbytes(self) -> int:
+        return super().index_nbytes + self._next.nbytes + self._lfreq.nbytes
+
+    # ------------------------------------------------------------------ step protocol
+    def observe(self, step: int, ids: torch.Tensor) -> None:
+        """The loader read step ``step``; ``ids`` int64 [U] are its unique row IDs, sorted."""
+        ids = ids.to(self.device)
+        with self._mu:
+            first = self.oracle.observe(step, ids)
+            self._sketch.update(ids)
+            if self.size:
+                f = ids[first]
+                hit, slots = self._lookup(f)
+                self._next.index_fill_(0, slots[hit], step)
+
+    def prepare(self, step: int, ids: torch.Tensor, allow_bypass: bool = False) -> WorkingSet | None:
+        """Make step ``step``'s rows (``ids``, unique, sorted) resident and pin them; returns the working
+        set the model will `acquire`. Misses evict rows used furthest in the future (never a pinned
+        row). None when there is no room until an earlier step is released; with ``allow_bypass``
+        (no other step outstanding) a step with more rows than the cache gets a temporary copy.
+        Does the backing-store I/O outside the metadata lock."""
+        ids = ids.to(self.device)
+        U = ids.numel()
+        wb = None
+        with self._mu:
+            hit, slots = self._lookup(ids)
+            nh = int(hit.sum())
+            miss = (~hit).nonzero().squeeze(1)
+            if nh < U:
+                picked = self._pick_slots(U - nh, slots[hit]) if U <= self.capacity else None
+                if picked is None:
+                    if not allow_bypass:
+                        return None
+                    ws = self._acquire_temp(ids, hit, slots)  # reads the misses under the lock: rare
+                    ws.handle.step = step
+                    self._count_lookups(U, nh)
+                    return ws
+                free_slots, victims = picked
+                wb = self._detach(victims)
+                self.size += free_slots.numel()
+                new = torch.cat([free_slots, victims])
+                miss_ids = ids.index_select(0, miss)
+                self._install(miss_ids, new)
+                slots = slots.index_copy(0, miss, new)
+            self._touch(slots)
+            self._count_lookups(U, nh)
+            ws = self._handle(WorkingSet(ids, slots, self.weight, self.state), "cache", slots)
+            ws.handle.step = step
+        if nh < U:  # the new slots are pinned and not yet handed out: nobody else reads them
+            if wb is not None:
+                self._bwrite(*wb)  # before the read below: a re-fetched victim sees its newest version
+            w, s = self._bread(miss_ids)
+            self.weight.index_copy_(0, new, w)
+            self.state.index_copy_(0, new, s)
+            self._st["prefetched_rows"] += miss_ids.numel()
+        return ws
+
+    def push_prepared(self, ws: WorkingSet) -> None:
+        self._prepared.append(ws)
+
+    def _count_lookups(self, U: int, nh: int) -> None:
+        self._st["lookups"] += U
+        self._st["hits"] += nh
+        self._st["misses"] += U - nh
+
+    def _detach(self, victims: torch.Tensor):
+        """Drop ``victims`` from the cache; returns their dirty rows (ids, weight, state) to write back."""
+        if victims.numel() == 0:
+            return None
+        vid = self._slot_id.index_select(0, victims)
+        vdirty = self._dirty.index_select(0, victims)
+        out = None
+        if bool(vdirty.any()):
+            wid, order = torch.sort(vid[vdirty])
+            ws_ = victims[vdirty].index_select(0, order)
+            out = (wid, self.weight.index_select(0, ws_), self.state.index_select(0, ws_))
+            self._st["writebacks"] += wid.numel()
+        self._dirty.index_fill_(0, victims, False)
+        self._index.remove(vid)
+        self._st["evictions"] += victims.numel()
+        return out
+
+    # ------------------------------------------------------------------ TableStorage
+    def _driven(self) -> bool:
+        p = self.pipeline
+        return p is not None and not p.is_paused
+
+    def acquire(self, ids: torch.Tensor) -> WorkingSet:
+        """The prepared working set of the pipeline's current step; otherwise (no pipeline, or paused:
+        evaluation, checkpoints) a temporary copy that leaves the cached rows as they are."""
+        ids = ids.to(self.device)
+        p = self.pipeline
+        if p is not None and not p.is_paused:
+            ws = self._prepared[0] if self._prepared else None
+            if ws is None or ws.handle.step != p.current_step or not torch.equal(ws.ids, ids):
+                raise RuntimeError(f"cache {self.name!r}: acquire() during look-ahead training does not match "
+                                   f"the prepared step {p.current_step}; pause the pipeline for other lookups")
+            self._prepared.popleft()
+            return ws
+        with self._mu:
+            hit, slots = self._lookup(ids)
+            ws = self._acquire_temp(ids, hit, slots)
+            self._st["sync_acquires"] += 1
+            return ws
+
+    def release(self, ws: WorkingSet, dirty: bool) -> None:
+        h = ws.handle
+        step = getattr(h, "step", None)
+        if step is None:  # a temporary copy from `acquire` (worker paused or absent)
+            with self._mu:
+                super().release(ws, dirty)
+            return
+        if h.owner is not self or h.released:
+            raise RuntimeError(f"cache {self.name!r}: bad or repeated release of step {step}")
+        with self._mu:
+            if h.kind == "temp":  # a bypassed step: writes its rows back (the worker waits for it)
+                super().release(ws, dirty)
+                nu = self.oracle.consume(step)
+                self._next.index_copy_(0, h.pinned, nu.index_select(0, h.hit_idx))
+            else:
+                h.released = True
+                h.fin.detach()
+                if dirty:
+                    self._dirty.index_fill_(0, ws.index, True)
+                self._pins.index_add_(0, ws.index, self._pins.new_full((1,), -1).expand(ws.index.numel()))
+                self._next.index_copy_(0, ws.index, self.oracle.consume(step))
+                self._lfreq.index_copy_(0, ws.index, self._sketch.query(ws.ids))
+        if self.pipeline is not None:
+            self.pipeline.on_release(step)
+
+    def end_lookahead(self) -> None:
+        """Forget the window (the pipeline stopped): cached rows stay, their next uses become unknown."""
+        with self._mu:
+            self.oracle = NextUseOracle(self.device)
+            self._next.fill_(NEVER)
+
+    def _check_quiet(self, what: str) -> None:
+        if self._driven():
+            raise RuntimeError(f"cache {self.name!r}: {what} while the look-ahead worker runs; pause it first")
+
+    def flush(self) -> None:
+        self._check_quiet("flush()")
+        with self._mu:
+            super().flush()
+
+    def read_rows(self, start: int, end: int):
+        self._check_quiet("read_rows()")
+        with self._mu:
+            return super().read_rows(start, end)
+
+    def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None:
+        self._check_quiet("write_rows()")
+        with self._mu:
+            super().write_rows(start, weight, state)
+
+    def read(self, ids):
+        self._check_quiet("read()")
+        return super().read(ids)
+
+    def write(self, ids, weight, state):
+        self._check_quiet("write()")
+        return super().write(ids, weight, state)
+
+    def reset_stats(self, recursive: bool = True) -> None:
+        super().reset_stats(recursive)
+        self._st.update(prefetched_rows=0, sync_acquires=0)
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out["window_steps"] = len(self.oracle)
+        out["window_occurrences"] = self.oracle.occurrences
+        return out
+
+    def __repr__(self) -> str:
+        return (f"LookaheadCache({self.backing!r}, capacity_rows={self.capacity}, device={str(self.device)!r}, "
+                f"name={self.name!r})")

@@ -1,0 +1,284 @@
+"""`LookaheadPipeline`: read batches ahead, tell the caches the future, prefetch in the background.
+
+One worker thread owns the look-ahead:
+
+1. it reads batches ``window`` steps ahead of the trainer (bounded by
+   ``max_bytes`` of batch data held), takes each table's unique IDs of each
+   batch and hands them to the table's `LookaheadCache.observe` (the oracle);
+2. it *prepares* the next steps in order, up to ``depth`` steps ahead of the
+   trainer: for every table the step's rows are made resident and pinned
+   (`LookaheadCache.prepare`: evict by next use, write back dirty victims, read
+   the misses). A step whose rows do not fit waits until an earlier step is
+   released; a step with more unique rows than a cache gets a temporary copy,
+   and the worker waits for its release before touching that cache again;
+3. iterating the pipeline yields the prepared batches in order. The time the
+   trainer waits for a batch is the *stall* (prefetch lateness): it is summed,
+   and steps that waited are counted as late.
+
+Everything that reads or writes table rows outside the step protocol
+(evaluation, checkpoints) must run inside ``with pipeline.paused():``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from tierec.data.dataset import Batch
+from tierec.storage.lookahead import LookaheadCache
+
+log = logging.getLogger(__name__)
+
+LATE_S = 1e-4  # a step that waited longer than this for its rows counts as late
+
+
+def batch_nbytes(b: Batch) -> int:
+    kjt = b.sparse
+    n = b.dense.nbytes + b.labels.nbytes + kjt.values().nbytes + kjt.lengths().nbytes
+    w = kjt.weights_or_none()
+    return n + (w.nbytes if w is not None else 0)
+
+
+class LookaheadPipeline:
+    """Iterate ``batches`` (steps ``start_step``, ``start_step`` + 1, ...) with look-ahead prefetching
+    into ``caches`` (sparse key -> `LookaheadCache`). Use as a context manager, or call `close`."""
+
+    def __init__(self, batches: Iterable[Batch], caches: dict[str, LookaheadCache], window: int = 200,
+                 depth: int = 4, max_bytes: int = 1 << 30, start_step: int = 0):
+        if window < 1 or depth < 1:
+            raise ValueError(f"window and depth must be >= 1, got {window}, {depth}")
+        self.caches, self.window, self.depth, self.max_bytes = caches, window, min(depth, window), max_bytes
+        self._it: Iterator[Batch] = iter(batches)
+        self._cond = threading.Condition()
+        self._observed: deque[tuple[int, Batch, dict]] = deque()  # read and observed, not yet prepared
+        self._ready: deque[tuple[int, Batch]] = deque()  # prepared, not yet taken
+        self._partial: dict[str, object] = {}  # step being prepared: key -> working set
+        self._bytes = 0
+        self._next_read = start_step
+        self._next_take = start_step  # next step the trainer takes
+        self.current_step = start_step - 1  # step the trainer works on
+        self._released_upto = start_step - 1
+        self._release_counts: dict[int, int] = {}
+        self._barrier: int | None = None  # a bypassed step: wait for its release
+        self._exhausted = self._stop = False
+        self._error: BaseException | None = None
+        self._pause_req = 0
+        self._worker_parked = False
+        self._window_capped = False
+        self.stats = {"steps": 0, "stall_s": 0.0, "late_steps": 0, "max_stall_s": 0.0, "lead_sum": 0,
+                      "bypass_steps": 0, "worker_wait_room": 0, "window_peak": 0}
+        for c in caches.values():
+            if c.pipeline is not None:
+                raise RuntimeError(f"cache {c.name!r} is already driven by another pipeline")
+            c.pipeline = self
+        self._thread = threading.Thread(target=self._run, name="tierec-lookahead", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ trainer side
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        t0 = time.perf_counter()
+        with self._cond:
+            while not self._ready and self._error is None and not (self._exhausted and not self._observed
+                                                                  and not self._partial):
+                self._cond.wait()
+            if self._error is not None:
+                raise RuntimeError("look-ahead worker failed") from self._error
+            if not self._ready:
+                raise StopIteration
+            step, batch = self._ready.popleft()
+            self.stats["lead_sum"] += len(self._ready)
+            self.current_step = step
+            self._next_take = step + 1
+            self._cond.notify_all()
+        stall = time.perf_counter() - t0
+        st = self.stats
+        st["steps"] += 1
+        st["stall_s"] += stall
+        st["max_stall_s"] = max(st["max_stall_s"], stall)
+        st["late_steps"] += stall > LATE_S
+        return batch
+
+    @property
+    def is_paused(self) -> bool:
+        return self._pause_req > 0 and self._worker_parked
+
+    @contextmanager
+    def paused(self):
+        """Stop the worker at a safe point (no I/O in flight) for evaluation or checkpoints."""
+        with self._cond:
+            self._pause_req += 1
+            self._cond.notify_all()
+            while not self._worker_parked and self._thread.is_alive():
+                self._cond.wait()
+            if not self._thread.is_alive():
+                self._worker_parked = True
+        try:
+            yield self
+        finally:
+            with self._cond:
+                self._pause_req -= 1
+                if self._pause_req == 0 and self._thread.is_alive():
+                    self._worker_parked = False
+                self._cond.notify_all()
+
+    def on_release(self, step: int) -> None:
+        """Called by each cache when the trainer releases its working set of ``step``."""
+        with self._cond:
+            n = self._release_counts.get(step, 0) + 1
+            if n == len(self.caches):
+                self._release_counts.pop(step, None)
+                self._released_upto = max(self._released_upto, step)
+                if self._barrier is not None and step >= self._barrier:
+                    self._barrier = None
+            else:
+                self._release_counts[step] = n
+            self._cond.notify_all()
+
+    def summary(self) -> dict:
+        st = dict(self.stats)
+        n = max(st["steps"], 1)
+        st["mean_lead_steps"] = st.pop("lead_sum") / n
+        st["late_fraction"] = st["late_steps"] / n
+        st.update(window=self.window, depth=self.depth)
+        return st
+
+    def close(self) -> None:
+        """Stop the worker and unpin the rows of steps prepared but never taken."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join()
+        for c in self.caches.values():
+            c.pipeline = None
+        for key, c in self.caches.items():
+            while c._prepared:
+                c.release(c._prepared.popleft(), dirty=False)
+            if key in self._partial:
+                c.release(self._partial.pop(key), dirty=False)
+            c.end_lookahead()
+        self._ready.clear()
+        self._observed.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ worker
+    def _park_if_paused(self) -> bool:
+        """At a safe point: wait while a pause is requested. Returns False when stopping."""
+        with self._cond:
+            while self._pause_req and not self._stop:
+                if not self._worker_parked:
+                    self._worker_parked = True
+                    self._cond.notify_all()
+                self._cond.wait()
+            return not self._stop
+
+    def _run(self) -> None:
+        try:
+            while self._park_if_paused():
+                if self._read_ahead():
+                    continue
+                if self._prepare_next():
+                    continue
+                with self._cond:  # nothing to do until the trainer takes or releases a step
+                    if not self._stop and not self._pause_req and not self._can_progress():
+                        self._cond.wait(timeout=1.0)
+        except BaseException as e:  # handed to the trainer thread
+            log.debug("look-ahead worker failed", exc_info=True)
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._worker_parked = True
+                self._cond.notify_all()
+
+    def _can_progress(self) -> bool:
+        return self._window_room() or (self._observed and self._may_prepare(self._observed[0][0]))
+
+    def _window_room(self) -> bool:
+        if self._exhausted:
+            return False
+        if self._next_read - self._next_take >= self.window:
+            return False
+        if self._bytes >= self.max_bytes and self._next_read - self._next_take >= self.depth:
+            if not self._window_capped:
+                self._window_capped = True
+                log.warning("look-ahead window limited to %d batches by lookahead_memory (%d bytes)",
+                            self._next_read - self._next_take, self.max_bytes)
+            return False
+        return True
+
+    def _read_ahead(self) -> bool:
+        """Read and observe one more batch if the window has room. Returns True if it did."""
+        with self._cond:
+            if not self._window_room():
+                return False
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            with self._cond:
+                self._exhausted = True
+                self._cond.notify_all()
+            return False
+        step = self._next_read
+        by_key = batch.sparse.to_dict()
+        uniq = {}
+        for key, cache in self.caches.items():
+            u = torch.unique(by_key[key].values)  # sorted, as the model's dedup
+            cache.observe(step, u)
+            uniq[key] = u
+        with self._cond:
+            self._observed.append((step, batch, uniq))
+            self._bytes += batch_nbytes(batch)
+            self._next_read += 1
+            self.stats["window_peak"] = max(self.stats["window_peak"], self._next_read - self._next_take)
+        return True
+
+    def _may_prepare(self, step: int) -> bool:
+        return step < self._next_take + self.depth and self._barrier is None
+
+    def _prepare_next(self) -> bool:
+        """Prepare the oldest observed step for every table. True if the step became ready."""
+        with self._cond:
+            if not self._observed or not self._may_prepare(self._observed[0][0]):
+                return False
+            step, batch, uniq = self._observed[0]
+        for key, cache in self.caches.items():
+            if key in self._partial:
+                continue
+            with self._cond:
+                alone = self._released_upto == step - 1  # no other step holds pins
+            ws = cache.prepare(step, uniq[key], allow_bypass=alone)
+            if ws is None:
+                with self._cond:
+                    self.stats["worker_wait_room"] += 1
+                    if not self._stop and not self._pause_req:
+                        self._cond.wait(timeout=1.0)
+                return False
+            self._partial[key] = ws
+            if ws.handle.kind == "temp":
+                with self._cond:
+                    self._barrier = step
+                    self.stats["bypass_steps"] += 1
+        for key, cache in self.caches.items():
+            cache.push_prepared(self._partial[key])
+        self._partial.clear()
+        with self._cond:
+            self._observed.popleft()
+            self._bytes -= batch_nbytes(batch)
+            self._ready.append((step, batch))
+            self._cond.notify_all()
+        return True

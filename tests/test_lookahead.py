@@ -1,0 +1,278 @@
+"""Look-ahead oracle caching: next-use oracle, Belady optimality, and bit-identical training."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tierec.cache.sim import min_hit_rate
+from tierec.data.dataset import Batch
+from tierec.modules.embedding import InMemoryTable, TableConfig, build_collection
+from tierec.modules.optim import SparseOptimizer
+from tierec.sparse import KeyedJaggedTensor
+from tierec.storage.lookahead import NEVER, LookaheadCache, NextUseOracle
+from tierec.storage.ssd import SsdTable
+from tierec.train.pipeline import LookaheadPipeline
+
+from test_tiered import cfg, table_rows
+
+
+# ---------------------------------------------------------------------------- oracle
+def brute_next_use(steps, t, window_end):
+    """Next step in (t, window_end] that uses each ID of step t (NEVER if none)."""
+    out = []
+    for i in steps[t]:
+        nxt = next((s for s in range(t + 1, window_end + 1) if i in set(steps[s])), NEVER)
+        out.append(nxt)
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 3, 40, 10_000])
+def test_oracle_matches_brute_force(window):
+    rng = np.random.default_rng(window)
+    n = 300
+    steps = [np.unique(rng.zipf(1.3, size=rng.integers(0, 30)) % 500).tolist() for _ in range(n)]
+    o = NextUseOracle()
+    observed = -1
+    for t in range(n):
+        while observed < min(n - 1, t + window - 1):  # the window: steps t .. t+window-1 observed
+            observed += 1
+            first = o.observe(observed, torch.tensor(steps[observed], dtype=torch.int64))
+            earlier = set().union(*[set(steps[s]) for s in range(t, observed)]) if observed > t else set()
+            assert first.tolist() == [i not in earlier for i in steps[observed]]
+        got = o.consume(t).tolist()
+        assert got == brute_next_use(steps, t, observed), t
+    assert len(o) == 0 and o.occurrences == 0
+
+
+def test_oracle_rejects_out_of_order_steps():
+    o = NextUseOracle()
+    o.observe(3, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="must increase"):
+        o.observe(3, torch.tensor([1]))
+    with pytest.raises(ValueError, match="oldest"):
+        o.consume(4)
+
+
+# ---------------------------------------------------------------------------- Belady
+def run_protocol(cache, steps, window, dirty=True):
+    """Drive a LookaheadCache by hand: observe `window` steps ahead, prepare/acquire/release each step."""
+    observed = -1
+    for t, ids in enumerate(steps):
+        while observed < min(len(steps) - 1, t + window - 1):
+            observed += 1
+            cache.observe(observed, steps[observed])
+        ws = cache.prepare(t, ids, allow_bypass=True)
+        assert ws is not None
+        cache.release(ws, dirty=dirty)
+
+
+def test_full_window_equals_min_on_arc_trace(shared_data):
+    """One request per step, window = whole trace: hits == Belady's MIN (every miss admitted)."""
+    from tierec.cache.traces import read_arc
+
+    trace = read_arc(shared_data / "arc" / "OLTP.lis.zst", max_requests=6000)
+    steps = [torch.tensor([int(x)]) for x in trace]
+    n_pages = int(trace.max()) + 1
+    for size in (50, 400):
+        cache = LookaheadCache(InMemoryTable(n_pages, 1, 0), size)
+        run_protocol(cache, steps, window=len(steps), dirty=False)
+        st = cache.stats()
+        assert st["lookups"] == len(trace)
+        assert st["hits"] == round(min_hit_rate(trace, size, bypass=False) * len(trace)), size
+
+
+def test_short_window_is_between_lru_and_min(shared_data):
+    from tierec.cache.sim import lru_hit_rate
+    from tierec.cache.traces import read_arc
+
+    trace = read_arc(shared_data / "arc" / "OLTP.lis.zst", max_requests=6000)
+    steps = [torch.tensor([int(x)]) for x in trace]
+    size = 200
+    rates = {}
+    for w in (1, 20, 500):
+        cache = LookaheadCache(InMemoryTable(int(trace.max()) + 1, 1, 0), size)
+        run_protocol(cache, steps, window=w, dirty=False)
+        rates[w] = cache.stats()["hit_rate"]
+    assert rates[500] <= min_hit_rate(trace, size, bypass=False) + 1e-12
+    assert rates[500] > lru_hit_rate(trace, size) and rates[500] >= rates[20] >= rates[1] - 0.02, rates
+
+
+# ---------------------------------------------------------------------------- exactness
+def make_batches(rng, n_steps, B, keys, card, zipf=1.2, empty_every=0):
+    out = []
+    for s in range(n_steps):
+        vals, lens = [], []
+        for _ in keys:
+            ln = rng.integers(0, 4, size=B)
+            if empty_every and s % empty_every == 0:
+                ln[:] = 0
+            v = (rng.zipf(zipf, size=int(ln.sum())) - 1) % card
+            vals.append(v)
+            lens.append(ln)
+        kjt = KeyedJaggedTensor(keys, torch.from_numpy(np.concatenate(vals).astype(np.int64)),
+                                torch.from_numpy(np.concatenate(lens).astype(np.int64)), stride=B)
+        out.append(Batch(torch.zeros(B, 1), kjt, torch.zeros(B)))
+    return out
+
+
+def train_tables(batches, storage_factory, optimizer, pipeline_kw=None, card=60, dim=4):
+    keys = ["a", "b"]
+    ebc = build_collection([TableConfig(k, card, dim) for k in keys], SparseOptimizer(optimizer, 0.1), seed=3,
+                           storage_factory=storage_factory)
+    head = torch.linspace(-1, 1, dim)
+    losses = []
+    stream = batches
+    pipe = None
+    if pipeline_kw is not None:
+        caches = {t.config.key: t.storage for t in ebc.tables}
+        pipe = stream = LookaheadPipeline(batches, caches, **pipeline_kw)
+    for b in stream:
+        pooled = ebc(b.sparse)  # [B, T, D]
+        loss = ((pooled * head).sum(-1).tanh() ** 2).mean()
+        loss.backward()
+        losses.append(loss.item())
+    if pipe is not None:
+        assert pipe.stats["steps"] == len(batches)
+        pipe.close()
+    rows = {}
+    for t in ebc.tables:
+        t.storage.flush()
+        w, s = t.storage.read_rows(0, card)
+        rows[t.config.name] = (w.clone(), s.clone())
+    return losses, rows, ebc
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("capacity,window,depth", [
+    (1, 5, 2),        # capacity 1: smaller than every batch -> temporary copies, steps in lock-step
+    (12, 3, 3),       # smaller than one batch's unique rows for most steps
+    (40, 1, 1),       # no look-ahead beyond the step itself
+    (40, 8, 4),       # rows updated at t, evicted, needed again shortly after
+    (60, 1000, 6),    # window longer than the data; cache holds the whole table
+])
+def test_lookahead_training_is_bit_identical(tmp_path, optimizer, capacity, window, depth):
+    rng = np.random.default_rng(capacity * 7 + window)
+    batches = make_batches(rng, 30, 16, ["a", "b"], 60, empty_every=7)
+    ref_losses, ref_rows, _ = train_tables(batches, None, optimizer)
+
+    def factory(i, tcfg, sdim):
+        ssd = SsdTable(tmp_path / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, sdim, create=True,
+                       init_seed=3, table_index=i)
+        return LookaheadCache(ssd, capacity, name=tcfg.name)
+
+    losses, rows, ebc = train_tables(batches, factory, optimizer, dict(window=window, depth=depth))
+    assert losses == ref_losses
+    for name in rows:
+        assert torch.equal(rows[name][0], ref_rows[name][0]) and torch.equal(rows[name][1], ref_rows[name][1])
+    st = ebc.tables[0].storage.stats()
+    assert st["lookups"] == st["hits"] + st["misses"] > 0
+    if capacity < 60:
+        assert st["backing"]["bytes_read"] > 0 and st["evictions"] + st["bypass_acquires"] > 0
+
+
+def test_cycle_that_defeats_lru(tmp_path):
+    """A cycle of 6 rows through 5 slots: rows updated at step t are evicted and needed again at t+3.
+    LRU misses every time; look-ahead (one step prefetched ahead) keeps some."""
+    ids = [[0, 1], [2, 3], [4, 5]] * 10
+    kj = [KeyedJaggedTensor(["a", "b"], torch.tensor(x + x), torch.ones(4, dtype=torch.int64), stride=2) for x in ids]
+    batches = [Batch(torch.zeros(2, 1), k, torch.zeros(2)) for k in kj]
+    ref_losses, ref_rows, _ = train_tables(batches, None, "sgd", card=6)
+
+    def factory(i, tcfg, sdim):
+        return LookaheadCache(InMemoryTable(tcfg.num_embeddings, tcfg.embedding_dim, sdim), 5, name=tcfg.name)
+
+    losses, rows, ebc = train_tables(batches, _init_like_reference(factory), "sgd", dict(window=10, depth=1), card=6)
+    assert losses == ref_losses
+    for name in rows:
+        assert torch.equal(rows[name][0], ref_rows[name][0])
+    st = ebc.tables[0].storage.stats()
+    assert st["hit_rate"] > 0.3 and st["writebacks"] > 0  # LRU with 5 slots on a cycle of 6 rows hits 0%
+
+
+def _init_like_reference(factory):
+    from tierec.modules.embedding import init_rows
+
+    def f(i, tcfg, sdim):
+        c = factory(i, tcfg, sdim)
+        c.backing.weight[:] = init_rows(3, i, tcfg.num_embeddings, tcfg.embedding_dim, 0, tcfg.num_embeddings)
+        return c
+
+    return f
+
+
+def test_acquire_out_of_order_is_refused_and_pause_allows_sync_reads(tmp_path):
+    rng = np.random.default_rng(0)
+    batches = make_batches(rng, 6, 8, ["a", "b"], 60)
+    caches = {k: LookaheadCache(InMemoryTable(60, 4, 1), 10, name=k) for k in ["a", "b"]}
+    with LookaheadPipeline(batches, caches, window=4, depth=2) as pipe:
+        b = next(pipe)
+        with pytest.raises(RuntimeError, match="does not match"):
+            caches["a"].acquire(torch.tensor([59]))
+        with pytest.raises(RuntimeError, match="pause it first"):
+            caches["a"].flush()
+        with pipe.paused():
+            assert pipe.is_paused
+            w, _ = caches["a"].read_rows(0, 60)  # checkpoint-style read while the worker is parked
+            assert w.shape == (60, 4)
+            ws = caches["a"].acquire(torch.tensor([1, 2]))  # evaluation-style lookup: a temporary copy
+            caches["a"].release(ws, dirty=False)
+        ws = caches["a"].acquire(torch.unique(b.sparse.to_dict()["a"].values))
+        caches["a"].release(ws, dirty=False)
+    assert caches["a"].pipeline is None and int(caches["a"]._pins.sum()) == 0
+
+
+def test_worker_error_reaches_the_trainer():
+    def bad():
+        yield from make_batches(np.random.default_rng(0), 2, 4, ["a"], 10)
+        raise OSError("disk on fire")
+
+    caches = {"a": LookaheadCache(InMemoryTable(10, 2, 0), 4, name="a")}
+    with LookaheadPipeline(bad(), caches, window=5, depth=1) as pipe:
+        with pytest.raises(RuntimeError, match="worker failed") as e:
+            for b in pipe:
+                ws = caches["a"].acquire(torch.unique(b.sparse.to_dict()["a"].values))
+                caches["a"].release(ws, dirty=False)
+        assert "disk on fire" in str(e.value.__cause__)
+
+
+# ---------------------------------------------------------------------------- trainer
+@pytest.fixture(scope="module")
+def reference(tiny_dataset, tmp_path_factory):
+    from tierec.train.trainer import Trainer
+
+    t = Trainer(cfg(tiny_dataset, tmp_path_factory.mktemp("ref")))
+    return t.fit(), table_rows(t)
+
+
+@pytest.mark.parametrize("budget,window,depth", [("6KiB", 3, 2), ("20KiB", 500, 4)])
+def test_trainer_lookahead_is_bit_identical(tiny_dataset, tmp_path, reference, budget, window, depth):
+    from tierec.train.trainer import Trainer
+
+    ref_summary, ref_rows = reference
+    t = Trainer(cfg(tiny_dataset, tmp_path, memory_budget=budget, cache_policy="lookahead", lookahead=window,
+                    prefetch_depth=depth, eval_every=5))
+    summary = t.fit()
+    assert {type(tb.storage).__name__ for tb in t.model.embeddings.tables} == {"LookaheadCache"}
+    assert summary["auc"] == ref_summary["auc"] and summary["logloss"] == ref_summary["logloss"]
+    for name, (w, s) in table_rows(t).items():
+        assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name
+    pf = summary["prefetch"]
+    assert pf["steps"] == summary["step"] and 0 <= summary["stall_fraction"] <= 1
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rec = next(r for r in records if r["event"] == "train")
+    assert "prefetch" in rec and next(iter(rec["cache"].values()))["policy"] == "lookahead"
+
+
+def test_trainer_lookahead_resume_mid_window(tiny_dataset, tmp_path, reference):
+    """Stop at step 11 (mid-epoch, mid-window, with a 50-step window), resume: same weights."""
+    from tierec.train.trainer import Trainer
+
+    _, ref_rows = reference
+    kw = dict(memory_budget="6KiB", cache_policy="lookahead", lookahead=50, prefetch_depth=3)
+    Trainer(cfg(tiny_dataset, tmp_path, max_steps=11, **kw)).fit()
+    t = Trainer(cfg(tiny_dataset, tmp_path, **kw), resume=True)
+    t.fit()
+    for name, (w, s) in table_rows(t).items():
+        assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name

@@ -56,7 +56,7 @@ class TrainConfig:
     storage_dir: str | None = None  # where SSD table files live (default: OUT/tables)
     cache_policy: Literal["lru", "lfu", "freq", "lookahead"] = "lru"
     lookahead: int = 200  # cache_policy lookahead: batches read ahead to plan prefetch and eviction
-    prefetch_depth: int = 4  # cache_policy lookahead: steps prepared (rows resident) ahead of the trainer
+    prefetch_depth: int = 2  # cache_policy lookahead: steps prepared (rows resident) ahead of the trainer
     lookahead_memory: str = "1GiB"  # cap on batch data held for the look-ahead window
     direct_io: bool = False  # SSD reads bypass the OS page cache (O_DIRECT)
     plan_batches: int = 50  # batches read to measure each table's access share

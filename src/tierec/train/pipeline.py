@@ -50,7 +50,7 @@ class LookaheadPipeline:
     into ``caches`` (sparse key -> `LookaheadCache`). Use as a context manager, or call `close`."""
 
     def __init__(self, batches: Iterable[Batch], caches: dict[str, LookaheadCache], window: int = 200,
-                 depth: int = 4, max_bytes: int = 1 << 30, start_step: int = 0):
+                 depth: int = 2, max_bytes: int = 1 << 30, start_step: int = 0):
         if window < 1 or depth < 1:
             raise ValueError(f"window and depth must be >= 1, got {window}, {depth}")
         self.caches, self.window, self.depth, self.max_bytes = caches, window, min(depth, window), max_bytes

@@ -172,6 +172,29 @@ def test_lookahead_training_is_bit_identical(tmp_path, optimizer, capacity, wind
         assert st["backing"]["bytes_read"] > 0 and st["evictions"] + st["bypass_acquires"] > 0
 
 
+@pytest.mark.parametrize("top,lower", [(12, 30), (40, 8), (1, 20)])
+def test_two_tier_chain_is_bit_identical(tmp_path, top, lower):
+    """device <- DRAM <- SSD as two look-ahead caches: the lower tier is prefetched further ahead
+    (or skipped when it has no room), the upper reads its misses from it, write-backs go through it."""
+    rng = np.random.default_rng(top + lower)
+    batches = make_batches(rng, 30, 16, ["a", "b"], 60, empty_every=9)
+    ref_losses, ref_rows, _ = train_tables(batches, None, "rowwise_adagrad")
+
+    def factory(i, tcfg, sdim):
+        ssd = SsdTable(tmp_path / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, sdim, create=True,
+                       init_seed=3, table_index=i)
+        return LookaheadCache(LookaheadCache(ssd, lower, name=tcfg.name + "@host"), top, name=tcfg.name)
+
+    losses, rows, ebc = train_tables(batches, factory, "rowwise_adagrad", dict(window=12, depth=2, lower_depth=6))
+    assert losses == ref_losses
+    for name in rows:
+        assert torch.equal(rows[name][0], ref_rows[name][0]) and torch.equal(rows[name][1], ref_rows[name][1])
+    low = ebc.tables[0].storage.backing.stats()
+    assert low["upper_reads"] > 0
+    if lower >= 16:
+        assert low["lookups"] > 0 and low["upper_read_hits"] > 0  # the upper tier's misses were prefetched into the lower one
+
+
 def test_cycle_that_defeats_lru(tmp_path):
     """A cycle of 6 rows through 5 slots: rows updated at step t are evicted and needed again at t+3.
     LRU misses every time; look-ahead (one step prefetched ahead) keeps some."""
@@ -274,5 +297,20 @@ def test_trainer_lookahead_resume_mid_window(tiny_dataset, tmp_path, reference):
     Trainer(cfg(tiny_dataset, tmp_path, max_steps=11, **kw)).fit()
     t = Trainer(cfg(tiny_dataset, tmp_path, **kw), resume=True)
     t.fit()
+    for name, (w, s) in table_rows(t).items():
+        assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name
+
+
+@pytest.mark.parametrize("policy", ["lookahead", "lru"])
+def test_trainer_host_cache_tier(tiny_dataset, tmp_path, reference, policy):
+    """--host-cache stacks a DRAM tier between the (device) caches and SSD; still bit-identical."""
+    from tierec.train.trainer import Trainer
+
+    _, ref_rows = reference
+    t = Trainer(cfg(tiny_dataset, tmp_path, memory_budget="6KiB", cache_policy=policy, host_cache="12KiB",
+                    lookahead=20))
+    t.fit()
+    st = t.model.embeddings.tables[0].storage
+    assert st.backing.name.endswith("@host") and type(st.backing.backing).__name__ == "SsdTable"
     for name, (w, s) in table_rows(t).items():
         assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name

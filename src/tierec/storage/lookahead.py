@@ -30,6 +30,7 @@ temporary copy without changing what is cached.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -257,15 +258,17 @@ class LookaheadCache(CachedTable):
 
     # ------------------------------------------------------------------ TableStorage
     def _driven(self) -> bool:
+        """True while a pipeline's worker may touch this cache concurrently (not paused, and the
+        caller is not the worker itself: the worker drives lower tiers from its own thread)."""
         p = self.pipeline
-        return p is not None and not p.is_paused
+        return p is not None and not p.is_paused and not p.on_worker_thread()
 
     def acquire(self, ids: torch.Tensor) -> WorkingSet:
         """The prepared working set of the pipeline's current step; otherwise (no pipeline, or paused:
         evaluation, checkpoints) a temporary copy that leaves the cached rows as they are."""
         ids = ids.to(self.device)
         p = self.pipeline
-        if p is not None and not p.is_paused:
+        if self._driven():
             ws = self._prepared[0] if self._prepared else None
             if ws is None or ws.handle.step != p.current_step or not torch.equal(ws.ids, ids):
                 raise RuntimeError(f"cache {self.name!r}: acquire() during look-ahead training does not match "
@@ -287,12 +290,14 @@ class LookaheadCache(CachedTable):
             return
         if h.owner is not self or h.released:
             raise RuntimeError(f"cache {self.name!r}: bad or repeated release of step {step}")
-        with self._mu:
-            if h.kind == "temp":  # a bypassed step: writes its rows back (the worker waits for it)
-                super().release(ws, dirty)
-                nu = self.oracle.consume(step)
-                self._next.index_copy_(0, h.pinned, nu.index_select(0, h.hit_idx))
-            else:
+        if h.kind == "temp":  # a bypassed step writes its rows back: with the worker parked
+            with self.pipeline.paused() if self.pipeline is not None else contextlib.nullcontext():
+                with self._mu:
+                    super().release(ws, dirty)
+                    nu = self.oracle.consume(step)
+                    self._next.index_copy_(0, h.pinned, nu.index_select(0, h.hit_idx))
+        else:
+            with self._mu:
                 h.released = True
                 h.fin.detach()
                 if dirty:
@@ -301,7 +306,7 @@ class LookaheadCache(CachedTable):
                 self._next.index_copy_(0, ws.index, self.oracle.consume(step))
                 self._lfreq.index_copy_(0, ws.index, self._sketch.query(ws.ids))
         if self.pipeline is not None:
-            self.pipeline.on_release(step)
+            self.pipeline.on_release(step, self)
 
     def end_lookahead(self) -> None:
         """Forget the window (the pipeline stopped): cached rows stay, their next uses become unknown."""
@@ -328,17 +333,41 @@ class LookaheadCache(CachedTable):
         with self._mu:
             super().write_rows(start, weight, state)
 
-    def read(self, ids):
+    def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``ids`` (unique, sorted) for an upper tier's misses: cached rows (e.g. pinned by
+        `prepare` for this step) plus the rest from the backing store, without admitting them."""
         self._check_quiet("read()")
-        return super().read(ids)
+        ids = ids.to(self.device)
+        with self._mu:
+            hit, slots = self._lookup(ids)
+            hi, mi = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
+            w = torch.empty(ids.numel(), self.dim, device=self.device)
+            s = torch.empty(ids.numel(), self.state_dim, device=self.device)
+            w[hi], s[hi] = self.weight[slots[hi]], self.state[slots[hi]]
+            if mi.numel():
+                w[mi], s[mi] = self._bread(ids[mi])
+            self._st["upper_reads"] += ids.numel()
+            self._st["upper_read_hits"] += hi.numel()
+        return w, s
 
     def write(self, ids, weight, state):
+        """An upper tier's write-backs: write-allocate (victims by next use, never pinned rows)."""
         self._check_quiet("write()")
-        return super().write(ids, weight, state)
+        with self._mu:
+            return super().write(ids, weight, state)
+
+    def retire(self, step: int, ids: torch.Tensor) -> None:
+        """Step ``step`` (unique ``ids``) is over for this tier without a prepared working set (a lower
+        tier whose prefetch was skipped): advance the window, update the next use of resident rows."""
+        ids = ids.to(self.device)
+        with self._mu:
+            nu = self.oracle.consume(step)
+            hit, slots = self._lookup(ids)
+            self._next.index_copy_(0, slots[hit], nu[hit])
 
     def reset_stats(self, recursive: bool = True) -> None:
         super().reset_stats(recursive)
-        self._st.update(prefetched_rows=0, sync_acquires=0)
+        self._st.update(prefetched_rows=0, sync_acquires=0, upper_reads=0, upper_read_hits=0)
 
     def stats(self) -> dict:
         out = super().stats()

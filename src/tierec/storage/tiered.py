@@ -76,21 +76,29 @@ def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSam
     by_name = {p.name: p for p in plan}
     root.mkdir(parents=True, exist_ok=True)
     limit_malloc_retention()
+    host_bytes = parse_bytes(cfg.host_cache, "host_cache") if getattr(cfg, "host_cache", None) else 0
+    device_rows = sum(p.cache_rows for p in plan if p.placement == "ssd") or 1
 
     def factory(i, tcfg, state_dim):
         p = by_name[tcfg.name]
         if p.placement == "memory":
             return None
-        ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim, create=True,
-                       init_seed=cfg.seed, table_index=i, direct_io=cfg.direct_io,
-                       init="random" if fresh else "zeros")
+        below = ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
+                               create=True, init_seed=cfg.seed, table_index=i, direct_io=cfg.direct_io,
+                               init="random" if fresh else "zeros")
+        if host_bytes:  # device <- host DRAM <- SSD: the host tier gets this table's share of host_cache
+            row_bytes = (tcfg.embedding_dim + state_dim) * 4 + INDEX_BYTES_PER_ROW
+            rows = max(1, host_bytes * p.cache_rows // device_rows // row_bytes)
+            cls = LookaheadCache if p.policy == "lookahead" else CachedTable
+            kw = {} if p.policy == "lookahead" else {"policy": "lru" if p.policy == "freq" else p.policy}
+            below = cls(ssd, rows, device="cpu", name=f"{tcfg.name}@host", **kw)
         if p.policy == "lookahead":
-            return LookaheadCache(ssd, p.cache_rows, device=device, name=tcfg.name)
+            return LookaheadCache(below, p.cache_rows, device=device, name=tcfg.name)
         freq = None
         if p.policy == "freq":
             s = sample[tcfg.name]
             freq = (torch.from_numpy(s.ids), torch.from_numpy(s.counts))
-        cache = CachedTable(ssd, p.cache_rows, p.policy, device=device, name=tcfg.name, freq=freq)
+        cache = CachedTable(below, p.cache_rows, p.policy, device=device, name=tcfg.name, freq=freq)
         if p.policy == "freq" and fresh:
             cache.warm_up()
         return cache

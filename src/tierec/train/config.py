@@ -58,6 +58,7 @@ class TrainConfig:
     lookahead: int = 200  # cache_policy lookahead: batches read ahead to plan prefetch and eviction
     prefetch_depth: int = 2  # cache_policy lookahead: steps prepared (rows resident) ahead of the trainer
     lookahead_memory: str = "1GiB"  # cap on batch data held for the look-ahead window
+    host_cache: str | None = None  # a host-DRAM cache tier between the device caches and SSD, e.g. "8GiB"
     direct_io: bool = False  # SSD reads bypass the OS page cache (O_DIRECT)
     plan_batches: int = 50  # batches read to measure each table's access share
     tables: dict[str, TableSettings] = field(default_factory=dict)
@@ -85,6 +86,8 @@ class TrainConfig:
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget, "memory_budget")
         parse_bytes(self.lookahead_memory, "lookahead_memory")
+        if self.host_cache is not None:
+            parse_bytes(self.host_cache, "host_cache")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -50,10 +50,19 @@ class LookaheadPipeline:
     into ``caches`` (sparse key -> `LookaheadCache`). Use as a context manager, or call `close`."""
 
     def __init__(self, batches: Iterable[Batch], caches: dict[str, LookaheadCache], window: int = 200,
-                 depth: int = 2, max_bytes: int = 1 << 30, start_step: int = 0):
+                 depth: int = 2, max_bytes: int = 1 << 30, start_step: int = 0, lower_depth: int | None = None):
         if window < 1 or depth < 1:
             raise ValueError(f"window and depth must be >= 1, got {window}, {depth}")
         self.caches, self.window, self.depth, self.max_bytes = caches, window, min(depth, window), max_bytes
+        # Lower tiers of a chain (device <- DRAM <- SSD): a LookaheadCache backing a LookaheadCache.
+        # Each is prefetched `lower_depth` steps ahead, so the tier above finds its misses there.
+        self.lower_depth = min(window, lower_depth or 4 * self.depth)
+        self._lanes: list[_Lane] = []
+        for key, top in caches.items():
+            c = top.backing
+            while isinstance(c, LookaheadCache):
+                self._lanes.append(_Lane(key, c, start_step))
+                c = c.backing
         self._it: Iterator[Batch] = iter(batches)
         self._cond = threading.Condition()
         self._observed: deque[tuple[int, Batch, dict]] = deque()  # read and observed, not yet prepared
@@ -73,7 +82,7 @@ class LookaheadPipeline:
         self._window_capped = False
         self.stats = {"steps": 0, "stall_s": 0.0, "late_steps": 0, "max_stall_s": 0.0, "lead_sum": 0,
                       "bypass_steps": 0, "worker_wait_room": 0, "window_peak": 0}
-        for c in caches.values():
+        for c in self._all_caches():
             if c.pipeline is not None:
                 raise RuntimeError(f"cache {c.name!r} is already driven by another pipeline")
             c.pipeline = self
@@ -130,8 +139,16 @@ class LookaheadPipeline:
                     self._worker_parked = False
                 self._cond.notify_all()
 
-    def on_release(self, step: int) -> None:
-        """Called by each cache when the trainer releases its working set of ``step``."""
+    def _all_caches(self) -> list[LookaheadCache]:
+        return list(self.caches.values()) + [lane.cache for lane in self._lanes]
+
+    def on_worker_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def on_release(self, step: int, cache: LookaheadCache) -> None:
+        """Called by each top-tier cache when the trainer releases its working set of ``step``."""
+        if any(lane.cache is cache for lane in self._lanes):
+            return  # lower tiers are released by the worker itself
         with self._cond:
             n = self._release_counts.get(step, 0) + 1
             if n == len(self.caches):
@@ -157,7 +174,7 @@ class LookaheadPipeline:
             self._stop = True
             self._cond.notify_all()
         self._thread.join()
-        for c in self.caches.values():
+        for c in self._all_caches():
             c.pipeline = None
         for key, c in self.caches.items():
             while c._prepared:
@@ -165,6 +182,12 @@ class LookaheadPipeline:
             if key in self._partial:
                 c.release(self._partial.pop(key), dirty=False)
             c.end_lookahead()
+        for lane in self._lanes:
+            for step in sorted(lane.prepared):
+                if lane.prepared[step] is not None:
+                    lane.cache.release(lane.prepared[step], dirty=False)
+            lane.prepared.clear()
+            lane.cache.end_lookahead()
         self._ready.clear()
         self._observed.clear()
 
@@ -192,6 +215,8 @@ class LookaheadPipeline:
                     continue
                 if self._prepare_next():
                     continue
+                if self._lanes and self._prepare_lower():
+                    continue
                 with self._cond:  # nothing to do until the trainer takes or releases a step
                     if not self._stop and not self._pause_req and not self._can_progress():
                         self._cond.wait(timeout=1.0)
@@ -206,7 +231,12 @@ class LookaheadPipeline:
                 self._cond.notify_all()
 
     def _can_progress(self) -> bool:
-        return self._window_room() or (self._observed and self._may_prepare(self._observed[0][0]))
+        if self._window_room() or (self._observed and self._may_prepare(self._observed[0][0])):
+            return True
+        if not self._lanes or not self._observed:
+            return False
+        last = min(self._observed[-1][0], self._next_take + self.lower_depth - 1)
+        return any(lane.next_step <= last for lane in self._lanes)
 
     def _window_room(self) -> bool:
         if self._exhausted:
@@ -240,12 +270,39 @@ class LookaheadPipeline:
             u = torch.unique(by_key[key].values)  # sorted, as the model's dedup
             cache.observe(step, u)
             uniq[key] = u
+        for lane in self._lanes:
+            lane.cache.observe(step, uniq[lane.key])
         with self._cond:
             self._observed.append((step, batch, uniq))
             self._bytes += batch_nbytes(batch)
             self._next_read += 1
             self.stats["window_peak"] = max(self.stats["window_peak"], self._next_read - self._next_take)
         return True
+
+    def _prepare_lower(self, force_upto: int | None = None) -> bool:
+        """Prefetch one step into every lower tier that is behind its depth (or behind ``force_upto``).
+        A step with no room there is skipped: the tier above then reads those rows from below it."""
+        did = False
+        with self._cond:
+            observed = {s: u for s, _, u in self._observed}
+            limit = self._next_take + self.lower_depth - 1 if force_upto is None else force_upto
+        for lane in self._lanes:
+            s = lane.next_step
+            if s > limit or s not in observed:
+                continue
+            lane.prepared[s] = lane.cache.prepare(s, observed[s][lane.key])
+            lane.next_step += 1
+            did = True
+        return did
+
+    def _retire_lower(self, step: int, uniq: dict) -> None:
+        """The tier above has taken step ``step``'s rows: unpin them in the lower tiers."""
+        for lane in self._lanes:
+            ws = lane.prepared.pop(step, None)
+            if ws is not None:
+                lane.cache.release(ws, dirty=False)
+            else:
+                lane.cache.retire(step, uniq[lane.key])
 
     def _may_prepare(self, step: int) -> bool:
         return step < self._next_take + self.depth and self._barrier is None
@@ -256,6 +313,8 @@ class LookaheadPipeline:
             if not self._observed or not self._may_prepare(self._observed[0][0]):
                 return False
             step, batch, uniq = self._observed[0]
+        while any(lane.next_step <= step for lane in self._lanes):
+            self._prepare_lower(force_upto=step)
         for key, cache in self.caches.items():
             if key in self._partial:
                 continue
@@ -276,9 +335,18 @@ class LookaheadPipeline:
         for key, cache in self.caches.items():
             cache.push_prepared(self._partial[key])
         self._partial.clear()
+        self._retire_lower(step, uniq)
         with self._cond:
             self._observed.popleft()
             self._bytes -= batch_nbytes(batch)
             self._ready.append((step, batch))
             self._cond.notify_all()
         return True
+
+
+class _Lane:
+    """A lower tier of one table's chain: its next step to prefetch and its prepared working sets."""
+
+    def __init__(self, key: str, cache: LookaheadCache, start_step: int):
+        self.key, self.cache, self.next_step = key, cache, start_step
+        self.prepared: dict[int, object] = {}  # step -> working set, or None where skipped

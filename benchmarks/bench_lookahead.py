@@ -161,7 +161,7 @@ def worker(peer, a, stream, root, total_steps, conn):
         if peer == "lookahead":
             caches = {t.config.key: t.storage for t in ebc.tables}
             pipe = LookaheadPipeline((stream.batch_at(i) for i in range(total_steps)), caches, window=a.window,
-                                     depth=a.depth, max_bytes=1 << 30)
+                                     depth=a.depth, max_bytes=1 << 30, io_threads=a.io_threads)
             hold = pipe.paused()
             hold.__enter__()  # parked between rounds: no background work while the other peers run
         conn.send({"ready": True})
@@ -197,6 +197,7 @@ def worker(peer, a, stream, root, total_steps, conn):
                 hold.__enter__()
                 res["stall_s"] = pipe.stats["stall_s"] - st0["stall_s"]
                 res["late_steps"] = pipe.stats["late_steps"] - st0["late_steps"]
+                res["worker_cpu_s"] = pipe.stats["worker_cpu_s"] - st0["worker_cpu_s"]
             conn.send(res)
     except Exception as e:  # noqa: BLE001  (report, do not hang the parent)
         conn.send({"error": f"{peer}: {type(e).__name__}: {e}\n{traceback.format_exc()}"})
@@ -253,6 +254,7 @@ def part_speed(a, stream, work: Path) -> dict:
         tot = {k: sum(r["storage"][k] for r in rs) for k in rs[0]["storage"]}
         stall = sum(r.get("stall_s", 0.0) for r in rs) / secs
         late = sum(r.get("late_steps", 0) for r in rs) / steps
+        wcpu = sum(r.get("worker_cpu_s", 0.0) for r in rs) / steps
         hit = tot["hits"] / tot["lookups"] if tot["lookups"] else None
         moved = (tot["misses"] + tot["writebacks"]) / steps
         print(f"{p:10s} {sps:10,.0f} {1e3 * a.batch / sps:8.1f}ms {base / sps:9.3f}x "
@@ -265,7 +267,9 @@ def part_speed(a, stream, work: Path) -> dict:
                            "step_time_vs_memory": base / sps, "stall_fraction": stall, "late_fraction": late,
                            "hit_rate": hit, "bytes_read_per_step": tot["bytes_read"] / steps,
                            "bytes_written_per_step": tot["bytes_written"] / steps, "rows_moved_per_step": moved,
-                           "peak_rss_mib": mem[p]["maxrss_mib"]}
+                           "peak_rss_mib": mem[p]["maxrss_mib"], "worker_cpu_ms_per_step": 1e3 * wcpu}
+        if p == "lookahead":
+            print(f"#   look-ahead worker thread: {1e3 * wcpu:.1f} ms CPU per step (overlapped with the step)")
     print("# step time vs memory: the target is <= 1.1x (storage fully hidden); rows/step = fetched + written back")
     print(f"# losses of all peers bit-identical at all {len(losses[a.peers[0]])} steps: {'yes' if identical else 'NO'}")
     return out
@@ -283,6 +287,7 @@ def parse_args(argv=None):
     p.add_argument("--cache-fraction", type=_positive(float), default=0.02)
     p.add_argument("--window", type=_positive(int), default=200, help="look-ahead window in batches")
     p.add_argument("--depth", type=_positive(int), default=2, help="steps prepared ahead")
+    p.add_argument("--io-threads", type=_positive(int), default=4, help="look-ahead prefetch threads")
     p.add_argument("--peers", default=",".join(PEERS))
     p.add_argument("--steps", type=_positive(int), default=40)
     p.add_argument("--warmup", type=int, default=20)

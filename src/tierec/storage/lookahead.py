@@ -123,7 +123,7 @@ class NextUseOracle:
                 ring[occ % R2] = self._ring[occ % R]
             self._ring = ring
         h = self._last
-        if h.live + h.tomb + n > h.H // 2:  # rebuild from the live latest occurrences, with room to grow
+        if h.live + h.tomb + n > h.max_fill:  # rebuild from the live latest occurrences, with room to grow
             ids, occ = self._latest_occurrences()
             self._last = _HashIndex(max(1024, 2 * (ids.numel() + n)), self.device, torch.int64)
             self._last.insert(ids, occ)

@@ -16,7 +16,7 @@ from tierec.storage.ssd import SsdTable
 log = logging.getLogger(__name__)
 
 # Cache bookkeeping per cached row (hash index + per-slot metadata), counted in the budget:
-INDEX_BYTES_PER_ROW = 120  # upper bound of index_nbytes per row: CachedTable 57-101 B, LookaheadCache +16 B
+INDEX_BYTES_PER_ROW = 144  # upper bound of index_nbytes per row: CachedTable 69-125 B, LookaheadCache +16 B
 
 
 def limit_malloc_retention(threshold: int = 1 << 20) -> bool:

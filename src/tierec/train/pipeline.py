@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -35,6 +36,7 @@ from tierec.storage.lookahead import LookaheadCache
 
 log = logging.getLogger(__name__)
 
+_worker_of = threading.local()  # .pipeline: set on a pipeline's worker and I/O threads
 LATE_S = 1e-4  # a step that waited longer than this for its rows counts as late
 
 
@@ -50,7 +52,8 @@ class LookaheadPipeline:
     into ``caches`` (sparse key -> `LookaheadCache`). Use as a context manager, or call `close`."""
 
     def __init__(self, batches: Iterable[Batch], caches: dict[str, LookaheadCache], window: int = 200,
-                 depth: int = 2, max_bytes: int = 1 << 30, start_step: int = 0, lower_depth: int | None = None):
+                 depth: int = 2, max_bytes: int = 1 << 30, start_step: int = 0, lower_depth: int | None = None,
+                 io_threads: int = 4):
         if window < 1 or depth < 1:
             raise ValueError(f"window and depth must be >= 1, got {window}, {depth}")
         self.caches, self.window, self.depth, self.max_bytes = caches, window, min(depth, window), max_bytes
@@ -58,11 +61,17 @@ class LookaheadPipeline:
         # Each is prefetched `lower_depth` steps ahead, so the tier above finds its misses there.
         self.lower_depth = min(window, lower_depth or 4 * self.depth)
         self._lanes: list[_Lane] = []
+        self._lane_groups: dict[str, list[_Lane]] = {}  # per table, lowest tier first
         for key, top in caches.items():
             c = top.backing
             while isinstance(c, LookaheadCache):
                 self._lanes.append(_Lane(key, c, start_step))
+                self._lane_groups.setdefault(key, []).insert(0, self._lanes[-1])
                 c = c.backing
+        # Tables are independent (own cache, own file): their I/O runs in parallel, one task per table.
+        n = min(io_threads, len(caches))
+        self._pool = ThreadPoolExecutor(n, thread_name_prefix="tierec-prefetch", initializer=self._mark_worker) \
+            if n > 1 else None
         self._it: Iterator[Batch] = iter(batches)
         self._cond = threading.Condition()
         self._observed: deque[tuple[int, Batch, dict]] = deque()  # read and observed, not yet prepared
@@ -81,7 +90,8 @@ class LookaheadPipeline:
         self._worker_parked = False
         self._window_capped = False
         self.stats = {"steps": 0, "stall_s": 0.0, "late_steps": 0, "max_stall_s": 0.0, "lead_sum": 0,
-                      "bypass_steps": 0, "worker_wait_room": 0, "window_peak": 0}
+                      "bypass_steps": 0, "worker_wait_room": 0, "window_peak": 0,
+                      "worker_cpu_s": 0.0}
         for c in self._all_caches():
             if c.pipeline is not None:
                 raise RuntimeError(f"cache {c.name!r} is already driven by another pipeline")
@@ -143,7 +153,16 @@ class LookaheadPipeline:
         return list(self.caches.values()) + [lane.cache for lane in self._lanes]
 
     def on_worker_thread(self) -> bool:
-        return threading.current_thread() is self._thread
+        """True on the worker thread and its I/O threads."""
+        return getattr(_worker_of, "pipeline", None) is self
+
+    def _mark_worker(self) -> None:
+        _worker_of.pipeline = self
+
+    def _each_table(self, fn, keys: list[str]) -> list:
+        if self._pool is None or len(keys) < 2:
+            return [fn(k) for k in keys]
+        return list(self._pool.map(fn, keys))
 
     def on_release(self, step: int, cache: LookaheadCache) -> None:
         """Called by each top-tier cache when the trainer releases its working set of ``step``."""
@@ -174,6 +193,8 @@ class LookaheadPipeline:
             self._stop = True
             self._cond.notify_all()
         self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown()
         for c in self._all_caches():
             c.pipeline = None
         for key, c in self.caches.items():
@@ -209,8 +230,10 @@ class LookaheadPipeline:
             return not self._stop
 
     def _run(self) -> None:
+        self._mark_worker()
         try:
             while self._park_if_paused():
+                self.stats["worker_cpu_s"] = time.thread_time()  # CPU time of the look-ahead thread
                 if self._read_ahead():
                     continue
                 if self._prepare_next():
@@ -282,18 +305,21 @@ class LookaheadPipeline:
     def _prepare_lower(self, force_upto: int | None = None) -> bool:
         """Prefetch one step into every lower tier that is behind its depth (or behind ``force_upto``).
         A step with no room there is skipped: the tier above then reads those rows from below it."""
-        did = False
         with self._cond:
             observed = {s: u for s, _, u in self._observed}
             limit = self._next_take + self.lower_depth - 1 if force_upto is None else force_upto
-        for lane in self._lanes:
-            s = lane.next_step
-            if s > limit or s not in observed:
-                continue
-            lane.prepared[s] = lane.cache.prepare(s, observed[s][lane.key])
-            lane.next_step += 1
-            did = True
-        return did
+
+        def one(key: str) -> bool:
+            did = False
+            for lane in self._lane_groups[key]:  # lowest tier first: the tier above reads from it
+                s = lane.next_step
+                if s <= limit and s in observed:
+                    lane.prepared[s] = lane.cache.prepare(s, observed[s][key])
+                    lane.next_step += 1
+                    did = True
+            return did
+
+        return any(self._each_table(one, list(self._lane_groups)))
 
     def _retire_lower(self, step: int, uniq: dict) -> None:
         """The tier above has taken step ``step``'s rows: unpin them in the lower tiers."""
@@ -315,23 +341,24 @@ class LookaheadPipeline:
             step, batch, uniq = self._observed[0]
         while any(lane.next_step <= step for lane in self._lanes):
             self._prepare_lower(force_upto=step)
-        for key, cache in self.caches.items():
-            if key in self._partial:
-                continue
-            with self._cond:
-                alone = self._released_upto == step - 1  # no other step holds pins
-            ws = cache.prepare(step, uniq[key], allow_bypass=alone)
+        with self._cond:
+            alone = self._released_upto == step - 1  # no other step holds pins
+        keys = [k for k in self.caches if k not in self._partial]
+        got = self._each_table(lambda k: self.caches[k].prepare(step, uniq[k], allow_bypass=alone), keys)
+        for key, ws in zip(keys, got):
             if ws is None:
-                with self._cond:
-                    self.stats["worker_wait_room"] += 1
-                    if not self._stop and not self._pause_req:
-                        self._cond.wait(timeout=1.0)
-                return False
+                continue
             self._partial[key] = ws
             if ws.handle.kind == "temp":
                 with self._cond:
                     self._barrier = step
                     self.stats["bypass_steps"] += 1
+        if len(self._partial) < len(self.caches):  # no room yet: wait for the trainer to release a step
+            with self._cond:
+                self.stats["worker_wait_room"] += 1
+                if not self._stop and not self._pause_req:
+                    self._cond.wait(timeout=1.0)
+            return False
         for key, cache in self.caches.items():
             cache.push_prepared(self._partial[key])
         self._partial.clear()

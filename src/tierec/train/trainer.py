@@ -215,7 +215,7 @@ class Trainer:
         cfg = self.cfg
         return LookaheadPipeline(stream, caches, window=cfg.lookahead, depth=cfg.prefetch_depth,
                                  max_bytes=parse_bytes(cfg.lookahead_memory, "lookahead_memory"),
-                                 start_step=self.step)
+                                 start_step=self.step, io_threads=cfg.prefetch_threads)
 
     def evaluate(self, split: str = "test") -> dict:
         return evaluate(self.model, self.ds, split, self.cfg.eval_batch_size, self.device,

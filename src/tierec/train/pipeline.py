@@ -84,13 +84,14 @@ class LookaheadPipeline:
         self._released_upto = start_step - 1
         self._release_counts: dict[int, int] = {}
         self._barrier: int | None = None  # a bypassed step: wait for its release
+        self._release_gen = 0  # counts releases: a worker waiting for room waits for the next one
         self._exhausted = self._stop = False
         self._error: BaseException | None = None
         self._pause_req = 0
         self._worker_parked = False
         self._window_capped = False
         self.stats = {"steps": 0, "stall_s": 0.0, "late_steps": 0, "max_stall_s": 0.0, "lead_sum": 0,
-                      "bypass_steps": 0, "worker_wait_room": 0, "window_peak": 0,
+                      "bypass_table_steps": 0, "worker_wait_room": 0, "window_peak": 0,
                       "worker_cpu_s": 0.0}
         for c in self._all_caches():
             if c.pipeline is not None:
@@ -169,6 +170,7 @@ class LookaheadPipeline:
         if any(lane.cache is cache for lane in self._lanes):
             return  # lower tiers are released by the worker itself
         with self._cond:
+            self._release_gen += 1
             n = self._release_counts.get(step, 0) + 1
             if n == len(self.caches):
                 self._release_counts.pop(step, None)
@@ -234,6 +236,8 @@ class LookaheadPipeline:
         try:
             while self._park_if_paused():
                 self.stats["worker_cpu_s"] = time.thread_time()  # CPU time of the look-ahead thread
+                if not self._ready and self._prepare_next():  # the trainer waits: serve it before reading on
+                    continue
                 if self._read_ahead():
                     continue
                 if self._prepare_next():
@@ -343,6 +347,7 @@ class LookaheadPipeline:
             self._prepare_lower(force_upto=step)
         with self._cond:
             alone = self._released_upto == step - 1  # no other step holds pins
+            gen = self._release_gen
         keys = [k for k in self.caches if k not in self._partial]
         got = self._each_table(lambda k: self.caches[k].prepare(step, uniq[k], allow_bypass=alone), keys)
         for key, ws in zip(keys, got):
@@ -352,12 +357,12 @@ class LookaheadPipeline:
             if ws.handle.kind == "temp":
                 with self._cond:
                     self._barrier = step
-                    self.stats["bypass_steps"] += 1
+                    self.stats["bypass_table_steps"] += 1
         if len(self._partial) < len(self.caches):  # no room yet: wait for the trainer to release a step
-            with self._cond:
+            with self._cond:  # (a release since `gen` may have made room already: then retry at once)
                 self.stats["worker_wait_room"] += 1
-                if not self._stop and not self._pause_req:
-                    self._cond.wait(timeout=1.0)
+                while self._release_gen == gen and not self._stop and not self._pause_req:
+                    self._cond.wait()
             return False
         for key, cache in self.caches.items():
             cache.push_prepared(self._partial[key])

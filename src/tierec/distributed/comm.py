@@ -56,7 +56,25 @@ class Dist:
     local_rank: int
     device: torch.device
     emb_group: object  # process group of the embedding all-to-alls
+    store: object = None  # the job's key-value store (torchrun's agent hosts it), to name silent ranks
     stats: CommStats = field(default_factory=CommStats)
+
+    def silent_ranks(self, wait_s: float) -> list[int]:
+        """After a failed collective: ranks that do not check in within ``wait_s`` seconds
+        (dead or hung). Every rank that hits the failure checks in under a per-job key."""
+        if self.store is None:
+            return []
+        prefix = f"tierec/alive/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/"
+        try:
+            self.store.set(f"{prefix}{self.rank}", "1")
+            deadline = time.monotonic() + wait_s
+            silent = list(range(self.world))
+            while silent and time.monotonic() < deadline:
+                silent = [r for r in silent if not self.store.check([f"{prefix}{r}"])]
+                time.sleep(0.2)
+            return silent
+        except Exception:  # the store itself is gone: nothing more to learn
+            return []
 
     def all_to_all(self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int], kind: str) -> torch.Tensor:
         """Rows ``x[sum(send_splits[:r]) : ...]`` go to rank r; returns what every rank sent here,
@@ -96,7 +114,9 @@ def init_from_env(device_name: str = "auto", timeout_s: float = 300.0) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
     emb_group = dist.new_group(backend=backend, timeout=timeout)
-    return Dist(rank, world, local_rank, device, emb_group)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=10))
+    return Dist(rank, world, local_rank, device, emb_group, store)
 
 
 def sum_gradients_hook(d: Dist):

@@ -54,8 +54,10 @@ def train_distributed(cfg, resume: bool = False) -> int:
         if not (isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "Timed out", "timed out"))):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TierecError(f"rank {d.rank} of {d.world}: a collective failed, so a peer rank died or stopped "
-                          f"answering within {cfg.sharding.timeout_s:g} s ({first[:200]}); last valid checkpoint: "
+        silent = d.silent_ranks(min(cfg.sharding.timeout_s, 10.0))
+        who = f"rank(s) {', '.join(map(str, silent))} died or stopped answering" if silent else "a peer rank failed"
+        raise TierecError(f"rank {d.rank} of {d.world}: a collective failed: {who} (collective timeout "
+                          f"{cfg.sharding.timeout_s:g} s; {first[:160]}); last valid checkpoint: "
                           f"{_last_checkpoint(cfg.out)} (continue with --resume)") from e
     if d.rank == 0:
         print(json.dumps(summary | {"world_size": d.world}, indent=2))

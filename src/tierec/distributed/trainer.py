@@ -145,6 +145,24 @@ class DistributedTrainer(Trainer):
         if d.rank != 0:
             self.log.close()
             self.log = _NullLog()
+        self.first_step = self.step
+
+    def fit(self) -> dict:
+        """`Trainer.fit`, plus ``comm``: what the training steps exchanged (all ranks, summed, per step)
+        and the share of each rank's step time spent inside collectives (waiting for peers included)."""
+        summary = super().fit()
+        d, steps = self.dist, max(self.step - self.first_step, 1)
+        mine = (dict(d.stats.bytes), dict(d.stats.seconds), self.train_s)
+        every: list = [None] * d.world
+        dist.all_gather_object(every, mine)
+        kinds = sorted({k for b, _, _ in every for k in b})
+        per_step = {k: round(sum(b.get(k, 0) for b, _, _ in every) / steps) for k in kinds}
+        share = [sum(sec.values()) / max(t, 1e-9) for _, sec, t in every]
+        summary["comm"] = {"steps": steps, "bytes_per_step": per_step, "total_bytes_per_step": sum(per_step.values()),
+                           "seconds_per_step": {k: sum(sec.get(k, 0.0) for _, sec, _ in every) / d.world / steps
+                                                for k in kinds},
+                           "time_share_per_rank": [round(x, 4) for x in share]}
+        return summary
 
     @property
     def ebc(self) -> ShardedEmbeddingCollection:
@@ -191,6 +209,7 @@ class DistributedTrainer(Trainer):
     def evaluate(self, split: str = "test") -> dict:
         """AUC and log-loss over the whole split: every rank scores its slice, the scores are gathered."""
         d, cfg = self.dist, self.cfg
+        kept = (dict(d.stats.bytes), dict(d.stats.seconds), dict(d.stats.calls))  # count training steps only
         was = self.model.training
         self.model.eval()
         probs, labels = [], []
@@ -206,6 +225,7 @@ class DistributedTrainer(Trainer):
             probs.append(torch.cat([parts[r][: b[r + 1] - b[r]] for r in range(d.world)]).cpu().numpy())
             labels.append(batch.labels.numpy())
         self.model.train(was)
+        d.stats.bytes, d.stats.seconds, d.stats.calls = kept
         if not probs:
             raise TierecError(f"{self.ds.root}: split {split!r} has no rows to evaluate")
         p, y = np.concatenate(probs), np.concatenate(labels)

@@ -144,6 +144,27 @@ def test_two_rank_checkpoint_evaluates_in_one_process(tiny_dataset, two_rank_run
     assert res["logloss"] == pytest.approx(summary["logloss"], abs=1e-6)
 
 
+def test_two_rank_checkpoint_resumes_in_one_process(tiny_dataset, tmp_path, two_rank_run):
+    """Stop after 8 steps on 2 ranks, continue to 12 in one process: the same as 12 steps in one process."""
+    import shutil
+
+    out2, _ = two_rank_run
+    run = tmp_path / "resumed"
+    shutil.copytree(out2 / "checkpoints", run / "checkpoints")
+    kw = dict(data=str(tiny_dataset), batch_size=250, max_steps=STEPS + 4, num_threads=1, progress=False, seed=3,
+              sparse_optimizer="rowwise_adagrad")
+    resumed = Trainer(TrainConfig(out=str(run), **kw), resume=True)
+    assert resumed.step == STEPS
+    resumed.fit()
+    straight = Trainer(TrainConfig(out=str(tmp_path / "straight"), **kw))
+    straight.fit()
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=0, msg=k)
+    for ta, tb in zip(straight.model.embeddings.tables, resumed.model.embeddings.tables):
+        torch.testing.assert_close(tb.storage.weight, ta.storage.weight, atol=ATOL, rtol=0)
+        torch.testing.assert_close(tb.storage.state, ta.storage.state, atol=ATOL, rtol=0)
+
+
 def _rank_pid(root_pid: int, rank: int) -> int | None:
     """PID of the torchrun worker whose environment has RANK=rank (walks /proc children)."""
     todo = [root_pid]

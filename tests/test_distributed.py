@@ -24,13 +24,14 @@ from tierec.train.trainer import Trainer, evaluate, load_for_eval
 
 # Tolerance of the 2-rank run against one process (float32): the dense gradient is the sum of two
 # half-batch gradients instead of one full-batch reduction, so it differs in its last bits (~1e-8
-# absolute here); a row-wise table's pooled vector is the sum of two partial sums. After 8 steps of
+# absolute here); a row-wise table's pooled vector is the sum of two partial sums, and mean pooling
+# divides after the exchange (x / n instead of the single process's x * (1 / n) in backward). After 8 steps of
 # Adam / row-wise Adagrad the weights differ by < 1e-6; 1e-5 leaves room without hiding a real bug
 # (one wrong gradient moves weights by ~lr = 1e-3 .. 5e-2).
 ATOL = 1e-5
 STEPS = 8
 ARGS = ["--batch-size", "250", "--max-steps", str(STEPS), "--num-threads", "1", "--no-progress", "--seed", "3",
-        "--sparse-optimizer", "rowwise_adagrad"]
+        "--sparse-optimizer", "rowwise_adagrad", "--pooling", "mean"]
 SHARDING = '[sharding]\ntables = {s0 = "row", s1 = 1}\ntimeout_s = 60\n'
 
 
@@ -116,7 +117,7 @@ def test_two_ranks_match_one_process(tiny_dataset, tmp_path, two_rank_run):
     summary = json.loads(log[log.index("{\n") : log.rindex("}") + 1])
     assert summary["world_size"] == 2 and summary["step"] == STEPS and summary["samples"] == STEPS * 250
     cfg = TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "one"), batch_size=250, max_steps=STEPS,
-                      num_threads=1, progress=False, seed=3, sparse_optimizer="rowwise_adagrad")
+                      num_threads=1, progress=False, seed=3, sparse_optimizer="rowwise_adagrad", pooling="mean")
     one = Trainer(cfg).fit()
     c1, c2 = ckpt.resolve_checkpoint(one["checkpoint"]), ckpt.resolve_checkpoint(out2)
     m1, m2 = ckpt.read_manifest(c1), ckpt.read_manifest(c2)
@@ -152,7 +153,7 @@ def test_two_rank_checkpoint_resumes_in_one_process(tiny_dataset, tmp_path, two_
     run = tmp_path / "resumed"
     shutil.copytree(out2 / "checkpoints", run / "checkpoints")
     kw = dict(data=str(tiny_dataset), batch_size=250, max_steps=STEPS + 4, num_threads=1, progress=False, seed=3,
-              sparse_optimizer="rowwise_adagrad")
+              sparse_optimizer="rowwise_adagrad", pooling="mean")
     resumed = Trainer(TrainConfig(out=str(run), **kw), resume=True)
     assert resumed.step == STEPS
     resumed.fit()

@@ -267,7 +267,7 @@ class DistributedTrainer(Trainer):
     def _publish(self, tmp: Path, gathered: list) -> Path:
         ebc = self.ebc
         steps = {i: n for rank_steps, _ in gathered for i, n in rank_steps.items()}
-        state = {k: v for k, v in self.model.state_dict().items()}
+        state = dict(self.model.state_dict())
         for i in range(len(ebc.configs)):  # the single-process model's per-table step counters
             state[f"embeddings.tables.{i}.step"] = torch.tensor(steps[i], dtype=torch.int64)
         dense_state = {"model": state, "dense_optimizer": self.dense_opt.state_dict(),

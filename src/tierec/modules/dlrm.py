@@ -43,11 +43,12 @@ class DLRM(nn.Module):
     def __init__(self, num_dense: int, embeddings: EmbeddingBagCollection, bottom_mlp: list[int],
                  top_mlp: list[int]):
         super().__init__()
-        dims = {t.config.embedding_dim for t in embeddings.tables}
+        configs = embeddings.table_configs  # all tables, also when they are sharded over ranks
+        dims = {c.embedding_dim for c in configs}
         if len(dims) != 1:
             raise ValueError(f"DLRM's dot interaction needs one embedding dim for all tables, got {sorted(dims)}")
         dim = dims.pop()
-        num_sparse = len(embeddings.tables)
+        num_sparse = len(configs)
         self.embeddings = embeddings
         self.bottom = mlp([num_dense, *bottom_mlp, dim], last_activation=True)
         self.interaction = DotInteraction(num_sparse + 1)

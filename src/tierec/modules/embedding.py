@@ -244,6 +244,10 @@ class EmbeddingBagCollection(torch.nn.Module):
             raise ConfigError(f"two tables serve the same feature: {keys}")
         self.keys = keys
 
+    @property
+    def table_configs(self) -> list[TableConfig]:
+        return [t.config for t in self.tables]
+
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         return torch.stack(self.pooled(kjt), 1)
 

@@ -85,12 +85,42 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, ta
     ``tables`` maps table name -> storage (read with ``read_rows``); ``meta`` is
     JSON-able (config, schema, counters) and goes into the manifest.
     """
+    tmp = new_checkpoint_dir(run_dir, step)
+    try:
+        files, table_meta = {}, []
+        for tname, st in tables.items():
+            rel = f"tables/{tname}.tbl"
+            files[rel] = write_table_file(tmp / rel, st)
+            table_meta.append(table_entry(tname, st.num_embeddings, st.dim, st.state_dim))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish_checkpoint(tmp, step, dense_state, files, table_meta, meta, keep)
+
+
+def new_checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """A fresh ``checkpoints/step-N.tmp-*`` directory with an empty ``tables/`` inside."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"step-{step:08d}.tmp-"))
+    os.chmod(tmp, 0o777 & ~umask())
+    (tmp / "tables").mkdir()
+    return tmp
+
+
+def table_entry(name: str, num_embeddings: int, dim: int, state_dim: int) -> dict:
+    return {"name": name, "file": f"tables/{name}.tbl", "num_embeddings": num_embeddings, "dim": dim,
+            "state_dim": state_dim, "dtype": "float32"}
+
+
+def publish_checkpoint(tmp: Path, step: int, dense_state: dict, table_files: dict, table_meta: list, meta: dict,
+                       keep: int = 2) -> Path:
+    """Finish a checkpoint whose table files are written (and fsynced) in ``tmp``: write dense.pt and the
+    manifest, rename ``tmp`` to ``step-N`` and publish it in LATEST. ``table_files`` maps each table
+    file (relative path) to {bytes, sha256}."""
+    root = tmp.parent
     name = f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{name}.tmp-"))
     try:
-        os.chmod(tmp, 0o777 & ~umask())
         files = {}
         buf = io.BytesIO()
         torch.save(dense_state, buf)
@@ -99,14 +129,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, ta
         with open(tmp / "dense.pt", "rb+") as f:
             os.fsync(f.fileno())
         files["dense.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        (tmp / "tables").mkdir()
-        table_meta = []
-        for tname, st in tables.items():
-            rel = f"tables/{tname}.tbl"
-            files[rel] = write_table_file(tmp / rel, st)
-            table_meta.append({"name": tname, "file": rel, "num_embeddings": st.num_embeddings,
-                               "dim": st.dim, "state_dim": st.state_dim, "dtype": "float32"})
-        manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files, "tables": table_meta, **meta}
+        files.update(table_files)
+        manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files, "tables": table_meta,
+                    **meta}
         atomic_write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())
         fsync_dir(tmp / "tables")
         fsync_dir(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -56,7 +57,7 @@ HELP = {
     "direct_io": "read SSD tables with O_DIRECT, bypassing the OS page cache",
     "plan_batches": "batches read to measure each table's access share for --memory-budget",
 }
-CONFIG_ONLY = {"tables"}  # nested settings: config file only
+CONFIG_ONLY = {"tables", "sharding"}  # nested settings: config file only
 
 
 def _int_list(s: str) -> list[int]:
@@ -115,6 +116,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _train(args) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in CONFIG_ONLY}
     cfg = make_config(args.config, overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun with several processes
+        from tierec.distributed.run import train_distributed
+
+        return train_distributed(cfg, resume=args.resume)
     from tierec.train.trainer import Trainer
 
     summary = Trainer(cfg, resume=args.resume).fit()

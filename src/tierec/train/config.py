@@ -23,6 +23,18 @@ class TableSettings:
 
 
 @dataclass
+class ShardingSettings:
+    """Runs under torchrun only (config file: `[sharding]`); see docs/distributed.md."""
+
+    tables: dict[str, int | str] = field(default_factory=dict)  # table -> owning rank, "row" or "auto"
+    timeout_s: float = 300.0  # a collective waiting longer than this ends the job (a rank died or hangs)
+
+    def __post_init__(self):
+        if not self.timeout_s > 0:
+            raise ConfigError(f"sharding.timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass
 class TrainConfig:
     data: str = ""  # tierec data set directory (`tierec data synth|convert`)
     out: str = "runs/train"  # run directory: metrics.jsonl, checkpoints/
@@ -63,6 +75,7 @@ class TrainConfig:
     direct_io: bool = False  # SSD reads bypass the OS page cache (O_DIRECT)
     plan_batches: int = 50  # batches read to measure each table's access share
     tables: dict[str, TableSettings] = field(default_factory=dict)
+    sharding: ShardingSettings = field(default_factory=ShardingSettings)
 
     def __post_init__(self):
         for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "keep_checkpoints", "log_every",
@@ -82,6 +95,8 @@ class TrainConfig:
         if any(h <= 0 for h in self.bottom_mlp + self.top_mlp):
             raise ConfigError("MLP layer sizes must be > 0")
         self.tables = {k: TableSettings(**v) if isinstance(v, dict) else v for k, v in self.tables.items()}
+        if isinstance(self.sharding, dict):
+            self.sharding = ShardingSettings(**self.sharding)
         from tierec.storage.plan import parse_bytes
 
         if self.memory_budget is not None:

@@ -132,7 +132,7 @@ class Trainer:
         if self.ds.num_rows("train") == 0:
             raise TierecError(f"{cfg.data}: the train split is empty")
         self.out = Path(cfg.out)
-        self.model = build_model(cfg, self.ds.schema, self.device, dataset=self.ds, fresh=not resume)
+        self.model = self._build_model(fresh=not resume)
         self.dense_opt = make_dense_optimizer(cfg, self.model.dense_parameters())
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
         self.epoch, self.batch_in_epoch, self.step, self.samples = 0, 0, 0, 0
@@ -140,6 +140,9 @@ class Trainer:
         if resume:
             self._resume()
         self.log = JsonlLog(self.out / "metrics.jsonl")
+
+    def _build_model(self, fresh: bool) -> DLRM:  # the distributed trainer shards the tables here
+        return build_model(self.cfg, self.ds.schema, self.device, dataset=self.ds, fresh=fresh)
 
     # ------------------------------------------------------------------ checkpoints
     @property

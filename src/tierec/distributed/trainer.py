@@ -1,0 +1,319 @@
+"""`DistributedTrainer`: the single-process `Trainer` loop with sharded tables and DDP dense layers.
+
+Every rank reads the same global batch of ``batch_size`` samples (the reader is
+deterministic) and trains on its contiguous slice (`slice_batch`); the dense
+layers are wrapped in DistributedDataParallel with a summing comm hook, the
+tables are sharded (`ShardedEmbeddingCollection`). Each rank's loss is the sum
+of its samples' losses divided by the global batch size, so the summed dense
+gradients and the owners' row gradients are those of the single-process loss.
+
+Checkpoints have the single-process layout: each rank writes its shards' rows
+into the full-size table files at their row offsets, rank 0 hashes the files,
+writes dense.pt and the manifest and publishes LATEST. A checkpoint therefore
+loads with any number of ranks, and in `tierec eval`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from tierec import __version__
+from tierec.config import parse_bytes
+from tierec.data.dataset import Batch
+from tierec.distributed.comm import Dist, sum_gradients_hook
+from tierec.distributed.embedding import ShardedEmbeddingCollection, ShardView
+from tierec.distributed.plan import Shard, TableLoad, describe, plan_shards, row_bounds
+from tierec.errors import ConfigError, TierecError
+from tierec.fsio import sha256_file
+from tierec.modules.dlrm import DLRM
+from tierec.modules.embedding import TableConfig
+from tierec.modules.optim import SparseOptimizer
+from tierec.sparse import KeyedJaggedTensor
+from tierec.storage.plan import AccessSample, TableNeeds, measure_lookups
+from tierec.train import checkpoint as ckpt
+from tierec.train.metrics import log_loss, roc_auc
+from tierec.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def slice_batch(batch: Batch, a: int, b: int) -> Batch:
+    """Samples [a, b) of ``batch`` (all keys; the IDs are copied once, T slices)."""
+    kjt = batch.sparse
+    keys, B = kjt.keys(), kjt.stride()
+    off = kjt.offsets()
+    rows = torch.arange(len(keys), device=off.device) * B
+    spans = torch.stack([off[rows + a], off[rows + b]], 1).tolist()
+    values = torch.cat([kjt.values()[s:e] for s, e in spans]) if spans else kjt.values()[:0]
+    w = kjt.weights_or_none()
+    weights = torch.cat([w[s:e] for s, e in spans]) if w is not None else None
+    lengths = kjt.lengths().view(len(keys), B)[:, a:b].reshape(-1)
+    sparse = KeyedJaggedTensor(keys, values, lengths, weights, stride=b - a)
+    session = batch.session[a:b] if batch.session is not None else None
+    return Batch(batch.dense[a:b], sparse, batch.labels[a:b], session)
+
+
+class _NullLog:
+    def write(self, event: str, **fields) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _rank_storage(cfg, shards: list[Shard], sample: dict[str, AccessSample], row_bytes: int, rank: int,
+                  device, fresh: bool):
+    """Storage factory for this rank's shards from its memory budget (per rank), or None: all in memory.
+    The tiers are the single-process ones, with files under ``STORAGE_DIR/rank-R/``."""
+    if cfg.memory_budget is None and not cfg.tables:
+        return None, []
+    from tierec.storage.plan import plan_tables
+    from tierec.storage.tiered import INDEX_BYTES_PER_ROW, make_storage_factory
+
+    needs, sub, overrides = [], {}, {}
+    for s in shards:
+        a = sample[s.table]
+        m = (a.ids >= s.lo) & (a.ids < s.hi)
+        sub[s.name] = AccessSample(int(a.counts[m].sum()), a.ids[m] - s.lo, a.counts[m])
+        needs.append(TableNeeds(s.name, s.rows, row_bytes, sub[s.name].lookups))
+        t = cfg.tables.get(s.table)
+        if t is None:
+            continue
+        o = {}
+        if t.placement != "auto":
+            o["placement"] = t.placement
+        if t.cache_rows is not None:  # a row-wise shard gets its share of the table's cache
+            o["cache_rows"] = max(1, -(-t.cache_rows * s.rows // s.num_embeddings))
+            o.setdefault("placement", "ssd")
+        if t.policy is not None:
+            o["policy"] = t.policy
+        overrides[s.name] = o
+    if cfg.memory_budget is not None:
+        budget = parse_bytes(cfg.memory_budget, "memory_budget")
+    else:
+        budget = sum(n.table_bytes for n in needs) + sum(
+            o.get("cache_rows", 0) * (row_bytes + INDEX_BYTES_PER_ROW) for o in overrides.values())
+        for n in needs:
+            overrides.setdefault(n.name, {}).setdefault("placement", "memory")
+    plan = plan_tables(needs, budget, cfg.cache_policy, INDEX_BYTES_PER_ROW, overrides)
+    root = (Path(cfg.storage_dir) if cfg.storage_dir else Path(cfg.out) / "tables") / f"rank-{rank}"
+    return make_storage_factory(cfg, plan, sub, root, device, fresh=fresh), plan
+
+
+def merge_storage_plans(plans: list[list[dict]], shards: list[Shard]) -> list[dict] | None:
+    """Per-table storage plan of the whole job, in the single-process format (for `tierec eval`):
+    a table is on SSD if any shard is, with the sum of its shards' cache rows."""
+    by_shard = {p["name"]: p for rank_plan in plans for p in rank_plan}
+    if not by_shard:
+        return None
+    out = {}
+    for s in shards:
+        p = by_shard.get(s.name, {"placement": "memory", "cache_rows": 0, "policy": "lru", "table_bytes": 0,
+                                  "budget_bytes": 0, "access_share": 0.0})
+        m = out.setdefault(s.table, {"name": s.table, "placement": "memory", "cache_rows": 0, "policy": p["policy"],
+                                     "table_bytes": 0, "budget_bytes": 0, "access_share": 0.0})
+        if p["placement"] == "ssd":
+            m["placement"], m["policy"] = "ssd", p["policy"]
+        for k in ("cache_rows", "table_bytes", "budget_bytes", "access_share"):
+            m[k] += p[k]
+    return list(out.values())
+
+
+class DistributedTrainer(Trainer):
+    """`Trainer` for one rank of a torchrun job (see module doc)."""
+
+    def __init__(self, cfg, d: Dist, resume: bool = False):
+        self.dist = d
+        if d.rank != 0:
+            cfg = replace(cfg, progress=False)
+        super().__init__(cfg, resume=resume)
+        ids = [d.local_rank] if d.device.type == "cuda" else None
+        with warnings.catch_warnings():  # broadcast_buffers=False is still the way to skip the initial sync
+            warnings.simplefilter("ignore", FutureWarning)
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+        self.ddp.register_comm_hook(None, sum_gradients_hook(d))
+        if d.rank != 0:
+            self.log.close()
+            self.log = _NullLog()
+        self.first_step = self.step
+
+    def fit(self) -> dict:
+        """`Trainer.fit`, plus ``comm``: what the training steps exchanged (all ranks, summed, per step)
+        and the share of each rank's step time spent inside collectives (waiting for peers included)."""
+        summary = super().fit()
+        d, steps = self.dist, max(self.step - self.first_step, 1)
+        mine = (dict(d.stats.bytes), dict(d.stats.seconds), self.train_s)
+        every: list = [None] * d.world
+        dist.all_gather_object(every, mine)
+        kinds = sorted({k for b, _, _ in every for k in b})
+        per_step = {k: round(sum(b.get(k, 0) for b, _, _ in every) / steps) for k in kinds}
+        share = [sum(sec.values()) / max(t, 1e-9) for _, sec, t in every]
+        summary["comm"] = {"steps": steps, "bytes_per_step": per_step, "total_bytes_per_step": sum(per_step.values()),
+                           "seconds_per_step": {k: sum(sec.get(k, 0.0) for _, sec, _ in every) / d.world / steps
+                                                for k in kinds},
+                           "time_share_per_rank": [round(x, 4) for x in share]}
+        return summary
+
+    @property
+    def ebc(self) -> ShardedEmbeddingCollection:
+        return self.model.embeddings
+
+    def _build_model(self, fresh: bool) -> DLRM:
+        cfg, d, schema = self.cfg, self.dist, self.ds.schema
+        self.device = d.device
+        configs = [TableConfig(f.name, f.num_embeddings, cfg.embedding_dim, cfg.pooling) for f in schema.sparse]
+        if not configs:
+            raise ConfigError("the data set has no sparse features; DLRM needs at least one")
+        opt = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr)
+        self.state_dim = opt.state_dim(cfg.embedding_dim)
+        row_bytes = (cfg.embedding_dim + self.state_dim) * 4
+        sample = measure_lookups(self.ds, schema.sparse_names, cfg.batch_size, cfg.plan_batches, cfg.seed)
+        loads = [TableLoad(c.name, c.num_embeddings, row_bytes, sample[c.name].lookups) for c in configs]
+        budget = parse_bytes(cfg.memory_budget, "memory_budget") if cfg.memory_budget else None
+        self.shards = plan_shards(loads, d.world, budget, cfg.sharding.tables)
+        if d.rank == 0:
+            log.info("%s", describe(self.shards, loads, d.world))
+        mine = [s for s in self.shards if s.rank == d.rank]
+        factory, plan = _rank_storage(cfg, mine, sample, row_bytes, d.rank, d.device, fresh)
+        self.rank_plan = [p.to_dict() for p in plan]
+        torch.manual_seed(cfg.seed)  # dense init as in build_model
+        ebc = ShardedEmbeddingCollection(configs, self.shards, d, opt, cfg.seed, factory, d.device)
+        model = DLRM(len(schema.dense), ebc, cfg.bottom_mlp, cfg.top_mlp).to(d.device)
+        model.storage_plan = None
+        return model
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, batch: Batch) -> float:
+        """One step on the global ``batch``; returns the global mean loss."""
+        d = self.dist
+        b = row_bounds(batch.size, d.world)
+        local = slice_batch(batch, b[d.rank], b[d.rank + 1]).to(self.device, non_blocking=True)
+        logits = self.ddp(local.dense, local.sparse)
+        loss = F.binary_cross_entropy_with_logits(logits, local.labels, reduction="sum") / batch.size
+        self.dense_opt.zero_grad(set_to_none=True)
+        loss.backward()  # dense grads summed by DDP; row grads sent to the owners, which update their rows
+        self.dense_opt.step()
+        return d.all_reduce_sum(loss.detach().reshape(1), "allreduce_loss").item()
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "test") -> dict:
+        """AUC and log-loss over the whole split: every rank scores its slice, the scores are gathered."""
+        d, cfg = self.dist, self.cfg
+        kept = (dict(d.stats.bytes), dict(d.stats.seconds), dict(d.stats.calls))  # count training steps only
+        was = self.model.training
+        self.model.eval()
+        probs, labels = [], []
+        for batch in self.ds.batches(split, cfg.eval_batch_size, max_rows=cfg.max_eval_rows):
+            b = row_bounds(batch.size, d.world)
+            local = slice_batch(batch, b[d.rank], b[d.rank + 1]).to(self.device)
+            p = torch.sigmoid(self.model(local.dense, local.sparse))
+            width = max(b[r + 1] - b[r] for r in range(d.world))
+            padded = torch.zeros(width, device=self.device)
+            padded[: p.numel()] = p
+            parts = [torch.empty_like(padded) for _ in range(d.world)]
+            dist.all_gather(parts, padded)
+            probs.append(torch.cat([parts[r][: b[r + 1] - b[r]] for r in range(d.world)]).cpu().numpy())
+            labels.append(batch.labels.numpy())
+        self.model.train(was)
+        d.stats.bytes, d.stats.seconds, d.stats.calls = kept
+        if not probs:
+            raise TierecError(f"{self.ds.root}: split {split!r} has no rows to evaluate")
+        p, y = np.concatenate(probs), np.concatenate(labels)
+        return {"split": split, "rows": int(y.size), "auc": roc_auc(y, p), "logloss": log_loss(y, p),
+                "positive_rate": float(y.mean())}
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def tables(self) -> dict:
+        return {s.name: t.storage for s, t in zip(self.ebc.shards, self.ebc.tables)}
+
+    def save(self) -> Path:
+        """Every rank writes its rows into the shared full-size table files; rank 0 publishes."""
+        d, ebc = self.dist, self.ebc
+        for t in ebc.tables:
+            t.storage.flush()
+        steps = {s.index: int(t.step) for s, t in zip(ebc.shards, ebc.tables)}
+        gathered: list = [None] * d.world
+        dist.all_gather_object(gathered, (steps, self.rank_plan))
+        box = [None]
+        if d.rank == 0:
+            tmp = ckpt.new_checkpoint_dir(self.out, self.step)
+            for c in ebc.configs:  # full-size files; every rank fills its row ranges
+                with open(tmp / "tables" / f"{c.name}.tbl", "wb") as f:
+                    f.truncate(c.num_embeddings * (c.embedding_dim + self.state_dim) * 4)
+            box = [str(tmp)]
+        dist.broadcast_object_list(box, src=0)
+        tmp = Path(box[0])
+        for s, t in zip(ebc.shards, ebc.tables):
+            write_shard(tmp / "tables" / f"{s.table}.tbl", s, t.storage)
+        dist.barrier()
+        final = None
+        if d.rank == 0:
+            final = self._publish(tmp, gathered)
+        box = [str(final)]
+        dist.broadcast_object_list(box, src=0)
+        return Path(box[0])
+
+    def _publish(self, tmp: Path, gathered: list) -> Path:
+        ebc = self.ebc
+        steps = {i: n for rank_steps, _ in gathered for i, n in rank_steps.items()}
+        state = dict(self.model.state_dict())
+        for i in range(len(ebc.configs)):  # the single-process model's per-table step counters
+            state[f"embeddings.tables.{i}.step"] = torch.tensor(steps[i], dtype=torch.int64)
+        dense_state = {"model": state, "dense_optimizer": self.dense_opt.state_dict(),
+                       "torch_rng": torch.get_rng_state()}
+        files, table_meta = {}, []
+        for c in ebc.configs:
+            rel = f"tables/{c.name}.tbl"
+            files[rel] = {"bytes": (tmp / rel).stat().st_size, "sha256": sha256_file(tmp / rel)}
+            table_meta.append(ckpt.table_entry(c.name, c.num_embeddings, c.embedding_dim, self.state_dim))
+        meta = {"tierec_version": __version__, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "samples": self.samples, "train_s": self.train_s,
+                "config": self.cfg.to_dict(), "schema": self.ds.schema.to_json(),
+                "storage_plan": merge_storage_plans([p for _, p in gathered], self.shards)}
+        return ckpt.publish_checkpoint(tmp, self.step, dense_state, files, table_meta, meta, self.cfg.keep_checkpoints)
+
+    def _resume(self) -> None:
+        try:
+            path = ckpt.resolve_checkpoint(self.out)
+        except TierecError:
+            raise TierecError(f"--resume: no checkpoint in {self.out} to resume from") from None
+        m = ckpt.read_manifest(path)
+        if m["schema"] != self.ds.schema.to_json():
+            raise ConfigError(f"--resume: checkpoint {path} was trained on a data set with a different schema")
+        state = ckpt.load_dense_state(path, m)
+        model_state = state["model"]
+        self.model.load_state_dict({k: v for k, v in model_state.items() if not k.startswith("embeddings.")})
+        for s, t in zip(self.ebc.shards, self.ebc.tables):
+            t.step.fill_(model_state[f"embeddings.tables.{s.index}.step"])
+        self.dense_opt.load_state_dict(state["dense_optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        ckpt.load_tables(path, m, {s.table: ShardView(s, t.storage) for s, t in zip(self.ebc.shards, self.ebc.tables)})
+        self.step, self.epoch, self.batch_in_epoch = m["step"], m["epoch"], m["batch_in_epoch"]
+        self.samples, self.train_s = m["samples"], m.get("train_s", 0.0)
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+
+
+def write_shard(path: Path, shard: Shard, storage) -> None:
+    """Write a shard's rows (weights | state) at their row offsets of a full-size table file, fsynced."""
+    width = storage.dim + storage.state_dim
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for a in range(0, shard.rows, ckpt.CHUNK_ROWS):
+            b = min(a + ckpt.CHUNK_ROWS, shard.rows)
+            w, s = storage.read_rows(a, b)
+            buf = torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy().tobytes()
+            os.pwrite(fd, buf, (shard.lo + a) * width * 4)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

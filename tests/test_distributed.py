@@ -1,0 +1,208 @@
+"""Sharded tables + DDP under torchrun: planner, batch slicing, and real 2-process runs (gloo, localhost)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tierec.data.dataset import Dataset
+from tierec.distributed.embedding import ShardView
+from tierec.distributed.plan import TableLoad, plan_shards, row_bounds
+from tierec.distributed.trainer import slice_batch
+from tierec.errors import ConfigError
+from tierec.modules.embedding import InMemoryTable
+from tierec.train import checkpoint as ckpt
+from tierec.train.config import TrainConfig
+from tierec.train.trainer import Trainer, evaluate, load_for_eval
+
+# Tolerance of the 2-rank run against one process (float32): the dense gradient is the sum of two
+# half-batch gradients instead of one full-batch reduction, so it differs in its last bits (~1e-8
+# absolute here); a row-wise table's pooled vector is the sum of two partial sums, and mean pooling
+# divides after the exchange (x / n instead of the single process's x * (1 / n) in backward). After 8 steps of
+# Adam / row-wise Adagrad the weights differ by < 1e-6; 1e-5 leaves room without hiding a real bug
+# (one wrong gradient moves weights by ~lr = 1e-3 .. 5e-2).
+ATOL = 1e-5
+STEPS = 8
+ARGS = ["--batch-size", "250", "--max-steps", str(STEPS), "--num-threads", "1", "--no-progress", "--seed", "3",
+        "--sparse-optimizer", "rowwise_adagrad", "--pooling", "mean"]
+SHARDING = '[sharding]\ntables = {s0 = "row", s1 = 1}\ntimeout_s = 60\n'
+
+
+def torchrun(nproc, argv, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "tierec", "train", *argv]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
+
+
+def test_plan_balances_table_wise_and_goes_row_wise_over_budget():
+    t = [TableLoad("big", 1000, 100, 10), TableLoad("a", 100, 100, 500), TableLoad("b", 100, 100, 480),
+         TableLoad("c", 10, 100, 10)]
+    shards = plan_shards(t, 2)
+    owner = {s.table: s.rank for s in shards}
+    assert owner["big"] != owner["a"] and len(shards) == 4  # the two heaviest tables on different ranks
+    rw = plan_shards(t, 2, budget_per_rank=50_000)  # "big" is 100 kB: split by rows
+    big = [s for s in rw if s.table == "big"]
+    assert [(s.rank, s.lo, s.hi) for s in big] == [(0, 0, 500), (1, 500, 1000)]
+    pinned = plan_shards(t, 3, overrides={"a": 2, "c": "row"})
+    assert [s.rank for s in pinned if s.table == "a"] == [2]
+    assert [(s.lo, s.hi) for s in pinned if s.table == "c"] == [(0, 3), (3, 6), (6, 10)]
+
+
+@pytest.mark.parametrize("overrides, match", [({"nope": 0}, "sharding.tables.nope: no such table"),
+                                              ({"a": 2}, "rank 2 does not exist"),
+                                              ({"a": "rows"}, "expected a rank number")])
+def test_plan_override_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        plan_shards([TableLoad("a", 10, 8, 1)], 2, overrides=overrides)
+
+
+def test_sharding_config_is_validated(tmp_path):
+    from tierec.train.config import make_config
+
+    f = tmp_path / "c.toml"
+    f.write_text('data = "x"\n[sharding]\ntables = {s0 = [1]}\n')
+    with pytest.raises(ConfigError, match="sharding"):
+        make_config(str(f), {})
+
+
+def test_slices_of_a_batch_concatenate_to_the_batch(tiny_dataset):
+    batch = next(Dataset(tiny_dataset).batches("train", 101))
+    b = row_bounds(batch.size, 3)
+    parts = [slice_batch(batch, b[r], b[r + 1]) for r in range(3)]
+    assert [p.size for p in parts] == [33, 34, 34]
+    for key in batch.sparse.keys():
+        whole = batch.sparse[key].to_dense()
+        assert [x.tolist() for p in parts for x in p.sparse[key].to_dense()] == [x.tolist() for x in whole]
+    assert torch.equal(torch.cat([p.dense for p in parts]), batch.dense)
+
+
+def test_table_file_loads_into_any_row_split(tmp_path):
+    """A checkpoint's table file fills the shards of any world size (here 4 row-wise ranks)."""
+    full = InMemoryTable(10, 3, 1)
+    full.weight.copy_(torch.arange(30.0).view(10, 3))
+    full.state.copy_(torch.arange(10.0).view(10, 1))
+    meta = ckpt.write_table_file(tmp_path / "t.tbl", full)
+    from tierec.distributed.plan import Shard
+
+    b = row_bounds(10, 4)
+    for r in range(4):
+        s = Shard("t", 0, r, b[r], b[r + 1], 10)
+        part = InMemoryTable(s.rows, 3, 1)
+        ckpt.read_table_file(tmp_path / "t.tbl", ShardView(s, part), meta)
+        assert torch.equal(part.weight, full.weight[s.lo : s.hi]) and torch.equal(part.state, full.state[s.lo : s.hi])
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist2") / "run"
+    conf = out.parent / "sharding.toml"
+    conf.write_text(SHARDING)
+    p = torchrun(2, ["--config", str(conf), "--data", str(tiny_dataset), "--out", str(out), *ARGS])
+    log, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, log[-3000:]
+    assert "sharding plan over 2 rank(s)" in log and "s0.rows-0-100" in log
+    return out, log
+
+
+def test_two_ranks_match_one_process(tiny_dataset, tmp_path, two_rank_run):
+    out2, log = two_rank_run
+    summary = json.loads(log[log.index("{\n") : log.rindex("}") + 1])
+    assert summary["world_size"] == 2 and summary["step"] == STEPS and summary["samples"] == STEPS * 250
+    cfg = TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "one"), batch_size=250, max_steps=STEPS,
+                      num_threads=1, progress=False, seed=3, sparse_optimizer="rowwise_adagrad", pooling="mean")
+    one = Trainer(cfg).fit()
+    c1, c2 = ckpt.resolve_checkpoint(one["checkpoint"]), ckpt.resolve_checkpoint(out2)
+    m1, m2 = ckpt.read_manifest(c1), ckpt.read_manifest(c2)
+    # the same checkpoint format: same keys, tables, files
+    assert set(m1) == set(m2) and m1["tables"] == m2["tables"] and set(m1["files"]) == set(m2["files"])
+    d1, d2 = ckpt.load_dense_state(c1, m1), ckpt.load_dense_state(c2, m2)
+    assert d1["model"].keys() == d2["model"].keys()
+    for k, v in d1["model"].items():
+        torch.testing.assert_close(d2["model"][k], v, atol=ATOL, rtol=0, msg=k)
+    moved = 0.0
+    for t in m1["tables"]:
+        a, b = np.fromfile(c1 / t["file"], np.float32), np.fromfile(c2 / t["file"], np.float32)
+        np.testing.assert_allclose(b, a, atol=ATOL, rtol=0, err_msg=t["name"])
+        moved = max(moved, float(np.abs(a.reshape(200, -1)[:, :16]).max()))
+    assert moved > 0 and summary["auc"] == pytest.approx(one["auc"], abs=1e-4)
+
+
+def test_two_rank_checkpoint_evaluates_in_one_process(tiny_dataset, two_rank_run):
+    out2, log = two_rank_run
+    summary = json.loads(log[log.index("{\n") : log.rindex("}") + 1])
+    model, ds, m = load_for_eval(str(out2), device="cpu")
+    res = evaluate(model, ds, "test", 512, torch.device("cpu"), progress=False)
+    assert m["step"] == STEPS
+    assert res["auc"] == pytest.approx(summary["auc"], abs=1e-6)
+    assert res["logloss"] == pytest.approx(summary["logloss"], abs=1e-6)
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(tiny_dataset, tmp_path, two_rank_run):
+    """Stop after 8 steps on 2 ranks, continue to 12 in one process: the same as 12 steps in one process."""
+    import shutil
+
+    out2, _ = two_rank_run
+    run = tmp_path / "resumed"
+    shutil.copytree(out2 / "checkpoints", run / "checkpoints")
+    kw = dict(data=str(tiny_dataset), batch_size=250, max_steps=STEPS + 4, num_threads=1, progress=False, seed=3,
+              sparse_optimizer="rowwise_adagrad", pooling="mean")
+    resumed = Trainer(TrainConfig(out=str(run), **kw), resume=True)
+    assert resumed.step == STEPS
+    resumed.fit()
+    straight = Trainer(TrainConfig(out=str(tmp_path / "straight"), **kw))
+    straight.fit()
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=0, msg=k)
+    for ta, tb in zip(straight.model.embeddings.tables, resumed.model.embeddings.tables):
+        torch.testing.assert_close(tb.storage.weight, ta.storage.weight, atol=ATOL, rtol=0)
+        torch.testing.assert_close(tb.storage.state, ta.storage.state, atol=ATOL, rtol=0)
+
+
+def _rank_pid(root_pid: int, rank: int) -> int | None:
+    """PID of the torchrun worker whose environment has RANK=rank (walks /proc children)."""
+    todo = [root_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") and pid != root_pid:
+                return pid
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return None
+
+
+def test_killed_rank_names_it_keeps_the_checkpoint_and_resume_continues(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(tiny_dataset), "--out", str(out), "--batch-size", "16", "--checkpoint-every", "5",
+            "--num-threads", "1", "--no-progress", "--eval-every", "100000"]
+    p = torchrun(2, [*args, "--epochs", "3"])
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "LATEST").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    pid = _rank_pid(p.pid, 1)
+    assert pid is not None and p.poll() is None
+    os.kill(pid, signal.SIGKILL)
+    log, _ = p.communicate(timeout=120)
+    assert p.returncode != 0
+    root_cause = log[log.index("Root Cause"):]
+    assert "rank      : 1 (local_rank: 1)" in root_cause and "SIGKILL" in root_cause, log[-2000:]
+    last = ckpt.resolve_checkpoint(out)  # still valid: every file matches its manifest
+    m = ckpt.read_manifest(last)
+    for rel, meta in m["files"].items():
+        ckpt.verify_file(last / rel, meta)
+    assert 5 <= m["step"] < 750
+    p = torchrun(2, [*args, "--resume", "--max-steps", str(m["step"] + 5)])
+    log, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, log[-3000:]
+    assert f"resumed from {last}" in log
+    assert json.loads(log[log.index("{\n") : log.rindex("}") + 1])["step"] == m["step"] + 5

@@ -135,6 +135,29 @@ def test_two_ranks_match_one_process(tiny_dataset, tmp_path, two_rank_run):
     assert moved > 0 and summary["auc"] == pytest.approx(one["auc"], abs=1e-4)
 
 
+def test_two_ranks_with_lookahead_caches_match_one_process(tiny_dataset, tmp_path):
+    """Each rank keeps its shards on SSD behind look-ahead caches and runs its own prefetch pipeline
+    (a row-wise shard sees only its row range): same weights as one in-memory process."""
+    conf = tmp_path / "sharding.toml"
+    conf.write_text(SHARDING)
+    out2 = tmp_path / "la"
+    p = torchrun(2, ["--config", str(conf), "--data", str(tiny_dataset), "--out", str(out2), *ARGS,
+                     "--memory-budget", "6KiB", "--cache-policy", "lookahead", "--lookahead", "5"])
+    log, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, log[-3000:]
+    summary = json.loads(log[log.index("{\n") : log.rindex("}") + 1])
+    assert summary["prefetch"]["steps"] == STEPS and summary["cache_hit_rate"] is not None
+    cfg = TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "one"), batch_size=250, max_steps=STEPS,
+                      num_threads=1, progress=False, seed=3, sparse_optimizer="rowwise_adagrad", pooling="mean")
+    one = Trainer(cfg).fit()
+    c1, c2 = ckpt.resolve_checkpoint(one["checkpoint"]), ckpt.resolve_checkpoint(out2)
+    m1, m2 = ckpt.read_manifest(c1), ckpt.read_manifest(c2)
+    assert any(p["placement"] == "ssd" and p["policy"] == "lookahead" for p in m2["storage_plan"])
+    for t in m1["tables"]:
+        a, b = np.fromfile(c1 / t["file"], np.float32), np.fromfile(c2 / t["file"], np.float32)
+        np.testing.assert_allclose(b, a, atol=ATOL, rtol=0, err_msg=t["name"])
+
+
 def test_two_rank_checkpoint_evaluates_in_one_process(tiny_dataset, two_rank_run):
     out2, log = two_rank_run
     summary = json.loads(log[log.index("{\n") : log.rindex("}") + 1])

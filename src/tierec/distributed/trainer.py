@@ -192,6 +192,11 @@ class DistributedTrainer(Trainer):
         model.storage_plan = None
         return model
 
+    def _lookahead_sources(self) -> dict:
+        """Each owned shard's cache sees its table's IDs of the global batch in its row range, minus lo:
+        what the owner receives after the all-to-all (every rank reads the same global batches)."""
+        return {s.name: (s.table, s.lo, s.hi) for s in self.ebc.shards}
+
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: Batch) -> float:
         """One step on the global ``batch``; returns the global mean loss."""

@@ -49,14 +49,18 @@ def batch_nbytes(b: Batch) -> int:
 
 class LookaheadPipeline:
     """Iterate ``batches`` (steps ``start_step``, ``start_step`` + 1, ...) with look-ahead prefetching
-    into ``caches`` (sparse key -> `LookaheadCache`). Use as a context manager, or call `close`."""
+    into ``caches`` (sparse key -> `LookaheadCache`; ``sources`` maps other names to the IDs they
+    see). Use as a context manager, or call `close`."""
 
     def __init__(self, batches: Iterable[Batch], caches: dict[str, LookaheadCache], window: int = 200,
                  depth: int = 2, max_bytes: int = 1 << 30, start_step: int = 0, lower_depth: int | None = None,
-                 io_threads: int = 4):
+                 io_threads: int = 4, sources: dict[str, tuple[str, int, int]] | None = None):
         if window < 1 or depth < 1:
             raise ValueError(f"window and depth must be >= 1, got {window}, {depth}")
         self.caches, self.window, self.depth, self.max_bytes = caches, window, min(depth, window), max_bytes
+        # Which IDs of a batch each cache sees: (sparse key, lo, hi) -> the key's IDs in [lo, hi), minus lo
+        # (a row-wise shard of a table under torch.distributed); by default all IDs of the cache's own key.
+        self.sources = {name: (sources or {}).get(name, (name, 0, None)) for name in caches}
         # Lower tiers of a chain (device <- DRAM <- SSD): a LookaheadCache backing a LookaheadCache.
         # Each is prefetched `lower_depth` steps ahead, so the tier above finds its misses there.
         self.lower_depth = min(window, lower_depth or 4 * self.depth)
@@ -294,7 +298,11 @@ class LookaheadPipeline:
         by_key = batch.sparse.to_dict()
         uniq = {}
         for key, cache in self.caches.items():
-            u = torch.unique(by_key[key].values)  # sorted, as the model's dedup
+            feature, lo, hi = self.sources[key]
+            v = by_key[feature].values
+            if lo or hi is not None:
+                v = v[(v >= lo) & (v < hi)] - lo if hi is not None else v[v >= lo] - lo
+            u = torch.unique(v)  # sorted, as the model's dedup
             cache.observe(step, u)
             uniq[key] = u
         for lane in self._lanes:

@@ -218,7 +218,11 @@ class Trainer:
         cfg = self.cfg
         return LookaheadPipeline(stream, caches, window=cfg.lookahead, depth=cfg.prefetch_depth,
                                  max_bytes=parse_bytes(cfg.lookahead_memory, "lookahead_memory"),
-                                 start_step=self.step, io_threads=cfg.prefetch_threads)
+                                 start_step=self.step, io_threads=cfg.prefetch_threads,
+                                 sources=self._lookahead_sources())
+
+    def _lookahead_sources(self) -> dict | None:  # the distributed trainer maps shards to their row ranges
+        return None
 
     def evaluate(self, split: str = "test") -> dict:
         return evaluate(self.model, self.ds, split, self.cfg.eval_batch_size, self.device,

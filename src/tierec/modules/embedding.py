@@ -244,18 +244,29 @@ class EmbeddingBagCollection(torch.nn.Module):
             raise ConfigError(f"two tables serve the same feature: {keys}")
         self.keys = keys
 
-    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return torch.stack(self.pooled(kjt), 1)
+    def forward(self, kjt: KeyedJaggedTensor, user: KeyedJaggedTensor | None = None) -> torch.Tensor:
+        return torch.stack(self.pooled(kjt, user), 1)
 
-    def pooled(self, kjt: KeyedJaggedTensor) -> list[torch.Tensor]:
+    def pooled(self, kjt: KeyedJaggedTensor, user: KeyedJaggedTensor | None = None) -> list[torch.Tensor]:
+        """T tensors [B, D]. ``user``: an inverse KJT (stride U, see `tierec.sparse.jagged`) whose
+        keys are looked up and pooled once per unique row, [U, D], then expanded with
+        ``index_select``; its backward sums the B gradients into each of the U rows."""
         by_key = kjt.to_dict()
-        missing = [k for k in self.keys if k not in by_key]
+        dedup = {}
+        if user is not None:
+            inv = user.inverse_per_key()
+            dedup = {k: (jt, inv[i]) for i, (k, jt) in enumerate(user.to_dict().items())}
+        missing = [k for k in self.keys if k not in by_key and k not in dedup]
         if missing:
             raise ConfigError(f"batch has no sparse feature(s) {missing}; it has {kjt.keys()}")
         out = []
         for table in self.tables:
-            jt = by_key[table.config.key]
-            out.append(table(jt.values, jt.offsets(), jt.weights))
+            if table.config.key in dedup:
+                jt, inv = dedup[table.config.key]
+                out.append(table(jt.values, jt.offsets(), jt.weights).index_select(0, inv))
+            else:
+                jt = by_key[table.config.key]
+                out.append(table(jt.values, jt.offsets(), jt.weights))
         return out
 
 

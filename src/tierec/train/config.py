@@ -58,6 +58,7 @@ class TrainConfig:
     direct_io: bool = False  # SSD reads bypass the OS page cache (O_DIRECT)
     plan_batches: int = 50  # batches read to measure each table's access share
     tables: dict[str, TableSettings] = field(default_factory=dict)
+    dedup: bool = True  # user-side features looked up once per unique row of a batch (docs/dedup.md)
 
     def __post_init__(self):
         for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "keep_checkpoints", "log_every",

@@ -182,7 +182,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train_step(self, batch) -> float:
         batch = batch.to(self.device, non_blocking=True)
-        logits = self.model(batch.dense, batch.sparse)
+        logits = self.model(batch.dense, batch.sparse, batch.user)
         loss = self.loss_fn(logits, batch.labels)
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()  # also updates the embedding rows (fused sparse optimizer)
@@ -208,7 +208,7 @@ class Trainer:
         self.model.train()
         while self.epoch < cfg.epochs and self.step < total:
             batches = self.ds.batches("train", cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=self.epoch,
-                                      start_batch=self.batch_in_epoch, max_rows=cfg.max_train_rows)
+                                      start_batch=self.batch_in_epoch, max_rows=cfg.max_train_rows, dedup=cfg.dedup)
             t_step = time.perf_counter()
             for batch in batches:
                 loss = self.train_step(batch)

@@ -72,6 +72,12 @@ def test_dedup_rows_is_exact(seed):
         assert np.array_equal(dd.jagged_take(ev, eo, inv)[0], v) and np.array_equal(dd.jagged_take(ev, eo, inv)[1], o)
     keys = {tuple(tuple(v[o[i]:o[i + 1]]) for v, o in feats) for i in range(300)}
     assert rep.size == len(keys), "rows equal in every feature share one entry, and only those"
+    # session keys: used when they determine the rows, ignored (exactly) when they do not
+    for sess in (pick, np.zeros(300, np.int64), pick % 3):
+        r2, i2 = dd.dedup_rows(feats, 300, sess)
+        for v, o in feats:
+            assert np.array_equal(dd.jagged_take(*dd.jagged_take(v, o, r2), i2)[0], v)
+    assert dd.dedup_rows(feats, 300, pick)[0].tolist() == rep.tolist(), "same entries with or without keys"
 
 
 def test_dedup_rows_survives_hash_collisions(monkeypatch):

@@ -289,7 +289,10 @@ class Batch:
         else:
             chunk, inv0 = chunk.expand(), np.arange(len(chunk), dtype=np.int64)
         n0 = len(chunk.sparse[user_keys[0]][1]) - 1
-        rep, inv = dedup_rows([chunk.sparse[k] for k in user_keys], n0)
+        sess = None  # sessions of the entries: candidate groups, verified by dedup_rows
+        if chunk.session is not None:
+            sess = chunk.session[np.searchsorted(inv0, np.arange(n0))]
+        rep, inv = dedup_rows([chunk.sparse[k] for k in user_keys], n0, sess)
         if rep.size < n0:
             ent = Chunk(chunk.label, chunk.dense, {k: jagged_take(*chunk.sparse[k], rep) for k in user_keys})
         else:

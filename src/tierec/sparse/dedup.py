@@ -81,26 +81,38 @@ def _segment_sum(acc: np.ndarray, row_of: np.ndarray, e: np.ndarray) -> None:
         acc[row_of[starts]] += np.add.reduceat(e, starts)
 
 
-def dedup_rows(feats: list[Jagged], n: int) -> tuple[np.ndarray, np.ndarray]:
+def dedup_rows(feats: list[Jagged], n: int, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Joint deduplication of ``n`` rows of ``feats`` -> (rep int64 [U], inverse int64 [n]).
 
-    Exact: rows are grouped by a 64-bit hash, then every row is compared with its
-    representative; should any differ (a hash collision, ~n^2 / 2^64), rows are only
-    merged with equal neighbours (`same_as_previous`), which is exact by construction.
+    Exact: rows are grouped by ``keys`` (int64 [n], e.g. session IDs, which should
+    determine the rows; the groups' representatives are then deduplicated by content) or
+    else by a 64-bit hash of the rows, then every row is compared with its representative. Should any differ (rows that vary within a session; a hash
+    collision, ~n^2 / 2^64), keys fall back to the hash, and the hash to merging equal
+    neighbours only (`same_as_previous`), which is exact by construction.
     """
     if n == 0 or not feats:
         return np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64)
-    h = row_hashes(feats, n)
-    _, first, inv = np.unique(h, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")  # entries in first-occurrence order
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    rep, inverse = first[order].astype(np.int64), rank[inv.reshape(-1)].astype(np.int64)
+    if keys is not None:
+        rep, inverse = _group(keys)
+        if rep.size < n and _all_equal(feats, rep[inverse]):
+            # different keys may still hold equal rows: deduplicate the U representatives by content
+            rep2, inv2 = dedup_rows([jagged_take(v, o, rep) for v, o in feats], rep.size)
+            return rep[rep2], inv2[inverse]
+    rep, inverse = _group(row_hashes(feats, n))
     if rep.size < n and not _all_equal(feats, rep[inverse]):
         head = ~same_as_previous(feats, n)
         inverse = np.cumsum(head) - 1
         rep = np.flatnonzero(head).astype(np.int64)
     return rep, inverse
+
+
+def _group(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with equal ``h`` -> (first row of each group, in first-occurrence order; group of each row)."""
+    _, first, inv = np.unique(h, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # entries in first-occurrence order
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return first[order].astype(np.int64), rank[inv.reshape(-1)].astype(np.int64)
 
 
 def _all_equal(feats: list[Jagged], src: np.ndarray) -> bool:

@@ -57,28 +57,27 @@ def same_as_previous(feats: list[Jagged], n: int) -> np.ndarray:
 
 
 def row_hashes(feats: list[Jagged], n: int) -> np.ndarray:
-    """uint64 [n]: an order-sensitive hash of each row's lists (joint over features)."""
-    h = np.zeros(n, np.uint64)
-    with np.errstate(over="ignore"):
-        for k, (values, offs) in enumerate(feats):
-            lens = np.diff(offs)
-            row_of = np.repeat(np.arange(n), lens)
-            pos = np.arange(values.size, dtype=np.int64) - offs[:-1][row_of]
-            e = _mix64(values.astype(np.int64, copy=False).view(np.uint64)
-                           ^ _mix64(pos.view(np.uint64) + np.uint64(0x9E3779B97F4A7C15 * (k + 1) & (2**64 - 1))))
-            acc = np.zeros(n, np.uint64)
-            _segment_sum(acc, row_of, e)
-            h = _mix64(h ^ acc ^ _mix64(lens.astype(np.uint64) + np.uint64(k + 1)))
-    return h
+    """uint64 [n]: an order-sensitive hash of each row's lists, joint over the K features.
 
-
-def _segment_sum(acc: np.ndarray, row_of: np.ndarray, e: np.ndarray) -> None:
-    """acc[row_of] += e (mod 2^64), ``row_of`` non-decreasing: one reduceat."""
-    if e.size == 0:
-        return
-    starts = np.flatnonzero(np.r_[True, row_of[1:] != row_of[:-1]])
+    One pass over all values: value v at position p of its list in feature k adds
+    ``mix(v ^ (p * c + salt_k))`` to its (feature, row) segment; each segment's sum is
+    mixed with its length and feature, and the K of a row are summed (all mod 2^64).
+    """
+    k = len(feats)
+    lens = np.stack([np.diff(o) for _, o in feats]).reshape(-1)  # [K * n], feature-major
+    values = np.concatenate([v for v, _ in feats]).astype(np.int64, copy=False)
+    seg = np.repeat(np.arange(k * n), lens)
+    starts = np.cumsum(lens) - lens
+    salt = (np.arange(1, k + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)).repeat(n)  # [K * n]
     with np.errstate(over="ignore"):
-        acc[row_of[starts]] += np.add.reduceat(e, starts)
+        pos = (np.arange(values.size, dtype=np.int64) - starts[seg]).view(np.uint64)
+        e = _mix64(values.view(np.uint64) ^ (pos * np.uint64(0xD6E8FEB86659FD93) + salt[seg]))
+        sums = np.zeros(k * n, np.uint64)
+        nz = np.flatnonzero(lens)
+        if nz.size:
+            sums[nz] = np.add.reduceat(e, starts[nz])
+        per = _mix64(sums ^ _mix64(lens.view(np.uint64) + salt))
+        return per.reshape(k, n).sum(0, dtype=np.uint64)
 
 
 def dedup_rows(feats: list[Jagged], n: int, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -86,8 +85,8 @@ def dedup_rows(feats: list[Jagged], n: int, keys: np.ndarray | None = None) -> t
 
     Exact: rows are grouped by ``keys`` (int64 [n], e.g. session IDs, which should
     determine the rows; the groups' representatives are then deduplicated by content) or
-    else by a 64-bit hash of the rows, then every row is compared with its representative. Should any differ (rows that vary within a session; a hash
-    collision, ~n^2 / 2^64), keys fall back to the hash, and the hash to merging equal
+    else by a 64-bit hash of the rows, then every row is compared with its representative.
+    Should any differ (rows that vary within a session; a hash collision, ~n^2 / 2^64), keys fall back to the hash, and the hash to merging equal
     neighbours only (`same_as_previous`), which is exact by construction.
     """
     if n == 0 or not feats:

@@ -155,7 +155,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="timed training steps per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--auc-windows", default="512,4096,32768,262144", help="windows of part 4 (rows)")
     p.add_argument("--auc-batch", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)

@@ -42,7 +42,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tierec.data.dataset import SPLITS, Chunk, DatasetWriter, Schema, SparseFeature, prepare_output_dir
+from tierec.data.dataset import SPLITS, Chunk, Schema, SparseFeature, prepare_output_dir
 from tierec.data.hashing import splitmix64
 from tierec.data.readers import CRITEO_KAGGLE_CARDINALITIES
 from tierec.errors import ConfigError, TierecError

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tierec.data.cluster import recluster, window_order
-from tierec.data.dataset import Chunk, Dataset
+from tierec.data.dataset import Batch, Chunk, Dataset
 from tierec.data.synth import SynthConfig, generate
 from tierec.sparse import KeyedJaggedTensor, dedup_kjt
 from tierec.sparse import dedup as dd
@@ -112,6 +112,9 @@ def test_kjt_inverse_round_trip_and_validation():
         KeyedJaggedTensor(keys, d.values(), d.lengths(), stride=2, inverse_indices=(keys, torch.tensor([0.0, 1.0])))
     with pytest.raises(ValueError, match="not deduplicated"):
         kjt.inverse_indices()
+    with pytest.raises(ValueError, match="inverse KJT over the batch's 3 samples"):
+        Batch(torch.zeros(3, 1), KeyedJaggedTensor([], torch.zeros(0, dtype=torch.int64),
+                                                   torch.zeros(0, dtype=torch.int64), stride=3), torch.zeros(3), user=d)
 
 
 # --------------------------------------------------------------------------- clustered data sets

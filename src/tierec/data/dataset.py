@@ -252,6 +252,15 @@ class Batch:
     session: torch.Tensor | None = None
     user: KeyedJaggedTensor | None = None
 
+    def __post_init__(self):
+        if self.user is not None:
+            b = self.labels.shape[0]
+            if self.user.inverse_indices_or_none() is None or self.user.batch_size() != b:
+                raise ValueError(f"Batch.user must be an inverse KJT over the batch's {b} samples, got {self.user}")
+            if set(self.user.keys()) & set(self.sparse.keys()):
+                raise ValueError(f"keys {sorted(set(self.user.keys()) & set(self.sparse.keys()))} are in both "
+                                 "Batch.sparse and Batch.user")
+
     @property
     def size(self) -> int:
         return int(self.labels.shape[0])
@@ -289,9 +298,9 @@ class Batch:
         else:
             chunk, inv0 = chunk.expand(), np.arange(len(chunk), dtype=np.int64)
         n0 = len(chunk.sparse[user_keys[0]][1]) - 1
-        sess = None  # sessions of the entries: candidate groups, verified by dedup_rows
-        if chunk.session is not None:
-            sess = chunk.session[np.searchsorted(inv0, np.arange(n0))]
+        sess = None  # sessions of plain rows: candidate groups, verified by dedup_rows (runs need none)
+        if chunk.session is not None and chunk.inverse is None:
+            sess = chunk.session
         rep, inv = dedup_rows([chunk.sparse[k] for k in user_keys], n0, sess)
         if rep.size < n0:
             ent = Chunk(chunk.label, chunk.dense, {k: jagged_take(*chunk.sparse[k], rep) for k in user_keys})

@@ -9,7 +9,7 @@ import json
 def register(sub: argparse._SubParsersAction) -> None:
     from tierec.data import convert, synth
 
-    data = sub.add_parser("data", help="make and inspect data sets (synth, convert, info, verify)")
+    data = sub.add_parser("data", help="make and inspect data sets (synth, convert, cluster, info, verify)")
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
     p = dsub.add_parser("synth", help="generate a synthetic Criteo-shaped data set, reproducible from a seed",
@@ -21,6 +21,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     convert.add_arguments(p)
     p.set_defaults(func=convert.main)
+
+    p = dsub.add_parser("cluster", help="rewrite a data set with sessions clustered (or rows shuffled) within windows",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dataset", help="source data set directory")
+    p.add_argument("--out", required=True, help="output data set directory")
+    p.add_argument("--by", choices=["session", "shuffle", "none"], default="session",
+                   help="session: a session's rows together, user-side lists once per run; shuffle: interleave rows")
+    p.add_argument("--window", type=int, default=1 << 18, metavar="ROWS", help="rows reordered at a time")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order of sessions / rows within a window")
+    p.set_defaults(func=_cluster)
 
     p = dsub.add_parser("info", help="print a data set's schema and row counts")
     p.add_argument("dataset", help="data set directory")
@@ -38,6 +48,16 @@ def _info(args) -> int:
     m = dict(ds.manifest)
     m["splits"] = {k: {"rows": v["rows"], "files": len(v["files"])} for k, v in m["splits"].items()}
     print(json.dumps(m, indent=2))
+    return 0
+
+
+def _cluster(args) -> int:
+    from tierec.data.cluster import recluster
+
+    m = recluster(args.dataset, args.out, args.by, args.window, args.seed)
+    total = sum(v["rows"] for v in m["splits"].values())
+    size = sum(f["bytes"] for v in m["splits"].values() for f in v["files"])
+    print(f"{args.out}: wrote {total:,} rows ({args.by}, window {args.window:,} rows); {size:,} bytes of Parquet")
     return 0
 
 

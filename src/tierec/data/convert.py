@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tierec.data.dataset import SPLITS, DatasetWriter, prepare_output_dir
+from tierec.data.cluster import DEFAULT_WINDOW, clustering_record, open_writers
+from tierec.data.dataset import prepare_output_dir
 from tierec.data.hashing import splitmix64
 from tierec.data.readers import (
     DEFAULT_BLOCK_SIZE,
@@ -51,8 +52,12 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
             test_fraction: float = 0.1, seed: int = 0, skip_bad_rows: bool = False,
             rows_per_file: int = 1 << 20, row_group_size: int = 65536, field_map=None,
             max_rows: int | None = None, rating_threshold: float = 4.0,
-            block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True) -> dict:
+            block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True, cluster_by: str = "none",
+            cluster_window: int = DEFAULT_WINDOW) -> dict:
     """Convert ``input_path`` (format ``fmt``, one of `FORMATS`) into a data set at ``out_dir``.
+
+    ``cluster_by="session"`` writes each session's rows together within windows of
+    ``cluster_window`` rows (`tierec.data.cluster`); ``"shuffle"`` permutes rows within them.
 
     Returns the manifest (also written to ``out_dir/manifest.json``).
     """
@@ -70,12 +75,15 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
     out = Path(out_dir)
     prepare_output_dir(out)
     log.info("converting %s (%s, %d bytes) -> %s", reader.path, fmt, reader.path.stat().st_size, out)
-    writer = DatasetWriter(out, reader.schema, splits=SPLITS, rows_per_file=int(rows_per_file),
-                           row_group_size=min(int(row_group_size), int(rows_per_file)))
+    writer, split = open_writers(out, reader.schema, cluster_by, int(cluster_window), int(seed),
+                                 rows_per_file=int(rows_per_file),
+                                 row_group_size=min(int(row_group_size), int(rows_per_file)))
     for block in reader:
         is_test = is_test_row(block.lines, float(test_fraction), int(seed))
-        writer.splits["train"].write(take_rows(block.chunk, ~is_test))
-        writer.splits["test"].write(take_rows(block.chunk, is_test))
+        split["train"].write(take_rows(block.chunk, ~is_test))
+        split["test"].write(take_rows(block.chunk, is_test))
+    for w in split.values():
+        w.close()
     stats = reader.stats
     fm = getattr(reader, "field_map", None)
     options = {
@@ -107,8 +115,11 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
         "split_rule": "test iff u(line number, seed) < test_fraction; u from splitmix64 (tierec.data.convert.is_test_row)",
         "options": options,
     }
-    manifest = writer.close(source=source)
-    return manifest
+    options["cluster_by"] = cluster_by
+    if cluster_by != "none":
+        options["cluster_window"] = int(cluster_window)
+    clustering = clustering_record(cluster_by, cluster_window, seed)
+    return writer.close(source=source, extra={"clustering": clustering} if clustering else None)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -135,6 +146,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rows", type=int, default=None, help="stop after this many good rows")
     p.add_argument("--rating-threshold", type=float, default=4.0,
                    help="movielens: label = 1 when rating >= this, else 0")
+    p.add_argument("--cluster-by", choices=["none", "session", "shuffle"], default="none",
+                   help="session: write a session's rows together (user-side lists stored once per run), "
+                        "sessions in random order within each window; shuffle: permute rows within each window")
+    p.add_argument("--cluster-window", type=int, default=DEFAULT_WINDOW, metavar="ROWS",
+                   help="rows buffered and reordered at a time (bounds memory and how far a row moves)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a TTY)")
 
 
@@ -144,7 +160,8 @@ def main(args) -> int:
                 test_fraction=args.test_fraction, seed=args.seed, skip_bad_rows=args.skip_bad_rows,
                 rows_per_file=args.rows_per_file, row_group_size=args.row_group_size, field_map=args.field_map,
                 max_rows=args.max_rows, rating_threshold=args.rating_threshold,
-                progress=not getattr(args, "no_progress", False))
+                progress=not getattr(args, "no_progress", False), cluster_by=args.cluster_by,
+                cluster_window=args.cluster_window)
     dt = max(time.perf_counter() - t0, 1e-9)
     rows = {k: v["rows"] for k, v in m["splits"].items()}
     total = sum(rows.values())

@@ -15,6 +15,13 @@ Columns of every shard:
   ``[0, num_embeddings)``; an empty list is a missing value;
 - ``session`` (int64), only when the data set has a session key.
 
+A data set written clustered by session (`tierec.data.cluster`; manifest key
+``clustering``) stores the user-side columns **once per run**: a row whose user-side
+lists all equal the previous row's (same session, same row group) holds a null there,
+meaning "as above" (an empty list stays a missing value). Readers expand the runs, or
+with ``dedup=True`` keep them as an inverse map (`Chunk.inverse`); shuffling moves whole
+runs, so a session's samples stay together.
+
 Readers stream one row group at a time (constant memory), shuffle row-group
 order and rows within a row group from ``(seed, epoch)``, and can start at any
 batch index (for exact resume) without reading the skipped row groups.
@@ -37,6 +44,7 @@ import torch
 from tierec.errors import DataError, TierecError
 from tierec.fsio import atomic_write_bytes, sha256_file
 from tierec.sparse import KeyedJaggedTensor
+from tierec.sparse.dedup import dedup_rows, jagged_take, same_as_previous
 
 FORMAT = "tierec-dataset"
 VERSION = 1
@@ -70,6 +78,11 @@ class Schema:
     def sparse_names(self) -> list[str]:
         return [f.name for f in self.sparse]
 
+    @property
+    def user_names(self) -> list[str]:
+        """The user-side sparse features (constant within a session)."""
+        return [f.name for f in self.sparse if f.side == "user"]
+
     def arrow_schema(self) -> pa.Schema:
         fields = [pa.field("label", pa.float32())]
         fields += [pa.field(n, pa.float32()) for n in self.dense]
@@ -92,39 +105,76 @@ class Chunk:
     """A block of rows as numpy arrays (host memory).
 
     ``sparse[name] = (values int64 [m], offsets int64 [n + 1])`` with ``offsets[0] == 0``.
+
+    *Compact* chunks (``inverse`` set) hold the features ``inverse_keys`` once per
+    entry: ``sparse[k]`` has U lists and row i's list is entry ``inverse[i]``;
+    ``inverse`` int64 [n] is non-decreasing (entries in row order).
     """
 
     label: np.ndarray  # float32 [n]
     dense: np.ndarray  # float32 [n, n_dense]
     sparse: dict[str, tuple[np.ndarray, np.ndarray]]
     session: np.ndarray | None = None  # int64 [n]
+    inverse: np.ndarray | None = None  # int64 [n], compact chunks only
+    inverse_keys: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
     def slice(self, a: int, b: int) -> "Chunk":
+        lo = hi = 0
+        inv = None
+        if self.inverse is not None:
+            lo, hi = (int(self.inverse[a]), int(self.inverse[b - 1]) + 1) if b > a else (0, 0)
+            inv = self.inverse[a:b] - lo
         sp = {}
         for k, (v, o) in self.sparse.items():
-            sp[k] = (v[o[a] : o[b]], o[a : b + 1] - o[a])
+            i, j = (lo, hi) if k in self.inverse_keys else (a, b)
+            sp[k] = (v[o[i] : o[j]], o[i : j + 1] - o[i])
         s = self.session[a:b] if self.session is not None else None
-        return Chunk(self.label[a:b], self.dense[a:b], sp, s)
+        return Chunk(self.label[a:b], self.dense[a:b], sp, s, inv, self.inverse_keys)
+
+    def take(self, idx: np.ndarray) -> "Chunk":
+        """Rows ``idx`` (any order) of a plain chunk."""
+        sp = {k: jagged_take(v, o, idx) for k, (v, o) in self.expand().sparse.items()}
+        s = self.session[idx] if self.session is not None else None
+        return Chunk(self.label[idx], self.dense[idx], sp, s)
+
+    def expand(self) -> "Chunk":
+        """The plain chunk (every row holds its own lists)."""
+        if self.inverse is None:
+            return self
+        sp = dict(self.sparse)
+        for k in self.inverse_keys:
+            sp[k] = jagged_take(*sp[k], self.inverse)
+        return Chunk(self.label, self.dense, sp, self.session)
 
     @staticmethod
     def concat(chunks: list["Chunk"]) -> "Chunk":
         if len(chunks) == 1:
             return chunks[0]
+        if len({c.inverse_keys for c in chunks}) > 1 or any((c.inverse is None) != (chunks[0].inverse is None)
+                                                           for c in chunks):
+            chunks = [c.expand() for c in chunks]
         sp = {}
         for k in chunks[0].sparse:
             vals = np.concatenate([c.sparse[k][0] for c in chunks])
             lens = np.concatenate([np.diff(c.sparse[k][1]) for c in chunks])
             sp[k] = (vals, np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
         s = np.concatenate([c.session for c in chunks]) if chunks[0].session is not None else None
+        inv = None
+        if chunks[0].inverse is not None:
+            k0 = chunks[0].inverse_keys[0]
+            shift = np.cumsum([0] + [len(c.sparse[k0][1]) - 1 for c in chunks[:-1]])
+            inv = np.concatenate([c.inverse + d for c, d in zip(chunks, shift)])
         return Chunk(
-            np.concatenate([c.label for c in chunks]), np.concatenate([c.dense for c in chunks]), sp, s
+            np.concatenate([c.label for c in chunks]), np.concatenate([c.dense for c in chunks]), sp, s,
+            inv, chunks[0].inverse_keys,
         )
 
     @staticmethod
-    def from_arrow(table: pa.Table, schema: Schema) -> "Chunk":
+    def from_arrow(table: pa.Table, schema: Schema, compact: bool = False) -> "Chunk":
+        """A chunk of ``table``; user-side runs (see module doc) are expanded unless ``compact``."""
         label = table.column("label").to_numpy().astype(np.float32, copy=False)
         n = len(label)
         if schema.dense:
@@ -132,23 +182,58 @@ class Chunk:
         else:
             dense = np.zeros((n, 0), np.float32)
         sp = {}
+        heads = None
+        users = schema.user_names
+        if users and table.column(users[0]).null_count:
+            heads = ~table.column(users[0]).is_null().to_numpy(zero_copy_only=False)
         for f in schema.sparse:
             col = table.column(f.name).combine_chunks()
             offs = col.offsets.to_numpy().astype(np.int64)
             vals = col.values.to_numpy().astype(np.int64, copy=False)[offs[0] : offs[-1]]
-            sp[f.name] = (vals, offs - offs[0])
+            offs = offs - offs[0]
+            if f.side == "user" and heads is not None:
+                idx = np.flatnonzero(heads)
+                if not heads[0] or col.null_count != n - idx.size or not np.array_equal(
+                        ~col.is_null().to_numpy(zero_copy_only=False), heads):
+                    raise DataError(f"sparse feature {f.name!r}: user-side runs (null = as above) do not line up "
+                                    "with the other user-side features or start a row group with a null")
+                if offs[-1] == offs[idx + 1].sum() - offs[idx].sum():  # null lists are empty: share the values
+                    sp[f.name] = (vals, np.append(offs[idx], offs[-1]))
+                else:
+                    sp[f.name] = jagged_take(vals, offs, idx)
+            else:
+                sp[f.name] = (vals, offs)
         session = table.column("session").to_numpy() if schema.session_key is not None else None
-        return Chunk(label, dense, sp, session)
+        if heads is None:
+            return Chunk(label, dense, sp, session)
+        chunk = Chunk(label, dense, sp, session, np.cumsum(heads, dtype=np.int64) - 1, tuple(users))
+        return chunk if compact else chunk.expand()
 
-    def to_arrow(self, schema: Schema) -> pa.Table:
+    def to_arrow(self, schema: Schema, user_runs: bool = False) -> pa.Table:
+        """Arrow table of a plain chunk; ``user_runs``: user-side lists once per run (module doc)."""
+        heads = self.run_heads(schema) if user_runs and schema.user_names else None
         cols = [pa.array(self.label, pa.float32())]
         cols += [pa.array(self.dense[:, i], pa.float32()) for i in range(len(schema.dense))]
         for f in schema.sparse:
             v, o = self.sparse[f.name]
-            cols.append(pa.ListArray.from_arrays(pa.array(o.astype(np.int32)), pa.array(v, pa.int64())))
+            mask = None
+            if heads is not None and f.side == "user":
+                ev, eo = jagged_take(v, o, np.flatnonzero(heads))
+                lens = np.zeros(len(self), np.int64)
+                lens[heads] = np.diff(eo)
+                v, o, mask = ev, np.concatenate([[0], np.cumsum(lens)]), pa.array(~heads)
+            cols.append(pa.ListArray.from_arrays(pa.array(o.astype(np.int32)), pa.array(v, pa.int64()), mask=mask))
         if schema.session_key is not None:
             cols.append(pa.array(self.session, pa.int64()))
         return pa.Table.from_arrays(cols, schema=schema.arrow_schema())
+
+    def run_heads(self, schema: Schema) -> np.ndarray:
+        """bool [n]: row i starts a run (its user-side lists or session differ from row i - 1's)."""
+        feats = [self.sparse[k] for k in schema.user_names]
+        heads = ~same_as_previous(feats, len(self))
+        if self.session is not None and len(self):
+            heads[1:] |= self.session[1:] != self.session[:-1]
+        return heads
 
 
 @dataclass
@@ -156,13 +241,25 @@ class Batch:
     """One training batch of B samples.
 
     dense: float32 [B, n_dense]; sparse: KeyedJaggedTensor over the sparse keys;
-    labels: float32 [B].
+    labels: float32 [B]. Deduplicated batches put the user-side keys in ``user``, an
+    inverse KJT (stride U <= B, ``inverse_indices = (keys, int64 [B])``), and only the
+    item-side keys in ``sparse``.
     """
 
     dense: torch.Tensor
     sparse: KeyedJaggedTensor
     labels: torch.Tensor
     session: torch.Tensor | None = None
+    user: KeyedJaggedTensor | None = None
+
+    def __post_init__(self):
+        if self.user is not None:
+            b = self.labels.shape[0]
+            if self.user.inverse_indices_or_none() is None or self.user.batch_size() != b:
+                raise ValueError(f"Batch.user must be an inverse KJT over the batch's {b} samples, got {self.user}")
+            if set(self.user.keys()) & set(self.sparse.keys()):
+                raise ValueError(f"keys {sorted(set(self.user.keys()) & set(self.sparse.keys()))} are in both "
+                                 "Batch.sparse and Batch.user")
 
     @property
     def size(self) -> int:
@@ -170,22 +267,62 @@ class Batch:
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         s = self.session.to(device, non_blocking=non_blocking) if self.session is not None else None
+        u = self.user.to(device, non_blocking=non_blocking) if self.user is not None else None
         return Batch(
             self.dense.to(device, non_blocking=non_blocking),
             self.sparse.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
             s,
+            u,
         )
 
+    def full_sparse(self) -> KeyedJaggedTensor:
+        """All keys with stride B (user-side keys expanded; item-side keys first)."""
+        if self.user is None:
+            return self.sparse
+        u = self.user.expand()
+        b = self.size
+        return KeyedJaggedTensor(self.sparse.keys() + u.keys(), torch.cat([self.sparse.values(), u.values()]),
+                                 torch.cat([self.sparse.lengths(), u.lengths()]), stride=b)
+
     @staticmethod
-    def from_chunk(chunk: Chunk, keys: list[str]) -> "Batch":
-        vals = [chunk.sparse[k][0] for k in keys]
-        lens = [np.diff(chunk.sparse[k][1]) for k in keys]
-        values = torch.from_numpy(np.concatenate(vals) if vals else np.zeros(0, np.int64))
-        lengths = torch.from_numpy(np.concatenate(lens).astype(np.int64) if lens else np.zeros(0, np.int64))
-        kjt = KeyedJaggedTensor(keys, values, lengths, stride=len(chunk))
+    def from_chunk(chunk: Chunk, keys: list[str], user_keys: list[str] | None = None) -> "Batch":
+        """Batch of ``chunk``; with ``user_keys``, those keys become a deduplicated ``user`` KJT
+        (rows equal in every user key share one entry, see `tierec.sparse.dedup.dedup_rows`)."""
         s = _tensor(chunk.session) if chunk.session is not None else None
-        return Batch(_tensor(chunk.dense), kjt, _tensor(chunk.label), s)
+        if not user_keys:
+            kjt = _kjt(chunk.expand(), keys, len(chunk))
+            return Batch(_tensor(chunk.dense), kjt, _tensor(chunk.label), s)
+        if chunk.inverse is not None and set(user_keys) == set(chunk.inverse_keys):
+            inv0 = chunk.inverse  # entries of the stored runs
+        else:
+            chunk, inv0 = chunk.expand(), np.arange(len(chunk), dtype=np.int64)
+        n0 = len(chunk.sparse[user_keys[0]][1]) - 1
+        sess = None  # sessions of plain rows: candidate groups, verified by dedup_rows (runs need none)
+        if chunk.session is not None and chunk.inverse is None:
+            sess = chunk.session
+        rep, inv = dedup_rows([chunk.sparse[k] for k in user_keys], n0, sess)
+        if rep.size < n0:
+            ent = Chunk(chunk.label, chunk.dense, {k: jagged_take(*chunk.sparse[k], rep) for k in user_keys})
+        else:
+            ent = chunk
+        inverse = torch.from_numpy(inv[inv0])
+        user = KeyedJaggedTensor(user_keys, *_kjt_parts(ent, user_keys), stride=int(rep.size),
+                                 inverse_indices=(list(user_keys), inverse))
+        item_keys = [k for k in keys if k not in user_keys]
+        return Batch(_tensor(chunk.dense), _kjt(chunk, item_keys, len(chunk)), _tensor(chunk.label), s, user)
+
+
+def _kjt_parts(chunk: Chunk, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    vals = [chunk.sparse[k][0] for k in keys]
+    lens = [np.diff(chunk.sparse[k][1]) for k in keys]
+    values = torch.from_numpy(np.concatenate(vals) if vals else np.zeros(0, np.int64))
+    lengths = torch.from_numpy(np.concatenate(lens).astype(np.int64) if lens else np.zeros(0, np.int64))
+    return values, lengths
+
+
+def _kjt(chunk: Chunk, keys: list[str], stride: int) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor(keys, *_kjt_parts(chunk, keys), stride=stride)
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -198,8 +335,9 @@ class SplitWriter:
     """Appends chunks to one split (e.g. ``train``), rolling files every ``rows_per_file`` rows."""
 
     def __init__(self, root: Path, split: str, schema: Schema, rows_per_file: int = 1 << 20,
-                 row_group_size: int = 65536, compression: str = "zstd"):
+                 row_group_size: int = 65536, compression: str = "zstd", user_runs: bool = False):
         self.dir = Path(root) / split
+        self.user_runs = user_runs  # user-side lists once per run (module doc)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.schema, self.rows_per_file, self.row_group_size = schema, rows_per_file, row_group_size
         self.compression = compression
@@ -227,7 +365,7 @@ class SplitWriter:
             path = self.dir / f"part-{len(self.files):05d}.parquet"
             self._writer = pq.ParquetWriter(path, self.schema.arrow_schema(), compression=self.compression)
             self.files.append({"path": f"{self.dir.name}/{path.name}", "rows": 0})
-        self._writer.write_table(group.to_arrow(self.schema), row_group_size=n)
+        self._writer.write_table(group.to_arrow(self.schema, self.user_runs), row_group_size=n)
         self.files[-1]["rows"] += n
         self._file_rows += n
         self.rows += n
@@ -325,6 +463,23 @@ class Dataset:
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
 
+    @property
+    def clustering(self) -> dict | None:
+        """``{"by": "session", "window": rows, ...}`` for a data set written clustered, else None."""
+        return self.manifest.get("clustering")
+
+    def _run_starts(self, table: pa.Table) -> np.ndarray:
+        """Start rows of the session runs of a row group of a clustered data set."""
+        users = self.schema.user_names
+        if users:
+            heads = ~table.column(users[0]).is_null().to_numpy(zero_copy_only=False)
+        else:
+            heads = np.ones(table.num_rows, bool)
+        if self.schema.session_key is not None and table.num_rows:
+            sess = table.column("session").to_numpy()
+            heads[1:] |= sess[1:] != sess[:-1]
+        return np.flatnonzero(heads)
+
     def num_rows(self, split: str) -> int:
         return int(self._split(split)["rows"])
 
@@ -351,22 +506,29 @@ class Dataset:
         return out
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                start_batch: int = 0, drop_last: bool = False, max_rows: int | None = None) -> Iterator[Batch]:
+                start_batch: int = 0, drop_last: bool = False, max_rows: int | None = None,
+                dedup: bool = False) -> Iterator[Batch]:
         """Stream batches of ``batch_size`` rows (the last may be smaller unless ``drop_last``).
 
         Order is a pure function of ``(seed, epoch)``; ``start_batch`` skips batches
         without reading the skipped row groups, so a resumed run sees the same batches.
+        ``dedup``: user-side features come as an inverse KJT (`Batch.user`), if the schema has any.
         """
-        for chunk in self.chunks(split, batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-                                 start_batch=start_batch, drop_last=drop_last, max_rows=max_rows):
-            yield Batch.from_chunk(chunk, self.schema.sparse_names)
+        users = self.schema.user_names if dedup else []
+        for chunk in self.chunks(split, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, start_batch=start_batch,
+                                 drop_last=drop_last, max_rows=max_rows, compact=bool(users)):
+            yield Batch.from_chunk(chunk, self.schema.sparse_names, users)
 
     def num_batches(self, split: str, batch_size: int, drop_last: bool = False, max_rows: int | None = None) -> int:
         n = self.num_rows(split) if max_rows is None else min(max_rows, self.num_rows(split))
         return n // batch_size if drop_last else -(-n // batch_size)
 
     def chunks(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-               start_batch: int = 0, drop_last: bool = False, max_rows: int | None = None) -> Iterator[Chunk]:
+               start_batch: int = 0, drop_last: bool = False, max_rows: int | None = None,
+               compact: bool = False) -> Iterator[Chunk]:
+        """Chunks of ``batch_size`` rows (see `batches`). Shuffling permutes row groups and, within
+        a row group, rows, or whole session runs in a data set written clustered by session.
+        ``compact``: keep stored user-side runs as `Chunk.inverse` instead of expanding them."""
         if batch_size <= 0:
             raise TierecError(f"batch size must be > 0, got {batch_size}")
         groups = self.row_groups(split)
@@ -388,15 +550,23 @@ class Dataset:
         remaining = total - skip
         if remaining <= 0:
             return
+        by_session = (self.clustering or {}).get("by") == "session"
 
         def load(item):
             gi, drop = item
             path, rg, n = groups[gi]
             table = pq.ParquetFile(path).read_row_group(rg)
-            if shuffle:
+            if shuffle and by_session:  # whole runs: a session's rows stay together
+                starts = self._run_starts(table)
+                lens = np.diff(np.append(starts, n))
+                order = np.random.default_rng(perms_seed[gi]).permutation(starts.size)
+                out_start = np.cumsum(lens[order]) - lens[order]
+                perm = np.repeat(starts[order] - out_start, lens[order]) + np.arange(n)
+                table = table.take(pa.array(perm))
+            elif shuffle:
                 perm = np.random.default_rng(perms_seed[gi]).permutation(n)
                 table = table.take(pa.array(perm))
-            chunk = Chunk.from_arrow(table, self.schema)
+            chunk = Chunk.from_arrow(table, self.schema, compact)
             return chunk.slice(drop, len(chunk)) if drop else chunk
 
         buf: list[Chunk] = []

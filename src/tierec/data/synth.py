@@ -42,7 +42,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tierec.data.dataset import SPLITS, Chunk, DatasetWriter, Schema, SparseFeature, prepare_output_dir
+from tierec.data.dataset import SPLITS, Chunk, Schema, SparseFeature, prepare_output_dir
 from tierec.data.hashing import splitmix64
 from tierec.data.readers import CRITEO_KAGGLE_CARDINALITIES
 from tierec.errors import ConfigError, TierecError
@@ -808,22 +808,32 @@ def ground_truth(cfg: SynthConfig | Synthesizer, chunk: Chunk) -> dict[str, np.n
     return syn.ground_truth(chunk)
 
 
-def generate(cfg: SynthConfig, out_dir, progress: bool | None = None) -> dict:
-    """Write the data set of ``cfg`` (train and test splits) to ``out_dir``; returns the manifest."""
+def generate(cfg: SynthConfig, out_dir, progress: bool | None = None, cluster_by: str = "none",
+             cluster_window: int = 1 << 18) -> dict:
+    """Write the data set of ``cfg`` (train and test splits) to ``out_dir``; returns the manifest.
+
+    Sessions come out contiguous; ``cluster_by`` (`tierec.data.cluster`) reorders within
+    windows of ``cluster_window`` rows: ``session`` shuffles whole sessions and stores
+    user-side lists once per run, ``shuffle`` interleaves rows (a raw-log-like baseline).
+    """
     from tqdm import tqdm
+
+    from tierec.data.cluster import clustering_record, open_writers
 
     out = Path(out_dir)
     prepare_output_dir(out)
     syn = Synthesizer(cfg)
     show = cfg.progress if progress is None else progress
     disable = not show or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
-    writer = DatasetWriter(out, syn.schema, splits=SPLITS, rows_per_file=cfg.rows_per_file,
-                           row_group_size=min(cfg.row_group_size, cfg.rows_per_file))
+    writer, windowed = open_writers(out, syn.schema, cluster_by, cluster_window, cfg.seed,
+                                    rows_per_file=cfg.rows_per_file,
+                                    row_group_size=min(cfg.row_group_size, cfg.rows_per_file))
     with tqdm(total=cfg.rows, unit="rows", unit_scale=True, desc="synth", file=sys.stderr, disable=disable) as bar:
         for split in SPLITS:
             for chunk in syn.chunks(split):
-                writer.splits[split].write(chunk)
+                windowed[split].write(chunk)
                 bar.update(len(chunk))
+            windowed[split].close()
     lm = syn.label
     source = {
         "generator": "tierec.data.synth",
@@ -838,7 +848,8 @@ def generate(cfg: SynthConfig, out_dir, progress: bool | None = None) -> dict:
                        for f, p, s in zip(syn.schema.sparse, syn.profiles, syn.specs)],
         "label_model": asdict(lm) | {"latent_dim": LATENT_DIM, "logit_std": LOGIT_STD},
     }
-    return writer.close(source=source)
+    clustering = clustering_record(cluster_by, cluster_window, cfg.seed)
+    return writer.close(source=source, extra={"clustering": clustering} if clustering else None)
 
 
 def _hex8(ids: np.ndarray) -> np.ndarray:
@@ -1038,6 +1049,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="strength of the hidden label model (scales its logit); > 1: easier to learn")
     p.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="rows per Parquet shard")
     p.add_argument("--row-group-size", type=int, default=d.row_group_size, help="rows per Parquet row group")
+    p.add_argument("--cluster-by", choices=["none", "session", "shuffle"], default="none",
+                   help="session: shuffle whole sessions within each window, user-side lists stored once per run; "
+                        "shuffle: interleave rows within each window (unclustered baseline)")
+    p.add_argument("--cluster-window", type=int, default=1 << 18, metavar="ROWS",
+                   help="rows reordered at a time with --cluster-by")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a TTY)")
 
 
@@ -1059,7 +1075,7 @@ def main(args) -> int:
         print(f"{args.out}: wrote {n:,} rows of Criteo-format text; "
               f"{n / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s")
         return 0
-    m = generate(cfg, args.out)
+    m = generate(cfg, args.out, cluster_by=args.cluster_by, cluster_window=args.cluster_window)
     dt = max(time.perf_counter() - t0, 1e-9)
     rows = {k: v["rows"] for k, v in m["splits"].items()}
     total = sum(rows.values())

@@ -136,6 +136,10 @@ class DistributedTrainer(Trainer):
         self.dist = d
         if d.rank != 0:
             cfg = replace(cfg, progress=False)
+        if cfg.dedup:  # sharded tables take plain batches: the all-to-all carries every sample's IDs
+            if d.rank == 0:
+                log.info("dedup of user-side features is not used with sharded tables (plain batches)")
+            cfg = replace(cfg, dedup=False)
         super().__init__(cfg, resume=resume)
         ids = [d.local_rank] if d.device.type == "cuda" else None
         with warnings.catch_warnings():  # broadcast_buffers=False is still the way to skip the initial sync

@@ -55,10 +55,12 @@ class DLRM(nn.Module):
         n_inter = (num_sparse + 1) * num_sparse // 2
         self.top = mlp([dim + n_inter, *top_mlp, 1], last_activation=False)
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """dense float32 [B, n_dense], sparse KJT -> logits float32 [B]."""
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor,
+                user: KeyedJaggedTensor | None = None) -> torch.Tensor:
+        """dense float32 [B, n_dense], sparse KJT (, user: inverse KJT of the user-side keys) -> logits [B]."""
         x = self.bottom(dense)
-        z = torch.stack([x, *self.embeddings.pooled(sparse)], 1)  # [B, T+1, D], one copy
+        pooled = self.embeddings.pooled(sparse, user) if user is not None else self.embeddings.pooled(sparse)
+        z = torch.stack([x, *pooled], 1)  # [B, T+1, D], one copy
         return self.top(torch.cat([x, self.interaction(z)], 1)).squeeze(1)
 
     def dense_parameters(self):

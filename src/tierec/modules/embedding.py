@@ -248,18 +248,35 @@ class EmbeddingBagCollection(torch.nn.Module):
     def table_configs(self) -> list[TableConfig]:
         return [t.config for t in self.tables]
 
-    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return torch.stack(self.pooled(kjt), 1)
+    def forward(self, kjt: KeyedJaggedTensor, user: KeyedJaggedTensor | None = None) -> torch.Tensor:
+        return torch.stack(self.pooled(kjt, user), 1)
 
-    def pooled(self, kjt: KeyedJaggedTensor) -> list[torch.Tensor]:
+    def pooled(self, kjt: KeyedJaggedTensor, user: KeyedJaggedTensor | None = None) -> list[torch.Tensor]:
+        """T tensors [B, D]. ``user``: an inverse KJT (stride U, see `tierec.sparse.jagged`) whose
+        keys are looked up and pooled once per unique row, [U, D], then expanded with
+        ``index_select``; its backward sums the B gradients into each of the U rows."""
         by_key = kjt.to_dict()
-        missing = [k for k in self.keys if k not in by_key]
+        user_jts = user.to_dict() if user is not None else {}
+        missing = [k for k in self.keys if k not in by_key and k not in user_jts]
         if missing:
             raise ConfigError(f"batch has no sparse feature(s) {missing}; it has {kjt.keys()}")
-        out = []
+        out: list = []
+        on_u = []  # (position in out, [U, D]) of the user-side tables
         for table in self.tables:
-            jt = by_key[table.config.key]
+            jt = user_jts.get(table.config.key) or by_key[table.config.key]
             out.append(table(jt.values, jt.offsets(), jt.weights))
+            if table.config.key in user_jts:
+                on_u.append(len(out) - 1)
+        if on_u:  # expand U -> B: one index_select over the user tables side by side
+            inv = user.inverse_indices()[1]
+            if inv.dim() == 1:
+                wide = torch.cat([out[i] for i in on_u], 1).index_select(0, inv)
+                for i, part in zip(on_u, wide.split([out[i].shape[1] for i in on_u], 1)):
+                    out[i] = part
+            else:
+                per_key = dict(zip(user.keys(), inv))
+                for i in on_u:
+                    out[i] = out[i].index_select(0, per_key[self.keys[i]])
         return out
 
 

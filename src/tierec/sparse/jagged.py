@@ -10,6 +10,13 @@ A batch of B samples with sparse features ``keys = [k_0, ..., k_{T-1}]`` is
 
 This is the layout of ``torchrec.sparse.jagged_tensor.KeyedJaggedTensor``; use
 :meth:`KeyedJaggedTensor.to_torchrec` to hand a batch to TorchRec.
+
+**Inverse keyed jagged tensors** (deduplicated features, TorchRec's ``inverse_indices``
+convention): a KJT of stride U holds U unique rows per key and
+``inverse_indices = (keys, inverse)`` with ``inverse`` int64 [B] (one map shared by
+all keys) or [T, B] (one per key): sample b's lists are row ``inverse[b]`` (or
+``inverse[t, b]``). :meth:`KeyedJaggedTensor.expand` gives back the plain batch of
+stride B; :func:`dedup_kjt` builds one from a plain batch.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ class JaggedTensor:
 class KeyedJaggedTensor:
     """A batch of multi-hot sparse features for several keys (see module doc)."""
 
-    __slots__ = ("_keys", "_values", "_lengths", "_weights", "_stride", "_offsets", "_length_per_key")
+    __slots__ = ("_keys", "_values", "_lengths", "_weights", "_stride", "_offsets", "_length_per_key", "_inverse")
 
     def __init__(
         self,
@@ -55,6 +62,8 @@ class KeyedJaggedTensor:
         lengths: torch.Tensor,
         weights: torch.Tensor | None = None,
         stride: int | None = None,
+        inverse_indices: tuple[list[str], torch.Tensor] | None = None,
+        validate: bool = True,
     ):
         keys = list(keys)
         if lengths.dim() != 1:
@@ -76,11 +85,56 @@ class KeyedJaggedTensor:
         self._stride = int(stride)
         self._offsets: torch.Tensor | None = None
         self._length_per_key: list[int] | None = None
+        self._inverse = inverse_indices
+        if inverse_indices is not None and validate:
+            self._check_inverse()
+
+    def _check_inverse(self) -> None:
+        ikeys, inv = self._inverse
+        if list(ikeys) != self._keys:
+            raise ValueError(f"inverse_indices keys {list(ikeys)} differ from the KJT's keys {self._keys}")
+        if inv.dtype != torch.int64 or inv.dim() not in (1, 2) or (inv.dim() == 2 and inv.shape[0] != len(self._keys)):
+            raise ValueError(f"inverse_indices must be int64 [B] or [{len(self._keys)}, B], "
+                             f"got {inv.dtype} {tuple(inv.shape)}")
+        if inv.numel() and (int(inv.min()) < 0 or int(inv.max()) >= self._stride):
+            raise ValueError(f"inverse_indices out of range [0, {self._stride}): "
+                             f"min {int(inv.min())}, max {int(inv.max())}")
 
     # --- TorchRec-style accessors -------------------------------------------------
     @staticmethod
-    def from_lengths_sync(keys, values, lengths, weights=None, stride=None) -> "KeyedJaggedTensor":
-        return KeyedJaggedTensor(keys, values, lengths, weights, stride)
+    def from_lengths_sync(keys, values, lengths, weights=None, stride=None,
+                          inverse_indices=None) -> "KeyedJaggedTensor":
+        return KeyedJaggedTensor(keys, values, lengths, weights, stride, inverse_indices)
+
+    def inverse_indices(self) -> tuple[list[str], torch.Tensor]:
+        if self._inverse is None:
+            raise ValueError("this KeyedJaggedTensor has no inverse_indices (it is not deduplicated)")
+        return self._inverse
+
+    def inverse_indices_or_none(self) -> tuple[list[str], torch.Tensor] | None:
+        return self._inverse
+
+    def batch_size(self) -> int:
+        """B: samples of the batch (the stride, or the inverse's length when deduplicated)."""
+        return self._stride if self._inverse is None else int(self._inverse[1].shape[-1])
+
+    def inverse_per_key(self) -> torch.Tensor:
+        """int64 [T, B]: the inverse of every key (a broadcast view of a shared [B] map)."""
+        inv = self.inverse_indices()[1]
+        return inv.expand(len(self._keys), -1) if inv.dim() == 1 else inv
+
+    def expand(self) -> "KeyedJaggedTensor":
+        """The plain KJT of stride B (sample b of key t = unique row ``inverse[t, b]``); no-op if not deduplicated."""
+        if self._inverse is None:
+            return self
+        inv = self.inverse_per_key()
+        t_of = torch.arange(len(self._keys), device=inv.device).unsqueeze(1)
+        rows = (t_of * self._stride + inv).reshape(-1)  # [T * B] positions in lengths
+        values, lengths = jagged_index_select(self._values, self.offsets(), rows)
+        w = None
+        if self._weights is not None:
+            w, _ = jagged_index_select(self._weights, self.offsets(), rows)
+        return KeyedJaggedTensor(self._keys, values, lengths, w, inv.shape[1])
 
     def keys(self) -> list[str]:
         return self._keys
@@ -133,19 +187,26 @@ class KeyedJaggedTensor:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "KeyedJaggedTensor":
         w = self._weights.to(device, non_blocking=non_blocking) if self._weights is not None else None
+        inv = None
+        if self._inverse is not None:
+            inv = (self._inverse[0], self._inverse[1].to(device, non_blocking=non_blocking))
         out = KeyedJaggedTensor(
             self._keys,
             self._values.to(device, non_blocking=non_blocking),
             self._lengths.to(device, non_blocking=non_blocking),
             w,
             self._stride,
+            inv,
+            validate=False,
         )
         out._length_per_key = self._length_per_key
         return out
 
     def pin_memory(self) -> "KeyedJaggedTensor":
         w = self._weights.pin_memory() if self._weights is not None else None
-        out = KeyedJaggedTensor(self._keys, self._values.pin_memory(), self._lengths.pin_memory(), w, self._stride)
+        inv = (self._inverse[0], self._inverse[1].pin_memory()) if self._inverse is not None else None
+        out = KeyedJaggedTensor(self._keys, self._values.pin_memory(), self._lengths.pin_memory(), w, self._stride,
+                                inv, validate=False)
         out._length_per_key = self._length_per_key
         return out
 
@@ -153,10 +214,48 @@ class KeyedJaggedTensor:
         """The same batch as a ``torchrec`` KeyedJaggedTensor (needs torchrec installed)."""
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor as TRKJT
 
+        if self._inverse is not None:  # TorchRec's variable-batch form: stride U per key, inverse [T, B]
+            return TRKJT(keys=self._keys, values=self._values, lengths=self._lengths, weights=self._weights,
+                         stride_per_key_per_rank=[[self._stride]] * len(self._keys),
+                         inverse_indices=(self._keys, self.inverse_per_key().contiguous()))
         return TRKJT(keys=self._keys, values=self._values, lengths=self._lengths, weights=self._weights)
 
     def __repr__(self) -> str:
+        inv = f", batch_size={self.batch_size()} (deduplicated)" if self._inverse is not None else ""
         return (
-            f"KeyedJaggedTensor(keys={self._keys}, stride={self._stride}, "
+            f"KeyedJaggedTensor(keys={self._keys}, stride={self._stride}{inv}, "
             f"values={self._values.numel()}, weighted={self._weights is not None})"
         )
+
+
+def jagged_index_select(values: torch.Tensor, offsets: torch.Tensor, idx: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists ``idx`` [k] of a jagged tensor (values [N], offsets [n + 1]) -> (values [N'], lengths [k])."""
+    lengths = offsets[idx + 1] - offsets[idx]
+    out_off = lengths_to_offsets(lengths)
+    total = int(out_off[-1])
+    pos = torch.repeat_interleave(offsets[idx] - out_off[:-1], lengths, output_size=total)
+    pos += torch.arange(total, device=values.device)
+    return values.index_select(0, pos), lengths
+
+
+def dedup_kjt(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """The inverse KJT of a plain one: samples equal in every key share one row (first-occurrence order).
+
+    Exact (see `tierec.sparse.dedup.dedup_rows`); runs on the host. Weighted KJTs are not deduplicated.
+    """
+    from tierec.sparse.dedup import dedup_rows
+
+    if kjt.inverse_indices_or_none() is not None:
+        return kjt
+    if kjt.weights_or_none() is not None:
+        raise ValueError("dedup_kjt: weighted KJTs are not supported")
+    b = kjt.stride()
+    feats = [(jt.values.cpu().numpy(), jt.offsets().cpu().numpy()) for jt in kjt.split_by_key()]
+    rep, inv = dedup_rows(feats, b)
+    dev = kjt.values().device
+    rep_t = torch.from_numpy(rep).to(dev)
+    rows = (torch.arange(len(kjt.keys()), device=dev).unsqueeze(1) * b + rep_t).reshape(-1)
+    values, lengths = jagged_index_select(kjt.values(), kjt.offsets(), rows)
+    return KeyedJaggedTensor(kjt.keys(), values, lengths, stride=rep.size,
+                             inverse_indices=(kjt.keys(), torch.from_numpy(inv).to(dev)))

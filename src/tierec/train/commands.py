@@ -30,7 +30,7 @@ HELP = {
     "lr": "dense learning rate",
     "sparse_optimizer": "fused row-wise optimizer of the embedding tables",
     "sparse_lr": "embedding learning rate",
-    "shuffle": "shuffle row groups and rows each epoch (from --seed)",
+    "shuffle": "shuffle row groups and rows (whole sessions in a clustered data set) each epoch (from --seed)",
     "seed": "seed of initial weights and data order",
     "eval_every": "evaluate every N steps (0: at the end of each epoch)",
     "eval_batch_size": "evaluation batch size",
@@ -56,6 +56,7 @@ HELP = {
                   "SSD tables like the device caches (for --device cuda; same policy)",
     "direct_io": "read SSD tables with O_DIRECT, bypassing the OS page cache",
     "plan_batches": "batches read to measure each table's access share for --memory-budget",
+    "dedup": "look up user-side features once per unique row of a batch and expand (docs/dedup.md)",
 }
 CONFIG_ONLY = {"tables", "sharding"}  # nested settings: config file only
 

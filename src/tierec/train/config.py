@@ -76,6 +76,7 @@ class TrainConfig:
     plan_batches: int = 50  # batches read to measure each table's access share
     tables: dict[str, TableSettings] = field(default_factory=dict)
     sharding: ShardingSettings = field(default_factory=ShardingSettings)
+    dedup: bool = True  # user-side features looked up once per unique row of a batch (docs/dedup.md)
 
     def __post_init__(self):
         for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "keep_checkpoints", "log_every",

@@ -44,7 +44,9 @@ def batch_nbytes(b: Batch) -> int:
     kjt = b.sparse
     n = b.dense.nbytes + b.labels.nbytes + kjt.values().nbytes + kjt.lengths().nbytes
     w = kjt.weights_or_none()
-    return n + (w.nbytes if w is not None else 0)
+    n += w.nbytes if w is not None else 0
+    u = getattr(b, "user", None)
+    return n + (u.values().nbytes + u.lengths().nbytes if u is not None else 0)
 
 
 class LookaheadPipeline:
@@ -296,6 +298,8 @@ class LookaheadPipeline:
             return False
         step = self._next_read
         by_key = batch.sparse.to_dict()
+        if getattr(batch, "user", None) is not None:  # deduplicated user-side features: same IDs, once per row
+            by_key.update(batch.user.to_dict())
         uniq = {}
         for key, cache in self.caches.items():
             feature, lo, hi = self.sources[key]

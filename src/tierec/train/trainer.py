@@ -189,7 +189,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train_step(self, batch) -> float:
         batch = batch.to(self.device, non_blocking=True)
-        logits = self.model(batch.dense, batch.sparse)
+        logits = self.model(batch.dense, batch.sparse, batch.user)
         loss = self.loss_fn(logits, batch.labels)
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()  # also updates the embedding rows (fused sparse optimizer)
@@ -202,7 +202,7 @@ class Trainer:
         epoch, start, step = self.epoch, self.batch_in_epoch, self.step
         while epoch < cfg.epochs and step < total:
             for b in self.ds.batches("train", cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=epoch,
-                                     start_batch=start, max_rows=cfg.max_train_rows):
+                                     start_batch=start, max_rows=cfg.max_train_rows, dedup=cfg.dedup):
                 yield b
                 step += 1
                 if step >= total:

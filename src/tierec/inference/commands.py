@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 from tierec.config import from_dict
@@ -30,6 +31,7 @@ class ServeConfig:
     max_wait_ms: float = 2.0
     max_ids: int = 256
     threads: int = 1
+    io_threads: int = 16
     corpus_rows: int = 100_000
     index_dir: str | None = None
     index_on_disk: bool = False
@@ -40,7 +42,7 @@ class ServeConfig:
     def __post_init__(self):
         from tierec.errors import ConfigError
 
-        for name in ("max_batch", "max_ids", "threads", "corpus_rows"):
+        for name in ("max_batch", "max_ids", "threads", "io_threads", "corpus_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
@@ -66,6 +68,7 @@ HELP = {
     "max_wait_ms": "longest a request waits for others to join its batch (ms)",
     "max_ids": "most IDs per sparse feature per sample",
     "threads": "torch intra-op threads of the model thread",
+    "io_threads": "ssd: threads reading the table files of one batch concurrently",
     "corpus_rows": "retrieval: training rows whose distinct item-side feature tuples form the item corpus",
     "index_dir": "retrieval: directory for the HNSW index file",
     "index_on_disk": "retrieval: memory-map the index file instead of holding it in the heap",
@@ -98,19 +101,26 @@ def build_server(cfg: ServeConfig):
     from tierec.inference.retrieval import HnswParams, Retriever
     from tierec.inference.server import ServerSettings, create_app
 
+    io_pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="tierec-io")
+
     opts = ServeOptions(tables=cfg.tables, cache_fraction=cfg.cache_fraction, admit_after=cfg.admit_after,
                         warm_rows=cfg.warm_rows, direct_io=cfg.direct_io, verify=cfg.verify, data=cfg.data)
     params = HnswParams(cfg.hnsw_m, cfg.ef_construction, cfg.ef_search)
 
     def load_retriever(path: str):
-        loaded = load_model(path, opts)
+        loaded = load_model(path, opts, io_pool)
         return Retriever.build(loaded, params, cfg.corpus_rows, cfg.index_dir, cfg.index_on_disk, cfg.data)
 
     def reload(checkpoint: str | None, retriever: str | None):
-        ranker = load_model(checkpoint or cfg.checkpoint, opts)
+        ranker = load_model(checkpoint or cfg.checkpoint, opts, io_pool)
         return ranker, load_retriever(retriever) if retriever else None
 
-    store = ModelStore(load_model(cfg.checkpoint, opts), load_retriever(cfg.retriever) if cfg.retriever else None)
+    store = ModelStore(load_model(cfg.checkpoint, opts, io_pool), load_retriever(cfg.retriever) if cfg.retriever else None)
+    if store.retriever is not None and store.retriever.loaded.schema.to_json() != store.ranker.schema.to_json():
+        from tierec.errors import ConfigError
+
+        raise ConfigError(f"--retriever {cfg.retriever}: trained on a different schema than {cfg.checkpoint}; "
+                          "ranker and retriever must share the data set's features")
     settings = ServerSettings(max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms, max_ids=cfg.max_ids)
     return create_app(store, settings, reload, threads=cfg.threads)
 

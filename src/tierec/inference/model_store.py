@@ -2,11 +2,12 @@
 
 ``tables="dram"`` loads every table into memory (the plain, exact reference).
 ``tables="ssd"`` opens the checkpoint's own table files read-only (``tables/<name>.tbl``, the
-same fixed-offset row files training wrote) and puts an `AdmissionCache` in front of each:
+same fixed-offset row files training wrote) behind one `SharedCache` for all of them:
 
-- a `CachedTable` of ``cache_fraction`` x rows per table, frequency-aware (policy ``freq``:
-  evicts the rows least frequent in the training data first), warmed with the hottest rows
-  of the first ``warm_rows`` training rows of the data set the checkpoint was trained on;
+- a `CachedTable` of ``cache_fraction`` x all rows over global row IDs (table offset + row),
+  frequency-aware (policy ``freq``: evicts the rows least frequent in the training data
+  first), warmed with the hottest rows of the first ``warm_rows`` training rows of the data
+  set the checkpoint was trained on;
 - an admission rule: a row that misses is read from the SSD and only admitted to the cache
   from its ``admit_after``-th sighting (counted in a `CountMinSketch`, halved every
   ``8 x width`` sightings so old counts fade), so one-off IDs do not flush the hot rows.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch
 from tierec.data.dataset import Schema
 from tierec.errors import CheckpointError, ConfigError
 from tierec.modules.embedding import WorkingSet
+from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.cache import CachedTable
 from tierec.storage.sketch import CountMinSketch
 from tierec.storage.ssd import SsdTable
@@ -40,67 +42,134 @@ log = logging.getLogger(__name__)
 TABLE_MODES = ("dram", "ssd")
 
 
-class AdmissionCache:
-    """Read-only `TableStorage` for serving: SSD rows behind a `CachedTable` with an admission rule.
+class _ConcatTables:
+    """Several read-only SSD tables as one row space: global row = table offset + row; weights only.
 
-    ``acquire(ids)`` (int64 [U], unique, sorted) returns a working set with the U rows
-    gathered into a fresh [U, D] tensor: cached rows and rows seen at least
-    ``admit_after`` times come through the cache (misses among them are admitted), the
-    others are read straight from the SSD file and not cached.
+    ``read(ids)`` splits the IDs by table and reads each table's file (concurrently on ``pool``
+    when several tables are involved)."""
+
+    def __init__(self, ssds: list[SsdTable], pool=None):
+        self.ssds, self.pool = ssds, pool
+        self.offsets = torch.tensor([0] + [t.num_embeddings for t in ssds]).cumsum(0)
+        self.num_embeddings, self.dim, self.state_dim = int(self.offsets[-1]), ssds[0].dim, 0
+        self.device = torch.device("cpu")
+
+    def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global rows ``ids`` (int64 [U], any order) -> (weights [U, D], empty state [U, 0])."""
+        table = torch.searchsorted(self.offsets, ids, right=True) - 1
+        w = torch.empty(ids.numel(), self.dim)
+        parts = [(t, (table == t).nonzero().squeeze(1)) for t in torch.unique(table).tolist()]
+
+        def one(t, pos):
+            w[pos] = self.ssds[t].read(ids.index_select(0, pos) - self.offsets[t])[0]
+
+        if self.pool is not None and len(parts) > 1:
+            for f in [self.pool.submit(one, t, pos) for t, pos in parts]:
+                f.result()
+        else:
+            for t, pos in parts:
+                one(t, pos)
+        return w, torch.empty(ids.numel(), 0)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        for t in self.ssds:
+            t.close()
+
+
+class SharedCache:
+    """The SSD-backed tables of one model behind one DRAM cache with an admission rule.
+
+    Rows of all tables share one `CachedTable` over global row IDs (table offset + row), so
+    the cache spends its rows on whichever tables are hot, and a batch costs one cache lookup
+    whatever the number of tables. ``fetch({table: ids})`` returns each table's rows: cached
+    rows, and rows seen at least ``admit_after`` times (count-min sketch, halved every
+    ``8 x width`` sightings), come through the cache (misses among them are admitted); the
+    others are read straight from the SSD files and not cached.
     """
 
-    identity_index = False
-
-    def __init__(self, ssd: SsdTable, cache: CachedTable, admit_after: int = 2, seed: int = 0):
-        self.ssd, self.cache, self.admit_after = ssd, cache, int(admit_after)
-        self.num_embeddings, self.dim, self.state_dim = ssd.num_embeddings, ssd.dim, 0
-        width = 1 << max(10, (cache.capacity - 1).bit_length())  # ~ one counter per cached row and hash
-        self.sketch = CountMinSketch(width, depth=2, seed=seed)
+    def __init__(self, ssds: list[SsdTable], capacity: int, admit_after: int = 2, freq=None, pool=None):
+        self.backing = _ConcatTables(ssds, pool)
+        self.offsets = self.backing.offsets
+        self.dim, self.admit_after = self.backing.dim, int(admit_after)
+        self.cache = CachedTable(self.backing, capacity, "freq" if freq is not None else "lfu", name="ssd",
+                                 freq=freq)
+        if freq is not None:
+            self.cache.warm_up()
+        width = 1 << max(10, (2 * self.cache.capacity - 1).bit_length())  # >= 2 counters per cached row, per hash
+        self.sketch = CountMinSketch(width, depth=2)
         self.lookups = self.hits = self.bypassed = 0
 
-    def acquire(self, ids: torch.Tensor) -> WorkingSet:
-        U = ids.numel()
-        self.sketch.update(ids)
+    def fetch(self, ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """{table index: row IDs int64 [U_t], unique, sorted} -> {table index: weights [U_t, D]}."""
+        order = sorted(ids)
+        g = torch.cat([ids[t] + self.offsets[t] for t in order])  # sorted: tables' ranges ascend
+        U = g.numel()
+        self.sketch.update(g)
         if self.sketch.total > 8 * self.sketch.width:  # age: halve all counts
             self.sketch.table.floor_divide_(2)
             self.sketch.total //= 2
-        hit = self.cache.contains(ids)
-        admit = hit | (self.sketch.query(ids) >= self.admit_after)
+        hit = self.cache.contains(g)
+        admit = hit | (self.sketch.query(g) >= self.admit_after)
         w = torch.empty(U, self.dim)
         a = admit.nonzero().squeeze(1)
         if a.numel():
-            w[a] = self.cache.read(ids.index_select(0, a))[0]
+            w[a] = self.cache.read(g.index_select(0, a))[0]
         b = (~admit).nonzero().squeeze(1)
         if b.numel():
-            w[b] = self.ssd.read(ids.index_select(0, b))[0]
+            w[b] = self.backing.read(g.index_select(0, b))[0]
         self.lookups += U
         self.hits += int(hit.sum())
         self.bypassed += b.numel()
-        return WorkingSet(ids, torch.arange(U), w, torch.empty(U, 0))
+        return dict(zip(order, torch.split(w, [ids[t].numel() for t in order])))
+
+    def close(self) -> None:
+        self.backing.close()
+
+    def stats(self) -> dict:
+        """lookups = hits + misses (unique IDs per batch and table); bypassed: misses read from SSD
+        without admission; bytes_read: bytes read from the SSD files (cache misses and bypassed rows)."""
+        return {"lookups": self.lookups, "hits": self.hits, "misses": self.lookups - self.hits,
+                "bypassed": self.bypassed, "resident": self.cache.size, "capacity": self.cache.capacity,
+                "bytes_read": sum(t.stats()["bytes_read"] for t in self.backing.ssds),
+                "cache_bytes": self.cache.nbytes + self.cache.index_nbytes + self.sketch.nbytes}
+
+
+class SsdView:
+    """One table's read-only `TableStorage` over a `SharedCache`.
+
+    ``acquire(ids)`` returns the rows `LoadedModel.forward` fetched for this batch (one fetch
+    for all tables), or fetches them itself."""
+
+    identity_index = False
+
+    def __init__(self, shared: SharedCache, index: int, num_embeddings: int):
+        self.shared, self.index = shared, index
+        self.num_embeddings, self.dim, self.state_dim = num_embeddings, shared.dim, 0
+        self.stash: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, rows) of the current batch
+
+    def acquire(self, ids: torch.Tensor) -> WorkingSet:
+        st, self.stash = self.stash, None
+        if st is not None and st[0].numel() == ids.numel() and torch.equal(st[0], ids):
+            w = st[1]
+        else:
+            w = self.shared.fetch({self.index: ids})[self.index]
+        return WorkingSet(ids, torch.arange(ids.numel()), w, torch.empty(ids.numel(), 0))
 
     def release(self, ws: WorkingSet, dirty: bool) -> None:
         if dirty:
             raise RuntimeError("serving tables are read-only")
 
     def read_rows(self, start: int, end: int):
-        return self.ssd.read_rows(start, end)
+        return self.shared.backing.ssds[self.index].read_rows(start, end)
 
     def write_rows(self, start, weight, state) -> None:
         raise RuntimeError("serving tables are read-only")
 
     def flush(self) -> None:
         pass
-
-    def close(self) -> None:
-        self.ssd.close()
-
-    def stats(self) -> dict:
-        """lookups = hits + misses (unique IDs per batch); bypassed: misses served from SSD without
-        admission; bytes_read: bytes read from the SSD file (misses of the cache and bypassed rows)."""
-        ssd = self.ssd.stats()
-        return {"lookups": self.lookups, "hits": self.hits, "misses": self.lookups - self.hits,
-                "bypassed": self.bypassed, "resident": self.cache.size, "capacity": self.cache.capacity,
-                "bytes_read": ssd["bytes_read"], "cache_bytes": self.cache.nbytes + self.cache.index_nbytes}
 
 
 @dataclass
@@ -137,15 +206,28 @@ class LoadedModel:
     step: int
     manifest: dict
     options: ServeOptions
-    storages: dict = field(default_factory=dict)  # table name -> storage
+    shared: SharedCache | None = None  # tables="ssd": the cache in front of the table files
+
+    @torch.no_grad()
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """``model(dense, sparse)``; SSD-backed tables get the batch's rows in one shared fetch first."""
+        if self.shared is not None:
+            by_key = sparse.to_dict()
+            views = [t.storage for t in self.model.embeddings.tables
+                     if isinstance(t.storage, SsdView) and t.config.key in by_key]
+            keys = {t.storage.index: t.config.key for t in self.model.embeddings.tables if isinstance(t.storage, SsdView)}
+            uniq = {v.index: torch.unique(by_key[keys[v.index]].values) for v in views}
+            rows = self.shared.fetch(uniq)
+            for v in views:
+                v.stash = (uniq[v.index], rows[v.index])
+        return self.model(dense, sparse)
 
     def table_stats(self) -> dict[str, dict]:
-        return {n: st.stats() for n, st in self.storages.items() if isinstance(st, AdmissionCache)}
+        return {"ssd": self.shared.stats()} if self.shared is not None else {}
 
     def close(self) -> None:
-        for st in self.storages.values():
-            if hasattr(st, "close"):
-                st.close()
+        if self.shared is not None:
+            self.shared.close()
 
 
 def training_frequencies(data: str | None, schema: Schema, rows: int) -> dict | None:
@@ -161,7 +243,7 @@ def training_frequencies(data: str | None, schema: Schema, rows: int) -> dict | 
         log.warning("no warm-up of the caches: %s", e)
         return None
     counts = {f.name: [] for f in schema.sparse}
-    seen = 0
+    seen, chunk = 0, None
     for chunk in ds.chunks("train", 8192):
         for n in counts:
             counts[n].append(chunk.sparse[n][0])
@@ -172,11 +254,27 @@ def training_frequencies(data: str | None, schema: Schema, rows: int) -> dict | 
     for n, parts in counts.items():
         ids, c = np.unique(np.concatenate(parts) if parts else np.zeros(0, np.int64), return_counts=True)
         out[n] = (torch.from_numpy(ids), torch.from_numpy(c.astype(np.int64)))
+    del counts, chunk
+    _release_heap()
     return out
 
 
-def load_model(checkpoint: str, options: ServeOptions | None = None) -> LoadedModel:
-    """Checkpoint (run dir, checkpoints dir or step dir) -> `LoadedModel` in eval mode, on CPU."""
+def _release_heap() -> None:
+    """Hand memory freed after reading the data set back to the OS (Arrow's pool, glibc's heap)."""
+    import ctypes
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) -> LoadedModel:
+    """Checkpoint (run dir, checkpoints dir or step dir) -> `LoadedModel` in eval mode, on CPU.
+    ``pool``: threads on which the SSD tables of one batch are read concurrently."""
     from tierec.train.config import TrainConfig
     from tierec.train.trainer import build_model
 
@@ -185,44 +283,55 @@ def load_model(checkpoint: str, options: ServeOptions | None = None) -> LoadedMo
     m = ckpt.read_manifest(path)
     cfg = TrainConfig(**m["config"])
     schema = Schema.from_json(m["schema"])
-    files = {t["name"]: t for t in m["tables"]}
-    freq = None
+    shared = None
     if opt.tables == "ssd":
-        freq = training_frequencies(opt.data or cfg.data, schema, opt.warm_rows)
-    storages: dict = {}
+        shared = _open_shared_cache(path, m, schema, cfg, opt, pool)
 
     def factory(i, tcfg, state_dim):
-        if opt.tables == "dram":
-            return None
-        t = files.get(tcfg.name)
-        if t is None:
-            raise CheckpointError(f"{path}: checkpoint has no table {tcfg.name!r}")
-        fpath = path / t["file"]
-        if opt.verify:
-            ckpt.verify_file(fpath, m["files"][t["file"]])
-        ssd = SsdTable(fpath, tcfg.num_embeddings, tcfg.embedding_dim, state_dim, readonly=True,
-                       direct_io=opt.direct_io)
-        cap = max(1, math.ceil(opt.cache_fraction * tcfg.num_embeddings))
-        f = freq.get(tcfg.name) if freq else None
-        cache = CachedTable(ssd, cap, "freq" if f is not None else "lfu", name=tcfg.name, freq=f)
-        if f is not None:
-            cache.warm_up()
-        st = AdmissionCache(ssd, cache, opt.admit_after, seed=i)
-        storages[tcfg.name] = st
-        return st
+        return None if shared is None else SsdView(shared, i, tcfg.num_embeddings)
 
     model = build_model(cfg, schema, torch.device("cpu"), storage_factory=factory)
     state = ckpt.load_dense_state(path, m)
     model.load_state_dict(state["model"])
-    mem = {t.config.name: t.storage for t in model.embeddings.tables if t.config.name not in storages}
-    ckpt.load_tables(path, m, mem)
-    if opt.tables == "dram":  # serving needs no optimizer state: drop it
-        for st in mem.values():
+    if shared is None:
+        mem = {t.config.name: t.storage for t in model.embeddings.tables}
+        ckpt.load_tables(path, m, mem)
+        for st in mem.values():  # serving needs no optimizer state: drop it
             st.state = torch.empty(st.num_embeddings, 0)
-    storages.update(mem)
     model.eval()
-    log.info("loaded %s checkpoint %s (step %d), tables in %s", cfg.model, path, m["step"], opt.tables)
-    return LoadedModel(model, cfg.model, schema, path, m["step"], m, opt, storages)
+    log.info("loaded %s checkpoint %s (step %d), tables in %s%s", cfg.model, path, m["step"], opt.tables,
+             f" behind a {shared.cache.capacity:,}-row cache" if shared else "")
+    return LoadedModel(model, cfg.model, schema, path, m["step"], m, opt, shared)
+
+
+def _open_shared_cache(path: Path, m: dict, schema: Schema, cfg, opt: ServeOptions, pool) -> SharedCache:
+    """The checkpoint's table files, read-only (checked against the manifest), behind one cache of
+    ``cache_fraction`` of all rows, warmed with the rows most frequent in the training data."""
+    from tierec.modules.optim import SparseOptimizer
+
+    files = {t["name"]: t for t in m["tables"]}
+    state_dim = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr).state_dim(cfg.embedding_dim)
+    ssds = []
+    for f in schema.sparse:
+        t = files.get(f.name)
+        if t is None:
+            raise CheckpointError(f"{path}: checkpoint has no table {f.name!r}")
+        if opt.verify:
+            ckpt.verify_file(path / t["file"], m["files"][t["file"]])
+        ssds.append(SsdTable(path / t["file"], f.num_embeddings, cfg.embedding_dim, state_dim, readonly=True,
+                             direct_io=opt.direct_io))
+    total = sum(f.num_embeddings for f in schema.sparse)
+    capacity = max(1, math.ceil(opt.cache_fraction * total))
+    freq = training_frequencies(opt.data or cfg.data, schema, opt.warm_rows)
+    if freq is not None:  # global row IDs; only the hottest `capacity` rows can matter: keep those
+        offs = np.cumsum([0] + [f.num_embeddings for f in schema.sparse])
+        ids = torch.cat([freq[f.name][0] + int(offs[i]) for i, f in enumerate(schema.sparse)])
+        counts = torch.cat([freq[f.name][1] for f in schema.sparse])
+        if ids.numel() > capacity:
+            top = torch.topk(counts, capacity).indices
+            ids, counts = ids[top], counts[top]
+        freq = (ids, counts)
+    return SharedCache(ssds, capacity, opt.admit_after, freq, pool)
 
 
 class ModelStore:

@@ -125,16 +125,17 @@ class _StatsCollector:
         self.store, self.meter = store, meter
 
     def collect(self):
-        stats = self.store.ranker.table_stats()
         r = self.store.retriever
+        stats = {"ranker": self.store.ranker.table_stats().get("ssd")}
         if r is not None:
-            stats.update({f"retriever.{k}": v for k, v in r.loaded.table_stats().items()})
+            stats["retriever"] = r.loaded.table_stats().get("ssd")
+        stats = {k: v for k, v in stats.items() if v is not None}
         fams = {
-            "lookups": CounterMetricFamily("tierec_cache_lookups", "unique IDs looked up in the DRAM caches", labels=["table"]),
-            "hits": CounterMetricFamily("tierec_cache_hits", "lookups served from the DRAM cache", labels=["table"]),
-            "bypassed": CounterMetricFamily("tierec_cache_bypassed", "misses read from SSD without admission", labels=["table"]),
-            "bytes_read": CounterMetricFamily("tierec_ssd_read_bytes", "bytes read from the SSD table files", labels=["table"]),
-            "resident": GaugeMetricFamily("tierec_cache_resident_rows", "rows in the DRAM cache", labels=["table"]),
+            "lookups": CounterMetricFamily("tierec_cache_lookups", "unique IDs looked up in the DRAM caches", labels=["model"]),
+            "hits": CounterMetricFamily("tierec_cache_hits", "lookups served from the DRAM cache", labels=["model"]),
+            "bypassed": CounterMetricFamily("tierec_cache_bypassed", "misses read from SSD without admission", labels=["model"]),
+            "bytes_read": CounterMetricFamily("tierec_ssd_read_bytes", "bytes read from the SSD table files", labels=["model"]),
+            "resident": GaugeMetricFamily("tierec_cache_resident_rows", "rows in the DRAM cache", labels=["model"]),
         }
         for name, s in stats.items():
             for k, fam in fams.items():
@@ -196,7 +197,7 @@ def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[st
     def run_predict(payloads: list[Encoded]) -> list[tuple[np.ndarray, int]]:
         lm = store.ranker  # one model for the whole batch, even if a reload swaps it meanwhile
         dense, kjt = Encoded.concat(payloads).to_inputs(lm.schema.sparse_names)
-        logits = lm.model(dense, kjt).numpy()
+        logits = lm.forward(dense, kjt).numpy()
         out, a = [], 0
         for p in payloads:
             out.append((logits[a : a + len(p)], lm.step))
@@ -216,7 +217,7 @@ def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[st
         for key in ret.loaded.model.item_keys:
             batch.sparse[key] = items.sparse[key]
         dense, kjt = batch.to_inputs(lm.schema.sparse_names)
-        logits = lm.model(dense, kjt)
+        logits = lm.forward(dense, kjt)
         on_batch(len(ids))
         top = torch.argsort(logits, descending=True)[:k].numpy()
         probs = torch.sigmoid(logits).numpy()
@@ -327,9 +328,12 @@ def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[st
                 ranker, retriever = await asyncio.to_thread(reload, req.checkpoint, req.retriever)
             except TierecError as e:
                 raise ApiError(409, "checkpoint", str(e)) from None
-            if ranker is not None and ranker.schema.to_json() != schema.to_json():
-                ranker.close()
-                raise ApiError(409, "checkpoint", f"{ranker.path}: a different schema than the serving model's")
+            for name, new in (("checkpoint", ranker), ("retriever", getattr(retriever, "loaded", None))):
+                if new is not None and new.schema.to_json() != schema.to_json():
+                    for m in (ranker, retriever):
+                        if m is not None:
+                            getattr(m, "loaded", m).close()
+                    raise ApiError(409, name, f"{new.path}: a different schema than the serving model's")
             old = store.swap(ranker, retriever)
             # Close the replaced models on the model thread: every batch that took them ran before.
             for o in old:

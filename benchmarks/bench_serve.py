@@ -327,7 +327,7 @@ def main() -> None:
     p.add_argument("--corpus-rows", type=int, default=100_000)
     p.add_argument("--hnsw-m", type=int, default=32)
     p.add_argument("--ef-construction", type=int, default=200)
-    p.add_argument("--ef-search", type=int, default=128)
+    p.add_argument("--ef-search", type=int, default=256)
     p.add_argument("--skip-retrieval", action="store_true")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()

@@ -44,23 +44,37 @@ def test_shared_cache_admits_on_second_sighting_and_returns_ssd_rows(tmp_path):
     n, d = 1000, 4
     ssd = [SsdTable(tmp_path / f"t{i}.tbl", n, d, 1, create=True, init_seed=0, table_index=i) for i in range(2)]
     ro = [SsdTable(tmp_path / f"t{i}.tbl", n, d, 1, readonly=True) for i in range(2)]
-    st = SharedCache(ro, 50, admit_after=2)
+    st = SharedCache(ro, 50, admit_after=2, admit_batch=1)
     ids = torch.arange(100, 130)
     rows = st.fetch({0: ids, 1: ids[:5]})
     assert torch.equal(rows[0], ssd[0].read(ids)[0]) and torch.equal(rows[1], ssd[1].read(ids[:5])[0])
-    assert st.cache.size == 0 and st.bypassed == 35  # first sighting: read from SSD, not cached
+    assert st.cache.size == 0  # first sighting: read from SSD, not cached
     st.fetch({1: torch.arange(100, 110)})
     assert st.cache.size == 5  # rows 100..104 of table 1, seen twice, are admitted; 105..109 are not
     assert bool(st.cache.contains(torch.arange(100, 105) + n).all())
     st.fetch({0: torch.arange(500, 900)})  # a scan of one-off IDs does not flush them
     assert bool(st.cache.contains(torch.arange(100, 105) + n).all())
     again = st.fetch({1: torch.arange(100, 105)})[1]
-    assert st.hits >= 5 and torch.equal(again, ssd[1].read(torch.arange(100, 105))[0])
+    assert st.hits == 5 and torch.equal(again, ssd[1].read(torch.arange(100, 105))[0])
     view = SsdView(st, 1, n)
     ws = view.acquire(torch.arange(3))
     assert torch.equal(ws.weight[ws.index], ssd[1].read(torch.arange(3))[0])
     with pytest.raises(RuntimeError):
         view.release(ws, dirty=True)
+
+
+def test_shared_cache_admits_in_batches_without_rereading(tmp_path):
+    n = 1000
+    SsdTable(tmp_path / "t.tbl", n, 4, 1, create=True, init_seed=0)
+    ro = SsdTable(tmp_path / "t.tbl", n, 4, 1, readonly=True)
+    st = SharedCache([ro], 100, admit_after=1, admit_batch=20)
+    st.fetch({0: torch.arange(0, 15)})
+    assert st.cache.size == 0  # 15 queued, below the admission batch
+    read = ro.stats()["rows_read"]
+    st.fetch({0: torch.arange(15, 30)})
+    assert st.cache.size == 30 and st.admitted == 30
+    assert ro.stats()["rows_read"] == read + 15  # admitted rows came from the queue, not the file again
+    assert torch.equal(st.fetch({0: torch.arange(30)})[0], ro.read(torch.arange(30))[0])
 
 
 def test_two_tower_trains_and_records_its_kind(tmp_path):

@@ -37,7 +37,7 @@ class ServeConfig:
     index_on_disk: bool = False
     hnsw_m: int = 32
     ef_construction: int = 200
-    ef_search: int = 128
+    ef_search: int = 256
 
     def __post_init__(self):
         from tierec.errors import ConfigError

@@ -10,7 +10,8 @@ same fixed-offset row files training wrote) behind one `SharedCache` for all of 
   set the checkpoint was trained on;
 - an admission rule: a row that misses is read from the SSD and only admitted to the cache
   from its ``admit_after``-th sighting (counted in a `CountMinSketch`, halved every
-  ``8 x width`` sightings so old counts fade), so one-off IDs do not flush the hot rows.
+  ``8 x width`` sightings so old counts fade), so one-off IDs do not flush the hot rows;
+  admitted rows enter the cache in batches of ``admit_batch`` (one eviction pass each).
 
 Both modes give the same scores bit for bit: the rows are the same float32 numbers.
 The dense network is always in memory. `ModelStore` holds the current model and swaps it
@@ -40,22 +41,30 @@ from tierec.train import checkpoint as ckpt
 log = logging.getLogger(__name__)
 
 TABLE_MODES = ("dram", "ssd")
+WARM_CHUNK = 1 << 15  # rows per warm-up read
 
 
 class _ConcatTables:
     """Several read-only SSD tables as one row space: global row = table offset + row; weights only.
 
     ``read(ids)`` splits the IDs by table and reads each table's file (concurrently on ``pool``
-    when several tables are involved)."""
+    when several tables are involved). Rows put in ``stash`` (sorted ids, rows) are served
+    from there instead: the cache admits rows that were already read."""
 
     def __init__(self, ssds: list[SsdTable], pool=None):
         self.ssds, self.pool = ssds, pool
         self.offsets = torch.tensor([0] + [t.num_embeddings for t in ssds]).cumsum(0)
         self.num_embeddings, self.dim, self.state_dim = int(self.offsets[-1]), ssds[0].dim, 0
         self.device = torch.device("cpu")
+        self.stash: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global rows ``ids`` (int64 [U], any order) -> (weights [U, D], empty state [U, 0])."""
+        if self.stash is not None:
+            sid, rows = self.stash
+            pos = torch.searchsorted(sid, ids).clamp_(max=sid.numel() - 1)
+            if bool((sid[pos] == ids).all()):
+                return rows[pos], torch.empty(ids.numel(), 0)
         table = torch.searchsorted(self.offsets, ids, right=True) - 1
         w = torch.empty(ids.numel(), self.dim)
         parts = [(t, (table == t).nonzero().squeeze(1)) for t in torch.unique(table).tolist()]
@@ -84,23 +93,32 @@ class SharedCache:
 
     Rows of all tables share one `CachedTable` over global row IDs (table offset + row), so
     the cache spends its rows on whichever tables are hot, and a batch costs one cache lookup
-    whatever the number of tables. ``fetch({table: ids})`` returns each table's rows: cached
-    rows, and rows seen at least ``admit_after`` times (count-min sketch, halved every
-    ``8 x width`` sightings), come through the cache (misses among them are admitted); the
-    others are read straight from the SSD files and not cached.
+    whatever the number of tables. ``fetch({table: ids})`` returns each table's rows: hits
+    from the cache, misses with one (concurrent) read of the table files. A missed row seen at
+    least ``admit_after`` times (count-min sketch, halved every ``8 x width`` sightings) is
+    queued for admission with the row just read; the queue enters the cache in one go when it
+    holds ``admit_batch`` rows (one eviction pass per admission batch instead of one per
+    request). Rows seen fewer times are not cached, so one-off IDs do not flush the hot rows.
     """
 
-    def __init__(self, ssds: list[SsdTable], capacity: int, admit_after: int = 2, freq=None, pool=None):
+    def __init__(self, ssds: list[SsdTable], capacity: int, admit_after: int = 2, freq=None, pool=None,
+                 admit_batch: int = 512):
         self.backing = _ConcatTables(ssds, pool)
         self.offsets = self.backing.offsets
         self.dim, self.admit_after = self.backing.dim, int(admit_after)
         self.cache = CachedTable(self.backing, capacity, "freq" if freq is not None else "lfu", name="ssd",
                                  freq=freq)
-        if freq is not None:
-            self.cache.warm_up()
+        if freq is not None:  # pre-load the hottest rows, in chunks (bounded temporaries)
+            hot = freq[0][torch.argsort(freq[1], descending=True)][: self.cache.capacity]
+            for a in range(0, hot.numel(), WARM_CHUNK):
+                self.cache.warm_up(hot[a : a + WARM_CHUNK])
         width = 1 << max(10, (2 * self.cache.capacity - 1).bit_length())  # >= 2 counters per cached row, per hash
         self.sketch = CountMinSketch(width, depth=2)
-        self.lookups = self.hits = self.bypassed = 0
+        self.admit_batch = max(1, min(int(admit_batch), self.cache.capacity))
+        self._queue_ids: list[torch.Tensor] = []
+        self._queue_rows: list[torch.Tensor] = []
+        self._queued = 0
+        self.lookups = self.hits = self.admitted = 0
 
     def fetch(self, ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{table index: row IDs int64 [U_t], unique, sorted} -> {table index: weights [U_t, D]}."""
@@ -112,29 +130,60 @@ class SharedCache:
             self.sketch.table.floor_divide_(2)
             self.sketch.total //= 2
         hit = self.cache.contains(g)
-        admit = hit | (self.sketch.query(g) >= self.admit_after)
         w = torch.empty(U, self.dim)
-        a = admit.nonzero().squeeze(1)
-        if a.numel():
-            w[a] = self.cache.read(g.index_select(0, a))[0]
-        b = (~admit).nonzero().squeeze(1)
-        if b.numel():
-            w[b] = self.backing.read(g.index_select(0, b))[0]
+        h = hit.nonzero().squeeze(1)
+        if h.numel():
+            w[h] = self.cache.read(g.index_select(0, h))[0]
+        m = (~hit).nonzero().squeeze(1)
+        if m.numel():
+            gm = g.index_select(0, m)
+            wm = self.backing.read(gm)[0]
+            w[m] = wm
+            admit = self.sketch.query(gm) >= self.admit_after
+            if bool(admit.any()):
+                self._queue_ids.append(gm[admit])
+                self._queue_rows.append(wm[admit])
+                self._queued += int(admit.sum())
+                if self._queued >= self.admit_batch:
+                    self._admit()
         self.lookups += U
-        self.hits += int(hit.sum())
-        self.bypassed += b.numel()
+        self.hits += h.numel()
         return dict(zip(order, torch.split(w, [ids[t].numel() for t in order])))
+
+    def _admit(self) -> None:
+        """Install the queued rows in the cache (rows already read: the backing serves them from a stash)."""
+        qid, qrows = torch.cat(self._queue_ids), torch.cat(self._queue_rows)
+        self._queue_ids, self._queue_rows, self._queued = [], [], 0
+        qid, first = _first_unique(qid)
+        qrows = qrows[first]
+        keep = ~self.cache.contains(qid)
+        qid, qrows = qid[keep], qrows[keep]
+        if not qid.numel():
+            return
+        self.backing.stash = (qid, qrows)
+        try:
+            self.cache.read(qid)
+        finally:
+            self.backing.stash = None
+        self.admitted += qid.numel()
 
     def close(self) -> None:
         self.backing.close()
 
     def stats(self) -> dict:
-        """lookups = hits + misses (unique IDs per batch and table); bypassed: misses read from SSD
-        without admission; bytes_read: bytes read from the SSD files (cache misses and bypassed rows)."""
+        """lookups = hits + misses (unique IDs per batch and table); admitted: rows put in the cache
+        after warm-up; bytes_read: bytes read from the SSD files (warm-up and misses)."""
         return {"lookups": self.lookups, "hits": self.hits, "misses": self.lookups - self.hits,
-                "bypassed": self.bypassed, "resident": self.cache.size, "capacity": self.cache.capacity,
+                "admitted": self.admitted, "resident": self.cache.size, "capacity": self.cache.capacity,
                 "bytes_read": sum(t.stats()["bytes_read"] for t in self.backing.ssds),
                 "cache_bytes": self.cache.nbytes + self.cache.index_nbytes + self.sketch.nbytes}
+
+
+def _first_unique(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [N] -> (sorted unique ids [U], position in ``ids`` of each one's first occurrence [U])."""
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    return uniq, perm[torch.cumsum(counts, 0) - counts]
 
 
 class SsdView:
@@ -230,46 +279,50 @@ class LoadedModel:
             self.shared.close()
 
 
-def training_frequencies(data: str | None, schema: Schema, rows: int) -> dict | None:
-    """(ids, counts) per table over the first ``rows`` training rows of ``data``; None if unavailable."""
-    from tierec.data.dataset import Dataset
-    from tierec.errors import TierecError
+def hottest_rows(data: str | None, schema: Schema, rows: int, capacity: int) -> tuple | None:
+    """The ``capacity`` global rows (table offset + row) most frequent in the first ``rows``
+    training rows of ``data``, as (ids int64 [K], counts int64 [K]); None if unavailable.
 
+    Counted in a child process: reading the data set costs a few hundred MB transiently
+    (Arrow buffers, reader threads) that a long-running server should not keep."""
     if not rows or not data:
         return None
-    try:
-        ds = Dataset(data)
-    except TierecError as e:
-        log.warning("no warm-up of the caches: %s", e)
-        return None
-    counts = {f.name: [] for f in schema.sparse}
-    seen, chunk = 0, None
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    names = [f.name for f in schema.sparse]
+    offsets = np.cumsum([0] + [f.num_embeddings for f in schema.sparse]).tolist()
+    with tempfile.TemporaryDirectory(prefix="tierec-warm-") as tmp:
+        out = Path(tmp) / "hot.npz"
+        args = json.dumps([data, names, offsets, rows, capacity, str(out)])
+        code = "import sys, json; from tierec.inference.model_store import _count_hottest; " \
+               "_count_hottest(*json.loads(sys.argv[1]))"
+        r = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+        if r.returncode != 0 or not out.exists():
+            log.warning("no warm-up of the cache: %s", (r.stderr.strip().splitlines() or ["counting failed"])[-1])
+            return None
+        with np.load(out) as z:
+            return torch.from_numpy(z["ids"]), torch.from_numpy(z["counts"])
+
+
+def _count_hottest(data: str, names: list[str], offsets: list[int], rows: int, capacity: int, out: str) -> None:
+    """Child process of `hottest_rows`: count, keep the top ``capacity``, write ``out`` (.npz)."""
+    from tierec.data.dataset import Dataset
+
+    ds = Dataset(data)
+    parts, seen = [], 0
     for chunk in ds.chunks("train", 8192):
-        for n in counts:
-            counts[n].append(chunk.sparse[n][0])
+        parts += [chunk.sparse[n][0] + offsets[i] for i, n in enumerate(names)]
         seen += len(chunk)
         if seen >= rows:
             break
-    out = {}
-    for n, parts in counts.items():
-        ids, c = np.unique(np.concatenate(parts) if parts else np.zeros(0, np.int64), return_counts=True)
-        out[n] = (torch.from_numpy(ids), torch.from_numpy(c.astype(np.int64)))
-    del counts, chunk
-    _release_heap()
-    return out
-
-
-def _release_heap() -> None:
-    """Hand memory freed after reading the data set back to the OS (Arrow's pool, glibc's heap)."""
-    import ctypes
-
-    import pyarrow as pa
-
-    pa.default_memory_pool().release_unused()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    ids, counts = np.unique(np.concatenate(parts) if parts else np.zeros(0, np.int64), return_counts=True)
+    if ids.size > capacity:
+        top = np.argpartition(-counts, capacity - 1)[:capacity]
+        ids, counts = ids[top], counts[top]
+    np.savez(out, ids=ids.astype(np.int64), counts=counts.astype(np.int64))
 
 
 def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) -> LoadedModel:
@@ -285,6 +338,9 @@ def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) 
     schema = Schema.from_json(m["schema"])
     shared = None
     if opt.tables == "ssd":
+        from tierec.storage.tiered import limit_malloc_retention
+
+        limit_malloc_retention()  # freed multi-MB temporaries (warm-up reads) go back to the OS
         shared = _open_shared_cache(path, m, schema, cfg, opt, pool)
 
     def factory(i, tcfg, state_dim):
@@ -322,15 +378,7 @@ def _open_shared_cache(path: Path, m: dict, schema: Schema, cfg, opt: ServeOptio
                              direct_io=opt.direct_io))
     total = sum(f.num_embeddings for f in schema.sparse)
     capacity = max(1, math.ceil(opt.cache_fraction * total))
-    freq = training_frequencies(opt.data or cfg.data, schema, opt.warm_rows)
-    if freq is not None:  # global row IDs; only the hottest `capacity` rows can matter: keep those
-        offs = np.cumsum([0] + [f.num_embeddings for f in schema.sparse])
-        ids = torch.cat([freq[f.name][0] + int(offs[i]) for i, f in enumerate(schema.sparse)])
-        counts = torch.cat([freq[f.name][1] for f in schema.sparse])
-        if ids.numel() > capacity:
-            top = torch.topk(counts, capacity).indices
-            ids, counts = ids[top], counts[top]
-        freq = (ids, counts)
+    freq = hottest_rows(opt.data or cfg.data, schema, opt.warm_rows, capacity)
     return SharedCache(ssds, capacity, opt.admit_after, freq, pool)
 
 

@@ -133,7 +133,7 @@ class _StatsCollector:
         fams = {
             "lookups": CounterMetricFamily("tierec_cache_lookups", "unique IDs looked up in the DRAM caches", labels=["model"]),
             "hits": CounterMetricFamily("tierec_cache_hits", "lookups served from the DRAM cache", labels=["model"]),
-            "bypassed": CounterMetricFamily("tierec_cache_bypassed", "misses read from SSD without admission", labels=["model"]),
+            "admitted": CounterMetricFamily("tierec_cache_admitted", "rows admitted to the cache after warm-up", labels=["model"]),
             "bytes_read": CounterMetricFamily("tierec_ssd_read_bytes", "bytes read from the SSD table files", labels=["model"]),
             "resident": GaugeMetricFamily("tierec_cache_resident_rows", "rows in the DRAM cache", labels=["model"]),
         }

@@ -64,7 +64,8 @@ def serving(app):
 
 
 def config(runs, **kw) -> ServeConfig:
-    base = dict(checkpoint=runs["dlrm"], data=runs["data"], warm_rows=2000, corpus_rows=3000, threads=1)
+    """Tables in DRAM unless a test is about the SSD tier (each SSD warm-up counts in a child process)."""
+    base = dict(checkpoint=runs["dlrm"], data=runs["data"], tables="dram", warm_rows=0, corpus_rows=3000, threads=1)
     return ServeConfig(**{**base, **kw})
 
 
@@ -105,7 +106,7 @@ def test_predict_equals_offline_dram_and_ssd(runs):
     samples, offline = test_samples(runs)
     got = {}
     for tables in ("dram", "ssd"):
-        with serving(build_server(config(runs, tables=tables, cache_fraction=0.02))) as c:
+        with serving(build_server(config(runs, tables=tables, cache_fraction=0.02, warm_rows=2000))) as c:
             r = c.post("/v1/predict", json={"samples": samples})
             assert r.status_code == 200, r.text
             got[tables] = np.array(r.json()["logits"], np.float32)
@@ -252,7 +253,7 @@ def test_recommend_ranks_retrieved_items(runs):
 
 
 def test_metrics_are_prometheus_text(runs):
-    with serving(build_server(config(runs))) as c:
+    with serving(build_server(config(runs, tables="ssd"))) as c:
         c.post("/v1/predict", json={"samples": [{"C1": 1}, {"C1": 2}]})
         m = metrics(c)
     for name in ("tierec_requests_total", "tierec_request_seconds_bucket", "tierec_batch_size_bucket",

@@ -314,7 +314,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=400_000, help="synthetic rows (train + 10%% test)")
     p.add_argument("--train-steps", type=int, default=40)
     p.add_argument("--samples", type=int, default=8, help="samples per request")
-    p.add_argument("--rate", type=float, default=50.0, help="fixed offered load, requests/s")
+    p.add_argument("--rate", type=float, default=25.0, help="fixed offered load, requests/s")
     p.add_argument("--concurrency", type=int, default=32, help="clients at saturation")
     p.add_argument("--duration", type=float, default=15.0, help="seconds per load phase")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up traffic")

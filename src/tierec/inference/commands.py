@@ -23,7 +23,7 @@ class ServeConfig:
     tables: str = "ssd"  # "ssd": read-only from the checkpoint's table files behind a DRAM cache; "dram"
     cache_fraction: float = 0.05
     admit_after: int = 2
-    warm_rows: int = 65536
+    warm_rows: int = 262144
     direct_io: bool = False
     verify: bool = True
     data: str | None = None

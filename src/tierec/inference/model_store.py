@@ -228,7 +228,7 @@ class ServeOptions:
     tables: str = "ssd"  # "dram" | "ssd"
     cache_fraction: float = 0.05  # ssd: cached rows per table, as a fraction of its rows
     admit_after: int = 2  # ssd: admit a missed row from its N-th sighting (1: every miss)
-    warm_rows: int = 65536  # ssd: training rows counted to warm the caches (0: no warm-up)
+    warm_rows: int = 262144  # ssd: training rows counted to warm the caches (0: no warm-up)
     direct_io: bool = False  # ssd: O_DIRECT reads (no page cache, no mapped file pages)
     verify: bool = True  # check the table files' sha256 against the manifest at load
     data: str | None = None  # data set for warm-up / corpus (default: the checkpoint's)

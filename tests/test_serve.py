@@ -274,3 +274,34 @@ def test_serve_cli_rejects_bad_settings(runs, capsys):
     assert "cache_fraction" in capsys.readouterr().err
     assert main(["serve", str(runs["root"] / "missing")]) == 2
     assert main(["serve", runs["dlrm"], "--index-on-disk"]) == 2
+
+
+def test_tierec_serve_command_serves_until_interrupted(runs):
+    """The real command line: a `tierec serve` process answers, then stops cleanly on SIGINT."""
+    import signal
+    import subprocess
+    import sys
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen([sys.executable, "-m", "tierec", "serve", runs["dlrm"], "--port", str(port),
+                             "--tables", "ssd", "--warm-rows", "0", "--data", runs["data"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "tierec serve did not come up"
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert r.json()["ranker"]["tables"] == "ssd"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"samples": [{"C1": 3}]})
+        assert r.status_code == 200 and 0 < r.json()["probabilities"][0] < 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "tierec.data.commands",  # tierec data synth|convert|info|verify
     "tierec.train.commands",  # tierec train|eval|demo
     "tierec.analyze",  # tierec analyze
+    "tierec.inference.commands",  # tierec serve
 ]
 
 log = logging.getLogger("tierec")

@@ -331,6 +331,10 @@ class CachedTable:
         """The cached row IDs, sorted."""
         return torch.sort(self._slot_id[: self.size]).values
 
+    def contains(self, ids: torch.Tensor) -> torch.Tensor:
+        """bool [U]: which of ``ids`` are cached (no counters or recency changed)."""
+        return self._lookup(ids.to(self.device))[0]
+
     @property
     def index_nbytes(self) -> int:
         """Bytes of all bookkeeping (index + per-slot metadata): O(capacity), independent of the table."""

@@ -17,11 +17,12 @@ log = logging.getLogger(__name__)
 HELP = {
     "data": "tierec data set directory (from `tierec data synth` or `tierec data convert`)",
     "out": "run directory: metrics.jsonl and checkpoints/",
-    "model": "model architecture",
+    "model": "model architecture: dlrm (ranking) or two-tower (retrieval; needs user-side features)",
     "embedding_dim": "embedding dimension of every table",
     "pooling": "how a multi-hot bag is pooled",
     "bottom_mlp": "hidden sizes of the bottom (dense) MLP, comma-separated",
     "top_mlp": "hidden sizes of the top MLP, comma-separated",
+    "tower_mlp": "two-tower: hidden sizes of the user and item towers, comma-separated",
     "batch_size": "training batch size (samples)",
     "epochs": "passes over the training split",
     "max_steps": "stop after this many steps in total (a checkpoint is written; --resume continues)",

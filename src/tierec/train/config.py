@@ -38,11 +38,12 @@ class ShardingSettings:
 class TrainConfig:
     data: str = ""  # tierec data set directory (`tierec data synth|convert`)
     out: str = "runs/train"  # run directory: metrics.jsonl, checkpoints/
-    model: Literal["dlrm"] = "dlrm"
+    model: Literal["dlrm", "two-tower"] = "dlrm"
     embedding_dim: int = 16
     pooling: Literal["sum", "mean"] = "sum"
     bottom_mlp: list[int] = field(default_factory=lambda: [64, 32])  # hidden sizes; a layer to embedding_dim follows
     top_mlp: list[int] = field(default_factory=lambda: [64, 32])  # hidden sizes; a layer to 1 logit follows
+    tower_mlp: list[int] = field(default_factory=lambda: [64])  # two-tower: hidden sizes of each tower
     batch_size: int = 1024
     epochs: int = 1
     max_steps: int | None = None  # stop after this many steps in total (checkpointed; resume goes on)
@@ -93,7 +94,7 @@ class TrainConfig:
         for name in ("lr", "sparse_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if any(h <= 0 for h in self.bottom_mlp + self.top_mlp):
+        if any(h <= 0 for h in self.bottom_mlp + self.top_mlp + self.tower_mlp):
             raise ConfigError("MLP layer sizes must be > 0")
         self.tables = {k: TableSettings(**v) if isinstance(v, dict) else v for k, v in self.tables.items()}
         if isinstance(self.sharding, dict):

@@ -45,9 +45,9 @@ def pick_device(name: str) -> torch.device:
 
 def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset: Dataset | None = None,
                 fresh: bool = True, storage_factory=None) -> DLRM:
-    """DLRM for ``schema``; with a memory budget (or per-table SSD settings) and a ``dataset``
-    to measure access shares on, the tables that do not fit go to SSD behind caches.
-    ``storage_factory`` (see `build_collection`) overrides the planning."""
+    """DLRM for ``schema`` (`TwoTower` when ``cfg.model == "two-tower"``); with a memory budget
+    (or per-table SSD settings) and a ``dataset`` to measure access shares on, the tables that
+    do not fit go to SSD behind caches. ``storage_factory`` (see `build_collection`) overrides the planning."""
     tables = [TableConfig(f.name, f.num_embeddings, cfg.embedding_dim, cfg.pooling) for f in schema.sparse]
     if not tables:
         raise ConfigError("the data set has no sparse features; DLRM needs at least one")
@@ -61,7 +61,12 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
         factory = make_storage_factory(cfg, plan, sample, root, device, fresh=fresh)
     torch.manual_seed(cfg.seed)
     ebc = build_collection(tables, sparse_opt, seed=cfg.seed, storage_factory=factory, device=device)
-    model = DLRM(len(schema.dense), ebc, cfg.bottom_mlp, cfg.top_mlp).to(device)
+    if cfg.model == "two-tower":
+        from tierec.modules.two_tower import TwoTower
+
+        model = TwoTower(ebc, {f.name: f.side for f in schema.sparse}, cfg.tower_mlp).to(device)
+    else:
+        model = DLRM(len(schema.dense), ebc, cfg.bottom_mlp, cfg.top_mlp).to(device)
     model.storage_plan = [p.to_dict() for p in plan] if plan else None  # saved in checkpoints
     return model
 

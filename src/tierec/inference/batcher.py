@@ -1,0 +1,90 @@
+"""Dynamic batching: concurrent requests are coalesced into one model call.
+
+`DynamicBatcher.submit(items)` queues a request's items and awaits their results. One
+asyncio task takes the first waiting request, then keeps taking more until the batch
+holds ``max_batch`` items or ``max_wait_s`` has passed since the first, and runs
+``run(items) -> results`` on the model thread (one thread: the models and their
+caches are not thread-safe, and the event loop stays free to accept requests). While a
+batch runs, new requests queue up and form the next one, so batches grow with the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+log = logging.getLogger(__name__)
+
+
+class DynamicBatcher:
+    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_s: float,
+                 executor: ThreadPoolExecutor, on_batch: Callable[[int], None] | None = None):
+        """``run(payloads) -> results`` (one result per payload) runs one batch; a payload is one
+        request's samples and ``len(payload)`` their number (at most ``max_batch``)."""
+        if max_batch < 1 or max_wait_s < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_wait >= 0, got {max_batch}, {max_wait_s}")
+        self.run, self.max_batch, self.max_wait_s = run, int(max_batch), float(max_wait_s)
+        self.executor, self.on_batch = executor, on_batch
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._held = None  # a request that did not fit into the previous batch
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, payload):
+        """Queue one request's ``payload`` and wait for its result."""
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put((payload, fut))
+        return await fut
+
+    async def _collect(self) -> list:
+        """The next batch: the first waiting request, then more until full or ``max_wait_s`` passed."""
+        loop = asyncio.get_running_loop()
+        first, self._held = (self._held, None) if self._held is not None else (await self._queue.get(), None)
+        group, n = [first], len(first[0])
+        deadline = loop.time() + self.max_wait_s
+        while n < self.max_batch:
+            left = deadline - loop.time()
+            try:
+                req = await asyncio.wait_for(self._queue.get(), left) if left > 0 else self._queue.get_nowait()
+            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                break
+            if n + len(req[0]) > self.max_batch:
+                self._held = req
+                break
+            group.append(req)
+            n += len(req[0])
+        return [(p, fut) for p, fut in group if not fut.done()]  # drop requests whose client went away
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            group = await self._collect()
+            if not group:
+                continue
+            payloads = [p for p, _ in group]
+            try:
+                results = await loop.run_in_executor(self.executor, self.run, payloads)
+            except Exception as e:  # the model failed: every request of the batch gets the error
+                log.exception("batch of %d requests failed", len(group))
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            if self.on_batch is not None:
+                self.on_batch(sum(len(p) for p in payloads))
+            for (_, fut), r in zip(group, results):
+                if not fut.done():
+                    fut.set_result(r)

@@ -1,0 +1,406 @@
+"""Load a checkpoint for serving: tables all in DRAM, or read-only from the SSD tier behind a DRAM cache.
+
+``tables="dram"`` loads every table into memory (the plain, exact reference).
+``tables="ssd"`` opens the checkpoint's own table files read-only (``tables/<name>.tbl``, the
+same fixed-offset row files training wrote) behind one `SharedCache` for all of them:
+
+- a `CachedTable` of ``cache_fraction`` x all rows over global row IDs (table offset + row),
+  frequency-aware (policy ``freq``: evicts the rows least frequent in the training data
+  first), warmed with the hottest rows of the first ``warm_rows`` training rows of the data
+  set the checkpoint was trained on;
+- an admission rule: a row that misses is read from the SSD and only admitted to the cache
+  from its ``admit_after``-th sighting (counted in a `CountMinSketch`, halved every
+  ``8 x width`` sightings so old counts fade), so one-off IDs do not flush the hot rows;
+  admitted rows enter the cache in batches of ``admit_batch`` (one eviction pass each).
+
+Both modes give the same scores bit for bit: the rows are the same float32 numbers.
+The dense network is always in memory. `ModelStore` holds the current model and swaps it
+atomically on reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tierec.data.dataset import Schema
+from tierec.errors import CheckpointError, ConfigError
+from tierec.modules.embedding import WorkingSet
+from tierec.sparse import KeyedJaggedTensor
+from tierec.storage.cache import CachedTable
+from tierec.storage.sketch import CountMinSketch
+from tierec.storage.ssd import SsdTable
+from tierec.train import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+TABLE_MODES = ("dram", "ssd")
+WARM_CHUNK = 1 << 15  # rows per warm-up read
+
+
+class _ConcatTables:
+    """Several read-only SSD tables as one row space: global row = table offset + row; weights only.
+
+    ``read(ids)`` splits the IDs by table and reads each table's file (concurrently on ``pool``
+    when several tables are involved). Rows put in ``stash`` (sorted ids, rows) are served
+    from there instead: the cache admits rows that were already read."""
+
+    def __init__(self, ssds: list[SsdTable], pool=None):
+        self.ssds, self.pool = ssds, pool
+        self.offsets = torch.tensor([0] + [t.num_embeddings for t in ssds]).cumsum(0)
+        self.num_embeddings, self.dim, self.state_dim = int(self.offsets[-1]), ssds[0].dim, 0
+        self.device = torch.device("cpu")
+        self.stash: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global rows ``ids`` (int64 [U], any order) -> (weights [U, D], empty state [U, 0])."""
+        if self.stash is not None:
+            sid, rows = self.stash
+            pos = torch.searchsorted(sid, ids).clamp_(max=sid.numel() - 1)
+            if bool((sid[pos] == ids).all()):
+                return rows[pos], torch.empty(ids.numel(), 0)
+        table = torch.searchsorted(self.offsets, ids, right=True) - 1
+        w = torch.empty(ids.numel(), self.dim)
+        parts = [(t, (table == t).nonzero().squeeze(1)) for t in torch.unique(table).tolist()]
+
+        def one(t, pos):
+            w[pos] = self.ssds[t].read(ids.index_select(0, pos) - self.offsets[t])[0]
+
+        if self.pool is not None and len(parts) > 1:
+            for f in [self.pool.submit(one, t, pos) for t, pos in parts]:
+                f.result()
+        else:
+            for t, pos in parts:
+                one(t, pos)
+        return w, torch.empty(ids.numel(), 0)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        for t in self.ssds:
+            t.close()
+
+
+class SharedCache:
+    """The SSD-backed tables of one model behind one DRAM cache with an admission rule.
+
+    Rows of all tables share one `CachedTable` over global row IDs (table offset + row), so
+    the cache spends its rows on whichever tables are hot, and a batch costs one cache lookup
+    whatever the number of tables. ``fetch({table: ids})`` returns each table's rows: hits
+    from the cache, misses with one (concurrent) read of the table files. A missed row seen at
+    least ``admit_after`` times (count-min sketch, halved every ``8 x width`` sightings) is
+    queued for admission with the row just read; the queue enters the cache in one go when it
+    holds ``admit_batch`` rows (one eviction pass per admission batch instead of one per
+    request). Rows seen fewer times are not cached, so one-off IDs do not flush the hot rows.
+    """
+
+    def __init__(self, ssds: list[SsdTable], capacity: int, admit_after: int = 2, freq=None, pool=None,
+                 admit_batch: int = 512):
+        self.backing = _ConcatTables(ssds, pool)
+        self.offsets = self.backing.offsets
+        self.dim, self.admit_after = self.backing.dim, int(admit_after)
+        self.cache = CachedTable(self.backing, capacity, "freq" if freq is not None else "lfu", name="ssd",
+                                 freq=freq)
+        if freq is not None:  # pre-load the hottest rows, in chunks (bounded temporaries)
+            hot = freq[0][torch.argsort(freq[1], descending=True)][: self.cache.capacity]
+            for a in range(0, hot.numel(), WARM_CHUNK):
+                self.cache.warm_up(hot[a : a + WARM_CHUNK])
+        width = 1 << max(10, (2 * self.cache.capacity - 1).bit_length())  # >= 2 counters per cached row, per hash
+        self.sketch = CountMinSketch(width, depth=2)
+        self.admit_batch = max(1, min(int(admit_batch), self.cache.capacity))
+        self._queue_ids: list[torch.Tensor] = []
+        self._queue_rows: list[torch.Tensor] = []
+        self._queued = 0
+        self.lookups = self.hits = self.admitted = 0
+
+    def fetch(self, ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """{table index: row IDs int64 [U_t], unique, sorted} -> {table index: weights [U_t, D]}."""
+        order = sorted(ids)
+        g = torch.cat([ids[t] + self.offsets[t] for t in order])  # sorted: tables' ranges ascend
+        U = g.numel()
+        self.sketch.update(g)
+        if self.sketch.total > 8 * self.sketch.width:  # age: halve all counts
+            self.sketch.table.floor_divide_(2)
+            self.sketch.total //= 2
+        hit = self.cache.contains(g)
+        w = torch.empty(U, self.dim)
+        h = hit.nonzero().squeeze(1)
+        if h.numel():
+            w[h] = self.cache.read(g.index_select(0, h))[0]
+        m = (~hit).nonzero().squeeze(1)
+        if m.numel():
+            gm = g.index_select(0, m)
+            wm = self.backing.read(gm)[0]
+            w[m] = wm
+            admit = self.sketch.query(gm) >= self.admit_after
+            if bool(admit.any()):
+                self._queue_ids.append(gm[admit])
+                self._queue_rows.append(wm[admit])
+                self._queued += int(admit.sum())
+                if self._queued >= self.admit_batch:
+                    self._admit()
+        self.lookups += U
+        self.hits += h.numel()
+        return dict(zip(order, torch.split(w, [ids[t].numel() for t in order])))
+
+    def _admit(self) -> None:
+        """Install the queued rows in the cache (rows already read: the backing serves them from a stash)."""
+        qid, qrows = torch.cat(self._queue_ids), torch.cat(self._queue_rows)
+        self._queue_ids, self._queue_rows, self._queued = [], [], 0
+        qid, first = _first_unique(qid)
+        qrows = qrows[first]
+        keep = ~self.cache.contains(qid)
+        qid, qrows = qid[keep], qrows[keep]
+        if not qid.numel():
+            return
+        self.backing.stash = (qid, qrows)
+        try:
+            self.cache.read(qid)
+        finally:
+            self.backing.stash = None
+        self.admitted += qid.numel()
+
+    def close(self) -> None:
+        self.backing.close()
+
+    def stats(self) -> dict:
+        """lookups = hits + misses (unique IDs per batch and table); admitted: rows put in the cache
+        after warm-up; bytes_read: bytes read from the SSD files (warm-up and misses)."""
+        return {"lookups": self.lookups, "hits": self.hits, "misses": self.lookups - self.hits,
+                "admitted": self.admitted, "resident": self.cache.size, "capacity": self.cache.capacity,
+                "bytes_read": sum(t.stats()["bytes_read"] for t in self.backing.ssds),
+                "cache_bytes": self.cache.nbytes + self.cache.index_nbytes + self.sketch.nbytes}
+
+
+def _first_unique(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [N] -> (sorted unique ids [U], position in ``ids`` of each one's first occurrence [U])."""
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    return uniq, perm[torch.cumsum(counts, 0) - counts]
+
+
+class SsdView:
+    """One table's read-only `TableStorage` over a `SharedCache`.
+
+    ``acquire(ids)`` returns the rows `LoadedModel.forward` fetched for this batch (one fetch
+    for all tables), or fetches them itself."""
+
+    identity_index = False
+
+    def __init__(self, shared: SharedCache, index: int, num_embeddings: int):
+        self.shared, self.index = shared, index
+        self.num_embeddings, self.dim, self.state_dim = num_embeddings, shared.dim, 0
+        self.stash: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, rows) of the current batch
+
+    def acquire(self, ids: torch.Tensor) -> WorkingSet:
+        st, self.stash = self.stash, None
+        if st is not None and st[0].numel() == ids.numel() and torch.equal(st[0], ids):
+            w = st[1]
+        else:
+            w = self.shared.fetch({self.index: ids})[self.index]
+        return WorkingSet(ids, torch.arange(ids.numel()), w, torch.empty(ids.numel(), 0))
+
+    def release(self, ws: WorkingSet, dirty: bool) -> None:
+        if dirty:
+            raise RuntimeError("serving tables are read-only")
+
+    def read_rows(self, start: int, end: int):
+        return self.shared.backing.ssds[self.index].read_rows(start, end)
+
+    def write_rows(self, start, weight, state) -> None:
+        raise RuntimeError("serving tables are read-only")
+
+    def flush(self) -> None:
+        pass
+
+
+@dataclass
+class ServeOptions:
+    """How `load_model` lays out the tables."""
+
+    tables: str = "ssd"  # "dram" | "ssd"
+    cache_fraction: float = 0.05  # ssd: cached rows per table, as a fraction of its rows
+    admit_after: int = 2  # ssd: admit a missed row from its N-th sighting (1: every miss)
+    warm_rows: int = 262144  # ssd: training rows counted to warm the caches (0: no warm-up)
+    direct_io: bool = False  # ssd: O_DIRECT reads (no page cache, no mapped file pages)
+    verify: bool = True  # check the table files' sha256 against the manifest at load
+    data: str | None = None  # data set for warm-up / corpus (default: the checkpoint's)
+
+    def __post_init__(self):
+        if self.tables not in TABLE_MODES:
+            raise ConfigError(f"tables must be one of {', '.join(TABLE_MODES)}, got {self.tables!r}")
+        if not 0 < self.cache_fraction <= 1:
+            raise ConfigError(f"cache_fraction must be in (0, 1], got {self.cache_fraction}")
+        if self.admit_after < 1:
+            raise ConfigError(f"admit_after must be >= 1, got {self.admit_after}")
+        if self.warm_rows < 0:
+            raise ConfigError(f"warm_rows must be >= 0, got {self.warm_rows}")
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready to serve. ``kind``: "dlrm" or "two-tower"."""
+
+    model: torch.nn.Module
+    kind: str
+    schema: Schema
+    path: Path
+    step: int
+    manifest: dict
+    options: ServeOptions
+    shared: SharedCache | None = None  # tables="ssd": the cache in front of the table files
+
+    @torch.no_grad()
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """``model(dense, sparse)``; SSD-backed tables get the batch's rows in one shared fetch first."""
+        if self.shared is not None:
+            by_key = sparse.to_dict()
+            views = [t.storage for t in self.model.embeddings.tables
+                     if isinstance(t.storage, SsdView) and t.config.key in by_key]
+            keys = {t.storage.index: t.config.key for t in self.model.embeddings.tables if isinstance(t.storage, SsdView)}
+            uniq = {v.index: torch.unique(by_key[keys[v.index]].values) for v in views}
+            rows = self.shared.fetch(uniq)
+            for v in views:
+                v.stash = (uniq[v.index], rows[v.index])
+        return self.model(dense, sparse)
+
+    def table_stats(self) -> dict[str, dict]:
+        return {"ssd": self.shared.stats()} if self.shared is not None else {}
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+
+
+def hottest_rows(data: str | None, schema: Schema, rows: int, capacity: int) -> tuple | None:
+    """The ``capacity`` global rows (table offset + row) most frequent in the first ``rows``
+    training rows of ``data``, as (ids int64 [K], counts int64 [K]); None if unavailable.
+
+    Counted in a child process: reading the data set costs a few hundred MB transiently
+    (Arrow buffers, reader threads) that a long-running server should not keep."""
+    if not rows or not data:
+        return None
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    names = [f.name for f in schema.sparse]
+    offsets = np.cumsum([0] + [f.num_embeddings for f in schema.sparse]).tolist()
+    with tempfile.TemporaryDirectory(prefix="tierec-warm-") as tmp:
+        out = Path(tmp) / "hot.npz"
+        args = json.dumps([data, names, offsets, rows, capacity, str(out)])
+        code = "import sys, json; from tierec.inference.model_store import _count_hottest; " \
+               "_count_hottest(*json.loads(sys.argv[1]))"
+        r = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+        if r.returncode != 0 or not out.exists():
+            log.warning("no warm-up of the cache: %s", (r.stderr.strip().splitlines() or ["counting failed"])[-1])
+            return None
+        with np.load(out) as z:
+            return torch.from_numpy(z["ids"]), torch.from_numpy(z["counts"])
+
+
+def _count_hottest(data: str, names: list[str], offsets: list[int], rows: int, capacity: int, out: str) -> None:
+    """Child process of `hottest_rows`: count, keep the top ``capacity``, write ``out`` (.npz)."""
+    from tierec.data.dataset import Dataset
+
+    ds = Dataset(data)
+    parts, seen = [], 0
+    for chunk in ds.chunks("train", 8192):
+        parts += [chunk.sparse[n][0] + offsets[i] for i, n in enumerate(names)]
+        seen += len(chunk)
+        if seen >= rows:
+            break
+    ids, counts = np.unique(np.concatenate(parts) if parts else np.zeros(0, np.int64), return_counts=True)
+    if ids.size > capacity:
+        top = np.argpartition(-counts, capacity - 1)[:capacity]
+        ids, counts = ids[top], counts[top]
+    np.savez(out, ids=ids.astype(np.int64), counts=counts.astype(np.int64))
+
+
+def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) -> LoadedModel:
+    """Checkpoint (run dir, checkpoints dir or step dir) -> `LoadedModel` in eval mode, on CPU.
+    ``pool``: threads on which the SSD tables of one batch are read concurrently."""
+    from tierec.train.config import TrainConfig
+    from tierec.train.trainer import build_model
+
+    opt = options or ServeOptions()
+    path = ckpt.resolve_checkpoint(checkpoint)
+    m = ckpt.read_manifest(path)
+    cfg = TrainConfig(**m["config"])
+    schema = Schema.from_json(m["schema"])
+    shared = None
+    if opt.tables == "ssd":
+        from tierec.storage.tiered import limit_malloc_retention
+
+        limit_malloc_retention()  # freed multi-MB temporaries (warm-up reads) go back to the OS
+        shared = _open_shared_cache(path, m, schema, cfg, opt, pool)
+
+    def factory(i, tcfg, state_dim):
+        return None if shared is None else SsdView(shared, i, tcfg.num_embeddings)
+
+    model = build_model(cfg, schema, torch.device("cpu"), storage_factory=factory)
+    state = ckpt.load_dense_state(path, m)
+    model.load_state_dict(state["model"])
+    if shared is None:
+        mem = {t.config.name: t.storage for t in model.embeddings.tables}
+        ckpt.load_tables(path, m, mem)
+        for st in mem.values():  # serving needs no optimizer state: drop it
+            st.state = torch.empty(st.num_embeddings, 0)
+    model.eval()
+    log.info("loaded %s checkpoint %s (step %d), tables in %s%s", cfg.model, path, m["step"], opt.tables,
+             f" behind a {shared.cache.capacity:,}-row cache" if shared else "")
+    return LoadedModel(model, cfg.model, schema, path, m["step"], m, opt, shared)
+
+
+def _open_shared_cache(path: Path, m: dict, schema: Schema, cfg, opt: ServeOptions, pool) -> SharedCache:
+    """The checkpoint's table files, read-only (checked against the manifest), behind one cache of
+    ``cache_fraction`` of all rows, warmed with the rows most frequent in the training data."""
+    from tierec.modules.optim import SparseOptimizer
+
+    files = {t["name"]: t for t in m["tables"]}
+    state_dim = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr).state_dim(cfg.embedding_dim)
+    ssds = []
+    for f in schema.sparse:
+        t = files.get(f.name)
+        if t is None:
+            raise CheckpointError(f"{path}: checkpoint has no table {f.name!r}")
+        if opt.verify:
+            ckpt.verify_file(path / t["file"], m["files"][t["file"]])
+        ssds.append(SsdTable(path / t["file"], f.num_embeddings, cfg.embedding_dim, state_dim, readonly=True,
+                             direct_io=opt.direct_io))
+    total = sum(f.num_embeddings for f in schema.sparse)
+    capacity = max(1, math.ceil(opt.cache_fraction * total))
+    freq = hottest_rows(opt.data or cfg.data, schema, opt.warm_rows, capacity)
+    return SharedCache(ssds, capacity, opt.admit_after, freq, pool)
+
+
+class ModelStore:
+    """The models being served, swapped atomically: readers take ``store.ranker`` /
+    ``store.retriever`` once per batch and keep using that object even if a reload
+    replaces it meanwhile."""
+
+    def __init__(self, ranker: LoadedModel, retriever=None):
+        self.ranker, self.retriever = ranker, retriever
+        self.reloads = 0
+        self._lock = threading.Lock()
+
+    def swap(self, ranker: LoadedModel | None = None, retriever=None) -> list:
+        """Install new models; returns the replaced ones (close them once no batch uses them)."""
+        with self._lock:
+            old = []
+            if ranker is not None:
+                old.append(self.ranker)
+                self.ranker = ranker
+            if retriever is not None:
+                old.append(self.retriever)
+                self.retriever = retriever
+            self.reloads += 1
+            return [o for o in old if o is not None]

@@ -1,0 +1,95 @@
+"""Two-tower training, the HNSW index (recall vs exact, memory-mapped file) and the serving cache's admission rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tierec.data.synth import SynthConfig, generate
+from tierec.errors import ConfigError
+from tierec.inference.model_store import SharedCache, SsdView
+from tierec.inference.retrieval import HnswIndex, HnswParams, exact_topk, recall_at_k
+from tierec.storage.ssd import SsdTable
+from tierec.train.config import TrainConfig
+from tierec.train.trainer import Trainer
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_hnsw_recall_at_10_vs_exact_and_mmap_file(tmp_path):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(50, 16))
+    items = unit(centers[rng.integers(0, 50, 5000)] + 0.5 * rng.normal(size=(5000, 16)))
+    queries = unit(rng.normal(size=(200, 16)))
+    params = HnswParams(M=32, ef_construction=200, ef_search=128)
+    exact = exact_topk(items, queries, 10)
+    mem = HnswIndex.build(items, params)
+    _, approx = mem.search(queries, 10)
+    assert recall_at_k(approx, exact) >= 0.95
+    weak = HnswIndex.build(items, HnswParams(M=4, ef_construction=8, ef_search=10))
+    assert recall_at_k(weak.search(queries, 10)[1], exact) < recall_at_k(approx, exact)  # the metric can fail
+    disk = HnswIndex.build(items, params, tmp_path / "items.faiss", mmap=True)
+    assert disk.ntotal == 5000
+    assert np.array_equal(disk.search(queries, 10)[1], approx)  # same graph from the mapped file
+
+
+def test_recall_at_k_counts_overlap():
+    assert recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 2, 9]])) == pytest.approx(2 / 3)
+
+
+def test_shared_cache_admits_on_second_sighting_and_returns_ssd_rows(tmp_path):
+    n, d = 1000, 4
+    ssd = [SsdTable(tmp_path / f"t{i}.tbl", n, d, 1, create=True, init_seed=0, table_index=i) for i in range(2)]
+    ro = [SsdTable(tmp_path / f"t{i}.tbl", n, d, 1, readonly=True) for i in range(2)]
+    st = SharedCache(ro, 50, admit_after=2, admit_batch=1)
+    ids = torch.arange(100, 130)
+    rows = st.fetch({0: ids, 1: ids[:5]})
+    assert torch.equal(rows[0], ssd[0].read(ids)[0]) and torch.equal(rows[1], ssd[1].read(ids[:5])[0])
+    assert st.cache.size == 0  # first sighting: read from SSD, not cached
+    st.fetch({1: torch.arange(100, 110)})
+    assert st.cache.size == 5  # rows 100..104 of table 1, seen twice, are admitted; 105..109 are not
+    assert bool(st.cache.contains(torch.arange(100, 105) + n).all())
+    st.fetch({0: torch.arange(500, 900)})  # a scan of one-off IDs does not flush them
+    assert bool(st.cache.contains(torch.arange(100, 105) + n).all())
+    again = st.fetch({1: torch.arange(100, 105)})[1]
+    assert st.hits == 5 and torch.equal(again, ssd[1].read(torch.arange(100, 105))[0])
+    view = SsdView(st, 1, n)
+    ws = view.acquire(torch.arange(3))
+    assert torch.equal(ws.weight[ws.index], ssd[1].read(torch.arange(3))[0])
+    with pytest.raises(RuntimeError):
+        view.release(ws, dirty=True)
+
+
+def test_shared_cache_admits_in_batches_without_rereading(tmp_path):
+    n = 1000
+    SsdTable(tmp_path / "t.tbl", n, 4, 1, create=True, init_seed=0)
+    ro = SsdTable(tmp_path / "t.tbl", n, 4, 1, readonly=True)
+    st = SharedCache([ro], 100, admit_after=1, admit_batch=20)
+    st.fetch({0: torch.arange(0, 15)})
+    assert st.cache.size == 0  # 15 queued, below the admission batch
+    read = ro.stats()["rows_read"]
+    st.fetch({0: torch.arange(15, 30)})
+    assert st.cache.size == 30 and st.admitted == 30
+    assert ro.stats()["rows_read"] == read + 15  # admitted rows came from the queue, not the file again
+    assert torch.equal(st.fetch({0: torch.arange(30)})[0], ro.read(torch.arange(30))[0])
+
+
+def test_two_tower_trains_and_records_its_kind(tmp_path):
+    data = tmp_path / "d"
+    generate(SynthConfig(rows=6000, num_sparse=4, cardinalities=[500], num_dense=2, session_length=4,
+                         user_features=1, seed=2, progress=False), data, progress=False)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "tt"), model="two-tower", batch_size=256, epochs=2,
+                      progress=False, num_threads=1)
+    summary = Trainer(cfg).fit()
+    assert summary["auc"] > 0.55
+    from tierec.train.checkpoint import read_manifest, resolve_checkpoint
+
+    assert read_manifest(resolve_checkpoint(tmp_path / "tt"))["config"]["model"] == "two-tower"
+    nouser = tmp_path / "n"
+    generate(SynthConfig(rows=1000, num_sparse=3, cardinalities=[100], num_dense=1, seed=0, progress=False),
+             nouser, progress=False)
+    with pytest.raises(ConfigError, match="user-side"):
+        Trainer(TrainConfig(data=str(nouser), out=str(tmp_path / "x"), model="two-tower", progress=False))

@@ -287,7 +287,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-fraction", type=_positive(float), default=0.02)
     p.add_argument("--window", type=_positive(int), default=200, help="look-ahead window in batches")
     p.add_argument("--depth", type=_positive(int), default=2, help="steps prepared ahead")
-    p.add_argument("--io-threads", type=_positive(int), default=4, help="look-ahead prefetch threads")
+    p.add_argument("--io-threads", type=_positive(int), default=None,
+                   help="look-ahead prefetch threads (default: tierec's, by cores)")
     p.add_argument("--peers", default=",".join(PEERS))
     p.add_argument("--steps", type=_positive(int), default=40)
     p.add_argument("--warmup", type=int, default=20)

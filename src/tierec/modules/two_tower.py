@@ -64,9 +64,21 @@ class TwoTower(nn.Module):
         """KJT with (at least) the item-side keys -> v float32 [B, D], unit norm."""
         return F.normalize(self.item_mlp(self._pool(sparse, self.item_keys)), dim=1)
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """dense (unused) [B, n_dense], sparse KJT -> logits float32 [B]."""
-        u, v = self.user_embedding(sparse), self.item_embedding(sparse)
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor,
+                user: KeyedJaggedTensor | None = None) -> torch.Tensor:
+        """dense (unused) [B, n_dense], sparse KJT (, user: inverse KJT of the user-side keys) -> logits [B].
+
+        With ``user`` (deduplicated batches) the whole user tower -- lookups, pooling, MLP -- runs
+        once per unique user row, [U, D], and is expanded to [B, D] with one ``index_select``."""
+        if user is None:
+            u = self.user_embedding(sparse)
+        else:
+            inv = user.inverse_indices()[1]
+            if inv.dim() == 1:  # one map shared by the user keys
+                u = self.user_embedding(user).index_select(0, inv)
+            else:
+                u = self.user_embedding(user.expand())
+        v = self.item_embedding(sparse)
         return self.scale * (u * v).sum(1) + self.bias
 
     def dense_parameters(self):

@@ -71,7 +71,7 @@ class TrainConfig:
     lookahead: int = 200  # cache_policy lookahead: batches read ahead to plan prefetch and eviction
     prefetch_depth: int = 2  # cache_policy lookahead: steps prepared (rows resident) ahead of the trainer
     lookahead_memory: str = "1GiB"  # cap on batch data held for the look-ahead window
-    prefetch_threads: int = 4  # cache_policy lookahead: tables prefetched in parallel
+    prefetch_threads: int | None = None  # cache_policy lookahead: tables prefetched in parallel (default: by cores)
     host_cache: str | None = None  # a host-DRAM cache tier between the device caches and SSD, e.g. "8GiB"
     direct_io: bool = False  # SSD reads bypass the OS page cache (O_DIRECT)
     plan_batches: int = 50  # batches read to measure each table's access share
@@ -81,10 +81,10 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "keep_checkpoints", "log_every",
-                     "plan_batches", "lookahead", "prefetch_depth", "prefetch_threads"):
+                     "plan_batches", "lookahead", "prefetch_depth"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_steps", "max_train_rows", "max_eval_rows", "num_threads"):
+        for name in ("max_steps", "max_train_rows", "max_eval_rows", "num_threads", "prefetch_threads"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be > 0, got {v}")

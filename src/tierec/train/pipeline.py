@@ -22,6 +22,7 @@ Everything that reads or writes table rows outside the step protocol
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -40,6 +41,12 @@ _worker_of = threading.local()  # .pipeline: set on a pipeline's worker and I/O 
 LATE_S = 1e-4  # a step that waited longer than this for its rows counts as late
 
 
+def default_io_threads() -> int:
+    """Prefetch threads by default: one per two cores beyond the trainer's, at most 4. On 2 cores
+    one thread: more only contend with the trainer (measured: 1.31x vs 1.06x the in-memory step)."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2 - 1))
+
+
 def batch_nbytes(b: Batch) -> int:
     kjt = b.sparse
     n = b.dense.nbytes + b.labels.nbytes + kjt.values().nbytes + kjt.lengths().nbytes
@@ -56,7 +63,7 @@ class LookaheadPipeline:
 
     def __init__(self, batches: Iterable[Batch], caches: dict[str, LookaheadCache], window: int = 200,
                  depth: int = 2, max_bytes: int = 1 << 30, start_step: int = 0, lower_depth: int | None = None,
-                 io_threads: int = 4, sources: dict[str, tuple[str, int, int]] | None = None):
+                 io_threads: int | None = None, sources: dict[str, tuple[str, int, int]] | None = None):
         if window < 1 or depth < 1:
             raise ValueError(f"window and depth must be >= 1, got {window}, {depth}")
         self.caches, self.window, self.depth, self.max_bytes = caches, window, min(depth, window), max_bytes
@@ -75,7 +82,7 @@ class LookaheadPipeline:
                 self._lane_groups.setdefault(key, []).insert(0, self._lanes[-1])
                 c = c.backing
         # Tables are independent (own cache, own file): their I/O runs in parallel, one task per table.
-        n = min(io_threads, len(caches))
+        n = min(io_threads or default_io_threads(), len(caches))
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="tierec-prefetch", initializer=self._mark_worker) \
             if n > 1 else None
         self._it: Iterator[Batch] = iter(batches)

@@ -93,3 +93,22 @@ def test_two_tower_trains_and_records_its_kind(tmp_path):
              nouser, progress=False)
     with pytest.raises(ConfigError, match="user-side"):
         Trainer(TrainConfig(data=str(nouser), out=str(tmp_path / "x"), model="two-tower", progress=False))
+
+
+def test_two_tower_on_deduplicated_batches_matches_plain(tmp_path):
+    """Deduplicated batches run the user tower once per unique user row: same first loss, close weights."""
+    import json
+
+    data = tmp_path / "d"
+    generate(SynthConfig(rows=3000, num_sparse=4, cardinalities=[500], num_dense=2, session_length=8,
+                         user_features=2, seed=2, progress=False), data, progress=False, cluster_by="session",
+             cluster_window=2048)
+    losses = {}
+    for dedup in (False, True):
+        cfg = TrainConfig(data=str(data), out=str(tmp_path / f"tt{dedup}"), model="two-tower", batch_size=128,
+                          max_steps=5, progress=False, num_threads=1, dedup=dedup, log_every=1)
+        Trainer(cfg).fit()
+        losses[dedup] = [json.loads(x)["loss"] for x in (tmp_path / f"tt{dedup}" / "metrics.jsonl").read_text()
+                         .splitlines() if json.loads(x)["event"] == "train"]
+    assert len(losses[True]) == 5 and losses[True][0] == pytest.approx(losses[False][0], rel=1e-6)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

@@ -292,26 +292,13 @@ class DistributedTrainer(Trainer):
                 "storage_plan": merge_storage_plans([p for _, p in gathered], self.shards)}
         return ckpt.publish_checkpoint(tmp, self.step, dense_state, files, table_meta, meta, self.cfg.keep_checkpoints)
 
-    def _resume(self) -> None:
-        try:
-            path = ckpt.resolve_checkpoint(self.out)
-        except TierecError:
-            raise TierecError(f"--resume: no checkpoint in {self.out} to resume from") from None
-        m = ckpt.read_manifest(path)
-        if m["schema"] != self.ds.schema.to_json():
-            raise ConfigError(f"--resume: checkpoint {path} was trained on a data set with a different schema")
-        state = ckpt.load_dense_state(path, m)
-        model_state = state["model"]
+    def _load_weights(self, path: Path, manifest: dict, model_state: dict) -> None:
+        """Dense weights, this rank's tables' step counters, and its shards' rows (any world size)."""
         self.model.load_state_dict({k: v for k, v in model_state.items() if not k.startswith("embeddings.")})
         for s, t in zip(self.ebc.shards, self.ebc.tables):
             t.step.fill_(model_state[f"embeddings.tables.{s.index}.step"])
-        self.dense_opt.load_state_dict(state["dense_optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        ckpt.load_tables(path, m, {s.table: ShardView(s, t.storage) for s, t in zip(self.ebc.shards, self.ebc.tables)})
-        self.step, self.epoch, self.batch_in_epoch = m["step"], m["epoch"], m["batch_in_epoch"]
-        self.samples, self.train_s = m["samples"], m.get("train_s", 0.0)
-        log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
-
+        ckpt.load_tables(path, manifest, {s.table: ShardView(s, t.storage)
+                                          for s, t in zip(self.ebc.shards, self.ebc.tables)})
 
 def write_shard(path: Path, shard: Shard, storage) -> None:
     """Write a shard's rows (weights | state) at their row offsets of a full-size table file, fsynced."""

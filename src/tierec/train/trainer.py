@@ -183,13 +183,17 @@ class Trainer:
         if m["schema"] != self.ds.schema.to_json():
             raise ConfigError(f"--resume: checkpoint {path} was trained on a data set with a different schema")
         state = ckpt.load_dense_state(path, m)
-        self.model.load_state_dict(state["model"])
+        self._load_weights(path, m, state["model"])
         self.dense_opt.load_state_dict(state["dense_optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        ckpt.load_tables(path, m, self.tables)
         self.step, self.epoch, self.batch_in_epoch = m["step"], m["epoch"], m["batch_in_epoch"]
         self.samples, self.train_s = m["samples"], m.get("train_s", 0.0)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+
+    def _load_weights(self, path: Path, manifest: dict, model_state: dict) -> None:
+        """Model weights and table rows of a checkpoint (the distributed trainer loads its shards)."""
+        self.model.load_state_dict(model_state)
+        ckpt.load_tables(path, manifest, self.tables)
 
     # ------------------------------------------------------------------ loop
     def train_step(self, batch) -> float:

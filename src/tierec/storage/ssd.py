@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 FORMAT = "tierec-table"
 ALIGN = 4096  # O_DIRECT block size and buffer alignment
 MAX_IO = 1 << 26  # bytes per preadv/pwritev call (Linux caps one call at ~2 GiB)
-FAULT_AROUND_BYTES = 64 << 10  # Linux maps up to this much around a faulting file page
+FAULT_AROUND_BYTES = 64 << 10  # Linux maps up to this much around a faulting file page (read faults)
+PAGE_BYTES = 4096  # a write fault on a shared file mapping maps just its page
 RSS_RELEASE_BYTES = 8 << 20  # mapped bytes touched before the map's pages are dropped from RSS
 
 
@@ -261,7 +262,7 @@ class SsdTable:
         t0 = time.perf_counter()
         if self._mm is not None:
             self._mm[ids_np] = rows  # one vectorised scatter
-            self._touched(ids_np.size, scattered=True)
+            self._touched(ids_np.size, scattered=True, write=True)
         else:
             self._block_io(ids_np, rows)
         self._account("write", ids_np.size, time.perf_counter() - t0)
@@ -297,7 +298,7 @@ class SsdTable:
             self._block_io(np.arange(start, start + n, dtype=np.int64), rows)
         self._account("write", n, time.perf_counter() - t0)
 
-    def _touched(self, rows: int, scattered: bool = False) -> None:
+    def _touched(self, rows: int, scattered: bool = False, write: bool = False) -> None:
         """Keep mapped file pages out of the process's resident memory.
 
         Pages a memory map touches count in the process's RSS until unmapped. Once
@@ -305,8 +306,10 @@ class SsdTable:
         from this process (MADV_DONTNEED on a shared file mapping loses nothing:
         they stay in the OS page cache and are written back by the kernel).
         """
-        # a scattered row's page fault maps the pages around it too (the kernel's fault-around, 64 KiB)
-        self._mapped_bytes += rows * (max(self.row_bytes, FAULT_AROUND_BYTES) if scattered else self.row_bytes)
+        # a scattered row's read fault maps the pages around it too (the kernel's fault-around, 64 KiB);
+        # a write fault maps its own page (counting writes as 64 KiB made the drop 2x too frequent)
+        per_row = max(self.row_bytes, PAGE_BYTES if write else FAULT_AROUND_BYTES) if scattered else self.row_bytes
+        self._mapped_bytes += rows * per_row
         if self._mapped_bytes >= RSS_RELEASE_BYTES and hasattr(mmap, "MADV_DONTNEED"):
             self._mm._mmap.madvise(mmap.MADV_DONTNEED)
             self._mapped_bytes = 0

@@ -137,7 +137,8 @@ def _totals(model) -> dict:
 def worker(peer, a, stream, root, total_steps, conn):
     try:
         torch.set_num_threads(a.threads)
-        limit_malloc_retention()
+        if not a.keep_malloc:
+            limit_malloc_retention()
         configs = [TableConfig(k, a.table_rows, a.dim) for k in stream.keys]
         factory = None
         if peer != "memory":
@@ -295,6 +296,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=_positive(int), default=3)
     p.add_argument("--threads", type=_positive(int), default=1)
     p.add_argument("--direct-io", action="store_true")
+    p.add_argument("--keep-malloc", action="store_true",
+                   help="leave glibc's malloc thresholds alone (tierec lowers them so freed memory goes back)")
     p.add_argument("--hit-tables", type=_positive(int), default=2, help="synthetic tables replayed in part hits")
     p.add_argument("--hit-steps", type=_positive(int), default=300, help="batches replayed in part hits")
     p.add_argument("--arc", action="store_true", help="also replay the ARC OLTP and P3 traces (../shared/data/arc)")

@@ -168,6 +168,20 @@ def test_two_rank_checkpoint_evaluates_in_one_process(tiny_dataset, two_rank_run
     assert res["logloss"] == pytest.approx(summary["logloss"], abs=1e-6)
 
 
+def test_two_rank_checkpoint_is_served(two_rank_run):
+    """`tierec serve`'s loader takes a 2-rank checkpoint as it is: same logits as `tierec eval`'s model."""
+    from tierec.inference.model_store import ServeOptions, load_model
+
+    out2, _ = two_rank_run
+    model, ds, _ = load_for_eval(str(out2))
+    b = next(iter(ds.batches("test", 64)))
+    with torch.no_grad():
+        ref = model(b.dense, b.sparse)
+    for tables in ("dram", "ssd"):
+        served = load_model(str(out2), ServeOptions(tables=tables, warm_rows=0))
+        assert torch.equal(served.forward(b.dense, b.sparse), ref), tables
+
+
 def test_two_rank_checkpoint_resumes_in_one_process(tiny_dataset, tmp_path, two_rank_run):
     """Stop after 8 steps on 2 ranks, continue to 12 in one process: the same as 12 steps in one process."""
     import shutil

@@ -52,7 +52,8 @@ HELP = {
     "lookahead": "cache-policy lookahead: batches read ahead (the window the oracle sees)",
     "prefetch_depth": "cache-policy lookahead: steps whose rows are made resident ahead of the trainer",
     "lookahead_memory": "cache-policy lookahead: most batch data held for the window, e.g. 512MiB",
-    "prefetch_threads": "cache-policy lookahead: threads prefetching tables in parallel",
+    "prefetch_threads": "cache-policy lookahead: threads prefetching tables in parallel (default: by cores, "
+                        "1 on 2 cores, at most 4)",
     "host_cache": "host-DRAM cache tier between the device caches and the SSD files, e.g. 8GiB, split across "
                   "SSD tables like the device caches (for --device cuda; same policy)",
     "direct_io": "read SSD tables with O_DIRECT, bypassing the OS page cache",
@@ -79,7 +80,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         default = getattr(defaults, f.name)
-        help_ = HELP.get(f.name, "") + (f" (default: {default})" if f.name != "data" else "")
+        text = HELP.get(f.name, "")
+        help_ = text + (f" (default: {default})" if f.name != "data" and "(default" not in text else "")
         args = typing.get_args(tp)
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)

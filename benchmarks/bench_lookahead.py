@@ -26,14 +26,11 @@ Two parts:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import multiprocessing as mp
 import resource
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -44,7 +41,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0] + "/src")
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
-from bench_tiered import (MODEL_SEED, NUM_DENSE, SPARSE, _ask, _drop_page_cache, _machine, _positive,
+from bench_tiered import (MODEL_SEED, NUM_DENSE, SPARSE, _ask, _drop_page_cache, _positive, begin_run, end_run,
                           generate_stream)
 from tierec.cache.sim import lfu_hit_rate, lru_hit_rate, min_hit_rate
 from tierec.config import format_bytes
@@ -321,12 +318,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    torch.set_num_threads(a.threads)
-    started = datetime.datetime.now().astimezone()
-    Path(a.dir).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bench_lookahead.", dir=a.dir)).resolve()
-    result = {"args": vars(a), "date": started.isoformat(timespec="seconds"), "machine": _machine()}
-    print(f"# bench_lookahead {started:%Y-%m-%d %H:%M %Z}; {result['machine']}")
+    started, work, result = begin_run(a, "bench_lookahead")
     try:
         n = max(a.warmup + a.rounds * a.steps if "speed" in a.parts else 0, a.hit_steps if "hits" in a.parts else 0)
         stream, traces, _ = generate_stream(a, work / "stream", n)
@@ -336,11 +328,7 @@ def main(argv=None):
             result["speed"] = part_speed(a, stream, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result["seconds"] = (datetime.datetime.now().astimezone() - started).total_seconds()
-    print(f"# total {result['seconds']:.0f} s")
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2, default=str))
-    return 0
+    return end_run(a, started, result)
 
 
 if __name__ == "__main__":

@@ -749,15 +749,32 @@ def parse_args(argv=None):
     return a
 
 
-def main(argv=None):
-    a = parse_args(argv)
+def begin_run(a, name: str):
+    """Threads, a fresh work directory under ``a.dir`` and the result header; prints the banner.
+    Returns (start time, work dir, result dict)."""
     torch.set_num_threads(a.threads)
     started = datetime.datetime.now().astimezone()
     Path(a.dir).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bench_tiered.", dir=a.dir)).resolve()
-    result = {"args": {k: v for k, v in vars(a).items()}, "date": started.isoformat(timespec="seconds"),
+    work = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=a.dir)).resolve()
+    result = {"args": dict(vars(a)), "date": started.isoformat(timespec="seconds"),
               "machine": _machine(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
-    print(f"# bench_tiered {started:%Y-%m-%d %H:%M %Z}; {result['machine']}; work dir {work}")
+    print(f"# {name} {started:%Y-%m-%d %H:%M %Z}; {result['machine']}; work dir {work}")
+    return started, work, result
+
+
+def end_run(a, started, result: dict) -> int:
+    """Print the total time; write ``result`` to ``a.json`` if asked."""
+    result["seconds"] = (datetime.datetime.now().astimezone() - started).total_seconds()
+    print(f"# total {result['seconds']:.0f} s")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    started, work, result = begin_run(a, "bench_tiered")
     try:
         need_stream = "1" in a.parts or "2" in a.parts
         if need_stream:
@@ -776,13 +793,7 @@ def main(argv=None):
             print(f"# kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    result["seconds"] = (datetime.datetime.now().astimezone() - started).total_seconds()
-    print(f"# total {result['seconds']:.0f} s")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-    return 0
+    return end_run(a, started, result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import torch
 
 from tierec.data.dataset import Dataset
 from tierec.distributed.embedding import ShardView
-from tierec.distributed.plan import TableLoad, plan_shards, row_bounds
+from tierec.distributed.plan import plan_shards, row_bounds
+from tierec.storage.plan import TableNeeds
 from tierec.distributed.trainer import slice_batch
 from tierec.errors import ConfigError
 from tierec.modules.embedding import InMemoryTable
@@ -43,8 +44,8 @@ def torchrun(nproc, argv, **kw):
 
 
 def test_plan_balances_table_wise_and_goes_row_wise_over_budget():
-    t = [TableLoad("big", 1000, 100, 10), TableLoad("a", 100, 100, 500), TableLoad("b", 100, 100, 480),
-         TableLoad("c", 10, 100, 10)]
+    t = [TableNeeds("big", 1000, 100, 10), TableNeeds("a", 100, 100, 500), TableNeeds("b", 100, 100, 480),
+         TableNeeds("c", 10, 100, 10)]
     shards = plan_shards(t, 2)
     owner = {s.table: s.rank for s in shards}
     assert owner["big"] != owner["a"] and len(shards) == 4  # the two heaviest tables on different ranks
@@ -61,7 +62,7 @@ def test_plan_balances_table_wise_and_goes_row_wise_over_budget():
                                               ({"a": "rows"}, "expected a rank number")])
 def test_plan_override_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
-        plan_shards([TableLoad("a", 10, 8, 1)], 2, overrides=overrides)
+        plan_shards([TableNeeds("a", 10, 8, 1)], 2, overrides=overrides)
 
 
 def test_sharding_config_is_validated(tmp_path):

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 from tierec.config import format_bytes
 from tierec.errors import ConfigError
+from tierec.storage.plan import TableNeeds
 
 
 @dataclass(frozen=True)
@@ -51,24 +52,12 @@ class Shard:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class TableLoad:
-    name: str
-    num_embeddings: int
-    row_bytes: int  # weights + optimizer state
-    lookups: int  # measured on the first batches
-
-    @property
-    def nbytes(self) -> int:
-        return self.num_embeddings * self.row_bytes
-
-
 def row_bounds(n: int, world: int) -> list[int]:
     """Contiguous split of ``n`` rows (or samples) over ``world`` ranks: bounds [world + 1]."""
     return [(r * n) // world for r in range(world + 1)]
 
 
-def plan_shards(tables: list[TableLoad], world: int, budget_per_rank: int | None = None,
+def plan_shards(tables: list[TableNeeds], world: int, budget_per_rank: int | None = None,
                 overrides: dict[str, int | str] | None = None) -> list[Shard]:
     """Shards of every table, in table order (row-wise shards by rank). See the module doc."""
     overrides = dict(overrides or {})
@@ -81,14 +70,14 @@ def plan_shards(tables: list[TableLoad], world: int, budget_per_rank: int | None
             raise ConfigError(f"{where}: expected a rank number, 'row' or 'auto', got {v!r}")
         if isinstance(v, int) and not 0 <= v < world:
             raise ConfigError(f"{where}: rank {v} does not exist in a job of {world} rank(s)")
-    total_bytes = sum(t.nbytes for t in tables) or 1
+    total_bytes = sum(t.table_bytes for t in tables) or 1
     total_lookups = sum(max(t.lookups, 1) for t in tables)
-    cost = {t.name: t.nbytes / total_bytes + max(t.lookups, 1) / total_lookups for t in tables}
+    cost = {t.name: t.table_bytes / total_bytes + max(t.lookups, 1) / total_lookups for t in tables}
     load = [0.0] * world
     owner: dict[str, int | str] = {}
     for t in tables:
         v = overrides.get(t.name, "auto")
-        if v == "auto" and budget_per_rank is not None and t.nbytes > budget_per_rank and world > 1:
+        if v == "auto" and budget_per_rank is not None and t.table_bytes > budget_per_rank and world > 1:
             v = "row"
         if v == "row":
             owner[t.name] = "row"
@@ -110,7 +99,7 @@ def plan_shards(tables: list[TableLoad], world: int, budget_per_rank: int | None
     return shards
 
 
-def describe(shards: list[Shard], tables: list[TableLoad], world: int) -> str:
+def describe(shards: list[Shard], tables: list[TableNeeds], world: int) -> str:
     """The plan as a small table: per rank, its shards, bytes and share of lookups."""
     by = {t.name: t for t in tables}
     total_lookups = sum(t.lookups for t in tables) or 1

@@ -32,7 +32,7 @@ from tierec.config import parse_bytes
 from tierec.data.dataset import Batch
 from tierec.distributed.comm import Dist, sum_gradients_hook
 from tierec.distributed.embedding import ShardedEmbeddingCollection, ShardView
-from tierec.distributed.plan import Shard, TableLoad, describe, plan_shards, row_bounds
+from tierec.distributed.plan import Shard, describe, plan_shards, row_bounds
 from tierec.errors import ConfigError, TierecError
 from tierec.fsio import sha256_file
 from tierec.modules.dlrm import DLRM
@@ -77,8 +77,7 @@ def _rank_storage(cfg, shards: list[Shard], sample: dict[str, AccessSample], row
     The tiers are the single-process ones, with files under ``STORAGE_DIR/rank-R/``."""
     if cfg.memory_budget is None and not cfg.tables:
         return None, []
-    from tierec.storage.plan import plan_tables
-    from tierec.storage.tiered import INDEX_BYTES_PER_ROW, make_storage_factory
+    from tierec.storage.tiered import make_storage_factory, plan_budget, table_overrides
 
     needs, sub, overrides = [], {}, {}
     for s in shards:
@@ -86,26 +85,9 @@ def _rank_storage(cfg, shards: list[Shard], sample: dict[str, AccessSample], row
         m = (a.ids >= s.lo) & (a.ids < s.hi)
         sub[s.name] = AccessSample(int(a.counts[m].sum()), a.ids[m] - s.lo, a.counts[m])
         needs.append(TableNeeds(s.name, s.rows, row_bytes, sub[s.name].lookups))
-        t = cfg.tables.get(s.table)
-        if t is None:
-            continue
-        o = {}
-        if t.placement != "auto":
-            o["placement"] = t.placement
-        if t.cache_rows is not None:  # a row-wise shard gets its share of the table's cache
-            o["cache_rows"] = max(1, -(-t.cache_rows * s.rows // s.num_embeddings))
-            o.setdefault("placement", "ssd")
-        if t.policy is not None:
-            o["policy"] = t.policy
-        overrides[s.name] = o
-    if cfg.memory_budget is not None:
-        budget = parse_bytes(cfg.memory_budget, "memory_budget")
-    else:
-        budget = sum(n.table_bytes for n in needs) + sum(
-            o.get("cache_rows", 0) * (row_bytes + INDEX_BYTES_PER_ROW) for o in overrides.values())
-        for n in needs:
-            overrides.setdefault(n.name, {}).setdefault("placement", "memory")
-    plan = plan_tables(needs, budget, cfg.cache_policy, INDEX_BYTES_PER_ROW, overrides)
+        if s.table in cfg.tables:  # a row-wise shard gets its share of the table's cache
+            overrides[s.name] = table_overrides(cfg.tables[s.table], s.rows, s.num_embeddings)
+    plan, _ = plan_budget(cfg, needs, overrides)
     root = (Path(cfg.storage_dir) if cfg.storage_dir else Path(cfg.out) / "tables") / f"rank-{rank}"
     return make_storage_factory(cfg, plan, sub, root, device, fresh=fresh), plan
 
@@ -182,7 +164,7 @@ class DistributedTrainer(Trainer):
         self.state_dim = opt.state_dim(cfg.embedding_dim)
         row_bytes = (cfg.embedding_dim + self.state_dim) * 4
         sample = measure_lookups(self.ds, schema.sparse_names, cfg.batch_size, cfg.plan_batches, cfg.seed)
-        loads = [TableLoad(c.name, c.num_embeddings, row_bytes, sample[c.name].lookups) for c in configs]
+        loads = [TableNeeds(c.name, c.num_embeddings, row_bytes, sample[c.name].lookups) for c in configs]
         budget = parse_bytes(cfg.memory_budget, "memory_budget") if cfg.memory_budget else None
         self.shards = plan_shards(loads, d.world, budget, cfg.sharding.tables)
         if d.rank == 0:
@@ -199,7 +181,7 @@ class DistributedTrainer(Trainer):
     def _lookahead_sources(self) -> dict:
         """Each owned shard's cache sees its table's IDs of the global batch in its row range, minus lo:
         what the owner receives after the all-to-all (every rank reads the same global batches)."""
-        return {s.name: (s.table, s.lo, s.hi) for s in self.ebc.shards}
+        return {s.name: (s.table, 0, None) if s.whole else (s.table, s.lo, s.hi) for s in self.ebc.shards}
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: Batch) -> float:

@@ -43,27 +43,38 @@ def plan_storage(cfg, schema, dataset, state_dim: int) -> tuple[list[Placement],
     sample = measure_lookups(dataset, names, cfg.batch_size, cfg.plan_batches, cfg.seed)
     row_bytes = (cfg.embedding_dim + state_dim) * 4
     needs = [TableNeeds(f.name, f.num_embeddings, row_bytes, sample[f.name].lookups) for f in schema.sparse]
-    overrides = {}
-    for name, t in cfg.tables.items():
-        o = {}
-        if t.placement != "auto":
-            o["placement"] = t.placement
-        if t.cache_rows is not None:
-            o["cache_rows"] = t.cache_rows
-            o.setdefault("placement", "ssd")
-        if t.policy is not None:
-            o["policy"] = t.policy
-        overrides[name] = o
-    if cfg.memory_budget is not None:
-        budget = parse_bytes(cfg.memory_budget, "memory_budget")
-    else:  # only explicit per-table settings: everything else fits
-        budget = sum(n.table_bytes for n in needs) + sum(
-            o.get("cache_rows", 0) * (row_bytes + INDEX_BYTES_PER_ROW) for o in overrides.values())
-        for n in needs:
-            overrides.setdefault(n.name, {}).setdefault("placement", "memory")
-    plan = plan_tables(needs, budget, cfg.cache_policy, INDEX_BYTES_PER_ROW, overrides)
+    overrides = {name: table_overrides(t) for name, t in cfg.tables.items()}
+    plan, budget = plan_budget(cfg, needs, overrides)
     log.info("%s", describe(plan, budget))
     return plan, sample, budget
+
+
+def table_overrides(t, rows: int = 1, of: int = 1) -> dict:
+    """`TableSettings` -> `plan_tables` overrides; a shard holding ``rows`` of the table's ``of`` rows
+    gets that share of its ``cache_rows`` (rounded up)."""
+    o = {}
+    if t.placement != "auto":
+        o["placement"] = t.placement
+    if t.cache_rows is not None:
+        o["cache_rows"] = max(1, -(-t.cache_rows * rows // of))
+        o.setdefault("placement", "ssd")
+    if t.policy is not None:
+        o["policy"] = t.policy
+    return o
+
+
+def plan_budget(cfg, needs: list[TableNeeds], overrides: dict[str, dict]) -> tuple[list[Placement], int]:
+    """`plan_tables` under ``cfg.memory_budget``; without one (only per-table settings) the budget is
+    what those settings need, and every other table stays in memory. Fills ``overrides`` in."""
+    if cfg.memory_budget is not None:
+        budget = parse_bytes(cfg.memory_budget, "memory_budget")
+    else:
+        row_bytes = {n.name: n.row_bytes for n in needs}
+        budget = sum(n.table_bytes for n in needs) + sum(
+            o.get("cache_rows", 0) * (row_bytes[name] + INDEX_BYTES_PER_ROW) for name, o in overrides.items())
+        for n in needs:
+            overrides.setdefault(n.name, {}).setdefault("placement", "memory")
+    return plan_tables(needs, budget, cfg.cache_policy, INDEX_BYTES_PER_ROW, overrides), budget
 
 
 def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSample], root: Path,

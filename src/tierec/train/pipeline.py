@@ -68,7 +68,7 @@ class LookaheadPipeline:
             raise ValueError(f"window and depth must be >= 1, got {window}, {depth}")
         self.caches, self.window, self.depth, self.max_bytes = caches, window, min(depth, window), max_bytes
         # Which IDs of a batch each cache sees: (sparse key, lo, hi) -> the key's IDs in [lo, hi), minus lo
-        # (a row-wise shard of a table under torch.distributed); by default all IDs of the cache's own key.
+        # (a row-wise shard of a table under torch.distributed; hi None: all); default: its own key's IDs.
         self.sources = {name: (sources or {}).get(name, (name, 0, None)) for name in caches}
         # Lower tiers of a chain (device <- DRAM <- SSD): a LookaheadCache backing a LookaheadCache.
         # Each is prefetched `lower_depth` steps ahead, so the tier above finds its misses there.
@@ -90,7 +90,8 @@ class LookaheadPipeline:
         self._observed: deque[tuple[int, Batch, dict]] = deque()  # read and observed, not yet prepared
         self._ready: deque[tuple[int, Batch]] = deque()  # prepared, not yet taken
         self._partial: dict[str, object] = {}  # step being prepared: key -> working set
-        self._bytes = 0
+        self._bytes = 0  # batch data held in the window: sum of _nbytes
+        self._nbytes: dict[int, int] = {}  # step -> its batch's bytes
         self._next_read = start_step
         self._next_take = start_step  # next step the trainer takes
         self.current_step = start_step - 1  # step the trainer works on
@@ -311,8 +312,8 @@ class LookaheadPipeline:
         for key, cache in self.caches.items():
             feature, lo, hi = self.sources[key]
             v = by_key[feature].values
-            if lo or hi is not None:
-                v = v[(v >= lo) & (v < hi)] - lo if hi is not None else v[v >= lo] - lo
+            if hi is not None:  # a row-wise shard: its rows of the table, renumbered from 0
+                v = v[(v >= lo) & (v < hi)] - lo
             u = torch.unique(v)  # sorted, as the model's dedup
             cache.observe(step, u)
             uniq[key] = u
@@ -320,7 +321,8 @@ class LookaheadPipeline:
             lane.cache.observe(step, uniq[lane.key])
         with self._cond:
             self._observed.append((step, batch, uniq))
-            self._bytes += batch_nbytes(batch)
+            self._nbytes[step] = batch_nbytes(batch)
+            self._bytes += self._nbytes[step]
             self._next_read += 1
             self.stats["window_peak"] = max(self.stats["window_peak"], self._next_read - self._next_take)
         return True
@@ -389,7 +391,7 @@ class LookaheadPipeline:
         self._retire_lower(step, uniq)
         with self._cond:
             self._observed.popleft()
-            self._bytes -= batch_nbytes(batch)
+            self._bytes -= self._nbytes.pop(step)
             self._ready.append((step, batch))
             self._cond.notify_all()
         return True

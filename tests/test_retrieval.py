@@ -56,7 +56,7 @@ def test_shared_cache_admits_on_second_sighting_and_returns_ssd_rows(tmp_path):
     assert bool(st.cache.contains(torch.arange(100, 105) + n).all())
     again = st.fetch({1: torch.arange(100, 105)})[1]
     assert st.hits == 5 and torch.equal(again, ssd[1].read(torch.arange(100, 105))[0])
-    view = SsdView(st, 1, n)
+    view = SsdView(st, 1, n, "C2")
     ws = view.acquire(torch.arange(3))
     assert torch.equal(ws.weight[ws.index], ssd[1].read(torch.arange(3))[0])
     with pytest.raises(RuntimeError):
@@ -72,9 +72,41 @@ def test_shared_cache_admits_in_batches_without_rereading(tmp_path):
     assert st.cache.size == 0  # 15 queued, below the admission batch
     read = ro.stats()["rows_read"]
     st.fetch({0: torch.arange(15, 30)})
+    assert st.cache.size == 0  # admission waits for maintain() (between the server's batches)
+    assert st.maintain() and not st.maintain()
     assert st.cache.size == 30 and st.admitted == 30
     assert ro.stats()["rows_read"] == read + 15  # admitted rows came from the queue, not the file again
     assert torch.equal(st.fetch({0: torch.arange(30)})[0], ro.read(torch.arange(30))[0])
+    st.fetch({0: torch.arange(100, 180)})  # nobody calls maintain(): fetch admits at 4 batches queued
+    assert st.cache.size == 100 and st.admitted == 110
+
+
+def test_direct_io_concurrent_reads_match_memmap(tmp_path):
+    """read_many (all tables' misses in one plan, concurrent preadv lanes) == per-table reads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tierec.storage.ssd import read_many
+
+    n, d = 5000, 7  # 32-byte rows: several rows per 4 KiB block, rows straddling blocks
+    for i in range(3):
+        SsdTable(tmp_path / f"t{i}.tbl", n, d, 1, create=True, init_seed=0, table_index=i)
+    mm = [SsdTable(tmp_path / f"t{i}.tbl", n, d, 1, readonly=True) for i in range(3)]
+    dio = [SsdTable(tmp_path / f"t{i}.tbl", n, d, 1, readonly=True, direct_io=True) for i in range(3)]
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.unique(torch.randint(0, n, (k,), generator=g)) for k in (300, 1, 0)]
+    ids[0] = torch.cat([ids[0], torch.tensor([n - 1])]).unique()  # the file's last (partial) block
+    with ThreadPoolExecutor(4) as pool:
+        for p in (pool, None):
+            got = read_many([(t, x.numpy()) for t, x in zip(dio, ids)], p, lanes=4)
+            for t, x, r in zip(mm, ids, got):
+                w, s = t.read(x)
+                assert r.shape == (x.numel(), d + 1) and np.array_equal(r, torch.cat([w, s], 1).numpy())
+    assert dio[0].stats()["rows_read"] == 2 * ids[0].numel()
+    st = SharedCache(dio, 50, admit_after=1, pool=None)
+    glob = torch.cat([ids[0], ids[1] + n])
+    rows = st.fetch({0: ids[0], 1: ids[1]})
+    assert torch.equal(rows[0], mm[0].read(ids[0])[0]) and torch.equal(rows[1], mm[1].read(ids[1])[0])
+    assert glob.numel() == st.lookups
 
 
 def test_two_tower_trains_and_records_its_kind(tmp_path):
@@ -112,3 +144,29 @@ def test_two_tower_on_deduplicated_batches_matches_plain(tmp_path):
                          .splitlines() if json.loads(x)["event"] == "train"]
     assert len(losses[True]) == 5 and losses[True][0] == pytest.approx(losses[False][0], rel=1e-6)
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_batcher_runs_idle_work_only_when_no_request_waits():
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tierec.inference.batcher import DynamicBatcher
+
+    events = []
+
+    def run(payloads):
+        events.append(("batch", sum(len(p) for p in payloads)))
+        return [len(p) for p in payloads]
+
+    async def main():
+        with ThreadPoolExecutor(1) as ex:
+            b = DynamicBatcher(run, max_batch=4, max_wait_s=0.01, executor=ex, idle=lambda: events.append(("idle",)))
+            b.start()
+            res = await asyncio.gather(*(b.submit([0] * 2) for _ in range(5)))  # 10 items: batches of 4, 4, 2
+            await asyncio.sleep(0.05)
+            await b.stop()
+            return res
+
+    assert asyncio.run(main()) == [2] * 5
+    assert [e[1] for e in events if e[0] == "batch"] == [4, 4, 2]
+    assert events[-1] == ("idle",) and ("idle",) not in events[:2]  # not while requests were waiting

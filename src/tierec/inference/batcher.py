@@ -6,6 +6,7 @@ holds ``max_batch`` items or ``max_wait_s`` has passed since the first, and runs
 ``run(items) -> results`` on the model thread (one thread: the models and their
 caches are not thread-safe, and the event loop stays free to accept requests). While a
 batch runs, new requests queue up and form the next one, so batches grow with the load.
+When a batch is done and nothing waits, ``idle()`` does deferred upkeep on the model thread.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ log = logging.getLogger(__name__)
 
 class DynamicBatcher:
     def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_s: float,
-                 executor: ThreadPoolExecutor, on_batch: Callable[[int], None] | None = None):
+                 executor: ThreadPoolExecutor, on_batch: Callable[[int], None] | None = None,
+                 idle: Callable[[], object] | None = None):
         """``run(payloads) -> results`` (one result per payload) runs one batch; a payload is one
-        request's samples and ``len(payload)`` their number (at most ``max_batch``)."""
+        request's samples and ``len(payload)`` their number (at most ``max_batch``). ``idle()``
+        runs on the model thread after a batch when no request is waiting (deferred upkeep such
+        as cache admission; a request that arrives meanwhile waits for it)."""
         if max_batch < 1 or max_wait_s < 0:
             raise ValueError(f"max_batch must be >= 1 and max_wait >= 0, got {max_batch}, {max_wait_s}")
         self.run, self.max_batch, self.max_wait_s = run, int(max_batch), float(max_wait_s)
-        self.executor, self.on_batch = executor, on_batch
+        self.executor, self.on_batch, self.idle = executor, on_batch, idle
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._held = None  # a request that did not fit into the previous batch
@@ -88,3 +92,8 @@ class DynamicBatcher:
             for (_, fut), r in zip(group, results):
                 if not fut.done():
                     fut.set_result(r)
+            if self.idle is not None and self._held is None and self._queue.empty():
+                try:
+                    await loop.run_in_executor(self.executor, self.idle)
+                except Exception:
+                    log.exception("idle work after a batch failed")

@@ -31,7 +31,7 @@ class ServeConfig:
     max_wait_ms: float = 2.0
     max_ids: int = 256
     threads: int = 1
-    io_threads: int = 16
+    io_threads: int = 8
     corpus_rows: int = 100_000
     index_dir: str | None = None
     index_on_disk: bool = False
@@ -68,7 +68,7 @@ HELP = {
     "max_wait_ms": "longest a request waits for others to join its batch (ms)",
     "max_ids": "most IDs per sparse feature per sample",
     "threads": "torch intra-op threads of the model thread",
-    "io_threads": "ssd: threads reading the table files of one batch concurrently",
+    "io_threads": "ssd: concurrent reads of one batch's misses (table files; O_DIRECT reads are planned together)",
     "corpus_rows": "retrieval: training rows whose distinct item-side feature tuples form the item corpus",
     "index_dir": "retrieval: directory for the HNSW index file",
     "index_on_disk": "retrieval: memory-map the index file instead of holding it in the heap",
@@ -104,7 +104,8 @@ def build_server(cfg: ServeConfig):
     io_pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="tierec-io")
 
     opts = ServeOptions(tables=cfg.tables, cache_fraction=cfg.cache_fraction, admit_after=cfg.admit_after,
-                        warm_rows=cfg.warm_rows, direct_io=cfg.direct_io, verify=cfg.verify, data=cfg.data)
+                        warm_rows=cfg.warm_rows, direct_io=cfg.direct_io, verify=cfg.verify, data=cfg.data,
+                        io_lanes=cfg.io_threads)
     params = HnswParams(cfg.hnsw_m, cfg.ef_construction, cfg.ef_search)
 
     def load_retriever(path: str):

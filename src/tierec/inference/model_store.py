@@ -11,7 +11,9 @@ same fixed-offset row files training wrote) behind one `SharedCache` for all of 
 - an admission rule: a row that misses is read from the SSD and only admitted to the cache
   from its ``admit_after``-th sighting (counted in a `CountMinSketch`, halved every
   ``8 x width`` sightings so old counts fade), so one-off IDs do not flush the hot rows;
-  admitted rows enter the cache in batches of ``admit_batch`` (one eviction pass each).
+  admitted rows enter the cache in batches of ``admit_batch`` (one eviction pass each),
+  between batches when the server is idle;
+- misses of direct-I/O files are read all together by concurrent ``preadv`` lanes.
 
 Both modes give the same scores bit for bit: the rows are the same float32 numbers.
 The dense network is always in memory. `ModelStore` holds the current model and swaps it
@@ -35,28 +37,31 @@ from tierec.modules.embedding import WorkingSet
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.cache import CachedTable
 from tierec.storage.sketch import CountMinSketch
-from tierec.storage.ssd import SsdTable
+from tierec.storage.ssd import SsdTable, read_many
 from tierec.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
 TABLE_MODES = ("dram", "ssd")
 WARM_CHUNK = 1 << 15  # rows per warm-up read
+INLINE_ADMIT = 4  # fetch() admits by itself once this many admission batches are queued
 
 
 class _ConcatTables:
     """Several read-only SSD tables as one row space: global row = table offset + row; weights only.
 
-    ``read(ids)`` splits the IDs by table and reads each table's file (concurrently on ``pool``
-    when several tables are involved). Rows put in ``stash`` (sorted ids, rows) are served
+    ``read(ids)`` splits the IDs by table; direct-I/O files are read all together by concurrent
+    ``preadv`` lanes on ``pool`` (`tierec.storage.ssd.read_many`), memory-mapped ones table by
+    table (concurrently on ``pool`` when several tables are involved). Rows put in ``stash`` (sorted ids, rows) are served
     from there instead: the cache admits rows that were already read."""
 
-    def __init__(self, ssds: list[SsdTable], pool=None):
-        self.ssds, self.pool = ssds, pool
+    def __init__(self, ssds: list[SsdTable], pool=None, lanes: int = 8):
+        self.ssds, self.pool, self.lanes = ssds, pool, lanes
         self.offsets = torch.tensor([0] + [t.num_embeddings for t in ssds]).cumsum(0)
         self.num_embeddings, self.dim, self.state_dim = int(self.offsets[-1]), ssds[0].dim, 0
         self.device = torch.device("cpu")
         self.stash: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.direct = all(t.odirect for t in ssds)
 
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global rows ``ids`` (int64 [U], any order) -> (weights [U, D], empty state [U, 0])."""
@@ -65,6 +70,16 @@ class _ConcatTables:
             pos = torch.searchsorted(sid, ids).clamp_(max=sid.numel() - 1)
             if bool((sid[pos] == ids).all()):
                 return rows[pos], torch.empty(ids.numel(), 0)
+        if self.direct:  # all tables' misses planned together, read by concurrent lanes
+            order = torch.argsort(ids)
+            sid = ids[order].numpy()
+            cut = np.searchsorted(sid, self.offsets.numpy())
+            parts = [(t, a, b) for t, (a, b) in enumerate(zip(cut[:-1], cut[1:])) if b > a]
+            rows = read_many([(self.ssds[t], sid[a:b] - int(self.offsets[t])) for t, a, b in parts], self.pool,
+                             self.lanes)
+            w = torch.empty(ids.numel(), self.dim)
+            w[order] = torch.from_numpy(np.concatenate(rows)[:, : self.dim]) if rows else w[:0]
+            return w, torch.empty(ids.numel(), 0)
         table = torch.searchsorted(self.offsets, ids, right=True) - 1
         w = torch.empty(ids.numel(), self.dim)
         parts = [(t, (table == t).nonzero().squeeze(1)) for t in torch.unique(table).tolist()]
@@ -96,14 +111,15 @@ class SharedCache:
     whatever the number of tables. ``fetch({table: ids})`` returns each table's rows: hits
     from the cache, misses with one (concurrent) read of the table files. A missed row seen at
     least ``admit_after`` times (count-min sketch, halved every ``8 x width`` sightings) is
-    queued for admission with the row just read; the queue enters the cache in one go when it
-    holds ``admit_batch`` rows (one eviction pass per admission batch instead of one per
-    request). Rows seen fewer times are not cached, so one-off IDs do not flush the hot rows.
+    queued for admission with the row just read; the queue enters the cache in one go, one
+    eviction pass per ``admit_batch`` rows instead of one per request, when `maintain` is called
+    between batches (the server does when no request waits) or, failing that, from `fetch` once
+    ``INLINE_ADMIT`` batches are queued. Rows seen fewer times are not cached, so one-off IDs do not flush the hot rows.
     """
 
     def __init__(self, ssds: list[SsdTable], capacity: int, admit_after: int = 2, freq=None, pool=None,
-                 admit_batch: int = 512):
-        self.backing = _ConcatTables(ssds, pool)
+                 admit_batch: int = 512, lanes: int = 8):
+        self.backing = _ConcatTables(ssds, pool, lanes)
         self.offsets = self.backing.offsets
         self.dim, self.admit_after = self.backing.dim, int(admit_after)
         self.cache = CachedTable(self.backing, capacity, "freq" if freq is not None else "lfu", name="ssd",
@@ -123,17 +139,21 @@ class SharedCache:
     def fetch(self, ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{table index: row IDs int64 [U_t], unique, sorted} -> {table index: weights [U_t, D]}."""
         order = sorted(ids)
-        g = torch.cat([ids[t] + self.offsets[t] for t in order])  # sorted: tables' ranges ascend
+        w = self.fetch_global(torch.cat([ids[t] + self.offsets[t] for t in order]))  # sorted: tables' ranges ascend
+        return dict(zip(order, torch.split(w, [ids[t].numel() for t in order])))
+
+    def fetch_global(self, g: torch.Tensor) -> torch.Tensor:
+        """Global rows (table offset + row) int64 [U], unique -> weights [U, D]: hits from the cache,
+        misses read from the table files in one go (and queued for admission, see the class doc)."""
         U = g.numel()
         self.sketch.update(g)
         if self.sketch.total > 8 * self.sketch.width:  # age: halve all counts
             self.sketch.table.floor_divide_(2)
             self.sketch.total //= 2
-        hit = self.cache.contains(g)
+        hit, hit_rows = self.cache.peek(g)
         w = torch.empty(U, self.dim)
         h = hit.nonzero().squeeze(1)
-        if h.numel():
-            w[h] = self.cache.read(g.index_select(0, h))[0]
+        w[h] = hit_rows
         m = (~hit).nonzero().squeeze(1)
         if m.numel():
             gm = g.index_select(0, m)
@@ -144,11 +164,20 @@ class SharedCache:
                 self._queue_ids.append(gm[admit])
                 self._queue_rows.append(wm[admit])
                 self._queued += int(admit.sum())
-                if self._queued >= self.admit_batch:
+                if self._queued >= INLINE_ADMIT * self.admit_batch:  # nobody calls maintain(): bound the queue
                     self._admit()
         self.lookups += U
         self.hits += h.numel()
-        return dict(zip(order, torch.split(w, [ids[t].numel() for t in order])))
+        return w
+
+    def maintain(self) -> bool:
+        """Admit the queued rows if they fill an admission batch; True if it did. The server calls
+        this between batches, so the eviction pass (a few ms over a large cache) is not paid by a
+        request; `fetch` admits by itself only when the queue reaches ``INLINE_ADMIT`` batches."""
+        if self._queued < self.admit_batch:
+            return False
+        self._admit()
+        return True
 
     def _admit(self) -> None:
         """Install the queued rows in the cache (rows already read: the backing serves them from a stash)."""
@@ -194,8 +223,8 @@ class SsdView:
 
     identity_index = False
 
-    def __init__(self, shared: SharedCache, index: int, num_embeddings: int):
-        self.shared, self.index = shared, index
+    def __init__(self, shared: SharedCache, index: int, num_embeddings: int, key: str):
+        self.shared, self.index, self.key = shared, index, key
         self.num_embeddings, self.dim, self.state_dim = num_embeddings, shared.dim, 0
         self.stash: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, rows) of the current batch
 
@@ -230,6 +259,7 @@ class ServeOptions:
     admit_after: int = 2  # ssd: admit a missed row from its N-th sighting (1: every miss)
     warm_rows: int = 262144  # ssd: training rows counted to warm the caches (0: no warm-up)
     direct_io: bool = False  # ssd: O_DIRECT reads (no page cache, no mapped file pages)
+    io_lanes: int = 8  # ssd + direct_io: concurrent reads of a batch's misses (the pool needs lanes - 1 threads)
     verify: bool = True  # check the table files' sha256 against the manifest at load
     data: str | None = None  # data set for warm-up / corpus (default: the checkpoint's)
 
@@ -240,6 +270,8 @@ class ServeOptions:
             raise ConfigError(f"cache_fraction must be in (0, 1], got {self.cache_fraction}")
         if self.admit_after < 1:
             raise ConfigError(f"admit_after must be >= 1, got {self.admit_after}")
+        if self.io_lanes < 1:
+            raise ConfigError(f"io_lanes must be >= 1, got {self.io_lanes}")
         if self.warm_rows < 0:
             raise ConfigError(f"warm_rows must be >= 0, got {self.warm_rows}")
 
@@ -264,12 +296,19 @@ class LoadedModel:
             by_key = sparse.to_dict()
             views = [t.storage for t in self.model.embeddings.tables
                      if isinstance(t.storage, SsdView) and t.config.key in by_key]
-            keys = {t.storage.index: t.config.key for t in self.model.embeddings.tables if isinstance(t.storage, SsdView)}
-            uniq = {v.index: torch.unique(by_key[keys[v.index]].values) for v in views}
-            rows = self.shared.fetch(uniq)
-            for v in views:
-                v.stash = (uniq[v.index], rows[v.index])
+            if views:  # one unique over all tables' IDs (global rows), one fetch, split back per table
+                offsets = self.shared.offsets
+                g = torch.unique(torch.cat([by_key[v.key].values + offsets[v.index] for v in views]))
+                rows = self.shared.fetch_global(g)
+                cut = torch.searchsorted(g, offsets).tolist()
+                for v in views:
+                    a, b = cut[v.index], cut[v.index + 1]
+                    v.stash = (g[a:b] - offsets[v.index], rows[a:b])
         return self.model(dense, sparse)
+
+    def maintain(self) -> bool:
+        """Work that should not delay a request (cache admission); call it between batches."""
+        return self.shared.maintain() if self.shared is not None else False
 
     def table_stats(self) -> dict[str, dict]:
         return {"ssd": self.shared.stats()} if self.shared is not None else {}
@@ -344,7 +383,7 @@ def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) 
         shared = _open_shared_cache(path, m, schema, cfg, opt, pool)
 
     def factory(i, tcfg, state_dim):
-        return None if shared is None else SsdView(shared, i, tcfg.num_embeddings)
+        return None if shared is None else SsdView(shared, i, tcfg.num_embeddings, tcfg.key)
 
     model = build_model(cfg, schema, torch.device("cpu"), storage_factory=factory)
     state = ckpt.load_dense_state(path, m)
@@ -379,7 +418,7 @@ def _open_shared_cache(path: Path, m: dict, schema: Schema, cfg, opt: ServeOptio
     total = sum(f.num_embeddings for f in schema.sparse)
     capacity = max(1, math.ceil(opt.cache_fraction * total))
     freq = hottest_rows(opt.data or cfg.data, schema, opt.warm_rows, capacity)
-    return SharedCache(ssds, capacity, opt.admit_after, freq, pool)
+    return SharedCache(ssds, capacity, opt.admit_after, freq, pool, lanes=opt.io_lanes)
 
 
 class ModelStore:

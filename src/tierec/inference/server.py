@@ -204,7 +204,12 @@ def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[st
             a += len(p)
         return out
 
-    batcher = DynamicBatcher(run_predict, cfg.max_batch, cfg.max_wait_ms / 1000, executor, on_batch)
+    def upkeep() -> None:
+        for lm in (store.ranker, getattr(store.retriever, "loaded", None)):
+            if lm is not None:
+                lm.maintain()
+
+    batcher = DynamicBatcher(run_predict, cfg.max_batch, cfg.max_wait_ms / 1000, executor, on_batch, upkeep)
 
     @torch.no_grad()
     def run_recommend(user: Encoded, k: int, n_cand: int) -> dict:
@@ -302,7 +307,9 @@ def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[st
         if n_cand < req.k:
             raise ApiError(422, "candidates", f"candidates ({n_cand}) must be >= k ({req.k})")
         user = encoder.encode([req.user], where="user", allowed=user_allowed)
-        return await asyncio.get_running_loop().run_in_executor(executor, run_recommend, user, req.k, n_cand)
+        res = await asyncio.get_running_loop().run_in_executor(executor, run_recommend, user, req.k, n_cand)
+        executor.submit(upkeep)  # after the answer: cache admission does not delay this request
+        return res
 
     @app.get("/healthz")
     async def healthz():

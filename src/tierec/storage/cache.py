@@ -335,6 +335,21 @@ class CachedTable:
         """bool [U]: which of ``ids`` are cached (no counters or recency changed)."""
         return self._lookup(ids.to(self.device))[0]
 
+    def peek(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read-only hit path: ids [U] -> (hit bool [U], weights of the hits [H, dim], in ``ids`` order).
+        One index lookup; the hits count as uses (recency, frequency, hit counters); misses are
+        neither fetched nor admitted (the caller decides)."""
+        ids = ids.to(self.device)
+        hit, slots = self._lookup(ids)
+        hs = slots[hit]
+        if self._counting:
+            self._st["lookups"] += ids.numel()
+            self._st["hits"] += hs.numel()
+            self._st["misses"] += ids.numel() - hs.numel()
+        if hs.numel():
+            self._touch(hs)
+        return hit, self.weight.index_select(0, hs)
+
     @property
     def index_nbytes(self) -> int:
         """Bytes of all bookkeeping (index + per-slot metadata): O(capacity), independent of the table."""

@@ -23,9 +23,10 @@ Four parts, each with ratios against RecD's (MLSys'23) 3.71x storage, 1.79x prep
    batches (`dedup=True`: inverse KJT of the user-side keys), alternating rounds, best of rounds.
 3. **Training samples/s**: DLRM steps (forward, BCE, backward with the fused row-wise Adagrad,
    Adam on the dense part) on the same pre-built batches: shuffled + plain, clustered + plain,
-   clustered + dedup; alternating rounds, median. The dedup step looks up and pools the user-side
-   tables once per unique row (U of B) and expands with index_select. Then the embedding stage
-   alone (the 26 tables' forward + fused backward), where deduplication acts.
+   clustered + dedup; alternating rounds, median. The dedup step (`DLRM.forward_dedup`) runs the user-side
+   lookups, pooling, user x user dots and their share of the first top layer once per unique
+   row (U of B) and expands with index_select. Then the embedding stage alone (the 26 tables'
+   forward + fused backward).
 4. **The clustering window and AUC**: the shuffled train split re-clustered with windows of
    increasing size (`tierec.data.cluster.recluster`), trained one epoch with dedup, AUC on the
    shuffled test split, beside the rows per unique user-side entry (B/U) a batch gets.

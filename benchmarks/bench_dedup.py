@@ -242,11 +242,11 @@ def main() -> int:
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    Path(args.dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_dedup_", dir=args.dir))
     parts = {int(x) for x in args.parts.split(",") if x.strip().isdigit()}
     if not parts <= {1, 2, 3, 4, 5} or (parts == {5} and not args.user_multi_hot_sweep):
         p.error(f"--parts {args.parts!r}: give some of 1,2,3,4 (5 needs --user-multi-hot-sweep)")
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_dedup_", dir=args.dir))
     cfg = synth_config(args, args.rows, args.user_multi_hot)
     out: dict = {"config": vars(args), "recd": RECD}
     try:

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_dedup.py                 # ~3 minutes on a quiet 2-core machine at --threads 1
     python benchmarks/bench_dedup.py --rows 400000 --json runs/dedup.json
+    python benchmarks/bench_dedup.py --parts 5 --user-multi-hot-sweep poisson:8,poisson:32,poisson:64
 
 One session-structured synthetic data set (tierec.data.synth: --session-length rows per session
 on average, geometric; the first half of the 26 sparse features user-side, constant within a
@@ -22,12 +23,17 @@ Four parts, each with ratios against RecD's (MLSys'23) 3.71x storage, 1.79x prep
    batches (`dedup=True`: inverse KJT of the user-side keys), alternating rounds, best of rounds.
 3. **Training samples/s**: DLRM steps (forward, BCE, backward with the fused row-wise Adagrad,
    Adam on the dense part) on the same pre-built batches: shuffled + plain, clustered + plain,
-   clustered + dedup; alternating rounds, median. The dedup step looks up and pools the user-side
-   tables once per unique row (U of B) and expands with index_select. Then the embedding stage
-   alone (the 26 tables' forward + fused backward), where deduplication acts.
+   clustered + dedup; alternating rounds, median. The dedup step (`DLRM.forward_dedup`) runs the user-side
+   lookups, pooling, user x user dots and their share of the first top layer once per unique
+   row (U of B) and expands with index_select. Then the embedding stage alone (the 26 tables'
+   forward + fused backward).
 4. **The clustering window and AUC**: the shuffled train split re-clustered with windows of
    increasing size (`tierec.data.cluster.recluster`), trained one epoch with dedup, AUC on the
    shuffled test split, beside the rows per unique user-side entry (B/U) a batch gets.
+5. **User-side list length sweep** (only with ``--user-multi-hot-sweep poisson:8,poisson:32,...``):
+   part 3's shuffled + plain vs clustered + dedup training and embedding stage again, on a fresh
+   data set of ``--sweep-rows`` rows per list-length SPEC: how the speedup grows with the share of
+   user-side work in a step. ``--parts 5`` runs the sweep alone.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from tierec.train.config import TrainConfig
 from tierec.train.trainer import build_model, evaluate, make_dense_optimizer
 
 RECD = {"storage": 3.71, "preprocessing": 1.79, "training": 2.48}
+SPARSE_FEATURES, USER_FEATURES = 26, 13
 
 
 def size_of(ds: Dataset) -> int:
@@ -110,6 +117,73 @@ def time_training(args, ds: Dataset, dedup: bool, tmp: Path) -> tuple[float, lis
     return args.steps * args.batch / (time.perf_counter() - t0), losses
 
 
+def synth_config(args, rows: int, user_multi_hot: str) -> SynthConfig:
+    """26 sparse features, the first 13 user-side with ``user_multi_hot`` IDs per list, the rest single-hot."""
+    spec = "fixed:1," + ",".join(f"C{i + 1}={user_multi_hot}" for i in range(USER_FEATURES))
+    return SynthConfig(rows=rows, num_sparse=SPARSE_FEATURES, max_cardinality=args.max_cardinality, multi_hot=spec,
+                       session_length=args.session_length, user_features=USER_FEATURES, row_group_size=65536,
+                       rows_per_file=1 << 20, progress=False)
+
+
+def time_peers(args, peers, tmp: Path) -> tuple[dict, dict, dict]:
+    """Part 3 on ``peers`` [(name, Dataset, dedup)]: alternating rounds of training and of the embedding
+    stage; returns the per-round samples/s of each (training, embedding stage) and the last losses."""
+    tr = {n: [] for n, _, _ in peers}
+    emb = {n: [] for n, _, _ in peers}
+    losses = {}
+    for _ in range(args.rounds):
+        for n, d, dedup in peers:
+            sps, losses[n] = time_training(args, d, dedup, tmp / "train")
+            tr[n].append(sps)
+    for _ in range(args.rounds):
+        for n, d, dedup in peers:
+            emb[n].append(time_embeddings(args, d, dedup, tmp / "emb"))
+    return tr, emb, losses
+
+
+def batch_shape(args, ds: Dataset) -> tuple[float, float]:
+    """(rows per unique user-side entry B/U, mean IDs per user-side list) of the timed batches."""
+    rows = uniq = ids = lists = 0
+    for i, b in enumerate(ds.batches("train", args.batch, shuffle=True, seed=0, dedup=True)):
+        rows, uniq = rows + b.size, uniq + b.user.stride()
+        ids, lists = ids + b.user.values().numel(), lists + b.user.lengths().numel()
+        if i + 1 == args.steps + 2:
+            break
+    return rows / max(uniq, 1), ids / max(lists, 1)
+
+
+def sweep(args, tmp: Path) -> dict:
+    """Part 5: shuffled + plain vs clustered + dedup training for each user-side list length."""
+    specs = [x for x in args.user_multi_hot_sweep.split(",") if x]
+    print(f"\n## 5. user-side list length sweep: {args.sweep_rows:,} rows per data set, training as in part 3 "
+          f"({args.steps} steps x {args.rounds} rounds, median)")
+    w = (14, 8, 6, 12, 12, 7, 7, 10, 10)
+    print(row(["user lists", "IDs/list", "B/U", "plain/s", "dedup/s", "ratio", "/RecD", "emb. ratio",
+               "emb. share"], w))
+    out = {}
+    for spec in specs:
+        cfg = synth_config(args, args.sweep_rows, spec)
+        d = tmp / "sweep"
+        generate(cfg, d / "shuffled", cluster_by="shuffle", cluster_window=args.sweep_rows)
+        generate(cfg, d / "clustered", cluster_by="session", cluster_window=args.window)
+        plain, dedup = ("shuffled, plain", Dataset(d / "shuffled"), False), ("clustered, dedup", Dataset(d / "clustered"), True)
+        tr, emb, _ = time_peers(args, [plain, dedup], d)
+        t = {n: statistics.median(v) for n, v in tr.items()}
+        e = {n: statistics.median(v) for n, v in emb.items()}
+        b_u, ids = batch_shape(args, dedup[1])
+        ratio, e_ratio = t[dedup[0]] / t[plain[0]], e[dedup[0]] / e[plain[0]]
+        share = t[plain[0]] / e[plain[0]]  # embedding stage's share of a plain step's time
+        print(row([spec, f"{ids:.1f}", f"{b_u:.2f}", f"{t[plain[0]]:,.0f}", f"{t[dedup[0]]:,.0f}", f"{ratio:.2f}x",
+                   f"{ratio / RECD['training']:.2f}", f"{e_ratio:.2f}x", f"{share:.0%}"], w))
+        out[spec] = {"ids_per_user_list": ids, "rows_per_unique": b_u, "training_samples_per_s": t,
+                     "embedding_stage_samples_per_s": e, "training_rounds": tr}
+        shutil.rmtree(d, ignore_errors=True)
+    print("ratio: clustered + dedup over shuffled + plain training samples/s; /RecD: that ratio over RecD's "
+          f"{RECD['training']}x; emb. ratio: the embedding stage alone; emb. share: the embedding stage's "
+          "share of a plain training step")
+    return out
+
+
 def time_embeddings(args, ds: Dataset, dedup: bool, tmp: Path) -> float:
     """Samples/s of the embedding stage alone: lookups + pooling forward, fused optimizer backward."""
     cfg = train_cfg(args, ds.root, tmp, dedup)
@@ -159,30 +233,51 @@ def main() -> int:
     p.add_argument("--auc-windows", default="512,4096,32768,262144", help="windows of part 4 (rows)")
     p.add_argument("--auc-batch", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--parts", default="1,2,3,4", help="parts to run; part 5, the sweep, runs whenever "
+                   "--user-multi-hot-sweep is given (--parts 5: the sweep alone)")
+    p.add_argument("--user-multi-hot-sweep", default="", metavar="SPEC,SPEC,...",
+                   help="part 5: repeat part 3 for each user-side list length, e.g. poisson:8,poisson:32,poisson:64")
+    p.add_argument("--sweep-rows", type=int, default=100_000, help="rows of each data set of the sweep")
     p.add_argument("--dir", default="runs", help="scratch directory (a temporary folder inside it)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    parts = {int(x) for x in args.parts.split(",") if x.strip().isdigit()}
+    if not parts <= {1, 2, 3, 4, 5} or (parts == {5} and not args.user_multi_hot_sweep):
+        p.error(f"--parts {args.parts!r}: give some of 1,2,3,4 (5 needs --user-multi-hot-sweep)")
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench_dedup_", dir=args.dir))
-    k, ku = 26, 13
-    spec = "fixed:1," + ",".join(f"C{i + 1}={args.user_multi_hot}" for i in range(ku))
-    cfg = SynthConfig(rows=args.rows, num_sparse=k, max_cardinality=args.max_cardinality, multi_hot=spec,
-                      session_length=args.session_length, user_features=ku, row_group_size=65536,
-                      rows_per_file=1 << 20, progress=False)
+    cfg = synth_config(args, args.rows, args.user_multi_hot)
     out: dict = {"config": vars(args), "recd": RECD}
     try:
         t0 = time.perf_counter()
-        shuffled = tmp / "shuffled"
-        generate(cfg, shuffled, cluster_by="shuffle", cluster_window=args.rows)
-        generate(cfg, tmp / "clustered", cluster_by="session", cluster_window=args.window)
-        ds = {"shuffled": Dataset(shuffled), "sorted": write_sorted(cfg, tmp / "sorted", args.window),
-              "clustered": Dataset(tmp / "clustered")}
-        print(f"# data: {args.rows:,} rows, {k} sparse features ({ku} user-side, lists {args.user_multi_hot}; "
-              f"item-side fixed:1), 13 dense, sessions of {args.session_length:g} rows on average; "
-              f"window {args.window:,} rows; written in {time.perf_counter() - t0:.1f} s; torch threads {args.threads}")
+        if parts & {1, 2, 3, 4}:
+            main_parts(args, parts, cfg, tmp, out, t0)
+        if args.user_multi_hot_sweep:
+            out["user_multi_hot_sweep"] = sweep(args, tmp)
+        print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(out, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
 
-        # 1. bytes on disk
+
+def main_parts(args, parts: set[int], cfg: SynthConfig, tmp: Path, out: dict, t0: float) -> None:
+    """Parts 1-4 (those in ``parts``) on one data set written three ways."""
+    shuffled = tmp / "shuffled"
+    generate(cfg, shuffled, cluster_by="shuffle", cluster_window=args.rows)
+    generate(cfg, tmp / "clustered", cluster_by="session", cluster_window=args.window)
+    ds = {"shuffled": Dataset(shuffled), "clustered": Dataset(tmp / "clustered")}
+    if 1 in parts:
+        ds = {"shuffled": ds["shuffled"], "sorted": write_sorted(cfg, tmp / "sorted", args.window),
+              "clustered": ds["clustered"]}
+    print(f"# data: {args.rows:,} rows, {SPARSE_FEATURES} sparse features ({USER_FEATURES} user-side, lists "
+          f"{args.user_multi_hot}; item-side fixed:1), 13 dense, sessions of {args.session_length:g} rows on average; "
+          f"window {args.window:,} rows; written in {time.perf_counter() - t0:.1f} s; torch threads {args.threads}")
+
+    if 1 in parts:  # bytes on disk
         sizes = {n: size_of(d) for n, d in ds.items()}
         print("\n## 1. bytes on disk (train + test Parquet, zstd)")
         w = (34, 14, 12)
@@ -193,7 +288,7 @@ def main() -> int:
         print(f"storage efficiency: {st:.2f}x (RecD: {RECD['storage']}x; ratio to RecD {st / RECD['storage']:.2f})")
         out["bytes"] = sizes
 
-        # 2. preprocessing
+    if 2 in parts:  # preprocessing
         print("\n## 2. preprocessing: one shuffled epoch of batches (read, decode, shuffle, build tensors)")
         peers = [("shuffled, plain batches", ds["shuffled"], False), ("clustered, plain batches", ds["clustered"], False),
                  ("clustered, dedup batches", ds["clustered"], True)]
@@ -214,17 +309,12 @@ def main() -> int:
         out["preprocessing_rows_per_s"] = {n: max(v) for n, v in pre.items()}
         out["rows_per_unique_user_entry"] = bu
 
-        # 3. training
+    if 3 in parts:  # training
         print(f"\n## 3. training: DLRM, batch {args.batch}, dim {args.dim}, MLPs 13-128-64-{args.dim} / "
               f"128-64-1, row-wise Adagrad + Adam; {args.steps} steps x {args.rounds} rounds, median")
         peers = [("shuffled, plain", ds["shuffled"], False), ("clustered, plain", ds["clustered"], False),
                  ("clustered, dedup", ds["clustered"], True)]
-        tr = {n: [] for n, _, _ in peers}
-        losses = {}
-        for r in range(args.rounds):
-            for n, d, dedup in peers:
-                sps, losses[n] = time_training(args, d, dedup, tmp / "train")
-                tr[n].append(sps)
+        tr, emb, losses = time_peers(args, peers, tmp)
         same = max(abs(a - b) / abs(a) for a, b in zip(losses["clustered, plain"], losses["clustered, dedup"]))
         w = (20, 12, 10)
         print(row(["peer", "samples/s", "vs plain"], w))
@@ -236,11 +326,6 @@ def main() -> int:
               f"clustered plain vs dedup losses: max relative difference {same:.1e}")
         out["training_samples_per_s"] = {n: statistics.median(v) for n, v in tr.items()}
         out["training_rounds"] = tr
-
-        emb = {n: [] for n, _, _ in peers}
-        for r in range(args.rounds):
-            for n, d, dedup in peers:
-                emb[n].append(time_embeddings(args, d, dedup, tmp / "emb"))
         print("\nthe embedding stage alone (26 tables: lookups + pooling, backward with the fused optimizer)")
         print(row(["peer", "samples/s", "vs plain"], w))
         base = statistics.median(emb[peers[0][0]])
@@ -248,7 +333,7 @@ def main() -> int:
             print(row([n, f"{statistics.median(emb[n]):,.0f}", f"{statistics.median(emb[n]) / base:.2f}x"], w))
         out["embedding_stage_samples_per_s"] = {n: statistics.median(v) for n, v in emb.items()}
 
-        # 4. window vs AUC
+    if 4 in parts:  # window vs AUC
         print(f"\n## 4. clustering window vs AUC (one dedup epoch, batch {args.auc_batch}, test AUC)")
         w = (16, 10, 8)
         print(row(["window (rows)", "test AUC", "B/U"], w))
@@ -264,13 +349,6 @@ def main() -> int:
             auc[name] = {"auc": a, "rows_per_unique": b_u}
             print(row([name, f"{a:.4f}", f"{b_u:.2f}"], w))
         out["window_auc"] = auc
-        print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(out, indent=2))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

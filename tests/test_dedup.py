@@ -1,12 +1,14 @@
 """Deduplication end to end: inverse KJTs, session-clustered data sets, the dedup lookup path.
 
 Exactness contract (docs/dedup.md): the deduplicated path computes every pooled vector
-bit-identically, so forward values and losses of a step are equal; the backward sums a
-sample's pooled gradient into its unique row first (index_select's backward) and then
-into the embedding rows, a different summation order than the plain path, so weights
-agree within float32 rounding (here rtol 1e-4 after a few steps of Adam/row-wise
-Adagrad). When nothing is deduplicated (sessions of length 1, every row unique) the
-order is unchanged and the results are bit-identical.
+bit-identically; DLRM's user-only network part (user x user dots and their share of the first
+top layer, `DLRM.forward_dedup`) runs on the U unique rows and its first layer sums its input
+columns in two parts (rest + user-only), so logits and losses agree within float32 rounding
+(rtol 1e-5). The backward sums a sample's gradients into its unique row first (index_select's
+backward) and then into the embedding rows, a different summation order than the plain path,
+so weights agree within float32 rounding (here rtol 1e-4 after a few steps of Adam/row-wise
+Adagrad). When nothing is deduplicated (sessions of length 1, every row unique) `forward`
+keeps the plain order and the results are bit-identical.
 """
 
 import json
@@ -21,10 +23,13 @@ import torch
 from tierec.data.cluster import recluster, window_order
 from tierec.data.dataset import Batch, Chunk, Dataset
 from tierec.data.synth import SynthConfig, generate
+from tierec.modules.dlrm import DLRM
+from tierec.modules.embedding import TableConfig, build_collection
+from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor, dedup_kjt
 from tierec.sparse import dedup as dd
 from tierec.train.config import TrainConfig
-from tierec.train.trainer import Trainer
+from tierec.train.trainer import Trainer, load_for_eval
 
 
 def synth(root, rows=3000, session_length=8.0, user_features=2, num_sparse=4, card=500, multi_hot="poisson:2",
@@ -231,7 +236,6 @@ def test_dedup_training_matches_plain(tmp_path, case):
     lp, wp, dp = train(ds.root, tmp_path / "p", False, **opt)
     ld, wd, ddn = train(ds.root, tmp_path / "q", True, **opt)
     assert len(lp) == len(ld) == 6
-    assert lp[0] == ld[0], "the first step's forward is bit-identical"
     np.testing.assert_allclose(ld, lp, rtol=1e-5)
     for k in wp:
         torch.testing.assert_close(wd[k], wp[k], rtol=1e-4, atol=1e-6)
@@ -278,3 +282,61 @@ def test_lookahead_caches_with_dedup_batches_are_bit_identical(tmp_path):
     assert la[0] == ref[0]
     assert all(torch.equal(la[1][k], ref[1][k]) for k in ref[1]) and all(torch.equal(la[2][k], ref[2][k])
                                                                       for k in ref[2])
+
+
+# --------------------------------------------------------------------------- DLRM's user-only part on U rows
+def small_dlrm(keys):
+    torch.manual_seed(0)
+    ebc = build_collection([TableConfig(k, 50, 8) for k in keys], SparseOptimizer("rowwise_adagrad", 0.1), seed=0)
+    return DLRM(3, ebc, [16], [16, 8])
+
+
+def jagged_batch(rng, keys, n, max_len):
+    lens = torch.from_numpy(rng.integers(0, max_len + 1, len(keys) * n))
+    return KeyedJaggedTensor(keys, torch.from_numpy(rng.integers(0, 50, int(lens.sum()))), lens, stride=n)
+
+
+@pytest.mark.parametrize("unique_rows", [64, 9])  # 64: sessions of length 1 (U = B), nothing to deduplicate
+def test_forward_dedup_matches_plain_dlrm(unique_rows):
+    """forward_dedup vs the plain DLRM over 4 training steps, user tables interleaved with item tables."""
+    keys, user_keys, item_keys = ["a", "b", "c", "d", "e", "f"], ["e", "b", "d"], ["a", "c", "f"]
+    plain, dedup = small_dlrm(keys), small_dlrm(keys)
+    assert plain.state_dict().keys() == dedup.state_dict().keys()
+    opts = [torch.optim.Adam(m.dense_parameters(), lr=0.01) for m in (plain, dedup)]
+    rng = np.random.default_rng(unique_rows)
+    for step in range(4):
+        n = 64
+        uniq = jagged_batch(rng, user_keys, unique_rows, 3)  # empty lists included
+        inv = torch.from_numpy(rng.permutation(n) % unique_rows)
+        user = KeyedJaggedTensor(user_keys, uniq.values(), uniq.lengths(), stride=unique_rows,
+                                 inverse_indices=(user_keys, inv))
+        items, dense, labels = jagged_batch(rng, item_keys, n, 2), torch.randn(n, 3), torch.rand(n).round()
+        full = {**user.expand().to_dict(), **items.to_dict()}
+        plain_kjt = KeyedJaggedTensor(keys, torch.cat([full[k].values for k in keys]),
+                                      torch.cat([full[k].lengths for k in keys]), stride=n)
+        logits = [plain(dense, plain_kjt), dedup.forward_dedup(dense, items, user)]
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-6)
+        for m, opt, out in zip((plain, dedup), opts, logits):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.binary_cross_entropy_with_logits(out, labels).backward()
+            opt.step()
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(dedup.state_dict()[k], v, rtol=1e-4, atol=1e-6)
+    for tp, td, t0 in zip(plain.embeddings.tables, dedup.embeddings.tables, small_dlrm(keys).embeddings.tables):
+        torch.testing.assert_close(td.storage.weight, tp.storage.weight, rtol=1e-4, atol=1e-6)
+        assert not torch.equal(td.storage.weight, t0.storage.weight), "trained"
+
+
+def test_checkpoint_trained_with_dedup_loads_into_the_plain_model(tmp_path):
+    ds = synth(tmp_path / "d", by="session", window=2048)
+    t = Trainer(TrainConfig(data=str(ds.root), out=str(tmp_path / "o"), embedding_dim=8, bottom_mlp=[16],
+                            top_mlp=[16], batch_size=128, max_steps=4, progress=False, dedup=True))
+    t.fit()
+    plain, _, _ = load_for_eval(str(tmp_path / "o"))  # strict load_state_dict into a plain DLRM
+    t.model.eval()
+    with torch.no_grad():
+        for b in list(ds.batches("test", 256, dedup=True))[:3]:
+            assert b.user.stride() * 2 < b.size, "the batch must actually deduplicate"
+            ref = plain(b.dense, b.full_sparse())
+            assert torch.equal(t.model(b.dense, b.full_sparse()), ref), "same weights"
+            torch.testing.assert_close(t.model(b.dense, b.sparse, b.user), ref, rtol=1e-5, atol=1e-6)

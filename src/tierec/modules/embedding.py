@@ -251,10 +251,12 @@ class EmbeddingBagCollection(torch.nn.Module):
     def forward(self, kjt: KeyedJaggedTensor, user: KeyedJaggedTensor | None = None) -> torch.Tensor:
         return torch.stack(self.pooled(kjt, user), 1)
 
-    def pooled(self, kjt: KeyedJaggedTensor, user: KeyedJaggedTensor | None = None) -> list[torch.Tensor]:
+    def pooled(self, kjt: KeyedJaggedTensor, user: KeyedJaggedTensor | None = None,
+               expand: bool = True) -> list[torch.Tensor]:
         """T tensors [B, D]. ``user``: an inverse KJT (stride U, see `tierec.sparse.jagged`) whose
         keys are looked up and pooled once per unique row, [U, D], then expanded with
-        ``index_select``; its backward sums the B gradients into each of the U rows."""
+        ``index_select``; its backward sums the B gradients into each of the U rows.
+        ``expand=False`` leaves the user-side tensors at [U, D] (the caller expands them)."""
         by_key = kjt.to_dict()
         user_jts = user.to_dict() if user is not None else {}
         missing = [k for k in self.keys if k not in by_key and k not in user_jts]
@@ -267,7 +269,7 @@ class EmbeddingBagCollection(torch.nn.Module):
             out.append(table(jt.values, jt.offsets(), jt.weights))
             if table.config.key in user_jts:
                 on_u.append(len(out) - 1)
-        if on_u:  # expand U -> B: one index_select over the user tables side by side
+        if on_u and expand:  # expand U -> B: one index_select over the user tables side by side
             inv = user.inverse_indices()[1]
             if inv.dim() == 1:
                 wide = torch.cat([out[i] for i in on_u], 1).index_select(0, inv)

@@ -268,6 +268,13 @@ def part_speed(a, stream, work: Path) -> dict:
                            "peak_rss_mib": mem[p]["maxrss_mib"], "worker_cpu_ms_per_step": 1e3 * wcpu}
         if p == "lookahead":
             print(f"#   look-ahead worker thread: {1e3 * wcpu:.1f} ms CPU per step (overlapped with the step)")
+    if base_p in results:  # paired: each round's peers ran back to back, so the machine's drift cancels
+        for p in a.peers:
+            if p != base_p:
+                r = [b["samples_per_s"] / x["samples_per_s"] for b, x in zip(results[base_p], results[p])]
+                out["peers"][p]["step_time_vs_memory_per_round"] = r
+                print(f"# {p}: step time vs {base_p}, per round: " + ", ".join(f"{x:.3f}x" for x in r)
+                      + f"; median {statistics.median(r):.3f}x")
     print("# step time vs memory: the target is <= 1.1x (storage fully hidden); rows/step = fetched + written back")
     print(f"# losses of all peers bit-identical at all {len(losses[a.peers[0]])} steps: {'yes' if identical else 'NO'}")
     return out

@@ -158,6 +158,7 @@ class LookaheadCache(CachedTable):
         self._sketch = CountMinSketch(width=width, depth=2, device=self.device)
         self.oracle = NextUseOracle(self.device)
         self._mu = threading.Lock()  # metadata: index, pins, dirty bits, next uses, oracle
+        self._released: deque[tuple[WorkingSet, bool, int]] = deque()  # trainer's releases, not yet applied
         self._prepared: deque[WorkingSet] = deque()
         self.pipeline = None  # the LookaheadPipeline driving this cache, if any
 
@@ -177,11 +178,26 @@ class LookaheadCache(CachedTable):
     def index_nbytes(self) -> int:
         return super().index_nbytes + self._next.nbytes + self._lfreq.nbytes
 
+    # ------------------------------------------------------------------ locking
+    @contextlib.contextmanager
+    def _locked(self):
+        """The metadata lock, with the trainer's pending releases applied first (in step order):
+        until then their rows stay pinned, so nothing evicts, writes back or re-reads them."""
+        with self._mu:
+            while self._released:
+                ws, dirty, step = self._released.popleft()
+                if dirty:
+                    self._dirty.index_fill_(0, ws.index, True)
+                self._pins.index_add_(0, ws.index, self._pins.new_full((1,), -1).expand(ws.index.numel()))
+                self._next.index_copy_(0, ws.index, self.oracle.consume(step))
+                self._lfreq.index_copy_(0, ws.index, self._sketch.query(ws.ids))
+            yield
+
     # ------------------------------------------------------------------ step protocol
     def observe(self, step: int, ids: torch.Tensor) -> None:
         """The loader read step ``step``; ``ids`` int64 [U] are its unique row IDs, sorted."""
         ids = ids.to(self.device)
-        with self._mu:
+        with self._locked():
             first = self.oracle.observe(step, ids)
             self._sketch.update(ids)
             if self.size:
@@ -198,7 +214,7 @@ class LookaheadCache(CachedTable):
         ids = ids.to(self.device)
         U = ids.numel()
         wb = None
-        with self._mu:
+        with self._locked():
             hit, slots = self._lookup(ids)
             nh = int(hit.sum())
             miss = (~hit).nonzero().squeeze(1)
@@ -275,7 +291,7 @@ class LookaheadCache(CachedTable):
                                    f"the prepared step {p.current_step}; pause the pipeline for other lookups")
             self._prepared.popleft()
             return ws
-        with self._mu:
+        with self._locked():
             hit, slots = self._lookup(ids)
             ws = self._acquire_temp(ids, hit, slots)
             self._st["sync_acquires"] += 1
@@ -285,32 +301,27 @@ class LookaheadCache(CachedTable):
         h = ws.handle
         step = getattr(h, "step", None)
         if step is None:  # a temporary copy from `acquire` (worker paused or absent)
-            with self._mu:
+            with self._locked():
                 super().release(ws, dirty)
             return
         if h.owner is not self or h.released:
             raise RuntimeError(f"cache {self.name!r}: bad or repeated release of step {step}")
         if h.kind == "temp":  # a bypassed step writes its rows back: with the worker parked
             with self.pipeline.paused() if self.pipeline is not None else contextlib.nullcontext():
-                with self._mu:
+                with self._locked():
                     super().release(ws, dirty)
                     nu = self.oracle.consume(step)
                     self._next.index_copy_(0, h.pinned, nu.index_select(0, h.hit_idx))
-        else:
-            with self._mu:
-                h.released = True
-                h.fin.detach()
-                if dirty:
-                    self._dirty.index_fill_(0, ws.index, True)
-                self._pins.index_add_(0, ws.index, self._pins.new_full((1,), -1).expand(ws.index.numel()))
-                self._next.index_copy_(0, ws.index, self.oracle.consume(step))
-                self._lfreq.index_copy_(0, ws.index, self._sketch.query(ws.ids))
+        else:  # the bookkeeping is left to whoever takes the lock next (the worker): off the trainer's path
+            h.released = True
+            h.fin.detach()
+            self._released.append((ws, dirty, step))
         if self.pipeline is not None:
             self.pipeline.on_release(step, self)
 
     def end_lookahead(self) -> None:
         """Forget the window (the pipeline stopped): cached rows stay, their next uses become unknown."""
-        with self._mu:
+        with self._locked():
             self.oracle = NextUseOracle(self.device)
             self._next.fill_(NEVER)
 
@@ -320,17 +331,17 @@ class LookaheadCache(CachedTable):
 
     def flush(self) -> None:
         self._check_quiet("flush()")
-        with self._mu:
+        with self._locked():
             super().flush()
 
     def read_rows(self, start: int, end: int):
         self._check_quiet("read_rows()")
-        with self._mu:
+        with self._locked():
             return super().read_rows(start, end)
 
     def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None:
         self._check_quiet("write_rows()")
-        with self._mu:
+        with self._locked():
             super().write_rows(start, weight, state)
 
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,7 +349,7 @@ class LookaheadCache(CachedTable):
         `prepare` for this step) plus the rest from the backing store, without admitting them."""
         self._check_quiet("read()")
         ids = ids.to(self.device)
-        with self._mu:
+        with self._locked():
             hit, slots = self._lookup(ids)
             hi, mi = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
             w = torch.empty(ids.numel(), self.dim, device=self.device)
@@ -353,14 +364,14 @@ class LookaheadCache(CachedTable):
     def write(self, ids, weight, state):
         """An upper tier's write-backs: write-allocate (victims by next use, never pinned rows)."""
         self._check_quiet("write()")
-        with self._mu:
+        with self._locked():
             return super().write(ids, weight, state)
 
     def retire(self, step: int, ids: torch.Tensor) -> None:
         """Step ``step`` (unique ``ids``) is over for this tier without a prepared working set (a lower
         tier whose prefetch was skipped): advance the window, update the next use of resident rows."""
         ids = ids.to(self.device)
-        with self._mu:
+        with self._locked():
             nu = self.oracle.consume(step)
             hit, slots = self._lookup(ids)
             self._next.index_copy_(0, slots[hit], nu[hit])
@@ -370,7 +381,8 @@ class LookaheadCache(CachedTable):
         self._st.update(prefetched_rows=0, sync_acquires=0, upper_reads=0, upper_read_hits=0)
 
     def stats(self) -> dict:
-        out = super().stats()
+        with self._locked():  # pending releases applied: dirty_rows is current
+            out = super().stats()
         out["window_steps"] = len(self.oracle)
         out["window_occurrences"] = self.oracle.occurrences
         return out

@@ -39,7 +39,9 @@ import logging
 import mmap
 import os
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,6 +60,8 @@ MAX_IO = 1 << 26  # bytes per preadv/pwritev call (Linux caps one call at ~2 GiB
 FAULT_AROUND_BYTES = 64 << 10  # Linux maps up to this much around a faulting file page (read faults)
 PAGE_BYTES = 4096  # a write fault on a shared file mapping maps just its page
 RSS_RELEASE_BYTES = 8 << 20  # mapped bytes touched before the map's pages are dropped from RSS
+IO_LANES = 8  # concurrent preadv loops of one batched read (a random row read waits on the device)
+LANE_MIN_ROWS = 32  # a read of fewer rows stays in the calling thread
 
 
 class _BlockPlan(NamedTuple):
@@ -73,12 +77,13 @@ class _BlockPlan(NamedTuple):
     first: np.ndarray  # index of each run's first row [R]
 
 
-def _plan_runs(start: np.ndarray, row_bytes: int, group: np.ndarray | None = None) -> _BlockPlan:
+def _plan_runs(start: np.ndarray, row_bytes: int, group: np.ndarray | None = None, align: int = ALIGN) -> _BlockPlan:
     """Rows at byte offsets ``start`` (int64 [U], ascending within each ``group``, groups contiguous)
-    -> the 4 KiB-block runs that hold them (overlapping/adjacent blocks of one group coalesced,
-    vectorised) and where each row lands in a buffer of the runs laid end to end."""
-    blo = start // ALIGN
-    bhi = (start + row_bytes + ALIGN - 1) // ALIGN
+    -> the ``align``-byte block runs that hold them (overlapping/adjacent blocks of one group
+    coalesced, vectorised) and where each row lands in a buffer of the runs laid end to end.
+    ``align=ALIGN`` for O_DIRECT; 4 (exactly the rows' bytes) for buffered reads."""
+    blo = start // align
+    bhi = (start + row_bytes + align - 1) // align
     new = np.empty(start.size, bool)
     new[0] = True
     new[1:] = blo[1:] > bhi[:-1]
@@ -90,8 +95,21 @@ def _plan_runs(start: np.ndarray, row_bytes: int, group: np.ndarray | None = Non
     last = np.append(first[1:], start.size) - 1
     run_len = bhi[last] - run_lo
     run_buf = np.concatenate([[0], np.cumsum(run_len)[:-1]])
-    pos = (run_buf[run_of] * ALIGN + start - run_lo[run_of] * ALIGN) // 4  # float index of each row
-    return _BlockPlan(run_lo * ALIGN, run_len * ALIGN, run_buf * ALIGN, pos, int(run_len.sum()) * ALIGN, first)
+    pos = (run_buf[run_of] * align + start - run_lo[run_of] * align) // 4  # float index of each row
+    return _BlockPlan(run_lo * align, run_len * align, run_buf * align, pos, int(run_len.sum()) * align, first)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def io_pool() -> ThreadPoolExecutor:
+    """The process's shared threads for concurrent table reads (``IO_LANES - 1``, started on first use)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(IO_LANES - 1, thread_name_prefix="tierec-ssd-io")
+        return _pool
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -139,6 +157,7 @@ class SsdTable:
         self._mm = None
         self._fd = -1  # O_DIRECT descriptor (direct mode only)
         self._bfd = -1  # buffered descriptor (direct mode: tails and fallback)
+        self._rfd = -1  # buffered read-only descriptor (memmap mode: batched reads)
         self.direct_io = bool(direct_io)
         self.odirect = False  # whether O_DIRECT is really in use
         if self.direct_io:
@@ -151,6 +170,9 @@ class SsdTable:
         else:
             self._mm = np.memmap(self.path, dtype=np.float32, mode="r" if readonly else "r+",
                                  shape=(self.num_embeddings, self.width))
+            self._rfd = os.open(self.path, os.O_RDONLY)  # batched reads: preadv lanes, not page faults
+            if hasattr(os, "posix_fadvise"):  # random rows: no kernel read-ahead around each one
+                os.posix_fadvise(self._rfd, 0, 0, os.POSIX_FADV_RANDOM)
             if hasattr(mmap, "MADV_RANDOM"):  # rows are read at random: no kernel read-ahead of whole files
                 self._mm._mmap.madvise(mmap.MADV_RANDOM)
         self._mapped_bytes = 0
@@ -254,8 +276,11 @@ class SsdTable:
             atomic_write_bytes(sidecar_path(self.path), json.dumps(self._sidecar, indent=2).encode())
 
     # ------------------------------------------------------------------ batched row I/O
-    def _check_ids(self, ids: torch.Tensor) -> np.ndarray:
-        ids_np = ids.detach().to("cpu", torch.int64).numpy().reshape(-1)
+    def _check_ids(self, ids: torch.Tensor | np.ndarray) -> np.ndarray:
+        if isinstance(ids, np.ndarray):
+            ids_np = ids.astype(np.int64, copy=False).reshape(-1)
+        else:
+            ids_np = ids.detach().to("cpu", torch.int64).numpy().reshape(-1)
         if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= self.num_embeddings):
             raise IndexError(f"{self.path}: row ids must be in [0, {self.num_embeddings}), "
                              f"got [{ids_np.min()}, {ids_np.max()}]")
@@ -274,18 +299,23 @@ class SsdTable:
         return torch.cat([w, s.detach().to("cpu", torch.float32)], 1).numpy()
 
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``ids`` (int64 [U], any order) -> (weights [U, dim], state [U, state_dim]), fresh tensors."""
-        ids_np = self._check_ids(ids)
-        t0 = time.perf_counter()
+        """Rows ``ids`` (int64 [U], any order) -> (weights [U, dim], state [U, state_dim]), fresh tensors.
+        A read of ``LANE_MIN_ROWS`` or more rows goes through `read_many` (concurrent preadv lanes)."""
+        return self._split(read_many([(self, self._check_ids(ids))])[0])
+
+    def _read_local(self, ids_np: np.ndarray) -> np.ndarray:
+        """Rows ``ids_np`` in the calling thread: a memmap gather (page faults) or block I/O."""
         if ids_np.size == 0:
-            rows = np.empty((0, self.width), np.float32)
-        elif self._mm is not None:
+            return np.empty((0, self.width), np.float32)
+        if self._mm is not None:
             rows = np.asarray(self._mm[ids_np])  # one vectorised gather (a copy)
             self._touched(ids_np.size, scattered=True)
-        else:
-            rows = self._block_io(ids_np, None)
-        self._account("read", ids_np.size, time.perf_counter() - t0)
-        return self._split(rows)
+            return rows
+        return self._block_io(ids_np, None)
+
+    @property
+    def _read_fd(self) -> int:
+        return self._fd if self.odirect else (self._bfd if self.direct_io else self._rfd)
 
     def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
         """Write rows ``ids`` (int64 [U], unique, any order) from weight [U, dim] and state [U, state_dim]."""
@@ -374,7 +404,7 @@ class SsdTable:
             if not self.readonly:
                 self._mm.flush()
             self._mm = None  # the mapping goes when its last view does
-        for name in ("_fd", "_bfd"):
+        for name in ("_fd", "_bfd", "_rfd"):
             fd = getattr(self, name)
             if fd >= 0:
                 os.close(fd)
@@ -538,48 +568,54 @@ def _read_sidecar(path: Path) -> dict | None:
     return meta
 
 
-def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool=None, lanes: int = 16) -> list[np.ndarray]:
+def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor | None = None,
+              lanes: int = IO_LANES) -> list[np.ndarray]:
     """Rows of several tables at once: [(table, row IDs int64 [U_i])] -> [rows [U_i, width] float32].
 
-    Direct-I/O tables (``direct_io=True``, also where the buffered fallback is in use) of one row
-    width are planned together in one vectorised pass: the block runs of all of them go into one
-    page-aligned buffer and are read by up to ``lanes`` concurrent ``preadv`` loops (on ``pool``,
-    plus the calling thread), so a few hundred random 4 KiB reads cost a few device latencies
-    instead of one each, and one gather copies the rows out. Memory-mapped tables are read one
-    by one. Counters are kept as `SsdTable.read` keeps them."""
+    The tables' reads of ``LANE_MIN_ROWS`` rows or more are planned together in one vectorised
+    pass per kind of file (O_DIRECT: the 4 KiB blocks that hold the rows; buffered: exactly the
+    rows' bytes; adjacent runs coalesced) into one buffer, read by up to ``lanes`` concurrent
+    ``preadv`` loops (on ``pool``, default `io_pool()`, plus the calling thread) -- a few hundred
+    random rows cost a few device latencies instead of one each, and no page faults -- and one
+    gather copies the rows out. Smaller reads stay in the calling thread (memmap gather or block
+    I/O). Counters are kept per table."""
     out: list = [None] * len(reads)
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for i, (t, ids) in enumerate(reads):
-        if t._mm is not None or ids.size == 0:
-            out[i] = t._join(*t.read(torch.from_numpy(ids)))
+        ids = t._check_ids(ids)
+        reads[i] = (t, ids)
+        if ids.size < LANE_MIN_ROWS or lanes <= 1 or t._read_fd < 0:
+            t0 = time.perf_counter()
+            out[i] = t._read_local(ids)
+            t._account("read", ids.size, time.perf_counter() - t0)
         else:
-            t._check_ids(torch.from_numpy(ids))
-            groups.setdefault(t.width, []).append(i)
+            groups.setdefault((t.width, t.odirect), []).append(i)
     for idx in groups.values():
         ids = [reads[i][1] for i in idx]
         order = [None if x.size < 2 or np.all(x[1:] > x[:-1]) else np.argsort(x, kind="stable") for x in ids]
         ids = [x if o is None else x[o] for x, o in zip(ids, order)]
-        for i, o, rows in zip(idx, order, _read_group([reads[i][0] for i in idx], ids, pool, lanes)):
+        got = _read_group([reads[i][0] for i in idx], ids, pool or io_pool(), lanes)
+        for i, o, rows in zip(idx, order, got):
             if o is not None:
                 rows = rows[np.argsort(o)]
             out[i] = rows
     return out
 
 
-def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool, lanes: int) -> list[np.ndarray]:
-    """`read_many` for direct-I/O tables of one row width (``ids`` sorted within each table)."""
+def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExecutor, lanes: int) -> list[np.ndarray]:
+    """`read_many` for tables of one row width and one kind of descriptor (``ids`` sorted per table)."""
     t0 = time.perf_counter()
     n = np.array([x.size for x in ids])
     tab_of = np.repeat(np.arange(len(tabs)), n)
     rb = tabs[0].row_bytes
-    plan = _plan_runs(np.concatenate(ids) * rb, rb, tab_of)
+    plan = _plan_runs(np.concatenate(ids) * rb, rb, tab_of, ALIGN if tabs[0].odirect else 4)
     run_tab = tab_of[plan.first].tolist()
-    fds = [t._fd if t.odirect else t._bfd for t in tabs]
+    fds = [t._read_fd for t in tabs]
     sizes = [t.file_bytes for t in tabs]
     runs = list(zip(run_tab, plan.foff.tolist(), plan.nbytes.tolist(), plan.boff.tolist()))
     buf = mmap.mmap(-1, plan.total)  # page-aligned, as O_DIRECT needs
     mv = memoryview(buf)
-    lanes = max(1, min(lanes, len(runs))) if pool is not None else 1
+    lanes = max(1, min(lanes, len(runs)))
 
     def lane(k: int) -> None:
         for t, foff, nbytes, boff in runs[k::lanes]:
@@ -603,8 +639,8 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool, lanes: int) -
             except OSError as e:
                 errors.append(e)
         if errors:  # e.g. a filesystem that opened O_DIRECT but refuses the I/O: the per-table path copes
-            log.debug("concurrent direct read failed (%s); reading table by table", errors[0])
-            return [t._join(*t.read(torch.from_numpy(x))) for t, x in zip(tabs, ids)]
+            log.debug("concurrent read failed (%s); reading table by table", errors[0])
+            return [t._read_local(x) for t, x in zip(tabs, ids)]
         rows = tabs[0]._gather(buf, plan.pos)
     finally:
         mv.release()
@@ -618,6 +654,6 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool, lanes: int) -
     for k, t in enumerate(tabs):
         t._dev_bytes_read += int(per_tab[k])
         t._account("read", int(n[k]), dt)
-        if not t.odirect:  # the buffered fallback: drop what the reads put in the page cache
+        if t.direct_io and not t.odirect:  # the buffered fallback: drop what the reads put in the page cache
             os.posix_fadvise(t._bfd, 0, 0, os.POSIX_FADV_DONTNEED)
     return np.split(rows, np.cumsum(n)[:-1])

@@ -33,7 +33,7 @@ Four parts, each with ratios against RecD's (MLSys'23) 3.71x storage, 1.79x prep
 5. **User-side list length sweep** (only with ``--user-multi-hot-sweep poisson:8,poisson:32,...``):
    part 3's shuffled + plain vs clustered + dedup training and embedding stage again, on a fresh
    data set of ``--sweep-rows`` rows per list-length SPEC: how the speedup grows with the share of
-   user-side work in a step. ``--parts 5`` runs the sweep alone.
+   user-side work in a step; with the bytes-on-disk and preprocessing ratios of each data set. ``--parts 5`` runs the sweep alone.
 """
 
 from __future__ import annotations
@@ -157,9 +157,9 @@ def sweep(args, tmp: Path) -> dict:
     specs = [x for x in args.user_multi_hot_sweep.split(",") if x]
     print(f"\n## 5. user-side list length sweep: {args.sweep_rows:,} rows per data set, training as in part 3 "
           f"({args.steps} steps x {args.rounds} rounds, median)")
-    w = (14, 8, 6, 12, 12, 7, 7, 10, 10)
-    print(row(["user lists", "IDs/list", "B/U", "plain/s", "dedup/s", "ratio", "/RecD", "emb. ratio",
-               "emb. share"], w))
+    w = (14, 8, 6, 7, 9, 12, 12, 7, 7, 10, 10)
+    print(row(["user lists", "IDs/list", "B/U", "bytes", "preproc.", "plain/s", "dedup/s", "ratio", "/RecD",
+               "emb. ratio", "emb. share"], w))
     out = {}
     for spec in specs:
         cfg = synth_config(args, args.sweep_rows, spec)
@@ -167,17 +167,25 @@ def sweep(args, tmp: Path) -> dict:
         generate(cfg, d / "shuffled", cluster_by="shuffle", cluster_window=args.sweep_rows)
         generate(cfg, d / "clustered", cluster_by="session", cluster_window=args.window)
         plain, dedup = ("shuffled, plain", Dataset(d / "shuffled"), False), ("clustered, dedup", Dataset(d / "clustered"), True)
+        size = size_of(plain[1]) / size_of(dedup[1])
+        pre = {n: max(epoch_rows_per_s(ds, args.batch, dd, r)[0] for r in range(args.rounds))
+               for n, ds, dd in (plain, dedup)}
+        pre_ratio = pre[dedup[0]] / pre[plain[0]]
         tr, emb, _ = time_peers(args, [plain, dedup], d)
         t = {n: statistics.median(v) for n, v in tr.items()}
         e = {n: statistics.median(v) for n, v in emb.items()}
         b_u, ids = batch_shape(args, dedup[1])
         ratio, e_ratio = t[dedup[0]] / t[plain[0]], e[dedup[0]] / e[plain[0]]
         share = t[plain[0]] / e[plain[0]]  # embedding stage's share of a plain step's time
-        print(row([spec, f"{ids:.1f}", f"{b_u:.2f}", f"{t[plain[0]]:,.0f}", f"{t[dedup[0]]:,.0f}", f"{ratio:.2f}x",
-                   f"{ratio / RECD['training']:.2f}", f"{e_ratio:.2f}x", f"{share:.0%}"], w))
-        out[spec] = {"ids_per_user_list": ids, "rows_per_unique": b_u, "training_samples_per_s": t,
+        print(row([spec, f"{ids:.1f}", f"{b_u:.2f}", f"{size:.2f}x", f"{pre_ratio:.2f}x", f"{t[plain[0]]:,.0f}",
+                   f"{t[dedup[0]]:,.0f}", f"{ratio:.2f}x", f"{ratio / RECD['training']:.2f}", f"{e_ratio:.2f}x",
+                   f"{share:.0%}"], w))
+        out[spec] = {"ids_per_user_list": ids, "rows_per_unique": b_u, "bytes_ratio": size,
+                     "preprocessing_rows_per_s": pre, "training_samples_per_s": t,
                      "embedding_stage_samples_per_s": e, "training_rounds": tr}
         shutil.rmtree(d, ignore_errors=True)
+    print(f"bytes: shuffled over clustered bytes on disk (RecD {RECD['storage']}x); preproc.: clustered + dedup "
+          f"over shuffled + plain batch rows/s, best of rounds (RecD {RECD['preprocessing']}x)")
     print("ratio: clustered + dedup over shuffled + plain training samples/s; /RecD: that ratio over RecD's "
           f"{RECD['training']}x; emb. ratio: the embedding stage alone; emb. share: the embedding stage's "
           "share of a plain training step")

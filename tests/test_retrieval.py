@@ -170,3 +170,23 @@ def test_batcher_runs_idle_work_only_when_no_request_waits():
     assert asyncio.run(main()) == [2] * 5
     assert [e[1] for e in events if e[0] == "batch"] == [4, 4, 2]
     assert events[-1] == ("idle",) and ("idle",) not in events[:2]  # not while requests were waiting
+
+
+def test_sampled_eviction_keeps_frequent_rows_and_protected_ones(tmp_path):
+    """victim_sample: victims come from a random sample, lowest frequency first, never a row the
+    same acquire needs; the cache stays full and correct."""
+    from tierec.modules.embedding import InMemoryTable
+    from tierec.storage.cache import CachedTable
+
+    n, cap = 10_000, 1000
+    ids = torch.arange(n)
+    freq = (ids, torch.where(ids < 500, 1000, 1))  # rows 0..499 are hot
+    c = CachedTable(InMemoryTable(n, 4, 0), cap, "freq", freq=freq)
+    c.victim_sample = 32
+    c.warm_up(torch.arange(cap))
+    for a in range(cap, 3000, 100):  # admit cold rows 100 at a time
+        new = torch.arange(a, a + 100)
+        w, _ = c.read(new)
+        assert torch.equal(w, c.backing.weight[new]) and bool(c.contains(new).all())
+        assert c.size == cap
+    assert bool(c.contains(torch.arange(500)).all())  # no hot row was ever chosen

@@ -11,8 +11,9 @@ same fixed-offset row files training wrote) behind one `SharedCache` for all of 
 - an admission rule: a row that misses is read from the SSD and only admitted to the cache
   from its ``admit_after``-th sighting (counted in a `CountMinSketch`, halved every
   ``8 x width`` sightings so old counts fade), so one-off IDs do not flush the hot rows;
-  admitted rows enter the cache in batches of ``admit_batch`` (one eviction pass each),
-  between batches when the server is idle;
+  admitted rows enter the cache in batches of ``admit_batch``, between batches when the
+  server is idle; victims are the least frequent of ``VICTIM_SAMPLE`` random resident rows
+  per admitted row (sampled, as Redis approximates LFU: O(batch), not a pass over the cache);
 - misses of direct-I/O files are read all together by concurrent ``preadv`` lanes.
 
 Both modes give the same scores bit for bit: the rows are the same float32 numbers.
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 TABLE_MODES = ("dram", "ssd")
 WARM_CHUNK = 1 << 15  # rows per warm-up read
 INLINE_ADMIT = 4  # fetch() admits by itself once this many admission batches are queued
+VICTIM_SAMPLE = 32  # eviction picks the least frequent of 32 random resident rows per row admitted
 
 
 class _ConcatTables:
@@ -124,6 +126,7 @@ class SharedCache:
         self.dim, self.admit_after = self.backing.dim, int(admit_after)
         self.cache = CachedTable(self.backing, capacity, "freq" if freq is not None else "lfu", name="ssd",
                                  freq=freq)
+        self.cache.victim_sample = VICTIM_SAMPLE  # an admission batch's eviction costs O(batch), not O(cache)
         if freq is not None:  # pre-load the hottest rows, in chunks (bounded temporaries)
             hot = freq[0][torch.argsort(freq[1], descending=True)][: self.cache.capacity]
             for a in range(0, hot.numel(), WARM_CHUNK):

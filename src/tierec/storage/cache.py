@@ -233,6 +233,9 @@ class CachedTable:
         self.capacity = min(int(capacity_rows), self.num_embeddings)
         self.policy, self.name = policy, name
         self.device = torch.device(device)
+        # > 0: pick victims among victim_sample x (rows needed) random slots instead of all (serving)
+        self.victim_sample = 0
+        self._gen = torch.Generator(device=self.device).manual_seed(0)
         self.row_bytes = (self.dim + self.state_dim) * 4
         self._bdev = _storage_device(backing)
         C, dev, i64 = self.capacity, self.device, torch.int64
@@ -383,6 +386,10 @@ class CachedTable:
         free_slots = torch.arange(K, K + free, device=self.device)
         if need == 0:
             return free_slots, free_slots[:0]
+        if self.victim_sample and K > 2 * self.victim_sample * need:
+            picked = self._sampled_victims(need, protect)
+            if picked is not None:
+                return free_slots, picked
         key = self._victim_key()
         key[protect] = _MAX
         key[self._pins[:K] > 0] = _MAX
@@ -397,6 +404,20 @@ class CachedTable:
             eq = (key == thr).nonzero().squeeze(1)
             victims = torch.cat([victims, eq[torch.topk(self._stamp[eq], rest, largest=False).indices]])
         return free_slots, victims
+
+    def _sampled_victims(self, need: int, protect: torch.Tensor) -> torch.Tensor | None:
+        """Approximate victims: the ``need`` lowest-priority of ``victim_sample x need`` random resident
+        slots (not protected, not pinned) -- O(need) instead of a pass over the whole cache, as
+        Redis approximates LRU/LFU. None if the sample holds too few candidates."""
+        K = self.size
+        cand = torch.unique(torch.randint(K, (self.victim_sample * need,), generator=self._gen, device=self.device))
+        full = self._stamp if self.policy == "lru" else (self._count if self.policy == "lfu" else self._prio)
+        key = full.index_select(0, cand)
+        key[torch.isin(cand, protect)] = _MAX
+        key[self._pins.index_select(0, cand) > 0] = _MAX
+        if int((key != _MAX).sum()) < need:
+            return None
+        return cand[torch.topk(key, need, largest=False).indices]
 
     def _evict(self, victims: torch.Tensor) -> None:
         """Write the dirty victims back (one batched write, sorted by id), then drop them from the index."""

@@ -102,6 +102,20 @@ def test_direct_io_concurrent_reads_match_memmap(tmp_path):
                 w, s = t.read(x)
                 assert r.shape == (x.numel(), d + 1) and np.array_equal(r, torch.cat([w, s], 1).numpy())
     assert dio[0].stats()["rows_read"] == 2 * ids[0].numel()
+
+    class CountingPool(ThreadPoolExecutor):
+        submits = 0
+
+        def submit(self, *a, **k):
+            CountingPool.submits += 1
+            return super().submit(*a, **k)
+
+    few = [torch.arange(0, 4000, 300)[:12] for _ in dio]  # 12 rows per table: 36 in all, over LANE_MIN_ROWS
+    with CountingPool(4) as pool:
+        got = read_many([(t, x.numpy()) for t, x in zip(dio, few)], pool, lanes=4)
+    assert CountingPool.submits == 3  # small per-table reads still share the concurrent lanes
+    for t, x, r in zip(mm, few, got):
+        assert np.array_equal(r, torch.cat(t.read(x), 1).numpy())
     st = SharedCache(dio, 50, admit_after=1, pool=None)
     glob = torch.cat([ids[0], ids[1] + n])
     rows = st.fetch({0: ids[0], 1: ids[1]})

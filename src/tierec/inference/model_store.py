@@ -52,9 +52,8 @@ VICTIM_SAMPLE = 32  # eviction picks the least frequent of 32 random resident ro
 class _ConcatTables:
     """Several read-only SSD tables as one row space: global row = table offset + row; weights only.
 
-    ``read(ids)`` splits the IDs by table; direct-I/O files are read all together by concurrent
-    ``preadv`` lanes on ``pool`` (`tierec.storage.ssd.read_many`), memory-mapped ones table by
-    table (concurrently on ``pool`` when several tables are involved). Rows put in ``stash`` (sorted ids, rows) are served
+    ``read(ids)`` splits the IDs by table and reads all tables' rows together by concurrent
+    ``preadv`` lanes on ``pool`` (`tierec.storage.ssd.read_many`). Rows put in ``stash`` (sorted ids, rows) are served
     from there instead: the cache admits rows that were already read."""
 
     def __init__(self, ssds: list[SsdTable], pool=None, lanes: int = 8):
@@ -63,7 +62,6 @@ class _ConcatTables:
         self.num_embeddings, self.dim, self.state_dim = int(self.offsets[-1]), ssds[0].dim, 0
         self.device = torch.device("cpu")
         self.stash: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.direct = all(t.odirect for t in ssds)
 
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global rows ``ids`` (int64 [U], any order) -> (weights [U, D], empty state [U, 0])."""
@@ -72,29 +70,14 @@ class _ConcatTables:
             pos = torch.searchsorted(sid, ids).clamp_(max=sid.numel() - 1)
             if bool((sid[pos] == ids).all()):
                 return rows[pos], torch.empty(ids.numel(), 0)
-        if self.direct:  # all tables' misses planned together, read by concurrent lanes
-            order = torch.argsort(ids)
-            sid = ids[order].numpy()
-            cut = np.searchsorted(sid, self.offsets.numpy())
-            parts = [(t, a, b) for t, (a, b) in enumerate(zip(cut[:-1], cut[1:])) if b > a]
-            rows = read_many([(self.ssds[t], sid[a:b] - int(self.offsets[t])) for t, a, b in parts], self.pool,
-                             self.lanes)
-            w = torch.empty(ids.numel(), self.dim)
-            w[order] = torch.from_numpy(np.concatenate(rows)[:, : self.dim]) if rows else w[:0]
-            return w, torch.empty(ids.numel(), 0)
-        table = torch.searchsorted(self.offsets, ids, right=True) - 1
+        order = torch.argsort(ids)  # all tables' misses planned together, read by concurrent lanes
+        sid = ids[order].numpy()
+        cut = np.searchsorted(sid, self.offsets.numpy())
+        parts = [(t, a, b) for t, (a, b) in enumerate(zip(cut[:-1], cut[1:])) if b > a]
+        rows = read_many([(self.ssds[t], sid[a:b] - int(self.offsets[t])) for t, a, b in parts], self.pool,
+                         self.lanes)
         w = torch.empty(ids.numel(), self.dim)
-        parts = [(t, (table == t).nonzero().squeeze(1)) for t in torch.unique(table).tolist()]
-
-        def one(t, pos):
-            w[pos] = self.ssds[t].read(ids.index_select(0, pos) - self.offsets[t])[0]
-
-        if self.pool is not None and len(parts) > 1:
-            for f in [self.pool.submit(one, t, pos) for t, pos in parts]:
-                f.result()
-        else:
-            for t, pos in parts:
-                one(t, pos)
+        w[order] = torch.from_numpy(np.concatenate(rows)[:, : self.dim]) if rows else w[:0]
         return w, torch.empty(ids.numel(), 0)
 
     def flush(self) -> None:

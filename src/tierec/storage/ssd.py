@@ -99,6 +99,18 @@ def _plan_runs(start: np.ndarray, row_bytes: int, group: np.ndarray | None = Non
     return _BlockPlan(run_lo * align, run_len * align, run_buf * align, pos, int(run_len.sum()) * align, first)
 
 
+def _pread_exact(fd: int, mv: memoryview, foff: int, nbytes: int, boff: int, size: int, path) -> int:
+    """Read file bytes [foff, foff + nbytes) -- clipped at the file's ``size`` -- into ``mv[boff:]``,
+    one ``preadv`` per MAX_IO; bytes read."""
+    want, done = min(nbytes, size - foff), 0
+    while done < want:
+        r = os.preadv(fd, [mv[boff + done : boff + min(nbytes, done + MAX_IO)]], foff + done)
+        if r <= 0:
+            raise OSError(errno.EIO, f"{path}: short read at byte {foff + done}")
+        done += r
+    return done
+
+
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -452,18 +464,9 @@ class SsdTable:
 
     def _pread_runs(self, mv: memoryview, foffs, nbytes, boffs) -> int:
         """Read the given runs into ``mv`` (one ``preadv`` per run, split at MAX_IO); bytes read."""
-        fd = self._fd if self.odirect else self._bfd
-        size, total = self.file_bytes, 0
-        for foff, n, boff in zip(foffs, nbytes, boffs):  # loop over coalesced runs (not rows)
-            want = min(n, size - foff)
-            done = 0
-            while done < want:
-                r = os.preadv(fd, [mv[boff + done : boff + min(n, done + MAX_IO)]], foff + done)
-                if r <= 0:
-                    raise OSError(errno.EIO, f"{self.path}: short read at byte {foff + done}")
-                done += r
-            total += done
-        return total
+        # loop over coalesced runs (not rows)
+        return sum(_pread_exact(self._read_fd, mv, f, n, b, self.file_bytes, self.path)
+                   for f, n, b in zip(foffs, nbytes, boffs))
 
     def _block_io_once(self, ids_np: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
         order = None
@@ -572,33 +575,33 @@ def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor
               lanes: int = IO_LANES) -> list[np.ndarray]:
     """Rows of several tables at once: [(table, row IDs int64 [U_i])] -> [rows [U_i, width] float32].
 
-    The tables' reads of ``LANE_MIN_ROWS`` rows or more are planned together in one vectorised
-    pass per kind of file (O_DIRECT: the 4 KiB blocks that hold the rows; buffered: exactly the
-    rows' bytes; adjacent runs coalesced) into one buffer, read by up to ``lanes`` concurrent
-    ``preadv`` loops (on ``pool``, default `io_pool()`, plus the calling thread) -- a few hundred
-    random rows cost a few device latencies instead of one each, and no page faults -- and one
-    gather copies the rows out. Smaller reads stay in the calling thread (memmap gather or block
-    I/O). Counters are kept per table."""
+    The tables' reads are planned together in one vectorised pass per kind of file (O_DIRECT:
+    the 4 KiB blocks that hold the rows; buffered: exactly the rows' bytes; adjacent runs
+    coalesced) into one buffer, read by up to ``lanes`` concurrent ``preadv`` loops (on ``pool``,
+    default `io_pool()`, plus the calling thread) -- a few hundred random rows cost a few device
+    latencies instead of one each, and no page faults -- and one gather copies the rows out.
+    A kind with fewer than ``LANE_MIN_ROWS`` rows in all stays in the calling thread (memmap
+    gather or block I/O). Counters are kept per table."""
+    reads = [(t, t._check_ids(ids)) for t, ids in reads]
     out: list = [None] * len(reads)
     groups: dict[tuple, list[int]] = {}
     for i, (t, ids) in enumerate(reads):
-        ids = t._check_ids(ids)
-        reads[i] = (t, ids)
-        if ids.size < LANE_MIN_ROWS or lanes <= 1 or t._read_fd < 0:
-            t0 = time.perf_counter()
-            out[i] = t._read_local(ids)
-            t._account("read", ids.size, time.perf_counter() - t0)
-        else:
+        if ids.size and lanes > 1 and t._read_fd >= 0:
             groups.setdefault((t.width, t.odirect), []).append(i)
     for idx in groups.values():
+        if sum(reads[i][1].size for i in idx) < LANE_MIN_ROWS:
+            continue  # read below, in this thread
         ids = [reads[i][1] for i in idx]
         order = [None if x.size < 2 or np.all(x[1:] > x[:-1]) else np.argsort(x, kind="stable") for x in ids]
         ids = [x if o is None else x[o] for x, o in zip(ids, order)]
         got = _read_group([reads[i][0] for i in idx], ids, pool or io_pool(), lanes)
         for i, o, rows in zip(idx, order, got):
-            if o is not None:
-                rows = rows[np.argsort(o)]
-            out[i] = rows
+            out[i] = rows if o is None else rows[np.argsort(o)]
+    for i, (t, ids) in enumerate(reads):
+        if out[i] is None:
+            t0 = time.perf_counter()
+            out[i] = t._read_local(ids)
+            t._account("read", ids.size, time.perf_counter() - t0)
     return out
 
 
@@ -619,12 +622,7 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExe
 
     def lane(k: int) -> None:
         for t, foff, nbytes, boff in runs[k::lanes]:
-            want, done = min(nbytes, sizes[t] - foff), 0
-            while done < want:
-                r = os.preadv(fds[t], [mv[boff + done : boff + min(nbytes, done + MAX_IO)]], foff + done)
-                if r <= 0:
-                    raise OSError(errno.EIO, f"{tabs[t].path}: short read at byte {foff + done}")
-                done += r
+            _pread_exact(fds[t], mv, foff, nbytes, boff, sizes[t], tabs[t].path)
 
     try:
         futs = [pool.submit(lane, k) for k in range(1, lanes)]

@@ -195,7 +195,9 @@ def test_sampled_eviction_keeps_frequent_rows_and_protected_ones(tmp_path):
     n, cap = 10_000, 1000
     ids = torch.arange(n)
     freq = (ids, torch.where(ids < 500, 1000, 1))  # rows 0..499 are hot
-    c = CachedTable(InMemoryTable(n, 4, 0), cap, "freq", freq=freq)
+    table = InMemoryTable(n, 4, 0)
+    table.weight.copy_(torch.randn(n, 4, generator=torch.Generator().manual_seed(0)))  # torch.empty may hold NaN
+    c = CachedTable(table, cap, "freq", freq=freq)
     c.victim_sample = 32
     c.warm_up(torch.arange(cap))
     for a in range(cap, 3000, 100):  # admit cold rows 100 at a time

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from tierec.data.dataset import Schema
 from tierec.errors import CheckpointError, ConfigError
@@ -236,6 +237,52 @@ class SsdView:
         pass
 
 
+class FusedLookup:
+    """The pooled embeddings of every table of a served DLRM in one lookup, in either table mode.
+
+    All tables form one row space (global row = table offset + row). For a KJT over the model's
+    keys (key-major: lengths [T * B]) each ID becomes a global row and every bag of every table
+    is pooled by one ``embedding_bag`` instead of one per table:
+
+    - dram: over ``weight`` [R, D], the tables' weights laid end to end (each table's tensor is
+      a view into it, so nothing is copied twice);
+    - ssd: one ``unique`` over the batch's global rows, one `SharedCache.fetch_global` (hits
+      from the cache, misses of all files read together), bags over the fetched rows [U, D].
+
+    Each bag sums the same rows in the same order as the per-table path, so the pooled
+    vectors are the same float32 numbers (tested against `tierec eval`'s model)."""
+
+    def __init__(self, keys: list[str], sizes: list[int], mean: list[bool], dim: int,
+                 weight: torch.Tensor | None = None, shared: SharedCache | None = None):
+        if (weight is None) == (shared is None):
+            raise ValueError("FusedLookup takes the DRAM weight or the SSD cache, not both")
+        self.keys, self.dim, self.weight, self.shared = list(keys), int(dim), weight, shared
+        self.offsets = torch.tensor([0, *sizes]).cumsum(0)
+        self.mean = torch.tensor(mean, dtype=torch.bool)
+
+    def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """KJT over ``keys`` (stride B) -> pooled embeddings [B, T, D], tables in ``keys`` order."""
+        T, B = len(self.keys), kjt.stride()
+        values, lengths = kjt.values(), kjt.lengths()
+        per_key = lengths.view(T, B).sum(1)
+        rows = values + self.offsets[:-1].repeat_interleave(per_key, output_size=values.numel())
+        if self.shared is None:
+            idx, w = rows, self.weight
+        elif values.numel():
+            uniq, idx = torch.unique(rows, return_inverse=True)
+            w = self.shared.fetch_global(uniq)
+        else:
+            idx, w = rows, torch.zeros(1, self.dim)
+        bags = torch.zeros(T * B, dtype=torch.int64)
+        if T * B > 1:
+            torch.cumsum(lengths[:-1], 0, out=bags[1:])
+        pooled = F.embedding_bag(idx, w, bags, mode="sum", per_sample_weights=kjt.weights_or_none()).view(T, B, -1)
+        if bool(self.mean.any()):
+            m = self.mean
+            pooled[m] = pooled[m] / lengths.view(T, B)[m].clamp(min=1).unsqueeze(-1).to(pooled.dtype)
+        return pooled.transpose(0, 1)
+
+
 @dataclass
 class ServeOptions:
     """How `load_model` lays out the tables."""
@@ -274,10 +321,15 @@ class LoadedModel:
     manifest: dict
     options: ServeOptions
     shared: SharedCache | None = None  # tables="ssd": the cache in front of the table files
+    lookup: FusedLookup | None = None  # a DLRM's tables pooled in one lookup (both table modes)
 
     @torch.no_grad()
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """``model(dense, sparse)``; SSD-backed tables get the batch's rows in one shared fetch first."""
+        """``model(dense, sparse)`` -> logits [B]. A DLRM pools all its tables in one fused lookup
+        (`FusedLookup`); other models' SSD-backed tables get the batch's rows in one shared fetch first."""
+        if self.lookup is not None and sparse.keys() == self.lookup.keys:
+            x = self.model.bottom(dense)
+            return self.model.head(x, torch.cat([x.unsqueeze(1), self.lookup.pooled(sparse)], 1))
         if self.shared is not None:
             by_key = sparse.to_dict()
             views = [t.storage for t in self.model.embeddings.tables
@@ -374,15 +426,34 @@ def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) 
     model = build_model(cfg, schema, torch.device("cpu"), storage_factory=factory)
     state = ckpt.load_dense_state(path, m)
     model.load_state_dict(state["model"])
+    weight = None
     if shared is None:
         mem = {t.config.name: t.storage for t in model.embeddings.tables}
         ckpt.load_tables(path, m, mem)
-        for st in mem.values():  # serving needs no optimizer state: drop it
-            st.state = torch.empty(st.num_embeddings, 0)
+        weight = _lay_end_to_end(list(mem.values()), cfg.embedding_dim)
     model.eval()
+    lookup = None
+    if cfg.model == "dlrm":
+        tables = model.embeddings.tables
+        lookup = FusedLookup([t.config.key for t in tables], [t.config.num_embeddings for t in tables],
+                             [t.config.pooling == "mean" for t in tables], cfg.embedding_dim, weight, shared)
     log.info("loaded %s checkpoint %s (step %d), tables in %s%s", cfg.model, path, m["step"], opt.tables,
              f" behind a {shared.cache.capacity:,}-row cache" if shared else "")
-    return LoadedModel(model, cfg.model, schema, path, m["step"], m, opt, shared)
+    return LoadedModel(model, cfg.model, schema, path, m["step"], m, opt, shared, lookup)
+
+
+def _lay_end_to_end(tables: list, dim: int) -> torch.Tensor:
+    """In-memory tables -> one weight tensor [sum of rows, D]; each table's ``weight`` becomes a view
+    into it (copied one table at a time, so the peak is one table more) and its optimizer state,
+    which serving never reads, is dropped."""
+    weight = torch.empty(sum(t.num_embeddings for t in tables), dim)
+    a = 0
+    for t in tables:
+        b = a + t.num_embeddings
+        weight[a:b] = t.weight
+        t.weight, t.state = weight[a:b], torch.empty(t.num_embeddings, 0)
+        a = b
+    return weight
 
 
 def _open_shared_cache(path: Path, m: dict, schema: Schema, cfg, opt: ServeOptions, pool) -> SharedCache:

@@ -85,7 +85,11 @@ class DLRM(nn.Module):
             return self.forward_dedup(dense, sparse, user)
         x = self.bottom(dense)
         pooled = self.embeddings.pooled(sparse, user) if user is not None else self.embeddings.pooled(sparse)
-        z = torch.stack([x, *pooled], 1)  # [B, T+1, D], one copy
+        return self.head(x, torch.stack([x, *pooled], 1))  # [B, T+1, D], one copy
+
+    def head(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Bottom output x [B, D] and z = [x; pooled embeddings in table order] [B, T+1, D] -> logits [B]
+        (interaction and top MLP; serving calls it with embeddings pooled in one fused lookup)."""
         return self.top(torch.cat([x, self.interaction(z)], 1)).squeeze(1)
 
     def forward_dedup(self, dense: torch.Tensor, sparse: KeyedJaggedTensor, user: KeyedJaggedTensor) -> torch.Tensor:

@@ -258,9 +258,13 @@ def test_metrics_are_prometheus_text(runs):
         m = metrics(c)
     for name in ("tierec_requests_total", "tierec_request_seconds_bucket", "tierec_batch_size_bucket",
                  "tierec_cache_hit_ratio", "tierec_ssd_read_bytes_total", "tierec_energy_joules_total",
-                 "tierec_model_step", "process_resident_memory_bytes"):
+                 "tierec_model_step", "process_resident_memory_bytes", "tierec_model_seconds_bucket",
+                 "tierec_ssd_read_seconds_bucket"):
         assert name in m, name
     assert 0 <= m["tierec_cache_hit_ratio"][0][1] <= 1
+    count = {k: m[k][0][1] for k in ("tierec_model_seconds_count", "tierec_ssd_read_seconds_count")}
+    assert count == {"tierec_model_seconds_count": 1, "tierec_ssd_read_seconds_count": 1}  # one batch
+    assert 0 < m["tierec_ssd_read_seconds_sum"][0][1] <= m["tierec_model_seconds_sum"][0][1]  # cold cache: reads
 
 
 def test_openapi_schema_documents_the_endpoints(runs):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 
 from tierec.data.dataset import Schema
 from tierec.errors import CheckpointError, ConfigError
-from tierec.modules.embedding import WorkingSet
+from tierec.modules.embedding import InMemoryTable, WorkingSet
+from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.cache import CachedTable
 from tierec.storage.sketch import CountMinSketch
@@ -122,6 +124,7 @@ class SharedCache:
         self._queue_rows: list[torch.Tensor] = []
         self._queued = 0
         self.lookups = self.hits = self.admitted = 0
+        self.read_s = 0.0  # seconds spent reading missed rows from the table files (the SSD tier's wait)
 
     def fetch(self, ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{table index: row IDs int64 [U_t], unique, sorted} -> {table index: weights [U_t, D]}."""
@@ -144,7 +147,9 @@ class SharedCache:
         m = (~hit).nonzero().squeeze(1)
         if m.numel():
             gm = g.index_select(0, m)
+            t0 = time.perf_counter()
             wm = self.backing.read(gm)[0]
+            self.read_s += time.perf_counter() - t0
             w[m] = wm
             admit = self.sketch.query(gm) >= self.admit_after
             if bool(admit.any()):
@@ -188,9 +193,10 @@ class SharedCache:
 
     def stats(self) -> dict:
         """lookups = hits + misses (unique IDs per batch and table); admitted: rows put in the cache
-        after warm-up; bytes_read: bytes read from the SSD files (warm-up and misses)."""
+        after warm-up; read_seconds: time spent reading misses; bytes_read: bytes read from the SSD
+        files (warm-up and misses)."""
         return {"lookups": self.lookups, "hits": self.hits, "misses": self.lookups - self.hits,
-                "admitted": self.admitted, "resident": self.cache.size, "capacity": self.cache.capacity,
+                "admitted": self.admitted, "read_seconds": self.read_s, "resident": self.cache.size, "capacity": self.cache.capacity,
                 "bytes_read": sum(t.stats()["bytes_read"] for t in self.backing.ssds),
                 "cache_bytes": self.cache.nbytes + self.cache.index_nbytes + self.sketch.nbytes}
 
@@ -420,17 +426,21 @@ def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) 
         limit_malloc_retention()  # freed multi-MB temporaries (warm-up reads) go back to the OS
         shared = _open_shared_cache(path, m, schema, cfg, opt, pool)
 
+    weight, mem = None, []
+    if shared is None:  # every table a view into one tensor, filled from the checkpoint (no random init)
+        weight, mem = end_to_end_tables([f.num_embeddings for f in schema.sparse], cfg.embedding_dim,
+                                        SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr).state_dim(cfg.embedding_dim))
+
     def factory(i, tcfg, state_dim):
-        return None if shared is None else SsdView(shared, i, tcfg.num_embeddings, tcfg.key)
+        return mem[i] if shared is None else SsdView(shared, i, tcfg.num_embeddings, tcfg.key)
 
     model = build_model(cfg, schema, torch.device("cpu"), storage_factory=factory)
     state = ckpt.load_dense_state(path, m)
     model.load_state_dict(state["model"])
-    weight = None
     if shared is None:
-        mem = {t.config.name: t.storage for t in model.embeddings.tables}
-        ckpt.load_tables(path, m, mem)
-        weight = _lay_end_to_end(list(mem.values()), cfg.embedding_dim)
+        ckpt.load_tables(path, m, {t.config.name: t.storage for t in model.embeddings.tables})
+        for t in mem:  # serving needs no optimizer state: drop it
+            t.state = torch.empty(t.num_embeddings, 0)
     model.eval()
     lookup = None
     if cfg.model == "dlrm":
@@ -442,25 +452,22 @@ def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) 
     return LoadedModel(model, cfg.model, schema, path, m["step"], m, opt, shared, lookup)
 
 
-def _lay_end_to_end(tables: list, dim: int) -> torch.Tensor:
-    """In-memory tables -> one weight tensor [sum of rows, D]; each table's ``weight`` becomes a view
-    into it (copied one table at a time, so the peak is one table more) and its optimizer state,
-    which serving never reads, is dropped."""
-    weight = torch.empty(sum(t.num_embeddings for t in tables), dim)
-    a = 0
-    for t in tables:
-        b = a + t.num_embeddings
-        weight[a:b] = t.weight
-        t.weight, t.state = weight[a:b], torch.empty(t.num_embeddings, 0)
-        a = b
-    return weight
+def end_to_end_tables(sizes: list[int], dim: int, state_dim: int) -> tuple[torch.Tensor, list[InMemoryTable]]:
+    """In-memory tables of ``sizes`` rows whose weights are views into one tensor [sum(sizes), D], laid
+    end to end in table order (what `FusedLookup` reads in DRAM mode); their state starts at zeros."""
+    weight = torch.empty(sum(sizes), dim)  # pages become resident as the checkpoint fills them
+    tables, a = [], 0
+    for n in sizes:
+        t = InMemoryTable(n, dim, state_dim)
+        t.weight = weight[a : a + n]
+        tables.append(t)
+        a += n
+    return weight, tables
 
 
 def _open_shared_cache(path: Path, m: dict, schema: Schema, cfg, opt: ServeOptions, pool) -> SharedCache:
     """The checkpoint's table files, read-only (checked against the manifest), behind one cache of
     ``cache_fraction`` of all rows, warmed with the rows most frequent in the training data."""
-    from tierec.modules.optim import SparseOptimizer
-
     files = {t["name"]: t for t in m["tables"]}
     state_dim = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr).state_dim(cfg.embedding_dim)
     ssds = []

@@ -48,6 +48,7 @@ from tierec.inference.retrieval import take_items
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
@@ -184,6 +185,10 @@ def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[st
                         registry=registry)
     batch_size = Histogram("tierec_batch_size", "samples per model call", buckets=BATCH_BUCKETS, registry=registry)
     samples = Counter("tierec_samples", "samples scored", registry=registry)
+    model_time = Histogram("tierec_model_seconds", "time of one ranker call (one batch), table reads included (s)",
+                           buckets=STAGE_BUCKETS, registry=registry)
+    read_time = Histogram("tierec_ssd_read_seconds", "time one ranker batch waited on reads of missed rows from the "
+                          "table files (s; 0 when every row was cached)", buckets=STAGE_BUCKETS, registry=registry)
     ProcessCollector(registry=registry)
     meter = energy.meter(work_unit="samples")
     registry.register(_StatsCollector(store, meter))
@@ -197,7 +202,12 @@ def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[st
     def run_predict(payloads: list[Encoded]) -> list[tuple[np.ndarray, int]]:
         lm = store.ranker  # one model for the whole batch, even if a reload swaps it meanwhile
         dense, kjt = Encoded.concat(payloads).to_inputs(lm.schema.sparse_names)
+        read0 = lm.shared.read_s if lm.shared is not None else 0.0
+        t0 = time.perf_counter()
         logits = lm.forward(dense, kjt).numpy()
+        model_time.observe(time.perf_counter() - t0)
+        if lm.shared is not None:
+            read_time.observe(lm.shared.read_s - read0)
         out, a = [], 0
         for p in payloads:
             out.append((logits[a : a + len(p)], lm.step))

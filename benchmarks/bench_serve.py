@@ -8,19 +8,25 @@
    set (tierec.data.synth, "auto" skew, --tables sparse features of --table-rows rows, the first
    3 user-side, sessions of 8), a DLRM trained for --train-steps steps (the ranker) and a
    two-tower model trained as long (the retriever), both with `tierec train`.
-2. Load test. The same DLRM checkpoint is served by one `tierec serve` process per mode (one at a time):
+2. Load test. The same DLRM checkpoint is served by one `tierec serve` process per mode, all
+   up at once (only one under load at a time):
    (a) ``--tables dram``: every table in memory;
    (b) ``ssd``: ``--tables ssd --cache-fraction 0.05 --direct-io``: tables read-only from the
        checkpoint's files with O_DIRECT (no table bytes in the page cache or the process's
        mappings) behind one DRAM cache of 5 % of all rows, warmed from training statistics;
    (c) ``ssd-mmap``: the same with the files memory-mapped (misses may be served from the OS
-       page cache; mapped pages count in RssFile, not RssAnon).
-   Requests carry --samples rows of the test split each (pre-serialised JSON). Per server:
-   warm-up, then a fixed offered load (open loop: request i is sent at i / --rate seconds;
-   latency counted from that scheduled time, so queueing is included), then saturation
-   (closed loop, --concurrency clients back to back). Reports requests/s, p50/p99 latency,
-   errors, the server's VmRSS / VmHWM / RssAnon (from /proc/PID/status), the cache hit rate,
-   bytes read from SSD and the mean batch size (from its /metrics), and ratios ssd/dram.
+       page cache, i.e. from memory outside the process; mapped pages count in RssFile).
+   Requests carry --samples rows of the test split each (pre-serialised JSON). Warm-up, then
+   --rounds rounds of a fixed offered load (open loop: request i is sent at i / --rate seconds;
+   latency counted from that scheduled time, so queueing is included) in which every mode gets
+   the same requests, the modes alternating so that the machine's drift hits all alike;
+   latencies are pooled over the rounds. Then saturation (closed loop, --concurrency clients
+   back to back). Reports requests/s, p50/p99 latency, errors, the server's VmRSS / VmHWM /
+   RssAnon (from /proc/PID/status), and from its /metrics the cache hit rate, bytes read from
+   SSD, mean batch size and per batch the model time and the wait on SSD reads; ratios ssd/dram.
+   The device under the table files is probed (`tierec.storage.probe`: random 4 KiB O_DIRECT
+   reads at queue depths 1 and 8) before and after the load: an SSD-tier request that misses N
+   rows waits on about N such reads, so its tail follows the device's.
 3. Retrieval: the two-tower model's item vectors of the distinct items in --corpus-rows
    training rows go into a faiss HNSW index (M, efConstruction, efSearch printed); recall@10
    of 1000 test users' queries against exact search, and queries/s (one query per call).
@@ -37,6 +43,7 @@ import logging
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -131,7 +138,7 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float, 
 
         await asyncio.gather(*(one(i) for i in range(n)))
         wall = loop.time() - t0
-    return summarise(lat, codes, wall)
+    return {**summarise(lat, codes, wall), "latencies_ms": [x * 1000 for x in lat]}
 
 
 async def closed_loop(url: str, bodies: list[bytes], clients: int, seconds: float, offset: int) -> dict:
@@ -163,59 +170,124 @@ def summarise(lat: list[float], codes: list[int], wall: float) -> dict:
 
 
 def scrape(url: str) -> dict:
+    """The server's /metrics as {sample name: value} (summed over labels; histogram buckets keyed by le)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url + "/metrics", timeout=30).text
     vals: dict = {}
-    for fam in text_string_to_metric_families(text):
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
         for s in fam.samples:
-            vals[s.name] = vals.get(s.name, 0.0) + s.value
-    bs = vals.get("tierec_batch_size_sum", 0) / max(vals.get("tierec_batch_size_count", 0), 1)
-    return {"hit_rate": vals.get("tierec_cache_hit_ratio"), "ssd_bytes_read": vals.get("tierec_ssd_read_bytes_total", 0),
-            "mean_batch": bs}
+            key = s.name + (f"@{float(s.labels['le'])}" if s.name.endswith("_bucket") else "")
+            vals[key] = vals.get(key, 0.0) + s.value
+    return vals
+
+
+def server_figures(before: dict, after: dict) -> dict:
+    """What a server did between two scrapes: cache hit rate, bytes read, mean batch size, and per batch
+    the model time and the wait on reads of missed rows (means, and the shares of slow batches)."""
+    d = {k: v - before.get(k, 0.0) for k, v in after.items()}
+
+    def mean(name):
+        return d.get(name + "_sum", 0.0) / max(d.get(name + "_count", 0.0), 1.0)
+
+    def share_over(name, seconds):  # batches slower than ``seconds`` (a bucket bound)
+        n = d.get(name + "_count", 0.0)
+        return (n - d.get(f"{name}_bucket@{seconds}", n)) / n if n else None
+
+    lookups = d.get("tierec_cache_lookups_total", 0.0)
+    return {"hit_rate": d.get("tierec_cache_hits_total", 0.0) / lookups if lookups else None,
+            "ssd_bytes_read": d.get("tierec_ssd_read_bytes_total", 0.0), "batches": d.get("tierec_model_seconds_count", 0),
+            "mean_batch": mean("tierec_batch_size"), "model_ms": 1e3 * mean("tierec_model_seconds"),
+            "read_ms": 1e3 * mean("tierec_ssd_read_seconds"),
+            "read_over_10ms": share_over("tierec_ssd_read_seconds", 0.01),
+            "read_over_50ms": share_over("tierec_ssd_read_seconds", 0.05)}
 
 
 MODES = {"dram": ("dram", False), "ssd": ("ssd", True), "ssd-mmap": ("ssd", False)}
 
 
-def serve_and_load(a, paths: dict, mode: str, bodies: list[bytes]) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    tables, direct = MODES[mode]
-    cmd = [sys.executable, "-m", "tierec", "serve", paths["dlrm"], "--tables", tables, "--port", str(port),
-           "--threads", str(a.threads), "--data", paths["data"], "--max-batch", str(a.max_batch),
-           "--max-wait-ms", str(a.max_wait_ms), "--cache-fraction", str(a.cache_fraction)]
-    if direct:
-        cmd.append("--direct-io")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+class Server:
+    """One `tierec serve` process of a mode, started and waited for; `stop` ends it (SIGINT)."""
+
+    def __init__(self, a, paths: dict, mode: str):
+        self.mode, port = mode, free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        tables, direct = MODES[mode]
+        cmd = [sys.executable, "-m", "tierec", "serve", paths["dlrm"], "--tables", tables, "--port", str(port),
+               "--threads", str(a.threads), "--data", paths["data"], "--max-batch", str(a.max_batch),
+               "--max-wait-ms", str(a.max_wait_ms), "--cache-fraction", str(a.cache_fraction)]
+        if direct:
+            cmd.append("--direct-io")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{mode} server exited: {self.proc.stderr.read()[-2000:]}")
             try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        res = {"load_s": time.perf_counter() - t0}
-        log.info("%s server up in %.1f s; warming up", mode, res["load_s"])
-        asyncio.run(closed_loop(url, bodies, a.concurrency, a.warmup, 0))
-        off = len(bodies) // 3
-        res["fixed"] = asyncio.run(open_loop(url, bodies, a.rate, a.duration, off))
-        log.info("%s fixed load: %s", mode, res["fixed"])
-        res["saturation"] = asyncio.run(closed_loop(url, bodies, a.concurrency, a.duration, 2 * off))
-        log.info("%s saturation: %s", mode, res["saturation"])
-        res.update(scrape(url))
-        res["mem"] = proc_mem(proc.pid)
-        return res
+        self.load_s = time.perf_counter() - t0
+        log.info("%s server up in %.1f s", mode, self.load_s)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def load_test(a, paths: dict, modes: list[str], bodies: list[bytes]) -> dict:
+    """All servers up at once; warm-up, then --rounds rounds of the fixed load in which every mode gets
+    the same requests, modes alternating (so the machine's drift hits all alike), then saturation."""
+    servers: dict[str, Server] = {}
+    res: dict = {}
+    try:
+        for m in modes:
+            servers[m] = Server(a, paths, m)
+            res[m] = {"load_s": servers[m].load_s, "rounds": []}
+        for m in modes:
+            asyncio.run(closed_loop(servers[m].url, bodies, a.concurrency, a.warmup, 0))
+        before = {m: scrape(servers[m].url) for m in modes}
+        per_round = int(a.rate * a.duration)
+        for r in range(a.rounds):
+            off = len(bodies) // 3 + r * per_round
+            for m in modes if r % 2 == 0 else modes[::-1]:
+                got = asyncio.run(open_loop(servers[m].url, bodies, a.rate, a.duration, off))
+                res[m]["rounds"].append(got)
+                log.info("round %d/%d %s: p50 %.1f ms, p99 %.1f ms, %d errors", r + 1, a.rounds, m, got["p50_ms"],
+                         got["p99_ms"], got["errors"])
+        for m in modes:  # the servers' own figures over the fixed-load rounds (warm-up excluded)
+            res[m].update(server_figures(before[m], scrape(servers[m].url)))
+        for m in modes:
+            res[m]["saturation"] = asyncio.run(closed_loop(servers[m].url, bodies, a.concurrency, a.duration,
+                                                           2 * len(bodies) // 3))
+            log.info("%s saturation: %s", m, res[m]["saturation"])
+            res[m]["mem"] = proc_mem(servers[m].proc.pid)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for srv in servers.values():
+            srv.stop()
+    for m in modes:  # pooled over the rounds
+        lat = np.concatenate([r.pop("latencies_ms") for r in res[m]["rounds"]])
+        rr = res[m]["rounds"]
+        res[m]["fixed"] = {"requests": int(lat.size), "rps": float(np.mean([r["rps"] for r in rr])),
+                           "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+                           "errors": sum(r["errors"] for r in rr)}
+    return res
+
+
+def probe_device(paths: dict, seconds: float) -> list[dict]:
+    """Random 4 KiB O_DIRECT reads of the served checkpoint's table files at queue depths 1 and 8."""
+    from tierec.storage.probe import probe_reads, table_files
+    from tierec.train.checkpoint import resolve_checkpoint
+
+    res = probe_reads(table_files([resolve_checkpoint(paths["dlrm"]) / "tables"]), (1, 8), seconds)
+    for r in res:
+        log.info("device: %s", r.line())
+    return [r.to_dict() for r in res]
 
 
 def retrieval(a, paths: dict) -> dict:
@@ -259,24 +331,26 @@ def mib(x: float) -> str:
     return f"{x / 2**20:,.0f}"
 
 
-def report(a, res: dict, ret: dict | None) -> None:
+def report(a, res: dict, ret: dict | None, probes: dict) -> None:
     table_bytes = a.tables * a.table_rows * a.dim * 4
     print(f"\nserving: {a.tables} tables x {a.table_rows:,} rows x {a.dim} dims = {mib(table_bytes)} MiB of "
           f"embeddings; requests of {a.samples} samples; server --threads {a.threads}, --max-batch {a.max_batch}, "
-          f"--max-wait-ms {a.max_wait_ms}; ssd modes: --cache-fraction {a.cache_fraction}")
+          f"--max-wait-ms {a.max_wait_ms}; ssd modes: --cache-fraction {a.cache_fraction}; fixed load "
+          f"{a.rate:g} req/s in {a.rounds} rounds of {a.duration:g} s per mode, modes alternating")
     modes = list(res)
     base = res.get("dram")
-    head = f"{'':36}" + "".join(f"{m:>12}" for m in modes)
+    head = f"{'':38}" + "".join(f"{m:>12}" for m in modes)
     if base is not None:
         head += "".join(f"{m + '/dram':>16}" for m in modes if m != "dram")
     print(head)
 
     def line(label, get, fmt="{:.1f}"):
         vals = [get(res[m]) for m in modes]
-        out = f"{label:36}" + "".join(f"{fmt.format(v):>12}" for v in vals)
+        out = f"{label:38}" + "".join(f"{(fmt.format(v) if v is not None else '-'):>12}" for v in vals)
         if base is not None:
             b = get(base)
-            out += "".join(f"{(f'{v / b:.2f}' if b else '-'):>16}" for m, v in zip(modes, vals) if m != "dram")
+            out += "".join(f"{(f'{v / b:.2f}' if b and v is not None else '-'):>16}"
+                           for m, v in zip(modes, vals) if m != "dram")
         print(out)
 
     line("server start (s)", lambda r: r["load_s"])
@@ -287,15 +361,27 @@ def report(a, res: dict, ret: dict | None) -> None:
         line("  errors", lambda r: r[part]["errors"], "{:d}")
     for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
         line(f"{k} (MiB)", lambda r: r["mem"][k] / 2**20, "{:,.0f}")
-    line("cache hit rate (%)", lambda r: 100 * (r["hit_rate"] or 0))
-    line("MiB read from table files", lambda r: r["ssd_bytes_read"] / 2**20, "{:,.0f}")
-    line("mean batch size", lambda r: r["mean_batch"])
+    print("server side, over the fixed-load rounds:")
+    line("  cache hit rate (%)", lambda r: 100 * r["hit_rate"] if r["hit_rate"] is not None else None)
+    line("  MiB read from table files", lambda r: r["ssd_bytes_read"] / 2**20, "{:,.1f}")
+    line("  mean batch size", lambda r: r["mean_batch"])
+    line("  model call per batch (ms)", lambda r: r["model_ms"], "{:.2f}")
+    line("  of which wait on SSD reads (ms)", lambda r: r["read_ms"] if r["mode_ssd"] else None, "{:.2f}")
+    line("  batches waiting > 10 ms on reads (%)", lambda r: 100 * r["read_over_10ms"] if r["mode_ssd"] else None, "{:.2f}")
+    line("  batches waiting > 50 ms on reads (%)", lambda r: 100 * r["read_over_50ms"] if r["mode_ssd"] else None, "{:.2f}")
     if base is not None:
         for m in modes:
             if m != "dram":
+                ratios = [x["p99_ms"] / b["p99_ms"] for x, b in zip(res[m]["rounds"], base["rounds"])]
                 mm, bm = res[m]["mem"], base["mem"]
-                print(f"memory dram/{m}: VmRSS {bm['VmRSS'] / mm['VmRSS']:.2f}x, VmHWM {bm['VmHWM'] / mm['VmHWM']:.2f}x, "
-                      f"RssAnon {bm['RssAnon'] / mm['RssAnon']:.2f}x")
+                print(f"{m}/dram p99 per round: " + ", ".join(f"{x:.2f}" for x in ratios)
+                      + f" (median {statistics.median(ratios):.2f}); memory dram/{m}: VmRSS {bm['VmRSS'] / mm['VmRSS']:.2f}x, "
+                      f"VmHWM {bm['VmHWM'] / mm['VmHWM']:.2f}x, RssAnon {bm['RssAnon'] / mm['RssAnon']:.2f}x")
+    for when, pr in probes.items():
+        print(f"device under the table files, {when} (random 4 KiB O_DIRECT reads; stalled = time with a read > 10 ms):")
+        for r in pr:
+            print(f"  QD {r['queue_depth']}: {r['iops']:,.0f} reads/s, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.2f} ms, "
+                  f"p99.9 {r['p999_ms']:.2f} ms, max {r['max_ms']:.1f} ms, stalled {r['stalled']:.1%}")
     if ret:
         print(f"\nretrieval: {ret['items']:,} items x {ret['dim']} dims, faiss HNSW (M={ret['M']}, efConstruction="
               f"{ret['ef_construction']}, efSearch={ret['ef_search']}), memory-mapped index file "
@@ -316,7 +402,10 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=8, help="samples per request")
     p.add_argument("--rate", type=float, default=25.0, help="fixed offered load, requests/s")
     p.add_argument("--concurrency", type=int, default=32, help="clients at saturation")
-    p.add_argument("--duration", type=float, default=15.0, help="seconds per load phase")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds of each fixed-load round, and of saturation")
+    p.add_argument("--rounds", type=int, default=4, help="fixed-load rounds per mode (modes alternate)")
+    p.add_argument("--probe-seconds", type=float, default=1.0,
+                   help="seconds per queue depth of the device probe before and after the load (0: none)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up traffic")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     p.add_argument("--max-batch", type=int, default=256)
@@ -338,12 +427,19 @@ def main() -> None:
     paths = prepare(a)
     log.info("prepared in %.0f s", time.perf_counter() - t0)
     bodies = request_bodies(paths["data"], a.samples, 6000)
-    res = {mode: serve_and_load(a, paths, mode, bodies) for mode in a.modes.split(",")}
+    modes = a.modes.split(",")
+    probes = {"before the load": probe_device(paths, a.probe_seconds)} if a.probe_seconds else {}
+    res = load_test(a, paths, modes, bodies)
+    for m in modes:
+        res[m]["mode_ssd"] = MODES[m][0] == "ssd"
+    if a.probe_seconds:
+        probes["after the load"] = probe_device(paths, a.probe_seconds)
     ret = None if a.skip_retrieval else retrieval(a, paths)
-    report(a, res, ret)
+    report(a, res, ret, probes)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s (this machine: {os.cpu_count()} cores, shared)")
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "serve": res, "retrieval": ret}, indent=2))
+        Path(a.json).write_text(json.dumps({"args": vars(a), "serve": res, "retrieval": ret, "device": probes},
+                                           indent=2))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "tierec.train.commands",  # tierec train|eval|demo
     "tierec.analyze",  # tierec analyze
     "tierec.inference.commands",  # tierec serve
+    "tierec.storage.commands",  # tierec probe
 ]
 
 log = logging.getLogger("tierec")

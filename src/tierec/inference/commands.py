@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
@@ -38,6 +39,7 @@ class ServeConfig:
     hnsw_m: int = 32
     ef_construction: int = 200
     ef_search: int = 256
+    switch_interval_ms: float = 0.5
 
     def __post_init__(self):
         from tierec.errors import ConfigError
@@ -45,6 +47,8 @@ class ServeConfig:
         for name in ("max_batch", "max_ids", "threads", "io_threads", "corpus_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.switch_interval_ms <= 0:
+            raise ConfigError(f"switch_interval_ms must be > 0, got {self.switch_interval_ms}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if not 0 <= self.port < 65536:
@@ -73,6 +77,8 @@ HELP = {
     "index_dir": "retrieval: directory for the HNSW index file",
     "index_on_disk": "retrieval: memory-map the index file instead of holding it in the heap",
     "hnsw_m": "HNSW graph degree M", "ef_construction": "HNSW efConstruction", "ef_search": "HNSW efSearch",
+    "switch_interval_ms": "Python's GIL switch interval (ms; CPython's default is 5): the longest the model thread "
+                          "waits, after each read or kernel, while the event loop thread parses a request",
 }
 
 
@@ -133,6 +139,10 @@ def _serve(args) -> int:
     values = {f.name: getattr(args, f.name) for f in fields(ServeConfig)}
     cfg = from_dict(ServeConfig, {k: v for k, v in values.items() if v is not None}, "flags")
     torch.set_num_threads(cfg.threads)
+    # The model thread gives up the GIL in every read and kernel and must take it back from the event loop
+    # thread, which may be parsing a request: at CPython's 5 ms switch interval one request's arrival could
+    # add up to 5 ms per kernel to the batch running beside it.
+    sys.setswitchinterval(cfg.switch_interval_ms / 1000)
     app = build_server(cfg)
     log.info("serving on http://%s:%d (OpenAPI: /docs)", cfg.host, cfg.port)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

@@ -1,7 +1,7 @@
 """Serving from the SSD tier vs all in DRAM: a bounded HTTP load test on loopback, plus ANN retrieval.
 
-    python benchmarks/bench_serve.py                      # 26 tables x 250,000 rows x 64 dims (1.55 GiB)
-    python benchmarks/bench_serve.py --table-rows 100000  # a quick run
+    python benchmarks/bench_serve.py                      # 26 tables x 1,000,000 rows x 64 dims (6.2 GiB)
+    python benchmarks/bench_serve.py --table-rows 250000  # a quicker run (1.55 GiB of tables)
     python benchmarks/bench_serve.py --json runs/serve.json
 
 1. Prepare (once, kept under --dir, default runs/bench_serve/): a synthetic Criteo-shaped data
@@ -395,7 +395,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default=str(ROOT / "runs" / "bench_serve"))
     p.add_argument("--tables", type=int, default=26)
-    p.add_argument("--table-rows", type=int, default=250_000)
+    p.add_argument("--table-rows", type=int, default=1_000_000,
+                   help="rows per table: the DRAM server holds them all (26 x 1M x 64 floats = 6.2 GiB)")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--rows", type=int, default=400_000, help="synthetic rows (train + 10%% test)")
     p.add_argument("--train-steps", type=int, default=40)
@@ -416,7 +417,7 @@ def main() -> None:
     p.add_argument("--corpus-rows", type=int, default=100_000)
     p.add_argument("--hnsw-m", type=int, default=32)
     p.add_argument("--ef-construction", type=int, default=200)
-    p.add_argument("--ef-search", type=int, default=256)
+    p.add_argument("--ef-search", type=int, default=512)
     p.add_argument("--skip-retrieval", action="store_true")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()

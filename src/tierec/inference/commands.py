@@ -38,7 +38,7 @@ class ServeConfig:
     index_on_disk: bool = False
     hnsw_m: int = 32
     ef_construction: int = 200
-    ef_search: int = 256
+    ef_search: int = 512
     switch_interval_ms: float = 0.5
 
     def __post_init__(self):

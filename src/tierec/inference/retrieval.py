@@ -33,7 +33,7 @@ class HnswParams:
 
     M: int = 32
     ef_construction: int = 200
-    ef_search: int = 256
+    ef_search: int = 512
 
     def __post_init__(self):
         for k, v in asdict(self).items():

@@ -201,6 +201,13 @@ def worker(peer, a, stream, root, total_steps, conn):
         conn.send({"error": f"{peer}: {type(e).__name__}: {e}\n{traceback.format_exc()}"})
 
 
+def _probe(dirs: list[Path], seconds: float) -> list[dict]:
+    """The device under the SSD peers' table files (`tierec.storage.probe`), queue depths 1 and 32."""
+    from tierec.storage.probe import probe_reads, table_files
+
+    return [r.to_dict() for r in probe_reads(table_files(dirs), (1, 32), seconds)]
+
+
 def part_speed(a, stream, work: Path) -> dict:
     cap = max(1, int(a.cache_fraction * a.table_rows))
     row_bytes = (a.dim + SPARSE.state_dim(a.dim)) * 4
@@ -221,6 +228,10 @@ def part_speed(a, stream, work: Path) -> dict:
             conns[peer] = parent
             _ask(parent)
             print(f"# {peer}: built", file=sys.stderr, flush=True)
+        probes = {}
+        ssd_dirs = [work / "tables" / p for p in a.peers if p != "memory"]
+        if a.probe_seconds and ssd_dirs:
+            probes["before"] = _probe(ssd_dirs, a.probe_seconds)
         warm = {p: _ask(conns[p], list(range(a.warmup))) for p in a.peers} if a.warmup else {}
         results = {p: [] for p in a.peers}
         for r in range(a.rounds):
@@ -229,6 +240,8 @@ def part_speed(a, stream, work: Path) -> dict:
                 results[p].append(_ask(conns[p], idx))
             print(f"# round {r + 1}/{a.rounds}: " + ", ".join(
                 f"{p} {results[p][-1]['samples_per_s']:,.0f}" for p in a.peers), file=sys.stderr, flush=True)
+        if a.probe_seconds and ssd_dirs:
+            probes["after"] = _probe(ssd_dirs, a.probe_seconds)
         mem = {p: _ask(conns[p], "stop") for p in a.peers}
     finally:
         for c in conns.values():
@@ -241,7 +254,7 @@ def part_speed(a, stream, work: Path) -> dict:
     identical = all(losses[p] == losses[a.peers[0]] for p in a.peers)
     base_p = "memory" if "memory" in a.peers else a.peers[0]
     base = statistics.median(r["samples_per_s"] for r in results[base_p])
-    out = {"losses_bit_identical": identical, "cache_rows": cap, "peers": {}}
+    out = {"losses_bit_identical": identical, "cache_rows": cap, "peers": {}, "device": probes}
     print(f"{'peer':10s} {'samples/s':>10s} {'step time':>10s} {'vs memory':>10s} {'stall':>7s} {'late':>6s} "
           f"{'hit rate':>9s} {'read/step':>10s} {'write/step':>11s} {'rows/step':>10s} {'peak RSS':>10s}")
     for p in a.peers:
@@ -276,6 +289,11 @@ def part_speed(a, stream, work: Path) -> dict:
                 print(f"# {p}: step time vs {base_p}, per round: " + ", ".join(f"{x:.3f}x" for x in r)
                       + f"; median {statistics.median(r):.3f}x")
     print("# step time vs memory: the target is <= 1.1x (storage fully hidden); rows/step = fetched + written back")
+    for when, pr in probes.items():
+        print(f"# device under the SSD peers' files, {when} the rounds (random 4 KiB O_DIRECT reads; stalled = time "
+              "with a read > 10 ms): " + "; ".join(
+                  f"QD {r['queue_depth']} {r['iops']:,.0f} reads/s, p99 {r['p99_ms']:.2f} ms, stalled {r['stalled']:.0%}"
+                  for r in pr))
     print(f"# losses of all peers bit-identical at all {len(losses[a.peers[0]])} steps: {'yes' if identical else 'NO'}")
     return out
 
@@ -299,7 +317,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--rounds", type=_positive(int), default=3)
     p.add_argument("--threads", type=_positive(int), default=1)
-    p.add_argument("--direct-io", action="store_true")
+    p.add_argument("--direct-io", action="store_true",
+                   help="SSD peers read and write their files with O_DIRECT (no page cache: what the device delivers)")
+    p.add_argument("--probe-seconds", type=float, default=1.0,
+                   help="seconds per queue depth of the device probe before and after the rounds (0: none)")
     p.add_argument("--keep-malloc", action="store_true",
                    help="leave glibc's malloc thresholds alone (tierec lowers them so freed memory goes back)")
     p.add_argument("--hit-tables", type=_positive(int), default=2, help="synthetic tables replayed in part hits")

@@ -52,8 +52,9 @@ HELP = {
     "lookahead": "cache-policy lookahead: batches read ahead (the window the oracle sees)",
     "prefetch_depth": "cache-policy lookahead: steps whose rows are made resident ahead of the trainer",
     "lookahead_memory": "cache-policy lookahead: most batch data held for the window, e.g. 512MiB",
-    "prefetch_threads": "cache-policy lookahead: threads prefetching tables in parallel (default: by cores, "
-                        "1 on 2 cores, at most 4)",
+    "prefetch_threads": "cache-policy lookahead: threads prefetching tables in parallel (default: 4 with "
+                        "--direct-io, whose batched AIO reads mostly wait on the device; else by cores, 1 on 2 "
+                        "cores, at most 4)",
     "host_cache": "host-DRAM cache tier between the device caches and the SSD files, e.g. 8GiB, split across "
                   "SSD tables like the device caches (for --device cuda; same policy)",
     "direct_io": "read SSD tables with O_DIRECT, bypassing the OS page cache",

@@ -32,7 +32,7 @@ def test_fused_lookup_equals_per_table_pooling(tmp_path, weighted):
         with SsdTable(tmp_path / f"{i}.tbl", n, D, 1, create=True, init="zeros") as f:
             f.write(torch.arange(n), t.weight, t.state)
     ro = [SsdTable(tmp_path / f"{i}.tbl", n, D, 1, readonly=True) for i, n in enumerate(sizes)]
-    shared = SharedCache(ro, capacity=150, admit_after=1, admit_batch=16)
+    shared = SharedCache(ro, capacity=20, admit_after=1, admit_batch=4)  # admissions larger than the cache
     keys, mean = [c.key for c in configs], [c.pooling == "mean" for c in configs]
     ssd = FusedLookup(keys, sizes, mean, D, shared=shared)
     gen = torch.Generator().manual_seed(0)

@@ -246,6 +246,26 @@ def test_acquire_out_of_order_is_refused_and_pause_allows_sync_reads(tmp_path):
     assert caches["a"].pipeline is None and int(caches["a"]._pins.sum()) == 0
 
 
+def test_pipeline_sets_the_switch_interval_and_prefetch_threads_by_io_mode(tmp_path):
+    import sys
+
+    from tierec.storage.ssd import SsdTable
+    from tierec.train.pipeline import default_io_threads
+
+    before = sys.getswitchinterval()
+    caches = {"a": LookaheadCache(InMemoryTable(10, 2, 0), 4, name="a")}
+    with LookaheadPipeline(make_batches(np.random.default_rng(0), 2, 4, ["a"], 10), caches, window=2, depth=1):
+        assert sys.getswitchinterval() == pytest.approx(min(before, 5e-4))
+    assert sys.getswitchinterval() == before  # restored by close()
+    SsdTable(tmp_path / "t.tbl", 100, 4, 1, create=True, init="zeros").close()
+    direct = LookaheadCache(SsdTable(tmp_path / "t.tbl", 100, 4, 1, direct_io=True), 8)
+    mapped = LookaheadCache(SsdTable(tmp_path / "t.tbl", 100, 4, 1), 8)
+    from tierec.storage import aio
+
+    assert default_io_threads([direct]) == (4 if direct.backing.odirect and aio.available() else default_io_threads())
+    assert default_io_threads([direct, mapped]) == default_io_threads()  # buffered reads cost CPU: by cores
+
+
 def test_worker_error_reaches_the_trainer():
     def bad():
         yield from make_batches(np.random.default_rng(0), 2, 4, ["a"], 10)

@@ -155,6 +155,26 @@ def test_ssd_direct_io_matches_memmap(tmp_path, monkeypatch, caplog, io):
     assert dio.stats()["device_bytes_read"] % 8 == 0 and dio.stats()["rows_written"] == ids.numel() + 40
 
 
+def test_dense_reads_merge_nearby_blocks_into_few_large_reads(tmp_path, monkeypatch):
+    """O_DIRECT reads merge runs at most READ_GAP_BLOCKS apart (a cache warm-up of hot rows in file
+    order): the same rows, from far fewer reads."""
+    n, d = 20000, 15  # 64-byte rows, 64 per block
+    p = tmp_path / "t.tbl"
+    SsdTable(p, n, d, 1, create=True, init_seed=SEED).close()
+    mm, dio = SsdTable(p, n, d, 1, readonly=True), SsdTable(p, n, d, 1, readonly=True, direct_io=True)
+    ids = torch.arange(0, n, 97)  # a row every ~1.5 blocks
+    runs = []
+    real = ssd_mod._plan_runs
+    monkeypatch.setattr(ssd_mod, "_plan_runs", lambda *a, **k: runs.append(real(*a, **k)) or runs[-1])
+    want = mm.read(ids)
+    got = dio.read(ids)
+    assert len(runs[-1].foff) == 1  # gaps of < 8 blocks: one read of the whole span
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    sparse = torch.arange(0, n, 64 * 10)  # a row every 10 blocks: no merging
+    want = mm.read(sparse)[0]
+    assert torch.equal(dio.read(sparse)[0], want) and len(runs[-1].foff) == sparse.numel()
+
+
 # ---------------------------------------------------------------------------------------------- exactness
 N = 300
 TABLES = [TableConfig(f"t{i}", N, 8, "mean" if i % 2 else "sum") for i in range(8)]

@@ -63,6 +63,7 @@ PAGE_BYTES = 4096  # a write fault on a shared file mapping maps just its page
 RSS_RELEASE_BYTES = 8 << 20  # mapped bytes touched before the map's pages are dropped from RSS
 IO_LANES = 8  # concurrent preadv loops of one batched read (a random row read waits on the device)
 LANE_MIN_ROWS = 32  # a read of fewer rows stays in the calling thread
+READ_GAP_BLOCKS = 8  # O_DIRECT reads: runs at most 8 blocks (32 KiB) apart become one read of the span
 
 
 class _BlockPlan(NamedTuple):
@@ -78,16 +79,19 @@ class _BlockPlan(NamedTuple):
     first: np.ndarray  # index of each run's first row [R]
 
 
-def _plan_runs(start: np.ndarray, row_bytes: int, group: np.ndarray | None = None, align: int = ALIGN) -> _BlockPlan:
+def _plan_runs(start: np.ndarray, row_bytes: int, group: np.ndarray | None = None, align: int = ALIGN,
+               gap: int = 0) -> _BlockPlan:
     """Rows at byte offsets ``start`` (int64 [U], ascending within each ``group``, groups contiguous)
     -> the ``align``-byte block runs that hold them (overlapping/adjacent blocks of one group
     coalesced, vectorised) and where each row lands in a buffer of the runs laid end to end.
-    ``align=ALIGN`` for O_DIRECT; 4 (exactly the rows' bytes) for buffered reads."""
+    ``align=ALIGN`` for O_DIRECT; 4 (exactly the rows' bytes) for buffered reads. Reads may pass
+    ``gap`` > 0: runs at most ``gap`` blocks apart are merged, reading the blocks between (a dense
+    set of rows -- a cache warm-up -- then costs a few large reads instead of one per block)."""
     blo = start // align
     bhi = (start + row_bytes + align - 1) // align
     new = np.empty(start.size, bool)
     new[0] = True
-    new[1:] = blo[1:] > bhi[:-1]
+    new[1:] = blo[1:] > bhi[:-1] + gap
     if group is not None:
         new[1:] |= group[1:] != group[:-1]
     first = np.flatnonzero(new)
@@ -646,7 +650,8 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExe
     n = np.array([x.size for x in ids])
     tab_of = np.repeat(np.arange(len(tabs)), n)
     rb = tabs[0].row_bytes
-    plan = _plan_runs(np.concatenate(ids) * rb, rb, tab_of, ALIGN if tabs[0].odirect else 4)
+    odirect = tabs[0].odirect
+    plan = _plan_runs(np.concatenate(ids) * rb, rb, tab_of, ALIGN if odirect else 4, READ_GAP_BLOCKS if odirect else 0)
     run_tab = tab_of[plan.first].tolist()
     fds = [t._read_fd for t in tabs]
     sizes = [t.file_bytes for t in tabs]

@@ -117,10 +117,11 @@ def _pread_exact(fd: int, mv: memoryview, foff: int, nbytes: int, boff: int, siz
 
 
 def _aio_runs(opcode: int, fds: np.ndarray, foff: np.ndarray, nbytes: np.ndarray, addrs: np.ndarray,
-              sizes: np.ndarray, paths: list) -> int:
+              sizes: np.ndarray, path_of) -> int:
     """Block runs through Linux AIO (`tierec.storage.aio`): run i moves ``nbytes[i]`` bytes at file offset
     ``foff[i]`` of ``fds[i]`` (a file of ``sizes[i]`` bytes: a read of its last block stops at the end)
-    from/to address ``addrs[i]``. All in flight at once, no Python per run; bytes moved."""
+    from/to address ``addrs[i]``. All in flight at once, no Python per run; bytes moved. ``path_of(i)``
+    names run i's file in an error."""
     res = aio.ring().run(opcode, fds, foff, nbytes, addrs)
     want = np.minimum(nbytes, sizes - foff) if opcode == aio.IOCB_CMD_PREAD else nbytes
     bad = np.flatnonzero(res != want)
@@ -128,8 +129,8 @@ def _aio_runs(opcode: int, fds: np.ndarray, foff: np.ndarray, nbytes: np.ndarray
         i = int(bad[0])
         what = "read" if opcode == aio.IOCB_CMD_PREAD else "write"
         if res[i] < 0:
-            raise OSError(int(-res[i]), f"{paths[i]}: {what} at byte {int(foff[i])}: {os.strerror(int(-res[i]))}")
-        raise OSError(errno.EIO, f"{paths[i]}: short {what} at byte {int(foff[i])} ({int(res[i])} of {int(want[i])})")
+            raise OSError(int(-res[i]), f"{path_of(i)}: {what} at byte {int(foff[i])}: {os.strerror(int(-res[i]))}")
+        raise OSError(errno.EIO, f"{path_of(i)}: short {what} at byte {int(foff[i])} ({int(res[i])} of {int(want[i])})")
     return int(want.sum())
 
 
@@ -508,15 +509,15 @@ class SsdTable:
         mv = memoryview(buf)
         fd = self._fd if self.odirect else self._bfd
         size = self.file_bytes
-        runs = list(zip(plan.foff.tolist(), plan.nbytes.tolist(), plan.boff.tolist()))
         batched = _use_aio(self.odirect, plan.nbytes)
+        runs = [] if batched else list(zip(plan.foff.tolist(), plan.nbytes.tolist(), plan.boff.tolist()))
         addrs = buf.ctypes.data + plan.boff.astype(np.uint64)
         dev_read = dev_written = 0
         try:
             if batched:  # every block of the batch in flight at once
-                r = len(runs)
+                r = plan.foff.size
                 dev_read = _aio_runs(aio.IOCB_CMD_PREAD, np.full(r, fd), plan.foff, plan.nbytes, addrs,
-                                     np.full(r, size), [self.path] * r)
+                                     np.full(r, size), lambda i: self.path)
             else:
                 dev_read = self._pread_runs(mv, *zip(*runs))
             floats = np.frombuffer(buf, dtype=np.float32)
@@ -535,10 +536,9 @@ class SsdTable:
                 aligned = np.where(valid == plan.nbytes, valid, valid // ALIGN * ALIGN)
                 w = np.flatnonzero(aligned > 0)
                 dev_written = _aio_runs(aio.IOCB_CMD_PWRITE, np.full(w.size, fd), plan.foff[w], aligned[w], addrs[w],
-                                        np.full(w.size, size), [self.path] * w.size)
-                runs = [(f, n, b) for f, n, b, v, al in zip(plan.foff.tolist(), plan.nbytes.tolist(),
-                                                             plan.boff.tolist(), valid.tolist(), aligned.tolist())
-                        if v > al]  # only the tail remains for the loop below
+                                        np.full(w.size, size), lambda i: self.path)
+                tail = np.flatnonzero(valid > aligned)  # only the file's last run can have a tail
+                runs = list(zip(plan.foff[tail].tolist(), plan.nbytes[tail].tolist(), plan.boff[tail].tolist()))
             for foff, nbytes, boff in runs:
                 valid = min(nbytes, size - foff)
                 aligned = valid if (valid == nbytes or not self.odirect) else valid // ALIGN * ALIGN
@@ -655,12 +655,12 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExe
     run_tab = tab_of[plan.first].tolist()
     fds = [t._read_fd for t in tabs]
     sizes = [t.file_bytes for t in tabs]
-    if _use_aio(tabs[0].odirect, plan.nbytes):  # all blocks of all tables in flight at once
+    if _use_aio(odirect, plan.nbytes):  # all blocks of all tables in flight at once
         buf = aio.aligned_buffer(plan.total)
         rt = tab_of[plan.first]
         try:
             _aio_runs(aio.IOCB_CMD_PREAD, np.array(fds)[rt], plan.foff, plan.nbytes,
-                      buf.ctypes.data + plan.boff.astype(np.uint64), np.array(sizes)[rt], [tabs[t].path for t in rt])
+                      buf.ctypes.data + plan.boff.astype(np.uint64), np.array(sizes)[rt], lambda i: tabs[rt[i]].path)
         except OSError as e:  # e.g. a filesystem that opened O_DIRECT but refuses the I/O: the per-table path copes
             log.debug("batched read failed (%s); reading table by table", e)
             return [t._read_local(x) for t, x in zip(tabs, ids)]

@@ -60,3 +60,37 @@ def test_bad_ops_report_per_op_errors_or_raise(tmp_path):
         aio.ring().run(aio.IOCB_CMD_PREAD, np.array([fd]), np.array([0]), np.array([4096]),
                        np.array([buf.ctypes.data], dtype=np.uint64))
     assert aio.ring().run(aio.IOCB_CMD_PREAD, *(np.zeros(0, np.int64),) * 4).size == 0
+
+
+def test_a_thread_refused_a_context_falls_back_to_one_call_per_run(tmp_path, monkeypatch):
+    """io_setup can fail in a new thread (fs.aio-max-nr reached): that thread's block I/O still works."""
+    import threading
+
+    import torch
+
+    from tierec.storage.ssd import SsdTable
+
+    SsdTable(tmp_path / "t.tbl", 3000, 13, 1, create=True, init_seed=0).close()
+    mm = SsdTable(tmp_path / "t.tbl", 3000, 13, 1, readonly=True)
+    dio = SsdTable(tmp_path / "t.tbl", 3000, 13, 1, readonly=True, direct_io=True)
+    ids = torch.arange(0, 3000, 7)
+    real = aio.AioRing.__init__
+
+    def refuse(self, depth=aio.DEPTH):
+        raise OSError(11, "Resource temporarily unavailable (refused by test)")
+
+    out = {}
+
+    def other_thread():
+        monkeypatch.setattr(aio.AioRing, "__init__", refuse)
+        try:
+            out["available"] = aio.available()
+            out["rows"] = dio.read(ids)[0]
+        finally:
+            monkeypatch.setattr(aio.AioRing, "__init__", real)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    assert out["available"] is False and torch.equal(out["rows"], mm.read(ids)[0])
+    assert aio.available()  # this thread keeps its context

@@ -147,7 +147,7 @@ class AioRing:
 
 
 def ring() -> AioRing:
-    """This thread's `AioRing` (created on first use)."""
+    """This thread's `AioRing` (created on first use; raises OSError where it cannot be)."""
     r = getattr(_local, "ring", None)
     if r is None or not r._ctx.value:
         r = _local.ring = AioRing()
@@ -155,15 +155,25 @@ def ring() -> AioRing:
 
 
 def available() -> bool:
-    """True where Linux AIO works (checked once: a context can be set up)."""
-    if _state["ok"] is None:
-        try:
-            ring()
-            _state["ok"] = True
-        except OSError as e:
-            log.debug("Linux AIO unavailable (%s): block reads use thread lanes", e)
+    """True where this thread can use Linux AIO: the platform has it and this thread's context is set
+    up (``io_setup`` can fail later too, e.g. once ``fs.aio-max-nr`` contexts exist: then False)."""
+    if _state["ok"] is False:
+        return False
+    if getattr(_local, "failed", False):
+        return False
+    try:
+        ring()
+    except OSError as e:
+        if _state["ok"] is None:  # never worked here: say so once, at debug level
+            log.debug("Linux AIO unavailable (%s): block I/O uses one system call per run", e)
             _state["ok"] = False
-    return bool(_state["ok"])
+        else:
+            log.warning("Linux AIO context refused in thread %s (%s): its block I/O uses one system call per run",
+                        threading.current_thread().name, e)
+            _local.failed = True
+        return False
+    _state["ok"] = True
+    return True
 
 
 def aligned_buffer(nbytes: int, align: int = 4096) -> np.ndarray:

@@ -51,7 +51,7 @@ from tierec.modules.embedding import InMemoryTable, TableConfig, build_collectio
 from tierec.storage import CachedTable
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.ssd import SsdTable
-from tierec.storage.tiered import limit_malloc_retention
+from tierec.storage.tiered import STEP_MALLOC, limit_malloc_retention, set_malloc_thresholds
 from tierec.train.pipeline import LookaheadPipeline
 
 PEERS = ("memory", "lru", "lookahead")
@@ -162,6 +162,8 @@ def worker(peer, a, stream, root, total_steps, conn):
                                      depth=a.depth, max_bytes=1 << 30, io_threads=a.io_threads)
             hold = pipe.paused()
             hold.__enter__()  # parked between rounds: no background work while the other peers run
+        if not a.keep_malloc:
+            set_malloc_thresholds(*STEP_MALLOC)  # the training loop's, as in `tierec train` (tierec.storage.tiered)
         conn.send({"ready": True})
         while True:
             cmd = conn.recv()
@@ -322,7 +324,8 @@ def parse_args(argv=None):
     p.add_argument("--probe-seconds", type=float, default=1.0,
                    help="seconds per queue depth of the device probe before and after the rounds (0: none)")
     p.add_argument("--keep-malloc", action="store_true",
-                   help="leave glibc's malloc thresholds alone (tierec lowers them so freed memory goes back)")
+                   help="leave glibc's malloc thresholds alone (by default the peers build their tables with tierec's "
+                        "transient thresholds and train with its step thresholds, as `tierec train` does)")
     p.add_argument("--hit-tables", type=_positive(int), default=2, help="synthetic tables replayed in part hits")
     p.add_argument("--hit-steps", type=_positive(int), default=300, help="batches replayed in part hits")
     p.add_argument("--arc", action="store_true", help="also replay the ARC OLTP and P3 traces (../shared/data/arc)")

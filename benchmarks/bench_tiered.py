@@ -74,8 +74,10 @@ from tierec.storage import CachedTable
 from tierec.storage.plan import AccessSample, TableNeeds, plan_tables
 from tierec.storage.tiered import (
     INDEX_BYTES_PER_ROW,
+    STEP_MALLOC,
     limit_malloc_retention,
     make_storage_factory,
+    set_malloc_thresholds,
 )
 
 try:
@@ -339,6 +341,7 @@ def worker(peer, a, stream, plan, sample, root, conn):
                 "cache_index_bytes": sum(t.storage.index_nbytes for t in ebc.tables
                                          if isinstance(t.storage, CachedTable)),
                 "cache_row_bytes": sum(t.storage.nbytes for t in ebc.tables if isinstance(t.storage, CachedTable))}
+        set_malloc_thresholds(*STEP_MALLOC)  # the training loop's, as in `tierec train` (tierec.storage.tiered)
         info["hwm_reset"] = _reset_hwm()
         conn.send(info)
         while True:

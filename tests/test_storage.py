@@ -155,6 +155,38 @@ def test_ssd_direct_io_matches_memmap(tmp_path, monkeypatch, caplog, io):
     assert dio.stats()["device_bytes_read"] % 8 == 0 and dio.stats()["rows_written"] == ids.numel() + 40
 
 
+def test_exchange_equals_write_then_read(tmp_path):
+    """`SsdTable.exchange` (a cache's write-back + misses in one pass) leaves the file and returns the
+    rows exactly as `write` then `read` would: rows of both sets in one block, the partial last block,
+    unsorted IDs; a row both written and read is refused."""
+    n, d, s = 3001, 13, 1
+    p, q = tmp_path / "x.tbl", tmp_path / "ref.tbl"
+    for path in (p, q):
+        SsdTable(path, n, d, s, create=True, init_seed=SEED).close()
+    x, ref = SsdTable(p, n, d, s, direct_io=True), SsdTable(q, n, d, s, direct_io=True)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        perm = torch.randperm(n, generator=g)
+        wid = torch.cat([perm[:200], torch.tensor([3000])]) if 3000 not in perm[200:400] else perm[:200]
+        rid = perm[200:400]
+        if 3000 in wid:
+            rid = rid[rid != 3000]
+        w, st = torch.randn(wid.numel(), d, generator=g), torch.randn(wid.numel(), s, generator=g)
+        got = x.exchange(wid, w, st, rid)
+        ref.write(wid, w, st)
+        want = ref.read(rid)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    x.flush()
+    ref.flush()
+    assert p.read_bytes() == q.read_bytes()
+    assert x.stats()["rows_written"] == ref.stats()["rows_written"]
+    assert x.stats()["rows_read"] == ref.stats()["rows_read"]
+    with pytest.raises(ValueError, match="both written and read"):
+        x.exchange(torch.tensor([5, 6]), torch.zeros(2, d), torch.zeros(2, s), torch.tensor([6, 7]))
+    e = x.exchange(torch.tensor([], dtype=torch.int64), torch.zeros(0, d), torch.zeros(0, s), torch.tensor([9]))
+    assert torch.equal(e[0], ref.read(torch.tensor([9]))[0])
+
+
 def test_dense_reads_merge_nearby_blocks_into_few_large_reads(tmp_path, monkeypatch):
     """O_DIRECT reads merge runs at most READ_GAP_BLOCKS apart (a cache warm-up of hot rows in file
     order): the same rows, from far fewer reads."""

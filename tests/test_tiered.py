@@ -10,6 +10,7 @@ import torch
 
 from tierec.errors import ConfigError
 from tierec.storage.plan import TableNeeds, parse_bytes, plan_tables
+from tierec.storage.tiered import STEP_MALLOC, TRANSIENT_MALLOC
 from tierec.train.config import TrainConfig
 from tierec.train.trainer import Trainer
 
@@ -153,3 +154,38 @@ def test_peak_rss_stays_within_budget_plus_overhead(tmp_path):
     in_memory = peak_rss(tmp_path, "mem", rows, "none")
     assert in_memory - base > tables_bytes * 0.9, "the measurement must see tables held in memory"
     assert tiered - base <= budget + overhead, (tiered - base) / 2**20
+
+
+MALLOC_SCRIPT = textwrap.dedent("""
+    import json, resource, torch
+    from tierec.storage import tiered
+
+    def faults_per_alloc(n=21):  # median page faults of one 8 MiB block (a batch-4096 x 512 activation)
+        x = torch.empty(8 << 18).fill_(1.0); del x
+        faults = []
+        for _ in range(n):
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            x = torch.empty(8 << 18).fill_(1.0)
+            del x
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        return sorted(faults)[n // 2]
+
+    out = {}
+    assert tiered.limit_malloc_retention()
+    out["transient"] = faults_per_alloc()
+    with tiered.malloc_thresholds(*tiered.STEP_MALLOC):
+        out["step"] = faults_per_alloc()
+        out["inside"] = tiered._malloc_now
+    out["after"] = tiered._malloc_now
+    print(json.dumps(out))
+""")
+
+
+def test_step_malloc_thresholds_reuse_activations_and_restore():
+    """Transient thresholds hand an 8 MiB block back at once (its 2048 pages fault in again on the next
+    allocation); the training loop's keep it for the next step; leaving the block restores the transient ones."""
+    r = subprocess.run([sys.executable, "-c", MALLOC_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["transient"] > 1000 and out["step"] < 50, out
+    assert tuple(out["inside"]) == STEP_MALLOC and tuple(out["after"]) == TRANSIENT_MALLOC

@@ -479,6 +479,22 @@ class CachedTable:
         self._st["rows_written"] += ids.numel()
         self._st["write_calls"] += 1
 
+    def _bexchange(self, wb, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write back ``wb`` = (ids, weight, state) of evicted dirty rows (or None) and read rows ``ids``
+        (not among them) from the backing store: in one pass where it has ``exchange`` (an `SsdTable`)."""
+        b = self.backing
+        if wb is None or not hasattr(b, "exchange"):
+            if wb is not None:
+                self._bwrite(*wb)
+            return self._bread(ids)
+        wid, w, s = wb
+        w, s = b.exchange(wid.to(self._bdev), w.to(self._bdev), s.to(self._bdev), ids.to(self._bdev))
+        self._st["rows_written"] += wid.numel()
+        self._st["write_calls"] += 1
+        self._st["rows_read"] += ids.numel()
+        self._st["read_calls"] += 1
+        return w.to(self.device), s.to(self.device)
+
     # ------------------------------------------------------------------ TableStorage
     def _handle(self, ws: WorkingSet, kind: str, pinned: torch.Tensor, **kw) -> WorkingSet:
         if pinned.numel():

@@ -239,9 +239,9 @@ class LookaheadCache(CachedTable):
             ws = self._handle(WorkingSet(ids, slots, self.weight, self.state), "cache", slots)
             ws.handle.step = step
         if nh < U:  # the new slots are pinned and not yet handed out: nobody else reads them
-            if wb is not None:
-                self._bwrite(*wb)  # before the read below: a re-fetched victim sees its newest version
-            w, s = self._bread(miss_ids)
+            # the victims' write-back and the misses' read in one pass (disjoint rows: a victim is resident,
+            # a miss is not); a victim fetched again by a later step is read after this write is done
+            w, s = self._bexchange(wb, miss_ids)
             self.weight.index_copy_(0, new, w)
             self.state.index_copy_(0, new, s)
             self._st["prefetched_rows"] += miss_ids.numel()

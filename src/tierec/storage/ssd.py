@@ -531,18 +531,13 @@ class SsdTable:
                     out = res
                 return out
             win[pos] = rows  # patch the rows into their blocks
-            if batched:  # whole blocks by AIO; a file's partial last block through the page cache, below
-                valid = np.minimum(plan.nbytes, size - plan.foff)
-                aligned = np.where(valid == plan.nbytes, valid, valid // ALIGN * ALIGN)
-                w = np.flatnonzero(aligned > 0)
-                dev_written = _aio_runs(aio.IOCB_CMD_PWRITE, np.full(w.size, fd), plan.foff[w], aligned[w], addrs[w],
-                                        np.full(w.size, size), lambda i: self.path)
-                tail = np.flatnonzero(valid > aligned)  # only the file's last run can have a tail
-                runs = list(zip(plan.foff[tail].tolist(), plan.nbytes[tail].tolist(), plan.boff[tail].tolist()))
+            if batched:  # whole blocks by AIO; a file's partial last block through the page cache
+                dev_written = self._aio_write_runs(plan.foff, plan.nbytes, plan.boff, addrs, mv)
+                return None
             for foff, nbytes, boff in runs:
                 valid = min(nbytes, size - foff)
                 aligned = valid if (valid == nbytes or not self.odirect) else valid // ALIGN * ALIGN
-                done = aligned if batched else 0  # batched: the whole blocks went by AIO above
+                done = 0
                 while done < aligned:
                     w = os.pwritev(fd, [mv[boff + done : boff + min(aligned, done + MAX_IO)]], foff + done)
                     if w <= 0:
@@ -551,7 +546,7 @@ class SsdTable:
                 if valid > aligned:  # the file's partial last block: through the page cache
                     os.pwrite(self._bfd, mv[boff + aligned : boff + valid], foff + aligned)
                     os.posix_fadvise(self._bfd, foff + aligned, valid - aligned, os.POSIX_FADV_DONTNEED)
-                dev_written += valid - aligned if batched else valid
+                dev_written += valid
             return None
         finally:
             if not self.odirect:  # drop what the buffered I/O put in the page cache
@@ -560,6 +555,85 @@ class SsdTable:
             self._dev_bytes_read += dev_read
             self._dev_bytes_written += dev_written
             mv.release()
+
+    def _aio_write_runs(self, foff: np.ndarray, nbytes: np.ndarray, boff: np.ndarray, addrs: np.ndarray,
+                        mv: memoryview) -> int:
+        """Write block runs from the aligned buffer behind ``mv`` (run i: ``nbytes[i]`` bytes at file offset
+        ``foff[i]``, buffer offset ``boff[i]``, address ``addrs[i]``): whole blocks in one AIO batch, a file's
+        partial last block through the page cache. Bytes written."""
+        size = self.file_bytes
+        valid = np.minimum(nbytes, size - foff)
+        aligned = np.where(valid == nbytes, valid, valid // ALIGN * ALIGN)
+        w = np.flatnonzero(aligned > 0)
+        done = _aio_runs(aio.IOCB_CMD_PWRITE, np.full(w.size, self._fd), foff[w], aligned[w], addrs[w],
+                         np.full(w.size, size), lambda i: self.path)
+        for i in np.flatnonzero(valid > aligned).tolist():  # only the file's last run can have a tail
+            a, v, b = int(foff[i] + aligned[i]), int(valid[i] - aligned[i]), int(boff[i] + aligned[i])
+            os.pwrite(self._bfd, mv[b : b + v], a)
+            os.posix_fadvise(self._bfd, a, v, os.POSIX_FADV_DONTNEED)
+            done += v
+        return done
+
+    def exchange(self, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
+                 read_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write rows ``write_ids`` (weight [W, dim], state [W, state_dim]) and read rows ``read_ids``
+        ([R], none of them written here) -> (weights [R, dim], state [R, state_dim]).
+
+        A cache's eviction write-back and its misses, in one pass: with O_DIRECT and AIO the blocks
+        that hold either set are read in one batch, the read rows copied out, the written rows
+        patched in, and just the blocks that hold written rows written back in a second batch --
+        two device round trips where `write` then `read` take three (the write's read-modify-write,
+        then the read), and a block holding rows of both sets is read once. Elsewhere it is
+        `write` then `read`."""
+        wid, rid = self._check_ids(write_ids), self._check_ids(read_ids)
+        if wid.size == 0 or rid.size == 0 or not self.odirect or not aio.available():
+            if wid.size:
+                self.write(write_ids, weight, state)
+            return self.read(read_ids)
+        self._mutating()
+        rows = self._join(weight, state)
+        t0 = time.perf_counter()
+        ids = np.concatenate([wid, rid])
+        order = np.argsort(ids, kind="stable")
+        ids = ids[order]
+        if np.any(ids[1:] == ids[:-1]):
+            raise ValueError(f"{self.path}: exchange: a row ID is repeated, or both written and read")
+        is_w = order < wid.size
+        plan = self._plan(ids)
+        if not _use_aio(True, plan.nbytes):
+            self.write(write_ids, weight, state)
+            return self.read(read_ids)
+        buf = aio.aligned_buffer(plan.total)
+        mv = memoryview(buf)
+        addrs = buf.ctypes.data + plan.boff.astype(np.uint64)
+        dev_read = dev_written = 0
+        try:
+            r = plan.foff.size
+            dev_read = _aio_runs(aio.IOCB_CMD_PREAD, np.full(r, self._fd), plan.foff, plan.nbytes, addrs,
+                                 np.full(r, self.file_bytes), lambda i: self.path)
+            floats = np.frombuffer(buf, dtype=np.float32)
+            win = np.lib.stride_tricks.as_strided(floats, shape=(floats.size - self.width + 1, self.width),
+                                                  strides=(4, 4), writeable=True)
+            out = np.empty((rid.size, self.width), np.float32)
+            out[order[~is_w] - wid.size] = win[plan.pos[~is_w]]  # before the patch: the read rows as on disk
+            win[plan.pos[is_w]] = rows[order[is_w]]
+            run_of = np.searchsorted(plan.first, np.flatnonzero(is_w), side="right") - 1
+            wr = np.unique(run_of)  # the runs that hold a written row
+            dev_written = self._aio_write_runs(plan.foff[wr], plan.nbytes[wr], plan.boff[wr], addrs[wr], mv)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._direct_fallback(e)  # opened, but the filesystem refuses O_DIRECT I/O
+            self.write(write_ids, weight, state)
+            return self.read(read_ids)
+        finally:
+            self._dev_bytes_read += dev_read
+            self._dev_bytes_written += dev_written
+            mv.release()
+        dt = (time.perf_counter() - t0) / 2
+        self._account("write", wid.size, dt)
+        self._account("read", rid.size, dt)
+        return self._split(out)
 
     # ------------------------------------------------------------------ counters
     def _account(self, op: str, rows: int, seconds: float) -> None:

@@ -27,6 +27,7 @@ from tierec.modules.dlrm import DLRM
 from tierec.modules.embedding import TableConfig, build_collection
 from tierec.modules.optim import SparseOptimizer
 from tierec.storage.lookahead import LookaheadCache
+from tierec.storage.tiered import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig
 from tierec.train.metrics import log_loss, roc_auc
@@ -252,7 +253,15 @@ class Trainer:
         self.model.train()
         stream = self._train_batches(total)
         pipe = self._lookahead_pipeline(stream)
-        quiet = pipe.paused if pipe is not None else contextlib.nullcontext
+        paused = pipe.paused if pipe is not None else contextlib.nullcontext
+
+        @contextlib.contextmanager
+        def quiet():  # evaluation and checkpoints: worker parked, multi-MB temporaries handed back at once
+            with paused(), malloc_thresholds(*TRANSIENT_MALLOC):
+                yield
+
+        steps_malloc = malloc_thresholds(*STEP_MALLOC)  # activations reused from step to step, not re-mapped
+        steps_malloc.__enter__()
         try:
             t_step = time.perf_counter()
             for batch in pipe if pipe is not None else stream:
@@ -300,6 +309,7 @@ class Trainer:
                     break
                 t_step = time.perf_counter()
         finally:
+            steps_malloc.__exit__(None, None, None)
             if pipe is not None:
                 pipe.close()
         bar.close()

@@ -20,7 +20,6 @@ devices far faster than what the tier needs.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import threading
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from tierec.errors import ConfigError
+from tierec.storage.aio import aligned_buffer
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,7 @@ def _probe(fds, cum: np.ndarray, qd: int, seconds: float, block: int, seed: int,
 
     def lane(k: int) -> None:
         rng = np.random.default_rng(seed + k)
-        buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
-        mv = memoryview(buf)
+        mv = memoryview(aligned_buffer(block))  # page-aligned, as O_DIRECT needs
         picks = rng.integers(0, int(cum[-1]), 1 << 16)
         files = np.searchsorted(cum, picks, side="right")
         offs = (picks - np.concatenate([[0], cum[:-1]])[files]) * block
@@ -142,7 +141,6 @@ def _probe(fds, cum: np.ndarray, qd: int, seconds: float, block: int, seed: int,
             errors.append(exc)
         finally:
             mv.release()
-            buf.close()
         lats[k], ends[k] = np.array(lat), np.array(end)
 
     threads = [threading.Thread(target=lane, args=(k,), daemon=True) for k in range(qd)]

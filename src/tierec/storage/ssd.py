@@ -483,12 +483,22 @@ class SsdTable:
         """Sorted row IDs -> the 4 KiB-block runs that hold them; see `_plan_runs`."""
         return _plan_runs(ids_np * self.row_bytes, self.row_bytes)
 
+    def _rows_at(self, buf, writeable: bool = False) -> np.ndarray:
+        """A view of ``buf`` whose row i is the ``width`` floats starting at float offset i: index it with
+        a plan's ``pos`` to gather rows (a copy) or, ``writeable``, to patch them into their blocks."""
+        floats = np.frombuffer(buf, dtype=np.float32)
+        return np.lib.stride_tricks.as_strided(floats, shape=(floats.size - self.width + 1, self.width),
+                                               strides=(4, 4), writeable=writeable)
+
     def _gather(self, buf, pos: np.ndarray, base: int = 0) -> np.ndarray:
         """Rows at float offsets ``base + pos`` of ``buf`` -> a fresh array [len(pos), width]."""
-        floats = np.frombuffer(buf, dtype=np.float32)
-        win = np.lib.stride_tricks.as_strided(floats, shape=(floats.size - self.width + 1, self.width),
-                                              strides=(4, 4), writeable=False)
-        return win[pos + base]
+        return self._rows_at(buf)[pos + base]
+
+    def _aio_read_runs(self, plan: _BlockPlan, addrs: np.ndarray) -> int:
+        """Read all of ``plan``'s block runs (to addresses ``addrs``) in one AIO batch; bytes read."""
+        r = plan.foff.size
+        return _aio_runs(aio.IOCB_CMD_PREAD, np.full(r, self._fd), plan.foff, plan.nbytes, addrs,
+                         np.full(r, self.file_bytes), lambda i: self.path)
 
     def _pread_runs(self, mv: memoryview, foffs, nbytes, boffs) -> int:
         """Read the given runs into ``mv`` (one ``preadv`` per run, split at MAX_IO); bytes read."""
@@ -515,14 +525,10 @@ class SsdTable:
         dev_read = dev_written = 0
         try:
             if batched:  # every block of the batch in flight at once
-                r = plan.foff.size
-                dev_read = _aio_runs(aio.IOCB_CMD_PREAD, np.full(r, fd), plan.foff, plan.nbytes, addrs,
-                                     np.full(r, size), lambda i: self.path)
+                dev_read = self._aio_read_runs(plan, addrs)
             else:
                 dev_read = self._pread_runs(mv, *zip(*runs))
-            floats = np.frombuffer(buf, dtype=np.float32)
-            win = np.lib.stride_tricks.as_strided(floats, shape=(floats.size - self.width + 1, self.width),
-                                                  strides=(4, 4), writeable=rows is not None)
+            win = self._rows_at(buf, writeable=rows is not None)
             if rows is None:
                 out = win[pos]  # vectorised gather: a copy
                 if order is not None:
@@ -608,12 +614,8 @@ class SsdTable:
         addrs = buf.ctypes.data + plan.boff.astype(np.uint64)
         dev_read = dev_written = 0
         try:
-            r = plan.foff.size
-            dev_read = _aio_runs(aio.IOCB_CMD_PREAD, np.full(r, self._fd), plan.foff, plan.nbytes, addrs,
-                                 np.full(r, self.file_bytes), lambda i: self.path)
-            floats = np.frombuffer(buf, dtype=np.float32)
-            win = np.lib.stride_tricks.as_strided(floats, shape=(floats.size - self.width + 1, self.width),
-                                                  strides=(4, 4), writeable=True)
+            dev_read = self._aio_read_runs(plan, addrs)
+            win = self._rows_at(buf, writeable=True)
             out = np.empty((rid.size, self.width), np.float32)
             out[order[~is_w] - wid.size] = win[plan.pos[~is_w]]  # before the patch: the read rows as on disk
             win[plan.pos[is_w]] = rows[order[is_w]]

@@ -260,58 +260,58 @@ class Trainer:
             with paused(), malloc_thresholds(*TRANSIENT_MALLOC):
                 yield
 
-        steps_malloc = malloc_thresholds(*STEP_MALLOC)  # activations reused from step to step, not re-mapped
-        steps_malloc.__enter__()
-        try:
-            t_step = time.perf_counter()
-            for batch in pipe if pipe is not None else stream:
-                loss = self.train_step(batch)
-                now = time.perf_counter()
-                self.train_s += now - t_step
-                self.step += 1
-                self.batch_in_epoch += 1
-                self.samples += batch.size
-                meter.add_work(batch.size)
-                window_loss += loss * batch.size
-                window_n += batch.size
-                window_samples += batch.size
-                end_of_epoch = self.batch_in_epoch >= per_epoch
-                if end_of_epoch:
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                bar.update(1)
-                done = self.step >= total
-                if self.step % cfg.log_every == 0 or end_of_epoch or done:
-                    sps = window_samples / max(now - window_t0, 1e-9)
-                    stats = cache_stats(self.model)
-                    hit = overall_hit_rate(stats)
-                    post = {"loss": f"{window_loss / window_n:.4f}", "samples_s": f"{sps:,.0f}"}
-                    if hit is not None:
-                        post["hit"] = f"{hit:.1%}"
-                    extra = {"cache": stats} if stats else {}
-                    if pipe is not None:
-                        extra["prefetch"] = pipe.summary()
-                        post["stall"] = f"{pipe.stats['stall_s'] / max(self.train_s, 1e-9):.1%}"
-                    bar.set_postfix(post)
-                    self.log.write("train", step=self.step, epoch=self.epoch, loss=window_loss / window_n,
-                                   samples_per_s=sps, samples=self.samples, **extra)
-                    window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
-                do_eval = (cfg.eval_every and self.step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch)
-                if do_eval and "test" in self.ds.splits:
-                    with quiet():
-                        last_eval = self.evaluate() | {"step": self.step}
-                    self.log.write("eval", epoch=self.epoch, **last_eval)
-                    log.info("step %d: test AUC %.4f, log-loss %.4f", self.step, last_eval["auc"], last_eval["logloss"])
-                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or end_of_epoch or done:
-                    with quiet():
-                        self.save()
-                if done:
-                    break
+        with malloc_thresholds(*STEP_MALLOC):  # activations reused from step to step, not re-mapped
+            try:
                 t_step = time.perf_counter()
-        finally:
-            steps_malloc.__exit__(None, None, None)
-            if pipe is not None:
-                pipe.close()
+                for batch in pipe if pipe is not None else stream:
+                    loss = self.train_step(batch)
+                    now = time.perf_counter()
+                    self.train_s += now - t_step
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    self.samples += batch.size
+                    meter.add_work(batch.size)
+                    window_loss += loss * batch.size
+                    window_n += batch.size
+                    window_samples += batch.size
+                    end_of_epoch = self.batch_in_epoch >= per_epoch
+                    if end_of_epoch:
+                        self.epoch += 1
+                        self.batch_in_epoch = 0
+                    bar.update(1)
+                    done = self.step >= total
+                    if self.step % cfg.log_every == 0 or end_of_epoch or done:
+                        sps = window_samples / max(now - window_t0, 1e-9)
+                        stats = cache_stats(self.model)
+                        hit = overall_hit_rate(stats)
+                        post = {"loss": f"{window_loss / window_n:.4f}", "samples_s": f"{sps:,.0f}"}
+                        if hit is not None:
+                            post["hit"] = f"{hit:.1%}"
+                        extra = {"cache": stats} if stats else {}
+                        if pipe is not None:
+                            extra["prefetch"] = pipe.summary()
+                            post["stall"] = f"{pipe.stats['stall_s'] / max(self.train_s, 1e-9):.1%}"
+                        bar.set_postfix(post)
+                        self.log.write("train", step=self.step, epoch=self.epoch, loss=window_loss / window_n,
+                                       samples_per_s=sps, samples=self.samples, **extra)
+                        window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
+                    do_eval = ((cfg.eval_every and self.step % cfg.eval_every == 0)
+                               or (not cfg.eval_every and end_of_epoch))
+                    if do_eval and "test" in self.ds.splits:
+                        with quiet():
+                            last_eval = self.evaluate() | {"step": self.step}
+                        self.log.write("eval", epoch=self.epoch, **last_eval)
+                        log.info("step %d: test AUC %.4f, log-loss %.4f", self.step, last_eval["auc"],
+                                 last_eval["logloss"])
+                    if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or end_of_epoch or done:
+                        with quiet():
+                            self.save()
+                    if done:
+                        break
+                    t_step = time.perf_counter()
+            finally:
+                if pipe is not None:
+                    pipe.close()
         bar.close()
         if (last_eval is None or last_eval["step"] != self.step) and "test" in self.ds.splits:
             last_eval = self.evaluate() | {"step": self.step}  # the summary reports the final model

@@ -143,7 +143,8 @@ def worker(peer, a, stream, root, total_steps, conn):
 
             def factory(i, cfg, sdim):
                 ssd = SsdTable(root / peer / f"{cfg.name}.tbl", cfg.num_embeddings, cfg.embedding_dim, sdim,
-                               create=True, init_seed=MODEL_SEED, table_index=i, direct_io=a.direct_io)
+                               create=True, init_seed=MODEL_SEED, table_index=i, direct_io=a.direct_io,
+                               row_align=a.row_align)
                 _drop_page_cache(root / peer / f"{cfg.name}.tbl")
                 if peer == "lookahead":
                     return LookaheadCache(ssd, cap, name=cfg.name)
@@ -179,7 +180,7 @@ def worker(peer, a, stream, root, total_steps, conn):
                     t.storage.reset_stats()
             st0 = dict(pipe.stats) if pipe is not None else None
             losses = []
-            t0 = time.perf_counter()
+            t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
             if pipe is not None:
                 hold.__exit__(None, None, None)
                 batches = (next(pipe) for _ in cmd)
@@ -189,8 +190,9 @@ def worker(peer, a, stream, root, total_steps, conn):
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
-            dt = time.perf_counter() - t0
+            dt, cpu, pcpu = time.perf_counter() - t0, time.thread_time() - c0, time.process_time() - p0
             res = {"samples_per_s": len(cmd) * a.batch / dt, "seconds": dt, "steps": len(cmd), "losses": losses,
+                   "trainer_cpu_s": cpu, "process_cpu_s": pcpu,
                    "storage": _totals(model)}
             if pipe is not None:
                 hold = pipe.paused()
@@ -216,7 +218,7 @@ def part_speed(a, stream, work: Path) -> dict:
     total_steps = a.warmup + a.rounds * a.steps
     print(f"\n## speed -- DLRM, {a.tables} tables x {a.table_rows:,} rows x {a.dim} dims "
           f"({format_bytes(a.tables * a.table_rows * row_bytes)} of tables); SSD peers: caches of {cap:,} rows/table "
-          f"({a.cache_fraction:.1%}), {'O_DIRECT' if a.direct_io else 'memmap'} files; look-ahead window {a.window}, "
+          f"({a.cache_fraction:.1%}), {'O_DIRECT' if a.direct_io else 'memmap'} files{f' (rows padded to {a.row_align} B)' if a.row_align else ''}; look-ahead window {a.window}, "
           f"depth {a.depth}; batch {a.batch}, {a.threads} thread(s); {a.warmup} warm-up steps, then {a.rounds} "
           f"rounds x {a.steps} steps, peers alternate")
     ctx = mp.get_context("spawn")
@@ -268,6 +270,8 @@ def part_speed(a, stream, work: Path) -> dict:
         stall = sum(r.get("stall_s", 0.0) for r in rs) / secs
         late = sum(r.get("late_steps", 0) for r in rs) / steps
         wcpu = sum(r.get("worker_cpu_s", 0.0) for r in rs) / steps
+        tcpu = sum(r["trainer_cpu_s"] for r in rs) / steps
+        pcpu = sum(r["process_cpu_s"] for r in rs) / steps
         hit = tot["hits"] / tot["lookups"] if tot["lookups"] else None
         moved = (tot["misses"] + tot["writebacks"]) / steps
         print(f"{p:10s} {sps:10,.0f} {1e3 * a.batch / sps:8.1f}ms {base / sps:9.3f}x "
@@ -280,7 +284,10 @@ def part_speed(a, stream, work: Path) -> dict:
                            "step_time_vs_memory": base / sps, "stall_fraction": stall, "late_fraction": late,
                            "hit_rate": hit, "bytes_read_per_step": tot["bytes_read"] / steps,
                            "bytes_written_per_step": tot["bytes_written"] / steps, "rows_moved_per_step": moved,
-                           "peak_rss_mib": mem[p]["maxrss_mib"], "worker_cpu_ms_per_step": 1e3 * wcpu}
+                           "peak_rss_mib": mem[p]["maxrss_mib"], "worker_cpu_ms_per_step": 1e3 * wcpu,
+                           "trainer_cpu_ms_per_step": 1e3 * tcpu, "process_cpu_ms_per_step": 1e3 * pcpu}
+        print(f"#   {p}: CPU per step of {1e3 * secs / steps:.1f} ms: trainer thread {1e3 * tcpu:.1f} ms, "
+              f"other threads {1e3 * (pcpu - tcpu):.1f} ms")
         if p == "lookahead":
             print(f"#   look-ahead worker thread: {1e3 * wcpu:.1f} ms CPU per step (overlapped with the step)")
     if base_p in results:  # paired: each round's peers ran back to back, so the machine's drift cancels
@@ -321,6 +328,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=_positive(int), default=1)
     p.add_argument("--direct-io", action="store_true",
                    help="SSD peers read and write their files with O_DIRECT (no page cache: what the device delivers)")
+    p.add_argument("--row-align", type=int, default=0,
+                   help="SSD peers' files: rows padded to this many bytes (0 packed; 512 with --direct-io: no "
+                        "read-modify-write, see SsdTable)")
     p.add_argument("--probe-seconds", type=float, default=1.0,
                    help="seconds per queue depth of the device probe before and after the rounds (0: none)")
     p.add_argument("--keep-malloc", action="store_true",

@@ -57,3 +57,10 @@ def test_cli_errors_exit_2(argv, needle, capsys):
 def test_negative_sizes_rejected():
     with pytest.raises(ConfigError, match="embedding_dim must be > 0"):
         TrainConfig(data="d", embedding_dim=-1)
+
+
+def test_ssd_row_align_must_be_a_power_of_two():
+    assert TrainConfig(data="d", ssd_row_align=512).ssd_row_align == 512
+    for bad in (300, -512, 8192):
+        with pytest.raises(ConfigError, match="ssd_row_align must be 0"):
+            TrainConfig(data="d", ssd_row_align=bad)

@@ -172,11 +172,13 @@ def test_lookahead_training_is_bit_identical(tmp_path, optimizer, capacity, wind
         assert st["backing"]["bytes_read"] > 0 and st["evictions"] + st["bypass_acquires"] > 0
 
 
-@pytest.mark.parametrize("capacity,window,depth", [(40, 3, 2), (120, 8, 4)])
-def test_lookahead_training_on_o_direct_files_is_bit_identical(tmp_path, monkeypatch, capacity, window, depth):
+@pytest.mark.parametrize("capacity,window,depth,row_align", [(40, 3, 2, 0), (120, 8, 4, 0), (40, 3, 2, 512)])
+def test_lookahead_training_on_o_direct_files_is_bit_identical(tmp_path, monkeypatch, capacity, window, depth,
+                                                               row_align):
     """O_DIRECT files: each prepare writes its dirty victims back and reads its misses in one
     `SsdTable.exchange` (blocks shared by both read once, only blocks with written rows written;
-    3,000 rows of 20 B: rows straddle blocks, and the file ends in a partial block)."""
+    3,000 rows of 20 B: rows straddle blocks, and the file ends in a partial block; with
+    row_align=512 every row has its own sector and the write-back is written without a read)."""
     from tierec.storage import aio
 
     card = 3000
@@ -194,7 +196,7 @@ def test_lookahead_training_on_o_direct_files_is_bit_identical(tmp_path, monkeyp
 
     def factory(i, tcfg, sdim):
         ssd = SsdTable(tmp_path / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, sdim, create=True,
-                       init_seed=3, table_index=i, direct_io=True)
+                       init_seed=3, table_index=i, direct_io=True, row_align=row_align)
         return LookaheadCache(ssd, capacity, name=tcfg.name)
 
     losses, rows, ebc = train_tables(batches, factory, "rowwise_adagrad", dict(window=window, depth=depth), card=card)

@@ -1,12 +1,14 @@
 """Tiered storage: SSD table files, the row cache (exactness against InMemoryTable), policies, stats."""
 
+import json
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from tierec.errors import CheckpointError
+from tierec.errors import CheckpointError, ConfigError
 from tierec.modules.embedding import (
     InMemoryTable,
     TableConfig,
@@ -185,6 +187,65 @@ def test_exchange_equals_write_then_read(tmp_path):
         x.exchange(torch.tensor([5, 6]), torch.zeros(2, d), torch.zeros(2, s), torch.tensor([6, 7]))
     e = x.exchange(torch.tensor([], dtype=torch.int64), torch.zeros(0, d), torch.zeros(0, s), torch.tensor([9]))
     assert torch.equal(e[0], ref.read(torch.tensor([9]))[0])
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_padded_rows_hold_the_same_rows_as_packed(tmp_path, direct):
+    """row_align pads each row to whole sectors (a larger file, a ``row_stride`` in the sidecar): every way
+    in and out (read, write, read_rows, write_rows, exchange, reopen) sees exactly the rows of a packed file."""
+    n, d, s = 3001, 13, 1  # 56-byte rows -> 512-byte stride
+    pad = SsdTable(tmp_path / "pad.tbl", n, d, s, create=True, init_seed=SEED, direct_io=direct, row_align=512)
+    ref = SsdTable(tmp_path / "ref.tbl", n, d, s, create=True, init_seed=SEED)
+    assert pad.row_stride == 512 and (tmp_path / "pad.tbl").stat().st_size == n * 512
+    assert json.loads((tmp_path / "pad.tbl.json").read_text())["row_stride"] == 512
+    assert torch.equal(pad.read_rows(0, n)[0], ref.read_rows(0, n)[0])
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        perm = torch.randperm(n, generator=g)
+        wid, rid = perm[:300], perm[300:500]
+        w, st = torch.randn(300, d, generator=g), torch.randn(300, s, generator=g)
+        got = pad.exchange(wid, w, st, rid)
+        ref.write(wid, w, st)
+        want = ref.read(rid)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        w2 = torch.randn(50, d, generator=g)
+        pad.write(perm[500:550], w2, torch.zeros(50, s))
+        ref.write(perm[500:550], w2, torch.zeros(50, s))
+    pad.write_rows(n - 7, torch.ones(7, d), torch.full((7, s), 2.0))
+    ref.write_rows(n - 7, torch.ones(7, d), torch.full((7, s), 2.0))
+    for a, b in zip(pad.read_rows(0, n), ref.read_rows(0, n)):
+        assert torch.equal(a, b)
+    pad.close()
+    again = SsdTable.open(tmp_path / "pad.tbl", direct_io=direct)  # the stride comes from the sidecar
+    assert again.row_stride == 512 and torch.equal(again.read_rows(0, n)[0], ref.read_rows(0, n)[0])
+    assert again.read(torch.tensor([5, 3000]))[1].tolist() == ref.read(torch.tensor([5, 3000]))[1].tolist()
+    again.close()
+    raw = np.fromfile(tmp_path / "pad.tbl", np.float32).reshape(n, 128)
+    assert not raw[:, d + s:].any(), "the padding stays zero"
+    with pytest.raises(CheckpointError, match="512 bytes apart"):
+        SsdTable(tmp_path / "pad.tbl", n, d, s)
+    with pytest.raises(ConfigError, match="row_align"):
+        SsdTable(tmp_path / "x.tbl", n, d, s, create=True, init_seed=SEED, row_align=300)
+
+
+def test_padded_o_direct_exchange_writes_without_reading_first(tmp_path):
+    """Padded rows on a device that takes 512-byte direct I/O: no sector holds two rows, so `exchange`
+    reads only the missed rows' sectors (none of the written rows') and writes in the same batch."""
+    n, d, s = 4000, 63, 1  # 256-byte rows, padded to 512
+    t = SsdTable(tmp_path / "t.tbl", n, d, s, create=True, init_seed=SEED, direct_io=True, row_align=512)
+    if not t.odirect:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    packed = SsdTable(tmp_path / "p.tbl", n, d, s, create=True, init_seed=SEED, direct_io=True)
+    wid, rid = torch.arange(0, 4000, 8), torch.arange(3, 4000, 8)  # no two rows of one set adjacent
+    for x in (t, packed):
+        x.reset_stats()
+        x.exchange(wid, torch.ones(wid.numel(), d), torch.ones(wid.numel(), s), rid)
+    if t.align == 512:
+        assert t.exclusive_blocks
+        assert t.stats()["device_bytes_read"] == rid.numel() * 512  # the misses' sectors only
+        assert t.stats()["device_bytes_written"] == wid.numel() * 512
+    assert packed.stats()["device_bytes_read"] > 2 * t.stats()["device_bytes_read"]  # 4 KiB blocks of both sets
+    assert torch.equal(t.read(wid)[0], torch.ones(wid.numel(), d))
 
 
 def test_dense_reads_merge_nearby_blocks_into_few_large_reads(tmp_path, monkeypatch):

@@ -67,6 +67,28 @@ def test_tiered_resume_and_per_table_settings(tiny_dataset, tmp_path, reference)
         assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name
 
 
+def test_padded_o_direct_lookahead_resumes_bit_identical_with_packed_checkpoints(tiny_dataset, tmp_path, reference):
+    """--ssd-row-align 512 --direct-io --cache-policy lookahead: the working files are padded, a resume
+    in the middle loads the checkpoint into them, and the result equals all-in-memory training; the
+    checkpoint's own table files stay packed (what eval and serving read)."""
+    ref_summary, ref_rows = reference
+    kw = dict(memory_budget="6KiB", cache_policy="lookahead", lookahead=6, direct_io=True, ssd_row_align=512)
+    Trainer(cfg(tiny_dataset, tmp_path, max_steps=11, **kw)).fit()
+    t = Trainer(cfg(tiny_dataset, tmp_path, **kw), resume=True)
+    summary = t.fit()
+    ssd = [tb.storage.backing for tb in t.model.embeddings.tables if hasattr(tb.storage, "backing")]
+    assert ssd and all(b.row_stride == 512 and b.path.stat().st_size == b.num_embeddings * 512 for b in ssd)
+    assert summary["auc"] == ref_summary["auc"]
+    for name, (w, s) in table_rows(t).items():
+        assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name
+    from tierec.train import checkpoint as ckpt
+
+    files = {f.stem: f for f in (ckpt.resolve_checkpoint(tmp_path) / "tables").glob("*.tbl")}
+    assert {b.path.stem for b in ssd} <= set(files)
+    for b in ssd:
+        assert files[b.path.stem].stat().st_size == b.num_embeddings * b.row_bytes, "checkpoint tables are packed"
+
+
 def test_tiered_checkpoint_evaluates_from_its_table_files(tiny_dataset, tmp_path, reference):
     from tierec.errors import CheckpointError
     from tierec.train import checkpoint as ckpt

@@ -72,9 +72,10 @@ class AioRing:
         _syscall(_NR[0], self.depth, ctypes.addressof(self._ctx))
         self._events = np.zeros(self.depth, EVENT)
 
-    def run(self, opcode: int, fds: np.ndarray, offsets: np.ndarray, nbytes: np.ndarray,
+    def run(self, opcode, fds: np.ndarray, offsets: np.ndarray, nbytes: np.ndarray,
             addrs: np.ndarray) -> np.ndarray:
-        """Do ``len(fds)`` reads (IOCB_CMD_PREAD) or writes (IOCB_CMD_PWRITE) -- op i moves ``nbytes[i]``
+        """Do ``len(fds)`` reads (IOCB_CMD_PREAD) or writes (IOCB_CMD_PWRITE), ``opcode`` one for all or one
+        per op (ops of one batch have no order: they must not overlap where one writes) -- op i moves ``nbytes[i]``
         bytes between file ``fds[i]`` at byte ``offsets[i]`` and memory at address ``addrs[i]`` -- and
         wait for all of them. Returns each op's result (bytes moved), in op order. Every op has
         completed when this returns, also when it raises (an error cancels or waits out the rest)."""

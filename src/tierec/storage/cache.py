@@ -112,6 +112,8 @@ class _HashIndex:
     batch took ~30 rounds and made lookups 4x slower).
     """
 
+    WINDOW = 8  # entries of a probe run compared at once
+
     def __init__(self, capacity: int, device, val_dtype: torch.dtype = torch.int32):
         self.bits = max(4, (4 * capacity - 1).bit_length())
         self.H = 1 << self.bits
@@ -120,6 +122,7 @@ class _HashIndex:
         self.keys = torch.full((self.H,), _EMPTY, dtype=torch.int64, device=device)
         self.vals = torch.full((self.H,), -1, dtype=val_dtype, device=device)
         self.live = self.tomb = 0
+        self._offsets = torch.arange(self.WINDOW, device=device)
 
     @property
     def max_fill(self) -> int:
@@ -130,17 +133,28 @@ class _HashIndex:
     def _hash(self, ids: torch.Tensor) -> torch.Tensor:
         return ((ids * _GOLDEN) >> (64 - self.bits)) & self.mask  # high bits of the product
 
+    def _window(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries ``pos``, ``pos`` + 1, ... ``pos`` + WINDOW - 1 (mod H): (positions, keys), both [n, WINDOW]."""
+        win = (pos.unsqueeze(1) + self._offsets) & self.mask
+        return win, self.keys.index_select(0, win.view(-1)).view(win.shape)
+
     def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ids [U] -> (found bool [U], slot int64 [U] (valid where found), table position [U])."""
+        """ids [U] -> (found bool [U], slot int64 [U] (valid where found), table position [U] (valid where
+        found)). The first WINDOW entries of every probe run are compared at once; only IDs whose run is
+        longer (rare at a fill of 1/4 or less) probe further, one entry per round."""
         pos = self._hash(ids)
-        k = self.keys.index_select(0, pos)
-        found = k == ids
+        win, k = self._window(pos)
+        # the first entry of each run that is the ID or empty (an ID is never stored past an empty entry
+        # of its run); none in the window: the run goes on
+        stop, j = ((k == ids.unsqueeze(1)) | (k == _EMPTY)).max(1, keepdim=True)
+        found = k.gather(1, j).squeeze(1) == ids
+        pos = win.gather(1, j).squeeze(1)
         slot = self.vals.index_select(0, pos).long()
-        pend = (~found) & (k != _EMPTY)
-        if bool(pend.any()):
+        pend = ~stop.squeeze(1)
+        if bool(pend.any()):  # runs longer than the window: continue one entry per round
             idx = pend.nonzero().squeeze(1)
-            p, cur = pos.index_select(0, idx), ids.index_select(0, idx)
-            while idx.numel():  # loop over probe rounds, vectorised over the IDs still unresolved
+            p, cur = (pos.index_select(0, idx) + self.WINDOW - 1) & self.mask, ids.index_select(0, idx)
+            while idx.numel():
                 p = (p + 1) & self.mask
                 k = self.keys.index_select(0, p)
                 f = k == cur
@@ -154,30 +168,31 @@ class _HashIndex:
         return found, slot, pos
 
     def insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
-        """Insert ``ids`` (unique, none present) -> ``slots``."""
+        """Insert ``ids`` (unique, none present) -> ``slots``. Each ID claims the first free entry (empty
+        or tombstone) in the window of its run; IDs of the batch that chose the same entry get one
+        winner, and the others go on from there."""
         n = ids.numel()
         if n == 0:
             return
         if self.live + self.tomb + n > self.max_fill and self.tomb:
             raise _NeedsRebuild
-        idx = torch.arange(n, device=self.device)
-        p = self._hash(ids)
         slots = slots.to(self.vals.dtype)
-        while idx.numel():  # probe rounds: claim free entries, one winner per entry
-            k = self.keys.index_select(0, p)
-            free = k < 0
-            placed = torch.zeros(idx.numel(), dtype=torch.bool, device=self.device)
-            if bool(free.any()):
-                fsel = free.nonzero().squeeze(1)
-                fi, fp = idx.index_select(0, fsel), p.index_select(0, fsel)
-                want = ids.index_select(0, fi)
-                self.keys.index_put_((fp,), want)
-                won = self.keys.index_select(0, fp) == want
-                self.vals.index_copy_(0, fp[won], slots.index_select(0, fi[won]))
-                self.tomb -= int((k.index_select(0, fsel)[won] == _TOMB).sum())
-                placed[fsel[won]] = True
-            keep = ~placed
-            idx, p = idx[keep], (p[keep] + 1) & self.mask
+        p = self._hash(ids)
+        while ids.numel():  # rounds: one per window passed or race lost (usually a single round)
+            win, k = self._window(p)
+            has, j = (k < 0).max(1, keepdim=True)  # the first free entry of the window, if any
+            has = has.squeeze(1)
+            fp = win.gather(1, j).squeeze(1)
+            was = k.gather(1, j).squeeze(1)
+            self.keys.index_put_((fp[has],), ids[has])  # several IDs on one entry: one of them stays
+            won = has & (self.keys.index_select(0, fp) == ids)
+            self.vals.index_put_((fp[won],), slots[won])
+            self.tomb -= int((was[won] == _TOMB).sum())
+            lost = ~won
+            if not bool(lost.any()):
+                break
+            ids, slots = ids[lost], slots[lost]
+            p = torch.where(has, fp + 1, p + self.WINDOW)[lost] & self.mask
         self.live += n
 
     def remove(self, ids: torch.Tensor) -> None:

@@ -6,6 +6,15 @@ float32 rows ``[num_embeddings, dim + state_dim]``, row ``r`` at byte offset
 checkpoint's ``tables/<name>.tbl`` can be opened as an `SsdTable` and an
 `SsdTable` file can be loaded as a checkpoint table file.
 
+``row_align`` (bytes, a power of two; 0 = packed, the default) pads every row to
+a multiple of it: row ``r`` at byte offset ``r * row_stride``, zeros after its
+floats. With ``row_align=512`` on a device that takes 512-byte direct I/O, no two
+rows share a sector, so a write needs no read-modify-write and a cache's
+write-back and misses go to the device in one batch (`exchange`): a third fewer
+I/Os than packed rows, for up to 2x the file size (260-byte rows: 1.97x). The
+sidecar records ``row_stride``; such a file is a working file of training, not
+a checkpoint table file (checkpoints are written packed, through ``read_rows``).
+
 Beside it, ``<path>.json`` (the *sidecar*, optional when opening) records
 ``num_embeddings``, ``dim``, ``state_dim``, ``dtype`` and, while the file is
 unchanged since it was created, its ``sha256``. Opening a file whose size or
@@ -118,16 +127,17 @@ def _pread_exact(fd: int, mv: memoryview, foff: int, nbytes: int, boff: int, siz
 
 def _aio_runs(opcode: int, fds: np.ndarray, foff: np.ndarray, nbytes: np.ndarray, addrs: np.ndarray,
               sizes: np.ndarray, path_of) -> int:
-    """Block runs through Linux AIO (`tierec.storage.aio`): run i moves ``nbytes[i]`` bytes at file offset
+    """Block runs through Linux AIO (`tierec.storage.aio`); ``opcode`` one for all runs or one per run. Run i moves ``nbytes[i]`` bytes at file offset
     ``foff[i]`` of ``fds[i]`` (a file of ``sizes[i]`` bytes: a read of its last block stops at the end)
     from/to address ``addrs[i]``. All in flight at once, no Python per run; bytes moved. ``path_of(i)``
     names run i's file in an error."""
     res = aio.ring().run(opcode, fds, foff, nbytes, addrs)
-    want = np.minimum(nbytes, sizes - foff) if opcode == aio.IOCB_CMD_PREAD else nbytes
+    reads = np.asarray(opcode) == aio.IOCB_CMD_PREAD
+    want = np.where(reads, np.minimum(nbytes, sizes - foff), nbytes)
     bad = np.flatnonzero(res != want)
     if bad.size:
         i = int(bad[0])
-        what = "read" if opcode == aio.IOCB_CMD_PREAD else "write"
+        what = "read" if np.broadcast_to(reads, res.shape)[i] else "write"
         if res[i] < 0:
             raise OSError(int(-res[i]), f"{path_of(i)}: {what} at byte {int(foff[i])}: {os.strerror(int(-res[i]))}")
         raise OSError(errno.EIO, f"{path_of(i)}: short {what} at byte {int(foff[i])} ({int(res[i])} of {int(want[i])})")
@@ -176,16 +186,24 @@ class SsdTable:
 
     def __init__(self, path: str | os.PathLike, num_embeddings: int, dim: int, state_dim: int, *,
                  create: bool = False, init_seed: int | None = None, table_index: int = 0,
-                 direct_io: bool = False, init: str = "random", readonly: bool = False):
+                 direct_io: bool = False, init: str = "random", readonly: bool = False, row_align: int = 0):
         if num_embeddings <= 0 or dim <= 0 or state_dim < 0:
             raise ConfigError(f"{path}: bad table shape {num_embeddings} rows x (dim {dim} + state {state_dim})")
+        row_align = int(row_align or 0)
+        if row_align and (row_align < 4 or row_align & (row_align - 1) or row_align > ALIGN):
+            raise ConfigError(f"{path}: row_align must be 0 (packed rows) or a power of two from 4 to {ALIGN} bytes, "
+                              f"got {row_align}")
         if init not in ("random", "zeros"):
             raise ConfigError(f"{path}: init must be 'random' or 'zeros', got {init!r}")
         self.path = Path(path)
         self.num_embeddings, self.dim, self.state_dim = int(num_embeddings), int(dim), int(state_dim)
         self.width = self.dim + self.state_dim
         self.row_bytes = self.width * 4
-        self.file_bytes = self.num_embeddings * self.row_bytes
+        self.row_align = row_align
+        # bytes from one row's start to the next: the row, padded with zeros to a multiple of row_align
+        self.row_stride = -(-self.row_bytes // row_align) * row_align if row_align else self.row_bytes
+        self.file_bytes = self.num_embeddings * self.row_stride
+        self.align = ALIGN  # block size of direct I/O (a smaller one where the device takes it: see below)
         self.device = torch.device("cpu")
         self.readonly = readonly
         if create:
@@ -207,16 +225,26 @@ class SsdTable:
                 self.odirect = True
             except (OSError, AttributeError) as e:
                 self._direct_fallback(e)
+            if self.odirect and row_align and row_align < ALIGN and self.row_stride % row_align == 0:
+                self.align = _direct_align(self._fd, row_align, self.file_bytes)
         else:
             self._mm = np.memmap(self.path, dtype=np.float32, mode="r" if readonly else "r+",
-                                 shape=(self.num_embeddings, self.width))
+                                 shape=(self.num_embeddings, self.row_stride // 4))
             self._rfd = os.open(self.path, os.O_RDONLY)  # batched reads: preadv lanes, not page faults
             if hasattr(os, "posix_fadvise"):  # random rows: no kernel read-ahead around each one
                 os.posix_fadvise(self._rfd, 0, 0, os.POSIX_FADV_RANDOM)
             if hasattr(mmap, "MADV_RANDOM"):  # rows are read at random: no kernel read-ahead of whole files
                 self._mm._mmap.madvise(mmap.MADV_RANDOM)
+        # the rows' floats in the map (a strided view of it when rows are padded)
+        self._mrows = self._mm if self._mm is None or self.row_stride == self.row_bytes else self._mm[:, : self.width]
         self._mapped_bytes = 0
         self.reset_stats()
+
+    @property
+    def exclusive_blocks(self) -> bool:
+        """True when every direct-I/O block holds bytes of one row only (padded rows, ``row_stride`` a
+        multiple of ``align``): writes then need no read-modify-write."""
+        return self.odirect and self.row_stride % self.align == 0
 
     # ------------------------------------------------------------------ file creation and checks
     @classmethod
@@ -225,11 +253,15 @@ class SsdTable:
         meta = _read_sidecar(Path(path))
         if meta is None:
             raise CheckpointError(f"{sidecar_path(path)}: no sidecar; pass num_embeddings, dim and state_dim")
+        if "row_stride" in meta and "row_align" not in kw:
+            kw["row_align"] = _align_of(int(meta["row_stride"]))
         return cls(path, meta["num_embeddings"], meta["dim"], meta["state_dim"], **kw)
 
     def _meta(self, sha256: str | None) -> dict:
         m = {"format": FORMAT, "num_embeddings": self.num_embeddings, "dim": self.dim,
              "state_dim": self.state_dim, "dtype": "float32", "row_bytes": self.row_bytes}
+        if self.row_stride != self.row_bytes:
+            m["row_stride"] = self.row_stride
         if sha256 is not None:
             m["sha256"] = sha256
         return m
@@ -250,12 +282,13 @@ class SsdTable:
             else:
                 h = hashlib.sha256()
                 n, zeros = self.num_embeddings, None
+                pad = (self.row_stride - self.row_bytes) // 4  # floats of zeros after each row
                 with os.fdopen(os.dup(fd), "wb") as f:
                     for a in range(0, n, INIT_CHUNK_ROWS):
                         b = min(a + INIT_CHUNK_ROWS, n)
                         w = init_rows(seed, table_index, n, self.dim, a, b)
                         if zeros is None or zeros.shape[0] != b - a:
-                            zeros = torch.zeros(b - a, self.state_dim)
+                            zeros = torch.zeros(b - a, self.state_dim + pad)
                         buf = torch.cat([w, zeros], 1).numpy().tobytes()
                         h.update(buf)
                         f.write(buf)
@@ -286,11 +319,18 @@ class SsdTable:
                     f"{self.path}: its sidecar {sidecar_path(self.path).name} describes {got[0]} rows x (dim {got[1]} "
                     f"+ state {got[2]}) {got[3]}, but this table is {want[0]} rows x (dim {want[1]} + state "
                     f"{want[2]}) float32 (a different table or optimizer?)")
+            stride = int(meta.get("row_stride", self.row_bytes))
+            if stride != self.row_stride:
+                raise CheckpointError(
+                    f"{self.path}: its sidecar {sidecar_path(self.path).name} says rows are {stride} bytes apart, but "
+                    f"this table was opened with row_stride {self.row_stride} (row_align={self.row_align}); open it "
+                    "with SsdTable.open or the row_align it was created with")
         size = self.path.stat().st_size
         if size != self.file_bytes:
+            pad = f", padded to {self.row_stride} B" if self.row_stride != self.row_bytes else ""
             raise CheckpointError(
                 f"{self.path}: {size} bytes, expected {self.file_bytes} ({self.num_embeddings} rows x "
-                f"{self.width} float32 = dim {self.dim} + state {self.state_dim}); the table file is truncated "
+                f"{self.width} float32 = dim {self.dim} + state {self.state_dim}{pad}); the table file is truncated "
                 "or belongs to a different table/optimizer")
         return meta
 
@@ -348,7 +388,7 @@ class SsdTable:
         if ids_np.size == 0:
             return np.empty((0, self.width), np.float32)
         if self._mm is not None:
-            rows = np.asarray(self._mm[ids_np])  # one vectorised gather (a copy)
+            rows = np.asarray(self._mrows[ids_np])  # one vectorised gather (a copy)
             self._touched(ids_np.size, scattered=True)
             return rows
         return self._block_io(ids_np, None)
@@ -366,7 +406,7 @@ class SsdTable:
         rows = self._join(weight, state)
         t0 = time.perf_counter()
         if self._mm is not None:
-            self._mm[ids_np] = rows  # one vectorised scatter
+            self._mrows[ids_np] = rows  # one vectorised scatter
             self._touched(ids_np.size, scattered=True, write=True)
         else:
             self._block_io(ids_np, rows)
@@ -378,7 +418,7 @@ class SsdTable:
             raise IndexError(f"{self.path}: row range [{start}, {end}) outside [0, {self.num_embeddings})")
         t0 = time.perf_counter()
         if self._mm is not None:
-            rows = np.array(self._mm[start:end])
+            rows = np.array(self._mrows[start:end])
             self._touched(end - start)
         elif end > start:
             rows = self._block_io(np.arange(start, end, dtype=np.int64), None)
@@ -397,7 +437,7 @@ class SsdTable:
         rows = self._join(weight, state)
         t0 = time.perf_counter()
         if self._mm is not None:
-            self._mm[start : start + n] = rows
+            self._mrows[start : start + n] = rows
             self._touched(n)
         else:
             self._block_io(np.arange(start, start + n, dtype=np.int64), rows)
@@ -481,7 +521,7 @@ class SsdTable:
 
     def _plan(self, ids_np: np.ndarray) -> _BlockPlan:
         """Sorted row IDs -> the 4 KiB-block runs that hold them; see `_plan_runs`."""
-        return _plan_runs(ids_np * self.row_bytes, self.row_bytes)
+        return _plan_runs(ids_np * self.row_stride, self.row_bytes, align=self.align)
 
     def _rows_at(self, buf, writeable: bool = False) -> np.ndarray:
         """A view of ``buf`` whose row i is the ``width`` floats starting at float offset i: index it with
@@ -516,6 +556,9 @@ class SsdTable:
         plan = self._plan(ids_np)
         pos, total = plan.pos, plan.total
         buf = aio.aligned_buffer(total)  # page-aligned, as O_DIRECT needs
+        blind = rows is not None and self.exclusive_blocks  # the blocks hold just these rows: no read first
+        if blind:
+            buf[:] = 0  # the rows' padding
         mv = memoryview(buf)
         fd = self._fd if self.odirect else self._bfd
         size = self.file_bytes
@@ -524,7 +567,9 @@ class SsdTable:
         addrs = buf.ctypes.data + plan.boff.astype(np.uint64)
         dev_read = dev_written = 0
         try:
-            if batched:  # every block of the batch in flight at once
+            if blind:
+                pass
+            elif batched:  # every block of the batch in flight at once
                 dev_read = self._aio_read_runs(plan, addrs)
             else:
                 dev_read = self._pread_runs(mv, *zip(*runs))
@@ -542,7 +587,7 @@ class SsdTable:
                 return None
             for foff, nbytes, boff in runs:
                 valid = min(nbytes, size - foff)
-                aligned = valid if (valid == nbytes or not self.odirect) else valid // ALIGN * ALIGN
+                aligned = valid if (valid == nbytes or not self.odirect) else valid // self.align * self.align
                 done = 0
                 while done < aligned:
                     w = os.pwritev(fd, [mv[boff + done : boff + min(aligned, done + MAX_IO)]], foff + done)
@@ -569,7 +614,7 @@ class SsdTable:
         partial last block through the page cache. Bytes written."""
         size = self.file_bytes
         valid = np.minimum(nbytes, size - foff)
-        aligned = np.where(valid == nbytes, valid, valid // ALIGN * ALIGN)
+        aligned = np.where(valid == nbytes, valid, valid // self.align * self.align)
         w = np.flatnonzero(aligned > 0)
         done = _aio_runs(aio.IOCB_CMD_PWRITE, np.full(w.size, self._fd), foff[w], aligned[w], addrs[w],
                          np.full(w.size, size), lambda i: self.path)
@@ -599,6 +644,8 @@ class SsdTable:
         self._mutating()
         rows = self._join(weight, state)
         t0 = time.perf_counter()
+        if self.exclusive_blocks:
+            return self._exchange_blind(wid, rows, rid, t0)
         ids = np.concatenate([wid, rid])
         order = np.argsort(ids, kind="stable")
         ids = ids[order]
@@ -632,6 +679,42 @@ class SsdTable:
             self._dev_bytes_read += dev_read
             self._dev_bytes_written += dev_written
             mv.release()
+        dt = (time.perf_counter() - t0) / 2
+        self._account("write", wid.size, dt)
+        self._account("read", rid.size, dt)
+        return self._split(out)
+
+    def _exchange_blind(self, wid: np.ndarray, rows: np.ndarray, rid: np.ndarray, t0: float):
+        """`exchange` where no block holds two rows: the written rows' blocks are written without being read,
+        in the same AIO batch as the reads of ``rid`` (different blocks: no order between them)."""
+        if np.intersect1d(wid, rid, assume_unique=True).size:
+            raise ValueError(f"{self.path}: exchange: a row ID is both written and read")
+        ws, rs = np.argsort(wid, kind="stable"), np.argsort(rid, kind="stable")
+        pw, pr = self._plan(wid[ws]), self._plan(rid[rs])
+        buf = aio.aligned_buffer(pw.total + pr.total)
+        buf[: pw.total] = 0  # the written rows' padding
+        self._rows_at(buf, writeable=True)[pw.pos] = rows[ws]
+        nw, nr = pw.foff.size, pr.foff.size
+        if not _use_aio(True, np.concatenate([pw.nbytes, pr.nbytes])):  # a run too long for one AIO op
+            self.write(torch.from_numpy(wid), *self._split(rows))
+            return self.read(torch.from_numpy(rid))
+        base = np.uint64(buf.ctypes.data)
+        addrs = np.concatenate([base + pw.boff.astype(np.uint64), base + np.uint64(pw.total) + pr.boff.astype(np.uint64)])
+        ops = np.concatenate([np.full(nw, aio.IOCB_CMD_PWRITE), np.full(nr, aio.IOCB_CMD_PREAD)])
+        try:
+            _aio_runs(ops, np.full(nw + nr, self._fd), np.concatenate([pw.foff, pr.foff]),
+                      np.concatenate([pw.nbytes, pr.nbytes]), addrs, np.full(nw + nr, self.file_bytes),
+                      lambda i: self.path)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._direct_fallback(e)  # opened, but the filesystem refuses O_DIRECT I/O
+            self.write(torch.from_numpy(wid), *self._split(rows))
+            return self.read(torch.from_numpy(rid))
+        self._dev_bytes_written += int(pw.nbytes.sum())
+        self._dev_bytes_read += int(pr.nbytes.sum())
+        out = np.empty((rid.size, self.width), np.float32)
+        out[rs] = self._gather(buf, pr.pos, pw.total // 4)
         dt = (time.perf_counter() - t0) / 2
         self._account("write", wid.size, dt)
         self._account("read", rid.size, dt)
@@ -673,6 +756,26 @@ class SsdTable:
                 f"direct_io={self.direct_io})")
 
 
+def _align_of(stride: int) -> int:
+    """The largest power of two (at most ALIGN) that divides a row stride: the row_align it came from."""
+    return min(ALIGN, stride & -stride)
+
+
+def _direct_align(fd: int, want: int, file_bytes: int) -> int:
+    """``want`` if the O_DIRECT descriptor ``fd`` takes reads of ``want`` bytes at ``want``-aligned offsets
+    (a device with 512-byte logical sectors takes 512), else ALIGN."""
+    if file_bytes < 2 * want:
+        return ALIGN
+    buf = aio.aligned_buffer(want)
+    try:
+        got = os.preadv(fd, [memoryview(buf)], want)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return ALIGN
+    return want if got == want else ALIGN
+
+
 def _read_sidecar(path: Path) -> dict | None:
     side = sidecar_path(path)
     if not side.exists():
@@ -702,7 +805,7 @@ def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor
     groups: dict[tuple, list[int]] = {}
     for i, (t, ids) in enumerate(reads):
         if ids.size and lanes > 1 and t._read_fd >= 0:
-            groups.setdefault((t.width, t.odirect), []).append(i)
+            groups.setdefault((t.width, t.odirect, t.row_stride, t.align), []).append(i)
     for idx in groups.values():
         if sum(reads[i][1].size for i in idx) < LANE_MIN_ROWS:
             continue  # read below, in this thread
@@ -725,9 +828,10 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExe
     t0 = time.perf_counter()
     n = np.array([x.size for x in ids])
     tab_of = np.repeat(np.arange(len(tabs)), n)
-    rb = tabs[0].row_bytes
+    rb, stride = tabs[0].row_bytes, tabs[0].row_stride
     odirect = tabs[0].odirect
-    plan = _plan_runs(np.concatenate(ids) * rb, rb, tab_of, ALIGN if odirect else 4, READ_GAP_BLOCKS if odirect else 0)
+    plan = _plan_runs(np.concatenate(ids) * stride, rb, tab_of, tabs[0].align if odirect else 4,
+                      READ_GAP_BLOCKS * ALIGN // tabs[0].align if odirect else 0)
     run_tab = tab_of[plan.first].tolist()
     fds = [t._read_fd for t in tabs]
     sizes = [t.file_bytes for t in tabs]

@@ -131,7 +131,7 @@ def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSam
             return None
         below = ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
                                create=True, init_seed=cfg.seed, table_index=i, direct_io=cfg.direct_io,
-                               init="random" if fresh else "zeros")
+                               init="random" if fresh else "zeros", row_align=getattr(cfg, "ssd_row_align", 0))
         if host_bytes:  # device <- host DRAM <- SSD: the host tier gets this table's share of host_cache
             row_bytes = (tcfg.embedding_dim + state_dim) * 4 + INDEX_BYTES_PER_ROW
             rows = max(1, host_bytes * p.cache_rows // device_rows // row_bytes)

@@ -58,6 +58,10 @@ HELP = {
     "host_cache": "host-DRAM cache tier between the device caches and the SSD files, e.g. 8GiB, split across "
                   "SSD tables like the device caches (for --device cuda; same policy)",
     "direct_io": "read SSD tables with O_DIRECT, bypassing the OS page cache",
+    "ssd_row_align": "pad each row of the SSD working files to a multiple of this many bytes (0: packed). 512 "
+                     "with --direct-io on a 512-byte-sector device: no two rows share a sector, so write-backs "
+                     "need no read-modify-write (a third fewer I/Os) at up to 2x the disk space; checkpoints "
+                     "stay packed",
     "plan_batches": "batches read to measure each table's access share for --memory-budget",
     "dedup": "look up user-side features once per unique row of a batch and expand (docs/dedup.md)",
 }

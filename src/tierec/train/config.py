@@ -74,6 +74,7 @@ class TrainConfig:
     prefetch_threads: int | None = None  # cache_policy lookahead: tables prefetched in parallel (default: by cores)
     host_cache: str | None = None  # a host-DRAM cache tier between the device caches and SSD, e.g. "8GiB"
     direct_io: bool = False  # SSD reads bypass the OS page cache (O_DIRECT)
+    ssd_row_align: int = 0  # SSD working files: rows padded to this many bytes (0 packed; 512: no read-modify-write)
     plan_batches: int = 50  # batches read to measure each table's access share
     tables: dict[str, TableSettings] = field(default_factory=dict)
     sharding: ShardingSettings = field(default_factory=ShardingSettings)
@@ -106,6 +107,9 @@ class TrainConfig:
         parse_bytes(self.lookahead_memory, "lookahead_memory")
         if self.host_cache is not None:
             parse_bytes(self.host_cache, "host_cache")
+        a = self.ssd_row_align
+        if a < 0 or (a and (a < 4 or a & (a - 1) or a > 4096)):
+            raise ConfigError(f"ssd_row_align must be 0 (packed rows) or a power of two from 4 to 4096 bytes, got {a}")
 
     def to_dict(self) -> dict:
         return asdict(self)

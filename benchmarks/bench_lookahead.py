@@ -138,15 +138,17 @@ def worker(peer, a, stream, root, total_steps, conn):
             limit_malloc_retention()
         configs = [TableConfig(k, a.table_rows, a.dim) for k in stream.keys]
         factory = None
+        kind, _, align = peer.partition(":")  # "lookahead:512": the look-ahead peer on files padded to 512 B rows
+        row_align = int(align) if align else a.row_align
         if peer != "memory":
             cap = max(1, int(a.cache_fraction * a.table_rows))
 
             def factory(i, cfg, sdim):
                 ssd = SsdTable(root / peer / f"{cfg.name}.tbl", cfg.num_embeddings, cfg.embedding_dim, sdim,
                                create=True, init_seed=MODEL_SEED, table_index=i, direct_io=a.direct_io,
-                               row_align=a.row_align)
+                               row_align=row_align)
                 _drop_page_cache(root / peer / f"{cfg.name}.tbl")
-                if peer == "lookahead":
+                if kind == "lookahead":
                     return LookaheadCache(ssd, cap, name=cfg.name)
                 return CachedTable(ssd, cap, "lru", name=cfg.name)
 
@@ -157,7 +159,7 @@ def worker(peer, a, stream, root, total_steps, conn):
         opt = torch.optim.Adam(model.dense_parameters(), lr=1e-3)
         loss_fn = torch.nn.BCEWithLogitsLoss()
         pipe = hold = None
-        if peer == "lookahead":
+        if kind == "lookahead":
             caches = {t.config.key: t.storage for t in ebc.tables}
             pipe = LookaheadPipeline((stream.batch_at(i) for i in range(total_steps)), caches, window=a.window,
                                      depth=a.depth, max_bytes=1 << 30, io_threads=a.io_threads)
@@ -275,7 +277,8 @@ def part_speed(a, stream, work: Path) -> dict:
         hit = tot["hits"] / tot["lookups"] if tot["lookups"] else None
         moved = (tot["misses"] + tot["writebacks"]) / steps
         print(f"{p:10s} {sps:10,.0f} {1e3 * a.batch / sps:8.1f}ms {base / sps:9.3f}x "
-              f"{(f'{stall:.1%}' if p == 'lookahead' else '-'):>7s} {(f'{late:.0%}' if p == 'lookahead' else '-'):>6s} "
+              f"{(f'{stall:.1%}' if p.startswith('lookahead') else '-'):>7s} "
+              f"{(f'{late:.0%}' if p.startswith('lookahead') else '-'):>6s} "
               f"{(f'{hit:.2%}' if hit is not None else '-'):>9s} "
               f"{format_bytes(tot['bytes_read'] / steps) if p != 'memory' else '-':>10s} "
               f"{format_bytes(tot['bytes_written'] / steps) if p != 'memory' else '-':>11s} "
@@ -288,7 +291,7 @@ def part_speed(a, stream, work: Path) -> dict:
                            "trainer_cpu_ms_per_step": 1e3 * tcpu, "process_cpu_ms_per_step": 1e3 * pcpu}
         print(f"#   {p}: CPU per step of {1e3 * secs / steps:.1f} ms: trainer thread {1e3 * tcpu:.1f} ms, "
               f"other threads {1e3 * (pcpu - tcpu):.1f} ms")
-        if p == "lookahead":
+        if p.startswith("lookahead"):
             print(f"#   look-ahead worker thread: {1e3 * wcpu:.1f} ms CPU per step (overlapped with the step)")
     if base_p in results:  # paired: each round's peers ran back to back, so the machine's drift cancels
         for p in a.peers:
@@ -350,8 +353,11 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.parts = [x.strip() for x in a.parts.split(",") if x.strip()]
     a.peers = [x.strip() for x in a.peers.split(",") if x.strip()]
-    if set(a.parts) - {"hits", "speed"} or set(a.peers) - set(PEERS):
-        p.error("--parts takes hits,speed; --peers takes memory,lru,lookahead")
+    bad = [x for x in a.peers if x.partition(":")[0] not in PEERS or (x.partition(":")[2] and not (
+        x.partition(":")[2].isdigit() and x.startswith(("lru:", "lookahead:"))))]
+    if set(a.parts) - {"hits", "speed"} or bad:
+        p.error("--parts takes hits,speed; --peers takes memory,lru,lookahead, an SSD peer optionally with :ALIGN "
+                "(e.g. lookahead:512: its files' rows padded to 512 B)")
     if a.zipf != "auto":
         a.zipf = float(a.zipf)
     return a

@@ -167,17 +167,20 @@ class _HashIndex:
                 idx, p, cur = idx[cont], p[cont], cur[cont]
         return found, slot, pos
 
-    def insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
-        """Insert ``ids`` (unique, none present) -> ``slots``. Each ID claims the first free entry (empty
-        or tombstone) in the window of its run; IDs of the batch that chose the same entry get one
-        winner, and the others go on from there."""
+    def insert(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Insert ``ids`` (unique, none present) -> ``slots``; returns each ID's table position (int64 [n],
+        valid until the next `rebuild`: `remove_at` takes them). Each ID claims the first free entry
+        (empty or tombstone) in the window of its run; IDs of the batch that chose the same entry get
+        one winner, and the others go on from there."""
         n = ids.numel()
+        out = torch.empty(n, dtype=torch.int64, device=self.device)
         if n == 0:
-            return
+            return out
         if self.live + self.tomb + n > self.max_fill and self.tomb:
             raise _NeedsRebuild
         slots = slots.to(self.vals.dtype)
         p = self._hash(ids)
+        idx = None  # positions in the input of the IDs still to place (None: all of them)
         while ids.numel():  # rounds: one per window passed or race lost (usually a single round)
             win, k = self._window(p)
             has, j = (k < 0).max(1, keepdim=True)  # the first free entry of the window, if any
@@ -189,11 +192,17 @@ class _HashIndex:
             self.vals.index_put_((fp[won],), slots[won])
             self.tomb -= int((was[won] == _TOMB).sum())
             lost = ~won
+            if idx is None:
+                out.copy_(fp)  # the losers' entries are overwritten below
+            else:
+                out.index_copy_(0, idx, fp)
             if not bool(lost.any()):
                 break
+            idx = lost.nonzero().squeeze(1) if idx is None else idx[lost]
             ids, slots = ids[lost], slots[lost]
             p = torch.where(has, fp + 1, p + self.WINDOW)[lost] & self.mask
         self.live += n
+        return out
 
     def remove(self, ids: torch.Tensor) -> None:
         """Delete ``ids`` (all present)."""
@@ -201,16 +210,23 @@ class _HashIndex:
             return
         found, _, pos = self.lookup(ids)
         assert bool(found.all()), "removing an id that is not cached"
+        self.remove_at(pos)
+
+    def remove_at(self, pos: torch.Tensor) -> None:
+        """Delete the live entries at table positions ``pos`` (from `insert` or `lookup`), without a lookup."""
+        if pos.numel() == 0:
+            return
         self.keys.index_fill_(0, pos, _TOMB)
         self.vals.index_fill_(0, pos, -1)
-        self.live -= ids.numel()
-        self.tomb += ids.numel()
+        self.live -= pos.numel()
+        self.tomb += pos.numel()
 
-    def rebuild(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+    def rebuild(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Empty the map and insert ``ids`` -> ``slots``; returns their positions (all others are void)."""
         self.keys.fill_(_EMPTY)
         self.vals.fill_(-1)
         self.live = self.tomb = 0
-        self.insert(ids, slots)
+        return self.insert(ids, slots)
 
     @property
     def nbytes(self) -> int:
@@ -259,6 +275,7 @@ class CachedTable:
         # slots [0, size) are occupied; slots are never freed, so free slots are [size, C)
         self.size = 0
         self._index = _HashIndex(C, dev)  # cached id -> slot
+        self._hpos = torch.zeros(C, dtype=i64, device=dev)  # slot -> its entry in the index (remove without lookup)
         self._slot_id = torch.full((C,), -1, dtype=i64, device=dev)
         self._dirty = torch.zeros(C, dtype=torch.bool, device=dev)
         self._stamp = torch.zeros(C, dtype=i64, device=dev)  # last access, unique per access
@@ -327,9 +344,10 @@ class CachedTable:
 
     def _index_insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         try:
-            self._index.insert(ids, slots)
+            self._hpos.index_copy_(0, slots, self._index.insert(ids, slots))
         except _NeedsRebuild:  # too many tombstones: rebuild from the slot table (amortised O(1) per row)
-            self._index.rebuild(self._slot_id[: self.size], torch.arange(self.size, device=self.device))
+            self._hpos[: self.size] = self._index.rebuild(self._slot_id[: self.size],
+                                                          torch.arange(self.size, device=self.device))
 
     def _cached_in_range(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, slots) of the cached rows in [start, end): a hash lookup of the range, or a scan of the
@@ -371,7 +389,7 @@ class CachedTable:
     @property
     def index_nbytes(self) -> int:
         """Bytes of all bookkeeping (index + per-slot metadata): O(capacity), independent of the table."""
-        ts = [self._slot_id, self._dirty, self._stamp, self._pins, self._count, self._prio]
+        ts = [self._slot_id, self._hpos, self._dirty, self._stamp, self._pins, self._count, self._prio]
         return self._index.nbytes + sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     @property
@@ -446,7 +464,7 @@ class CachedTable:
             self._bwrite(wid, self.weight.index_select(0, wslots), self.state.index_select(0, wslots))
             self._st["writebacks"] += wid.numel()
         self._dirty.index_fill_(0, victims, False)
-        self._index.remove(vid)
+        self._index.remove_at(self._hpos.index_select(0, victims))
         self._st["evictions"] += victims.numel()
 
     def _take(self, picked: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

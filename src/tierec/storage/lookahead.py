@@ -63,6 +63,7 @@ class NextUseOracle:
         self.device = torch.device(device)
         self._steps: deque[tuple[int, torch.Tensor, int]] = deque()  # (step, ids, first occurrence)
         self._ring = torch.full((1024,), NEVER, dtype=torch.int64, device=self.device)
+        self._pring = torch.zeros(1024, dtype=torch.int64, device=self.device)  # occurrence -> its entry in _last
         self._next_occ = 0
         self._last = _HashIndex(1024, self.device, torch.int64)  # id -> latest occurrence
         self.last_observed = -1
@@ -92,7 +93,8 @@ class NextUseOracle:
             self._last.vals.index_copy_(0, pos.index_select(0, fi), occ.index_select(0, fi))
         self._ring.index_fill_(0, occ % R, NEVER)
         first = ~found
-        self._last.insert(ids[first], occ[first])
+        pos[first] = self._last.insert(ids[first], occ[first])
+        self._pring.index_copy_(0, occ % R, pos)
         self._steps.append((step, ids, self._next_occ))
         self._next_occ += U
         self.last_observed = step
@@ -105,10 +107,10 @@ class NextUseOracle:
             oldest = self._steps[0][0] if self._steps else None
             raise ValueError(f"consume: step {step} is not the oldest observed step ({oldest})")
         _, ids, o0 = self._steps.popleft()
-        nu = self._ring.index_select(0, (o0 + torch.arange(ids.numel(), device=self.device)) % self._ring.numel())
-        last = nu == NEVER
-        if bool(last.any()):
-            self._last.remove(ids[last])
+        at = (o0 + torch.arange(ids.numel(), device=self.device)) % self._ring.numel()
+        nu = self._ring.index_select(0, at)
+        # the IDs used last here leave the map (their entries were recorded when observed)
+        self._last.remove_at(self._pring.index_select(0, at[nu == NEVER]))
         return nu
 
     def _reserve(self, n: int) -> None:
@@ -118,15 +120,17 @@ class NextUseOracle:
         if live + n > R:
             R2 = 1 << (2 * (live + n) - 1).bit_length()
             ring = torch.full((R2,), NEVER, dtype=torch.int64, device=self.device)
+            pring = torch.zeros(R2, dtype=torch.int64, device=self.device)
             if live:
                 occ = torch.arange(self._steps[0][2], self._next_occ, device=self.device)
                 ring[occ % R2] = self._ring[occ % R]
-            self._ring = ring
+                pring[occ % R2] = self._pring[occ % R]
+            self._ring, self._pring = ring, pring
         h = self._last
         if h.live + h.tomb + n > h.max_fill:  # rebuild from the live latest occurrences, with room to grow
             ids, occ = self._latest_occurrences()
             self._last = _HashIndex(max(1024, 2 * (ids.numel() + n)), self.device, torch.int64)
-            self._last.insert(ids, occ)
+            self._pring.index_copy_(0, occ % self._pring.numel(), self._last.insert(ids, occ))
 
     def _latest_occurrences(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._steps:
@@ -268,7 +272,7 @@ class LookaheadCache(CachedTable):
             out = (wid, self.weight.index_select(0, ws_), self.state.index_select(0, ws_))
             self._st["writebacks"] += wid.numel()
         self._dirty.index_fill_(0, victims, False)
-        self._index.remove(vid)
+        self._index.remove_at(self._hpos.index_select(0, victims))
         self._st["evictions"] += victims.numel()
         return out
 

@@ -9,7 +9,11 @@ probability ``1 - exp(-depth)`` (N = total count inserted).
 Hashing: for each of the ``depth`` rows, ``h(x) = ((a1*lo + a2*hi + b) mod p) mod
 width`` with ``lo``/``hi`` the low and high 30 bits of the ID, ``a1, a2 < 2^31``
 and ``p = 2^61 - 1``: every intermediate stays below 2^63, so int64 tensor
-arithmetic never overflows. IDs are taken modulo 2^60.
+arithmetic never overflows. IDs are taken modulo 2^60. When ``width`` is a power
+of two ``2^k`` the sketch uses multiply-shift instead, ``h(x) = ((a*x + b) mod 2^64)
+>> (64 - k)`` with ``a`` odd (Dietzfelbinger et al.): two collide with probability
+at most ``2 / width``, so the bound above doubles, and there is no int64 division
+(a third of the cost of a query of a few thousand IDs).
 """
 
 from __future__ import annotations
@@ -33,10 +37,17 @@ class CountMinSketch:
         self._a1, self._a2, self._b = (torch.from_numpy(c.copy()).to(device).unsqueeze(1) for c in coef)
         self.table = torch.zeros(depth, width, dtype=torch.int64, device=device)
         self._row_base = (torch.arange(depth, device=device) * width).unsqueeze(1)
+        self._shift = 64 - (width.bit_length() - 1) if width & (width - 1) == 0 and width > 1 else 0
+        if self._shift:  # multiply-shift: a odd, both 64-bit (as int64: the products wrap mod 2^64)
+            ab = rng.integers(-(1 << 63), (1 << 63) - 1, size=(2, depth), dtype=np.int64, endpoint=True)
+            ab[0] |= 1
+            self._ms_a, self._ms_b = (torch.from_numpy(c.copy()).to(device).unsqueeze(1) for c in ab)
         self.total = 0
 
     def _flat_buckets(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(self.table.device, torch.int64).reshape(-1)
+        if self._shift:  # the top k bits of a*x + b (arithmetic shift, so mask the sign copies off)
+            return (((self._ms_a * ids + self._ms_b) >> self._shift) & (self.width - 1)) + self._row_base
         lo = (ids & _MASK30).unsqueeze(0)
         hi = ((ids >> 30) & _MASK30).unsqueeze(0)
         h = (self._a1 * lo + self._a2 * hi + self._b) % _P  # [depth, N], all < 2^63

@@ -635,17 +635,27 @@ class SsdTable:
         patched in, and just the blocks that hold written rows written back in a second batch --
         two device round trips where `write` then `read` take three (the write's read-modify-write,
         then the read), and a block holding rows of both sets is read once. Elsewhere it is
-        `write` then `read`."""
+        `write` then `read`. With padded rows whose blocks hold one row each (`exclusive_blocks`) the
+        written rows' blocks are not read at all, and go in the same batch as the reads."""
         wid, rid = self._check_ids(write_ids), self._check_ids(read_ids)
-        if wid.size == 0 or rid.size == 0 or not self.odirect or not aio.available():
-            if wid.size:
-                self.write(write_ids, weight, state)
-            return self.read(read_ids)
-        self._mutating()
-        rows = self._join(weight, state)
-        t0 = time.perf_counter()
-        if self.exclusive_blocks:
-            return self._exchange_blind(wid, rows, rid, t0)
+        if wid.size and rid.size and self.odirect and aio.available():
+            self._mutating()
+            rows = self._join(weight, state)
+            t0 = time.perf_counter()
+            out = (self._exchange_blind if self.exclusive_blocks else self._exchange_rmw)(wid, rows, rid)
+            if out is not None:
+                dt = (time.perf_counter() - t0) / 2
+                self._account("write", wid.size, dt)
+                self._account("read", rid.size, dt)
+                return self._split(out)
+        if wid.size:  # elsewhere, or where the batched pass could not run: write, then read
+            self.write(write_ids, weight, state)
+        return self.read(read_ids)
+
+    def _exchange_rmw(self, wid: np.ndarray, rows: np.ndarray, rid: np.ndarray) -> np.ndarray | None:
+        """`exchange` of rows that share blocks: the blocks of both sets read in one AIO batch, the
+        written rows patched in, their blocks written in a second. Rows read [R, width], or None
+        where it cannot run (then nothing was written)."""
         ids = np.concatenate([wid, rid])
         order = np.argsort(ids, kind="stable")
         ids = ids[order]
@@ -654,8 +664,7 @@ class SsdTable:
         is_w = order < wid.size
         plan = self._plan(ids)
         if not _use_aio(True, plan.nbytes):
-            self.write(write_ids, weight, state)
-            return self.read(read_ids)
+            return None
         buf = aio.aligned_buffer(plan.total)
         mv = memoryview(buf)
         addrs = buf.ctypes.data + plan.boff.astype(np.uint64)
@@ -673,52 +682,44 @@ class SsdTable:
             if e.errno != errno.EINVAL:
                 raise
             self._direct_fallback(e)  # opened, but the filesystem refuses O_DIRECT I/O
-            self.write(write_ids, weight, state)
-            return self.read(read_ids)
+            return None
         finally:
             self._dev_bytes_read += dev_read
             self._dev_bytes_written += dev_written
             mv.release()
-        dt = (time.perf_counter() - t0) / 2
-        self._account("write", wid.size, dt)
-        self._account("read", rid.size, dt)
-        return self._split(out)
+        return out
 
-    def _exchange_blind(self, wid: np.ndarray, rows: np.ndarray, rid: np.ndarray, t0: float):
+    def _exchange_blind(self, wid: np.ndarray, rows: np.ndarray, rid: np.ndarray) -> np.ndarray | None:
         """`exchange` where no block holds two rows: the written rows' blocks are written without being read,
-        in the same AIO batch as the reads of ``rid`` (different blocks: no order between them)."""
+        in the same AIO batch as the reads of ``rid`` (different blocks: no order between them). Rows
+        read [R, width], or None where it cannot run (then nothing was written)."""
         if np.intersect1d(wid, rid, assume_unique=True).size:
             raise ValueError(f"{self.path}: exchange: a row ID is both written and read")
         ws, rs = np.argsort(wid, kind="stable"), np.argsort(rid, kind="stable")
         pw, pr = self._plan(wid[ws]), self._plan(rid[rs])
+        nbytes = np.concatenate([pw.nbytes, pr.nbytes])
+        if not _use_aio(True, nbytes):  # a run too long for one AIO op
+            return None
         buf = aio.aligned_buffer(pw.total + pr.total)
         buf[: pw.total] = 0  # the written rows' padding
         self._rows_at(buf, writeable=True)[pw.pos] = rows[ws]
         nw, nr = pw.foff.size, pr.foff.size
-        if not _use_aio(True, np.concatenate([pw.nbytes, pr.nbytes])):  # a run too long for one AIO op
-            self.write(torch.from_numpy(wid), *self._split(rows))
-            return self.read(torch.from_numpy(rid))
         base = np.uint64(buf.ctypes.data)
         addrs = np.concatenate([base + pw.boff.astype(np.uint64), base + np.uint64(pw.total) + pr.boff.astype(np.uint64)])
         ops = np.concatenate([np.full(nw, aio.IOCB_CMD_PWRITE), np.full(nr, aio.IOCB_CMD_PREAD)])
         try:
-            _aio_runs(ops, np.full(nw + nr, self._fd), np.concatenate([pw.foff, pr.foff]),
-                      np.concatenate([pw.nbytes, pr.nbytes]), addrs, np.full(nw + nr, self.file_bytes),
-                      lambda i: self.path)
+            _aio_runs(ops, np.full(nw + nr, self._fd), np.concatenate([pw.foff, pr.foff]), nbytes, addrs,
+                      np.full(nw + nr, self.file_bytes), lambda i: self.path)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
             self._direct_fallback(e)  # opened, but the filesystem refuses O_DIRECT I/O
-            self.write(torch.from_numpy(wid), *self._split(rows))
-            return self.read(torch.from_numpy(rid))
+            return None
         self._dev_bytes_written += int(pw.nbytes.sum())
         self._dev_bytes_read += int(pr.nbytes.sum())
         out = np.empty((rid.size, self.width), np.float32)
         out[rs] = self._gather(buf, pr.pos, pw.total // 4)
-        dt = (time.perf_counter() - t0) / 2
-        self._account("write", wid.size, dt)
-        self._account("read", rid.size, dt)
-        return self._split(out)
+        return out
 
     # ------------------------------------------------------------------ counters
     def _account(self, op: str, rows: int, seconds: float) -> None:

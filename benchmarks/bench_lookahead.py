@@ -353,9 +353,11 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.parts = [x.strip() for x in a.parts.split(",") if x.strip()]
     a.peers = [x.strip() for x in a.peers.split(",") if x.strip()]
-    bad = [x for x in a.peers if x.partition(":")[0] not in PEERS or (x.partition(":")[2] and not (
-        x.partition(":")[2].isdigit() and x.startswith(("lru:", "lookahead:"))))]
-    if set(a.parts) - {"hits", "speed"} or bad:
+    def ok(peer: str) -> bool:  # memory | lru | lookahead, an SSD peer optionally with :ALIGN
+        kind, _, align = peer.partition(":")
+        return kind in PEERS and (not align or (align.isdigit() and kind != "memory"))
+
+    if set(a.parts) - {"hits", "speed"} or not all(map(ok, a.peers)):
         p.error("--parts takes hits,speed; --peers takes memory,lru,lookahead, an SSD peer optionally with :ALIGN "
                 "(e.g. lookahead:512: its files' rows padded to 512 B)")
     if a.zipf != "auto":

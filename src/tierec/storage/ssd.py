@@ -127,8 +127,8 @@ def _pread_exact(fd: int, mv: memoryview, foff: int, nbytes: int, boff: int, siz
 
 def _aio_runs(opcode: int, fds: np.ndarray, foff: np.ndarray, nbytes: np.ndarray, addrs: np.ndarray,
               sizes: np.ndarray, path_of) -> int:
-    """Block runs through Linux AIO (`tierec.storage.aio`); ``opcode`` one for all runs or one per run. Run i moves ``nbytes[i]`` bytes at file offset
-    ``foff[i]`` of ``fds[i]`` (a file of ``sizes[i]`` bytes: a read of its last block stops at the end)
+    """Block runs through Linux AIO (`tierec.storage.aio`), ``opcode`` one for all runs or one per run: run i
+    moves ``nbytes[i]`` bytes at file offset ``foff[i]`` of ``fds[i]`` (a file of ``sizes[i]`` bytes: a read of its last block stops at the end)
     from/to address ``addrs[i]``. All in flight at once, no Python per run; bytes moved. ``path_of(i)``
     names run i's file in an error."""
     res = aio.ring().run(opcode, fds, foff, nbytes, addrs)
@@ -189,10 +189,7 @@ class SsdTable:
                  direct_io: bool = False, init: str = "random", readonly: bool = False, row_align: int = 0):
         if num_embeddings <= 0 or dim <= 0 or state_dim < 0:
             raise ConfigError(f"{path}: bad table shape {num_embeddings} rows x (dim {dim} + state {state_dim})")
-        row_align = int(row_align or 0)
-        if row_align and (row_align < 4 or row_align & (row_align - 1) or row_align > ALIGN):
-            raise ConfigError(f"{path}: row_align must be 0 (packed rows) or a power of two from 4 to {ALIGN} bytes, "
-                              f"got {row_align}")
+        row_align = check_row_align(row_align, f"{path}: row_align")
         if init not in ("random", "zeros"):
             raise ConfigError(f"{path}: init must be 'random' or 'zeros', got {init!r}")
         self.path = Path(path)
@@ -520,7 +517,7 @@ class SsdTable:
             raise
 
     def _plan(self, ids_np: np.ndarray) -> _BlockPlan:
-        """Sorted row IDs -> the 4 KiB-block runs that hold them; see `_plan_runs`."""
+        """Sorted row IDs -> the runs of ``align``-byte blocks that hold them; see `_plan_runs`."""
         return _plan_runs(ids_np * self.row_stride, self.row_bytes, align=self.align)
 
     def _rows_at(self, buf, writeable: bool = False) -> np.ndarray:
@@ -567,12 +564,8 @@ class SsdTable:
         addrs = buf.ctypes.data + plan.boff.astype(np.uint64)
         dev_read = dev_written = 0
         try:
-            if blind:
-                pass
-            elif batched:  # every block of the batch in flight at once
-                dev_read = self._aio_read_runs(plan, addrs)
-            else:
-                dev_read = self._pread_runs(mv, *zip(*runs))
+            if not blind:  # every block of the batch in flight at once, or one preadv per run
+                dev_read = self._aio_read_runs(plan, addrs) if batched else self._pread_runs(mv, *zip(*runs))
             win = self._rows_at(buf, writeable=rows is not None)
             if rows is None:
                 out = win[pos]  # vectorised gather: a copy
@@ -755,6 +748,14 @@ class SsdTable:
     def __repr__(self) -> str:
         return (f"SsdTable({str(self.path)!r}, {self.num_embeddings}, {self.dim}, {self.state_dim}, "
                 f"direct_io={self.direct_io})")
+
+
+def check_row_align(value, what: str = "row_align") -> int:
+    """``value`` as an int if it is 0 (packed rows) or a power of two from 4 to ALIGN; else ConfigError."""
+    a = int(value or 0)
+    if a < 0 or (a and (a < 4 or a & (a - 1) or a > ALIGN)):
+        raise ConfigError(f"{what} must be 0 (packed rows) or a power of two from 4 to {ALIGN} bytes, got {value}")
+    return a
 
 
 def _align_of(stride: int) -> int:

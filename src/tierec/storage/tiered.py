@@ -124,7 +124,8 @@ def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSam
     limit_malloc_retention()
     host_bytes = parse_bytes(cfg.host_cache, "host_cache") if getattr(cfg, "host_cache", None) else 0
     device_rows = sum(p.cache_rows for p in plan if p.placement == "ssd") or 1
-    if cfg.direct_io and not getattr(cfg, "ssd_row_align", 0) and any(p.placement == "ssd" for p in plan):
+    row_align = getattr(cfg, "ssd_row_align", 0)
+    if cfg.direct_io and not row_align and any(p.placement == "ssd" for p in plan):
         log.info("SSD tables: rows packed, so every write-back reads its 4 KiB block first; --ssd-row-align 512 "
                  "gives each row its own sector (a third fewer I/Os, up to 2x the disk space; docs/storage.md)")
 
@@ -134,7 +135,7 @@ def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSam
             return None
         below = ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
                                create=True, init_seed=cfg.seed, table_index=i, direct_io=cfg.direct_io,
-                               init="random" if fresh else "zeros", row_align=getattr(cfg, "ssd_row_align", 0))
+                               init="random" if fresh else "zeros", row_align=row_align)
         if host_bytes:  # device <- host DRAM <- SSD: the host tier gets this table's share of host_cache
             row_bytes = (tcfg.embedding_dim + state_dim) * 4 + INDEX_BYTES_PER_ROW
             rows = max(1, host_bytes * p.cache_rows // device_rows // row_bytes)

@@ -107,9 +107,9 @@ class TrainConfig:
         parse_bytes(self.lookahead_memory, "lookahead_memory")
         if self.host_cache is not None:
             parse_bytes(self.host_cache, "host_cache")
-        a = self.ssd_row_align
-        if a < 0 or (a and (a < 4 or a & (a - 1) or a > 4096)):
-            raise ConfigError(f"ssd_row_align must be 0 (packed rows) or a power of two from 4 to 4096 bytes, got {a}")
+        from tierec.storage.ssd import check_row_align
+
+        self.ssd_row_align = check_row_align(self.ssd_row_align, "ssd_row_align")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,7 +17,9 @@ Two parts:
   on the same batches by one worker process per peer, rounds alternating:
   ``memory`` (every table in memory), ``lru`` (SsdTable files behind LRU caches of
   ``--cache-fraction`` of each table's rows, the previous issue's cache), ``lookahead``
-  (the same files and cache size, `LookaheadPipeline` with ``--window``/``--depth``).
+  (the same files and cache size, `LookaheadPipeline` with ``--window``/``--depth``), ``grouped``
+  (the same, all tables behind ONE look-ahead cache of the summed size: `TableGroup`, as
+  ``tierec train`` builds by default). An SSD peer takes ``:ALIGN`` for padded rows (``grouped:512``).
   Reports samples/s and step time vs memory, the stall fraction (time the trainer waited for
   rows / training time), late steps, rows and bytes moved per step, hit rate, peak RSS, and
   whether all peers' losses were bit-identical at every step.
@@ -49,12 +51,19 @@ from tierec.errors import TierecError
 from tierec.modules.dlrm import DLRM
 from tierec.modules.embedding import InMemoryTable, TableConfig, build_collection
 from tierec.storage import CachedTable
+from tierec.storage.group import TableGroup, TableView
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.ssd import SsdTable
 from tierec.storage.tiered import STEP_MALLOC, limit_malloc_retention, set_malloc_thresholds
 from tierec.train.pipeline import LookaheadPipeline
+from tierec.train.trainer import cache_stats, lookahead_caches
 
-PEERS = ("memory", "lru", "lookahead")
+PEERS = ("memory", "lru", "lookahead", "grouped")
+LOOKAHEAD_PEERS = ("lookahead", "grouped")
+
+
+def _is_la(peer: str) -> bool:
+    return peer.partition(":")[0] in LOOKAHEAD_PEERS
 
 
 # --------------------------------------------------------------------------- part: hit rates
@@ -123,9 +132,8 @@ def part_hits(a, traces: dict) -> list[dict]:
 # --------------------------------------------------------------------------- part: speed
 def _totals(model) -> dict:
     tot = dict.fromkeys(("lookups", "hits", "misses", "evictions", "writebacks", "bytes_read", "bytes_written"), 0)
-    for t in model.embeddings.tables:
-        if isinstance(t.storage, CachedTable):
-            s = t.storage.stats()
+    for s in cache_stats(model).values():  # a table group's shared cache counted once
+        if s.get("tier") == "cache":
             for k in tot:
                 tot[k] += s[k]
     return tot
@@ -150,7 +158,11 @@ def worker(peer, a, stream, root, total_steps, conn):
                 _drop_page_cache(root / peer / f"{cfg.name}.tbl")
                 if kind == "lookahead":
                     return LookaheadCache(ssd, cap, name=cfg.name)
+                if kind == "grouped":  # all tables behind one look-ahead cache of the same total size
+                    return group.add(ssd, cap, cfg.name)
                 return CachedTable(ssd, cap, "lru", name=cfg.name)
+
+            group = TableGroup("group", io_threads=a.io_threads)
 
             (root / peer).mkdir(parents=True, exist_ok=True)
         torch.manual_seed(MODEL_SEED)
@@ -159,10 +171,10 @@ def worker(peer, a, stream, root, total_steps, conn):
         opt = torch.optim.Adam(model.dense_parameters(), lr=1e-3)
         loss_fn = torch.nn.BCEWithLogitsLoss()
         pipe = hold = None
-        if kind == "lookahead":
-            caches = {t.config.key: t.storage for t in ebc.tables}
+        if kind in LOOKAHEAD_PEERS:
+            caches, sources = lookahead_caches(ebc.tables)
             pipe = LookaheadPipeline((stream.batch_at(i) for i in range(total_steps)), caches, window=a.window,
-                                     depth=a.depth, max_bytes=1 << 30, io_threads=a.io_threads)
+                                     depth=a.depth, max_bytes=1 << 30, io_threads=a.io_threads, sources=sources)
             hold = pipe.paused()
             hold.__enter__()  # parked between rounds: no background work while the other peers run
         if not a.keep_malloc:
@@ -180,6 +192,8 @@ def worker(peer, a, stream, root, total_steps, conn):
             for t in ebc.tables:
                 if isinstance(t.storage, CachedTable):
                     t.storage.reset_stats()
+                elif isinstance(t.storage, TableView):
+                    t.storage.group.cache.reset_stats()
             st0 = dict(pipe.stats) if pipe is not None else None
             losses = []
             t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
@@ -277,8 +291,8 @@ def part_speed(a, stream, work: Path) -> dict:
         hit = tot["hits"] / tot["lookups"] if tot["lookups"] else None
         moved = (tot["misses"] + tot["writebacks"]) / steps
         print(f"{p:10s} {sps:10,.0f} {1e3 * a.batch / sps:8.1f}ms {base / sps:9.3f}x "
-              f"{(f'{stall:.1%}' if p.startswith('lookahead') else '-'):>7s} "
-              f"{(f'{late:.0%}' if p.startswith('lookahead') else '-'):>6s} "
+              f"{(f'{stall:.1%}' if _is_la(p) else '-'):>7s} "
+              f"{(f'{late:.0%}' if _is_la(p) else '-'):>6s} "
               f"{(f'{hit:.2%}' if hit is not None else '-'):>9s} "
               f"{format_bytes(tot['bytes_read'] / steps) if p != 'memory' else '-':>10s} "
               f"{format_bytes(tot['bytes_written'] / steps) if p != 'memory' else '-':>11s} "
@@ -291,7 +305,7 @@ def part_speed(a, stream, work: Path) -> dict:
                            "trainer_cpu_ms_per_step": 1e3 * tcpu, "process_cpu_ms_per_step": 1e3 * pcpu}
         print(f"#   {p}: CPU per step of {1e3 * secs / steps:.1f} ms: trainer thread {1e3 * tcpu:.1f} ms, "
               f"other threads {1e3 * (pcpu - tcpu):.1f} ms")
-        if p.startswith("lookahead"):
+        if _is_la(p):
             print(f"#   look-ahead worker thread: {1e3 * wcpu:.1f} ms CPU per step (overlapped with the step)")
     if base_p in results:  # paired: each round's peers ran back to back, so the machine's drift cancels
         for p in a.peers:
@@ -358,8 +372,8 @@ def parse_args(argv=None):
         return kind in PEERS and (not align or (align.isdigit() and kind != "memory"))
 
     if set(a.parts) - {"hits", "speed"} or not all(map(ok, a.peers)):
-        p.error("--parts takes hits,speed; --peers takes memory,lru,lookahead, an SSD peer optionally with :ALIGN "
-                "(e.g. lookahead:512: its files' rows padded to 512 B)")
+        p.error("--parts takes hits,speed; --peers takes memory,lru,lookahead,grouped, an SSD peer optionally with "
+                ":ALIGN (e.g. lookahead:512: its files' rows padded to 512 B)")
     if a.zipf != "auto":
         a.zipf = float(a.zipf)
     return a

@@ -1,6 +1,7 @@
 """Look-ahead oracle caching: next-use oracle, Belady optimality, and bit-identical training."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,12 +9,14 @@ import torch
 
 from tierec.cache.sim import min_hit_rate
 from tierec.data.dataset import Batch
+from tierec.errors import ConfigError
 from tierec.modules.embedding import InMemoryTable, TableConfig, build_collection
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.lookahead import NEVER, LookaheadCache, NextUseOracle
 from tierec.storage.ssd import SsdTable
 from tierec.train.pipeline import LookaheadPipeline
+from tierec.train.trainer import lookahead_caches
 
 from test_tiered import cfg, table_rows
 
@@ -126,8 +129,8 @@ def train_tables(batches, storage_factory, optimizer, pipeline_kw=None, card=60,
     stream = batches
     pipe = None
     if pipeline_kw is not None:
-        caches = {t.config.key: t.storage for t in ebc.tables}
-        pipe = stream = LookaheadPipeline(batches, caches, **pipeline_kw)
+        caches, sources = lookahead_caches(ebc.tables)
+        pipe = stream = LookaheadPipeline(batches, caches, sources=sources, **pipeline_kw)
     for b in stream:
         pooled = ebc(b.sparse)  # [B, T, D]
         loss = ((pooled * head).sum(-1).tanh() ** 2).mean()
@@ -170,6 +173,77 @@ def test_lookahead_training_is_bit_identical(tmp_path, optimizer, capacity, wind
     assert st["lookups"] == st["hits"] + st["misses"] > 0
     if capacity < 60:
         assert st["backing"]["bytes_read"] > 0 and st["evictions"] + st["bypass_acquires"] > 0
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("capacity,window,depth,host", [
+    (2, 5, 2, 0),       # smaller than every step's rows of both tables: temporary copies of the group
+    (24, 3, 3, 0),      # smaller than one batch's unique rows for most steps
+    (80, 8, 4, 0),      # rows updated at t, evicted, needed again shortly after
+    (120, 1000, 6, 0),  # window longer than the data; the cache holds both tables
+    (24, 8, 2, 60),     # device <- host <- files, both tiers grouped
+])
+def test_grouped_lookahead_training_is_bit_identical(tmp_path, optimizer, capacity, window, depth, host):
+    """Both tables behind ONE look-ahead cache (`TableGroup`, rows linearized): same losses and rows as
+    in memory; the cache's counters cover both tables; eviction is shared across them."""
+    from tierec.storage.group import TableGroup, TableView
+
+    rng = np.random.default_rng(capacity * 5 + window)
+    batches = make_batches(rng, 30, 16, ["a", "b"], 60, empty_every=7)
+    ref_losses, ref_rows, _ = train_tables(batches, None, optimizer)
+    group = TableGroup("g")
+
+    def factory(i, tcfg, sdim):
+        ssd = SsdTable(tmp_path / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, sdim, create=True,
+                       init_seed=3, table_index=i)
+        return group.add(ssd, capacity // 2, tcfg.name, host_rows=host // 2)
+
+    losses, rows, ebc = train_tables(batches, factory, optimizer, dict(window=window, depth=depth, lower_depth=4))
+    assert {type(t.storage) for t in ebc.tables} == {TableView}
+    assert losses == ref_losses
+    for name in rows:
+        assert torch.equal(rows[name][0], ref_rows[name][0]) and torch.equal(rows[name][1], ref_rows[name][1])
+    st = group.cache.stats()
+    assert st["capacity"] == min(capacity // 2 * 2, 120) and st["lookups"] == st["hits"] + st["misses"] > 0
+    assert st["lookups"] == sum(int(torch.unique(b.sparse.to_dict()[k].values).numel())
+                                for b in batches for k in ("a", "b"))
+    if capacity < 120:
+        assert st["evictions"] + st["bypass_acquires"] > 0
+    if host:
+        assert group.cache.backing.stats()["upper_reads"] > 0
+
+
+def test_table_group_reads_and_writes_its_members_in_their_own_row_numbers(tmp_path):
+    """A view reads/writes its member's rows (before the cache exists: the member's file itself; after:
+    through the shared cache, newest values first); ConcatTable splits batched calls by member."""
+    from tierec.storage.group import ConcatTable, TableGroup
+
+    a = SsdTable(tmp_path / "a.tbl", 10, 2, 1, create=True, init_seed=1, table_index=0)
+    b = SsdTable(tmp_path / "b.tbl", 7, 2, 1, create=True, init_seed=1, table_index=1)
+    g = TableGroup("g")
+    va, vb = g.add(a, 3, "a"), g.add(b, 3, "b")
+    assert (va.offset, vb.offset) == (0, 10) and not g.built
+    vb.write_rows(2, torch.full((2, 2), 5.0), torch.full((2, 1), 6.0))  # straight to b's file
+    assert torch.equal(b.read_rows(2, 4)[0], torch.full((2, 2), 5.0))
+    ws = vb.acquire(torch.tensor([0, 3]))  # no pipeline: a temporary copy through the group's cache
+    assert torch.equal(ws.weight[ws.index[1]], torch.full((2,), 5.0))
+    ws.weight[ws.index] += 1
+    vb.release(ws, dirty=True)
+    assert g.built and torch.equal(vb.read_rows(3, 4)[0], torch.full((1, 2), 6.0))
+    with pytest.raises(RuntimeError, match="cannot join"):
+        g.add(a, 1, "late")
+    with pytest.raises(ValueError, match="not acquired from this table"):
+        va.release(vb.acquire(torch.tensor([1])), dirty=False)
+    with pytest.raises(IndexError, match="out of range"):
+        va.read_rows(5, 11)
+    cat = g.cache.backing
+    assert isinstance(cat, ConcatTable) and cat.num_embeddings == 17
+    w, s = cat.read(torch.tensor([13, 0, 12]))  # unsorted, across members
+    assert torch.equal(w[0], b.read(torch.tensor([3]))[0][0]) and torch.equal(w[1], a.read(torch.tensor([0]))[0][0])
+    w2, s2 = cat.read_rows(8, 13)  # spans both members
+    assert torch.equal(w2, torch.cat([a.read_rows(8, 10)[0], b.read_rows(0, 3)[0]]))
+    with pytest.raises(ConfigError, match="row width"):
+        ConcatTable([a, SsdTable(tmp_path / "c.tbl", 4, 3, 1, create=True, init_seed=1)], names=["a", "c"])
 
 
 @pytest.mark.parametrize("capacity,window,depth,row_align", [(40, 3, 2, 0), (120, 8, 4, 0), (40, 3, 2, 512)])
@@ -324,15 +398,19 @@ def reference(tiny_dataset, tmp_path_factory):
     return t.fit(), table_rows(t)
 
 
-@pytest.mark.parametrize("budget,window,depth", [("6KiB", 3, 2), ("20KiB", 500, 4)])
-def test_trainer_lookahead_is_bit_identical(tiny_dataset, tmp_path, reference, budget, window, depth):
+@pytest.mark.parametrize("budget,window,depth,grouped", [("6KiB", 3, 2, True), ("6KiB", 3, 2, False),
+                                                         ("20KiB", 500, 4, True)])
+def test_trainer_lookahead_is_bit_identical(tiny_dataset, tmp_path, reference, budget, window, depth, grouped):
     from tierec.train.trainer import Trainer
 
     ref_summary, ref_rows = reference
     t = Trainer(cfg(tiny_dataset, tmp_path, memory_budget=budget, cache_policy="lookahead", lookahead=window,
-                    prefetch_depth=depth, eval_every=5))
+                    prefetch_depth=depth, eval_every=5, group_caches=grouped))
     summary = t.fit()
-    assert {type(tb.storage).__name__ for tb in t.model.embeddings.tables} == {"LookaheadCache"}
+    kinds = {type(tb.storage).__name__ for tb in t.model.embeddings.tables}
+    assert kinds == ({"TableView"} if grouped else {"LookaheadCache"})
+    if grouped:  # one cache for all tables, listed once under the group's name
+        assert list(summary_cache(tmp_path)) == ["group:d8"]
     assert summary["auc"] == ref_summary["auc"] and summary["logloss"] == ref_summary["logloss"]
     for name, (w, s) in table_rows(t).items():
         assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name
@@ -343,12 +421,18 @@ def test_trainer_lookahead_is_bit_identical(tiny_dataset, tmp_path, reference, b
     assert "prefetch" in rec and next(iter(rec["cache"].values()))["policy"] == "lookahead"
 
 
-def test_trainer_lookahead_resume_mid_window(tiny_dataset, tmp_path, reference):
+def summary_cache(run: Path) -> dict:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in records if r["event"] == "train")["cache"]
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_trainer_lookahead_resume_mid_window(tiny_dataset, tmp_path, reference, grouped):
     """Stop at step 11 (mid-epoch, mid-window, with a 50-step window), resume: same weights."""
     from tierec.train.trainer import Trainer
 
     _, ref_rows = reference
-    kw = dict(memory_budget="6KiB", cache_policy="lookahead", lookahead=50, prefetch_depth=3)
+    kw = dict(memory_budget="6KiB", cache_policy="lookahead", lookahead=50, prefetch_depth=3, group_caches=grouped)
     Trainer(cfg(tiny_dataset, tmp_path, max_steps=11, **kw)).fit()
     t = Trainer(cfg(tiny_dataset, tmp_path, **kw), resume=True)
     t.fit()
@@ -366,6 +450,11 @@ def test_trainer_host_cache_tier(tiny_dataset, tmp_path, reference, policy):
                     lookahead=20))
     t.fit()
     st = t.model.embeddings.tables[0].storage
-    assert st.backing.name.endswith("@host") and type(st.backing.backing).__name__ == "SsdTable"
+    if policy == "lookahead":  # grouped (the default): device group cache <- host group cache <- the files
+        st = st.group.cache
+        assert type(st.backing.backing).__name__ == "ConcatTable"
+    else:
+        assert type(st.backing.backing).__name__ == "SsdTable"
+    assert st.backing.name.endswith("@host")
     for name, (w, s) in table_rows(t).items():
         assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name

@@ -290,16 +290,25 @@ class LookaheadCache(CachedTable):
         p = self.pipeline
         if self._driven():
             ws = self._prepared[0] if self._prepared else None
-            if ws is None or ws.handle.step != p.current_step or not torch.equal(ws.ids, ids):
-                raise RuntimeError(f"cache {self.name!r}: acquire() during look-ahead training does not match "
-                                   f"the prepared step {p.current_step}; pause the pipeline for other lookups")
-            self._prepared.popleft()
-            return ws
+            if ws is None or not torch.equal(ws.ids, ids):
+                self._mismatch(p.current_step)
+            return self.take_prepared(p.current_step)
         with self._locked():
             hit, slots = self._lookup(ids)
             ws = self._acquire_temp(ids, hit, slots)
             self._st["sync_acquires"] += 1
             return ws
+
+    def take_prepared(self, step: int) -> WorkingSet:
+        """Hand out the prepared working set of ``step`` (the pipeline's current step)."""
+        ws = self._prepared[0] if self._prepared else None
+        if ws is None or ws.handle.step != step:
+            self._mismatch(step)
+        return self._prepared.popleft()
+
+    def _mismatch(self, step: int):
+        raise RuntimeError(f"cache {self.name!r}: acquire() during look-ahead training does not match "
+                           f"the prepared step {step}; pause the pipeline for other lookups")
 
     def release(self, ws: WorkingSet, dirty: bool) -> None:
         h = ws.handle

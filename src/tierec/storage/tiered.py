@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tierec.storage.cache import CachedTable
+from tierec.storage.group import TableGroup
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.plan import (AccessSample, Placement, TableNeeds, describe, measure_lookups, parse_bytes,
                                  plan_tables)
@@ -125,6 +126,7 @@ def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSam
     host_bytes = parse_bytes(cfg.host_cache, "host_cache") if getattr(cfg, "host_cache", None) else 0
     device_rows = sum(p.cache_rows for p in plan if p.placement == "ssd") or 1
     row_align = getattr(cfg, "ssd_row_align", 0)
+    groups: dict[tuple[int, int], TableGroup] = {}  # (dim, state_dim) -> the look-ahead tables' shared cache
     if cfg.direct_io and not row_align and any(p.placement == "ssd" for p in plan):
         log.info("SSD tables: rows packed, so every write-back reads its 4 KiB block first; --ssd-row-align 512 "
                  "gives each row its own sector (a third fewer I/Os, up to 2x the disk space; docs/storage.md)")
@@ -136,9 +138,17 @@ def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSam
         below = ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
                                create=True, init_seed=cfg.seed, table_index=i, direct_io=cfg.direct_io,
                                init="random" if fresh else "zeros", row_align=row_align)
+        rows = 0
         if host_bytes:  # device <- host DRAM <- SSD: the host tier gets this table's share of host_cache
             row_bytes = (tcfg.embedding_dim + state_dim) * 4 + INDEX_BYTES_PER_ROW
             rows = max(1, host_bytes * p.cache_rows // device_rows // row_bytes)
+        if p.policy == "lookahead" and getattr(cfg, "group_caches", False):
+            key = (tcfg.embedding_dim, state_dim)
+            if key not in groups:
+                groups[key] = TableGroup(f"group:d{tcfg.embedding_dim}", device,
+                                         getattr(cfg, "prefetch_threads", None))
+            return groups[key].add(ssd, p.cache_rows, tcfg.name, host_rows=rows)
+        if host_bytes:
             cls = LookaheadCache if p.policy == "lookahead" else CachedTable
             kw = {} if p.policy == "lookahead" else {"policy": "lru" if p.policy == "freq" else p.policy}
             below = cls(ssd, rows, device="cpu", name=f"{tcfg.name}@host", **kw)

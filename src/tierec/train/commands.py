@@ -55,6 +55,9 @@ HELP = {
     "prefetch_threads": "cache-policy lookahead: threads prefetching tables in parallel (default: 4 with "
                         "--direct-io, whose batched AIO reads mostly wait on the device; else by cores, 1 on 2 "
                         "cores, at most 4)",
+    "group_caches": "cache-policy lookahead: the SSD tables share ONE cache, their rows numbered one after "
+                    "another (as FBGEMM's table-batched embeddings), so the prefetch worker does its bookkeeping "
+                    "once per step instead of once per table; --no-group-caches: one cache per table",
     "host_cache": "host-DRAM cache tier between the device caches and the SSD files, e.g. 8GiB, split across "
                   "SSD tables like the device caches (for --device cuda; same policy)",
     "direct_io": "read SSD tables with O_DIRECT, bypassing the OS page cache",

@@ -72,6 +72,7 @@ class TrainConfig:
     prefetch_depth: int = 2  # cache_policy lookahead: steps prepared (rows resident) ahead of the trainer
     lookahead_memory: str = "1GiB"  # cap on batch data held for the look-ahead window
     prefetch_threads: int | None = None  # cache_policy lookahead: tables prefetched in parallel (default: by cores)
+    group_caches: bool = True  # cache_policy lookahead: SSD tables of one row width share one cache (docs/lookahead.md)
     host_cache: str | None = None  # a host-DRAM cache tier between the device caches and SSD, e.g. "8GiB"
     direct_io: bool = False  # SSD reads bypass the OS page cache (O_DIRECT)
     ssd_row_align: int = 0  # SSD working files: rows padded to this many bytes (0 packed; 512: no read-modify-write)

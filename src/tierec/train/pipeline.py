@@ -22,7 +22,6 @@ Everything that reads or writes table rows outside the step protocol
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
@@ -34,6 +33,7 @@ from contextlib import contextmanager
 import torch
 
 from tierec.data.dataset import Batch
+from tierec.storage.group import default_io_threads
 from tierec.storage.lookahead import LookaheadCache
 
 log = logging.getLogger(__name__)
@@ -41,29 +41,6 @@ log = logging.getLogger(__name__)
 _worker_of = threading.local()  # .pipeline: set on a pipeline's worker and I/O threads
 LATE_S = 1e-4  # a step that waited longer than this for its rows counts as late
 SWITCH_INTERVAL_S = 5e-4  # the interpreter's GIL switch interval while a pipeline runs (see __init__)
-
-
-def default_io_threads(caches=None) -> int:
-    """Prefetch threads by default. Tables whose SSD files are read by batched Linux AIO (O_DIRECT) spend
-    their prefetch time waiting on the device with the GIL released, so 4 threads overlap four tables'
-    I/O at little CPU cost (2-core VM, 8 tables: 196 ms vs 301 ms per step, stall 16% vs 51%). Otherwise
-    (buffered or memory-mapped files: the reads cost CPU) one per two cores beyond the trainer's, at most
-    4; on 2 cores one thread, as more only contend with the trainer (measured: 1.31x vs 1.06x the
-    in-memory step)."""
-    if caches and all(_reads_by_aio(c) for c in caches):
-        return 4
-    return max(1, min(4, (os.cpu_count() or 2) // 2 - 1))
-
-
-def _reads_by_aio(cache) -> bool:
-    """True if the file under ``cache``'s chain of tiers is an O_DIRECT `SsdTable` read by Linux AIO."""
-    from tierec.storage import aio
-    from tierec.storage.ssd import SsdTable
-
-    b = cache
-    while hasattr(b, "backing"):
-        b = b.backing
-    return isinstance(b, SsdTable) and b.odirect and aio.available()
 
 
 def batch_nbytes(b: Batch) -> int:
@@ -77,8 +54,10 @@ def batch_nbytes(b: Batch) -> int:
 
 class LookaheadPipeline:
     """Iterate ``batches`` (steps ``start_step``, ``start_step`` + 1, ...) with look-ahead prefetching
-    into ``caches`` (sparse key -> `LookaheadCache`; ``sources`` maps other names to the IDs they
-    see). Use as a context manager, or call `close`."""
+    into ``caches`` (sparse key -> `LookaheadCache`). ``sources`` maps a cache's name to the IDs it sees
+    when that is not its own key's: ``(feature, lo, hi)`` (a row-wise shard), or a list of
+    ``(feature, lo, hi, offset)`` (a `tierec.storage.group.TableGroup`: its members' IDs, each shifted
+    by the member's offset). Use as a context manager, or call `close`."""
 
     def __init__(self, batches: Iterable[Batch], caches: dict[str, LookaheadCache], window: int = 200,
                  depth: int = 2, max_bytes: int = 1 << 30, start_step: int = 0, lower_depth: int | None = None,
@@ -93,9 +72,10 @@ class LookaheadPipeline:
         if switch_interval is not None and switch_interval < self._switch:
             sys.setswitchinterval(switch_interval)
         self.caches, self.window, self.depth, self.max_bytes = caches, window, min(depth, window), max_bytes
-        # Which IDs of a batch each cache sees: (sparse key, lo, hi) -> the key's IDs in [lo, hi), minus lo
-        # (a row-wise shard of a table under torch.distributed; hi None: all); default: its own key's IDs.
-        self.sources = {name: (sources or {}).get(name, (name, 0, None)) for name in caches}
+        # Which IDs of a batch each cache sees: parts (sparse key, lo, hi, offset) -> the key's IDs in [lo, hi),
+        # minus lo (a row-wise shard of a table under torch.distributed; hi None: all), plus offset (a member
+        # of a table group); default: its own key's IDs.
+        self.sources = {name: _parts((sources or {}).get(name, (name, 0, None))) for name in caches}
         # Lower tiers of a chain (device <- DRAM <- SSD): a LookaheadCache backing a LookaheadCache.
         # Each is prefetched `lower_depth` steps ahead, so the tier above finds its misses there.
         self.lower_depth = min(window, lower_depth or 4 * self.depth)
@@ -337,11 +317,14 @@ class LookaheadPipeline:
             by_key.update(batch.user.to_dict())
         uniq = {}
         for key, cache in self.caches.items():
-            feature, lo, hi = self.sources[key]
-            v = by_key[feature].values
-            if hi is not None:  # a row-wise shard: its rows of the table, renumbered from 0
-                v = v[(v >= lo) & (v < hi)] - lo
-            u = torch.unique(v)  # sorted, as the model's dedup
+            parts = []
+            for feature, lo, hi, off in self.sources[key]:
+                v = by_key[feature].values
+                if hi is not None:  # a row-wise shard: its rows of the table, renumbered from 0
+                    v = v[(v >= lo) & (v < hi)] - lo
+                u = torch.unique(v)  # sorted, as the model's dedup
+                parts.append(u + off if off else u)
+            u = parts[0] if len(parts) == 1 else torch.cat(parts)  # members in offset order: still sorted
             cache.observe(step, u)
             uniq[key] = u
         for lane in self._lanes:
@@ -422,6 +405,15 @@ class LookaheadPipeline:
             self._ready.append((step, batch))
             self._cond.notify_all()
         return True
+
+
+def _parts(src) -> list[tuple[str, int, int | None, int]]:
+    if isinstance(src, tuple):
+        return [(*src, 0)]
+    parts = [tuple(p) for p in src]
+    if any(b[3] <= a[3] for a, b in zip(parts, parts[1:])):
+        raise ValueError(f"table group sources must be in increasing offset order, got {parts}")
+    return parts
 
 
 class _Lane:

@@ -26,6 +26,7 @@ from tierec.errors import ConfigError, TierecError
 from tierec.modules.dlrm import DLRM
 from tierec.modules.embedding import TableConfig, build_collection
 from tierec.modules.optim import SparseOptimizer
+from tierec.storage.group import TableView
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.tiered import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds
 from tierec.train import checkpoint as ckpt
@@ -73,8 +74,38 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
 
 
 def cache_stats(model: DLRM) -> dict[str, dict]:
-    """Per-table counters of every tier that keeps them (cached / SSD tables)."""
-    return {t.config.name: t.storage.stats() for t in model.embeddings.tables if hasattr(t.storage, "stats")}
+    """Per-table counters of every tier that keeps them (cached / SSD tables); tables that share one
+    cache (a `TableGroup`) appear once, under the group's name."""
+    out = {}
+    for t in model.embeddings.tables:
+        st = t.storage
+        if isinstance(st, TableView):
+            if st.group.name not in out:
+                out[st.group.name] = st.stats()
+        elif hasattr(st, "stats"):
+            out[t.config.name] = st.stats()
+    return out
+
+
+def lookahead_caches(tables, sources: dict | None = None) -> tuple[dict, dict]:
+    """The look-ahead caches of ``tables`` (`EmbeddingBag` s) for a `LookaheadPipeline`, with the IDs each
+    sees: a table's own cache by its key, or the cache of its `TableGroup` by the group's name (fed by
+    all members' IDs, each shifted by its offset). ``sources``: key -> (feature, lo, hi) where a table
+    sees other IDs than its key's (shards)."""
+    caches, out = {}, {}
+    for t in tables:
+        key, st = t.config.key, t.storage
+        feature, lo, hi = (sources or {}).get(key, (key, 0, None))
+        if isinstance(st, TableView):
+            caches.setdefault(st.group.name, st.group.cache)
+            out.setdefault(st.group.name, []).append((feature, lo, hi, st.offset))
+        elif isinstance(st, LookaheadCache):
+            caches[key] = st
+            out[key] = (feature, lo, hi)
+    for parts in out.values():
+        if isinstance(parts, list):
+            parts.sort(key=lambda p: p[3])
+    return caches, out
 
 
 def overall_hit_rate(stats: dict[str, dict]) -> float | None:
@@ -221,15 +252,13 @@ class Trainer:
 
     def _lookahead_pipeline(self, stream):
         """A `LookaheadPipeline` over ``stream`` when some tables have look-ahead caches, else None."""
-        caches = {t.config.key: t.storage for t in self.model.embeddings.tables
-                  if isinstance(t.storage, LookaheadCache)}
+        caches, sources = lookahead_caches(self.model.embeddings.tables, self._lookahead_sources())
         if not caches:
             return None
         cfg = self.cfg
         return LookaheadPipeline(stream, caches, window=cfg.lookahead, depth=cfg.prefetch_depth,
                                  max_bytes=parse_bytes(cfg.lookahead_memory, "lookahead_memory"),
-                                 start_step=self.step, io_threads=cfg.prefetch_threads,
-                                 sources=self._lookahead_sources())
+                                 start_step=self.step, io_threads=cfg.prefetch_threads, sources=sources)
 
     def _lookahead_sources(self) -> dict | None:  # the distributed trainer maps shards to their row ranges
         return None

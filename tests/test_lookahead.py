@@ -1,6 +1,7 @@
 """Look-ahead oracle caching: next-use oracle, Belady optimality, and bit-identical training."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,7 @@ def make_batches(rng, n_steps, B, keys, card, zipf=1.2, empty_every=0):
     return out
 
 
-def train_tables(batches, storage_factory, optimizer, pipeline_kw=None, card=60, dim=4):
+def train_tables(batches, storage_factory, optimizer, pipeline_kw=None, card=60, dim=4, step_s=0.0):
     keys = ["a", "b"]
     ebc = build_collection([TableConfig(k, card, dim) for k in keys], SparseOptimizer(optimizer, 0.1), seed=3,
                            storage_factory=storage_factory)
@@ -136,6 +137,7 @@ def train_tables(batches, storage_factory, optimizer, pipeline_kw=None, card=60,
         loss = ((pooled * head).sum(-1).tanh() ** 2).mean()
         loss.backward()
         losses.append(loss.item())
+        time.sleep(step_s)  # a slower step: the worker has time to read ahead
     if pipe is not None:
         assert pipe.stats["steps"] == len(batches)
         pipe.close()
@@ -246,39 +248,88 @@ def test_table_group_reads_and_writes_its_members_in_their_own_row_numbers(tmp_p
         ConcatTable([a, SsdTable(tmp_path / "c.tbl", 4, 3, 1, create=True, init_seed=1)], names=["a", "c"])
 
 
-@pytest.mark.parametrize("capacity,window,depth,row_align", [(40, 3, 2, 0), (120, 8, 4, 0), (40, 3, 2, 512)])
+@pytest.mark.parametrize("capacity,window,depth,row_align,grouped", [
+    (40, 3, 2, 0, False), (120, 8, 4, 0, False), (40, 3, 2, 512, False), (80, 3, 2, 0, True), (80, 6, 3, 512, True)])
 def test_lookahead_training_on_o_direct_files_is_bit_identical(tmp_path, monkeypatch, capacity, window, depth,
-                                                               row_align):
+                                                               row_align, grouped):
     """O_DIRECT files: each prepare writes its dirty victims back and reads its misses in one
     `SsdTable.exchange` (blocks shared by both read once, only blocks with written rows written;
     3,000 rows of 20 B: rows straddle blocks, and the file ends in a partial block; with
-    row_align=512 every row has its own sector and the write-back is written without a read)."""
-    from tierec.storage import aio
+    row_align=512 every row has its own sector and the write-back is written without a read).
+    Grouped (both tables behind one cache) with padded rows: both files' exchange in one AIO batch."""
+    from tierec.storage import aio, ssd as ssd_mod
+    from tierec.storage.group import TableGroup
 
     card = 3000
     rng = np.random.default_rng(capacity + window)
     batches = make_batches(rng, 30, 16, ["a", "b"], card, zipf=1.1)
     ref_losses, ref_rows, _ = train_tables(batches, None, "rowwise_adagrad", card=card)
-    calls = []
-    orig = SsdTable.exchange
+    calls, fused = [], []
+    orig, orig_many = SsdTable.exchange, ssd_mod.exchange_many
 
     def spy(self, *a):
         calls.append(a[0].numel())
         return orig(self, *a)
 
+    def spy_many(tabs, wt, *a):
+        out = orig_many(tabs, wt, *a)
+        fused.append(out is not None and len(set(wt.tolist())) > 0)
+        return out
+
     monkeypatch.setattr(SsdTable, "exchange", spy)
+    monkeypatch.setattr(ssd_mod, "exchange_many", spy_many)
+    group = TableGroup("g")
 
     def factory(i, tcfg, sdim):
         ssd = SsdTable(tmp_path / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, sdim, create=True,
                        init_seed=3, table_index=i, direct_io=True, row_align=row_align)
-        return LookaheadCache(ssd, capacity, name=tcfg.name)
+        return group.add(ssd, capacity // 2, tcfg.name) if grouped else LookaheadCache(ssd, capacity, name=tcfg.name)
 
     losses, rows, ebc = train_tables(batches, factory, "rowwise_adagrad", dict(window=window, depth=depth), card=card)
     assert losses == ref_losses
     for name in rows:
         assert torch.equal(rows[name][0], ref_rows[name][0]) and torch.equal(rows[name][1], ref_rows[name][1])
-    if ebc.tables[0].storage.backing.odirect and aio.available():
-        assert sum(calls) > 0, "write-backs went through exchange"
+    first = ebc.tables[0].storage.backing
+    if first.odirect and aio.available():
+        if grouped and first.exclusive_blocks:
+            assert any(fused) and not calls, "one AIO batch for both files"
+        else:
+            assert sum(calls) > 0, "write-backs went through exchange"
+
+
+def test_window_is_capped_by_max_bytes(tmp_path, caplog):
+    """max_bytes bounds the window (batches + the oracle's OCCURRENCE_BYTES per unique ID): a window of
+    100 batches shrinks to what ~4 batches take, with a warning, and training stays bit-identical."""
+    from tierec.train.pipeline import OCCURRENCE_BYTES, batch_nbytes
+
+    rng = np.random.default_rng(5)
+    batches = make_batches(rng, 30, 16, ["a", "b"], 60)
+    ref_losses, ref_rows, _ = train_tables(batches, None, "sgd")
+    per = max(batch_nbytes(b) + OCCURRENCE_BYTES * sum(int(torch.unique(v.values).numel())
+                                                       for v in b.sparse.to_dict().values()) for b in batches)
+
+    def factory(i, tcfg, sdim):
+        ssd = SsdTable(tmp_path / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, sdim, create=True,
+                       init_seed=3, table_index=i)
+        return LookaheadCache(ssd, 20, name=tcfg.name)
+
+    peaks = []
+    orig = LookaheadPipeline.close
+
+    def close(self):
+        peaks.append(self.stats["window_peak"])
+        orig(self)
+
+    with caplog.at_level("WARNING", logger="tierec.train.pipeline"):
+        LookaheadPipeline.close = close
+        try:
+            losses, rows, _ = train_tables(batches, factory, "sgd", dict(window=100, depth=2, max_bytes=4 * per),
+                                           step_s=0.01)
+        finally:
+            LookaheadPipeline.close = orig
+    assert losses == ref_losses and all(torch.equal(rows[k][0], ref_rows[k][0]) for k in rows)
+    assert 4 <= peaks[0] <= 12, peaks  # 4-ish batches observed (smaller ones fit more) + 2 prepared, never 30
+    assert "window limited" in caplog.text, (peaks, per)
 
 
 @pytest.mark.parametrize("top,lower", [(12, 30), (40, 8), (1, 20)])

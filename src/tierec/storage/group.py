@@ -91,6 +91,10 @@ class ConcatTable:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # [T + 1]
         self._offsets_t = torch.from_numpy(self.offsets)
         self.num_embeddings = int(self.offsets[-1])
+        from tierec.storage.ssd import SsdTable
+
+        # every member an SsdTable with one row per direct-I/O block: exchanges go in one AIO batch
+        self._ssd_blind = all(isinstance(t, SsdTable) and t.exclusive_blocks for t in tables)
         n = min(io_threads or default_io_threads(self.tables), len(tables))
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="tierec-group-io") if n > 1 else None
 
@@ -149,8 +153,14 @@ class ConcatTable:
 
     def exchange(self, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
                  read_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write rows ``write_ids`` and read rows ``read_ids`` (both sorted, disjoint): each member's part
-        in one `SsdTable.exchange` (one pass over its file), the members in parallel."""
+        """Write rows ``write_ids`` and read rows ``read_ids`` (both sorted, disjoint). Members that are
+        O_DIRECT `SsdTable` s with one row per block (padded rows): all in ONE AIO batch
+        (`tierec.storage.ssd.exchange_many`); otherwise each member's part in one `SsdTable.exchange`
+        (one pass over its file), the members in parallel."""
+        if self._ssd_blind and write_ids.numel() and read_ids.numel():
+            got = self._exchange_many(write_ids, weight, state, read_ids)
+            if got is not None:
+                return got
         wb, rb = self._bounds(write_ids), self._bounds(read_ids)
         w = torch.empty(read_ids.numel(), self.dim)
         s = torch.empty(read_ids.numel(), self.state_dim)
@@ -173,6 +183,21 @@ class ConcatTable:
 
         self._map(one, parts)
         return w, s
+
+    def _exchange_many(self, write_ids, weight, state, read_ids):
+        from tierec.storage.ssd import exchange_many
+
+        wid, rid = write_ids.numpy(), read_ids.numpy()
+        wt = np.searchsorted(self.offsets, wid, side="right") - 1  # member of every row
+        rt = np.searchsorted(self.offsets, rid, side="right") - 1
+        if wid[-1] >= self.num_embeddings or rid[-1] >= self.num_embeddings or wid[0] < 0 or rid[0] < 0:
+            raise IndexError(f"row ID out of range [0, {self.num_embeddings}) of the table group")
+        rows = torch.cat([weight, state], 1).numpy() if self.state_dim else weight.contiguous().numpy()
+        out = exchange_many(self.tables, wt, wid - self.offsets[wt], rows, rt, rid - self.offsets[rt])
+        if out is None:
+            return None
+        t = torch.from_numpy(out)
+        return t[:, : self.dim].contiguous(), t[:, self.dim:].contiguous()
 
     # ------------------------------------------------------------------ ranges
     def _ranges(self, start: int, end: int) -> list[tuple[int, int, int]]:

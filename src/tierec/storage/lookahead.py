@@ -63,7 +63,7 @@ class NextUseOracle:
         self.device = torch.device(device)
         self._steps: deque[tuple[int, torch.Tensor, int]] = deque()  # (step, ids, first occurrence)
         self._ring = torch.full((1024,), NEVER, dtype=torch.int64, device=self.device)
-        self._pring = torch.zeros(1024, dtype=torch.int64, device=self.device)  # occurrence -> its entry in _last
+        self._pring = torch.zeros(1024, dtype=torch.int32, device=self.device)  # occurrence -> its entry in _last
         self._next_occ = 0
         self._last = _HashIndex(1024, self.device, torch.int64)  # id -> latest occurrence
         self.last_observed = -1
@@ -94,7 +94,7 @@ class NextUseOracle:
         self._ring.index_fill_(0, occ % R, NEVER)
         first = ~found
         pos[first] = self._last.insert(ids[first], occ[first])
-        self._pring.index_copy_(0, occ % R, pos)
+        self._pring.index_copy_(0, occ % R, pos.to(torch.int32))
         self._steps.append((step, ids, self._next_occ))
         self._next_occ += U
         self.last_observed = step
@@ -110,17 +110,18 @@ class NextUseOracle:
         at = (o0 + torch.arange(ids.numel(), device=self.device)) % self._ring.numel()
         nu = self._ring.index_select(0, at)
         # the IDs used last here leave the map (their entries were recorded when observed)
-        self._last.remove_at(self._pring.index_select(0, at[nu == NEVER]))
+        self._last.remove_at(self._pring.index_select(0, at[nu == NEVER]).long())
         return nu
 
     def _reserve(self, n: int) -> None:
-        """Room for ``n`` more occurrences in the ring and the hash map (grow by doubling)."""
+        """Room for ``n`` more occurrences in the ring and the hash map. The ring grows to 1.5x what is
+        needed (rounded up to 64K entries): 12 B per occurrence in the window, plus that slack."""
         live = self.occurrences
         R = self._ring.numel()
         if live + n > R:
-            R2 = 1 << (2 * (live + n) - 1).bit_length()
+            R2 = -(-(3 * (live + n) // 2) // 65536) * 65536
             ring = torch.full((R2,), NEVER, dtype=torch.int64, device=self.device)
-            pring = torch.zeros(R2, dtype=torch.int64, device=self.device)
+            pring = torch.zeros(R2, dtype=torch.int32, device=self.device)
             if live:
                 occ = torch.arange(self._steps[0][2], self._next_occ, device=self.device)
                 ring[occ % R2] = self._ring[occ % R]
@@ -130,7 +131,7 @@ class NextUseOracle:
         if h.live + h.tomb + n > h.max_fill:  # rebuild from the live latest occurrences, with room to grow
             ids, occ = self._latest_occurrences()
             self._last = _HashIndex(max(1024, 2 * (ids.numel() + n)), self.device, torch.int64)
-            self._pring.index_copy_(0, occ % self._pring.numel(), self._last.insert(ids, occ))
+            self._pring.index_copy_(0, occ % self._pring.numel(), self._last.insert(ids, occ).to(torch.int32))
 
     def _latest_occurrences(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._steps:

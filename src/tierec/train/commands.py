@@ -51,7 +51,8 @@ HELP = {
                     "batches read ahead, overlapped with compute",
     "lookahead": "cache-policy lookahead: batches read ahead (the window the oracle sees)",
     "prefetch_depth": "cache-policy lookahead: steps whose rows are made resident ahead of the trainer",
-    "lookahead_memory": "cache-policy lookahead: most batch data held for the window, e.g. 512MiB",
+    "lookahead_memory": "cache-policy lookahead: most memory the window holds, e.g. 512MiB: its batches plus ~32 B "
+                        "per unique ID per batch for the oracle; the window shrinks to fit, with a warning",
     "prefetch_threads": "cache-policy lookahead: threads prefetching tables in parallel (default: 4 with "
                         "--direct-io, whose batched AIO reads mostly wait on the device; else by cores, 1 on 2 "
                         "cores, at most 4)",

@@ -70,7 +70,7 @@ class TrainConfig:
     cache_policy: Literal["lru", "lfu", "freq", "lookahead"] = "lru"
     lookahead: int = 200  # cache_policy lookahead: batches read ahead to plan prefetch and eviction
     prefetch_depth: int = 2  # cache_policy lookahead: steps prepared (rows resident) ahead of the trainer
-    lookahead_memory: str = "1GiB"  # cap on batch data held for the look-ahead window
+    lookahead_memory: str = "1GiB"  # cap on the look-ahead window's memory: batches + the oracle's ~32 B per unique ID
     prefetch_threads: int | None = None  # cache_policy lookahead: tables prefetched in parallel (default: by cores)
     group_caches: bool = True  # cache_policy lookahead: SSD tables of one row width share one cache (docs/lookahead.md)
     host_cache: str | None = None  # a host-DRAM cache tier between the device caches and SSD, e.g. "8GiB"

@@ -3,8 +3,9 @@
 One worker thread owns the look-ahead:
 
 1. it reads batches ``window`` steps ahead of the trainer (bounded by
-   ``max_bytes`` of batch data held), takes each table's unique IDs of each
-   batch and hands them to the table's `LookaheadCache.observe` (the oracle);
+   ``max_bytes``: the batches held plus the oracles' `OCCURRENCE_BYTES` per
+   unique ID), takes each table's unique IDs of each batch and hands them to
+   the table's `LookaheadCache.observe` (the oracle);
 2. it *prepares* the next steps in order, up to ``depth`` steps ahead of the
    trainer: for every table the step's rows are made resident and pinned
    (`LookaheadCache.prepare`: evict by next use, write back dirty victims, read
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 _worker_of = threading.local()  # .pipeline: set on a pipeline's worker and I/O threads
 LATE_S = 1e-4  # a step that waited longer than this for its rows counts as late
+# Memory the oracles hold per unique ID of an observed step (counted against max_bytes): the IDs (8 B), the
+# next-use ring and its index positions (12 B, with 1.5x growth slack 18 B), a share of the hash map id -> latest use
+OCCURRENCE_BYTES = 32
 SWITCH_INTERVAL_S = 5e-4  # the interpreter's GIL switch interval while a pipeline runs (see __init__)
 
 
@@ -331,7 +335,8 @@ class LookaheadPipeline:
             lane.cache.observe(step, uniq[lane.key])
         with self._cond:
             self._observed.append((step, batch, uniq))
-            self._nbytes[step] = batch_nbytes(batch)
+            occ = sum(u.numel() for u in uniq.values()) + sum(uniq[lane.key].numel() for lane in self._lanes)
+            self._nbytes[step] = batch_nbytes(batch) + occ * OCCURRENCE_BYTES  # the batch + the oracles' share
             self._bytes += self._nbytes[step]
             self._next_read += 1
             self.stats["window_peak"] = max(self.stats["window_peak"], self._next_read - self._next_take)

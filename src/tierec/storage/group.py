@@ -94,7 +94,8 @@ class ConcatTable:
         from tierec.storage.ssd import SsdTable
 
         # every member an SsdTable with one row per direct-I/O block: exchanges go in one AIO batch
-        self._ssd_blind = all(isinstance(t, SsdTable) and t.exclusive_blocks for t in tables)
+        self._all_ssd = all(isinstance(t, SsdTable) for t in tables)
+        self._ssd_blind = self._all_ssd and all(t.exclusive_blocks for t in tables)
         n = min(io_threads or default_io_threads(self.tables), len(tables))
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="tierec-group-io") if n > 1 else None
 
@@ -128,12 +129,18 @@ class ConcatTable:
         w = torch.empty(ids.numel(), self.dim)
         s = torch.empty(ids.numel(), self.state_dim)
         parts = self._parts(ids)
+        if self._all_ssd and len(parts) > 1:  # one batched read over all members' files (one AIO batch)
+            from tierec.storage.ssd import read_many
 
-        def one(p):
-            t, lo, hi = p
-            w[lo:hi], s[lo:hi] = self.tables[t].read(ids[lo:hi] - int(self.offsets[t]))
+            got = read_many([(self.tables[t], (ids[lo:hi] - int(self.offsets[t])).numpy()) for t, lo, hi in parts])
+            rows = torch.from_numpy(np.concatenate(got)) if len(got) > 1 else torch.from_numpy(got[0])
+            w, s = rows[:, : self.dim].contiguous(), rows[:, self.dim:].contiguous()
+        else:
+            def one(p):
+                t, lo, hi = p
+                w[lo:hi], s[lo:hi] = self.tables[t].read(ids[lo:hi] - int(self.offsets[t]))
 
-        self._map(one, parts)
+            self._map(one, parts)
         if order is not None:
             w2, s2 = torch.empty_like(w), torch.empty_like(s)
             w2[order], s2[order] = w, s

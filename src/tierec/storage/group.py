@@ -95,7 +95,7 @@ class ConcatTable:
 
         # every member an SsdTable with one row per direct-I/O block: exchanges go in one AIO batch
         self._all_ssd = all(isinstance(t, SsdTable) for t in tables)
-        self._ssd_blind = self._all_ssd and all(t.exclusive_blocks for t in tables)
+        self._ssd_direct = self._all_ssd and all(t.odirect for t in tables)  # exchanges: one batched pass
         n = min(io_threads or default_io_threads(self.tables), len(tables))
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="tierec-group-io") if n > 1 else None
 
@@ -161,10 +161,10 @@ class ConcatTable:
     def exchange(self, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
                  read_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write rows ``write_ids`` and read rows ``read_ids`` (both sorted, disjoint). Members that are
-        O_DIRECT `SsdTable` s with one row per block (padded rows): all in ONE AIO batch
-        (`tierec.storage.ssd.exchange_many`); otherwise each member's part in one `SsdTable.exchange`
+        O_DIRECT `SsdTable` s: all at once (`tierec.storage.ssd.exchange_many`: one AIO batch with
+        padded rows, two with packed ones); otherwise each member's part in one `SsdTable.exchange`
         (one pass over its file), the members in parallel."""
-        if self._ssd_blind and write_ids.numel() and read_ids.numel():
+        if self._ssd_direct and write_ids.numel() and read_ids.numel():
             got = self._exchange_many(write_ids, weight, state, read_ids)
             if got is not None:
                 return got

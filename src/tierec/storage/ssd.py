@@ -896,50 +896,39 @@ def _finish_group(tabs, ids, plan: _BlockPlan, tab_of, n, rows: np.ndarray, size
 
 def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: np.ndarray, rt: np.ndarray,
                   rid: np.ndarray) -> np.ndarray | None:
-    """`SsdTable.exchange` of several tables in ONE Linux AIO batch: rows ``wid`` of tables ``tabs[wt]``
-    written from ``rows`` [W, width], rows ``rid`` of tables ``tabs[rt]`` read -> [R, width] (both sets
-    sorted by (table, row), disjoint). Only for O_DIRECT tables whose blocks hold one row each
-    (`SsdTable.exclusive_blocks`) and share one row width, stride and block size: the written rows'
-    blocks are then written without being read, beside the reads, so a step's whole exchange costs
-    one device round trip and a few system calls. None where that cannot run (nothing was written:
-    the caller goes table by table)."""
+    """`SsdTable.exchange` of several tables at once: rows ``wid`` of tables ``tabs[wt]`` written from
+    ``rows`` [W, width], rows ``rid`` of tables ``tabs[rt]`` read -> [R, width] (both sets sorted by
+    (table, row), disjoint, W and R > 0). For O_DIRECT tables read by Linux AIO that share one row
+    width, stride and block size:
+
+    * padded rows, one per block (`SsdTable.exclusive_blocks`): the written rows' blocks are written
+      without being read, in the same AIO batch as the reads -- one device round trip per step;
+    * packed rows: the blocks of both sets, of all tables, read in one batch, the written rows patched
+      in, and the blocks that hold them written in a second batch -- two round trips.
+
+    A few system calls for all tables instead of a thread and a pair of batches per table. None
+    where this cannot run (nothing was written: the caller goes table by table)."""
     t0 = tabs[0]
-    if not (aio.available() and all(t.exclusive_blocks and (t.width, t.row_stride, t.align)
+    if not (aio.available() and all(t.odirect and (t.width, t.row_stride, t.align)
                                     == (t0.width, t0.row_stride, t0.align) for t in tabs)):
-        return None
-    empty = _BlockPlan(*(np.empty(0, np.int64),) * 4, 0, np.empty(0, np.int64))
-    pw = _plan_runs(wid * t0.row_stride, t0.row_bytes, wt, t0.align) if wid.size else empty
-    pr = _plan_runs(rid * t0.row_stride, t0.row_bytes, rt, t0.align) if rid.size else empty
-    nbytes = np.concatenate([pw.nbytes, pr.nbytes])
-    if not _use_aio(True, nbytes):
         return None
     for k in np.unique(wt).tolist():
         tabs[k]._mutating()
-    t_start = time.perf_counter()
-    buf = aio.aligned_buffer(pw.total + pr.total)
-    buf[: pw.total] = 0  # the written rows' padding
-    t0._rows_at(buf, writeable=True)[pw.pos] = rows
-    run_tab = np.concatenate([wt[pw.first], rt[pr.first]])
-    base = np.uint64(buf.ctypes.data)
-    addrs = base + np.concatenate([pw.boff, pw.total + pr.boff]).astype(np.uint64)
-    nw = pw.foff.size
-    ops = np.concatenate([np.full(nw, aio.IOCB_CMD_PWRITE), np.full(pr.foff.size, aio.IOCB_CMD_PREAD)])
-    fds = np.array([t._fd for t in tabs])[run_tab]
-    sizes = np.array([t.file_bytes for t in tabs])[run_tab]
+    start = time.perf_counter()
+    blind = all(t.exclusive_blocks for t in tabs)
     try:
-        _aio_runs(ops, fds, np.concatenate([pw.foff, pr.foff]), nbytes, addrs, sizes,
-                  lambda i: tabs[run_tab[i]].path)
+        got = (_many_blind if blind else _many_rmw)(tabs, wt, wid, rows, rt, rid)
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
         log.debug("batched exchange refused (%s); table by table", e)  # each table then finds its own way
         return None
-    out = t0._gather(buf, pr.pos, pw.total // 4)
+    if got is None:
+        return None
+    out, dev_w, dev_r = got
     n = len(tabs)
-    dev_w = np.bincount(wt[pw.first], weights=pw.nbytes, minlength=n) if nw else np.zeros(n)
-    dev_r = np.bincount(rt[pr.first], weights=pr.nbytes, minlength=n) if pr.foff.size else np.zeros(n)
     rows_w, rows_r = np.bincount(wt, minlength=n), np.bincount(rt, minlength=n)
-    dt = (time.perf_counter() - t_start) / max(1, int(np.count_nonzero(rows_w + rows_r)))
+    dt = (time.perf_counter() - start) / max(1, int(np.count_nonzero(rows_w + rows_r)))
     for k, t in enumerate(tabs):
         t._dev_bytes_written += int(dev_w[k])
         t._dev_bytes_read += int(dev_r[k])
@@ -948,3 +937,76 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
         if rows_r[k]:
             t._account("read", int(rows_r[k]), dt / 2 if rows_w[k] else dt)
     return out
+
+
+def _runs_of(tabs, run_tab):
+    """Per block run: its table's O_DIRECT descriptor and file size."""
+    return np.array([t._fd for t in tabs])[run_tab], np.array([t.file_bytes for t in tabs])[run_tab]
+
+
+def _many_blind(tabs, wt, wid, rows, rt, rid):
+    """`exchange_many` of padded rows: writes and reads in one AIO batch. (rows read, device bytes
+    written per table, device bytes read per table), or None if a run is too long for one op."""
+    t0, n = tabs[0], len(tabs)
+    pw = _plan_runs(wid * t0.row_stride, t0.row_bytes, wt, t0.align)
+    pr = _plan_runs(rid * t0.row_stride, t0.row_bytes, rt, t0.align)
+    nbytes = np.concatenate([pw.nbytes, pr.nbytes])
+    if not _use_aio(True, nbytes):
+        return None
+    buf = aio.aligned_buffer(pw.total + pr.total)
+    buf[: pw.total] = 0  # the written rows' padding
+    t0._rows_at(buf, writeable=True)[pw.pos] = rows
+    run_tab = np.concatenate([wt[pw.first], rt[pr.first]])
+    addrs = np.uint64(buf.ctypes.data) + np.concatenate([pw.boff, pw.total + pr.boff]).astype(np.uint64)
+    ops = np.concatenate([np.full(pw.foff.size, aio.IOCB_CMD_PWRITE), np.full(pr.foff.size, aio.IOCB_CMD_PREAD)])
+    fds, sizes = _runs_of(tabs, run_tab)
+    _aio_runs(ops, fds, np.concatenate([pw.foff, pr.foff]), nbytes, addrs, sizes, lambda i: tabs[run_tab[i]].path)
+    return (t0._gather(buf, pr.pos, pw.total // 4), np.bincount(wt[pw.first], weights=pw.nbytes, minlength=n),
+            np.bincount(rt[pr.first], weights=pr.nbytes, minlength=n))
+
+
+def _many_rmw(tabs, wt, wid, rows, rt, rid):
+    """`exchange_many` of packed rows: every block of both sets read in one AIO batch, the written
+    rows patched in, their blocks written in a second (a file's partial last block through the page
+    cache). Same result as `_many_blind`."""
+    t0, n, W = tabs[0], len(tabs), wid.size
+    tab = np.concatenate([wt, rt]).astype(np.int64)
+    ids = np.concatenate([wid, rid])
+    order = np.lexsort((ids, tab))  # by (table, row)
+    tab, ids = tab[order], ids[order]
+    if np.any((ids[1:] == ids[:-1]) & (tab[1:] == tab[:-1])):
+        raise ValueError("exchange_many: a row is repeated, or both written and read")
+    is_w = order < W
+    plan = _plan_runs(ids * t0.row_stride, t0.row_bytes, tab, t0.align)
+    if not _use_aio(True, plan.nbytes):
+        return None
+    buf = aio.aligned_buffer(plan.total)
+    base = np.uint64(buf.ctypes.data)
+    addrs = base + plan.boff.astype(np.uint64)
+    run_tab = tab[plan.first]
+    fds, sizes = _runs_of(tabs, run_tab)
+    path_of = lambda i: tabs[run_tab[i]].path  # noqa: E731
+    _aio_runs(aio.IOCB_CMD_PREAD, fds, plan.foff, plan.nbytes, addrs, sizes, path_of)
+    dev_r = np.bincount(run_tab, weights=np.minimum(plan.nbytes, sizes - plan.foff), minlength=n)
+    win = t0._rows_at(buf, writeable=True)
+    out = np.empty((rid.size, t0.width), np.float32)
+    out[order[~is_w] - W] = win[plan.pos[~is_w]]  # before the patch: the read rows as on disk
+    win[plan.pos[is_w]] = rows[order[is_w]]
+    wr = np.unique(np.searchsorted(plan.first, np.flatnonzero(is_w), side="right") - 1)  # runs with a written row
+    foff, nbytes, size = plan.foff[wr], plan.nbytes[wr], sizes[wr]
+    valid = np.minimum(nbytes, size - foff)
+    aligned = np.where(valid == nbytes, valid, valid // t0.align * t0.align)
+    a = np.flatnonzero(aligned > 0)
+    _aio_runs(aio.IOCB_CMD_PWRITE, fds[wr][a], foff[a], aligned[a], addrs[wr][a], size[a],
+              lambda i: tabs[run_tab[wr[a[i]]]].path)
+    mv = memoryview(buf)
+    try:
+        for i in np.flatnonzero(valid > aligned).tolist():  # a file's partial last block: at most one per table
+            t = tabs[run_tab[wr[i]]]
+            off, v, b = int(foff[i] + aligned[i]), int(valid[i] - aligned[i]), int(plan.boff[wr[i]] + aligned[i])
+            os.pwrite(t._bfd, mv[b : b + v], off)
+            os.posix_fadvise(t._bfd, off, v, os.POSIX_FADV_DONTNEED)
+    finally:
+        mv.release()
+    dev_w = np.bincount(run_tab[wr], weights=valid, minlength=n)
+    return out, dev_w, dev_r

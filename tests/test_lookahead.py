@@ -248,6 +248,34 @@ def test_table_group_reads_and_writes_its_members_in_their_own_row_numbers(tmp_p
         ConcatTable([a, SsdTable(tmp_path / "c.tbl", 4, 3, 1, create=True, init_seed=1)], names=["a", "c"])
 
 
+def test_group_stopped_mid_step_keeps_the_slices_updates(tmp_path):
+    """A pipeline closed while the model holds its slices of a step (an error in the step): the group's
+    working set is released dirty, so nothing stays pinned and the slices' updates reach the files.
+    The pipeline finds the group's members' features by itself (no ``sources``)."""
+    from tierec.storage.group import TableGroup
+
+    rng = np.random.default_rng(1)
+    batches = make_batches(rng, 6, 8, ["a", "b"], 60)
+    g = TableGroup("g")
+    views = [g.add(SsdTable(tmp_path / f"{k}.tbl", 60, 4, 1, create=True, init_seed=3, table_index=i), 20, k)
+             for i, k in enumerate("ab")]
+    pipe = LookaheadPipeline(batches, {"g": g.cache}, window=4, depth=2)
+    for step, b in zip(range(4), pipe):
+        d = b.sparse.to_dict()
+        wss = [v.acquire(torch.unique(d[v.name].values)) for v in views]
+        if step == 3:
+            ids = wss[0].ids
+            before = wss[0].weight.index_select(0, wss[0].index).clone()
+            wss[0].weight.index_add_(0, wss[0].index, torch.ones(ids.numel(), 4))
+            break
+        for v, ws in zip(views, wss):
+            v.release(ws, dirty=True)
+    pipe.close()
+    assert int(g.cache._pins.sum()) == 0
+    g.cache.flush()
+    assert torch.equal(views[0].backing.read(ids)[0], before + 1)
+
+
 @pytest.mark.parametrize("capacity,window,depth,row_align,grouped", [
     (40, 3, 2, 0, False), (120, 8, 4, 0, False), (40, 3, 2, 512, False), (80, 3, 2, 0, True), (80, 6, 3, 512, True)])
 def test_lookahead_training_on_o_direct_files_is_bit_identical(tmp_path, monkeypatch, capacity, window, depth,

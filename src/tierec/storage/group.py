@@ -297,15 +297,16 @@ class TableGroup:
         self._cache = None
         self._steps: dict[int, _Step] = {}
 
-    def add(self, backing, cache_rows: int, name: str, host_rows: int = 0) -> TableView:
-        """Join table ``name`` (its store ``backing``); returns its view. Only before first use."""
+    def add(self, backing, cache_rows: int, name: str, host_rows: int = 0, feature: str | None = None) -> TableView:
+        """Join table ``name`` (its store ``backing``; ``feature``: the sparse key it serves, default
+        ``name``); returns its view. Only before first use."""
         if self._cache is not None:
             raise RuntimeError(f"table group {self.name!r} is in use; table {name!r} cannot join it now")
         off = sum(b.num_embeddings for _, b in self.members)
         self.members.append((name, backing))
         self.cache_rows += int(cache_rows)
         self.host_rows += int(host_rows)
-        view = TableView(self, len(self.views), name, backing, off)
+        view = TableView(self, len(self.views), name, backing, off, feature or name)
         self.views.append(view)
         return view
 
@@ -324,11 +325,22 @@ class TableGroup:
             if self.host_rows:
                 below = LookaheadCache(below, self.host_rows, device="cpu", name=f"{self.name}@host")
             self._cache = LookaheadCache(below, self.cache_rows, device=self.device, name=self.name)
-            self._cache.members = names
+            self._cache.group = self
             log.info("table group %s: %d tables (%s) behind one look-ahead cache of %d rows%s", self.name,
                      len(names), ", ".join(names), self._cache.capacity,
                      f" (host tier {self.host_rows} rows)" if self.host_rows else "")
         return self._cache
+
+    def sources(self) -> list[tuple[str, int, None, int]]:
+        """What the group's cache sees of a batch, for `LookaheadPipeline`: each member's feature, shifted
+        by the member's offset."""
+        return [(v.feature, 0, None, v.offset) for v in self.views]
+
+    def abandon(self) -> None:
+        """The pipeline stopped mid-step: release the slices' step as dirty (exact: at worst a
+        write-back of unchanged rows)."""
+        for step in list(self._steps):
+            self.cache.release(self._steps.pop(step).ws, dirty=True)
 
     # ------------------------------------------------------------------ look-ahead steps (trainer thread)
     def _take(self, view: TableView, ids: torch.Tensor) -> WorkingSet:
@@ -361,8 +373,9 @@ class TableGroup:
 class TableView:
     """Member ``name`` of a `TableGroup`, as a `TableStorage` in its own row numbers [0, num_embeddings)."""
 
-    def __init__(self, group: TableGroup, index: int, name: str, backing, offset: int):
+    def __init__(self, group: TableGroup, index: int, name: str, backing, offset: int, feature: str | None = None):
         self.group, self.index, self.name, self.backing, self.offset = group, index, name, backing, offset
+        self.feature = feature or name
         self.num_embeddings, self.dim, self.state_dim = backing.num_embeddings, backing.dim, backing.state_dim
 
     def acquire(self, ids: torch.Tensor) -> WorkingSet:

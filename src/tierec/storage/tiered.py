@@ -147,7 +147,7 @@ def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSam
             if key not in groups:
                 groups[key] = TableGroup(f"group:d{tcfg.embedding_dim}", device,
                                          getattr(cfg, "prefetch_threads", None))
-            return groups[key].add(ssd, p.cache_rows, tcfg.name, host_rows=rows)
+            return groups[key].add(ssd, p.cache_rows, tcfg.name, host_rows=rows, feature=tcfg.key)
         if host_bytes:
             cls = LookaheadCache if p.policy == "lookahead" else CachedTable
             kw = {} if p.policy == "lookahead" else {"policy": "lru" if p.policy == "freq" else p.policy}

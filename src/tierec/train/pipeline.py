@@ -79,7 +79,8 @@ class LookaheadPipeline:
         # Which IDs of a batch each cache sees: parts (sparse key, lo, hi, offset) -> the key's IDs in [lo, hi),
         # minus lo (a row-wise shard of a table under torch.distributed; hi None: all), plus offset (a member
         # of a table group); default: its own key's IDs.
-        self.sources = {name: _parts((sources or {}).get(name, (name, 0, None))) for name in caches}
+        self.sources = {name: _parts((sources or {}).get(name) or _default_source(name, c))
+                        for name, c in caches.items()}
         # Lower tiers of a chain (device <- DRAM <- SSD): a LookaheadCache backing a LookaheadCache.
         # Each is prefetched `lower_depth` steps ahead, so the tier above finds its misses there.
         self.lower_depth = min(window, lower_depth or 4 * self.depth)
@@ -224,6 +225,8 @@ class LookaheadPipeline:
         for c in self._all_caches():
             c.pipeline = None
         for key, c in self.caches.items():
+            if getattr(c, "group", None) is not None:  # slices handed to the model and never released
+                c.group.abandon()
             while c._prepared:
                 c.release(c._prepared.popleft(), dirty=False)
             if key in self._partial:
@@ -410,6 +413,12 @@ class LookaheadPipeline:
             self._ready.append((step, batch))
             self._cond.notify_all()
         return True
+
+
+def _default_source(name: str, cache) -> tuple | list:
+    """A table group's cache sees its members' features; any other cache its own key's IDs."""
+    group = getattr(cache, "group", None)
+    return group.sources() if group is not None else (name, 0, None)
 
 
 def _parts(src) -> list[tuple[str, int, int | None, int]]:

@@ -64,10 +64,10 @@ def _syscall(nr: int, *args: int) -> int:
 class AioRing:
     """One kernel AIO context (``io_setup``) of ``depth`` slots; use one per thread (`ring()`)."""
 
-    def __init__(self, depth: int = DEPTH):
+    def __init__(self, depth: int | None = None):
         if _NR is None:
             raise OSError(errno.ENOSYS, "Linux AIO is not available on this platform")
-        self.depth = int(depth)
+        self.depth = int(depth or DEPTH)
         self._ctx = ctypes.c_ulong(0)
         _syscall(_NR[0], self.depth, ctypes.addressof(self._ctx))
         self._events = np.zeros(self.depth, EVENT)

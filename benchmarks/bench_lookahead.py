@@ -12,7 +12,9 @@ Two parts:
   training does, rows brought in on demand) at windows of 10, 50, 200 batches and the whole
   trace, beside simulated LRU and LFU and Belady's MIN (tierec.cache.sim) on the same trace.
   "lookahead+prefetch" also prepares ``--depth`` steps ahead, as the training pipeline does
-  (those rows are pinned early, which costs some hits). Hit rate = 1 - rows fetched / lookups.
+  (those rows are pinned early, which costs some hits). "synth group of N" replays the N
+  synthetic tables as one table group (rows linearized, one cache of N x the capacity), against
+  MIN on the same linearized trace. Hit rate = 1 - rows fetched / lookups.
 * ``speed``: the same DLRM (row-wise Adagrad, bottom MLP 13-512-256-D, top 512-256-1) trained
   on the same batches by one worker process per peer, rounds alternating:
   ``memory`` (every table in memory), ``lru`` (SsdTable files behind LRU caches of
@@ -105,6 +107,14 @@ def part_hits(a, traces: dict) -> list[dict]:
     for k in list(traces)[: a.hit_tables]:
         steps = [torch.from_numpy(np.ascontiguousarray(x)) for x in traces[k]]
         rows.append(hit_table(f"synth {k}", steps, max(1, int(a.cache_fraction * a.table_rows)), windows, a.depth))
+        print(f"# hits: {rows[-1]['trace']} done", file=sys.stderr, flush=True)
+    keys = list(traces)[: a.hit_tables]
+    if len(keys) > 1:  # the same tables as one table group: rows linearized, one cache of the summed size
+        n = len(traces[keys[0]])
+        steps = [torch.from_numpy(np.concatenate([np.asarray(traces[k][i], np.int64) + j * a.table_rows
+                                                  for j, k in enumerate(keys)])) for i in range(n)]
+        cap = len(keys) * max(1, int(a.cache_fraction * a.table_rows))
+        rows.append(hit_table(f"synth group of {len(keys)}", steps, cap, windows, a.depth))
         print(f"# hits: {rows[-1]['trace']} done", file=sys.stderr, flush=True)
     if a.arc:
         from tierec.cache.traces import read_arc
@@ -216,6 +226,8 @@ def worker(peer, a, stream, root, total_steps, conn):
                 res["stall_s"] = pipe.stats["stall_s"] - st0["stall_s"]
                 res["late_steps"] = pipe.stats["late_steps"] - st0["late_steps"]
                 res["worker_cpu_s"] = pipe.stats["worker_cpu_s"] - st0["worker_cpu_s"]
+                res["window_sum"] = pipe.stats["window_sum"] - st0["window_sum"]
+                res["prepared_steps"] = pipe.stats["prepared_steps"] - st0["prepared_steps"]
             conn.send(res)
     except Exception as e:  # noqa: BLE001  (report, do not hang the parent)
         conn.send({"error": f"{peer}: {type(e).__name__}: {e}\n{traceback.format_exc()}"})
@@ -306,7 +318,10 @@ def part_speed(a, stream, work: Path) -> dict:
         print(f"#   {p}: CPU per step of {1e3 * secs / steps:.1f} ms: trainer thread {1e3 * tcpu:.1f} ms, "
               f"other threads {1e3 * (pcpu - tcpu):.1f} ms")
         if _is_la(p):
-            print(f"#   look-ahead worker thread: {1e3 * wcpu:.1f} ms CPU per step (overlapped with the step)")
+            win = sum(r["window_sum"] for r in rs) / max(1, sum(r["prepared_steps"] for r in rs))
+            out["peers"][p]["mean_window_steps"] = win
+            print(f"#   look-ahead worker thread: {1e3 * wcpu:.1f} ms CPU per step (overlapped with the step); "
+                  f"the oracle saw {win:.0f} steps ahead on average (window {a.window})")
     if base_p in results:  # paired: each round's peers ran back to back, so the machine's drift cancels
         for p in a.peers:
             if p != base_p:

@@ -93,9 +93,8 @@ class ConcatTable:
         self.num_embeddings = int(self.offsets[-1])
         from tierec.storage.ssd import SsdTable
 
-        # every member an SsdTable with one row per direct-I/O block: exchanges go in one AIO batch
-        self._all_ssd = all(isinstance(t, SsdTable) for t in tables)
-        self._ssd_direct = self._all_ssd and all(t.odirect for t in tables)  # exchanges: one batched pass
+        self._all_ssd = all(isinstance(t, SsdTable) for t in tables)  # reads: one read_many plan
+        self._ssd_direct = self._all_ssd and all(t.odirect for t in tables)  # exchanges: one exchange_many pass
         n = min(io_threads or default_io_threads(self.tables), len(tables))
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="tierec-group-io") if n > 1 else None
 
@@ -126,16 +125,17 @@ class ConcatTable:
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``ids`` (unique) -> (weight [U, dim], state [U, state_dim])."""
         ids, order = self._sorted(ids)
-        w = torch.empty(ids.numel(), self.dim)
-        s = torch.empty(ids.numel(), self.state_dim)
         parts = self._parts(ids)
         if self._all_ssd and len(parts) > 1:  # one batched read over all members' files (one AIO batch)
             from tierec.storage.ssd import read_many
 
             got = read_many([(self.tables[t], (ids[lo:hi] - int(self.offsets[t])).numpy()) for t, lo, hi in parts])
-            rows = torch.from_numpy(np.concatenate(got)) if len(got) > 1 else torch.from_numpy(got[0])
+            rows = torch.from_numpy(np.concatenate(got))
             w, s = rows[:, : self.dim].contiguous(), rows[:, self.dim:].contiguous()
         else:
+            w = torch.empty(ids.numel(), self.dim)
+            s = torch.empty(ids.numel(), self.state_dim)
+
             def one(p):
                 t, lo, hi = p
                 w[lo:hi], s[lo:hi] = self.tables[t].read(ids[lo:hi] - int(self.offsets[t]))

@@ -44,7 +44,11 @@ LATE_S = 1e-4  # a step that waited longer than this for its rows counts as late
 # Memory the oracles hold per unique ID of an observed step (counted against max_bytes): the IDs (8 B), the
 # next-use ring and its index positions (12 B, with 1.5x growth slack 18 B), a share of the hash map id -> latest use
 OCCURRENCE_BYTES = 32
-SWITCH_INTERVAL_S = 5e-4  # the interpreter's GIL switch interval while a pipeline runs (see __init__)
+SWITCH_INTERVAL_S = 5e-4
+# Batches read ahead after each step prepared for a trainer that was waiting, while the window is short of
+# `window`: when the storage is slower than the steps, the worker would otherwise only prepare, the window
+# would shrink to the few steps being prepared, and eviction would see no further than them.
+CATCH_UP_READS = 2  # the interpreter's GIL switch interval while a pipeline runs (see __init__)
 
 
 def batch_nbytes(b: Batch) -> int:
@@ -117,7 +121,7 @@ class LookaheadPipeline:
         self._window_capped = False
         self.stats = {"steps": 0, "stall_s": 0.0, "late_steps": 0, "max_stall_s": 0.0, "lead_sum": 0,
                       "bypass_table_steps": 0, "worker_wait_room": 0, "window_peak": 0,
-                      "worker_cpu_s": 0.0}
+                      "worker_cpu_s": 0.0, "window_sum": 0, "prepared_steps": 0}
         for c in self._all_caches():
             if c.pipeline is not None:
                 raise RuntimeError(f"cache {c.name!r} is already driven by another pipeline")
@@ -210,6 +214,7 @@ class LookaheadPipeline:
         st = dict(self.stats)
         n = max(st["steps"], 1)
         st["mean_lead_steps"] = st.pop("lead_sum") / n
+        st["mean_window_steps"] = st.pop("window_sum") / max(st["prepared_steps"], 1)  # the future eviction saw
         st["late_fraction"] = st["late_steps"] / n
         st.update(window=self.window, depth=self.depth)
         return st
@@ -261,10 +266,17 @@ class LookaheadPipeline:
 
     def _run(self) -> None:
         self._mark_worker()
+        owed = 0  # batches still to read ahead before serving the trainer again
         try:
             while self._park_if_paused():
                 self.stats["worker_cpu_s"] = time.thread_time()  # CPU time of the look-ahead thread
+                if owed:  # a worker that only ever served a waiting trainer would let the window run dry
+                    if self._read_ahead():
+                        owed -= 1
+                        continue
+                    owed = 0
                 if not self._ready and self._prepare_next():  # the trainer waits: serve it before reading on
+                    owed = CATCH_UP_READS if self._next_read - self._next_take < self.window else 0
                     continue
                 if self._read_ahead():
                     continue
@@ -403,6 +415,8 @@ class LookaheadPipeline:
                 while self._release_gen == gen and not self._stop and not self._pause_req:
                     self._cond.wait()
             return False
+        self.stats["window_sum"] += self._next_read - step  # steps observed from this one on
+        self.stats["prepared_steps"] += 1
         for key, cache in self.caches.items():
             cache.push_prepared(self._partial[key])
         self._partial.clear()

@@ -362,6 +362,29 @@ def test_window_is_capped_by_max_bytes(tmp_path, caplog):
     assert "window limited" in caplog.text, (peaks, per)
 
 
+def test_storage_bound_worker_keeps_reading_ahead():
+    """Storage slower than the steps: the worker serves the waiting trainer, but still reads ahead
+    (CATCH_UP_READS per step), so eviction keeps seeing far beyond the step being prepared."""
+
+    class SlowTable(InMemoryTable):
+        def read(self, ids):
+            time.sleep(0.01)  # 10 ms per batched read: slower than the trainer's steps
+            return self.weight[ids].clone(), self.state[ids].clone()
+
+        def write(self, ids, w, s):
+            self.weight[ids], self.state[ids] = w, s
+
+    rng = np.random.default_rng(2)
+    batches = make_batches(rng, 60, 16, ["a"], 400, zipf=1.05)
+    cache = LookaheadCache(SlowTable(400, 4, 1), 30, name="a")
+    with LookaheadPipeline(batches, {"a": cache}, window=50, depth=2) as pipe:
+        for b in pipe:
+            cache.release(cache.acquire(torch.unique(b.sparse.to_dict()["a"].values)), dirty=True)
+        summary = pipe.summary()
+    assert summary["late_fraction"] > 0.5  # storage-bound, as intended
+    assert summary["mean_window_steps"] > 8, summary  # without the catch-up reads: ~2, the steps being prepared
+
+
 @pytest.mark.parametrize("top,lower", [(12, 30), (40, 8), (1, 20)])
 def test_two_tier_chain_is_bit_identical(tmp_path, top, lower):
     """device <- DRAM <- SSD as two look-ahead caches: the lower tier is prefetched further ahead

@@ -44,11 +44,11 @@ LATE_S = 1e-4  # a step that waited longer than this for its rows counts as late
 # Memory the oracles hold per unique ID of an observed step (counted against max_bytes): the IDs (8 B), the
 # next-use ring and its index positions (12 B, with 1.5x growth slack 18 B), a share of the hash map id -> latest use
 OCCURRENCE_BYTES = 32
-SWITCH_INTERVAL_S = 5e-4
+SWITCH_INTERVAL_S = 5e-4  # the interpreter's GIL switch interval while a pipeline runs (see __init__)
 # Batches read ahead after each step prepared for a trainer that was waiting, while the window is short of
 # `window`: when the storage is slower than the steps, the worker would otherwise only prepare, the window
 # would shrink to the few steps being prepared, and eviction would see no further than them.
-CATCH_UP_READS = 2  # the interpreter's GIL switch interval while a pipeline runs (see __init__)
+CATCH_UP_READS = 2
 
 
 def batch_nbytes(b: Batch) -> int:

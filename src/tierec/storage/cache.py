@@ -56,6 +56,22 @@ def _storage_device(st) -> torch.device:
     return torch.device(dev if dev is not None else "cpu")
 
 
+def sort_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``ids`` sorted, the permutation that sorted them), or (``ids``, None) if already sorted."""
+    if ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all()):
+        return ids, None
+    return torch.sort(ids)
+
+
+def unsort(order: torch.Tensor | None, w: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of sorted IDs (``w``, ``s``) back in the order the IDs came in (`sort_ids`'s ``order``)."""
+    if order is None:
+        return w, s
+    w2, s2 = torch.empty_like(w), torch.empty_like(s)
+    w2[order], s2[order] = w, s
+    return w2, s2
+
+
 def _unpin(pins: torch.Tensor, slots: torch.Tensor) -> None:
     pins.index_add_(0, slots, pins.new_full((1,), -1).expand(slots.numel()))
 
@@ -602,10 +618,7 @@ class CachedTable:
     # ------------------------------------------------------------------ batched row access (for upper tiers)
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``ids`` (unique, any order) as fresh tensors; misses are admitted like in `acquire`."""
-        ids = ids.to(self.device)
-        order = None
-        if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
-            ids, order = torch.sort(ids)
+        ids, order = sort_ids(ids.to(self.device))
         ws = self.acquire(ids)
         try:
             if ws.handle.kind == "temp":
@@ -614,11 +627,7 @@ class CachedTable:
                 w, s = ws.weight.index_select(0, ws.index), ws.state.index_select(0, ws.index)
         finally:
             self.release(ws, dirty=False)
-        if order is not None:
-            w2, s2 = torch.empty_like(w), torch.empty_like(s)
-            w2[order], s2[order] = w, s
-            w, s = w2, s2
-        return w, s
+        return unsort(order, w, s)
 
     def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
         """Write rows ``ids`` (unique, any order): into the cache (write-allocate, no fetch, dirty);
@@ -627,8 +636,8 @@ class CachedTable:
         weight, state = weight.to(self.device), state.to(self.device)
         if ids.numel() == 0:
             return
-        if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
-            ids, order = torch.sort(ids)
+        ids, order = sort_ids(ids)
+        if order is not None:
             weight, state = weight[order], state[order]
         hit, slots = self._lookup(ids)
         hit_idx, miss_idx = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)

@@ -38,6 +38,7 @@ import torch
 
 from tierec.errors import ConfigError
 from tierec.modules.embedding import WorkingSet
+from tierec.storage.cache import sort_ids, unsort
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +116,10 @@ class ConcatTable:
             return [fn(p) for p in parts]
         return list(self._pool.map(fn, parts))
 
-    @staticmethod
-    def _sorted(ids: torch.Tensor):
-        if ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all()):
-            return ids, None
-        return torch.sort(ids)
-
     # ------------------------------------------------------------------ batched rows
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``ids`` (unique) -> (weight [U, dim], state [U, state_dim])."""
-        ids, order = self._sorted(ids)
+        ids, order = sort_ids(ids)
         parts = self._parts(ids)
         if self._all_ssd and len(parts) > 1:  # one batched read over all members' files (one AIO batch)
             from tierec.storage.ssd import read_many
@@ -141,14 +136,10 @@ class ConcatTable:
                 w[lo:hi], s[lo:hi] = self.tables[t].read(ids[lo:hi] - int(self.offsets[t]))
 
             self._map(one, parts)
-        if order is not None:
-            w2, s2 = torch.empty_like(w), torch.empty_like(s)
-            w2[order], s2[order] = w, s
-            w, s = w2, s2
-        return w, s
+        return unsort(order, w, s)
 
     def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
-        ids, order = self._sorted(ids)
+        ids, order = sort_ids(ids)
         if order is not None:
             weight, state = weight[order], state[order]
 

@@ -104,10 +104,14 @@ class ConcatTable:
         """Positions in sorted ``ids`` where each member's rows start: [T + 1]."""
         return torch.searchsorted(ids, self._offsets_t.to(ids.device)).tolist()
 
+    def _check(self, ids) -> None:
+        """Sorted ``ids`` (tensor or array) must lie in [0, num_embeddings)."""
+        if len(ids) and not (0 <= int(ids[0]) and int(ids[-1]) < self.num_embeddings):
+            raise IndexError(f"row ID out of range [0, {self.num_embeddings}) of the table group")
+
     def _parts(self, ids: torch.Tensor) -> list[tuple[int, int, int]]:
         """(member, lo, hi) of sorted ``ids``: member's rows are ids[lo:hi], minus offsets[member]."""
-        if ids.numel() and not (0 <= int(ids[0]) and int(ids[-1]) < self.num_embeddings):
-            raise IndexError(f"row ID out of range [0, {self.num_embeddings}) of the table group")
+        self._check(ids)
         b = self._bounds(ids)
         return [(t, b[t], b[t + 1]) for t in range(len(self.tables)) if b[t + 1] > b[t]]
 
@@ -186,10 +190,10 @@ class ConcatTable:
         from tierec.storage.ssd import exchange_many
 
         wid, rid = write_ids.numpy(), read_ids.numpy()
+        self._check(wid)
+        self._check(rid)
         wt = np.searchsorted(self.offsets, wid, side="right") - 1  # member of every row
         rt = np.searchsorted(self.offsets, rid, side="right") - 1
-        if wid[-1] >= self.num_embeddings or rid[-1] >= self.num_embeddings or wid[0] < 0 or rid[0] < 0:
-            raise IndexError(f"row ID out of range [0, {self.num_embeddings}) of the table group")
         rows = torch.cat([weight, state], 1).numpy() if self.state_dim else weight.contiguous().numpy()
         out = exchange_many(self.tables, wt, wid - self.offsets[wt], rows, rt, rid - self.offsets[rt])
         if out is None:
@@ -259,6 +263,7 @@ class ConcatTable:
 class _Step:
     """The group's working set of one step, while its members hold their slices."""
 
+    step: int
     ws: WorkingSet
     bounds: list[int]  # [T + 1]: member t's rows are ws.ids[bounds[t]:bounds[t + 1]]
     taken: list[bool] = field(default_factory=list)
@@ -271,7 +276,6 @@ class _ViewHandle:
     view: TableView
     inner: WorkingSet | None = None  # a working set of the group's cache, outside look-ahead steps
     step: _Step | None = None  # look-ahead: the step this slice belongs to
-    step_no: int | None = None
     released: bool = False
 
 
@@ -317,6 +321,9 @@ class TableGroup:
                 below = LookaheadCache(below, self.host_rows, device="cpu", name=f"{self.name}@host")
             self._cache = LookaheadCache(below, self.cache_rows, device=self.device, name=self.name)
             self._cache.group = self
+            # where each member's rows start in a step's (sorted) IDs: searchsorted against these
+            self._offsets = torch.tensor([v.offset for v in self.views] + [self._cache.num_embeddings],
+                                         device=self._cache.device)
             log.info("table group %s: %d tables (%s) behind one look-ahead cache of %d rows%s", self.name,
                      len(names), ", ".join(names), self._cache.capacity,
                      f" (host tier {self.host_rows} rows)" if self.host_rows else "")
@@ -340,9 +347,8 @@ class TableGroup:
         st = self._steps.get(step)
         if st is None:
             ws = c.take_prepared(step)
-            b = torch.searchsorted(ws.ids, torch.tensor([v.offset for v in self.views] + [c.num_embeddings],
-                                                        device=ws.ids.device)).tolist()
-            st = self._steps[step] = _Step(ws, b, [False] * len(self.views), len(self.views))
+            b = torch.searchsorted(ws.ids, self._offsets).tolist()
+            st = self._steps[step] = _Step(step, ws, b, [False] * len(self.views), len(self.views))
         t = view.index
         lo, hi = st.bounds[t], st.bounds[t + 1]
         if st.taken[t] or not torch.equal(st.ws.ids[lo:hi] - view.offset, ids):
@@ -350,14 +356,14 @@ class TableGroup:
                                f"prepared step {step}; pause the pipeline for other lookups")
         st.taken[t] = True
         return WorkingSet(ids, st.ws.index[lo:hi], st.ws.weight, st.ws.state,
-                          handle=_ViewHandle(view, step=st, step_no=step))
+                          handle=_ViewHandle(view, step=st))
 
     def _release_slice(self, h: _ViewHandle, dirty: bool) -> None:
         st = h.step
         st.dirty |= bool(dirty)  # marking a clean row dirty costs a write-back, never a value
         st.left -= 1
         if st.left == 0:
-            del self._steps[h.step_no]
+            del self._steps[st.step]
             self.cache.release(st.ws, dirty=st.dirty)
 
 

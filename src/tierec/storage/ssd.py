@@ -602,117 +602,34 @@ class SsdTable:
 
     def _aio_write_runs(self, foff: np.ndarray, nbytes: np.ndarray, boff: np.ndarray, addrs: np.ndarray,
                         mv: memoryview) -> int:
-        """Write block runs from the aligned buffer behind ``mv`` (run i: ``nbytes[i]`` bytes at file offset
-        ``foff[i]``, buffer offset ``boff[i]``, address ``addrs[i]``): whole blocks in one AIO batch, a file's
-        partial last block through the page cache. Bytes written."""
-        size = self.file_bytes
-        valid = np.minimum(nbytes, size - foff)
-        aligned = np.where(valid == nbytes, valid, valid // self.align * self.align)
-        w = np.flatnonzero(aligned > 0)
-        done = _aio_runs(aio.IOCB_CMD_PWRITE, np.full(w.size, self._fd), foff[w], aligned[w], addrs[w],
-                         np.full(w.size, size), lambda i: self.path)
-        for i in np.flatnonzero(valid > aligned).tolist():  # only the file's last run can have a tail
-            a, v, b = int(foff[i] + aligned[i]), int(valid[i] - aligned[i]), int(boff[i] + aligned[i])
-            os.pwrite(self._bfd, mv[b : b + v], a)
-            os.posix_fadvise(self._bfd, a, v, os.POSIX_FADV_DONTNEED)
-            done += v
-        return done
+        """`_write_block_runs` of this file's runs; bytes written."""
+        return int(_write_block_runs([self], np.zeros(foff.size, np.int64), foff, nbytes, boff, addrs, mv).sum())
 
     def exchange(self, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
                  read_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write rows ``write_ids`` (weight [W, dim], state [W, state_dim]) and read rows ``read_ids``
         ([R], none of them written here) -> (weights [R, dim], state [R, state_dim]).
 
-        A cache's eviction write-back and its misses, in one pass: with O_DIRECT and AIO the blocks
-        that hold either set are read in one batch, the read rows copied out, the written rows
-        patched in, and just the blocks that hold written rows written back in a second batch --
-        two device round trips where `write` then `read` take three (the write's read-modify-write,
-        then the read), and a block holding rows of both sets is read once. Elsewhere it is
-        `write` then `read`. With padded rows whose blocks hold one row each (`exclusive_blocks`) the
-        written rows' blocks are not read at all, and go in the same batch as the reads."""
+        A cache's eviction write-back and its misses, in one pass: with O_DIRECT and AIO this is
+        `exchange_many` of this one file -- the blocks that hold either set read in one batch, the
+        written rows patched in, and just the blocks that hold written rows written back in a
+        second batch: two device round trips where `write` then `read` take three, and a block
+        holding rows of both sets is read once; with padded rows whose blocks hold one row each
+        (`exclusive_blocks`) the written rows' blocks are not read at all, and go in the same batch
+        as the reads. Elsewhere it is `write` then `read`."""
         wid, rid = self._check_ids(write_ids), self._check_ids(read_ids)
         if wid.size and rid.size and self.odirect and aio.available():
-            self._mutating()
-            rows = self._join(weight, state)
-            t0 = time.perf_counter()
-            out = (self._exchange_blind if self.exclusive_blocks else self._exchange_rmw)(wid, rows, rid)
+            ws, rs = np.argsort(wid, kind="stable"), np.argsort(rid, kind="stable")
+            rows = self._join(weight, state)[ws]
+            out = exchange_many([self], np.zeros(wid.size, np.int64), wid[ws], rows, np.zeros(rid.size, np.int64),
+                                rid[rs])
             if out is not None:
-                dt = (time.perf_counter() - t0) / 2
-                self._account("write", wid.size, dt)
-                self._account("read", rid.size, dt)
-                return self._split(out)
+                res = np.empty_like(out)
+                res[rs] = out
+                return self._split(res)
         if wid.size:  # elsewhere, or where the batched pass could not run: write, then read
             self.write(write_ids, weight, state)
         return self.read(read_ids)
-
-    def _exchange_rmw(self, wid: np.ndarray, rows: np.ndarray, rid: np.ndarray) -> np.ndarray | None:
-        """`exchange` of rows that share blocks: the blocks of both sets read in one AIO batch, the
-        written rows patched in, their blocks written in a second. Rows read [R, width], or None
-        where it cannot run (then nothing was written)."""
-        ids = np.concatenate([wid, rid])
-        order = np.argsort(ids, kind="stable")
-        ids = ids[order]
-        if np.any(ids[1:] == ids[:-1]):
-            raise ValueError(f"{self.path}: exchange: a row ID is repeated, or both written and read")
-        is_w = order < wid.size
-        plan = self._plan(ids)
-        if not _use_aio(True, plan.nbytes):
-            return None
-        buf = aio.aligned_buffer(plan.total)
-        mv = memoryview(buf)
-        addrs = buf.ctypes.data + plan.boff.astype(np.uint64)
-        dev_read = dev_written = 0
-        try:
-            dev_read = self._aio_read_runs(plan, addrs)
-            win = self._rows_at(buf, writeable=True)
-            out = np.empty((rid.size, self.width), np.float32)
-            out[order[~is_w] - wid.size] = win[plan.pos[~is_w]]  # before the patch: the read rows as on disk
-            win[plan.pos[is_w]] = rows[order[is_w]]
-            run_of = np.searchsorted(plan.first, np.flatnonzero(is_w), side="right") - 1
-            wr = np.unique(run_of)  # the runs that hold a written row
-            dev_written = self._aio_write_runs(plan.foff[wr], plan.nbytes[wr], plan.boff[wr], addrs[wr], mv)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self._direct_fallback(e)  # opened, but the filesystem refuses O_DIRECT I/O
-            return None
-        finally:
-            self._dev_bytes_read += dev_read
-            self._dev_bytes_written += dev_written
-            mv.release()
-        return out
-
-    def _exchange_blind(self, wid: np.ndarray, rows: np.ndarray, rid: np.ndarray) -> np.ndarray | None:
-        """`exchange` where no block holds two rows: the written rows' blocks are written without being read,
-        in the same AIO batch as the reads of ``rid`` (different blocks: no order between them). Rows
-        read [R, width], or None where it cannot run (then nothing was written)."""
-        if np.intersect1d(wid, rid, assume_unique=True).size:
-            raise ValueError(f"{self.path}: exchange: a row ID is both written and read")
-        ws, rs = np.argsort(wid, kind="stable"), np.argsort(rid, kind="stable")
-        pw, pr = self._plan(wid[ws]), self._plan(rid[rs])
-        nbytes = np.concatenate([pw.nbytes, pr.nbytes])
-        if not _use_aio(True, nbytes):  # a run too long for one AIO op
-            return None
-        buf = aio.aligned_buffer(pw.total + pr.total)
-        buf[: pw.total] = 0  # the written rows' padding
-        self._rows_at(buf, writeable=True)[pw.pos] = rows[ws]
-        nw, nr = pw.foff.size, pr.foff.size
-        base = np.uint64(buf.ctypes.data)
-        addrs = np.concatenate([base + pw.boff.astype(np.uint64), base + np.uint64(pw.total) + pr.boff.astype(np.uint64)])
-        ops = np.concatenate([np.full(nw, aio.IOCB_CMD_PWRITE), np.full(nr, aio.IOCB_CMD_PREAD)])
-        try:
-            _aio_runs(ops, np.full(nw + nr, self._fd), np.concatenate([pw.foff, pr.foff]), nbytes, addrs,
-                      np.full(nw + nr, self.file_bytes), lambda i: self.path)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self._direct_fallback(e)  # opened, but the filesystem refuses O_DIRECT I/O
-            return None
-        self._dev_bytes_written += int(pw.nbytes.sum())
-        self._dev_bytes_read += int(pr.nbytes.sum())
-        out = np.empty((rid.size, self.width), np.float32)
-        out[rs] = self._gather(buf, pr.pos, pw.total // 4)
-        return out
 
     # ------------------------------------------------------------------ counters
     def _account(self, op: str, rows: int, seconds: float) -> None:
@@ -939,6 +856,33 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
     return out
 
 
+def _refuse_repeats(tabs, tab: np.ndarray, ids: np.ndarray) -> None:
+    """ValueError naming the file if a (table, row) of the (table, row)-sorted arrays comes twice."""
+    bad = np.flatnonzero((ids[1:] == ids[:-1]) & (tab[1:] == tab[:-1]))
+    if bad.size:
+        k = int(bad[0])
+        raise ValueError(f"{tabs[tab[k]].path}: exchange: row {int(ids[k])} is repeated, or both written and read")
+
+
+def _write_block_runs(tabs, run_tab: np.ndarray, foff: np.ndarray, nbytes: np.ndarray, boff: np.ndarray,
+                      addrs: np.ndarray, mv: memoryview) -> np.ndarray:
+    """Write block runs from the aligned buffer behind ``mv`` (run i: ``nbytes[i]`` bytes of file
+    ``tabs[run_tab[i]]`` at offset ``foff[i]``, buffer offset ``boff[i]``, address ``addrs[i]``): whole
+    blocks in one AIO batch, a file's partial last block through the page cache. Bytes written per run."""
+    fds, size = _runs_of(tabs, run_tab)
+    valid = np.minimum(nbytes, size - foff)
+    align = tabs[0].align
+    aligned = np.where(valid == nbytes, valid, valid // align * align)
+    a = np.flatnonzero(aligned > 0)
+    _aio_runs(aio.IOCB_CMD_PWRITE, fds[a], foff[a], aligned[a], addrs[a], size[a], lambda i: tabs[run_tab[a[i]]].path)
+    for i in np.flatnonzero(valid > aligned).tolist():  # only a file's last run can have a tail
+        t = tabs[run_tab[i]]
+        off, v, b = int(foff[i] + aligned[i]), int(valid[i] - aligned[i]), int(boff[i] + aligned[i])
+        os.pwrite(t._bfd, mv[b : b + v], off)
+        os.posix_fadvise(t._bfd, off, v, os.POSIX_FADV_DONTNEED)
+    return valid
+
+
 def _runs_of(tabs, run_tab):
     """Per block run: its table's O_DIRECT descriptor and file size."""
     return np.array([t._fd for t in tabs])[run_tab], np.array([t.file_bytes for t in tabs])[run_tab]
@@ -948,6 +892,9 @@ def _many_blind(tabs, wt, wid, rows, rt, rid):
     """`exchange_many` of padded rows: writes and reads in one AIO batch. (rows read, device bytes
     written per table, device bytes read per table), or None if a run is too long for one op."""
     t0, n = tabs[0], len(tabs)
+    tab, ids = np.concatenate([wt, rt]).astype(np.int64), np.concatenate([wid, rid])
+    order = np.lexsort((ids, tab))
+    _refuse_repeats(tabs, tab[order], ids[order])  # a block both written and read in one batch: a race
     pw = _plan_runs(wid * t0.row_stride, t0.row_bytes, wt, t0.align)
     pr = _plan_runs(rid * t0.row_stride, t0.row_bytes, rt, t0.align)
     nbytes = np.concatenate([pw.nbytes, pr.nbytes])
@@ -974,8 +921,7 @@ def _many_rmw(tabs, wt, wid, rows, rt, rid):
     ids = np.concatenate([wid, rid])
     order = np.lexsort((ids, tab))  # by (table, row)
     tab, ids = tab[order], ids[order]
-    if np.any((ids[1:] == ids[:-1]) & (tab[1:] == tab[:-1])):
-        raise ValueError("exchange_many: a row is repeated, or both written and read")
+    _refuse_repeats(tabs, tab, ids)
     is_w = order < W
     plan = _plan_runs(ids * t0.row_stride, t0.row_bytes, tab, t0.align)
     if not _use_aio(True, plan.nbytes):
@@ -993,19 +939,9 @@ def _many_rmw(tabs, wt, wid, rows, rt, rid):
     out[order[~is_w] - W] = win[plan.pos[~is_w]]  # before the patch: the read rows as on disk
     win[plan.pos[is_w]] = rows[order[is_w]]
     wr = np.unique(np.searchsorted(plan.first, np.flatnonzero(is_w), side="right") - 1)  # runs with a written row
-    foff, nbytes, size = plan.foff[wr], plan.nbytes[wr], sizes[wr]
-    valid = np.minimum(nbytes, size - foff)
-    aligned = np.where(valid == nbytes, valid, valid // t0.align * t0.align)
-    a = np.flatnonzero(aligned > 0)
-    _aio_runs(aio.IOCB_CMD_PWRITE, fds[wr][a], foff[a], aligned[a], addrs[wr][a], size[a],
-              lambda i: tabs[run_tab[wr[a[i]]]].path)
     mv = memoryview(buf)
     try:
-        for i in np.flatnonzero(valid > aligned).tolist():  # a file's partial last block: at most one per table
-            t = tabs[run_tab[wr[i]]]
-            off, v, b = int(foff[i] + aligned[i]), int(valid[i] - aligned[i]), int(plan.boff[wr[i]] + aligned[i])
-            os.pwrite(t._bfd, mv[b : b + v], off)
-            os.posix_fadvise(t._bfd, off, v, os.POSIX_FADV_DONTNEED)
+        valid = _write_block_runs(tabs, run_tab[wr], plan.foff[wr], plan.nbytes[wr], plan.boff[wr], addrs[wr], mv)
     finally:
         mv.release()
     dev_w = np.bincount(run_tab[wr], weights=valid, minlength=n)

@@ -92,19 +92,18 @@ def lookahead_caches(tables, sources: dict | None = None) -> tuple[dict, dict]:
     sees: a table's own cache by its key, or the cache of its `TableGroup` by the group's name (fed by
     all members' IDs, each shifted by its offset). ``sources``: key -> (feature, lo, hi) where a table
     sees other IDs than its key's (shards)."""
+    src = sources or {}
     caches, out = {}, {}
     for t in tables:
         key, st = t.config.key, t.storage
-        feature, lo, hi = (sources or {}).get(key, (key, 0, None))
         if isinstance(st, TableView):
-            caches.setdefault(st.group.name, st.group.cache)
-            out.setdefault(st.group.name, []).append((feature, lo, hi, st.offset))
+            g = st.group
+            if g.name not in caches:
+                caches[g.name] = g.cache
+                out[g.name] = [(*src.get(f, (f, 0, None)), off) for f, _, _, off in g.sources()]
         elif isinstance(st, LookaheadCache):
             caches[key] = st
-            out[key] = (feature, lo, hi)
-    for parts in out.values():
-        if isinstance(parts, list):
-            parts.sort(key=lambda p: p[3])
+            out[key] = src.get(key, (key, 0, None))
     return caches, out
 
 

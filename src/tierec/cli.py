@@ -2,15 +2,24 @@
 
 Each command group lives next to the code it drives and exposes
 ``register(subparsers)``; every sub-parser sets ``func(args) -> int``.
-User errors (`TierecError`) print one line and exit 2, never a traceback.
+
+One handler (`run_command`) maps every *expected* error to one line on stderr and
+exit code 2, never a traceback: user errors (`TierecError`), and what the world can
+do to a run -- file-system errors (disk full, permissions, a path that is a file),
+undecodable text, unreadable Arrow/Parquet data, truncated compressed input. A
+closed stdout (``tierec data info | head``) ends quietly. Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import sys
+import zlib
 
 from tierec import __version__
 from tierec.errors import TierecError
@@ -51,11 +60,42 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return run_command(args.func, args)
+
+
+def describe_error(e: BaseException) -> str | None:
+    """One line for an expected error (module doc), or None for one that is a bug."""
+    import pyarrow as pa
+
+    if isinstance(e, TierecError):
+        return str(e)
+    if isinstance(e, OSError) and not isinstance(e, pa.ArrowException):
+        where = f"{e.filename}: " if e.filename else ""
+        what = e.strerror or str(e) or type(e).__name__
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            what += " (the disk is full; files being written were discarded, earlier checkpoints are intact)"
+        return f"{where}{what}"
+    if isinstance(e, UnicodeError):
+        return f"text is not valid UTF-8 ({e})"
+    if isinstance(e, (pa.ArrowException, zlib.error, EOFError)):
+        return f"cannot read the data ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'truncated input'})"
+    return None
+
+
+def run_command(func, args) -> int:
+    """Run a sub-command; expected errors become one line and exit 2 (module doc)."""
     try:
-        return int(args.func(args) or 0)
-    except TierecError as e:
-        print(f"tierec: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return int(func(args) or 0)
     except KeyboardInterrupt:
         print("tierec: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our stdout went away (`| head`): nothing left to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not raise again
+        return 141
+    except Exception as e:
+        message = describe_error(e)
+        if message is None:
+            raise
+        print(f"tierec: error: {' '.join(message.split())}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)

@@ -22,9 +22,12 @@ from tierec.errors import ConfigError
 
 def load_config_file(path: str | Path) -> dict:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: config file does not exist")
-    text = path.read_text()
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist" if not path.exists() else f"{path}: not a file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -115,6 +118,9 @@ def from_dict(cls, data: dict, source: str = "config"):
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"{source}: key {odd[0]!r} is a {type(odd[0]).__name__}, expected a name (a string)")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(fields))})")
@@ -134,7 +140,10 @@ def parse_bytes(text, what: str = "memory budget") -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
         raise ConfigError(f"{what}: cannot read {text!r} as a number of bytes (e.g. 2GiB, 512MiB, 1.5GB, 1048576)")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    x = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not x < 2**63:
+        raise ConfigError(f"{what}: {text!r} is too large (at most 8 EiB)")
+    n = int(x)
     if n <= 0:
         raise ConfigError(f"{what} must be > 0 bytes, got {text!r}")
     return n

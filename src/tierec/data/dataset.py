@@ -98,6 +98,27 @@ class Schema:
     def from_json(d: dict) -> "Schema":
         return Schema(list(d["dense"]), [SparseFeature(**f) for f in d["sparse"]], d.get("session_key"))
 
+    def differences(self, other: "Schema") -> list[str]:
+        """What differs from ``other``, in words, this schema's side first (empty when equal)."""
+        out = []
+        if self.dense != other.dense:
+            out.append(f"dense features {_names(self.dense)} vs {_names(other.dense)}")
+        mine, theirs = {f.name: f for f in self.sparse}, {f.name: f for f in other.sparse}
+        if list(mine) != list(theirs):
+            out.append(f"sparse features {_names(list(mine))} vs {_names(list(theirs))}")
+        for name in (n for n in mine if n in theirs):
+            for k, a in asdict(mine[name]).items():
+                b = getattr(theirs[name], k)
+                if a != b:
+                    out.append(f"{name}.{k} {a!r} vs {b!r}")
+        if self.session_key != other.session_key:
+            out.append(f"session key {self.session_key!r} vs {other.session_key!r}")
+        return out
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    return "[" + ", ".join(names[:limit]) + (f", ... ({len(names)})" if len(names) > limit else "") + "]"
+
 
 # --------------------------------------------------------------------------- in-memory chunks
 @dataclass

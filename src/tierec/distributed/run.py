@@ -35,21 +35,20 @@ def _log_as_rank(rank: int) -> None:
 
 
 def _last_checkpoint(out: str) -> str:
-    try:
-        return str(ckpt.resolve_checkpoint(out))
-    except TierecError:
-        return "none yet"
+    latest = ckpt.latest_or_none(out)
+    return str(latest) if latest is not None else "none yet"
 
 
 @record
-def train_distributed(cfg, resume: bool = False) -> int:
+def train_distributed(cfg, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False) -> int:
     from tierec.distributed.trainer import DistributedTrainer
 
     d = init_from_env(cfg.device, cfg.sharding.timeout_s)
     _log_as_rank(d.rank)
     log.info("rank %d of %d on %s (%s)", d.rank, d.world, d.device, dist.get_backend())
     try:
-        summary = DistributedTrainer(cfg, d, resume=resume).fit()
+        summary = DistributedTrainer(cfg, d, resume=resume, overwrite=overwrite,
+                                     allow_config_change=allow_config_change).fit()
     except RuntimeError as e:  # gloo/NCCL errors are RuntimeErrors (DistError is one too)
         if not (isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "Timed out", "timed out"))):
             raise

@@ -42,7 +42,8 @@ from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.plan import AccessSample, TableNeeds, measure_lookups
 from tierec.train import checkpoint as ckpt
 from tierec.train.metrics import log_loss, roc_auc
-from tierec.train.trainer import Trainer
+from tierec.train.rundir import claim_run_dir, existing_run
+from tierec.train.trainer import Trainer, data_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def merge_storage_plans(plans: list[list[dict]], shards: list[Shard]) -> list[di
 class DistributedTrainer(Trainer):
     """`Trainer` for one rank of a torchrun job (see module doc)."""
 
-    def __init__(self, cfg, d: Dist, resume: bool = False):
+    def __init__(self, cfg, d: Dist, resume: bool = False, overwrite: bool = False,
+                 allow_config_change: bool = False):
         self.dist = d
         if d.rank != 0:
             cfg = replace(cfg, progress=False)
@@ -122,7 +124,7 @@ class DistributedTrainer(Trainer):
             if d.rank == 0:
                 log.info("dedup of user-side features is not used with sharded tables (plain batches)")
             cfg = replace(cfg, dedup=False)
-        super().__init__(cfg, resume=resume)
+        super().__init__(cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
         ids = [d.local_rank] if d.device.type == "cuda" else None
         with warnings.catch_warnings():  # broadcast_buffers=False is still the way to skip the initial sync
             warnings.simplefilter("ignore", FutureWarning)
@@ -149,6 +151,18 @@ class DistributedTrainer(Trainer):
                                                 for k in kinds},
                            "time_share_per_rank": [round(x, 4) for x in share]}
         return summary
+
+    def _claim_run_dir(self, resume: bool, overwrite: bool):
+        """Rank 0 claims and locks the shared run directory; the others refuse an existing run just as it
+        does (so every rank stops, none waits for a peer that left)."""
+        found = existing_run(self.out) if self.out.is_dir() else []
+        dist.barrier()  # every rank has looked before rank 0 writes anything there
+        if self.dist.rank == 0:
+            return claim_run_dir(self.out, resume, overwrite)
+        if found and not resume and not overwrite:
+            raise ConfigError(f"--out {self.out}: already holds a run ({', '.join(found)}); pass --resume to "
+                              "continue it or --overwrite to start over (deletes them)")
+        return None
 
     @property
     def ebc(self) -> ShardedEmbeddingCollection:
@@ -197,14 +211,15 @@ class DistributedTrainer(Trainer):
         return d.all_reduce_sum(loss.detach().reshape(1), "allreduce_loss").item()
 
     @torch.no_grad()
-    def evaluate(self, split: str = "test") -> dict:
-        """AUC and log-loss over the whole split: every rank scores its slice, the scores are gathered."""
+    def evaluate(self) -> dict:
+        """AUC and log-loss over the whole held-out split: every rank scores its slice, the scores are gathered."""
         d, cfg = self.dist, self.cfg
         kept = (dict(d.stats.bytes), dict(d.stats.seconds), dict(d.stats.calls))  # count training steps only
         was = self.model.training
         self.model.eval()
         probs, labels = [], []
-        for batch in self.ds.batches(split, cfg.eval_batch_size, max_rows=cfg.max_eval_rows):
+        split = self.eval_split
+        for batch in self.eval_ds.batches(split, cfg.eval_batch_size, max_rows=cfg.max_eval_rows):
             b = row_bounds(batch.size, d.world)
             local = slice_batch(batch, b[d.rank], b[d.rank + 1]).to(self.device)
             p = torch.sigmoid(self.model(local.dense, local.sparse))
@@ -218,7 +233,7 @@ class DistributedTrainer(Trainer):
         self.model.train(was)
         d.stats.bytes, d.stats.seconds, d.stats.calls = kept
         if not probs:
-            raise TierecError(f"{self.ds.root}: split {split!r} has no rows to evaluate")
+            raise TierecError(f"{self.eval_ds.root}: split {split!r} has no rows to evaluate")
         p, y = np.concatenate(probs), np.concatenate(labels)
         return {"split": split, "rows": int(y.size), "auc": roc_auc(y, p), "logloss": log_loss(y, p),
                 "positive_rate": float(y.mean())}
@@ -271,6 +286,7 @@ class DistributedTrainer(Trainer):
         meta = {"tierec_version": __version__, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "samples": self.samples, "train_s": self.train_s,
                 "config": self.cfg.to_dict(), "schema": self.ds.schema.to_json(),
+                "data_fingerprint": data_fingerprint(self.ds),
                 "storage_plan": merge_storage_plans([p for _, p in gathered], self.shards)}
         return ckpt.publish_checkpoint(tmp, self.step, dense_state, files, table_meta, meta, self.cfg.keep_checkpoints)
 

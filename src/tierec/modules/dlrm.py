@@ -20,6 +20,8 @@ parameters, the state_dict and the logits (within float rounding) are the plain 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -28,9 +30,13 @@ from tierec.sparse import KeyedJaggedTensor
 
 
 def mlp(sizes: list[int], last_activation: bool) -> nn.Sequential:
+    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ReLUs between. ``sizes[0]`` may be 0 (a data set
+    without dense features): the first layer is then its bias alone, a learned constant."""
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        with warnings.catch_warnings():  # a [n, 0] weight: its (no-op) initialisation warns on every run
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2 or last_activation:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)

@@ -35,8 +35,10 @@ class TwoTower(nn.Module):
         self.item_keys = [k for k in embeddings.keys if sides.get(k) == "item"]
         if not self.user_keys or not self.item_keys:
             raise ConfigError("the two-tower model needs user-side and item-side sparse features; this data set has "
-                              f"{len(self.user_keys)} user-side and {len(self.item_keys)} item-side "
-                              "(e.g. `tierec data synth --user-features K --session-length L`)")
+                              f"{len(self.user_keys)} user-side and {len(self.item_keys)} item-side; declare "
+                              "user-side features with `side: user` in the field map of `tierec data convert` "
+                              "(MovieLens: user_id is user-side), or `tierec data synth --user-features K "
+                              "--session-length L`")
         dim = embeddings.tables[0].config.embedding_dim
         self.dim = dim
         self.user_mlp = mlp([len(self.user_keys) * dim, *tower_mlp, dim], last_activation=False)

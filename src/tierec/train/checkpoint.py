@@ -5,15 +5,23 @@ Layout of a run's checkpoints::
     RUN/checkpoints/
       LATEST                     name of the newest complete checkpoint (replaced atomically)
       step-00000120/
-        manifest.json            step, epoch, config, schema, tables, sha256 + size of every file
-        dense.pt                 dense weights, dense optimizer, RNG states, counters (torch.save)
+        manifest.json            step, epoch, config, schema, tables, sha256 + size of every file, and
+                                 the sha256 of the manifest's own fields (``manifest_sha256``)
+        dense.pt                 dense weights, dense optimizer, RNG state (torch.save of tensors and
+                                 plain containers only: loaded with ``weights_only=True``)
         tables/<name>.tbl        one file per table: float32 rows [num_embeddings, dim + state_dim],
                                  row r at byte offset r * (dim + state_dim) * 4 (weights, then state)
 
 A checkpoint is written into ``step-N.tmp-*``, every file fsynced, then renamed
 to ``step-N`` and only then published in ``LATEST``: a crash at any point leaves
-the previous checkpoint intact. Loading checks every file's size and sha256.
+the previous checkpoint intact. Loading checks every file's size and sha256, and
+the manifest's own fields (step, epoch, position, config) against ``manifest_sha256``.
 The table files are the same fixed-offset row files the SSD tier reads.
+
+The checksums detect corruption, not tampering: whoever can write the files can
+rewrite the checksums. What keeps a crafted checkpoint from running code is that
+``dense.pt`` is unpickled with ``torch.load(weights_only=True)`` (tensors, numbers,
+strings and containers only); everything else a checkpoint needs is JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,8 +45,11 @@ from tierec.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 FORMAT = "tierec-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: manifest_sha256 covers the manifest's own fields; 1 (no such field) still loads
+VERSIONS = (1, 2)
 CHUNK_ROWS = 1 << 16
+# Manifest keys every checkpoint has (`Trainer.save`); their absence means a broken manifest.
+REQUIRED_KEYS = ("step", "files", "tables", "config", "schema", "epoch", "batch_in_epoch", "samples")
 
 
 def write_table_file(path: Path, storage) -> dict:
@@ -132,6 +144,7 @@ def publish_checkpoint(tmp: Path, step: int, dense_state: dict, table_files: dic
         files.update(table_files)
         manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files, "tables": table_meta,
                     **meta}
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         atomic_write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())
         fsync_dir(tmp / "tables")
         fsync_dir(tmp)
@@ -169,26 +182,72 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     latest = p / "LATEST"
-    if latest.exists():
-        c = p / latest.read_text().strip()
-        if not c.is_dir():
-            raise CheckpointError(f"{latest}: points to {c.name}, which does not exist")
-        return c
+    if latest.exists() or latest.is_symlink():
+        return p / _read_latest(latest)
     raise CheckpointError(f"{path}: no checkpoint found (expected a LATEST file or a manifest.json)")
 
 
+def latest_or_none(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of ``run_dir``, or None when there is none (or LATEST is unreadable)."""
+    try:
+        return resolve_checkpoint(run_dir)
+    except CheckpointError:
+        return None
+
+
+def _read_latest(latest: Path) -> str:
+    """The checkpoint name in ``LATEST`` (``step-N``), checked; errors name the newest complete one."""
+    newest = sorted(d.name for d in latest.parent.glob("step-*") if d.is_dir() and ".tmp-" not in d.name)
+    hint = (f"; the newest checkpoint directory is {latest.parent / newest[-1]}: pass it instead, or write its "
+            "name into LATEST") if newest else ""
+    if not latest.is_file():
+        raise CheckpointError(f"{latest}: is not a regular file (expected the name of the newest checkpoint){hint}")
+    try:
+        name = latest.read_bytes()[:256].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{latest}: not UTF-8 text (expected a name like step-00000120){hint}") from None
+    if not name:
+        raise CheckpointError(f"{latest}: empty (expected the name of the newest checkpoint, like step-00000120){hint}")
+    if "/" in name or name in (".", "..") or not (latest.parent / name).is_dir():
+        raise CheckpointError(f"{latest}: names {name[:64]!r}, which is not a checkpoint directory beside it{hint}")
+    return name
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest's fields (all but ``manifest_sha256``), over canonical JSON."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_manifest(ckpt: Path) -> dict:
+    """The manifest of checkpoint directory ``ckpt``, checked: JSON object, format, version, required keys,
+    and (version 2) its own fields against ``manifest_sha256``."""
     mpath = ckpt / "manifest.json"
-    if not mpath.exists():
+    if not mpath.is_file():
         raise CheckpointError(f"{mpath}: checkpoint manifest is missing")
     try:
-        m = json.loads(mpath.read_text())
+        m = json.loads(mpath.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{mpath}: manifest is not UTF-8 text; the checkpoint is corrupt") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{mpath}:{e.lineno}: manifest is not valid JSON ({e.msg}); the checkpoint is corrupt") from None
+    if not isinstance(m, dict):
+        raise CheckpointError(f"{mpath}: manifest is a JSON {type(m).__name__}, expected an object; the checkpoint is corrupt")
     if m.get("format") != FORMAT:
         raise CheckpointError(f"{mpath}: not a tierec checkpoint (format={m.get('format')!r})")
-    if m.get("version") != VERSION:
-        raise CheckpointError(f"{mpath}: checkpoint version {m.get('version')} is not supported (expected {VERSION})")
+    if m.get("version") not in VERSIONS:
+        raise CheckpointError(f"{mpath}: checkpoint version {m.get('version')!r} is not supported "
+                              f"(this tierec reads {', '.join(map(str, VERSIONS))})")
+    missing = [k for k in REQUIRED_KEYS if k not in m]
+    if missing:
+        raise CheckpointError(f"{mpath}: manifest lacks {', '.join(missing)}; the checkpoint is incomplete or corrupt")
+    if m["version"] >= 2 and m.get("manifest_sha256") != manifest_digest(m):
+        raise CheckpointError(f"{mpath}: the manifest's fields do not match its manifest_sha256 (edited or corrupt "
+                              "manifest)")
+    files = m["files"]
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("bytes"), int)
+                                              and isinstance(e.get("sha256"), str) for e in files.values()):
+        raise CheckpointError(f"{mpath}: 'files' must map each file to {{bytes, sha256}}; the manifest is corrupt")
     return m
 
 
@@ -204,16 +263,29 @@ def verify_file(path: Path, expect: dict) -> None:
 
 
 def load_dense_state(ckpt: Path, manifest: dict) -> dict:
+    """``dense.pt`` of a checkpoint, size and sha256 checked, unpickled with ``weights_only=True``: tensors,
+    numbers, strings and containers only. A file holding anything else (a pickled object whose
+    ``__reduce__`` would run code) is refused, never executed."""
     path = ckpt / "dense.pt"
     expect = manifest["files"].get("dense.pt")
-    if not path.exists() or expect is None:
+    if not path.is_file() or expect is None:
         raise CheckpointError(f"{path}: dense state is missing")
     data = path.read_bytes()
     if len(data) != expect["bytes"]:
         raise CheckpointError(f"{path}: {len(data)} bytes, manifest says {expect['bytes']} (truncated checkpoint)")
     if hashlib.sha256(data).hexdigest() != expect["sha256"]:
         raise CheckpointError(f"{path}: sha256 does not match the checkpoint manifest (corrupt checkpoint)")
-    return torch.load(io.BytesIO(data), weights_only=False)
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain containers, which "
+                              f"could run code when loaded ({first[:200]})") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable torch file ({str(e).strip()[:200]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path}: expected a dict with the model's weights under 'model'")
+    return state
 
 
 def load_tables(ckpt: Path, manifest: dict, tables: dict) -> None:

@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 HELP = {
     "data": "tierec data set directory (from `tierec data synth` or `tierec data convert`)",
-    "out": "run directory: metrics.jsonl and checkpoints/",
+    "out": "run directory: metrics.jsonl and checkpoints/ (an existing run needs --resume or --overwrite)",
+    "eval_data": "data set to evaluate on during and after training: its test split, or its train split when it "
+                 "has no test rows (default: the test split of --data; none there: no evaluation)",
     "model": "model architecture: dlrm (ranking) or two-tower (retrieval; needs user-side features)",
     "embedding_dim": "embedding dimension of every table",
     "pooling": "how a multi-hot bag is pooled",
@@ -107,6 +109,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on a tierec data set")
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file with any of the options below; flags override it")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that already holds a run (deletes its metrics, checkpoints and "
+                        "working tables)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="--resume even though a setting that changes the training trajectory (batch size, learning "
+                        "rates, seed, model shape, data, ...) differs from the checkpoint's")
     add_train_flags(p)
     p.set_defaults(func=_train)
 
@@ -132,10 +140,12 @@ def _train(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun with several processes
         from tierec.distributed.run import train_distributed
 
-        return train_distributed(cfg, resume=args.resume)
+        return train_distributed(cfg, resume=args.resume, overwrite=args.overwrite,
+                                 allow_config_change=args.allow_config_change)
     from tierec.train.trainer import Trainer
 
-    summary = Trainer(cfg, resume=args.resume).fit()
+    summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite,
+                      allow_config_change=args.allow_config_change).fit()
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -170,7 +180,7 @@ def _demo(args) -> int:
     log.info("2/3 training a DLRM")
     cfg = TrainConfig(data=str(data), out=str(out / "run"), seed=args.seed, batch_size=1024, epochs=1,
                       eval_every=0, log_every=20)
-    summary = Trainer(cfg).fit()
+    summary = Trainer(cfg, overwrite=True).fit()  # the demo starts over each time
     log.info("3/3 evaluating the checkpoint %s", summary["checkpoint"])
     model, ds, _ = load_for_eval(summary["checkpoint"])
     res = evaluate(model, ds, "test", 8192, next(model.parameters()).device)

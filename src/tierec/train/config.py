@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
@@ -37,6 +38,7 @@ class ShardingSettings:
 @dataclass
 class TrainConfig:
     data: str = ""  # tierec data set directory (`tierec data synth|convert`)
+    eval_data: str | None = None  # data set evaluated on (its test split, else its train split); default: data's test split
     out: str = "runs/train"  # run directory: metrics.jsonl, checkpoints/
     model: Literal["dlrm", "two-tower"] = "dlrm"
     embedding_dim: int = 16
@@ -94,8 +96,10 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "sparse_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.carbon_intensity is not None and not 0 <= self.carbon_intensity < math.inf:
+            raise ConfigError(f"carbon_intensity must be a finite number >= 0, got {self.carbon_intensity}")
         if any(h <= 0 for h in self.bottom_mlp + self.top_mlp + self.tower_mlp):
             raise ConfigError("MLP layer sizes must be > 0")
         self.tables = {k: TableSettings(**v) if isinstance(v, dict) else v for k, v in self.tables.items()}
@@ -118,6 +122,25 @@ class TrainConfig:
     @staticmethod
     def field_names() -> list[str]:
         return [f.name for f in fields(TrainConfig)]
+
+
+# Settings that change what a run learns: a resumed run must keep them (`trajectory_changes`). The
+# others (storage tiers and caches, which are exact; intervals; epochs and max_steps, which only
+# move the end) may change between a checkpoint and its resume.
+TRAJECTORY_KEYS = ("model", "embedding_dim", "pooling", "bottom_mlp", "top_mlp", "tower_mlp", "batch_size",
+                   "max_train_rows", "dense_optimizer", "lr", "sparse_optimizer", "sparse_lr", "shuffle", "seed")
+
+
+def trajectory_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """``"batch_size: 256 in the checkpoint, 512 now"`` for each trajectory setting that differs."""
+    now = cfg.to_dict()
+    default = TrainConfig(data="x").to_dict()
+    out = []
+    for k in TRAJECTORY_KEYS:
+        old = saved.get(k, default[k])
+        if old != now[k]:
+            out.append(f"{k}: {old!r} in the checkpoint, {now[k]!r} now")
+    return out
 
 
 def make_config(config_file: str | None, overrides: dict) -> TrainConfig:

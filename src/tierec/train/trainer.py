@@ -10,9 +10,12 @@ seed, so an interrupted and resumed run ends with the same weights.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,7 @@ from tqdm import tqdm
 from tierec import __version__, energy
 from tierec.config import parse_bytes
 from tierec.data.dataset import Dataset, Schema
-from tierec.errors import ConfigError, TierecError
+from tierec.errors import CheckpointError, ConfigError, TierecError
 from tierec.modules.dlrm import DLRM
 from tierec.modules.embedding import TableConfig, build_collection
 from tierec.modules.optim import SparseOptimizer
@@ -30,9 +33,10 @@ from tierec.storage.group import TableView
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.tiered import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds
 from tierec.train import checkpoint as ckpt
-from tierec.train.config import TrainConfig
+from tierec.train.config import TrainConfig, trajectory_changes
 from tierec.train.metrics import log_loss, roc_auc
 from tierec.train.pipeline import LookaheadPipeline
+from tierec.train.rundir import claim_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +116,68 @@ def overall_hit_rate(stats: dict[str, dict]) -> float | None:
     return sum(s.get("hits", 0) for s in stats.values()) / lookups if lookups else None
 
 
+@contextlib.contextmanager
+def new_files_removed_on_error(root: Path):
+    """Files created under ``root`` inside the block are deleted if it raises (e.g. disk full half-way
+    through creating a run's table files); files that were there before are left alone."""
+    before = {p for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if root.is_dir():
+            for p in root.rglob("*"):
+                if p.is_file() and p not in before:
+                    p.unlink(missing_ok=True)
+        raise
+
+
+def check_table_settings(cfg: TrainConfig, schema: Schema) -> None:
+    """Per-table settings (``[tables.X]``, ``[sharding] tables``) must name sparse features of the data set."""
+    names = schema.sparse_names
+    for where, keys in (("tables", cfg.tables), ("sharding.tables", cfg.sharding.tables)):
+        unknown = [k for k in keys if k not in names]
+        if unknown:
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ConfigError(f"{where}.{unknown[0]}: the data set has no sparse feature {unknown[0]!r} "
+                              f"(it has {shown})")
+
+
+def schema_differences(saved: dict, schema: Schema, limit: int = 4) -> str:
+    """What differs between a checkpoint's schema (JSON) and ``schema``, in words ('' when equal)."""
+    try:
+        other = Schema.from_json(saved)
+    except (KeyError, TypeError, TierecError) as e:
+        return f"the saved schema is unreadable: {e}"
+    return "; ".join(other.differences(schema)[:limit])
+
+
+def data_fingerprint(ds: Dataset) -> str:
+    """sha256 over the train split's files (path, sha256): which rows a run trains on, in storage order."""
+    files = [(f["path"], f["sha256"]) for f in ds.manifest["splits"]["train"]["files"]]
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
+def eval_source(cfg: TrainConfig, ds: Dataset) -> tuple[Dataset, str | None]:
+    """(data set, split) evaluated during and after training: ``--eval-data`` (its test split, or its train
+    split when it has no test rows), else the training data set's test split; split None: no held-out rows,
+    no evaluation (a data set converted with ``--test-fraction 0``)."""
+    if cfg.eval_data:
+        eds = Dataset(cfg.eval_data)
+        differs = schema_differences(eds.schema.to_json(), ds.schema)
+        if differs:
+            raise ConfigError(f"--eval-data {cfg.eval_data}: its schema differs from the training data's ({differs})")
+        split = next((s for s in ("test", "train") if s in eds.splits and eds.num_rows(s) > 0), None)
+        if split is None:
+            raise ConfigError(f"--eval-data {cfg.eval_data}: the data set has no rows")
+        log.info("evaluating on %s (split %r, %d rows)", cfg.eval_data, split, eds.num_rows(split))
+        return eds, split
+    if "test" in ds.splits and ds.num_rows("test") > 0:
+        return ds, "test"
+    log.info("%s has no held-out (test) rows: no evaluation (pass --eval-data DIR to evaluate on another set)",
+             cfg.data)
+    return ds, None
+
+
 def make_dense_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if cfg.dense_optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
@@ -157,7 +223,16 @@ def evaluate(model: DLRM, ds: Dataset, split: str, batch_size: int, device: torc
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    """One training run into ``cfg.out`` (claimed and locked for the run, see `tierec.train.rundir`).
+
+    ``resume``: continue from the newest checkpoint there (refused when a setting that changes the
+    trajectory differs from the checkpoint's, unless ``allow_config_change``); ``overwrite``: start
+    over in a directory that already holds a run."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+                 allow_config_change: bool = False):
+        cfg = replace(cfg, data=str(Path(cfg.data).resolve()),  # checkpoints work from any directory
+                      eval_data=str(Path(cfg.eval_data).resolve()) if cfg.eval_data else None)
         self.cfg = cfg
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
@@ -167,15 +242,40 @@ class Trainer:
             raise TierecError(f"{cfg.data}: data set has no 'train' split")
         if self.ds.num_rows("train") == 0:
             raise TierecError(f"{cfg.data}: the train split is empty")
+        check_table_settings(cfg, self.ds.schema)
+        self.eval_ds, self.eval_split = eval_source(cfg, self.ds)
         self.out = Path(cfg.out)
-        self.model = self._build_model(fresh=not resume)
-        self.dense_opt = make_dense_optimizer(cfg, self.model.dense_parameters())
-        self.loss_fn = torch.nn.BCEWithLogitsLoss()
-        self.epoch, self.batch_in_epoch, self.step, self.samples = 0, 0, 0, 0
-        self.train_s = 0.0
-        if resume:
-            self._resume()
-        self.log = JsonlLog(self.out / "metrics.jsonl")
+        self._lock = self._claim_run_dir(resume, overwrite)
+        try:
+            with new_files_removed_on_error(self.storage_root):  # no half-created table set (disk full)
+                self.model = self._build_model(fresh=not resume)
+            self.dense_opt = make_dense_optimizer(cfg, self.model.dense_parameters())
+            self.loss_fn = torch.nn.BCEWithLogitsLoss()
+            self.epoch, self.batch_in_epoch, self.step, self.samples = 0, 0, 0, 0
+            self.train_s = 0.0
+            if resume:
+                self._resume(allow_config_change)
+            self.log = JsonlLog(self.out / "metrics.jsonl")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def storage_root(self) -> Path:
+        """Where the SSD working files of the tables live (``--storage-dir``, default ``OUT/tables``)."""
+        return Path(self.cfg.storage_dir) if self.cfg.storage_dir else self.out / "tables"
+
+    def _claim_run_dir(self, resume: bool, overwrite: bool):  # the distributed trainer: rank 0 only
+        return claim_run_dir(self.out, resume, overwrite)
+
+    def close(self) -> None:
+        """Release the run directory (`fit` does at its end)."""
+        if self._lock is not None:
+            self._lock.close()
+
+    def _last_checkpoint(self) -> str:
+        latest = ckpt.latest_or_none(self.out)
+        return str(latest) if latest is not None else "none yet"
 
     def _build_model(self, fresh: bool) -> DLRM:  # the distributed trainer shards the tables here
         return build_model(self.cfg, self.ds.schema, self.device, dataset=self.ds, fresh=fresh)
@@ -201,18 +301,33 @@ class Trainer:
             "train_s": self.train_s,
             "config": self.cfg.to_dict(),
             "schema": self.ds.schema.to_json(),
+            "data_fingerprint": data_fingerprint(self.ds),
             "storage_plan": self.model.storage_plan,
         }
         return ckpt.save_checkpoint(self.out, self.step, dense_state, self.tables, meta, keep=self.cfg.keep_checkpoints)
 
-    def _resume(self) -> None:
+    def _resume(self, allow_config_change: bool = False) -> None:
         try:
             path = ckpt.resolve_checkpoint(self.out)
-        except TierecError:
-            raise TierecError(f"--resume: no checkpoint in {self.out} to resume from") from None
+        except TierecError as e:
+            if not (self.out / "checkpoints").is_dir():
+                raise TierecError(f"--resume: no checkpoint in {self.out} to resume from") from None
+            raise TierecError(f"--resume: {e}") from None
         m = ckpt.read_manifest(path)
-        if m["schema"] != self.ds.schema.to_json():
-            raise ConfigError(f"--resume: checkpoint {path} was trained on a data set with a different schema")
+        differs = schema_differences(m["schema"], self.ds.schema)
+        if differs:
+            raise ConfigError(f"--resume: checkpoint {path} was trained on a data set with a different schema "
+                              f"({differs})")
+        changes = trajectory_changes(m["config"], self.cfg)
+        fp = m.get("data_fingerprint")
+        if fp is not None and fp != data_fingerprint(self.ds):
+            changes.append(f"data: the train split of {self.cfg.data} is not the one the checkpoint trained on")
+        if changes and not allow_config_change:
+            raise ConfigError(f"--resume: these settings differ from checkpoint {path.name}'s and would change the "
+                              f"training trajectory: {'; '.join(changes)} (restore them, or pass "
+                              "--allow-config-change to continue anyway)")
+        for c in changes:
+            log.warning("--resume with a changed setting (--allow-config-change): %s", c)
         state = ckpt.load_dense_state(path, m)
         self._load_weights(path, m, state["model"])
         self.dense_opt.load_state_dict(state["dense_optimizer"])
@@ -262,11 +377,30 @@ class Trainer:
     def _lookahead_sources(self) -> dict | None:  # the distributed trainer maps shards to their row ranges
         return None
 
-    def evaluate(self, split: str = "test") -> dict:
-        return evaluate(self.model, self.ds, split, self.cfg.eval_batch_size, self.device,
+    def evaluate(self) -> dict:
+        """AUC and log-loss on the held-out rows (`eval_source`); callers check ``eval_split`` first."""
+        return evaluate(self.model, self.eval_ds, self.eval_split, self.cfg.eval_batch_size, self.device,
                         self.cfg.max_eval_rows, self.cfg.progress)
 
+    def _evaluate_safely(self) -> dict | None:
+        """`evaluate`, logged; a failure is logged and recorded, never fatal to the training run."""
+        try:
+            res = self.evaluate() | {"step": self.step}
+        except TierecError as e:
+            log.error("step %d: evaluation failed, training goes on: %s", self.step, e)
+            self.log.write("eval", step=self.step, epoch=self.epoch, error=str(e))
+            return None
+        self.log.write("eval", epoch=self.epoch, **res)
+        log.info("step %d: %s AUC %.4f, log-loss %.4f", self.step, self.eval_split, res["auc"], res["logloss"])
+        return res
+
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         per_epoch = self.ds.num_batches("train", cfg.batch_size, max_rows=cfg.max_train_rows)
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
@@ -293,6 +427,11 @@ class Trainer:
                 t_step = time.perf_counter()
                 for batch in pipe if pipe is not None else stream:
                     loss = self.train_step(batch)
+                    if not math.isfinite(loss):
+                        raise TierecError(
+                            f"step {self.step + 1}: the training loss is {loss} (diverged); nothing of this step is "
+                            f"saved, the last checkpoint ({self._last_checkpoint()}) is intact; lower --lr or "
+                            "--sparse-lr and --resume or start over")
                     now = time.perf_counter()
                     self.train_s += now - t_step
                     self.step += 1
@@ -323,17 +462,14 @@ class Trainer:
                         self.log.write("train", step=self.step, epoch=self.epoch, loss=window_loss / window_n,
                                        samples_per_s=sps, samples=self.samples, **extra)
                         window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
-                    do_eval = ((cfg.eval_every and self.step % cfg.eval_every == 0)
-                               or (not cfg.eval_every and end_of_epoch))
-                    if do_eval and "test" in self.ds.splits:
-                        with quiet():
-                            last_eval = self.evaluate() | {"step": self.step}
-                        self.log.write("eval", epoch=self.epoch, **last_eval)
-                        log.info("step %d: test AUC %.4f, log-loss %.4f", self.step, last_eval["auc"],
-                                 last_eval["logloss"])
                     if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or end_of_epoch or done:
                         with quiet():
-                            self.save()
+                            self.save()  # before evaluating: an evaluation never costs the training
+                    do_eval = ((cfg.eval_every and self.step % cfg.eval_every == 0)
+                               or (not cfg.eval_every and end_of_epoch))
+                    if do_eval and self.eval_split is not None:
+                        with quiet():
+                            last_eval = self._evaluate_safely() or last_eval
                     if done:
                         break
                     t_step = time.perf_counter()
@@ -341,9 +477,8 @@ class Trainer:
                 if pipe is not None:
                     pipe.close()
         bar.close()
-        if (last_eval is None or last_eval["step"] != self.step) and "test" in self.ds.splits:
-            last_eval = self.evaluate() | {"step": self.step}  # the summary reports the final model
-            self.log.write("eval", epoch=self.epoch, **last_eval)
+        if (last_eval is None or last_eval["step"] != self.step) and self.eval_split is not None:
+            last_eval = self._evaluate_safely() or last_eval  # the summary reports the final model
         report = meter.stop()
         self.log.write("energy", step=self.step, **report.to_dict())
         log.info("%s", report.summary_line())
@@ -352,7 +487,7 @@ class Trainer:
                    "samples_per_s": self.samples / self.train_s if self.train_s else None,
                    "checkpoint": str(ckpt.resolve_checkpoint(self.out)) if self.step else None}
         if last_eval:
-            summary.update(auc=last_eval["auc"], logloss=last_eval["logloss"])
+            summary.update(auc=last_eval["auc"], logloss=last_eval["logloss"], eval_step=last_eval["step"])
         stats = cache_stats(self.model)
         if stats:
             summary["cache_hit_rate"] = overall_hit_rate(stats)
@@ -368,17 +503,32 @@ class Trainer:
         return summary
 
 
+def saved_data_path(cfg: dict, ckpt_dir: Path) -> str:
+    """A checkpoint's data path: absolute since this version. An older one is relative to the directory
+    training ran in, which is the run directory minus ``cfg["out"]`` (``runs/a`` -> two levels up)."""
+    data, out = Path(cfg.get("data", "")), Path(cfg.get("out", ""))
+    if data.is_absolute() or out.is_absolute() or ".." in out.parts:
+        return str(data)
+    base = ckpt_dir.resolve().parent.parent  # RUN/checkpoints/step-N -> RUN
+    for _ in out.parts:
+        base = base.parent
+    return str(base / data) if (base / data).exists() else str(data)
+
+
 def load_for_eval(checkpoint: str, data: str | None = None, device: str = "auto") -> tuple[DLRM, Dataset, dict]:
     """Rebuild the model of a checkpoint and load its weights (for `tierec eval` and serving)."""
     path = ckpt.resolve_checkpoint(checkpoint)
     m = ckpt.read_manifest(path)
     cfg_dict = dict(m["config"])
-    if data:
-        cfg_dict["data"] = data
-    cfg = TrainConfig(**cfg_dict)
+    cfg_dict["data"] = data or saved_data_path(cfg_dict, path)
+    try:
+        cfg = TrainConfig(**cfg_dict)
+    except TypeError as e:  # a key this version does not know
+        raise CheckpointError(f"{path}/manifest.json: its config does not fit this tierec ({e})") from None
     ds = Dataset(cfg.data)
-    if ds.schema.to_json() != m["schema"]:
-        raise ConfigError(f"{cfg.data}: its schema differs from the one checkpoint {path} was trained on")
+    differs = schema_differences(m["schema"], ds.schema)
+    if differs:
+        raise ConfigError(f"{cfg.data}: its schema differs from the one checkpoint {path} was trained on ({differs})")
     dev = pick_device(device)
     plan = m.get("storage_plan") or []
     on_ssd = {p["name"] for p in plan if p["placement"] == "ssd"}

@@ -231,3 +231,33 @@ def test_movielens_100k_from_recbole(tmp_path, ml100k_inter):
     assert first.sparse["user_id"][0][0] == hash_strings(pa.array(["196"]), 2000)[0]
     m3 = convert(ml100k_inter, tmp_path / "ml3", "movielens", progress=False, rating_threshold=3)
     assert m3["splits"]["train"]["rows"] == m["splits"]["train"]["rows"]  # same split, other labels
+
+
+def _run_cli(*args: str) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.run([sys.executable, "-m", "tierec", *args], capture_output=True, text=True, timeout=120,
+                          env=env, errors="replace")
+
+
+def test_cli_garbage_and_header_only_exit_2_without_abort(tmp_path):
+    """No reader thread is left running at exit: exit code 2 and one error line, never SIGABRT or a hang."""
+    import gzip as _gzip
+
+    rng = np.random.default_rng(0)
+    garbage = tmp_path / "x.bin"
+    garbage.write_bytes(rng.bytes(20 << 20))  # big enough that a read-ahead thread would still be reading
+    gz = tmp_path / "x.tsv.gz"
+    gz.write_bytes(_gzip.compress(rng.bytes(8 << 20), compresslevel=1)[: 5 << 20])
+    header = tmp_path / "h.csv"
+    header.write_text(",".join(["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]) + "\n")
+    for path, fmt in ((garbage, "criteo-tsv"), (gz, "criteo-tsv"), (header, "criteo-csv"), (garbage, "criteo-csv")):
+        proc = _run_cli("data", "convert", str(path), "--format", fmt, "--out", str(tmp_path / "out"))
+        err = proc.stderr.strip().splitlines()
+        errors = [line for line in err if " INFO " not in line and " WARNING " not in line]
+        assert proc.returncode == 2, (path.name, fmt, proc.returncode, err[-3:])
+        assert len(errors) == 1 and errors[0].startswith(f"tierec: error: {path}"), (path.name, fmt, err)
+        assert "terminate called" not in proc.stderr

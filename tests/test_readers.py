@@ -404,3 +404,104 @@ def test_max_rows_stops_before_a_later_bad_row(tmp_path, sample_rows):
     svm.write_text("1 1:1\n0 2:1\n1 x\n")
     r, chunk, _, _ = _read_all(svm, "libsvm", max_rows=2)
     assert len(chunk) == 2
+
+
+# --------------------------------------------------------------------------- headers, blank lines, compression
+def test_criteo_csv_without_header_keeps_first_row(tmp_path, sample_rows, caplog):
+    path = tmp_path / "nohdr.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(sample_rows[:50])
+    with caplog.at_level("WARNING", logger="tierec.data.readers"):
+        r, chunk, lines, _ = _read_all(path, "criteo-csv")
+    assert len(chunk) == 50 and lines.tolist() == list(range(1, 51))
+    assert "no header" in caplog.text
+    _, ref, _, _ = _read_all(_write_tsv(tmp_path / "ref.tsv", sample_rows[:50]), "criteo-tsv")
+    np.testing.assert_array_equal(chunk.dense, ref.dense)
+    np.testing.assert_array_equal(chunk.sparse["C3"][0], ref.sparse["C3"][0])
+
+
+WS_LINES = ["   ", "\t", " \t \r", "\r", ""]
+
+
+@pytest.mark.parametrize("fmt", ["criteo-tsv", "criteo-csv", "movielens", "movielens-inter", "libsvm", "libfm"])
+def test_whitespace_only_lines_are_ignored_everywhere(tmp_path, sample_rows, fmt):
+    """Blank and whitespace-only lines anywhere (also before a header) are skipped; line numbers stay right."""
+    if fmt.startswith("criteo"):
+        sep = "," if fmt == "criteo-csv" else "\t"
+        data = [sep.join(r) for r in sample_rows[:12]]
+        bad = sep.join(["0"] * 5)
+        header = [sep.join(["label", *CRITEO_DENSE, *CRITEO_SPARSE])] if fmt == "criteo-csv" else []
+        reason = "expected 40 fields, got 5"
+    elif fmt.startswith("movielens"):
+        data = [f"{u}\t{i}\t{r}\t{874724710 + u}" for u, i, r in zip(range(1, 13), range(20, 32), [1, 5] * 6)]
+        bad = "9\t9\tgood\t1"
+        header = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"] if fmt == "movielens-inter" else []
+        reason = "rating is not a number"
+    else:
+        tok = "{}:1" if fmt == "libsvm" else "0:{}:1"
+        data = [f"{i % 2} " + tok.format(i) for i in range(12)]
+        bad = "1 x" if fmt == "libsvm" else "1 0:x:1"
+        header = []
+        reason = "expected" if fmt == "libsvm" else "idx is not"
+    body = WS_LINES[:2] + header + data[:4] + WS_LINES + data[4:8] + [WS_LINES[2]] + data[8:] + WS_LINES[:3]
+    text = "\n".join(body) + "\n"
+    path = tmp_path / ("x.inter" if fmt == "movielens-inter" else "x.txt")
+    path.write_text(text)
+    rfmt = "movielens" if fmt.startswith("movielens") else fmt
+    r, chunk, lines, _ = _read_all(path, rfmt, block_size=1024)
+    assert len(chunk) == 12 and r.stats.bad_rows == 0
+    want = [i + 1 for i, line in enumerate(body) if line in data]
+    assert lines.tolist() == want
+    path.write_text(text + WS_LINES[0] + "\n" + bad + "\n")  # a bad row after blank lines: its line number
+    for bs in (1024, 1 << 20):
+        with pytest.raises(DataError) as e:
+            _read_all(path, rfmt, block_size=bs)
+        assert e.value.line == len(body) + 2 and reason in str(e.value), str(e.value)
+
+
+def _compressed(kind: str, data: bytes) -> bytes:
+    import bz2
+    import lzma
+
+    import zstandard
+
+    if kind == "gz":
+        return gzip.compress(data)
+    if kind == "bz2":
+        return bz2.compress(data)
+    if kind == "xz":
+        return lzma.compress(data)
+    c = zstandard.ZstdCompressor()
+    half = len(data) // 2
+    return c.compress(data[:half]) + c.compress(data[half:])  # two frames, as pzstd / cat a.zst b.zst make
+
+
+@pytest.mark.parametrize("kind", ["gz", "bz2", "xz", "zst"])
+def test_bad_compressed_input_is_one_data_error(tmp_path, sample_rows, kind):
+    text = "".join("\t".join(r) + "\n" for r in sample_rows) * 20
+    blob = _compressed(kind, text.encode())
+    good = tmp_path / f"ok.tsv.{kind}"
+    good.write_bytes(blob)
+    _, chunk, _, _ = _read_all(good, "criteo-tsv", block_size=1 << 16)
+    assert len(chunk) == 4000  # every frame / member read
+    cases = {"plain": text.encode()[:50_000], "truncated": blob[: len(blob) * 2 // 5],
+             "cut-short": blob[: len(blob) - 3], "garbage": np.random.default_rng(0).bytes(50_000)}
+    for what, data in cases.items():
+        for fmt in ("criteo-tsv", "criteo-csv", "movielens", "libsvm"):
+            path = tmp_path / f"{what}.{kind}"
+            path.write_bytes(data)
+            with pytest.raises(DataError) as e:
+                _read_all(path, fmt, block_size=1 << 16)
+            assert e.value.path == str(path) and "\n" not in str(e.value), (what, fmt, str(e.value))
+
+
+def test_lone_carriage_return_is_a_bad_row_and_keeps_line_numbers(tmp_path, sample_rows):
+    rows = ["\t".join(r) for r in sample_rows[:10]]
+    rows[3] = rows[3][:20] + "\r" + rows[3][20:]  # pyarrow would end a row there
+    path = tmp_path / "cr.tsv"
+    path.write_bytes(("\r\n".join(rows[:6]) + "\r\n" + "\n".join(rows[6:]) + "\n").encode())
+    with pytest.raises(DataError) as e:
+        _read_all(path, "criteo-tsv")
+    assert e.value.line == 4 and "carriage return" in str(e.value)
+    r, chunk, lines, _ = _read_all(path, "criteo-tsv", skip_bad_rows=True)
+    assert lines.tolist() == [1, 2, 3, 5, 6, 7, 8, 9, 10] and r.stats.bad_rows == 1

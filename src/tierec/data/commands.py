@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", help="data set directory")
     p.set_defaults(func=_info)
 
-    p = dsub.add_parser("verify", help="check every file of a data set against its manifest's sha256")
+    p = dsub.add_parser("verify", help="check every file of a data set against its manifest's sha256 and "
+                                          "row-group and footer checksums")
     p.add_argument("dataset", help="data set directory")
     p.set_defaults(func=_verify)
 

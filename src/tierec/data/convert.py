@@ -53,8 +53,13 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
             rows_per_file: int = 1 << 20, row_group_size: int = 65536, field_map=None,
             max_rows: int | None = None, rating_threshold: float = 4.0,
             block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True, cluster_by: str = "none",
-            cluster_window: int = DEFAULT_WINDOW) -> dict:
+            cluster_window: int = DEFAULT_WINDOW, id_encoding=None) -> dict:
     """Convert ``input_path`` (format ``fmt``, one of `FORMATS`) into a data set at ``out_dir``.
+
+    ``id_encoding``: ``"hash"`` (default: strings hashed with `hash_strings`, libSVM/libFM indices
+    with `hash_ints`), ``"identity"`` (IDs are already rows, e.g. compact item IDs: no collisions;
+    a table without a given size gets max ID + 1 rows), or ``"NAME=ENC,..."`` per feature. The
+    manifest records each feature's encoding and the dense transform, and serving encodes by them.
 
     ``cluster_by="session"`` writes each session's rows together within windows of
     ``cluster_window`` rows (`tierec.data.cluster`); ``"shuffle"`` permutes rows within them.
@@ -71,7 +76,7 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
         raise ConfigError(f"--row-group-size must be > 0, got {row_group_size}")
     reader = open_reader(input_path, fmt, num_embeddings=num_embeddings, table_sizes=table_sizes,
                          skip_bad_rows=skip_bad_rows, field_map=field_map, rating_threshold=rating_threshold,
-                         max_rows=max_rows, block_size=block_size, progress=progress)
+                         max_rows=max_rows, block_size=block_size, progress=progress, id_encoding=id_encoding)
     out = Path(out_dir)
     prepare_output_dir(out)
     log.info("converting %s (%s, %d bytes) -> %s", reader.path, fmt, reader.path.stat().st_size, out)
@@ -84,6 +89,10 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
         split["test"].write(take_rows(block.chunk, is_test))
     for w in split.values():
         w.close()
+    for f, n, auto in zip(writer.schema.sparse, reader.table_sizes(), reader.auto_size):
+        f.num_embeddings = n
+        if auto:
+            log.info("%s: identity IDs, table sized by the largest ID: %d rows", f.name, n)
     stats = reader.stats
     fm = getattr(reader, "field_map", None)
     options = {
@@ -92,6 +101,7 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
         "skip_bad_rows": bool(skip_bad_rows),
         "max_rows": max_rows,
         "num_embeddings": num_embeddings if num_embeddings is not None else DEFAULT_NUM_EMBEDDINGS,
+        "id_encoding": id_encoding if id_encoding is None or isinstance(id_encoding, (str, dict)) else str(id_encoding),
         "table_sizes": table_sizes if table_sizes is None or isinstance(table_sizes, (list, dict)) else str(table_sizes),
         "rows_per_file": int(rows_per_file),
         "row_group_size": int(row_group_size),
@@ -127,11 +137,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="input file (.gz/.bz2/.xz/.zst are decompressed on the fly)")
     p.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
                    help="criteo-tsv: Criteo Kaggle/Terabyte train.txt / day_N (tab-separated, no header); "
-                        "criteo-csv: same columns with a header; libsvm: 'label idx:val ...'; "
+                        "criteo-csv: same columns, comma-separated, header optional; libsvm: 'label idx:val ...'; "
                         "libfm: 'label field:idx:val ...'; movielens: u.data or RecBole .inter")
     p.add_argument("--out", required=True, help="output data set directory (new, empty, or an earlier conversion)")
-    p.add_argument("--num-embeddings", type=int, default=DEFAULT_NUM_EMBEDDINGS,
-                   help="rows per embedding table; for Criteo, the cap on the published Kaggle cardinalities")
+    p.add_argument("--num-embeddings", type=int, default=None,
+                   help=f"rows per embedding table; for Criteo, the cap on the published Kaggle cardinalities "
+                        f"(default: {DEFAULT_NUM_EMBEDDINGS}; with --id-encoding identity: the largest ID + 1)")
+    p.add_argument("--id-encoding", default=None, metavar="hash|identity|NAME=ENC,...",
+                   help="how raw IDs become rows: hash (strings hashed, libSVM/libFM indices hashed as integers; "
+                        "collisions possible) or identity (IDs are rows already, e.g. compact 0..N-1 item IDs: no "
+                        "collisions); or per feature, e.g. item_id=identity (default: hash). Recorded in the "
+                        "manifest; serving encodes requests the same way")
     p.add_argument("--table-sizes", default=None, metavar="FILE_OR_LIST",
                    help="per-feature table sizes, overriding --num-embeddings: '1000,20,...' in feature order, "
                         "'C1=1000,C3=50', or a YAML/JSON file holding such a list or mapping")
@@ -161,7 +177,7 @@ def main(args) -> int:
                 rows_per_file=args.rows_per_file, row_group_size=args.row_group_size, field_map=args.field_map,
                 max_rows=args.max_rows, rating_threshold=args.rating_threshold,
                 progress=not getattr(args, "no_progress", False), cluster_by=args.cluster_by,
-                cluster_window=args.cluster_window)
+                cluster_window=args.cluster_window, id_encoding=args.id_encoding)
     dt = max(time.perf_counter() - t0, 1e-9)
     rows = {k: v["rows"] for k, v in m["splits"].items()}
     total = sum(rows.values())

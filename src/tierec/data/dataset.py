@@ -3,7 +3,7 @@
 Layout of a data set directory::
 
     DATASET/
-      manifest.json              schema, row counts, per-file sha256 and sizes
+      manifest.json              schema, row counts, per-file sizes and checksums
       train/part-00000.parquet   one file per shard, row groups of ``row_group_size``
       test/part-00000.parquet
 
@@ -25,16 +25,27 @@ runs, so a session's samples stay together.
 Readers stream one row group at a time (constant memory), shuffle row-group
 order and rows within a row group from ``(seed, epoch)``, and can start at any
 batch index (for exact resume) without reading the skipped row groups.
+
+Every byte read is checked first: the manifest holds, per file, a CRC32 of each row
+group's byte range (page headers and data of all its column chunks) and one of the rest
+of the file (leading magic, footer, trailer). `Dataset` checks the rest when it first
+opens a file and each row group as it reads it, then decodes the checked bytes; a
+mismatch, an undecodable row group or a sparse ID outside ``[0, num_embeddings)``
+raises `DataError` naming the file and the row group. Files listed without row-group
+checksums (data sets written before them) are checked against their sha256 once per
+`Dataset`, before the first read.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -50,29 +61,53 @@ FORMAT = "tierec-dataset"
 VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")  # the splits `convert` and `synth` write
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- schema
+# How a feature's raw values became rows (`tierec.data.hashing.encode_ids`); None: a data set or
+# checkpoint written before encodings were recorded (served by the old rule, with a warning).
+ENCODINGS = ("hash-string", "hash-int", "identity")
+DENSE_TRANSFORMS = ("log1p", "none")  # raw dense value -> stored value (`tierec.data.hashing.transform_dense`)
+
+
 @dataclass
 class SparseFeature:
-    """One categorical feature and the embedding table behind it."""
+    """One categorical feature and the embedding table behind it.
+
+    ``encoding``: how a raw value becomes a row in ``[0, num_embeddings)`` -- ``hash-string`` (the
+    value's text, `hash_strings`), ``hash-int`` (an integer, `hash_ints`) or ``identity`` (the
+    value is the row); training, evaluation and serving all encode by it."""
 
     name: str
     num_embeddings: int
     side: str = "item"  # "user": constant within a session; "item": varies per sample
+    encoding: str | None = "identity"
 
     def __post_init__(self):
         if self.num_embeddings <= 0:
             raise TierecError(f"sparse feature {self.name!r}: num_embeddings must be > 0, got {self.num_embeddings}")
         if self.side not in ("user", "item"):
             raise TierecError(f"sparse feature {self.name!r}: side must be 'user' or 'item', got {self.side!r}")
+        if self.encoding is not None and self.encoding not in ENCODINGS:
+            raise TierecError(f"sparse feature {self.name!r}: encoding must be one of {', '.join(ENCODINGS)}, "
+                              f"got {self.encoding!r}")
 
 
 @dataclass
 class Schema:
+    """Features of a data set. ``dense_transform``: what the converter applied to each raw dense value
+    (``log1p``: log(1 + max(x, 0)); ``none``); None when not recorded (an older data set)."""
+
     dense: list[str]
     sparse: list[SparseFeature]
     session_key: str | None = None
+    dense_transform: str | None = "none"
+
+    def __post_init__(self):
+        if self.dense_transform is not None and self.dense_transform not in DENSE_TRANSFORMS:
+            raise TierecError(f"dense_transform must be one of {', '.join(DENSE_TRANSFORMS)}, "
+                              f"got {self.dense_transform!r}")
 
     @property
     def sparse_names(self) -> list[str]:
@@ -92,11 +127,14 @@ class Schema:
         return pa.schema(fields)
 
     def to_json(self) -> dict:
-        return {"dense": self.dense, "sparse": [asdict(f) for f in self.sparse], "session_key": self.session_key}
+        return {"dense": self.dense, "sparse": [asdict(f) for f in self.sparse], "session_key": self.session_key,
+                "dense_transform": self.dense_transform}
 
     @staticmethod
     def from_json(d: dict) -> "Schema":
-        return Schema(list(d["dense"]), [SparseFeature(**f) for f in d["sparse"]], d.get("session_key"))
+        """The schema of a manifest; encodings and the dense transform are None where it predates them."""
+        sparse = [SparseFeature(**{"encoding": None, **f}) for f in d["sparse"]]
+        return Schema(list(d["dense"]), sparse, d.get("session_key"), d.get("dense_transform"))
 
     def differences(self, other: "Schema") -> list[str]:
         """What differs from ``other``, in words, this schema's side first (empty when equal)."""
@@ -113,6 +151,8 @@ class Schema:
                     out.append(f"{name}.{k} {a!r} vs {b!r}")
         if self.session_key != other.session_key:
             out.append(f"session key {self.session_key!r} vs {other.session_key!r}")
+        if self.dense_transform != other.dense_transform:
+            out.append(f"dense transform {self.dense_transform!r} vs {other.dense_transform!r}")
         return out
 
 
@@ -407,7 +447,83 @@ class SplitWriter:
             p = self.dir.parent / f["path"]
             f["bytes"] = p.stat().st_size
             f["sha256"] = sha256_file(p)
+            f.update(file_checksums(p))
         return {"rows": self.rows, "files": self.files}
+
+
+# --------------------------------------------------------------------------- checksums
+CORRUPT = "corrupt data; re-run `tierec data convert` or restore the file"
+
+
+def _group_ranges(md: pq.FileMetaData) -> list[tuple[int, int]]:
+    """(offset, bytes) of each row group: its first page (dictionary or data) to the end of its last column chunk."""
+    out = []
+    for i in range(md.num_row_groups):
+        cols = [md.row_group(i).column(j) for j in range(md.num_columns)]
+        starts = [c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset for c in cols]
+        end = max(a + c.total_compressed_size for a, c in zip(starts, cols))
+        out.append((min(starts), end - min(starts)))
+    return out
+
+
+def _outside(groups: list[dict], size: int) -> list[tuple[int, int]]:
+    """(offset, bytes) of the parts of a file outside its row groups: leading magic, any gaps, footer + trailer."""
+    out, pos = [], 0
+    for g in sorted(groups, key=lambda g: g["offset"]):
+        if g["offset"] > pos:
+            out.append((pos, g["offset"] - pos))
+        pos = max(pos, g["offset"] + g["bytes"])
+    if size > pos:
+        out.append((pos, size - pos))
+    return out
+
+
+def _pread(path: str | Path, parts: list[tuple[int, int]]) -> list[bytes]:
+    with open(path, "rb") as f:
+        return [os.pread(f.fileno(), n, o) for o, n in parts]
+
+
+def file_checksums(path: str | Path) -> dict:
+    """A Parquet shard's manifest checksums: ``row_groups`` ({offset, bytes, rows, crc32} per row group,
+    over its whole byte range) and ``footer_crc32`` (over every other byte). CRC32 (docs/data.md: twice
+    sha256's speed) detects every single-bit error and every burst of up to 32 bits."""
+    md = pq.read_metadata(path)
+    ranges = _group_ranges(md)
+    groups = [{"offset": o, "bytes": n, "rows": md.row_group(i).num_rows, "crc32": zlib.crc32(data)}
+              for i, ((o, n), data) in enumerate(zip(ranges, _pread(path, ranges)))]
+    crc = 0
+    for data in _pread(path, _outside(groups, Path(path).stat().st_size)):
+        crc = zlib.crc32(data, crc)
+    return {"row_groups": groups, "footer_crc32": crc}
+
+
+class _Span(io.RawIOBase):
+    """File-like view of ``data``, the bytes at ``offset`` of a file of ``size`` bytes: the checked bytes
+    of one row group, decoded by pyarrow without reading the file again (other reads fail)."""
+
+    def __init__(self, offset: int, data: bytes, size: int):
+        self.offset, self.data, self.size, self.pos = offset, memoryview(data), size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = (0, self.pos, self.size)[whence] + pos
+        return self.pos
+
+    def read(self, n: int = -1):
+        a = self.pos - self.offset
+        n = self.size - self.pos if n is None or n < 0 else n
+        if a < 0 or a + n > len(self.data):
+            raise OSError(f"read of bytes {self.pos}..{self.pos + n} outside the checked row group")
+        self.pos += n
+        return self.data[a : a + n]
 
 
 class DatasetWriter:
@@ -454,6 +570,74 @@ def prepare_output_dir(out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- reading
+def _decoding(path: str, what: str, fn: Callable[[], T]) -> T:
+    """``fn()``; what a corrupt or mismatched file makes pyarrow or the decoder raise becomes one `DataError`."""
+    try:
+        return fn()
+    except DataError as e:
+        if e.path is not None:
+            raise
+        raise DataError(f"{what}: {e.reason}", path) from None
+    except (pa.ArrowException, OSError, KeyError) as e:
+        reason = (str(e).splitlines() or [""])[0]
+        raise DataError(f"{what} cannot be decoded ({type(e).__name__}: {reason}; {CORRUPT})", path) from None
+
+
+_FIELDS = {  # what a manifest must hold: key -> type, per level
+    "manifest": {"format": str, "schema": dict, "splits": dict},
+    "schema": {"dense": list, "sparse": list},
+    "sparse feature": {"name": str, "num_embeddings": int},
+    "split": {"rows": int, "files": list},
+    "file": {"path": str, "rows": int, "bytes": int, "sha256": str},
+    "row group": {"offset": int, "bytes": int, "rows": int, "crc32": int},
+}
+_TYPES = {str: "a string", int: "an integer", list: "a list", dict: "a JSON object"}
+
+
+def _need(d, level: str, where: str, mpath: Path) -> None:
+    """``d`` is a JSON object holding the keys of ``level`` (`_FIELDS`) with their types, else `DataError`."""
+    if not isinstance(d, dict):
+        raise DataError(f"{where} must be a JSON object, got {type(d).__name__}", str(mpath))
+    for key, kind in _FIELDS[level].items():
+        if key not in d:
+            raise DataError(f"{where} lacks {key!r} (incomplete or corrupt manifest)", str(mpath))
+        if not isinstance(d[key], kind) or (kind is int and isinstance(d[key], bool)):
+            raise DataError(f"{where}: {key!r} must be {_TYPES[kind]}, got {type(d[key]).__name__}", str(mpath))
+
+
+def load_manifest(mpath: Path) -> dict:
+    """A data set's manifest, checked for the keys and types readers rely on; `DataError` naming it otherwise."""
+    try:
+        m = json.loads(mpath.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"manifest is not UTF-8 text (byte {e.start})", str(mpath)) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"manifest is not valid JSON ({e.msg})", str(mpath), e.lineno) from None
+    if not isinstance(m, dict):
+        raise DataError(f"manifest must be a JSON object, got {type(m).__name__}", str(mpath))
+    if m.get("format") != FORMAT:
+        raise DataError(f"not a {FORMAT} manifest (format={m.get('format')!r})", str(mpath))
+    _need(m, "manifest", "manifest", mpath)
+    _need(m["schema"], "schema", "schema", mpath)
+    for i, f in enumerate(m["schema"]["sparse"]):
+        _need(f, "sparse feature", f"schema.sparse[{i}]", mpath)
+    for name, split in m["splits"].items():
+        _need(split, "split", f"splits.{name}", mpath)
+        for i, f in enumerate(split["files"]):
+            where = f"splits.{name}.files[{i}]"
+            _need(f, "file", where, mpath)
+            if "row_groups" in f:
+                if not isinstance(f["row_groups"], list) or not isinstance(f.get("footer_crc32"), int):
+                    raise DataError(f"{where}: 'row_groups' must be a list, with 'footer_crc32' an integer",
+                                    str(mpath))
+                for j, g in enumerate(f["row_groups"]):
+                    _need(g, "row group", f"{where}.row_groups[{j}]", mpath)
+                if sum(g["rows"] for g in f["row_groups"]) != f["rows"]:
+                    raise DataError(f"{where}: its row groups' rows do not add up to its {f['rows']} rows",
+                                    str(mpath))
+    return m
+
+
 class Dataset:
     """A tierec data set directory (see module doc)."""
 
@@ -464,13 +648,12 @@ class Dataset:
             raise TierecError(f"{self.root}: data set directory does not exist")
         if not mpath.exists():
             raise TierecError(f"{mpath}: no manifest; is this a tierec data set? (make one with `tierec data convert` or `tierec data synth`)")
+        self.manifest = load_manifest(mpath)
         try:
-            self.manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"manifest is not valid JSON ({e.msg})", str(mpath), e.lineno) from None
-        if self.manifest.get("format") != FORMAT:
-            raise DataError(f"not a {FORMAT} manifest (format={self.manifest.get('format')!r})", str(mpath))
-        self.schema = Schema.from_json(self.manifest["schema"])
+            self.schema = Schema.from_json(self.manifest["schema"])
+        except (TypeError, ValueError, TierecError) as e:
+            raise DataError(f"schema: {e}", str(mpath)) from None
+        self._footers: dict[str, pq.FileMetaData] = {}  # files whose footer (or sha256) has been checked
         for split in self.manifest["splits"].values():
             for f in split["files"]:
                 p = self.root / f["path"]
@@ -510,21 +693,84 @@ class Dataset:
         return self.manifest["splits"][split]
 
     def verify(self) -> None:
-        """Recompute every file's sha256 against the manifest."""
+        """Recompute every file's sha256 and, where recorded, its row-group and footer checksums."""
         for split in self.manifest["splits"].values():
             for f in split["files"]:
-                p = self.root / f["path"]
+                p = str(self.root / f["path"])
                 if sha256_file(p) != f["sha256"]:
-                    raise DataError("sha256 does not match the manifest (corrupt file)", str(p))
+                    raise DataError(f"sha256 does not match the manifest ({CORRUPT})", p)
+                if "row_groups" in f:
+                    self._footers.pop(p, None)
+                    self._footer(p, f)
+                    for i in range(len(f["row_groups"])):
+                        self._group_bytes(p, f, i)
 
     def row_groups(self, split: str) -> list[tuple[str, int, int]]:
         """[(file path, row group index, rows)] in storage order."""
+        return [g[:3] for g in self._groups(split)]
+
+    def _groups(self, split: str) -> list[tuple[str, int, int, dict]]:
+        """[(file path, row group index, rows, the file's manifest entry)] in storage order."""
         out = []
         for f in self._split(split)["files"]:
             p = str(self.root / f["path"])
-            md = pq.ParquetFile(p).metadata
-            out += [(p, i, md.row_group(i).num_rows) for i in range(md.num_row_groups)]
+            if "row_groups" in f:
+                rows = [g["rows"] for g in f["row_groups"]]
+            else:
+                md = self._footer(p, f)
+                rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+            out += [(p, i, n, f) for i, n in enumerate(rows)]
         return out
+
+    def _footer(self, path: str, entry: dict) -> pq.FileMetaData:
+        """The file's Parquet metadata, from bytes checked against the manifest once per Dataset: the
+        footer checksum, or for a file listed without row-group checksums, the whole file's sha256."""
+        md = self._footers.get(path)
+        if md is not None:
+            return md
+        if "row_groups" not in entry:
+            if sha256_file(path) != entry["sha256"]:
+                raise DataError(f"sha256 does not match the manifest ({CORRUPT})", path)
+            md = _decoding(path, "footer", lambda: pq.read_metadata(path))
+        else:
+            parts = _pread(path, _outside(entry["row_groups"], entry["bytes"]))
+            crc = 0
+            for data in parts:
+                crc = zlib.crc32(data, crc)
+            if not parts or crc != entry["footer_crc32"]:
+                raise DataError(f"footer fails its checksum ({CORRUPT})", path)
+            md = _decoding(path, "footer", lambda: pq.ParquetFile(pa.BufferReader(parts[-1])).metadata)
+            if [md.row_group(i).num_rows for i in range(md.num_row_groups)] != [g["rows"] for g in entry["row_groups"]]:
+                raise DataError("the footer's row groups do not match the manifest's", path)
+        self._footers[path] = md
+        return md
+
+    def _group_bytes(self, path: str, entry: dict, i: int) -> bytes:
+        """Row group ``i``'s bytes, checked against its checksum."""
+        g = entry["row_groups"][i]
+        data = _pread(path, [(g["offset"], g["bytes"])])[0]
+        if zlib.crc32(data) != g["crc32"]:
+            raise DataError(f"row group {i} fails its checksum ({CORRUPT})", path)
+        return data
+
+    def _read_group(self, path: str, entry: dict, i: int) -> pa.Table:
+        """Row group ``i`` of a file, decoded from checked bytes (module doc)."""
+        md = self._footer(path, entry)
+        if "row_groups" not in entry:
+            return pq.ParquetFile(path, metadata=md).read_row_group(i)
+        g = entry["row_groups"][i]
+        src = pa.PythonFile(_Span(g["offset"], self._group_bytes(path, entry, i), entry["bytes"]), mode="r")
+        return pq.ParquetFile(src, metadata=md, pre_buffer=False).read_row_group(i)
+
+    def _check_ids(self, chunk: Chunk, path: str, i: int) -> None:
+        """Every sparse ID in ``[0, num_embeddings)``: one unsigned max per column (negative IDs wrap to huge)."""
+        for f in self.schema.sparse:
+            v = chunk.sparse[f.name][0]
+            if v.size and v.view(np.uint64).max() >= f.num_embeddings:
+                bad = int(v.min()) if v.min() < 0 else int(v.max())
+                raise DataError(f"row group {i}: sparse feature {f.name!r}: ID {bad} is outside [0, num_embeddings "
+                                f"{f.num_embeddings}) (the manifest does not match the data; re-run "
+                                "`tierec data convert`)", path)
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 start_batch: int = 0, drop_last: bool = False, max_rows: int | None = None,
@@ -552,7 +798,7 @@ class Dataset:
         ``compact``: keep stored user-side runs as `Chunk.inverse` instead of expanding them."""
         if batch_size <= 0:
             raise TierecError(f"batch size must be > 0, got {batch_size}")
-        groups = self.row_groups(split)
+        groups = self._groups(split)
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(groups)) if shuffle else np.arange(len(groups))
         total = sum(g[2] for g in groups) if max_rows is None else min(max_rows, sum(g[2] for g in groups))
@@ -575,8 +821,12 @@ class Dataset:
 
         def load(item):
             gi, drop = item
-            path, rg, n = groups[gi]
-            table = pq.ParquetFile(path).read_row_group(rg)
+            path, rg, n, entry = groups[gi]
+            chunk = _decoding(path, f"row group {rg}", lambda: decode(self._read_group(path, entry, rg), gi, n))
+            self._check_ids(chunk, path, rg)
+            return chunk.slice(drop, len(chunk)) if drop else chunk
+
+        def decode(table: pa.Table, gi: int, n: int) -> Chunk:
             if shuffle and by_session:  # whole runs: a session's rows stay together
                 starts = self._run_starts(table)
                 lens = np.diff(np.append(starts, n))
@@ -587,8 +837,7 @@ class Dataset:
             elif shuffle:
                 perm = np.random.default_rng(perms_seed[gi]).permutation(n)
                 table = table.take(pa.array(perm))
-            chunk = Chunk.from_arrow(table, self.schema, compact)
-            return chunk.slice(drop, len(chunk)) if drop else chunk
+            return Chunk.from_arrow(table, self.schema, compact)
 
         buf: list[Chunk] = []
         buffered = 0

@@ -1,4 +1,4 @@
-"""Stable, vectorised hashing of categorical values into table rows.
+"""Stable, vectorised hashing of categorical values into table rows, and the encodings built on it.
 
 Every categorical value becomes ``splitmix64(value) mod num_embeddings``:
 
@@ -9,6 +9,12 @@ Every categorical value becomes ``splitmix64(value) mod num_embeddings``:
 The hash is stable across runs, machines and numpy versions (pure uint64
 arithmetic), so the same raw value maps to the same row in training, in
 evaluation and at serving time. Out-of-range IDs are hashed the same way.
+
+A data set records per sparse feature how its raw values became rows (its *encoding*:
+``hash-string``, ``hash-int`` or ``identity``) and how dense values were transformed
+(``log1p`` or ``none``); `encode_strings` / `encode_ints` (the converter) and
+`encode_request_ids` / `transform_dense` (serving) apply them, so a raw row gets the same
+rows and values in training and at serving time.
 """
 
 from __future__ import annotations
@@ -78,3 +84,77 @@ def hash_strings(values: pa.Array | pa.ChunkedArray, num_embeddings: int) -> np.
     idx = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     out = np.where(idx >= 0, rows[np.maximum(idx, 0)] if len(rows) else -1, -1)
     return out.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- encodings
+def encode_strings(values: pa.Array | pa.ChunkedArray, encoding: str, num_embeddings: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw values as text (a string column of an input file) -> (int64 rows [n], bool bad [n]).
+
+    ``hash-string``: `hash_strings`; ``hash-int``: the text read as a non-negative integer, then
+    `hash_ints`; ``identity``: the text read as an integer row in ``[0, num_embeddings)``. Null and
+    empty strings are missing values: row -1, not bad. ``bad`` marks values the encoding cannot take
+    (not an integer, or outside the table for ``identity``)."""
+    if encoding == "hash-string":
+        rows = hash_strings(values, num_embeddings)
+        return rows, np.zeros(rows.size, bool)
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    missing = pc.fill_null(pc.equal(pc.utf8_length(values), 0), True).to_numpy(zero_copy_only=False)
+    ok = pc.fill_null(pc.match_substring_regex(values, r"^[0-9]{1,18}$"), False).to_numpy(zero_copy_only=False)
+    ints = pc.cast(pc.if_else(pa.array(ok), values, pa.scalar("0", values.type)), pa.int64()).to_numpy()
+    rows, bad = encode_ints(ints, encoding, num_embeddings)
+    bad = (bad | ~ok) & ~missing
+    return np.where(missing | bad, -1, rows), bad
+
+
+def encode_ints(values: np.ndarray, encoding: str, num_embeddings: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw integer IDs int64 [n] -> (int64 rows [n], bool bad [n]): ``hash-int`` hashes (`hash_ints`);
+    ``identity`` takes the value as the row (bad outside ``[0, num_embeddings)``); ``hash-string``
+    hashes the decimal text, as a text input file holds the integer."""
+    values = np.asarray(values, np.int64)
+    if encoding == "hash-int":
+        return hash_ints(values, num_embeddings), np.zeros(values.size, bool)
+    if encoding == "identity":
+        bad = (values < 0) | (values >= num_embeddings)
+        return np.where(bad, -1, values), bad
+    if encoding == "hash-string":
+        return hash_strings(pa.array(values.astype(str)), num_embeddings), np.zeros(values.size, bool)
+    raise ValueError(f"unknown ID encoding {encoding!r}")
+
+
+def encode_request_ids(values: list, encoding: str | None, num_embeddings: int) -> tuple[np.ndarray, np.ndarray]:
+    """IDs as a JSON request holds them (ints and strings, mixed) -> (int64 rows [n], bool bad [n]), encoded
+    as the data set was: an integer is its decimal text where the input file held text (``hash-string``),
+    a decimal string an integer where it held integers (``hash-int``, ``identity``). Empty strings are
+    missing values (row -1, as the converter reads empty fields). ``encoding`` None (a checkpoint from
+    before encodings were recorded): an integer in the table is the row, other integers are hashed with
+    `hash_ints`, strings with `hash_strings`."""
+    n = len(values)
+    rows, bad = np.full(n, -1, np.int64), np.zeros(n, bool)
+    is_str = np.fromiter((isinstance(x, str) for x in values), bool, n)
+    si, ii = np.flatnonzero(is_str), np.flatnonzero(~is_str)
+    if si.size:
+        strs = pa.array([values[k] for k in si], pa.string())
+        if encoding is None:
+            rows[si] = hash_strings(strs, num_embeddings)
+        else:
+            rows[si], bad[si] = encode_strings(strs, encoding, num_embeddings)
+    if ii.size:
+        ints = np.array([values[k] for k in ii], np.int64)
+        if encoding is None:
+            rows[ii] = np.where((ints >= 0) & (ints < num_embeddings), ints, hash_ints(ints, num_embeddings))
+        else:
+            rows[ii], bad[ii] = encode_ints(ints, encoding, num_embeddings)
+    return rows, bad
+
+
+def log1p_dense(x: np.ndarray) -> np.ndarray:
+    """DLRM's dense transform: ``log(1 + max(x, 0))``; NaN (missing) -> 0. Returns float32."""
+    x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.log1p(np.maximum(x, 0.0)).astype(np.float32)
+
+
+def transform_dense(x: np.ndarray, transform: str | None) -> np.ndarray:
+    """Raw dense values float64 [...] -> the stored float32 values: ``log1p`` (`log1p_dense`), or as they are
+    (``none``, or None: not recorded)."""
+    return log1p_dense(x) if transform == "log1p" else np.asarray(x, np.float32)

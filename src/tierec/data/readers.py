@@ -13,8 +13,11 @@ line number of every row. See ``docs/data.md`` for the formats and rules.
     reader.stats                       # rows read, bad rows skipped
 
 Malformed rows raise `DataError` ("file:line: what was wrong") unless
-``skip_bad_rows=True``, which drops and counts them. Missing or empty inputs,
-bad sizes and unknown formats raise `TierecError`.
+``skip_bad_rows=True``, which drops and counts them. Blank lines (empty or
+whitespace only) are skipped everywhere and still count for line numbers. An
+input that cannot be read or decompressed (truncated or corrupt .gz/.bz2/.xz/.zst)
+raises `DataError` naming the file, wherever in the stream it breaks. Missing or
+empty inputs, bad sizes and unknown formats raise `TierecError`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import io
 import logging
 import lzma
 import os
+import re
 import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -36,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from tierec.data.dataset import Chunk, Schema, SparseFeature
-from tierec.data.hashing import hash_ints, hash_strings
+from tierec.data.hashing import encode_ints, encode_strings, hash_strings, log1p_dense
 from tierec.errors import ConfigError, DataError, TierecError
 
 log = logging.getLogger(__name__)
@@ -52,9 +58,11 @@ CRITEO_COLUMNS = ["label", *CRITEO_DENSE, *CRITEO_SPARSE]
 
 FORMATS = ("criteo-tsv", "criteo-csv", "libsvm", "libfm", "movielens")
 DEFAULT_NUM_EMBEDDINGS = 1_000_000  # default table size (and cap on the Criteo cardinalities)
-DEFAULT_BLOCK_SIZE = 2 << 20  # bytes of input parsed at a time (pyarrow.csv holds ~25x this)
+DEFAULT_BLOCK_SIZE = 2 << 20  # bytes of input parsed at a time (two blocks in flight for CSV/TSV)
 SESSION_MODULUS = (1 << 63) - 1  # session IDs are hash_strings(user, 2**63 - 1)
 MAX_EXAMPLES = 5  # bad-row messages kept for the manifest
+MAX_LINE_BYTES = 1 << 28  # a longer "line" is not text
+_WHITESPACE = b" \t\r\n\v\f"  # a line of only these is blank
 
 _FLOAT_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 _UINT_RE = r"^[0-9]{1,18}$"
@@ -78,12 +86,6 @@ class ReadStats:
 
 
 # --------------------------------------------------------------------------- helpers
-def log1p_dense(x: np.ndarray) -> np.ndarray:
-    """DLRM's dense transform: ``log(1 + max(x, 0))``; NaN (missing) -> 0. Returns float32."""
-    x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    return np.log1p(np.maximum(x, 0.0)).astype(np.float32)
-
-
 def ids_to_jagged(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One ID per row, -1 meaning missing -> (values, offsets) with length 0 for missing rows."""
     present = ids >= 0
@@ -195,20 +197,63 @@ class _CountingReader(io.RawIOBase):
         super().close()
 
 
-def _open_input(path: Path) -> tuple[io.BufferedIOBase, _CountingReader]:
-    """Open ``path`` for binary reading, decompressing .gz/.bz2/.xz/.zst; returns (file, byte counter)."""
-    raw = _CountingReader(open(path, "rb"))
-    suffix = path.suffix.lower()
-    if suffix == ".gz":
-        return gzip.GzipFile(fileobj=io.BufferedReader(raw), mode="rb"), raw
-    if suffix == ".bz2":
-        return bz2.BZ2File(io.BufferedReader(raw)), raw
-    if suffix in (".xz", ".lzma"):
-        return lzma.LZMAFile(io.BufferedReader(raw)), raw
-    if suffix in (".zst", ".zstd"):
+class _ZstdReader(io.RawIOBase):
+    """A zstd stream of one or more frames. Ending inside a frame raises EOFError, and zstandard's
+    errors become OSError (its ``stream_reader`` reads a truncated frame as a clean end and stops
+    after the first frame)."""
+
+    def __init__(self, raw: io.RawIOBase):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20), raw
+        self.raw, self.dctx, self.error = raw, zstandard.ZstdDecompressor(), zstandard.ZstdError
+        self.obj = None
+        self.out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.out:
+            data = self.raw.read(1 << 20)
+            if not data:
+                if self.obj is not None and not self.obj.eof:
+                    raise EOFError("compressed file ended before the end of a zstd frame")
+                return 0
+            parts = []
+            try:
+                while data:
+                    if self.obj is None or self.obj.eof:
+                        self.obj = self.dctx.decompressobj()
+                    parts.append(self.obj.decompress(data))
+                    data = self.obj.unused_data if self.obj.eof else b""
+            except self.error as e:
+                raise OSError(str(e)) from None
+            self.out = memoryview(b"".join(parts))
+        n = min(len(b), len(self.out))
+        b[:n] = self.out[:n]
+        self.out = self.out[n:]
+        return n
+
+
+_COMPRESSION = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".lzma": "xz", ".zst": "zstd", ".zstd": "zstd"}
+# What a damaged input raises while it is read (gzip.BadGzipFile, bz2's "Invalid data stream" and
+# zstd errors are OSErrors; truncated streams raise EOFError).
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def _open_input(path: Path) -> tuple[io.BufferedIOBase, _CountingReader]:
+    """Open ``path`` for binary reading, decompressing .gz/.bz2/.xz/.zst; returns (file, byte counter).
+    Close both (a gzip/bz2/xz file does not close the file under it)."""
+    raw = _CountingReader(open(path, "rb"))
+    kind = _COMPRESSION.get(path.suffix.lower())
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=io.BufferedReader(raw), mode="rb"), raw
+    if kind == "bzip2":
+        return bz2.BZ2File(io.BufferedReader(raw)), raw
+    if kind == "xz":
+        return lzma.LZMAFile(io.BufferedReader(raw)), raw
+    if kind == "zstd":
+        return io.BufferedReader(_ZstdReader(raw), 1 << 20), raw
     return io.BufferedReader(raw, 1 << 20), raw
 
 
@@ -290,6 +335,40 @@ def resolve_table_sizes(names: list[str], table_sizes=None, num_embeddings: int 
     return out
 
 
+ID_ENCODINGS = ("hash", "identity")  # --id-encoding: the format's hash, or IDs that are rows already
+AUTO_SIZE = (1 << 62)  # identity tables without a given size: sized max ID + 1 when the input is read
+
+
+def resolve_encodings(names: list[str], spec, hashed: str) -> list[str]:
+    """``--id-encoding``: ``hash`` (the format's: ``hashed``), ``identity``, or ``NAME=ENC,...`` pairs
+    (others hash), or a ``{name: enc}`` dict -> one `tierec.data.dataset.ENCODINGS` entry per feature."""
+    if spec is None:
+        return [hashed] * len(names)
+    if isinstance(spec, str) and "=" not in spec:
+        spec = spec.strip()
+        if spec not in ID_ENCODINGS:
+            raise ConfigError(f"--id-encoding must be {' or '.join(ID_ENCODINGS)} (or NAME=ENC,...), got {spec!r}")
+        return [hashed if spec == "hash" else "identity"] * len(names)
+    pairs = spec if isinstance(spec, dict) else dict(t.split("=", 1) for t in str(spec).split(",") if t.strip())
+    pairs = {str(k).strip(): str(v).strip() for k, v in pairs.items()}
+    for k, v in pairs.items():
+        if k not in names:
+            raise ConfigError(f"--id-encoding names unknown sparse feature {k!r} (known: {', '.join(names)})")
+        if v not in ID_ENCODINGS:
+            raise ConfigError(f"--id-encoding {k}={v}: must be {' or '.join(ID_ENCODINGS)}")
+    return [hashed if pairs.get(n, "hash") == "hash" else "identity" for n in names]
+
+
+def sized_explicitly(names: list[str], table_sizes, num_embeddings) -> list[bool]:
+    """Which features got a table size from ``--table-sizes`` or ``--num-embeddings`` (not a default)."""
+    if num_embeddings is not None:
+        return [True] * len(names)
+    given = parse_table_sizes(table_sizes)
+    if isinstance(given, dict):
+        return [n in given for n in names]
+    return [given is not None] * len(names)
+
+
 # --------------------------------------------------------------------------- base reader
 class Reader:
     """Base class: streams ``path`` as `Block`s; subclasses implement `_blocks`."""
@@ -310,6 +389,39 @@ class Reader:
         self.stats = ReadStats()
         self.schema: Schema  # set by subclasses
         self._counter: _CountingReader | None = None
+        self.sizes: list[int] = []
+        self.encodings: list[str] = []
+        self.max_id: list[int] = []
+
+    # -- sparse IDs
+    def _setup_ids(self, names: list[str], sizes: list[int], hashed: str, id_encoding, explicit: list[bool]) -> None:
+        """Per feature: its encoding (`resolve_encodings`) and table size; an ``identity`` feature
+        without a given size is sized by its largest ID when the input has been read (`table_sizes`)."""
+        self.encodings = resolve_encodings(names, id_encoding, hashed)
+        self.auto_size = [e == "identity" and not x for e, x in zip(self.encodings, explicit)]
+        self.sizes = [AUTO_SIZE if a else n for a, n in zip(self.auto_size, sizes)]
+        self.max_id = [-1] * len(names)
+
+    def _features(self, names: list[str], sides: list[str] | None = None) -> list[SparseFeature]:
+        sides = sides or ["item"] * len(names)
+        return [SparseFeature(n, s if s != AUTO_SIZE else 1, side=side, encoding=e)
+                for n, s, side, e in zip(names, self.sizes, sides, self.encodings)]
+
+    def _seen(self, j: int, rows: np.ndarray) -> np.ndarray:
+        """Record the largest row of feature ``j`` (for automatic identity table sizes); returns ``rows``."""
+        if self.auto_size[j] and rows.size:
+            self.max_id[j] = max(self.max_id[j], int(rows.max()))
+        return rows
+
+    def _bad_id(self, name: str, j: int, value) -> str:
+        if self.auto_size[j]:
+            return f"{name} is not a non-negative integer: {_quote(value)} (--id-encoding identity)"
+        return (f"{name} is not a row of its table [0, {self.sizes[j]}): {_quote(value)} (--id-encoding identity; "
+                "raise --table-sizes, or omit it to size the table by the largest ID)")
+
+    def table_sizes(self) -> list[int]:
+        """Each feature's table size after reading: automatic identity sizes are its largest ID + 1."""
+        return [max(m + 1, 1) if a else n for a, m, n in zip(self.auto_size, self.max_id, self.sizes)]
 
     # -- iteration
     def __iter__(self) -> Iterator[Block]:
@@ -352,6 +464,57 @@ class Reader:
     def _blocks(self) -> Iterator[Block]:
         raise NotImplementedError
 
+    # -- input text
+    def _texts(self) -> Iterator[tuple[bytes, int]]:
+        """(bytes of whole lines, each ending in a newline; line number of the first), ~block_size each.
+        An input that cannot be read or decompressed, at any point, raises `DataError` naming it."""
+        try:
+            f, self._counter = _open_input(self.path)
+        except OSError as e:
+            raise DataError(f"cannot open ({e.strerror or e})", str(self.path)) from None
+        try:
+            rest, line_no = b"", 1
+            while data := self._read(f):
+                buf = rest + data if rest else data
+                cut = buf.rfind(b"\n")
+                if cut < 0:
+                    if len(buf) > MAX_LINE_BYTES:
+                        raise DataError(f"no line end in {len(buf):,} bytes (binary data, or not {self.format}?)",
+                                        str(self.path), line_no)
+                    rest = buf
+                    continue
+                text, rest = buf[: cut + 1], buf[cut + 1 :]
+                yield text, line_no
+                line_no += text.count(b"\n")
+            if rest:
+                yield rest + b"\n", line_no
+        finally:
+            f.close()
+            self._counter.close()
+
+    def _read(self, f) -> bytes:
+        try:
+            return f.read(self.block_size)
+        except _READ_ERRORS as e:
+            kind = _COMPRESSION.get(self.path.suffix.lower())
+            what = f"corrupt or truncated {kind} data" if kind else "read error"
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{what} ({reason})", str(self.path)) from None
+
+    def _first_line(self) -> tuple[int, str]:
+        """(line number, text) of the first line that is not blank (empty or whitespace only); (0, "") if none."""
+        it = self._texts()
+        try:
+            for text, first in it:
+                body = text.lstrip(_WHITESPACE)
+                if body:
+                    start = text.rfind(b"\n", 0, len(text) - len(body)) + 1
+                    line = text[start : text.index(b"\n", start)]
+                    return first + text.count(b"\n", 0, start), line.decode("utf-8", "replace").rstrip("\r")
+        finally:
+            it.close()
+        return 0, ""
+
     # -- bad rows
     def _report_bad(self, lines: np.ndarray, bad: _BadRows | None, invalid: list[tuple[int, str]] = ()) -> None:
         """Raise on the earliest bad row (by line), or count them all when skipping bad rows."""
@@ -378,6 +541,38 @@ class Reader:
 
 
 # --------------------------------------------------------------------------- delimited text (pyarrow.csv)
+_WS_BYTE = np.zeros(256, bool)
+_WS_BYTE[list(b" \t\r\v\f")] = True  # whitespace but the newline
+
+
+def _clean_lines(text: bytes, first: int, header: int = 0) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """``text`` (whole lines from line ``first``) with its whitespace-only lines, line ``header`` and
+    the lines holding a lone carriage return emptied: their bytes are removed and their newlines kept,
+    so line numbers do not move (pyarrow would end a row at a lone ``\\r``). Returns the new text, the
+    number of every line, and the numbers of the lone-``\\r`` lines (bad rows)."""
+    b = np.frombuffer(text, np.uint8)
+    ends = np.flatnonzero(b == 10)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    blank = np.flatnonzero(_WS_BYTE[b[starts]])  # lines that start with whitespace ...
+    if blank.size:  # ... and hold nothing else
+        solid = np.flatnonzero(~_WS_BYTE[b])  # newlines included: every line has one
+        blank = blank[b[solid[np.searchsorted(solid, starts[blank])]] == 10]
+    cr = np.zeros(0, np.int64)
+    if b"\r" in text:
+        pos = np.flatnonzero(b == 13)
+        cr = np.setdiff1d(np.searchsorted(ends, pos[b[pos + 1] != 10]), blank)
+    drop = np.union1d(blank, cr)
+    if 0 <= header - first < len(starts):
+        drop = np.union1d(drop, [header - first])
+    lines = np.arange(first, first + len(ends), dtype=np.int64)
+    if not drop.size:
+        return text, lines, cr
+    cut = np.zeros(len(b) + 1, np.int8)
+    cut[starts[drop]] = 1
+    cut[ends[drop]] = -1
+    return b[np.cumsum(cut[:-1], dtype=np.int8) == 0].tobytes(), lines, first + cr
+
+
 class _DelimitedReader(Reader):
     """Streams a delimited text file with pyarrow.csv, every column read as a string."""
 
@@ -385,62 +580,62 @@ class _DelimitedReader(Reader):
     quoting = False
 
     def _columns(self) -> tuple[list[str], int]:
-        """(column names, number of header lines to skip)."""
+        """(column names, line number of the header line; 0 when there is none)."""
         raise NotImplementedError
 
     def _parse(self, batch: pa.RecordBatch) -> Chunk | _BadRows:
         raise NotImplementedError
 
     def _blocks(self) -> Iterator[Block]:
-        names, header_lines = self._columns()
-        invalid: list[tuple[int, str]] = []  # rows with a wrong field count, in line order
+        tables = self._tables()
+        try:
+            with ThreadPoolExecutor(1) as pool:  # split the next block into fields while this one is parsed
+                fut = pool.submit(next, tables, None)
+                while (item := fut.result()) is not None:
+                    fut = pool.submit(next, tables, None)
+                    yield from self._parse_checked(*item)
+        finally:
+            tables.close()
+
+    def _tables(self) -> Iterator[tuple[pa.RecordBatch, np.ndarray, list[tuple[int, str]]]]:
+        """(fields of a block as strings, line number of each row, bad rows (line, reason)) per block of
+        whole lines (`Reader._texts`), split from memory with ``pyarrow.csv.read_csv``.
+
+        pyarrow never reads the (Python, decompressing) input itself: its streaming reader reads ahead
+        on a thread that calls back into Python, and when parsing failed that thread was left reading
+        at exit (SIGABRT, "terminate called without an active exception", or a hang)."""
+        names, header = self._columns()
+        invalid: list[tuple[int, str]] = []  # (line within the block, reason): rows with a wrong field count
 
         def on_invalid(row) -> str:
-            number = row.number if row.number is not None else -1
-            invalid.append((number, f"expected {row.expected_columns} fields, got {row.actual_columns}"))
+            invalid.append((row.number if row.number is not None else -1,
+                            f"expected {row.expected_columns} fields, got {row.actual_columns}"))
             return "skip"
 
-        f, self._counter = _open_input(self.path)
-        try:
-            reader = pcsv.open_csv(
-                pa.PythonFile(f, mode="r"),
-                read_options=pcsv.ReadOptions(use_threads=False, block_size=self.block_size,
-                                              skip_rows=header_lines, column_names=names),
-                parse_options=pcsv.ParseOptions(delimiter=self.delimiter, quote_char='"' if self.quoting else False,
-                                                ignore_empty_lines=False, invalid_row_handler=on_invalid),
-                convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                                    strings_can_be_null=True, null_values=[""],
-                                                    quoted_strings_can_be_null=True, check_utf8=False),
-            )
-        except pa.ArrowInvalid as e:
-            f.close()
-            if "Empty CSV file" in str(e):
-                raise TierecError(f"{self.path}: empty input (no data rows)") from None
-            raise DataError(f"cannot parse: {e}", str(self.path)) from None
-        next_line = header_lines + 1
-        try:
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    break
-                except pa.ArrowInvalid as e:
-                    raise DataError(f"cannot parse: {e}", str(self.path), next_line) from None
-                n = batch.num_rows
-                # Line number of each row: consecutive lines, minus those dropped as invalid.
-                skipped = np.array([ln for ln, _ in invalid if ln >= next_line], np.int64)
-                cand = np.arange(next_line, next_line + n + len(skipped), dtype=np.int64)
-                lines = cand[~np.isin(cand, skipped)][:n] if len(skipped) else cand[:n]
-                if n:
-                    next_line = int(lines[-1]) + 1
-                due = [x for x in invalid if x[0] < next_line]
-                invalid[:] = [x for x in invalid if x[0] >= next_line]
-                batch, lines = self._drop_blank(batch, lines)
-                yield from self._parse_checked(batch, lines, due)
-            if invalid:
-                self._report_bad(np.zeros(0, np.int64), None, sorted(invalid))
-        finally:
-            f.close()
+        parse = pcsv.ParseOptions(delimiter=self.delimiter, quote_char='"' if self.quoting else False,
+                                  ignore_empty_lines=False, invalid_row_handler=on_invalid)
+        convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=True,
+                                      null_values=[""], quoted_strings_can_be_null=True, check_utf8=False)
+        for text, first in self._texts():
+            text, lines, cr_lines = _clean_lines(text, first, header)
+            if not text.isascii():  # valid UTF-8 (bad bytes -> U+FFFD): pyarrow decodes invalid rows strictly
+                text = text.decode("utf-8", "replace").encode("utf-8")
+            where = f"lines {first}-{lines[-1]}"
+            invalid.clear()
+            try:
+                table = pcsv.read_csv(pa.py_buffer(text), parse_options=parse, convert_options=convert,
+                                      read_options=pcsv.ReadOptions(use_threads=False, block_size=len(text) + 1,
+                                                                    column_names=names))
+            except pa.ArrowInvalid as e:
+                raise DataError(f"{where}: cannot parse ({str(e).splitlines()[0]})", str(self.path), first) from None
+            bad = [(first - 1 + k, msg) for k, msg in invalid]
+            if bad:
+                lines = lines[~np.isin(lines, [k for k, _ in bad])]
+            if len(lines) != table.num_rows:  # should not happen: every line is a row or invalid
+                raise DataError(f"{where}: {table.num_rows} rows in {len(lines)} lines", str(self.path), first)
+            bad += [(int(k), "carriage return (\\r) inside the line (binary data?)") for k in cr_lines]
+            batch = pa.RecordBatch.from_arrays([c.combine_chunks() for c in table.columns], names=names)
+            yield *self._drop_blank(batch, lines), bad
 
     @staticmethod
     def _drop_blank(batch: pa.RecordBatch, lines: np.ndarray):
@@ -477,34 +672,38 @@ class CriteoReader(_DelimitedReader):
     """Criteo Kaggle / Terabyte: ``label, I1..I13, C1..C26``.
 
     ``criteo-tsv``: tab-separated, no header (the published ``train.txt`` / ``day_N``);
-    ``criteo-csv``: comma-separated with a header line.
+    ``criteo-csv``: comma-separated, with a header line or without (detected by content, `_columns`).
     """
 
-    def __init__(self, path, *, csv: bool = False, num_embeddings: int | None = None, table_sizes=None, **kw):
+    def __init__(self, path, *, csv: bool = False, num_embeddings: int | None = None, table_sizes=None,
+                 id_encoding=None, **kw):
         super().__init__(path, **kw)
         self.csv = csv
         self.format = "criteo-csv" if csv else "criteo-tsv"
         self.delimiter, self.quoting = (",", True) if csv else ("\t", False)
         sizes = resolve_table_sizes(CRITEO_SPARSE, table_sizes, num_embeddings, CRITEO_KAGGLE_CARDINALITIES)
-        self.schema = Schema(list(CRITEO_DENSE), [SparseFeature(n, s) for n, s in zip(CRITEO_SPARSE, sizes)])
-        self.sizes = sizes
+        self._setup_ids(CRITEO_SPARSE, sizes, "hash-string", id_encoding,
+                        sized_explicitly(CRITEO_SPARSE, table_sizes, num_embeddings))
+        self.schema = Schema(list(CRITEO_DENSE), self._features(CRITEO_SPARSE), dense_transform="log1p")
 
     def _columns(self):
+        """criteo-csv: the first non-blank line is a header unless it reads as data (label 0 or 1, numbers
+        or nothing in I1..I13): then there is no header and that line is the first row."""
         if not self.csv:
             return list(CRITEO_COLUMNS), 0
-        f, _ = _open_input(self.path)
-        try:
-            header = f.readline().decode("utf-8", "replace").strip()
-        finally:
-            f.close()
-        names = [h.strip().strip('"') for h in header.split(",")]
-        if len(names) != len(CRITEO_COLUMNS):
+        line_no, first = self._first_line()
+        names = [h.strip().strip('"') for h in first.split(",")]
+        if len(names) == len(CRITEO_COLUMNS) and names[0] in ("0", "1") and all(
+                not x or re.match(_FLOAT_RE, x) for x in names[1:14]):
+            log.warning("%s: no header found (line %d holds data); reading it as the first row", self.path, line_no)
+            return list(CRITEO_COLUMNS), 0
+        if line_no and len(names) != len(CRITEO_COLUMNS):
             raise DataError(f"header has {len(names)} columns, expected {len(CRITEO_COLUMNS)} "
-                            "(label, I1..I13, C1..C26)", str(self.path), 1)
-        if [n.lower() for n in names] != [n.lower() for n in CRITEO_COLUMNS]:
+                            "(label, I1..I13, C1..C26)", str(self.path), line_no)
+        if line_no and [n.lower() for n in names] != [n.lower() for n in CRITEO_COLUMNS]:
             log.warning("%s: header %s... differs from label,I1..I13,C1..C26; columns are taken by position",
-                        self.path, ",".join(names[:4]))
-        return list(CRITEO_COLUMNS), 1
+                        self.path, _quote(",".join(names[:4])))
+        return list(CRITEO_COLUMNS), line_no
 
     def _parse(self, batch):
         n = batch.num_rows
@@ -520,11 +719,14 @@ class CriteoReader(_DelimitedReader):
             x, b = _parse_floats(col)
             bad.add(b, lambda i, col=col, name=name: f"{name} is not a number: {_quote(col[i].as_py())}")
             dense[:, j] = log1p_dense(x)
+        rows = {}
+        for j, name in enumerate(CRITEO_SPARSE):
+            col = batch.column(14 + j)
+            rows[name], b = encode_strings(col, self.encodings[j], self.sizes[j])
+            bad.add(b, lambda i, col=col, j=j, name=name: self._bad_id(name, j, col[i].as_py()))
         if bad:
             return bad
-        sparse = {}
-        for j, (name, size) in enumerate(zip(CRITEO_SPARSE, self.sizes)):
-            sparse[name] = ids_to_jagged(hash_strings(batch.column(14 + j), size))
+        sparse = {name: ids_to_jagged(self._seen(j, rows[name])) for j, name in enumerate(CRITEO_SPARSE)}
         return Chunk(is1.astype(np.float32), dense, sparse, None)
 
 
@@ -539,27 +741,24 @@ class MovieLensReader(_DelimitedReader):
     format = "movielens"
 
     def __init__(self, path, *, rating_threshold: float = 4.0, num_embeddings: int | None = None,
-                 table_sizes=None, **kw):
+                 table_sizes=None, id_encoding=None, **kw):
         super().__init__(path, **kw)
         self.threshold = float(rating_threshold)
         self._names, self._header_lines = self._detect()
         self.has_time = "timestamp" in self._names
-        sizes = resolve_table_sizes(["user_id", "item_id"], table_sizes, num_embeddings)
-        self.sizes = sizes
-        self.schema = Schema(["hour"] if self.has_time else [],
-                             [SparseFeature("user_id", sizes[0], side="user"),
-                              SparseFeature("item_id", sizes[1], side="item")],
-                             session_key="user_id")
+        names = ["user_id", "item_id"]
+        sizes = resolve_table_sizes(names, table_sizes, num_embeddings)
+        self._setup_ids(names, sizes, "hash-string", id_encoding, sized_explicitly(names, table_sizes, num_embeddings))
+        self.schema = Schema(["hour"] if self.has_time else [], self._features(names, ["user", "item"]),
+                             session_key="user_id", dense_transform="log1p")
 
     def _detect(self) -> tuple[list[str], int]:
-        f, _ = _open_input(self.path)
-        try:
-            first = f.readline().decode("utf-8", "replace")
-        finally:
-            f.close()
-        if not first.strip():
-            raise DataError("first line is blank (expected a header or a rating)", str(self.path), 1)
-        fields = first.rstrip("\r\n").split("\t")
+        """(column names, line number of the header; 0 for none) from the first non-blank line:
+        a header if a field is not a number."""
+        line_no, first = self._first_line()
+        if not line_no:
+            raise TierecError(f"{self.path}: empty input (no data rows)")
+        fields = first.split("\t")
         try:
             [float(x) for x in fields]
             is_header = False
@@ -571,16 +770,16 @@ class MovieLensReader(_DelimitedReader):
             if len(fields) == 3:
                 return ["user_id", "item_id", "rating"], 0
             raise DataError(f"expected 3 or 4 tab-separated fields (user item rating [timestamp]), "
-                            f"got {len(fields)}", str(self.path), 1)
+                            f"got {len(fields)}", str(self.path), line_no)
         names = [h.strip().split(":")[0] for h in fields]
         missing = [c for c in ("user_id", "item_id", "rating") if c not in names]
         if missing:
             raise DataError(f"header lacks {', '.join(missing)} (need user_id, item_id, rating; "
-                            f"got {', '.join(names)})", str(self.path), 1)
+                            f"got {_quote(', '.join(names))})", str(self.path), line_no)
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise DataError(f"header repeats column(s) {', '.join(sorted(dup))}", str(self.path), 1)
-        return names, 1
+            raise DataError(f"header repeats column(s) {_quote(', '.join(sorted(dup)))}", str(self.path), line_no)
+        return names, line_no
 
     def _columns(self):
         return list(self._names), self._header_lines
@@ -593,6 +792,10 @@ class MovieLensReader(_DelimitedReader):
         rating_col = batch.column(self._names.index("rating"))
         bad.add(_np(user.is_null()).astype(bool), lambda i: "user_id is empty")
         bad.add(_np(item.is_null()).astype(bool), lambda i: "item_id is empty")
+        rows = {}
+        for j, (name, col) in enumerate((("user_id", user), ("item_id", item))):
+            rows[name], b = encode_strings(col, self.encodings[j], self.sizes[j])
+            bad.add(b, lambda i, col=col, j=j, name=name: self._bad_id(name, j, col[i].as_py()))
         rating, rb = _parse_floats(rating_col)
         rb |= np.isnan(rating)
         bad.add(rb, lambda i: f"rating is not a number: {_quote(rating_col[i].as_py())}")
@@ -609,8 +812,7 @@ class MovieLensReader(_DelimitedReader):
         else:
             dense = np.zeros((n, 0), np.float32)
         label = (rating >= self.threshold).astype(np.float32)
-        sparse = {"user_id": ids_to_jagged(hash_strings(user, self.sizes[0])),
-                  "item_id": ids_to_jagged(hash_strings(item, self.sizes[1]))}
+        sparse = {name: ids_to_jagged(self._seen(j, rows[name])) for j, name in enumerate(("user_id", "item_id"))}
         session = hash_strings(user, SESSION_MODULUS)
         return Chunk(label, dense, sparse, session)
 
@@ -737,7 +939,7 @@ class LibSVMReader(Reader):
     """
 
     def __init__(self, path, *, libfm: bool = False, field_map=None, num_embeddings: int | None = None,
-                 table_sizes=None, **kw):
+                 table_sizes=None, id_encoding=None, **kw):
         super().__init__(path, **kw)
         self.libfm = libfm
         self.format = "libfm" if libfm else "libsvm"
@@ -754,37 +956,16 @@ class LibSVMReader(Reader):
         self.field_map = fm
         names = [s[0] for s in fm.sparse]
         sizes = resolve_table_sizes(names, table_sizes, num_embeddings)
+        explicit = sized_explicitly(names, table_sizes, num_embeddings)
         for j, s in enumerate(fm.sparse):  # a size in the field map wins
             if s[2] is not None:
-                sizes[j] = s[2]
-        self.sizes = sizes
-        self.schema = Schema([d[0] for d in fm.dense],
-                             [SparseFeature(s[0], size, side=s[3]) for s, size in zip(fm.sparse, sizes)])
+                sizes[j], explicit[j] = s[2], True
+        self._setup_ids(names, sizes, "hash-int", id_encoding, explicit)
+        self.schema = Schema([d[0] for d in fm.dense], self._features(names, [s[3] for s in fm.sparse]),
+                             dense_transform="log1p")
         self._lo, self._hi, self._tgt = fm.lookup()
 
     # -- reading and tokenising
-    def _texts(self) -> Iterator[tuple[bytes, int]]:
-        """(bytes of whole lines, each ending in a newline; line number of the first), ~block_size each."""
-        f, self._counter = _open_input(self.path)
-        try:
-            rest, line_no = b"", 1
-            while True:
-                data = f.read(self.block_size)
-                if not data:
-                    break
-                buf = rest + data if rest else data
-                cut = buf.rfind(b"\n")
-                if cut < 0:
-                    rest = buf
-                    continue
-                text, rest = buf[: cut + 1], buf[cut + 1 :]
-                yield text, line_no
-                line_no += text.count(b"\n")
-            if rest:
-                yield rest + b"\n", line_no
-        finally:
-            f.close()
-
     def _infer_num_fields(self) -> int:
         it = self._texts()
         try:
@@ -880,6 +1061,12 @@ class LibSVMReader(Reader):
             else:
                 hint = "(add it to the field map, or set 'unmapped: drop')"
             flag(feat, ~ok & ~kb, lambda t: f"{what} {int(key[at(t)])} is not in the field map {hint}")
+        sizes = np.array(self.sizes + [0] * len(self.field_map.dense), np.int64)
+        ident = np.array([e == "identity" for e in self.encodings] + [False] * len(self.field_map.dense))
+        t = np.maximum(tgt, 0)
+        out_of_table = (tgt >= 0) & ident[t] & (idx >= sizes[t]) & (val != 0)
+        names = [f[0] for f in self.field_map.sparse]
+        flag(feat, out_of_table, lambda t_: self._bad_id(names[int(tgt[at(t_)])], int(tgt[at(t_)]), int(idx[at(t_)])))
         if bad:
             return bad, lines, tok_row
         row = tok_row[feat]
@@ -893,7 +1080,7 @@ class LibSVMReader(Reader):
         for j, (name, _, _, _) in enumerate(self.field_map.sparse):
             sel = order[bounds[j] : bounds[j + 1]]
             offsets = np.searchsorted(row[sel], np.arange(n + 1), side="left").astype(np.int64)
-            sparse[name] = (hash_ints(idx[sel], self.sizes[j]), offsets)
+            sparse[name] = (self._seen(j, encode_ints(idx[sel], self.encodings[j], self.sizes[j])[0]), offsets)
         dense = np.zeros((n, nd), np.float32)
         for j in range(nd):
             sel = order[bounds[ns + j] : bounds[ns + j + 1]]
@@ -974,14 +1161,16 @@ def _tokenize(text: bytes, first_line: int) -> _Tokens | None:
 # --------------------------------------------------------------------------- entry points
 def open_reader(path, fmt: str, *, num_embeddings: int | None = None, table_sizes=None,
                 skip_bad_rows: bool = False, field_map=None, rating_threshold: float = 4.0,
-                max_rows: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True) -> Reader:
-    """A `Reader` for ``path`` in format ``fmt`` (one of `FORMATS`); iterate it for `Block`s."""
+                max_rows: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True,
+                id_encoding=None) -> Reader:
+    """A `Reader` for ``path`` in format ``fmt`` (one of `FORMATS`); iterate it for `Block`s.
+    ``id_encoding``: see `resolve_encodings` (default: the format's hash)."""
     if fmt not in FORMATS:
         raise TierecError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     if field_map is not None and fmt not in ("libsvm", "libfm"):
         raise ConfigError(f"--field-map applies to libsvm and libfm, not {fmt}")
     kw = dict(skip_bad_rows=skip_bad_rows, max_rows=max_rows, block_size=block_size, progress=progress,
-              num_embeddings=num_embeddings, table_sizes=table_sizes)
+              num_embeddings=num_embeddings, table_sizes=table_sizes, id_encoding=id_encoding)
     if fmt in ("criteo-tsv", "criteo-csv"):
         return CriteoReader(path, csv=fmt == "criteo-csv", **kw)
     if fmt in ("libsvm", "libfm"):

@@ -10,7 +10,6 @@ import time
 
 import httpx
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 import uvicorn
@@ -18,7 +17,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tierec.cli import main
 from tierec.data.dataset import Dataset
-from tierec.data.hashing import hash_ints, hash_strings
 from tierec.data.synth import SynthConfig, generate
 from tierec.inference.commands import ServeConfig, build_server
 from tierec.train.config import TrainConfig
@@ -123,18 +121,20 @@ def test_predict_equals_offline_dram_and_ssd(runs):
     assert np.array_equal(got["ssd"], got["dram"])
 
 
-def test_ids_outside_a_table_are_hashed_as_in_training(runs):
+def test_ids_are_encoded_as_the_data_set_encoded_them(runs):
+    """A synthetic data set's IDs are rows (encoding identity): an integer (or its decimal text) in the
+    table is the row, anything else is refused naming the field, never hashed somewhere else. Hashed
+    encodings are covered by test_serve_trust.py's raw round trip."""
     with serving(build_server(config(runs, tables="dram"))) as c:
-        def logit(v):
-            r = c.post("/v1/predict", json={"samples": [{"C3": v}]})
-            assert r.status_code == 200, r.text
-            return r.json()["logits"][0]
+        def post(v):
+            return c.post("/v1/predict", json={"samples": [{"C3": v}]})
 
-        big, neg = CARD + 12345, -7
-        assert logit(big) == logit(int(hash_ints(np.array([big]), CARD)[0]))
-        assert logit(neg) == logit(int(hash_ints(np.array([neg]), CARD)[0]))
-        assert logit("a4f1") == logit(int(hash_strings(pa.array(["a4f1"]), CARD)[0]))
-        assert logit(5) != logit(6)
+        assert post(5).json()["logits"] == post("5").json()["logits"]
+        assert post(5).json()["logits"] != post(6).json()["logits"]
+        for bad in (CARD + 12345, -7, CARD, "a4f1"):
+            r = post(bad)
+            assert r.status_code == 422 and r.json()["field"] == "samples[0].C3", r.text
+            assert "identity" in r.json()["error"] or "not a row" in r.json()["error"]
 
 
 def test_concurrent_requests_are_batched(runs):
@@ -199,12 +199,15 @@ def test_bad_input_gets_4xx_json_naming_the_field(runs):
         assert not any(lab[1][1].startswith("5") for lab in codes)
 
 
-def test_reload_under_load_drops_no_request(runs):
+def test_reload_under_load_drops_no_request(runs, monkeypatch):
     ckpts = sorted((runs["root"] / "dlrm" / "checkpoints").glob("step-*"))
     assert len(ckpts) >= 2
     first, last = str(ckpts[0]), int(ckpts[-1].name.split("-")[1])
     samples, _ = test_samples(runs, 8)
-    with serving(build_server(config(runs, checkpoint=first, tables="ssd", max_wait_ms=1))) as c:
+    token = "reload-token-0123456789"
+    monkeypatch.setenv("TIEREC_ADMIN_TOKEN", token)
+    auth = {"authorization": f"Bearer {token}"}
+    with serving(build_server(config(runs, checkpoint=first, tables="ssd", max_wait_ms=1, admin=True))) as c:
         start = c.get("/healthz").json()["ranker"]["step"]
 
         async def load():
@@ -220,7 +223,7 @@ def test_reload_under_load_drops_no_request(runs):
 
                 tasks = [asyncio.create_task(client()) for _ in range(6)]
                 await asyncio.sleep(0.3)
-                rr = await ac.post("/v1/admin/reload", json={"checkpoint": runs["dlrm"]})
+                rr = await ac.post("/v1/admin/reload", json={"checkpoint": runs["dlrm"]}, headers=auth)
                 await asyncio.sleep(0.3)
                 stop.set()
                 return rr, [x for t in tasks for x in await t]
@@ -231,7 +234,11 @@ def test_reload_under_load_drops_no_request(runs):
         assert all(code == 200 for code, _ in results), {code for code, _ in results}
         steps = [s for _, s in results]
         assert start in steps and last in steps and start != last
-        assert c.post("/v1/admin/reload", json={"checkpoint": str(runs["root"] / "nope")}).status_code == 409
+        # inside the admin root (the startup checkpoint's run directory): a specific error; outside: 403
+        r = c.post("/v1/admin/reload", json={"checkpoint": str(runs["root"] / "dlrm" / "nope")}, headers=auth)
+        assert r.status_code == 409 and "nope" in r.json()["error"], r.text
+        assert c.post("/v1/admin/reload", json={"checkpoint": runs["tt"]}, headers=auth).status_code == 403
+        assert c.post("/v1/admin/reload", json={"checkpoint": runs["dlrm"]}).status_code == 401
 
 
 def test_recommend_ranks_retrieved_items(runs):
@@ -267,10 +274,13 @@ def test_metrics_are_prometheus_text(runs):
     assert 0 < m["tierec_ssd_read_seconds_sum"][0][1] <= m["tierec_model_seconds_sum"][0][1]  # cold cache: reads
 
 
-def test_openapi_schema_documents_the_endpoints(runs):
-    with serving(build_server(config(runs, tables="dram"))) as c:
+def test_openapi_schema_documents_the_endpoints(runs, monkeypatch):
+    monkeypatch.setenv("TIEREC_ADMIN_TOKEN", "openapi-token-0123456789")
+    with serving(build_server(config(runs, tables="dram", admin=True))) as c:
         paths = c.get("/openapi.json").json()["paths"]
     assert {"/v1/predict", "/v1/recommend", "/healthz", "/metrics", "/v1/admin/reload"} <= set(paths)
+    body = paths["/v1/admin/reload"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == {"checkpoint", "retriever"}
 
 
 def test_serve_cli_rejects_bad_settings(runs, capsys):

@@ -7,6 +7,10 @@ holds ``max_batch`` items or ``max_wait_s`` has passed since the first, and runs
 caches are not thread-safe, and the event loop stays free to accept requests). While a
 batch runs, new requests queue up and form the next one, so batches grow with the load.
 When a batch is done and nothing waits, ``idle()`` does deferred upkeep on the model thread.
+
+One request never fails another: samples are validated before they are submitted, and if a
+batch's model call raises all the same, its requests are run again one by one, so only the
+request that fails alone gets the error (logged) and the others their results.
 """
 
 from __future__ import annotations
@@ -78,18 +82,18 @@ class DynamicBatcher:
             group = await self._collect()
             if not group:
                 continue
-            payloads = [p for p, _ in group]
             try:
-                results = await loop.run_in_executor(self.executor, self.run, payloads)
-            except Exception as e:  # the model failed: every request of the batch gets the error
-                log.exception("batch of %d requests failed", len(group))
-                for _, fut in group:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            if self.on_batch is not None:
-                self.on_batch(sum(len(p) for p in payloads))
-            for (_, fut), r in zip(group, results):
+                results = await loop.run_in_executor(self.executor, self.run, [p for p, _ in group])
+            except Exception as e:
+                if len(group) == 1:
+                    _fail(group[0][1], e)
+                    continue
+                log.warning("a batch of %d requests failed in the model (%r): running them one by one", len(group), e)
+                results = [await self._alone(p, fut) for p, fut in group]
+            ok = [(len(p), fut, r) for (p, fut), r in zip(group, results) if r is not _FAILED]
+            if self.on_batch is not None and ok:
+                self.on_batch(sum(n for n, _, _ in ok))
+            for _, fut, r in ok:
                 if not fut.done():
                     fut.set_result(r)
             if self.idle is not None and self._held is None and self._queue.empty():
@@ -97,3 +101,20 @@ class DynamicBatcher:
                     await loop.run_in_executor(self.executor, self.idle)
                 except Exception:
                     log.exception("idle work after a batch failed")
+
+    async def _alone(self, payload, fut: asyncio.Future):
+        """One request of a failed batch, run by itself: its result, or `_FAILED` (its future has the error)."""
+        try:
+            return (await asyncio.get_running_loop().run_in_executor(self.executor, self.run, [payload]))[0]
+        except Exception as e:
+            return _fail(fut, e)
+
+
+_FAILED = object()
+
+
+def _fail(fut: asyncio.Future, e: Exception) -> object:
+    """The request's error goes to its handler (the server logs it and answers 500)."""
+    if not fut.done():
+        fut.set_exception(e)
+    return _FAILED

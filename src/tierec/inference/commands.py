@@ -1,12 +1,23 @@
-"""`tierec serve RANKER [--retriever TWO_TOWER] ...`: the HTTP inference server (docs/serving.md)."""
+"""`tierec serve RANKER [--retriever TWO_TOWER] ...`: the HTTP inference server (docs/serving.md).
+
+Trust defaults: the server listens on loopback only (`--host` elsewhere needs `--allow-remote`),
+request bodies are capped (`--max-body-bytes`) and so are string IDs (`--max-id-bytes`), and the
+admin route (`/v1/admin/reload`) exists only with `--admin`, behind a bearer token read at start
+(`--admin-token-file` or ``TIEREC_ADMIN_TOKEN``) and confined to the `--admin-root` directories
+(default: the run directories of the startup checkpoints).
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from tierec.config import from_dict
 
@@ -40,11 +51,17 @@ class ServeConfig:
     ef_construction: int = 200
     ef_search: int = 512
     switch_interval_ms: float = 0.5
+    allow_remote: bool = False  # a --host that is not loopback is refused without it
+    max_body_bytes: int = 1 << 20  # 1 MiB: a full batch of Criteo-like samples is ~200 KB of JSON
+    max_id_bytes: int = 256  # Criteo's IDs are 8 hex digits
+    admin: bool = False  # /v1/admin/reload exists only with it
+    admin_token_file: str | None = None  # default: $TIEREC_ADMIN_TOKEN
+    admin_root: list[str] = field(default_factory=list)  # default: the run dirs of checkpoint and retriever
 
     def __post_init__(self):
         from tierec.errors import ConfigError
 
-        for name in ("max_batch", "max_ids", "threads", "io_threads", "corpus_rows"):
+        for name in ("max_batch", "max_ids", "threads", "io_threads", "corpus_rows", "max_body_bytes", "max_id_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.switch_interval_ms <= 0:
@@ -55,12 +72,26 @@ class ServeConfig:
             raise ConfigError(f"port must be in [0, 65536), got {self.port}")
         if self.index_on_disk and not self.index_dir:
             raise ConfigError("--index-on-disk needs --index-dir (where the index file is written and mapped from)")
+        if not self.allow_remote and not is_loopback(self.host):
+            raise ConfigError(f"--host {self.host!r} is not a loopback address (127.0.0.0/8, ::1, localhost): the "
+                              "server would be reachable from the network; pass --allow-remote to listen there anyway")
+        if not self.admin and (self.admin_token_file or self.admin_root):
+            raise ConfigError("--admin-token-file and --admin-root need --admin (the admin route is off without it)")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or "localhost"; anything else (0.0.0.0, "", a host name) counts as remote."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 HELP = {
     "retriever": "two-tower checkpoint (`tierec train --model two-tower`) whose item vectors are indexed for "
                  "/v1/recommend; candidates are ranked by CHECKPOINT",
-    "host": "address to listen on", "port": "TCP port (0: any free port)",
+    "host": "address to listen on: loopback only (127.0.0.0/8, ::1, localhost) unless --allow-remote",
+    "port": "TCP port (0: any free port)",
     "tables": "ssd: tables read-only from the checkpoint's files behind a DRAM cache; dram: all in memory",
     "cache_fraction": "ssd: DRAM cache rows per table, as a fraction of its rows",
     "admit_after": "ssd: a missed row enters the cache from its N-th sighting (1: every miss)",
@@ -79,6 +110,16 @@ HELP = {
     "hnsw_m": "HNSW graph degree M", "ef_construction": "HNSW efConstruction", "ef_search": "HNSW efSearch",
     "switch_interval_ms": "Python's GIL switch interval (ms; CPython's default is 5): the longest the model thread "
                           "waits, after each read or kernel, while the event loop thread parses a request",
+    "allow_remote": "let --host be a non-loopback address: the server is then reachable from the network "
+                    "(plain HTTP, no TLS: put a proxy in front)",
+    "max_body_bytes": "largest request body in bytes; a larger one gets 413 before it is read (1 MiB holds "
+                      "256 samples of 40 features at ~100 bytes of JSON each)",
+    "max_id_bytes": "longest string ID in UTF-8 bytes (longer: 422)",
+    "admin": "enable POST /v1/admin/reload (without it the route does not exist); it needs a bearer token",
+    "admin_token_file": "file holding the admin bearer token (default: the TIEREC_ADMIN_TOKEN environment "
+                        "variable); at least 16 printable ASCII characters, e.g. `openssl rand -hex 32`",
+    "admin_root": "directory /v1/admin/reload may load checkpoints from, symlinks resolved; repeatable "
+                  "(default: the run directories of CHECKPOINT and --retriever)",
 }
 
 
@@ -91,9 +132,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(d, f.name)
-        h = HELP.get(f.name, "") + f" (default: {default})"
+        h = HELP.get(f.name, "") + ("" if isinstance(default, list) else f" (default: {default})")
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
+        elif isinstance(default, list):
+            p.add_argument(flag, action="append", default=None, metavar="DIR", help=h)
         elif f.name == "tables":
             p.add_argument(flag, choices=["ssd", "dram"], default=None, help=h)
         else:
@@ -101,12 +144,54 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+def admin_token(cfg: ServeConfig) -> bytes:
+    """The admin bearer token: ``--admin-token-file``, else ``TIEREC_ADMIN_TOKEN``; ConfigError if none."""
+    from tierec.errors import ConfigError
+
+    where = f"--admin-token-file {cfg.admin_token_file}" if cfg.admin_token_file else "TIEREC_ADMIN_TOKEN"
+    try:
+        text = Path(cfg.admin_token_file).read_text("utf-8") if cfg.admin_token_file else os.environ.get(
+            "TIEREC_ADMIN_TOKEN", "")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot read the admin token ({getattr(e, 'strerror', None) or e})") from None
+    token = text.strip()
+    if not token:
+        raise ConfigError("--admin needs a bearer token: --admin-token-file FILE or the TIEREC_ADMIN_TOKEN "
+                          f"environment variable ({where} is empty or unset)")
+    if not re.fullmatch(r"[\x21-\x7e]{16,}", token):
+        raise ConfigError(f"{where}: the admin token must be at least 16 printable ASCII characters without "
+                          "spaces (e.g. `openssl rand -hex 32`)")
+    return token.encode("ascii")
+
+
+def admin_roots(cfg: ServeConfig) -> list[str]:
+    """Where reloads may read: ``--admin-root`` dirs, else the run directory of the startup checkpoint
+    and of the retriever (the directory that holds ``checkpoints/``; for a bare ``step-N``, its parent)."""
+    from tierec.errors import ConfigError
+    from tierec.train.checkpoint import resolve_checkpoint
+
+    for r in cfg.admin_root:
+        if not os.path.isdir(r):
+            raise ConfigError(f"--admin-root {r}: not a directory")
+    if cfg.admin_root:
+        return [os.path.realpath(r) for r in cfg.admin_root]
+    roots = []
+    for path in filter(None, (cfg.checkpoint, cfg.retriever)):
+        step = Path(os.path.realpath(resolve_checkpoint(path)))
+        roots.append(str(step.parent.parent if step.parent.name == "checkpoints" else step.parent))
+    return roots
+
+
 def build_server(cfg: ServeConfig):
     """Load the models and build the app (used by `tierec serve`, tests and the benchmark)."""
     from tierec.inference.model_store import ModelStore, ServeOptions, load_model
     from tierec.inference.retrieval import HnswParams, Retriever
-    from tierec.inference.server import ServerSettings, create_app
+    from tierec.inference.server import AdminSettings, ServerSettings, create_app
 
+    token, roots = (admin_token(cfg), admin_roots(cfg)) if cfg.admin else (b"", [])
+    if not is_loopback(cfg.host):
+        log.warning("--allow-remote: listening on %s, the server is reachable from the network (plain HTTP)%s",
+                    cfg.host, "; the admin token travels in clear text" if cfg.admin else "")
     io_pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="tierec-io")
 
     opts = ServeOptions(tables=cfg.tables, cache_fraction=cfg.cache_fraction, admit_after=cfg.admit_after,
@@ -128,8 +213,13 @@ def build_server(cfg: ServeConfig):
 
         raise ConfigError(f"--retriever {cfg.retriever}: trained on a different schema than {cfg.checkpoint}; "
                           "ranker and retriever must share the data set's features")
-    settings = ServerSettings(max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms, max_ids=cfg.max_ids)
-    return create_app(store, settings, reload, threads=cfg.threads)
+    settings = ServerSettings(max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms, max_ids=cfg.max_ids,
+                              max_body_bytes=cfg.max_body_bytes, max_id_bytes=cfg.max_id_bytes)
+    admin = None
+    if cfg.admin:
+        admin = AdminSettings(token, roots, reload)
+        log.info("admin API on: /v1/admin/reload may load checkpoints under %s", ", ".join(roots))
+    return create_app(store, settings, admin, threads=cfg.threads)
 
 
 def _serve(args) -> int:

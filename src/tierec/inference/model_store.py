@@ -484,7 +484,7 @@ def _open_shared_cache(path: Path, m: dict, schema: Schema, cfg, opt: ServeOptio
                              direct_io=opt.direct_io))
     total = sum(f.num_embeddings for f in schema.sparse)
     capacity = max(1, math.ceil(opt.cache_fraction * total))
-    freq = hottest_rows(opt.data or cfg.data, schema, opt.warm_rows, capacity)
+    freq = hottest_rows(opt.data or ckpt.saved_data_path(m["config"], path), schema, opt.warm_rows, capacity)
     return SharedCache(ssds, capacity, opt.admit_after, freq, pool, lanes=opt.io_lanes)
 
 

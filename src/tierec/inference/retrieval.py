@@ -7,6 +7,10 @@
   graph stay in the page cache rather than in the process's heap and the corpus may exceed DRAM.
 - `exact_topk`, `recall_at_k`: brute-force search to measure the index's recall.
 - `Retriever`: a two-tower `LoadedModel` + its corpus + index; ``search(users, k)``.
+
+faiss is imported through `_faiss`, which quiets its loader's INFO lines about the optional
+AVX builds it does not find (a ``ModuleNotFoundError`` each, at every start); the loader's
+warnings and errors, and a failed import, still show.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from tierec.data.dataset import Dataset, Schema
 from tierec.data.hashing import splitmix64
 from tierec.errors import ConfigError
 from tierec.inference.features import Encoded
+from tierec.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,15 @@ class HnswParams:
                 raise ConfigError(f"hnsw {k} must be >= 1, got {v}")
 
 
+def _faiss():
+    quiet = logging.getLogger("faiss.loader")
+    if quiet.level == logging.NOTSET:  # a level set by the user stands
+        quiet.setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
+
+
 class HnswIndex:
     """Approximate maximum-inner-product search over ``vectors`` float32 [N, D]."""
 
@@ -52,8 +66,7 @@ class HnswIndex:
     def build(cls, vectors: np.ndarray, params: HnswParams, path: str | Path | None = None,
               mmap: bool = False) -> "HnswIndex":
         """Build over ``vectors``; with ``path`` write it there, and with ``mmap`` serve the mapped file."""
-        import faiss
-
+        faiss = _faiss()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         index = faiss.IndexHNSWFlat(vectors.shape[1], params.M, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = params.ef_construction
@@ -74,8 +87,7 @@ class HnswIndex:
 
     @classmethod
     def load(cls, path: str | Path, params: HnswParams, mmap: bool = True) -> "HnswIndex":
-        import faiss
-
+        faiss = _faiss()
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
         return cls(index, params, Path(path))
 
@@ -180,7 +192,8 @@ class Retriever:
         if loaded.kind != "two-tower":
             raise ConfigError(f"{loaded.path}: the retriever must be a two-tower checkpoint, this one is {loaded.kind!r}")
         model = loaded.model
-        corpus = item_corpus(data or loaded.manifest["config"]["data"], loaded.schema, model.item_keys, corpus_rows)
+        source = data or ckpt.saved_data_path(loaded.manifest["config"], loaded.path)
+        corpus = item_corpus(source, loaded.schema, model.item_keys, corpus_rows)
         vectors = embed_items(model, corpus)
         path = None
         if index_dir is not None:

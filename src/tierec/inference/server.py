@@ -9,18 +9,30 @@ Endpoints (OpenAPI schema at ``/openapi.json``, browsable at ``/docs``):
   the ``candidates`` nearest items of the user vector in the HNSW index, re-scored by the
   ranker (user features + the item's features), best ``k`` first.
 - ``GET /healthz``, ``GET /metrics`` (Prometheus text format).
-- ``POST /v1/admin/reload`` ``{"checkpoint": PATH?, "retriever": PATH?}``: load a checkpoint
-  (default: the newest one of the path the server was started with) beside the serving one,
-  then swap it in atomically; requests in flight finish on the model they started with.
+- ``POST /v1/admin/reload`` ``{"checkpoint": PATH?, "retriever": PATH?}``: only with `AdminSettings`
+  (`tierec serve --admin`; otherwise the route does not exist: 404). Needs ``Authorization: Bearer
+  TOKEN`` (401 otherwise, before the body is read); paths resolve (symlinks followed) under the
+  admin roots or get 403, whether or not they exist. Loads a checkpoint (default: the newest one of
+  the path the server was started with) beside the serving one, then swaps it in atomically;
+  requests in flight finish on the model they started with.
 
 Bad input never gives a 500: ``{"error": MESSAGE, "field": "samples[2].C7"}`` with 400
-(malformed JSON), 413 (more samples than ``max_batch``) or 422 (anything else).
+(malformed JSON), 413 (a body over ``max_body_bytes``, refused before it is read -- by its
+Content-Length, or once the chunks received pass the limit -- or more samples than
+``max_batch``) or 422 (anything else). Samples are validated and hashed on worker threads, so a
+large request never holds up the event loop (/healthz), and fully, before they join a batch: a
+bad sample fails its own request only (`DynamicBatcher` also retries a failed batch one request
+at a time).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hmac
+import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -29,13 +41,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tierec import energy
@@ -44,6 +56,7 @@ from tierec.inference.batcher import DynamicBatcher
 from tierec.inference.features import Encoded, FeatureEncoder, InputError
 from tierec.inference.model_store import ModelStore
 from tierec.inference.retrieval import take_items
+from tierec.train.checkpoint import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +73,20 @@ class ServerSettings:
     max_k: int = 1000  # most items per recommend answer
     max_candidates: int = 4096  # most candidates retrieved per recommend request
     default_candidates: int = 100
+    max_body_bytes: int = 1 << 20  # largest request body: 413 before it is read
+    max_id_bytes: int = 256  # longest string ID (UTF-8 bytes)
+    encode_threads: int = 4  # threads validating and hashing request samples (not the model thread)
+
+
+@dataclass
+class AdminSettings:
+    """``POST /v1/admin/reload``: the bearer ``token``, the directories (real paths) reloads may read
+    from, and ``reload(checkpoint, retriever) -> (ranker, retriever)`` loading replacement models
+    (either None: keep the current one; a checkpoint None: the newest of the startup path)."""
+
+    token: bytes
+    roots: list[str]
+    reload: Callable[[str | None, str | None], tuple]
 
 
 class PredictRequest(BaseModel):
@@ -104,11 +131,79 @@ class ApiError(Exception):
         self.status, self.field, self.message = status, field, message
 
 
-def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+class _AsciiJSON(JSONResponse):
+    """JSON with \\u escapes: an error naming a field that holds a lone surrogate still renders."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
+def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
     body = {"error": message}
     if field is not None:
         body["field"] = field
-    return JSONResponse(body, status_code=status)
+    return _AsciiJSON(body, status_code=status, headers=headers)
+
+
+class BodyTooLarge(HTTPException):  # FastAPI re-raises an HTTPException met while reading the body
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over {limit} bytes (--max-body-bytes)")
+
+
+class BodyLimit:
+    """Pure ASGI middleware: a request body over ``limit`` bytes gets 413 before it is read -- at once
+    when its Content-Length says so, else as soon as the chunks received pass the limit (chunked
+    bodies have no Content-Length). Nothing beyond the limit is buffered."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            return await _error(413, BodyTooLarge(self.limit).detail, "body")(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+NOT_FINITE = "the ranker's score is not a finite number for these dense values (too large for the model)"
+OUTSIDE_ROOTS = "not under a directory this server may load checkpoints from (--admin-root)"
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def confine(path: str, roots: list[str], field: str) -> str:
+    """``path`` -> the checkpoint directory it resolves to, symlinks followed (``os.path.realpath``),
+    if both the path and that directory lie under one of ``roots``; else 403, with the same message
+    whether or not the path exists (nothing is looked up before the check)."""
+    try:
+        real = os.path.realpath(path)
+    except (ValueError, OSError):  # a NUL byte
+        raise ApiError(403, field, OUTSIDE_ROOTS) from None
+    if not _under(real, roots):
+        raise ApiError(403, field, OUTSIDE_ROOTS)
+    step = os.path.realpath(resolve_checkpoint(real))  # inside: errors may be specific (409)
+    if not _under(step, roots):  # a LATEST or step-N symlink leading out
+        raise ApiError(403, field, OUTSIDE_ROOTS)
+    return step
+
+
+def _authorized(header: str | None, token: bytes) -> bool:
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.encode("latin-1"), token)
 
 
 def _loc(loc) -> str:
@@ -169,16 +264,21 @@ class _StatsCollector:
             yield cpu
 
 
-def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[str | None, str | None], tuple] | None = None,
+def create_app(store: ModelStore, settings: ServerSettings, admin: AdminSettings | None = None,
                threads: int | None = None) -> FastAPI:
-    """The ASGI app over ``store``. ``reload(checkpoint, retriever) -> (ranker, retriever)``
-    loads replacement models (either may be None: keep the current one)."""
+    """The ASGI app over ``store``; ``admin``: enable ``/v1/admin/reload`` (module doc)."""
     cfg = settings
-    encoder = FeatureEncoder(store.ranker.schema, cfg.max_ids)
+    encoder = FeatureEncoder(store.ranker.schema, cfg.max_ids, cfg.max_id_bytes)
     schema = store.ranker.schema
     user_allowed = set(schema.dense) | {f.name for f in schema.sparse if f.side == "user"}
     executor = ThreadPoolExecutor(1, thread_name_prefix="tierec-model",
                                   initializer=(lambda: torch.set_num_threads(threads)) if threads else None)
+    encode_pool = ThreadPoolExecutor(cfg.encode_threads, thread_name_prefix="tierec-encode")
+
+    async def encode(samples: list, **kw) -> Encoded:
+        """Validate and hash off the event loop (hashing a long string takes a while)."""
+        return await asyncio.get_running_loop().run_in_executor(encode_pool, functools.partial(
+            encoder.encode, samples, **kw))
     registry = CollectorRegistry()
     requests = Counter("tierec_requests", "HTTP requests", ["endpoint", "code"], registry=registry)
     latency = Histogram("tierec_request_seconds", "request latency (s)", ["endpoint"], buckets=LATENCY_BUCKETS,
@@ -234,6 +334,8 @@ def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[st
         dense, kjt = batch.to_inputs(lm.schema.sparse_names)
         logits = lm.forward(dense, kjt)
         on_batch(len(ids))
+        if not bool(torch.isfinite(logits).all()):
+            raise ApiError(422, "user", NOT_FINITE)
         top = torch.argsort(logits, descending=True)[:k].numpy()
         probs = torch.sigmoid(logits).numpy()
         sel = take_items(ret.corpus, ids[top])
@@ -245,8 +347,6 @@ def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[st
                         "features": feats})
         return {"items": res, "ranker_step": lm.step, "retriever_step": ret.loaded.step}
 
-    reload_lock = asyncio.Lock()
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
@@ -257,9 +357,11 @@ def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[st
             await batcher.stop()
             meter.stop()
             executor.shutdown(wait=True)
+            encode_pool.shutdown(wait=True)
 
     app = FastAPI(title="tierec serving", version="1", lifespan=lifespan,
                   description="Recommendation inference with embedding tables served from the SSD tier.")
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)  # inside `observe`: 413s are counted
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -290,18 +392,26 @@ def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[st
     async def on_api(request: Request, exc: ApiError):
         return _error(exc.status, exc.message, exc.field)
 
+    @app.exception_handler(BodyTooLarge)
+    async def on_too_large(request: Request, exc: BodyTooLarge):
+        return _error(413, exc.detail, "body")
+
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail), "body" if exc.status_code == 400 else None)
 
     @app.post("/v1/predict", response_model=PredictResponse)
     async def predict(req: PredictRequest):
         """Score samples with the ranker (click probability)."""
         if len(req.samples) > cfg.max_batch:
             raise ApiError(413, "samples", f"{len(req.samples)} samples, at most {cfg.max_batch} per request")
-        enc = encoder.encode(req.samples)
+        enc = await encode(req.samples)
         logits, step = await batcher.submit(enc)
-        probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+        bad = np.flatnonzero(~np.isfinite(logits))
+        if bad.size:
+            raise ApiError(422, f"samples[{bad[0]}]", NOT_FINITE)
+        with np.errstate(over="ignore"):
+            probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
         return {"probabilities": probs.tolist(), "logits": logits.tolist(), "step": step}
 
     @app.post("/v1/recommend", response_model=RecommendResponse)
@@ -316,7 +426,7 @@ def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[st
             raise ApiError(422, "candidates", f"{n_cand} candidates, at most {cfg.max_candidates}")
         if n_cand < req.k:
             raise ApiError(422, "candidates", f"candidates ({n_cand}) must be >= k ({req.k})")
-        user = encoder.encode([req.user], where="user", allowed=user_allowed)
+        user = await encode([req.user], where="user", allowed=user_allowed)
         res = await asyncio.get_running_loop().run_in_executor(executor, run_recommend, user, req.k, n_cand)
         executor.submit(upkeep)  # after the answer: cache admission does not delay this request
         return res
@@ -334,29 +444,43 @@ def create_app(store: ModelStore, settings: ServerSettings, reload: Callable[[st
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/admin/reload")
-    async def admin_reload(req: ReloadRequest | None = None):
-        """Load a checkpoint beside the serving one, then swap it in; no request is dropped."""
-        if reload is None:
-            raise ApiError(404, None, "reloading is not enabled")
-        req = req or ReloadRequest()
-        async with reload_lock:
+    if admin is not None:
+        reload_lock = asyncio.Lock()
+
+        def load(req: ReloadRequest) -> tuple:
+            paths = {f: confine(p, admin.roots, f) for f in ("checkpoint", "retriever")
+                     if (p := getattr(req, f)) is not None}
+            return admin.reload(paths.get("checkpoint"), paths.get("retriever"))
+
+        @app.post("/v1/admin/reload", openapi_extra={"requestBody": {"content": {"application/json": {
+            "schema": ReloadRequest.model_json_schema()}}}})
+        async def admin_reload(request: Request):
+            """Load a checkpoint beside the serving one, then swap it in; no request is dropped.
+            Needs ``Authorization: Bearer TOKEN``; paths must lie under the admin roots."""
+            if not _authorized(request.headers.get("authorization"), admin.token):
+                return _error(401, "missing or wrong bearer token", "authorization", {"WWW-Authenticate": "Bearer"})
+            raw = await request.body()
             try:
-                ranker, retriever = await asyncio.to_thread(reload, req.checkpoint, req.retriever)
-            except TierecError as e:
-                raise ApiError(409, "checkpoint", str(e)) from None
-            for name, new in (("checkpoint", ranker), ("retriever", getattr(retriever, "loaded", None))):
-                if new is not None and new.schema.to_json() != schema.to_json():
-                    for m in (ranker, retriever):
-                        if m is not None:
-                            getattr(m, "loaded", m).close()
-                    raise ApiError(409, name, f"{new.path}: a different schema than the serving model's")
-            old = store.swap(ranker, retriever)
-            # Close the replaced models on the model thread: every batch that took them ran before.
-            for o in old:
-                executor.submit(getattr(o, "loaded", o).close)
-        return await healthz()
+                req = ReloadRequest.model_validate_json(raw) if raw.strip() else ReloadRequest()
+            except ValidationError as e:
+                raise RequestValidationError(e.errors(include_url=False)) from None
+            async with reload_lock:
+                try:
+                    ranker, retriever = await asyncio.to_thread(load, req)
+                except TierecError as e:
+                    raise ApiError(409, "checkpoint", str(e)) from None
+                for name, new in (("checkpoint", ranker), ("retriever", getattr(retriever, "loaded", None))):
+                    if new is not None and new.schema.to_json() != schema.to_json():
+                        for m in (ranker, retriever):
+                            if m is not None:
+                                getattr(m, "loaded", m).close()
+                        raise ApiError(409, name, f"{new.path}: a different schema than the serving model's")
+                old = store.swap(ranker, retriever)
+                # Close the replaced models on the model thread: every batch that took them ran before.
+                for o in old:
+                    executor.submit(getattr(o, "loaded", o).close)
+            return await healthz()
 
     KNOWN_PATHS = {r.path for r in app.routes}
-    app.state.store, app.state.registry, app.state.batcher = store, registry, batcher
+    app.state.store, app.state.registry, app.state.batcher, app.state.encoder = store, registry, batcher, encoder
     return app

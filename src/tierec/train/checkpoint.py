@@ -251,6 +251,18 @@ def read_manifest(ckpt: Path) -> dict:
     return m
 
 
+def saved_data_path(cfg: dict, ckpt_dir: Path) -> str:
+    """A checkpoint's data path: absolute since this version. An older one is relative to the directory
+    training ran in, which is the run directory minus ``cfg["out"]`` (``runs/a`` -> two levels up)."""
+    data, out = Path(cfg.get("data", "")), Path(cfg.get("out", ""))
+    if data.is_absolute() or out.is_absolute() or ".." in out.parts:
+        return str(data)
+    base = ckpt_dir.resolve().parent.parent  # RUN/checkpoints/step-N -> RUN
+    for _ in out.parts:
+        base = base.parent
+    return str(base / data) if (base / data).exists() else str(data)
+
+
 def verify_file(path: Path, expect: dict) -> None:
     """Check a checkpoint file's size and sha256 against its manifest entry (streams the file)."""
     if not path.exists():

@@ -503,24 +503,12 @@ class Trainer:
         return summary
 
 
-def saved_data_path(cfg: dict, ckpt_dir: Path) -> str:
-    """A checkpoint's data path: absolute since this version. An older one is relative to the directory
-    training ran in, which is the run directory minus ``cfg["out"]`` (``runs/a`` -> two levels up)."""
-    data, out = Path(cfg.get("data", "")), Path(cfg.get("out", ""))
-    if data.is_absolute() or out.is_absolute() or ".." in out.parts:
-        return str(data)
-    base = ckpt_dir.resolve().parent.parent  # RUN/checkpoints/step-N -> RUN
-    for _ in out.parts:
-        base = base.parent
-    return str(base / data) if (base / data).exists() else str(data)
-
-
 def load_for_eval(checkpoint: str, data: str | None = None, device: str = "auto") -> tuple[DLRM, Dataset, dict]:
     """Rebuild the model of a checkpoint and load its weights (for `tierec eval` and serving)."""
     path = ckpt.resolve_checkpoint(checkpoint)
     m = ckpt.read_manifest(path)
     cfg_dict = dict(m["config"])
-    cfg_dict["data"] = data or saved_data_path(cfg_dict, path)
+    cfg_dict["data"] = data or ckpt.saved_data_path(cfg_dict, path)
     try:
         cfg = TrainConfig(**cfg_dict)
     except TypeError as e:  # a key this version does not know

@@ -80,7 +80,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name, cmd in peers.items():
             out = root / f"run-{name.replace(' ', '')}"
-            s = run([*cmd, "--out", str(out)], dict(env, OMP_NUM_THREADS="2" if "2t" in name else "1"))
+            s = run([*cmd, "--out", str(out), "--overwrite"], dict(env, OMP_NUM_THREADS="2" if "2t" in name else "1"))
             print(f"round {r + 1} {name:>8}: {s['samples_per_s']:,.0f} samples/s", file=sys.stderr)
             if name not in results or s["samples_per_s"] > results[name]["samples_per_s"]:
                 results[name] = s

@@ -75,7 +75,7 @@ def prepare(a) -> dict:
               "--batch-size", "1024", "--no-progress", "--num-threads", "2", "--max-eval-rows", "20000"]
     for out, extra in ((dlrm, []), (tt, ["--model", "two-tower"])):
         if not (out / "checkpoints" / "LATEST").exists():
-            run(py + ["train", "--out", str(out), *common, *extra])
+            run(py + ["train", "--out", str(out), "--overwrite", *common, *extra])
     return {"data": str(data), "dlrm": str(dlrm), "tt": str(tt)}
 
 

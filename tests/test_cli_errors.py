@@ -139,3 +139,49 @@ def test_closed_stdout_ends_quietly(tiny_dataset):
 def test_diverging_run_via_the_cli(tiny_dataset, tmp_path, capsys):
     expect_one_line_error(train_argv(tiny_dataset, tmp_path, "--sparse-optimizer", "sgd", "--sparse-lr", "1e30"),
                           capsys, "the training loss is nan")
+
+
+def _copy_data(src: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    dst = tmp_path / "data"
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["not-utf8", "a-list", "no-splits", "ids-beyond-table", "flipped-bit"])
+def test_broken_data_sets(tiny_dataset, tmp_path, capsys, case):
+    data = _copy_data(tiny_dataset, tmp_path)
+    mpath = data / "manifest.json"
+    m = json.loads(mpath.read_text())
+    if case == "not-utf8":
+        mpath.write_bytes(b"\xff" + mpath.read_bytes())
+    elif case == "a-list":
+        mpath.write_text("[]")
+    elif case == "no-splits":
+        del m["splits"]
+        mpath.write_text(json.dumps(m))
+    elif case == "ids-beyond-table":
+        m["schema"]["sparse"][1]["num_embeddings"] = 5  # the stored IDs go up to 199
+        mpath.write_text(json.dumps(m))
+    else:
+        f = data / m["splits"]["train"]["files"][0]["path"]
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 3] ^= 0x10
+        f.write_bytes(bytes(raw))
+    # a whole epoch reads every row group (flipped-bit: the corrupt one is somewhere in the first file)
+    expect_one_line_error(["train", "--data", data, "--out", tmp_path / "out", "--no-progress"], capsys, str(data))
+
+
+def test_bad_compressed_input(tmp_path, capsys):
+    import gzip
+
+    raw = gzip.compress(b"0\t1\t2\n" * 5000)
+    bad = tmp_path / "day.gz"
+    bad.write_bytes(raw[: len(raw) // 2])
+    expect_one_line_error(["data", "convert", bad, "--format", "criteo-tsv", "--out", tmp_path / "d",
+                           "--no-progress"], capsys, "day.gz")
+
+
+def test_two_tower_without_user_side_features_says_how(tiny_dataset, tmp_path, capsys):
+    expect_one_line_error(train_argv(tiny_dataset, tmp_path, "--model", "two-tower"), capsys, "`side: user`")

@@ -10,7 +10,7 @@ Two parts:
   "auto" profile) -- and with ``--arc`` the ARC paper's OLTP and P3 traces, cut into batches of
   ``--arc-batch`` requests -- replayed through a real `LookaheadCache` (prepare/release as
   training does, rows brought in on demand) at windows of 10, 50, 200 batches and the whole
-  trace, beside simulated LRU and LFU and Belady's MIN (tierec.cache.sim) on the same trace.
+  trace, beside simulated LRU and LFU and Belady's MIN (tierec.sim.policies) on the same trace.
   "lookahead+prefetch" also prepares ``--depth`` steps ahead, as the training pipeline does
   (those rows are pinned early, which costs some hits). "synth group of N" replays the N
   synthetic tables as one table group (rows linearized, one cache of N x the capacity), against
@@ -47,7 +47,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 from bench_tiered import (MODEL_SEED, NUM_DENSE, SPARSE, _ask, _drop_page_cache, _positive, begin_run, end_run,
                           generate_stream)
-from tierec.cache.sim import lfu_hit_rate, lru_hit_rate, min_hit_rate
+from tierec.sim.policies import lfu_hit_rate, lru_hit_rate, min_hit_rate
 from tierec.config import format_bytes
 from tierec.errors import TierecError
 from tierec.modules.dlrm import DLRM
@@ -117,7 +117,7 @@ def part_hits(a, traces: dict) -> list[dict]:
         rows.append(hit_table(f"synth group of {len(keys)}", steps, cap, windows, a.depth))
         print(f"# hits: {rows[-1]['trace']} done", file=sys.stderr, flush=True)
     if a.arc:
-        from tierec.cache.traces import read_arc
+        from tierec.sim.traces import read_arc
 
         shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "arc"
         for fname, cap in (("OLTP.lis.zst", 1000), ("P3.lis.zst", 10000)):

@@ -26,7 +26,7 @@ Three parts, each printed as a table with ratios (`--parts 1,2,3` picks some):
 2. **Hit rates at a small cache** (--cache-fraction of each table's rows, default 2%): the
    per-batch unique IDs of the same batches replayed through a real CachedTable
    (acquire/release dirty, as a training step does) for each policy, beside the simulated
-   LRU and LFU and the offline optimum, Belady's MIN (tierec.cache.sim), on the same trace.
+   LRU and LFU and the offline optimum, Belady's MIN (tierec.sim.policies), on the same trace.
    `freq` gets its frequencies as `tierec train` does: counts over the first --plan-batches
    batches, then warm_up() (warm-up reads are not counted as hits or misses).
 3. **The cache's own overhead.** dedup + acquire + embedding_bag + release of batches of
@@ -61,8 +61,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0] + "/src")
 
-from tierec.cache.sim import lfu_hit_rate, lru_hit_rates, min_hit_rate
-from tierec.cache.traces import dedup_per_batch
+from tierec.sim.policies import lfu_hit_rate, lru_hit_rates, min_hit_rate
+from tierec.sim.traces import dedup_per_batch
 from tierec.config import format_bytes, parse_bytes
 from tierec.data.dataset import Batch, Chunk
 from tierec.data.synth import SynthConfig, iter_chunks
@@ -532,7 +532,7 @@ def part2(a, traces: dict, sample: dict, stream) -> dict:
           f"{a.batch}: {requests / a.tables:,.0f} per-batch-unique lookups/table, {distinct / a.tables:,.0f} "
           f"distinct IDs/table (cold-miss ceiling {ceiling:.2%})")
     print("# real CachedTable: acquire(batch's unique IDs) + release(dirty) per batch, from empty; freq: counts of "
-          f"the first {a.plan_batches} batches + warm_up(); sims: tierec.cache.sim on the same per-batch-unique trace")
+          f"the first {a.plan_batches} batches + warm_up(); sims: tierec.sim.policies on the same per-batch-unique trace")
     t0 = time.perf_counter()
     sizes = {f: max(1, int(f * a.table_rows)) for f in a.cache_fraction}
     lru_sim = {k: lru_hit_rates(flat[k], [sizes[f] for f in a.cache_fraction]) for k in keys}

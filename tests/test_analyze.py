@@ -1,4 +1,4 @@
-"""Cache simulators (tierec.cache.sim), trace readers (tierec.cache.traces) and `tierec analyze`."""
+"""Cache simulators (tierec.sim.policies), trace readers (tierec.sim.traces) and `tierec analyze`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from tierec import cli
 from tierec.analyze import allocate, parse_bytes, parse_sizes
-from tierec.cache import sim, traces
+from tierec.sim import policies, traces
 from tierec.errors import DataError, TierecError
 
 ARC = Path("/work/shared/data/arc")
@@ -86,10 +86,10 @@ def test_next_prev_use_and_stack_distances_match_brute_force():
         n = len(tr)
         nx = [next((j for j in range(i + 1, n) if tr[j] == tr[i]), n) for i in range(n)]
         pv = [next((j for j in range(i - 1, -1, -1) if tr[j] == tr[i]), -1) for i in range(n)]
-        assert sim.next_use(a).tolist() == nx
-        assert sim.prev_use(a).tolist() == pv
-        sd = [sim.COLD if pv[i] < 0 else len(set(tr[pv[i] + 1 : i])) for i in range(n)]
-        assert sim.stack_distances(a).tolist() == sd
+        assert policies.next_use(a).tolist() == nx
+        assert policies.prev_use(a).tolist() == pv
+        sd = [policies.COLD if pv[i] < 0 else len(set(tr[pv[i] + 1 : i])) for i in range(n)]
+        assert policies.stack_distances(a).tolist() == sd
 
 
 def test_count_earlier_smaller():
@@ -97,45 +97,45 @@ def test_count_earlier_smaller():
     for n in [0, 1, 2, 3, 7, 64, 100, 257]:
         v = rng.permutation(n * 3)[:n].astype(np.int64) - n
         ref = [sum(v[j] < v[i] for j in range(i)) for i in range(n)]
-        assert sim._count_earlier_smaller(v).tolist() == ref
+        assert policies._count_earlier_smaller(v).tolist() == ref
 
 
 def test_simulators_match_brute_force():
     for tr, k in random_traces(2):
         sizes = list(range(0, k + 2))
         n = max(len(tr), 1)
-        assert (sim.lru_hit_rates(tr, sizes) * n).round().astype(int).tolist() == [ref_lru(tr, c) for c in sizes]
-        assert sim.lfu_hit_counts(tr, sizes).tolist() == [ref_lfu(tr, c) for c in sizes]
-        assert sim.min_hit_counts(tr, sizes).tolist() == [ref_min(tr, c) for c in sizes]
-        assert sim.min_hit_counts(tr, sizes, bypass=False).tolist() == [ref_min(tr, c, False) for c in sizes]
+        assert (policies.lru_hit_rates(tr, sizes) * n).round().astype(int).tolist() == [ref_lru(tr, c) for c in sizes]
+        assert policies.lfu_hit_counts(tr, sizes).tolist() == [ref_lfu(tr, c) for c in sizes]
+        assert policies.min_hit_counts(tr, sizes).tolist() == [ref_min(tr, c) for c in sizes]
+        assert policies.min_hit_counts(tr, sizes, bypass=False).tolist() == [ref_min(tr, c, False) for c in sizes]
 
 
 def test_single_size_functions_and_edge_cases():
     tr = [1, 2, 1, 3, 1, 2, 4, 1]
-    assert sim.lru_hit_rate(tr, 2) == ref_lru(tr, 2) / len(tr)
-    assert sim.lfu_hit_rate(tr, 2) == ref_lfu(tr, 2) / len(tr)
-    assert sim.min_hit_rate(tr, 2) == ref_min(tr, 2) / len(tr)
-    assert sim.min_hit_rate(tr, 2, bypass=False) == ref_min(tr, 2, False) / len(tr)
-    assert sim.lru_hit_rates([], [1, 2]).tolist() == [0.0, 0.0]
-    assert sim.min_hit_rate([], 3) == 0.0 and sim.lfu_hit_rate([], 3) == 0.0
+    assert policies.lru_hit_rate(tr, 2) == ref_lru(tr, 2) / len(tr)
+    assert policies.lfu_hit_rate(tr, 2) == ref_lfu(tr, 2) / len(tr)
+    assert policies.min_hit_rate(tr, 2) == ref_min(tr, 2) / len(tr)
+    assert policies.min_hit_rate(tr, 2, bypass=False) == ref_min(tr, 2, False) / len(tr)
+    assert policies.lru_hit_rates([], [1, 2]).tolist() == [0.0, 0.0]
+    assert policies.min_hit_rate([], 3) == 0.0 and policies.lfu_hit_rate([], 3) == 0.0
     # Beyond the footprint every policy hits all but the cold misses.
-    for f in (sim.lru_hit_rate, sim.lfu_hit_rate, sim.min_hit_rate):
+    for f in (policies.lru_hit_rate, policies.lfu_hit_rate, policies.min_hit_rate):
         assert f(tr, 100) == (len(tr) - 4) / len(tr)
     with pytest.raises(ValueError):
-        sim.lru_hit_rates(tr, [-1])
+        policies.lru_hit_rates(tr, [-1])
     with pytest.raises(ValueError):
-        sim.stack_distances(np.zeros((2, 2), np.int64))
+        policies.stack_distances(np.zeros((2, 2), np.int64))
 
 
 def test_min_dominates_lru_and_lfu_at_every_size():
     rng = np.random.default_rng(3)
     tr = np.concatenate([rng.zipf(1.2, 4000) % 3000, rng.integers(0, 500, 2000), np.arange(300)])
     rng.shuffle(tr)
-    sizes = sim.default_sizes(np.unique(tr).size, 12)
-    lru = sim.lru_hit_rates(tr, sizes)
-    lfu = sim.lfu_hit_rates(tr, sizes)
-    opt = sim.min_hit_rates(tr, sizes)
-    opt_nb = sim.min_hit_rates(tr, sizes, bypass=False)
+    sizes = policies.default_sizes(np.unique(tr).size, 12)
+    lru = policies.lru_hit_rates(tr, sizes)
+    lfu = policies.lfu_hit_rates(tr, sizes)
+    opt = policies.min_hit_rates(tr, sizes)
+    opt_nb = policies.min_hit_rates(tr, sizes, bypass=False)
     assert np.all(opt >= lru) and np.all(opt >= lfu)
     assert np.all(opt_nb >= lru) and np.all(opt_nb >= lfu) and np.all(opt >= opt_nb)
     assert np.all(np.diff(lru) >= 0) and np.all(np.diff(opt) >= 0)  # inclusion: more cache, more hits
@@ -145,18 +145,18 @@ def test_min_dominates_lru_and_lfu_at_every_size():
 def test_miss_ratio_curves_and_dataclass():
     rng = np.random.default_rng(4)
     tr = rng.zipf(1.3, 3000) % 700
-    curves = sim.miss_ratio_curves(tr, [10, 50, 200], name="t")
+    curves = policies.miss_ratio_curves(tr, [10, 50, 200], name="t")
     assert set(curves) == {"lru", "lfu", "min"}
     u = np.unique(tr).size
     for pol, c in curves.items():
         assert c.requests == tr.size and c.distinct == u and c.sizes.tolist() == [10, 50, 200]
         assert np.allclose(c.hit_ratio + c.miss_ratio, 1)
         assert c.hits_at(10**9) == tr.size - u and c.hits_at(0) == 0
-        d = sim.MissRatioCurve.from_dict(json.loads(json.dumps(c.to_dict())))
+        d = policies.MissRatioCurve.from_dict(json.loads(json.dumps(c.to_dict())))
         assert d.hits.tolist() == c.hits.tolist() and d.policy == pol
     lru = curves["lru"]
     assert lru.hits_at(37) == ref_lru(tr.tolist(), 37)  # exact between grid sizes
-    assert curves["min"].hits.tolist() == (sim.min_hit_rates(tr, [10, 50, 200]) * tr.size).round().tolist()
+    assert curves["min"].hits.tolist() == (policies.min_hit_rates(tr, [10, 50, 200]) * tr.size).round().tolist()
 
 
 # --------------------------------------------------------------------------- the ARC OLTP trace
@@ -164,10 +164,10 @@ def test_miss_ratio_curves_and_dataclass():
 def test_arc_oltp_lru_reproduces_paper():
     tr = traces.read_arc(ARC / "OLTP.lis.zst")
     assert tr.size == 914145 and np.unique(tr).size == 186880  # ARC paper, Table III
-    lru = 100 * sim.lru_hit_rate(tr, 1000)
+    lru = 100 * policies.lru_hit_rate(tr, 1000)
     assert abs(lru - 32.83) <= 0.005, lru  # ARC paper, Table IV: LRU at c = 1000
-    opt = 100 * sim.min_hit_rate(tr, 1000)
-    lfu = 100 * sim.lfu_hit_rate(tr, 1000)
+    opt = 100 * policies.min_hit_rate(tr, 1000)
+    lfu = 100 * policies.lfu_hit_rate(tr, 1000)
     assert lfu < lru < opt
     assert abs(opt - 53.62) < 0.005 and abs(lfu - 13.83) < 0.005  # our own figures (regression)
 
@@ -241,7 +241,7 @@ def test_allocate_is_optimal_on_concave_curves():
             u = int(rng.integers(1, 12))
             gains = np.sort(rng.integers(0, 20, u))[::-1]  # decreasing marginal gains: concave
             hits = np.cumsum(gains)
-            curves[f"t{t}"] = sim.MissRatioCurve("lru", np.arange(1, u + 1), hits, int(hits[-1]) + u, u)
+            curves[f"t{t}"] = policies.MissRatioCurve("lru", np.arange(1, u + 1), hits, int(hits[-1]) + u, u)
         budget = int(rng.integers(0, 30))
         alloc = allocate(curves, budget)
         assert sum(alloc.values()) <= budget

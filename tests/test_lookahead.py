@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tierec.cache.sim import min_hit_rate
+from tierec.sim.policies import min_hit_rate
 from tierec.data.dataset import Batch
 from tierec.errors import ConfigError
 from tierec.modules.embedding import InMemoryTable, TableConfig, build_collection
@@ -74,7 +74,7 @@ def run_protocol(cache, steps, window, dirty=True):
 
 def test_full_window_equals_min_on_arc_trace(shared_data):
     """One request per step, window = whole trace: hits == Belady's MIN (every miss admitted)."""
-    from tierec.cache.traces import read_arc
+    from tierec.sim.traces import read_arc
 
     trace = read_arc(shared_data / "arc" / "OLTP.lis.zst", max_requests=6000)
     steps = [torch.tensor([int(x)]) for x in trace]
@@ -88,8 +88,8 @@ def test_full_window_equals_min_on_arc_trace(shared_data):
 
 
 def test_short_window_is_between_lru_and_min(shared_data):
-    from tierec.cache.sim import lru_hit_rate
-    from tierec.cache.traces import read_arc
+    from tierec.sim.policies import lru_hit_rate
+    from tierec.sim.traces import read_arc
 
     trace = read_arc(shared_data / "arc" / "OLTP.lis.zst", max_requests=6000)
     steps = [torch.tensor([int(x)]) for x in trace]

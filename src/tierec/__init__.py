@@ -5,7 +5,7 @@ Layers (see ARCHITECTURE.md):
   tierec.data     - readers, preprocessing, on-disk data sets, synthetic generator
   tierec.modules  - embedding tables with fused sparse optimizers, DLRM
   tierec.train    - training loop, metrics, checkpoints
-  tierec.cache    - cache simulators and (tiered) caches
+  tierec.sim     - offline cache simulators (LRU, LFU, Belady's MIN) and trace readers
 """
 
 __version__ = "0.1.0"

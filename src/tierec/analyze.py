@@ -1,7 +1,7 @@
 """`tierec analyze`: miss-ratio curves of a data set or trace, and what cache to buy.
 
 For every table (sparse feature of a data set, or the one trace of a file) it
-simulates LRU, in-cache LFU and Belady's MIN (`tierec.cache.sim`) over a grid
+simulates LRU, in-cache LFU and Belady's MIN (`tierec.sim.policies`) over a grid
 of cache sizes, prints hit ratios, writes PNG plots and a JSON of the curves,
 and, given a memory budget, splits it across tables to minimise total misses
 (greedy marginal gain on the concave hull of each table's hit curve).
@@ -223,22 +223,22 @@ def _row_bytes(args, fmt: str) -> int | None:
 def main(args) -> int:
     from tqdm import tqdm
 
-    from tierec.cache import sim, traces
+    from tierec.sim import policies, traces
 
-    policies = [s.strip().lower() for s in args.policies.split(",") if s.strip()]
-    bad = [s for s in policies if s not in sim.POLICIES]
-    if bad or not policies:
+    wanted = [s.strip().lower() for s in args.policies.split(",") if s.strip()]
+    bad = [s for s in wanted if s not in policies.POLICIES]
+    if bad or not wanted:
         raise TierecError(f"--policies: unknown {', '.join(bad) or '(none given)'} (choose from lru, lfu, min)")
-    policies = list(dict.fromkeys(policies))
+    wanted = list(dict.fromkeys(wanted))
     sizes = parse_sizes(args.sizes) if args.sizes is not None else None
     if args.points < 2:
         raise TierecError(f"--points must be >= 2, got {args.points}")
     if args.max_requests is not None and args.max_requests <= 0:
         raise TierecError(f"--max-requests must be > 0, got {args.max_requests}")
     budget = parse_bytes(args.memory_budget) if args.memory_budget is not None else None
-    if args.policy is not None and args.policy not in policies:
-        raise TierecError(f"--policy {args.policy} is not among --policies {','.join(policies)}")
-    rec_policy = args.policy or ("lru" if "lru" in policies else policies[0])
+    if args.policy is not None and args.policy not in wanted:
+        raise TierecError(f"--policy {args.policy} is not among --policies {','.join(wanted)}")
+    rec_policy = args.policy or ("lru" if "lru" in wanted else wanted[0])
 
     fmt = traces.detect_format(args.input) if args.format == "auto" else args.format
     if fmt != "dataset":
@@ -269,19 +269,19 @@ def main(args) -> int:
     # Grid per table, and the amount of work for the progress bar.
     grids = {}
     for name, tr in trs.items():
-        grids[name] = sizes if sizes is not None else sim.default_sizes(int(np.unique(tr).size), args.points)
-    steps = sum(len(g) * len(policies) for g in grids.values())
+        grids[name] = sizes if sizes is not None else policies.default_sizes(int(np.unique(tr).size), args.points)
+    steps = sum(len(g) * len(wanted) for g in grids.values())
     results: dict[str, dict] = {}
     timings: dict[str, dict] = {}
     with tqdm(total=steps, desc="simulate", unit="size", disable=not progress, dynamic_ncols=True,
               file=sys.stderr) as bar:
         for name, tr in trs.items():
             results[name], timings[name] = {}, {}
-            for pol in policies:
+            for pol in wanted:
                 bar.set_postfix_str(f"{name} {pol}")
                 t1 = time.perf_counter()
-                c = sim.miss_ratio_curves(tr, grids[name], [pol], name=name, bypass=not args.no_bypass,
-                                          progress=bar.update)[pol]
+                c = policies.miss_ratio_curves(tr, grids[name], [pol], name=name, bypass=not args.no_bypass,
+                                               progress=bar.update)[pol]
                 timings[name][pol] = round(time.perf_counter() - t1, 3)
                 results[name][pol] = c
 
@@ -352,7 +352,7 @@ def main(args) -> int:
             plot_curves(path, name, curves, rec["tables"][name]["rows"] if rec else None, row_bytes)
             pngs[name] = path.name
         doc = {
-            "input": str(args.input), "format": fmt, "policies": policies, "min_bypass": not args.no_bypass,
+            "input": str(args.input), "format": fmt, "policies": wanted, "min_bypass": not args.no_bypass,
             "max_requests": args.max_requests,
             "dataset": ({"split": args.split, "dedup_per_batch": args.dedup_per_batch, "shuffle": args.shuffle,
                          "seed": args.seed} if fmt == "dataset" else None),

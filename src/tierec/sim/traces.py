@@ -1,4 +1,4 @@
-"""Access-trace readers for the cache simulators (`tierec.cache.sim`).
+"""Access-trace readers for the cache simulators (`tierec.sim.policies`).
 
 A trace is a 1-D int64 numpy array of keys in request order. Readers:
 

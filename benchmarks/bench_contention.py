@@ -42,7 +42,7 @@ from tierec.modules.dlrm import DLRM  # noqa: E402
 from tierec.modules.embedding import TableConfig, build_collection  # noqa: E402
 from tierec.storage.lookahead import LookaheadCache  # noqa: E402
 from tierec.storage.ssd import SsdTable  # noqa: E402
-from tierec.storage.tiered import STEP_MALLOC, set_malloc_thresholds  # noqa: E402
+from tierec.malloc import STEP_MALLOC, set_malloc_thresholds  # noqa: E402
 
 
 def make_tables(a, keys) -> None:

@@ -51,12 +51,13 @@ from tierec.sim.policies import lfu_hit_rate, lru_hit_rate, min_hit_rate
 from tierec.config import format_bytes
 from tierec.errors import TierecError
 from tierec.modules.dlrm import DLRM
-from tierec.modules.embedding import InMemoryTable, TableConfig, build_collection
+from tierec.modules.embedding import TableConfig, build_collection
+from tierec.storage.base import InMemoryTable
 from tierec.storage import CachedTable
 from tierec.storage.group import TableGroup, TableView
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.ssd import SsdTable
-from tierec.storage.tiered import STEP_MALLOC, limit_malloc_retention, set_malloc_thresholds
+from tierec.malloc import STEP_MALLOC, limit_malloc_retention, set_malloc_thresholds
 from tierec.train.pipeline import LookaheadPipeline
 from tierec.train.trainer import cache_stats, lookahead_caches
 
@@ -188,7 +189,7 @@ def worker(peer, a, stream, root, total_steps, conn):
             hold = pipe.paused()
             hold.__enter__()  # parked between rounds: no background work while the other peers run
         if not a.keep_malloc:
-            set_malloc_thresholds(*STEP_MALLOC)  # the training loop's, as in `tierec train` (tierec.storage.tiered)
+            set_malloc_thresholds(*STEP_MALLOC)  # the training loop's, as in `tierec train` (tierec.malloc)
         conn.send({"ready": True})
         while True:
             cmd = conn.recv()

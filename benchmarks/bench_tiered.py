@@ -68,17 +68,13 @@ from tierec.data.dataset import Batch, Chunk
 from tierec.data.synth import SynthConfig, iter_chunks
 from tierec.errors import TierecError
 from tierec.modules.dlrm import DLRM
-from tierec.modules.embedding import InMemoryTable, TableConfig, build_collection, dedup
+from tierec.modules.embedding import TableConfig, build_collection, dedup
+from tierec.storage.base import InMemoryTable
 from tierec.modules.optim import SparseOptimizer
 from tierec.storage import CachedTable
 from tierec.storage.plan import AccessSample, TableNeeds, plan_tables
-from tierec.storage.tiered import (
-    INDEX_BYTES_PER_ROW,
-    STEP_MALLOC,
-    limit_malloc_retention,
-    make_storage_factory,
-    set_malloc_thresholds,
-)
+from tierec.malloc import STEP_MALLOC, limit_malloc_retention, set_malloc_thresholds
+from tierec.storage.tiered import INDEX_BYTES_PER_ROW, make_storage_factory
 
 try:
     from tierec.energy import meter as energy_meter
@@ -341,7 +337,7 @@ def worker(peer, a, stream, plan, sample, root, conn):
                 "cache_index_bytes": sum(t.storage.index_nbytes for t in ebc.tables
                                          if isinstance(t.storage, CachedTable)),
                 "cache_row_bytes": sum(t.storage.nbytes for t in ebc.tables if isinstance(t.storage, CachedTable))}
-        set_malloc_thresholds(*STEP_MALLOC)  # the training loop's, as in `tierec train` (tierec.storage.tiered)
+        set_malloc_thresholds(*STEP_MALLOC)  # the training loop's, as in `tierec train` (tierec.malloc)
         info["hwm_reset"] = _reset_hwm()
         conn.send(info)
         while True:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tierec import cli
-from tierec.analyze import allocate, parse_bytes, parse_sizes
+from tierec.config import parse_bytes
+from tierec.sim.analyze import allocate, parse_sizes
 from tierec.sim import policies, traces
 from tierec.errors import DataError, TierecError
 
@@ -271,8 +272,8 @@ def test_parse_bytes_and_sizes():
 def tierec(monkeypatch):
     """Run `tierec ...` through cli.main; only the analyze command is registered, so
     this test does not depend on the other command groups."""
-    assert "tierec.analyze" in cli.COMMAND_MODULES
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tierec.analyze"])
+    assert "tierec.cli.analyze" in cli.COMMAND_MODULES
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tierec.cli.analyze"])
     return cli.main
 
 

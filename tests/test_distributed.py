@@ -18,7 +18,8 @@ from tierec.distributed.plan import plan_shards, row_bounds
 from tierec.storage.plan import TableNeeds
 from tierec.distributed.trainer import slice_batch
 from tierec.errors import ConfigError
-from tierec.modules.embedding import InMemoryTable
+from tierec.storage.base import InMemoryTable
+from tierec.storage.tablefile import read_table_file, verify_file, write_table_file
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig
 from tierec.train.trainer import Trainer, evaluate, load_for_eval
@@ -90,14 +91,14 @@ def test_table_file_loads_into_any_row_split(tmp_path):
     full = InMemoryTable(10, 3, 1)
     full.weight.copy_(torch.arange(30.0).view(10, 3))
     full.state.copy_(torch.arange(10.0).view(10, 1))
-    meta = ckpt.write_table_file(tmp_path / "t.tbl", full)
+    meta = write_table_file(tmp_path / "t.tbl", full)
     from tierec.distributed.plan import Shard
 
     b = row_bounds(10, 4)
     for r in range(4):
         s = Shard("t", 0, r, b[r], b[r + 1], 10)
         part = InMemoryTable(s.rows, 3, 1)
-        ckpt.read_table_file(tmp_path / "t.tbl", ShardView(s, part), meta)
+        read_table_file(tmp_path / "t.tbl", ShardView(s, part), meta)
         assert torch.equal(part.weight, full.weight[s.lo : s.hi]) and torch.equal(part.state, full.state[s.lo : s.hi])
 
 
@@ -237,7 +238,7 @@ def test_killed_rank_names_it_keeps_the_checkpoint_and_resume_continues(tiny_dat
     last = ckpt.resolve_checkpoint(out)  # still valid: every file matches its manifest
     m = ckpt.read_manifest(last)
     for rel, meta in m["files"].items():
-        ckpt.verify_file(last / rel, meta)
+        verify_file(last / rel, meta)
     assert 5 <= m["step"] < 750
     p = torchrun(2, [*args, "--resume", "--max-steps", str(m["step"] + 5)])
     log, _ = p.communicate(timeout=120)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from tierec.modules.embedding import (INIT_CHUNK_ROWS, TableConfig, build_collection, dedup,
-                                      init_rows)
+from tierec.modules.embedding import TableConfig, build_collection, dedup
+from tierec.storage.base import INIT_CHUNK_ROWS, init_rows
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 

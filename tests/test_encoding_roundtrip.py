@@ -10,7 +10,7 @@ import torch
 from test_serve import serving
 from tierec.data.convert import convert, is_test_row
 from tierec.data.dataset import Dataset
-from tierec.inference.commands import ServeConfig, build_server
+from tierec.inference.service import ServeConfig, build_server
 from tierec.train.config import TrainConfig
 from tierec.train.trainer import Trainer, load_for_eval
 

@@ -11,7 +11,8 @@ import torch
 from tierec.sim.policies import min_hit_rate
 from tierec.data.dataset import Batch
 from tierec.errors import ConfigError
-from tierec.modules.embedding import InMemoryTable, TableConfig, build_collection
+from tierec.modules.embedding import TableConfig, build_collection
+from tierec.storage.base import InMemoryTable
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.lookahead import NEVER, LookaheadCache, NextUseOracle
@@ -428,7 +429,7 @@ def test_cycle_that_defeats_lru(tmp_path):
 
 
 def _init_like_reference(factory):
-    from tierec.modules.embedding import init_rows
+    from tierec.storage.base import init_rows
 
     def f(i, tcfg, sdim):
         c = factory(i, tcfg, sdim)

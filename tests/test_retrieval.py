@@ -197,7 +197,7 @@ def test_batcher_runs_idle_work_only_when_no_request_waits():
 def test_sampled_eviction_keeps_frequent_rows_and_protected_ones(tmp_path):
     """victim_sample: victims come from a random sample, lowest frequency first, never a row the
     same acquire needs; the cache stays full and correct."""
-    from tierec.modules.embedding import InMemoryTable
+    from tierec.storage.base import InMemoryTable
     from tierec.storage.cache import CachedTable
 
     n, cap = 10_000, 1000

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tierec.cli import main
 from tierec.data.dataset import Dataset
 from tierec.data.synth import SynthConfig, generate
-from tierec.inference.commands import ServeConfig, build_server
+from tierec.inference.service import ServeConfig, build_server
 from tierec.train.config import TrainConfig
 from tierec.train.trainer import Trainer, load_for_eval
 

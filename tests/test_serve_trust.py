@@ -25,7 +25,7 @@ from test_serve import config, runs, serving, test_samples  # noqa: F401 -- `run
 from tierec.cli import main
 from tierec.data.dataset import Dataset
 from tierec.errors import ConfigError
-from tierec.inference.commands import ServeConfig, build_server
+from tierec.inference.service import ServeConfig, build_server
 from tierec.inference.features import FeatureEncoder, InputError
 
 TOKEN = "s3cret-token-0123456789abcdef"

@@ -9,12 +9,8 @@ import pytest
 import torch
 
 from tierec.errors import CheckpointError, ConfigError
-from tierec.modules.embedding import (
-    InMemoryTable,
-    TableConfig,
-    build_collection,
-    init_rows,
-)
+from tierec.modules.embedding import TableConfig, build_collection
+from tierec.storage.base import InMemoryTable, init_rows
 from tierec.modules.optim import KINDS, SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage import CachedTable, CountMinSketch, SsdTable

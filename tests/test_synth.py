@@ -16,12 +16,12 @@ from tierec.data.locality import (
     mean_stats,
     parse_locality_stats,
     reuse_histogram,
-    roc_auc,
     top_share,
     total_variation,
 )
 from tierec.data.synth import SynthConfig, Synthesizer, generate, ground_truth, iter_chunks
 from tierec.errors import ConfigError, DataError
+from tierec.train.metrics import roc_auc
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STATS_2021 = SHARED / "dlrm_locality_stats_2021.txt"
@@ -249,19 +249,21 @@ def test_config_validation_names_the_field(kw, field):
 
 
 def test_cli_writes_a_data_set(tmp_path, capsys):
+    from tierec.cli.data import add_synth_arguments, config_from_args, synth_main
+
     p = argparse.ArgumentParser()
-    synth.add_arguments(p)
+    add_synth_arguments(p)
     out = tmp_path / "cli"
     args = p.parse_args(["--out", str(out), "--rows", "5000", "--num-sparse", "3", "--cardinalities", "1k,2k,50",
                          "--num-dense", "2", "--multi-hot", "uniform:1-3", "--zipf", "0.8", "--seed", "4"])
-    assert synth.main(args) == 0
+    assert synth_main(args) == 0
     line = capsys.readouterr().out
     assert "wrote 5,000 rows (train 4,500, test 500)" in line and "rows/s" in line
     m = json.loads((out / "manifest.json").read_text())
     assert [f["num_embeddings"] for f in m["schema"]["sparse"]] == [1000, 2000, 50]
     assert m["source"]["config"]["zipf"] == 0.8
     with pytest.raises(ConfigError, match="^cardinalities"):
-        synth.config_from_args(p.parse_args(["--out", "x", "--cardinalities", "ten"]))
+        config_from_args(p.parse_args(["--out", "x", "--cardinalities", "ten"]))
 
 
 # --------------------------------------------------------------------------- Meta's files and machinery

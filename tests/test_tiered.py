@@ -10,7 +10,7 @@ import torch
 
 from tierec.errors import ConfigError
 from tierec.storage.plan import TableNeeds, parse_bytes, plan_tables
-from tierec.storage.tiered import STEP_MALLOC, TRANSIENT_MALLOC
+from tierec.malloc import STEP_MALLOC, TRANSIENT_MALLOC
 from tierec.train.config import TrainConfig
 from tierec.train.trainer import Trainer
 
@@ -180,7 +180,7 @@ def test_peak_rss_stays_within_budget_plus_overhead(tmp_path):
 
 MALLOC_SCRIPT = textwrap.dedent("""
     import json, resource, torch
-    from tierec.storage import tiered
+    from tierec import malloc
 
     def faults_per_alloc(n=21):  # median page faults of one 8 MiB block (a batch-4096 x 512 activation)
         x = torch.empty(8 << 18).fill_(1.0); del x
@@ -193,12 +193,12 @@ MALLOC_SCRIPT = textwrap.dedent("""
         return sorted(faults)[n // 2]
 
     out = {}
-    assert tiered.limit_malloc_retention()
+    assert malloc.limit_malloc_retention()
     out["transient"] = faults_per_alloc()
-    with tiered.malloc_thresholds(*tiered.STEP_MALLOC):
+    with malloc.malloc_thresholds(*malloc.STEP_MALLOC):
         out["step"] = faults_per_alloc()
-        out["inside"] = tiered._malloc_now
-    out["after"] = tiered._malloc_now
+        out["inside"] = malloc._malloc_now
+    out["after"] = malloc._malloc_now
     print(json.dumps(out))
 """)
 

@@ -9,10 +9,8 @@ the format, rows read, bad rows skipped and the options. See docs/data.md.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -130,57 +128,3 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
         options["cluster_window"] = int(cluster_window)
     clustering = clustering_record(cluster_by, cluster_window, seed)
     return writer.close(source=source, extra={"clustering": clustering} if clustering else None)
-
-
-# --------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="input file (.gz/.bz2/.xz/.zst are decompressed on the fly)")
-    p.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
-                   help="criteo-tsv: Criteo Kaggle/Terabyte train.txt / day_N (tab-separated, no header); "
-                        "criteo-csv: same columns, comma-separated, header optional; libsvm: 'label idx:val ...'; "
-                        "libfm: 'label field:idx:val ...'; movielens: u.data or RecBole .inter")
-    p.add_argument("--out", required=True, help="output data set directory (new, empty, or an earlier conversion)")
-    p.add_argument("--num-embeddings", type=int, default=None,
-                   help=f"rows per embedding table; for Criteo, the cap on the published Kaggle cardinalities "
-                        f"(default: {DEFAULT_NUM_EMBEDDINGS}; with --id-encoding identity: the largest ID + 1)")
-    p.add_argument("--id-encoding", default=None, metavar="hash|identity|NAME=ENC,...",
-                   help="how raw IDs become rows: hash (strings hashed, libSVM/libFM indices hashed as integers; "
-                        "collisions possible) or identity (IDs are rows already, e.g. compact 0..N-1 item IDs: no "
-                        "collisions); or per feature, e.g. item_id=identity (default: hash). Recorded in the "
-                        "manifest; serving encodes requests the same way")
-    p.add_argument("--table-sizes", default=None, metavar="FILE_OR_LIST",
-                   help="per-feature table sizes, overriding --num-embeddings: '1000,20,...' in feature order, "
-                        "'C1=1000,C3=50', or a YAML/JSON file holding such a list or mapping")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of rows held out as the test split")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
-    p.add_argument("--skip-bad-rows", action="store_true",
-                   help="skip and count malformed rows instead of stopping at the first one")
-    p.add_argument("--rows-per-file", type=int, default=1 << 20, help="rows per Parquet shard")
-    p.add_argument("--row-group-size", type=int, default=65536, help="rows per Parquet row group")
-    p.add_argument("--field-map", default=None, metavar="FILE",
-                   help="libsvm/libfm: YAML/JSON mapping of indices / fields to named features (docs/data.md)")
-    p.add_argument("--max-rows", type=int, default=None, help="stop after this many good rows")
-    p.add_argument("--rating-threshold", type=float, default=4.0,
-                   help="movielens: label = 1 when rating >= this, else 0")
-    p.add_argument("--cluster-by", choices=["none", "session", "shuffle"], default="none",
-                   help="session: write a session's rows together (user-side lists stored once per run), "
-                        "sessions in random order within each window; shuffle: permute rows within each window")
-    p.add_argument("--cluster-window", type=int, default=DEFAULT_WINDOW, metavar="ROWS",
-                   help="rows buffered and reordered at a time (bounds memory and how far a row moves)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a TTY)")
-
-
-def main(args) -> int:
-    t0 = time.perf_counter()
-    m = convert(args.input, args.out, args.fmt, num_embeddings=args.num_embeddings, table_sizes=args.table_sizes,
-                test_fraction=args.test_fraction, seed=args.seed, skip_bad_rows=args.skip_bad_rows,
-                rows_per_file=args.rows_per_file, row_group_size=args.row_group_size, field_map=args.field_map,
-                max_rows=args.max_rows, rating_threshold=args.rating_threshold,
-                progress=not getattr(args, "no_progress", False), cluster_by=args.cluster_by,
-                cluster_window=args.cluster_window, id_encoding=args.id_encoding)
-    dt = max(time.perf_counter() - t0, 1e-9)
-    rows = {k: v["rows"] for k, v in m["splits"].items()}
-    total = sum(rows.values())
-    print(f"{args.out}: wrote {total:,} rows (train {rows['train']:,}, test {rows['test']:,}); "
-          f"bad rows skipped: {m['source']['bad_rows_skipped']:,}; {total / dt:,.0f} rows/s")
-    return 0

@@ -27,7 +27,6 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from tierec.errors import DataError
-from tierec.train.metrics import roc_auc  # noqa: F401  (re-exported for the generator's tests)
 
 #: Upper edges of Meta's bins: (0,1], (1,2], (2,4], ..., (16384,32768]; the last bin is 32768+.
 BIN_EDGES: list[int] = [0] + [1 << i for i in range(16)]  # 0, 1, 2, 4, ..., 32768

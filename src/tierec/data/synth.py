@@ -30,11 +30,9 @@ so any ``--rows`` streams in constant memory and the same seed gives byte-identi
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -1001,7 +999,7 @@ def _nelder_mead(f, x0, step, iters):
 
 
 # --------------------------------------------------------------------------- CLI
-def _int_list(text: str) -> list[int]:
+def parse_cardinalities(text: str) -> list[int]:
     out = []
     for tok in text.replace(" ", "").split(","):
         if not tok:
@@ -1014,72 +1012,3 @@ def _int_list(text: str) -> list[int]:
     if not out:
         raise ConfigError("cardinalities: empty list")
     return out
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = SynthConfig()
-    p.add_argument("--out", required=True, help="output data set directory (new, empty, or an earlier tierec data set); "
-                                                "a file with --format criteo-tsv")
-    p.add_argument("--format", choices=["dataset", "criteo-tsv"], default="dataset",
-                   help="a tierec data set, or raw Criteo Kaggle text for `tierec data convert`")
-    p.add_argument("--rows", type=int, default=d.rows, help="rows in all, train + test")
-    p.add_argument("--test-fraction", type=float, default=d.test_fraction,
-                   help="the last fraction of rows, held out as the test split")
-    p.add_argument("--seed", type=int, default=d.seed, help="same seed, same bytes")
-    p.add_argument("--num-sparse", type=int, default=None, metavar="K",
-                   help="sparse features C1..CK (default: as many as --cardinalities, else 26)")
-    p.add_argument("--cardinalities", default=None, metavar="LIST",
-                   help="table sizes, comma-separated in feature order, or one size for all (k/M suffixes ok); "
-                        "default: Criteo Kaggle's 26 published cardinalities, cycled")
-    p.add_argument("--max-cardinality", type=int, default=d.max_cardinality, metavar="CAP",
-                   help="cap on every table size; 0: no cap (the published sizes, 33.8M rows in all)")
-    p.add_argument("--num-dense", type=int, default=d.num_dense, help="dense features I1..IN")
-    p.add_argument("--multi-hot", default=d.multi_hot, metavar="SPEC",
-                   help="IDs per row: fixed:K, uniform:A-B, poisson:M (1+Poisson(M-1)), poisson0:M (may be empty); "
-                        "one SPEC for all features plus optional per-feature overrides, e.g. 'fixed:1,C3=poisson:8'")
-    p.add_argument("--zipf", default="auto", metavar="ALPHA|auto",
-                   help="ID popularity: 'auto' = calibrated to Meta's DLRM locality statistics; "
-                        "a number = plain Zipf exponent (0 = uniform)")
-    p.add_argument("--session-length", type=float, default=d.session_length, metavar="MEAN",
-                   help="mean rows per session (geometric); 1 = no sessions")
-    p.add_argument("--user-features", type=int, default=d.user_features, metavar="K",
-                   help="the first K sparse features are user-side: constant within a session")
-    p.add_argument("--positive-rate", type=float, default=d.positive_rate, help="target fraction of positive labels")
-    p.add_argument("--signal", type=float, default=d.signal,
-                   help="strength of the hidden label model (scales its logit); > 1: easier to learn")
-    p.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="rows per Parquet shard")
-    p.add_argument("--row-group-size", type=int, default=d.row_group_size, help="rows per Parquet row group")
-    p.add_argument("--cluster-by", choices=["none", "session", "shuffle"], default="none",
-                   help="session: shuffle whole sessions within each window, user-side lists stored once per run; "
-                        "shuffle: interleave rows within each window (unclustered baseline)")
-    p.add_argument("--cluster-window", type=int, default=1 << 18, metavar="ROWS",
-                   help="rows reordered at a time with --cluster-by")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a TTY)")
-
-
-def config_from_args(args) -> SynthConfig:
-    return SynthConfig(
-        rows=args.rows, test_fraction=args.test_fraction, seed=args.seed, num_sparse=args.num_sparse,
-        cardinalities=_int_list(args.cardinalities) if args.cardinalities else None,
-        max_cardinality=args.max_cardinality, num_dense=args.num_dense, multi_hot=args.multi_hot,
-        zipf=args.zipf, session_length=args.session_length, user_features=args.user_features,
-        positive_rate=args.positive_rate, signal=args.signal, rows_per_file=args.rows_per_file, row_group_size=args.row_group_size,
-        progress=not getattr(args, "no_progress", False))
-
-
-def main(args) -> int:
-    t0 = time.perf_counter()
-    cfg = config_from_args(args)
-    if args.format == "criteo-tsv":
-        n = write_criteo_tsv(cfg, args.out)
-        print(f"{args.out}: wrote {n:,} rows of Criteo-format text; "
-              f"{n / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s")
-        return 0
-    m = generate(cfg, args.out, cluster_by=args.cluster_by, cluster_window=args.cluster_window)
-    dt = max(time.perf_counter() - t0, 1e-9)
-    rows = {k: v["rows"] for k, v in m["splits"].items()}
-    total = sum(rows.values())
-    sch = cfg.schema()
-    print(f"{args.out}: wrote {total:,} rows (train {rows['train']:,}, test {rows['test']:,}); "
-          f"{len(sch.sparse)} sparse, {len(sch.dense)} dense features; {total / dt:,.0f} rows/s")
-    return 0

@@ -31,7 +31,8 @@ from torch import nn
 from tierec.distributed.comm import Dist
 from tierec.distributed.plan import Shard
 from tierec.errors import ConfigError
-from tierec.modules.embedding import INIT_CHUNK_ROWS, EmbeddingBag, InMemoryTable, TableConfig, init_rows
+from tierec.modules.embedding import EmbeddingBag, TableConfig
+from tierec.storage.base import INIT_CHUNK_ROWS, InMemoryTable, init_rows
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.sparse.jagged import lengths_to_offsets

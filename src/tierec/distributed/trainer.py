@@ -40,6 +40,7 @@ from tierec.modules.embedding import TableConfig
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.plan import AccessSample, TableNeeds, measure_lookups
+from tierec.storage.tablefile import CHUNK_ROWS, row_bytes_of
 from tierec.train import checkpoint as ckpt
 from tierec.train.metrics import log_loss, roc_auc
 from tierec.train.rundir import claim_run_dir, existing_run
@@ -303,11 +304,9 @@ def write_shard(path: Path, shard: Shard, storage) -> None:
     width = storage.dim + storage.state_dim
     fd = os.open(path, os.O_WRONLY)
     try:
-        for a in range(0, shard.rows, ckpt.CHUNK_ROWS):
-            b = min(a + ckpt.CHUNK_ROWS, shard.rows)
-            w, s = storage.read_rows(a, b)
-            buf = torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy().tobytes()
-            os.pwrite(fd, buf, (shard.lo + a) * width * 4)
+        for a in range(0, shard.rows, CHUNK_ROWS):
+            b = min(a + CHUNK_ROWS, shard.rows)
+            os.pwrite(fd, row_bytes_of(storage, a, b), (shard.lo + a) * width * 4)
         os.fsync(fd)
     finally:
         os.close(fd)

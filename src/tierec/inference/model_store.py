@@ -36,12 +36,13 @@ import torch.nn.functional as F
 
 from tierec.data.dataset import Schema
 from tierec.errors import CheckpointError, ConfigError
-from tierec.modules.embedding import InMemoryTable, WorkingSet
+from tierec.storage.base import InMemoryTable, WorkingSet
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.cache import CachedTable
 from tierec.storage.sketch import CountMinSketch
 from tierec.storage.ssd import SsdTable, read_many
+from tierec.storage.tablefile import verify_file
 from tierec.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -424,7 +425,7 @@ def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) 
     schema = Schema.from_json(m["schema"])
     shared = None
     if opt.tables == "ssd":
-        from tierec.storage.tiered import limit_malloc_retention
+        from tierec.malloc import limit_malloc_retention
 
         limit_malloc_retention()  # freed multi-MB temporaries (warm-up reads) go back to the OS
         shared = _open_shared_cache(path, m, schema, cfg, opt, pool)
@@ -479,7 +480,7 @@ def _open_shared_cache(path: Path, m: dict, schema: Schema, cfg, opt: ServeOptio
         if t is None:
             raise CheckpointError(f"{path}: checkpoint has no table {f.name!r}")
         if opt.verify:
-            ckpt.verify_file(path / t["file"], m["files"][t["file"]])
+            verify_file(path / t["file"], m["files"][t["file"]])
         ssds.append(SsdTable(path / t["file"], f.num_embeddings, cfg.embedding_dim, state_dim, readonly=True,
                              direct_io=opt.direct_io))
     total = sum(f.num_embeddings for f in schema.sparse)

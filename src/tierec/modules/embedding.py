@@ -11,14 +11,13 @@ One training step for one table (B samples, N IDs, U unique IDs, D dims):
    ``storage.release(ws)`` writes them back if they were a temporary copy.
 
 So every unique row is fetched once and updated once per step, and no dense
-gradient of a table exists. Storage backends implement `TableStorage`; this file
-has the in-memory one, the tiered ones live in ``tierec.storage``.
+gradient of a table exists. Storage backends implement `tierec.storage.base.TableStorage`
+(in memory: `InMemoryTable`; the tiers: the rest of ``tierec.storage``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +25,7 @@ import torch.nn.functional as F
 from tierec.errors import ConfigError
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
-
-INIT_CHUNK_ROWS = 65536
-
+from tierec.storage.base import INIT_CHUNK_ROWS, InMemoryTable, TableStorage, WorkingSet, init_rows
 
 @dataclass(frozen=True)
 class TableConfig:
@@ -51,91 +48,6 @@ class TableConfig:
     @property
     def key(self) -> str:
         return self.feature or self.name
-
-
-def init_rows(seed: int, table_index: int, num_embeddings: int, dim: int, start: int, end: int) -> torch.Tensor:
-    """Initial weights of rows [start, end): uniform(-1/sqrt(n), 1/sqrt(n)), as DLRM/TorchRec do.
-
-    Values depend only on (seed, table, row), generated in fixed chunks of
-    ``INIT_CHUNK_ROWS`` rows, so any storage backend that initialises any range of
-    rows gets the same numbers.
-    """
-    bound = num_embeddings ** -0.5
-    out = torch.empty(end - start, dim)
-    c0 = start // INIT_CHUNK_ROWS
-    c1 = (end - 1) // INIT_CHUNK_ROWS if end > start else c0 - 1
-    for c in range(c0, c1 + 1):  # loop over 64K-row chunks, not rows
-        a, b = c * INIT_CHUNK_ROWS, min((c + 1) * INIT_CHUNK_ROWS, num_embeddings)
-        g = torch.Generator().manual_seed((seed * 1_000_003 + table_index) * 1_000_003 + c)
-        vals = torch.empty(b - a, dim).uniform_(-bound, bound, generator=g)
-        lo, hi = max(a, start), min(b, end)
-        out[lo - start : hi - start] = vals[lo - a : hi - a]
-    return out
-
-
-@dataclass
-class WorkingSet:
-    """The rows of one step, addressable in a fast tensor.
-
-    weight [R, D] and state [R, S] hold them; ``index`` [U] gives the position of
-    each requested ID. ``ids`` [U] are the requested IDs (unique, sorted).
-    """
-
-    ids: torch.Tensor
-    index: torch.Tensor
-    weight: torch.Tensor
-    state: torch.Tensor
-    handle: object = None  # backend-private
-
-
-class TableStorage(Protocol):
-    """Where a table's rows (weights + optimizer state) live."""
-
-    num_embeddings: int
-    dim: int
-    state_dim: int
-
-    def acquire(self, ids: torch.Tensor) -> WorkingSet: ...
-
-    def release(self, ws: WorkingSet, dirty: bool) -> None: ...
-
-    def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None: ...
-
-    def flush(self) -> None: ...
-
-
-class InMemoryTable:
-    """All rows in one tensor on ``device``: the plain, exact reference path."""
-
-    identity_index = True  # acquire(ids).index is ids itself
-
-    def __init__(self, num_embeddings: int, dim: int, state_dim: int, device="cpu"):
-        self.num_embeddings, self.dim, self.state_dim = num_embeddings, dim, state_dim
-        self.weight = torch.empty(num_embeddings, dim, device=device)
-        self.state = torch.zeros(num_embeddings, state_dim, device=device)
-
-    def acquire(self, ids: torch.Tensor) -> WorkingSet:
-        return WorkingSet(ids, ids, self.weight, self.state)
-
-    def release(self, ws: WorkingSet, dirty: bool) -> None:
-        pass
-
-    def read_rows(self, start: int, end: int):
-        return self.weight[start:end], self.state[start:end]
-
-    def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None:
-        n = weight.shape[0]
-        self.weight[start : start + n] = weight
-        self.state[start : start + n] = state
-
-    def flush(self) -> None:
-        pass
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.nbytes + self.state.nbytes
 
 
 def dedup(values: torch.Tensor, with_inverse: bool = True):

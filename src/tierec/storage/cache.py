@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from tierec.errors import ConfigError
-from tierec.modules.embedding import WorkingSet
+from tierec.storage.base import WorkingSet
 from tierec.storage.sketch import CountMinSketch
 
 POLICIES = ("lru", "lfu", "freq")

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from tierec.errors import ConfigError
-from tierec.modules.embedding import WorkingSet
+from tierec.storage.base import WorkingSet
 from tierec.storage.cache import sort_ids, unsort
 
 log = logging.getLogger(__name__)

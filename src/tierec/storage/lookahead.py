@@ -37,7 +37,7 @@ from collections import deque
 
 import torch
 
-from tierec.modules.embedding import WorkingSet
+from tierec.storage.base import WorkingSet
 from tierec.storage.cache import CachedTable, _HashIndex
 from tierec.storage.sketch import CountMinSketch
 
@@ -150,7 +150,7 @@ class LookaheadCache(CachedTable):
     window) and ``_lfreq`` (long-run use count from a count-min sketch of every
     observed step, kept across evictions): 16 B per row. ``stats()`` counts a
     row brought in by `prepare` as a miss, so ``hit_rate`` is 1 - rows fetched /
-    rows looked up, directly comparable to Belady's MIN of `tierec.cache.sim`.
+    rows looked up, directly comparable to Belady's MIN of `tierec.sim.policies`.
     """
 
     def __init__(self, backing, capacity_rows: int, device="cpu", name: str = "", *, sketch_width: int | None = None):

@@ -1,6 +1,6 @@
 """One embedding table in one file on local disk (the SSD tier).
 
-File format: exactly a checkpoint table file (see ``tierec.train.checkpoint``):
+File format: the table-file format (`tierec.storage.tablefile`), as checkpoints:
 float32 rows ``[num_embeddings, dim + state_dim]``, row ``r`` at byte offset
 ``r * (dim + state_dim) * 4``, weights then optimizer state, no header. A
 checkpoint's ``tables/<name>.tbl`` can be opened as an `SsdTable` and an
@@ -42,7 +42,6 @@ I/O modes:
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import mmap
@@ -57,14 +56,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from tierec.fsio import atomic_write_bytes, fsync_dir, umask
+from tierec.fsio import atomic_write_bytes, fsync_dir, sha256_file, umask
 from tierec.storage import aio
 from tierec.errors import CheckpointError, ConfigError
-from tierec.modules.embedding import INIT_CHUNK_ROWS, WorkingSet, init_rows
+from tierec.storage.base import WorkingSet, init_rows
+from tierec.storage.tablefile import FORMAT, read_sidecar, sidecar_path, stream_rows
 
 log = logging.getLogger(__name__)
 
-FORMAT = "tierec-table"
 ALIGN = 4096  # O_DIRECT block size and buffer alignment
 MAX_IO = 1 << 26  # bytes per preadv/pwritev call (Linux caps one call at ~2 GiB)
 FAULT_AROUND_BYTES = 64 << 10  # Linux maps up to this much around a faulting file page (read faults)
@@ -162,11 +161,6 @@ def io_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def sidecar_path(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    return p.with_name(p.name + ".json")
-
-
 def _open_direct(path: Path) -> int:
     """Open ``path`` with O_DIRECT (a function so that tests can make it fail)."""
     return os.open(path, os.O_RDWR | os.O_DIRECT)
@@ -247,7 +241,7 @@ class SsdTable:
     @classmethod
     def open(cls, path: str | os.PathLike, **kw) -> SsdTable:
         """Open an existing table file, taking its shape from the sidecar ``<path>.json``."""
-        meta = _read_sidecar(Path(path))
+        meta = read_sidecar(Path(path))
         if meta is None:
             raise CheckpointError(f"{sidecar_path(path)}: no sidecar; pass num_embeddings, dim and state_dim")
         if "row_stride" in meta and "row_align" not in kw:
@@ -277,20 +271,14 @@ class SsdTable:
             if init == "zeros":
                 os.ftruncate(fd, self.file_bytes)
             else:
-                h = hashlib.sha256()
-                n, zeros = self.num_embeddings, None
                 pad = (self.row_stride - self.row_bytes) // 4  # floats of zeros after each row
+
+                def block(a: int, b: int) -> bytes:  # initial weights, zero state and padding
+                    w = init_rows(seed, table_index, self.num_embeddings, self.dim, a, b)
+                    return torch.cat([w, torch.zeros(b - a, self.state_dim + pad)], 1).numpy().tobytes()
+
                 with os.fdopen(os.dup(fd), "wb") as f:
-                    for a in range(0, n, INIT_CHUNK_ROWS):
-                        b = min(a + INIT_CHUNK_ROWS, n)
-                        w = init_rows(seed, table_index, n, self.dim, a, b)
-                        if zeros is None or zeros.shape[0] != b - a:
-                            zeros = torch.zeros(b - a, self.state_dim + pad)
-                        buf = torch.cat([w, zeros], 1).numpy().tobytes()
-                        h.update(buf)
-                        f.write(buf)
-                    f.flush()
-                sha = h.hexdigest()
+                    sha = stream_rows(f, self.num_embeddings, block)
             os.fsync(fd)
             os.close(fd)
             fd = -1
@@ -307,7 +295,7 @@ class SsdTable:
     def _check(self) -> dict:
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: table file does not exist")
-        meta = _read_sidecar(self.path) or {}
+        meta = read_sidecar(self.path) or {}
         if meta:
             got = (meta.get("num_embeddings"), meta.get("dim"), meta.get("state_dim"), meta.get("dtype", "float32"))
             want = (self.num_embeddings, self.dim, self.state_dim, "float32")
@@ -336,11 +324,7 @@ class SsdTable:
         if "sha256" not in self._sidecar or not self._sha_valid:
             return False
         self.flush()
-        h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-        if h.hexdigest() != self._sidecar["sha256"]:
+        if sha256_file(self.path) != self._sidecar["sha256"]:
             raise CheckpointError(f"{self.path}: sha256 does not match its sidecar (corrupt table file)")
         return True
 
@@ -693,19 +677,6 @@ def _direct_align(fd: int, want: int, file_bytes: int) -> int:
             raise
         return ALIGN
     return want if got == want else ALIGN
-
-
-def _read_sidecar(path: Path) -> dict | None:
-    side = sidecar_path(path)
-    if not side.exists():
-        return None
-    try:
-        meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{side}: table sidecar is not valid JSON ({e}); delete it or recreate the table") from None
-    if not isinstance(meta, dict) or not all(k in meta for k in ("num_embeddings", "dim", "state_dim")):
-        raise CheckpointError(f"{side}: table sidecar lacks num_embeddings/dim/state_dim")
-    return meta
 
 
 def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor | None = None,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
 import torch
 
+from tierec.malloc import limit_malloc_retention
 from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableGroup
 from tierec.storage.lookahead import LookaheadCache
@@ -19,58 +19,6 @@ log = logging.getLogger(__name__)
 
 # Cache bookkeeping per cached row (hash index + per-slot metadata), counted in the budget:
 INDEX_BYTES_PER_ROW = 152  # upper bound of index_nbytes per row: CachedTable 77-133 B, LookaheadCache +16 B
-
-
-# glibc malloc thresholds (bytes). Transient: table building, checkpoints, evaluation, serving -- freed
-# multi-MB temporaries go back to the OS at once. Steps: the training loop, whose activations (batch 4096 x
-# 512 floats = 8 MiB each) are allocated and freed every step and should be reused, not mapped afresh.
-TRANSIENT_MALLOC = (1 << 20, 1 << 20)
-STEP_MALLOC = (32 << 20, 64 << 20)  # 32 MiB: glibc's largest mmap threshold on 64-bit
-_malloc_now: tuple[int, int] | None = None  # what this process last set (glibc cannot be asked)
-
-
-def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
-    """Fix glibc's malloc thresholds: blocks >= ``mmap_threshold`` bytes get their own mapping and go back
-    to the OS when freed; free memory above ``trim_threshold`` at the top of the heap is returned.
-    Returns False where mallopt is missing (not glibc)."""
-    global _malloc_now
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold,
-                                                                                        trim_threshold))
-    except (OSError, AttributeError):
-        return False
-    if ok:
-        _malloc_now = (mmap_threshold, trim_threshold)
-    return ok
-
-
-def limit_malloc_retention() -> bool:
-    """The transient thresholds (`TRANSIENT_MALLOC`). Left alone, glibc raises its mmap threshold after large
-    frees, after which freed temporaries stay in the heap and count as resident memory; fixed low thresholds
-    keep peak RSS within the memory budget plus a fixed overhead."""
-    return set_malloc_thresholds(*TRANSIENT_MALLOC)
-
-
-@contextlib.contextmanager
-def malloc_thresholds(mmap_threshold: int, trim_threshold: int):
-    """Set the thresholds inside the block and restore the previous ones after it (glibc's own dynamic
-    thresholds cannot be restored: a process that never set any gets `TRANSIENT_MALLOC` back).
-
-    The training loop runs with `STEP_MALLOC`: with the 1 MiB transient thresholds every activation is a
-    fresh mapping whose pages fault in zeroed, and the trainer's page faults contend with the prefetch
-    threads' on the process's memory map (2-core VM, DLRM of bench_lookahead, look-ahead from O_DIRECT
-    files: 270 ms per step, 135 ms of it in the kernel, against 176 ms). Checkpoints and evaluation inside
-    the loop go back to `TRANSIENT_MALLOC`, so their multi-MB chunks do not stay resident."""
-    before = _malloc_now
-    set_malloc_thresholds(mmap_threshold, trim_threshold)
-    try:
-        yield
-    finally:
-        set_malloc_thresholds(*(before or TRANSIENT_MALLOC))
 
 
 def plan_storage(cfg, schema, dataset, state_dim: int) -> tuple[list[Placement], dict[str, AccessSample], int]:
@@ -172,7 +120,7 @@ def checkpoint_storage_factory(ckpt_dir: Path, manifest: dict, plan: list[dict],
     the training sample and future batches are not at hand); each file's size and sha256 are
     checked against the manifest first."""
     from tierec.errors import CheckpointError
-    from tierec.train.checkpoint import verify_file
+    from tierec.storage.tablefile import verify_file
 
     by_name = {p["name"]: p for p in plan if p["placement"] == "ssd"}
     files = {t["name"]: t for t in manifest["tables"]}

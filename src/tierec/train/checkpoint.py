@@ -16,7 +16,8 @@ A checkpoint is written into ``step-N.tmp-*``, every file fsynced, then renamed
 to ``step-N`` and only then published in ``LATEST``: a crash at any point leaves
 the previous checkpoint intact. Loading checks every file's size and sha256, and
 the manifest's own fields (step, epoch, position, config) against ``manifest_sha256``.
-The table files are the same fixed-offset row files the SSD tier reads.
+The table files are the same fixed-offset row files the SSD tier reads
+(`tierec.storage.tablefile`, which owns the format and its checks).
 
 The checksums detect corruption, not tampering: whoever can write the files can
 rewrite the checksums. What keeps a crafted checkpoint from running code is that
@@ -36,58 +37,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from tierec.fsio import atomic_write_bytes, fsync_dir, sha256_file, umask
 from tierec.errors import CheckpointError
+from tierec.fsio import atomic_write_bytes, fsync_dir, umask
+from tierec.storage.tablefile import check_bytes, read_table_file, write_table_file
 
 log = logging.getLogger(__name__)
 
 FORMAT = "tierec-checkpoint"
 VERSION = 2  # 2: manifest_sha256 covers the manifest's own fields; 1 (no such field) still loads
 VERSIONS = (1, 2)
-CHUNK_ROWS = 1 << 16
 # Manifest keys every checkpoint has (`Trainer.save`); their absence means a broken manifest.
 REQUIRED_KEYS = ("step", "files", "tables", "config", "schema", "epoch", "batch_in_epoch", "samples")
-
-
-def write_table_file(path: Path, storage) -> dict:
-    """Stream a table's rows (weights | state) to ``path``; returns {bytes, sha256}."""
-    h = hashlib.sha256()
-    n = storage.num_embeddings
-    with open(path, "wb") as f:
-        for a in range(0, n, CHUNK_ROWS):
-            b = min(a + CHUNK_ROWS, n)
-            w, s = storage.read_rows(a, b)
-            buf = torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy().tobytes()
-            h.update(buf)
-            f.write(buf)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-def read_table_file(path: Path, storage, expect: dict) -> None:
-    """Load rows from ``path`` into ``storage``, verifying size and sha256 as it reads."""
-    n, d, s = storage.num_embeddings, storage.dim, storage.state_dim
-    width = d + s
-    if not path.exists():
-        raise CheckpointError(f"{path}: table file is missing")
-    size = path.stat().st_size
-    if size != expect["bytes"] or size != n * width * 4:
-        raise CheckpointError(f"{path}: {size} bytes, expected {n * width * 4} ({n} rows x {width} float32); "
-                              "the file is truncated or does not belong to this checkpoint")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for a in range(0, n, CHUNK_ROWS):
-            b = min(a + CHUNK_ROWS, n)
-            raw = f.read((b - a) * width * 4)
-            h.update(raw)
-            rows = torch.from_numpy(np.frombuffer(raw, dtype=np.float32).reshape(b - a, width).copy())
-            storage.write_rows(a, rows[:, :d], rows[:, d:])
-    if h.hexdigest() != expect["sha256"]:
-        raise CheckpointError(f"{path}: sha256 does not match the checkpoint manifest (corrupt table file)")
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, tables: dict, meta: dict,
@@ -263,17 +225,6 @@ def saved_data_path(cfg: dict, ckpt_dir: Path) -> str:
     return str(base / data) if (base / data).exists() else str(data)
 
 
-def verify_file(path: Path, expect: dict) -> None:
-    """Check a checkpoint file's size and sha256 against its manifest entry (streams the file)."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: listed in the checkpoint manifest but missing")
-    size = path.stat().st_size
-    if size != expect["bytes"]:
-        raise CheckpointError(f"{path}: {size} bytes, manifest says {expect['bytes']} (truncated checkpoint)")
-    if sha256_file(path) != expect["sha256"]:
-        raise CheckpointError(f"{path}: sha256 does not match the checkpoint manifest (corrupt checkpoint)")
-
-
 def load_dense_state(ckpt: Path, manifest: dict) -> dict:
     """``dense.pt`` of a checkpoint, size and sha256 checked, unpickled with ``weights_only=True``: tensors,
     numbers, strings and containers only. A file holding anything else (a pickled object whose
@@ -283,10 +234,7 @@ def load_dense_state(ckpt: Path, manifest: dict) -> dict:
     if not path.is_file() or expect is None:
         raise CheckpointError(f"{path}: dense state is missing")
     data = path.read_bytes()
-    if len(data) != expect["bytes"]:
-        raise CheckpointError(f"{path}: {len(data)} bytes, manifest says {expect['bytes']} (truncated checkpoint)")
-    if hashlib.sha256(data).hexdigest() != expect["sha256"]:
-        raise CheckpointError(f"{path}: sha256 does not match the checkpoint manifest (corrupt checkpoint)")
+    check_bytes(path, data, expect)
     try:
         state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:

@@ -31,7 +31,7 @@ from tierec.modules.embedding import TableConfig, build_collection
 from tierec.modules.optim import SparseOptimizer
 from tierec.storage.group import TableView
 from tierec.storage.lookahead import LookaheadCache
-from tierec.storage.tiered import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds
+from tierec.malloc import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig, trajectory_changes
 from tierec.train.metrics import log_loss, roc_auc

@@ -1,7 +1,9 @@
 """The `tierec` command line.
 
-Each command group lives next to the code it drives and exposes
-``register(subparsers)``; every sub-parser sets ``func(args) -> int``.
+The command-line layer, on top of every other: one module per command group in this
+package (``tierec.cli.data``, ``train``, ``analyze``, ``serve``, ``probe``), each with
+``register(subparsers)``; every sub-parser sets ``func(args) -> int``. Argument parsing
+lives here only; the layers below take typed configs and plain arguments.
 
 One handler (`run_command`) maps every *expected* error to one line on stderr and
 exit code 2, never a traceback: user errors (`TierecError`), and what the world can
@@ -26,11 +28,11 @@ from tierec.errors import TierecError
 
 # Modules that add sub-commands, in the order they appear in --help.
 COMMAND_MODULES = [
-    "tierec.data.commands",  # tierec data synth|convert|info|verify
-    "tierec.train.commands",  # tierec train|eval|demo
-    "tierec.analyze",  # tierec analyze
-    "tierec.inference.commands",  # tierec serve
-    "tierec.storage.commands",  # tierec probe
+    "tierec.cli.data",  # tierec data synth|convert|cluster|info|verify
+    "tierec.cli.train",  # tierec train|eval|demo
+    "tierec.cli.analyze",  # tierec analyze
+    "tierec.cli.serve",  # tierec serve
+    "tierec.cli.probe",  # tierec probe
 ]
 
 log = logging.getLogger("tierec")

@@ -1,4 +1,4 @@
-"""`tierec train`, `tierec eval`, `tierec demo`."""
+"""`tierec train`, `tierec eval`, `tierec demo` (single process, or one rank under torchrun)."""
 
 from __future__ import annotations
 

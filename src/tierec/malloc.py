@@ -1,0 +1,64 @@
+"""glibc malloc thresholds: when freed memory goes back to the OS.
+
+Two settings, fixed rather than left to glibc's dynamic ones:
+
+- `TRANSIENT_MALLOC` (table building, checkpoints, evaluation, serving): blocks of 1 MiB and more
+  get their own mapping, so freed multi-MB temporaries leave the resident set at once and peak
+  RSS stays within the memory budget plus a fixed overhead;
+- `STEP_MALLOC` (the training loop): activations, allocated and freed every step, are reused
+  from the heap instead of being mapped afresh (a fresh mapping's pages fault in zeroed, and the
+  trainer's page faults contend with the prefetch threads' on the process's memory map; the
+  measured cost is in docs/lookahead.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+# glibc malloc thresholds (bytes). Transient: table building, checkpoints, evaluation, serving -- freed
+# multi-MB temporaries go back to the OS at once. Steps: the training loop, whose activations (batch 4096 x
+# 512 floats = 8 MiB each) are allocated and freed every step and should be reused, not mapped afresh.
+TRANSIENT_MALLOC = (1 << 20, 1 << 20)
+STEP_MALLOC = (32 << 20, 64 << 20)  # 32 MiB: glibc's largest mmap threshold on 64-bit
+_malloc_now: tuple[int, int] | None = None  # what this process last set (glibc cannot be asked)
+
+
+def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+    """Fix glibc's malloc thresholds: blocks >= ``mmap_threshold`` bytes get their own mapping and go back
+    to the OS when freed; free memory above ``trim_threshold`` at the top of the heap is returned.
+    Returns False where mallopt is missing (not glibc)."""
+    global _malloc_now
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold,
+                                                                                        trim_threshold))
+    except (OSError, AttributeError):
+        return False
+    if ok:
+        _malloc_now = (mmap_threshold, trim_threshold)
+    return ok
+
+
+def limit_malloc_retention() -> bool:
+    """The transient thresholds (`TRANSIENT_MALLOC`). Left alone, glibc raises its mmap threshold after large
+    frees, after which freed temporaries stay in the heap and count as resident memory; fixed low thresholds
+    keep peak RSS within the memory budget plus a fixed overhead."""
+    return set_malloc_thresholds(*TRANSIENT_MALLOC)
+
+
+@contextlib.contextmanager
+def malloc_thresholds(mmap_threshold: int, trim_threshold: int):
+    """Set the thresholds inside the block and restore the previous ones after it (glibc's own dynamic
+    thresholds cannot be restored: a process that never set any gets `TRANSIENT_MALLOC` back).
+
+    The training loop runs with `STEP_MALLOC` (module doc); checkpoints and evaluation inside it go back
+    to `TRANSIENT_MALLOC`, so their multi-MB chunks do not stay resident."""
+    before = _malloc_now
+    set_malloc_thresholds(mmap_threshold, trim_threshold)
+    try:
+        yield
+    finally:
+        set_malloc_thresholds(*(before or TRANSIENT_MALLOC))

@@ -9,7 +9,7 @@ one `SsdTable.exchange` per table (``--rows-per-table`` victims written back, as
 disjoint random rows), the tables of a step on ``--threads`` threads as `LookaheadPipeline` runs them.
 Two layouts of the same tables, both O_DIRECT with Linux AIO, each exchanged two ways (rounds alternating):
 table by table on ``--threads`` threads (``LookaheadCache`` per table), and all tables in one pass
-(``one pass``: `tierec.storage.ssd.exchange_many`, as a `TableGroup`'s cache does):
+(``one pass``: `tierec.storage.multifile.exchange_many`, as a `TableGroup`'s cache does):
 
 * ``packed``: 260-byte rows, 4 KiB blocks; a written row's block is read first (read-modify-write),
   the misses' blocks in the same batch, then the victims' blocks written: two round trips;
@@ -37,7 +37,8 @@ sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0] + "/src")
 
 from tierec.config import format_bytes  # noqa: E402
 from tierec.storage import aio  # noqa: E402
-from tierec.storage.ssd import SsdTable, exchange_many  # noqa: E402
+from tierec.storage.multifile import exchange_many  # noqa: E402
+from tierec.storage.ssd import SsdTable  # noqa: E402
 
 LAYOUTS = {"packed": 0, "padded": 512}
 VARIANTS = {"packed": ("packed", False), "padded": ("padded", False), "packed, one pass": ("packed", True),
@@ -104,9 +105,9 @@ def io_ops(tab: SsdTable, victims: torch.Tensor, misses: torch.Tensor) -> int:
     """I/O operations of one exchange (block runs read + written), from the table's own block plans."""
     wid, rid = np.sort(victims.numpy()), np.sort(misses.numpy())
     if tab.exclusive_blocks:
-        return tab._plan(wid).foff.size + tab._plan(rid).foff.size
-    both = tab._plan(np.union1d(wid, rid))
-    return both.foff.size + tab._plan(wid).foff.size
+        return tab.plan(wid).foff.size + tab.plan(rid).foff.size
+    both = tab.plan(np.union1d(wid, rid))
+    return both.foff.size + tab.plan(wid).foff.size
 
 
 def main(argv=None):
@@ -144,7 +145,8 @@ def main(argv=None):
             layout, one = VARIANTS[name]
             res[name].append(run_round(tabs[layout], steps, a, pool, one))
             ops[layout] = sum(io_ops(tabs[layout][k], *steps[0][k]) for k in range(a.tables))
-        print(f"# round {r + 1}/{a.rounds}: " + ", ".join(f"{n} {res[n][-1]['ms_per_step']:.1f} ms/step" for n in VARIANTS),
+        print(f"# round {r + 1}/{a.rounds}: "
+              + ", ".join(f"{n} {res[n][-1]['ms_per_step']:.1f} ms/step" for n in VARIANTS),
               file=sys.stderr, flush=True)
     print(f"\n## one look-ahead step's SSD traffic: {a.tables} tables x {a.table_rows:,} rows x ({a.dim} + 1) floats, "
           f"{a.rows_per_table} victims + {a.rows_per_table} misses per table, {a.threads} threads, O_DIRECT + AIO; "
@@ -160,13 +162,16 @@ def main(argv=None):
               f"{m['sys_ms_per_step']:7.1f} {m['user_ms_per_step']:8.1f}")
     pk, pd = med["packed"], med["padded"]
     print(f"# padded / packed: step {pd['ms_per_step'] / pk['ms_per_step']:.2f}x, I/O ops "
-          f"{ops['padded'] / ops['packed']:.2f}x, device bytes read {pd['device_read_per_step'] / pk['device_read_per_step']:.3f}x, "
+          f"{ops['padded'] / ops['packed']:.2f}x, device bytes read "
+          f"{pd['device_read_per_step'] / pk['device_read_per_step']:.3f}x, "
           f"system CPU {pd['sys_ms_per_step'] / max(pk['sys_ms_per_step'], 1e-9):.2f}x; disk "
           f"{tabs['padded'][0].file_bytes / tabs['packed'][0].file_bytes:.2f}x")
     for layout in LAYOUTS:
         one, per = med[f"{layout}, one pass"], med[layout]
+        cpu_one = one['sys_ms_per_step'] + one['user_ms_per_step']
+        cpu_per = per['sys_ms_per_step'] + per['user_ms_per_step']
         print(f"# {layout}, one pass / table by table: step {one['ms_per_step'] / per['ms_per_step']:.2f}x, CPU "
-              f"{(one['sys_ms_per_step'] + one['user_ms_per_step']) / max(per['sys_ms_per_step'] + per['user_ms_per_step'], 1e-9):.2f}x")
+              f"{cpu_one / max(cpu_per, 1e-9):.2f}x")
     if tabs["padded"][0].align != 512:
         print("# note: this device refused 512-byte direct I/O, so padded rows still share 4 KiB blocks")
 

@@ -59,7 +59,7 @@ from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.ssd import SsdTable
 from tierec.malloc import STEP_MALLOC, limit_malloc_retention, set_malloc_thresholds
 from tierec.train.pipeline import LookaheadPipeline
-from tierec.train.trainer import cache_stats, lookahead_caches
+from tierec.train.trainer import cache_stats, prefetch_targets
 
 PEERS = ("memory", "lru", "lookahead", "grouped")
 LOOKAHEAD_PEERS = ("lookahead", "grouped")
@@ -183,9 +183,8 @@ def worker(peer, a, stream, root, total_steps, conn):
         loss_fn = torch.nn.BCEWithLogitsLoss()
         pipe = hold = None
         if kind in LOOKAHEAD_PEERS:
-            caches, sources = lookahead_caches(ebc.tables)
-            pipe = LookaheadPipeline((stream.batch_at(i) for i in range(total_steps)), caches, window=a.window,
-                                     depth=a.depth, max_bytes=1 << 30, io_threads=a.io_threads, sources=sources)
+            pipe = LookaheadPipeline((stream.batch_at(i) for i in range(total_steps)), prefetch_targets(ebc.tables),
+                                     window=a.window, depth=a.depth, max_bytes=1 << 30, io_threads=a.io_threads)
             hold = pipe.paused()
             hold.__enter__()  # parked between rounds: no background work while the other peers run
         if not a.keep_malloc:

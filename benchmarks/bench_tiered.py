@@ -53,7 +53,6 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -74,6 +73,7 @@ from tierec.modules.optim import SparseOptimizer
 from tierec.storage import CachedTable
 from tierec.storage.plan import AccessSample, TableNeeds, plan_tables
 from tierec.malloc import STEP_MALLOC, limit_malloc_retention, set_malloc_thresholds
+from tierec.storage.settings import StorageSettings
 from tierec.storage.tiered import INDEX_BYTES_PER_ROW, make_storage_factory
 
 try:
@@ -318,8 +318,8 @@ def worker(peer, a, stream, plan, sample, root, conn):
         configs = [TableConfig(k, a.table_rows, a.dim) for k in stream.keys]
         factory = None
         if peer == "ssd":
-            inner = make_storage_factory(SimpleNamespace(seed=MODEL_SEED, direct_io=a.direct_io), plan, sample,
-                                         root, torch.device("cpu"))
+            inner = make_storage_factory(StorageSettings(root, seed=MODEL_SEED, direct_io=a.direct_io), plan, sample,
+                                         torch.device("cpu"))
 
             def factory(i, cfg, state_dim):
                 st = inner(i, cfg, state_dim)
@@ -614,7 +614,7 @@ def part3(a, work: Path) -> dict:
         peers[f"CachedTable {pol}"] = c
 
     def run(tab, vals_list, n):
-        identity = getattr(tab, "identity_index", False)
+        identity = isinstance(tab, InMemoryTable)
         t0 = time.perf_counter()
         for i in range(n):
             values = vals_list[i % len(vals_list)]

@@ -17,8 +17,8 @@ from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.lookahead import NEVER, LookaheadCache, NextUseOracle
 from tierec.storage.ssd import SsdTable
-from tierec.train.pipeline import LookaheadPipeline
-from tierec.train.trainer import lookahead_caches
+from tierec.train.pipeline import LookaheadPipeline, Member, PrefetchTarget
+from tierec.train.trainer import prefetch_targets
 
 from test_tiered import cfg, table_rows
 
@@ -122,6 +122,27 @@ def make_batches(rng, n_steps, B, keys, card, zipf=1.2, empty_every=0):
     return out
 
 
+class Taker:
+    """Takes the `Lookup` the pipeline hands down for a step, as an `EmbeddingBag` does."""
+
+    def __init__(self):
+        self.lookup = None
+
+    def use_lookup(self, lookup):
+        self.lookup = lookup
+
+    def take(self):
+        lk, self.lookup = self.lookup, None
+        assert lk is not None, "the pipeline handed no rows for this step"
+        return lk
+
+
+def raw_targets(caches: dict) -> tuple[list, dict]:
+    """One target per cache (sparse key -> `LookaheadCache`), each feeding a `Taker`."""
+    takers = {k: Taker() for k in caches}
+    return [PrefetchTarget(k, c, (Member(takers[k], k),)) for k, c in caches.items()], takers
+
+
 def train_tables(batches, storage_factory, optimizer, pipeline_kw=None, card=60, dim=4, step_s=0.0):
     keys = ["a", "b"]
     ebc = build_collection([TableConfig(k, card, dim) for k in keys], SparseOptimizer(optimizer, 0.1), seed=3,
@@ -131,8 +152,7 @@ def train_tables(batches, storage_factory, optimizer, pipeline_kw=None, card=60,
     stream = batches
     pipe = None
     if pipeline_kw is not None:
-        caches, sources = lookahead_caches(ebc.tables)
-        pipe = stream = LookaheadPipeline(batches, caches, sources=sources, **pipeline_kw)
+        pipe = stream = LookaheadPipeline(batches, prefetch_targets(ebc.tables), **pipeline_kw)
     for b in stream:
         pooled = ebc(b.sparse)  # [B, T, D]
         loss = ((pooled * head).sum(-1).tanh() ** 2).mean()
@@ -219,7 +239,8 @@ def test_grouped_lookahead_training_is_bit_identical(tmp_path, optimizer, capaci
 def test_table_group_reads_and_writes_its_members_in_their_own_row_numbers(tmp_path):
     """A view reads/writes its member's rows (before the cache exists: the member's file itself; after:
     through the shared cache, newest values first); ConcatTable splits batched calls by member."""
-    from tierec.storage.group import ConcatTable, TableGroup
+    from tierec.storage.concat import ConcatTable
+    from tierec.storage.group import TableGroup
 
     a = SsdTable(tmp_path / "a.tbl", 10, 2, 1, create=True, init_seed=1, table_index=0)
     b = SsdTable(tmp_path / "b.tbl", 7, 2, 1, create=True, init_seed=1, table_index=1)
@@ -251,8 +272,7 @@ def test_table_group_reads_and_writes_its_members_in_their_own_row_numbers(tmp_p
 
 def test_group_stopped_mid_step_keeps_the_slices_updates(tmp_path):
     """A pipeline closed while the model holds its slices of a step (an error in the step): the group's
-    working set is released dirty, so nothing stays pinned and the slices' updates reach the files.
-    The pipeline finds the group's members' features by itself (no ``sources``)."""
+    working set is released dirty, so nothing stays pinned and the slices' updates reach the files."""
     from tierec.storage.group import TableGroup
 
     rng = np.random.default_rng(1)
@@ -260,17 +280,21 @@ def test_group_stopped_mid_step_keeps_the_slices_updates(tmp_path):
     g = TableGroup("g")
     views = [g.add(SsdTable(tmp_path / f"{k}.tbl", 60, 4, 1, create=True, init_seed=3, table_index=i), 20, k)
              for i, k in enumerate("ab")]
-    pipe = LookaheadPipeline(batches, {"g": g.cache}, window=4, depth=2)
+    takers = [Taker(), Taker()]
+    target = PrefetchTarget("g", g.cache, (Member(takers[0], "a"), Member(takers[1], "b")), g.space)
+    pipe = LookaheadPipeline(batches, [target], window=4, depth=2)
     for step, b in zip(range(4), pipe):
         d = b.sparse.to_dict()
-        wss = [v.acquire(torch.unique(d[v.name].values)) for v in views]
+        lks = [t.take() for t in takers]
+        assert [torch.equal(lk.ws.ids, torch.unique(d[k].values)) for lk, k in zip(lks, "ab")] == [True, True]
         if step == 3:
-            ids = wss[0].ids
-            before = wss[0].weight.index_select(0, wss[0].index).clone()
-            wss[0].weight.index_add_(0, wss[0].index, torch.ones(ids.numel(), 4))
+            ws = lks[0].ws
+            ids = ws.ids
+            before = ws.weight.index_select(0, ws.index).clone()
+            ws.weight.index_add_(0, ws.index, torch.ones(ids.numel(), 4))
             break
-        for v, ws in zip(views, wss):
-            v.release(ws, dirty=True)
+        for lk in lks:
+            lk.release(True)
     pipe.close()
     assert int(g.cache._pins.sum()) == 0
     g.cache.flush()
@@ -288,7 +312,7 @@ def test_lookahead_training_on_o_direct_files_is_bit_identical(tmp_path, monkeyp
     Grouped (both tables behind one cache): both files' exchange in one pass (`exchange_many`: one AIO
     batch with padded rows; with packed ones, one batch of reads and one of writes, the file's partial
     last block through the page cache)."""
-    from tierec.storage import aio, ssd as ssd_mod
+    from tierec.storage import aio, multifile
     from tierec.storage.group import TableGroup
 
     card = 3000
@@ -296,7 +320,7 @@ def test_lookahead_training_on_o_direct_files_is_bit_identical(tmp_path, monkeyp
     batches = make_batches(rng, 30, 16, ["a", "b"], card, zipf=1.1)
     ref_losses, ref_rows, _ = train_tables(batches, None, "rowwise_adagrad", card=card)
     calls, fused = [], []
-    orig, orig_many = SsdTable.exchange, ssd_mod.exchange_many
+    orig, orig_many = SsdTable.exchange, multifile.exchange_many
 
     def spy(self, *a):
         calls.append(a[0].numel())
@@ -308,7 +332,7 @@ def test_lookahead_training_on_o_direct_files_is_bit_identical(tmp_path, monkeyp
         return out
 
     monkeypatch.setattr(SsdTable, "exchange", spy)
-    monkeypatch.setattr(ssd_mod, "exchange_many", spy_many)
+    monkeypatch.setattr(multifile, "exchange_many", spy_many)
     group = TableGroup("g")
 
     def factory(i, tcfg, sdim):
@@ -378,9 +402,10 @@ def test_storage_bound_worker_keeps_reading_ahead():
     rng = np.random.default_rng(2)
     batches = make_batches(rng, 60, 16, ["a"], 400, zipf=1.05)
     cache = LookaheadCache(SlowTable(400, 4, 1), 30, name="a")
-    with LookaheadPipeline(batches, {"a": cache}, window=50, depth=2) as pipe:
+    targets, takers = raw_targets({"a": cache})
+    with LookaheadPipeline(batches, targets, window=50, depth=2) as pipe:
         for b in pipe:
-            cache.release(cache.acquire(torch.unique(b.sparse.to_dict()["a"].values)), dirty=True)
+            takers["a"].take().release(True)
         summary = pipe.summary()
     assert summary["late_fraction"] > 0.5  # storage-bound, as intended
     assert summary["mean_window_steps"] > 8, summary  # without the catch-up reads: ~2, the steps being prepared
@@ -406,7 +431,8 @@ def test_two_tier_chain_is_bit_identical(tmp_path, top, lower):
     low = ebc.tables[0].storage.backing.stats()
     assert low["upper_reads"] > 0
     if lower >= 16:
-        assert low["lookups"] > 0 and low["upper_read_hits"] > 0  # the upper tier's misses were prefetched into the lower one
+        # the upper tier's misses were prefetched into the lower one
+        assert low["lookups"] > 0 and low["upper_read_hits"] > 0
 
 
 def test_cycle_that_defeats_lru(tmp_path):
@@ -439,36 +465,45 @@ def _init_like_reference(factory):
     return f
 
 
-def test_acquire_out_of_order_is_refused_and_pause_allows_sync_reads(tmp_path):
+def test_the_pipeline_owns_the_step_and_pause_allows_sync_reads(tmp_path):
+    """While the worker runs, the caches refuse lookups outside the protocol (the model gets its rows from
+    the pipeline); paused, they serve temporary copies; a second pipeline cannot drive a driven cache."""
     rng = np.random.default_rng(0)
     batches = make_batches(rng, 6, 8, ["a", "b"], 60)
     caches = {k: LookaheadCache(InMemoryTable(60, 4, 1), 10, name=k) for k in ["a", "b"]}
-    with LookaheadPipeline(batches, caches, window=4, depth=2) as pipe:
+    targets, takers = raw_targets(caches)
+    with LookaheadPipeline(batches, targets, window=4, depth=2) as pipe:
         b = next(pipe)
-        with pytest.raises(RuntimeError, match="does not match"):
+        with pytest.raises(RuntimeError, match="pause it first"):
             caches["a"].acquire(torch.tensor([59]))
         with pytest.raises(RuntimeError, match="pause it first"):
             caches["a"].flush()
+        with pytest.raises(RuntimeError, match="already driven"):
+            LookaheadPipeline(batches, raw_targets({"a": caches["a"]})[0])
         with pipe.paused():
             assert pipe.is_paused
             w, _ = caches["a"].read_rows(0, 60)  # checkpoint-style read while the worker is parked
             assert w.shape == (60, 4)
             ws = caches["a"].acquire(torch.tensor([1, 2]))  # evaluation-style lookup: a temporary copy
             caches["a"].release(ws, dirty=False)
-        ws = caches["a"].acquire(torch.unique(b.sparse.to_dict()["a"].values))
-        caches["a"].release(ws, dirty=False)
-    assert caches["a"].pipeline is None and int(caches["a"]._pins.sum()) == 0
+        lk = takers["a"].take()
+        assert torch.equal(lk.ws.ids, torch.unique(b.sparse.to_dict()["a"].values))
+        lk.release(False)
+        takers["b"].take().release(False)
+    assert int(caches["a"]._pins.sum()) == 0 and int(caches["b"]._pins.sum()) == 0
+    caches["a"].flush()  # no driver any more
 
 
 def test_pipeline_sets_the_switch_interval_and_prefetch_threads_by_io_mode(tmp_path):
     import sys
 
     from tierec.storage.ssd import SsdTable
-    from tierec.train.pipeline import default_io_threads
+    from tierec.storage.concat import default_io_threads
 
     before = sys.getswitchinterval()
     caches = {"a": LookaheadCache(InMemoryTable(10, 2, 0), 4, name="a")}
-    with LookaheadPipeline(make_batches(np.random.default_rng(0), 2, 4, ["a"], 10), caches, window=2, depth=1):
+    with LookaheadPipeline(make_batches(np.random.default_rng(0), 2, 4, ["a"], 10), raw_targets(caches)[0],
+                           window=2, depth=1):
         assert sys.getswitchinterval() == pytest.approx(min(before, 5e-4))
     assert sys.getswitchinterval() == before  # restored by close()
     SsdTable(tmp_path / "t.tbl", 100, 4, 1, create=True, init="zeros").close()
@@ -486,11 +521,11 @@ def test_worker_error_reaches_the_trainer():
         raise OSError("disk on fire")
 
     caches = {"a": LookaheadCache(InMemoryTable(10, 2, 0), 4, name="a")}
-    with LookaheadPipeline(bad(), caches, window=5, depth=1) as pipe:
+    targets, takers = raw_targets(caches)
+    with LookaheadPipeline(bad(), targets, window=5, depth=1) as pipe:
         with pytest.raises(RuntimeError, match="worker failed") as e:
             for b in pipe:
-                ws = caches["a"].acquire(torch.unique(b.sparse.to_dict()["a"].values))
-                caches["a"].release(ws, dirty=False)
+                takers["a"].take().release(False)
         assert "disk on fire" in str(e.value.__cause__)
 
 

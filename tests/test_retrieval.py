@@ -87,12 +87,12 @@ def test_direct_io_concurrent_reads_match_memmap(tmp_path, monkeypatch, batched)
     preadv lanes) == per-table reads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import tierec.storage.ssd as ssd_mod
-    from tierec.storage.ssd import read_many
+    from tierec.storage import blockio, multifile
+    from tierec.storage.multifile import read_many
 
     if batched == "lanes":
-        monkeypatch.setattr(ssd_mod, "_use_aio", lambda *a: False)
-        monkeypatch.setattr(ssd_mod, "READ_GAP_BLOCKS", 0)  # one run per block group: 4 lanes busy below
+        monkeypatch.setattr(blockio, "use_aio", lambda *a: False)
+        monkeypatch.setattr(multifile, "READ_GAP_BLOCKS", 0)  # one run per block group: 4 lanes busy below
 
     n, d = 5000, 7  # 32-byte rows: several rows per 4 KiB block, rows straddling blocks
     for i in range(3):

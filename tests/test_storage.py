@@ -15,7 +15,7 @@ from tierec.modules.optim import KINDS, SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage import CachedTable, CountMinSketch, SsdTable
 from tierec.storage import aio
-from tierec.storage import ssd as ssd_mod
+from tierec.storage import blockio
 from tierec.train.checkpoint import read_table_file, write_table_file
 
 SEED = 7
@@ -119,11 +119,11 @@ def test_ssd_direct_io_matches_memmap(tmp_path, monkeypatch, caplog, io):
     if io == "aio":
         assert aio.available()  # Linux: the batched path is the one under test
     if io == "preadv":
-        monkeypatch.setattr(ssd_mod, "_use_aio", lambda *a: False)
+        monkeypatch.setattr(blockio, "use_aio", lambda *a: False)
     if force_fallback:
         def refuse(path):
             raise OSError(22, "Invalid argument (O_DIRECT refused by test)")
-        monkeypatch.setattr(ssd_mod, "_open_direct", refuse)
+        monkeypatch.setattr(blockio, "open_direct", refuse)
     n, d, s = 3001, 13, 1  # 56-byte rows: rows straddle 4 KiB blocks, the last block is partial
     p = tmp_path / "t.tbl"
     SsdTable(p, n, d, s, create=True, init_seed=SEED).close()
@@ -191,7 +191,7 @@ def test_exchange_many_equals_table_by_table(tmp_path, row_align):
     exactly what each table's write-then-read does -- rows straddling blocks, the files' partial last
     blocks (packed) included -- and counts the traffic per table."""
     from tierec.storage import aio
-    from tierec.storage.ssd import exchange_many
+    from tierec.storage.multifile import exchange_many
 
     sizes, d, s = [2999, 1500, 777], 4, 1  # 20-byte rows; the files end in partial blocks
     tabs = [SsdTable(tmp_path / f"t{k}.tbl", n, d, s, create=True, init_seed=SEED, table_index=k, direct_io=True,
@@ -306,8 +306,8 @@ def test_dense_reads_merge_nearby_blocks_into_few_large_reads(tmp_path, monkeypa
     mm, dio = SsdTable(p, n, d, 1, readonly=True), SsdTable(p, n, d, 1, readonly=True, direct_io=True)
     ids = torch.arange(0, n, 97)  # a row every ~1.5 blocks
     runs = []
-    real = ssd_mod._plan_runs
-    monkeypatch.setattr(ssd_mod, "_plan_runs", lambda *a, **k: runs.append(real(*a, **k)) or runs[-1])
+    real = blockio.plan_runs
+    monkeypatch.setattr(blockio, "plan_runs", lambda *a, **k: runs.append(real(*a, **k)) or runs[-1])
     want = mm.read(ids)
     got = dio.read(ids)
     assert len(runs[-1].foff) == 1  # gaps of < 8 blocks: one read of the whole span

@@ -33,6 +33,7 @@ from tierec.distributed.plan import Shard
 from tierec.errors import ConfigError
 from tierec.modules.embedding import EmbeddingBag, TableConfig
 from tierec.storage.base import INIT_CHUNK_ROWS, InMemoryTable, init_rows
+from tierec.storage.rowspace import RowSpace
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.sparse.jagged import lengths_to_offsets
@@ -56,16 +57,19 @@ class AllToAll(torch.autograd.Function):
 
 
 class ShardView:
-    """A shard's storage seen in whole-table row numbers (to load a table file into a shard)."""
+    """A shard's storage seen in whole-table row numbers (to load a table file into a shard): the table is a
+    `RowSpace` of its rows before the shard, the shard's, and those after; only the shard's are kept."""
 
     def __init__(self, shard: Shard, storage):
         self.shard, self.storage = shard, storage
         self.num_embeddings, self.dim, self.state_dim = shard.num_embeddings, storage.dim, storage.state_dim
+        self.space = RowSpace([shard.lo, shard.rows, shard.num_embeddings - shard.hi])
 
     def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None:
-        a, b = max(start, self.shard.lo), min(start + weight.shape[0], self.shard.hi)
-        if a < b:
-            self.storage.write_rows(a - self.shard.lo, weight[a - start : b - start], state[a - start : b - start])
+        for member, a, b in self.space.ranges(start, start + weight.shape[0]):
+            if member == 1:
+                k = self.space.offset(1) + a - start
+                self.storage.write_rows(a, weight[k : k + b - a], state[k : k + b - a])
 
 
 class ShardedEmbeddingCollection(nn.Module):
@@ -89,6 +93,9 @@ class ShardedEmbeddingCollection(nn.Module):
         self.pos_of_table = [[arrival.index(i) for i, s in enumerate(plan) if s.index == t]
                              for t in range(len(configs))]
         self.send_order = [[i for i in arrival if plan[i].rank == r] for r in range(d.world)]
+        # each table is a row space over its shards, in row order (shard k of table t: member k)
+        self.spaces = [RowSpace([s.rows for s in sorted((s for s in plan if s.index == t), key=lambda s: s.lo)])
+                       for t in range(len(configs))]
         self.tables = []
         for s in self.shards:
             cfg = configs[s.index]
@@ -123,8 +130,7 @@ class ShardedEmbeddingCollection(nn.Module):
             if len(shards) == 1:
                 out.append((jt.lengths, jt.values))
                 continue
-            bounds = torch.tensor([s.lo for s in shards[1:]], device=jt.values.device)
-            k = torch.bucketize(jt.values, bounds, right=True)  # shard of every ID
+            k = self.spaces[t].member_of(jt.values)  # shard of every ID
             b = jt.lengths.numel()
             sample = torch.repeat_interleave(torch.arange(b, device=k.device), jt.lengths, output_size=k.numel())
             lengths = torch.bincount(k * b + sample, minlength=len(shards) * b).view(len(shards), b)

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from tierec import __version__
-from tierec.config import parse_bytes
 from tierec.data.dataset import Batch
 from tierec.distributed.comm import Dist, sum_gradients_hook
 from tierec.distributed.embedding import ShardedEmbeddingCollection, ShardView
@@ -36,15 +35,15 @@ from tierec.distributed.plan import Shard, describe, plan_shards, row_bounds
 from tierec.errors import ConfigError, TierecError
 from tierec.fsio import sha256_file
 from tierec.modules.dlrm import DLRM
-from tierec.modules.embedding import TableConfig
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.plan import AccessSample, TableNeeds, measure_lookups
+from tierec.storage.settings import StorageSettings
 from tierec.storage.tablefile import CHUNK_ROWS, row_bytes_of
 from tierec.train import checkpoint as ckpt
 from tierec.train.metrics import log_loss, roc_auc
 from tierec.train.rundir import claim_run_dir, existing_run
-from tierec.train.trainer import Trainer, data_fingerprint
+from tierec.train.trainer import Trainer, build_model, data_fingerprint, table_configs
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +72,11 @@ class _NullLog:
         pass
 
 
-def _rank_storage(cfg, shards: list[Shard], sample: dict[str, AccessSample], row_bytes: int, rank: int,
-                  device, fresh: bool):
+def _rank_storage(settings: StorageSettings, shards: list[Shard], sample: dict[str, AccessSample],
+                  row_bytes: int, rank: int, device, fresh: bool):
     """Storage factory for this rank's shards from its memory budget (per rank), or None: all in memory.
     The tiers are the single-process ones, with files under ``STORAGE_DIR/rank-R/``."""
-    if cfg.memory_budget is None and not cfg.tables:
+    if not settings.tiered:
         return None, []
     from tierec.storage.tiered import make_storage_factory, plan_budget, table_overrides
 
@@ -87,11 +86,11 @@ def _rank_storage(cfg, shards: list[Shard], sample: dict[str, AccessSample], row
         m = (a.ids >= s.lo) & (a.ids < s.hi)
         sub[s.name] = AccessSample(int(a.counts[m].sum()), a.ids[m] - s.lo, a.counts[m])
         needs.append(TableNeeds(s.name, s.rows, row_bytes, sub[s.name].lookups))
-        if s.table in cfg.tables:  # a row-wise shard gets its share of the table's cache
-            overrides[s.name] = table_overrides(cfg.tables[s.table], s.rows, s.num_embeddings)
-    plan, _ = plan_budget(cfg, needs, overrides)
-    root = (Path(cfg.storage_dir) if cfg.storage_dir else Path(cfg.out) / "tables") / f"rank-{rank}"
-    return make_storage_factory(cfg, plan, sub, root, device, fresh=fresh), plan
+        if s.table in settings.tables:  # a row-wise shard gets its share of the table's cache
+            overrides[s.name] = table_overrides(settings.tables[s.table], s.rows, s.num_embeddings)
+    plan, _ = plan_budget(settings, needs, overrides)
+    rank_settings = replace(settings, root=settings.root / f"rank-{rank}")
+    return make_storage_factory(rank_settings, plan, sub, device, fresh=fresh), plan
 
 
 def merge_storage_plans(plans: list[list[dict]], shards: list[Shard]) -> list[dict] | None:
@@ -118,6 +117,9 @@ class DistributedTrainer(Trainer):
 
     def __init__(self, cfg, d: Dist, resume: bool = False, overwrite: bool = False,
                  allow_config_change: bool = False):
+        if cfg.model != "dlrm":  # the sharded collection pools for DLRM's interaction only
+            raise ConfigError(f"--model {cfg.model} does not run under torchrun yet (sharded tables train DLRM); "
+                              "train it in one process")
         self.dist = d
         if d.rank != 0:
             cfg = replace(cfg, progress=False)
@@ -170,30 +172,30 @@ class DistributedTrainer(Trainer):
         return self.model.embeddings
 
     def _build_model(self, fresh: bool) -> DLRM:
+        """`build_model` with this rank's shards of the tables (`ShardedEmbeddingCollection`), placed by a
+        sharding plan over the measured lookups, each rank's under its own memory budget."""
         cfg, d, schema = self.cfg, self.dist, self.ds.schema
         self.device = d.device
-        configs = [TableConfig(f.name, f.num_embeddings, cfg.embedding_dim, cfg.pooling) for f in schema.sparse]
-        if not configs:
-            raise ConfigError("the data set has no sparse features; DLRM needs at least one")
-        opt = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr)
-        self.state_dim = opt.state_dim(cfg.embedding_dim)
+        configs = table_configs(cfg, schema)
+        self.state_dim = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr).state_dim(cfg.embedding_dim)
         row_bytes = (cfg.embedding_dim + self.state_dim) * 4
-        sample = measure_lookups(self.ds, schema.sparse_names, cfg.batch_size, cfg.plan_batches, cfg.seed)
+        settings = cfg.storage_settings()
+        sample = measure_lookups(self.ds, schema.sparse_names, settings.plan_batch_size, settings.plan_batches,
+                                 settings.seed)
         loads = [TableNeeds(c.name, c.num_embeddings, row_bytes, sample[c.name].lookups) for c in configs]
-        budget = parse_bytes(cfg.memory_budget, "memory_budget") if cfg.memory_budget else None
-        self.shards = plan_shards(loads, d.world, budget, cfg.sharding.tables)
+        self.shards = plan_shards(loads, d.world, settings.memory_budget, cfg.sharding.tables)
         if d.rank == 0:
             log.info("%s", describe(self.shards, loads, d.world))
         mine = [s for s in self.shards if s.rank == d.rank]
-        factory, plan = _rank_storage(cfg, mine, sample, row_bytes, d.rank, d.device, fresh)
+        factory, plan = _rank_storage(settings, mine, sample, row_bytes, d.rank, d.device, fresh)
         self.rank_plan = [p.to_dict() for p in plan]
-        torch.manual_seed(cfg.seed)  # dense init as in build_model
-        ebc = ShardedEmbeddingCollection(configs, self.shards, d, opt, cfg.seed, factory, d.device)
-        model = DLRM(len(schema.dense), ebc, cfg.bottom_mlp, cfg.top_mlp).to(d.device)
-        model.storage_plan = None
-        return model
 
-    def _lookahead_sources(self) -> dict:
+        def sharded(tables, opt):
+            return ShardedEmbeddingCollection(tables, self.shards, d, opt, cfg.seed, factory, d.device)
+
+        return build_model(cfg, schema, d.device, collection=sharded)
+
+    def _shard_ranges(self) -> dict:
         """Each owned shard's cache sees its table's IDs of the global batch in its row range, minus lo:
         what the owner receives after the all-to-all (every rank reads the same global batches)."""
         return {s.name: (s.table, 0, None) if s.whole else (s.table, s.lo, s.hi) for s in self.ebc.shards}

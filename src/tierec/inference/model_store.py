@@ -41,7 +41,9 @@ from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.cache import CachedTable
 from tierec.storage.sketch import CountMinSketch
-from tierec.storage.ssd import SsdTable, read_many
+from tierec.storage.concat import ConcatTable
+from tierec.storage.rowspace import RowSpace
+from tierec.storage.ssd import SsdTable
 from tierec.storage.tablefile import verify_file
 from tierec.train import checkpoint as ckpt
 
@@ -53,43 +55,31 @@ INLINE_ADMIT = 4  # fetch() admits by itself once this many admission batches ar
 VICTIM_SAMPLE = 32  # eviction picks the least frequent of 32 random resident rows per row admitted
 
 
-class _ConcatTables:
-    """Several read-only SSD tables as one row space: global row = table offset + row; weights only.
+class _Stash:
+    """The shared cache's backing: the tables' files as one weights-only `ConcatTable`, where ``rows``
+    (sorted ids, weights) already read for an admission batch are served from memory instead of read
+    again (the cache admits rows that were just read)."""
 
-    ``read(ids)`` splits the IDs by table and reads all tables' rows together by concurrent
-    ``preadv`` lanes on ``pool`` (`tierec.storage.ssd.read_many`). Rows put in ``stash`` (sorted ids, rows) are served
-    from there instead: the cache admits rows that were already read."""
-
-    def __init__(self, ssds: list[SsdTable], pool=None, lanes: int = 8):
-        self.ssds, self.pool, self.lanes = ssds, pool, lanes
-        self.offsets = torch.tensor([0] + [t.num_embeddings for t in ssds]).cumsum(0)
-        self.num_embeddings, self.dim, self.state_dim = int(self.offsets[-1]), ssds[0].dim, 0
+    def __init__(self, table: ConcatTable):
+        self.table = table
+        self.num_embeddings, self.dim, self.state_dim = table.num_embeddings, table.dim, 0
         self.device = torch.device("cpu")
-        self.stash: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global rows ``ids`` (int64 [U], any order) -> (weights [U, D], empty state [U, 0])."""
-        if self.stash is not None:
-            sid, rows = self.stash
+        """Space rows ``ids`` (int64 [U], any order) -> (weights [U, D], empty state [U, 0])."""
+        if self.rows is not None:
+            sid, rows = self.rows
             pos = torch.searchsorted(sid, ids).clamp_(max=sid.numel() - 1)
             if bool((sid[pos] == ids).all()):
                 return rows[pos], torch.empty(ids.numel(), 0)
-        order = torch.argsort(ids)  # all tables' misses planned together, read by concurrent lanes
-        sid = ids[order].numpy()
-        cut = np.searchsorted(sid, self.offsets.numpy())
-        parts = [(t, a, b) for t, (a, b) in enumerate(zip(cut[:-1], cut[1:])) if b > a]
-        rows = read_many([(self.ssds[t], sid[a:b] - int(self.offsets[t])) for t, a, b in parts], self.pool,
-                         self.lanes)
-        w = torch.empty(ids.numel(), self.dim)
-        w[order] = torch.from_numpy(np.concatenate(rows)[:, : self.dim]) if rows else w[:0]
-        return w, torch.empty(ids.numel(), 0)
+        return self.table.read(ids)
+
+    def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.table.read_rows(start, end)
 
     def flush(self) -> None:
         pass
-
-    def close(self) -> None:
-        for t in self.ssds:
-            t.close()
 
 
 class SharedCache:
@@ -108,9 +98,10 @@ class SharedCache:
 
     def __init__(self, ssds: list[SsdTable], capacity: int, admit_after: int = 2, freq=None, pool=None,
                  admit_batch: int = 512, lanes: int = 8):
-        self.backing = _ConcatTables(ssds, pool, lanes)
-        self.offsets = self.backing.offsets
-        self.dim, self.admit_after = self.backing.dim, int(admit_after)
+        self.files = ConcatTable(ssds, weights_only=True, pool=pool, lanes=lanes)  # misses: one plan, all files
+        self.space = self.files.space  # a row of table t is row space.offset(t) + r of the cache
+        self.backing = _Stash(self.files)
+        self.dim, self.admit_after = self.files.dim, int(admit_after)
         self.cache = CachedTable(self.backing, capacity, "freq" if freq is not None else "lfu", name="ssd",
                                  freq=freq)
         self.cache.victim_sample = VICTIM_SAMPLE  # an admission batch's eviction costs O(batch), not O(cache)
@@ -131,7 +122,7 @@ class SharedCache:
     def fetch(self, ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{table index: row IDs int64 [U_t], unique, sorted} -> {table index: weights [U_t, D]}."""
         order = sorted(ids)
-        w = self.fetch_global(torch.cat([ids[t] + self.offsets[t] for t in order]))  # sorted: tables' ranges ascend
+        w = self.fetch_global(torch.cat([ids[t] + self.space.offset(t) for t in order]))  # sorted: ranges ascend
         return dict(zip(order, torch.split(w, [ids[t].numel() for t in order])))
 
     def fetch_global(self, g: torch.Tensor) -> torch.Tensor:
@@ -185,15 +176,15 @@ class SharedCache:
             return
         if qid.numel() > self.cache.capacity:  # a tiny cache: admit what fits (a larger read would not cache)
             qid, qrows = qid[: self.cache.capacity], qrows[: self.cache.capacity]
-        self.backing.stash = (qid, qrows)
+        self.backing.rows = (qid, qrows)
         try:
             self.cache.read(qid)
         finally:
-            self.backing.stash = None
+            self.backing.rows = None
         self.admitted += qid.numel()
 
     def close(self) -> None:
-        self.backing.close()
+        self.files.close()
 
     def stats(self) -> dict:
         """lookups = hits + misses (unique IDs per batch and table); admitted: rows put in the cache
@@ -201,7 +192,7 @@ class SharedCache:
         files (warm-up and misses)."""
         return {"lookups": self.lookups, "hits": self.hits, "misses": self.lookups - self.hits,
                 "admitted": self.admitted, "read_seconds": self.read_s, "resident": self.cache.size, "capacity": self.cache.capacity,
-                "bytes_read": sum(t.stats()["bytes_read"] for t in self.backing.ssds),
+                "bytes_read": self.files.stats().get("bytes_read", 0),
                 "cache_bytes": self.cache.nbytes + self.cache.index_nbytes + self.sketch.nbytes}
 
 
@@ -217,8 +208,6 @@ class SsdView:
 
     ``acquire(ids)`` returns the rows `LoadedModel.forward` fetched for this batch (one fetch
     for all tables), or fetches them itself."""
-
-    identity_index = False
 
     def __init__(self, shared: SharedCache, index: int, num_embeddings: int, key: str):
         self.shared, self.index, self.key = shared, index, key
@@ -238,7 +227,7 @@ class SsdView:
             raise RuntimeError("serving tables are read-only")
 
     def read_rows(self, start: int, end: int):
-        return self.shared.backing.ssds[self.index].read_rows(start, end)
+        return self.shared.files.tables[self.index].read_rows(start, end)
 
     def write_rows(self, start, weight, state) -> None:
         raise RuntimeError("serving tables are read-only")
@@ -267,7 +256,7 @@ class FusedLookup:
         if (weight is None) == (shared is None):
             raise ValueError("FusedLookup takes the DRAM weight or the SSD cache, not both")
         self.keys, self.dim, self.weight, self.shared = list(keys), int(dim), weight, shared
-        self.offsets = torch.tensor([0, *sizes]).cumsum(0)
+        self.space = RowSpace(sizes)  # a row of table t is row space.offset(t) + r of ``weight`` / the cache
         self.mean = torch.tensor(mean, dtype=torch.bool)
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
@@ -275,7 +264,7 @@ class FusedLookup:
         T, B = len(self.keys), kjt.stride()
         values, lengths = kjt.values(), kjt.lengths()
         per_key = lengths.view(T, B).sum(1)
-        rows = values + self.offsets[:-1].repeat_interleave(per_key, output_size=values.numel())
+        rows = values + self.space.offsets_t[:-1].repeat_interleave(per_key, output_size=values.numel())
         if self.shared is None:
             idx, w = rows, self.weight
         elif values.numel():
@@ -345,13 +334,13 @@ class LoadedModel:
             views = [t.storage for t in self.model.embeddings.tables
                      if isinstance(t.storage, SsdView) and t.config.key in by_key]
             if views:  # one unique over all tables' IDs (global rows), one fetch, split back per table
-                offsets = self.shared.offsets
-                g = torch.unique(torch.cat([by_key[v.key].values + offsets[v.index] for v in views]))
+                space = self.shared.space
+                g = torch.unique(torch.cat([by_key[v.key].values + space.offset(v.index) for v in views]))
                 rows = self.shared.fetch_global(g)
-                cut = torch.searchsorted(g, offsets).tolist()
+                cut = space.bounds(g)
                 for v in views:
                     a, b = cut[v.index], cut[v.index + 1]
-                    v.stash = (g[a:b] - offsets[v.index], rows[a:b])
+                    v.stash = (g[a:b] - space.offset(v.index), rows[a:b])
         return self.model(dense, sparse)
 
     def maintain(self) -> bool:

@@ -2,13 +2,19 @@
 
 One training step for one table (B samples, N IDs, U unique IDs, D dims):
 
-1. forward:  ``uniq, inverse = unique(ids)``; ``ws = storage.acquire(uniq)`` makes
-   the U rows addressable in a fast tensor (``ws.weight[ws.index[k]]`` is row
+1. forward:  ``uniq, inverse, perm, counts = dedup(ids)``; ``ws = storage.acquire(uniq)``
+   makes the U rows addressable in a fast tensor (``ws.weight[ws.index[k]]`` is row
    ``uniq[k]``); pooled [B, D] = ``embedding_bag(ws.weight, ws.index[inverse], offsets)``.
 2. backward: per-ID gradient = pooled gradient of its bag (divided by the bag
-   length for mean pooling), summed per unique row with one ``index_add_`` into
-   [U, D]; the sparse optimizer updates those U rows (and their state) in place;
-   ``storage.release(ws)`` writes them back if they were a temporary copy.
+   length for mean pooling), summed per unique row with one embedding_bag into
+   [U, D] (``perm``, ``counts``); the sparse optimizer updates those U rows (and their
+   state) in place; the rows are released (written back if they were a temporary copy).
+
+A step's `Lookup` (the dedup of its IDs, its working set and how to release it) is
+made by the table itself from its `TableStorage`, or handed down ahead of the step
+by whoever prefetched it (`EmbeddingBag.use_lookup`; the look-ahead pipeline does,
+as TorchRec's train pipeline calls ``module.prefetch``): the table then neither
+deduplicates nor touches its storage in the step.
 
 So every unique row is fetched once and updated once per step, and no dense
 gradient of a table exists. Storage backends implement `tierec.storage.base.TableStorage`
@@ -17,6 +23,7 @@ gradient of a table exists. Storage backends implement `tierec.storage.base.Tabl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,30 +94,47 @@ def row_gradients(grad_out: torch.Tensor, lengths: torch.Tensor, perm: torch.Ten
     return F.embedding_bag(bag.index_select(0, perm), grad_out, seg, mode="sum", per_sample_weights=psw)
 
 
+@dataclass
+class Lookup:
+    """One step's rows of one table: its IDs deduplicated, the rows resident, and how to give them back.
+
+    ``ws.ids`` [U] are the step's unique IDs (sorted) and ``ws.weight[ws.index]`` their rows;
+    ``inverse`` [N] maps each ID of the step to its unique row, ``perm`` [N] sorts the IDs (stably),
+    ``counts`` [U] counts each unique ID (see `dedup`); None when the maker did not know the step's
+    IDs in order (a shard whose IDs arrive by all-to-all): the table computes them and checks that
+    they give ``ws.ids``. ``release(dirty)`` returns the rows once the step is done with them."""
+
+    ws: WorkingSet
+    inverse: torch.Tensor | None
+    perm: torch.Tensor | None
+    counts: torch.Tensor | None
+    release: Callable[[bool], None]
+
+
 class _FusedPooledLookup(torch.autograd.Function):
     """pooled = embedding_bag(ws rows); backward applies the sparse optimizer in place."""
 
     @staticmethod
-    def forward(ctx, anchor, table: "EmbeddingBag", ws: WorkingSet, idx, offsets, perm, counts, psw):
-        pooled = F.embedding_bag(idx, ws.weight, offsets[:-1], mode="sum", per_sample_weights=psw)
+    def forward(ctx, anchor, table: "EmbeddingBag", lk: Lookup, idx, offsets, psw):
+        pooled = F.embedding_bag(idx, lk.ws.weight, offsets[:-1], mode="sum", per_sample_weights=psw)
         lengths = offsets[1:] - offsets[:-1]
         if table.config.pooling == "mean":
             pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
-        ctx.table, ctx.ws, ctx.weighted = table, ws, psw is not None
-        ctx.save_for_backward(lengths, perm, counts, psw if psw is not None else torch.empty(0))
+        ctx.table, ctx.lk, ctx.weighted = table, lk, psw is not None
+        ctx.save_for_backward(lengths, lk.perm, lk.counts, psw if psw is not None else torch.empty(0))
         return pooled
 
     @staticmethod
     def backward(ctx, grad_out):
         lengths, perm, counts, psw = ctx.saved_tensors
-        table, ws = ctx.table, ctx.ws
+        table, lk = ctx.table, ctx.lk
         grad_rows = row_gradients(grad_out.contiguous(), lengths, perm, counts, table.config.pooling == "mean",
                                   psw if ctx.weighted else None)
         table.step += 1
-        table.optimizer.update(ws.weight, ws.state, ws.index, grad_rows, int(table.step))
-        table.storage.release(ws, dirty=True)
-        ctx.ws = None
-        return (None,) * 8
+        table.optimizer.update(lk.ws.weight, lk.ws.state, lk.ws.index, grad_rows, int(table.step))
+        lk.release(True)
+        ctx.lk = None
+        return (None,) * 6
 
 
 class EmbeddingBag(torch.nn.Module):
@@ -124,24 +148,43 @@ class EmbeddingBag(torch.nn.Module):
         # Number of optimizer steps applied (Adam's bias correction); saved with the dense state.
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
+        self._next: Lookup | None = None  # handed down for the next forward (`use_lookup`)
+
+    def use_lookup(self, lookup: Lookup | None) -> None:
+        """The next `forward` uses ``lookup`` (made ahead of the step) instead of deduplicating its IDs and
+        acquiring its rows itself; None withdraws one that was not used."""
+        self._next = lookup
+
+    def _lookup(self, values: torch.Tensor) -> Lookup:
+        """The step's `Lookup`: the one handed down, completed where it lacks the dedup; else from storage."""
+        lk, self._next = self._next, None
+        if lk is not None and lk.perm is not None:
+            return lk
+        identity = lk is None and isinstance(self.storage, InMemoryTable)  # rows addressed by ID: no inverse
+        uniq, inverse, perm, counts = dedup(values, with_inverse=not identity)
+        if lk is not None:
+            if not torch.equal(uniq, lk.ws.ids):
+                lk.release(False)
+                raise RuntimeError(f"table {self.config.name!r}: the step's IDs do not match the rows prefetched "
+                                   "for it")
+            return Lookup(lk.ws, inverse, perm, counts, lk.release)
+        ws = self.storage.acquire(uniq)
+        return Lookup(ws, inverse, perm, counts, lambda dirty: self.storage.release(ws, dirty))
+
     def forward(self, values: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None = None):
         """values int64 [N], offsets int64 [B+1] -> pooled float32 [B, D]."""
-        # In-memory tables address rows by ID: no inverse map needed.
-        identity = getattr(self.storage, "identity_index", False)
-        uniq, inverse, perm, counts = dedup(values, with_inverse=not identity)
-        ws = self.storage.acquire(uniq)
-        # Positions of every ID inside ws.weight.
-        idx = values if identity else ws.index.index_select(0, inverse)
+        lk = self._lookup(values)
+        idx = values if lk.inverse is None else lk.ws.index.index_select(0, lk.inverse)  # positions in ws.weight
         if self.training and torch.is_grad_enabled():
             anchor = self._anchor.detach().requires_grad_(True)
-            return _FusedPooledLookup.apply(anchor, self, ws, idx, offsets, perm, counts, weights)
+            return _FusedPooledLookup.apply(anchor, self, lk, idx, offsets, weights)
         try:
-            pooled = F.embedding_bag(idx, ws.weight, offsets[:-1], mode="sum", per_sample_weights=weights)
+            pooled = F.embedding_bag(idx, lk.ws.weight, offsets[:-1], mode="sum", per_sample_weights=weights)
             if self.config.pooling == "mean":
                 pooled = pooled / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(pooled.dtype)
             return pooled
         finally:
-            self.storage.release(ws, dirty=False)
+            lk.release(False)
 
 
 class EmbeddingBagCollection(torch.nn.Module):

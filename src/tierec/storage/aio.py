@@ -4,9 +4,7 @@ Reading the scattered 4 KiB blocks of a batch's missed rows one ``os.preadv`` at
 system call, a thread hand-off and a GIL round trip per block. Worse, every time a read returns,
 its thread must take the GIL back: while another thread runs Python (the server's event loop
 parsing a request, the trainer's Python between kernels) that wait lasts up to the interpreter's
-switch interval, 5 ms, per read. Measured in `tierec serve`: a batch's ~40 reads took 26 ms on
-average under load against 5 ms alone, and 20 ms with a busy Python thread beside it even at a
-0.2 ms switch interval.
+switch interval, per read (what that cost `tierec serve` is measured in docs/serving.md).
 
 `AioRing.run` instead describes every block of a batch in one vectorised array of ``struct
 iocb`` (numpy, no per-block Python), hands them to the kernel with ``io_submit`` and waits for
@@ -16,7 +14,7 @@ them with ``io_getevents``: a few system calls per batch, all blocks in flight a
 
 Linux only (x86-64 and aarch64 system call numbers); `available()` says whether it works here
 (the syscalls may be refused, e.g. by a seccomp profile or ``fs.aio-max-nr``), and callers fall
-back to the thread lanes of `tierec.storage.ssd` otherwise.
+back to the thread lanes of `tierec.storage.multifile` otherwise.
 """
 
 from __future__ import annotations

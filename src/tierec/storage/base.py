@@ -71,9 +71,8 @@ class TableStorage(Protocol):
 
 
 class InMemoryTable:
-    """All rows in one tensor on ``device``: the plain, exact reference path."""
-
-    identity_index = True  # acquire(ids).index is ids itself
+    """All rows in one tensor on ``device``: the plain, exact reference path. ``acquire(ids).index`` is
+    ``ids`` itself (rows addressed by ID)."""
 
     def __init__(self, num_embeddings: int, dim: int, state_dim: int, device="cpu"):
         self.num_embeddings, self.dim, self.state_dim = num_embeddings, dim, state_dim

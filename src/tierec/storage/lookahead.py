@@ -12,20 +12,25 @@ Two pieces use it, one per table:
   the `tierec.train.pipeline.LookaheadPipeline` worker, overlapped with compute --
   which also pins them until the step's working set is released.
 
-The step protocol, for steps in increasing order::
+The step protocol, for steps in increasing order (driven by its one owner,
+`tierec.train.pipeline.LookaheadPipeline`; the cache knows nothing of it)::
 
+    cache.begin_lookahead(guard)      # the driver says when a worker may be running beside a caller
     cache.observe(s, ids_s)           # the loader read step s (s may be far ahead)
-    ws = cache.prepare(s, ids_s)      # rows resident and pinned (None: no room yet)
-    ws = cache.acquire(ids_s)         # the model takes the prepared working set ...
+    ws = cache.prepare(s, ids_s)      # rows resident and pinned (None: no room yet); the driver
+                                      # hands ws to the model for step s ...
     cache.release(ws, dirty=True)     # ... and returns it: unpinned, next use updated
+    cache.end_lookahead()             # the window is forgotten; cached rows stay
 
 Exactness: a row is only ever read from the backing store when it is not
 resident here, and a dirty row is written back (by the thread that evicts it,
 before that thread reads anything else) when it is evicted. During training only
-the pipeline's worker thread reads or writes the backing store; the trainer
+the driver's worker thread reads or writes the backing store; the trainer
 thread touches cache rows that the worker has pinned for it. Anything else
-(evaluation, checkpoints) runs with the worker paused; then `acquire` serves a
-temporary copy without changing what is cached.
+(evaluation, checkpoints) runs with the worker paused (`LookaheadGuard.busy` is
+False); then `acquire` serves a temporary copy without changing what is cached.
+A temporary copy made by `prepare` for a step larger than the cache (`is_copy`)
+writes back on release, so the driver releases it with its worker paused.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import contextlib
 import logging
 import threading
 from collections import deque
+from typing import Protocol
 
 import torch
 
@@ -143,6 +149,15 @@ class NextUseOracle:
         return ids[last], occ[last]
 
 
+class LookaheadGuard(Protocol):
+    """What a look-ahead driver tells its caches (`LookaheadCache.begin_lookahead`)."""
+
+    def busy(self) -> bool:
+        """True while the driver's worker may read or write the cache's rows or backing store
+        concurrently with the calling thread (not paused, and the caller is not the worker)."""
+        ...
+
+
 class LookaheadCache(CachedTable):
     """A `CachedTable` that evicts by next use inside the look-ahead window (see module doc).
 
@@ -164,8 +179,7 @@ class LookaheadCache(CachedTable):
         self.oracle = NextUseOracle(self.device)
         self._mu = threading.Lock()  # metadata: index, pins, dirty bits, next uses, oracle
         self._released: deque[tuple[WorkingSet, bool, int]] = deque()  # trainer's releases, not yet applied
-        self._prepared: deque[WorkingSet] = deque()
-        self.pipeline = None  # the LookaheadPipeline driving this cache, if any
+        self._guard: LookaheadGuard | None = None  # the driver of the step protocol, while there is one
 
     # ------------------------------------------------------------------ policy
     def _victim_key(self) -> torch.Tensor:
@@ -199,6 +213,26 @@ class LookaheadCache(CachedTable):
             yield
 
     # ------------------------------------------------------------------ step protocol
+    def begin_lookahead(self, guard: LookaheadGuard) -> None:
+        """A driver starts the step protocol on this cache (one at a time); ``guard`` says when its worker
+        may run beside a caller (module doc)."""
+        if self._guard is not None:
+            raise RuntimeError(f"cache {self.name!r} is already driven by another look-ahead pipeline")
+        self._guard = guard
+
+    def end_lookahead(self) -> None:
+        """The driver stopped (every working set it prepared is released): forget the window; cached rows
+        stay, their next uses become unknown."""
+        with self._locked():
+            self.oracle = NextUseOracle(self.device)
+            self._next.fill_(NEVER)
+        self._guard = None
+
+    def is_copy(self, ws: WorkingSet) -> bool:
+        """True when ``ws`` (from `prepare`) is a temporary copy, not pinned cache rows: a step with more
+        rows than the cache. Its release writes the rows back, so it needs the driver's worker paused."""
+        return ws.handle.kind == "temp"
+
     def observe(self, step: int, ids: torch.Tensor) -> None:
         """The loader read step ``step``; ``ids`` int64 [U] are its unique row IDs, sorted."""
         ids = ids.to(self.device)
@@ -252,9 +286,6 @@ class LookaheadCache(CachedTable):
             self._st["prefetched_rows"] += miss_ids.numel()
         return ws
 
-    def push_prepared(self, ws: WorkingSet) -> None:
-        self._prepared.append(ws)
-
     def _count_lookups(self, U: int, nh: int) -> None:
         self._st["lookups"] += U
         self._st["hits"] += nh
@@ -278,69 +309,44 @@ class LookaheadCache(CachedTable):
         return out
 
     # ------------------------------------------------------------------ TableStorage
-    def _driven(self) -> bool:
-        """True while a pipeline's worker may touch this cache concurrently (not paused, and the
-        caller is not the worker itself: the worker drives lower tiers from its own thread)."""
-        p = self.pipeline
-        return p is not None and not p.is_paused and not p.on_worker_thread()
+    def _busy(self) -> bool:
+        return self._guard is not None and self._guard.busy()
 
     def acquire(self, ids: torch.Tensor) -> WorkingSet:
-        """The prepared working set of the pipeline's current step; otherwise (no pipeline, or paused:
-        evaluation, checkpoints) a temporary copy that leaves the cached rows as they are."""
+        """A temporary copy of rows ``ids`` that leaves the cached rows as they are (evaluation, checkpoints:
+        outside the step protocol, with any driver's worker paused)."""
+        self._check_quiet("acquire()")
         ids = ids.to(self.device)
-        p = self.pipeline
-        if self._driven():
-            ws = self._prepared[0] if self._prepared else None
-            if ws is None or not torch.equal(ws.ids, ids):
-                self._mismatch(p.current_step)
-            return self.take_prepared(p.current_step)
         with self._locked():
             hit, slots = self._lookup(ids)
             ws = self._acquire_temp(ids, hit, slots)
             self._st["sync_acquires"] += 1
             return ws
 
-    def take_prepared(self, step: int) -> WorkingSet:
-        """Hand out the prepared working set of ``step`` (the pipeline's current step)."""
-        ws = self._prepared[0] if self._prepared else None
-        if ws is None or ws.handle.step != step:
-            self._mismatch(step)
-        return self._prepared.popleft()
-
-    def _mismatch(self, step: int):
-        raise RuntimeError(f"cache {self.name!r}: acquire() during look-ahead training does not match "
-                           f"the prepared step {step}; pause the pipeline for other lookups")
-
     def release(self, ws: WorkingSet, dirty: bool) -> None:
+        """Give back ``ws``: a step's working set from `prepare` (pinned rows: the bookkeeping is left to
+        whoever takes the lock next, off the trainer's path; a temporary copy: written back now, see
+        `is_copy`), or a temporary copy from `acquire`."""
         h = ws.handle
         step = getattr(h, "step", None)
-        if step is None:  # a temporary copy from `acquire` (worker paused or absent)
+        if step is None:  # a temporary copy from `acquire`
             with self._locked():
                 super().release(ws, dirty)
             return
         if h.owner is not self or h.released:
             raise RuntimeError(f"cache {self.name!r}: bad or repeated release of step {step}")
-        if h.kind == "temp":  # a bypassed step writes its rows back: with the worker parked
-            with self.pipeline.paused() if self.pipeline is not None else contextlib.nullcontext():
-                with self._locked():
-                    super().release(ws, dirty)
-                    nu = self.oracle.consume(step)
-                    self._next.index_copy_(0, h.pinned, nu.index_select(0, h.hit_idx))
-        else:  # the bookkeeping is left to whoever takes the lock next (the worker): off the trainer's path
+        if h.kind == "temp":  # a bypassed step writes its rows back (the driver's worker is paused)
+            with self._locked():
+                super().release(ws, dirty)
+                nu = self.oracle.consume(step)
+                self._next.index_copy_(0, h.pinned, nu.index_select(0, h.hit_idx))
+        else:
             h.released = True
             h.fin.detach()
             self._released.append((ws, dirty, step))
-        if self.pipeline is not None:
-            self.pipeline.on_release(step, self)
-
-    def end_lookahead(self) -> None:
-        """Forget the window (the pipeline stopped): cached rows stay, their next uses become unknown."""
-        with self._locked():
-            self.oracle = NextUseOracle(self.device)
-            self._next.fill_(NEVER)
 
     def _check_quiet(self, what: str) -> None:
-        if self._driven():
+        if self._busy():
             raise RuntimeError(f"cache {self.name!r}: {what} while the look-ahead worker runs; pause it first")
 
     def flush(self) -> None:

@@ -10,8 +10,8 @@ checkpoint's ``tables/<name>.tbl`` can be opened as an `SsdTable` and an
 a multiple of it: row ``r`` at byte offset ``r * row_stride``, zeros after its
 floats. With ``row_align=512`` on a device that takes 512-byte direct I/O, no two
 rows share a sector, so a write needs no read-modify-write and a cache's
-write-back and misses go to the device in one batch (`exchange`): a third fewer
-I/Os than packed rows, for up to 2x the file size (260-byte rows: 1.97x). The
+write-back and misses go to the device in one batch (`exchange`): fewer I/Os
+than packed rows, for a larger file (see docs/storage.md). The
 sidecar records ``row_stride``; such a file is a working file of training, not
 a checkpoint table file (checkpoints are written packed, through ``read_rows``).
 
@@ -27,16 +27,17 @@ I/O modes:
   pages the 4 KiB pages in and out through the page cache).
 * ``direct_io=True``: bypasses the page cache with ``O_DIRECT``. The rows of a
   batch are mapped to the 4 KiB blocks that hold them, overlapping/adjacent
-  blocks are coalesced into runs (vectorised), and each run is read with one
-  ``os.preadv`` into a page-aligned anonymous ``mmap`` buffer -- this mode
-  loops in Python over the *runs* (not the rows), which is the only per-item
-  Python loop in the storage package. Writes are read-modify-write of those
+  blocks are coalesced into runs (vectorised; `tierec.storage.blockio`), and
+  the runs are read into a page-aligned buffer in one Linux AIO batch, or with
+  one ``os.preadv`` per run where AIO is not available. Writes are read-modify-write of those
   blocks (a row shares its blocks with its neighbours); the last partial block
   of the file, which ``O_DIRECT`` cannot write without extending the file, is
   written through the page cache and dropped from it with
   ``posix_fadvise(DONTNEED)``. Where the filesystem refuses ``O_DIRECT``
   (tmpfs, some overlays) the same block I/O goes through the page cache
   followed by ``posix_fadvise(DONTNEED)`` on the range, and a warning says so.
+
+Several tables' rows in one pass (`read_many`, `exchange_many`) are in `tierec.storage.multifile`.
 """
 
 from __future__ import annotations
@@ -47,123 +48,25 @@ import logging
 import mmap
 import os
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from tierec.fsio import atomic_write_bytes, fsync_dir, sha256_file, umask
-from tierec.storage import aio
 from tierec.errors import CheckpointError, ConfigError
+from tierec.fsio import atomic_write_bytes, fsync_dir, sha256_file, umask
+from tierec.storage import aio, blockio
 from tierec.storage.base import WorkingSet, init_rows
+from tierec.storage.blockio import ALIGN, MAX_IO, BlockPlan
+from tierec.storage.multifile import exchange_many, read_many, write_block_runs
 from tierec.storage.tablefile import FORMAT, read_sidecar, sidecar_path, stream_rows
 
 log = logging.getLogger(__name__)
 
-ALIGN = 4096  # O_DIRECT block size and buffer alignment
-MAX_IO = 1 << 26  # bytes per preadv/pwritev call (Linux caps one call at ~2 GiB)
 FAULT_AROUND_BYTES = 64 << 10  # Linux maps up to this much around a faulting file page (read faults)
 PAGE_BYTES = 4096  # a write fault on a shared file mapping maps just its page
 RSS_RELEASE_BYTES = 8 << 20  # mapped bytes touched before the map's pages are dropped from RSS
-IO_LANES = 8  # concurrent preadv loops of one batched read (a random row read waits on the device)
-LANE_MIN_ROWS = 32  # a read of fewer rows stays in the calling thread
-READ_GAP_BLOCKS = 8  # O_DIRECT reads: runs at most 8 blocks (32 KiB) apart become one read of the span
-
-
-class _BlockPlan(NamedTuple):
-    """The block runs that hold a sorted set of rows: run file offsets, byte lengths and buffer
-    offsets (int64 [R], multiples of ALIGN), each row's float offset in the buffer [U], buffer
-    bytes, and the index of each run's first row [R]."""
-
-    foff: np.ndarray
-    nbytes: np.ndarray
-    boff: np.ndarray
-    pos: np.ndarray
-    total: int
-    first: np.ndarray  # index of each run's first row [R]
-
-
-def _plan_runs(start: np.ndarray, row_bytes: int, group: np.ndarray | None = None, align: int = ALIGN,
-               gap: int = 0) -> _BlockPlan:
-    """Rows at byte offsets ``start`` (int64 [U], ascending within each ``group``, groups contiguous)
-    -> the ``align``-byte block runs that hold them (overlapping/adjacent blocks of one group
-    coalesced, vectorised) and where each row lands in a buffer of the runs laid end to end.
-    ``align=ALIGN`` for O_DIRECT; 4 (exactly the rows' bytes) for buffered reads. Reads may pass
-    ``gap`` > 0: runs at most ``gap`` blocks apart are merged, reading the blocks between (a dense
-    set of rows -- a cache warm-up -- then costs a few large reads instead of one per block)."""
-    blo = start // align
-    bhi = (start + row_bytes + align - 1) // align
-    new = np.empty(start.size, bool)
-    new[0] = True
-    new[1:] = blo[1:] > bhi[:-1] + gap
-    if group is not None:
-        new[1:] |= group[1:] != group[:-1]
-    first = np.flatnonzero(new)
-    run_of = np.cumsum(new) - 1
-    run_lo = blo[first]
-    last = np.append(first[1:], start.size) - 1
-    run_len = bhi[last] - run_lo
-    run_buf = np.concatenate([[0], np.cumsum(run_len)[:-1]])
-    pos = (run_buf[run_of] * align + start - run_lo[run_of] * align) // 4  # float index of each row
-    return _BlockPlan(run_lo * align, run_len * align, run_buf * align, pos, int(run_len.sum()) * align, first)
-
-
-def _pread_exact(fd: int, mv: memoryview, foff: int, nbytes: int, boff: int, size: int, path) -> int:
-    """Read file bytes [foff, foff + nbytes) -- clipped at the file's ``size`` -- into ``mv[boff:]``,
-    one ``preadv`` per MAX_IO; bytes read."""
-    want, done = min(nbytes, size - foff), 0
-    while done < want:
-        r = os.preadv(fd, [mv[boff + done : boff + min(nbytes, done + MAX_IO)]], foff + done)
-        if r <= 0:
-            raise OSError(errno.EIO, f"{path}: short read at byte {foff + done}")
-        done += r
-    return done
-
-
-def _aio_runs(opcode: int, fds: np.ndarray, foff: np.ndarray, nbytes: np.ndarray, addrs: np.ndarray,
-              sizes: np.ndarray, path_of) -> int:
-    """Block runs through Linux AIO (`tierec.storage.aio`), ``opcode`` one for all runs or one per run: run i
-    moves ``nbytes[i]`` bytes at file offset ``foff[i]`` of ``fds[i]`` (a file of ``sizes[i]`` bytes: a read of its last block stops at the end)
-    from/to address ``addrs[i]``. All in flight at once, no Python per run; bytes moved. ``path_of(i)``
-    names run i's file in an error."""
-    res = aio.ring().run(opcode, fds, foff, nbytes, addrs)
-    reads = np.asarray(opcode) == aio.IOCB_CMD_PREAD
-    want = np.where(reads, np.minimum(nbytes, sizes - foff), nbytes)
-    bad = np.flatnonzero(res != want)
-    if bad.size:
-        i = int(bad[0])
-        what = "read" if np.broadcast_to(reads, res.shape)[i] else "write"
-        if res[i] < 0:
-            raise OSError(int(-res[i]), f"{path_of(i)}: {what} at byte {int(foff[i])}: {os.strerror(int(-res[i]))}")
-        raise OSError(errno.EIO, f"{path_of(i)}: short {what} at byte {int(foff[i])} ({int(res[i])} of {int(want[i])})")
-    return int(want.sum())
-
-
-def _use_aio(odirect: bool, nbytes: np.ndarray) -> bool:
-    """Batched AIO for O_DIRECT block runs (buffered descriptors would make the kernel run them one by one)."""
-    return odirect and nbytes.size > 0 and int(nbytes.max()) <= MAX_IO and aio.available()
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def io_pool() -> ThreadPoolExecutor:
-    """The process's shared threads for concurrent table reads (``IO_LANES - 1``, started on first use)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(IO_LANES - 1, thread_name_prefix="tierec-ssd-io")
-        return _pool
-
-
-def _open_direct(path: Path) -> int:
-    """Open ``path`` with O_DIRECT (a function so that tests can make it fail)."""
-    return os.open(path, os.O_RDWR | os.O_DIRECT)
 
 
 class SsdTable:
@@ -212,12 +115,13 @@ class SsdTable:
         if self.direct_io:
             self._bfd = os.open(self.path, os.O_RDONLY if readonly else os.O_RDWR)
             try:
-                self._fd = _open_direct(self.path) if not readonly else os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+                self._fd = (blockio.open_direct(self.path) if not readonly
+                            else os.open(self.path, os.O_RDONLY | os.O_DIRECT))
                 self.odirect = True
             except (OSError, AttributeError) as e:
                 self._direct_fallback(e)
             if self.odirect and row_align and row_align < ALIGN and self.row_stride % row_align == 0:
-                self.align = _direct_align(self._fd, row_align, self.file_bytes)
+                self.align = blockio.direct_align(self._fd, row_align, self.file_bytes)
         else:
             self._mm = np.memmap(self.path, dtype=np.float32, mode="r" if readonly else "r+",
                                  shape=(self.num_embeddings, self.row_stride // 4))
@@ -230,6 +134,16 @@ class SsdTable:
         self._mrows = self._mm if self._mm is None or self.row_stride == self.row_bytes else self._mm[:, : self.width]
         self._mapped_bytes = 0
         self.reset_stats()
+
+    @property
+    def direct_fd(self) -> int:
+        """The O_DIRECT descriptor (-1 when O_DIRECT is not in use)."""
+        return self._fd
+
+    @property
+    def buffered_fd(self) -> int:
+        """The buffered descriptor of direct mode: a file's partial last block, the fallback (-1 in memmap mode)."""
+        return self._bfd
 
     @property
     def exclusive_blocks(self) -> bool:
@@ -328,7 +242,8 @@ class SsdTable:
             raise CheckpointError(f"{self.path}: sha256 does not match its sidecar (corrupt table file)")
         return True
 
-    def _mutating(self) -> None:
+    def prepare_write(self) -> None:
+        """Call before writing: CheckpointError if opened read-only; drops the sidecar's sha256 (stale)."""
         if self.readonly:
             raise CheckpointError(f"{self.path}: table file was opened read-only")
         if self._sha_valid:  # the recorded checksum no longer describes the file
@@ -337,7 +252,8 @@ class SsdTable:
             atomic_write_bytes(sidecar_path(self.path), json.dumps(self._sidecar, indent=2).encode())
 
     # ------------------------------------------------------------------ batched row I/O
-    def _check_ids(self, ids: torch.Tensor | np.ndarray) -> np.ndarray:
+    def check_ids(self, ids: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Row IDs (tensor or array, any shape) -> int64 numpy [U]; IndexError naming the file if out of range."""
         if isinstance(ids, np.ndarray):
             ids_np = ids.astype(np.int64, copy=False).reshape(-1)
         else:
@@ -361,11 +277,13 @@ class SsdTable:
 
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``ids`` (int64 [U], any order) -> (weights [U, dim], state [U, state_dim]), fresh tensors.
-        A read of ``LANE_MIN_ROWS`` or more rows goes through `read_many` (concurrent preadv lanes)."""
-        return self._split(read_many([(self, self._check_ids(ids))])[0])
+        A read of ``LANE_MIN_ROWS`` or more rows goes through `tierec.storage.multifile.read_many`
+        (one AIO batch, or concurrent preadv lanes)."""
+        return self._split(read_many([(self, self.check_ids(ids))])[0])
 
-    def _read_local(self, ids_np: np.ndarray) -> np.ndarray:
-        """Rows ``ids_np`` in the calling thread: a memmap gather (page faults) or block I/O."""
+    def read_local(self, ids_np: np.ndarray) -> np.ndarray:
+        """Rows ``ids_np`` (int64 [U]) -> [U, width] float32, in the calling thread: a memmap gather (page
+        faults) or block I/O."""
         if ids_np.size == 0:
             return np.empty((0, self.width), np.float32)
         if self._mm is not None:
@@ -375,15 +293,16 @@ class SsdTable:
         return self._block_io(ids_np, None)
 
     @property
-    def _read_fd(self) -> int:
+    def read_fd(self) -> int:
+        """The descriptor batched reads use: O_DIRECT, else buffered (direct mode) or read-only (memmap mode)."""
         return self._fd if self.odirect else (self._bfd if self.direct_io else self._rfd)
 
     def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
         """Write rows ``ids`` (int64 [U], unique, any order) from weight [U, dim] and state [U, state_dim]."""
-        ids_np = self._check_ids(ids)
+        ids_np = self.check_ids(ids)
         if ids_np.size == 0:
             return
-        self._mutating()
+        self.prepare_write()
         rows = self._join(weight, state)
         t0 = time.perf_counter()
         if self._mm is not None:
@@ -391,7 +310,7 @@ class SsdTable:
             self._touched(ids_np.size, scattered=True, write=True)
         else:
             self._block_io(ids_np, rows)
-        self._account("write", ids_np.size, time.perf_counter() - t0)
+        self.account("write", ids_np.size, time.perf_counter() - t0)
 
     def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [start, end) as fresh tensors (used by checkpoints)."""
@@ -405,7 +324,7 @@ class SsdTable:
             rows = self._block_io(np.arange(start, end, dtype=np.int64), None)
         else:
             rows = np.empty((0, self.width), np.float32)
-        self._account("read", end - start, time.perf_counter() - t0)
+        self.account("read", end - start, time.perf_counter() - t0)
         return self._split(rows)
 
     def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None:
@@ -414,7 +333,7 @@ class SsdTable:
             raise IndexError(f"{self.path}: row range [{start}, {start + n}) outside [0, {self.num_embeddings})")
         if n == 0:
             return
-        self._mutating()
+        self.prepare_write()
         rows = self._join(weight, state)
         t0 = time.perf_counter()
         if self._mm is not None:
@@ -422,7 +341,7 @@ class SsdTable:
             self._touched(n)
         else:
             self._block_io(np.arange(start, start + n, dtype=np.int64), rows)
-        self._account("write", n, time.perf_counter() - t0)
+        self.account("write", n, time.perf_counter() - t0)
 
     def _touched(self, rows: int, scattered: bool = False, write: bool = False) -> None:
         """Keep mapped file pages out of the process's resident memory.
@@ -433,7 +352,7 @@ class SsdTable:
         they stay in the OS page cache and are written back by the kernel).
         """
         # a scattered row's read fault maps the pages around it too (the kernel's fault-around, 64 KiB);
-        # a write fault maps its own page (counting writes as 64 KiB made the drop 2x too frequent)
+        # a write fault maps its own page (counting writes as 64 KiB made the drop far too frequent)
         per_row = max(self.row_bytes, PAGE_BYTES if write else FAULT_AROUND_BYTES) if scattered else self.row_bytes
         self._mapped_bytes += rows * per_row
         if self._mapped_bytes >= RSS_RELEASE_BYTES and hasattr(mmap, "MADV_DONTNEED"):
@@ -500,31 +419,31 @@ class SsdTable:
                 return self._block_io_once(ids_np, rows)
             raise
 
-    def _plan(self, ids_np: np.ndarray) -> _BlockPlan:
-        """Sorted row IDs -> the runs of ``align``-byte blocks that hold them; see `_plan_runs`."""
-        return _plan_runs(ids_np * self.row_stride, self.row_bytes, align=self.align)
+    def plan(self, ids_np: np.ndarray) -> BlockPlan:
+        """Sorted row IDs -> the runs of ``align``-byte blocks that hold them; see `blockio.plan_runs`."""
+        return blockio.plan_runs(ids_np * self.row_stride, self.row_bytes, align=self.align)
 
-    def _rows_at(self, buf, writeable: bool = False) -> np.ndarray:
+    def rows_at(self, buf, writeable: bool = False) -> np.ndarray:
         """A view of ``buf`` whose row i is the ``width`` floats starting at float offset i: index it with
         a plan's ``pos`` to gather rows (a copy) or, ``writeable``, to patch them into their blocks."""
         floats = np.frombuffer(buf, dtype=np.float32)
         return np.lib.stride_tricks.as_strided(floats, shape=(floats.size - self.width + 1, self.width),
                                                strides=(4, 4), writeable=writeable)
 
-    def _gather(self, buf, pos: np.ndarray, base: int = 0) -> np.ndarray:
+    def gather(self, buf, pos: np.ndarray, base: int = 0) -> np.ndarray:
         """Rows at float offsets ``base + pos`` of ``buf`` -> a fresh array [len(pos), width]."""
-        return self._rows_at(buf)[pos + base]
+        return self.rows_at(buf)[pos + base]
 
-    def _aio_read_runs(self, plan: _BlockPlan, addrs: np.ndarray) -> int:
+    def _aio_read_runs(self, plan: BlockPlan, addrs: np.ndarray) -> int:
         """Read all of ``plan``'s block runs (to addresses ``addrs``) in one AIO batch; bytes read."""
         r = plan.foff.size
-        return _aio_runs(aio.IOCB_CMD_PREAD, np.full(r, self._fd), plan.foff, plan.nbytes, addrs,
-                         np.full(r, self.file_bytes), lambda i: self.path)
+        return blockio.aio_runs(aio.IOCB_CMD_PREAD, np.full(r, self._fd), plan.foff, plan.nbytes, addrs,
+                                np.full(r, self.file_bytes), lambda i: self.path)
 
     def _pread_runs(self, mv: memoryview, foffs, nbytes, boffs) -> int:
         """Read the given runs into ``mv`` (one ``preadv`` per run, split at MAX_IO); bytes read."""
         # loop over coalesced runs (not rows)
-        return sum(_pread_exact(self._read_fd, mv, f, n, b, self.file_bytes, self.path)
+        return sum(blockio.pread_exact(self.read_fd, mv, f, n, b, self.file_bytes, self.path)
                    for f, n, b in zip(foffs, nbytes, boffs))
 
     def _block_io_once(self, ids_np: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
@@ -534,7 +453,7 @@ class SsdTable:
             ids_np = ids_np[order]
             if rows is not None:
                 rows = rows[order]
-        plan = self._plan(ids_np)
+        plan = self.plan(ids_np)
         pos, total = plan.pos, plan.total
         buf = aio.aligned_buffer(total)  # page-aligned, as O_DIRECT needs
         blind = rows is not None and self.exclusive_blocks  # the blocks hold just these rows: no read first
@@ -543,14 +462,14 @@ class SsdTable:
         mv = memoryview(buf)
         fd = self._fd if self.odirect else self._bfd
         size = self.file_bytes
-        batched = _use_aio(self.odirect, plan.nbytes)
+        batched = blockio.use_aio(self.odirect, plan.nbytes)
         runs = [] if batched else list(zip(plan.foff.tolist(), plan.nbytes.tolist(), plan.boff.tolist()))
         addrs = buf.ctypes.data + plan.boff.astype(np.uint64)
         dev_read = dev_written = 0
         try:
             if not blind:  # every block of the batch in flight at once, or one preadv per run
                 dev_read = self._aio_read_runs(plan, addrs) if batched else self._pread_runs(mv, *zip(*runs))
-            win = self._rows_at(buf, writeable=rows is not None)
+            win = self.rows_at(buf, writeable=rows is not None)
             if rows is None:
                 out = win[pos]  # vectorised gather: a copy
                 if order is not None:
@@ -586,8 +505,8 @@ class SsdTable:
 
     def _aio_write_runs(self, foff: np.ndarray, nbytes: np.ndarray, boff: np.ndarray, addrs: np.ndarray,
                         mv: memoryview) -> int:
-        """`_write_block_runs` of this file's runs; bytes written."""
-        return int(_write_block_runs([self], np.zeros(foff.size, np.int64), foff, nbytes, boff, addrs, mv).sum())
+        """`write_block_runs` of this file's runs; bytes written."""
+        return int(write_block_runs([self], np.zeros(foff.size, np.int64), foff, nbytes, boff, addrs, mv).sum())
 
     def exchange(self, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
                  read_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -601,7 +520,7 @@ class SsdTable:
         holding rows of both sets is read once; with padded rows whose blocks hold one row each
         (`exclusive_blocks`) the written rows' blocks are not read at all, and go in the same batch
         as the reads. Elsewhere it is `write` then `read`."""
-        wid, rid = self._check_ids(write_ids), self._check_ids(read_ids)
+        wid, rid = self.check_ids(write_ids), self.check_ids(read_ids)
         if wid.size and rid.size and self.odirect and aio.available():
             ws, rs = np.argsort(wid, kind="stable"), np.argsort(rid, kind="stable")
             rows = self._join(weight, state)[ws]
@@ -616,12 +535,18 @@ class SsdTable:
         return self.read(read_ids)
 
     # ------------------------------------------------------------------ counters
-    def _account(self, op: str, rows: int, seconds: float) -> None:
+    def account(self, op: str, rows: int, seconds: float) -> None:
+        """Count one ``op`` ("read" or "write") call of ``rows`` whole rows taking ``seconds``."""
         c = self._counters
         c[f"{op}_calls"] += 1
         c[f"rows_{op}"] += rows
         c[f"bytes_{op}"] += rows * self.row_bytes
         c[f"{op}_time_s"] += seconds
+
+    def count_device_bytes(self, read: int = 0, written: int = 0) -> None:
+        """Add bytes the device moved for this file (whole blocks) to ``device_bytes_read`` / ``_written``."""
+        self._dev_bytes_read += read
+        self._dev_bytes_written += written
 
     def reset_stats(self) -> None:
         self._counters = {"read_calls": 0, "write_calls": 0, "rows_read": 0, "rows_write": 0,
@@ -662,258 +587,3 @@ def check_row_align(value, what: str = "row_align") -> int:
 def _align_of(stride: int) -> int:
     """The largest power of two (at most ALIGN) that divides a row stride: the row_align it came from."""
     return min(ALIGN, stride & -stride)
-
-
-def _direct_align(fd: int, want: int, file_bytes: int) -> int:
-    """``want`` if the O_DIRECT descriptor ``fd`` takes reads of ``want`` bytes at ``want``-aligned offsets
-    (a device with 512-byte logical sectors takes 512), else ALIGN."""
-    if file_bytes < 2 * want:
-        return ALIGN
-    buf = aio.aligned_buffer(want)
-    try:
-        got = os.preadv(fd, [memoryview(buf)], want)
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-        return ALIGN
-    return want if got == want else ALIGN
-
-
-def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor | None = None,
-              lanes: int = IO_LANES) -> list[np.ndarray]:
-    """Rows of several tables at once: [(table, row IDs int64 [U_i])] -> [rows [U_i, width] float32].
-
-    The tables' reads are planned together in one vectorised pass per kind of file (O_DIRECT:
-    the 4 KiB blocks that hold the rows; buffered: exactly the rows' bytes; adjacent runs
-    coalesced) into one buffer, read by up to ``lanes`` concurrent ``preadv`` loops (on ``pool``,
-    default `io_pool()`, plus the calling thread) -- a few hundred random rows cost a few device
-    latencies instead of one each, and no page faults -- and one gather copies the rows out.
-    A kind with fewer than ``LANE_MIN_ROWS`` rows in all stays in the calling thread (memmap
-    gather or block I/O). Counters are kept per table."""
-    reads = [(t, t._check_ids(ids)) for t, ids in reads]
-    out: list = [None] * len(reads)
-    groups: dict[tuple, list[int]] = {}
-    for i, (t, ids) in enumerate(reads):
-        if ids.size and lanes > 1 and t._read_fd >= 0:
-            groups.setdefault((t.width, t.odirect, t.row_stride, t.align), []).append(i)
-    for idx in groups.values():
-        if sum(reads[i][1].size for i in idx) < LANE_MIN_ROWS:
-            continue  # read below, in this thread
-        ids = [reads[i][1] for i in idx]
-        order = [None if x.size < 2 or np.all(x[1:] > x[:-1]) else np.argsort(x, kind="stable") for x in ids]
-        ids = [x if o is None else x[o] for x, o in zip(ids, order)]
-        got = _read_group([reads[i][0] for i in idx], ids, pool or io_pool(), lanes)
-        for i, o, rows in zip(idx, order, got):
-            out[i] = rows if o is None else rows[np.argsort(o)]
-    for i, (t, ids) in enumerate(reads):
-        if out[i] is None:
-            t0 = time.perf_counter()
-            out[i] = t._read_local(ids)
-            t._account("read", ids.size, time.perf_counter() - t0)
-    return out
-
-
-def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExecutor, lanes: int) -> list[np.ndarray]:
-    """`read_many` for tables of one row width and one kind of descriptor (``ids`` sorted per table)."""
-    t0 = time.perf_counter()
-    n = np.array([x.size for x in ids])
-    tab_of = np.repeat(np.arange(len(tabs)), n)
-    rb, stride = tabs[0].row_bytes, tabs[0].row_stride
-    odirect = tabs[0].odirect
-    plan = _plan_runs(np.concatenate(ids) * stride, rb, tab_of, tabs[0].align if odirect else 4,
-                      READ_GAP_BLOCKS * ALIGN // tabs[0].align if odirect else 0)
-    run_tab = tab_of[plan.first].tolist()
-    fds = [t._read_fd for t in tabs]
-    sizes = [t.file_bytes for t in tabs]
-    if _use_aio(odirect, plan.nbytes):  # all blocks of all tables in flight at once
-        buf = aio.aligned_buffer(plan.total)
-        rt = tab_of[plan.first]
-        try:
-            _aio_runs(aio.IOCB_CMD_PREAD, np.array(fds)[rt], plan.foff, plan.nbytes,
-                      buf.ctypes.data + plan.boff.astype(np.uint64), np.array(sizes)[rt], lambda i: tabs[rt[i]].path)
-        except OSError as e:  # e.g. a filesystem that opened O_DIRECT but refuses the I/O: the per-table path copes
-            log.debug("batched read failed (%s); reading table by table", e)
-            return [t._read_local(x) for t, x in zip(tabs, ids)]
-        return _finish_group(tabs, ids, plan, tab_of, n, tabs[0]._gather(buf, plan.pos), sizes, t0)
-    runs = list(zip(run_tab, plan.foff.tolist(), plan.nbytes.tolist(), plan.boff.tolist()))
-    buf = mmap.mmap(-1, plan.total)  # page-aligned, as O_DIRECT needs
-    mv = memoryview(buf)
-    lanes = max(1, min(lanes, len(runs)))
-
-    def lane(k: int) -> None:
-        for t, foff, nbytes, boff in runs[k::lanes]:
-            _pread_exact(fds[t], mv, foff, nbytes, boff, sizes[t], tabs[t].path)
-
-    try:
-        futs = [pool.submit(lane, k) for k in range(1, lanes)]
-        errors = []
-        try:
-            lane(0)
-        except OSError as e:
-            errors.append(e)
-        for f in futs:  # every lane is done before the buffer goes
-            try:
-                f.result()
-            except OSError as e:
-                errors.append(e)
-        if errors:  # e.g. a filesystem that opened O_DIRECT but refuses the I/O: the per-table path copes
-            log.debug("concurrent read failed (%s); reading table by table", errors[0])
-            return [t._read_local(x) for t, x in zip(tabs, ids)]
-        rows = tabs[0]._gather(buf, plan.pos)
-    finally:
-        mv.release()
-        try:
-            buf.close()
-        except BufferError:  # a numpy view still exports it; freed at GC
-            pass
-    return _finish_group(tabs, ids, plan, tab_of, n, rows, sizes, t0)
-
-
-def _finish_group(tabs, ids, plan: _BlockPlan, tab_of, n, rows: np.ndarray, sizes, t0: float) -> list[np.ndarray]:
-    """Counters of a `_read_group` (device bytes per table, rows, time) and its rows split per table."""
-    dt = (time.perf_counter() - t0) / len(tabs)
-    got = np.minimum(plan.nbytes, np.array(sizes)[tab_of[plan.first]] - plan.foff)
-    per_tab = np.bincount(tab_of[plan.first], weights=got, minlength=len(tabs))
-    for k, t in enumerate(tabs):
-        t._dev_bytes_read += int(per_tab[k])
-        t._account("read", int(n[k]), dt)
-        if t.direct_io and not t.odirect:  # the buffered fallback: drop what the reads put in the page cache
-            os.posix_fadvise(t._bfd, 0, 0, os.POSIX_FADV_DONTNEED)
-    return np.split(rows, np.cumsum(n)[:-1])
-
-
-def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: np.ndarray, rt: np.ndarray,
-                  rid: np.ndarray) -> np.ndarray | None:
-    """`SsdTable.exchange` of several tables at once: rows ``wid`` of tables ``tabs[wt]`` written from
-    ``rows`` [W, width], rows ``rid`` of tables ``tabs[rt]`` read -> [R, width] (both sets sorted by
-    (table, row), disjoint, W and R > 0). For O_DIRECT tables read by Linux AIO that share one row
-    width, stride and block size:
-
-    * padded rows, one per block (`SsdTable.exclusive_blocks`): the written rows' blocks are written
-      without being read, in the same AIO batch as the reads -- one device round trip per step;
-    * packed rows: the blocks of both sets, of all tables, read in one batch, the written rows patched
-      in, and the blocks that hold them written in a second batch -- two round trips.
-
-    A few system calls for all tables instead of a thread and a pair of batches per table. None
-    where this cannot run (nothing was written: the caller goes table by table)."""
-    t0 = tabs[0]
-    if not (aio.available() and all(t.odirect and (t.width, t.row_stride, t.align)
-                                    == (t0.width, t0.row_stride, t0.align) for t in tabs)):
-        return None
-    for k in np.unique(wt).tolist():
-        tabs[k]._mutating()
-    start = time.perf_counter()
-    blind = all(t.exclusive_blocks for t in tabs)
-    try:
-        got = (_many_blind if blind else _many_rmw)(tabs, wt, wid, rows, rt, rid)
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-        log.debug("batched exchange refused (%s); table by table", e)  # each table then finds its own way
-        return None
-    if got is None:
-        return None
-    out, dev_w, dev_r = got
-    n = len(tabs)
-    rows_w, rows_r = np.bincount(wt, minlength=n), np.bincount(rt, minlength=n)
-    dt = (time.perf_counter() - start) / max(1, int(np.count_nonzero(rows_w + rows_r)))
-    for k, t in enumerate(tabs):
-        t._dev_bytes_written += int(dev_w[k])
-        t._dev_bytes_read += int(dev_r[k])
-        if rows_w[k]:
-            t._account("write", int(rows_w[k]), dt / 2 if rows_r[k] else dt)
-        if rows_r[k]:
-            t._account("read", int(rows_r[k]), dt / 2 if rows_w[k] else dt)
-    return out
-
-
-def _refuse_repeats(tabs, tab: np.ndarray, ids: np.ndarray) -> None:
-    """ValueError naming the file if a (table, row) of the (table, row)-sorted arrays comes twice."""
-    bad = np.flatnonzero((ids[1:] == ids[:-1]) & (tab[1:] == tab[:-1]))
-    if bad.size:
-        k = int(bad[0])
-        raise ValueError(f"{tabs[tab[k]].path}: exchange: row {int(ids[k])} is repeated, or both written and read")
-
-
-def _write_block_runs(tabs, run_tab: np.ndarray, foff: np.ndarray, nbytes: np.ndarray, boff: np.ndarray,
-                      addrs: np.ndarray, mv: memoryview) -> np.ndarray:
-    """Write block runs from the aligned buffer behind ``mv`` (run i: ``nbytes[i]`` bytes of file
-    ``tabs[run_tab[i]]`` at offset ``foff[i]``, buffer offset ``boff[i]``, address ``addrs[i]``): whole
-    blocks in one AIO batch, a file's partial last block through the page cache. Bytes written per run."""
-    fds, size = _runs_of(tabs, run_tab)
-    valid = np.minimum(nbytes, size - foff)
-    align = tabs[0].align
-    aligned = np.where(valid == nbytes, valid, valid // align * align)
-    a = np.flatnonzero(aligned > 0)
-    _aio_runs(aio.IOCB_CMD_PWRITE, fds[a], foff[a], aligned[a], addrs[a], size[a], lambda i: tabs[run_tab[a[i]]].path)
-    for i in np.flatnonzero(valid > aligned).tolist():  # only a file's last run can have a tail
-        t = tabs[run_tab[i]]
-        off, v, b = int(foff[i] + aligned[i]), int(valid[i] - aligned[i]), int(boff[i] + aligned[i])
-        os.pwrite(t._bfd, mv[b : b + v], off)
-        os.posix_fadvise(t._bfd, off, v, os.POSIX_FADV_DONTNEED)
-    return valid
-
-
-def _runs_of(tabs, run_tab):
-    """Per block run: its table's O_DIRECT descriptor and file size."""
-    return np.array([t._fd for t in tabs])[run_tab], np.array([t.file_bytes for t in tabs])[run_tab]
-
-
-def _many_blind(tabs, wt, wid, rows, rt, rid):
-    """`exchange_many` of padded rows: writes and reads in one AIO batch. (rows read, device bytes
-    written per table, device bytes read per table), or None if a run is too long for one op."""
-    t0, n = tabs[0], len(tabs)
-    tab, ids = np.concatenate([wt, rt]).astype(np.int64), np.concatenate([wid, rid])
-    order = np.lexsort((ids, tab))
-    _refuse_repeats(tabs, tab[order], ids[order])  # a block both written and read in one batch: a race
-    pw = _plan_runs(wid * t0.row_stride, t0.row_bytes, wt, t0.align)
-    pr = _plan_runs(rid * t0.row_stride, t0.row_bytes, rt, t0.align)
-    nbytes = np.concatenate([pw.nbytes, pr.nbytes])
-    if not _use_aio(True, nbytes):
-        return None
-    buf = aio.aligned_buffer(pw.total + pr.total)
-    buf[: pw.total] = 0  # the written rows' padding
-    t0._rows_at(buf, writeable=True)[pw.pos] = rows
-    run_tab = np.concatenate([wt[pw.first], rt[pr.first]])
-    addrs = np.uint64(buf.ctypes.data) + np.concatenate([pw.boff, pw.total + pr.boff]).astype(np.uint64)
-    ops = np.concatenate([np.full(pw.foff.size, aio.IOCB_CMD_PWRITE), np.full(pr.foff.size, aio.IOCB_CMD_PREAD)])
-    fds, sizes = _runs_of(tabs, run_tab)
-    _aio_runs(ops, fds, np.concatenate([pw.foff, pr.foff]), nbytes, addrs, sizes, lambda i: tabs[run_tab[i]].path)
-    return (t0._gather(buf, pr.pos, pw.total // 4), np.bincount(wt[pw.first], weights=pw.nbytes, minlength=n),
-            np.bincount(rt[pr.first], weights=pr.nbytes, minlength=n))
-
-
-def _many_rmw(tabs, wt, wid, rows, rt, rid):
-    """`exchange_many` of packed rows: every block of both sets read in one AIO batch, the written
-    rows patched in, their blocks written in a second (a file's partial last block through the page
-    cache). Same result as `_many_blind`."""
-    t0, n, W = tabs[0], len(tabs), wid.size
-    tab = np.concatenate([wt, rt]).astype(np.int64)
-    ids = np.concatenate([wid, rid])
-    order = np.lexsort((ids, tab))  # by (table, row)
-    tab, ids = tab[order], ids[order]
-    _refuse_repeats(tabs, tab, ids)
-    is_w = order < W
-    plan = _plan_runs(ids * t0.row_stride, t0.row_bytes, tab, t0.align)
-    if not _use_aio(True, plan.nbytes):
-        return None
-    buf = aio.aligned_buffer(plan.total)
-    base = np.uint64(buf.ctypes.data)
-    addrs = base + plan.boff.astype(np.uint64)
-    run_tab = tab[plan.first]
-    fds, sizes = _runs_of(tabs, run_tab)
-    path_of = lambda i: tabs[run_tab[i]].path  # noqa: E731
-    _aio_runs(aio.IOCB_CMD_PREAD, fds, plan.foff, plan.nbytes, addrs, sizes, path_of)
-    dev_r = np.bincount(run_tab, weights=np.minimum(plan.nbytes, sizes - plan.foff), minlength=n)
-    win = t0._rows_at(buf, writeable=True)
-    out = np.empty((rid.size, t0.width), np.float32)
-    out[order[~is_w] - W] = win[plan.pos[~is_w]]  # before the patch: the read rows as on disk
-    win[plan.pos[is_w]] = rows[order[is_w]]
-    wr = np.unique(np.searchsorted(plan.first, np.flatnonzero(is_w), side="right") - 1)  # runs with a written row
-    mv = memoryview(buf)
-    try:
-        valid = _write_block_runs(tabs, run_tab[wr], plan.foff[wr], plan.nbytes[wr], plan.boff[wr], addrs[wr], mv)
-    finally:
-        mv.release()
-    dev_w = np.bincount(run_tab[wr], weights=valid, minlength=n)
-    return out, dev_w, dev_r

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,9 +12,12 @@ from tierec.malloc import limit_malloc_retention
 from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableGroup
 from tierec.storage.lookahead import LookaheadCache
-from tierec.storage.plan import (AccessSample, Placement, TableNeeds, describe, measure_lookups, parse_bytes,
-                                 plan_tables)
+from tierec.storage.plan import AccessSample, Placement, TableNeeds, describe, measure_lookups, plan_tables
+from tierec.storage.settings import StorageSettings, TableSettings
 from tierec.storage.ssd import SsdTable
+
+if TYPE_CHECKING:
+    from tierec.data.dataset import Dataset, Schema
 
 log = logging.getLogger(__name__)
 
@@ -21,19 +25,20 @@ log = logging.getLogger(__name__)
 INDEX_BYTES_PER_ROW = 152  # upper bound of index_nbytes per row: CachedTable 77-133 B, LookaheadCache +16 B
 
 
-def plan_storage(cfg, schema, dataset, state_dim: int) -> tuple[list[Placement], dict[str, AccessSample], int]:
-    """Measure access shares on the first batches and split ``cfg.memory_budget`` across tables."""
+def plan_storage(settings: StorageSettings, schema: Schema, dataset: Dataset,
+                 row_bytes: int) -> tuple[list[Placement], dict[str, AccessSample], int]:
+    """Measure access shares on the first batches and split ``settings.memory_budget`` across the
+    tables of ``schema`` (rows of ``row_bytes``: weights + optimizer state)."""
     names = schema.sparse_names
-    sample = measure_lookups(dataset, names, cfg.batch_size, cfg.plan_batches, cfg.seed)
-    row_bytes = (cfg.embedding_dim + state_dim) * 4
+    sample = measure_lookups(dataset, names, settings.plan_batch_size, settings.plan_batches, settings.seed)
     needs = [TableNeeds(f.name, f.num_embeddings, row_bytes, sample[f.name].lookups) for f in schema.sparse]
-    overrides = {name: table_overrides(t) for name, t in cfg.tables.items()}
-    plan, budget = plan_budget(cfg, needs, overrides)
+    overrides = {name: table_overrides(t) for name, t in settings.tables.items()}
+    plan, budget = plan_budget(settings, needs, overrides)
     log.info("%s", describe(plan, budget))
     return plan, sample, budget
 
 
-def table_overrides(t, rows: int = 1, of: int = 1) -> dict:
+def table_overrides(t: TableSettings, rows: int = 1, of: int = 1) -> dict:
     """`TableSettings` -> `plan_tables` overrides; a shard holding ``rows`` of the table's ``of`` rows
     gets that share of its ``cache_rows`` (rounded up)."""
     o = {}
@@ -47,35 +52,38 @@ def table_overrides(t, rows: int = 1, of: int = 1) -> dict:
     return o
 
 
-def plan_budget(cfg, needs: list[TableNeeds], overrides: dict[str, dict]) -> tuple[list[Placement], int]:
-    """`plan_tables` under ``cfg.memory_budget``; without one (only per-table settings) the budget is
-    what those settings need, and every other table stays in memory. Fills ``overrides`` in."""
-    if cfg.memory_budget is not None:
-        budget = parse_bytes(cfg.memory_budget, "memory_budget")
+def plan_budget(settings: StorageSettings, needs: list[TableNeeds],
+                overrides: dict[str, dict]) -> tuple[list[Placement], int]:
+    """`plan_tables` under ``settings.memory_budget``; without one (only per-table settings) the budget
+    is what those settings need, and every other table stays in memory. Fills ``overrides`` in."""
+    if settings.memory_budget is not None:
+        budget = settings.memory_budget
     else:
         row_bytes = {n.name: n.row_bytes for n in needs}
         budget = sum(n.table_bytes for n in needs) + sum(
             o.get("cache_rows", 0) * (row_bytes[name] + INDEX_BYTES_PER_ROW) for name, o in overrides.items())
         for n in needs:
             overrides.setdefault(n.name, {}).setdefault("placement", "memory")
-    return plan_tables(needs, budget, cfg.cache_policy, INDEX_BYTES_PER_ROW, overrides), budget
+    return plan_tables(needs, budget, settings.policy, INDEX_BYTES_PER_ROW, overrides), budget
 
 
-def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSample], root: Path,
+def make_storage_factory(settings: StorageSettings, plan: list[Placement], sample: dict[str, AccessSample],
                          device: torch.device, fresh: bool = True):
-    """``factory(index, table_config, state_dim)`` for `build_collection`: None keeps a table in memory.
+    """``factory(index, table_config, state_dim)`` for `build_collection`: None keeps a table in memory;
+    SSD tables get files under ``settings.root``.
 
     ``fresh=False`` (resume) sizes the SSD files without initialising them: the
     checkpoint's rows are loaded over them right after.
     """
     by_name = {p.name: p for p in plan}
+    root = settings.root
     root.mkdir(parents=True, exist_ok=True)
     limit_malloc_retention()
-    host_bytes = parse_bytes(cfg.host_cache, "host_cache") if getattr(cfg, "host_cache", None) else 0
+    host_bytes = settings.host_cache
     device_rows = sum(p.cache_rows for p in plan if p.placement == "ssd") or 1
-    row_align = getattr(cfg, "ssd_row_align", 0)
+    row_align = settings.row_align
     groups: dict[tuple[int, int], TableGroup] = {}  # (dim, state_dim) -> the look-ahead tables' shared cache
-    if cfg.direct_io and not row_align and any(p.placement == "ssd" for p in plan):
+    if settings.direct_io and not row_align and any(p.placement == "ssd" for p in plan):
         log.info("SSD tables: rows packed, so every write-back reads its 4 KiB block first; --ssd-row-align 512 "
                  "gives each row its own sector (a third fewer I/Os, up to 2x the disk space; docs/storage.md)")
 
@@ -84,17 +92,16 @@ def make_storage_factory(cfg, plan: list[Placement], sample: dict[str, AccessSam
         if p.placement == "memory":
             return None
         below = ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
-                               create=True, init_seed=cfg.seed, table_index=i, direct_io=cfg.direct_io,
+                               create=True, init_seed=settings.seed, table_index=i, direct_io=settings.direct_io,
                                init="random" if fresh else "zeros", row_align=row_align)
         rows = 0
         if host_bytes:  # device <- host DRAM <- SSD: the host tier gets this table's share of host_cache
             row_bytes = (tcfg.embedding_dim + state_dim) * 4 + INDEX_BYTES_PER_ROW
             rows = max(1, host_bytes * p.cache_rows // device_rows // row_bytes)
-        if p.policy == "lookahead" and getattr(cfg, "group_caches", False):
+        if p.policy == "lookahead" and settings.group_caches:
             key = (tcfg.embedding_dim, state_dim)
             if key not in groups:
-                groups[key] = TableGroup(f"group:d{tcfg.embedding_dim}", device,
-                                         getattr(cfg, "prefetch_threads", None))
+                groups[key] = TableGroup(f"group:d{tcfg.embedding_dim}", device, settings.prefetch_threads)
             return groups[key].add(ssd, p.cache_rows, tcfg.name, host_rows=rows, feature=tcfg.key)
         if host_bytes:
             cls = LookaheadCache if p.policy == "lookahead" else CachedTable

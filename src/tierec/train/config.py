@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
-from tierec.config import from_dict, load_config_file
+from tierec.config import from_dict, load_config_file, parse_bytes
 from tierec.errors import ConfigError
-
-
-@dataclass
-class TableSettings:
-    """Per-table storage settings (config file only: `[tables.C3]` in TOML)."""
-
-    placement: Literal["auto", "memory", "ssd"] = "auto"
-    cache_rows: int | None = None  # SSD tables: rows in the DRAM/device cache
-    policy: Literal["lru", "lfu", "freq", "lookahead"] | None = None
-
-    def __post_init__(self):
-        if self.cache_rows is not None and self.cache_rows <= 0:
-            raise ConfigError(f"cache_rows must be > 0, got {self.cache_rows}")
+from tierec.storage.settings import StorageSettings, TableSettings
 
 
 @dataclass
@@ -38,7 +27,8 @@ class ShardingSettings:
 @dataclass
 class TrainConfig:
     data: str = ""  # tierec data set directory (`tierec data synth|convert`)
-    eval_data: str | None = None  # data set evaluated on (its test split, else its train split); default: data's test split
+    # data set evaluated on (its test split, else its train split); default: data's test split
+    eval_data: str | None = None
     out: str = "runs/train"  # run directory: metrics.jsonl, checkpoints/
     model: Literal["dlrm", "two-tower"] = "dlrm"
     embedding_dim: int = 16
@@ -105,8 +95,6 @@ class TrainConfig:
         self.tables = {k: TableSettings(**v) if isinstance(v, dict) else v for k, v in self.tables.items()}
         if isinstance(self.sharding, dict):
             self.sharding = ShardingSettings(**self.sharding)
-        from tierec.storage.plan import parse_bytes
-
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget, "memory_budget")
         parse_bytes(self.lookahead_memory, "lookahead_memory")
@@ -118,6 +106,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def storage_settings(self) -> StorageSettings:
+        """The storage layer's typed view of these settings (byte sizes parsed; SSD files under
+        ``storage_dir``, default ``OUT/tables``)."""
+        return StorageSettings(
+            root=Path(self.storage_dir) if self.storage_dir else Path(self.out) / "tables",
+            seed=self.seed,
+            memory_budget=parse_bytes(self.memory_budget, "memory_budget") if self.memory_budget is not None else None,
+            policy=self.cache_policy, tables=dict(self.tables), plan_batches=self.plan_batches,
+            plan_batch_size=self.batch_size,
+            host_cache=parse_bytes(self.host_cache, "host_cache") if self.host_cache else 0,
+            direct_io=self.direct_io, row_align=self.ssd_row_align, group_caches=self.group_caches,
+            prefetch_threads=self.prefetch_threads)
 
     @staticmethod
     def field_names() -> list[str]:

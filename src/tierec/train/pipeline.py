@@ -1,20 +1,30 @@
 """`LookaheadPipeline`: read batches ahead, tell the caches the future, prefetch in the background.
 
-One worker thread owns the look-ahead:
+The pipeline is the one owner of the look-ahead step protocol (`tierec.storage.lookahead`):
+it drives the caches downward and hands each step's rows down to the tables, as TorchRec's
+train pipeline calls ``module.prefetch``; the caches know nothing of it beyond the
+`LookaheadGuard` it gives them (whether its worker may run beside a caller).
 
-1. it reads batches ``window`` steps ahead of the trainer (bounded by
-   ``max_bytes``: the batches held plus the oracles' `OCCURRENCE_BYTES` per
-   unique ID), takes each table's unique IDs of each batch and hands them to
-   the table's `LookaheadCache.observe` (the oracle);
-2. it *prepares* the next steps in order, up to ``depth`` steps ahead of the
-   trainer: for every table the step's rows are made resident and pinned
-   (`LookaheadCache.prepare`: evict by next use, write back dirty victims, read
-   the misses). A step whose rows do not fit waits until an earlier step is
-   released; a step with more unique rows than a cache gets a temporary copy,
-   and the worker waits for its release before touching that cache again;
-3. iterating the pipeline yields the prepared batches in order. The time the
-   trainer waits for a batch is the *stall* (prefetch lateness): it is summed,
-   and steps that waited are counted as late.
+Its input is a list of `PrefetchTarget` s: one `LookaheadCache` each, and the tables it
+serves (`Member` s: one table, or the members of a `tierec.storage.group.TableGroup`, whose
+`RowSpace` says where each member's rows are in the cache). One worker thread:
+
+1. reads batches ``window`` steps ahead of the trainer (bounded by ``max_bytes``: the
+   batches held plus the oracles' `OCCURRENCE_BYTES` per unique ID), takes each target's
+   unique IDs of each batch (its members' IDs, joined in its row space) and hands them to
+   the cache's `LookaheadCache.observe` (the oracle);
+2. *prepares* the next steps in order, up to ``depth`` steps ahead of the trainer: for every
+   target the step's rows are made resident and pinned (`LookaheadCache.prepare`: evict by
+   next use, write back dirty victims, read the misses), and each member's `Lookup` is made:
+   its slice of the working set, with the dedup of its IDs computed here, off the trainer's
+   path. A step whose rows do not fit waits until an earlier step is released; a step with
+   more unique rows than a cache gets a temporary copy, and the worker waits for its release
+   before touching that cache again;
+3. iterating the pipeline yields the prepared batches in order, each member table holding its
+   `Lookup` for the step (`EmbeddingBag.use_lookup`). A member's ``release`` comes back here;
+   when all members of a target are back the cache's working set is released. The time the
+   trainer waits for a batch is the *stall* (prefetch lateness): it is summed, and steps that
+   waited are counted as late.
 
 Everything that reads or writes table rows outside the step protocol
 (evaluation, checkpoints) must run inside ``with pipeline.paused():``.
@@ -30,12 +40,17 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from tierec.data.dataset import Batch
-from tierec.storage.group import default_io_threads
+from tierec.modules.embedding import Lookup, dedup
+from tierec.storage.base import WorkingSet
+from tierec.storage.concat import default_io_threads
 from tierec.storage.lookahead import LookaheadCache
+from tierec.storage.rowspace import RowSpace
 
 log = logging.getLogger(__name__)
 
@@ -56,62 +71,108 @@ def batch_nbytes(b: Batch) -> int:
     n = b.dense.nbytes + b.labels.nbytes + kjt.values().nbytes + kjt.lengths().nbytes
     w = kjt.weights_or_none()
     n += w.nbytes if w is not None else 0
-    u = getattr(b, "user", None)
+    u = b.user
     return n + (u.values().nbytes + u.lengths().nbytes if u is not None else 0)
+
+
+class LookupUser(Protocol):
+    """What takes a step's prefetched rows: an `tierec.modules.embedding.EmbeddingBag`."""
+
+    def use_lookup(self, lookup: Lookup | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Member:
+    """A table fed by a `PrefetchTarget`: it looks up the IDs of sparse key ``feature`` of each batch.
+
+    ``lo``/``hi``: a row-wise shard sees only the IDs in ``[lo, hi)``, renumbered from 0 (``hi`` None: all).
+    ``direct``: the table's forward gets exactly this feature's IDs of the batch, in order, so the
+    dedup is computed ahead with the rows; False for a shard, whose IDs arrive by all-to-all."""
+
+    table: LookupUser
+    feature: str
+    lo: int = 0
+    hi: int | None = None
+    direct: bool = True
+
+
+@dataclass(frozen=True)
+class PrefetchTarget:
+    """One look-ahead cache and the tables it serves. ``space``: where each member's rows are in the
+    cache (a table group); None for a cache of one member, whose rows are its own."""
+
+    name: str
+    cache: LookaheadCache
+    members: tuple[Member, ...]
+    space: RowSpace | None = None
+
+    def __post_init__(self):
+        if (self.space is None and len(self.members) != 1) or (self.space is not None and
+                                                               len(self.space) != len(self.members)):
+            raise ValueError(f"prefetch target {self.name!r}: {len(self.members)} members for a row space of "
+                             f"{len(self.space) if self.space is not None else 1}")
+
+
+@dataclass
+class _Lease:
+    """A target's working set of one step, while its members hold their `Lookup` s."""
+
+    target: PrefetchTarget
+    step: int
+    ws: WorkingSet
+    lookups: list[Lookup] = field(default_factory=list)
+    left: int = 0  # members that have not released their lookup yet
+    dirty: bool = False
+    handed: bool = False  # the members hold their lookups (the trainer took the step)
 
 
 class LookaheadPipeline:
     """Iterate ``batches`` (steps ``start_step``, ``start_step`` + 1, ...) with look-ahead prefetching
-    into ``caches`` (sparse key -> `LookaheadCache`). ``sources`` maps a cache's name to the IDs it sees
-    when that is not its own key's: ``(feature, lo, hi)`` (a row-wise shard), or a list of
-    ``(feature, lo, hi, offset)`` (a `tierec.storage.group.TableGroup`: its members' IDs, each shifted
-    by the member's offset). Use as a context manager, or call `close`."""
+    into ``targets`` (module doc). Use as a context manager, or call `close`."""
 
-    def __init__(self, batches: Iterable[Batch], caches: dict[str, LookaheadCache], window: int = 200,
+    def __init__(self, batches: Iterable[Batch], targets: list[PrefetchTarget], window: int = 200,
                  depth: int = 2, max_bytes: int = 1 << 30, start_step: int = 0, lower_depth: int | None = None,
-                 io_threads: int | None = None, sources: dict[str, tuple[str, int, int]] | None = None,
-                 switch_interval: float | None = SWITCH_INTERVAL_S):
+                 io_threads: int | None = None, switch_interval: float | None = SWITCH_INTERVAL_S):
         if window < 1 or depth < 1:
             raise ValueError(f"window and depth must be >= 1, got {window}, {depth}")
         # The trainer gives up the GIL in every kernel and must take it back from the prefetch threads, which run
         # Python between their reads: at CPython's 5 ms switch interval that wait is a large part of a step
-        # (2-core VM, O_DIRECT: 1.20x the in-memory step at 5 ms, 1.10x at 0.5 ms). Restored by close().
+        # (measured in docs/lookahead.md). Restored by close().
         self._switch = sys.getswitchinterval()
         if switch_interval is not None and switch_interval < self._switch:
             sys.setswitchinterval(switch_interval)
-        self.caches, self.window, self.depth, self.max_bytes = caches, window, min(depth, window), max_bytes
-        # Which IDs of a batch each cache sees: parts (sparse key, lo, hi, offset) -> the key's IDs in [lo, hi),
-        # minus lo (a row-wise shard of a table under torch.distributed; hi None: all), plus offset (a member
-        # of a table group); default: its own key's IDs.
-        self.sources = {name: _parts((sources or {}).get(name) or _default_source(name, c))
-                        for name, c in caches.items()}
+        self.targets = {t.name: t for t in targets}
+        if len(self.targets) != len(targets):
+            raise ValueError(f"prefetch targets need distinct names, got {[t.name for t in targets]}")
+        self.caches = {t.name: t.cache for t in targets}
+        self.window, self.depth, self.max_bytes = window, min(depth, window), max_bytes
         # Lower tiers of a chain (device <- DRAM <- SSD): a LookaheadCache backing a LookaheadCache.
         # Each is prefetched `lower_depth` steps ahead, so the tier above finds its misses there.
         self.lower_depth = min(window, lower_depth or 4 * self.depth)
         self._lanes: list[_Lane] = []
         self._lane_groups: dict[str, list[_Lane]] = {}  # per table, lowest tier first
-        for key, top in caches.items():
+        for key, top in self.caches.items():
             c = top.backing
             while isinstance(c, LookaheadCache):
                 self._lanes.append(_Lane(key, c, start_step))
                 self._lane_groups.setdefault(key, []).insert(0, self._lanes[-1])
                 c = c.backing
         # Tables are independent (own cache, own file): their I/O runs in parallel, one task per table.
-        n = min(io_threads or default_io_threads(list(caches.values())), len(caches))
+        n = min(io_threads or default_io_threads(list(self.caches.values())), len(self.caches))
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="tierec-prefetch", initializer=self._mark_worker) \
             if n > 1 else None
         self._it: Iterator[Batch] = iter(batches)
         self._cond = threading.Condition()
         self._observed: deque[tuple[int, Batch, dict]] = deque()  # read and observed, not yet prepared
-        self._ready: deque[tuple[int, Batch]] = deque()  # prepared, not yet taken
-        self._partial: dict[str, object] = {}  # step being prepared: key -> working set
+        self._ready: deque[tuple[int, Batch, list[_Lease]]] = deque()  # prepared, not yet taken
+        self._partial: dict[str, WorkingSet] = {}  # step being prepared: target -> working set
+        self._leases: dict[int, list[_Lease]] = {}  # steps taken by the trainer, not yet fully released
         self._bytes = 0  # batch data held in the window: sum of _nbytes
         self._nbytes: dict[int, int] = {}  # step -> its batch's bytes
         self._next_read = start_step
         self._next_take = start_step  # next step the trainer takes
         self.current_step = start_step - 1  # step the trainer works on
         self._released_upto = start_step - 1
-        self._release_counts: dict[int, int] = {}
         self._barrier: int | None = None  # a bypassed step: wait for its release
         self._release_gen = 0  # counts releases: a worker waiting for room waits for the next one
         self._exhausted = self._stop = False
@@ -122,10 +183,18 @@ class LookaheadPipeline:
         self.stats = {"steps": 0, "stall_s": 0.0, "late_steps": 0, "max_stall_s": 0.0, "lead_sum": 0,
                       "bypass_table_steps": 0, "worker_wait_room": 0, "window_peak": 0,
                       "worker_cpu_s": 0.0, "window_sum": 0, "prepared_steps": 0}
-        for c in self._all_caches():
-            if c.pipeline is not None:
-                raise RuntimeError(f"cache {c.name!r} is already driven by another pipeline")
-            c.pipeline = self
+        driven: list[LookaheadCache] = []
+        try:
+            for c in self._all_caches():
+                c.begin_lookahead(self)
+                driven.append(c)
+        except BaseException:
+            for c in driven:
+                c.end_lookahead()
+            if self._pool is not None:
+                self._pool.shutdown()
+            sys.setswitchinterval(self._switch)
+            raise
         self._thread = threading.Thread(target=self._run, name="tierec-lookahead", daemon=True)
         self._thread.start()
 
@@ -143,11 +212,16 @@ class LookaheadPipeline:
                 raise RuntimeError("look-ahead worker failed") from self._error
             if not self._ready:
                 raise StopIteration
-            step, batch = self._ready.popleft()
+            step, batch, leases = self._ready.popleft()
             self.stats["lead_sum"] += len(self._ready)
             self.current_step = step
             self._next_take = step + 1
+            self._leases[step] = leases
             self._cond.notify_all()
+        for lease in leases:  # each table finds its rows of the step when its forward runs
+            lease.handed = True
+            for m, lk in zip(lease.target.members, lease.lookups):
+                m.table.use_lookup(lk)
         stall = time.perf_counter() - t0
         st = self.stats
         st["steps"] += 1
@@ -186,6 +260,11 @@ class LookaheadPipeline:
         """True on the worker thread and its I/O threads."""
         return getattr(_worker_of, "pipeline", None) is self
 
+    def busy(self) -> bool:
+        """`LookaheadGuard`: the worker may touch the caches beside the calling thread (not paused, not the
+        worker itself: the worker drives lower tiers from its own threads)."""
+        return not self.is_paused and not self.on_worker_thread()
+
     def _mark_worker(self) -> None:
         _worker_of.pipeline = self
 
@@ -194,21 +273,53 @@ class LookaheadPipeline:
             return [fn(k) for k in keys]
         return list(self._pool.map(fn, keys))
 
-    def on_release(self, step: int, cache: LookaheadCache) -> None:
-        """Called by each top-tier cache when the trainer releases its working set of ``step``."""
-        if any(lane.cache is cache for lane in self._lanes):
-            return  # lower tiers are released by the worker itself
+    def _release_member(self, lease: _Lease, dirty: bool) -> None:
+        """A member table is done with its rows of ``lease.step`` (the trainer's thread, in backward). When
+        all members are, the target's working set goes back to the cache: pinned rows are released in the
+        cache's own bookkeeping; a temporary copy writes back, with the worker parked."""
+        lease.dirty |= bool(dirty)  # marking a clean row dirty costs a write-back, never a value
+        lease.left -= 1
+        if lease.left:
+            return
+        self._give_back(lease)
         with self._cond:
             self._release_gen += 1
-            n = self._release_counts.get(step, 0) + 1
-            if n == len(self.caches):
-                self._release_counts.pop(step, None)
+            step = lease.step
+            left = [x for x in self._leases.get(step, ()) if x.left]
+            if not left:
+                self._leases.pop(step, None)
                 self._released_upto = max(self._released_upto, step)
                 if self._barrier is not None and step >= self._barrier:
                     self._barrier = None
-            else:
-                self._release_counts[step] = n
             self._cond.notify_all()
+
+    def _give_back(self, lease: _Lease, dirty: bool | None = None) -> None:
+        c = lease.target.cache
+        if c.is_copy(lease.ws):
+            with self.paused():
+                c.release(lease.ws, lease.dirty if dirty is None else dirty)
+        else:
+            c.release(lease.ws, lease.dirty if dirty is None else dirty)
+
+    def _lease(self, target: PrefetchTarget, step: int, ws: WorkingSet, batch: Batch) -> _Lease:
+        """The target's working set of ``step`` cut into its members' `Lookup` s (worker thread)."""
+        lease = _Lease(target, step, ws, left=len(target.members))
+        by_key = _batch_ids(batch)
+        bounds = target.space.bounds(ws.ids) if target.space is not None else [0, ws.ids.numel()]
+        release = lambda dirty: self._release_member(lease, dirty)  # noqa: E731
+        for t, m in enumerate(target.members):
+            lo, hi = bounds[t], bounds[t + 1]
+            ids = ws.ids[lo:hi] - target.space.offset(t) if target.space is not None else ws.ids
+            part = WorkingSet(ids, ws.index[lo:hi], ws.weight, ws.state) if target.space is not None else ws
+            if m.direct:
+                uniq, inverse, perm, counts = dedup(by_key[m.feature].values.to(ids.device))
+                if not torch.equal(uniq, ids):
+                    raise RuntimeError(f"prefetch target {target.name!r}: step {step}'s IDs of {m.feature!r} do not "
+                                       "match the rows prepared for them")
+                lease.lookups.append(Lookup(part, inverse, perm, counts, release))
+            else:
+                lease.lookups.append(Lookup(part, None, None, None, release))
+        return lease
 
     def summary(self) -> dict:
         st = dict(self.stats)
@@ -220,29 +331,34 @@ class LookaheadPipeline:
         return st
 
     def close(self) -> None:
-        """Stop the worker and unpin the rows of steps prepared but never taken."""
+        """Stop the worker, release what it prepared: steps never taken (clean), steps the model held when the
+        pipeline stopped (an error mid-step: dirty, which is exact -- at worst a write-back of unchanged
+        rows), and the lower tiers' prefetches; then end the step protocol on every cache."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         self._thread.join()
         if self._pool is not None:
             self._pool.shutdown()
-        for c in self._all_caches():
-            c.pipeline = None
-        for key, c in self.caches.items():
-            if getattr(c, "group", None) is not None:  # slices handed to the model and never released
-                c.group.abandon()
-            while c._prepared:
-                c.release(c._prepared.popleft(), dirty=False)
-            if key in self._partial:
-                c.release(self._partial.pop(key), dirty=False)
-            c.end_lookahead()
+        for step in sorted(self._leases):
+            for lease in self._leases.pop(step):
+                for m in lease.target.members:
+                    m.table.use_lookup(None)
+                if lease.left:
+                    self.caches[lease.target.name].release(lease.ws, True)
+        for _, _, leases in self._ready:
+            for lease in leases:
+                self.caches[lease.target.name].release(lease.ws, False)
+        for name, ws in self._partial.items():
+            self.caches[name].release(ws, False)
+        self._partial.clear()
         for lane in self._lanes:
             for step in sorted(lane.prepared):
                 if lane.prepared[step] is not None:
                     lane.cache.release(lane.prepared[step], dirty=False)
             lane.prepared.clear()
-            lane.cache.end_lookahead()
+        for c in self._all_caches():
+            c.end_lookahead()
         self._ready.clear()
         self._observed.clear()
         sys.setswitchinterval(self._switch)
@@ -331,20 +447,17 @@ class LookaheadPipeline:
                 self._cond.notify_all()
             return False
         step = self._next_read
-        by_key = batch.sparse.to_dict()
-        if getattr(batch, "user", None) is not None:  # deduplicated user-side features: same IDs, once per row
-            by_key.update(batch.user.to_dict())
+        by_key = _batch_ids(batch)
         uniq = {}
-        for key, cache in self.caches.items():
+        for key, target in self.targets.items():
             parts = []
-            for feature, lo, hi, off in self.sources[key]:
-                v = by_key[feature].values
-                if hi is not None:  # a row-wise shard: its rows of the table, renumbered from 0
-                    v = v[(v >= lo) & (v < hi)] - lo
-                u = torch.unique(v)  # sorted, as the model's dedup
-                parts.append(u + off if off else u)
-            u = parts[0] if len(parts) == 1 else torch.cat(parts)  # members in offset order: still sorted
-            cache.observe(step, u)
+            for m in target.members:
+                v = by_key[m.feature].values
+                if m.hi is not None:  # a row-wise shard: its rows of the table, renumbered from 0
+                    v = v[(v >= m.lo) & (v < m.hi)] - m.lo
+                parts.append(torch.unique(v))  # sorted, as the model's dedup
+            u = target.space.join(parts) if target.space is not None else parts[0]
+            target.cache.observe(step, u)
             uniq[key] = u
         for lane in self._lanes:
             lane.cache.observe(step, uniq[lane.key])
@@ -405,7 +518,7 @@ class LookaheadPipeline:
             if ws is None:
                 continue
             self._partial[key] = ws
-            if ws.handle.kind == "temp":
+            if self.caches[key].is_copy(ws):
                 with self._cond:
                     self._barrier = step
                     self.stats["bypass_table_steps"] += 1
@@ -417,31 +530,24 @@ class LookaheadPipeline:
             return False
         self.stats["window_sum"] += self._next_read - step  # steps observed from this one on
         self.stats["prepared_steps"] += 1
-        for key, cache in self.caches.items():
-            cache.push_prepared(self._partial[key])
+        leases = [self._lease(self.targets[key], step, self._partial[key], batch) for key in self.caches]
         self._partial.clear()
         self._retire_lower(step, uniq)
         with self._cond:
             self._observed.popleft()
             self._bytes -= self._nbytes.pop(step)
-            self._ready.append((step, batch))
+            self._ready.append((step, batch, leases))
             self._cond.notify_all()
         return True
 
 
-def _default_source(name: str, cache) -> tuple | list:
-    """A table group's cache sees its members' features; any other cache its own key's IDs."""
-    group = getattr(cache, "group", None)
-    return group.sources() if group is not None else (name, 0, None)
-
-
-def _parts(src) -> list[tuple[str, int, int | None, int]]:
-    if isinstance(src, tuple):
-        return [(*src, 0)]
-    parts = [tuple(p) for p in src]
-    if any(b[3] <= a[3] for a, b in zip(parts, parts[1:])):
-        raise ValueError(f"table group sources must be in increasing offset order, got {parts}")
-    return parts
+def _batch_ids(batch: Batch) -> dict:
+    """Sparse key -> its `JaggedTensor` of ``batch`` (the deduplicated user-side keys too: the same IDs,
+    once per unique row, as the model looks them up)."""
+    by_key = batch.sparse.to_dict()
+    if batch.user is not None:
+        by_key.update(batch.user.to_dict())
+    return by_key
 
 
 class _Lane:

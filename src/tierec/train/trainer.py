@@ -29,13 +29,15 @@ from tierec.errors import CheckpointError, ConfigError, TierecError
 from tierec.modules.dlrm import DLRM
 from tierec.modules.embedding import TableConfig, build_collection
 from tierec.modules.optim import SparseOptimizer
+from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableView
 from tierec.storage.lookahead import LookaheadCache
+from tierec.storage.ssd import SsdTable
 from tierec.malloc import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig, trajectory_changes
 from tierec.train.metrics import log_loss, roc_auc
-from tierec.train.pipeline import LookaheadPipeline
+from tierec.train.pipeline import LookaheadPipeline, Member, PrefetchTarget
 from tierec.train.rundir import claim_run_dir
 
 log = logging.getLogger(__name__)
@@ -49,24 +51,41 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset: Dataset | None = None,
-                fresh: bool = True, storage_factory=None) -> DLRM:
-    """DLRM for ``schema`` (`TwoTower` when ``cfg.model == "two-tower"``); with a memory budget
-    (or per-table SSD settings) and a ``dataset`` to measure access shares on, the tables that
-    do not fit go to SSD behind caches. ``storage_factory`` (see `build_collection`) overrides the planning."""
+def table_configs(cfg: TrainConfig, schema: Schema) -> list[TableConfig]:
+    """One table per sparse feature of ``schema``, ``cfg.embedding_dim`` wide."""
     tables = [TableConfig(f.name, f.num_embeddings, cfg.embedding_dim, cfg.pooling) for f in schema.sparse]
     if not tables:
         raise ConfigError("the data set has no sparse features; DLRM needs at least one")
-    sparse_opt = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr)
-    factory, plan = storage_factory, None
-    if factory is None and dataset is not None and (cfg.memory_budget is not None or cfg.tables):
-        from tierec.storage.tiered import make_storage_factory, plan_storage
+    return tables
 
-        plan, sample, _ = plan_storage(cfg, schema, dataset, sparse_opt.state_dim(cfg.embedding_dim))
-        root = Path(cfg.storage_dir) if cfg.storage_dir else Path(cfg.out) / "tables"
-        factory = make_storage_factory(cfg, plan, sample, root, device, fresh=fresh)
+
+def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset: Dataset | None = None,
+                fresh: bool = True, storage_factory=None, collection=None) -> DLRM:
+    """DLRM for ``schema`` (`TwoTower` when ``cfg.model == "two-tower"``); with a memory budget
+    (or per-table SSD settings) and a ``dataset`` to measure access shares on, the tables that
+    do not fit go to SSD behind caches. ``storage_factory`` (see `build_collection`) overrides the planning;
+    ``collection(tables, sparse_optimizer)`` builds the embedding collection instead of `build_collection`
+    (the distributed trainer's sharded tables; no planning here then). The collection and the dense
+    layers are created after ``torch.manual_seed(cfg.seed)``, in this order: the weights depend on the
+    seed alone."""
+    tables = table_configs(cfg, schema)
+    sparse_opt = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr)
+    plan = None
+    if collection is None:
+        factory = storage_factory
+        settings = cfg.storage_settings()
+        if factory is None and dataset is not None and settings.tiered:
+            from tierec.storage.tiered import make_storage_factory, plan_storage
+
+            row_bytes = (cfg.embedding_dim + sparse_opt.state_dim(cfg.embedding_dim)) * 4
+            plan, sample, _ = plan_storage(settings, schema, dataset, row_bytes)
+            factory = make_storage_factory(settings, plan, sample, device, fresh=fresh)
+
+        def collection(tables, sparse_opt):
+            return build_collection(tables, sparse_opt, seed=cfg.seed, storage_factory=factory, device=device)
+
     torch.manual_seed(cfg.seed)
-    ebc = build_collection(tables, sparse_opt, seed=cfg.seed, storage_factory=factory, device=device)
+    ebc = collection(tables, sparse_opt)
     if cfg.model == "two-tower":
         from tierec.modules.two_tower import TwoTower
 
@@ -86,29 +105,35 @@ def cache_stats(model: DLRM) -> dict[str, dict]:
         if isinstance(st, TableView):
             if st.group.name not in out:
                 out[st.group.name] = st.stats()
-        elif hasattr(st, "stats"):
+        elif isinstance(st, (CachedTable, SsdTable)):
             out[t.config.name] = st.stats()
     return out
 
 
-def lookahead_caches(tables, sources: dict | None = None) -> tuple[dict, dict]:
-    """The look-ahead caches of ``tables`` (`EmbeddingBag` s) for a `LookaheadPipeline`, with the IDs each
-    sees: a table's own cache by its key, or the cache of its `TableGroup` by the group's name (fed by
-    all members' IDs, each shifted by its offset). ``sources``: key -> (feature, lo, hi) where a table
-    sees other IDs than its key's (shards)."""
-    src = sources or {}
-    caches, out = {}, {}
+def prefetch_targets(tables, ranges: dict[str, tuple[str, int, int | None]] | None = None) -> list[PrefetchTarget]:
+    """What a `LookaheadPipeline` prefetches for ``tables`` (`EmbeddingBag` s): each table's own
+    `LookaheadCache`, or the cache of its `TableGroup` with all the group's members, in the group's row
+    order. ``ranges``: table name -> (feature, lo, hi) where a table sees other IDs than its key's
+    (this rank's shards of the tables under torchrun, whose IDs arrive by all-to-all)."""
+    def member(t) -> Member:
+        if ranges is None:
+            return Member(t, t.config.key)
+        feature, lo, hi = ranges[t.config.name]
+        return Member(t, feature, lo, hi, direct=False)
+
+    out, groups = [], {}
     for t in tables:
-        key, st = t.config.key, t.storage
+        st = t.storage
         if isinstance(st, TableView):
-            g = st.group
-            if g.name not in caches:
-                caches[g.name] = g.cache
-                out[g.name] = [(*src.get(f, (f, 0, None)), off) for f, _, _, off in g.sources()]
+            groups.setdefault(st.group.name, (st.group, {}))[1][st.index] = t
         elif isinstance(st, LookaheadCache):
-            caches[key] = st
-            out[key] = src.get(key, (key, 0, None))
-    return caches, out
+            out.append(PrefetchTarget(t.config.name, st, (member(t),)))
+    for name, (g, by_view) in groups.items():
+        if sorted(by_view) != list(range(len(g.views))):
+            raise RuntimeError(f"table group {name!r}: its members {[v.name for v in g.views]} are not all tables "
+                               "of this model")
+        out.append(PrefetchTarget(name, g.cache, tuple(member(by_view[i]) for i in range(len(g.views))), g.space))
+    return out
 
 
 def overall_hit_rate(stats: dict[str, dict]) -> float | None:
@@ -263,7 +288,7 @@ class Trainer:
     @property
     def storage_root(self) -> Path:
         """Where the SSD working files of the tables live (``--storage-dir``, default ``OUT/tables``)."""
-        return Path(self.cfg.storage_dir) if self.cfg.storage_dir else self.out / "tables"
+        return self.cfg.storage_settings().root
 
     def _claim_run_dir(self, resume: bool, overwrite: bool):  # the distributed trainer: rank 0 only
         return claim_run_dir(self.out, resume, overwrite)
@@ -366,15 +391,15 @@ class Trainer:
 
     def _lookahead_pipeline(self, stream):
         """A `LookaheadPipeline` over ``stream`` when some tables have look-ahead caches, else None."""
-        caches, sources = lookahead_caches(self.model.embeddings.tables, self._lookahead_sources())
-        if not caches:
+        targets = prefetch_targets(self.model.embeddings.tables, self._shard_ranges())
+        if not targets:
             return None
         cfg = self.cfg
-        return LookaheadPipeline(stream, caches, window=cfg.lookahead, depth=cfg.prefetch_depth,
+        return LookaheadPipeline(stream, targets, window=cfg.lookahead, depth=cfg.prefetch_depth,
                                  max_bytes=parse_bytes(cfg.lookahead_memory, "lookahead_memory"),
-                                 start_step=self.step, io_threads=cfg.prefetch_threads, sources=sources)
+                                 start_step=self.step, io_threads=cfg.prefetch_threads)
 
-    def _lookahead_sources(self) -> dict | None:  # the distributed trainer maps shards to their row ranges
+    def _shard_ranges(self) -> dict | None:  # the distributed trainer maps its shards to their row ranges
         return None
 
     def evaluate(self) -> dict:

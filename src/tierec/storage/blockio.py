@@ -1,0 +1,134 @@
+"""Block I/O of table files: rows -> aligned block runs, and running those runs.
+
+A set of rows (byte offsets in a file) maps to the ``align``-byte blocks that hold them;
+overlapping or adjacent blocks are coalesced into *runs* (`plan_runs`, vectorised), laid end to
+end in one buffer. The runs are then read or written with one ``os.preadv`` per run
+(`pread_exact`) or all at once through Linux native AIO (`aio_runs`, `tierec.storage.aio`)
+where `use_aio` says it applies. Also here: the process's shared I/O threads (`io_pool`),
+opening a file with ``O_DIRECT`` (`open_direct`) and probing the smallest direct-I/O block a
+descriptor takes (`direct_align`). See docs/storage.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from tierec.storage import aio
+
+ALIGN = 4096  # O_DIRECT block size and buffer alignment
+MAX_IO = 1 << 26  # bytes per preadv/pwritev call (Linux caps one call at ~2 GiB)
+IO_LANES = 8  # concurrent preadv loops of one batched read (a random row read waits on the device)
+
+
+class BlockPlan(NamedTuple):
+    """The block runs that hold a sorted set of rows: run file offsets, byte lengths and buffer
+    offsets (int64 [R], multiples of ALIGN), each row's float offset in the buffer [U], buffer
+    bytes, and the index of each run's first row [R]."""
+
+    foff: np.ndarray
+    nbytes: np.ndarray
+    boff: np.ndarray
+    pos: np.ndarray
+    total: int
+    first: np.ndarray  # index of each run's first row [R]
+
+
+def plan_runs(start: np.ndarray, row_bytes: int, group: np.ndarray | None = None, align: int = ALIGN,
+              gap: int = 0) -> BlockPlan:
+    """Rows at byte offsets ``start`` (int64 [U], ascending within each ``group``, groups contiguous)
+    -> the ``align``-byte block runs that hold them (overlapping/adjacent blocks of one group
+    coalesced, vectorised) and where each row lands in a buffer of the runs laid end to end.
+    ``align=ALIGN`` for O_DIRECT; 4 (exactly the rows' bytes) for buffered reads. Reads may pass
+    ``gap`` > 0: runs at most ``gap`` blocks apart are merged, reading the blocks between (a dense
+    set of rows -- a cache warm-up -- then costs a few large reads instead of one per block)."""
+    blo = start // align
+    bhi = (start + row_bytes + align - 1) // align
+    new = np.empty(start.size, bool)
+    new[0] = True
+    new[1:] = blo[1:] > bhi[:-1] + gap
+    if group is not None:
+        new[1:] |= group[1:] != group[:-1]
+    first = np.flatnonzero(new)
+    run_of = np.cumsum(new) - 1
+    run_lo = blo[first]
+    last = np.append(first[1:], start.size) - 1
+    run_len = bhi[last] - run_lo
+    run_buf = np.concatenate([[0], np.cumsum(run_len)[:-1]])
+    pos = (run_buf[run_of] * align + start - run_lo[run_of] * align) // 4  # float index of each row
+    return BlockPlan(run_lo * align, run_len * align, run_buf * align, pos, int(run_len.sum()) * align, first)
+
+
+def pread_exact(fd: int, mv: memoryview, foff: int, nbytes: int, boff: int, size: int, path) -> int:
+    """Read file bytes [foff, foff + nbytes) -- clipped at the file's ``size`` -- into ``mv[boff:]``,
+    one ``preadv`` per MAX_IO; bytes read."""
+    want, done = min(nbytes, size - foff), 0
+    while done < want:
+        r = os.preadv(fd, [mv[boff + done : boff + min(nbytes, done + MAX_IO)]], foff + done)
+        if r <= 0:
+            raise OSError(errno.EIO, f"{path}: short read at byte {foff + done}")
+        done += r
+    return done
+
+
+def aio_runs(opcode: int, fds: np.ndarray, foff: np.ndarray, nbytes: np.ndarray, addrs: np.ndarray,
+             sizes: np.ndarray, path_of) -> int:
+    """Block runs through Linux AIO (`tierec.storage.aio`), ``opcode`` one for all runs or one per run:
+    run i moves ``nbytes[i]`` bytes at file offset ``foff[i]`` of ``fds[i]`` (a file of ``sizes[i]``
+    bytes: a read of its last block stops at the end) from/to address ``addrs[i]``. All in flight at
+    once, no Python per run; bytes moved. ``path_of(i)`` names run i's file in an error."""
+    res = aio.ring().run(opcode, fds, foff, nbytes, addrs)
+    reads = np.asarray(opcode) == aio.IOCB_CMD_PREAD
+    want = np.where(reads, np.minimum(nbytes, sizes - foff), nbytes)
+    bad = np.flatnonzero(res != want)
+    if bad.size:
+        i = int(bad[0])
+        what = "read" if np.broadcast_to(reads, res.shape)[i] else "write"
+        if res[i] < 0:
+            raise OSError(int(-res[i]), f"{path_of(i)}: {what} at byte {int(foff[i])}: {os.strerror(int(-res[i]))}")
+        raise OSError(errno.EIO, f"{path_of(i)}: short {what} at byte {int(foff[i])} ({int(res[i])} of {int(want[i])})")
+    return int(want.sum())
+
+
+def use_aio(odirect: bool, nbytes: np.ndarray) -> bool:
+    """Batched AIO for O_DIRECT block runs (buffered descriptors would make the kernel run them one by one)."""
+    return odirect and nbytes.size > 0 and int(nbytes.max()) <= MAX_IO and aio.available()
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def io_pool() -> ThreadPoolExecutor:
+    """The process's shared threads for concurrent table reads (``IO_LANES - 1``, started on first use)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(IO_LANES - 1, thread_name_prefix="tierec-ssd-io")
+        return _pool
+
+
+def open_direct(path: Path) -> int:
+    """Open ``path`` with O_DIRECT (a function so that tests can make it fail)."""
+    return os.open(path, os.O_RDWR | os.O_DIRECT)
+
+
+def direct_align(fd: int, want: int, file_bytes: int) -> int:
+    """``want`` if the O_DIRECT descriptor ``fd`` takes reads of ``want`` bytes at ``want``-aligned offsets
+    (a device with 512-byte logical sectors takes 512), else ALIGN."""
+    if file_bytes < 2 * want:
+        return ALIGN
+    buf = aio.aligned_buffer(want)
+    try:
+        got = os.preadv(fd, [memoryview(buf)], want)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return ALIGN
+    return want if got == want else ALIGN

@@ -1,0 +1,274 @@
+"""Rows of several table files in one pass: `read_many` and `exchange_many` over `SsdTable` s.
+
+`read_many` plans all tables' rows together (one `tierec.storage.blockio.plan_runs` per kind of
+file) into one buffer, read by one Linux AIO batch or by concurrent ``preadv`` lanes;
+`exchange_many` writes and reads several O_DIRECT tables' rows in one or two AIO batches (a
+`TableGroup`'s step, `SsdTable.exchange` of one file). Counters stay per table. See
+docs/storage.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tierec.storage import aio, blockio
+
+if TYPE_CHECKING:
+    from tierec.storage.ssd import SsdTable
+
+log = logging.getLogger(__name__)
+
+LANE_MIN_ROWS = 32  # a read of fewer rows stays in the calling thread
+READ_GAP_BLOCKS = 8  # O_DIRECT reads: runs at most 8 blocks (32 KiB) apart become one read of the span
+
+
+def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor | None = None,
+              lanes: int = blockio.IO_LANES) -> list[np.ndarray]:
+    """Rows of several tables at once: [(table, row IDs int64 [U_i])] -> [rows [U_i, width] float32].
+
+    The tables' reads are planned together in one vectorised pass per kind of file (O_DIRECT:
+    the 4 KiB blocks that hold the rows; buffered: exactly the rows' bytes; adjacent runs
+    coalesced) into one buffer, read by up to ``lanes`` concurrent ``preadv`` loops (on ``pool``,
+    default `tierec.storage.blockio.io_pool`, plus the calling thread) -- a few hundred random rows cost a few device
+    latencies instead of one each, and no page faults -- and one gather copies the rows out.
+    A kind with fewer than ``LANE_MIN_ROWS`` rows in all stays in the calling thread (memmap
+    gather or block I/O). Counters are kept per table."""
+    reads = [(t, t.check_ids(ids)) for t, ids in reads]
+    out: list = [None] * len(reads)
+    groups: dict[tuple, list[int]] = {}
+    for i, (t, ids) in enumerate(reads):
+        if ids.size and lanes > 1 and t.read_fd >= 0:
+            groups.setdefault((t.width, t.odirect, t.row_stride, t.align), []).append(i)
+    for idx in groups.values():
+        if sum(reads[i][1].size for i in idx) < LANE_MIN_ROWS:
+            continue  # read below, in this thread
+        ids = [reads[i][1] for i in idx]
+        order = [None if x.size < 2 or np.all(x[1:] > x[:-1]) else np.argsort(x, kind="stable") for x in ids]
+        ids = [x if o is None else x[o] for x, o in zip(ids, order)]
+        got = _read_group([reads[i][0] for i in idx], ids, pool or blockio.io_pool(), lanes)
+        for i, o, rows in zip(idx, order, got):
+            out[i] = rows if o is None else rows[np.argsort(o)]
+    for i, (t, ids) in enumerate(reads):
+        if out[i] is None:
+            t0 = time.perf_counter()
+            out[i] = t.read_local(ids)
+            t.account("read", ids.size, time.perf_counter() - t0)
+    return out
+
+
+def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExecutor, lanes: int) -> list[np.ndarray]:
+    """`read_many` for tables of one row width and one kind of descriptor (``ids`` sorted per table)."""
+    t0 = time.perf_counter()
+    n = np.array([x.size for x in ids])
+    tab_of = np.repeat(np.arange(len(tabs)), n)
+    rb, stride = tabs[0].row_bytes, tabs[0].row_stride
+    odirect = tabs[0].odirect
+    plan = blockio.plan_runs(np.concatenate(ids) * stride, rb, tab_of, tabs[0].align if odirect else 4,
+                             READ_GAP_BLOCKS * blockio.ALIGN // tabs[0].align if odirect else 0)
+    run_tab = tab_of[plan.first].tolist()
+    fds = [t.read_fd for t in tabs]
+    sizes = [t.file_bytes for t in tabs]
+    if blockio.use_aio(odirect, plan.nbytes):  # all blocks of all tables in flight at once
+        buf = aio.aligned_buffer(plan.total)
+        rt = tab_of[plan.first]
+        try:
+            blockio.aio_runs(aio.IOCB_CMD_PREAD, np.array(fds)[rt], plan.foff, plan.nbytes,
+                             buf.ctypes.data + plan.boff.astype(np.uint64), np.array(sizes)[rt],
+                             lambda i: tabs[rt[i]].path)
+        except OSError as e:  # e.g. a filesystem that opened O_DIRECT but refuses the I/O: the per-table path copes
+            log.debug("batched read failed (%s); reading table by table", e)
+            return [t.read_local(x) for t, x in zip(tabs, ids)]
+        return _finish_group(tabs, ids, plan, tab_of, n, tabs[0].gather(buf, plan.pos), sizes, t0)
+    runs = list(zip(run_tab, plan.foff.tolist(), plan.nbytes.tolist(), plan.boff.tolist()))
+    buf = mmap.mmap(-1, plan.total)  # page-aligned, as O_DIRECT needs
+    mv = memoryview(buf)
+    lanes = max(1, min(lanes, len(runs)))
+
+    def lane(k: int) -> None:
+        for t, foff, nbytes, boff in runs[k::lanes]:
+            blockio.pread_exact(fds[t], mv, foff, nbytes, boff, sizes[t], tabs[t].path)
+
+    try:
+        futs = [pool.submit(lane, k) for k in range(1, lanes)]
+        errors = []
+        try:
+            lane(0)
+        except OSError as e:
+            errors.append(e)
+        for f in futs:  # every lane is done before the buffer goes
+            try:
+                f.result()
+            except OSError as e:
+                errors.append(e)
+        if errors:  # e.g. a filesystem that opened O_DIRECT but refuses the I/O: the per-table path copes
+            log.debug("concurrent read failed (%s); reading table by table", errors[0])
+            return [t.read_local(x) for t, x in zip(tabs, ids)]
+        rows = tabs[0].gather(buf, plan.pos)
+    finally:
+        mv.release()
+        try:
+            buf.close()
+        except BufferError:  # a numpy view still exports it; freed at GC
+            pass
+    return _finish_group(tabs, ids, plan, tab_of, n, rows, sizes, t0)
+
+
+def _finish_group(tabs, ids, plan: blockio.BlockPlan, tab_of, n, rows: np.ndarray, sizes,
+                  t0: float) -> list[np.ndarray]:
+    """Counters of a `_read_group` (device bytes per table, rows, time) and its rows split per table."""
+    dt = (time.perf_counter() - t0) / len(tabs)
+    got = np.minimum(plan.nbytes, np.array(sizes)[tab_of[plan.first]] - plan.foff)
+    per_tab = np.bincount(tab_of[plan.first], weights=got, minlength=len(tabs))
+    for k, t in enumerate(tabs):
+        t.count_device_bytes(read=int(per_tab[k]))
+        t.account("read", int(n[k]), dt)
+        if t.direct_io and not t.odirect:  # the buffered fallback: drop what the reads put in the page cache
+            os.posix_fadvise(t.buffered_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return np.split(rows, np.cumsum(n)[:-1])
+
+
+def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: np.ndarray, rt: np.ndarray,
+                  rid: np.ndarray) -> np.ndarray | None:
+    """`SsdTable.exchange` of several tables at once: rows ``wid`` of tables ``tabs[wt]`` written from
+    ``rows`` [W, width], rows ``rid`` of tables ``tabs[rt]`` read -> [R, width] (both sets sorted by
+    (table, row), disjoint, W and R > 0). For O_DIRECT tables read by Linux AIO that share one row
+    width, stride and block size:
+
+    * padded rows, one per block (`SsdTable.exclusive_blocks`): the written rows' blocks are written
+      without being read, in the same AIO batch as the reads -- one device round trip per step;
+    * packed rows: the blocks of both sets, of all tables, read in one batch, the written rows patched
+      in, and the blocks that hold them written in a second batch -- two round trips.
+
+    A few system calls for all tables instead of a thread and a pair of batches per table. None
+    where this cannot run (nothing was written: the caller goes table by table)."""
+    t0 = tabs[0]
+    if not (aio.available() and all(t.odirect and (t.width, t.row_stride, t.align)
+                                    == (t0.width, t0.row_stride, t0.align) for t in tabs)):
+        return None
+    for k in np.unique(wt).tolist():
+        tabs[k].prepare_write()
+    start = time.perf_counter()
+    blind = all(t.exclusive_blocks for t in tabs)
+    try:
+        got = (_many_blind if blind else _many_rmw)(tabs, wt, wid, rows, rt, rid)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        log.debug("batched exchange refused (%s); table by table", e)  # each table then finds its own way
+        return None
+    if got is None:
+        return None
+    out, dev_w, dev_r = got
+    n = len(tabs)
+    rows_w, rows_r = np.bincount(wt, minlength=n), np.bincount(rt, minlength=n)
+    dt = (time.perf_counter() - start) / max(1, int(np.count_nonzero(rows_w + rows_r)))
+    for k, t in enumerate(tabs):
+        t.count_device_bytes(read=int(dev_r[k]), written=int(dev_w[k]))
+        if rows_w[k]:
+            t.account("write", int(rows_w[k]), dt / 2 if rows_r[k] else dt)
+        if rows_r[k]:
+            t.account("read", int(rows_r[k]), dt / 2 if rows_w[k] else dt)
+    return out
+
+
+def _refuse_repeats(tabs, tab: np.ndarray, ids: np.ndarray) -> None:
+    """ValueError naming the file if a (table, row) of the (table, row)-sorted arrays comes twice."""
+    bad = np.flatnonzero((ids[1:] == ids[:-1]) & (tab[1:] == tab[:-1]))
+    if bad.size:
+        k = int(bad[0])
+        raise ValueError(f"{tabs[tab[k]].path}: exchange: row {int(ids[k])} is repeated, or both written and read")
+
+
+def write_block_runs(tabs: list[SsdTable], run_tab: np.ndarray, foff: np.ndarray, nbytes: np.ndarray,
+                     boff: np.ndarray, addrs: np.ndarray, mv: memoryview) -> np.ndarray:
+    """Write block runs from the aligned buffer behind ``mv`` (run i: ``nbytes[i]`` bytes of file
+    ``tabs[run_tab[i]]`` at offset ``foff[i]``, buffer offset ``boff[i]``, address ``addrs[i]``): whole
+    blocks in one AIO batch, a file's partial last block through the page cache. Bytes written per run
+    (int64 [R])."""
+    fds, size = _runs_of(tabs, run_tab)
+    valid = np.minimum(nbytes, size - foff)
+    align = tabs[0].align
+    aligned = np.where(valid == nbytes, valid, valid // align * align)
+    a = np.flatnonzero(aligned > 0)
+    blockio.aio_runs(aio.IOCB_CMD_PWRITE, fds[a], foff[a], aligned[a], addrs[a], size[a],
+                     lambda i: tabs[run_tab[a[i]]].path)
+    for i in np.flatnonzero(valid > aligned).tolist():  # only a file's last run can have a tail
+        t = tabs[run_tab[i]]
+        off, v, b = int(foff[i] + aligned[i]), int(valid[i] - aligned[i]), int(boff[i] + aligned[i])
+        os.pwrite(t.buffered_fd, mv[b : b + v], off)
+        os.posix_fadvise(t.buffered_fd, off, v, os.POSIX_FADV_DONTNEED)
+    return valid
+
+
+def _runs_of(tabs, run_tab):
+    """Per block run: its table's O_DIRECT descriptor and file size."""
+    return np.array([t.direct_fd for t in tabs])[run_tab], np.array([t.file_bytes for t in tabs])[run_tab]
+
+
+def _many_blind(tabs, wt, wid, rows, rt, rid):
+    """`exchange_many` of padded rows: writes and reads in one AIO batch. (rows read, device bytes
+    written per table, device bytes read per table), or None if a run is too long for one op."""
+    t0, n = tabs[0], len(tabs)
+    tab, ids = np.concatenate([wt, rt]).astype(np.int64), np.concatenate([wid, rid])
+    order = np.lexsort((ids, tab))
+    _refuse_repeats(tabs, tab[order], ids[order])  # a block both written and read in one batch: a race
+    pw = blockio.plan_runs(wid * t0.row_stride, t0.row_bytes, wt, t0.align)
+    pr = blockio.plan_runs(rid * t0.row_stride, t0.row_bytes, rt, t0.align)
+    nbytes = np.concatenate([pw.nbytes, pr.nbytes])
+    if not blockio.use_aio(True, nbytes):
+        return None
+    buf = aio.aligned_buffer(pw.total + pr.total)
+    buf[: pw.total] = 0  # the written rows' padding
+    t0.rows_at(buf, writeable=True)[pw.pos] = rows
+    run_tab = np.concatenate([wt[pw.first], rt[pr.first]])
+    addrs = np.uint64(buf.ctypes.data) + np.concatenate([pw.boff, pw.total + pr.boff]).astype(np.uint64)
+    ops = np.concatenate([np.full(pw.foff.size, aio.IOCB_CMD_PWRITE), np.full(pr.foff.size, aio.IOCB_CMD_PREAD)])
+    fds, sizes = _runs_of(tabs, run_tab)
+    blockio.aio_runs(ops, fds, np.concatenate([pw.foff, pr.foff]), nbytes, addrs, sizes,
+                     lambda i: tabs[run_tab[i]].path)
+    return (t0.gather(buf, pr.pos, pw.total // 4), np.bincount(wt[pw.first], weights=pw.nbytes, minlength=n),
+            np.bincount(rt[pr.first], weights=pr.nbytes, minlength=n))
+
+
+def _many_rmw(tabs, wt, wid, rows, rt, rid):
+    """`exchange_many` of packed rows: every block of both sets read in one AIO batch, the written
+    rows patched in, their blocks written in a second (a file's partial last block through the page
+    cache). Same result as `_many_blind`."""
+    t0, n, W = tabs[0], len(tabs), wid.size
+    tab = np.concatenate([wt, rt]).astype(np.int64)
+    ids = np.concatenate([wid, rid])
+    order = np.lexsort((ids, tab))  # by (table, row)
+    tab, ids = tab[order], ids[order]
+    _refuse_repeats(tabs, tab, ids)
+    is_w = order < W
+    plan = blockio.plan_runs(ids * t0.row_stride, t0.row_bytes, tab, t0.align)
+    if not blockio.use_aio(True, plan.nbytes):
+        return None
+    buf = aio.aligned_buffer(plan.total)
+    base = np.uint64(buf.ctypes.data)
+    addrs = base + plan.boff.astype(np.uint64)
+    run_tab = tab[plan.first]
+    fds, sizes = _runs_of(tabs, run_tab)
+    path_of = lambda i: tabs[run_tab[i]].path  # noqa: E731
+    blockio.aio_runs(aio.IOCB_CMD_PREAD, fds, plan.foff, plan.nbytes, addrs, sizes, path_of)
+    dev_r = np.bincount(run_tab, weights=np.minimum(plan.nbytes, sizes - plan.foff), minlength=n)
+    win = t0.rows_at(buf, writeable=True)
+    out = np.empty((rid.size, t0.width), np.float32)
+    out[order[~is_w] - W] = win[plan.pos[~is_w]]  # before the patch: the read rows as on disk
+    win[plan.pos[is_w]] = rows[order[is_w]]
+    wr = np.unique(np.searchsorted(plan.first, np.flatnonzero(is_w), side="right") - 1)  # runs with a written row
+    mv = memoryview(buf)
+    try:
+        valid = write_block_runs(tabs, run_tab[wr], plan.foff[wr], plan.nbytes[wr], plan.boff[wr], addrs[wr], mv)
+    finally:
+        mv.release()
+    dev_w = np.bincount(run_tab[wr], weights=valid, minlength=n)
+    return out, dev_w, dev_r

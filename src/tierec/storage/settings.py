@@ -1,0 +1,49 @@
+"""`StorageSettings`: everything `storage/tiered.py` needs to plan and build a model's table storage,
+typed (byte sizes in bytes), built once by the layer above (`TrainConfig.storage_settings`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from tierec.errors import ConfigError
+
+Policy = Literal["lru", "lfu", "freq", "lookahead"]
+
+
+@dataclass
+class TableSettings:
+    """Per-table storage settings (config file only: `[tables.C3]` in TOML)."""
+
+    placement: Literal["auto", "memory", "ssd"] = "auto"
+    cache_rows: int | None = None  # SSD tables: rows in the DRAM/device cache
+    policy: Policy | None = None
+
+    def __post_init__(self):
+        if self.cache_rows is not None and self.cache_rows <= 0:
+            raise ConfigError(f"cache_rows must be > 0, got {self.cache_rows}")
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """How a model's tables are stored: planned under ``memory_budget`` (`plan_storage`, `plan_budget`),
+    built by `make_storage_factory`."""
+
+    root: Path  # where the SSD working files of the tables go
+    seed: int = 0  # initial rows of new SSD files (`init_rows`), and the order of the batches sampled to plan
+    memory_budget: int | None = None  # bytes for embedding storage; None: only ``tables`` leave memory
+    policy: Policy = "lru"  # cache policy of SSD tables without their own
+    tables: dict[str, TableSettings] = field(default_factory=dict)  # per-table settings, by table name
+    plan_batches: int = 50  # batches read to measure each table's access share
+    plan_batch_size: int = 1024  # samples per batch of that measurement
+    host_cache: int = 0  # bytes of a host-DRAM cache tier between the device caches and SSD (0: none)
+    direct_io: bool = False  # SSD files opened with O_DIRECT
+    row_align: int = 0  # SSD working files: rows padded to this many bytes (0: packed)
+    group_caches: bool = True  # look-ahead SSD tables of one row width share one cache (`TableGroup`)
+    prefetch_threads: int | None = None  # a group's prefetch threads (None: by cores)
+
+    @property
+    def tiered(self) -> bool:
+        """Whether some table may leave memory: a memory budget, or per-table settings."""
+        return self.memory_budget is not None or bool(self.tables)

@@ -80,7 +80,8 @@ def describe_error(e: BaseException) -> str | None:
     if isinstance(e, UnicodeError):
         return f"text is not valid UTF-8 ({e})"
     if isinstance(e, (pa.ArrowException, zlib.error, EOFError)):
-        return f"cannot read the data ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'truncated input'})"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "truncated input"
+        return f"cannot read the data ({type(e).__name__}: {first})"
     return None
 
 

@@ -123,7 +123,8 @@ def config_from_args(args) -> SynthConfig:
         cardinalities=parse_cardinalities(args.cardinalities) if args.cardinalities else None,
         max_cardinality=args.max_cardinality, num_dense=args.num_dense, multi_hot=args.multi_hot,
         zipf=args.zipf, session_length=args.session_length, user_features=args.user_features,
-        positive_rate=args.positive_rate, signal=args.signal, rows_per_file=args.rows_per_file, row_group_size=args.row_group_size,
+        positive_rate=args.positive_rate, signal=args.signal, rows_per_file=args.rows_per_file,
+        row_group_size=args.row_group_size,
         progress=not getattr(args, "no_progress", False))
 
 

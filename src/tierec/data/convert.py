@@ -87,7 +87,7 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
         split["test"].write(take_rows(block.chunk, is_test))
     for w in split.values():
         w.close()
-    for f, n, auto in zip(writer.schema.sparse, reader.table_sizes(), reader.auto_size):
+    for f, n, auto in zip(writer.schema.sparse, reader.table_sizes(), reader.auto_size, strict=True):
         f.num_embeddings = n
         if auto:
             log.info("%s: identity IDs, table sized by the largest ID: %d rows", f.name, n)

@@ -42,10 +42,11 @@ import io
 import json
 import os
 import zlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -131,12 +132,12 @@ class Schema:
                 "dense_transform": self.dense_transform}
 
     @staticmethod
-    def from_json(d: dict) -> "Schema":
+    def from_json(d: dict) -> Schema:
         """The schema of a manifest; encodings and the dense transform are None where it predates them."""
         sparse = [SparseFeature(**{"encoding": None, **f}) for f in d["sparse"]]
         return Schema(list(d["dense"]), sparse, d.get("session_key"), d.get("dense_transform"))
 
-    def differences(self, other: "Schema") -> list[str]:
+    def differences(self, other: Schema) -> list[str]:
         """What differs from ``other``, in words, this schema's side first (empty when equal)."""
         out = []
         if self.dense != other.dense:
@@ -182,7 +183,7 @@ class Chunk:
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
-    def slice(self, a: int, b: int) -> "Chunk":
+    def slice(self, a: int, b: int) -> Chunk:
         lo = hi = 0
         inv = None
         if self.inverse is not None:
@@ -195,13 +196,13 @@ class Chunk:
         s = self.session[a:b] if self.session is not None else None
         return Chunk(self.label[a:b], self.dense[a:b], sp, s, inv, self.inverse_keys)
 
-    def take(self, idx: np.ndarray) -> "Chunk":
+    def take(self, idx: np.ndarray) -> Chunk:
         """Rows ``idx`` (any order) of a plain chunk."""
         sp = {k: jagged_take(v, o, idx) for k, (v, o) in self.expand().sparse.items()}
         s = self.session[idx] if self.session is not None else None
         return Chunk(self.label[idx], self.dense[idx], sp, s)
 
-    def expand(self) -> "Chunk":
+    def expand(self) -> Chunk:
         """The plain chunk (every row holds its own lists)."""
         if self.inverse is None:
             return self
@@ -211,7 +212,7 @@ class Chunk:
         return Chunk(self.label, self.dense, sp, self.session)
 
     @staticmethod
-    def concat(chunks: list["Chunk"]) -> "Chunk":
+    def concat(chunks: list[Chunk]) -> Chunk:
         if len(chunks) == 1:
             return chunks[0]
         if len({c.inverse_keys for c in chunks}) > 1 or any((c.inverse is None) != (chunks[0].inverse is None)
@@ -227,14 +228,14 @@ class Chunk:
         if chunks[0].inverse is not None:
             k0 = chunks[0].inverse_keys[0]
             shift = np.cumsum([0] + [len(c.sparse[k0][1]) - 1 for c in chunks[:-1]])
-            inv = np.concatenate([c.inverse + d for c, d in zip(chunks, shift)])
+            inv = np.concatenate([c.inverse + d for c, d in zip(chunks, shift, strict=True)])
         return Chunk(
             np.concatenate([c.label for c in chunks]), np.concatenate([c.dense for c in chunks]), sp, s,
             inv, chunks[0].inverse_keys,
         )
 
     @staticmethod
-    def from_arrow(table: pa.Table, schema: Schema, compact: bool = False) -> "Chunk":
+    def from_arrow(table: pa.Table, schema: Schema, compact: bool = False) -> Chunk:
         """A chunk of ``table``; user-side runs (see module doc) are expanded unless ``compact``."""
         label = table.column("label").to_numpy().astype(np.float32, copy=False)
         n = len(label)
@@ -326,7 +327,7 @@ class Batch:
     def size(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
+    def to(self, device, non_blocking: bool = False) -> Batch:
         s = self.session.to(device, non_blocking=non_blocking) if self.session is not None else None
         u = self.user.to(device, non_blocking=non_blocking) if self.user is not None else None
         return Batch(
@@ -347,7 +348,7 @@ class Batch:
                                  torch.cat([self.sparse.lengths(), u.lengths()]), stride=b)
 
     @staticmethod
-    def from_chunk(chunk: Chunk, keys: list[str], user_keys: list[str] | None = None) -> "Batch":
+    def from_chunk(chunk: Chunk, keys: list[str], user_keys: list[str] | None = None) -> Batch:
         """Batch of ``chunk``; with ``user_keys``, those keys become a deduplicated ``user`` KJT
         (rows equal in every user key share one entry, see `tierec.sparse.dedup.dedup_rows`)."""
         s = _tensor(chunk.session) if chunk.session is not None else None
@@ -461,7 +462,7 @@ def _group_ranges(md: pq.FileMetaData) -> list[tuple[int, int]]:
     for i in range(md.num_row_groups):
         cols = [md.row_group(i).column(j) for j in range(md.num_columns)]
         starts = [c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset for c in cols]
-        end = max(a + c.total_compressed_size for a, c in zip(starts, cols))
+        end = max(a + c.total_compressed_size for a, c in zip(starts, cols, strict=True))
         out.append((min(starts), end - min(starts)))
     return out
 
@@ -490,7 +491,7 @@ def file_checksums(path: str | Path) -> dict:
     md = pq.read_metadata(path)
     ranges = _group_ranges(md)
     groups = [{"offset": o, "bytes": n, "rows": md.row_group(i).num_rows, "crc32": zlib.crc32(data)}
-              for i, ((o, n), data) in enumerate(zip(ranges, _pread(path, ranges)))]
+              for i, ((o, n), data) in enumerate(zip(ranges, _pread(path, ranges), strict=True))]
     crc = 0
     for data in _pread(path, _outside(groups, Path(path).stat().st_size)):
         crc = zlib.crc32(data, crc)
@@ -647,7 +648,8 @@ class Dataset:
         if not self.root.exists():
             raise TierecError(f"{self.root}: data set directory does not exist")
         if not mpath.exists():
-            raise TierecError(f"{mpath}: no manifest; is this a tierec data set? (make one with `tierec data convert` or `tierec data synth`)")
+            raise TierecError(f"{mpath}: no manifest; is this a tierec data set? "
+                              "(make one with `tierec data convert` or `tierec data synth`)")
         self.manifest = load_manifest(mpath)
         try:
             self.schema = Schema.from_json(self.manifest["schema"])

@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -70,12 +70,12 @@ class ReuseHistogram:
     def avg_col_size(self) -> float:
         return self.lookups / max(1, self.unique)
 
-    def merge(self, other: "ReuseHistogram") -> "ReuseHistogram":
+    def merge(self, other: ReuseHistogram) -> ReuseHistogram:
         return ReuseHistogram(self.lookups + other.lookups, self.unique + other.unique,
                               self.unique_counts + other.unique_counts, self.lookup_counts + other.lookup_counts)
 
     @staticmethod
-    def empty() -> "ReuseHistogram":
+    def empty() -> ReuseHistogram:
         return ReuseHistogram(0, 0, np.zeros(NUM_BINS, np.int64), np.zeros(NUM_BINS, np.int64))
 
 

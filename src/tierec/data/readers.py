@@ -31,10 +31,10 @@ import os
 import re
 import sys
 import zlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -322,9 +322,9 @@ def resolve_table_sizes(names: list[str], table_sizes=None, num_embeddings: int 
         if unknown:
             raise ConfigError(f"--table-sizes names unknown sparse feature(s) {', '.join(map(str, unknown))} "
                               f"(known: {', '.join(names)})")
-        sizes = [given.get(n, s) for n, s in zip(names, sizes)]
+        sizes = [given.get(n, s) for n, s in zip(names, sizes, strict=True)]
     out = []
-    for n, s in zip(names, sizes):
+    for n, s in zip(names, sizes, strict=True):
         try:
             s = int(s)
         except (TypeError, ValueError):
@@ -398,14 +398,14 @@ class Reader:
         """Per feature: its encoding (`resolve_encodings`) and table size; an ``identity`` feature
         without a given size is sized by its largest ID when the input has been read (`table_sizes`)."""
         self.encodings = resolve_encodings(names, id_encoding, hashed)
-        self.auto_size = [e == "identity" and not x for e, x in zip(self.encodings, explicit)]
-        self.sizes = [AUTO_SIZE if a else n for a, n in zip(self.auto_size, sizes)]
+        self.auto_size = [e == "identity" and not x for e, x in zip(self.encodings, explicit, strict=True)]
+        self.sizes = [AUTO_SIZE if a else n for a, n in zip(self.auto_size, sizes, strict=True)]
         self.max_id = [-1] * len(names)
 
     def _features(self, names: list[str], sides: list[str] | None = None) -> list[SparseFeature]:
         sides = sides or ["item"] * len(names)
         return [SparseFeature(n, s if s != AUTO_SIZE else 1, side=side, encoding=e)
-                for n, s, side, e in zip(names, self.sizes, sides, self.encodings)]
+                for n, s, side, e in zip(names, self.sizes, sides, self.encodings, strict=True)]
 
     def _seen(self, j: int, rows: np.ndarray) -> np.ndarray:
         """Record the largest row of feature ``j`` (for automatic identity table sizes); returns ``rows``."""
@@ -421,7 +421,7 @@ class Reader:
 
     def table_sizes(self) -> list[int]:
         """Each feature's table size after reading: automatic identity sizes are its largest ID + 1."""
-        return [max(m + 1, 1) if a else n for a, m, n in zip(self.auto_size, self.max_id, self.sizes)]
+        return [max(m + 1, 1) if a else n for a, m, n in zip(self.auto_size, self.max_id, self.sizes, strict=True)]
 
     # -- iteration
     def __iter__(self) -> Iterator[Block]:
@@ -1003,7 +1003,7 @@ class LibSVMReader(Reader):
                 tk = tk.subset(~out.mask[tok_row])
 
     # -- parsing
-    def _parse(self, tk: "_Tokens") -> tuple[Chunk | _BadRows, np.ndarray, np.ndarray]:
+    def _parse(self, tk: _Tokens) -> tuple[Chunk | _BadRows, np.ndarray, np.ndarray]:
         """Tokens -> (chunk or bad rows, line number of each row, row of each token)."""
         first = _row_starts(tk.line)
         tok_row = np.cumsum(first) - 1
@@ -1114,7 +1114,7 @@ class _Tokens:
     def text(self, t: int) -> str:
         return self.buf[self.start[t] : self.end[t]].tobytes().decode("utf-8", "replace")
 
-    def subset(self, mask: np.ndarray) -> "_Tokens | None":
+    def subset(self, mask: np.ndarray) -> _Tokens | None:
         if not mask.any():
             return None
         return _Tokens(self.buf, self.start[mask], self.end[mask], self.line[mask], self.colons[mask],

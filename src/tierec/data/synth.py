@@ -33,10 +33,10 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -73,7 +73,7 @@ class LengthSpec:
     b: float = 0.0
 
     @staticmethod
-    def parse(text: str, what: str = "multi_hot") -> "LengthSpec":
+    def parse(text: str, what: str = "multi_hot") -> LengthSpec:
         t = text.strip().lower()
         try:
             if m := re.fullmatch(r"fixed:(\d+)", t):
@@ -252,7 +252,7 @@ class SynthConfig:
 
     def schema(self) -> Schema:
         sp = [SparseFeature(n, s, "user" if i < self.user_features else "item")
-              for i, (n, s) in enumerate(zip(self.feature_names, self.table_sizes()))]
+              for i, (n, s) in enumerate(zip(self.feature_names, self.table_sizes(), strict=True))]
         return Schema(self.dense_names, sp, "session" if self.sessions else None)
 
     def to_dict(self) -> dict:
@@ -401,7 +401,7 @@ class _Dist:
         return self.law_mass + self.fresh * (self.n - self.k) / self.n
 
     @staticmethod
-    def build(n: int, profile: Profile) -> "_Dist":
+    def build(n: int, profile: Profile) -> _Dist:
         k = min(n, HEAD_RANKS)
         w = profile.weights(np.arange(1, k + 1))
         beta = profile.slope(k)
@@ -435,7 +435,7 @@ class _Dist:
         if self.n > self.k:
             edges = np.unique(np.geomspace(self.k + 0.5, self.n + 0.5, groups + 1))
             z = self.law_mass / _integral(self.k + 0.5, self.n + 0.5, self.beta)
-            mass = np.array([z * _integral(lo, hi, self.beta) for lo, hi in zip(edges[:-1], edges[1:])])
+            mass = np.array([z * _integral(lo, hi, self.beta) for lo, hi in zip(edges[:-1], edges[1:], strict=True)])
             cnt = np.diff(edges)
             lam.append(draws * (mass / cnt + self.fresh / self.n))
             rows.append(cnt)
@@ -545,7 +545,7 @@ class Synthesizer:
         self.num_user = int(cfg.user_features)
         self.profiles: list[Profile] = []
         self.tables: list[Popularity] = []
-        for i, (n, spec) in enumerate(zip(self.sizes, self.specs)):
+        for i, (n, spec) in enumerate(zip(self.sizes, self.specs, strict=True)):
             draws = REF_BATCH * spec.mean / (cfg.session_length if i < self.num_user else 1.0)
             prof = auto_profile(n, draws) if cfg.zipf == "auto" else Profile(float(cfg.zipf))
             self.profiles.append(prof)
@@ -585,7 +585,7 @@ class Synthesizer:
             sess_of_row = np.repeat(np.arange(lens.size, dtype=np.int64), lens)
             session = global_block * BLOCK_ROWS + sess_of_row
         sparse = {}
-        for i, (name, spec, tab) in enumerate(zip(self.schema.sparse_names, self.specs, self.tables)):
+        for i, (name, spec, tab) in enumerate(zip(self.schema.sparse_names, self.specs, self.tables, strict=True)):
             rng = rngs[i]
             if i < self.num_user and sess_of_row is not None:
                 s = int(sess_of_row[-1]) + 1
@@ -843,7 +843,7 @@ def generate(cfg: SynthConfig, out_dir, progress: bool | None = None, cluster_by
         "popularity": [{"feature": f.name, "num_embeddings": f.num_embeddings, "alpha": p.alpha,
                         "gamma": p.gamma, "knee": p.knee if math.isfinite(p.knee) else None,
                         "mean_length": s.mean}
-                       for f, p, s in zip(syn.schema.sparse, syn.profiles, syn.specs)],
+                       for f, p, s in zip(syn.schema.sparse, syn.profiles, syn.specs, strict=True)],
         "label_model": asdict(lm) | {"latent_dim": LATENT_DIM, "logit_std": LOGIT_STD},
     }
     clustering = clustering_record(cluster_by, cluster_window, cfg.seed)
@@ -931,7 +931,7 @@ def fit_auto_profile(stats_path, cfgs: SynthConfig | list[SynthConfig] | None = 
     def hist(params, sizes, specs):
         u = np.zeros(17)
         lk = np.zeros(17)
-        for n, s in zip(sizes, specs):
+        for n, s in zip(sizes, specs, strict=True):
             lam, rows = _Dist.build(n, auto_profile(n, REF_BATCH * s.mean, params)).lambda_groups(bs * s.mean)
             a, b = expected_histogram(lam, rows)
             u += a
@@ -954,7 +954,7 @@ def fit_auto_profile(stats_path, cfgs: SynthConfig | list[SynthConfig] | None = 
     x, _ = _nelder_mead(f, [s0["a0"], s0["a1"], math.log(s0["rho"]), s0["gamma"]], [0.2, 0.1, 0.5, 1.0], iters)
     params = unpack(x)
     figures = []
-    for c, (sizes, specs) in zip(cfgs, setups):
+    for c, (sizes, specs) in zip(cfgs, setups, strict=True):
         u, lk = hist(params, sizes, specs)
         figures.append({"max_cardinality": c.max_cardinality, "batch_size": bs,
                         "tv_col_size": total_variation(u, ref.col_size_hist),

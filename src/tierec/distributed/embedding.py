@@ -32,11 +32,11 @@ from tierec.distributed.comm import Dist
 from tierec.distributed.plan import Shard
 from tierec.errors import ConfigError
 from tierec.modules.embedding import EmbeddingBag, TableConfig
-from tierec.storage.base import INIT_CHUNK_ROWS, InMemoryTable, init_rows
-from tierec.storage.rowspace import RowSpace
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.sparse.jagged import lengths_to_offsets
+from tierec.storage.base import INIT_CHUNK_ROWS, InMemoryTable, init_rows
+from tierec.storage.rowspace import RowSpace
 
 
 class AllToAll(torch.autograd.Function):
@@ -161,11 +161,11 @@ class ShardedEmbeddingCollection(nn.Module):
                               [n_own * b for b in B_of], "alltoall_lengths")
         r_vals = d.all_to_all(torch.cat(vals) if vals else empty, n_ids, [g[1] for g in got], "alltoall_ids")
         # 3. every owned shard pools its part of the global batch
-        lens_by_src = [x.view(n_own, b) for x, b in zip(torch.split(r_lens, [n_own * b for b in B_of]), B_of)]
+        lens_by_src = [x.view(n_own, b) for x, b in zip(torch.split(r_lens, [n_own * b for b in B_of]), B_of, strict=True)]
         vals_by_src = [torch.split(v, lb.sum(1).tolist()) for v, lb in
-                       zip(torch.split(r_vals, [g[1] for g in got]), lens_by_src)]
+                       zip(torch.split(r_vals, [g[1] for g in got]), lens_by_src, strict=True)]
         pooled = []
-        for j, (s, mod) in enumerate(zip(self.shards, self.tables)):
+        for j, (s, mod) in enumerate(zip(self.shards, self.tables, strict=True)):
             lengths = torch.cat([lb[j] for lb in lens_by_src])
             ids = torch.cat([vb[j] for vb in vals_by_src])
             pooled.append(mod(ids - s.lo if s.lo else ids, lengths_to_offsets(lengths)))  # [B, D]

@@ -244,14 +244,14 @@ class DistributedTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
     @property
     def tables(self) -> dict:
-        return {s.name: t.storage for s, t in zip(self.ebc.shards, self.ebc.tables)}
+        return {s.name: t.storage for s, t in zip(self.ebc.shards, self.ebc.tables, strict=True)}
 
     def save(self) -> Path:
         """Every rank writes its rows into the shared full-size table files; rank 0 publishes."""
         d, ebc = self.dist, self.ebc
         for t in ebc.tables:
             t.storage.flush()
-        steps = {s.index: int(t.step) for s, t in zip(ebc.shards, ebc.tables)}
+        steps = {s.index: int(t.step) for s, t in zip(ebc.shards, ebc.tables, strict=True)}
         gathered: list = [None] * d.world
         dist.all_gather_object(gathered, (steps, self.rank_plan))
         box = [None]
@@ -263,7 +263,7 @@ class DistributedTrainer(Trainer):
             box = [str(tmp)]
         dist.broadcast_object_list(box, src=0)
         tmp = Path(box[0])
-        for s, t in zip(ebc.shards, ebc.tables):
+        for s, t in zip(ebc.shards, ebc.tables, strict=True):
             write_shard(tmp / "tables" / f"{s.table}.tbl", s, t.storage)
         dist.barrier()
         final = None
@@ -296,10 +296,10 @@ class DistributedTrainer(Trainer):
     def _load_weights(self, path: Path, manifest: dict, model_state: dict) -> None:
         """Dense weights, this rank's tables' step counters, and its shards' rows (any world size)."""
         self.model.load_state_dict({k: v for k, v in model_state.items() if not k.startswith("embeddings.")})
-        for s, t in zip(self.ebc.shards, self.ebc.tables):
+        for s, t in zip(self.ebc.shards, self.ebc.tables, strict=True):
             t.step.fill_(model_state[f"embeddings.tables.{s.index}.step"])
         ckpt.load_tables(path, manifest, {s.table: ShardView(s, t.storage)
-                                          for s, t in zip(self.ebc.shards, self.ebc.tables)})
+                                          for s, t in zip(self.ebc.shards, self.ebc.tables, strict=True)})
 
 def write_shard(path: Path, shard: Shard, storage) -> None:
     """Write a shard's rows (weights | state) at their row offsets of a full-size table file, fsynced."""

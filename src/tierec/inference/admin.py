@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError

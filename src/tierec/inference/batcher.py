@@ -67,7 +67,7 @@ class DynamicBatcher:
             left = deadline - loop.time()
             try:
                 req = await asyncio.wait_for(self._queue.get(), left) if left > 0 else self._queue.get_nowait()
-            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+            except (TimeoutError, asyncio.QueueEmpty):
                 break
             if n + len(req[0]) > self.max_batch:
                 self._held = req
@@ -90,7 +90,7 @@ class DynamicBatcher:
                     continue
                 log.warning("a batch of %d requests failed in the model (%r): running them one by one", len(group), e)
                 results = [await self._alone(p, fut) for p, fut in group]
-            ok = [(len(p), fut, r) for (p, fut), r in zip(group, results) if r is not _FAILED]
+            ok = [(len(p), fut, r) for (p, fut), r in zip(group, results, strict=True) if r is not _FAILED]
             if self.on_batch is not None and ok:
                 self.on_batch(sum(n for n, _, _ in ok))
             for _, fut, r in ok:

@@ -62,7 +62,7 @@ class Encoded:
         return int(self.dense.shape[0])
 
     @staticmethod
-    def concat(parts: list["Encoded"]) -> "Encoded":
+    def concat(parts: list[Encoded]) -> Encoded:
         if len(parts) == 1:
             return parts[0]
         keys = parts[0].sparse.keys()
@@ -70,7 +70,7 @@ class Encoded:
                        {k: (np.concatenate([p.sparse[k][0] for p in parts]),
                             np.concatenate([p.sparse[k][1] for p in parts])) for k in keys})
 
-    def take(self, keys: list[str], repeat: int = 1) -> "Encoded":
+    def take(self, keys: list[str], repeat: int = 1) -> Encoded:
         """Only ``keys`` (each sample repeated ``repeat`` times: one user against many items)."""
         sp = {}
         for k in keys:

@@ -36,13 +36,13 @@ import torch.nn.functional as F
 
 from tierec.data.dataset import Schema
 from tierec.errors import CheckpointError, ConfigError
-from tierec.storage.base import InMemoryTable, WorkingSet
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
+from tierec.storage.base import InMemoryTable, WorkingSet
 from tierec.storage.cache import CachedTable
-from tierec.storage.sketch import CountMinSketch
 from tierec.storage.concat import ConcatTable
 from tierec.storage.rowspace import RowSpace
+from tierec.storage.sketch import CountMinSketch
 from tierec.storage.ssd import SsdTable
 from tierec.storage.tablefile import verify_file
 from tierec.train import checkpoint as ckpt
@@ -123,7 +123,7 @@ class SharedCache:
         """{table index: row IDs int64 [U_t], unique, sorted} -> {table index: weights [U_t, D]}."""
         order = sorted(ids)
         w = self.fetch_global(torch.cat([ids[t] + self.space.offset(t) for t in order]))  # sorted: ranges ascend
-        return dict(zip(order, torch.split(w, [ids[t].numel() for t in order])))
+        return dict(zip(order, torch.split(w, [ids[t].numel() for t in order]), strict=True))
 
     def fetch_global(self, g: torch.Tensor) -> torch.Tensor:
         """Global rows (table offset + row) int64 [U], unique -> weights [U, D]: hits from the cache,
@@ -191,7 +191,8 @@ class SharedCache:
         after warm-up; read_seconds: time spent reading misses; bytes_read: bytes read from the SSD
         files (warm-up and misses)."""
         return {"lookups": self.lookups, "hits": self.hits, "misses": self.lookups - self.hits,
-                "admitted": self.admitted, "read_seconds": self.read_s, "resident": self.cache.size, "capacity": self.cache.capacity,
+                "admitted": self.admitted, "read_seconds": self.read_s,
+                "resident": self.cache.size, "capacity": self.cache.capacity,
                 "bytes_read": self.files.stats().get("bytes_read", 0),
                 "cache_bytes": self.cache.nbytes + self.cache.index_nbytes + self.sketch.nbytes}
 

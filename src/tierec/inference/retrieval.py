@@ -64,7 +64,7 @@ class HnswIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, params: HnswParams, path: str | Path | None = None,
-              mmap: bool = False) -> "HnswIndex":
+              mmap: bool = False) -> HnswIndex:
         """Build over ``vectors``; with ``path`` write it there, and with ``mmap`` serve the mapped file."""
         faiss = _faiss()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -86,7 +86,7 @@ class HnswIndex:
         return cls(index, params, path)
 
     @classmethod
-    def load(cls, path: str | Path, params: HnswParams, mmap: bool = True) -> "HnswIndex":
+    def load(cls, path: str | Path, params: HnswParams, mmap: bool = True) -> HnswIndex:
         faiss = _faiss()
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
         return cls(index, params, Path(path))
@@ -108,7 +108,7 @@ def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     """Mean over queries of |approx ∩ exact| / k (both int [Q, k])."""
-    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
+    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact, strict=True))
     return hits / exact.size
 
 
@@ -186,7 +186,7 @@ class Retriever:
 
     @classmethod
     def build(cls, loaded, params: HnswParams, corpus_rows: int, index_dir: str | None = None,
-              on_disk: bool = False, data: str | None = None) -> "Retriever":
+              on_disk: bool = False, data: str | None = None) -> Retriever:
         """Corpus from ``data`` (default: the data set the model was trained on), item vectors,
         index; with ``index_dir`` the index file is written there (and memory-mapped if ``on_disk``)."""
         if loaded.kind != "two-tower":

@@ -39,8 +39,16 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tierec.inference.admin import AdminReload, AdminSettings
-from tierec.inference.api import (NOT_FINITE, ApiError, PredictRequest, PredictResponse, RecommendRequest,
-                                  RecommendResponse, ReloadRequest, error_response)
+from tierec.inference.api import (
+    NOT_FINITE,
+    ApiError,
+    PredictRequest,
+    PredictResponse,
+    RecommendRequest,
+    RecommendResponse,
+    ReloadRequest,
+    error_response,
+)
 from tierec.inference.batcher import DynamicBatcher
 from tierec.inference.features import FeatureEncoder, InputError
 from tierec.inference.metrics import ServingMetrics

@@ -34,6 +34,7 @@ from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.base import INIT_CHUNK_ROWS, InMemoryTable, TableStorage, WorkingSet, init_rows
 
+
 @dataclass(frozen=True)
 class TableConfig:
     """One embedding table. ``feature`` is the sparse key it serves (defaults to ``name``)."""
@@ -115,7 +116,7 @@ class _FusedPooledLookup(torch.autograd.Function):
     """pooled = embedding_bag(ws rows); backward applies the sparse optimizer in place."""
 
     @staticmethod
-    def forward(ctx, anchor, table: "EmbeddingBag", lk: Lookup, idx, offsets, psw):
+    def forward(ctx, anchor, table: EmbeddingBag, lk: Lookup, idx, offsets, psw):
         pooled = F.embedding_bag(idx, lk.ws.weight, offsets[:-1], mode="sum", per_sample_weights=psw)
         lengths = offsets[1:] - offsets[:-1]
         if table.config.pooling == "mean":
@@ -228,10 +229,10 @@ class EmbeddingBagCollection(torch.nn.Module):
             inv = user.inverse_indices()[1]
             if inv.dim() == 1:
                 wide = torch.cat([out[i] for i in on_u], 1).index_select(0, inv)
-                for i, part in zip(on_u, wide.split([out[i].shape[1] for i in on_u], 1)):
+                for i, part in zip(on_u, wide.split([out[i].shape[1] for i in on_u], 1), strict=True):
                     out[i] = part
             else:
-                per_key = dict(zip(user.keys(), inv))
+                per_key = dict(zip(user.keys(), inv, strict=True))
                 for i in on_u:
                     out[i] = out[i].index_select(0, per_key[self.keys[i]])
         return out

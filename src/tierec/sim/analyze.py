@@ -43,7 +43,7 @@ def parse_sizes(text: str) -> np.ndarray:
 def _upper_hull(xs: np.ndarray, ys: np.ndarray) -> list[tuple[int, float]]:
     """Concave majorant of points sorted by x (monotone chain): [(x, y)] from the first point."""
     hull: list[tuple[int, float]] = []
-    for x, y in zip(xs.tolist(), ys.tolist()):
+    for x, y in zip(xs.tolist(), ys.tolist(), strict=True):
         if hull and x == hull[-1][0]:
             if y <= hull[-1][1]:
                 continue

@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -283,7 +283,7 @@ def _min_hits_bypass(times: list, nexts: list, n: int, size: int) -> int:
     heap: list[int] = []
     push, replace = heapq.heappush, heapq.heapreplace
     used = hits = 0
-    for t, nx in zip(times, nexts):
+    for t, nx in zip(times, nexts, strict=True):
         if cached[t]:
             hits += 1
             if nx < n:
@@ -441,7 +441,7 @@ class MissRatioCurve:
                 "miss_ratio": [round(float(x), 8) for x in self.miss_ratio], "meta": self.meta}
 
     @staticmethod
-    def from_dict(d: dict) -> "MissRatioCurve":
+    def from_dict(d: dict) -> MissRatioCurve:
         return MissRatioCurve(d["policy"], d["sizes"], d["hits"], d["requests"], d["distinct"],
                               d.get("name", ""), d.get("meta", {}))
 

@@ -86,8 +86,8 @@ def dedup_rows(feats: list[Jagged], n: int, keys: np.ndarray | None = None) -> t
     Exact: rows are grouped by ``keys`` (int64 [n], e.g. session IDs, which should
     determine the rows; the groups' representatives are then deduplicated by content) or
     else by a 64-bit hash of the rows, then every row is compared with its representative.
-    Should any differ (rows that vary within a session; a hash collision, ~n^2 / 2^64), keys fall back to the hash, and the hash to merging equal
-    neighbours only (`same_as_previous`), which is exact by construction.
+    Should any differ (rows that vary within a session; a hash collision, ~n^2 / 2^64), keys
+    fall back to the hash, and the hash to merging equal neighbours only (`same_as_previous`), which is exact by construction.
     """
     if n == 0 or not feats:
         return np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64)

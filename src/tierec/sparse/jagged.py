@@ -21,8 +21,8 @@ stride B; :func:`dedup_kjt` builds one from a plain batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -103,7 +103,7 @@ class KeyedJaggedTensor:
     # --- TorchRec-style accessors -------------------------------------------------
     @staticmethod
     def from_lengths_sync(keys, values, lengths, weights=None, stride=None,
-                          inverse_indices=None) -> "KeyedJaggedTensor":
+                          inverse_indices=None) -> KeyedJaggedTensor:
         return KeyedJaggedTensor(keys, values, lengths, weights, stride, inverse_indices)
 
     def inverse_indices(self) -> tuple[list[str], torch.Tensor]:
@@ -123,7 +123,7 @@ class KeyedJaggedTensor:
         inv = self.inverse_indices()[1]
         return inv.expand(len(self._keys), -1) if inv.dim() == 1 else inv
 
-    def expand(self) -> "KeyedJaggedTensor":
+    def expand(self) -> KeyedJaggedTensor:
         """The plain KJT of stride B (sample b of key t = unique row ``inverse[t, b]``); no-op if not deduplicated."""
         if self._inverse is None:
             return self
@@ -180,12 +180,12 @@ class KeyedJaggedTensor:
         vals = torch.split(self._values, lpk)
         lens = torch.split(self._lengths, self._stride)
         ws = torch.split(self._weights, lpk) if self._weights is not None else [None] * len(lpk)
-        return [JaggedTensor(v, l, w) for v, l, w in zip(vals, lens, ws)]
+        return [JaggedTensor(v, n, w) for v, n, w in zip(vals, lens, ws, strict=True)]
 
     def to_dict(self) -> dict[str, JaggedTensor]:
-        return dict(zip(self._keys, self.split_by_key()))
+        return dict(zip(self._keys, self.split_by_key(), strict=True))
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "KeyedJaggedTensor":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> KeyedJaggedTensor:
         w = self._weights.to(device, non_blocking=non_blocking) if self._weights is not None else None
         inv = None
         if self._inverse is not None:
@@ -202,7 +202,7 @@ class KeyedJaggedTensor:
         out._length_per_key = self._length_per_key
         return out
 
-    def pin_memory(self) -> "KeyedJaggedTensor":
+    def pin_memory(self) -> KeyedJaggedTensor:
         w = self._weights.pin_memory() if self._weights is not None else None
         inv = (self._inverse[0], self._inverse[1].pin_memory()) if self._inverse is not None else None
         out = KeyedJaggedTensor(self._keys, self._values.pin_memory(), self._lengths.pin_memory(), w, self._stride,

@@ -206,7 +206,7 @@ class ConcatTable:
 
     def stats(self) -> dict:
         """The members' counters under ``"members"``, with their sums at the top."""
-        members = {n: t.stats() for n, t in zip(self.names, self.tables) if hasattr(t, "stats")}
+        members = {n: t.stats() for n, t in zip(self.names, self.tables, strict=True) if hasattr(t, "stats")}
         out: dict = {"tier": "group", "tables": len(self.tables)}
         for k in ("rows_read", "rows_written", "bytes_read", "bytes_written", "read_calls", "write_calls",
                   "io_time_s", "device_bytes_read", "device_bytes_written"):

@@ -52,9 +52,9 @@ def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor
             continue  # read below, in this thread
         ids = [reads[i][1] for i in idx]
         order = [None if x.size < 2 or np.all(x[1:] > x[:-1]) else np.argsort(x, kind="stable") for x in ids]
-        ids = [x if o is None else x[o] for x, o in zip(ids, order)]
+        ids = [x if o is None else x[o] for x, o in zip(ids, order, strict=True)]
         got = _read_group([reads[i][0] for i in idx], ids, pool or blockio.io_pool(), lanes)
-        for i, o, rows in zip(idx, order, got):
+        for i, o, rows in zip(idx, order, got, strict=True):
             out[i] = rows if o is None else rows[np.argsort(o)]
     for i, (t, ids) in enumerate(reads):
         if out[i] is None:
@@ -85,9 +85,9 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExe
                              lambda i: tabs[rt[i]].path)
         except OSError as e:  # e.g. a filesystem that opened O_DIRECT but refuses the I/O: the per-table path copes
             log.debug("batched read failed (%s); reading table by table", e)
-            return [t.read_local(x) for t, x in zip(tabs, ids)]
+            return [t.read_local(x) for t, x in zip(tabs, ids, strict=True)]
         return _finish_group(tabs, ids, plan, tab_of, n, tabs[0].gather(buf, plan.pos), sizes, t0)
-    runs = list(zip(run_tab, plan.foff.tolist(), plan.nbytes.tolist(), plan.boff.tolist()))
+    runs = list(zip(run_tab, plan.foff.tolist(), plan.nbytes.tolist(), plan.boff.tolist(), strict=True))
     buf = mmap.mmap(-1, plan.total)  # page-aligned, as O_DIRECT needs
     mv = memoryview(buf)
     lanes = max(1, min(lanes, len(runs)))
@@ -110,7 +110,7 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExe
                 errors.append(e)
         if errors:  # e.g. a filesystem that opened O_DIRECT but refuses the I/O: the per-table path copes
             log.debug("concurrent read failed (%s); reading table by table", errors[0])
-            return [t.read_local(x) for t, x in zip(tabs, ids)]
+            return [t.read_local(x) for t, x in zip(tabs, ids, strict=True)]
         rows = tabs[0].gather(buf, plan.pos)
     finally:
         mv.release()

@@ -97,7 +97,7 @@ def probe_reads(files: list[Path], queue_depths: tuple[int, ...] = (1, 8, 32), s
     if seconds <= 0 or block <= 0 or block % 512 or any(q < 1 for q in queue_depths):
         raise ConfigError(f"probe: seconds > 0, block a multiple of 512 and queue depths >= 1 "
                           f"(got {seconds}, {block}, {queue_depths})")
-    fds, direct = zip(*(_open(f) for f in files))
+    fds, direct = zip(*(_open(f) for f in files), strict=True)
     try:
         blocks = np.array([os.fstat(fd).st_size // block for fd in fds], dtype=np.int64)
         cum = np.cumsum(blocks)
@@ -159,7 +159,7 @@ def _probe(fds, cum: np.ndarray, qd: int, seconds: float, block: int, seed: int,
     slow = lat > STALL_MS
     stalled = 0.0
     if slow.any():
-        iv = sorted(zip(end[slow] - lat[slow] / 1e3, end[slow]))
+        iv = sorted(zip(end[slow] - lat[slow] / 1e3, end[slow], strict=True))
         a, b = iv[0]
         for s, e in iv[1:]:
             if s > b:

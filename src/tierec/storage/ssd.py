@@ -444,7 +444,7 @@ class SsdTable:
         """Read the given runs into ``mv`` (one ``preadv`` per run, split at MAX_IO); bytes read."""
         # loop over coalesced runs (not rows)
         return sum(blockio.pread_exact(self.read_fd, mv, f, n, b, self.file_bytes, self.path)
-                   for f, n, b in zip(foffs, nbytes, boffs))
+                   for f, n, b in zip(foffs, nbytes, boffs, strict=True))
 
     def _block_io_once(self, ids_np: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
         order = None
@@ -463,12 +463,12 @@ class SsdTable:
         fd = self._fd if self.odirect else self._bfd
         size = self.file_bytes
         batched = blockio.use_aio(self.odirect, plan.nbytes)
-        runs = [] if batched else list(zip(plan.foff.tolist(), plan.nbytes.tolist(), plan.boff.tolist()))
+        runs = [] if batched else list(zip(plan.foff.tolist(), plan.nbytes.tolist(), plan.boff.tolist(), strict=True))
         addrs = buf.ctypes.data + plan.boff.astype(np.uint64)
         dev_read = dev_written = 0
         try:
             if not blind:  # every block of the batch in flight at once, or one preadv per run
-                dev_read = self._aio_read_runs(plan, addrs) if batched else self._pread_runs(mv, *zip(*runs))
+                dev_read = self._aio_read_runs(plan, addrs) if batched else self._pread_runs(mv, *zip(*runs, strict=True))
             win = self.rows_at(buf, writeable=rows is not None)
             if rows is None:
                 out = win[pos]  # vectorised gather: a copy

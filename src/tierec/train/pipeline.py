@@ -220,7 +220,7 @@ class LookaheadPipeline:
             self._cond.notify_all()
         for lease in leases:  # each table finds its rows of the step when its forward runs
             lease.handed = True
-            for m, lk in zip(lease.target.members, lease.lookups):
+            for m, lk in zip(lease.target.members, lease.lookups, strict=True):
                 m.table.use_lookup(lk)
         stall = time.perf_counter() - t0
         st = self.stats
@@ -514,7 +514,7 @@ class LookaheadPipeline:
             gen = self._release_gen
         keys = [k for k in self.caches if k not in self._partial]
         got = self._each_table(lambda k: self.caches[k].prepare(step, uniq[k], allow_bypass=alone), keys)
-        for key, ws in zip(keys, got):
+        for key, ws in zip(keys, got, strict=True):
             if ws is None:
                 continue
             self._partial[key] = ws

@@ -26,6 +26,7 @@ from tierec import __version__, energy
 from tierec.config import parse_bytes
 from tierec.data.dataset import Dataset, Schema
 from tierec.errors import CheckpointError, ConfigError, TierecError
+from tierec.malloc import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds
 from tierec.modules.dlrm import DLRM
 from tierec.modules.embedding import TableConfig, build_collection
 from tierec.modules.optim import SparseOptimizer
@@ -33,7 +34,6 @@ from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableView
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.ssd import SsdTable
-from tierec.malloc import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig, trajectory_changes
 from tierec.train.metrics import log_loss, roc_auc

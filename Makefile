@@ -1,12 +1,12 @@
 # Two commands set everything up on a fresh machine with only Python:
 #   make demo   -> venv + install + synth data -> convert -> train -> eval -> checkpoint
-#   make test   -> venv + install + full test suite
+#   make test   -> venv + install + lint + type check + full test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tierec-installed
 
-.PHONY: demo test venv bench clean torchrec
+.PHONY: demo test lint venv bench clean torchrec
 
 venv: $(STAMP)
 
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/tierec demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests
+
+# ruff (lint) and mypy (types) on src/, configured in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check src
+	$(BIN)/mypy
 
 # Optional TorchRec baseline for benchmarks/ (see docs/benchmarks.md).
 torchrec: $(STAMP)

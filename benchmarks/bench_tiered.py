@@ -68,7 +68,7 @@ from tierec.data.synth import SynthConfig, iter_chunks
 from tierec.errors import TierecError
 from tierec.modules.dlrm import DLRM
 from tierec.modules.embedding import TableConfig, build_collection, dedup
-from tierec.storage.base import InMemoryTable
+from tierec.storage.base import InMemoryTable, RowStoreDefaults
 from tierec.modules.optim import SparseOptimizer
 from tierec.storage import CachedTable
 from tierec.storage.plan import AccessSample, TableNeeds, plan_tables
@@ -187,9 +187,9 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-class _ZeroRows:
-    """A backing store of zero rows that forgets writes: lets the cache's policy be replayed and
-    timed without I/O (hit rates do not depend on the row values)."""
+class _ZeroRows(RowStoreDefaults):
+    """A backing store (`RowStore`) of zero rows that forgets writes: lets the cache's policy be
+    replayed and timed without I/O (hit rates do not depend on the row values)."""
 
     def __init__(self, num_embeddings: int, dim: int, state_dim: int):
         self.num_embeddings, self.dim, self.state_dim = num_embeddings, dim, state_dim
@@ -200,12 +200,6 @@ class _ZeroRows:
 
     def write(self, ids, weight, state):
         pass
-
-    def acquire(self, ids):  # pragma: no cover - the cache uses read/write
-        raise NotImplementedError
-
-    def release(self, ws, dirty):  # pragma: no cover
-        raise NotImplementedError
 
     def read_rows(self, start, end):
         return torch.zeros(end - start, self.dim), torch.zeros(end - start, self.state_dim)

@@ -89,7 +89,7 @@ def _coerce(value: Any, tp, where: str):
         return {str(k): _coerce(v, vt, _sub(where, f".{k}")) for k, v in value.items()}
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

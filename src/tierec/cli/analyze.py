@@ -167,7 +167,7 @@ def main(args) -> int:
         print("  (" + ", ".join(f"{pol_names[p]} {t:.2f} s" for p, t in timings[name].items()) + ")", file=out)
 
     rec = None
-    if budget is not None:
+    if budget is not None and row_bytes is not None:  # (a budget without row_bytes was refused above)
         rec_curves = {n: cs[rec_policy] for n, cs in results.items()}
         budget_rows = budget // row_bytes
         alloc = allocate(rec_curves, budget_rows)

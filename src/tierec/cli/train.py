@@ -140,8 +140,9 @@ def _train(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun with several processes
         from tierec.distributed.run import train_distributed
 
-        return train_distributed(cfg, resume=args.resume, overwrite=args.overwrite,
-                                 allow_config_change=args.allow_config_change)
+        rc = train_distributed(cfg, resume=args.resume, overwrite=args.overwrite,
+                               allow_config_change=args.allow_config_change)
+        return rc or 0  # None: torchrun's `record` wrapper caught a SystemExit(0)
     from tierec.train.trainer import Trainer
 
     summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite,

@@ -88,6 +88,7 @@ class WindowedWriter:
         win, rest = data.slice(0, n), data.slice(n, len(data))
         self._buf, self._rows = ([rest], len(rest)) if len(rest) else ([], 0)
         if self.by == "session":
+            assert win.session is not None  # write() sets it: a "session" schema has a key (clustered_schema)
             order = window_order(win.session, self.rng)
         else:
             order = self.rng.permutation(len(win))

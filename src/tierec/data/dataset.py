@@ -584,7 +584,7 @@ def _decoding(path: str, what: str, fn: Callable[[], T]) -> T:
         raise DataError(f"{what} cannot be decoded ({type(e).__name__}: {reason}; {CORRUPT})", path) from None
 
 
-_FIELDS = {  # what a manifest must hold: key -> type, per level
+_FIELDS: dict[str, dict[str, type]] = {  # what a manifest must hold: key -> type, per level
     "manifest": {"format": str, "schema": dict, "splits": dict},
     "schema": {"dense": list, "sparse": list},
     "sparse feature": {"name": str, "num_embeddings": int},
@@ -846,6 +846,7 @@ class Dataset:
         with ThreadPoolExecutor(1) as pool:  # read the next row group while this one is consumed
             fut = pool.submit(load, plan[0]) if plan else None
             for i in range(len(plan)):
+                assert fut is not None  # plan[i] was submitted: before the loop or in the iteration before
                 chunk = fut.result()
                 fut = pool.submit(load, plan[i + 1]) if i + 1 < len(plan) else None
                 if len(chunk) > remaining:

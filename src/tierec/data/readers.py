@@ -31,10 +31,11 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -206,7 +207,7 @@ class _ZstdReader(io.RawIOBase):
         import zstandard
 
         self.raw, self.dctx, self.error = raw, zstandard.ZstdDecompressor(), zstandard.ZstdError
-        self.obj = None
+        self.obj: zstandard.ZstdDecompressionObj | None = None  # the frame being decompressed
         self.out = memoryview(b"")
 
     def readable(self) -> bool:
@@ -268,9 +269,10 @@ def _check_input(path) -> Path:
     return p
 
 
-def parse_table_sizes(spec) -> list[int] | dict[str, int] | None:
+def parse_table_sizes(spec) -> list[Any] | tuple[Any, ...] | dict[Any, Any] | None:
     """``--table-sizes``: a list, a ``{name: size}`` dict, a comma list (``"1000,20,..."`` or
-    ``"C1=1000,C2=20"``), or a YAML/JSON file holding a list or a mapping."""
+    ``"C1=1000,C2=20"``), or a YAML/JSON file holding a list or a mapping. The sizes are not checked
+    here (`resolve_table_sizes` does)."""
     if spec is None or isinstance(spec, (list, tuple, dict)):
         return spec
     s = str(spec).strip()
@@ -461,11 +463,11 @@ class Reader:
         for b in self:
             yield b.chunk
 
-    def _blocks(self) -> Iterator[Block]:
+    def _blocks(self) -> Generator[Block, None, None]:
         raise NotImplementedError
 
     # -- input text
-    def _texts(self) -> Iterator[tuple[bytes, int]]:
+    def _texts(self) -> Generator[tuple[bytes, int], None, None]:
         """(bytes of whole lines, each ending in a newline; line number of the first), ~block_size each.
         An input that cannot be read or decompressed, at any point, raises `DataError` naming it."""
         try:
@@ -516,8 +518,9 @@ class Reader:
         return 0, ""
 
     # -- bad rows
-    def _report_bad(self, lines: np.ndarray, bad: _BadRows | None, invalid: list[tuple[int, str]] = ()) -> None:
+    def _report_bad(self, lines: np.ndarray, bad: _BadRows | None, invalid: Sequence[tuple[int, str]] = ()) -> None:
         """Raise on the earliest bad row (by line), or count them all when skipping bad rows."""
+        bad = bad if bad is not None else _BadRows(0)  # None: no bad rows
         idx = np.flatnonzero(bad.mask) if bad else np.zeros(0, np.int64)
         if not self.skip_bad_rows:
             cands = [(int(line), msg) for line, msg in invalid]
@@ -586,7 +589,7 @@ class _DelimitedReader(Reader):
     def _parse(self, batch: pa.RecordBatch) -> Chunk | _BadRows:
         raise NotImplementedError
 
-    def _blocks(self) -> Iterator[Block]:
+    def _blocks(self) -> Generator[Block, None, None]:
         tables = self._tables()
         try:
             with ThreadPoolExecutor(1) as pool:  # split the next block into fields while this one is parsed
@@ -597,7 +600,7 @@ class _DelimitedReader(Reader):
         finally:
             tables.close()
 
-    def _tables(self) -> Iterator[tuple[pa.RecordBatch, np.ndarray, list[tuple[int, str]]]]:
+    def _tables(self) -> Generator[tuple[pa.RecordBatch, np.ndarray, list[tuple[int, str]]], None, None]:
         """(fields of a block as strings, line number of each row, bad rows (line, reason)) per block of
         whole lines (`Reader._texts`), split from memory with ``pyarrow.csv.read_csv``.
 
@@ -991,7 +994,7 @@ class LibSVMReader(Reader):
         log.info("%s: %d libFM fields in the first block -> sparse features f0..f%d", self.path, k, k - 1)
         return k
 
-    def _blocks(self) -> Iterator[Block]:
+    def _blocks(self) -> Generator[Block, None, None]:
         for text, first_line in self._texts():
             tk = _tokenize(text, first_line)
             while tk is not None:

@@ -38,7 +38,9 @@ class CommStats:
         self.calls[kind] = self.calls.get(kind, 0) + 1
 
     def reset(self) -> None:
-        self.bytes.clear(), self.seconds.clear(), self.calls.clear()
+        self.bytes.clear()
+        self.seconds.clear()
+        self.calls.clear()
 
     def total_bytes(self) -> int:
         return sum(self.bytes.values())
@@ -55,8 +57,8 @@ class Dist:
     world: int
     local_rank: int
     device: torch.device
-    emb_group: object  # process group of the embedding all-to-alls
-    store: object = None  # the job's key-value store (torchrun's agent hosts it), to name silent ranks
+    emb_group: dist.ProcessGroup | None  # process group of the embedding all-to-alls (None: the default group)
+    store: dist.Store | None = None  # the job's key-value store (torchrun's agent hosts it), to name silent ranks
     stats: CommStats = field(default_factory=CommStats)
 
     def silent_ranks(self, wait_s: float) -> list[int]:

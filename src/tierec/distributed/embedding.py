@@ -96,7 +96,7 @@ class ShardedEmbeddingCollection(nn.Module):
         # each table is a row space over its shards, in row order (shard k of table t: member k)
         self.spaces = [RowSpace([s.rows for s in sorted((s for s in plan if s.index == t), key=lambda s: s.lo)])
                        for t in range(len(configs))]
-        self.tables = []
+        self.tables: list[EmbeddingBag] = []
         for s in self.shards:
             cfg = configs[s.index]
             sdim = optimizer.state_dim(cfg.embedding_dim)
@@ -115,6 +115,10 @@ class ShardedEmbeddingCollection(nn.Module):
     @property
     def table_configs(self) -> list[TableConfig]:
         return self.configs
+
+    @property
+    def bags(self) -> list[EmbeddingBag]:
+        return self.tables
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -139,7 +143,12 @@ class ShardedEmbeddingCollection(nn.Module):
             out += [(lengths[i], v) for i, v in enumerate(torch.split(vals, counts))]
         return out
 
-    def pooled(self, kjt: KeyedJaggedTensor) -> list[torch.Tensor]:
+    def pooled(self, kjt: KeyedJaggedTensor, user: KeyedJaggedTensor | None = None,
+               expand: bool = True) -> list[torch.Tensor]:
+        """This rank's samples (B_r, all T keys) -> T tensors [B_r, D]. ``user``/``expand``: as in
+        `EmbeddingBagCollection.pooled`, but deduplicated batches are not supported: ``user`` must be None."""
+        if user is not None:
+            raise ConfigError("deduplicated batches are not supported by sharded tables (they take plain batches)")
         if kjt.keys() != self.keys:
             raise ConfigError(f"batch keys {kjt.keys()} differ from the sharded tables' keys {self.keys}")
         if kjt.weights_or_none() is not None:

@@ -91,11 +91,12 @@ def plan_shards(tables: list[TableNeeds], world: int, budget_per_rank: int | Non
         load[r] += cost[t.name]
     shards = []
     for i, t in enumerate(tables):
-        if owner[t.name] == "row":
+        rank = owner[t.name]
+        if isinstance(rank, int):
+            shards.append(Shard(t.name, i, rank, 0, t.num_embeddings, t.num_embeddings))
+        else:  # "row"
             b = row_bounds(t.num_embeddings, world)
             shards += [Shard(t.name, i, r, b[r], b[r + 1], t.num_embeddings) for r in range(world)]
-        else:
-            shards.append(Shard(t.name, i, owner[t.name], 0, t.num_embeddings, t.num_embeddings))
     return shards
 
 

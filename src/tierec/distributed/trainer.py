@@ -36,6 +36,7 @@ from tierec.errors import ConfigError, TierecError
 from tierec.fsio import sha256_file
 from tierec.modules.dlrm import DLRM
 from tierec.modules.optim import SparseOptimizer
+from tierec.modules.two_tower import TwoTower
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.plan import AccessSample, TableNeeds, measure_lookups
 from tierec.storage.settings import StorageSettings
@@ -99,7 +100,7 @@ def merge_storage_plans(plans: list[list[dict]], shards: list[Shard]) -> list[di
     by_shard = {p["name"]: p for rank_plan in plans for p in rank_plan}
     if not by_shard:
         return None
-    out = {}
+    out: dict[str, dict] = {}  # table -> its plan entry
     for s in shards:
         p = by_shard.get(s.name, {"placement": "memory", "cache_rows": 0, "policy": "lru", "table_bytes": 0,
                                   "budget_bytes": 0, "access_share": 0.0})
@@ -169,9 +170,11 @@ class DistributedTrainer(Trainer):
 
     @property
     def ebc(self) -> ShardedEmbeddingCollection:
-        return self.model.embeddings
+        ebc = self.model.embeddings
+        assert isinstance(ebc, ShardedEmbeddingCollection)  # `_build_model` shards the tables
+        return ebc
 
-    def _build_model(self, fresh: bool) -> DLRM:
+    def _build_model(self, fresh: bool) -> DLRM | TwoTower:
         """`build_model` with this rank's shards of the tables (`ShardedEmbeddingCollection`), placed by a
         sharding plan over the measured lookups, each rank's under its own memory budget."""
         cfg, d, schema = self.cfg, self.dist, self.ds.schema
@@ -222,13 +225,15 @@ class DistributedTrainer(Trainer):
         self.model.eval()
         probs, labels = [], []
         split = self.eval_split
+        if split is None:
+            raise TierecError(f"{self.eval_ds.root}: no held-out rows to evaluate")
         for batch in self.eval_ds.batches(split, cfg.eval_batch_size, max_rows=cfg.max_eval_rows):
             b = row_bounds(batch.size, d.world)
             local = slice_batch(batch, b[d.rank], b[d.rank + 1]).to(self.device)
-            p = torch.sigmoid(self.model(local.dense, local.sparse))
+            prob = torch.sigmoid(self.model(local.dense, local.sparse))
             width = max(b[r + 1] - b[r] for r in range(d.world))
             padded = torch.zeros(width, device=self.device)
-            padded[: p.numel()] = p
+            padded[: prob.numel()] = prob
             parts = [torch.empty_like(padded) for _ in range(d.world)]
             dist.all_gather(parts, padded)
             probs.append(torch.cat([parts[r][: b[r + 1] - b[r]] for r in range(d.world)]).cpu().numpy())
@@ -254,7 +259,7 @@ class DistributedTrainer(Trainer):
         steps = {s.index: int(t.step) for s, t in zip(ebc.shards, ebc.tables, strict=True)}
         gathered: list = [None] * d.world
         dist.all_gather_object(gathered, (steps, self.rank_plan))
-        box = [None]
+        box = [""]  # rank 0's temporary directory, broadcast to the others
         if d.rank == 0:
             tmp = ckpt.new_checkpoint_dir(self.out, self.step)
             for c in ebc.configs:  # full-size files; every rank fills its row ranges

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from tierec.errors import ConfigError
 
@@ -128,15 +129,16 @@ def resolve_intensity(region: str | None = None, intensity_g_per_kwh: float | No
 
 def resolve_pue(pue: float | None = None) -> float:
     """Power usage effectiveness (facility energy / IT energy); 1.0 unless given or set in $TIEREC_PUE."""
-    if pue is None:
+    raw: float | str | None = pue
+    if raw is None:
         env = os.environ.get(ENV_PUE, "").strip()
-        pue = env if env else 1.0
+        raw = env if env else 1.0
         what = f"${ENV_PUE}" if env else "pue"
     else:
         what = "pue"
-    x = _positive_number(pue, what, allow_zero=False)
+    x = _positive_number(raw, what, allow_zero=False)
     if x < 1.0:
-        raise ConfigError(f"{what} must be >= 1 (facility energy / IT energy), got {pue!r}")
+        raise ConfigError(f"{what} must be >= 1 (facility energy / IT energy), got {raw!r}")
     return x
 
 
@@ -196,7 +198,7 @@ class EmbodiedConfig:
     @classmethod
     def from_env(cls) -> EmbodiedConfig:
         """Defaults, overridden by any of $TIEREC_EMBODIED_{NODE_KG,GPU_KG,LIFETIME_YEARS,NODE_SHARE}."""
-        kw = {}
+        kw: dict[str, Any] = {}
         for env, field, conv in (
             (ENV_EMBODIED_NODE_KG, "node_kgco2e", float),
             (ENV_EMBODIED_GPU_KG, "gpu_kgco2e", float),

@@ -25,9 +25,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 from tierec.errors import ConfigError
 
+resource: ModuleType | None
 try:  # Unix only; on other platforms the estimate counts this process only.
     import resource
 except ImportError:  # pragma: no cover
@@ -365,7 +367,7 @@ def open_nvml(visible: str | None = None, *, use_env: bool = True) -> tuple[Nvml
 
 
 def resolve_watts(value: float | None, env: str, default: float, what: str) -> float:
-    raw = value
+    raw: float | str | None = value
     src = what
     if raw is None:
         env_raw = os.environ.get(env, "").strip()

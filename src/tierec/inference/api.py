@@ -49,8 +49,8 @@ class RecommendResponse(BaseModel):
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    checkpoint: str | None = Field(None, description="ranker checkpoint (default: newest of the startup path)")
-    retriever: str | None = Field(None, description="two-tower checkpoint to reload the retriever from")
+    checkpoint: str | None = Field(default=None, description="ranker checkpoint (default: newest of the startup path)")
+    retriever: str | None = Field(default=None, description="two-tower checkpoint to reload the retriever from")
 
 
 class ApiError(Exception):

@@ -41,7 +41,7 @@ class DynamicBatcher:
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = asyncio.get_running_loop().create_task(self._loop(self._queue))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -53,20 +53,22 @@ class DynamicBatcher:
 
     async def submit(self, payload):
         """Queue one request's ``payload`` and wait for its result."""
+        if self._queue is None:
+            raise RuntimeError("DynamicBatcher.submit before start()")
         fut = asyncio.get_running_loop().create_future()
         await self._queue.put((payload, fut))
         return await fut
 
-    async def _collect(self) -> list:
+    async def _collect(self, queue: asyncio.Queue) -> list:
         """The next batch: the first waiting request, then more until full or ``max_wait_s`` passed."""
         loop = asyncio.get_running_loop()
-        first, self._held = (self._held, None) if self._held is not None else (await self._queue.get(), None)
+        first, self._held = (self._held, None) if self._held is not None else (await queue.get(), None)
         group, n = [first], len(first[0])
         deadline = loop.time() + self.max_wait_s
         while n < self.max_batch:
             left = deadline - loop.time()
             try:
-                req = await asyncio.wait_for(self._queue.get(), left) if left > 0 else self._queue.get_nowait()
+                req = await asyncio.wait_for(queue.get(), left) if left > 0 else queue.get_nowait()
             except (TimeoutError, asyncio.QueueEmpty):
                 break
             if n + len(req[0]) > self.max_batch:
@@ -76,10 +78,11 @@ class DynamicBatcher:
             n += len(req[0])
         return [(p, fut) for p, fut in group if not fut.done()]  # drop requests whose client went away
 
-    async def _loop(self) -> None:
+    async def _loop(self, queue: asyncio.Queue) -> None:
+        """Runs until cancelled (`stop`); ``queue``: the one `start` made, where `submit` puts requests."""
         loop = asyncio.get_running_loop()
         while True:
-            group = await self._collect()
+            group = await self._collect(queue)
             if not group:
                 continue
             try:
@@ -96,7 +99,7 @@ class DynamicBatcher:
             for _, fut, r in ok:
                 if not fut.done():
                     fut.set_result(r)
-            if self.idle is not None and self._held is None and self._queue.empty():
+            if self.idle is not None and self._held is None and queue.empty():
                 try:
                     await loop.run_in_executor(self.executor, self.idle)
                 except Exception:

@@ -36,9 +36,11 @@ import torch.nn.functional as F
 
 from tierec.data.dataset import Schema
 from tierec.errors import CheckpointError, ConfigError
+from tierec.modules.dlrm import DLRM
 from tierec.modules.optim import SparseOptimizer
+from tierec.modules.two_tower import TwoTower
 from tierec.sparse import KeyedJaggedTensor
-from tierec.storage.base import InMemoryTable, WorkingSet
+from tierec.storage.base import InMemoryTable, RowStoreDefaults, WorkingSet
 from tierec.storage.cache import CachedTable
 from tierec.storage.concat import ConcatTable
 from tierec.storage.rowspace import RowSpace
@@ -55,10 +57,10 @@ INLINE_ADMIT = 4  # fetch() admits by itself once this many admission batches ar
 VICTIM_SAMPLE = 32  # eviction picks the least frequent of 32 random resident rows per row admitted
 
 
-class _Stash:
-    """The shared cache's backing: the tables' files as one weights-only `ConcatTable`, where ``rows``
-    (sorted ids, weights) already read for an admission batch are served from memory instead of read
-    again (the cache admits rows that were just read)."""
+class _Stash(RowStoreDefaults):
+    """The shared cache's backing (a read-only `RowStore`): the tables' files as one weights-only
+    `ConcatTable`, where ``rows`` (sorted ids, weights) already read for an admission batch are served
+    from memory instead of read again (the cache admits rows that were just read)."""
 
     def __init__(self, table: ConcatTable):
         self.table = table
@@ -77,6 +79,12 @@ class _Stash:
 
     def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.table.read_rows(start, end)
+
+    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
+        raise RuntimeError("serving tables are read-only")
+
+    def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None:
+        raise RuntimeError("serving tables are read-only")
 
     def flush(self) -> None:
         pass
@@ -267,6 +275,7 @@ class FusedLookup:
         per_key = lengths.view(T, B).sum(1)
         rows = values + self.space.offsets_t[:-1].repeat_interleave(per_key, output_size=values.numel())
         if self.shared is None:
+            assert self.weight is not None  # the constructor takes one of the two
             idx, w = rows, self.weight
         elif values.numel():
             uniq, idx = torch.unique(rows, return_inverse=True)
@@ -313,7 +322,7 @@ class ServeOptions:
 class LoadedModel:
     """A checkpoint ready to serve. ``kind``: "dlrm" or "two-tower"."""
 
-    model: torch.nn.Module
+    model: DLRM | TwoTower
     kind: str
     schema: Schema
     path: Path
@@ -327,12 +336,12 @@ class LoadedModel:
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """``model(dense, sparse)`` -> logits [B]. A DLRM pools all its tables in one fused lookup
         (`FusedLookup`); other models' SSD-backed tables get the batch's rows in one shared fetch first."""
-        if self.lookup is not None and sparse.keys() == self.lookup.keys:
+        if self.lookup is not None and isinstance(self.model, DLRM) and sparse.keys() == self.lookup.keys:
             x = self.model.bottom(dense)
             return self.model.head(x, torch.cat([x.unsqueeze(1), self.lookup.pooled(sparse)], 1))
         if self.shared is not None:
             by_key = sparse.to_dict()
-            views = [t.storage for t in self.model.embeddings.tables
+            views = [t.storage for t in self.model.embeddings.bags
                      if isinstance(t.storage, SsdView) and t.config.key in by_key]
             if views:  # one unique over all tables' IDs (global rows), one fetch, split back per table
                 space = self.shared.space
@@ -420,7 +429,8 @@ def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) 
         limit_malloc_retention()  # freed multi-MB temporaries (warm-up reads) go back to the OS
         shared = _open_shared_cache(path, m, schema, cfg, opt, pool)
 
-    weight, mem = None, []
+    weight: torch.Tensor | None = None
+    mem: list[InMemoryTable] = []
     if shared is None:  # every table a view into one tensor, filled from the checkpoint (no random init)
         weight, mem = end_to_end_tables([f.num_embeddings for f in schema.sparse], cfg.embedding_dim,
                                         SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr).state_dim(cfg.embedding_dim))
@@ -432,13 +442,13 @@ def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) 
     state = ckpt.load_dense_state(path, m)
     model.load_state_dict(state["model"])
     if shared is None:
-        ckpt.load_tables(path, m, {t.config.name: t.storage for t in model.embeddings.tables})
+        ckpt.load_tables(path, m, {t.config.name: t.storage for t in model.embeddings.bags})
         for t in mem:  # serving needs no optimizer state: drop it
             t.state = torch.empty(t.num_embeddings, 0)
     model.eval()
     lookup = None
     if cfg.model == "dlrm":
-        tables = model.embeddings.tables
+        tables = model.embeddings.bags
         lookup = FusedLookup([t.config.key for t in tables], [t.config.num_embeddings for t in tables],
                              [t.config.pooling == "mean" for t in tables], cfg.embedding_dim, weight, shared)
     log.info("loaded %s checkpoint %s (step %d), tables in %s%s", cfg.model, path, m["step"], opt.tables,

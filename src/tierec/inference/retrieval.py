@@ -127,8 +127,8 @@ def item_corpus(data: str, schema: Schema, keys: list[str], rows: int) -> Encode
     row of each key is kept, in order of appearance. Returns the items as `Encoded` (no dense).
     """
     ds = Dataset(data)
-    vals = {k: [] for k in keys}
-    lens = {k: [] for k in keys}
+    vals: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    lens: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     seen = 0
     for chunk in ds.chunks("train", 8192):
         take = min(len(chunk), rows - seen)
@@ -183,6 +183,7 @@ class Retriever:
 
     def __init__(self, loaded, corpus: Encoded, index: HnswIndex):
         self.loaded, self.corpus, self.index = loaded, corpus, index
+        self.vectors: np.ndarray | None = None  # the item vectors [N, D] when kept in memory (`build`)
 
     @classmethod
     def build(cls, loaded, params: HnswParams, corpus_rows: int, index_dir: str | None = None,

@@ -31,12 +31,14 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Mount, Route, WebSocketRoute
 
 from tierec.inference.admin import AdminReload, AdminSettings
 from tierec.inference.api import (
@@ -133,7 +135,7 @@ def _loc(loc) -> str:
 
 async def on_validation(request: Request, exc: RequestValidationError):
     errs = exc.errors()
-    e = errs[0] if errs else {"loc": ("body",), "msg": "invalid request", "type": ""}
+    e: dict[str, Any] = errs[0] if errs else {"loc": ("body",), "msg": "invalid request", "type": ""}
     if e.get("type") == "json_invalid":
         return error_response(400, f"malformed JSON body: {e.get('ctx', {}).get('error', e['msg'])}", "body")
     return error_response(422, e["msg"], _loc(e.get("loc", ())))
@@ -241,7 +243,7 @@ def create_app(store: ModelStore, settings: ServerSettings, admin: AdminSettings
     known_paths: set[str] = set()
     app.middleware("http")(observe(metrics, known_paths))
     for exc, handler in ERROR_HANDLERS:
-        app.add_exception_handler(exc, handler)
+        app.add_exception_handler(exc, handler)  # type: ignore[arg-type]  # Starlette types handlers for Exception only
     app.post("/v1/predict", response_model=PredictResponse)(routes.predict)
     app.post("/v1/recommend", response_model=RecommendResponse)(routes.recommend)
     app.get("/healthz")(routes.healthz)
@@ -250,7 +252,7 @@ def create_app(store: ModelStore, settings: ServerSettings, admin: AdminSettings
         body = {"content": {"application/json": {"schema": ReloadRequest.model_json_schema()}}}
         reload = AdminReload(store, admin, worker, routes.healthz)
         app.post("/v1/admin/reload", openapi_extra={"requestBody": body})(reload.admin_reload)
-    known_paths.update(r.path for r in app.routes)
+    known_paths.update(r.path for r in app.routes if isinstance(r, (Route, WebSocketRoute, Mount)))
     app.state.store, app.state.registry, app.state.batcher = store, metrics.registry, batcher
     app.state.encoder = encoder
     return app

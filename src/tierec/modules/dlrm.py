@@ -25,7 +25,7 @@ import warnings
 import torch
 from torch import nn
 
-from tierec.modules.embedding import EmbeddingBagCollection
+from tierec.modules.embedding import EmbeddingCollection
 from tierec.sparse import KeyedJaggedTensor
 
 
@@ -52,17 +52,19 @@ class DotInteraction(nn.Module):
     """[B, F, D] -> [B, F(F-1)/2]: dot products of every pair (i, j), i > j, of feature vectors, in
     row-major order of the strict lower triangle: pair (i, j) is column i(i-1)/2 + j."""
 
+    pairs: torch.Tensor  # buffer: positions of the pairs in the flattened [F, F] products
+
     def __init__(self, num_features: int):
         super().__init__()
         self.register_buffer("pairs", lower_pairs(num_features), persistent=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        # index_select on the flattened products: the same gather as [:, rows, cols], ~10x faster on CPU
+        # index_select on the flattened products: the same gather as [:, rows, cols], much faster on CPU
         return torch.bmm(z, z.transpose(1, 2)).flatten(1).index_select(1, self.pairs)
 
 
 class DLRM(nn.Module):
-    def __init__(self, num_dense: int, embeddings: EmbeddingBagCollection, bottom_mlp: list[int],
+    def __init__(self, num_dense: int, embeddings: EmbeddingCollection, bottom_mlp: list[int],
                  top_mlp: list[int]):
         super().__init__()
         configs = embeddings.table_configs  # all tables, also when they are sharded over ranks
@@ -78,6 +80,7 @@ class DLRM(nn.Module):
         self.top = mlp([dim + n_inter, *top_mlp, 1], last_activation=False)
         self.dim = dim
         self._plans: dict[tuple, dict] = {}  # forward_dedup's index tensors per (user keys, device)
+        self.storage_plan: list[dict] | None = None  # where the tables live (set by `build_model`; in checkpoints)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor,
                 user: KeyedJaggedTensor | None = None) -> torch.Tensor:
@@ -113,7 +116,7 @@ class DLRM(nn.Module):
         uu = torch.bmm(zu, zu.transpose(1, 2)).flatten(1).index_select(1, plan["uu"])  # [U, Tu(Tu-1)/2]
         oo = torch.bmm(zo, zo.transpose(1, 2)).flatten(1).index_select(1, plan["oo"])  # [B, To(To-1)/2]
         uo = torch.bmm(zu.index_select(0, inv), zo.transpose(1, 2)).flatten(1)  # [B, Tu * To]
-        first = self.top[0]  # nn.Linear(D + pairs, H); its columns in [x, dots] order
+        first = self._first_top()
         h = torch.addmm(first.bias, torch.cat([x, oo, uo], 1), first.weight.index_select(1, plan["rest_cols"]).t())
         h = h + (uu @ first.weight.index_select(1, plan["uu_cols"]).t()).index_select(0, inv)  # [B, H]
         return self.top[1:](h).squeeze(1)
@@ -121,7 +124,7 @@ class DLRM(nn.Module):
     def _plan(self, user_keys: tuple[str, ...]) -> dict:
         """Index tensors of `forward_dedup` for a set of user-side keys (cached): table indices of the
         user and other sides, pair positions in the flattened products, their first-layer columns."""
-        dev = self.top[0].weight.device
+        dev = self._first_top().weight.device
         plan = self._plans.get((user_keys, dev))
         if plan is None:
             on_u = torch.tensor([k in user_keys for k in self.embeddings.keys], dtype=torch.bool)
@@ -142,6 +145,12 @@ class DLRM(nn.Module):
                     "rest_cols": torch.cat([torch.arange(self.dim), col(o[ro], o[co]), col(ui, oj)]).to(dev)}
             self._plans[user_keys, dev] = plan
         return plan
+
+    def _first_top(self) -> nn.Linear:
+        """The top MLP's first layer, nn.Linear(D + pairs, H); its columns in [x, dots] order."""
+        first = self.top[0]
+        assert isinstance(first, nn.Linear)  # `mlp` starts with a Linear
+        return first
 
     def dense_parameters(self):
         """Parameters trained by the dense optimizer (embeddings update themselves)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +142,9 @@ class _FusedPooledLookup(torch.autograd.Function):
 class EmbeddingBag(torch.nn.Module):
     """One table: pooled lookups over a `TableStorage`, updated by a fused sparse optimizer."""
 
+    _anchor: torch.Tensor  # buffers (registered in __init__)
+    step: torch.Tensor
+
     def __init__(self, config: TableConfig, storage: TableStorage, optimizer: SparseOptimizer):
         super().__init__()
         self.config, self.storage, self.optimizer = config, storage, optimizer
@@ -188,21 +192,42 @@ class EmbeddingBag(torch.nn.Module):
             lk.release(False)
 
 
+class EmbeddingCollection(Protocol):
+    """What a model needs of its tables: an `EmbeddingBagCollection`, or this rank's shards of them
+    (`tierec.distributed.embedding.ShardedEmbeddingCollection`)."""
+
+    keys: list[str]  # sparse key of every table, in table order
+
+    @property
+    def bags(self) -> list[EmbeddingBag]: ...  # the table modules held here (a rank's shards)
+
+    @property
+    def table_configs(self) -> list[TableConfig]: ...  # every table, also those held by other ranks
+
+    def pooled(self, kjt: KeyedJaggedTensor, user: KeyedJaggedTensor | None = None,
+               expand: bool = True) -> list[torch.Tensor]: ...
+
+
 class EmbeddingBagCollection(torch.nn.Module):
     """Several tables, one per sparse key; ``forward(kjt) -> [B, T, D]`` in table order
     (``pooled(kjt)`` gives the T tensors [B, D] without stacking them)."""
 
     def __init__(self, tables: list[EmbeddingBag]):
         super().__init__()
-        self.tables = torch.nn.ModuleList(tables)
+        self.tables = torch.nn.ModuleList(tables)  # registers them (state_dict keys ``tables.{i}.*``)
         keys = [t.config.key for t in tables]
         if len(set(keys)) != len(keys):
             raise ConfigError(f"two tables serve the same feature: {keys}")
         self.keys = keys
 
     @property
+    def bags(self) -> list[EmbeddingBag]:
+        """The tables, typed (``self.tables`` is the `ModuleList` that registers them)."""
+        return cast("list[EmbeddingBag]", list(self.tables))
+
+    @property
     def table_configs(self) -> list[TableConfig]:
-        return [t.config for t in self.tables]
+        return [t.config for t in self.bags]
 
     def forward(self, kjt: KeyedJaggedTensor, user: KeyedJaggedTensor | None = None) -> torch.Tensor:
         return torch.stack(self.pooled(kjt, user), 1)
@@ -220,12 +245,12 @@ class EmbeddingBagCollection(torch.nn.Module):
             raise ConfigError(f"batch has no sparse feature(s) {missing}; it has {kjt.keys()}")
         out: list = []
         on_u = []  # (position in out, [U, D]) of the user-side tables
-        for table in self.tables:
+        for table in self.bags:
             jt = user_jts.get(table.config.key) or by_key[table.config.key]
             out.append(table(jt.values, jt.offsets(), jt.weights))
             if table.config.key in user_jts:
                 on_u.append(len(out) - 1)
-        if on_u and expand:  # expand U -> B: one index_select over the user tables side by side
+        if user is not None and on_u and expand:  # expand U -> B: one index_select over the user tables side by side
             inv = user.inverse_indices()[1]
             if inv.dim() == 1:
                 wide = torch.cat([out[i] for i in on_u], 1).index_select(0, inv)

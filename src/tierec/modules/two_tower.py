@@ -39,13 +39,14 @@ class TwoTower(nn.Module):
                               "user-side features with `side: user` in the field map of `tierec data convert` "
                               "(MovieLens: user_id is user-side), or `tierec data synth --user-features K "
                               "--session-length L`")
-        dim = embeddings.tables[0].config.embedding_dim
+        dim = embeddings.table_configs[0].embedding_dim
         self.dim = dim
         self.user_mlp = mlp([len(self.user_keys) * dim, *tower_mlp, dim], last_activation=False)
         self.item_mlp = mlp([len(self.item_keys) * dim, *tower_mlp, dim], last_activation=False)
         self.scale = nn.Parameter(torch.tensor(5.0))
         self.bias = nn.Parameter(torch.zeros(()))
-        self._by_key = {t.config.key: t for t in embeddings.tables}
+        self._by_key = {t.config.key: t for t in embeddings.bags}
+        self.storage_plan: list[dict] | None = None  # where the tables live (set by `build_model`; in checkpoints)
 
     def _pool(self, kjt: KeyedJaggedTensor, keys: list[str]) -> torch.Tensor:
         by_key = kjt.to_dict()

@@ -87,10 +87,10 @@ class KeyedJaggedTensor:
         self._length_per_key: list[int] | None = None
         self._inverse = inverse_indices
         if inverse_indices is not None and validate:
-            self._check_inverse()
+            self._check_inverse(inverse_indices)
 
-    def _check_inverse(self) -> None:
-        ikeys, inv = self._inverse
+    def _check_inverse(self, inverse: tuple[list[str], torch.Tensor]) -> None:
+        ikeys, inv = inverse
         if list(ikeys) != self._keys:
             raise ValueError(f"inverse_indices keys {list(ikeys)} differ from the KJT's keys {self._keys}")
         if inv.dtype != torch.int64 or inv.dim() not in (1, 2) or (inv.dim() == 2 and inv.shape[0] != len(self._keys)):

@@ -65,9 +65,10 @@ class AioRing:
     def __init__(self, depth: int | None = None):
         if _NR is None:
             raise OSError(errno.ENOSYS, "Linux AIO is not available on this platform")
+        self._nr = _NR  # system call numbers: setup, destroy, getevents, submit
         self.depth = int(depth or DEPTH)
         self._ctx = ctypes.c_ulong(0)
-        _syscall(_NR[0], self.depth, ctypes.addressof(self._ctx))
+        _syscall(self._nr[0], self.depth, ctypes.addressof(self._ctx))
         self._events = np.zeros(self.depth, EVENT)
 
     def run(self, opcode, fds: np.ndarray, offsets: np.ndarray, nbytes: np.ndarray,
@@ -97,7 +98,7 @@ class AioRing:
                 if submitted < n and room > 0:
                     k = min(room, n - submitted)
                     try:
-                        submitted += _syscall(_NR[3], self._ctx.value, k, ptrs.ctypes.data + 8 * submitted)
+                        submitted += _syscall(self._nr[3], self._ctx.value, k, ptrs.ctypes.data + 8 * submitted)
                     except OSError as e:
                         if e.errno != errno.EAGAIN or submitted == done:
                             raise
@@ -106,7 +107,7 @@ class AioRing:
                     continue
                 want = inflight if submitted == n else max(1, inflight // 2)
                 try:
-                    got = _syscall(_NR[2], self._ctx.value, want, min(inflight, self.depth), ev.ctypes.data, 0)
+                    got = _syscall(self._nr[2], self._ctx.value, want, min(inflight, self.depth), ev.ctypes.data, 0)
                 except OSError as e:
                     if e.errno == errno.EINTR:
                         continue
@@ -124,7 +125,7 @@ class AioRing:
         try:
             while left > 0:
                 try:
-                    left -= _syscall(_NR[2], self._ctx.value, 1, min(left, self.depth), self._events.ctypes.data, 0)
+                    left -= _syscall(self._nr[2], self._ctx.value, 1, min(left, self.depth), self._events.ctypes.data, 0)
                 except OSError as e:
                     if e.errno != errno.EINTR:
                         raise
@@ -134,7 +135,7 @@ class AioRing:
     def close(self) -> None:
         if self._ctx.value:
             try:
-                _syscall(_NR[1], self._ctx.value)
+                _syscall(self._nr[1], self._ctx.value)
             finally:
                 self._ctx = ctypes.c_ulong(0)
 

@@ -70,14 +70,71 @@ class TableStorage(Protocol):
     def flush(self) -> None: ...
 
 
-class InMemoryTable:
+class RowStore(Protocol):
+    """What a cache sits on (`tierec.storage.cache.CachedTable`'s backing store): rows moved by ID.
+
+    ``read(ids)``: rows ``ids`` (int64 [U], unique) as fresh tensors (weight [U, D], state [U, S]);
+    ``write(ids, weight, state)``: store them; ``exchange(write_ids, weight, state, read_ids)``: both
+    (disjoint IDs) in one pass where the store can (`SsdTable`, `ConcatTable`: one I/O batch), else
+    write then read; ``read_rows``/``write_rows``/``flush`` as in `TableStorage`; ``close`` releases
+    the store's files (after a flush); ``stats``/``reset_stats``: its counters. ``device``: where
+    the tensors it takes and returns live. Implemented by `InMemoryTable`, `SsdTable`, `ConcatTable`
+    and the caches themselves (a cache in front of a cache: device <- DRAM <- SSD)."""
+
+    num_embeddings: int
+    dim: int
+    state_dim: int
+    device: torch.device
+
+    def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None: ...
+
+    def exchange(self, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
+                 read_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def stats(self) -> dict: ...
+
+    def reset_stats(self) -> None: ...
+
+
+class RowStoreDefaults:
+    """`RowStore` methods for a store with nothing better to do: ``exchange`` = write, then read;
+    ``close`` = flush; no counters."""
+
+    def exchange(self: RowStore, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
+                 read_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if write_ids.numel():
+            self.write(write_ids, weight, state)
+        return self.read(read_ids)
+
+    def close(self: RowStore) -> None:
+        self.flush()
+
+    def stats(self) -> dict:
+        return {}
+
+    def reset_stats(self) -> None:
+        pass
+
+
+class InMemoryTable(RowStoreDefaults):
     """All rows in one tensor on ``device``: the plain, exact reference path. ``acquire(ids).index`` is
-    ``ids`` itself (rows addressed by ID)."""
+    ``ids`` itself (rows addressed by ID). Also a `RowStore` (a cache in front of memory: tests)."""
 
     def __init__(self, num_embeddings: int, dim: int, state_dim: int, device="cpu"):
         self.num_embeddings, self.dim, self.state_dim = num_embeddings, dim, state_dim
         self.weight = torch.empty(num_embeddings, dim, device=device)
         self.state = torch.zeros(num_embeddings, state_dim, device=device)
+        self.device = self.weight.device
 
     def acquire(self, ids: torch.Tensor) -> WorkingSet:
         return WorkingSet(ids, ids, self.weight, self.state)
@@ -85,7 +142,14 @@ class InMemoryTable:
     def release(self, ws: WorkingSet, dirty: bool) -> None:
         pass
 
-    def read_rows(self, start: int, end: int):
+    def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight.index_select(0, ids), self.state.index_select(0, ids)
+
+    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
+        self.weight.index_copy_(0, ids, weight)
+        self.state.index_copy_(0, ids, state)
+
+    def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.weight[start:end], self.state[start:end]
 
     def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None:

@@ -126,7 +126,7 @@ def direct_align(fd: int, want: int, file_bytes: int) -> int:
         return ALIGN
     buf = aio.aligned_buffer(want)
     try:
-        got = os.preadv(fd, [memoryview(buf)], want)
+        got = os.preadv(fd, [memoryview(buf)], want)  # type: ignore[arg-type]  # numpy stubs: a Buffer on 3.12+ only
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise

@@ -42,18 +42,11 @@ from dataclasses import dataclass
 import torch
 
 from tierec.errors import ConfigError
-from tierec.storage.base import WorkingSet
+from tierec.storage.base import RowStore, RowStoreDefaults, WorkingSet
 from tierec.storage.sketch import CountMinSketch
 
 POLICIES = ("lru", "lfu", "freq")
 _MAX = torch.iinfo(torch.int64).max
-
-
-def _storage_device(st) -> torch.device:
-    dev = getattr(st, "device", None)
-    if dev is None and hasattr(st, "weight"):
-        dev = st.weight.device
-    return torch.device(dev if dev is not None else "cpu")
 
 
 def sort_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -83,9 +76,9 @@ class _Handle:
     owner: CachedTable
     kind: str  # "cache": ws.index are cache slots; "temp": ws.weight/state are a gathered copy
     pinned: torch.Tensor  # cache slots pinned until release
+    fin: weakref.finalize  # unpins ``pinned`` if the working set is dropped unreleased
     hit_idx: torch.Tensor | None = None  # temp: positions (in ids) served from the cache ...
     miss_idx: torch.Tensor | None = None  # ... and from the backing store
-    fin: object = None
     released: bool = False
     step: int | None = None  # look-ahead caches: the training step this working set was prepared for
 
@@ -124,8 +117,8 @@ class _HashIndex:
     at once; the Python loop runs over probe *rounds* (about 1-2 on average, rarely
     over ten), each round on the IDs still unresolved. Deleted entries become
     tombstones; the map is rebuilt from the live entries when live + tombstones
-    exceed 3/8 of H, so probe runs stay short (at a 1/2 fill the longest runs of a
-    batch took ~30 rounds and made lookups 4x slower).
+    exceed 3/8 of H, so probe runs stay short (at a 1/2 fill a batch's longest runs
+    took tens of rounds; docs/storage.md).
     """
 
     WINDOW = 8  # entries of a probe run compared at once
@@ -253,8 +246,9 @@ class _NeedsRebuild(Exception):
     pass
 
 
-class CachedTable:
-    """Rows cached on ``device`` in front of ``backing``. Implements ``TableStorage``; exact.
+class CachedTable(RowStoreDefaults):
+    """Rows cached on ``device`` in front of ``backing``. A ``TableStorage``, and a ``RowStore`` for a
+    cache above it (tiers stack); exact.
 
     ``acquire(ids)`` (unique, sorted) makes the rows resident and returns a working
     set over the cache tensors, updated in place by the optimizer; when they
@@ -269,7 +263,7 @@ class CachedTable:
     released dirty keep only the later update (as for `SsdTable` alone).
     """
 
-    def __init__(self, backing, capacity_rows: int, policy: str = "lru", device="cpu", name: str = "", *,
+    def __init__(self, backing: RowStore, capacity_rows: int, policy: str = "lru", device="cpu", name: str = "", *,
                  freq=None):
         if policy not in POLICIES:
             raise ConfigError(f"cache policy must be one of {', '.join(POLICIES)}; got {policy!r}")
@@ -284,7 +278,7 @@ class CachedTable:
         self.victim_sample = 0
         self._gen = torch.Generator(device=self.device).manual_seed(0)
         self.row_bytes = (self.dim + self.state_dim) * 4
-        self._bdev = _storage_device(backing)
+        self._bdev = torch.device(backing.device)
         C, dev, i64 = self.capacity, self.device, torch.int64
         self.weight = torch.zeros(C, self.dim, device=dev)
         self.state = torch.zeros(C, self.state_dim, device=dev)
@@ -299,7 +293,7 @@ class CachedTable:
         self._count = torch.zeros(C, dtype=i64, device=dev) if policy == "lfu" else None
         self._prio = torch.zeros(C, dtype=i64, device=dev) if policy == "freq" else None
         self._clock = 1
-        self._freq = None
+        self._freq: CountMinSketch | _FreqTable | None = None
         if freq is not None:
             self.set_frequencies(freq)
         elif policy == "freq":
@@ -420,11 +414,15 @@ class CachedTable:
         if self._count is not None:
             self._count.index_add_(0, slots, self._count.new_ones(1).expand(n))
 
+    def _policy_key(self) -> torch.Tensor:
+        """int64 [C]: the policy's eviction key per slot (lowest first): access stamps, counts or static frequencies."""
+        key = self._stamp if self.policy == "lru" else (self._count if self.policy == "lfu" else self._prio)
+        assert key is not None, f"cache {self.name!r}: policy {self.policy!r} has no key"  # made in __init__
+        return key
+
     def _victim_key(self) -> torch.Tensor:
         K = self.size
-        if self.policy == "lru":
-            return self._stamp[:K].clone()
-        return (self._count if self.policy == "lfu" else self._prio)[:K].clone()
+        return self._policy_key()[:K].clone()
 
     def _pick_slots(self, n: int, protect: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Slots for ``n`` new rows -- (free slots, victims): free slots first, then the lowest-priority
@@ -460,8 +458,7 @@ class CachedTable:
         Redis approximates LRU/LFU. None if the sample holds too few candidates."""
         K = self.size
         cand = torch.unique(torch.randint(K, (self.victim_sample * need,), generator=self._gen, device=self.device))
-        full = self._stamp if self.policy == "lru" else (self._count if self.policy == "lfu" else self._prio)
-        key = full.index_select(0, cand)
+        key = self._policy_key().index_select(0, cand)
         key[torch.isin(cand, protect)] = _MAX
         key[self._pins.index_select(0, cand) > 0] = _MAX
         if int((key != _MAX).sum()) < need:
@@ -501,43 +498,23 @@ class CachedTable:
 
     # ------------------------------------------------------------------ backing I/O
     def _bread(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.backing
-        ids = ids.to(self._bdev)
-        if hasattr(b, "read"):
-            w, s = b.read(ids)
-        else:
-            ws = b.acquire(ids)
-            try:
-                w, s = ws.weight.index_select(0, ws.index), ws.state.index_select(0, ws.index)
-            finally:
-                b.release(ws, dirty=False)
+        w, s = self.backing.read(ids.to(self._bdev))
         self._st["rows_read"] += ids.numel()
         self._st["read_calls"] += 1
         return w.to(self.device), s.to(self.device)
 
     def _bwrite(self, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> None:
-        b = self.backing
-        ids, w, s = ids.to(self._bdev), w.to(self._bdev), s.to(self._bdev)
-        if hasattr(b, "write"):
-            b.write(ids, w, s)
-        else:
-            ws = b.acquire(ids)
-            ws.weight.index_copy_(0, ws.index, w)
-            ws.state.index_copy_(0, ws.index, s)
-            b.release(ws, dirty=True)
+        self.backing.write(ids.to(self._bdev), w.to(self._bdev), s.to(self._bdev))
         self._st["rows_written"] += ids.numel()
         self._st["write_calls"] += 1
 
     def _bexchange(self, wb, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write back ``wb`` = (ids, weight, state) of evicted dirty rows (or None) and read rows ``ids``
-        (not among them) from the backing store: in one pass where it has ``exchange`` (an `SsdTable`)."""
-        b = self.backing
-        if wb is None or not hasattr(b, "exchange"):
-            if wb is not None:
-                self._bwrite(*wb)
+        (not among them) from the backing store, in one pass where it can (`RowStore.exchange`)."""
+        if wb is None:
             return self._bread(ids)
         wid, w, s = wb
-        w, s = b.exchange(wid.to(self._bdev), w.to(self._bdev), s.to(self._bdev), ids.to(self._bdev))
+        w, s = self.backing.exchange(wid.to(self._bdev), w.to(self._bdev), s.to(self._bdev), ids.to(self._bdev))
         self._st["rows_written"] += wid.numel()
         self._st["write_calls"] += 1
         self._st["rows_read"] += ids.numel()
@@ -545,13 +522,20 @@ class CachedTable:
         return w.to(self.device), s.to(self.device)
 
     # ------------------------------------------------------------------ TableStorage
-    def _handle(self, ws: WorkingSet, kind: str, pinned: torch.Tensor, **kw) -> WorkingSet:
+    def _handle(self, ws: WorkingSet, kind: str, pinned: torch.Tensor, hit_idx: torch.Tensor | None = None,
+                miss_idx: torch.Tensor | None = None, step: int | None = None) -> WorkingSet:
         if pinned.numel():
             self._pins.index_add_(0, pinned, self._pins.new_ones(1).expand(pinned.numel()))
-        h = _Handle(self, kind, pinned, **kw)
-        h.fin = weakref.finalize(ws, _unpin, self._pins, pinned)  # unpin if dropped unreleased
-        ws.handle = h
+        fin = weakref.finalize(ws, _unpin, self._pins, pinned)  # unpin if dropped unreleased
+        ws.handle = _Handle(self, kind, pinned, fin, hit_idx, miss_idx, step=step)
         return ws
+
+    def _own(self, ws: WorkingSet) -> _Handle:
+        """``ws``'s handle; ValueError unless ``ws`` was acquired from this table."""
+        h = ws.handle
+        if not isinstance(h, _Handle) or h.owner is not self:
+            raise ValueError(f"cache {self.name!r}: working set was not acquired from this table")
+        return h
 
     def acquire(self, ids: torch.Tensor) -> WorkingSet:
         """Make rows ``ids`` (int64 [U], unique, sorted) addressable; see the class doc."""
@@ -578,7 +562,8 @@ class CachedTable:
         self._touch(slots)
         return self._handle(WorkingSet(ids, slots, self.weight, self.state), "cache", slots)
 
-    def _acquire_temp(self, ids: torch.Tensor, hit: torch.Tensor, slots: torch.Tensor) -> WorkingSet:
+    def _acquire_temp(self, ids: torch.Tensor, hit: torch.Tensor, slots: torch.Tensor,
+                      step: int | None = None) -> WorkingSet:
         U = ids.numel()
         hit_idx, miss_idx = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
         hit_slots = slots[hit_idx]
@@ -590,12 +575,10 @@ class CachedTable:
         if self._counting:
             self._st["bypass_acquires"] += 1
         ws = WorkingSet(ids, torch.arange(U, device=self.device), w, s)
-        return self._handle(ws, "temp", hit_slots, hit_idx=hit_idx, miss_idx=miss_idx)
+        return self._handle(ws, "temp", hit_slots, hit_idx=hit_idx, miss_idx=miss_idx, step=step)
 
     def release(self, ws: WorkingSet, dirty: bool) -> None:
-        h = ws.handle
-        if not isinstance(h, _Handle) or h.owner is not self:
-            raise ValueError(f"cache {self.name!r}: working set was not acquired from this table")
+        h = self._own(ws)
         if h.released:
             raise RuntimeError(f"cache {self.name!r}: working set released twice")
         h.released = True
@@ -605,6 +588,7 @@ class CachedTable:
                 if h.kind == "cache":
                     self._dirty.index_fill_(0, ws.index, True)
                 else:
+                    assert h.hit_idx is not None and h.miss_idx is not None  # a "temp" handle has both
                     hs = h.pinned
                     self.weight[hs] = ws.weight[h.hit_idx]
                     self.state[hs] = ws.state[h.hit_idx]
@@ -621,7 +605,7 @@ class CachedTable:
         ids, order = sort_ids(ids.to(self.device))
         ws = self.acquire(ids)
         try:
-            if ws.handle.kind == "temp":
+            if self._own(ws).kind == "temp":
                 w, s = ws.weight, ws.state
             else:
                 w, s = ws.weight.index_select(0, ws.index), ws.state.index_select(0, ws.index)
@@ -697,15 +681,14 @@ class CachedTable:
 
     def close(self) -> None:
         self.flush()
-        if hasattr(self.backing, "close"):
-            self.backing.close()
+        self.backing.close()
 
     # ------------------------------------------------------------------ stats
     def reset_stats(self, recursive: bool = True) -> None:
         self._st = dict.fromkeys(("lookups", "hits", "misses", "evictions", "writebacks", "flushed_rows",
                                   "rows_read", "rows_written", "read_calls", "write_calls", "write_hits",
                                   "write_misses", "bypass_acquires", "warmup_rows"), 0)
-        if recursive and hasattr(self.backing, "reset_stats"):
+        if recursive:
             self.backing.reset_stats()
 
     def stats(self) -> dict:
@@ -724,8 +707,8 @@ class CachedTable:
                "dirty_rows": int(self._dirty[: self.size].sum()), **st,
                "hit_rate": st["hits"] / st["lookups"] if st["lookups"] else 0.0,
                "bytes_read": st["rows_read"] * self.row_bytes, "bytes_written": st["rows_written"] * self.row_bytes}
-        if hasattr(self.backing, "stats"):
-            out["backing"] = self.backing.stats()
+        if backing := self.backing.stats():
+            out["backing"] = backing
         return out
 
     def __repr__(self) -> str:

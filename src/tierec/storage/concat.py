@@ -10,6 +10,7 @@ Used wherever several tables' files act as one: below a table group's look-ahead
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from tierec.errors import ConfigError
 from tierec.storage import aio, multifile
+from tierec.storage.base import RowStore
 from tierec.storage.blockio import IO_LANES
 from tierec.storage.cache import CachedTable, sort_ids, unsort
 from tierec.storage.rowspace import RowSpace
@@ -46,7 +48,7 @@ def _reads_by_aio(store) -> bool:
 
 
 class ConcatTable:
-    """``tables`` (`TableStorage` with ``read``/``write``, same ``dim`` and ``state_dim``) as one table over
+    """``tables`` (`RowStore` s of the same ``dim`` and ``state_dim``) as one `RowStore` over
     their `RowSpace`: row ``space.offset(t) + r`` is row ``r`` of ``tables[t]``.
 
     ``read``, ``write`` and ``exchange`` split their IDs by member and run each member's part (with
@@ -54,7 +56,7 @@ class ConcatTable:
     ``read_rows``/``write_rows`` may span members. ``weights_only``: a read-only view of the rows'
     weights (``state_dim`` 0; serving), whose reads skip the optimizer state."""
 
-    def __init__(self, tables: list, io_threads: int | None = None, names: list[str] | None = None,
+    def __init__(self, tables: Sequence[RowStore], io_threads: int | None = None, names: list[str] | None = None,
                  weights_only: bool = False, pool: ThreadPoolExecutor | None = None, lanes: int = IO_LANES):
         if not tables:
             raise ConfigError("ConcatTable needs at least one table")
@@ -70,8 +72,11 @@ class ConcatTable:
         self.dim, self.state_dim = d, 0 if weights_only else s
         self.space = RowSpace([t.num_embeddings for t in tables])
         self.num_embeddings = self.space.num_rows
-        self._all_ssd = all(isinstance(t, SsdTable) for t in tables)  # reads: one read_many plan
-        self._ssd_direct = self._all_ssd and all(t.odirect for t in tables)  # exchanges: one exchange_many pass
+        self.device = torch.device("cpu")
+        # all members SsdTable files: reads go in one read_many plan; all O_DIRECT: exchanges in one exchange_many pass
+        self._files = [t for t in tables if isinstance(t, SsdTable)]
+        self._all_ssd = len(self._files) == len(tables)
+        self._ssd_direct = self._all_ssd and all(t.odirect for t in self._files)
         self._read_pool, self._lanes = pool, lanes  # read_many's lanes (serving passes its I/O threads)
         n = 1 if weights_only else min(io_threads or default_io_threads(self.tables), len(tables))
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="tierec-group-io") if n > 1 else None
@@ -92,8 +97,8 @@ class ConcatTable:
         ids, order = sort_ids(ids)
         parts = self.space.parts(ids)
         if self._all_ssd and (len(parts) > 1 or self.weights_only):  # one batched plan over the members' files
-            got = multifile.read_many([(self.tables[t], (ids[lo:hi] - self.space.offset(t)).numpy()) for t, lo, hi in parts],
-                            self._read_pool, self._lanes)
+            got = multifile.read_many([(self._files[t], (ids[lo:hi] - self.space.offset(t)).numpy()) for t, lo, hi in parts],
+                                      self._read_pool, self._lanes)
             rows = torch.from_numpy(np.concatenate(got)) if got else torch.empty(0, self.dim + self.state_dim)
             w, s = rows[:, : self.dim].contiguous(), rows[:, self.dim:].contiguous()
             if self.weights_only:
@@ -146,12 +151,7 @@ class ConcatTable:
             if rid.numel() == 0:
                 tab.write(wid, ww, ws_)
                 return
-            if wid.numel() and hasattr(tab, "exchange"):
-                got = tab.exchange(wid, ww, ws_, rid)
-            else:
-                if wid.numel():
-                    tab.write(wid, ww, ws_)
-                got = tab.read(rid)
+            got = tab.exchange(wid, ww, ws_, rid) if wid.numel() else tab.read(rid)
             w[rb[t]:rb[t + 1]], s[rb[t]:rb[t + 1]] = got
 
         self._map(one, parts)
@@ -164,7 +164,7 @@ class ConcatTable:
         wt, rt = self.space.member_of(wid), self.space.member_of(rid)
         off = self.space.offsets
         rows = torch.cat([weight, state], 1).numpy() if self.state_dim else weight.contiguous().numpy()
-        out = multifile.exchange_many(self.tables, wt, wid - off[wt], rows, rt, rid - off[rt])
+        out = multifile.exchange_many(self._files, wt, wid - off[wt], rows, rt, rid - off[rt])
         if out is None:
             return None
         t = torch.from_numpy(out)
@@ -193,20 +193,18 @@ class ConcatTable:
 
     def close(self) -> None:
         for t in self.tables:
-            if hasattr(t, "close"):
-                t.close()
+            t.close()
         if self._pool is not None:
             self._pool.shutdown()
 
     # ------------------------------------------------------------------ stats
     def reset_stats(self) -> None:
         for t in self.tables:
-            if hasattr(t, "reset_stats"):
-                t.reset_stats()
+            t.reset_stats()
 
     def stats(self) -> dict:
         """The members' counters under ``"members"``, with their sums at the top."""
-        members = {n: t.stats() for n, t in zip(self.names, self.tables, strict=True) if hasattr(t, "stats")}
+        members = {n: t.stats() for n, t in zip(self.names, self.tables, strict=True)}
         out: dict = {"tier": "group", "tables": len(self.tables)}
         for k in ("rows_read", "rows_written", "bytes_read", "bytes_written", "read_calls", "write_calls",
                   "io_time_s", "device_bytes_read", "device_bytes_written"):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tierec.storage.base import WorkingSet
+from tierec.storage.base import RowStore, WorkingSet
 from tierec.storage.concat import ConcatTable
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.rowspace import RowSpace
@@ -55,12 +55,12 @@ class TableGroup:
 
     def __init__(self, name: str = "group", device="cpu", io_threads: int | None = None):
         self.name, self.device, self.io_threads = name, torch.device(device), io_threads
-        self.members: list[tuple[str, object]] = []
+        self.members: list[tuple[str, RowStore]] = []
         self.cache_rows = self.host_rows = 0
         self.views: list[TableView] = []
-        self._cache = None
+        self._cache: LookaheadCache | None = None
 
-    def add(self, backing, cache_rows: int, name: str, host_rows: int = 0, feature: str | None = None) -> TableView:
+    def add(self, backing: RowStore, cache_rows: int, name: str, host_rows: int = 0, feature: str | None = None) -> TableView:
         """Join table ``name`` (its store ``backing``; ``feature``: the sparse key it serves, default
         ``name``); returns its view. Only before first use."""
         if self._cache is not None:
@@ -83,12 +83,12 @@ class TableGroup:
         return RowSpace([b.num_embeddings for _, b in self.members])
 
     @property
-    def cache(self):
+    def cache(self) -> LookaheadCache:
         """The group's `LookaheadCache` (created on first access; no member can join after)."""
         if self._cache is None:
 
             names = [n for n, _ in self.members]
-            below = ConcatTable([b for _, b in self.members], self.io_threads, names)
+            below: ConcatTable | LookaheadCache = ConcatTable([b for _, b in self.members], self.io_threads, names)
             if self.host_rows:
                 below = LookaheadCache(below, self.host_rows, device="cpu", name=f"{self.name}@host")
             self._cache = LookaheadCache(below, self.cache_rows, device=self.device, name=self.name)
@@ -100,7 +100,8 @@ class TableGroup:
 class TableView:
     """Member ``name`` of a `TableGroup`, as a `TableStorage` in its own row numbers [0, num_embeddings)."""
 
-    def __init__(self, group: TableGroup, index: int, name: str, backing, offset: int, feature: str | None = None):
+    def __init__(self, group: TableGroup, index: int, name: str, backing: RowStore, offset: int,
+                 feature: str | None = None):
         self.group, self.index, self.name, self.backing, self.offset = group, index, name, backing, offset
         self.feature = feature or name
         self.num_embeddings, self.dim, self.state_dim = backing.num_embeddings, backing.dim, backing.state_dim

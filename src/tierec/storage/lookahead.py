@@ -44,7 +44,7 @@ from typing import Protocol
 import torch
 
 from tierec.storage.base import WorkingSet
-from tierec.storage.cache import CachedTable, _HashIndex
+from tierec.storage.cache import CachedTable, _Handle, _HashIndex
 from tierec.storage.sketch import CountMinSketch
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class NextUseOracle:
     occurrence to the previous one of the same ID. No per-ID Python loop.
     """
 
-    def __init__(self, device="cpu"):
+    def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self._steps: deque[tuple[int, torch.Tensor, int]] = deque()  # (step, ids, first occurrence)
         self._ring = torch.full((1024,), NEVER, dtype=torch.int64, device=self.device)
@@ -231,7 +231,7 @@ class LookaheadCache(CachedTable):
     def is_copy(self, ws: WorkingSet) -> bool:
         """True when ``ws`` (from `prepare`) is a temporary copy, not pinned cache rows: a step with more
         rows than the cache. Its release writes the rows back, so it needs the driver's worker paused."""
-        return ws.handle.kind == "temp"
+        return self._own(ws).kind == "temp"
 
     def observe(self, step: int, ids: torch.Tensor) -> None:
         """The loader read step ``step``; ``ids`` int64 [U] are its unique row IDs, sorted."""
@@ -262,8 +262,7 @@ class LookaheadCache(CachedTable):
                 if picked is None:
                     if not allow_bypass:
                         return None
-                    ws = self._acquire_temp(ids, hit, slots)  # reads the misses under the lock: rare
-                    ws.handle.step = step
+                    ws = self._acquire_temp(ids, hit, slots, step)  # reads the misses under the lock: rare
                     self._count_lookups(U, nh)
                     return ws
                 free_slots, victims = picked
@@ -275,8 +274,7 @@ class LookaheadCache(CachedTable):
                 slots = slots.index_copy(0, miss, new)
             self._touch(slots)
             self._count_lookups(U, nh)
-            ws = self._handle(WorkingSet(ids, slots, self.weight, self.state), "cache", slots)
-            ws.handle.step = step
+            ws = self._handle(WorkingSet(ids, slots, self.weight, self.state), "cache", slots, step=step)
         if nh < U:  # the new slots are pinned and not yet handed out: nobody else reads them
             # the victims' write-back and the misses' read in one pass (disjoint rows: a victim is resident,
             # a miss is not); a victim fetched again by a later step is read after this write is done
@@ -328,17 +326,18 @@ class LookaheadCache(CachedTable):
         whoever takes the lock next, off the trainer's path; a temporary copy: written back now, see
         `is_copy`), or a temporary copy from `acquire`."""
         h = ws.handle
-        step = getattr(h, "step", None)
-        if step is None:  # a temporary copy from `acquire`
+        if not isinstance(h, _Handle) or h.step is None:  # a temporary copy from `acquire`
             with self._locked():
                 super().release(ws, dirty)
             return
+        step = h.step
         if h.owner is not self or h.released:
             raise RuntimeError(f"cache {self.name!r}: bad or repeated release of step {step}")
         if h.kind == "temp":  # a bypassed step writes its rows back (the driver's worker is paused)
             with self._locked():
                 super().release(ws, dirty)
                 nu = self.oracle.consume(step)
+                assert h.hit_idx is not None  # a "temp" handle has it
                 self._next.index_copy_(0, h.pinned, nu.index_select(0, h.hit_idx))
         else:
             h.released = True

@@ -50,10 +50,10 @@ def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor
     for idx in groups.values():
         if sum(reads[i][1].size for i in idx) < LANE_MIN_ROWS:
             continue  # read below, in this thread
-        ids = [reads[i][1] for i in idx]
-        order = [None if x.size < 2 or np.all(x[1:] > x[:-1]) else np.argsort(x, kind="stable") for x in ids]
-        ids = [x if o is None else x[o] for x, o in zip(ids, order, strict=True)]
-        got = _read_group([reads[i][0] for i in idx], ids, pool or blockio.io_pool(), lanes)
+        gids = [reads[i][1] for i in idx]
+        order = [None if x.size < 2 or np.all(x[1:] > x[:-1]) else np.argsort(x, kind="stable") for x in gids]
+        gids = [x if o is None else x[o] for x, o in zip(gids, order, strict=True)]
+        got = _read_group([reads[i][0] for i in idx], gids, pool or blockio.io_pool(), lanes)
         for i, o, rows in zip(idx, order, got, strict=True):
             out[i] = rows if o is None else rows[np.argsort(o)]
     for i, (t, ids) in enumerate(reads):
@@ -88,8 +88,8 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExe
             return [t.read_local(x) for t, x in zip(tabs, ids, strict=True)]
         return _finish_group(tabs, ids, plan, tab_of, n, tabs[0].gather(buf, plan.pos), sizes, t0)
     runs = list(zip(run_tab, plan.foff.tolist(), plan.nbytes.tolist(), plan.boff.tolist(), strict=True))
-    buf = mmap.mmap(-1, plan.total)  # page-aligned, as O_DIRECT needs
-    mv = memoryview(buf)
+    mm = mmap.mmap(-1, plan.total)  # page-aligned, as O_DIRECT needs
+    mv = memoryview(mm)
     lanes = max(1, min(lanes, len(runs)))
 
     def lane(k: int) -> None:
@@ -111,11 +111,11 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExe
         if errors:  # e.g. a filesystem that opened O_DIRECT but refuses the I/O: the per-table path copes
             log.debug("concurrent read failed (%s); reading table by table", errors[0])
             return [t.read_local(x) for t, x in zip(tabs, ids, strict=True)]
-        rows = tabs[0].gather(buf, plan.pos)
+        rows = tabs[0].gather(mm, plan.pos)
     finally:
         mv.release()
         try:
-            buf.close()
+            mm.close()
         except BufferError:  # a numpy view still exports it; freed at GC
             pass
     return _finish_group(tabs, ids, plan, tab_of, n, rows, sizes, t0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from typing import TypedDict
 
 import numpy as np
 
@@ -23,6 +24,15 @@ from tierec.config import format_bytes, parse_bytes  # noqa: F401  (re-exported)
 from tierec.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+class TableOverrides(TypedDict, total=False):
+    """One table's fixed choices for `plan_tables` (`tierec.storage.tiered.table_overrides`)."""
+
+    placement: str  # "memory" | "ssd"
+    cache_rows: int  # SSD tables: rows of the cache
+    policy: str  # SSD tables: the cache's policy
+
 
 @dataclass
 class TableNeeds:
@@ -51,7 +61,7 @@ class Placement:
 
 
 def plan_tables(tables: list[TableNeeds], budget: int, policy: str = "lru", index_bytes_per_row: int = 64,
-                overrides: dict[str, dict] | None = None) -> list[Placement]:
+                overrides: dict[str, TableOverrides] | None = None) -> list[Placement]:
     """Split ``budget`` bytes across ``tables`` (see module doc). ``overrides[name]`` may set
     ``placement`` ("memory"/"ssd"), ``cache_rows`` and ``policy`` for one table."""
     overrides = overrides or {}

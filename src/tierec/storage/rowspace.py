@@ -16,6 +16,7 @@ IDs are int64 tensors; "sorted" means ascending, as `torch.unique` returns them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import overload
 
 import numpy as np
 import torch
@@ -59,6 +60,12 @@ class RowSpace:
         self.check(rows)
         b = self.bounds(rows)
         return [(t, b[t], b[t + 1]) for t in range(len(self.sizes)) if b[t + 1] > b[t]]
+
+    @overload
+    def member_of(self, rows: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def member_of(self, rows: np.ndarray) -> np.ndarray: ...
 
     def member_of(self, rows: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """int64 [n] member of each space row (any order; an array or a tensor, the same kind back)."""

@@ -50,6 +50,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -106,7 +107,7 @@ class SsdTable:
             self._create(init, init_seed, table_index)
         self._sidecar = self._check()
         self._sha_valid = "sha256" in self._sidecar
-        self._mm = None
+        self._mm: np.memmap | None = None
         self._fd = -1  # O_DIRECT descriptor (direct mode only)
         self._bfd = -1  # buffered descriptor (direct mode: tails and fallback)
         self._rfd = -1  # buffered read-only descriptor (memmap mode: batched reads)
@@ -129,9 +130,11 @@ class SsdTable:
             if hasattr(os, "posix_fadvise"):  # random rows: no kernel read-ahead around each one
                 os.posix_fadvise(self._rfd, 0, 0, os.POSIX_FADV_RANDOM)
             if hasattr(mmap, "MADV_RANDOM"):  # rows are read at random: no kernel read-ahead of whole files
-                self._mm._mmap.madvise(mmap.MADV_RANDOM)
-        # the rows' floats in the map (a strided view of it when rows are padded)
-        self._mrows = self._mm if self._mm is None or self.row_stride == self.row_bytes else self._mm[:, : self.width]
+                self._mm._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]  # numpy stubs omit memmap._mmap
+        # the rows' floats in the map (a strided view of it when rows are padded); None: not memory-mapped
+        self._mrows: np.ndarray | None = self._mm
+        if self._mm is not None and self.row_stride != self.row_bytes:
+            self._mrows = self._mm[:, : self.width]
         self._mapped_bytes = 0
         self.reset_stats()
 
@@ -185,6 +188,7 @@ class SsdTable:
             if init == "zeros":
                 os.ftruncate(fd, self.file_bytes)
             else:
+                assert seed is not None  # init "random" needs one: checked above
                 pad = (self.row_stride - self.row_bytes) // 4  # floats of zeros after each row
 
                 def block(a: int, b: int) -> bytes:  # initial weights, zero state and padding
@@ -286,7 +290,7 @@ class SsdTable:
         faults) or block I/O."""
         if ids_np.size == 0:
             return np.empty((0, self.width), np.float32)
-        if self._mm is not None:
+        if self._mrows is not None:
             rows = np.asarray(self._mrows[ids_np])  # one vectorised gather (a copy)
             self._touched(ids_np.size, scattered=True)
             return rows
@@ -305,7 +309,7 @@ class SsdTable:
         self.prepare_write()
         rows = self._join(weight, state)
         t0 = time.perf_counter()
-        if self._mm is not None:
+        if self._mrows is not None:
             self._mrows[ids_np] = rows  # one vectorised scatter
             self._touched(ids_np.size, scattered=True, write=True)
         else:
@@ -317,7 +321,7 @@ class SsdTable:
         if not 0 <= start <= end <= self.num_embeddings:
             raise IndexError(f"{self.path}: row range [{start}, {end}) outside [0, {self.num_embeddings})")
         t0 = time.perf_counter()
-        if self._mm is not None:
+        if self._mrows is not None:
             rows = np.array(self._mrows[start:end])
             self._touched(end - start)
         elif end > start:
@@ -336,7 +340,7 @@ class SsdTable:
         self.prepare_write()
         rows = self._join(weight, state)
         t0 = time.perf_counter()
-        if self._mm is not None:
+        if self._mrows is not None:
             self._mrows[start : start + n] = rows
             self._touched(n)
         else:
@@ -356,7 +360,8 @@ class SsdTable:
         per_row = max(self.row_bytes, PAGE_BYTES if write else FAULT_AROUND_BYTES) if scattered else self.row_bytes
         self._mapped_bytes += rows * per_row
         if self._mapped_bytes >= RSS_RELEASE_BYTES and hasattr(mmap, "MADV_DONTNEED"):
-            self._mm._mmap.madvise(mmap.MADV_DONTNEED)
+            assert self._mm is not None  # only the memmap paths touch the map
+            self._mm._mmap.madvise(mmap.MADV_DONTNEED)  # type: ignore[attr-defined]  # numpy stubs omit memmap._mmap
             self._mapped_bytes = 0
 
     # ------------------------------------------------------------------ TableStorage
@@ -383,7 +388,7 @@ class SsdTable:
         if self._mm is not None:
             if not self.readonly:
                 self._mm.flush()
-            self._mm = None  # the mapping goes when its last view does
+            self._mm = self._mrows = None  # the mapping goes when its last view does
         for name in ("_fd", "_bfd", "_rfd"):
             fd = getattr(self, name)
             if fd >= 0:
@@ -408,6 +413,12 @@ class SsdTable:
             os.close(self._fd)
         self._fd = -1
         self.odirect = False
+
+    @overload
+    def _block_io(self, ids_np: np.ndarray, rows: None) -> np.ndarray: ...
+
+    @overload
+    def _block_io(self, ids_np: np.ndarray, rows: np.ndarray) -> None: ...
 
     def _block_io(self, ids_np: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
         """Read (rows None) or write the given rows through 4 KiB-block runs; see the module doc."""
@@ -459,7 +470,7 @@ class SsdTable:
         blind = rows is not None and self.exclusive_blocks  # the blocks hold just these rows: no read first
         if blind:
             buf[:] = 0  # the rows' padding
-        mv = memoryview(buf)
+        mv = memoryview(buf)  # type: ignore[arg-type]  # numpy stubs: a Buffer on 3.12+ only
         fd = self._fd if self.odirect else self._bfd
         size = self.file_bytes
         batched = blockio.use_aio(self.odirect, plan.nbytes)

@@ -12,7 +12,7 @@ from tierec.malloc import limit_malloc_retention
 from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableGroup
 from tierec.storage.lookahead import LookaheadCache
-from tierec.storage.plan import AccessSample, Placement, TableNeeds, describe, measure_lookups, plan_tables
+from tierec.storage.plan import AccessSample, Placement, TableNeeds, TableOverrides, describe, measure_lookups, plan_tables
 from tierec.storage.settings import StorageSettings, TableSettings
 from tierec.storage.ssd import SsdTable
 
@@ -38,10 +38,10 @@ def plan_storage(settings: StorageSettings, schema: Schema, dataset: Dataset,
     return plan, sample, budget
 
 
-def table_overrides(t: TableSettings, rows: int = 1, of: int = 1) -> dict:
+def table_overrides(t: TableSettings, rows: int = 1, of: int = 1) -> TableOverrides:
     """`TableSettings` -> `plan_tables` overrides; a shard holding ``rows`` of the table's ``of`` rows
     gets that share of its ``cache_rows`` (rounded up)."""
-    o = {}
+    o: TableOverrides = {}
     if t.placement != "auto":
         o["placement"] = t.placement
     if t.cache_rows is not None:
@@ -53,7 +53,7 @@ def table_overrides(t: TableSettings, rows: int = 1, of: int = 1) -> dict:
 
 
 def plan_budget(settings: StorageSettings, needs: list[TableNeeds],
-                overrides: dict[str, dict]) -> tuple[list[Placement], int]:
+                overrides: dict[str, TableOverrides]) -> tuple[list[Placement], int]:
     """`plan_tables` under ``settings.memory_budget``; without one (only per-table settings) the budget
     is what those settings need, and every other table stays in memory. Fills ``overrides`` in."""
     if settings.memory_budget is not None:

@@ -354,8 +354,9 @@ class LookaheadPipeline:
         self._partial.clear()
         for lane in self._lanes:
             for step in sorted(lane.prepared):
-                if lane.prepared[step] is not None:
-                    lane.cache.release(lane.prepared[step], dirty=False)
+                held = lane.prepared[step]
+                if held is not None:
+                    lane.cache.release(held, dirty=False)
             lane.prepared.clear()
         for c in self._all_caches():
             c.end_lookahead()
@@ -555,4 +556,4 @@ class _Lane:
 
     def __init__(self, key: str, cache: LookaheadCache, start_step: int):
         self.key, self.cache, self.next_step = key, cache, start_step
-        self.prepared: dict[int, object] = {}  # step -> working set, or None where skipped
+        self.prepared: dict[int, WorkingSet | None] = {}  # step -> working set, or None where skipped

@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,10 +29,11 @@ from tierec.data.dataset import Dataset, Schema
 from tierec.errors import CheckpointError, ConfigError, TierecError
 from tierec.malloc import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds
 from tierec.modules.dlrm import DLRM
-from tierec.modules.embedding import TableConfig, build_collection
+from tierec.modules.embedding import EmbeddingBag, TableConfig, build_collection
 from tierec.modules.optim import SparseOptimizer
+from tierec.modules.two_tower import TwoTower
 from tierec.storage.cache import CachedTable
-from tierec.storage.group import TableView
+from tierec.storage.group import TableGroup, TableView
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.ssd import SsdTable
 from tierec.train import checkpoint as ckpt
@@ -60,7 +62,7 @@ def table_configs(cfg: TrainConfig, schema: Schema) -> list[TableConfig]:
 
 
 def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset: Dataset | None = None,
-                fresh: bool = True, storage_factory=None, collection=None) -> DLRM:
+                fresh: bool = True, storage_factory=None, collection=None) -> DLRM | TwoTower:
     """DLRM for ``schema`` (`TwoTower` when ``cfg.model == "two-tower"``); with a memory budget
     (or per-table SSD settings) and a ``dataset`` to measure access shares on, the tables that
     do not fit go to SSD behind caches. ``storage_factory`` (see `build_collection`) overrides the planning;
@@ -86,9 +88,8 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
 
     torch.manual_seed(cfg.seed)
     ebc = collection(tables, sparse_opt)
+    model: DLRM | TwoTower
     if cfg.model == "two-tower":
-        from tierec.modules.two_tower import TwoTower
-
         model = TwoTower(ebc, {f.name: f.side for f in schema.sparse}, cfg.tower_mlp).to(device)
     else:
         model = DLRM(len(schema.dense), ebc, cfg.bottom_mlp, cfg.top_mlp).to(device)
@@ -96,11 +97,11 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
     return model
 
 
-def cache_stats(model: DLRM) -> dict[str, dict]:
+def cache_stats(model: DLRM | TwoTower) -> dict[str, dict]:
     """Per-table counters of every tier that keeps them (cached / SSD tables); tables that share one
     cache (a `TableGroup`) appear once, under the group's name."""
     out = {}
-    for t in model.embeddings.tables:
+    for t in model.embeddings.bags:
         st = t.storage
         if isinstance(st, TableView):
             if st.group.name not in out:
@@ -110,18 +111,20 @@ def cache_stats(model: DLRM) -> dict[str, dict]:
     return out
 
 
-def prefetch_targets(tables, ranges: dict[str, tuple[str, int, int | None]] | None = None) -> list[PrefetchTarget]:
+def prefetch_targets(tables: list[EmbeddingBag],
+                     ranges: dict[str, tuple[str, int, int | None]] | None = None) -> list[PrefetchTarget]:
     """What a `LookaheadPipeline` prefetches for ``tables`` (`EmbeddingBag` s): each table's own
     `LookaheadCache`, or the cache of its `TableGroup` with all the group's members, in the group's row
     order. ``ranges``: table name -> (feature, lo, hi) where a table sees other IDs than its key's
     (this rank's shards of the tables under torchrun, whose IDs arrive by all-to-all)."""
-    def member(t) -> Member:
+    def member(t: EmbeddingBag) -> Member:
         if ranges is None:
             return Member(t, t.config.key)
         feature, lo, hi = ranges[t.config.name]
         return Member(t, feature, lo, hi, direct=False)
 
-    out, groups = [], {}
+    out: list[PrefetchTarget] = []
+    groups: dict[str, tuple[TableGroup, dict[int, EmbeddingBag]]] = {}  # group name -> (group, its members by index)
     for t in tables:
         st = t.storage
         if isinstance(st, TableView):
@@ -211,6 +214,14 @@ def make_dense_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr)
 
 
+class MetricsLog(Protocol):
+    """Where a run's records go (`JsonlLog`; the distributed trainer's other ranks drop them)."""
+
+    def write(self, event: str, **fields) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class JsonlLog:
     """Append-only JSON-lines metrics log (one record per line, flushed each write)."""
 
@@ -226,7 +237,7 @@ class JsonlLog:
 
 
 @torch.no_grad()
-def evaluate(model: DLRM, ds: Dataset, split: str, batch_size: int, device: torch.device,
+def evaluate(model: DLRM | TwoTower, ds: Dataset, split: str, batch_size: int, device: torch.device,
              max_rows: int | None = None, progress: bool = True) -> dict:
     """AUC and log-loss of ``model`` on ``split``."""
     was_training = model.training
@@ -280,7 +291,7 @@ class Trainer:
             self.train_s = 0.0
             if resume:
                 self._resume(allow_config_change)
-            self.log = JsonlLog(self.out / "metrics.jsonl")
+            self.log: MetricsLog = JsonlLog(self.out / "metrics.jsonl")
         except BaseException:
             self.close()
             raise
@@ -302,13 +313,13 @@ class Trainer:
         latest = ckpt.latest_or_none(self.out)
         return str(latest) if latest is not None else "none yet"
 
-    def _build_model(self, fresh: bool) -> DLRM:  # the distributed trainer shards the tables here
+    def _build_model(self, fresh: bool) -> DLRM | TwoTower:  # the distributed trainer shards the tables here
         return build_model(self.cfg, self.ds.schema, self.device, dataset=self.ds, fresh=fresh)
 
     # ------------------------------------------------------------------ checkpoints
     @property
     def tables(self) -> dict:
-        return {t.config.name: t.storage for t in self.model.embeddings.tables}
+        return {t.config.name: t.storage for t in self.model.embeddings.bags}
 
     def save(self) -> Path:
         for st in self.tables.values():
@@ -391,7 +402,7 @@ class Trainer:
 
     def _lookahead_pipeline(self, stream):
         """A `LookaheadPipeline` over ``stream`` when some tables have look-ahead caches, else None."""
-        targets = prefetch_targets(self.model.embeddings.tables, self._shard_ranges())
+        targets = prefetch_targets(self.model.embeddings.bags, self._shard_ranges())
         if not targets:
             return None
         cfg = self.cfg
@@ -404,6 +415,8 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """AUC and log-loss on the held-out rows (`eval_source`); callers check ``eval_split`` first."""
+        if self.eval_split is None:
+            raise TierecError(f"{self.eval_ds.root}: no held-out rows to evaluate")
         return evaluate(self.model, self.eval_ds, self.eval_split, self.cfg.eval_batch_size, self.device,
                         self.cfg.max_eval_rows, self.cfg.progress)
 
@@ -507,7 +520,7 @@ class Trainer:
         report = meter.stop()
         self.log.write("energy", step=self.step, **report.to_dict())
         log.info("%s", report.summary_line())
-        summary = {"step": self.step, "epoch": self.epoch, "samples": self.samples,
+        summary: dict[str, object] = {"step": self.step, "epoch": self.epoch, "samples": self.samples,
                    "train_s": round(self.train_s, 3),
                    "samples_per_s": self.samples / self.train_s if self.train_s else None,
                    "checkpoint": str(ckpt.resolve_checkpoint(self.out)) if self.step else None}
@@ -528,7 +541,8 @@ class Trainer:
         return summary
 
 
-def load_for_eval(checkpoint: str, data: str | None = None, device: str = "auto") -> tuple[DLRM, Dataset, dict]:
+def load_for_eval(checkpoint: str, data: str | None = None,
+                  device: str = "auto") -> tuple[DLRM | TwoTower, Dataset, dict]:
     """Rebuild the model of a checkpoint and load its weights (for `tierec eval` and serving)."""
     path = ckpt.resolve_checkpoint(checkpoint)
     m = ckpt.read_manifest(path)
@@ -553,7 +567,7 @@ def load_for_eval(checkpoint: str, data: str | None = None, device: str = "auto"
     model = build_model(cfg, ds.schema, dev, storage_factory=factory)
     state = ckpt.load_dense_state(path, m)
     model.load_state_dict(state["model"])
-    ckpt.load_tables(path, m, {t.config.name: t.storage for t in model.embeddings.tables
+    ckpt.load_tables(path, m, {t.config.name: t.storage for t in model.embeddings.bags
                                if t.config.name not in on_ssd})
     model.eval()
     return model, ds, m

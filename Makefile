@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine with only Python:
-#   make demo   -> venv + install + synth data -> convert -> train -> eval -> checkpoint
+#   make demo   -> venv + install + synth data -> train with tables over a memory budget (SSD + look-ahead)
+#                  and the same model in memory -> compare -> evaluate the checkpoint
 #   make test   -> venv + install + lint + type check + full test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv

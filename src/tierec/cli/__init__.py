@@ -29,7 +29,8 @@ from tierec.errors import TierecError
 # Modules that add sub-commands, in the order they appear in --help.
 COMMAND_MODULES = [
     "tierec.cli.data",  # tierec data synth|convert|cluster|info|verify
-    "tierec.cli.train",  # tierec train|eval|demo
+    "tierec.cli.train",  # tierec train|eval
+    "tierec.cli.demo",  # tierec demo
     "tierec.cli.analyze",  # tierec analyze
     "tierec.cli.serve",  # tierec serve
     "tierec.cli.probe",  # tierec probe

@@ -1,4 +1,4 @@
-"""`tierec train`, `tierec eval`, `tierec demo` (single process, or one rank under torchrun)."""
+"""`tierec train`, `tierec eval` (single process, or one rank under torchrun)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import logging
 import os
 import typing
 from dataclasses import fields
-from pathlib import Path
 
 from tierec.train.config import TrainConfig, make_config
 
@@ -127,12 +126,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("demo", help="synthesise Criteo-shaped data, train a DLRM, evaluate, checkpoint (a few minutes)")
-    p.add_argument("--out", default="runs/demo", help="where data, metrics and checkpoints go (default: runs/demo)")
-    p.add_argument("--rows", type=int, default=2_000_000, help="synthetic rows (default: 2000000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_demo)
-
 
 def _train(args) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in CONFIG_ONLY}
@@ -167,28 +160,4 @@ def _eval(args) -> int:
     res["checkpoint_step"] = manifest["step"]
     res["energy"] = report.columns() | {"summary": report.summary_line()}
     print(json.dumps(res, indent=2))
-    return 0
-
-
-def _demo(args) -> int:
-    from tierec.data import synth
-    from tierec.train.trainer import Trainer, evaluate, load_for_eval
-
-    out = Path(args.out)
-    data = out / "data"
-    log.info("1/3 synthesising %d Criteo-shaped rows into %s", args.rows, data)
-    synth.generate(synth.SynthConfig(rows=args.rows, seed=args.seed), data)
-    log.info("2/3 training a DLRM")
-    cfg = TrainConfig(data=str(data), out=str(out / "run"), seed=args.seed, batch_size=1024, epochs=1,
-                      eval_every=0, log_every=20)
-    summary = Trainer(cfg, overwrite=True).fit()  # the demo starts over each time
-    log.info("3/3 evaluating the checkpoint %s", summary["checkpoint"])
-    model, ds, _ = load_for_eval(summary["checkpoint"])
-    res = evaluate(model, ds, "test", 8192, next(model.parameters()).device)
-    print(f"\ntierec demo: trained on {summary['samples']:,} samples in {summary['train_s']:.1f} s "
-          f"({summary['samples_per_s']:,.0f} samples/s)")
-    print(f"  held-out AUC      {res['auc']:.4f}")
-    print(f"  held-out log-loss {res['logloss']:.4f}")
-    print(f"  checkpoint        {summary['checkpoint']}")
-    print(f"  metrics log       {out / 'run' / 'metrics.jsonl'}")
     return 0

@@ -70,7 +70,7 @@ def test_crash_while_writing_keeps_previous_checkpoint(tiny_dataset, tmp_path, m
     t.fit()
     good = ckpt.resolve_checkpoint(tmp_path / "r")
 
-    def boom(path, storage):
+    def boom(path, storage, **kw):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(ckpt, "write_table_file", boom)
@@ -133,6 +133,37 @@ def test_metrics_log_records(saved_run):
 
 
 def test_old_checkpoints_are_pruned(tiny_dataset, tmp_path):
-    Trainer(cfg(tiny_dataset, tmp_path / "r", epochs=1, checkpoint_every=3, keep_checkpoints=2)).fit()
+    Trainer(cfg(tiny_dataset, tmp_path / "r", epochs=1, checkpoint_every=3, keep_checkpoints=2,
+                checkpoint_chain=1)).fit()
     kept = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir() if p.is_dir())
     assert len(kept) == 2 and kept[-1] == "step-00000016"
+    # incremental checkpoints: the newest two, and the chain they build on
+    Trainer(cfg(tiny_dataset, tmp_path / "i", epochs=1, checkpoint_every=3, keep_checkpoints=2,
+                checkpoint_chain=3)).fit()
+    root = tmp_path / "i" / "checkpoints"
+    kept = sorted(p.name for p in root.iterdir() if p.is_dir())
+    needed = set(kept[-2:]) | {n for k in kept[-2:] for n in ckpt.read_manifest(root / k)["chain"]}
+    assert set(kept) == needed and len(kept) < 6
+
+
+def test_checkpoints_and_table_building_are_timed_in_the_metrics_log(tiny_dataset, tmp_path):
+    # tables partly on SSD behind look-ahead caches, so building the model creates table files
+    t = Trainer(cfg(tiny_dataset, tmp_path / "r", epochs=1, checkpoint_every=5, keep_checkpoints=10,
+                    memory_budget="6KiB", cache_policy="lookahead", lookahead=4))
+    assert list((tmp_path / "r" / "tables").rglob("*.tbl")), "the budget should put some tables on SSD"
+    assert t.build_s > 0
+    t.fit()
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    start = records[0]
+    assert start["event"] == "start" and start["build_seconds"] == round(t.build_s, 3) and start["build_seconds"] > 0
+    saves = [r for r in records if r["event"] == "checkpoint"]
+    assert [r["step"] for r in saves] == [5, 10, 15, 16]  # every 5 steps, and at the end of the 16-step epoch
+    for r in saves:
+        path = ckpt.resolve_checkpoint(r["path"])
+        manifest = ckpt.read_manifest(path)
+        assert manifest["step"] == r["step"] and path.name == f"step-{r['step']:08d}"
+        assert r["bytes"] == sum(f["bytes"] for f in manifest["files"].values())
+        assert r["bytes"] == sum((path / name).stat().st_size for name in manifest["files"])
+        assert 0 < r["seconds"] < 60
+    steps = [r["step"] for r in records if r["event"] in ("train", "checkpoint")]
+    assert steps == sorted(steps)  # each checkpoint is logged when it is written, between the training records

@@ -102,7 +102,7 @@ def test_disk_full_while_checkpointing(tiny_dataset, tmp_path, capsys, monkeypat
     assert main(["train", "--data", str(tiny_dataset), "--out", str(out), "--no-progress", "--max-steps", "2"]) == 0
     before = ckpt.resolve_checkpoint(out)
 
-    def full_disk(path, storage):
+    def full_disk(path, storage, **kw):
         with open("/dev/full", "wb") as f:
             f.write(b"\0" * (1 << 20))
             f.flush()

@@ -19,6 +19,8 @@ from tierec.storage.plan import TableNeeds
 from tierec.distributed.trainer import slice_batch
 from tierec.errors import ConfigError
 from tierec.storage.base import InMemoryTable
+from tierec.storage.lazy import RowInit
+from tierec.storage.ssd import open_table_file
 from tierec.storage.tablefile import read_table_file, verify_file, write_table_file
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig
@@ -86,19 +88,22 @@ def test_slices_of_a_batch_concatenate_to_the_batch(tiny_dataset):
     assert torch.equal(torch.cat([p.dense for p in parts]), batch.dense)
 
 
-def test_table_file_loads_into_any_row_split(tmp_path):
-    """A checkpoint's table file fills the shards of any world size (here 4 row-wise ranks)."""
-    full = InMemoryTable(10, 3, 1)
-    full.weight.copy_(torch.arange(30.0).view(10, 3))
-    full.state.copy_(torch.arange(10.0).view(10, 1))
-    meta = write_table_file(tmp_path / "t.tbl", full)
+@pytest.mark.parametrize("layout", ["dense", "rowset"])
+def test_table_file_loads_into_any_row_split(tmp_path, layout):
+    """A checkpoint's table file (every row, or a row set of the written ones) fills the shards of any
+    world size (here 4 row-wise ranks)."""
+    full = InMemoryTable(10, 3, 1, init=RowInit(0, 0, 10, 3) if layout == "rowset" else None)
+    written = torch.tensor([1, 4, 5, 9]) if layout == "rowset" else torch.arange(10)
+    full.write(written, torch.arange(30.0).view(10, 3)[written], torch.arange(10.0).view(10, 1)[written])
+    files = write_table_file(tmp_path / "t.tbl", full)
+    assert ("layout" in files["t.tbl"]) == (layout == "rowset")
     from tierec.distributed.plan import Shard
 
     b = row_bounds(10, 4)
     for r in range(4):
         s = Shard("t", 0, r, b[r], b[r + 1], 10)
         part = InMemoryTable(s.rows, 3, 1)
-        read_table_file(tmp_path / "t.tbl", ShardView(s, part), meta)
+        read_table_file(tmp_path / "t.tbl", ShardView(s, part), files["t.tbl"], files.get("t.tbl.ids"))
         assert torch.equal(part.weight, full.weight[s.lo : s.hi]) and torch.equal(part.state, full.state[s.lo : s.hi])
 
 
@@ -114,6 +119,14 @@ def two_rank_run(tiny_dataset, tmp_path_factory):
     return out, log
 
 
+def checkpoint_rows(c, m, t) -> np.ndarray:
+    """Every row of table entry ``t`` of checkpoint ``c`` (dense file or row set), float32 [rows * width]."""
+    f = open_table_file(c, m["files"], t["file"], t["num_embeddings"], t["dim"], t["state_dim"])
+    w, s = f.read_rows(0, t["num_embeddings"])
+    f.close()
+    return torch.cat([w, s], 1).numpy().reshape(-1)
+
+
 def test_two_ranks_match_one_process(tiny_dataset, tmp_path, two_rank_run):
     out2, log = two_rank_run
     summary = json.loads(log[log.index("{\n") : log.rindex("}") + 1])
@@ -123,15 +136,16 @@ def test_two_ranks_match_one_process(tiny_dataset, tmp_path, two_rank_run):
     one = Trainer(cfg).fit()
     c1, c2 = ckpt.resolve_checkpoint(one["checkpoint"]), ckpt.resolve_checkpoint(out2)
     m1, m2 = ckpt.read_manifest(c1), ckpt.read_manifest(c2)
-    # the same checkpoint format: same keys, tables, files
-    assert set(m1) == set(m2) and m1["tables"] == m2["tables"] and set(m1["files"]) == set(m2["files"])
+    # the same checkpoint format: same keys, tables (one process writes row sets, torchrun every row)
+    assert set(m1) == set(m2) and m1["tables"] == m2["tables"]
+    assert {f for f in m1["files"] if not f.endswith(".ids")} == set(m2["files"])
     d1, d2 = ckpt.load_dense_state(c1, m1), ckpt.load_dense_state(c2, m2)
     assert d1["model"].keys() == d2["model"].keys()
     for k, v in d1["model"].items():
         torch.testing.assert_close(d2["model"][k], v, atol=ATOL, rtol=0, msg=k)
     moved = 0.0
     for t in m1["tables"]:
-        a, b = np.fromfile(c1 / t["file"], np.float32), np.fromfile(c2 / t["file"], np.float32)
+        a, b = checkpoint_rows(c1, m1, t), checkpoint_rows(c2, m2, t)
         np.testing.assert_allclose(b, a, atol=ATOL, rtol=0, err_msg=t["name"])
         moved = max(moved, float(np.abs(a.reshape(200, -1)[:, :16]).max()))
     assert moved > 0 and summary["auc"] == pytest.approx(one["auc"], abs=1e-4)
@@ -156,7 +170,7 @@ def test_two_ranks_with_lookahead_caches_match_one_process(tiny_dataset, tmp_pat
     m1, m2 = ckpt.read_manifest(c1), ckpt.read_manifest(c2)
     assert any(p["placement"] == "ssd" and p["policy"] == "lookahead" for p in m2["storage_plan"])
     for t in m1["tables"]:
-        a, b = np.fromfile(c1 / t["file"], np.float32), np.fromfile(c2 / t["file"], np.float32)
+        a, b = checkpoint_rows(c1, m1, t), checkpoint_rows(c2, m2, t)
         np.testing.assert_allclose(b, a, atol=ATOL, rtol=0, err_msg=t["name"])
 
 

@@ -122,7 +122,7 @@ def test_admin_reload_paths_are_confined_to_the_roots(runs, tmp_path):
     # explicit roots; symlinks are resolved before the check
     models = tmp_path / "models"
     (models / "run" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ckpts[-1], models / "run" / "checkpoints" / ckpts[-1].name)
+    copy_with_chain(ckpts[-1], models / "run" / "checkpoints")
     (models / "run" / "checkpoints" / "LATEST").write_text(ckpts[-1].name)
     (models / "escape").symlink_to(runs["root"] / "dlrm")  # inside by name, outside in fact
     (models / "sneaky" / "checkpoints").mkdir(parents=True)
@@ -353,13 +353,21 @@ def test_oversized_body_does_not_grow_the_servers_memory(runs):
         proc.wait(30)
 
 
+def copy_with_chain(c: Path, dst: Path) -> None:
+    """Copy checkpoint ``c`` and the checkpoints its chain builds on (an incremental one) into ``dst``."""
+    from tierec.train import checkpoint as ckpt
+
+    for name in [*ckpt.read_manifest(c).get("chain", []), c.name]:
+        shutil.copytree(c.parent / name, dst / name)
+
+
 def hashed_copy(run: str, dst: Path) -> str:
     """A copy of checkpoint ``run`` whose schema says its IDs were hashed as strings (Criteo's encoding)."""
     from tierec.train import checkpoint as ckpt
 
     c = ckpt.resolve_checkpoint(run)
     out = dst / c.name
-    shutil.copytree(c, out)
+    copy_with_chain(c, dst)
     m = json.loads((out / "manifest.json").read_text())
     for f in m["schema"]["sparse"]:
         f["encoding"] = "hash-string"

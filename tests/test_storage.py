@@ -14,6 +14,7 @@ from tierec.storage.base import InMemoryTable, init_rows
 from tierec.modules.optim import KINDS, SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage import CachedTable, CountMinSketch, SsdTable
+from tierec.storage.ssd import open_table_file
 from tierec.storage import aio
 from tierec.storage import blockio
 from tierec.train.checkpoint import read_table_file, write_table_file
@@ -86,29 +87,44 @@ def test_ssd_size_mismatch_raises(tmp_path):
 
 
 def test_ssd_file_is_a_checkpoint_table_file(tmp_path):
+    """An eagerly initialised SSD file, a lazy one and an in-memory table hold the same rows; the
+    dense checkpoint file of the eager one is its data file byte for byte, the lazy ones' row sets
+    are identical, and each kind opens in place and loads into fresh stores of either kind."""
     n, d, kind = 70000, 3, "rowwise_adagrad"  # > one 64K init chunk
     opt = SparseOptimizer(kind)
+    sd = opt.state_dim(d)
     ref = build_collection([TableConfig("a", 10, 2), TableConfig("b", n, d)], opt, seed=SEED).tables[1].storage
-    write_table_file(tmp_path / "ref.tbl", ref)
-    ssd = SsdTable(tmp_path / "b.tbl", n, d, opt.state_dim(d), create=True, init_seed=SEED, table_index=1)
-    assert (tmp_path / "ref.tbl").read_bytes() == (tmp_path / "b.tbl").read_bytes()
-    # change some rows in both, then the SsdTable's own checkpoint file equals its data file
+    eager = SsdTable(tmp_path / "b.tbl", n, d, sd, create=True, init_seed=SEED, table_index=1)
+    lazy = SsdTable(tmp_path / "lazy.tbl", n, d, sd, create=True, init="lazy", init_seed=SEED, table_index=1)
+    assert torch.equal(eager.read_rows(0, n)[0], ref.weight) and torch.equal(lazy.read_rows(0, n)[0], ref.weight)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, n, (500,), generator=g).unique()
     w, s = torch.randn(ids.numel(), d, generator=g), torch.rand(ids.numel(), 1, generator=g)
-    ssd.write(ids, w, s)
-    ref.weight[ids], ref.state[ids] = w, s
-    ssd.flush()
-    info = write_table_file(tmp_path / "ckpt.tbl", ssd)
-    assert (tmp_path / "ckpt.tbl").read_bytes() == (tmp_path / "b.tbl").read_bytes()
-    write_table_file(tmp_path / "ref2.tbl", ref)
-    assert (tmp_path / "ref2.tbl").read_bytes() == (tmp_path / "b.tbl").read_bytes()
-    # a checkpoint file opened directly as an SsdTable, and loaded into a fresh one
-    direct = SsdTable(tmp_path / "ckpt.tbl", n, d, 1, readonly=True)
-    assert torch.equal(direct.read(ids)[0], w)
-    fresh = SsdTable(tmp_path / "fresh.tbl", n, d, 1, create=True, init="zeros")
-    read_table_file(tmp_path / "ckpt.tbl", fresh, info)
-    assert torch.equal(fresh.read_rows(0, n)[0], ref.weight) and torch.equal(fresh.read_rows(0, n)[1], ref.state)
+    for st in (eager, lazy, ref):
+        st.write(ids, w, s)
+        st.flush()
+    files = {}
+    for name, st in (("eager", eager), ("lazy", lazy), ("ref", ref)):
+        files.update({f"{name}/{k}": v for k, v in write_table_file(_mk(tmp_path / name) / "t.tbl", st).items()})
+    assert (tmp_path / "eager" / "t.tbl").read_bytes() == (tmp_path / "b.tbl").read_bytes()
+    assert "layout" not in files["eager/t.tbl"] and files["lazy/t.tbl"]["layout"] == "rowset"
+    assert files["lazy/t.tbl"]["rows"] == ids.numel()
+    assert files["lazy/t.tbl"] == files["ref/t.tbl"] and files["lazy/t.tbl.ids"] == files["ref/t.tbl.ids"]
+    assert (tmp_path / "lazy" / "t.tbl").stat().st_size == ids.numel() * (d + sd) * 4  # the written rows only
+    for name in ("eager", "lazy"):  # opened in place, and loaded into a lazy and an untracked store
+        direct = open_table_file(tmp_path, files, f"{name}/t.tbl", n, d, sd)
+        assert torch.equal(direct.read_rows(0, n)[0], ref.weight) and torch.equal(direct.read_rows(0, n)[1], ref.state)
+        for init in ("lazy", "zeros"):
+            fresh = SsdTable(tmp_path / f"fresh-{name}-{init}.tbl", n, d, sd, create=True, init=init, init_seed=SEED,
+                             table_index=1)
+            read_table_file(tmp_path / name / "t.tbl", fresh, files[f"{name}/t.tbl"], files.get(f"{name}/t.tbl.ids"))
+            got = fresh.read_rows(0, n)
+            assert torch.equal(got[0], ref.weight) and torch.equal(got[1], ref.state), (name, init)
+
+
+def _mk(p):
+    p.mkdir()
+    return p
 
 
 @pytest.mark.parametrize("io", ["aio", "preadv", "fallback"])

@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "tierec.cli.data",  # tierec data synth|convert|cluster|info|verify
     "tierec.cli.train",  # tierec train|eval
     "tierec.cli.demo",  # tierec demo
+    "tierec.cli.checkpoint",  # tierec checkpoint list|verify|compact
     "tierec.cli.analyze",  # tierec analyze
     "tierec.cli.serve",  # tierec serve
     "tierec.cli.probe",  # tierec probe

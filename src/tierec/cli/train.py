@@ -38,7 +38,10 @@ HELP = {
     "eval_batch_size": "evaluation batch size",
     "max_eval_rows": "evaluate on at most this many held-out rows",
     "checkpoint_every": "checkpoint every N steps (0: at the end of each epoch)",
-    "keep_checkpoints": "how many checkpoints to keep",
+    "keep_checkpoints": "how many checkpoints to keep (and the checkpoints their chains need)",
+    "checkpoint_chain": "incremental checkpoints: after a full checkpoint, each writes only the rows changed since "
+                        "the previous one, until a chain of this many; then a full one again (1: every checkpoint "
+                        "full)",
     "log_every": "write a JSONL training record every N steps",
     "num_threads": "torch intra-op threads",
     "device": "where dense layers and in-memory tables live",

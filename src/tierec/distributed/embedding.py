@@ -35,7 +35,8 @@ from tierec.modules.embedding import EmbeddingBag, TableConfig
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.sparse.jagged import lengths_to_offsets
-from tierec.storage.base import INIT_CHUNK_ROWS, InMemoryTable, init_rows
+from tierec.storage.base import INIT_CHUNK_ROWS, InMemoryTable
+from tierec.storage.lazy import RowInit
 from tierec.storage.rowspace import RowSpace
 
 
@@ -71,6 +72,16 @@ class ShardView:
                 k = self.space.offset(1) + a - start
                 self.storage.write_rows(a, weight[k : k + b - a], state[k : k + b - a])
 
+    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
+        """Rows ``ids`` (whole-table numbers) of an incremental checkpoint: the shard keeps its own."""
+        mine = (ids >= self.shard.lo) & (ids < self.shard.hi)
+        if bool(mine.any()):
+            self.storage.write(ids[mine] - self.shard.lo, weight[mine], state[mine])
+
+    def lazy_rows(self) -> None:
+        """Untracked: a row set is loaded into a shard row range by row range (initial values between)."""
+        return None
+
 
 class ShardedEmbeddingCollection(nn.Module):
     """Drop-in for `EmbeddingBagCollection` in `DLRM` under torch.distributed (see module doc).
@@ -102,13 +113,13 @@ class ShardedEmbeddingCollection(nn.Module):
             sdim = optimizer.state_dim(cfg.embedding_dim)
             tcfg = TableConfig(s.name, s.rows, cfg.embedding_dim, "sum")
             st = storage_factory(s.index, tcfg, sdim) if storage_factory is not None else None
+            init = RowInit(seed, s.index, s.num_embeddings, cfg.embedding_dim, row_offset=s.lo)
             if st is None:
-                st = InMemoryTable(s.rows, cfg.embedding_dim, sdim, device=device)
-            if isinstance(st, InMemoryTable) or not s.whole:  # SSD files of whole tables init themselves
+                st = InMemoryTable(s.rows, cfg.embedding_dim, sdim, device=device, init=init)
+            elif not s.whole:  # SSD files of whole tables init themselves
                 for a in range(0, s.rows, INIT_CHUNK_ROWS * 16):
                     b = min(a + INIT_CHUNK_ROWS * 16, s.rows)
-                    w = init_rows(seed, s.index, s.num_embeddings, cfg.embedding_dim, s.lo + a, s.lo + b)
-                    st.write_rows(a, w.to(device), torch.zeros(b - a, sdim, device=device))
+                    st.write_rows(a, init.range(a, b).to(device), torch.zeros(b - a, sdim, device=device))
             self.tables.append(EmbeddingBag(tcfg, st, optimizer).to(device))
         self._anchor = torch.ones((), device=device)
 

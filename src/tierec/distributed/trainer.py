@@ -295,7 +295,8 @@ class DistributedTrainer(Trainer):
                 "batch_in_epoch": self.batch_in_epoch, "samples": self.samples, "train_s": self.train_s,
                 "config": self.cfg.to_dict(), "schema": self.ds.schema.to_json(),
                 "data_fingerprint": data_fingerprint(self.ds),
-                "storage_plan": merge_storage_plans([p for _, p in gathered], self.shards)}
+                "storage_plan": merge_storage_plans([p for _, p in gathered], self.shards),
+                "chain": []}  # always a full checkpoint (incremental ones: one process only, for now)
         return ckpt.publish_checkpoint(tmp, self.step, dense_state, files, table_meta, meta, self.cfg.keep_checkpoints)
 
     def _load_weights(self, path: Path, manifest: dict, model_state: dict) -> None:

@@ -45,8 +45,7 @@ from tierec.storage.cache import CachedTable
 from tierec.storage.concat import ConcatTable
 from tierec.storage.rowspace import RowSpace
 from tierec.storage.sketch import CountMinSketch
-from tierec.storage.ssd import SsdTable
-from tierec.storage.tablefile import verify_file
+from tierec.storage.ssd import SsdTable, open_table_chain
 from tierec.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -475,14 +474,13 @@ def _open_shared_cache(path: Path, m: dict, schema: Schema, cfg, opt: ServeOptio
     files = {t["name"]: t for t in m["tables"]}
     state_dim = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr).state_dim(cfg.embedding_dim)
     ssds = []
+    chain = [(d, mm["files"]) for d, mm in ckpt.table_chain(path, m)]  # an incremental checkpoint: its links too
     for f in schema.sparse:
         t = files.get(f.name)
         if t is None:
             raise CheckpointError(f"{path}: checkpoint has no table {f.name!r}")
-        if opt.verify:
-            verify_file(path / t["file"], m["files"][t["file"]])
-        ssds.append(SsdTable(path / t["file"], f.num_embeddings, cfg.embedding_dim, state_dim, readonly=True,
-                             direct_io=opt.direct_io))
+        ssds.append(open_table_chain(chain, t["file"], f.num_embeddings, cfg.embedding_dim, state_dim,
+                                     verify=opt.verify, direct_io=opt.direct_io))
     total = sum(f.num_embeddings for f in schema.sparse)
     capacity = max(1, math.ceil(opt.cache_fraction * total))
     freq = hottest_rows(opt.data or ckpt.saved_data_path(m["config"], path), schema, opt.warm_rows, capacity)

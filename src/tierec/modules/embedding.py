@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from tierec.errors import ConfigError
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
-from tierec.storage.base import INIT_CHUNK_ROWS, InMemoryTable, TableStorage, WorkingSet, init_rows
+from tierec.storage.base import InMemoryTable, TableStorage, WorkingSet
+from tierec.storage.lazy import RowInit
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,7 @@ class EmbeddingBagCollection(torch.nn.Module):
 
 def build_collection(configs: list[TableConfig], optimizer: SparseOptimizer, seed: int,
                      storage_factory=None, device="cpu") -> EmbeddingBagCollection:
-    """Create tables with deterministic initial weights (see `init_rows`).
+    """Create tables with deterministic initial weights (`tierec.storage.lazy.RowInit` of (seed, table index)).
 
     ``storage_factory(index, config, state_dim) -> TableStorage | None`` picks the
     backend; None (or no factory) keeps the table in memory.
@@ -275,9 +276,7 @@ def build_collection(configs: list[TableConfig], optimizer: SparseOptimizer, see
         sdim = optimizer.state_dim(cfg.embedding_dim)
         st = storage_factory(i, cfg, sdim) if storage_factory is not None else None
         if st is None:
-            st = InMemoryTable(cfg.num_embeddings, cfg.embedding_dim, sdim, device=device)
-            for a in range(0, cfg.num_embeddings, INIT_CHUNK_ROWS * 16):
-                b = min(a + INIT_CHUNK_ROWS * 16, cfg.num_embeddings)
-                st.weight[a:b] = init_rows(seed, i, cfg.num_embeddings, cfg.embedding_dim, a, b)
+            st = InMemoryTable(cfg.num_embeddings, cfg.embedding_dim, sdim, device=device,
+                               init=RowInit(seed, i, cfg.num_embeddings, cfg.embedding_dim))
         tables.append(EmbeddingBag(cfg, st, optimizer))
     return EmbeddingBagCollection(tables)

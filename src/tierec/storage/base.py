@@ -14,27 +14,17 @@ from typing import Protocol
 
 import torch
 
+from tierec.storage.lazy import LazyRows, RowInit
+
 INIT_CHUNK_ROWS = 65536
 
 
 def init_rows(seed: int, table_index: int, num_embeddings: int, dim: int, start: int, end: int) -> torch.Tensor:
     """Initial weights of rows [start, end): uniform(-1/sqrt(n), 1/sqrt(n)), as DLRM/TorchRec do.
 
-    Values depend only on (seed, table, row), generated in fixed chunks of
-    ``INIT_CHUNK_ROWS`` rows, so any storage backend that initialises any range of
-    rows gets the same numbers.
-    """
-    bound = num_embeddings ** -0.5
-    out = torch.empty(end - start, dim)
-    c0 = start // INIT_CHUNK_ROWS
-    c1 = (end - 1) // INIT_CHUNK_ROWS if end > start else c0 - 1
-    for c in range(c0, c1 + 1):  # loop over 64K-row chunks, not rows
-        a, b = c * INIT_CHUNK_ROWS, min((c + 1) * INIT_CHUNK_ROWS, num_embeddings)
-        g = torch.Generator().manual_seed((seed * 1_000_003 + table_index) * 1_000_003 + c)
-        vals = torch.empty(b - a, dim).uniform_(-bound, bound, generator=g)
-        lo, hi = max(a, start), min(b, end)
-        out[lo - start : hi - start] = vals[lo - a : hi - a]
-    return out
+    Values depend only on (seed, table, row): `tierec.storage.lazy.RowInit`, a counter-based
+    function, so any backend that initialises any rows, in any order, gets the same numbers."""
+    return RowInit(seed, table_index, num_embeddings, dim).range(start, end)
 
 
 @dataclass
@@ -53,7 +43,12 @@ class WorkingSet:
 
 
 class TableStorage(Protocol):
-    """Where a table's rows (weights + optimizer state) live."""
+    """Where a table's rows (weights + optimizer state) live.
+
+    ``read(ids)``/``write(ids, ...)``: rows by ID outside a step (checkpoints).
+    ``lazy_rows()``: after ``flush()``, the rows written since the table was initialised and the
+    `RowInit` that gives every other row (`tierec.storage.lazy.LazyRows`), or None when the store
+    does not track them; a checkpoint then copies the written rows only."""
 
     num_embeddings: int
     dim: int
@@ -63,11 +58,17 @@ class TableStorage(Protocol):
 
     def release(self, ws: WorkingSet, dirty: bool) -> None: ...
 
+    def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None: ...
+
     def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def write_rows(self, start: int, weight: torch.Tensor, state: torch.Tensor) -> None: ...
 
     def flush(self) -> None: ...
+
+    def lazy_rows(self) -> LazyRows | None: ...
 
 
 class RowStore(Protocol):
@@ -76,7 +77,7 @@ class RowStore(Protocol):
     ``read(ids)``: rows ``ids`` (int64 [U], unique) as fresh tensors (weight [U, D], state [U, S]);
     ``write(ids, weight, state)``: store them; ``exchange(write_ids, weight, state, read_ids)``: both
     (disjoint IDs) in one pass where the store can (`SsdTable`, `ConcatTable`: one I/O batch), else
-    write then read; ``read_rows``/``write_rows``/``flush`` as in `TableStorage`; ``close`` releases
+    write then read; ``read_rows``/``write_rows``/``flush``/``lazy_rows`` as in `TableStorage`; ``close`` releases
     the store's files (after a flush); ``stats``/``reset_stats``: its counters. ``device``: where
     the tensors it takes and returns live. Implemented by `InMemoryTable`, `SsdTable`, `ConcatTable`
     and the caches themselves (a cache in front of a cache: device <- DRAM <- SSD)."""
@@ -105,10 +106,12 @@ class RowStore(Protocol):
 
     def reset_stats(self) -> None: ...
 
+    def lazy_rows(self) -> LazyRows | None: ...
+
 
 class RowStoreDefaults:
     """`RowStore` methods for a store with nothing better to do: ``exchange`` = write, then read;
-    ``close`` = flush; no counters."""
+    ``close`` = flush; no counters; written rows not tracked."""
 
     def exchange(self: RowStore, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
                  read_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,22 +128,39 @@ class RowStoreDefaults:
     def reset_stats(self) -> None:
         pass
 
+    def lazy_rows(self) -> LazyRows | None:
+        return None
+
 
 class InMemoryTable(RowStoreDefaults):
     """All rows in one tensor on ``device``: the plain, exact reference path. ``acquire(ids).index`` is
-    ``ids`` itself (rows addressed by ID). Also a `RowStore` (a cache in front of memory: tests)."""
+    ``ids`` itself (rows addressed by ID). Also a `RowStore` (a cache in front of memory: tests).
 
-    def __init__(self, num_embeddings: int, dim: int, state_dim: int, device="cpu"):
+    With ``init`` (a `RowInit`) the weights start at its values and the rows written since are
+    tracked (one bit per row: `lazy_rows`); without it they start uninitialised and untracked."""
+
+    def __init__(self, num_embeddings: int, dim: int, state_dim: int, device="cpu", init: RowInit | None = None):
         self.num_embeddings, self.dim, self.state_dim = num_embeddings, dim, state_dim
         self.weight = torch.empty(num_embeddings, dim, device=device)
         self.state = torch.zeros(num_embeddings, state_dim, device=device)
         self.device = self.weight.device
+        self._lazy = None
+        if init is not None:
+            for a in range(0, num_embeddings, INIT_CHUNK_ROWS * 16):
+                b = min(a + INIT_CHUNK_ROWS * 16, num_embeddings)
+                self.weight[a:b] = init.range(a, b).to(self.device)
+            self._lazy = LazyRows.fresh(init, num_embeddings)
+
+    def _mark(self, ids: torch.Tensor) -> None:
+        if self._lazy is not None:
+            self._lazy.mark(ids.detach().to("cpu", torch.int64).numpy().reshape(-1))
 
     def acquire(self, ids: torch.Tensor) -> WorkingSet:
         return WorkingSet(ids, ids, self.weight, self.state)
 
     def release(self, ws: WorkingSet, dirty: bool) -> None:
-        pass
+        if dirty:
+            self._mark(ws.ids)
 
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.weight.index_select(0, ids), self.state.index_select(0, ids)
@@ -148,6 +168,7 @@ class InMemoryTable(RowStoreDefaults):
     def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
         self.weight.index_copy_(0, ids, weight)
         self.state.index_copy_(0, ids, state)
+        self._mark(ids)
 
     def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.weight[start:end], self.state[start:end]
@@ -156,9 +177,14 @@ class InMemoryTable(RowStoreDefaults):
         n = weight.shape[0]
         self.weight[start : start + n] = weight
         self.state[start : start + n] = state
+        if self._lazy is not None:
+            self._lazy.mark_range(start, start + n)
 
     def flush(self) -> None:
         pass
+
+    def lazy_rows(self) -> LazyRows | None:
+        return self._lazy
 
     @property
     def nbytes(self) -> int:

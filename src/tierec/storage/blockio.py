@@ -48,6 +48,9 @@ def plan_runs(start: np.ndarray, row_bytes: int, group: np.ndarray | None = None
     ``align=ALIGN`` for O_DIRECT; 4 (exactly the rows' bytes) for buffered reads. Reads may pass
     ``gap`` > 0: runs at most ``gap`` blocks apart are merged, reading the blocks between (a dense
     set of rows -- a cache warm-up -- then costs a few large reads instead of one per block)."""
+    if start.size == 0:
+        e = np.empty(0, np.int64)
+        return BlockPlan(e, e, e, e, 0, e)
     blo = start // align
     bhi = (start + row_bytes + align - 1) // align
     new = np.empty(start.size, bool)

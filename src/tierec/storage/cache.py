@@ -43,6 +43,7 @@ import torch
 
 from tierec.errors import ConfigError
 from tierec.storage.base import RowStore, RowStoreDefaults, WorkingSet
+from tierec.storage.lazy import LazyRows
 from tierec.storage.sketch import CountMinSketch
 
 POLICIES = ("lru", "lfu", "freq")
@@ -682,6 +683,10 @@ class CachedTable(RowStoreDefaults):
     def close(self) -> None:
         self.flush()
         self.backing.close()
+
+    def lazy_rows(self) -> LazyRows | None:
+        """The backing store's (complete once `flush` has written the dirty rows back)."""
+        return self.backing.lazy_rows()
 
     # ------------------------------------------------------------------ stats
     def reset_stats(self, recursive: bool = True) -> None:

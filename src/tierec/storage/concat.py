@@ -21,6 +21,7 @@ from tierec.storage import aio, multifile
 from tierec.storage.base import RowStore
 from tierec.storage.blockio import IO_LANES
 from tierec.storage.cache import CachedTable, sort_ids, unsort
+from tierec.storage.lazy import LazyRows
 from tierec.storage.rowspace import RowSpace
 from tierec.storage.ssd import SsdTable
 
@@ -190,6 +191,10 @@ class ConcatTable:
     def flush(self) -> None:
         for t in self.tables:
             t.flush()
+
+    def lazy_rows(self) -> LazyRows | None:
+        """None: each member keeps its own (`TableView.lazy_rows`)."""
+        return None
 
     def close(self) -> None:
         for t in self.tables:

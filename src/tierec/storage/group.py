@@ -35,6 +35,7 @@ import torch
 
 from tierec.storage.base import RowStore, WorkingSet
 from tierec.storage.concat import ConcatTable
+from tierec.storage.lazy import LazyRows
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.rowspace import RowSpace
 
@@ -121,6 +122,19 @@ class TableView:
         h.released = True
         self.group.cache.release(h.inner, dirty)
 
+    def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``ids`` (unique) with the newest values, outside the step protocol (checkpoints)."""
+        if not self.group.built:
+            return self.backing.read(ids)
+        return self.group.cache.read(ids.to(self.group.cache.device) + self.offset)
+
+    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
+        """Store rows ``ids`` (unique), outside the step protocol (loading a checkpoint)."""
+        if not self.group.built:
+            self.backing.write(ids, weight, state)
+        else:
+            self.group.cache.write(ids.to(self.group.cache.device) + self.offset, weight, state)
+
     def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= start <= end <= self.num_embeddings:
             raise IndexError(f"table {self.name!r}: rows [{start}, {end}) out of range [0, {self.num_embeddings})")
@@ -142,6 +156,10 @@ class TableView:
             self.group.cache.flush()
         else:
             self.backing.flush()
+
+    def lazy_rows(self) -> LazyRows | None:
+        """The member's own store's (complete once `flush` has written the group's dirty rows back)."""
+        return self.backing.lazy_rows()
 
     def stats(self) -> dict:
         """The group's cache counters (shared by all members: `tierec.train.trainer.cache_stats` lists

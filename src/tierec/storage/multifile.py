@@ -40,8 +40,49 @@ def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor
     default `tierec.storage.blockio.io_pool`, plus the calling thread) -- a few hundred random rows cost a few device
     latencies instead of one each, and no page faults -- and one gather copies the rows out.
     A kind with fewer than ``LANE_MIN_ROWS`` rows in all stays in the calling thread (memmap
-    gather or block I/O). Counters are kept per table."""
-    reads = [(t, t.check_ids(ids)) for t, ids in reads]
+    gather or block I/O). Counters are kept per table. Never-written rows of lazy files are not
+    read: they get their initial values (`tierec.storage.lazy`). A row set with an ``older`` link
+    (an incremental checkpoint) gives the rows it does not hold to the link below, newest first;
+    every link's reads go in the same plan."""
+    asked = [(t, t.check_ids(ids)) for t, ids in reads]
+    parts: list[tuple[int, SsdTable, np.ndarray, np.ndarray]] = []  # (read i, file, file rows, positions in i)
+    fresh: list[tuple[int, np.ndarray, np.ndarray]] = []  # (read i, never-written IDs, their positions)
+    for i, (t, ids) in enumerate(asked):
+        link: SsdTable | None = t
+        left, pos = ids, np.arange(ids.size)
+        while link is not None and left.size:
+            lazy = link.lazy_rows()
+            if lazy is None:
+                parts.append((i, link, left, pos))
+                left = left[:0]
+                break
+            w = lazy.written.test(left)
+            parts.append((i, link, lazy.file_rows(left[w]), pos[w]))
+            left, pos = left[~w], pos[~w]
+            link = link.older
+        if left.size:
+            fresh.append((i, left, pos))
+    got = _read_files([(f, rows) for _, f, rows, _ in parts], pool, lanes)
+    if len(parts) == len(asked) and not fresh:  # every row from its own file: the plain case
+        return got
+    out = [np.zeros((ids.size, t.width), np.float32) for t, ids in asked]
+    for (i, _, _, pos), rows in zip(parts, got, strict=True):
+        out[i][pos] = rows
+    for i, left, pos in fresh:
+        lazy = asked[i][0].lazy_rows()
+        assert lazy is not None  # only lazy files leave rows unread
+        out[i][pos, : lazy.init.dim] = lazy.init.rows(left).numpy()
+    return out
+
+
+def _written(t: SsdTable, ids: np.ndarray) -> np.ndarray | None:
+    """bool [U]: which rows ``ids`` of ``t`` were written (a lazy file); None: all rows are read."""
+    lazy = t.lazy_rows()
+    return None if lazy is None else lazy.written.test(ids)
+
+
+def _read_files(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor | None, lanes: int) -> list[np.ndarray]:
+    """`read_many` of rows that are all in the files."""
     out: list = [None] * len(reads)
     groups: dict[tuple, list[int]] = {}
     for i, (t, ids) in enumerate(reads):
@@ -153,6 +194,12 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
     if not (aio.available() and all(t.odirect and (t.width, t.row_stride, t.align)
                                     == (t0.width, t0.row_stride, t0.align) for t in tabs)):
         return None
+    asked_t, asked = rt, rid  # never-written rows of lazy files are not read (initial values)
+    written = np.ones(rid.size, bool)
+    for k in np.unique(rt).tolist():
+        if (w := _written(tabs[k], rid[rt == k])) is not None:
+            written[rt == k] = w
+    rt, rid = rt[written], rid[written]
     for k in np.unique(wt).tolist():
         tabs[k].prepare_write()
     start = time.perf_counter()
@@ -168,6 +215,17 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
         return None
     out, dev_w, dev_r = got
     n = len(tabs)
+    for k in np.unique(wt).tolist():
+        tabs[k].mark_written(wid[wt == k])
+    if not written.all():
+        full = np.zeros((asked.size, t0.width), np.float32)
+        full[written] = out
+        for k in np.unique(asked_t[~written]).tolist():
+            fresh = np.flatnonzero(~written & (asked_t == k))
+            lazy = tabs[k].lazy_rows()
+            assert lazy is not None
+            full[fresh, : t0.dim] = lazy.init.rows(asked[fresh]).numpy()
+        out = full
     rows_w, rows_r = np.bincount(wt, minlength=n), np.bincount(rt, minlength=n)
     dt = (time.perf_counter() - start) / max(1, int(np.count_nonzero(rows_w + rows_r)))
     for k, t in enumerate(tabs):

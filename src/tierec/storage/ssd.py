@@ -20,6 +20,14 @@ Beside it, ``<path>.json`` (the *sidecar*, optional when opening) records
 unchanged since it was created, its ``sha256``. Opening a file whose size or
 sidecar does not match the arguments raises `CheckpointError`.
 
+Lazy files (``init="lazy"``, what training creates): the file is sized with ``ftruncate`` --
+sparse, O(1) at any size, no disk used -- and a row gets its initial value
+(`tierec.storage.lazy.RowInit`, recorded in the sidecar) the first time it is read; one bit per
+row (`RowBits`, in memory, saved to ``<path>.written`` on close) says which rows were written
+since. Reads of never-written rows cost no I/O at all; every reader sees ``file row if written
+else RowInit(row)`` with zero optimizer state, so training is bit-identical to an eagerly
+initialised file.
+
 I/O modes:
 
 * default (``direct_io=False``): a numpy memmap of the file; a batch of rows
@@ -58,10 +66,21 @@ import torch
 from tierec.errors import CheckpointError, ConfigError
 from tierec.fsio import atomic_write_bytes, fsync_dir, sha256_file, umask
 from tierec.storage import aio, blockio
-from tierec.storage.base import WorkingSet, init_rows
+from tierec.storage.base import WorkingSet
 from tierec.storage.blockio import ALIGN, MAX_IO, BlockPlan
+from tierec.storage.lazy import LazyRows, RowBits, RowInit
 from tierec.storage.multifile import exchange_many, read_many, write_block_runs
-from tierec.storage.tablefile import FORMAT, read_sidecar, sidecar_path, stream_rows
+from tierec.storage.tablefile import (
+    FORMAT,
+    is_delta,
+    is_row_set,
+    read_row_set_ids,
+    read_sidecar,
+    row_set_init,
+    sidecar_path,
+    stream_rows,
+    verify_table_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +92,28 @@ RSS_RELEASE_BYTES = 8 << 20  # mapped bytes touched before the map's pages are d
 class SsdTable:
     """A table's rows (weights + optimizer state) in a fixed-offset row file. Implements ``TableStorage``.
 
-    ``create=True`` (re)writes the file: ``init="random"`` fills the weights with
-    ``init_rows(init_seed, table_index, ...)`` (the same numbers as every other
-    backend) and the state with zeros, streaming 64K-row chunks into a temp file
-    renamed over ``path`` (constant memory, atomic). ``init="zeros"`` instead
-    sizes the file with ``ftruncate`` without writing it: a sparse file of zero
-    rows, instant at any size (for tests and for tables loaded from a checkpoint
-    right after). ``readonly=True`` opens the file without write access.
+    ``create=True`` (re)creates the file: ``init="lazy"`` sizes it with ``ftruncate`` (sparse,
+    instant at any size) and gives each row ``RowInit(init_seed, table_index, num_embeddings,
+    dim)`` when first read (see the module doc); ``init="random"`` writes those values up front,
+    streaming 64K-row chunks into a temp file renamed over ``path`` (constant memory, atomic);
+    ``init="zeros"``: a sparse file of zero rows. Opening an existing lazy file takes its
+    `RowInit` from the sidecar, or from ``lazy_init`` (a checkpoint's table file, whose manifest
+    holds it), and its written rows from ``<path>.written``; with ``slots`` (int64 [K], sorted;
+    read-only) the file is a checkpoint's row set: just the written rows, packed in ID order, row
+    ``slots[k]`` at file row ``k``; ``older`` (a row set of an earlier checkpoint) then holds the
+    rows this one does not (a chain of incremental checkpoints, read newest first). ``readonly=True``
+    opens the file without write access.
     """
 
     def __init__(self, path: str | os.PathLike, num_embeddings: int, dim: int, state_dim: int, *,
                  create: bool = False, init_seed: int | None = None, table_index: int = 0,
-                 direct_io: bool = False, init: str = "random", readonly: bool = False, row_align: int = 0):
+                 direct_io: bool = False, init: str = "random", readonly: bool = False, row_align: int = 0,
+                 lazy_init: RowInit | None = None, slots: np.ndarray | None = None, older: SsdTable | None = None):
         if num_embeddings <= 0 or dim <= 0 or state_dim < 0:
             raise ConfigError(f"{path}: bad table shape {num_embeddings} rows x (dim {dim} + state {state_dim})")
         row_align = check_row_align(row_align, f"{path}: row_align")
-        if init not in ("random", "zeros"):
-            raise ConfigError(f"{path}: init must be 'random' or 'zeros', got {init!r}")
+        if init not in ("random", "zeros", "lazy"):
+            raise ConfigError(f"{path}: init must be 'lazy', 'random' or 'zeros', got {init!r}")
         self.path = Path(path)
         self.num_embeddings, self.dim, self.state_dim = int(num_embeddings), int(dim), int(state_dim)
         self.width = self.dim + self.state_dim
@@ -97,16 +121,25 @@ class SsdTable:
         self.row_align = row_align
         # bytes from one row's start to the next: the row, padded with zeros to a multiple of row_align
         self.row_stride = -(-self.row_bytes // row_align) * row_align if row_align else self.row_bytes
-        self.file_bytes = self.num_embeddings * self.row_stride
+        if slots is not None and not (readonly and lazy_init is not None):
+            raise ConfigError(f"{path}: a row set (slots) opens read-only, with its lazy_init")
+        if older is not None and slots is None:
+            raise ConfigError(f"{path}: only a row set has an older link")
+        self.older = older  # an incremental checkpoint's row set: the link below it in the chain
+        self.file_rows = self.num_embeddings if slots is None else int(slots.size)  # rows the file holds
+        self.file_bytes = self.file_rows * self.row_stride
         self.align = ALIGN  # block size of direct I/O (a smaller one where the device takes it: see below)
         self.device = torch.device("cpu")
         self.readonly = readonly
+        self._lazy: LazyRows | None = None
         if create:
             if readonly:
                 raise ConfigError(f"{path}: cannot create a table file read-only")
             self._create(init, init_seed, table_index)
         self._sidecar = self._check()
         self._sha_valid = "sha256" in self._sidecar
+        if not create and (lazy_init is not None or "lazy" in self._sidecar):
+            self._open_lazy(lazy_init or RowInit.from_json(self._sidecar["lazy"]), slots)
         self._mm: np.memmap | None = None
         self._fd = -1  # O_DIRECT descriptor (direct mode only)
         self._bfd = -1  # buffered descriptor (direct mode: tails and fallback)
@@ -123,13 +156,13 @@ class SsdTable:
                 self._direct_fallback(e)
             if self.odirect and row_align and row_align < ALIGN and self.row_stride % row_align == 0:
                 self.align = blockio.direct_align(self._fd, row_align, self.file_bytes)
-        else:
+        elif self.file_rows:
             self._mm = np.memmap(self.path, dtype=np.float32, mode="r" if readonly else "r+",
-                                 shape=(self.num_embeddings, self.row_stride // 4))
+                                 shape=(self.file_rows, self.row_stride // 4))
             self._rfd = os.open(self.path, os.O_RDONLY)  # batched reads: preadv lanes, not page faults
             if hasattr(os, "posix_fadvise"):  # random rows: no kernel read-ahead around each one
                 os.posix_fadvise(self._rfd, 0, 0, os.POSIX_FADV_RANDOM)
-            if hasattr(mmap, "MADV_RANDOM"):  # rows are read at random: no kernel read-ahead of whole files
+            if hasattr(mmap, "MADV_RANDOM") and self._mm is not None:  # random rows: no read-ahead of whole files
                 self._mm._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]  # numpy stubs omit memmap._mmap
         # the rows' floats in the map (a strided view of it when rows are padded); None: not memory-mapped
         self._mrows: np.ndarray | None = self._mm
@@ -170,29 +203,36 @@ class SsdTable:
              "state_dim": self.state_dim, "dtype": "float32", "row_bytes": self.row_bytes}
         if self.row_stride != self.row_bytes:
             m["row_stride"] = self.row_stride
+        if self._lazy is not None:
+            m["lazy"] = self._lazy.init.to_json()
         if sha256 is not None:
             m["sha256"] = sha256
         return m
 
     def _create(self, init: str, seed: int | None, table_index: int) -> None:
-        if init == "random" and seed is None:
-            raise ConfigError(f"{self.path}: create=True with init='random' needs init_seed")
+        if init != "zeros" and seed is None:
+            raise ConfigError(f"{self.path}: create=True with init={init!r} needs init_seed")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         side = sidecar_path(self.path)
         if side.exists():  # a crash between the renames below must not leave a stale sidecar
             side.unlink()
+        written_path(self.path).unlink(missing_ok=True)
+        if init == "lazy":
+            assert seed is not None
+            self._lazy = LazyRows.fresh(RowInit(seed, table_index, self.num_embeddings, self.dim), self.num_embeddings)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         sha = None
         try:
             os.fchmod(fd, 0o666 & ~umask())
-            if init == "zeros":
+            if init in ("zeros", "lazy"):
                 os.ftruncate(fd, self.file_bytes)
             else:
                 assert seed is not None  # init "random" needs one: checked above
                 pad = (self.row_stride - self.row_bytes) // 4  # floats of zeros after each row
+                row_init = RowInit(seed, table_index, self.num_embeddings, self.dim)
 
                 def block(a: int, b: int) -> bytes:  # initial weights, zero state and padding
-                    w = init_rows(seed, table_index, self.num_embeddings, self.dim, a, b)
+                    w = row_init.range(a, b)
                     return torch.cat([w, torch.zeros(b - a, self.state_dim + pad)], 1).numpy().tobytes()
 
                 with os.fdopen(os.dup(fd), "wb") as f:
@@ -236,6 +276,37 @@ class SsdTable:
                 f"{self.width} float32 = dim {self.dim} + state {self.state_dim}{pad}); the table file is truncated "
                 "or belongs to a different table/optimizer")
         return meta
+
+    def _open_lazy(self, init: RowInit, slots: np.ndarray | None) -> None:
+        """Take ``init`` and the written rows: ``slots``, or those of ``<path>.written`` (none yet when
+        that file is absent and the file holds no data)."""
+        wpath = written_path(self.path)
+        nbytes = (self.num_embeddings + 7) // 8
+        if slots is not None:
+            bits = RowBits(self.num_embeddings)
+            bits.mark(self.check_ids(slots))
+        elif wpath.is_file():
+            data = np.fromfile(wpath, dtype=np.uint8)
+            if data.size != nbytes:
+                raise CheckpointError(f"{wpath}: {data.size} bytes, expected {nbytes} (one bit per row of "
+                                      f"{self.num_embeddings}); the file is truncated or not this table's")
+            bits = RowBits(self.num_embeddings, data)
+        elif _allocated_bytes(self.path) == 0:
+            bits = RowBits(self.num_embeddings)
+        else:
+            raise CheckpointError(f"{wpath}: missing; without it the lazy table file {self.path.name} cannot say "
+                                  "which of its rows were written")
+        self._lazy = LazyRows(init, bits, slots, None if self.readonly else bits.copy())
+
+    def lazy_rows(self) -> LazyRows | None:
+        """The rows written since creation and the `RowInit` of every other row (lazy files), else None."""
+        return self._lazy
+
+    def save_written(self) -> None:
+        """Write the written-rows bitmap to ``<path>.written`` (atomically; `close` does it)."""
+        if self._lazy is not None and not self.readonly and (self._lazy.written.count()
+                                                             or written_path(self.path).exists()):
+            atomic_write_bytes(written_path(self.path), self._lazy.written.data.tobytes())
 
     def verify(self) -> bool:
         """Recompute the file's sha256 and compare it with the sidecar's; False when none is recorded."""
@@ -314,12 +385,20 @@ class SsdTable:
             self._touched(ids_np.size, scattered=True, write=True)
         else:
             self._block_io(ids_np, rows)
+        self.mark_written(ids_np)
         self.account("write", ids_np.size, time.perf_counter() - t0)
+
+    def mark_written(self, ids_np: np.ndarray) -> None:
+        """Record rows ``ids_np`` (int64 [U]) as written (lazy files; nothing otherwise)."""
+        if self._lazy is not None:
+            self._lazy.mark(ids_np)
 
     def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [start, end) as fresh tensors (used by checkpoints)."""
         if not 0 <= start <= end <= self.num_embeddings:
             raise IndexError(f"{self.path}: row range [{start}, {end}) outside [0, {self.num_embeddings})")
+        if self._lazy is not None and self._lazy.slots is not None:  # a row set: rows by ID
+            return self.read(torch.arange(start, end))
         t0 = time.perf_counter()
         if self._mrows is not None:
             rows = np.array(self._mrows[start:end])
@@ -328,6 +407,8 @@ class SsdTable:
             rows = self._block_io(np.arange(start, end, dtype=np.int64), None)
         else:
             rows = np.empty((0, self.width), np.float32)
+        if self._lazy is not None:
+            self._lazy.fill(np.arange(start, end, dtype=np.int64), rows)
         self.account("read", end - start, time.perf_counter() - t0)
         return self._split(rows)
 
@@ -345,6 +426,8 @@ class SsdTable:
             self._touched(n)
         else:
             self._block_io(np.arange(start, start + n, dtype=np.int64), rows)
+        if self._lazy is not None:
+            self._lazy.mark_range(start, start + n)
         self.account("write", n, time.perf_counter() - t0)
 
     def _touched(self, rows: int, scattered: bool = False, write: bool = False) -> None:
@@ -385,6 +468,10 @@ class SsdTable:
             os.fsync(self._bfd)
 
     def close(self) -> None:
+        if self.older is not None:
+            self.older.close()
+        if self._fd >= 0 or self._bfd >= 0 or self._mm is not None:
+            self.save_written()
         if self._mm is not None:
             if not self.readonly:
                 self._mm.flush()
@@ -585,6 +672,56 @@ class SsdTable:
     def __repr__(self) -> str:
         return (f"SsdTable({str(self.path)!r}, {self.num_embeddings}, {self.dim}, {self.state_dim}, "
                 f"direct_io={self.direct_io})")
+
+
+def open_table_file(ckpt: Path, files: dict, rel: str, num_embeddings: int, dim: int, state_dim: int, *,
+                    verify: bool = True, direct_io: bool = False, older: SsdTable | None = None) -> SsdTable:
+    """A checkpoint's table file ``ckpt / rel`` (``files``: the manifest's), read-only, as an `SsdTable`:
+    a packed file of every row, or a row set (its written rows by ID; the others their initial
+    values, or, for an incremental checkpoint's delta, ``older``'s rows). ``verify``: check it
+    against the manifest first (`verify_table_file`)."""
+    path = ckpt / rel
+    if rel not in files:
+        raise CheckpointError(f"{path}: not listed in the checkpoint manifest")
+    if verify:
+        verify_table_file(ckpt, files, rel, num_embeddings, dim + state_dim)
+    expect = files[rel]
+    if is_delta(expect) and older is None:
+        raise CheckpointError(f"{path}: an incremental checkpoint's rows; open it with its chain (open_table_chain)")
+    if not is_row_set(expect):
+        return SsdTable(path, num_embeddings, dim, state_dim, readonly=True, direct_io=direct_io)
+    ids = read_row_set_ids(path, files.get(rel + ".ids"), expect, num_embeddings)
+    return SsdTable(path, num_embeddings, dim, state_dim, readonly=True, direct_io=direct_io,
+                    lazy_init=row_set_init(expect, path), slots=ids, older=older if is_delta(expect) else None)
+
+
+def open_table_chain(chain: list[tuple[Path, dict]], rel: str, num_embeddings: int, dim: int, state_dim: int, *,
+                     verify: bool = True, direct_io: bool = False) -> SsdTable:
+    """Table file ``rel`` of a chain of checkpoints (``[(checkpoint dir, manifest files)]``, base first,
+    the checkpoint asked for last), read-only: each delta linked over the links below it, so a
+    read finds every row in the newest checkpoint that holds it (`tierec.storage.multifile.read_many`)."""
+    top: SsdTable | None = None
+    for ckpt, files in chain:
+        entry = files.get(rel)
+        if top is not None and (entry is None or not is_delta(entry)):  # a full file: the links below are moot
+            top.close()
+            top = None
+        top = open_table_file(ckpt, files, rel, num_embeddings, dim, state_dim, verify=verify, direct_io=direct_io,
+                              older=top)
+    if top is None:
+        raise CheckpointError(f"{rel}: an empty checkpoint chain")
+    return top
+
+
+def written_path(path: str | os.PathLike) -> Path:
+    """Where a lazy table file's written-rows bitmap lives: ``<path>.written``."""
+    p = Path(path)
+    return p.with_name(p.name + ".written")
+
+
+def _allocated_bytes(path: Path) -> int:
+    """Bytes of disk a (sparse) file really uses."""
+    return path.stat().st_blocks * 512
 
 
 def check_row_align(value, what: str = "row_align") -> int:

@@ -8,10 +8,20 @@ recorded in its sidecar). Beside a working file, ``<path>.json`` (the *sidecar*)
 ``num_embeddings``, ``dim``, ``state_dim``, ``dtype`` and, while the file is unchanged
 since it was written, its ``sha256``; a checkpoint records the same checksum in its manifest.
 
+A *row set* is how a checkpoint stores a lazy table (`tierec.storage.lazy`: rows that were never
+written hold a counter-based function of (seed, table, row)): ``<name>.tbl`` holds only the
+written rows, packed in ID order, and ``<name>.tbl.ids`` their IDs (int64, sorted). Writing and
+reading it costs time and disk in proportion to the rows written, not to the table's size. Its
+manifest entry says ``"layout": "rowset"`` and carries the `RowInit` of the other rows, the row
+count, and one sha256 per chunk of ``ROWSET_CHUNK_IDS`` IDs (so a 1 TB table is verified as it
+is read, chunk by chunk, never hashed as one file); ``sha256`` is the digest over the chunk
+digests. The IDs file is listed on its own with its sha256. `tierec.storage.ssd.open_table_file`
+opens either kind read-only for serving and evaluation.
+
 This module owns the format and its checks: `stream_rows` writes a file (fsynced) while
-hashing it, `read_table_file` loads one into any `TableStorage` while verifying it,
-`verify_file` checks a file's size and sha256 against an expected ``{bytes, sha256}``, and
-`check_bytes` does the same for bytes already in memory.
+hashing it, `write_table_file` / `read_table_file` write and load a table (dense or row set) from
+and into any `TableStorage` while verifying it, `verify_file` checks a file against its manifest
+entry, and `check_bytes` checks bytes already in memory.
 """
 
 from __future__ import annotations
@@ -27,9 +37,11 @@ import torch
 
 from tierec.errors import CheckpointError
 from tierec.fsio import sha256_file
+from tierec.storage.lazy import LazyRows, RowBits, RowInit
 
 FORMAT = "tierec-table"
 CHUNK_ROWS = 1 << 16  # rows per streamed block when writing or loading a whole file
+ROWSET_CHUNK_IDS = 1 << 20  # a row set's checksum chunk: the written rows among 1M consecutive IDs
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -70,11 +82,143 @@ def row_bytes_of(storage, a: int, b: int) -> bytes:
     return torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy().tobytes()
 
 
-def write_table_file(path: Path, storage) -> dict:
-    """Write a `TableStorage`'s rows as a packed table file at ``path``; returns {bytes, sha256}."""
+def ids_path(path: Path) -> Path:
+    """A row set's IDs file: ``<path>.ids``."""
+    return path.with_name(path.name + ".ids")
+
+
+def write_table_file(path: Path, storage, delta: bool = False) -> dict[str, dict]:
+    """Write a `TableStorage`'s rows at ``path`` (after its ``flush``): a row set when it tracks its
+    written rows (``lazy_rows()``) -- with ``delta``, of the rows changed since the last checkpoint
+    took them (an incremental checkpoint's link) -- else a packed file of every row. Returns the
+    manifest entries of the files written, by file name: {name: {bytes, sha256, ...}}."""
+    lazy = storage.lazy_rows()
+    if lazy is not None:
+        if delta and lazy.changed is not None:
+            return write_row_set(path, storage, lazy, lazy.changed, delta=True)
+        return write_row_set(path, storage, lazy, lazy.written)
     with open(path, "wb") as f:
         sha = stream_rows(f, storage.num_embeddings, lambda a, b: row_bytes_of(storage, a, b))
-    return {"bytes": path.stat().st_size, "sha256": sha}
+    return {path.name: {"bytes": path.stat().st_size, "sha256": sha}}
+
+
+def write_row_set(path: Path, storage, lazy: LazyRows, which: RowBits, delta: bool = False) -> dict[str, dict]:
+    """Rows ``which`` of ``storage`` as a row set (see the module doc), one chunk of IDs at a time."""
+    n = storage.num_embeddings
+    chunks, root, ih, count = [], hashlib.sha256(), hashlib.sha256(), 0
+    ipath = ids_path(path)
+    with open(path, "wb") as f, open(ipath, "wb") as fi:
+        for j, a in enumerate(range(0, n, ROWSET_CHUNK_IDS)):
+            ids = which.ids(a, min(a + ROWSET_CHUNK_IDS, n))
+            if not ids.size:
+                continue
+            w, s = storage.read(torch.from_numpy(ids))
+            raw = torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy().tobytes()
+            digest = hashlib.sha256(raw).hexdigest()
+            chunks.append([j, int(ids.size), digest])
+            root.update(digest.encode())
+            f.write(raw)
+            fi.write(ids.tobytes())
+            ih.update(ids.tobytes())
+            count += int(ids.size)
+        for g in (f, fi):
+            g.flush()
+            os.fsync(g.fileno())
+    entry = {"bytes": path.stat().st_size, "sha256": root.hexdigest(), "layout": "rowset", "rows": count,
+             "init": lazy.init.to_json(), "chunk_ids": ROWSET_CHUNK_IDS, "chunks": chunks, "ids": ipath.name}
+    if delta:
+        entry["delta"] = True
+    return {path.name: entry, ipath.name: {"bytes": ipath.stat().st_size, "sha256": ih.hexdigest()}}
+
+
+def is_row_set(expect: dict) -> bool:
+    return expect.get("layout") == "rowset"
+
+
+def is_delta(expect: dict) -> bool:
+    """A row set of the rows changed since the previous checkpoint (the others: in the chain below)."""
+    return is_row_set(expect) and bool(expect.get("delta"))
+
+
+def row_set_init(expect: dict, path: Path) -> RowInit:
+    try:
+        return RowInit.from_json(expect["init"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise _mismatch(path, f"row set without a valid 'init' in the manifest ({e}); the manifest is corrupt") from None
+
+
+def read_row_set_ids(path: Path, ids_expect: dict | None, expect: dict, num_rows: int) -> np.ndarray:
+    """The IDs of row set ``path`` (int64 [K], sorted), checked against the manifest and the table's rows."""
+    ipath = ids_path(path)
+    if ids_expect is None:
+        raise _mismatch(ipath, "row set IDs file is not listed in the manifest")
+    if not ipath.is_file():
+        raise _mismatch(ipath, "listed in the checkpoint manifest but missing")
+    data = ipath.read_bytes()
+    check_bytes(ipath, data, ids_expect)
+    ids = np.frombuffer(data, dtype=np.int64).copy()
+    if ids.size != expect.get("rows") or (ids.size and (ids[0] < 0 or ids[-1] >= num_rows
+                                                         or not np.all(ids[1:] > ids[:-1]))):
+        raise _mismatch(ipath, f"row set IDs are not {expect.get('rows')} sorted IDs in [0, {num_rows}); corrupt")
+    return ids
+
+
+def _row_set_chunks(path: Path, expect: dict, ids: np.ndarray, width: int):
+    """Yield (chunk index, IDs, rows float32 [k, width]) of row set ``path``, each chunk's sha256 checked."""
+    if path.stat().st_size != ids.size * width * 4:
+        raise _mismatch(path, f"{path.stat().st_size} bytes, expected {ids.size * width * 4} ({ids.size} rows x "
+                              f"{width} float32); truncated or not this checkpoint's")
+    pos = 0
+    with open(path, "rb") as f:
+        for j, k, digest in expect["chunks"]:
+            raw = f.read(k * width * 4)
+            if hashlib.sha256(raw).hexdigest() != digest:
+                raise _mismatch(path, f"chunk {j} (rows {pos}..{pos + k - 1} of the file) does not match its sha256 "
+                                      "in the checkpoint manifest (corrupt table file)")
+            yield j, ids[pos : pos + k], np.frombuffer(raw, dtype=np.float32).reshape(k, width).copy()
+            pos += k
+    if pos != ids.size:
+        raise _mismatch(path, f"chunks cover {pos} rows, the manifest says {ids.size}; the manifest is corrupt")
+
+
+def read_row_set(path: Path, storage, expect: dict, ids_expect: dict | None) -> None:
+    """Load row set ``path`` into ``storage``. A delta (`is_delta`) and a base going into a fresh store of
+    the same `RowInit` (nothing written yet) write only their rows; a base going anywhere else
+    writes every row (initial values between them)."""
+    n, d = storage.num_embeddings, storage.dim
+    width = d + storage.state_dim
+    init = row_set_init(expect, path)
+    ids = read_row_set_ids(path, ids_expect, expect, n)
+    mine = storage.lazy_rows()
+    if is_delta(expect) or (mine is not None and mine.init == init and mine.written.count() == 0):
+        for _, cid, rows in _row_set_chunks(path, expect, ids, width):
+            t = torch.from_numpy(rows)
+            storage.write(torch.from_numpy(cid), t[:, :d], t[:, d:])
+        return
+    chunks = _row_set_chunks(path, expect, ids, width)
+    nxt = next(chunks, None)
+    for j, a in enumerate(range(0, n, ROWSET_CHUNK_IDS)):
+        b = min(a + ROWSET_CHUNK_IDS, n)
+        here = nxt if nxt is not None and nxt[0] == j else None
+        for c in range(a, b, CHUNK_ROWS):
+            e = min(c + CHUNK_ROWS, b)
+            w, s = init.range(c, e), torch.zeros(e - c, storage.state_dim)
+            if here is not None:
+                _, cid, rows = here
+                sel = (cid >= c) & (cid < e)
+                r = torch.from_numpy(rows[sel])
+                w[cid[sel] - c], s[cid[sel] - c] = r[:, :d], r[:, d:]
+            storage.write_rows(c, w, s)
+        if here is not None:
+            nxt = next(chunks, None)
+    if nxt is not None:
+        raise _mismatch(path, f"chunk {nxt[0]} lies beyond the table's {n} rows; the manifest is corrupt")
+
+
+def verify_row_set(path: Path, expect: dict, ids_expect: dict | None, num_rows: int, width: int) -> None:
+    ids = read_row_set_ids(path, ids_expect, expect, num_rows)
+    for _ in _row_set_chunks(path, expect, ids, width):
+        pass
 
 
 def _mismatch(path: Path, what: str) -> CheckpointError:
@@ -93,6 +237,16 @@ def check_bytes(path: Path, data: bytes, expect: dict) -> None:
         raise _mismatch(path, "sha256 does not match the checkpoint manifest (corrupt file)")
 
 
+def verify_table_file(ckpt: Path, files: dict, rel: str, num_rows: int, width: int) -> None:
+    """Check table file ``ckpt / rel`` against the manifest's ``files``: a row set chunk by chunk, else
+    size and sha256."""
+    expect = files[rel]
+    if is_row_set(expect):
+        verify_row_set(ckpt / rel, expect, files.get(rel + ".ids"), num_rows, width)
+    else:
+        verify_file(ckpt / rel, expect)
+
+
 def verify_file(path: Path, expect: dict) -> None:
     """Check a file's size and sha256 against ``expect`` = {bytes, sha256} (streams the file)."""
     if not path.is_file():
@@ -102,9 +256,14 @@ def verify_file(path: Path, expect: dict) -> None:
         raise _mismatch(path, "sha256 does not match the checkpoint manifest (corrupt file)")
 
 
-def read_table_file(path: Path, storage, expect: dict) -> None:
-    """Load the packed table file ``path`` into ``storage`` (``write_rows``), verifying its size against the
-    table's shape and ``expect`` and its sha256 as it reads (a mismatch: `CheckpointError`, naming it)."""
+def read_table_file(path: Path, storage, expect: dict, ids_expect: dict | None = None) -> None:
+    """Load the table file ``path`` into ``storage``, verifying it as it reads (a mismatch:
+    `CheckpointError`, naming it): a row set (`read_row_set`; ``ids_expect``: its IDs file's
+    entry), or a packed file of every row (``write_rows``), its size checked against the table's
+    shape and ``expect`` and its sha256."""
+    if is_row_set(expect):
+        read_row_set(path, storage, expect, ids_expect)
+        return
     n, d, s = storage.num_embeddings, storage.dim, storage.state_dim
     width = d + s
     if not path.is_file():

@@ -93,7 +93,7 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
             return None
         below = ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
                                create=True, init_seed=settings.seed, table_index=i, direct_io=settings.direct_io,
-                               init="random" if fresh else "zeros", row_align=row_align)
+                               init="lazy", row_align=row_align)
         rows = 0
         if host_bytes:  # device <- host DRAM <- SSD: the host tier gets this table's share of host_cache
             row_bytes = (tcfg.embedding_dim + state_dim) * 4 + INDEX_BYTES_PER_ROW
@@ -121,13 +121,17 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
     return factory
 
 
-def checkpoint_storage_factory(ckpt_dir: Path, manifest: dict, plan: list[dict], device: torch.device):
+def checkpoint_storage_factory(ckpt_dir: Path, manifest: dict, plan: list[dict], device: torch.device,
+                               chain: list[tuple[Path, dict]] | None = None):
     """Read-only storage over a checkpoint's table files: SSD tables of ``plan`` are opened in
     place behind caches of their planned size (``freq`` and ``lookahead`` caches become ``lru``:
-    the training sample and future batches are not at hand); each file's size and sha256 are
-    checked against the manifest first."""
+    the training sample and future batches are not at hand); each file is checked against the
+    manifest first. ``chain``: an incremental checkpoint's [(checkpoint dir, manifest files)], base
+    first, this one last (default: this one alone)."""
     from tierec.errors import CheckpointError
-    from tierec.storage.tablefile import verify_file
+    from tierec.storage.ssd import open_table_chain
+
+    links = chain or [(Path(ckpt_dir), manifest["files"])]
 
     by_name = {p["name"]: p for p in plan if p["placement"] == "ssd"}
     files = {t["name"]: t for t in manifest["tables"]}
@@ -139,9 +143,7 @@ def checkpoint_storage_factory(ckpt_dir: Path, manifest: dict, plan: list[dict],
         t = files.get(tcfg.name)
         if t is None:
             raise CheckpointError(f"{ckpt_dir}: checkpoint has no table {tcfg.name!r}")
-        path = Path(ckpt_dir) / t["file"]
-        verify_file(path, manifest["files"][t["file"]])
-        ssd = SsdTable(path, tcfg.num_embeddings, tcfg.embedding_dim, state_dim, readonly=True)
+        ssd = open_table_chain(links, t["file"], tcfg.num_embeddings, tcfg.embedding_dim, state_dim)
         policy = "lru" if p["policy"] in ("freq", "lookahead") else p["policy"]
         return CachedTable(ssd, p["cache_rows"], policy, device=device, name=tcfg.name)
 

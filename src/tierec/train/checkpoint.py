@@ -10,7 +10,12 @@ Layout of a run's checkpoints::
         dense.pt                 dense weights, dense optimizer, RNG state (torch.save of tensors and
                                  plain containers only: loaded with ``weights_only=True``)
         tables/<name>.tbl        one file per table: float32 rows [num_embeddings, dim + state_dim],
-                                 row r at byte offset r * (dim + state_dim) * 4 (weights, then state)
+                                 row r at byte offset r * (dim + state_dim) * 4 (weights, then state);
+                                 or, for a table that tracks its written rows (all tables tierec
+                                 trains), a *row set*: only the rows written since initialisation,
+        tables/<name>.tbl.ids    packed in ID order, and their IDs; every other row is its initial
+                                 value, a counter-based function of (seed, table, row) recorded in
+                                 the manifest. Time and disk scale with the rows written.
 
 A checkpoint is written into ``step-N.tmp-*``, every file fsynced, then renamed
 to ``step-N`` and only then published in ``LATEST``: a crash at any point leaves
@@ -53,23 +58,63 @@ REQUIRED_KEYS = ("step", "files", "tables", "config", "schema", "epoch", "batch_
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, tables: dict, meta: dict,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, parent: Path | None = None, max_chain: int = 1) -> Path:
     """Write checkpoint ``step`` under ``run_dir/checkpoints`` and publish it in LATEST.
 
-    ``tables`` maps table name -> storage (read with ``read_rows``); ``meta`` is
-    JSON-able (config, schema, counters) and goes into the manifest.
+    ``tables`` maps table name -> storage (flushed; rows read by ID or range); ``meta`` is
+    JSON-able (config, schema, counters) and goes into the manifest. With ``parent`` (the
+    checkpoint the tables were last saved to or loaded from) and a chain below ``max_chain`` links,
+    the checkpoint is *incremental*: each table that tracks its rows writes only those changed
+    since (a delta row set) and the manifest's ``chain`` names the checkpoints below it, base
+    first; otherwise it is a base (every written row). Once published, the tables' changed rows
+    are cleared (`LazyRows.take_changed`).
     """
+    chain = chain_below(parent, max_chain)
     tmp = new_checkpoint_dir(run_dir, step)
     try:
         files, table_meta = {}, []
         for tname, st in tables.items():
             rel = f"tables/{tname}.tbl"
-            files[rel] = write_table_file(tmp / rel, st)
+            for name, entry in write_table_file(tmp / rel, st, delta=bool(chain)).items():
+                files[f"tables/{name}"] = entry
             table_meta.append(table_entry(tname, st.num_embeddings, st.dim, st.state_dim))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return publish_checkpoint(tmp, step, dense_state, files, table_meta, meta, keep)
+    final = publish_checkpoint(tmp, step, dense_state, files, table_meta, meta | {"chain": chain}, keep)
+    for st in tables.values():
+        if (lazy := st.lazy_rows()) is not None:
+            lazy.take_changed()
+    return final
+
+
+def chain_below(parent: Path | None, max_chain: int) -> list[str]:
+    """The ``chain`` of a checkpoint written over ``parent``: the parent's chain and the parent, base
+    first; [] (a base) without a parent, when the chain would reach ``max_chain`` links, or when the
+    parent is unreadable."""
+    if parent is None or max_chain <= 1:
+        return []
+    try:
+        below = list(read_manifest(parent).get("chain", []))
+    except CheckpointError as e:
+        log.warning("checkpoint %s cannot be read (%s); writing a full checkpoint", parent, e)
+        return []
+    chain = below + [parent.name]
+    return chain if len(chain) < max_chain else []
+
+
+def table_chain(ckpt: Path, manifest: dict) -> list[tuple[Path, dict]]:
+    """[(checkpoint dir, manifest)] of ``ckpt``'s chain, base first, ``ckpt`` last; each manifest checked.
+    A missing link is a `CheckpointError` naming it."""
+    links = []
+    for name in manifest.get("chain", []):
+        d = ckpt.parent / name
+        if not isinstance(name, str) or "/" in name or not d.is_dir():
+            raise CheckpointError(f"{ckpt}: its chain names {name!r}, which is not a checkpoint beside it (an "
+                                  "incremental checkpoint needs every checkpoint below it: copy them with it, or "
+                                  "run `tierec checkpoint compact` on it first)")
+        links.append((d, read_manifest(d)))
+    return links + [(ckpt, manifest)]
 
 
 def new_checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -88,12 +133,12 @@ def table_entry(name: str, num_embeddings: int, dim: int, state_dim: int) -> dic
 
 
 def publish_checkpoint(tmp: Path, step: int, dense_state: dict, table_files: dict, table_meta: list, meta: dict,
-                       keep: int = 2) -> Path:
+                       keep: int = 2, name: str | None = None, latest: bool = True) -> Path:
     """Finish a checkpoint whose table files are written (and fsynced) in ``tmp``: write dense.pt and the
-    manifest, rename ``tmp`` to ``step-N`` and publish it in LATEST. ``table_files`` maps each table
-    file (relative path) to {bytes, sha256}."""
+    manifest, rename ``tmp`` to ``name`` (default ``step-N``) and, with ``latest``, publish it in LATEST.
+    ``table_files`` maps each table file (relative path) to {bytes, sha256, ...}."""
     root = tmp.parent
-    name = f"step-{step:08d}"
+    name = name or f"step-{step:08d}"
     try:
         files = {}
         buf = io.BytesIO()
@@ -118,16 +163,25 @@ def publish_checkpoint(tmp: Path, step: int, dense_state: dict, table_files: dic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_bytes(root / "LATEST", name.encode())
-    _prune(root, keep, keep_name=name)
+    if latest:
+        atomic_write_bytes(root / "LATEST", name.encode())
+        _prune(root, keep, keep_name=name)
     log.info("checkpoint %s written", final)
     return final
 
 
 def _prune(root: Path, keep: int, keep_name: str) -> None:
+    """Remove all but the newest ``keep`` checkpoints and the chains below them (a checkpoint whose
+    manifest cannot be read keeps every older one: its chain is unknown)."""
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and ".tmp-" not in p.name)
-    for p in done[:-keep]:
-        if p.name != keep_name:
+    kept = {p.name for p in done[-keep:]} | {keep_name}
+    for p in done[-keep:]:
+        try:
+            kept.update(read_manifest(p).get("chain", []))
+        except CheckpointError:
+            kept.update(q.name for q in done if q.name < p.name)
+    for p in done:
+        if p.name not in kept:
             shutil.rmtree(p, ignore_errors=True)
     for p in root.iterdir():  # leftovers of crashed writes
         if ".tmp-" in p.name:
@@ -249,6 +303,18 @@ def load_dense_state(ckpt: Path, manifest: dict) -> dict:
 
 
 def load_tables(ckpt: Path, manifest: dict, tables: dict) -> None:
+    """Load the rows of checkpoint ``ckpt`` into ``tables`` (name -> fresh storage): its chain's base,
+    then each delta over it, verified as read. Afterwards nothing counts as changed since."""
+    chain = table_chain(ckpt, manifest)
+    for link, m in chain:
+        _load_link(link, m, tables)
+    for st in tables.values():
+        lazy = st.lazy_rows()
+        if lazy is not None:
+            lazy.take_changed()
+
+
+def _load_link(ckpt: Path, manifest: dict, tables: dict) -> None:
     by_name = {t["name"]: t for t in manifest["tables"]}
     for tname, st in tables.items():
         t = by_name.get(tname)
@@ -258,4 +324,78 @@ def load_tables(ckpt: Path, manifest: dict, tables: dict) -> None:
             raise CheckpointError(
                 f"{ckpt}: table {tname!r} is {t['num_embeddings']}x{t['dim']}+{t['state_dim']} in the checkpoint "
                 f"but {st.num_embeddings}x{st.dim}+{st.state_dim} in the model (different config?)")
-        read_table_file(ckpt / t["file"], st, manifest["files"][t["file"]])
+        files = manifest["files"]
+        if t["file"] not in files:
+            raise CheckpointError(f"{ckpt}: table {tname!r}: its file {t['file']} is not in the manifest's files")
+        read_table_file(ckpt / t["file"], st, files[t["file"]], files.get(t["file"] + ".ids"))
+
+
+def verify_checkpoint(ckpt: Path) -> dict:
+    """Check every file of checkpoint ``ckpt`` and of the checkpoints its chain needs: manifests, dense
+    state, and every table file (row sets chunk by chunk). Returns {links, tables, bytes}; any
+    mismatch is a `CheckpointError` naming the file."""
+    from tierec.storage.tablefile import verify_table_file
+
+    links = table_chain(ckpt, read_manifest(ckpt))
+    nbytes = 0
+    for link, m in links:
+        load_dense_state(link, m)
+        for t in m["tables"]:
+            if t["file"] not in m["files"]:
+                raise CheckpointError(f"{link}: table {t['name']!r}: its file {t['file']} is not in the manifest")
+            verify_table_file(link, m["files"], t["file"], t["num_embeddings"], t["dim"] + t["state_dim"])
+        nbytes += sum(e["bytes"] for e in m["files"].values())
+    return {"links": [p.name for p, _ in links], "tables": len(links[-1][1]["tables"]), "bytes": nbytes}
+
+
+def compact_checkpoint(ckpt: Path, keep: int | None = None) -> Path:
+    """Fold an incremental checkpoint's chain into one full checkpoint of the same step, named
+    ``<name>-full`` beside it: every table's newest rows (a row set of all rows written, or the
+    dense file), the same dense state and counters, no chain. Published in LATEST when ``ckpt``
+    is the newest checkpoint (then older checkpoints beyond ``keep`` are pruned, and so are chain
+    links only it needed). A checkpoint without a chain is returned as it is."""
+    from tierec.storage.lazy import LazyRows, RowBits
+    from tierec.storage.ssd import SsdTable, open_table_chain
+    from tierec.storage.tablefile import write_row_set
+
+    m = read_manifest(ckpt)
+    if not m.get("chain"):
+        return ckpt
+    chain = [(d, mm["files"]) for d, mm in table_chain(ckpt, m)]
+    root = ckpt.parent
+    is_latest = latest_or_none(root.parent) == ckpt
+    dense = load_dense_state(ckpt, m)
+    tmp = new_checkpoint_dir(root.parent, m["step"])
+    try:
+        files = {}
+        for t in m["tables"]:
+            top = open_table_chain(chain, t["file"], t["num_embeddings"], t["dim"], t["state_dim"])
+            try:
+                lazy = top.lazy_rows()
+                if lazy is None:  # a full file: copied as it is
+                    shutil.copyfile(top.path, tmp / t["file"])
+                    files[t["file"]] = dict(m["files"][t["file"]])
+                    continue
+                union = RowBits(t["num_embeddings"])
+                link: SsdTable | None = top
+                while link is not None:
+                    below = link.lazy_rows()
+                    assert below is not None  # a delta's links are row sets
+                    union.update(below.written)
+                    link = link.older
+                for name, entry in write_row_set(tmp / t["file"], top, LazyRows(lazy.init, union), union).items():
+                    files[f"tables/{name}"] = entry
+            finally:
+                top.close()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    meta = {k: v for k, v in m.items() if k not in ("format", "version", "step", "files", "tables", "manifest_sha256")}
+    meta["chain"] = []
+    meta["compacted_from"] = ckpt.name
+    final = publish_checkpoint(tmp, m["step"], dense, files, m["tables"], meta,
+                               keep if keep is not None else len(m["chain"]) + 2, name=f"{ckpt.name}-full",
+                               latest=is_latest)
+    log.info("checkpoint %s: %d links folded into %s", ckpt, len(chain), final)
+    return final
+

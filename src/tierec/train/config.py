@@ -51,6 +51,7 @@ class TrainConfig:
     max_eval_rows: int | None = None
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of each epoch
     keep_checkpoints: int = 2
+    checkpoint_chain: int = 8  # incremental checkpoints: a full one, then deltas, up to this many links
     log_every: int = 50  # steps between JSONL training records
     num_threads: int | None = None  # torch intra-op threads; default: torch's choice
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -74,7 +75,8 @@ class TrainConfig:
     dedup: bool = True  # user-side features looked up once per unique row of a batch (docs/dedup.md)
 
     def __post_init__(self):
-        for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "keep_checkpoints", "log_every",
+        for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "keep_checkpoints", "checkpoint_chain",
+                     "log_every",
                      "plan_batches", "lookahead", "prefetch_depth"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -283,12 +283,15 @@ class Trainer:
         self.out = Path(cfg.out)
         self._lock = self._claim_run_dir(resume, overwrite)
         try:
+            t_build = time.perf_counter()
             with new_files_removed_on_error(self.storage_root):  # no half-created table set (disk full)
                 self.model = self._build_model(fresh=not resume)
+            self.build_s = time.perf_counter() - t_build  # model + table storage (SSD table files created)
             self.dense_opt = make_dense_optimizer(cfg, self.model.dense_parameters())
             self.loss_fn = torch.nn.BCEWithLogitsLoss()
             self.epoch, self.batch_in_epoch, self.step, self.samples = 0, 0, 0, 0
             self.train_s = 0.0
+            self.parent: Path | None = None  # the checkpoint the tables were last saved to or loaded from
             if resume:
                 self._resume(allow_config_change)
             self.log: MetricsLog = JsonlLog(self.out / "metrics.jsonl")
@@ -322,6 +325,7 @@ class Trainer:
         return {t.config.name: t.storage for t in self.model.embeddings.bags}
 
     def save(self) -> Path:
+        t0 = time.perf_counter()
         for st in self.tables.values():
             st.flush()
         dense_state = {
@@ -340,7 +344,14 @@ class Trainer:
             "data_fingerprint": data_fingerprint(self.ds),
             "storage_plan": self.model.storage_plan,
         }
-        return ckpt.save_checkpoint(self.out, self.step, dense_state, self.tables, meta, keep=self.cfg.keep_checkpoints)
+        path = ckpt.save_checkpoint(self.out, self.step, dense_state, self.tables, meta,
+                                    keep=self.cfg.keep_checkpoints, parent=self.parent,
+                                    max_chain=self.cfg.checkpoint_chain)
+        self.parent = path
+        nbytes = sum(f["bytes"] for f in ckpt.read_manifest(path)["files"].values())
+        self.log.write("checkpoint", step=self.step, seconds=round(time.perf_counter() - t0, 6), bytes=nbytes,
+                       path=str(path))
+        return path
 
     def _resume(self, allow_config_change: bool = False) -> None:
         try:
@@ -370,6 +381,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step, self.epoch, self.batch_in_epoch = m["step"], m["epoch"], m["batch_in_epoch"]
         self.samples, self.train_s = m["samples"], m.get("train_s", 0.0)
+        self.parent = path
         log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
 
     def _load_weights(self, path: Path, manifest: dict, model_state: dict) -> None:
@@ -443,7 +455,8 @@ class Trainer:
         per_epoch = self.ds.num_batches("train", cfg.batch_size, max_rows=cfg.max_train_rows)
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
         self.log.write("start", step=self.step, config=cfg.to_dict(), train_rows=self.ds.num_rows("train"),
-                       steps_per_epoch=per_epoch, device=str(self.device), threads=torch.get_num_threads())
+                       steps_per_epoch=per_epoch, device=str(self.device), threads=torch.get_num_threads(),
+                       build_seconds=round(self.build_s, 3))
         meter = energy.meter(region=cfg.carbon_region, intensity_g_per_kwh=cfg.carbon_intensity,
                              work_unit="samples").start()
         bar = tqdm(total=total, initial=min(self.step, total), desc="train", unit="step", dynamic_ncols=True,
@@ -563,7 +576,7 @@ def load_for_eval(checkpoint: str, data: str | None = None,
     if on_ssd:  # tables larger than memory are read from the checkpoint's files, behind caches
         from tierec.storage.tiered import checkpoint_storage_factory
 
-        factory = checkpoint_storage_factory(path, m, plan, dev)
+        factory = checkpoint_storage_factory(path, m, plan, dev, [(d, mm["files"]) for d, mm in ckpt.table_chain(path, m)])
     model = build_model(cfg, ds.schema, dev, storage_factory=factory)
     state = ckpt.load_dense_state(path, m)
     model.load_state_dict(state["model"])

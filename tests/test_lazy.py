@@ -1,0 +1,145 @@
+"""Lazy rows: counter-based initial values, sparse SSD files, row-set checkpoints (issue #18 item 1)."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tierec.errors import CheckpointError
+from tierec.storage.base import InMemoryTable
+from tierec.storage.lazy import RowBits, RowInit
+from tierec.storage.ssd import SsdTable, open_table_file, written_path
+from tierec.storage.tablefile import read_table_file, verify_table_file, write_table_file
+
+
+def test_row_init_does_not_depend_on_order_chunking_or_sharding():
+    init = RowInit(seed=7, table_index=3, num_embeddings=200_000, dim=5)
+    whole = init.range(0, 200_000)
+    ids = np.random.default_rng(0).permutation(200_000)[:5000]
+    assert torch.equal(init.rows(ids), whole[ids])  # any order, any subset
+    assert torch.equal(init.range(65_530, 131_080), whole[65_530:131_080])  # across pass boundaries
+    shard = RowInit(7, 3, 200_000, 5, row_offset=120_000)  # a shard holding rows [120000, 200000)
+    assert torch.equal(shard.range(0, 80_000), whole[120_000:])
+    bound = 200_000 ** -0.5
+    assert float(whole.abs().max()) <= bound and abs(float(whole.mean())) < 0.01 * bound
+    assert abs(float(whole.std()) - bound / 3 ** 0.5) < 0.01 * bound  # uniform(-b, b)
+    for other in (RowInit(8, 3, 200_000, 5), RowInit(7, 4, 200_000, 5)):  # seed and table matter
+        assert not torch.equal(other.range(0, 10), whole[:10])
+    assert RowInit.from_json(json.loads(json.dumps(shard.to_json()))) == shard
+
+
+def test_row_bits_match_a_set():
+    rng = np.random.default_rng(1)
+    n = 100_003
+    bits, ref = RowBits(n), set()
+    for _ in range(20):
+        ids = rng.integers(0, n, 500)
+        bits.mark(ids)
+        ref.update(ids.tolist())
+        a, b = sorted(rng.integers(0, n, 2).tolist())
+        bits.mark_range(a, b)
+        ref.update(range(a, b))
+    want = np.array(sorted(ref), np.int64)
+    assert np.array_equal(bits.ids(), want) and bits.count() == len(ref)
+    probe = rng.integers(0, n, 1000)
+    assert np.array_equal(bits.test(probe), np.isin(probe, want))
+    assert np.array_equal(bits.ids(80_000, 90_001), want[(want >= 80_000) & (want < 90_001)])
+
+
+def test_creating_a_huge_lazy_table_is_instant_and_uses_no_disk(tmp_path):
+    n, dim = 20_000_000_000, 16  # 1.36 TB of rows + row-wise Adagrad state
+    t0 = time.perf_counter()
+    t = SsdTable(tmp_path / "huge.tbl", n, dim, 1, create=True, init="lazy", init_seed=5, table_index=2,
+                 direct_io=True)
+    created = time.perf_counter() - t0
+    assert created < 2.0, created
+    assert t.file_bytes == n * 68 and os.stat(t.path).st_blocks == 0
+    ids = torch.tensor([0, 12_345_678_901, n - 1])
+    w, s = t.read(ids)
+    assert torch.equal(w, RowInit(5, 2, n, dim).rows(ids)) and not s.any()
+    assert t.stats()["device_bytes_read"] == 0  # never-written rows cost no I/O
+    t.write(ids[1:2], w[1:2] + 1, s[1:2] + 2)
+    w2, s2 = t.read(ids)
+    assert torch.equal(w2[1], w[1] + 1) and torch.equal(s2[1], s[1] + 2) and torch.equal(w2[0], w[0])
+    assert os.stat(t.path).st_blocks * 512 <= 64 << 10  # one block written
+    t.close()
+    assert written_path(t.path).stat().st_size == (n + 7) // 8
+
+
+@pytest.mark.parametrize("direct_io", [False, True])
+def test_lazy_file_reads_and_exchanges_like_an_eager_one(tmp_path, direct_io):
+    n, d, sd = 20_000, 6, 1
+    lazy = SsdTable(tmp_path / "l.tbl", n, d, sd, create=True, init="lazy", init_seed=3, table_index=1,
+                    direct_io=direct_io)
+    eager = SsdTable(tmp_path / "e.tbl", n, d, sd, create=True, init="random", init_seed=3, table_index=1,
+                     direct_io=direct_io)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        perm = torch.randperm(n, generator=g)
+        wid, rid = perm[:200], perm[200:700]
+        w, s = torch.randn(200, d, generator=g), torch.randn(200, sd, generator=g)
+        got = [t.exchange(wid, w, s, rid) for t in (lazy, eager)]
+        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    a, b = lazy.read_rows(0, n), eager.read_rows(0, n)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert lazy.stats()["device_bytes_read"] < eager.stats()["device_bytes_read"]
+    lazy.close()
+    again = SsdTable.open(tmp_path / "l.tbl", direct_io=direct_io)  # the sidecar and .written say it all
+    assert torch.equal(again.read_rows(0, n)[0], a[0])
+
+
+def _table_after_writes(n: int, d: int, written: int, seed: int = 11) -> tuple[InMemoryTable, torch.Tensor]:
+    t = InMemoryTable(n, d, 1, init=RowInit(seed, 0, n, d))
+    ids = torch.from_numpy(np.random.default_rng(seed).choice(n, written, replace=False))
+    t.write(ids, torch.randn(written, d), torch.rand(written, 1))
+    return t, ids
+
+
+def test_a_row_set_checkpoint_scales_with_the_rows_written(tmp_path):
+    n, d = 3_000_000, 8
+    t, ids = _table_after_writes(n, d, 2000)
+    files = write_table_file(tmp_path / "t.tbl", t)
+    entry = files["t.tbl"]
+    assert entry["layout"] == "rowset" and entry["rows"] == 2000
+    assert (tmp_path / "t.tbl").stat().st_size == 2000 * (d + 1) * 4  # not 3M rows
+    assert files["t.tbl.ids"]["bytes"] == 2000 * 8
+    assert len(entry["chunks"]) <= 3  # one checksum per 1M IDs holding written rows
+    back = InMemoryTable(n, d, 1, init=RowInit(11, 0, n, d))
+    read_table_file(tmp_path / "t.tbl", back, entry, files["t.tbl.ids"])
+    assert torch.equal(back.weight, t.weight) and torch.equal(back.state, t.state)
+    assert np.array_equal(back.lazy_rows().written.ids(), np.sort(ids.numpy()))  # resume knows what was written
+
+
+def test_a_row_set_chunk_flip_is_caught_and_named(tmp_path):
+    n, d = 2_500_000, 4
+    t, _ = _table_after_writes(n, d, 3000)
+    files = write_table_file(tmp_path / "t.tbl", t)
+    verify_table_file(tmp_path, files, "t.tbl", n, d + 1)
+    raw = bytearray((tmp_path / "t.tbl").read_bytes())
+    raw[len(raw) - 7] ^= 0x10  # a bit in the last chunk
+    (tmp_path / "t.tbl").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"t\.tbl: chunk 2 .*sha256"):
+        verify_table_file(tmp_path, files, "t.tbl", n, d + 1)
+    with pytest.raises(CheckpointError, match="chunk 2"):
+        open_table_file(tmp_path, files, "t.tbl", n, d, 1)
+    ids = bytearray((tmp_path / "t.tbl.ids").read_bytes())
+    ids[0] ^= 1
+    (tmp_path / "t.tbl.ids").write_bytes(bytes(ids))
+    with pytest.raises(CheckpointError, match=r"t\.tbl\.ids: sha256"):
+        verify_table_file(tmp_path, files, "t.tbl", n, d + 1)
+
+
+def test_a_row_set_opened_in_place_serves_every_row_as_training_sees_it(tmp_path):
+    n, d = 50_000, 4
+    t, ids = _table_after_writes(n, d, 700)
+    files = write_table_file(tmp_path / "t.tbl", t)
+    for direct in (False, True):
+        f = open_table_file(tmp_path, files, "t.tbl", n, d, 1, direct_io=direct)
+        probe = torch.cat([ids[:50], torch.arange(0, 300)]).unique()
+        w, s = f.read(probe)
+        assert torch.equal(w, t.weight[probe]) and torch.equal(s, t.state[probe])
+        assert torch.equal(f.read_rows(0, n)[0], t.weight)
+        f.close()

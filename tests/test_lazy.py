@@ -143,3 +143,43 @@ def test_a_row_set_opened_in_place_serves_every_row_as_training_sees_it(tmp_path
         assert torch.equal(w, t.weight[probe]) and torch.equal(s, t.state[probe])
         assert torch.equal(f.read_rows(0, n)[0], t.weight)
         f.close()
+
+
+def test_a_large_row_set_is_read_in_bounded_pieces_into_any_store(tmp_path):
+    """A chunk of more than 64K written rows is written and read 64K rows at a time; a fresh tracked store
+    gets only the written rows, an untracked one every row; a flipped bit stops the load."""
+    n, d = 300_000, 4
+    t, _ = _table_after_writes(n, d, 150_000)
+    files = write_table_file(tmp_path / "t.tbl", t)
+    assert [c[1] for c in files["t.tbl"]["chunks"]] == [150_000]
+    for init in (RowInit(11, 0, n, d), None):
+        back = InMemoryTable(n, d, 1, init=init)
+        read_table_file(tmp_path / "t.tbl", back, files["t.tbl"], files["t.tbl.ids"])
+        assert torch.equal(back.weight, t.weight) and torch.equal(back.state, t.state)
+    raw = bytearray((tmp_path / "t.tbl").read_bytes())
+    raw[100] ^= 0x01  # in the first 64K rows, which reach the store before the chunk's digest is checked
+    (tmp_path / "t.tbl").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="chunk 0"):
+        read_table_file(tmp_path / "t.tbl", InMemoryTable(n, d, 1, init=RowInit(11, 0, n, d)), files["t.tbl"],
+                        files["t.tbl.ids"])
+
+
+def test_a_checkpoint_reads_changed_rows_through_the_cache_without_a_flush(tmp_path):
+    """Rows changed in a cache are counted by the store below at once (`mark_written`), so a checkpoint
+    writes them, read through the cache, while the SSD file does not hold them yet."""
+    from tierec.storage import CachedTable
+
+    n, d = 10_000, 4
+    ssd = SsdTable(tmp_path / "t.tbl", n, d, 1, create=True, init="lazy", init_seed=1, direct_io=True)
+    cache = CachedTable(ssd, 500, "lru")
+    ids = torch.arange(100, 400, 3)
+    ws = cache.acquire(ids)
+    ws.weight[ws.index] += 1.0  # what the fused optimizer does in place
+    cache.release(ws, dirty=True)
+    assert ssd.stats()["rows_written"] == 0  # nothing written back yet
+    files = write_table_file(tmp_path / "ckpt.tbl", cache, delta=True)
+    assert files["ckpt.tbl"]["rows"] == ids.numel() and files["ckpt.tbl"]["delta"]
+    back = InMemoryTable(n, d, 1, init=RowInit(1, 0, n, d))
+    read_table_file(tmp_path / "ckpt.tbl", back, files["ckpt.tbl"], files["ckpt.tbl.ids"])
+    assert torch.equal(back.weight[ids], cache.read(ids)[0])
+    assert torch.equal(back.weight[ids], RowInit(1, 0, n, d).rows(ids) + 1.0)

@@ -46,9 +46,10 @@ class TableStorage(Protocol):
     """Where a table's rows (weights + optimizer state) live.
 
     ``read(ids)``/``write(ids, ...)``: rows by ID outside a step (checkpoints).
-    ``lazy_rows()``: after ``flush()``, the rows written since the table was initialised and the
-    `RowInit` that gives every other row (`tierec.storage.lazy.LazyRows`), or None when the store
-    does not track them; a checkpoint then copies the written rows only."""
+    ``lazy_rows()``: the rows written since the table was initialised (and changed since the last
+    checkpoint) and the `RowInit` that gives every other row (`tierec.storage.lazy.LazyRows`), or None
+    when the store does not track them; a checkpoint then copies just those rows, read by ID through
+    the caches (no flush: caches mark the rows they change in the store below, `RowStore.mark_written`)."""
 
     num_embeddings: int
     dim: int
@@ -77,7 +78,9 @@ class RowStore(Protocol):
     ``read(ids)``: rows ``ids`` (int64 [U], unique) as fresh tensors (weight [U, D], state [U, S]);
     ``write(ids, weight, state)``: store them; ``exchange(write_ids, weight, state, read_ids)``: both
     (disjoint IDs) in one pass where the store can (`SsdTable`, `ConcatTable`: one I/O batch), else
-    write then read; ``read_rows``/``write_rows``/``flush``/``lazy_rows`` as in `TableStorage`; ``close`` releases
+    write then read; ``mark_written(ids)``: rows ``ids`` changed in a cache above (their bytes reach this
+    store on write-back; its `LazyRows` count them now, so a checkpoint needs no flush first);
+    ``read_rows``/``write_rows``/``flush``/``lazy_rows`` as in `TableStorage`; ``close`` releases
     the store's files (after a flush); ``stats``/``reset_stats``: its counters. ``device``: where
     the tensors it takes and returns live. Implemented by `InMemoryTable`, `SsdTable`, `ConcatTable`
     and the caches themselves (a cache in front of a cache: device <- DRAM <- SSD)."""
@@ -108,6 +111,8 @@ class RowStore(Protocol):
 
     def lazy_rows(self) -> LazyRows | None: ...
 
+    def mark_written(self, ids: torch.Tensor) -> None: ...
+
 
 class RowStoreDefaults:
     """`RowStore` methods for a store with nothing better to do: ``exchange`` = write, then read;
@@ -130,6 +135,9 @@ class RowStoreDefaults:
 
     def lazy_rows(self) -> LazyRows | None:
         return None
+
+    def mark_written(self, ids: torch.Tensor) -> None:
+        pass
 
 
 class InMemoryTable(RowStoreDefaults):
@@ -154,6 +162,9 @@ class InMemoryTable(RowStoreDefaults):
     def _mark(self, ids: torch.Tensor) -> None:
         if self._lazy is not None:
             self._lazy.mark(ids.detach().to("cpu", torch.int64).numpy().reshape(-1))
+
+    def mark_written(self, ids: torch.Tensor) -> None:
+        self._mark(ids)
 
     def acquire(self, ids: torch.Tensor) -> WorkingSet:
         return WorkingSet(ids, ids, self.weight, self.state)

@@ -586,6 +586,7 @@ class CachedTable(RowStoreDefaults):
         h.fin.detach()
         try:
             if dirty and ws.ids.numel():
+                self.backing.mark_written(ws.ids)
                 if h.kind == "cache":
                     self._dirty.index_fill_(0, ws.index, True)
                 else:
@@ -624,6 +625,7 @@ class CachedTable(RowStoreDefaults):
         ids, order = sort_ids(ids)
         if order is not None:
             weight, state = weight[order], state[order]
+        self.backing.mark_written(ids)
         hit, slots = self._lookup(ids)
         hit_idx, miss_idx = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
         hs = slots[hit_idx]
@@ -685,8 +687,11 @@ class CachedTable(RowStoreDefaults):
         self.backing.close()
 
     def lazy_rows(self) -> LazyRows | None:
-        """The backing store's (complete once `flush` has written the dirty rows back)."""
+        """The backing store's (it counts the rows changed here too: `mark_written`)."""
         return self.backing.lazy_rows()
+
+    def mark_written(self, ids: torch.Tensor) -> None:
+        self.backing.mark_written(ids)
 
     # ------------------------------------------------------------------ stats
     def reset_stats(self, recursive: bool = True) -> None:

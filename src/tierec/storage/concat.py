@@ -196,6 +196,12 @@ class ConcatTable:
         """None: each member keeps its own (`TableView.lazy_rows`)."""
         return None
 
+    def mark_written(self, ids: torch.Tensor) -> None:
+        """Each member records its rows among ``ids`` (space rows) as written."""
+        ids, _ = sort_ids(ids.to("cpu"))
+        for t, lo, hi in self.space.parts(ids):
+            self.tables[t].mark_written(ids[lo:hi] - self.space.offset(t))
+
     def close(self) -> None:
         for t in self.tables:
             t.close()

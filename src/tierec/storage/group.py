@@ -158,7 +158,7 @@ class TableView:
             self.backing.flush()
 
     def lazy_rows(self) -> LazyRows | None:
-        """The member's own store's (complete once `flush` has written the group's dirty rows back)."""
+        """The member's own store's (the group's cache marks the rows it changes there)."""
         return self.backing.lazy_rows()
 
     def stats(self) -> dict:

@@ -23,6 +23,7 @@ table materialised up front (tests/test_lazy.py).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _CHUNK_ROWS = 1 << 16  # rows per pass of RowInit.range / RowBits.ids (bounds temporary memory)
+_MARK_LOCK = threading.Lock()  # RowBits.mark is a read-modify-write of bytes: one marker at a time
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -177,15 +179,17 @@ class LazyRows:
         return cls(init, RowBits(num_rows), None, RowBits(num_rows))
 
     def mark(self, ids: np.ndarray) -> None:
-        """Rows ``ids`` (int64 [U]) were written."""
-        self.written.mark(ids)
-        if self.changed is not None:
-            self.changed.mark(ids)
+        """Rows ``ids`` (int64 [U]) were written (thread-safe: a cache's worker and the trainer mark)."""
+        with _MARK_LOCK:
+            self.written.mark(ids)
+            if self.changed is not None:
+                self.changed.mark(ids)
 
     def mark_range(self, start: int, end: int) -> None:
-        self.written.mark_range(start, end)
-        if self.changed is not None:
-            self.changed.mark_range(start, end)
+        with _MARK_LOCK:
+            self.written.mark_range(start, end)
+            if self.changed is not None:
+                self.changed.mark_range(start, end)
 
     def take_changed(self) -> None:
         """A checkpoint now holds every row: nothing has changed since."""

@@ -342,6 +342,8 @@ class LookaheadCache(CachedTable):
         else:
             h.released = True
             h.fin.detach()
+            if dirty and ws.ids.numel():
+                self.backing.mark_written(ws.ids)
             self._released.append((ws, dirty, step))
 
     def _check_quiet(self, what: str) -> None:

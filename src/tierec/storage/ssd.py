@@ -388,10 +388,11 @@ class SsdTable:
         self.mark_written(ids_np)
         self.account("write", ids_np.size, time.perf_counter() - t0)
 
-    def mark_written(self, ids_np: np.ndarray) -> None:
-        """Record rows ``ids_np`` (int64 [U]) as written (lazy files; nothing otherwise)."""
+    def mark_written(self, ids: np.ndarray | torch.Tensor) -> None:
+        """Record rows ``ids`` (int64 [U]) as written (lazy files; nothing otherwise): written here, or
+        changed in a cache above, which writes them back before it drops them."""
         if self._lazy is not None:
-            self._lazy.mark(ids_np)
+            self._lazy.mark(self.check_ids(ids))
 
     def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [start, end) as fresh tensors (used by checkpoints)."""

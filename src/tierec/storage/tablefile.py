@@ -112,12 +112,15 @@ def write_row_set(path: Path, storage, lazy: LazyRows, which: RowBits, delta: bo
             ids = which.ids(a, min(a + ROWSET_CHUNK_IDS, n))
             if not ids.size:
                 continue
-            w, s = storage.read(torch.from_numpy(ids))
-            raw = torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy().tobytes()
-            digest = hashlib.sha256(raw).hexdigest()
+            h = hashlib.sha256()
+            for k in range(0, ids.size, CHUNK_ROWS):  # rows read 64K at a time: bounded memory
+                w, s = storage.read(torch.from_numpy(ids[k : k + CHUNK_ROWS]))
+                raw = torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy().tobytes()
+                h.update(raw)
+                f.write(raw)
+            digest = h.hexdigest()
             chunks.append([j, int(ids.size), digest])
             root.update(digest.encode())
-            f.write(raw)
             fi.write(ids.tobytes())
             ih.update(ids.tobytes())
             count += int(ids.size)
@@ -171,11 +174,17 @@ def _row_set_chunks(path: Path, expect: dict, ids: np.ndarray, width: int):
     pos = 0
     with open(path, "rb") as f:
         for j, k, digest in expect["chunks"]:
-            raw = f.read(k * width * 4)
-            if hashlib.sha256(raw).hexdigest() != digest:
-                raise _mismatch(path, f"chunk {j} (rows {pos}..{pos + k - 1} of the file) does not match its sha256 "
-                                      "in the checkpoint manifest (corrupt table file)")
-            yield j, ids[pos : pos + k], np.frombuffer(raw, dtype=np.float32).reshape(k, width).copy()
+            h = hashlib.sha256()
+            for a in range(0, k, CHUNK_ROWS):  # 64K rows at a time: bounded memory; a bad chunk stops the read
+                b = min(a + CHUNK_ROWS, k)
+                raw = f.read((b - a) * width * 4)
+                h.update(raw)
+                if len(raw) == (b - a) * width * 4:
+                    rows = np.frombuffer(raw, dtype=np.float32).reshape(b - a, width).copy()
+                if b == k and h.hexdigest() != digest or len(raw) != (b - a) * width * 4:
+                    raise _mismatch(path, f"chunk {j} (rows {pos}..{pos + k - 1} of the file) does not match its "
+                                          "sha256 in the checkpoint manifest (corrupt table file)")
+                yield j, ids[pos + a : pos + b], rows
             pos += k
     if pos != ids.size:
         raise _mismatch(path, f"chunks cover {pos} rows, the manifest says {ids.size}; the manifest is corrupt")
@@ -198,19 +207,20 @@ def read_row_set(path: Path, storage, expect: dict, ids_expect: dict | None) -> 
     chunks = _row_set_chunks(path, expect, ids, width)
     nxt = next(chunks, None)
     for j, a in enumerate(range(0, n, ROWSET_CHUNK_IDS)):
+        parts = []  # this range's written rows (a fallback for untracked stores: up to 1M rows held)
+        while nxt is not None and nxt[0] == j:
+            parts.append(nxt[1:])
+            nxt = next(chunks, None)
+        cid = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+        rows = np.concatenate([p[1] for p in parts]) if parts else np.empty((0, width), np.float32)
         b = min(a + ROWSET_CHUNK_IDS, n)
-        here = nxt if nxt is not None and nxt[0] == j else None
         for c in range(a, b, CHUNK_ROWS):
             e = min(c + CHUNK_ROWS, b)
             w, s = init.range(c, e), torch.zeros(e - c, storage.state_dim)
-            if here is not None:
-                _, cid, rows = here
-                sel = (cid >= c) & (cid < e)
-                r = torch.from_numpy(rows[sel])
-                w[cid[sel] - c], s[cid[sel] - c] = r[:, :d], r[:, d:]
+            sel = (cid >= c) & (cid < e)
+            r = torch.from_numpy(rows[sel])
+            w[cid[sel] - c], s[cid[sel] - c] = r[:, :d], r[:, d:]
             storage.write_rows(c, w, s)
-        if here is not None:
-            nxt = next(chunks, None)
     if nxt is not None:
         raise _mismatch(path, f"chunk {nxt[0]} lies beyond the table's {n} rows; the manifest is corrupt")
 

@@ -326,8 +326,9 @@ class Trainer:
 
     def save(self) -> Path:
         t0 = time.perf_counter()
-        for st in self.tables.values():
-            st.flush()
+        for st in self.tables.values():  # tracked tables are read through their caches: no write-back needed
+            if st.lazy_rows() is None:
+                st.flush()
         dense_state = {
             "model": self.model.state_dict(),
             "dense_optimizer": self.dense_opt.state_dict(),

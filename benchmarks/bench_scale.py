@@ -1,0 +1,597 @@
+"""Tables beyond RAM: a DLRM whose embedding tables are larger than the machine's memory, against the same
+model with tables small enough for memory (issue #18, item 5).
+
+    python benchmarks/bench_scale.py --quick                 # 512 MiB of tables, ~3 minutes: checks it end to end
+    python benchmarks/bench_scale.py                         # tables 1.2x RAM, budget 1/6 of RAM (hours, disk!)
+    python benchmarks/bench_scale.py --quick --json runs/scale.json --keep
+
+Sizing. RAM is MemTotal (/proc/meminfo). The 26 tables are Criteo Kaggle's published cardinalities, all
+scaled by one factor so that rows x (dim + 1) float32 (the weights plus row-wise Adagrad's one float of
+state per row) reach --ram-factor x RAM (default 1.2); the memory budget is --budget-fraction of RAM
+(default 1/6). ``--tables SIZE`` (``--quick``: 512 MiB) sets the table bytes instead; the budget then keeps
+the same tables : budget ratio (7.2 at the defaults), as on a machine with tables / --ram-factor of RAM.
+The run is refused (exit 2, one line) when the budget is not below the tables, or when the disk it may
+need at worst -- both data sets, the SSD table files at full size, the kept checkpoint's whole chain (up
+to all 5, each at most every row with its ID), the probe's scratch file -- exceeds 70% of the free space
+where --workdir is (lazy files and row-set checkpoints usually take far less).
+
+What runs, each training in its own process (``python -m tierec train``, so each peak RSS is that run's
+alone, from ``os.wait4``):
+
+1. ``tierec data synth`` writes two data sets with the same rows, seed and skew ("auto"): one for the large
+   tables, one for the reference, whose tables are scaled down to the budget's size. ``--steps`` batches of
+   ``--batch-size`` rows and no test split (no evaluation): the run is one epoch. ``--steps`` defaults to 8
+   samples per cache row (budget / (row + 152 B of index)), enough on this generator for the cache to fill
+   and evict.
+2. reference: the same model, batch, steps and checkpoint interval, every table in memory;
+3. tiered: ``--memory-budget B --cache-policy lookahead --direct-io``: the tables beyond the budget in
+   O_DIRECT SSD files behind the look-ahead cache; a checkpoint every steps/5 steps (5 in all, one kept);
+4. a full copy of the tiered run's SSD table files (dropped from the page cache first; read, written,
+   fsynced), the yardstick for the checkpoints. The device is probed (``tierec probe --scratch``: random
+   4 KiB O_DIRECT reads at queue depths 1 and 32) before the tiered run and after the copy; a slowdown
+   between the two is reported as such.
+
+From the runs' metrics.jsonl: table creation (``build_seconds`` of the start record: the model, its tables
+and SSD files); samples/s, the median over the --log-every-step intervals without a checkpoint (robust to a
+busy neighbour on a shared VM; the means over the training time are printed beside), for the whole run and
+from the first eviction on; the stall fraction (time waiting for prefetched rows); the hit rate; the first
+training record with evictions; each checkpoint's seconds and bytes (the files in its manifest); and the
+read amplification: bytes the device read (whole blocks with O_DIRECT, the read-modify-write of packed
+write-backs included) per byte of rows read from the files, and beside it per byte of rows the cache
+missed (lazy files serve never-written rows without I/O), over the intervals without a checkpoint (a
+checkpoint reads whole tables). Each figure is printed beside its target from the issue, PASS or MISS,
+with the CPU other processes used during each run (a busy neighbour makes the speed figures noisy). All
+files go to a fresh ``bench_scale.*`` directory under --workdir (default: the repository's runs/),
+removed at the end unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from tierec.config import format_bytes, parse_bytes  # noqa: E402  (light: no torch in this process)
+
+log = logging.getLogger("bench_scale")
+
+# Criteo Kaggle's published cardinalities (tierec.data.readers.CRITEO_KAGGLE_CARDINALITIES), copied: importing
+# that module loads torch, ~250 MB that would show in every child's peak RSS (a child's ru_maxrss starts at
+# the RSS of the parent it was forked from).
+CRITEO_KAGGLE_CARDINALITIES = [
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
+    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+]
+
+GiB = 1 << 30
+# Targets of issue #18 item 5.
+CREATE_S = 5.0  # table creation, at any size
+CHECKPOINT_SHARE = 0.10  # 2nd..5th checkpoint: at most this share of a full copy's time
+RSS_OVERHEAD = GiB // 2  # the stated fixed overhead above the budget
+READ_AMPLIFICATION = 4.0  # at dim 16
+SPEED_RATIO = 0.8  # samples/s with the tables beyond RAM, against the in-memory model
+DISK_SHARE = 0.70  # of the free space, at most
+# Sizing.
+QUICK_TABLES = GiB // 2
+CHECKPOINTS = 5
+INDEX_BYTES_PER_ROW = 152  # a cached row's index, at most (docs/storage.md), for the cache-size estimate
+SAMPLES_PER_CACHE_ROW = 8  # samples that make this generator's distinct rows outgrow a cache of that many rows
+DATA_BYTES_PER_ROW = 80  # a synthetic Criteo row on disk (~54 B measured), with margin
+PROBE_BYTES = 512 << 20  # the probe's scratch file
+COPY_CHUNK = 16 << 20
+
+
+# ------------------------------------------------------------------------------------------- sizing
+@dataclass
+class Sizing:
+    ram: int
+    dim: int
+    row_bytes: int
+    cards: list[int]  # the large tables
+    ref_cards: list[int]  # the reference's, scaled to the budget
+    table_bytes: int
+    ref_table_bytes: int
+    budget: int
+    batch_size: int
+    steps: int
+    checkpoint_every: int
+    log_every: int
+    emulated_ram: int = 0  # tables / ram_factor: the RAM the sizing stands for (the real RAM unless --tables/--quick)
+    file_bytes: int = 0  # the SSD working files at full size (rows padded with --ssd-row-align in --tiered-args)
+    disk_need: int = 0
+    disk_free: int = 0
+
+
+def mem_total() -> int:
+    """MemTotal of /proc/meminfo, in bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
+def scaled_cardinalities(target_bytes: int, row_bytes: int) -> list[int]:
+    """Criteo Kaggle's 26 cardinalities times one factor, so that their rows take about ``target_bytes``."""
+    scale = target_bytes / row_bytes / sum(CRITEO_KAGGLE_CARDINALITIES)
+    return [max(1, round(c * scale)) for c in CRITEO_KAGGLE_CARDINALITIES]
+
+
+def default_steps(budget: int, row_bytes: int, batch_size: int, multiple: int) -> int:
+    """Steps for the cache to fill and evict: `SAMPLES_PER_CACHE_ROW` samples per (estimated) cache row."""
+    cache_rows = budget // (row_bytes + INDEX_BYTES_PER_ROW)
+    steps = math.ceil(SAMPLES_PER_CACHE_ROW * cache_rows / batch_size)
+    return max(multiple, math.ceil(steps / multiple) * multiple)
+
+
+def size_run(a: argparse.Namespace) -> Sizing:
+    ram = mem_total()
+    row_bytes = (a.dim + 1) * 4  # float32 weights + row-wise Adagrad's one float of state (docs/training.md)
+    tables = parse_bytes(a.tables, "--tables") if a.tables else (QUICK_TABLES if a.quick else int(a.ram_factor * ram))
+    budget = int(tables * a.budget_fraction / a.ram_factor)  # = budget_fraction x RAM at full size
+    cards, ref_cards = scaled_cardinalities(tables, row_bytes), scaled_cardinalities(budget, row_bytes)
+    multiple = CHECKPOINTS * a.log_every  # checkpoints fall on logged steps
+    steps = a.steps or default_steps(budget, row_bytes, a.batch_size, multiple)
+    steps = math.ceil(steps / multiple) * multiple
+    emulated = ram if not (a.tables or a.quick) else int(tables / a.ram_factor)
+    align = row_align(shlex.split(a.tiered_args))
+    stride = -(-row_bytes // align) * align if align else row_bytes
+    return Sizing(ram, a.dim, row_bytes, cards, ref_cards, sum(cards) * row_bytes, sum(ref_cards) * row_bytes, budget,
+                  a.batch_size, steps, steps // CHECKPOINTS, a.log_every, emulated, sum(cards) * stride)
+
+
+def checkpoint_bound(table_bytes: int, row_bytes: int) -> int:
+    """The most a run's checkpoints can take at once: the kept one needs its whole chain (a full checkpoint,
+    then increments), up to all `CHECKPOINTS`, each a row set of at most every row plus its 8-byte ID."""
+    return CHECKPOINTS * table_bytes * (row_bytes + 8) // row_bytes
+
+
+def data_bytes(s: Sizing) -> int:
+    return 2 * s.steps * s.batch_size * DATA_BYTES_PER_ROW  # both data sets
+
+
+def disk_need(s: Sizing) -> int:
+    """Bytes on disk at the peak, at worst: both data sets, the SSD table files at full size, and both runs'
+    checkpoints (`checkpoint_bound`), or, after the tiered run's are deleted, the full copy of its files."""
+    ckpt, ref_ckpt = checkpoint_bound(s.table_bytes, s.row_bytes), checkpoint_bound(s.ref_table_bytes, s.row_bytes)
+    return data_bytes(s) + s.file_bytes + max(ckpt, s.file_bytes) + ref_ckpt + PROBE_BYTES
+
+
+def row_align(tiered_args: list[str]) -> int:
+    """The ``--ssd-row-align`` among the tiered run's extra flags (0: packed rows)."""
+    for k, arg in enumerate(tiered_args):
+        if arg.startswith("--ssd-row-align="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--ssd-row-align" and k + 1 < len(tiered_args):
+            return int(tiered_args[k + 1])
+    return 0
+
+
+def refusal(s: Sizing, where: Path) -> str | None:
+    """Why the run cannot go ahead (budget, disk), or None."""
+    if s.budget >= s.table_bytes:
+        return (f"the budget {format_bytes(s.budget)} is not below the tables' {format_bytes(s.table_bytes)}: "
+                "nothing would be beyond memory (raise --ram-factor or lower --budget-fraction)")
+    st = os.statvfs(where)
+    s.disk_free = st.f_bavail * st.f_frsize
+    s.disk_need = disk_need(s)
+    if s.disk_need > DISK_SHARE * s.disk_free:
+        return (f"may need {format_bytes(s.disk_need)} of disk at worst (tables {format_bytes(s.table_bytes)}: "
+                f"SSD files {format_bytes(s.file_bytes)}, checkpoints "
+                f"{format_bytes(checkpoint_bound(s.table_bytes, s.row_bytes))}; data {format_bytes(data_bytes(s))} "
+                f"for {s.steps:,} steps; the reference's checkpoints "
+                f"{format_bytes(checkpoint_bound(s.ref_table_bytes, s.row_bytes))}), more than {DISK_SHARE:.0%} of the "
+                f"{format_bytes(s.disk_free)} free under {where} ({format_bytes(int(DISK_SHARE * s.disk_free))}); "
+                "use --workdir on a larger disk or lower --ram-factor")
+    return None
+
+
+# ------------------------------------------------------------------------------------------- processes
+@dataclass
+class Child:
+    """A finished child process: its stdout, peak RSS, wall time, and the CPU the rest of the machine used
+    meanwhile (in cores: a busy neighbour on a shared VM shows here)."""
+
+    out: str
+    peak_rss: int
+    wall_s: float
+    others_cores: float
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine spent busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def run_logged(cmd: list[str], logfile: Path) -> Child:
+    """Run ``cmd``, its stderr to ``logfile``. A failure raises RuntimeError with the log's tail."""
+    log.info("$ %s", shlex.join(cmd))
+    busy0, t0 = busy_cpu_s(), time.perf_counter()
+    with open(logfile, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall, busy = time.perf_counter() - t0, busy_cpu_s() - busy0
+    code = proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    if code != 0:
+        tail = logfile.read_text(errors="replace").splitlines()[-15:]
+        raise RuntimeError(f"exit {code}: {shlex.join(cmd)}\n" + "\n".join(tail))
+    others = max(0.0, busy - usage.ru_utime - usage.ru_stime) / max(wall, 1e-9)
+    return Child(out, usage.ru_maxrss * 1024, wall, others)  # ru_maxrss: KiB on Linux
+
+
+def synth(out: Path, cards: list[int], rows: int, seed: int) -> None:
+    run_logged([sys.executable, "-m", "tierec", "data", "synth", "--out", str(out), "--rows", str(rows),
+                "--seed", str(seed), "--test-fraction", "0", "--max-cardinality", "0",
+                "--cardinalities", ",".join(map(str, cards)), "--no-progress"], out.parent / f"{out.name}.log")
+
+
+def train(run: Path, data: Path, s: Sizing, a: argparse.Namespace, extra: list[str]) -> tuple[dict, Child]:
+    """``tierec train`` into ``run``: (its JSON summary, the process)."""
+    cmd = [sys.executable, "-m", "tierec", "train", "--data", str(data), "--out", str(run), "--no-progress",
+           "--seed", str(a.seed), "--embedding-dim", str(s.dim), "--batch-size", str(s.batch_size),
+           "--max-steps", str(s.steps), "--log-every", str(s.log_every),
+           "--checkpoint-every", str(s.checkpoint_every), "--keep-checkpoints", "1"]
+    if a.threads:
+        cmd += ["--num-threads", str(a.threads)]
+    child = run_logged(cmd + extra, run.parent / f"{run.name}.log")
+    return json.loads(child.out), child
+
+
+def probe(workdir: Path, seconds: float) -> list[dict]:
+    """``tierec probe`` on a fresh scratch file: random 4 KiB O_DIRECT reads at queue depths 1 and 32."""
+    out = workdir / "probe.json"
+    run_logged([sys.executable, "-m", "tierec", "probe", "--scratch", str(workdir), "--size", str(PROBE_BYTES),
+                "--queue-depths", "1,32", "--seconds", str(seconds), "--json", str(out)], workdir / "probe.log")
+    res = json.loads(out.read_text())
+    out.unlink()
+    return res
+
+
+def full_copy(src: Path, dst: Path) -> tuple[float, int]:
+    """Copy every table file under ``src`` into ``dst``, sources dropped from the page cache first, each
+    copy fsynced: (seconds, bytes). What a checkpoint that copies whole tables costs at least."""
+    files = sorted(src.rglob("*.tbl"))
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    dst.mkdir()
+    nbytes = 0
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as r, open(dst / f.name, "wb", buffering=0) as w:
+            while chunk := r.read(COPY_CHUNK):
+                w.write(chunk)
+                nbytes += len(chunk)
+            os.fsync(w.fileno())
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    return seconds, nbytes
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def read_metrics(run: Path) -> list[dict]:
+    with open(run / "metrics.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def lowest_tiers(entry: dict) -> tuple[dict, dict]:
+    """(the cache right above the files, the files' counters) of one cache entry of a train record: the
+    entry's ``backing`` chain followed down to the SSD table or the table group's files."""
+    cache: dict = {}
+    while entry.get("tier") == "cache":
+        cache, entry = entry, entry.get("backing", {})
+    return cache, entry if entry.get("tier") in ("ssd", "group") else {}
+
+
+COUNTERS = ("lookups", "hits", "evictions", "missed_bytes", "bytes_read", "device_bytes_read")
+
+
+def cache_totals(record: dict) -> dict[str, int]:
+    """Counters of a train record summed over its caches: lookups, hits, evictions; missed_bytes, the row
+    bytes the cache above the files fetched (misses, never-written rows included); the files' bytes_read
+    (rows read from them: lazy files serve never-written rows without I/O) and device_bytes_read (whole
+    blocks the device moved, the read-modify-write of packed write-backs included)."""
+    tot = dict.fromkeys(COUNTERS, 0)
+    for entry in record.get("cache", {}).values():
+        for k in ("lookups", "hits", "evictions"):
+            tot[k] += entry.get(k, 0)
+        cache, files = lowest_tiers(entry)
+        tot["missed_bytes"] += cache.get("bytes_read", 0)
+        for k in ("bytes_read", "device_bytes_read"):
+            tot[k] += files.get(k, 0)
+    return tot
+
+
+@dataclass
+class Interval:
+    """Training between two consecutive train records, with no checkpoint or evaluation in between."""
+
+    start: int  # step
+    end: int
+    samples: int
+    seconds: float
+    missed_bytes: int
+    bytes_read: int
+    device_bytes_read: int
+
+
+@dataclass
+class RunFigures:
+    build_s: float | None = None
+    samples_per_s: float | None = None  # samples / training time (checkpoints and evaluation excluded)
+    stall_fraction: float | None = None
+    hit_rate: float | None = None
+    first_eviction_step: int | None = None  # first train record with evictions
+    checkpoints: list[dict] = field(default_factory=list)  # step, seconds, bytes
+    intervals: list[Interval] = field(default_factory=list)
+    peak_rss: int = 0
+    others_cores: float = 0.0  # CPU other processes used during the run
+
+    def median_samples_per_s(self, step: int = 0) -> float | None:
+        """The median samples/s of the clean intervals that start at ``step`` or later."""
+        rates = [i.samples / i.seconds for i in self.intervals if i.start >= step and i.seconds > 0]
+        return statistics.median(rates) if rates else None
+
+    def read_amplification(self, per: str = "bytes_read") -> float | None:
+        """Device bytes read per byte of rows read from the files (``per="missed_bytes"``: per byte of rows
+        the cache fetched), over the clean intervals."""
+        needed = sum(getattr(i, per) for i in self.intervals)
+        return sum(i.device_bytes_read for i in self.intervals) / needed if needed else None
+
+
+def analyse(records: list[dict], summary: dict, child: Child) -> RunFigures:
+    """A run's figures from its metrics records, its summary (the ``end`` record) and its process."""
+    fig = RunFigures(peak_rss=child.peak_rss, others_cores=child.others_cores,
+                     samples_per_s=summary.get("samples_per_s"), stall_fraction=summary.get("stall_fraction"))
+    prev_step, prev_samples, prev = 0, 0, cache_totals({})
+    clean = True
+    for r in records:
+        ev = r["event"]
+        if ev == "start":
+            fig.build_s = r.get("build_seconds")
+        elif ev == "checkpoint":
+            fig.checkpoints.append({k: r[k] for k in ("step", "seconds", "bytes")})
+            clean = False
+        elif ev == "eval":
+            clean = False
+        elif ev == "train":
+            tot = cache_totals(r)
+            if fig.first_eviction_step is None and tot["evictions"] > 0:
+                fig.first_eviction_step = r["step"]
+            n = r["samples"] - prev_samples
+            if clean and n > 0 and r["samples_per_s"] > 0:
+                fig.intervals.append(Interval(prev_step, r["step"], n, n / r["samples_per_s"],
+                                              *(tot[k] - prev[k] for k in COUNTERS[3:])))
+            if tot["lookups"]:
+                fig.hit_rate = tot["hits"] / tot["lookups"]
+            prev_step, prev_samples, prev, clean = r["step"], r["samples"], tot, True
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- report
+def verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("PASS" if ok else "MISS")
+
+
+def ratio_line(tiered: float | None, memory: float | None, note: str = "") -> tuple[str, bool | None]:
+    if not tiered or not memory:
+        return "n/a", None
+    r = tiered / memory
+    return f"{tiered:,.0f} vs {memory:,.0f} in memory = {r:.2f}x{note}", r >= SPEED_RATIO
+
+
+Row = tuple[str, str, str, str]  # measure, measured, target, PASS / MISS / -
+
+
+def speed_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
+    """Table creation; samples/s against the in-memory model, whole run and from the first eviction on."""
+    rows: list[Row] = []
+    ok = None if t.build_s is None else t.build_s < CREATE_S
+    rows.append(("table creation (model build)", f"{t.build_s:.1f} s (in memory: {m.build_s:.1f} s)"
+                 if t.build_s is not None and m.build_s is not None else "n/a", f"< {CREATE_S:g} s", verdict(ok)))
+    means = f" (means {t.samples_per_s:,.0f} vs {m.samples_per_s:,.0f})" if t.samples_per_s and m.samples_per_s else ""
+    text, ok = ratio_line(t.median_samples_per_s(), m.median_samples_per_s(), means)
+    rows.append((f"samples/s (median, {s.log_every}-step intervals)", text, f">= {SPEED_RATIO}x", verdict(ok)))
+    ev = t.first_eviction_step
+    if ev is not None:
+        text, ok = ratio_line(t.median_samples_per_s(ev), m.median_samples_per_s(ev))
+        rows.append((f"  from step {ev:,} (evicting)", text, f">= {SPEED_RATIO}x", verdict(ok)))
+    return rows
+
+
+def tier_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
+    """Stall, hit rate, when evictions start, peak RSS against the budget, read amplification."""
+    ev = t.first_eviction_step
+    limit = s.budget + RSS_OVERHEAD
+    amp, amp_missed = t.read_amplification(), t.read_amplification("missed_bytes")
+    return [
+        ("stall (waiting for rows)", "n/a" if t.stall_fraction is None else f"{t.stall_fraction:.1%} of training time",
+         "", "-"),
+        ("cache hit rate", "n/a" if t.hit_rate is None else f"{t.hit_rate:.1%}", "", "-"),
+        ("evictions start", f"by step {ev:,} of {s.steps:,}" if ev is not None
+         else f"none in {s.steps:,} steps (raise --steps)", "cache fills and evicts", verdict(ev is not None)),
+        ("peak RSS", f"{format_bytes(t.peak_rss)} (in memory: {format_bytes(m.peak_rss)})",
+         f"<= {format_bytes(limit)} (budget + 0.5 GiB)", verdict(t.peak_rss <= limit)),
+        (f"read amplification (dim {s.dim})",
+         "n/a" if amp is None else f"{amp:.1f}x: device bytes read / row bytes read from the files",
+         f"<= {READ_AMPLIFICATION:g}x", verdict(None if amp is None else amp <= READ_AMPLIFICATION)),
+        ("  per row byte the cache missed",
+         "n/a" if amp_missed is None else f"{amp_missed:.1f}x (never-written rows are not read)", "", "-"),
+    ]
+
+
+def checkpoint_rows(t: RunFigures, copy_s: float, copy_bytes: int) -> list[Row]:
+    """The full copy, the 1st, 2nd and 5th checkpoint against it, and the slowest of the 2nd..5th."""
+    rows: list[Row] = [("full copy of the table files", f"{copy_s:.1f} s, {format_bytes(copy_bytes)}", "", "-")]
+    target = f"< {CHECKPOINT_SHARE:.0%} of the copy's time"
+    for k in (1, 2, CHECKPOINTS):
+        if len(t.checkpoints) < k:
+            rows.append((f"checkpoint {k}", "not written", "", "MISS"))
+            continue
+        c = t.checkpoints[k - 1]
+        share = c["seconds"] / copy_s if copy_s else math.inf
+        text = (f"step {c['step']:,}: {c['seconds']:.1f} s, {format_bytes(c['bytes'])} = {share:.2f}x the copy's "
+                f"time, {c['bytes'] / max(copy_bytes, 1):.2f}x its bytes")
+        rows.append((f"checkpoint {k}", text, "", "-") if k == 1
+                    else (f"checkpoint {k}", text, target, verdict(share < CHECKPOINT_SHARE)))
+    later = t.checkpoints[1:CHECKPOINTS]
+    if len(later) > 1 and copy_s:
+        worst = max(c["seconds"] for c in later) / copy_s
+        rows.append((f"checkpoints 2..{len(later) + 1}, slowest", f"{worst:.2f}x the copy's time", target,
+                     verdict(worst < CHECKPOINT_SHARE)))
+    return rows
+
+
+def probe_lines(probes: dict[str, list[dict]]) -> list[str]:
+    """The probes before and after, and whether the device slowed down between them."""
+    lines = []
+    for when, res in probes.items():
+        figs = ", ".join(f"QD {r['queue_depth']} {r['iops']:,.0f} reads/s (p99 {r['p99_ms']:.1f} ms, stalled "
+                         f"{r['stalled']:.0%})" for r in res)
+        lines.append(f"  device {when}: {figs}")
+    if len(probes) == 2:
+        before, after = (max(probes[w], key=lambda r: r["queue_depth"]) for w in probes)
+        slower = after["iops"] < 0.7 * before["iops"] or after["stalled"] > before["stalled"] + 0.10
+        lines.append("  the device SLOWED DOWN during the run: read the speed and checkpoint figures with that in mind"
+                     if slower else "  the device kept its speed through the run (within 30%)")
+    return lines
+
+
+def print_report(s: Sizing, t: RunFigures, m: RunFigures, copy_s: float, copy_bytes: int,
+                 probes: dict[str, list[dict]]) -> list[Row]:
+    rows = speed_rows(s, t, m) + tier_rows(s, t, m) + checkpoint_rows(t, copy_s, copy_bytes)
+    print(f"\nbench_scale: {os.cpu_count()} cores, RAM {format_bytes(s.ram)} (MemTotal); "
+          f"{format_bytes(s.disk_free)} free on the work directory's disk, this run may need at most "
+          f"{format_bytes(s.disk_need)}")
+    print(f"  tables {format_bytes(s.table_bytes)} ({s.table_bytes / s.ram:.2f}x RAM; 26 Criteo-shaped, dim {s.dim}, "
+          f"rows + row-wise Adagrad state), budget {format_bytes(s.budget)} ({s.budget / s.ram:.3f} of RAM, tables "
+          f"{s.table_bytes / s.budget:.1f}x over it); reference: {format_bytes(s.ref_table_bytes)} of tables in memory")
+    if s.emulated_ram != s.ram:
+        print(f"  (sized as on a machine with {format_bytes(s.emulated_ram)} of RAM: tables / --ram-factor)")
+    print(f"  batch {s.batch_size:,}, {s.steps:,} steps, a checkpoint every {s.checkpoint_every:,}; look-ahead "
+          "cache, O_DIRECT")
+    w0, w1, w2 = (max(len(r[i]) for r in rows) for i in range(3))
+    for name, value, target, v in rows:
+        print(f"  {name:<{w0}}  {value:<{w1}}  {target:<{w2}}  {v}")
+    for line in probe_lines(probes):
+        print(line)
+    busy = max(t.others_cores, m.others_cores) > 0.25
+    print(f"  CPU used by other processes meanwhile: {m.others_cores:.2f} cores during the reference run, "
+          f"{t.others_cores:.2f} during the tiered run (of {os.cpu_count()})"
+          + ("; the machine was NOT quiet: the speed figures are noisy" if busy else ""))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"tables of {format_bytes(QUICK_TABLES)} (unless --tables), same ratio to the budget: a few "
+                        "minutes, to check the pipeline end to end")
+    p.add_argument("--ram-factor", type=float, default=1.2, help="tables = this x MemTotal (default: 1.2)")
+    p.add_argument("--budget-fraction", type=float, default=1 / 6,
+                   help="memory budget = this x MemTotal (default: 1/6)")
+    p.add_argument("--tables", help="table bytes instead of --ram-factor x RAM, e.g. 4GiB (the budget keeps the "
+                                    "ratio --ram-factor : --budget-fraction)")
+    p.add_argument("--dim", type=int, default=16, help="embedding dimension (default: 16)")
+    p.add_argument("--batch-size", type=int, default=4096, help="default: 4096")
+    p.add_argument("--steps", type=int, help=f"training steps, rounded up to a multiple of {CHECKPOINTS} x "
+                                             f"--log-every (default: {SAMPLES_PER_CACHE_ROW} samples per estimated "
+                                             "cache row)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between metrics records (default: 10)")
+    p.add_argument("--threads", type=int, help="torch threads of each training (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe-seconds", type=float, default=1.0,
+                   help="seconds per queue depth of the device probe before and after (0: no probe)")
+    p.add_argument("--tiered-args", default="",
+                   help="more `tierec train` flags for the tiered run, e.g. '--ssd-row-align 512'")
+    p.add_argument("--workdir", default=str(ROOT / "runs"),
+                   help="a fresh bench_scale.* directory is made here (default: runs/ of the repository)")
+    p.add_argument("--keep", action="store_true", help="keep the data, runs and logs")
+    p.add_argument("--json", help="also write every figure here")
+    a = p.parse_args(argv)
+    if not (a.ram_factor > 0 and 0 < a.budget_fraction < 1 and a.dim > 0 and a.batch_size > 0 and a.log_every > 0):
+        p.error("--ram-factor > 0, 0 < --budget-fraction < 1, --dim, --batch-size, --log-every > 0")
+    return a
+
+
+def measure(a: argparse.Namespace, s: Sizing, work: Path) -> dict:
+    """Data, the two runs, the full copy and the probes; every figure."""
+    n = s.steps * s.batch_size
+    log.info("synthesising %s rows twice: %s of tables, and %s for the reference", f"{n:,}",
+             format_bytes(s.table_bytes), format_bytes(s.ref_table_bytes))
+    synth(work / "data", s.cards, n, a.seed)
+    synth(work / "data-ref", s.ref_cards, n, a.seed)
+    log.info("reference: every table in memory")
+    m_sum, m_child = train(work / "memory", work / "data-ref", s, a, [])
+    shutil.rmtree(work / "memory" / "checkpoints")
+    probes = {"before": probe(work, a.probe_seconds)} if a.probe_seconds else {}
+    log.info("tiered: %s of tables in a %s budget, look-ahead cache, O_DIRECT", format_bytes(s.table_bytes),
+             format_bytes(s.budget))
+    tiered = ["--memory-budget", str(s.budget), "--cache-policy", "lookahead", "--direct-io"]
+    t_sum, t_child = train(work / "tiered", work / "data", s, a, tiered + shlex.split(a.tiered_args))
+    shutil.rmtree(work / "tiered" / "checkpoints")  # room for the copy
+    log.info("full copy of the SSD table files")
+    copy_s, copy_bytes = full_copy(work / "tiered" / "tables", work / "copy")
+    if a.probe_seconds:
+        probes["after"] = probe(work, a.probe_seconds)
+    t = analyse(read_metrics(work / "tiered"), t_sum, t_child)
+    m = analyse(read_metrics(work / "memory"), m_sum, m_child)
+    rows = print_report(s, t, m, copy_s, copy_bytes, probes)
+    return {"sizing": asdict(s), "tiered": asdict(t), "memory": asdict(m), "tiered_summary": t_sum,
+            "memory_summary": m_sum, "full_copy": {"seconds": copy_s, "bytes": copy_bytes}, "device": probes,
+            "report": [dict(zip(("measure", "measured", "target", "verdict"), r, strict=True)) for r in rows]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    s = size_run(a)
+    parent = Path(a.workdir)
+    parent.mkdir(parents=True, exist_ok=True)
+    why = refusal(s, parent)
+    if why:
+        print(f"bench_scale: refused: {why}", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="bench_scale.", dir=parent))
+    log.info("work directory %s (%s free, this run needs <= %s)", work, format_bytes(s.disk_free),
+             format_bytes(s.disk_need))
+    t0 = time.perf_counter()
+    try:
+        res = measure(a, s, work)
+        print(f"  total {time.perf_counter() - t0:.0f} s")
+        if a.json:
+            Path(a.json).write_text(json.dumps(res | {"args": vars(a)}, indent=2))
+    except RuntimeError as e:  # a step failed: its command and the tail of its log
+        log.error("bench_scale: %s", e)
+        return 1
+    finally:
+        if a.keep:
+            log.info("kept %s", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -259,3 +259,26 @@ def test_killed_rank_names_it_keeps_the_checkpoint_and_resume_continues(tiny_dat
     assert p.returncode == 0, log[-3000:]
     assert f"resumed from {last}" in log
     assert json.loads(log[log.index("{\n") : log.rindex("}") + 1])["step"] == m["step"] + 5
+
+
+def test_an_incremental_chain_loads_into_any_row_split(tmp_path):
+    """A full row set, then a delta over it, fill the shards of 3 row-wise ranks (torchrun resuming from
+    a chain of a one-process run)."""
+    full = InMemoryTable(12, 3, 1, init=RowInit(0, 0, 12, 3))
+    full.write(torch.tensor([1, 4, 5, 9]), torch.ones(4, 3), torch.ones(4, 1))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    base = write_table_file(tmp_path / "a" / "t.tbl", full)
+    full.lazy_rows().take_changed()
+    full.write(torch.tensor([4, 10]), torch.full((2, 3), 7.0), torch.full((2, 1), 2.0))
+    delta = write_table_file(tmp_path / "b" / "t.tbl", full, delta=True)
+    assert delta["t.tbl"]["delta"] and delta["t.tbl"]["rows"] == 2
+    from tierec.distributed.plan import Shard
+
+    b = row_bounds(12, 3)
+    for r in range(3):
+        s = Shard("t", 0, r, b[r], b[r + 1], 12)
+        part = InMemoryTable(s.rows, 3, 1)
+        read_table_file(tmp_path / "a" / "t.tbl", ShardView(s, part), base["t.tbl"], base["t.tbl.ids"])
+        read_table_file(tmp_path / "b" / "t.tbl", ShardView(s, part), delta["t.tbl"], delta["t.tbl.ids"])
+        assert torch.equal(part.weight, full.weight[s.lo : s.hi]) and torch.equal(part.state, full.state[s.lo : s.hi])

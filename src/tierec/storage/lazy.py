@@ -172,6 +172,13 @@ class LazyRows:
     written: RowBits
     slots: np.ndarray | None = None
     changed: RowBits | None = None
+    here: RowBits | None = None  # rows this file holds, when other written rows live in an older link
+    origin: str | None = None  # the checkpoint an attached older link came from (`SsdTable.attach`)
+
+    @property
+    def stored(self) -> RowBits:
+        """The rows the file itself holds: ``here``, or (no older link) every written row."""
+        return self.written if self.here is None else self.here
 
     @classmethod
     def fresh(cls, init: RowInit, num_rows: int) -> LazyRows:
@@ -181,15 +188,15 @@ class LazyRows:
     def mark(self, ids: np.ndarray) -> None:
         """Rows ``ids`` (int64 [U]) were written (thread-safe: a cache's worker and the trainer mark)."""
         with _MARK_LOCK:
-            self.written.mark(ids)
-            if self.changed is not None:
-                self.changed.mark(ids)
+            for bits in (self.written, self.changed, self.here):
+                if bits is not None:
+                    bits.mark(ids)
 
     def mark_range(self, start: int, end: int) -> None:
         with _MARK_LOCK:
-            self.written.mark_range(start, end)
-            if self.changed is not None:
-                self.changed.mark_range(start, end)
+            for bits in (self.written, self.changed, self.here):
+                if bits is not None:
+                    bits.mark_range(start, end)
 
     def take_changed(self) -> None:
         """A checkpoint now holds every row: nothing has changed since."""
@@ -204,7 +211,7 @@ class LazyRows:
         """Give the never-written rows among ``ids`` (int64 [U]) their initial values in ``rows``
         ([U, dim + state_dim] float32, as read from a sparse file: zeros there), in place; returns rows."""
         if ids.size:
-            fresh = np.flatnonzero(~self.written.test(ids))
+            fresh = np.flatnonzero(~self.stored.test(ids))
             if fresh.size:
                 rows[fresh, : self.init.dim] = self.init.rows(ids[fresh]).numpy()
                 rows[fresh, self.init.dim :] = 0.0

@@ -56,7 +56,7 @@ def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor
                 parts.append((i, link, left, pos))
                 left = left[:0]
                 break
-            w = lazy.written.test(left)
+            w = lazy.stored.test(left)
             parts.append((i, link, lazy.file_rows(left[w]), pos[w]))
             left, pos = left[~w], pos[~w]
             link = link.older
@@ -78,7 +78,7 @@ def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor
 def _written(t: SsdTable, ids: np.ndarray) -> np.ndarray | None:
     """bool [U]: which rows ``ids`` of ``t`` were written (a lazy file); None: all rows are read."""
     lazy = t.lazy_rows()
-    return None if lazy is None else lazy.written.test(ids)
+    return None if lazy is None else lazy.stored.test(ids)
 
 
 def _read_files(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor | None, lanes: int) -> list[np.ndarray]:
@@ -217,11 +217,15 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
     n = len(tabs)
     for k in np.unique(wt).tolist():
         tabs[k].mark_written(wid[wt == k])
-    if not written.all():
+    if not written.all():  # rows not in the files: initial values, or an older link's (`SsdTable.attach`)
         full = np.zeros((asked.size, t0.width), np.float32)
         full[written] = out
         for k in np.unique(asked_t[~written]).tolist():
             fresh = np.flatnonzero(~written & (asked_t == k))
+            older = tabs[k].older
+            if older is not None:
+                full[fresh] = read_many([(older, asked[fresh])])[0]
+                continue
             lazy = tabs[k].lazy_rows()
             assert lazy is not None
             full[fresh, : t0.dim] = lazy.init.rows(asked[fresh]).numpy()

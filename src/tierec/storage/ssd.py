@@ -124,7 +124,7 @@ class SsdTable:
         if slots is not None and not (readonly and lazy_init is not None):
             raise ConfigError(f"{path}: a row set (slots) opens read-only, with its lazy_init")
         if older is not None and slots is None:
-            raise ConfigError(f"{path}: only a row set has an older link")
+            raise ConfigError(f"{path}: only a row set opens with an older link (a working file: attach)")
         self.older = older  # an incremental checkpoint's row set: the link below it in the chain
         self.file_rows = self.num_embeddings if slots is None else int(slots.size)  # rows the file holds
         self.file_bytes = self.file_rows * self.row_stride
@@ -302,6 +302,25 @@ class SsdTable:
         """The rows written since creation and the `RowInit` of every other row (lazy files), else None."""
         return self._lazy
 
+    def attach(self, older: SsdTable, origin: str) -> None:
+        """Resume copy-on-write: a new lazy working file (nothing written yet) takes checkpoint ``origin``'s
+        rows by linking its row sets (``older``, `open_table_chain`) below itself instead of copying
+        them. Reads of rows this file does not hold go to ``older``; a row written here shadows it
+        from then on. The rows count as written (checkpoints hold them) but not as changed."""
+        lazy = self._lazy
+        if lazy is None or self.readonly or lazy.written.count():
+            raise CheckpointError(f"{self.path}: only a fresh lazy working file takes an older link")
+        link: SsdTable | None = older
+        while link is not None:  # every row the chain holds differs from its initial value
+            below = link.lazy_rows()
+            if below is None:
+                raise CheckpointError(f"{older.path}: a dense table file cannot be linked below a working file")
+            lazy.written.update(below.written)
+            link = link.older
+        lazy.here = RowBits(self.num_embeddings)
+        lazy.origin = origin
+        self.older = older
+
     def save_written(self) -> None:
         """Write the written-rows bitmap to ``<path>.written`` (atomically; `close` does it)."""
         if self._lazy is not None and not self.readonly and (self._lazy.written.count()
@@ -398,7 +417,7 @@ class SsdTable:
         """Rows [start, end) as fresh tensors (used by checkpoints)."""
         if not 0 <= start <= end <= self.num_embeddings:
             raise IndexError(f"{self.path}: row range [{start}, {end}) outside [0, {self.num_embeddings})")
-        if self._lazy is not None and self._lazy.slots is not None:  # a row set: rows by ID
+        if self._lazy is not None and (self._lazy.slots is not None or self.older is not None):  # rows by ID
             return self.read(torch.arange(start, end))
         t0 = time.perf_counter()
         if self._mrows is not None:

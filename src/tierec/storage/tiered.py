@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +18,8 @@ from tierec.storage.group import TableGroup
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.plan import AccessSample, Placement, TableNeeds, TableOverrides, describe, measure_lookups, plan_tables
 from tierec.storage.settings import StorageSettings, TableSettings
-from tierec.storage.ssd import SsdTable
+from tierec.storage.ssd import SsdTable, open_table_chain
+from tierec.storage.tablefile import is_row_set
 
 if TYPE_CHECKING:
     from tierec.data.dataset import Dataset, Schema
@@ -68,16 +73,21 @@ def plan_budget(settings: StorageSettings, needs: list[TableNeeds],
 
 
 def make_storage_factory(settings: StorageSettings, plan: list[Placement], sample: dict[str, AccessSample],
-                         device: torch.device, fresh: bool = True):
+                         device: torch.device, fresh: bool = True, resume_from: ResumeChain | None = None):
     """``factory(index, table_config, state_dim)`` for `build_collection`: None keeps a table in memory;
-    SSD tables get files under ``settings.root``.
+    SSD tables get (lazy, sparse) files under ``settings.root``.
 
-    ``fresh=False`` (resume) sizes the SSD files without initialising them: the
-    checkpoint's rows are loaded over them right after.
+    ``fresh=False`` (resume): no cache warm-up; the checkpoint's rows come next. With
+    ``resume_from`` (the checkpoint and its chain), an SSD table whose checkpoint files are row
+    sets takes them copy-on-write (`SsdTable.attach`): the files are hard-linked under
+    ``root/.resume`` (copied across file systems), so pruning the checkpoints cannot remove them,
+    and nothing is copied into the working file; `tierec.train.checkpoint.load_tables` then skips
+    the table.
     """
     by_name = {p.name: p for p in plan}
     root = settings.root
     root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root / RESUME_DIR, ignore_errors=True)  # an earlier run's links
     limit_malloc_retention()
     host_bytes = settings.host_cache
     device_rows = sum(p.cache_rows for p in plan if p.placement == "ssd") or 1
@@ -94,6 +104,8 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
         below = ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
                                create=True, init_seed=settings.seed, table_index=i, direct_io=settings.direct_io,
                                init="lazy", row_align=row_align)
+        if resume_from is not None:
+            attach_checkpoint(ssd, tcfg.name, resume_from, root / RESUME_DIR)
         rows = 0
         if host_bytes:  # device <- host DRAM <- SSD: the host tier gets this table's share of host_cache
             row_bytes = (tcfg.embedding_dim + state_dim) * 4 + INDEX_BYTES_PER_ROW
@@ -119,6 +131,47 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
         return cache
 
     return factory
+
+
+RESUME_DIR = ".resume"  # under the SSD tables' root: hard links to the row sets a resumed run reads below its files
+
+
+@dataclass(frozen=True)
+class ResumeChain:
+    """A checkpoint to resume from: its directory and its chain [(checkpoint dir, manifest)], base first."""
+
+    checkpoint: Path
+    chain: list[tuple[Path, dict]]
+
+
+def attach_checkpoint(ssd: SsdTable, name: str, resume: ResumeChain, links_dir: Path) -> bool:
+    """Link table ``name``'s row sets of ``resume`` below ``ssd`` (`SsdTable.attach`); False (nothing done)
+    when a link holds a dense file or lacks the table (the rows are then loaded the usual way)."""
+    rel = f"tables/{name}.tbl"
+    chain: list[tuple[Path, dict]] = []
+    for ckpt_dir, m in resume.chain:
+        entry = m["files"].get(rel)
+        if entry is None or not is_row_set(entry):
+            return False
+        dst = links_dir / ckpt_dir.name
+        (dst / "tables").mkdir(parents=True, exist_ok=True)
+        for f in (rel, rel + ".ids"):
+            _link_or_copy(ckpt_dir / f, dst / f)
+        chain.append((dst, m["files"]))
+    top = open_table_chain(chain, rel, ssd.num_embeddings, ssd.dim, ssd.state_dim, direct_io=ssd.direct_io)
+    ssd.attach(top, str(resume.checkpoint))
+    return True
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        shutil.copyfile(src, dst)
 
 
 def checkpoint_storage_factory(ckpt_dir: Path, manifest: dict, plan: list[dict], device: torch.device,

@@ -306,6 +306,8 @@ def load_tables(ckpt: Path, manifest: dict, tables: dict) -> None:
     """Load the rows of checkpoint ``ckpt`` into ``tables`` (name -> fresh storage): its chain's base,
     then each delta over it, verified as read. Afterwards nothing counts as changed since."""
     chain = table_chain(ckpt, manifest)
+    origin = str(ckpt)  # tables that took this checkpoint's rows copy-on-write (`SsdTable.attach`) are skipped
+    tables = {n: st for n, st in tables.items() if (lz := st.lazy_rows()) is None or lz.origin != origin}
     for link, m in chain:
         _load_link(link, m, tables)
     for st in tables.values():

@@ -36,6 +36,7 @@ from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableGroup, TableView
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.ssd import SsdTable
+from tierec.storage.tiered import ResumeChain
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig, trajectory_changes
 from tierec.train.metrics import log_loss, roc_auc
@@ -62,7 +63,8 @@ def table_configs(cfg: TrainConfig, schema: Schema) -> list[TableConfig]:
 
 
 def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset: Dataset | None = None,
-                fresh: bool = True, storage_factory=None, collection=None) -> DLRM | TwoTower:
+                fresh: bool = True, storage_factory=None, collection=None,
+                resume_from: ResumeChain | None = None) -> DLRM | TwoTower:
     """DLRM for ``schema`` (`TwoTower` when ``cfg.model == "two-tower"``); with a memory budget
     (or per-table SSD settings) and a ``dataset`` to measure access shares on, the tables that
     do not fit go to SSD behind caches. ``storage_factory`` (see `build_collection`) overrides the planning;
@@ -81,7 +83,7 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
 
             row_bytes = (cfg.embedding_dim + sparse_opt.state_dim(cfg.embedding_dim)) * 4
             plan, sample, _ = plan_storage(settings, schema, dataset, row_bytes)
-            factory = make_storage_factory(settings, plan, sample, device, fresh=fresh)
+            factory = make_storage_factory(settings, plan, sample, device, fresh=fresh, resume_from=resume_from)
 
         def collection(tables, sparse_opt):
             return build_collection(tables, sparse_opt, seed=cfg.seed, storage_factory=factory, device=device)
@@ -317,7 +319,11 @@ class Trainer:
         return str(latest) if latest is not None else "none yet"
 
     def _build_model(self, fresh: bool) -> DLRM | TwoTower:  # the distributed trainer shards the tables here
-        return build_model(self.cfg, self.ds.schema, self.device, dataset=self.ds, fresh=fresh)
+        resume_from = None
+        if not fresh and (latest := ckpt.latest_or_none(self.out)) is not None:  # SSD tables: linked, not copied
+            resume_from = ResumeChain(latest, ckpt.table_chain(latest, ckpt.read_manifest(latest)))
+        return build_model(self.cfg, self.ds.schema, self.device, dataset=self.ds, fresh=fresh,
+                           resume_from=resume_from)
 
     # ------------------------------------------------------------------ checkpoints
     @property

@@ -74,7 +74,7 @@ from tierec.storage import CachedTable
 from tierec.storage.plan import AccessSample, TableNeeds, plan_tables
 from tierec.malloc import STEP_MALLOC, limit_malloc_retention, set_malloc_thresholds
 from tierec.storage.settings import StorageSettings
-from tierec.storage.tiered import INDEX_BYTES_PER_ROW, make_storage_factory
+from tierec.storage.tiered import INDEX_BYTES_PER_ROW, LOOKAHEAD_INDEX_BYTES_PER_ROW, make_storage_factory
 
 try:
     from tierec.energy import meter as energy_meter
@@ -394,7 +394,8 @@ def part1(a, stream, sample, work: Path) -> dict:
     table_bytes = a.table_rows * row_bytes
     needs = [TableNeeds(k, a.table_rows, row_bytes, sample[k].lookups) for k in stream.keys]
     try:
-        plan = plan_tables(needs, a.budget, a.policy, INDEX_BYTES_PER_ROW,
+        index = LOOKAHEAD_INDEX_BYTES_PER_ROW if a.policy == "lookahead" else INDEX_BYTES_PER_ROW
+        plan = plan_tables(needs, a.budget, a.policy, index,
                            {k: {"placement": "ssd"} for k in stream.keys})
     except TierecError as e:
         raise TierecError(f"--budget {format_bytes(a.budget)}: {e}") from None
@@ -405,7 +406,7 @@ def part1(a, stream, sample, work: Path) -> dict:
           f"(tables = {total / a.budget:.2f}x the budget)")
     print(f"# ssd peer: {a.policy} caches of {min(cache_rows):,}-{max(cache_rows):,} rows/table "
           f"({min(cache_rows) / a.table_rows:.1%} of rows) planned from the budget at {row_bytes} B/row + "
-          f"{INDEX_BYTES_PER_ROW} B/row index; files {'O_DIRECT' if a.direct_io else 'memmap'} under {work}")
+          f"{index} B/row index; files {'O_DIRECT' if a.direct_io else 'memmap'} under {work}")
     print(f"# batch {a.batch} x {a.hot} ID(s)/table, synth zipf={a.zipf}, {a.threads} thread(s), "
           f"{a.warmup} warm-up steps, then {a.rounds} rounds x {a.steps} steps, peers alternate", flush=True)
     if total < 4 * a.budget:

@@ -81,6 +81,7 @@ class DLRM(nn.Module):
         self.dim = dim
         self._plans: dict[tuple, dict] = {}  # forward_dedup's index tensors per (user keys, device)
         self.storage_plan: list[dict] | None = None  # where the tables live (set by `build_model`; in checkpoints)
+        self.budget_split: dict | None = None  # how the memory budget was spent (set by `build_model`)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor,
                 user: KeyedJaggedTensor | None = None) -> torch.Tensor:

@@ -47,6 +47,7 @@ class TwoTower(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
         self._by_key = {t.config.key: t for t in embeddings.bags}
         self.storage_plan: list[dict] | None = None  # where the tables live (set by `build_model`; in checkpoints)
+        self.budget_split: dict | None = None  # how the memory budget was spent (set by `build_model`)
 
     def _pool(self, kjt: KeyedJaggedTensor, keys: list[str]) -> torch.Tensor:
         by_key = kjt.to_dict()

@@ -163,7 +163,9 @@ class LookaheadCache(CachedTable):
 
     Per cached row it adds ``_next`` (step of next use, `NEVER` outside the
     window) and ``_lfreq`` (long-run use count from a count-min sketch of every
-    observed step, kept across evictions): 16 B per row. ``stats()`` counts a
+    observed step, kept across evictions): 16 B per row, and the sketch behind ``_lfreq`` (2 x a power
+    of two >= 4 x capacity int64 counters: 64-128 B per row; the planner charges it,
+    `tierec.storage.tiered.LOOKAHEAD_INDEX_BYTES_PER_ROW`). ``stats()`` counts a
     row brought in by `prepare` as a miss, so ``hit_rate`` is 1 - rows fetched /
     rows looked up, directly comparable to Belady's MIN of `tierec.sim.policies`.
     """

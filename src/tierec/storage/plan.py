@@ -114,6 +114,29 @@ def plan_tables(tables: list[TableNeeds], budget: int, policy: str = "lru", inde
 
 
 @dataclass
+class BudgetSplit:
+    """How a memory budget is spent (bytes). ``row_bits``: 2 bits per row of every table (rows written,
+    and changed since the last checkpoint); ``window``: the look-ahead window (batches read ahead and
+    the oracle's entries; the pipeline holds it to this); ``tables``: the rest, for in-memory tables
+    and the SSD tables' caches (rows + index)."""
+
+    total: int
+    row_bits: int = 0
+    window: int = 0
+
+    @property
+    def tables(self) -> int:
+        return self.total - self.row_bits - self.window
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tables": self.tables}
+
+    def describe(self) -> str:
+        parts = [("row bits", self.row_bits), ("look-ahead window", self.window), ("tables and caches", self.tables)]
+        return f"memory budget {format_bytes(self.total)}: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts)
+
+
+@dataclass
 class AccessSample:
     """Per-table access counts from a pass over the first batches: ``ids`` and ``counts`` int64 [distinct]."""
 

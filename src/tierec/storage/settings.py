@@ -42,6 +42,8 @@ class StorageSettings:
     row_align: int = 0  # SSD working files: rows padded to this many bytes (0: packed)
     group_caches: bool = True  # look-ahead SSD tables of one row width share one cache (`TableGroup`)
     prefetch_threads: int | None = None  # a group's prefetch threads (None: by cores)
+    lookahead: int = 200  # policy lookahead: batches read ahead (the window)
+    lookahead_memory: int = 1 << 30  # policy lookahead: most bytes the window may hold
 
     @property
     def tiered(self) -> bool:

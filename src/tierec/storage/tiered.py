@@ -12,11 +12,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tierec.config import format_bytes
+from tierec.errors import ConfigError
 from tierec.malloc import limit_malloc_retention
 from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableGroup
 from tierec.storage.lookahead import LookaheadCache
-from tierec.storage.plan import AccessSample, Placement, TableNeeds, TableOverrides, describe, measure_lookups, plan_tables
+from tierec.storage.plan import (
+    AccessSample,
+    BudgetSplit,
+    Placement,
+    TableNeeds,
+    TableOverrides,
+    describe,
+    measure_lookups,
+    plan_tables,
+)
 from tierec.storage.settings import StorageSettings, TableSettings
 from tierec.storage.ssd import SsdTable, open_table_chain
 from tierec.storage.tablefile import is_row_set
@@ -27,20 +38,57 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Cache bookkeeping per cached row (hash index + per-slot metadata), counted in the budget:
-INDEX_BYTES_PER_ROW = 152  # upper bound of index_nbytes per row: CachedTable 77-133 B, LookaheadCache +16 B
+INDEX_BYTES_PER_ROW = 152  # upper bound per cached row of a CachedTable (measured 102 B at 5M rows)
+# LookaheadCache: that, + 16 B of next use / long-run count, + its count-min sketch (2 x a power of two
+# >= 4 x capacity int64 counters: up to 128 B per row); measured 220 B at 5M rows, 19.5M rows 2.1 GiB of sketch
+LOOKAHEAD_INDEX_BYTES_PER_ROW = INDEX_BYTES_PER_ROW + 16 + 128
+
+
+def index_bytes_per_row(settings: StorageSettings) -> int:
+    """Bookkeeping bytes per cached row that the budget pays: the look-ahead cache's when any table may
+    have one."""
+    policies = {settings.policy} | {t.policy for t in settings.tables.values() if t.policy}
+    return LOOKAHEAD_INDEX_BYTES_PER_ROW if "lookahead" in policies else INDEX_BYTES_PER_ROW
 
 
 def plan_storage(settings: StorageSettings, schema: Schema, dataset: Dataset,
-                 row_bytes: int) -> tuple[list[Placement], dict[str, AccessSample], int]:
-    """Measure access shares on the first batches and split ``settings.memory_budget`` across the
-    tables of ``schema`` (rows of ``row_bytes``: weights + optimizer state)."""
+                 row_bytes: int) -> tuple[list[Placement], dict[str, AccessSample], BudgetSplit]:
+    """Measure access shares on the first batches and split ``settings.memory_budget``: first what the
+    tables' machinery holds (`split_budget`), then the tables of ``schema`` (rows of ``row_bytes``:
+    weights + optimizer state) with the rest."""
     names = schema.sparse_names
     sample = measure_lookups(dataset, names, settings.plan_batch_size, settings.plan_batches, settings.seed)
     needs = [TableNeeds(f.name, f.num_embeddings, row_bytes, sample[f.name].lookups) for f in schema.sparse]
     overrides = {name: table_overrides(t) for name, t in settings.tables.items()}
-    plan, budget = plan_budget(settings, needs, overrides)
-    log.info("%s", describe(plan, budget))
-    return plan, sample, budget
+    split = split_budget(settings, needs)
+    plan, budget = plan_budget(settings, needs, overrides, split.tables if settings.memory_budget is not None else None)
+    if settings.memory_budget is None:
+        split = BudgetSplit(budget)
+    log.info("%s\n%s", split.describe(), describe(plan, budget))
+    return plan, sample, split
+
+
+WINDOW_SHARE = 4  # the look-ahead window may take at most 1/4 of the memory budget
+
+
+def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSplit:
+    """What ``settings.memory_budget`` pays before the tables: 2 bits per row of every table, and, with
+    look-ahead, the window: ``lookahead`` batches of the sampled size (8 B per ID + the oracle's
+    32 B), at most ``lookahead_memory`` and 1/`WINDOW_SHARE` of the budget (the pipeline holds the
+    window to it). A budget too small for them is a `ConfigError`."""
+    total = settings.memory_budget or 0
+    if settings.memory_budget is None:
+        return BudgetSplit(0)
+    row_bits = sum((2 * n.num_embeddings + 7) // 8 for n in needs)
+    window = 0
+    if "lookahead" in {settings.policy} | {t.policy for t in settings.tables.values() if t.policy}:
+        per_batch = 40 * sum(n.lookups for n in needs) // max(1, settings.plan_batches)
+        window = min(settings.lookahead_memory, settings.lookahead * per_batch, total // WINDOW_SHARE)
+    split = BudgetSplit(total, row_bits, window)
+    if split.tables <= 0:
+        raise ConfigError(f"--memory-budget {format_bytes(total)} does not cover the tables' bookkeeping "
+                          f"({split.describe()}); raise it")
+    return split
 
 
 def table_overrides(t: TableSettings, rows: int = 1, of: int = 1) -> TableOverrides:
@@ -57,19 +105,23 @@ def table_overrides(t: TableSettings, rows: int = 1, of: int = 1) -> TableOverri
     return o
 
 
-def plan_budget(settings: StorageSettings, needs: list[TableNeeds],
-                overrides: dict[str, TableOverrides]) -> tuple[list[Placement], int]:
-    """`plan_tables` under ``settings.memory_budget``; without one (only per-table settings) the budget
-    is what those settings need, and every other table stays in memory. Fills ``overrides`` in."""
-    if settings.memory_budget is not None:
+def plan_budget(settings: StorageSettings, needs: list[TableNeeds], overrides: dict[str, TableOverrides],
+                budget: int | None = None) -> tuple[list[Placement], int]:
+    """`plan_tables` under ``budget`` (default ``settings.memory_budget``); without one (only per-table
+    settings) the budget is what those settings need, and every other table stays in memory. Fills
+    ``overrides`` in."""
+    index = index_bytes_per_row(settings)
+    if budget is not None:
+        pass
+    elif settings.memory_budget is not None:
         budget = settings.memory_budget
     else:
         row_bytes = {n.name: n.row_bytes for n in needs}
         budget = sum(n.table_bytes for n in needs) + sum(
-            o.get("cache_rows", 0) * (row_bytes[name] + INDEX_BYTES_PER_ROW) for name, o in overrides.items())
+            o.get("cache_rows", 0) * (row_bytes[name] + index) for name, o in overrides.items())
         for n in needs:
             overrides.setdefault(n.name, {}).setdefault("placement", "memory")
-    return plan_tables(needs, budget, settings.policy, INDEX_BYTES_PER_ROW, overrides), budget
+    return plan_tables(needs, budget, settings.policy, index, overrides), budget
 
 
 def make_storage_factory(settings: StorageSettings, plan: list[Placement], sample: dict[str, AccessSample],
@@ -108,7 +160,7 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
             attach_checkpoint(ssd, tcfg.name, resume_from, root / RESUME_DIR)
         rows = 0
         if host_bytes:  # device <- host DRAM <- SSD: the host tier gets this table's share of host_cache
-            row_bytes = (tcfg.embedding_dim + state_dim) * 4 + INDEX_BYTES_PER_ROW
+            row_bytes = (tcfg.embedding_dim + state_dim) * 4 + index_bytes_per_row(settings)
             rows = max(1, host_bytes * p.cache_rows // device_rows // row_bytes)
         if p.policy == "lookahead" and settings.group_caches:
             key = (tcfg.embedding_dim, state_dim)

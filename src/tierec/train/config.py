@@ -120,7 +120,8 @@ class TrainConfig:
             plan_batch_size=self.batch_size,
             host_cache=parse_bytes(self.host_cache, "host_cache") if self.host_cache else 0,
             direct_io=self.direct_io, row_align=self.ssd_row_align, group_caches=self.group_caches,
-            prefetch_threads=self.prefetch_threads)
+            prefetch_threads=self.prefetch_threads, lookahead=self.lookahead,
+            lookahead_memory=parse_bytes(self.lookahead_memory, "lookahead_memory"))
 
     @staticmethod
     def field_names() -> list[str]:

@@ -430,7 +430,8 @@ class LookaheadPipeline:
         if self._bytes >= self.max_bytes and self._next_read - self._next_take >= self.depth:
             if not self._window_capped:
                 self._window_capped = True
-                log.warning("look-ahead window limited to %d batches by lookahead_memory (%d bytes)",
+                log.warning("look-ahead window limited to %d batches by its memory (%d bytes: --lookahead-memory, "
+                            "or its share of --memory-budget)",
                             self._next_read - self._next_take, self.max_bytes)
             return False
         return True

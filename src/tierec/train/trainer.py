@@ -74,7 +74,7 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
     seed alone."""
     tables = table_configs(cfg, schema)
     sparse_opt = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr)
-    plan = None
+    plan, split = None, None
     if collection is None:
         factory = storage_factory
         settings = cfg.storage_settings()
@@ -82,7 +82,7 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
             from tierec.storage.tiered import make_storage_factory, plan_storage
 
             row_bytes = (cfg.embedding_dim + sparse_opt.state_dim(cfg.embedding_dim)) * 4
-            plan, sample, _ = plan_storage(settings, schema, dataset, row_bytes)
+            plan, sample, split = plan_storage(settings, schema, dataset, row_bytes)
             factory = make_storage_factory(settings, plan, sample, device, fresh=fresh, resume_from=resume_from)
 
         def collection(tables, sparse_opt):
@@ -96,6 +96,7 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
     else:
         model = DLRM(len(schema.dense), ebc, cfg.bottom_mlp, cfg.top_mlp).to(device)
     model.storage_plan = [p.to_dict() for p in plan] if plan else None  # saved in checkpoints
+    model.budget_split = split.to_dict() if split is not None else None  # how --memory-budget was spent
     return model
 
 
@@ -425,8 +426,12 @@ class Trainer:
         if not targets:
             return None
         cfg = self.cfg
+        max_bytes = parse_bytes(cfg.lookahead_memory, "lookahead_memory")
+        split = self.model.budget_split
+        if split and split["window"]:  # the window holds what the memory budget set aside for it
+            max_bytes = min(max_bytes, split["window"])
         return LookaheadPipeline(stream, targets, window=cfg.lookahead, depth=cfg.prefetch_depth,
-                                 max_bytes=parse_bytes(cfg.lookahead_memory, "lookahead_memory"),
+                                 max_bytes=max_bytes,
                                  start_step=self.step, io_threads=cfg.prefetch_threads)
 
     def _shard_ranges(self) -> dict | None:  # the distributed trainer maps its shards to their row ranges
@@ -463,7 +468,7 @@ class Trainer:
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
         self.log.write("start", step=self.step, config=cfg.to_dict(), train_rows=self.ds.num_rows("train"),
                        steps_per_epoch=per_epoch, device=str(self.device), threads=torch.get_num_threads(),
-                       build_seconds=round(self.build_s, 3))
+                       build_seconds=round(self.build_s, 3), budget_split=self.model.budget_split)
         meter = energy.meter(region=cfg.carbon_region, intensity_g_per_kwh=cfg.carbon_intensity,
                              work_unit="samples").start()
         bar = tqdm(total=total, initial=min(self.step, total), desc="train", unit="step", dynamic_ncols=True,

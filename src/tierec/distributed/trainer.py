@@ -75,11 +75,12 @@ class _NullLog:
 
 def _rank_storage(settings: StorageSettings, shards: list[Shard], sample: dict[str, AccessSample],
                   row_bytes: int, rank: int, device, fresh: bool):
-    """Storage factory for this rank's shards from its memory budget (per rank), or None: all in memory.
+    """Storage factory, plan and budget split for this rank's shards from its memory budget (per rank), or
+    (None, [], None): all in memory.
     The tiers are the single-process ones, with files under ``STORAGE_DIR/rank-R/``."""
     if not settings.tiered:
-        return None, []
-    from tierec.storage.tiered import make_storage_factory, plan_budget, table_overrides
+        return None, [], None
+    from tierec.storage.tiered import make_storage_factory, plan_budget, split_budget, table_overrides
 
     needs, sub, overrides = [], {}, {}
     for s in shards:
@@ -89,9 +90,10 @@ def _rank_storage(settings: StorageSettings, shards: list[Shard], sample: dict[s
         needs.append(TableNeeds(s.name, s.rows, row_bytes, sub[s.name].lookups))
         if s.table in settings.tables:  # a row-wise shard gets its share of the table's cache
             overrides[s.name] = table_overrides(settings.tables[s.table], s.rows, s.num_embeddings)
-    plan, _ = plan_budget(settings, needs, overrides)
+    split = split_budget(settings, needs)  # this rank's budget: row bits and its look-ahead window first
+    plan, _ = plan_budget(settings, needs, overrides, split.tables if settings.memory_budget is not None else None)
     rank_settings = replace(settings, root=settings.root / f"rank-{rank}")
-    return make_storage_factory(rank_settings, plan, sub, device, fresh=fresh), plan
+    return make_storage_factory(rank_settings, plan, sub, device, fresh=fresh), plan, split
 
 
 def merge_storage_plans(plans: list[list[dict]], shards: list[Shard]) -> list[dict] | None:
@@ -190,13 +192,15 @@ class DistributedTrainer(Trainer):
         if d.rank == 0:
             log.info("%s", describe(self.shards, loads, d.world))
         mine = [s for s in self.shards if s.rank == d.rank]
-        factory, plan = _rank_storage(settings, mine, sample, row_bytes, d.rank, d.device, fresh)
+        factory, plan, split = _rank_storage(settings, mine, sample, row_bytes, d.rank, d.device, fresh)
         self.rank_plan = [p.to_dict() for p in plan]
 
         def sharded(tables, opt):
             return ShardedEmbeddingCollection(tables, self.shards, d, opt, cfg.seed, factory, d.device)
 
-        return build_model(cfg, schema, d.device, collection=sharded)
+        model = build_model(cfg, schema, d.device, collection=sharded)
+        model.budget_split = split.to_dict() if split is not None and split.total else None
+        return model
 
     def _shard_ranges(self) -> dict:
         """Each owned shard's cache sees its table's IDs of the global batch in its row range, minus lo:

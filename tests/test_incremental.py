@@ -226,3 +226,11 @@ def test_resume_links_the_checkpoint_below_the_ssd_files_instead_of_copying(tiny
     for n, (w, s) in want.items():
         got = again.tables[n].read_rows(0, again.tables[n].num_embeddings)
         assert torch.equal(got[0], w) and torch.equal(got[1], s), n
+
+
+def test_checkpoint_commands_refuse_bad_paths_in_one_line(tmp_path):
+    for args in (["list", str(tmp_path / "nope")], ["verify", str(tmp_path / "nope")],
+                 ["compact", str(tmp_path)], ["compact", str(tmp_path), "--keep", "0"]):
+        r = subprocess.run([sys.executable, "-m", "tierec", "checkpoint", *args], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, (args, r.stderr)

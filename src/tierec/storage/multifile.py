@@ -197,8 +197,9 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
     asked_t, asked = rt, rid  # never-written rows of lazy files are not read (initial values)
     written = np.ones(rid.size, bool)
     for k in np.unique(rt).tolist():
-        if (w := _written(tabs[k], rid[rt == k])) is not None:
-            written[rt == k] = w
+        mine = rt == k
+        if (w := _written(tabs[k], rid[mine])) is not None:
+            written[mine] = w
     rt, rid = rt[written], rid[written]
     for k in np.unique(wt).tolist():
         tabs[k].prepare_write()

@@ -46,6 +46,11 @@ class StorageSettings:
     lookahead_memory: int = 1 << 30  # policy lookahead: most bytes the window may hold
 
     @property
+    def uses_lookahead(self) -> bool:
+        """Whether some table may get a look-ahead cache (the default policy, or a table's own)."""
+        return "lookahead" in {self.policy} | {t.policy for t in self.tables.values() if t.policy}
+
+    @property
     def tiered(self) -> bool:
         """Whether some table may leave memory: a memory budget, or per-table settings."""
         return self.memory_budget is not None or bool(self.tables)

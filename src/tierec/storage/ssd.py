@@ -79,7 +79,8 @@ from tierec.storage.tablefile import (
     row_set_init,
     sidecar_path,
     stream_rows,
-    verify_table_file,
+    verify_file,
+    verify_row_set,
 )
 
 log = logging.getLogger(__name__)
@@ -310,16 +311,22 @@ class SsdTable:
         lazy = self._lazy
         if lazy is None or self.readonly or lazy.written.count():
             raise CheckpointError(f"{self.path}: only a fresh lazy working file takes an older link")
-        link: SsdTable | None = older
-        while link is not None:  # every row the chain holds differs from its initial value
-            below = link.lazy_rows()
-            if below is None:
-                raise CheckpointError(f"{older.path}: a dense table file cannot be linked below a working file")
-            lazy.written.update(below.written)
-            link = link.older
+        lazy.written.update(older.chain_written())  # every row the chain holds differs from its initial value
         lazy.here = RowBits(self.num_embeddings)
         lazy.origin = origin
         self.older = older
+
+    def chain_written(self) -> RowBits:
+        """The rows written in this row set and every older link below it (a fresh bitmap)."""
+        out = RowBits(self.num_embeddings)
+        link: SsdTable | None = self
+        while link is not None:
+            lazy = link.lazy_rows()
+            if lazy is None:
+                raise CheckpointError(f"{link.path}: a dense table file in a chain of row sets")
+            out.update(lazy.written)
+            link = link.older
+        return out
 
     def save_written(self) -> None:
         """Write the written-rows bitmap to ``<path>.written`` (atomically; `close` does it)."""
@@ -703,14 +710,16 @@ def open_table_file(ckpt: Path, files: dict, rel: str, num_embeddings: int, dim:
     path = ckpt / rel
     if rel not in files:
         raise CheckpointError(f"{path}: not listed in the checkpoint manifest")
-    if verify:
-        verify_table_file(ckpt, files, rel, num_embeddings, dim + state_dim)
     expect = files[rel]
     if is_delta(expect) and older is None:
         raise CheckpointError(f"{path}: an incremental checkpoint's rows; open it with its chain (open_table_chain)")
     if not is_row_set(expect):
+        if verify:
+            verify_file(path, expect)
         return SsdTable(path, num_embeddings, dim, state_dim, readonly=True, direct_io=direct_io)
-    ids = read_row_set_ids(path, files.get(rel + ".ids"), expect, num_embeddings)
+    ids_expect = files.get(rel + ".ids")
+    ids = (verify_row_set(path, expect, ids_expect, num_embeddings, dim + state_dim) if verify
+           else read_row_set_ids(path, ids_expect, expect, num_embeddings))
     return SsdTable(path, num_embeddings, dim, state_dim, readonly=True, direct_io=direct_io,
                     lazy_init=row_set_init(expect, path), slots=ids, older=older if is_delta(expect) else None)
 

@@ -88,7 +88,7 @@ def ids_path(path: Path) -> Path:
 
 
 def write_table_file(path: Path, storage, delta: bool = False) -> dict[str, dict]:
-    """Write a `TableStorage`'s rows at ``path`` (after its ``flush``): a row set when it tracks its
+    """Write a `TableStorage`'s rows at ``path``: a row set (rows read by ID, through its caches) when it tracks its
     written rows (``lazy_rows()``) -- with ``delta``, of the rows changed since the last checkpoint
     took them (an incremental checkpoint's link) -- else a packed file of every row. Returns the
     manifest entries of the files written, by file name: {name: {bytes, sha256, ...}}."""
@@ -179,12 +179,10 @@ def _row_set_chunks(path: Path, expect: dict, ids: np.ndarray, width: int):
                 b = min(a + CHUNK_ROWS, k)
                 raw = f.read((b - a) * width * 4)
                 h.update(raw)
-                if len(raw) == (b - a) * width * 4:
-                    rows = np.frombuffer(raw, dtype=np.float32).reshape(b - a, width).copy()
-                if b == k and h.hexdigest() != digest or len(raw) != (b - a) * width * 4:
+                if len(raw) != (b - a) * width * 4 or (b == k and h.hexdigest() != digest):
                     raise _mismatch(path, f"chunk {j} (rows {pos}..{pos + k - 1} of the file) does not match its "
                                           "sha256 in the checkpoint manifest (corrupt table file)")
-                yield j, ids[pos + a : pos + b], rows
+                yield j, ids[pos + a : pos + b], np.frombuffer(raw, dtype=np.float32).reshape(b - a, width).copy()
             pos += k
     if pos != ids.size:
         raise _mismatch(path, f"chunks cover {pos} rows, the manifest says {ids.size}; the manifest is corrupt")
@@ -225,10 +223,12 @@ def read_row_set(path: Path, storage, expect: dict, ids_expect: dict | None) -> 
         raise _mismatch(path, f"chunk {nxt[0]} lies beyond the table's {n} rows; the manifest is corrupt")
 
 
-def verify_row_set(path: Path, expect: dict, ids_expect: dict | None, num_rows: int, width: int) -> None:
+def verify_row_set(path: Path, expect: dict, ids_expect: dict | None, num_rows: int, width: int) -> np.ndarray:
+    """Check row set ``path`` (its IDs file, then every chunk of rows); returns its IDs."""
     ids = read_row_set_ids(path, ids_expect, expect, num_rows)
     for _ in _row_set_chunks(path, expect, ids, width):
         pass
+    return ids
 
 
 def _mismatch(path: Path, what: str) -> CheckpointError:

@@ -47,8 +47,7 @@ LOOKAHEAD_INDEX_BYTES_PER_ROW = INDEX_BYTES_PER_ROW + 16 + 128
 def index_bytes_per_row(settings: StorageSettings) -> int:
     """Bookkeeping bytes per cached row that the budget pays: the look-ahead cache's when any table may
     have one."""
-    policies = {settings.policy} | {t.policy for t in settings.tables.values() if t.policy}
-    return LOOKAHEAD_INDEX_BYTES_PER_ROW if "lookahead" in policies else INDEX_BYTES_PER_ROW
+    return LOOKAHEAD_INDEX_BYTES_PER_ROW if settings.uses_lookahead else INDEX_BYTES_PER_ROW
 
 
 def plan_storage(settings: StorageSettings, schema: Schema, dataset: Dataset,
@@ -81,7 +80,7 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
         return BudgetSplit(0)
     row_bits = sum((2 * n.num_embeddings + 7) // 8 for n in needs)
     window = 0
-    if "lookahead" in {settings.policy} | {t.policy for t in settings.tables.values() if t.policy}:
+    if settings.uses_lookahead:
         per_batch = 40 * sum(n.lookups for n in needs) // max(1, settings.plan_batches)
         window = min(settings.lookahead_memory, settings.lookahead * per_batch, total // WINDOW_SHARE)
     split = BudgetSplit(total, row_bits, window)

@@ -61,7 +61,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, ta
                     keep: int = 2, parent: Path | None = None, max_chain: int = 1) -> Path:
     """Write checkpoint ``step`` under ``run_dir/checkpoints`` and publish it in LATEST.
 
-    ``tables`` maps table name -> storage (flushed; rows read by ID or range); ``meta`` is
+    ``tables`` maps table name -> storage (rows read by ID through its caches, or by range once
+    flushed); ``meta`` is
     JSON-able (config, schema, counters) and goes into the manifest. With ``parent`` (the
     checkpoint the tables were last saved to or loaded from) and a chain below ``max_chain`` links,
     the checkpoint is *incremental*: each table that tracks its rows writes only those changed
@@ -356,8 +357,8 @@ def compact_checkpoint(ckpt: Path, keep: int | None = None) -> Path:
     dense file), the same dense state and counters, no chain. Published in LATEST when ``ckpt``
     is the newest checkpoint (then older checkpoints beyond ``keep`` are pruned, and so are chain
     links only it needed). A checkpoint without a chain is returned as it is."""
-    from tierec.storage.lazy import LazyRows, RowBits
-    from tierec.storage.ssd import SsdTable, open_table_chain
+    from tierec.storage.lazy import LazyRows
+    from tierec.storage.ssd import open_table_chain
     from tierec.storage.tablefile import write_row_set
 
     m = read_manifest(ckpt)
@@ -378,13 +379,7 @@ def compact_checkpoint(ckpt: Path, keep: int | None = None) -> Path:
                     shutil.copyfile(top.path, tmp / t["file"])
                     files[t["file"]] = dict(m["files"][t["file"]])
                     continue
-                union = RowBits(t["num_embeddings"])
-                link: SsdTable | None = top
-                while link is not None:
-                    below = link.lazy_rows()
-                    assert below is not None  # a delta's links are row sets
-                    union.update(below.written)
-                    link = link.older
+                union = top.chain_written()
                 for name, entry in write_row_set(tmp / t["file"], top, LazyRows(lazy.init, union), union).items():
                     files[f"tables/{name}"] = entry
             finally:

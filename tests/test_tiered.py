@@ -77,7 +77,7 @@ def test_padded_o_direct_lookahead_resumes_bit_identical_with_packed_checkpoints
     t = Trainer(cfg(tiny_dataset, tmp_path, **kw), resume=True)
     summary = t.fit()
     ssd = [tb.storage.backing for tb in t.model.embeddings.tables if hasattr(tb.storage, "backing")]
-    assert ssd and all(b.row_stride == 512 and b.path.stat().st_size == b.num_embeddings * 512 for b in ssd)
+    assert ssd and all(b.row_stride == 512 and b.path.stat().st_size == b.file_rows * 512 for b in ssd)
     assert summary["auc"] == ref_summary["auc"]
     for name, (w, s) in table_rows(t).items():
         assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name

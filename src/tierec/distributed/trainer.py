@@ -87,13 +87,13 @@ def _rank_storage(settings: StorageSettings, shards: list[Shard], sample: dict[s
         a = sample[s.table]
         m = (a.ids >= s.lo) & (a.ids < s.hi)
         sub[s.name] = AccessSample(int(a.counts[m].sum()), a.ids[m] - s.lo, a.counts[m])
-        needs.append(TableNeeds(s.name, s.rows, row_bytes, sub[s.name].lookups))
+        needs.append(TableNeeds(s.name, s.rows, row_bytes, sub[s.name].lookups, sub[s.name].ids.size))
         if s.table in settings.tables:  # a row-wise shard gets its share of the table's cache
             overrides[s.name] = table_overrides(settings.tables[s.table], s.rows, s.num_embeddings)
     split = split_budget(settings, needs)  # this rank's budget: row bits and its look-ahead window first
     plan, _ = plan_budget(settings, needs, overrides, split.tables if settings.memory_budget is not None else None)
     rank_settings = replace(settings, root=settings.root / f"rank-{rank}")
-    return make_storage_factory(rank_settings, plan, sub, device, fresh=fresh), plan, split
+    return make_storage_factory(rank_settings, plan, sub, device, fresh=fresh, layout_bytes=split.layout), plan, split
 
 
 def merge_storage_plans(plans: list[list[dict]], shards: list[Shard]) -> list[dict] | None:

@@ -80,6 +80,7 @@ class RowStore(Protocol):
     (disjoint IDs) in one pass where the store can (`SsdTable`, `ConcatTable`: one I/O batch), else
     write then read; ``mark_written(ids)``: rows ``ids`` changed in a cache above (their bytes reach this
     store on write-back; its `LazyRows` count them now, so a checkpoint needs no flush first);
+    ``neighbours(ids)``: the rows a read of ``ids`` moves anyway (shared device blocks);
     ``read_rows``/``write_rows``/``flush``/``lazy_rows`` as in `TableStorage`; ``close`` releases
     the store's files (after a flush); ``stats``/``reset_stats``: its counters. ``device``: where
     the tensors it takes and returns live. Implemented by `InMemoryTable`, `SsdTable`, `ConcatTable`
@@ -113,6 +114,12 @@ class RowStore(Protocol):
 
     def mark_written(self, ids: torch.Tensor) -> None: ...
 
+    def neighbours(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows that a read of rows ``ids`` (int64 [U]) moves anyway -- they share its device blocks --
+        and that hold data there: sorted IDs (int64 [K]), not in ``ids``; empty where the store reads
+        rows alone. A cache may take them with ``ids`` at no extra I/O (`LookaheadCache`)."""
+        ...
+
 
 class RowStoreDefaults:
     """`RowStore` methods for a store with nothing better to do: ``exchange`` = write, then read;
@@ -138,6 +145,9 @@ class RowStoreDefaults:
 
     def mark_written(self, ids: torch.Tensor) -> None:
         pass
+
+    def neighbours(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.int64)
 
 
 class InMemoryTable(RowStoreDefaults):

@@ -489,7 +489,9 @@ class CachedTable(RowStoreDefaults):
         return torch.cat([free_slots, victims])
 
     def _install(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
-        """Record sorted ``ids`` as living in ``slots`` (their data is written by the caller)."""
+        """Record ``ids`` as living in ``slots`` (their data is written by the caller). Every slot below
+        ``size`` must be installed or live by the end of the call: an index rebuild inside it re-reads
+        the slot table, so a caller that adds slots installs them all in one call."""
         self._slot_id.index_copy_(0, slots, ids)
         self._index_insert(ids, slots)
         if self._count is not None:

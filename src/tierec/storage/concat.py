@@ -171,6 +171,14 @@ class ConcatTable:
         t = torch.from_numpy(out)
         return t[:, : self.dim].contiguous(), t[:, self.dim:].contiguous()
 
+    def neighbours(self, ids: torch.Tensor) -> torch.Tensor:
+        """`RowStore.neighbours` over the members: each member's rows that share device blocks with its
+        part of ``ids`` (unique, sorted), as row-space IDs."""
+        ids = ids.cpu()
+        got = [self.tables[t].neighbours(ids[lo:hi] - self.space.offset(t)) + self.space.offset(t)
+               for t, lo, hi in self.space.parts(ids)]
+        return torch.cat(got) if got else torch.empty(0, dtype=torch.int64)
+
     # ------------------------------------------------------------------ ranges
     def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         got = [self.tables[t].read_rows(a, b) for t, a, b in self.space.ranges(start, end)]

@@ -54,8 +54,9 @@ class TableGroup:
     `add`-ed to it; see the module doc. ``device``: where the cache lives; ``host_rows`` > 0 puts a
     host-DRAM look-ahead tier of that many rows between it and the files."""
 
-    def __init__(self, name: str = "group", device="cpu", io_threads: int | None = None):
+    def __init__(self, name: str = "group", device="cpu", io_threads: int | None = None, neighbours: bool = True):
         self.name, self.device, self.io_threads = name, torch.device(device), io_threads
+        self.neighbours = neighbours  # the cache right above the files takes block neighbours (`LookaheadCache`)
         self.members: list[tuple[str, RowStore]] = []
         self.cache_rows = self.host_rows = 0
         self.views: list[TableView] = []
@@ -91,8 +92,10 @@ class TableGroup:
             names = [n for n, _ in self.members]
             below: ConcatTable | LookaheadCache = ConcatTable([b for _, b in self.members], self.io_threads, names)
             if self.host_rows:
-                below = LookaheadCache(below, self.host_rows, device="cpu", name=f"{self.name}@host")
-            self._cache = LookaheadCache(below, self.cache_rows, device=self.device, name=self.name)
+                below = LookaheadCache(below, self.host_rows, device="cpu", name=f"{self.name}@host",
+                                       neighbours=self.neighbours)
+            self._cache = LookaheadCache(below, self.cache_rows, device=self.device, name=self.name,
+                                         neighbours=self.neighbours)
             log.info("table group %s: %d tables (%s) behind one look-ahead cache of %d rows%s", self.name,
                      len(names), ", ".join(names), self._cache.capacity,
                      f" (host tier {self.host_rows} rows)" if self.host_rows else "")

@@ -44,7 +44,7 @@ from typing import Protocol
 import torch
 
 from tierec.storage.base import WorkingSet
-from tierec.storage.cache import CachedTable, _Handle, _HashIndex
+from tierec.storage.cache import _MAX, CachedTable, _Handle, _HashIndex
 from tierec.storage.sketch import CountMinSketch
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,19 @@ class NextUseOracle:
         self.last_observed = step
         return first
 
+    def last_use(self, ids: torch.Tensor) -> torch.Tensor:
+        """The last observed step that uses each of ``ids`` (int64 [U]); -1 where the window holds none."""
+        out = torch.full_like(ids, -1)
+        if not self._steps or ids.numel() == 0:
+            return out
+        found, occ, _ = self._last.lookup(ids)
+        fi = found.nonzero().squeeze(1)
+        if fi.numel():
+            first = torch.tensor([s[2] for s in self._steps], device=self.device)
+            steps = torch.tensor([s[0] for s in self._steps], device=self.device)
+            out[fi] = steps[torch.searchsorted(first, occ[fi], right=True) - 1]
+        return out
+
     def consume(self, step: int) -> torch.Tensor:
         """Retire the oldest observed step (must be ``step``); returns the next use of each of its
         IDs, int64 [U] (`NEVER` where the window holds no later use)."""
@@ -162,20 +175,24 @@ class LookaheadCache(CachedTable):
     """A `CachedTable` that evicts by next use inside the look-ahead window (see module doc).
 
     Per cached row it adds ``_next`` (step of next use, `NEVER` outside the
-    window) and ``_lfreq`` (long-run use count from a count-min sketch of every
-    observed step, kept across evictions): 16 B per row, and the sketch behind ``_lfreq`` (2 x a power
+    window), ``_lfreq`` (long-run use count from a count-min sketch of every
+    observed step, kept across evictions) and whether it came in as a block
+    neighbour not yet used: 17 B per row, and the sketch behind ``_lfreq`` (2 x a power
     of two >= 4 x capacity int64 counters: 64-128 B per row; the planner charges it,
     `tierec.storage.tiered.LOOKAHEAD_INDEX_BYTES_PER_ROW`). ``stats()`` counts a
     row brought in by `prepare` as a miss, so ``hit_rate`` is 1 - rows fetched /
     rows looked up, directly comparable to Belady's MIN of `tierec.sim.policies`.
     """
 
-    def __init__(self, backing, capacity_rows: int, device="cpu", name: str = "", *, sketch_width: int | None = None):
+    def __init__(self, backing, capacity_rows: int, device="cpu", name: str = "", *, sketch_width: int | None = None,
+                 neighbours: bool = True):
         super().__init__(backing, capacity_rows, "lru", device, name)
         self.policy = "lookahead"
         C = self.capacity
         self._next = torch.full((C,), NEVER, dtype=torch.int64, device=self.device)
         self._lfreq = torch.zeros(C, dtype=torch.int64, device=self.device)
+        self.take_neighbours = neighbours  # take the backing store's block neighbours that the window uses
+        self._neighbour = torch.zeros(C, dtype=torch.bool, device=self.device)  # came in as one, not yet used
         width = sketch_width or max(1024, 1 << (4 * C - 1).bit_length())
         self._sketch = CountMinSketch(width=width, depth=2, device=self.device)
         self.oracle = NextUseOracle(self.device)
@@ -193,11 +210,12 @@ class LookaheadCache(CachedTable):
     def _install(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         super()._install(ids, slots)
         self._next.index_fill_(0, slots, NEVER)
+        self._neighbour.index_fill_(0, slots, False)
         self._lfreq.index_copy_(0, slots, self._sketch.query(ids))
 
     @property
     def index_nbytes(self) -> int:
-        return super().index_nbytes + self._next.nbytes + self._lfreq.nbytes
+        return super().index_nbytes + self._next.nbytes + self._lfreq.nbytes + self._neighbour.nbytes
 
     # ------------------------------------------------------------------ locking
     @contextlib.contextmanager
@@ -251,16 +269,25 @@ class LookaheadCache(CachedTable):
         set the model will `acquire`. Misses evict rows used furthest in the future (never a pinned
         row). None when there is no room until an earlier step is released; with ``allow_bypass``
         (no other step outstanding) a step with more rows than the cache gets a temporary copy.
-        Does the backing-store I/O outside the metadata lock."""
+        With ``neighbours``, rows that share the misses' device blocks and that a later step of the
+        window uses come in with them (`_neighbours_for`). Does the backing-store I/O outside the
+        metadata lock."""
         ids = ids.to(self.device)
         U = ids.numel()
         wb = None
+        e = ids[:0]
+        nb, nb_slots = e, e
         with self._locked():
             hit, slots = self._lookup(ids)
             nh = int(hit.sum())
             miss = (~hit).nonzero().squeeze(1)
+            hit_slots = slots[hit]
+            used = self._neighbour.index_select(0, hit_slots)
+            if bool(used.any()):
+                self._st["neighbour_hits"] += int(used.sum())
+                self._neighbour.index_fill_(0, hit_slots, False)
             if nh < U:
-                picked = self._pick_slots(U - nh, slots[hit]) if U <= self.capacity else None
+                picked = self._pick_slots(U - nh, hit_slots) if U <= self.capacity else None
                 if picked is None:
                     if not allow_bypass:
                         return None
@@ -268,23 +295,74 @@ class LookaheadCache(CachedTable):
                     self._count_lookups(U, nh)
                     return ws
                 free_slots, victims = picked
-                wb = self._detach(victims)
-                self.size += free_slots.numel()
-                new = torch.cat([free_slots, victims])
                 miss_ids = ids.index_select(0, miss)
-                self._install(miss_ids, new)
+                nb, nb_next, nb_free, nb_victims = self._neighbours_for(step, miss_ids, torch.cat([hit_slots, victims]),
+                                                                        free_slots.numel())
+                wb = self._detach(torch.cat([victims, nb_victims]))
+                self.size += free_slots.numel() + nb_free.numel()
+                new = torch.cat([free_slots, victims])
+                nb_slots = torch.cat([nb_free, nb_victims])
+                self._install(torch.cat([miss_ids, nb]), torch.cat([new, nb_slots]))  # one call: see _install
                 slots = slots.index_copy(0, miss, new)
+                if nb.numel():  # pinned until their rows are in, not part of the step
+                    self._next.index_copy_(0, nb_slots, nb_next)
+                    self._neighbour.index_fill_(0, nb_slots, True)
+                    self._pins.index_add_(0, nb_slots, self._pins.new_ones(1).expand(nb_slots.numel()))
+                    self._st["neighbour_rows"] += nb.numel()
             self._touch(slots)
             self._count_lookups(U, nh)
             ws = self._handle(WorkingSet(ids, slots, self.weight, self.state), "cache", slots, step=step)
         if nh < U:  # the new slots are pinned and not yet handed out: nobody else reads them
             # the victims' write-back and the misses' read in one pass (disjoint rows: a victim is resident,
             # a miss is not); a victim fetched again by a later step is read after this write is done
-            w, s = self._bexchange(wb, miss_ids)
-            self.weight.index_copy_(0, new, w)
-            self.state.index_copy_(0, new, s)
+            if nb.numel():
+                fetch, order = torch.sort(torch.cat([miss_ids, nb]))
+                dst = torch.cat([new, nb_slots]).index_select(0, order)
+            else:
+                fetch, dst = miss_ids, new
+            w, s = self._bexchange(wb, fetch)
+            self.weight.index_copy_(0, dst, w)
+            self.state.index_copy_(0, dst, s)
             self._st["prefetched_rows"] += miss_ids.numel()
+            if nb.numel():
+                with self._mu:
+                    self._pins.index_add_(0, nb_slots, self._pins.new_full((1,), -1).expand(nb_slots.numel()))
         return ws
+
+    def _neighbours_for(self, step: int, miss_ids: torch.Tensor, protect: torch.Tensor, free_used: int):
+        """Rows to bring in with step ``step``'s misses at no extra I/O: the backing store's block neighbours
+        of ``miss_ids`` (`RowStore.neighbours`) that are not resident and that a later step of the
+        window uses, in slots that Belady's rule gives up for them -- free slots, then rows with no use
+        in the window (never ``protect`` ed or pinned ones). Returns (IDs [K] sorted, their last use in
+        the window [K], free slots, victims). Their next use is set to that last use (an upper bound:
+        the oracle keeps each ID's latest occurrence) until the step that uses them releases them."""
+        e = miss_ids[:0]
+        if not self.take_neighbours or miss_ids.numel() == 0:
+            return e, e, e, e
+        cand = self.backing.neighbours(miss_ids.to(self._bdev)).to(self.device)
+        if cand.numel():
+            cand = cand[~self._lookup(cand)[0]]
+        last = self.oracle.last_use(cand)
+        keep = last > step
+        cand, last = cand[keep], last[keep]
+        if cand.numel() == 0:
+            return e, e, e, e
+        start = self.size + free_used
+        n_free = min(self.capacity - start, cand.numel())
+        free = torch.arange(start, start + n_free, device=self.device)
+        victims = e
+        need = cand.numel() - n_free
+        if need:
+            K = self.size
+            ok = (self._next[:K] == NEVER) & (self._pins[:K] == 0)
+            ok[protect] = False
+            take = min(need, int(ok.sum()))
+            if take:
+                victims = torch.topk(self._victim_key().masked_fill(~ok, _MAX), take, largest=False).indices
+            if n_free + take < cand.numel():  # room for some: the ones used soonest (by last use)
+                sel = torch.topk(last, n_free + take, largest=False).indices.sort().values
+                cand, last = cand[sel], last[sel]
+        return cand, last, free, victims
 
     def _count_lookups(self, U: int, nh: int) -> None:
         self._st["lookups"] += U
@@ -401,7 +479,8 @@ class LookaheadCache(CachedTable):
 
     def reset_stats(self, recursive: bool = True) -> None:
         super().reset_stats(recursive)
-        self._st.update(prefetched_rows=0, sync_acquires=0, upper_reads=0, upper_read_hits=0)
+        self._st.update(prefetched_rows=0, sync_acquires=0, upper_reads=0, upper_read_hits=0, neighbour_rows=0,
+                        neighbour_hits=0)
 
     def stats(self) -> dict:
         with self._locked():  # pending releases applied: dirty_rows is current

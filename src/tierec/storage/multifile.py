@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LANE_MIN_ROWS = 32  # a read of fewer rows stays in the calling thread
-READ_GAP_BLOCKS = 8  # O_DIRECT reads: runs at most 8 blocks (32 KiB) apart become one read of the span
+READ_GAP_BYTES = 4096  # O_DIRECT reads: runs at most 4 KiB apart become one read of the span
 
 
 def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor | None = None,
@@ -53,11 +53,11 @@ def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor
         while link is not None and left.size:
             lazy = link.lazy_rows()
             if lazy is None:
-                parts.append((i, link, left, pos))
+                parts.append((i, link, link.slots_of(left), pos))
                 left = left[:0]
                 break
             w = lazy.stored.test(left)
-            parts.append((i, link, lazy.file_rows(left[w]), pos[w]))
+            parts.append((i, link, link.slots_of(left[w]), pos[w]))
             left, pos = left[~w], pos[~w]
             link = link.older
         if left.size:
@@ -113,7 +113,7 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExe
     rb, stride = tabs[0].row_bytes, tabs[0].row_stride
     odirect = tabs[0].odirect
     plan = blockio.plan_runs(np.concatenate(ids) * stride, rb, tab_of, tabs[0].align if odirect else 4,
-                             READ_GAP_BLOCKS * blockio.ALIGN // tabs[0].align if odirect else 0)
+                             max(1, READ_GAP_BYTES // tabs[0].align) if odirect else 0)
     run_tab = tab_of[plan.first].tolist()
     fds = [t.read_fd for t in tabs]
     sizes = [t.file_bytes for t in tabs]
@@ -205,8 +205,9 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
         tabs[k].prepare_write()
     start = time.perf_counter()
     blind = all(t.exclusive_blocks for t in tabs)
+    fw, fr, ow, orr = _to_file_rows(tabs, wt, wid, rt, rid)
     try:
-        got = (_many_blind if blind else _many_rmw)(tabs, wt, wid, rows, rt, rid)
+        got = (_many_blind if blind else _many_rmw)(tabs, wt[ow], fw, rows[ow], rt[orr], fr)
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
@@ -215,6 +216,8 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
     if got is None:
         return None
     out, dev_w, dev_r = got
+    if isinstance(orr, np.ndarray):  # back to the callers' (table, ID) order
+        out[orr] = out.copy()
     n = len(tabs)
     for k in np.unique(wt).tolist():
         tabs[k].mark_written(wid[wt == k])
@@ -240,6 +243,21 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
         if rows_r[k]:
             t.account("read", int(rows_r[k]), dt / 2 if rows_w[k] else dt)
     return out
+
+
+def _to_file_rows(tabs, wt, wid, rt, rid):
+    """The file rows of (table, ID)-sorted writes and reads, sorted by (table, file row) as block plans
+    need: (file rows written, file rows read, the writes' order, the reads' order); orders are
+    slices (no reordering) where no table has a hot-row layout."""
+    if all(t.layout is None for t in tabs):
+        return wid, rid, slice(None), slice(None)
+    fw, fr = wid.copy(), rid.copy()
+    for tab, ids, f in ((wt, wid, fw), (rt, rid, fr)):
+        for k in np.unique(tab).tolist():
+            m = tab == k
+            f[m] = tabs[k].slots_of(ids[m])
+    ow, orr = np.lexsort((fw, wt)), np.lexsort((fr, rt))
+    return fw[ow], fr[orr], ow, orr
 
 
 def _refuse_repeats(tabs, tab: np.ndarray, ids: np.ndarray) -> None:

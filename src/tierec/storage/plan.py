@@ -40,6 +40,7 @@ class TableNeeds:
     num_embeddings: int
     row_bytes: int  # weights + optimizer state
     lookups: int  # measured in the sampling pass
+    sampled_rows: int = 0  # distinct IDs of the sampling pass: the most rows a hot-row layout takes
 
     @property
     def table_bytes(self) -> int:
@@ -117,22 +118,25 @@ def plan_tables(tables: list[TableNeeds], budget: int, policy: str = "lru", inde
 class BudgetSplit:
     """How a memory budget is spent (bytes). ``row_bits``: 2 bits per row of every table (rows written,
     and changed since the last checkpoint); ``window``: the look-ahead window (batches read ahead and
-    the oracle's entries; the pipeline holds it to this); ``tables``: the rest, for in-memory tables
+    the oracle's entries; the pipeline holds it to this); ``layout``: the SSD files' hot-row layouts
+    (`tierec.storage.layout.HotLayout`, 16 B per hot row); ``tables``: the rest, for in-memory tables
     and the SSD tables' caches (rows + index)."""
 
     total: int
     row_bits: int = 0
     window: int = 0
+    layout: int = 0
 
     @property
     def tables(self) -> int:
-        return self.total - self.row_bits - self.window
+        return self.total - self.row_bits - self.window - self.layout
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tables": self.tables}
 
     def describe(self) -> str:
-        parts = [("row bits", self.row_bits), ("look-ahead window", self.window), ("tables and caches", self.tables)]
+        parts = [("row bits", self.row_bits), ("look-ahead window", self.window), ("hot-row layouts", self.layout),
+                 ("tables and caches", self.tables)]
         return f"memory budget {format_bytes(self.total)}: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts)
 
 

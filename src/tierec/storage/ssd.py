@@ -68,6 +68,7 @@ from tierec.fsio import atomic_write_bytes, fsync_dir, sha256_file, umask
 from tierec.storage import aio, blockio
 from tierec.storage.base import WorkingSet
 from tierec.storage.blockio import ALIGN, MAX_IO, BlockPlan
+from tierec.storage.layout import HotLayout
 from tierec.storage.lazy import LazyRows, RowBits, RowInit
 from tierec.storage.multifile import exchange_many, read_many, write_block_runs
 from tierec.storage.tablefile import (
@@ -109,7 +110,8 @@ class SsdTable:
     def __init__(self, path: str | os.PathLike, num_embeddings: int, dim: int, state_dim: int, *,
                  create: bool = False, init_seed: int | None = None, table_index: int = 0,
                  direct_io: bool = False, init: str = "random", readonly: bool = False, row_align: int = 0,
-                 lazy_init: RowInit | None = None, slots: np.ndarray | None = None, older: SsdTable | None = None):
+                 lazy_init: RowInit | None = None, slots: np.ndarray | None = None, older: SsdTable | None = None,
+                 layout: HotLayout | None = None):
         if num_embeddings <= 0 or dim <= 0 or state_dim < 0:
             raise ConfigError(f"{path}: bad table shape {num_embeddings} rows x (dim {dim} + state {state_dim})")
         row_align = check_row_align(row_align, f"{path}: row_align")
@@ -127,7 +129,15 @@ class SsdTable:
         if older is not None and slots is None:
             raise ConfigError(f"{path}: only a row set opens with an older link (a working file: attach)")
         self.older = older  # an incremental checkpoint's row set: the link below it in the chain
-        self.file_rows = self.num_embeddings if slots is None else int(slots.size)  # rows the file holds
+        if layout is not None and not (create and init == "lazy"):
+            raise ConfigError(f"{path}: a hot-row layout is for a new lazy working file (create=True, init='lazy')")
+        if not create and slots is None and layout_path(self.path).exists():  # a working file laid out by hotness
+            layout = read_layout(self.path, self.num_embeddings)
+        self.layout = layout  # where rows sit in the file (None: row r at file row r)
+        if slots is not None:
+            self.file_rows = int(slots.size)  # rows the file holds
+        else:
+            self.file_rows = self.num_embeddings if layout is None else layout.file_rows_total
         self.file_bytes = self.file_rows * self.row_stride
         self.align = ALIGN  # block size of direct I/O (a smaller one where the device takes it: see below)
         self.device = torch.device("cpu")
@@ -206,6 +216,9 @@ class SsdTable:
             m["row_stride"] = self.row_stride
         if self._lazy is not None:
             m["lazy"] = self._lazy.init.to_json()
+        if self.layout is not None:
+            m["hot_rows"] = self.layout.hot_rows
+            m["hot_sha256"] = self.layout.sha256()
         if sha256 is not None:
             m["sha256"] = sha256
         return m
@@ -218,6 +231,9 @@ class SsdTable:
         if side.exists():  # a crash between the renames below must not leave a stale sidecar
             side.unlink()
         written_path(self.path).unlink(missing_ok=True)
+        layout_path(self.path).unlink(missing_ok=True)
+        if self.layout is not None:
+            atomic_write_bytes(layout_path(self.path), self.layout.hot.tobytes())
         if init == "lazy":
             assert seed is not None
             self._lazy = LazyRows.fresh(RowInit(seed, table_index, self.num_embeddings, self.dim), self.num_embeddings)
@@ -263,6 +279,12 @@ class SsdTable:
                     f"{self.path}: its sidecar {sidecar_path(self.path).name} describes {got[0]} rows x (dim {got[1]} "
                     f"+ state {got[2]}) {got[3]}, but this table is {want[0]} rows x (dim {want[1]} + state "
                     f"{want[2]}) float32 (a different table or optimizer?)")
+            hot = (self.layout.hot_rows, self.layout.sha256()) if self.layout is not None else (0, None)
+            if (int(meta.get("hot_rows", 0)), meta.get("hot_sha256")) != hot:
+                raise CheckpointError(
+                    f"{self.path}: its sidecar records {meta.get('hot_rows', 0)} rows laid out by hotness, but "
+                    f"{layout_path(self.path).name} holds {hot[0]} (or other rows): the layout file is missing, "
+                    "truncated or not this table's")
             stride = int(meta.get("row_stride", self.row_bytes))
             if stride != self.row_stride:
                 raise CheckpointError(
@@ -382,9 +404,36 @@ class SsdTable:
         (one AIO batch, or concurrent preadv lanes)."""
         return self._split(read_many([(self, self.check_ids(ids))])[0])
 
+    def slots_of(self, ids: np.ndarray) -> np.ndarray:
+        """Row IDs (int64 [U]) -> the file rows that hold them: a row set's packed rows, a hot-row layout's
+        places (`tierec.storage.layout.HotLayout`), or the IDs themselves."""
+        if self._lazy is not None and self._lazy.slots is not None:
+            return self._lazy.file_rows(ids)
+        return ids if self.layout is None else self.layout.file_rows(ids)
+
+    def neighbours(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The other rows this file holds whole in the direct-I/O blocks that hold rows ``ids`` (int64 [U]):
+        what a read of ``ids`` moves anyway (`RowStore.neighbours`). Sorted row IDs (int64 tensor),
+        rows written here only (the others have no bytes here); empty where reads are not whole blocks
+        (memmap, buffered) or the file is a checkpoint's row set."""
+        ids_np = self.check_ids(ids)
+        lazy = self._lazy
+        if not self.odirect or ids_np.size == 0 or lazy is None or lazy.slots is not None:
+            return torch.empty(0, dtype=torch.int64)
+        start = self.slots_of(ids_np) * self.row_stride
+        blocks = np.unique(np.concatenate([start // self.align, (start + self.row_bytes - 1) // self.align]))
+        lo = -(-blocks * self.align // self.row_stride)  # the first row that starts in each block
+        hi = np.minimum(((blocks + 1) * self.align - self.row_bytes) // self.row_stride + 1, self.file_rows)
+        n = np.maximum(hi - lo, 0)  # rows wholly inside each block
+        frows = np.repeat(lo - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+        out = frows if self.layout is None else self.layout.ids_at(frows)
+        out = out[out >= 0]
+        out = out[lazy.stored.test(out)]
+        return torch.from_numpy(np.setdiff1d(out, ids_np))
+
     def read_local(self, ids_np: np.ndarray) -> np.ndarray:
-        """Rows ``ids_np`` (int64 [U]) -> [U, width] float32, in the calling thread: a memmap gather (page
-        faults) or block I/O."""
+        """File rows ``ids_np`` (int64 [U]; `slots_of` maps IDs to them) -> [U, width] float32, in the calling
+        thread: a memmap gather (page faults) or block I/O."""
         if ids_np.size == 0:
             return np.empty((0, self.width), np.float32)
         if self._mrows is not None:
@@ -406,11 +455,12 @@ class SsdTable:
         self.prepare_write()
         rows = self._join(weight, state)
         t0 = time.perf_counter()
+        frows = self.slots_of(ids_np)
         if self._mrows is not None:
-            self._mrows[ids_np] = rows  # one vectorised scatter
+            self._mrows[frows] = rows  # one vectorised scatter
             self._touched(ids_np.size, scattered=True, write=True)
         else:
-            self._block_io(ids_np, rows)
+            self._block_io(frows, rows)
         self.mark_written(ids_np)
         self.account("write", ids_np.size, time.perf_counter() - t0)
 
@@ -424,7 +474,8 @@ class SsdTable:
         """Rows [start, end) as fresh tensors (used by checkpoints)."""
         if not 0 <= start <= end <= self.num_embeddings:
             raise IndexError(f"{self.path}: row range [{start}, {end}) outside [0, {self.num_embeddings})")
-        if self._lazy is not None and (self._lazy.slots is not None or self.older is not None):  # rows by ID
+        if self.layout is not None or (self._lazy is not None and (self._lazy.slots is not None
+                                                                    or self.older is not None)):  # rows by ID
             return self.read(torch.arange(start, end))
         t0 = time.perf_counter()
         if self._mrows is not None:
@@ -444,6 +495,9 @@ class SsdTable:
         if not 0 <= start <= start + n <= self.num_embeddings:
             raise IndexError(f"{self.path}: row range [{start}, {start + n}) outside [0, {self.num_embeddings})")
         if n == 0:
+            return
+        if self.layout is not None:  # rows by ID
+            self.write(torch.arange(start, start + n), weight, state)
             return
         self.prepare_write()
         rows = self._join(weight, state)
@@ -740,6 +794,24 @@ def open_table_chain(chain: list[tuple[Path, dict]], rel: str, num_embeddings: i
     if top is None:
         raise CheckpointError(f"{rel}: an empty checkpoint chain")
     return top
+
+
+def layout_path(path: str | os.PathLike) -> Path:
+    """Where a working file laid out by hotness keeps its hot rows (int64, hottest first): ``<path>.hot``."""
+    p = Path(path)
+    return p.with_name(p.name + ".hot")
+
+
+def read_layout(path: Path, num_rows: int) -> HotLayout:
+    """The `HotLayout` of the working file ``path`` (checked against its sidecar by the caller)."""
+    lp = layout_path(path)
+    data = lp.read_bytes()
+    if len(data) % 8:
+        raise CheckpointError(f"{lp}: {len(data)} bytes, not a whole number of int64 row IDs")
+    try:
+        return HotLayout(num_rows, np.frombuffer(data, dtype=np.int64).copy())
+    except ValueError as e:
+        raise CheckpointError(f"{lp}: {e}") from None
 
 
 def written_path(path: str | os.PathLike) -> Path:

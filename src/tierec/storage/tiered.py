@@ -17,6 +17,7 @@ from tierec.errors import ConfigError
 from tierec.malloc import limit_malloc_retention
 from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableGroup
+from tierec.storage.layout import HOT_LAYOUT_BYTES_PER_ROW, HotLayout
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.plan import (
     AccessSample,
@@ -39,9 +40,9 @@ log = logging.getLogger(__name__)
 
 # Cache bookkeeping per cached row (hash index + per-slot metadata), counted in the budget:
 INDEX_BYTES_PER_ROW = 152  # upper bound per cached row of a CachedTable (measured 102 B at 5M rows)
-# LookaheadCache: that, + 16 B of next use / long-run count, + its count-min sketch (2 x a power of two
+# LookaheadCache: that, + 17 B of next use / long-run count / neighbour flag, + its count-min sketch (2 x a power of two
 # >= 4 x capacity int64 counters: up to 128 B per row); measured 220 B at 5M rows, 19.5M rows 2.1 GiB of sketch
-LOOKAHEAD_INDEX_BYTES_PER_ROW = INDEX_BYTES_PER_ROW + 16 + 128
+LOOKAHEAD_INDEX_BYTES_PER_ROW = INDEX_BYTES_PER_ROW + 17 + 128
 
 
 def index_bytes_per_row(settings: StorageSettings) -> int:
@@ -57,7 +58,8 @@ def plan_storage(settings: StorageSettings, schema: Schema, dataset: Dataset,
     weights + optimizer state) with the rest."""
     names = schema.sparse_names
     sample = measure_lookups(dataset, names, settings.plan_batch_size, settings.plan_batches, settings.seed)
-    needs = [TableNeeds(f.name, f.num_embeddings, row_bytes, sample[f.name].lookups) for f in schema.sparse]
+    needs = [TableNeeds(f.name, f.num_embeddings, row_bytes, sample[f.name].lookups, sample[f.name].ids.size)
+             for f in schema.sparse]
     overrides = {name: table_overrides(t) for name, t in settings.tables.items()}
     split = split_budget(settings, needs)
     plan, budget = plan_budget(settings, needs, overrides, split.tables if settings.memory_budget is not None else None)
@@ -68,13 +70,16 @@ def plan_storage(settings: StorageSettings, schema: Schema, dataset: Dataset,
 
 
 WINDOW_SHARE = 4  # the look-ahead window may take at most 1/4 of the memory budget
+LAYOUT_SHARE = 16  # the hot-row layouts may take at most 1/16 of it
+LAYOUT_MIN_BUDGET = 1 << 20  # below this budget the files are laid out plain (every byte goes to the caches)
 
 
 def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSplit:
     """What ``settings.memory_budget`` pays before the tables: 2 bits per row of every table, and, with
     look-ahead, the window: ``lookahead`` batches of the sampled size (8 B per ID + the oracle's
     32 B), at most ``lookahead_memory`` and 1/`WINDOW_SHARE` of the budget (the pipeline holds the
-    window to it). A budget too small for them is a `ConfigError`."""
+    window to it); with ``ssd_layout="hot"``, the SSD files' hot-row layouts: 16 B per sampled row, at
+    most 1/`LAYOUT_SHARE` of a budget of `LAYOUT_MIN_BUDGET` or more. A budget too small for them is a `ConfigError`."""
     total = settings.memory_budget or 0
     if settings.memory_budget is None:
         return BudgetSplit(0)
@@ -83,7 +88,10 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     if settings.uses_lookahead:
         per_batch = 40 * sum(n.lookups for n in needs) // max(1, settings.plan_batches)
         window = min(settings.lookahead_memory, settings.lookahead * per_batch, total // WINDOW_SHARE)
-    split = BudgetSplit(total, row_bits, window)
+    layout = 0
+    if settings.ssd_layout == "hot" and total >= LAYOUT_MIN_BUDGET:
+        layout = min(total // LAYOUT_SHARE, HOT_LAYOUT_BYTES_PER_ROW * sum(n.sampled_rows for n in needs))
+    split = BudgetSplit(total, row_bits, window, layout)
     if split.tables <= 0:
         raise ConfigError(f"--memory-budget {format_bytes(total)} does not cover the tables' bookkeeping "
                           f"({split.describe()}); raise it")
@@ -124,9 +132,13 @@ def plan_budget(settings: StorageSettings, needs: list[TableNeeds], overrides: d
 
 
 def make_storage_factory(settings: StorageSettings, plan: list[Placement], sample: dict[str, AccessSample],
-                         device: torch.device, fresh: bool = True, resume_from: ResumeChain | None = None):
+                         device: torch.device, fresh: bool = True, resume_from: ResumeChain | None = None,
+                         layout_bytes: int = 0):
     """``factory(index, table_config, state_dim)`` for `build_collection`: None keeps a table in memory;
-    SSD tables get (lazy, sparse) files under ``settings.root``.
+    SSD tables get (lazy, sparse) files under ``settings.root``, laid out by hotness
+    (`tierec.storage.layout.HotLayout`, from the sampled counts) within ``layout_bytes``
+    (`BudgetSplit.layout`; 0: row r at file row r), shared by the tables in proportion to their
+    sampled rows.
 
     ``fresh=False`` (resume): no cache warm-up; the checkpoint's rows come next. With
     ``resume_from`` (the checkpoint and its chain), an SSD table whose checkpoint files are row
@@ -144,6 +156,9 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
     device_rows = sum(p.cache_rows for p in plan if p.placement == "ssd") or 1
     row_align = settings.row_align
     groups: dict[tuple[int, int], TableGroup] = {}  # (dim, state_dim) -> the look-ahead tables' shared cache
+    hot = settings.ssd_layout == "hot"
+    sampled = sum(s.ids.size for s in sample.values())
+    hot_share = layout_bytes / HOT_LAYOUT_BYTES_PER_ROW / sampled if hot and sampled else 0.0
     if settings.direct_io and not row_align and any(p.placement == "ssd" for p in plan):
         log.info("SSD tables: rows packed, so every write-back reads its 4 KiB block first; --ssd-row-align 512 "
                  "gives each row its own sector (a third fewer I/Os, up to 2x the disk space; docs/storage.md)")
@@ -152,9 +167,13 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
         p = by_name[tcfg.name]
         if p.placement == "memory":
             return None
+        s = sample.get(tcfg.name)
+        layout = None
+        if s is not None and int(s.ids.size * hot_share):
+            layout = HotLayout.from_counts(tcfg.num_embeddings, s.ids, s.counts, int(s.ids.size * hot_share))
         below = ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
                                create=True, init_seed=settings.seed, table_index=i, direct_io=settings.direct_io,
-                               init="lazy", row_align=row_align)
+                               init="lazy", row_align=row_align, layout=layout)
         if resume_from is not None:
             attach_checkpoint(ssd, tcfg.name, resume_from, root / RESUME_DIR)
         rows = 0
@@ -164,14 +183,15 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
         if p.policy == "lookahead" and settings.group_caches:
             key = (tcfg.embedding_dim, state_dim)
             if key not in groups:
-                groups[key] = TableGroup(f"group:d{tcfg.embedding_dim}", device, settings.prefetch_threads)
+                groups[key] = TableGroup(f"group:d{tcfg.embedding_dim}", device, settings.prefetch_threads, hot)
             return groups[key].add(ssd, p.cache_rows, tcfg.name, host_rows=rows, feature=tcfg.key)
         if host_bytes:
             cls = LookaheadCache if p.policy == "lookahead" else CachedTable
             kw = {} if p.policy == "lookahead" else {"policy": "lru" if p.policy == "freq" else p.policy}
+            kw = {"neighbours": hot} if p.policy == "lookahead" else kw
             below = cls(ssd, rows, device="cpu", name=f"{tcfg.name}@host", **kw)
         if p.policy == "lookahead":
-            return LookaheadCache(below, p.cache_rows, device=device, name=tcfg.name)
+            return LookaheadCache(below, p.cache_rows, device=device, name=tcfg.name, neighbours=hot)
         freq = None
         if p.policy == "freq":
             s = sample[tcfg.name]

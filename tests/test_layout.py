@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_tiny_dataset
+
 from tierec.errors import CheckpointError, ConfigError
 from tierec.storage.layout import HotLayout
 from tierec.storage.ssd import SsdTable, layout_path

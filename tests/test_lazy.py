@@ -183,3 +183,23 @@ def test_a_checkpoint_reads_changed_rows_through_the_cache_without_a_flush(tmp_p
     read_table_file(tmp_path / "ckpt.tbl", back, files["ckpt.tbl"], files["ckpt.tbl.ids"])
     assert torch.equal(back.weight[ids], cache.read(ids)[0])
     assert torch.equal(back.weight[ids], RowInit(1, 0, n, d).rows(ids) + 1.0)
+
+
+def test_a_write_back_among_never_written_rows_does_not_read_its_block(tmp_path):
+    """Packed O_DIRECT rows share blocks; a block whose other rows were never written holds no bytes anyone
+    reads, so a write-back into it skips the read of read-modify-write -- and reads stay exact."""
+    n, d = 100_000, 16  # 68-byte rows: 60 to a 4 KiB block
+    t = SsdTable(tmp_path / "l.tbl", n, d, 1, create=True, init="lazy", init_seed=2, direct_io=True)
+    if not t.odirect:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    first = torch.arange(0, n, 600)  # one row every 10 blocks
+    t.exchange(first, torch.ones(first.numel(), d), torch.ones(first.numel(), 1), torch.tensor([1]))
+    st = t.stats()
+    assert st["rmw_bytes_read"] == 0 and st["device_bytes_read"] <= t.align  # only row 1's block: never written
+    t.reset_stats()
+    again = first + 1  # the same blocks, which now hold the first rows' bytes: read, patched, written
+    t.exchange(again, torch.full((again.numel(), d), 2.0), torch.ones(again.numel(), 1), torch.tensor([2]))
+    assert t.stats()["rmw_bytes_read"] >= (first.numel() - 1) * t.align
+    w, s = t.read(torch.cat([first, again, torch.tensor([3])]))
+    assert (w[: first.numel()] == 1).all() and (w[first.numel() : -1] == 2).all() and (s[:-1] == 1).all()
+    assert torch.equal(w[-1:], RowInit(2, 0, n, d).rows(torch.tensor([3])))

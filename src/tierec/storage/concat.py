@@ -226,7 +226,7 @@ class ConcatTable:
         members = {n: t.stats() for n, t in zip(self.names, self.tables, strict=True)}
         out: dict = {"tier": "group", "tables": len(self.tables)}
         for k in ("rows_read", "rows_written", "bytes_read", "bytes_written", "read_calls", "write_calls",
-                  "io_time_s", "device_bytes_read", "device_bytes_written"):
+                  "io_time_s", "device_bytes_read", "device_bytes_written", "rmw_bytes_read"):
             vals = [m[k] for m in members.values() if k in m]
             if vals:
                 out[k] = sum(vals)

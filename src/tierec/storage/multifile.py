@@ -215,7 +215,7 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
         return None
     if got is None:
         return None
-    out, dev_w, dev_r = got
+    out, dev_w, dev_r, dev_rmw = got
     if isinstance(orr, np.ndarray):  # back to the callers' (table, ID) order
         out[orr] = out.copy()
     n = len(tabs)
@@ -237,7 +237,7 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
     rows_w, rows_r = np.bincount(wt, minlength=n), np.bincount(rt, minlength=n)
     dt = (time.perf_counter() - start) / max(1, int(np.count_nonzero(rows_w + rows_r)))
     for k, t in enumerate(tabs):
-        t.count_device_bytes(read=int(dev_r[k]), written=int(dev_w[k]))
+        t.count_device_bytes(read=int(dev_r[k]), written=int(dev_w[k]), rmw=int(dev_rmw[k]))
         if rows_w[k]:
             t.account("write", int(rows_w[k]), dt / 2 if rows_r[k] else dt)
         if rows_r[k]:
@@ -258,6 +258,33 @@ def _to_file_rows(tabs, wt, wid, rt, rid):
             f[m] = tabs[k].slots_of(ids[m])
     ow, orr = np.lexsort((fw, wt)), np.lexsort((fr, rt))
     return fw[ow], fr[orr], ow, orr
+
+
+def _other_rows_hold_data(tabs, run_tab: np.ndarray, foff: np.ndarray, nbytes: np.ndarray, wtab: np.ndarray,
+                          wrows: np.ndarray) -> np.ndarray:
+    """bool [R]: whether block run i (``nbytes[i]`` bytes at ``foff[i]`` of ``tabs[run_tab[i]]``) holds bytes of
+    a row with data in the file besides the file rows being written now (``wrows``, sorted per table
+    ``wtab``). A lazy file's never-written rows (and a hot row's empty home) hold none: their bytes are
+    never read, so a run of written rows among them is written without reading it first."""
+    out = np.ones(run_tab.size, bool)
+    for k in np.unique(run_tab).tolist():
+        t = tabs[k]
+        lazy = t.lazy_rows()
+        if lazy is None:
+            continue  # every row holds data
+        m = np.flatnonzero(run_tab == k)
+        lo = foff[m] // t.row_stride
+        hi = np.minimum((foff[m] + nbytes[m] - 1) // t.row_stride, t.file_rows - 1)  # rows overlapping each run
+        cnt = hi - lo + 1
+        frows = np.repeat(lo - np.cumsum(cnt) + cnt, cnt) + np.arange(int(cnt.sum()))
+        ids = frows if t.layout is None else t.layout.ids_at(frows)
+        data = ids >= 0
+        data[data] = lazy.stored.test(ids[data])
+        mine = wrows[wtab == k]
+        pos = np.minimum(np.searchsorted(mine, frows), max(mine.size - 1, 0))
+        data &= ~((mine[pos] == frows) if mine.size else np.zeros(frows.size, bool))
+        out[m] = np.add.reduceat(data, np.concatenate([[0], np.cumsum(cnt)[:-1]])) > 0
+    return out
 
 
 def _refuse_repeats(tabs, tab: np.ndarray, ids: np.ndarray) -> None:
@@ -296,7 +323,8 @@ def _runs_of(tabs, run_tab):
 
 def _many_blind(tabs, wt, wid, rows, rt, rid):
     """`exchange_many` of padded rows: writes and reads in one AIO batch. (rows read, device bytes
-    written per table, device bytes read per table), or None if a run is too long for one op."""
+    written per table, device bytes read per table, of which read-modify-write: none), or None if a run is
+    too long for one op."""
     t0, n = tabs[0], len(tabs)
     tab, ids = np.concatenate([wt, rt]).astype(np.int64), np.concatenate([wid, rid])
     order = np.lexsort((ids, tab))
@@ -316,7 +344,7 @@ def _many_blind(tabs, wt, wid, rows, rt, rid):
     blockio.aio_runs(ops, fds, np.concatenate([pw.foff, pr.foff]), nbytes, addrs, sizes,
                      lambda i: tabs[run_tab[i]].path)
     return (t0.gather(buf, pr.pos, pw.total // 4), np.bincount(wt[pw.first], weights=pw.nbytes, minlength=n),
-            np.bincount(rt[pr.first], weights=pr.nbytes, minlength=n))
+            np.bincount(rt[pr.first], weights=pr.nbytes, minlength=n), np.zeros(n))
 
 
 def _many_rmw(tabs, wt, wid, rows, rt, rid):
@@ -338,18 +366,31 @@ def _many_rmw(tabs, wt, wid, rows, rt, rid):
     addrs = base + plan.boff.astype(np.uint64)
     run_tab = tab[plan.first]
     fds, sizes = _runs_of(tabs, run_tab)
-    path_of = lambda i: tabs[run_tab[i]].path  # noqa: E731
-    blockio.aio_runs(aio.IOCB_CMD_PREAD, fds, plan.foff, plan.nbytes, addrs, sizes, path_of)
-    dev_r = np.bincount(run_tab, weights=np.minimum(plan.nbytes, sizes - plan.foff), minlength=n)
+    run_of = np.searchsorted(plan.first, np.arange(ids.size), side="right") - 1
+    only_w = np.ones(plan.first.size, bool)  # runs read only to patch written rows in: read-modify-write
+    only_w[run_of[~is_w]] = False
+    blind = only_w.copy()  # ... unless no other row of theirs holds data: then not read at all
+    blind[only_w] = ~_other_rows_hold_data(tabs, run_tab[only_w], plan.foff[only_w], plan.nbytes[only_w], tab[is_w],
+                                           ids[is_w])
+    if blind.any():  # zeros where the rows without data sit (never read back: their initial values are)
+        a = t0.align
+        nb = plan.nbytes[blind] // a
+        buf.reshape(-1, a)[np.repeat(plan.boff[blind] // a - np.cumsum(nb) + nb, nb) + np.arange(int(nb.sum()))] = 0
+    r = np.flatnonzero(~blind)
+    blockio.aio_runs(aio.IOCB_CMD_PREAD, fds[r], plan.foff[r], plan.nbytes[r], addrs[r], sizes[r],
+                     lambda i: tabs[run_tab[r[i]]].path)
+    got = np.minimum(plan.nbytes, sizes - plan.foff) * ~blind
+    dev_r = np.bincount(run_tab, weights=got, minlength=n)
+    dev_rmw = np.bincount(run_tab[only_w], weights=got[only_w], minlength=n)
     win = t0.rows_at(buf, writeable=True)
     out = np.empty((rid.size, t0.width), np.float32)
     out[order[~is_w] - W] = win[plan.pos[~is_w]]  # before the patch: the read rows as on disk
     win[plan.pos[is_w]] = rows[order[is_w]]
-    wr = np.unique(np.searchsorted(plan.first, np.flatnonzero(is_w), side="right") - 1)  # runs with a written row
+    wr = np.unique(run_of[is_w])  # runs with a written row
     mv = memoryview(buf)
     try:
         valid = write_block_runs(tabs, run_tab[wr], plan.foff[wr], plan.nbytes[wr], plan.boff[wr], addrs[wr], mv)
     finally:
         mv.release()
     dev_w = np.bincount(run_tab[wr], weights=valid, minlength=n)
-    return out, dev_w, dev_r
+    return out, dev_w, dev_r, dev_rmw

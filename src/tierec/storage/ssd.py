@@ -679,6 +679,8 @@ class SsdTable:
                 lo, hi = int(plan.foff[0]), int(plan.foff[-1] + plan.nbytes[-1])
                 os.posix_fadvise(self._bfd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
             self._dev_bytes_read += dev_read
+            if rows is not None:
+                self._dev_bytes_rmw += dev_read
             self._dev_bytes_written += dev_written
             mv.release()
 
@@ -722,15 +724,17 @@ class SsdTable:
         c[f"bytes_{op}"] += rows * self.row_bytes
         c[f"{op}_time_s"] += seconds
 
-    def count_device_bytes(self, read: int = 0, written: int = 0) -> None:
-        """Add bytes the device moved for this file (whole blocks) to ``device_bytes_read`` / ``_written``."""
+    def count_device_bytes(self, read: int = 0, written: int = 0, rmw: int = 0) -> None:
+        """Add bytes the device moved for this file (whole blocks) to ``device_bytes_read`` / ``_written``;
+        ``rmw`` of the bytes read were blocks read only to patch written rows into (read-modify-write)."""
         self._dev_bytes_read += read
         self._dev_bytes_written += written
+        self._dev_bytes_rmw += rmw
 
     def reset_stats(self) -> None:
         self._counters = {"read_calls": 0, "write_calls": 0, "rows_read": 0, "rows_write": 0,
                           "bytes_read": 0, "bytes_write": 0, "read_time_s": 0.0, "write_time_s": 0.0}
-        self._dev_bytes_read = self._dev_bytes_written = 0
+        self._dev_bytes_read = self._dev_bytes_written = self._dev_bytes_rmw = 0
 
     def stats(self) -> dict:
         """Counters since creation / `reset_stats`: rows and bytes (logical, row-sized) read and
@@ -748,6 +752,7 @@ class SsdTable:
             "io_time_s": c["read_time_s"] + c["write_time_s"],
             "device_bytes_read": self._dev_bytes_read if direct else c["bytes_read"],
             "device_bytes_written": self._dev_bytes_written if direct else c["bytes_write"],
+            "rmw_bytes_read": self._dev_bytes_rmw if direct else 0,  # of device_bytes_read: blocks of write-backs
         }
 
     def __repr__(self) -> str:

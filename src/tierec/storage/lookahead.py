@@ -340,11 +340,12 @@ class LookaheadCache(CachedTable):
         if not self.take_neighbours or miss_ids.numel() == 0:
             return e, e, e, e
         cand = self.backing.neighbours(miss_ids.to(self._bdev)).to(self.device)
-        if cand.numel():
-            cand = cand[~self._lookup(cand)[0]]
         last = self.oracle.last_use(cand)
-        keep = last > step
+        keep = last > step  # used later in the window (then not resident yet: most of them are)
         cand, last = cand[keep], last[keep]
+        if cand.numel():
+            keep = ~self._lookup(cand)[0]
+            cand, last = cand[keep], last[keep]
         if cand.numel() == 0:
             return e, e, e, e
         start = self.size + free_used

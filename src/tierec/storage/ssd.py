@@ -414,13 +414,16 @@ class SsdTable:
     def neighbours(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
         """The other rows this file holds whole in the direct-I/O blocks that hold rows ``ids`` (int64 [U]):
         what a read of ``ids`` moves anyway (`RowStore.neighbours`). Sorted row IDs (int64 tensor),
-        rows written here only (the others have no bytes here); empty where reads are not whole blocks
-        (memmap, buffered) or the file is a checkpoint's row set."""
+        rows written here only (the others have no bytes here); with a hot-row layout, only in the hot
+        rows' blocks; empty where reads are not whole blocks (memmap, buffered) or the file is a
+        checkpoint's row set."""
         ids_np = self.check_ids(ids)
         lazy = self._lazy
         if not self.odirect or ids_np.size == 0 or lazy is None or lazy.slots is not None:
             return torch.empty(0, dtype=torch.int64)
         start = self.slots_of(ids_np) * self.row_stride
+        if self.layout is not None:  # the hot rows' blocks: elsewhere rows sit by ID, seldom used together
+            start = start[start >= self.num_embeddings * self.row_stride]
         blocks = np.unique(np.concatenate([start // self.align, (start + self.row_bytes - 1) // self.align]))
         lo = -(-blocks * self.align // self.row_stride)  # the first row that starts in each block
         hi = np.minimum(((blocks + 1) * self.align - self.row_bytes) // self.row_stride + 1, self.file_rows)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import write_tiny_dataset
 
-from tierec.errors import CheckpointError, ConfigError
+from tierec.errors import CheckpointError, ConfigError, TierecError
 from tierec.storage.layout import HotLayout
 from tierec.storage.ssd import SsdTable, layout_path
 from tierec.train.config import TrainConfig
@@ -105,10 +105,10 @@ def wide_dataset(tmp_path_factory):
     return write_tiny_dataset(tmp_path_factory.mktemp("wide") / "data", rows=12_000, cardinality=60_000, seed=4)
 
 
-def _run(data, out, **kw):
+def _run(data, out, resume=False, **kw):
     base = dict(data=str(data), out=str(out), embedding_dim=16, bottom_mlp=[16], top_mlp=[16], batch_size=512,
                 epochs=1, progress=False, log_every=5, plan_batches=4, eval_every=0)
-    t = Trainer(TrainConfig(**(base | kw)))
+    t = Trainer(TrainConfig(**(base | kw)), resume=resume)
     summary = t.fit()
     rows = {}
     for tb in t.model.embeddings.tables:
@@ -133,3 +133,28 @@ def test_hot_layout_and_block_neighbours_train_bit_identically(wide_dataset, tmp
             assert cache["neighbour_rows"] > 0 and cache["neighbour_hits"] > 0, cache
         else:
             assert start["budget_split"]["layout"] == 0 and cache["neighbour_rows"] == 0
+
+
+def test_the_layout_is_kept_in_the_checkpoint_and_a_resume_lays_its_files_out_the_same(wide_dataset, tmp_path):
+    from tierec.cli import main
+
+    _, ref_rows, _ = _run(wide_dataset, tmp_path / "mem")
+    tiered = dict(memory_budget="1MiB", cache_policy="lookahead", direct_io=True, checkpoint_every=10)
+    _run(wide_dataset, tmp_path / "run", max_steps=10, **tiered)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000010"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    saved = {k: v for k, v in manifest["files"].items() if k.startswith("layout/")}
+    assert saved, "the SSD tables' hot rows go into the checkpoint"
+    hot_before = {k: (ckpt / k).read_bytes() for k in saved}
+    assert main(["checkpoint", "verify", str(ckpt)]) == 0
+    _, rows, _ = _run(wide_dataset, tmp_path / "run", resume=True, **tiered)
+    for rel, data in hot_before.items():
+        name = rel.removeprefix("layout/").removesuffix(".hot")
+        assert (tmp_path / "run" / "tables" / f"{name}.tbl.hot").read_bytes() == data  # the new working file's
+    for name, (w, s) in rows.items():
+        assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name
+    latest = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "LATEST").read_text().strip()
+    hot = next(latest.glob("layout/*.hot"))
+    hot.write_bytes(bytes(hot.stat().st_size))
+    with pytest.raises(TierecError, match=r"layout/.*sha256"):
+        _run(wide_dataset, tmp_path / "run", resume=True, **tiered)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from tierec.config import format_bytes
@@ -31,7 +32,7 @@ from tierec.storage.plan import (
 )
 from tierec.storage.settings import StorageSettings, TableSettings
 from tierec.storage.ssd import SsdTable, open_table_chain
-from tierec.storage.tablefile import is_row_set
+from tierec.storage.tablefile import is_row_set, verify_file
 
 if TYPE_CHECKING:
     from tierec.data.dataset import Dataset, Schema
@@ -168,8 +169,8 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
         if p.placement == "memory":
             return None
         s = sample.get(tcfg.name)
-        layout = None
-        if s is not None and int(s.ids.size * hot_share):
+        layout = saved_layout(resume_from, tcfg.name, tcfg.num_embeddings) if resume_from is not None and hot else None
+        if layout is None and s is not None and int(s.ids.size * hot_share):
             layout = HotLayout.from_counts(tcfg.num_embeddings, s.ids, s.counts, int(s.ids.size * hot_share))
         below = ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
                                create=True, init_seed=settings.seed, table_index=i, direct_io=settings.direct_io,
@@ -202,6 +203,33 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
         return cache
 
     return factory
+
+
+LAYOUT_DIR = "layout"  # in a checkpoint: the SSD working files' hot rows, `<table>.hot` (int64, hottest first)
+
+
+def layout_files(root: Path) -> dict[str, bytes]:
+    """The hot-row layouts of the SSD working files under ``root``, as checkpoint files:
+    ``{"layout/<table>.hot": bytes}`` (a resumed run lays its new files out the same way)."""
+    return {f"{LAYOUT_DIR}/{p.name.removesuffix('.tbl.hot')}.hot": p.read_bytes()
+            for p in sorted(Path(root).glob("*.tbl.hot"))} if Path(root).is_dir() else {}
+
+
+def saved_layout(resume: ResumeChain, name: str, num_rows: int) -> HotLayout | None:
+    """Table ``name``'s hot-row layout kept in the checkpoint ``resume`` resumes from (checked against the
+    manifest's sha256), or None when it has none."""
+    from tierec.errors import CheckpointError
+
+    ckpt, manifest = resume.chain[-1]
+    rel = f"{LAYOUT_DIR}/{name}.hot"
+    entry = manifest["files"].get(rel)
+    if entry is None:
+        return None
+    verify_file(ckpt / rel, entry)
+    try:
+        return HotLayout(num_rows, np.frombuffer((ckpt / rel).read_bytes(), dtype=np.int64).copy())
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt / rel}: {e}") from None
 
 
 RESUME_DIR = ".resume"  # under the SSD tables' root: hard links to the row sets a resumed run reads below its files

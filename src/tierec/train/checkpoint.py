@@ -58,7 +58,8 @@ REQUIRED_KEYS = ("step", "files", "tables", "config", "schema", "epoch", "batch_
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, tables: dict, meta: dict,
-                    keep: int = 2, parent: Path | None = None, max_chain: int = 1) -> Path:
+                    keep: int = 2, parent: Path | None = None, max_chain: int = 1,
+                    extra: dict[str, bytes] | None = None) -> Path:
     """Write checkpoint ``step`` under ``run_dir/checkpoints`` and publish it in LATEST.
 
     ``tables`` maps table name -> storage (rows read by ID through its caches, or by range once
@@ -68,7 +69,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, ta
     the checkpoint is *incremental*: each table that tracks its rows writes only those changed
     since (a delta row set) and the manifest's ``chain`` names the checkpoints below it, base
     first; otherwise it is a base (every written row). Once published, the tables' changed rows
-    are cleared (`LazyRows.take_changed`).
+    are cleared (`LazyRows.take_changed`). ``extra`` maps more files (paths relative to the checkpoint,
+    e.g. ``layout/C3.hot``) to their bytes; they are listed in the manifest with their sha256.
     """
     chain = chain_below(parent, max_chain)
     tmp = new_checkpoint_dir(run_dir, step)
@@ -79,6 +81,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, ta
             for name, entry in write_table_file(tmp / rel, st, delta=bool(chain)).items():
                 files[f"tables/{name}"] = entry
             table_meta.append(table_entry(tname, st.num_embeddings, st.dim, st.state_dim))
+        for rel, data in (extra or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(tmp / rel, data)
+            files[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

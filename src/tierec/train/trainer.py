@@ -36,7 +36,7 @@ from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableGroup, TableView
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.ssd import SsdTable
-from tierec.storage.tiered import ResumeChain
+from tierec.storage.tiered import ResumeChain, layout_files
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig, trajectory_changes
 from tierec.train.metrics import log_loss, roc_auc
@@ -355,7 +355,8 @@ class Trainer:
         }
         path = ckpt.save_checkpoint(self.out, self.step, dense_state, self.tables, meta,
                                     keep=self.cfg.keep_checkpoints, parent=self.parent,
-                                    max_chain=self.cfg.checkpoint_chain)
+                                    max_chain=self.cfg.checkpoint_chain,
+                                    extra=layout_files(self.cfg.storage_settings().root))
         self.parent = path
         nbytes = sum(f["bytes"] for f in ckpt.read_manifest(path)["files"].values())
         self.log.write("checkpoint", step=self.step, seconds=round(time.perf_counter() - t0, 6), bytes=nbytes,

@@ -88,7 +88,7 @@ DISK_SHARE = 0.70  # of the free space, at most
 # Sizing.
 QUICK_TABLES = GiB // 2
 CHECKPOINTS = 5
-INDEX_BYTES_PER_ROW = 297  # a look-ahead cache row's bookkeeping, at most (tierec.storage.tiered.LOOKAHEAD_INDEX_BYTES_PER_ROW)
+INDEX_BYTES_PER_ROW = 201  # a look-ahead cache row's bookkeeping, at most (tierec.storage.tiered.LOOKAHEAD_INDEX_BYTES_PER_ROW)
 SAMPLES_PER_CACHE_ROW = 8  # samples that make this generator's distinct rows outgrow a cache of that many rows
 DATA_BYTES_PER_ROW = 80  # a synthetic Criteo row on disk (~54 B measured), with margin
 PROBE_BYTES = 512 << 20  # the probe's scratch file

@@ -93,7 +93,7 @@ def _rank_storage(settings: StorageSettings, shards: list[Shard], sample: dict[s
     split = split_budget(settings, needs)  # this rank's budget: row bits and its look-ahead window first
     plan, _ = plan_budget(settings, needs, overrides, split.tables if settings.memory_budget is not None else None)
     rank_settings = replace(settings, root=settings.root / f"rank-{rank}")
-    return make_storage_factory(rank_settings, plan, sub, device, fresh=fresh, layout_bytes=split.layout), plan, split
+    return make_storage_factory(rank_settings, plan, sub, device, fresh=fresh, split=split), plan, split
 
 
 def merge_storage_plans(plans: list[list[dict]], shards: list[Shard]) -> list[dict] | None:

@@ -178,7 +178,7 @@ class LookaheadCache(CachedTable):
     window), ``_lfreq`` (long-run use count from a count-min sketch of every
     observed step, kept across evictions) and whether it came in as a block
     neighbour not yet used: 17 B per row, and the sketch behind ``_lfreq`` (2 x a power
-    of two >= 4 x capacity int64 counters: 64-128 B per row; the planner charges it,
+    of two >= capacity int64 counters: 16-32 B per row; the planner charges it,
     `tierec.storage.tiered.LOOKAHEAD_INDEX_BYTES_PER_ROW`). ``stats()`` counts a
     row brought in by `prepare` as a miss, so ``hit_rate`` is 1 - rows fetched /
     rows looked up, directly comparable to Belady's MIN of `tierec.sim.policies`.
@@ -193,7 +193,7 @@ class LookaheadCache(CachedTable):
         self._lfreq = torch.zeros(C, dtype=torch.int64, device=self.device)
         self.take_neighbours = neighbours  # take the backing store's block neighbours that the window uses
         self._neighbour = torch.zeros(C, dtype=torch.bool, device=self.device)  # came in as one, not yet used
-        width = sketch_width or max(1024, 1 << (4 * C - 1).bit_length())
+        width = sketch_width or max(1024, 1 << (C - 1).bit_length())  # it only ranks rows unused in the window
         self._sketch = CountMinSketch(width=width, depth=2, device=self.device)
         self.oracle = NextUseOracle(self.device)
         self._mu = threading.Lock()  # metadata: index, pins, dirty bits, next uses, oracle

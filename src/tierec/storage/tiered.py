@@ -20,6 +20,7 @@ from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableGroup
 from tierec.storage.layout import HOT_LAYOUT_BYTES_PER_ROW, HotLayout
 from tierec.storage.lookahead import LookaheadCache
+from tierec.storage.multifile import STAGING_BYTES
 from tierec.storage.plan import (
     AccessSample,
     BudgetSplit,
@@ -42,8 +43,8 @@ log = logging.getLogger(__name__)
 # Cache bookkeeping per cached row (hash index + per-slot metadata), counted in the budget:
 INDEX_BYTES_PER_ROW = 152  # upper bound per cached row of a CachedTable (measured 102 B at 5M rows)
 # LookaheadCache: that, + 17 B of next use / long-run count / neighbour flag, + its count-min sketch (2 x a power of two
-# >= 4 x capacity int64 counters: up to 128 B per row); measured 220 B at 5M rows, 19.5M rows 2.1 GiB of sketch
-LOOKAHEAD_INDEX_BYTES_PER_ROW = INDEX_BYTES_PER_ROW + 17 + 128
+# >= capacity int64 counters: up to 32 B per row)
+LOOKAHEAD_INDEX_BYTES_PER_ROW = INDEX_BYTES_PER_ROW + 17 + 32
 
 
 def index_bytes_per_row(settings: StorageSettings) -> int:
@@ -80,7 +81,10 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     look-ahead, the window: ``lookahead`` batches of the sampled size (8 B per ID + the oracle's
     32 B), at most ``lookahead_memory`` and 1/`WINDOW_SHARE` of the budget (the pipeline holds the
     window to it); with ``ssd_layout="hot"``, the SSD files' hot-row layouts: 16 B per sampled row, at
-    most 1/`LAYOUT_SHARE` of a budget of `LAYOUT_MIN_BUDGET` or more. A budget too small for them is a `ConfigError`."""
+    most 1/`LAYOUT_SHARE` of a budget of `LAYOUT_MIN_BUDGET` or more; with O_DIRECT, the block buffer of
+    the files' exchanges (1/`LAYOUT_SHARE` of the budget, at most `STAGING_BYTES`; a pass moves at least one
+    row of each set, 16 KiB of 4 KiB blocks, whatever the budget).
+    A budget too small for them is a `ConfigError`."""
     total = settings.memory_budget or 0
     if settings.memory_budget is None:
         return BudgetSplit(0)
@@ -92,7 +96,8 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     layout = 0
     if settings.ssd_layout == "hot" and total >= LAYOUT_MIN_BUDGET:
         layout = min(total // LAYOUT_SHARE, HOT_LAYOUT_BYTES_PER_ROW * sum(n.sampled_rows for n in needs))
-    split = BudgetSplit(total, row_bits, window, layout)
+    staging = min(STAGING_BYTES, total // LAYOUT_SHARE) if settings.direct_io else 0
+    split = BudgetSplit(total, row_bits, window, layout, staging)
     if split.tables <= 0:
         raise ConfigError(f"--memory-budget {format_bytes(total)} does not cover the tables' bookkeeping "
                           f"({split.describe()}); raise it")
@@ -134,12 +139,12 @@ def plan_budget(settings: StorageSettings, needs: list[TableNeeds], overrides: d
 
 def make_storage_factory(settings: StorageSettings, plan: list[Placement], sample: dict[str, AccessSample],
                          device: torch.device, fresh: bool = True, resume_from: ResumeChain | None = None,
-                         layout_bytes: int = 0):
+                         split: BudgetSplit | None = None):
     """``factory(index, table_config, state_dim)`` for `build_collection`: None keeps a table in memory;
     SSD tables get (lazy, sparse) files under ``settings.root``, laid out by hotness
-    (`tierec.storage.layout.HotLayout`, from the sampled counts) within ``layout_bytes``
-    (`BudgetSplit.layout`; 0: row r at file row r), shared by the tables in proportion to their
-    sampled rows.
+    (`tierec.storage.layout.HotLayout`, from the sampled counts) within ``split.layout`` (none:
+    row r at file row r), shared by the tables in proportion to their sampled rows, and exchanging
+    rows through block buffers of ``split.staging`` bytes (default `STAGING_BYTES`).
 
     ``fresh=False`` (resume): no cache warm-up; the checkpoint's rows come next. With
     ``resume_from`` (the checkpoint and its chain), an SSD table whose checkpoint files are row
@@ -159,6 +164,8 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
     groups: dict[tuple[int, int], TableGroup] = {}  # (dim, state_dim) -> the look-ahead tables' shared cache
     hot = settings.ssd_layout == "hot"
     sampled = sum(s.ids.size for s in sample.values())
+    layout_bytes = split.layout if split is not None else 0
+    staging = split.staging if split is not None and split.staging else STAGING_BYTES
     hot_share = layout_bytes / HOT_LAYOUT_BYTES_PER_ROW / sampled if hot and sampled else 0.0
     if settings.direct_io and not row_align and any(p.placement == "ssd" for p in plan):
         log.info("SSD tables: rows packed, so every write-back reads its 4 KiB block first; --ssd-row-align 512 "
@@ -174,7 +181,7 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
             layout = HotLayout.from_counts(tcfg.num_embeddings, s.ids, s.counts, int(s.ids.size * hot_share))
         below = ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
                                create=True, init_seed=settings.seed, table_index=i, direct_io=settings.direct_io,
-                               init="lazy", row_align=row_align, layout=layout)
+                               init="lazy", row_align=row_align, layout=layout, staging_bytes=staging)
         if resume_from is not None:
             attach_checkpoint(ssd, tcfg.name, resume_from, root / RESUME_DIR)
         rows = 0

@@ -84,7 +84,7 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
             row_bytes = (cfg.embedding_dim + sparse_opt.state_dim(cfg.embedding_dim)) * 4
             plan, sample, split = plan_storage(settings, schema, dataset, row_bytes)
             factory = make_storage_factory(settings, plan, sample, device, fresh=fresh, resume_from=resume_from,
-                                           layout_bytes=split.layout)
+                                           split=split)
 
         def collection(tables, sparse_opt):
             return build_collection(tables, sparse_opt, seed=cfg.seed, storage_factory=factory, device=device)

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 LANE_MIN_ROWS = 32  # a read of fewer rows stays in the calling thread
 READ_GAP_BYTES = 4096  # O_DIRECT reads: runs at most 4 KiB apart become one read of the span
-STAGING_BYTES = 16 << 20  # exchange_many moves at most this many bytes of blocks per pass (its buffer; budgeted)
 
 
 def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor | None = None,
@@ -207,24 +206,16 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
     start = time.perf_counter()
     blind = all(t.exclusive_blocks for t in tabs)
     fw, fr, ow, orr = _to_file_rows(tabs, wt, wid, rt, rid)
-    wt, rows, rt = wt[ow], rows[ow], rt[orr]
-    # rows of each set per pass: at most two blocks each, so the pass's blocks fit the buffer
-    per = max(1, min(t.staging_bytes for t in tabs) // (4 * t0.align))
-    parts, dev_w, dev_r, dev_rmw = [], np.zeros(len(tabs)), np.zeros(len(tabs)), np.zeros(len(tabs))
-    for a in range(0, max(fw.size, fr.size), per):  # in order: a block patched by two passes is read again
-        b = a + per
-        try:
-            got = (_many_blind if blind else _many_rmw)(tabs, wt[a:b], fw[a:b], rows[a:b], rt[a:b], fr[a:b])
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            log.debug("batched exchange refused (%s); table by table", e)  # each table then finds its own way
-            return None
-        if got is None:
-            return None
-        parts.append(got[0])
-        dev_w, dev_r, dev_rmw = dev_w + got[1], dev_r + got[2], dev_rmw + got[3]
-    out = np.concatenate(parts) if parts else np.empty((0, t0.width), np.float32)
+    try:
+        got = (_many_blind if blind else _many_rmw)(tabs, wt[ow], fw, rows[ow], rt[orr], fr)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        log.debug("batched exchange refused (%s); table by table", e)  # each table then finds its own way
+        return None
+    if got is None:
+        return None
+    out, dev_w, dev_r, dev_rmw = got
     if isinstance(orr, np.ndarray):  # back to the callers' (table, ID) order
         out[orr] = out.copy()
     n = len(tabs)

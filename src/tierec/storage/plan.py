@@ -119,26 +119,23 @@ class BudgetSplit:
     """How a memory budget is spent (bytes). ``row_bits``: 2 bits per row of every table (rows written,
     and changed since the last checkpoint); ``window``: the look-ahead window (batches read ahead and
     the oracle's entries; the pipeline holds it to this); ``layout``: the SSD files' hot-row layouts
-    (`tierec.storage.layout.HotLayout`, 16 B per hot row); ``staging``: the O_DIRECT exchange's block
-    buffer (`tierec.storage.multifile.STAGING_BYTES`); ``tables``: the rest, for in-memory tables and
-    the SSD tables' caches (rows + index)."""
+    (`tierec.storage.layout.HotLayout`, 16 B per hot row); ``tables``: the rest, for in-memory tables
+    and the SSD tables' caches (rows + index)."""
 
     total: int
     row_bits: int = 0
     window: int = 0
     layout: int = 0
-    staging: int = 0
 
     @property
     def tables(self) -> int:
-        return self.total - self.row_bits - self.window - self.layout - self.staging
+        return self.total - self.row_bits - self.window - self.layout
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tables": self.tables}
 
     def describe(self) -> str:
         parts = [("row bits", self.row_bits), ("look-ahead window", self.window), ("hot-row layouts", self.layout),
-                 ("I/O staging", self.staging),
                  ("tables and caches", self.tables)]
         return f"memory budget {format_bytes(self.total)}: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts)
 

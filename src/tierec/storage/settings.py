@@ -40,7 +40,7 @@ class StorageSettings:
     host_cache: int = 0  # bytes of a host-DRAM cache tier between the device caches and SSD (0: none)
     direct_io: bool = False  # SSD files opened with O_DIRECT
     row_align: int = 0  # SSD working files: rows padded to this many bytes (0: packed)
-    ssd_layout: Literal["hot", "plain"] = "hot"  # hot: rows ordered by sampled hotness + block neighbours taken
+    ssd_layout: Literal["hot", "plain"] = "plain"  # hot: rows ordered by sampled hotness + block neighbours taken
     group_caches: bool = True  # look-ahead SSD tables of one row width share one cache (`TableGroup`)
     prefetch_threads: int | None = None  # a group's prefetch threads (None: by cores)
     lookahead: int = 200  # policy lookahead: batches read ahead (the window)

@@ -70,7 +70,7 @@ from tierec.storage.base import WorkingSet
 from tierec.storage.blockio import ALIGN, MAX_IO, BlockPlan
 from tierec.storage.layout import HotLayout
 from tierec.storage.lazy import LazyRows, RowBits, RowInit
-from tierec.storage.multifile import STAGING_BYTES, exchange_many, read_many, write_block_runs
+from tierec.storage.multifile import exchange_many, read_many, write_block_runs
 from tierec.storage.tablefile import (
     FORMAT,
     is_delta,
@@ -111,7 +111,7 @@ class SsdTable:
                  create: bool = False, init_seed: int | None = None, table_index: int = 0,
                  direct_io: bool = False, init: str = "random", readonly: bool = False, row_align: int = 0,
                  lazy_init: RowInit | None = None, slots: np.ndarray | None = None, older: SsdTable | None = None,
-                 layout: HotLayout | None = None, staging_bytes: int = STAGING_BYTES):
+                 layout: HotLayout | None = None):
         if num_embeddings <= 0 or dim <= 0 or state_dim < 0:
             raise ConfigError(f"{path}: bad table shape {num_embeddings} rows x (dim {dim} + state {state_dim})")
         row_align = check_row_align(row_align, f"{path}: row_align")
@@ -134,7 +134,6 @@ class SsdTable:
         if not create and slots is None and layout_path(self.path).exists():  # a working file laid out by hotness
             layout = read_layout(self.path, self.num_embeddings)
         self.layout = layout  # where rows sit in the file (None: row r at file row r)
-        self.staging_bytes = int(staging_bytes)  # block buffer of an O_DIRECT exchange (`exchange_many`)
         if slots is not None:
             self.file_rows = int(slots.size)  # rows the file holds
         else:

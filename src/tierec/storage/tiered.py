@@ -20,7 +20,6 @@ from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableGroup
 from tierec.storage.layout import HOT_LAYOUT_BYTES_PER_ROW, HotLayout
 from tierec.storage.lookahead import LookaheadCache
-from tierec.storage.multifile import STAGING_BYTES
 from tierec.storage.plan import (
     AccessSample,
     BudgetSplit,
@@ -81,10 +80,7 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     look-ahead, the window: ``lookahead`` batches of the sampled size (8 B per ID + the oracle's
     32 B), at most ``lookahead_memory`` and 1/`WINDOW_SHARE` of the budget (the pipeline holds the
     window to it); with ``ssd_layout="hot"``, the SSD files' hot-row layouts: 16 B per sampled row, at
-    most 1/`LAYOUT_SHARE` of a budget of `LAYOUT_MIN_BUDGET` or more; with O_DIRECT, the block buffer of
-    the files' exchanges (1/`LAYOUT_SHARE` of the budget, at most `STAGING_BYTES`; a pass moves at least one
-    row of each set, 16 KiB of 4 KiB blocks, whatever the budget).
-    A budget too small for them is a `ConfigError`."""
+    most 1/`LAYOUT_SHARE` of a budget of `LAYOUT_MIN_BUDGET` or more. A budget too small for them is a `ConfigError`."""
     total = settings.memory_budget or 0
     if settings.memory_budget is None:
         return BudgetSplit(0)
@@ -96,8 +92,7 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     layout = 0
     if settings.ssd_layout == "hot" and total >= LAYOUT_MIN_BUDGET:
         layout = min(total // LAYOUT_SHARE, HOT_LAYOUT_BYTES_PER_ROW * sum(n.sampled_rows for n in needs))
-    staging = min(STAGING_BYTES, total // LAYOUT_SHARE) if settings.direct_io else 0
-    split = BudgetSplit(total, row_bits, window, layout, staging)
+    split = BudgetSplit(total, row_bits, window, layout)
     if split.tables <= 0:
         raise ConfigError(f"--memory-budget {format_bytes(total)} does not cover the tables' bookkeeping "
                           f"({split.describe()}); raise it")
@@ -143,8 +138,7 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
     """``factory(index, table_config, state_dim)`` for `build_collection`: None keeps a table in memory;
     SSD tables get (lazy, sparse) files under ``settings.root``, laid out by hotness
     (`tierec.storage.layout.HotLayout`, from the sampled counts) within ``split.layout`` (none:
-    row r at file row r), shared by the tables in proportion to their sampled rows, and exchanging
-    rows through block buffers of ``split.staging`` bytes (default `STAGING_BYTES`).
+    row r at file row r), shared by the tables in proportion to their sampled rows.
 
     ``fresh=False`` (resume): no cache warm-up; the checkpoint's rows come next. With
     ``resume_from`` (the checkpoint and its chain), an SSD table whose checkpoint files are row
@@ -165,7 +159,6 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
     hot = settings.ssd_layout == "hot"
     sampled = sum(s.ids.size for s in sample.values())
     layout_bytes = split.layout if split is not None else 0
-    staging = split.staging if split is not None and split.staging else STAGING_BYTES
     hot_share = layout_bytes / HOT_LAYOUT_BYTES_PER_ROW / sampled if hot and sampled else 0.0
     if settings.direct_io and not row_align and any(p.placement == "ssd" for p in plan):
         log.info("SSD tables: rows packed, so every write-back reads its 4 KiB block first; --ssd-row-align 512 "
@@ -181,7 +174,7 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
             layout = HotLayout.from_counts(tcfg.num_embeddings, s.ids, s.counts, int(s.ids.size * hot_share))
         below = ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
                                create=True, init_seed=settings.seed, table_index=i, direct_io=settings.direct_io,
-                               init="lazy", row_align=row_align, layout=layout, staging_bytes=staging)
+                               init="lazy", row_align=row_align, layout=layout)
         if resume_from is not None:
             attach_checkpoint(ssd, tcfg.name, resume_from, root / RESUME_DIR)
         rows = 0

@@ -69,7 +69,7 @@ class TrainConfig:
     host_cache: str | None = None  # a host-DRAM cache tier between the device caches and SSD, e.g. "8GiB"
     direct_io: bool = False  # SSD reads bypass the OS page cache (O_DIRECT)
     ssd_row_align: int = 0  # SSD working files: rows padded to this many bytes (0 packed; 512: no read-modify-write)
-    ssd_layout: Literal["hot", "plain"] = "hot"  # SSD working files: rows ordered by sampled hotness (docs/storage.md)
+    ssd_layout: Literal["hot", "plain"] = "plain"  # SSD working files: hot = rows ordered by sampled hotness (docs/storage.md)
     plan_batches: int = 50  # batches read to measure each table's access share
     tables: dict[str, TableSettings] = field(default_factory=dict)
     sharding: ShardingSettings = field(default_factory=ShardingSettings)

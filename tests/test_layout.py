@@ -139,7 +139,7 @@ def test_the_layout_is_kept_in_the_checkpoint_and_a_resume_lays_its_files_out_th
     from tierec.cli import main
 
     _, ref_rows, _ = _run(wide_dataset, tmp_path / "mem")
-    tiered = dict(memory_budget="1MiB", cache_policy="lookahead", direct_io=True, checkpoint_every=10)
+    tiered = dict(memory_budget="1MiB", cache_policy="lookahead", direct_io=True, checkpoint_every=10, ssd_layout="hot")
     _run(wide_dataset, tmp_path / "run", max_steps=10, **tiered)
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000010"
     manifest = json.loads((ckpt / "manifest.json").read_text())

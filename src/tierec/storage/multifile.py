@@ -113,7 +113,7 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExe
     rb, stride = tabs[0].row_bytes, tabs[0].row_stride
     odirect = tabs[0].odirect
     plan = blockio.plan_runs(np.concatenate(ids) * stride, rb, tab_of, tabs[0].align if odirect else 4,
-                             max(1, READ_GAP_BYTES // tabs[0].align) if odirect else 0)
+                             READ_GAP_BYTES // tabs[0].align if odirect else 0)
     run_tab = tab_of[plan.first].tolist()
     fds = [t.read_fd for t in tabs]
     sizes = [t.file_bytes for t in tabs]

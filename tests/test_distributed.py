@@ -20,8 +20,8 @@ from tierec.distributed.trainer import slice_batch
 from tierec.errors import ConfigError
 from tierec.storage.base import InMemoryTable
 from tierec.storage.lazy import RowInit
-from tierec.storage.ssd import open_table_file
-from tierec.storage.tablefile import read_table_file, verify_file, write_table_file
+from tierec.storage.ssd import open_table_chain
+from tierec.storage.tablefile import read_table_file, write_table_file
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig
 from tierec.train.trainer import Trainer, evaluate, load_for_eval
@@ -35,7 +35,7 @@ from tierec.train.trainer import Trainer, evaluate, load_for_eval
 ATOL = 1e-5
 STEPS = 8
 ARGS = ["--batch-size", "250", "--max-steps", str(STEPS), "--num-threads", "1", "--no-progress", "--seed", "3",
-        "--sparse-optimizer", "rowwise_adagrad", "--pooling", "mean"]
+        "--sparse-optimizer", "rowwise_adagrad", "--pooling", "mean", "--checkpoint-every", "3"]
 SHARDING = '[sharding]\ntables = {s0 = "row", s1 = 1}\ntimeout_s = 60\n'
 
 
@@ -120,8 +120,10 @@ def two_rank_run(tiny_dataset, tmp_path_factory):
 
 
 def checkpoint_rows(c, m, t) -> np.ndarray:
-    """Every row of table entry ``t`` of checkpoint ``c`` (dense file or row set), float32 [rows * width]."""
-    f = open_table_file(c, m["files"], t["file"], t["num_embeddings"], t["dim"], t["state_dim"])
+    """Every row of table entry ``t`` of checkpoint ``c`` (dense file, row set or a chain of them), float32
+    [rows * width]."""
+    f = open_table_chain([(d, x["files"]) for d, x in ckpt.table_chain(c, m)], t["file"], t["num_embeddings"],
+                         t["dim"], t["state_dim"])
     w, s = f.read_rows(0, t["num_embeddings"])
     f.close()
     return torch.cat([w, s], 1).numpy().reshape(-1)
@@ -136,9 +138,9 @@ def test_two_ranks_match_one_process(tiny_dataset, tmp_path, two_rank_run):
     one = Trainer(cfg).fit()
     c1, c2 = ckpt.resolve_checkpoint(one["checkpoint"]), ckpt.resolve_checkpoint(out2)
     m1, m2 = ckpt.read_manifest(c1), ckpt.read_manifest(c2)
-    # the same checkpoint format: same keys, tables (one process writes row sets, torchrun every row)
+    # the same checkpoint format: same keys, tables and files (row sets; torchrun's are a chain of increments)
     assert set(m1) == set(m2) and m1["tables"] == m2["tables"]
-    assert {f for f in m1["files"] if not f.endswith(".ids")} == set(m2["files"])
+    assert set(m1["files"]) == set(m2["files"])
     d1, d2 = ckpt.load_dense_state(c1, m1), ckpt.load_dense_state(c2, m2)
     assert d1["model"].keys() == d2["model"].keys()
     for k, v in d1["model"].items():
@@ -249,10 +251,9 @@ def test_killed_rank_names_it_keeps_the_checkpoint_and_resume_continues(tiny_dat
     assert p.returncode != 0
     root_cause = log[log.index("Root Cause"):]
     assert "rank      : 1 (local_rank: 1)" in root_cause and "SIGKILL" in root_cause, log[-2000:]
-    last = ckpt.resolve_checkpoint(out)  # still valid: every file matches its manifest
+    last = ckpt.resolve_checkpoint(out)  # still valid: every file (and link of its chain) matches its manifest
+    ckpt.verify_checkpoint(last)
     m = ckpt.read_manifest(last)
-    for rel, meta in m["files"].items():
-        verify_file(last / rel, meta)
     assert 5 <= m["step"] < 750
     p = torchrun(2, [*args, "--resume", "--max-steps", str(m["step"] + 5)])
     log, _ = p.communicate(timeout=120)
@@ -282,3 +283,22 @@ def test_an_incremental_chain_loads_into_any_row_split(tmp_path):
         read_table_file(tmp_path / "a" / "t.tbl", ShardView(s, part), base["t.tbl"], base["t.tbl.ids"])
         read_table_file(tmp_path / "b" / "t.tbl", ShardView(s, part), delta["t.tbl"], delta["t.tbl.ids"])
         assert torch.equal(part.weight, full.weight[s.lo : s.hi]) and torch.equal(part.state, full.state[s.lo : s.hi])
+
+
+def test_two_rank_checkpoints_are_row_sets_in_a_chain(two_rank_run):
+    """Each rank writes the rows it owns that changed since the last checkpoint; rank 0 joins them into one
+    row set per table: the checkpoints at steps 3, 6 and 8 are a base and two increments, verified."""
+    from tierec.cli import main
+
+    out2, _ = two_rank_run
+    root = out2 / "checkpoints"
+    latest = root / (root / "LATEST").read_text().strip()
+    m = json.loads((latest / "manifest.json").read_text())
+    assert m["step"] == STEPS and m["chain"] == ["step-00000003", "step-00000006"]
+    for t in m["tables"]:
+        entry = m["files"][t["file"]]
+        assert entry["layout"] == "rowset" and entry["delta"] and entry["rows"] > 0, t["name"]
+    base = json.loads((root / "step-00000003" / "manifest.json").read_text())
+    assert base["chain"] == [] and not any(e.get("delta") for e in base["files"].values())
+    assert not (latest / "parts").exists()
+    assert main(["checkpoint", "verify", str(latest)]) == 0

@@ -7,16 +7,18 @@ tables are sharded (`ShardedEmbeddingCollection`). Each rank's loss is the sum
 of its samples' losses divided by the global batch size, so the summed dense
 gradients and the owners' row gradients are those of the single-process loss.
 
-Checkpoints have the single-process layout: each rank writes its shards' rows
-into the full-size table files at their row offsets, rank 0 hashes the files,
-writes dense.pt and the manifest and publishes LATEST. A checkpoint therefore
-loads with any number of ranks, and in `tierec eval`.
+Checkpoints have the single-process layout, incremental ones included: each rank
+writes its shards' parts of the tables' row sets (the rows changed since the last
+checkpoint, or every written row), rank 0 joins them, writes dense.pt and the
+manifest and publishes LATEST. A checkpoint therefore loads with any number of
+ranks, and in `tierec eval`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -38,9 +40,10 @@ from tierec.modules.dlrm import DLRM
 from tierec.modules.optim import SparseOptimizer
 from tierec.modules.two_tower import TwoTower
 from tierec.sparse import KeyedJaggedTensor
+from tierec.storage.lazy import RowInit
 from tierec.storage.plan import AccessSample, TableNeeds, measure_lookups
 from tierec.storage.settings import StorageSettings
-from tierec.storage.tablefile import CHUNK_ROWS, row_bytes_of
+from tierec.storage.tablefile import CHUNK_ROWS, merge_row_set_parts, row_bytes_of, write_row_set_part
 from tierec.train import checkpoint as ckpt
 from tierec.train.metrics import log_loss, roc_auc
 from tierec.train.rundir import claim_run_dir, existing_run
@@ -256,33 +259,54 @@ class DistributedTrainer(Trainer):
         return {s.name: t.storage for s, t in zip(self.ebc.shards, self.ebc.tables, strict=True)}
 
     def save(self) -> Path:
-        """Every rank writes its rows into the shared full-size table files; rank 0 publishes."""
+        """Rank 0 publishes a checkpoint of every rank's shards. Where every shard tracks its written rows
+        (`LazyRows`), each rank writes the part of the row set it owns (the rows changed since the last
+        checkpoint: an incremental link, while the chain is below ``--checkpoint-chain``; else every
+        written row) and rank 0 joins the parts of each table into its row set; otherwise every rank
+        writes its rows into full-size table files."""
         d, ebc = self.dist, self.ebc
-        for t in ebc.tables:
-            t.storage.flush()
         steps = {s.index: int(t.step) for s, t in zip(ebc.shards, ebc.tables, strict=True)}
+        tracked = all(t.storage.lazy_rows() is not None for t in ebc.tables)
         gathered: list = [None] * d.world
-        dist.all_gather_object(gathered, (steps, self.rank_plan))
-        box = [""]  # rank 0's temporary directory, broadcast to the others
+        dist.all_gather_object(gathered, (steps, self.rank_plan, tracked))
+        row_sets = all(g[2] for g in gathered)
+        box: list = ["", []]  # rank 0's temporary directory and the chain below the new checkpoint
         if d.rank == 0:
             tmp = ckpt.new_checkpoint_dir(self.out, self.step)
-            for c in ebc.configs:  # full-size files; every rank fills its row ranges
-                with open(tmp / "tables" / f"{c.name}.tbl", "wb") as f:
-                    f.truncate(c.num_embeddings * (c.embedding_dim + self.state_dim) * 4)
-            box = [str(tmp)]
+            chain = ckpt.chain_below(self.parent, self.cfg.checkpoint_chain) if row_sets else []
+            if row_sets:
+                (tmp / "parts").mkdir()
+            else:
+                for c in ebc.configs:  # full-size files; every rank fills its row ranges
+                    with open(tmp / "tables" / f"{c.name}.tbl", "wb") as f:
+                        f.truncate(c.num_embeddings * (c.embedding_dim + self.state_dim) * 4)
+            box = [str(tmp), chain]
         dist.broadcast_object_list(box, src=0)
-        tmp = Path(box[0])
+        tmp, chain = Path(box[0]), box[1]
         for s, t in zip(ebc.shards, ebc.tables, strict=True):
-            write_shard(tmp / "tables" / f"{s.table}.tbl", s, t.storage)
+            lazy = t.storage.lazy_rows()
+            if row_sets:
+                assert lazy is not None  # every shard tracks its rows (gathered above)
+                which = lazy.changed if chain and lazy.changed is not None else lazy.written
+                write_row_set_part(tmp / "parts" / s.name, t.storage, which, s.lo)
+            else:
+                t.storage.flush()
+                write_shard(tmp / "tables" / f"{s.table}.tbl", s, t.storage)
         dist.barrier()
         final = None
         if d.rank == 0:
-            final = self._publish(tmp, gathered)
+            final = self._publish(tmp, [g[:2] for g in gathered], chain if row_sets else None)
         box = [str(final)]
         dist.broadcast_object_list(box, src=0)
-        return Path(box[0])
+        for t in ebc.tables:
+            if (lazy := t.storage.lazy_rows()) is not None:
+                lazy.take_changed()
+        self.parent = Path(box[0])
+        return self.parent
 
-    def _publish(self, tmp: Path, gathered: list) -> Path:
+    def _publish(self, tmp: Path, gathered: list, chain: list[str] | None) -> Path:
+        """Rank 0: the tables' files (row sets joined from the ranks' parts, when ``chain`` is not None),
+        dense state and manifest; publish."""
         ebc = self.ebc
         steps = {i: n for rank_steps, _ in gathered for i, n in rank_steps.items()}
         state = dict(self.model.state_dict())
@@ -291,16 +315,25 @@ class DistributedTrainer(Trainer):
         dense_state = {"model": state, "dense_optimizer": self.dense_opt.state_dict(),
                        "torch_rng": torch.get_rng_state()}
         files, table_meta = {}, []
-        for c in ebc.configs:
+        for i, c in enumerate(ebc.configs):
             rel = f"tables/{c.name}.tbl"
-            files[rel] = {"bytes": (tmp / rel).stat().st_size, "sha256": sha256_file(tmp / rel)}
+            if chain is not None:
+                parts = [tmp / "parts" / s.name for s in sorted((s for s in self.shards if s.index == i),
+                                                               key=lambda s: s.lo)]
+                init = RowInit(self.cfg.seed, i, c.num_embeddings, c.embedding_dim)
+                for name, entry in merge_row_set_parts(tmp / rel, parts, c.embedding_dim + self.state_dim, init,
+                                                       delta=bool(chain)).items():
+                    files[f"tables/{name}"] = entry
+            else:
+                files[rel] = {"bytes": (tmp / rel).stat().st_size, "sha256": sha256_file(tmp / rel)}
             table_meta.append(ckpt.table_entry(c.name, c.num_embeddings, c.embedding_dim, self.state_dim))
+        shutil.rmtree(tmp / "parts", ignore_errors=True)
         meta = {"tierec_version": __version__, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "samples": self.samples, "train_s": self.train_s,
                 "config": self.cfg.to_dict(), "schema": self.ds.schema.to_json(),
                 "data_fingerprint": data_fingerprint(self.ds),
                 "storage_plan": merge_storage_plans([p for _, p in gathered], self.shards),
-                "chain": []}  # always a full checkpoint (incremental ones: one process only, for now)
+                "chain": chain or []}
         return ckpt.publish_checkpoint(tmp, self.step, dense_state, files, table_meta, meta, self.cfg.keep_checkpoints)
 
     def _load_weights(self, path: Path, manifest: dict, model_state: dict) -> None:
@@ -310,6 +343,9 @@ class DistributedTrainer(Trainer):
             t.step.fill_(model_state[f"embeddings.tables.{s.index}.step"])
         ckpt.load_tables(path, manifest, {s.table: ShardView(s, t.storage)
                                           for s, t in zip(self.ebc.shards, self.ebc.tables, strict=True)})
+        for t in self.ebc.tables:  # the checkpoint holds every row just loaded: nothing changed since
+            if (lazy := t.storage.lazy_rows()) is not None:
+                lazy.take_changed()
 
 def write_shard(path: Path, shard: Shard, storage) -> None:
     """Write a shard's rows (weights | state) at their row offsets of a full-size table file, fsynced."""

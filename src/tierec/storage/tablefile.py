@@ -31,6 +31,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,36 +103,114 @@ def write_table_file(path: Path, storage, delta: bool = False) -> dict[str, dict
     return {path.name: {"bytes": path.stat().st_size, "sha256": sha}}
 
 
-def write_row_set(path: Path, storage, lazy: LazyRows, which: RowBits, delta: bool = False) -> dict[str, dict]:
-    """Rows ``which`` of ``storage`` as a row set (see the module doc), one chunk of IDs at a time."""
-    n = storage.num_embeddings
-    chunks, root, ih, count = [], hashlib.sha256(), hashlib.sha256(), 0
-    ipath = ids_path(path)
-    with open(path, "wb") as f, open(ipath, "wb") as fi:
-        for j, a in enumerate(range(0, n, ROWSET_CHUNK_IDS)):
-            ids = which.ids(a, min(a + ROWSET_CHUNK_IDS, n))
-            if not ids.size:
-                continue
-            h = hashlib.sha256()
-            for k in range(0, ids.size, CHUNK_ROWS):  # rows read 64K at a time: bounded memory
-                w, s = storage.read(torch.from_numpy(ids[k : k + CHUNK_ROWS]))
-                raw = torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy().tobytes()
-                h.update(raw)
-                f.write(raw)
-            digest = h.hexdigest()
-            chunks.append([j, int(ids.size), digest])
-            root.update(digest.encode())
-            fi.write(ids.tobytes())
-            ih.update(ids.tobytes())
-            count += int(ids.size)
-        for g in (f, fi):
+class RowSetWriter:
+    """Writes the row set ``path`` (+ ``<path>.ids``) from rows given in ascending ID order, in pieces
+    (`add`): one sha256 per chunk of `ROWSET_CHUNK_IDS` IDs as it goes, fsynced by `finish`."""
+
+    def __init__(self, path: Path):
+        self.path, self.ipath = path, ids_path(path)
+        self._f, self._fi = open(path, "wb"), open(self.ipath, "wb")
+        self.chunks: list[list] = []
+        self._root, self._ih = hashlib.sha256(), hashlib.sha256()
+        self._chunk: tuple[int, int, Any] | None = None  # (chunk index, rows, its running sha256)
+        self.count = 0
+
+    def add(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Rows ``ids`` (int64 [n], ascending, above every ID added before) and their float32 rows [n, width]."""
+        if ids.size == 0:
+            return
+        j = ids // ROWSET_CHUNK_IDS
+        cuts = np.flatnonzero(j[1:] != j[:-1]) + 1
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), ids.size], strict=True):
+            if self._chunk is None or self._chunk[0] != int(j[a]):
+                self._close_chunk()
+                self._chunk = (int(j[a]), 0, hashlib.sha256())
+            data = np.ascontiguousarray(rows[a:b], dtype=np.float32).tobytes()
+            k, n, h = self._chunk
+            h.update(data)
+            self._chunk = (k, n + b - a, h)
+            self._f.write(data)
+        raw = np.ascontiguousarray(ids, dtype=np.int64).tobytes()
+        self._fi.write(raw)
+        self._ih.update(raw)
+        self.count += int(ids.size)
+
+    def _close_chunk(self) -> None:
+        if self._chunk is not None and self._chunk[1]:
+            digest = self._chunk[2].hexdigest()
+            self.chunks.append([self._chunk[0], self._chunk[1], digest])
+            self._root.update(digest.encode())
+        self._chunk = None
+
+    def finish(self, init: RowInit, delta: bool = False) -> dict[str, dict]:
+        """Close and fsync both files; their manifest entries by file name."""
+        self._close_chunk()
+        for g in (self._f, self._fi):
             g.flush()
             os.fsync(g.fileno())
-    entry = {"bytes": path.stat().st_size, "sha256": root.hexdigest(), "layout": "rowset", "rows": count,
-             "init": lazy.init.to_json(), "chunk_ids": ROWSET_CHUNK_IDS, "chunks": chunks, "ids": ipath.name}
-    if delta:
-        entry["delta"] = True
-    return {path.name: entry, ipath.name: {"bytes": ipath.stat().st_size, "sha256": ih.hexdigest()}}
+            g.close()
+        entry = {"bytes": self.path.stat().st_size, "sha256": self._root.hexdigest(), "layout": "rowset",
+                 "rows": self.count, "init": init.to_json(), "chunk_ids": ROWSET_CHUNK_IDS, "chunks": self.chunks,
+                 "ids": self.ipath.name}
+        if delta:
+            entry["delta"] = True
+        return {self.path.name: entry, self.ipath.name: {"bytes": self.ipath.stat().st_size,
+                                                          "sha256": self._ih.hexdigest()}}
+
+    def close(self) -> None:
+        """Close the files without publishing them (after an error)."""
+        self._f.close()
+        self._fi.close()
+
+
+def write_row_set(path: Path, storage, lazy: LazyRows, which: RowBits, delta: bool = False) -> dict[str, dict]:
+    """Rows ``which`` of ``storage`` as a row set (see the module doc), 64K rows at a time."""
+    n = storage.num_embeddings
+    w = RowSetWriter(path)
+    try:
+        for a in range(0, n, ROWSET_CHUNK_IDS):
+            ids = which.ids(a, min(a + ROWSET_CHUNK_IDS, n))
+            for k in range(0, ids.size, CHUNK_ROWS):  # rows read 64K at a time: bounded memory
+                part = ids[k : k + CHUNK_ROWS]
+                w.add(part, _rows_of(storage, part))
+        return w.finish(lazy.init, delta)
+    finally:
+        w.close()
+
+
+def _rows_of(storage, ids: np.ndarray) -> np.ndarray:
+    w, s = storage.read(torch.from_numpy(ids))
+    return torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy()
+
+
+def write_row_set_part(path: Path, storage, which: RowBits, offset: int) -> None:
+    """One shard's part of a row set (torchrun): rows ``which`` of ``storage`` (a shard holding a table's rows
+    ``[offset, offset + num_embeddings)``) to ``path``, their whole-table IDs to ``<path>.ids``; unhashed,
+    for `merge_row_set_parts` to join."""
+    with open(path, "wb") as f, open(ids_path(path), "wb") as fi:
+        for a in range(0, storage.num_embeddings, ROWSET_CHUNK_IDS):
+            ids = which.ids(a, min(a + ROWSET_CHUNK_IDS, storage.num_embeddings))
+            for k in range(0, ids.size, CHUNK_ROWS):
+                part = ids[k : k + CHUNK_ROWS]
+                f.write(_rows_of(storage, part).tobytes())
+                fi.write((part + offset).tobytes())
+
+
+def merge_row_set_parts(path: Path, parts: list[Path], width: int, init: RowInit, delta: bool = False) -> dict[str, dict]:
+    """The row set ``path`` of a table from its shards' parts (`write_row_set_part`; ``parts`` in row order,
+    disjoint row ranges), read 64K rows at a time; manifest entries as `write_row_set`'s."""
+    w = RowSetWriter(path)
+    try:
+        for part in parts:
+            n = ids_path(part).stat().st_size // 8
+            for a in range(0, n, CHUNK_ROWS):
+                k = min(CHUNK_ROWS, n - a)
+                ids = np.fromfile(ids_path(part), dtype=np.int64, count=k, offset=a * 8)
+                rows = np.fromfile(part, dtype=np.float32, count=k * width, offset=a * width * 4).reshape(k, width)
+                w.add(ids, rows)
+        return w.finish(init, delta)
+    finally:
+        w.close()
 
 
 def is_row_set(expect: dict) -> bool:

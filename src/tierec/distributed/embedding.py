@@ -112,11 +112,11 @@ class ShardedEmbeddingCollection(nn.Module):
             cfg = configs[s.index]
             sdim = optimizer.state_dim(cfg.embedding_dim)
             tcfg = TableConfig(s.name, s.rows, cfg.embedding_dim, "sum")
-            st = storage_factory(s.index, tcfg, sdim) if storage_factory is not None else None
             init = RowInit(seed, s.index, s.num_embeddings, cfg.embedding_dim, row_offset=s.lo)
+            st = storage_factory(s.index, tcfg, sdim, init=init) if storage_factory is not None else None
             if st is None:
                 st = InMemoryTable(s.rows, cfg.embedding_dim, sdim, device=device, init=init)
-            elif not s.whole:  # SSD files of whole tables init themselves
+            elif (lazy := st.lazy_rows()) is None or lazy.init != init:  # a store that did not take the shard's init
                 for a in range(0, s.rows, INIT_CHUNK_ROWS * 16):
                     b = min(a + INIT_CHUNK_ROWS * 16, s.rows)
                     st.write_rows(a, init.range(a, b).to(device), torch.zeros(b - a, sdim, device=device))

@@ -143,6 +143,7 @@ class SsdTable:
         self.device = torch.device("cpu")
         self.readonly = readonly
         self._lazy: LazyRows | None = None
+        self._lazy_init = lazy_init  # a new lazy file's RowInit, when not (init_seed, table_index, its rows)
         if create:
             if readonly:
                 raise ConfigError(f"{path}: cannot create a table file read-only")
@@ -236,7 +237,8 @@ class SsdTable:
             atomic_write_bytes(layout_path(self.path), self.layout.hot.tobytes())
         if init == "lazy":
             assert seed is not None
-            self._lazy = LazyRows.fresh(RowInit(seed, table_index, self.num_embeddings, self.dim), self.num_embeddings)
+            init_ = self._lazy_init or RowInit(seed, table_index, self.num_embeddings, self.dim)
+            self._lazy = LazyRows.fresh(init_, self.num_embeddings)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         sha = None
         try:

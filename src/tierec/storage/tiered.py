@@ -19,6 +19,7 @@ from tierec.malloc import limit_malloc_retention
 from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableGroup
 from tierec.storage.layout import HOT_LAYOUT_BYTES_PER_ROW, HotLayout
+from tierec.storage.lazy import RowInit
 from tierec.storage.lookahead import LookaheadCache
 from tierec.storage.plan import (
     AccessSample,
@@ -164,7 +165,9 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
         log.info("SSD tables: rows packed, so every write-back reads its 4 KiB block first; --ssd-row-align 512 "
                  "gives each row its own sector (a third fewer I/Os, up to 2x the disk space; docs/storage.md)")
 
-    def factory(i, tcfg, state_dim):
+    def factory(i, tcfg, state_dim, init: RowInit | None = None):
+        """``init``: the rows' initial values when not the table's own (a row-wise shard: its rows of the
+        whole table's)."""
         p = by_name[tcfg.name]
         if p.placement == "memory":
             return None
@@ -172,9 +175,9 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
         layout = saved_layout(resume_from, tcfg.name, tcfg.num_embeddings) if resume_from is not None and hot else None
         if layout is None and s is not None and int(s.ids.size * hot_share):
             layout = HotLayout.from_counts(tcfg.num_embeddings, s.ids, s.counts, int(s.ids.size * hot_share))
-        below = ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
-                               create=True, init_seed=settings.seed, table_index=i, direct_io=settings.direct_io,
-                               init="lazy", row_align=row_align, layout=layout)
+        ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
+                       create=True, init_seed=settings.seed, table_index=i, direct_io=settings.direct_io,
+                       init="lazy", row_align=row_align, layout=layout, lazy_init=init)
         if resume_from is not None:
             attach_checkpoint(ssd, tcfg.name, resume_from, root / RESUME_DIR)
         rows = 0
@@ -186,11 +189,12 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
             if key not in groups:
                 groups[key] = TableGroup(f"group:d{tcfg.embedding_dim}", device, settings.prefetch_threads, hot)
             return groups[key].add(ssd, p.cache_rows, tcfg.name, host_rows=rows, feature=tcfg.key)
-        if host_bytes:
-            cls = LookaheadCache if p.policy == "lookahead" else CachedTable
-            kw = {} if p.policy == "lookahead" else {"policy": "lru" if p.policy == "freq" else p.policy}
-            kw = {"neighbours": hot} if p.policy == "lookahead" else kw
-            below = cls(ssd, rows, device="cpu", name=f"{tcfg.name}@host", **kw)
+        below: SsdTable | CachedTable = ssd
+        if host_bytes and p.policy == "lookahead":
+            below = LookaheadCache(ssd, rows, device="cpu", name=f"{tcfg.name}@host", neighbours=hot)
+        elif host_bytes:
+            below = CachedTable(ssd, rows, "lru" if p.policy == "freq" else p.policy, device="cpu",
+                                name=f"{tcfg.name}@host")
         if p.policy == "lookahead":
             return LookaheadCache(below, p.cache_rows, device=device, name=tcfg.name, neighbours=hot)
         freq = None

@@ -79,7 +79,7 @@ LAYOUT_MIN_BUDGET = 1 << 20  # below this budget the files are laid out plain (e
 def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSplit:
     """What ``settings.memory_budget`` pays before the tables: 2 bits per row of every table, and, with
     look-ahead, the window: ``lookahead`` batches of the sampled size (8 B per ID + the oracle's
-    32 B), at most ``lookahead_memory`` and 1/`WINDOW_SHARE` of the budget (the pipeline holds the
+    64 B), at most ``lookahead_memory`` and 1/`WINDOW_SHARE` of the budget (the pipeline holds the
     window to it); with ``ssd_layout="hot"``, the SSD files' hot-row layouts: 16 B per sampled row, at
     most 1/`LAYOUT_SHARE` of a budget of `LAYOUT_MIN_BUDGET` or more. A budget too small for them is a `ConfigError`."""
     total = settings.memory_budget or 0
@@ -88,7 +88,7 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     row_bits = sum((2 * n.num_embeddings + 7) // 8 for n in needs)
     window = 0
     if settings.uses_lookahead:
-        per_batch = 40 * sum(n.lookups for n in needs) // max(1, settings.plan_batches)
+        per_batch = 72 * sum(n.lookups for n in needs) // max(1, settings.plan_batches)
         window = min(settings.lookahead_memory, settings.lookahead * per_batch, total // WINDOW_SHARE)
     layout = 0
     if settings.ssd_layout == "hot" and total >= LAYOUT_MIN_BUDGET:

@@ -57,8 +57,9 @@ log = logging.getLogger(__name__)
 _worker_of = threading.local()  # .pipeline: set on a pipeline's worker and I/O threads
 LATE_S = 1e-4  # a step that waited longer than this for its rows counts as late
 # Memory the oracles hold per unique ID of an observed step (counted against max_bytes): the IDs (8 B), the
-# next-use ring and its index positions (12 B, with 1.5x growth slack 18 B), a share of the hash map id -> latest use
-OCCURRENCE_BYTES = 32
+# next-use ring and its index positions (12 B, with 1.5x growth slack 18 B), and the hash map id -> latest use
+# (16 B per entry at a fill of 1/4 to 1/2: 32-64 B; issue #18 measured the window's RSS at ~2x the 32 B once counted)
+OCCURRENCE_BYTES = 64
 SWITCH_INTERVAL_S = 5e-4  # the interpreter's GIL switch interval while a pipeline runs (see __init__)
 # Batches read ahead after each step prepared for a trainer that was waiting, while the window is short of
 # `window`: when the storage is slower than the steps, the worker would otherwise only prepare, the window
@@ -67,12 +68,13 @@ CATCH_UP_READS = 2
 
 
 def batch_nbytes(b: Batch) -> int:
+    """Bytes a batch holds in the window: its tensors, and the offsets its KJT computes and keeps."""
     kjt = b.sparse
-    n = b.dense.nbytes + b.labels.nbytes + kjt.values().nbytes + kjt.lengths().nbytes
+    n = b.dense.nbytes + b.labels.nbytes + kjt.values().nbytes + 2 * kjt.lengths().nbytes + 8
     w = kjt.weights_or_none()
     n += w.nbytes if w is not None else 0
     u = b.user
-    return n + (u.values().nbytes + u.lengths().nbytes if u is not None else 0)
+    return n + (u.values().nbytes + 2 * u.lengths().nbytes + 8 if u is not None else 0)
 
 
 class LookupUser(Protocol):

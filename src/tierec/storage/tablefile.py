@@ -42,6 +42,9 @@ from tierec.storage.lazy import LazyRows, RowBits, RowInit
 
 FORMAT = "tierec-table"
 CHUNK_ROWS = 1 << 16  # rows per streamed block when writing or loading a whole file
+# rows of a row set read by ID per piece: scattered rows of an O_DIRECT file cost a 4 KiB block each, so a
+# piece moves up to 64 MiB of blocks through memory at a checkpoint (64K rows: up to 256 MiB)
+ROWSET_READ_ROWS = 1 << 14
 ROWSET_CHUNK_IDS = 1 << 20  # a row set's checksum chunk: the written rows among 1M consecutive IDs
 
 
@@ -164,14 +167,14 @@ class RowSetWriter:
 
 
 def write_row_set(path: Path, storage, lazy: LazyRows, which: RowBits, delta: bool = False) -> dict[str, dict]:
-    """Rows ``which`` of ``storage`` as a row set (see the module doc), 64K rows at a time."""
+    """Rows ``which`` of ``storage`` as a row set (see the module doc), `ROWSET_READ_ROWS` rows at a time."""
     n = storage.num_embeddings
     w = RowSetWriter(path)
     try:
         for a in range(0, n, ROWSET_CHUNK_IDS):
             ids = which.ids(a, min(a + ROWSET_CHUNK_IDS, n))
-            for k in range(0, ids.size, CHUNK_ROWS):  # rows read 64K at a time: bounded memory
-                part = ids[k : k + CHUNK_ROWS]
+            for k in range(0, ids.size, ROWSET_READ_ROWS):  # bounded memory
+                part = ids[k : k + ROWSET_READ_ROWS]
                 w.add(part, _rows_of(storage, part))
         return w.finish(lazy.init, delta)
     finally:
@@ -190,8 +193,8 @@ def write_row_set_part(path: Path, storage, which: RowBits, offset: int) -> None
     with open(path, "wb") as f, open(ids_path(path), "wb") as fi:
         for a in range(0, storage.num_embeddings, ROWSET_CHUNK_IDS):
             ids = which.ids(a, min(a + ROWSET_CHUNK_IDS, storage.num_embeddings))
-            for k in range(0, ids.size, CHUNK_ROWS):
-                part = ids[k : k + CHUNK_ROWS]
+            for k in range(0, ids.size, ROWSET_READ_ROWS):
+                part = ids[k : k + ROWSET_READ_ROWS]
                 f.write(_rows_of(storage, part).tobytes())
                 fi.write((part + offset).tobytes())
 

@@ -72,8 +72,9 @@ HELP = {
                      "stay packed",
     "ssd_layout": "plain (default): row r at file row r; hot: the SSD working files hold the rows the planning "
                   "pass counted most often together, hottest first, a look-ahead cache takes the rows that "
-                  "share a missed row's device block when its window uses them: 10-20%% fewer device bytes "
-                  "for some CPU per step, for runs the device holds back (high stall; docs/storage.md)",
+                  "share a missed row's device block when its window uses them: a higher hit rate and 8-21%% "
+                  "fewer device bytes for more prefetch CPU per step (slower on a 2-core machine; for machines "
+                  "with cores to spare: docs/storage.md)",
     "plan_batches": "batches read to measure each table's access share for --memory-budget",
     "dedup": "look up user-side features once per unique row of a batch and expand (docs/dedup.md)",
 }

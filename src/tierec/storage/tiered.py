@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tierec.config import format_bytes
-from tierec.errors import ConfigError
+from tierec.errors import CheckpointError, ConfigError
 from tierec.malloc import limit_malloc_retention
 from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableGroup
@@ -222,8 +222,6 @@ def layout_files(root: Path) -> dict[str, bytes]:
 def saved_layout(resume: ResumeChain, name: str, num_rows: int) -> HotLayout | None:
     """Table ``name``'s hot-row layout kept in the checkpoint ``resume`` resumes from (checked against the
     manifest's sha256), or None when it has none."""
-    from tierec.errors import CheckpointError
-
     ckpt, manifest = resume.chain[-1]
     rel = f"{LAYOUT_DIR}/{name}.hot"
     entry = manifest["files"].get(rel)
@@ -284,9 +282,6 @@ def checkpoint_storage_factory(ckpt_dir: Path, manifest: dict, plan: list[dict],
     the training sample and future batches are not at hand); each file is checked against the
     manifest first. ``chain``: an incremental checkpoint's [(checkpoint dir, manifest files)], base
     first, this one last (default: this one alone)."""
-    from tierec.errors import CheckpointError
-    from tierec.storage.ssd import open_table_chain
-
     links = chain or [(Path(ckpt_dir), manifest["files"])]
 
     by_name = {p["name"]: p for p in plan if p["placement"] == "ssd"}

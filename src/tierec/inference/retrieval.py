@@ -27,6 +27,7 @@ from tierec.data.dataset import Dataset, Schema
 from tierec.data.hashing import splitmix64
 from tierec.errors import ConfigError
 from tierec.inference.features import Encoded
+from tierec.sparse.dedup import expand_ranges
 from tierec.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,7 @@ def _take_rows(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tup
     """Jagged (values, offsets [n+1]) restricted to ``rows`` -> (values, lengths [len(rows)])."""
     lens = (offsets[1:] - offsets[:-1])[rows]
     starts = offsets[:-1][rows]
-    idx = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
-    return values[idx], lens
+    return values[expand_ranges(starts, lens)], lens
 
 
 def item_corpus(data: str, schema: Schema, keys: list[str], rows: int) -> Encoded:

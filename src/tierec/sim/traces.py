@@ -26,6 +26,7 @@ from typing import BinaryIO
 import numpy as np
 
 from tierec.errors import DataError, TierecError
+from tierec.sparse.dedup import expand_ranges
 
 FORMATS = ("auto", "dataset", "arc", "plain")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -163,15 +164,6 @@ def read_plain(path: str | os.PathLike, max_requests: int | None = None) -> np.n
             break
     out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     return out[:max_requests] if max_requests is not None else out
-
-
-def expand_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``concat([arange(s, s + c) for s, c in zip(starts, counts)])``, vectorised: int64."""
-    starts = np.asarray(starts, np.int64)
-    counts = np.asarray(counts, np.int64)
-    total = int(counts.sum())
-    before = np.cumsum(counts) - counts  # output index of each range's first element
-    return np.arange(total, dtype=np.int64) + np.repeat(starts - before, counts)
 
 
 def read_arc(path: str | os.PathLike, max_requests: int | None = None) -> np.ndarray:

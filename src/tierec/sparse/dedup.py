@@ -25,17 +25,23 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def expand_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concat([arange(s, s + c) for s, c in zip(starts, counts)])``, vectorised: int64."""
+    starts = np.asarray(starts, np.int64)
+    counts = np.asarray(counts, np.int64)
+    before = np.cumsum(counts) - counts  # output index of each range's first element
+    return np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - before, counts)
+
+
 def jagged_take(values: np.ndarray, offsets: np.ndarray, idx: np.ndarray) -> Jagged:
     """Rows ``idx`` [k] of a jagged array, in that order -> (values [m'], offsets [k + 1])."""
     idx = np.asarray(idx, np.int64)
     lens = offsets[idx + 1] - offsets[idx]
     out_off = np.zeros(idx.size + 1, np.int64)
     np.cumsum(lens, out=out_off[1:])
-    total = int(out_off[-1])
-    if total == 0:
+    if int(out_off[-1]) == 0:
         return values[:0], out_off
-    pos = np.repeat(offsets[idx] - out_off[:-1], lens) + np.arange(total, dtype=np.int64)
-    return values[pos], out_off
+    return values[expand_ranges(offsets[idx], lens)], out_off
 
 
 def same_as_previous(feats: list[Jagged], n: int) -> np.ndarray:

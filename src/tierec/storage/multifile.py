@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tierec.sparse.dedup import expand_ranges
 from tierec.storage import aio, blockio
 
 if TYPE_CHECKING:
@@ -269,17 +270,14 @@ def _other_rows_hold_data(tabs, run_tab: np.ndarray, foff: np.ndarray, nbytes: n
     out = np.ones(run_tab.size, bool)
     for k in np.unique(run_tab).tolist():
         t = tabs[k]
-        lazy = t.lazy_rows()
-        if lazy is None:
+        if t.lazy_rows() is None:
             continue  # every row holds data
         m = np.flatnonzero(run_tab == k)
         lo = foff[m] // t.row_stride
         hi = np.minimum((foff[m] + nbytes[m] - 1) // t.row_stride, t.file_rows - 1)  # rows overlapping each run
         cnt = hi - lo + 1
-        frows = np.repeat(lo - np.cumsum(cnt) + cnt, cnt) + np.arange(int(cnt.sum()))
-        ids = frows if t.layout is None else t.layout.ids_at(frows)
-        data = ids >= 0
-        data[data] = lazy.stored.test(ids[data])
+        frows = expand_ranges(lo, cnt)
+        _, data = t.rows_with_data(frows)
         mine = wrows[wtab == k]
         pos = np.minimum(np.searchsorted(mine, frows), max(mine.size - 1, 0))
         data &= ~((mine[pos] == frows) if mine.size else np.zeros(frows.size, bool))
@@ -374,8 +372,7 @@ def _many_rmw(tabs, wt, wid, rows, rt, rid):
                                            ids[is_w])
     if blind.any():  # zeros where the rows without data sit (never read back: their initial values are)
         a = t0.align
-        nb = plan.nbytes[blind] // a
-        buf.reshape(-1, a)[np.repeat(plan.boff[blind] // a - np.cumsum(nb) + nb, nb) + np.arange(int(nb.sum()))] = 0
+        buf.reshape(-1, a)[expand_ranges(plan.boff[blind] // a, plan.nbytes[blind] // a)] = 0
     r = np.flatnonzero(~blind)
     blockio.aio_runs(aio.IOCB_CMD_PREAD, fds[r], plan.foff[r], plan.nbytes[r], addrs[r], sizes[r],
                      lambda i: tabs[run_tab[r[i]]].path)

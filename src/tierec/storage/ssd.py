@@ -65,6 +65,7 @@ import torch
 
 from tierec.errors import CheckpointError, ConfigError
 from tierec.fsio import atomic_write_bytes, fsync_dir, sha256_file, umask
+from tierec.sparse.dedup import expand_ranges
 from tierec.storage import aio, blockio
 from tierec.storage.base import WorkingSet
 from tierec.storage.blockio import ALIGN, MAX_IO, BlockPlan
@@ -132,7 +133,7 @@ class SsdTable:
         if layout is not None and not (create and init == "lazy"):
             raise ConfigError(f"{path}: a hot-row layout is for a new lazy working file (create=True, init='lazy')")
         if not create and slots is None and layout_path(self.path).exists():  # a working file laid out by hotness
-            layout = read_layout(self.path, self.num_embeddings)
+            layout = read_layout(layout_path(self.path), self.num_embeddings)
         self.layout = layout  # where rows sit in the file (None: row r at file row r)
         if slots is not None:
             self.file_rows = int(slots.size)  # rows the file holds
@@ -143,11 +144,10 @@ class SsdTable:
         self.device = torch.device("cpu")
         self.readonly = readonly
         self._lazy: LazyRows | None = None
-        self._lazy_init = lazy_init  # a new lazy file's RowInit, when not (init_seed, table_index, its rows)
         if create:
             if readonly:
                 raise ConfigError(f"{path}: cannot create a table file read-only")
-            self._create(init, init_seed, table_index)
+            self._create(init, init_seed, table_index, lazy_init)
         self._sidecar = self._check()
         self._sha_valid = "sha256" in self._sidecar
         if not create and (lazy_init is not None or "lazy" in self._sidecar):
@@ -224,7 +224,8 @@ class SsdTable:
             m["sha256"] = sha256
         return m
 
-    def _create(self, init: str, seed: int | None, table_index: int) -> None:
+    def _create(self, init: str, seed: int | None, table_index: int, lazy_init: RowInit | None) -> None:
+        """A new file; ``lazy_init``: a lazy file's initial rows when not (``seed``, ``table_index``, its rows)."""
         if init != "zeros" and seed is None:
             raise ConfigError(f"{self.path}: create=True with init={init!r} needs init_seed")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,10 +236,10 @@ class SsdTable:
         layout_path(self.path).unlink(missing_ok=True)
         if self.layout is not None:
             atomic_write_bytes(layout_path(self.path), self.layout.hot.tobytes())
+        row_init = None if seed is None else RowInit(seed, table_index, self.num_embeddings, self.dim)
         if init == "lazy":
-            assert seed is not None
-            init_ = self._lazy_init or RowInit(seed, table_index, self.num_embeddings, self.dim)
-            self._lazy = LazyRows.fresh(init_, self.num_embeddings)
+            assert row_init is not None
+            self._lazy = LazyRows.fresh(lazy_init or row_init, self.num_embeddings)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         sha = None
         try:
@@ -246,9 +247,8 @@ class SsdTable:
             if init in ("zeros", "lazy"):
                 os.ftruncate(fd, self.file_bytes)
             else:
-                assert seed is not None  # init "random" needs one: checked above
+                assert row_init is not None  # init "random" needs a seed: checked above
                 pad = (self.row_stride - self.row_bytes) // 4  # floats of zeros after each row
-                row_init = RowInit(seed, table_index, self.num_embeddings, self.dim)
 
                 def block(a: int, b: int) -> bytes:  # initial weights, zero state and padding
                     w = row_init.range(a, b)
@@ -429,12 +429,17 @@ class SsdTable:
         blocks = np.unique(np.concatenate([start // self.align, (start + self.row_bytes - 1) // self.align]))
         lo = -(-blocks * self.align // self.row_stride)  # the first row that starts in each block
         hi = np.minimum(((blocks + 1) * self.align - self.row_bytes) // self.row_stride + 1, self.file_rows)
-        n = np.maximum(hi - lo, 0)  # rows wholly inside each block
-        frows = np.repeat(lo - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
-        out = frows if self.layout is None else self.layout.ids_at(frows)
-        out = out[out >= 0]
-        out = out[lazy.stored.test(out)]
-        return torch.from_numpy(np.setdiff1d(out, ids_np))
+        ids_here, held = self.rows_with_data(expand_ranges(lo, np.maximum(hi - lo, 0)))  # rows wholly inside
+        return torch.from_numpy(np.setdiff1d(ids_here[held], ids_np))
+
+    def rows_with_data(self, frows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """File rows (int64 [K]) of a lazy working file -> (the row IDs they hold, -1 at a hot row's empty
+        home; bool [K]: whether the file holds that row's bytes, i.e. it was written here)."""
+        assert self._lazy is not None, "only lazy files know which of their rows hold data"
+        ids = frows if self.layout is None else self.layout.ids_at(frows)
+        held = ids >= 0
+        held[held] = self._lazy.stored.test(ids[held])
+        return ids, held
 
     def read_local(self, ids_np: np.ndarray) -> np.ndarray:
         """File rows ``ids_np`` (int64 [U]; `slots_of` maps IDs to them) -> [U, width] float32, in the calling
@@ -812,9 +817,9 @@ def layout_path(path: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".hot")
 
 
-def read_layout(path: Path, num_rows: int) -> HotLayout:
-    """The `HotLayout` of the working file ``path`` (checked against its sidecar by the caller)."""
-    lp = layout_path(path)
+def read_layout(lp: Path, num_rows: int) -> HotLayout:
+    """A `HotLayout` from its file ``lp`` (a working file's ``<path>.hot``, checked against its sidecar by the
+    caller; a checkpoint's ``layout/<table>.hot``)."""
     data = lp.read_bytes()
     if len(data) % 8:
         raise CheckpointError(f"{lp}: {len(data)} bytes, not a whole number of int64 row IDs")

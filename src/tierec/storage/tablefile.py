@@ -167,23 +167,26 @@ class RowSetWriter:
 
 
 def write_row_set(path: Path, storage, lazy: LazyRows, which: RowBits, delta: bool = False) -> dict[str, dict]:
-    """Rows ``which`` of ``storage`` as a row set (see the module doc), `ROWSET_READ_ROWS` rows at a time."""
-    n = storage.num_embeddings
+    """Rows ``which`` of ``storage`` as a row set (see the module doc)."""
     w = RowSetWriter(path)
     try:
-        for a in range(0, n, ROWSET_CHUNK_IDS):
-            ids = which.ids(a, min(a + ROWSET_CHUNK_IDS, n))
-            for k in range(0, ids.size, ROWSET_READ_ROWS):  # bounded memory
-                part = ids[k : k + ROWSET_READ_ROWS]
-                w.add(part, _rows_of(storage, part))
+        for ids, rows in _rows_by_id(storage, which):
+            w.add(ids, rows)
         return w.finish(lazy.init, delta)
     finally:
         w.close()
 
 
-def _rows_of(storage, ids: np.ndarray) -> np.ndarray:
-    w, s = storage.read(torch.from_numpy(ids))
-    return torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy()
+def _rows_by_id(storage, which: RowBits):
+    """(IDs int64 [k], rows float32 [k, dim + state_dim]) of rows ``which`` of ``storage``, in ID order,
+    `ROWSET_READ_ROWS` at a time (bounded memory: an O_DIRECT read of scattered rows moves a block each)."""
+    n = storage.num_embeddings
+    for a in range(0, n, ROWSET_CHUNK_IDS):
+        ids = which.ids(a, min(a + ROWSET_CHUNK_IDS, n))
+        for k in range(0, ids.size, ROWSET_READ_ROWS):
+            part = ids[k : k + ROWSET_READ_ROWS]
+            w, s = storage.read(torch.from_numpy(part))
+            yield part, torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy()
 
 
 def write_row_set_part(path: Path, storage, which: RowBits, offset: int) -> None:
@@ -191,12 +194,9 @@ def write_row_set_part(path: Path, storage, which: RowBits, offset: int) -> None
     ``[offset, offset + num_embeddings)``) to ``path``, their whole-table IDs to ``<path>.ids``; unhashed,
     for `merge_row_set_parts` to join."""
     with open(path, "wb") as f, open(ids_path(path), "wb") as fi:
-        for a in range(0, storage.num_embeddings, ROWSET_CHUNK_IDS):
-            ids = which.ids(a, min(a + ROWSET_CHUNK_IDS, storage.num_embeddings))
-            for k in range(0, ids.size, ROWSET_READ_ROWS):
-                part = ids[k : k + ROWSET_READ_ROWS]
-                f.write(_rows_of(storage, part).tobytes())
-                fi.write((part + offset).tobytes())
+        for ids, rows in _rows_by_id(storage, which):
+            f.write(rows.tobytes())
+            fi.write((ids + offset).tobytes())
 
 
 def merge_row_set_parts(path: Path, parts: list[Path], width: int, init: RowInit, delta: bool = False) -> dict[str, dict]:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from tierec.config import format_bytes
@@ -32,7 +31,7 @@ from tierec.storage.plan import (
     plan_tables,
 )
 from tierec.storage.settings import StorageSettings, TableSettings
-from tierec.storage.ssd import SsdTable, open_table_chain
+from tierec.storage.ssd import SsdTable, open_table_chain, read_layout
 from tierec.storage.tablefile import is_row_set, verify_file
 
 if TYPE_CHECKING:
@@ -228,10 +227,7 @@ def saved_layout(resume: ResumeChain, name: str, num_rows: int) -> HotLayout | N
     if entry is None:
         return None
     verify_file(ckpt / rel, entry)
-    try:
-        return HotLayout(num_rows, np.frombuffer((ckpt / rel).read_bytes(), dtype=np.int64).copy())
-    except ValueError as e:
-        raise CheckpointError(f"{ckpt / rel}: {e}") from None
+    return read_layout(ckpt / rel, num_rows)
 
 
 RESUME_DIR = ".resume"  # under the SSD tables' root: hard links to the row sets a resumed run reads below its files

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tierec.data.dataset import Chunk, DatasetWriter, Schema, SparseFeature
+from tierec.data.hashing import splitmix64
 
 RECBOLE = "recbole==1.2.1"
 INTER_IN_WHEEL = "recbole/dataset_example/ml-100k/ml-100k.inter"
@@ -21,10 +22,11 @@ def shared_data() -> Path:
     return SHARED
 
 
-def write_tiny_dataset(root, rows=4000, tables=4, cardinality=200, seed=0, multi_hot=True):
-    """A small learnable data set: labels from hidden per-ID effects, Zipf-ish IDs, some empty bags."""
+def write_tiny_dataset(root, rows=4000, tables=4, cardinality=200, seed=0, multi_hot=True, raw=False):
+    """A small learnable data set: labels from hidden per-ID effects, Zipf-ish IDs, some empty bags.
+    ``raw``: the IDs stored as raw 64-bit hashes (`SparseFeature.raw`), the same data otherwise."""
     rng = np.random.default_rng(seed)
-    schema = Schema(["d0", "d1", "d2"], [SparseFeature(f"s{t}", cardinality) for t in range(tables)])
+    schema = Schema(["d0", "d1", "d2"], [SparseFeature(f"s{t}", cardinality, raw=raw) for t in range(tables)])
     effects = rng.normal(size=(tables, cardinality))
     w = DatasetWriter(root, schema, row_group_size=512, rows_per_file=2048)
     for split, n in (("train", rows), ("test", rows // 4)):
@@ -37,7 +39,8 @@ def write_tiny_dataset(root, rows=4000, tables=4, cardinality=200, seed=0, multi
             offs = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
             sums = np.add.reduceat(np.r_[effects[t, ids], 0.0], offs[:-1]) * (lengths > 0)
             logit = logit + sums
-            sparse[f"s{t}"] = (ids.astype(np.int64), offs)
+            stored = splitmix64(ids.astype(np.uint64)).view(np.int64) if raw else ids.astype(np.int64)
+            sparse[f"s{t}"] = (stored, offs)
         y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
         w.splits[split].write(Chunk(y, dense, sparse))
     w.close(source={"generator": "tests/conftest.py"})

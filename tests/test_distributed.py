@@ -305,3 +305,36 @@ def test_two_rank_checkpoints_are_row_sets_in_a_chain(two_rank_run):
     assert base["chain"] == [] and not any(e.get("delta") for e in base["files"].values())
     assert not (latest / "parts").exists()
     assert main(["checkpoint", "verify", str(latest)]) == 0
+
+
+def test_two_ranks_with_dynamic_tables_match_one_process(tmp_path):
+    """Dynamic tables (admission, LFU eviction) under torchrun: every rank maps the same global batches
+    (an index replica each), the owners reset the slots given to new IDs; a row-wise shard too. Same
+    weights, and the same index in the checkpoint, as one process."""
+    from conftest import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "raw", raw=True, cardinality=400)
+    conf = tmp_path / "sharding.toml"
+    conf.write_text(SHARDING)
+    dyn = ["--table-kind", "dynamic", "--table-rows", "120", "--admit-count", "2", "--evict", "lfu",
+           "--decay-every", "3"]
+    out2 = tmp_path / "two"
+    p = torchrun(2, ["--config", str(conf), "--data", str(data), "--out", str(out2), *ARGS, *dyn])
+    log, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, log[-3000:]
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "one"), batch_size=250, max_steps=STEPS, num_threads=1,
+                      progress=False, seed=3, sparse_optimizer="rowwise_adagrad", pooling="mean",
+                      table_kind="dynamic", table_rows=120, admit_count=2, evict="lfu", decay_every=3)
+    one = Trainer(cfg)
+    one.fit()
+    c2 = ckpt.resolve_checkpoint(out2)
+    m2 = ckpt.read_manifest(c2)
+    d2 = ckpt.load_dense_state(c2, m2)
+    ix1 = one.idmaps.state_dict()
+    assert one.idmaps.stats()["s0"]["evicted"] > 0
+    for f, v in ix1.items():
+        assert (torch.equal(d2["id_maps"][f], v) if isinstance(v, torch.Tensor) else d2["id_maps"][f] == v), f
+    for t in m2["tables"]:
+        mine = next(b for b in one.model.embeddings.bags if b.config.name == t["name"]).storage
+        a = torch.cat(mine.read_rows(0, t["num_embeddings"]), 1).numpy().reshape(-1)
+        np.testing.assert_allclose(checkpoint_rows(c2, m2, t), a, atol=ATOL, rtol=0, err_msg=t["name"])

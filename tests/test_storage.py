@@ -602,10 +602,10 @@ def test_count_min_sketch():
 
 
 def test_hash_index_against_a_dict():
-    from tierec.storage.cache import _HashIndex, _NeedsRebuild
+    from tierec.storage.hashindex import HashIndex, NeedsRebuild
 
     cap = 40
-    ix = _HashIndex(cap, "cpu")
+    ix = HashIndex(cap, "cpu")
     # ids that all hash to the same entry: long probe chains, claims that collide within one round
     allh = ix._hash(torch.arange(200_000))
     same = torch.nonzero(allh == allh[0]).squeeze(1)[:12]
@@ -625,7 +625,7 @@ def test_hash_index_against_a_dict():
         slots = [free_slots.pop() for _ in new]
         try:
             ix.insert(torch.tensor(new, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64))
-        except _NeedsRebuild:  # too many tombstones: rebuild with everything live, as CachedTable does
+        except NeedsRebuild:  # too many tombstones: rebuild with everything live, as CachedTable does
             rebuilds += 1
             ref_all = {**ref, **dict(zip(new, slots))}
             ix.rebuild(torch.tensor(list(ref_all), dtype=torch.int64), torch.tensor(list(ref_all.values())))

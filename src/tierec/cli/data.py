@@ -51,6 +51,7 @@ def _info(args) -> int:
 
     ds = Dataset(args.dataset)
     m = dict(ds.manifest)
+    m["schema"] = ds.schema.to_json()  # as read: every sparse feature's encoding and raw flag, also where unrecorded
     m["splits"] = {k: {"rows": v["rows"], "files": len(v["files"])} for k, v in m["splits"].items()}
     print(json.dumps(m, indent=2))
     return 0
@@ -109,6 +110,9 @@ def add_synth_arguments(p: argparse.ArgumentParser) -> None:
                    help="strength of the hidden label model (scales its logit); > 1: easier to learn")
     p.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="rows per Parquet shard")
     p.add_argument("--row-group-size", type=int, default=d.row_group_size, help="rows per Parquet row group")
+    p.add_argument("--raw-ids", action="store_true",
+                   help="write raw 64-bit IDs (a per-feature bijection of the IDs; same rows and labels) for "
+                        "collision-free dynamic tables; a fixed table reduces them mod its size")
     p.add_argument("--cluster-by", choices=["none", "session", "shuffle"], default="none",
                    help="session: shuffle whole sessions within each window, user-side lists stored once per run; "
                         "shuffle: interleave rows within each window (unclustered baseline)")
@@ -124,7 +128,7 @@ def config_from_args(args) -> SynthConfig:
         max_cardinality=args.max_cardinality, num_dense=args.num_dense, multi_hot=args.multi_hot,
         zipf=args.zipf, session_length=args.session_length, user_features=args.user_features,
         positive_rate=args.positive_rate, signal=args.signal, rows_per_file=args.rows_per_file,
-        row_group_size=args.row_group_size,
+        row_group_size=args.row_group_size, raw_ids=bool(getattr(args, "raw_ids", False)),
         progress=not getattr(args, "no_progress", False))
 
 
@@ -162,6 +166,10 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                         "collisions possible) or identity (IDs are rows already, e.g. compact 0..N-1 item IDs: no "
                         "collisions); or per feature, e.g. item_id=identity (default: hash). Recorded in the "
                         "manifest; serving encodes requests the same way")
+    p.add_argument("--raw-ids", action="store_true",
+                   help="store raw 64-bit IDs: the hashes unreduced (identity: the integers), for collision-free "
+                        "dynamic tables; the table sizes are still recorded, and a fixed table reduces the IDs mod "
+                        "its size to the rows a conversion without this flag writes")
     p.add_argument("--table-sizes", default=None, metavar="FILE_OR_LIST",
                    help="per-feature table sizes, overriding --num-embeddings: '1000,20,...' in feature order, "
                         "'C1=1000,C3=50', or a YAML/JSON file holding such a list or mapping")
@@ -191,7 +199,7 @@ def convert_main(args) -> int:
                 rows_per_file=args.rows_per_file, row_group_size=args.row_group_size, field_map=args.field_map,
                 max_rows=args.max_rows, rating_threshold=args.rating_threshold,
                 progress=not getattr(args, "no_progress", False), cluster_by=args.cluster_by,
-                cluster_window=args.cluster_window, id_encoding=args.id_encoding)
+                cluster_window=args.cluster_window, id_encoding=args.id_encoding, raw_ids=args.raw_ids)
     dt = max(time.perf_counter() - t0, 1e-9)
     rows = {k: v["rows"] for k, v in m["splits"].items()}
     total = sum(rows.values())

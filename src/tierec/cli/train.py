@@ -154,15 +154,17 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from tierec.errors import TierecError
-    from tierec.train.trainer import evaluate, load_for_eval
+    from tierec.train.trainer import evaluate, load_for_eval, load_id_maps
 
     if args.batch_size <= 0:
         raise TierecError(f"--batch-size must be > 0, got {args.batch_size}")
     from tierec import energy
 
     model, ds, manifest = load_for_eval(args.checkpoint, args.data, args.device)
+    id_maps = load_id_maps(args.checkpoint, ds.schema)
     with energy.meter(work_unit="samples") as m:
-        res = evaluate(model, ds, args.split, args.batch_size, next(model.parameters()).device, args.max_rows)
+        res = evaluate(model, ds, args.split, args.batch_size, next(model.parameters()).device, args.max_rows,
+                       id_maps=id_maps)
         m.add_work(res["rows"])
     report = m.report()
     res["checkpoint_step"] = manifest["step"]

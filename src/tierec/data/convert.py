@@ -51,13 +51,18 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
             rows_per_file: int = 1 << 20, row_group_size: int = 65536, field_map=None,
             max_rows: int | None = None, rating_threshold: float = 4.0,
             block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True, cluster_by: str = "none",
-            cluster_window: int = DEFAULT_WINDOW, id_encoding=None) -> dict:
+            cluster_window: int = DEFAULT_WINDOW, id_encoding=None, raw_ids: bool = False) -> dict:
     """Convert ``input_path`` (format ``fmt``, one of `FORMATS`) into a data set at ``out_dir``.
 
     ``id_encoding``: ``"hash"`` (default: strings hashed with `hash_strings`, libSVM/libFM indices
     with `hash_ints`), ``"identity"`` (IDs are already rows, e.g. compact item IDs: no collisions;
     a table without a given size gets max ID + 1 rows), or ``"NAME=ENC,..."`` per feature. The
     manifest records each feature's encoding and the dense transform, and serving encodes by them.
+
+    ``raw_ids``: write raw IDs, every sparse feature's unreduced 64-bit hashes (``identity``: the
+    integers themselves, not checked against the table), with ``raw: true`` and the table size it
+    would otherwise have reduced to in the schema; ``reduce_raw(raw, num_embeddings)`` gives the
+    rows of the same conversion without it.
 
     ``cluster_by="session"`` writes each session's rows together within windows of
     ``cluster_window`` rows (`tierec.data.cluster`); ``"shuffle"`` permutes rows within them.
@@ -74,7 +79,8 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
         raise ConfigError(f"--row-group-size must be > 0, got {row_group_size}")
     reader = open_reader(input_path, fmt, num_embeddings=num_embeddings, table_sizes=table_sizes,
                          skip_bad_rows=skip_bad_rows, field_map=field_map, rating_threshold=rating_threshold,
-                         max_rows=max_rows, block_size=block_size, progress=progress, id_encoding=id_encoding)
+                         max_rows=max_rows, block_size=block_size, progress=progress, id_encoding=id_encoding,
+                         raw_ids=bool(raw_ids))
     out = Path(out_dir)
     prepare_output_dir(out)
     log.info("converting %s (%s, %d bytes) -> %s", reader.path, fmt, reader.path.stat().st_size, out)
@@ -101,6 +107,7 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
         "num_embeddings": num_embeddings if num_embeddings is not None else DEFAULT_NUM_EMBEDDINGS,
         "id_encoding": id_encoding if id_encoding is None or isinstance(id_encoding, (str, dict)) else str(id_encoding),
         "table_sizes": table_sizes if table_sizes is None or isinstance(table_sizes, (list, dict)) else str(table_sizes),
+        "raw_ids": bool(raw_ids),
         "rows_per_file": int(rows_per_file),
         "row_group_size": int(row_group_size),
     }

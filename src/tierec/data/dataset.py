@@ -12,7 +12,8 @@ Columns of every shard:
 - ``label``: float32, 0 or 1;
 - one float32 column per dense feature (already transformed, e.g. ``log(1 + x)``);
 - one ``list<int64>`` column per sparse feature: row IDs already hashed into
-  ``[0, num_embeddings)``; an empty list is a missing value;
+  ``[0, num_embeddings)``, or for a feature with raw IDs (``SparseFeature.raw``) the full
+  64-bit hashes (any int64); an empty list is a missing value;
 - ``session`` (int64), only when the data set has a session key.
 
 A data set written clustered by session (`tierec.data.cluster`; manifest key
@@ -30,10 +31,10 @@ Every byte read is checked first: the manifest holds, per file, a CRC32 of each 
 group's byte range (page headers and data of all its column chunks) and one of the rest
 of the file (leading magic, footer, trailer). `Dataset` checks the rest when it first
 opens a file and each row group as it reads it, then decodes the checked bytes; a
-mismatch, an undecodable row group or a sparse ID outside ``[0, num_embeddings)``
-raises `DataError` naming the file and the row group. Files listed without row-group
-checksums (data sets written before them) are checked against their sha256 once per
-`Dataset`, before the first read.
+mismatch, an undecodable row group, a sparse column missing or not ``list<int64>``, or a
+sparse ID outside ``[0, num_embeddings)`` (raw features excepted) raises `DataError` naming
+the file and the row group. Files listed without row-group checksums (data sets written
+before them) are checked against their sha256 once per `Dataset`, before the first read.
 """
 
 from __future__ import annotations
@@ -78,12 +79,18 @@ class SparseFeature:
 
     ``encoding``: how a raw value becomes a row in ``[0, num_embeddings)`` -- ``hash-string`` (the
     value's text, `hash_strings`), ``hash-int`` (an integer, `hash_ints`) or ``identity`` (the
-    value is the row); training, evaluation and serving all encode by it."""
+    value is the row); training, evaluation and serving all encode by it.
+
+    ``raw``: the data set holds raw IDs, the encoding's full 64-bit hashes never reduced (any
+    int64; ``identity``: the integer itself), for tables that map IDs without collisions; a
+    fixed table of ``num_embeddings`` rows reduces them (`tierec.data.hashing.reduce_raw`) to
+    the rows a non-raw data set holds. A manifest without the key: False."""
 
     name: str
     num_embeddings: int
     side: str = "item"  # "user": constant within a session; "item": varies per sample
     encoding: str | None = "identity"
+    raw: bool = False
 
     def __post_init__(self):
         if self.num_embeddings <= 0:
@@ -93,6 +100,8 @@ class SparseFeature:
         if self.encoding is not None and self.encoding not in ENCODINGS:
             raise TierecError(f"sparse feature {self.name!r}: encoding must be one of {', '.join(ENCODINGS)}, "
                               f"got {self.encoding!r}")
+        if not isinstance(self.raw, bool):
+            raise TierecError(f"sparse feature {self.name!r}: raw must be true or false, got {self.raw!r}")
 
 
 @dataclass
@@ -133,7 +142,8 @@ class Schema:
 
     @staticmethod
     def from_json(d: dict) -> Schema:
-        """The schema of a manifest; encodings and the dense transform are None where it predates them."""
+        """The schema of a manifest; encodings and the dense transform are None where it predates them,
+        ``raw`` False."""
         sparse = [SparseFeature(**{"encoding": None, **f}) for f in d["sparse"]]
         return Schema(list(d["dense"]), sparse, d.get("session_key"), d.get("dense_transform"))
 
@@ -764,9 +774,23 @@ class Dataset:
         src = pa.PythonFile(_Span(g["offset"], self._group_bytes(path, entry, i), entry["bytes"]), mode="r")
         return pq.ParquetFile(src, metadata=md, pre_buffer=False).read_row_group(i)
 
-    def _check_ids(self, chunk: Chunk, path: str, i: int) -> None:
-        """Every sparse ID in ``[0, num_embeddings)``: one unsigned max per column (negative IDs wrap to huge)."""
+    def _check_columns(self, table: pa.Table) -> None:
+        """Every sparse feature's column is there and is a list of int64 (raw features too), else `DataError`."""
         for f in self.schema.sparse:
+            if f.name not in table.column_names:
+                raise DataError(f"sparse feature {f.name!r}: no such column (the manifest does not match the data; "
+                                "re-run `tierec data convert`)")
+            t = table.schema.field(f.name).type
+            if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_int64(t.value_type):
+                raise DataError(f"sparse feature {f.name!r}: column type {t}, expected list<int64> (the manifest does "
+                                "not match the data; re-run `tierec data convert`)")
+
+    def _check_ids(self, chunk: Chunk, path: str, i: int) -> None:
+        """Every sparse ID in ``[0, num_embeddings)``: one unsigned max per column (negative IDs wrap to huge).
+        Raw features (any int64) are not checked."""
+        for f in self.schema.sparse:
+            if f.raw:
+                continue
             v = chunk.sparse[f.name][0]
             if v.size and v.view(np.uint64).max() >= f.num_embeddings:
                 bad = int(v.min()) if v.min() < 0 else int(v.max())
@@ -829,6 +853,7 @@ class Dataset:
             return chunk.slice(drop, len(chunk)) if drop else chunk
 
         def decode(table: pa.Table, gi: int, n: int) -> Chunk:
+            self._check_columns(table)
             if shuffle and by_session:  # whole runs: a session's rows stay together
                 starts = self._run_starts(table)
                 lens = np.diff(np.append(starts, n))

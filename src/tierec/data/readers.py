@@ -4,7 +4,9 @@ Every reader streams its input in blocks of ``block_size`` bytes (constant
 memory whatever the input size), parses each block with vectorised pyarrow /
 numpy code, and yields `Block` objects: a `Chunk` of already-preprocessed rows
 (hashed categorical IDs, log-transformed dense values) plus the 1-based input
-line number of every row. See ``docs/data.md`` for the formats and rules.
+line number of every row. With ``raw_ids=True`` the IDs are raw: the full 64-bit
+hashes, never reduced into a table (`tierec.data.hashing.hash_strings_raw`). See
+``docs/data.md`` for the formats and rules.
 
     reader = open_reader("train.txt", "criteo-tsv", num_embeddings=1_000_000)
     reader.schema                      # tierec Schema of the rows it yields
@@ -43,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from tierec.data.dataset import Chunk, Schema, SparseFeature
-from tierec.data.hashing import encode_ints, encode_strings, hash_strings, log1p_dense
+from tierec.data.hashing import encode_ints, encode_strings, hash_strings, log1p_dense, missing_strings
 from tierec.errors import ConfigError, DataError, TierecError
 
 log = logging.getLogger(__name__)
@@ -87,9 +89,11 @@ class ReadStats:
 
 
 # --------------------------------------------------------------------------- helpers
-def ids_to_jagged(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One ID per row, -1 meaning missing -> (values, offsets) with length 0 for missing rows."""
-    present = ids >= 0
+def ids_to_jagged(ids: np.ndarray, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One ID per row -> (values, offsets) with length 0 for missing rows. ``present``: bool [n], the rows
+    that hold an ID; default ``ids >= 0`` (-1 meaning missing), which raw IDs (any int64) cannot use."""
+    if present is None:
+        present = ids >= 0
     offsets = np.zeros(len(ids) + 1, np.int64)
     np.cumsum(present, out=offsets[1:])
     return ids[present].astype(np.int64, copy=False), offsets
@@ -378,8 +382,9 @@ class Reader:
     format = ""
 
     def __init__(self, path, *, skip_bad_rows: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,
-                 max_rows: int | None = None, progress: bool = True):
+                 max_rows: int | None = None, progress: bool = True, raw_ids: bool = False):
         self.path = _check_input(path)
+        self.raw = bool(raw_ids)  # raw IDs: unreduced 64-bit hashes (identity: the integers), not rows
         self.skip_bad_rows = bool(skip_bad_rows)
         if int(block_size) <= 0:
             raise ConfigError(f"block size must be > 0, got {block_size}")
@@ -406,7 +411,7 @@ class Reader:
 
     def _features(self, names: list[str], sides: list[str] | None = None) -> list[SparseFeature]:
         sides = sides or ["item"] * len(names)
-        return [SparseFeature(n, s if s != AUTO_SIZE else 1, side=side, encoding=e)
+        return [SparseFeature(n, s if s != AUTO_SIZE else 1, side=side, encoding=e, raw=self.raw)
                 for n, s, side, e in zip(names, self.sizes, sides, self.encodings, strict=True)]
 
     def _seen(self, j: int, rows: np.ndarray) -> np.ndarray:
@@ -416,7 +421,7 @@ class Reader:
         return rows
 
     def _bad_id(self, name: str, j: int, value) -> str:
-        if self.auto_size[j]:
+        if self.auto_size[j] or self.raw:
             return f"{name} is not a non-negative integer: {_quote(value)} (--id-encoding identity)"
         return (f"{name} is not a row of its table [0, {self.sizes[j]}): {_quote(value)} (--id-encoding identity; "
                 "raise --table-sizes, or omit it to size the table by the largest ID)")
@@ -722,14 +727,15 @@ class CriteoReader(_DelimitedReader):
             x, b = _parse_floats(col)
             bad.add(b, lambda i, col=col, name=name: f"{name} is not a number: {_quote(col[i].as_py())}")
             dense[:, j] = log1p_dense(x)
-        rows = {}
+        rows, present = {}, {}
         for j, name in enumerate(CRITEO_SPARSE):
             col = batch.column(14 + j)
-            rows[name], b = encode_strings(col, self.encodings[j], self.sizes[j])
+            rows[name], b = encode_strings(col, self.encodings[j], self.sizes[j], self.raw)
+            present[name] = ~missing_strings(col) if self.raw else None  # a raw ID may be -1
             bad.add(b, lambda i, col=col, j=j, name=name: self._bad_id(name, j, col[i].as_py()))
         if bad:
             return bad
-        sparse = {name: ids_to_jagged(self._seen(j, rows[name])) for j, name in enumerate(CRITEO_SPARSE)}
+        sparse = {name: ids_to_jagged(self._seen(j, rows[name]), present[name]) for j, name in enumerate(CRITEO_SPARSE)}
         return Chunk(is1.astype(np.float32), dense, sparse, None)
 
 
@@ -795,9 +801,10 @@ class MovieLensReader(_DelimitedReader):
         rating_col = batch.column(self._names.index("rating"))
         bad.add(_np(user.is_null()).astype(bool), lambda i: "user_id is empty")
         bad.add(_np(item.is_null()).astype(bool), lambda i: "item_id is empty")
-        rows = {}
+        rows, present = {}, {}
         for j, (name, col) in enumerate((("user_id", user), ("item_id", item))):
-            rows[name], b = encode_strings(col, self.encodings[j], self.sizes[j])
+            rows[name], b = encode_strings(col, self.encodings[j], self.sizes[j], self.raw)
+            present[name] = ~missing_strings(col) if self.raw else None  # a raw ID may be -1
             bad.add(b, lambda i, col=col, j=j, name=name: self._bad_id(name, j, col[i].as_py()))
         rating, rb = _parse_floats(rating_col)
         rb |= np.isnan(rating)
@@ -815,7 +822,8 @@ class MovieLensReader(_DelimitedReader):
         else:
             dense = np.zeros((n, 0), np.float32)
         label = (rating >= self.threshold).astype(np.float32)
-        sparse = {name: ids_to_jagged(self._seen(j, rows[name])) for j, name in enumerate(("user_id", "item_id"))}
+        sparse = {name: ids_to_jagged(self._seen(j, rows[name]), present[name])
+                  for j, name in enumerate(("user_id", "item_id"))}
         session = hash_strings(user, SESSION_MODULUS)
         return Chunk(label, dense, sparse, session)
 
@@ -1065,7 +1073,7 @@ class LibSVMReader(Reader):
                 hint = "(add it to the field map, or set 'unmapped: drop')"
             flag(feat, ~ok & ~kb, lambda t: f"{what} {int(key[at(t)])} is not in the field map {hint}")
         sizes = np.array(self.sizes + [0] * len(self.field_map.dense), np.int64)
-        ident = np.array([e == "identity" for e in self.encodings] + [False] * len(self.field_map.dense))
+        ident = np.array([e == "identity" and not self.raw for e in self.encodings] + [False] * len(self.field_map.dense))
         t = np.maximum(tgt, 0)
         out_of_table = (tgt >= 0) & ident[t] & (idx >= sizes[t]) & (val != 0)
         names = [f[0] for f in self.field_map.sparse]
@@ -1083,7 +1091,7 @@ class LibSVMReader(Reader):
         for j, (name, _, _, _) in enumerate(self.field_map.sparse):
             sel = order[bounds[j] : bounds[j + 1]]
             offsets = np.searchsorted(row[sel], np.arange(n + 1), side="left").astype(np.int64)
-            sparse[name] = (self._seen(j, encode_ints(idx[sel], self.encodings[j], self.sizes[j])[0]), offsets)
+            sparse[name] = (self._seen(j, encode_ints(idx[sel], self.encodings[j], self.sizes[j], self.raw)[0]), offsets)
         dense = np.zeros((n, nd), np.float32)
         for j in range(nd):
             sel = order[bounds[ns + j] : bounds[ns + j + 1]]
@@ -1165,15 +1173,17 @@ def _tokenize(text: bytes, first_line: int) -> _Tokens | None:
 def open_reader(path, fmt: str, *, num_embeddings: int | None = None, table_sizes=None,
                 skip_bad_rows: bool = False, field_map=None, rating_threshold: float = 4.0,
                 max_rows: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True,
-                id_encoding=None) -> Reader:
+                id_encoding=None, raw_ids: bool = False) -> Reader:
     """A `Reader` for ``path`` in format ``fmt`` (one of `FORMATS`); iterate it for `Block`s.
-    ``id_encoding``: see `resolve_encodings` (default: the format's hash)."""
+    ``id_encoding``: see `resolve_encodings` (default: the format's hash). ``raw_ids``: raw IDs, the
+    encodings' unreduced 64-bit hashes (identity: the integers, unchecked against the table), and
+    ``raw=True`` in the schema (`SparseFeature.raw`)."""
     if fmt not in FORMATS:
         raise TierecError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     if field_map is not None and fmt not in ("libsvm", "libfm"):
         raise ConfigError(f"--field-map applies to libsvm and libfm, not {fmt}")
     kw = dict(skip_bad_rows=skip_bad_rows, max_rows=max_rows, block_size=block_size, progress=progress,
-              num_embeddings=num_embeddings, table_sizes=table_sizes, id_encoding=id_encoding)
+              num_embeddings=num_embeddings, table_sizes=table_sizes, id_encoding=id_encoding, raw_ids=bool(raw_ids))
     if fmt in ("criteo-tsv", "criteo-csv"):
         return CriteoReader(path, csv=fmt == "criteo-csv", **kw)
     if fmt in ("libsvm", "libfm"):

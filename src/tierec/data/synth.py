@@ -22,6 +22,10 @@ Model (details, calibration and measured figures in docs/synth.md):
 - **Sessions** (``session_length > 1`` or ``user_features > 0``): rows come in contiguous
   sessions of geometric length; the first ``user_features`` sparse features are constant
   within a session (side ``user``) and the data set gets a ``session`` column.
+- **Raw IDs** (``raw_ids``): each ID ``x`` of feature ``i`` is written as
+  ``splitmix64(x ^ key_i)`` (a bijection of the 64-bit IDs per feature; any int64), the schema
+  marks the features ``raw`` with the cardinality as ``num_embeddings``; labels and everything
+  else are those of the same config without it (`Synthesizer.raw_ids`, `Synthesizer.ids`).
 
 Output is a pure function of the config (seed included) and the numpy version: rows are
 made in blocks of `BLOCK_ROWS`, block ``b`` of split ``s`` from ``SeedSequence([seed, s, b])``,
@@ -41,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from tierec.data.dataset import SPLITS, Chunk, Schema, SparseFeature, prepare_output_dir
-from tierec.data.hashing import splitmix64
+from tierec.data.hashing import splitmix64, splitmix64_inverse
 from tierec.data.readers import CRITEO_KAGGLE_CARDINALITIES
 from tierec.errors import ConfigError, TierecError
 
@@ -145,6 +149,7 @@ class SynthConfig:
     signal: float = 1.0  # multiplies the label logit's parts (LOGIT_STD): > 1 is easier to learn
     rows_per_file: int = 1 << 20
     row_group_size: int = 65536
+    raw_ids: bool = False  # write raw 64-bit IDs (a per-feature bijection of the IDs), schema raw=True
     progress: bool = True
 
     def __post_init__(self):
@@ -176,6 +181,8 @@ class SynthConfig:
                 raise ConfigError(f"cardinalities: {len(cards)} values given for num_sparse={self.num_sparse} "
                                   "features (give one value, or one per feature)")
         req("signal", isinstance(self.signal, (int, float)) and self.signal > 0, "must be > 0")
+        req("raw_ids", isinstance(self.raw_ids, (bool, np.bool_)), "must be true or false")
+        self.raw_ids = bool(self.raw_ids)
         req("positive_rate", isinstance(self.positive_rate, (int, float)) and 0.0 < self.positive_rate < 1.0,
             "must be in (0, 1)")
         req("session_length", isinstance(self.session_length, (int, float)) and math.isfinite(self.session_length)
@@ -251,7 +258,7 @@ class SynthConfig:
         return {"train": self.rows - n_test, "test": n_test}
 
     def schema(self) -> Schema:
-        sp = [SparseFeature(n, s, "user" if i < self.user_features else "item")
+        sp = [SparseFeature(n, s, "user" if i < self.user_features else "item", raw=self.raw_ids)
               for i, (n, s) in enumerate(zip(self.feature_names, self.table_sizes(), strict=True))]
         return Schema(self.dense_names, sp, "session" if self.sessions else None)
 
@@ -551,6 +558,7 @@ class Synthesizer:
             self.profiles.append(prof)
             self.tables.append(Popularity(n, prof, int(_key(cfg.seed, 1, i))))
         self._effect_keys = [_key(cfg.seed, 2, i) for i in range(self.k)]
+        self._raw_keys = [_key(cfg.seed, 6, i) for i in range(self.k)]
         self.latent_weight = [min(1.0, (INTERACTION_ROWS / n) ** 0.5) for n in self.sizes]
         d = cfg.num_dense
         hd = _unit(splitmix64(np.array([_key(cfg.seed, 3, j) for j in range(d)], np.uint64))) if d else np.zeros(0)
@@ -608,9 +616,21 @@ class Synthesizer:
             dense = np.zeros((n, 0), np.float32)
         chunk = Chunk(np.zeros(n, np.float32), dense, sparse, session)
         if code != SPLIT_CODES["pilot"]:
-            prob = self.ground_truth(chunk)["prob"]
+            prob = self._truth(chunk)["prob"]
             chunk.label = (r_label.random(n) < prob).astype(np.float32)
+            if cfg.raw_ids:  # after the labels: the same rows and labels, other ID values
+                chunk.sparse = {k: (self.raw_ids(i, v), o) for i, (k, (v, o)) in enumerate(sparse.items())}
         return chunk
+
+    def raw_ids(self, i: int, ids: np.ndarray) -> np.ndarray:
+        """IDs int64 [m] of feature ``i`` (in ``[0, cardinality)``) -> raw IDs int64 [m] (any int64):
+        ``splitmix64(id ^ key_i)``, a bijection of the 64-bit values per feature."""
+        with np.errstate(over="ignore"):
+            return splitmix64(ids.astype(np.int64, copy=False).view(np.uint64) ^ self._raw_keys[i]).view(np.int64)
+
+    def ids(self, i: int, raw: np.ndarray) -> np.ndarray:
+        """The inverse of `raw_ids`: raw IDs int64 [m] of feature ``i`` -> its IDs."""
+        return (splitmix64_inverse(raw.astype(np.int64, copy=False).view(np.uint64)) ^ self._raw_keys[i]).view(np.int64)
 
     def chunks(self, split: str = "train", chunk_rows: int | None = None,
                max_rows: int | None = None) -> Iterator[Chunk]:
@@ -688,8 +708,16 @@ class Synthesizer:
         return {"first_order": first, "pairwise": pair, "dense": dense}
 
     def ground_truth(self, chunk: Chunk) -> dict[str, np.ndarray]:
-        """The hidden model's parts for each row of ``chunk``: ``first_order``, ``pairwise``, ``dense``
-        (already scaled), ``bias``, ``logit`` (their sum) and ``prob`` (sigmoid of the logit)."""
+        """The hidden model's parts for each row of ``chunk`` (as the config writes it: raw IDs with
+        ``raw_ids``): ``first_order``, ``pairwise``, ``dense`` (already scaled), ``bias``, ``logit``
+        (their sum) and ``prob`` (sigmoid of the logit)."""
+        if self.cfg.raw_ids:
+            sp = {k: (self.ids(i, chunk.sparse[k][0]), chunk.sparse[k][1]) for i, k in enumerate(self.schema.sparse_names)}
+            chunk = Chunk(chunk.label, chunk.dense, sp, chunk.session, chunk.inverse, chunk.inverse_keys)
+        return self._truth(chunk)
+
+    def _truth(self, chunk: Chunk) -> dict[str, np.ndarray]:
+        """`ground_truth` of a chunk of IDs in ``[0, cardinality)`` (never raw)."""
         c = self._components(chunk)
         lm = self.label
         out = {"first_order": lm.scale_first * c["first_order"], "pairwise": lm.scale_pair * c["pairwise"],
@@ -868,6 +896,9 @@ def write_criteo_tsv(cfg: SynthConfig, path, progress: bool | None = None) -> in
     from tqdm import tqdm
 
     specs = cfg.length_specs()
+    if cfg.raw_ids:
+        raise ConfigError("--raw-ids writes a tierec data set (--format dataset); Criteo text holds 8 hex digits per "
+                          "ID: write it without --raw-ids and `tierec data convert --raw-ids` it")
     if (len(specs), cfg.num_dense) != (26, 13):
         raise TierecError(f"--format criteo-tsv needs Criteo's 13 dense and 26 sparse features, got {cfg.num_dense} "
                           f"and {len(specs)}")

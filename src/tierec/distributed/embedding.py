@@ -111,7 +111,7 @@ class ShardedEmbeddingCollection(nn.Module):
         for s in self.shards:
             cfg = configs[s.index]
             sdim = optimizer.state_dim(cfg.embedding_dim)
-            tcfg = TableConfig(s.name, s.rows, cfg.embedding_dim, "sum")
+            tcfg = TableConfig(s.name, s.rows, cfg.embedding_dim, "sum", dynamic=cfg.dynamic)
             init = RowInit(seed, s.index, s.num_embeddings, cfg.embedding_dim, row_offset=s.lo)
             st = storage_factory(s.index, tcfg, sdim, init=init) if storage_factory is not None else None
             if st is None:
@@ -120,8 +120,22 @@ class ShardedEmbeddingCollection(nn.Module):
                 for a in range(0, s.rows, INIT_CHUNK_ROWS * 16):
                     b = min(a + INIT_CHUNK_ROWS * 16, s.rows)
                     st.write_rows(a, init.range(a, b).to(device), torch.zeros(b - a, sdim, device=device))
-            self.tables.append(EmbeddingBag(tcfg, st, optimizer).to(device))
+            bag = EmbeddingBag(tcfg, st, optimizer).to(device)
+            if cfg.dynamic:  # a slot's first row is its raw ID's, whichever shard holds the slot
+                bag.row_init = RowInit(seed, s.index, s.num_embeddings, cfg.embedding_dim)
+            self.tables.append(bag)
         self._anchor = torch.ones((), device=device)
+
+    def use_fresh(self, fresh: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Dynamic tables: slots given to new raw IDs at the next step (sparse key -> (slots [F], IDs [F]), whole-
+        table slot numbers): each owned shard resets those in its row range (`EmbeddingBag.use_fresh`)."""
+        for s, t in zip(self.shards, self.tables, strict=True):
+            key = self.configs[s.index].key
+            if key in fresh:
+                slots, ids = fresh[key]
+                mine = (slots >= s.lo) & (slots < s.hi)
+                if bool(mine.any()):
+                    t.use_fresh((slots[mine] - s.lo).to(self._anchor.device), ids[mine])
 
     @property
     def table_configs(self) -> list[TableConfig]:

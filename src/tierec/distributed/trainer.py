@@ -44,7 +44,9 @@ from tierec.storage.lazy import RowInit
 from tierec.storage.plan import AccessSample, TableNeeds, measure_lookups
 from tierec.storage.settings import StorageSettings
 from tierec.storage.tablefile import CHUNK_ROWS, merge_row_set_parts, row_bytes_of, write_row_set_part
+from tierec.storage.tiered import sample_as_rows
 from tierec.train import checkpoint as ckpt
+from tierec.train.idmap import MappedBatch
 from tierec.train.metrics import log_loss, roc_auc
 from tierec.train.rundir import claim_run_dir, existing_run
 from tierec.train.trainer import Trainer, build_model, data_fingerprint, table_configs
@@ -187,9 +189,10 @@ class DistributedTrainer(Trainer):
         configs = table_configs(cfg, schema)
         self.state_dim = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr).state_dim(cfg.embedding_dim)
         row_bytes = (cfg.embedding_dim + self.state_dim) * 4
-        settings = cfg.storage_settings()
-        sample = measure_lookups(self.ds, schema.sparse_names, settings.plan_batch_size, settings.plan_batches,
-                                 settings.seed)
+        rows = cfg.row_spaces(schema)[0]
+        settings = cfg.storage_settings(rows)
+        sample = sample_as_rows(measure_lookups(self.ds, schema.sparse_names, settings.plan_batch_size,
+                                                settings.plan_batches, settings.seed), rows)
         loads = [TableNeeds(c.name, c.num_embeddings, row_bytes, sample[c.name].lookups) for c in configs]
         self.shards = plan_shards(loads, d.world, settings.memory_budget, cfg.sharding.tables)
         if d.rank == 0:
@@ -215,6 +218,8 @@ class DistributedTrainer(Trainer):
         """One step on the global ``batch``; returns the global mean loss."""
         d = self.dist
         b = row_bounds(batch.size, d.world)
+        if isinstance(batch, MappedBatch) and batch.fresh:  # dynamic tables: the owners reset the rows given now
+            self.ebc.use_fresh(batch.fresh)
         local = slice_batch(batch, b[d.rank], b[d.rank + 1]).to(self.device, non_blocking=True)
         logits = self.ddp(local.dense, local.sparse)
         loss = F.binary_cross_entropy_with_logits(logits, local.labels, reduction="sum") / batch.size
@@ -234,7 +239,10 @@ class DistributedTrainer(Trainer):
         split = self.eval_split
         if split is None:
             raise TierecError(f"{self.eval_ds.root}: no held-out rows to evaluate")
+        id_maps = self.idmaps.reader_at(self.step) if self.idmaps.active else None
         for batch in self.eval_ds.batches(split, cfg.eval_batch_size, max_rows=cfg.max_eval_rows):
+            if id_maps is not None:
+                batch = id_maps.lookup_batch(batch)
             b = row_bounds(batch.size, d.world)
             local = slice_batch(batch, b[d.rank], b[d.rank + 1]).to(self.device)
             prob = torch.sigmoid(self.model(local.dense, local.sparse))
@@ -314,6 +322,8 @@ class DistributedTrainer(Trainer):
             state[f"embeddings.tables.{i}.step"] = torch.tensor(steps[i], dtype=torch.int64)
         dense_state = {"model": state, "dense_optimizer": self.dense_opt.state_dict(),
                        "torch_rng": torch.get_rng_state()}
+        if self.idmaps.index is not None:  # every rank maps the same global batches: rank 0's replica is every rank's
+            dense_state["id_maps"] = self.idmaps.state_at(self.step)
         files, table_meta = {}, []
         for i, c in enumerate(ebc.configs):
             rel = f"tables/{c.name}.tbl"

@@ -21,7 +21,8 @@ list, a string that is not valid Unicode (a lone surrogate) or longer than ``max
 UTF-8 bytes, an ID its encoding cannot take, a dense value that is not a finite float32 --
 raises `InputError` naming the field, e.g. ``samples[3].C7[2]``. Every row the encoder produces
 is checked to lie in ``[0, num_embeddings)`` before the samples may join a batch: a bad sample
-fails alone.
+fails alone. A feature whose data set holds raw IDs (``SparseFeature.raw``) gets raw IDs, as the
+converter wrote them (any int64; the model's table reduces or maps them), not checked against a range.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class FeatureEncoder:
         self.dense_index = {n: i for i, n in enumerate(schema.dense)}
         self.sizes = {f.name: f.num_embeddings for f in schema.sparse}
         self.encodings = {f.name: f.encoding for f in schema.sparse}
+        self.raw = {f.name: f.raw for f in schema.sparse}
         legacy = [k for k, e in self.encodings.items() if e is None]
         if legacy or (schema.dense and schema.dense_transform is None):
             log.warning("the checkpoint's data set predates recorded ID encodings (%s): integer IDs inside a table "
@@ -156,7 +158,7 @@ class FeatureEncoder:
         sparse = {}
         for k, n in self.sizes.items():
             rows, refused = self._rows(k, ids[k])
-            bad = np.flatnonzero(refused | (rows < 0) | (rows >= n))
+            bad = np.flatnonzero(refused if self.raw[k] else refused | (rows < 0) | (rows >= n))
             if bad.size:  # whatever the cause, it fails this request here, never the batch it would join
                 i = int(np.searchsorted(np.cumsum(lengths[k]), bad[0], side="right"))
                 why = (self._refusal(k, ids[k][bad[0]]) if refused[bad[0]]
@@ -181,7 +183,8 @@ class FeatureEncoder:
 
     def _rows(self, name: str, vals: list) -> tuple[np.ndarray, np.ndarray]:
         """Raw IDs (ints and strings) -> (rows int64 [n], bad bool [n]) as the data set encoded them."""
-        return encode_request_ids(vals, self.encodings[name], self.sizes[name])
+        args = (vals, self.encodings[name], self.sizes[name])
+        return encode_request_ids(*args, raw=True) if self.raw[name] else encode_request_ids(*args)
 
     def _refusal(self, name: str, value) -> str:
         enc, n = self.encodings[name], self.sizes[name]

@@ -77,6 +77,25 @@ class StatsCollector:
     def __init__(self, store: ModelStore, meter):
         self.store, self.meter = store, meter
 
+    def _dynamic_tables(self):
+        """Per dynamic table of the ranker: rows live in the served index and its training counters, and the
+        served lookups that found no row (an unknown or evicted ID: the default row)."""
+        dyn = self.store.ranker.table_stats().get("dynamic")
+        if not dyn:
+            return
+        rows = GaugeMetricFamily("tierec_dynamic_rows", "rows of a dynamic table: live, and its capacity",
+                                 labels=["table", "kind"])
+        counts = CounterMetricFamily("tierec_dynamic_ids", "IDs of a dynamic table in training (admitted, evicted, "
+                                     "rejected) and served lookups without a row (default_reads)",
+                                     labels=["table", "kind"])
+        for table, st in dyn.items():
+            for k in ("live", "capacity"):
+                rows.add_metric([table, k], st[k])
+            for k in ("admitted", "evicted", "rejected", "default_reads"):
+                counts.add_metric([table, k], st.get(k, 0))
+        yield rows
+        yield counts
+
     def collect(self):
         r = self.store.retriever
         stats = {"ranker": self.store.ranker.table_stats().get("ssd")}
@@ -102,6 +121,7 @@ class StatsCollector:
         hit = GaugeMetricFamily("tierec_cache_hit_ratio", "hits / lookups over all cached tables (NaN: none)")
         hit.add_metric([], sum(s["hits"] for s in stats.values()) / lookups if lookups else float("nan"))
         yield hit
+        yield from self._dynamic_tables()
         step = GaugeMetricFamily("tierec_model_step", "training step of the serving checkpoint", labels=["model"])
         step.add_metric(["ranker"], self.store.ranker.step)
         if r is not None:

@@ -47,6 +47,7 @@ from tierec.storage.rowspace import RowSpace
 from tierec.storage.sketch import CountMinSketch
 from tierec.storage.ssd import SsdTable, open_table_chain
 from tierec.train import checkpoint as ckpt
+from tierec.train.idmap import IdMaps
 
 log = logging.getLogger(__name__)
 
@@ -330,11 +331,15 @@ class LoadedModel:
     options: ServeOptions
     shared: SharedCache | None = None  # tables="ssd": the cache in front of the table files
     lookup: FusedLookup | None = None  # a DLRM's tables pooled in one lookup (both table modes)
+    id_maps: IdMaps | None = None  # raw IDs -> rows (fixed tables over raw IDs, dynamic tables' saved indexes)
 
     @torch.no_grad()
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """``model(dense, sparse)`` -> logits [B]. A DLRM pools all its tables in one fused lookup
-        (`FusedLookup`); other models' SSD-backed tables get the batch's rows in one shared fetch first."""
+        (`FusedLookup`); other models' SSD-backed tables get the batch's rows in one shared fetch first.
+        Raw IDs become rows first (`IdMaps.lookup_kjt`: an unknown or evicted ID reads the default row)."""
+        if self.id_maps is not None:
+            sparse = self.id_maps.lookup_kjt(sparse)
         if self.lookup is not None and isinstance(self.model, DLRM) and sparse.keys() == self.lookup.keys:
             x = self.model.bottom(dense)
             return self.model.head(x, torch.cat([x.unsqueeze(1), self.lookup.pooled(sparse)], 1))
@@ -357,7 +362,10 @@ class LoadedModel:
         return self.shared.maintain() if self.shared is not None else False
 
     def table_stats(self) -> dict[str, dict]:
-        return {"ssd": self.shared.stats()} if self.shared is not None else {}
+        out = {"ssd": self.shared.stats()} if self.shared is not None else {}
+        if self.id_maps is not None and self.id_maps.index is not None:
+            out["dynamic"] = self.id_maps.stats()
+        return out
 
     def close(self) -> None:
         if self.shared is not None:
@@ -414,24 +422,29 @@ def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) 
     """Checkpoint (run dir, checkpoints dir or step dir) -> `LoadedModel` in eval mode, on CPU.
     ``pool``: threads on which the SSD tables of one batch are read concurrently."""
     from tierec.train.config import TrainConfig
-    from tierec.train.trainer import build_model
+    from tierec.train.trainer import build_model, load_id_maps
 
     opt = options or ServeOptions()
     path = ckpt.resolve_checkpoint(checkpoint)
     m = ckpt.read_manifest(path)
     cfg = TrainConfig(**m["config"])
     schema = Schema.from_json(m["schema"])
+    id_maps = load_id_maps(str(path), schema)
+    if id_maps is not None and cfg.model != "dlrm":
+        raise ConfigError(f"{path}: serving a {cfg.model} model over raw IDs (fixed tables over raw IDs or dynamic "
+                          "tables) is not supported yet; serve a DLRM, or train on a data set of rows")
     shared = None
     if opt.tables == "ssd":
         from tierec.malloc import limit_malloc_retention
 
         limit_malloc_retention()  # freed multi-MB temporaries (warm-up reads) go back to the OS
-        shared = _open_shared_cache(path, m, schema, cfg, opt, pool)
+        shared = _open_shared_cache(path, m, schema, cfg, opt, pool, warm=id_maps is None)
 
     weight: torch.Tensor | None = None
     mem: list[InMemoryTable] = []
     if shared is None:  # every table a view into one tensor, filled from the checkpoint (no random init)
-        weight, mem = end_to_end_tables([f.num_embeddings for f in schema.sparse], cfg.embedding_dim,
+        rows = {t["name"]: t["num_embeddings"] for t in m["tables"]}
+        weight, mem = end_to_end_tables([rows[f.name] for f in schema.sparse], cfg.embedding_dim,
                                         SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr).state_dim(cfg.embedding_dim))
 
     def factory(i, tcfg, state_dim):
@@ -452,7 +465,7 @@ def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) 
                              [t.config.pooling == "mean" for t in tables], cfg.embedding_dim, weight, shared)
     log.info("loaded %s checkpoint %s (step %d), tables in %s%s", cfg.model, path, m["step"], opt.tables,
              f" behind a {shared.cache.capacity:,}-row cache" if shared else "")
-    return LoadedModel(model, cfg.model, schema, path, m["step"], m, opt, shared, lookup)
+    return LoadedModel(model, cfg.model, schema, path, m["step"], m, opt, shared, lookup, id_maps)
 
 
 def end_to_end_tables(sizes: list[int], dim: int, state_dim: int) -> tuple[torch.Tensor, list[InMemoryTable]]:
@@ -468,9 +481,11 @@ def end_to_end_tables(sizes: list[int], dim: int, state_dim: int) -> tuple[torch
     return weight, tables
 
 
-def _open_shared_cache(path: Path, m: dict, schema: Schema, cfg, opt: ServeOptions, pool) -> SharedCache:
+def _open_shared_cache(path: Path, m: dict, schema: Schema, cfg, opt: ServeOptions, pool,
+                       warm: bool = True) -> SharedCache:
     """The checkpoint's table files, read-only (checked against the manifest), behind one cache of
-    ``cache_fraction`` of all rows, warmed with the rows most frequent in the training data."""
+    ``cache_fraction`` of all rows, warmed (``warm``; not over raw IDs) with the rows most frequent in the
+    training data."""
     files = {t["name"]: t for t in m["tables"]}
     state_dim = SparseOptimizer(cfg.sparse_optimizer, cfg.sparse_lr).state_dim(cfg.embedding_dim)
     ssds = []
@@ -479,11 +494,12 @@ def _open_shared_cache(path: Path, m: dict, schema: Schema, cfg, opt: ServeOptio
         t = files.get(f.name)
         if t is None:
             raise CheckpointError(f"{path}: checkpoint has no table {f.name!r}")
-        ssds.append(open_table_chain(chain, t["file"], f.num_embeddings, cfg.embedding_dim, state_dim,
+        ssds.append(open_table_chain(chain, t["file"], t["num_embeddings"], cfg.embedding_dim, state_dim,
                                      verify=opt.verify, direct_io=opt.direct_io))
-    total = sum(f.num_embeddings for f in schema.sparse)
+    total = sum(s.num_embeddings for s in ssds)
     capacity = max(1, math.ceil(opt.cache_fraction * total))
-    freq = hottest_rows(opt.data or ckpt.saved_data_path(m["config"], path), schema, opt.warm_rows, capacity)
+    freq = hottest_rows(opt.data or ckpt.saved_data_path(m["config"], path), schema, opt.warm_rows,
+                        capacity) if warm else None
     return SharedCache(ssds, capacity, opt.admit_after, freq, pool, lanes=opt.io_lanes)
 
 

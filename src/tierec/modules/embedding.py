@@ -46,6 +46,7 @@ class TableConfig:
     embedding_dim: int
     pooling: str = "sum"  # "sum" | "mean"
     feature: str | None = None
+    dynamic: bool = False  # rows are slots of a dynamic table (`tierec.storage.dynamic`): reset on admission
 
     def __post_init__(self):
         if self.num_embeddings <= 0:
@@ -155,14 +156,38 @@ class EmbeddingBag(torch.nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
         self._next: Lookup | None = None  # handed down for the next forward (`use_lookup`)
+        self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # (`use_fresh`)
+        self.row_init: RowInit | None = None  # a dynamic table's initial rows, by raw ID (set by build_collection)
 
+    def use_fresh(self, slots: torch.Tensor, ids: torch.Tensor) -> None:
+        """A dynamic table's next training step gives ``slots`` (int64 [F], all among the step's IDs) to new
+        raw IDs ``ids`` (int64 [F]): before the step reads them, each becomes the initial row of its ID
+        (``row_init.rows(ids)``) with zero optimizer state, in whatever tier holds it."""
+        if self.row_init is None:
+            raise RuntimeError(f"table {self.config.name!r} is not a dynamic table")
+        self._fresh = (slots, ids)
+
+    def _reset_fresh(self, ws: WorkingSet) -> None:
+        slots, ids = self._fresh  # type: ignore[misc]
+        self._fresh = None
+        assert self.row_init is not None
+        pos = ws.index.index_select(0, torch.searchsorted(ws.ids, slots.to(ws.ids.device)))
+        ws.weight.index_copy_(0, pos, self.row_init.rows(ids).to(ws.weight.device))
+        ws.state.index_fill_(0, pos, 0.0)
     def use_lookup(self, lookup: Lookup | None) -> None:
         """The next `forward` uses ``lookup`` (made ahead of the step) instead of deduplicating its IDs and
         acquiring its rows itself; None withdraws one that was not used."""
         self._next = lookup
 
     def _lookup(self, values: torch.Tensor) -> Lookup:
-        """The step's `Lookup`: the one handed down, completed where it lacks the dedup; else from storage."""
+        """The step's `Lookup` (its fresh rows reset, `use_fresh`)."""
+        lk = self._find_lookup(values)
+        if self._fresh is not None:
+            self._reset_fresh(lk.ws)
+        return lk
+
+    def _find_lookup(self, values: torch.Tensor) -> Lookup:
+        """The one handed down, completed where it lacks the dedup; else from storage."""
         lk, self._next = self._next, None
         if lk is not None and lk.perm is not None:
             return lk
@@ -266,7 +291,8 @@ class EmbeddingBagCollection(torch.nn.Module):
 
 def build_collection(configs: list[TableConfig], optimizer: SparseOptimizer, seed: int,
                      storage_factory=None, device="cpu") -> EmbeddingBagCollection:
-    """Create tables with deterministic initial weights (`tierec.storage.lazy.RowInit` of (seed, table index)).
+    """Create tables with deterministic initial weights (`tierec.storage.lazy.RowInit` of (seed, table index));
+    a dynamic table's slots start at the `RowInit` of the raw ID admitted to them.
 
     ``storage_factory(index, config, state_dim) -> TableStorage | None`` picks the
     backend; None (or no factory) keeps the table in memory.
@@ -275,8 +301,11 @@ def build_collection(configs: list[TableConfig], optimizer: SparseOptimizer, see
     for i, cfg in enumerate(configs):
         sdim = optimizer.state_dim(cfg.embedding_dim)
         st = storage_factory(i, cfg, sdim) if storage_factory is not None else None
+        init = RowInit(seed, i, cfg.num_embeddings, cfg.embedding_dim)
         if st is None:
-            st = InMemoryTable(cfg.num_embeddings, cfg.embedding_dim, sdim, device=device,
-                               init=RowInit(seed, i, cfg.num_embeddings, cfg.embedding_dim))
-        tables.append(EmbeddingBag(cfg, st, optimizer))
+            st = InMemoryTable(cfg.num_embeddings, cfg.embedding_dim, sdim, device=device, init=init)
+        bag = EmbeddingBag(cfg, st, optimizer)
+        if cfg.dynamic:  # a slot's first row is its raw ID's: the same as a fixed table's row of that ID
+            bag.row_init = init
+        tables.append(bag)
     return EmbeddingBagCollection(tables)

@@ -44,7 +44,8 @@ from typing import Protocol
 import torch
 
 from tierec.storage.base import WorkingSet
-from tierec.storage.cache import _MAX, CachedTable, _Handle, _HashIndex
+from tierec.storage.cache import _MAX, CachedTable, _Handle
+from tierec.storage.hashindex import HashIndex
 from tierec.storage.sketch import CountMinSketch
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class NextUseOracle:
         self._ring = torch.full((1024,), NEVER, dtype=torch.int64, device=self.device)
         self._pring = torch.zeros(1024, dtype=torch.int32, device=self.device)  # occurrence -> its entry in _last
         self._next_occ = 0
-        self._last = _HashIndex(1024, self.device, torch.int64)  # id -> latest occurrence
+        self._last = HashIndex(1024, self.device, torch.int64)  # id -> latest occurrence
         self.last_observed = -1
 
     def __len__(self) -> int:
@@ -149,7 +150,7 @@ class NextUseOracle:
         h = self._last
         if h.live + h.tomb + n > h.max_fill:  # rebuild from the live latest occurrences, with room to grow
             ids, occ = self._latest_occurrences()
-            self._last = _HashIndex(max(1024, 2 * (ids.numel() + n)), self.device, torch.int64)
+            self._last = HashIndex(max(1024, 2 * (ids.numel() + n)), self.device, torch.int64)
             self._pring.index_copy_(0, occ % self._pring.numel(), self._last.insert(ids, occ).to(torch.int32))
 
     def _latest_occurrences(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -126,17 +126,18 @@ class BudgetSplit:
     row_bits: int = 0
     window: int = 0
     layout: int = 0
+    id_index: int = 0  # dynamic tables' raw ID -> slot indexes (`DynamicConfig.index_bytes_per_row` per slot)
 
     @property
     def tables(self) -> int:
-        return self.total - self.row_bits - self.window - self.layout
+        return self.total - self.row_bits - self.window - self.layout - self.id_index
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tables": self.tables}
 
     def describe(self) -> str:
         parts = [("row bits", self.row_bits), ("look-ahead window", self.window), ("hot-row layouts", self.layout),
-                 ("tables and caches", self.tables)]
+                 ("dynamic ID indexes", self.id_index), ("tables and caches", self.tables)]
         return f"memory budget {format_bytes(self.total)}: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts)
 
 

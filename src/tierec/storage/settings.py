@@ -19,10 +19,16 @@ class TableSettings:
     placement: Literal["auto", "memory", "ssd"] = "auto"
     cache_rows: int | None = None  # SSD tables: rows in the DRAM/device cache
     policy: Policy | None = None
+    kind: Literal["fixed", "dynamic"] | None = None  # default: --table-kind
+    rows: int | None = None  # a fixed table's rows over raw IDs, a dynamic table's capacity (default: --table-rows)
 
     def __post_init__(self):
         if self.cache_rows is not None and self.cache_rows <= 0:
             raise ConfigError(f"cache_rows must be > 0, got {self.cache_rows}")
+        if self.rows is not None and self.rows <= 0:
+            raise ConfigError(f"rows must be > 0, got {self.rows}")
+        if self.kind not in (None, "fixed", "dynamic"):
+            raise ConfigError(f"kind must be 'fixed' or 'dynamic', got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ class StorageSettings:
     prefetch_threads: int | None = None  # a group's prefetch threads (None: by cores)
     lookahead: int = 200  # policy lookahead: batches read ahead (the window)
     lookahead_memory: int = 1 << 30  # policy lookahead: most bytes the window may hold
+    # table name -> how its IDs become rows (`tierec.storage.dynamic.TableRows`); absent: the schema's rows
+    table_rows: dict = field(default_factory=dict)
 
     @property
     def uses_lookahead(self) -> bool:

@@ -71,6 +71,11 @@ class CountMinSketch:
         flat = self._flat_buckets(ids)
         return self.table.view(-1)[flat].min(0).values
 
+    def halve(self) -> None:
+        """Decay: every counter halves (rounded down), so old counts fade."""
+        self.table >>= 1
+        self.total = int(self.table[0].sum())
+
     @property
     def nbytes(self) -> int:
         return self.table.nbytes

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from tierec.config import format_bytes
+from tierec.data.hashing import reduce_raw
 from tierec.errors import CheckpointError, ConfigError
 from tierec.malloc import limit_malloc_retention
 from tierec.storage.cache import CachedTable
+from tierec.storage.dynamic import TableRows
 from tierec.storage.group import TableGroup
 from tierec.storage.layout import HOT_LAYOUT_BYTES_PER_ROW, HotLayout
 from tierec.storage.lazy import RowInit
@@ -52,6 +55,20 @@ def index_bytes_per_row(settings: StorageSettings) -> int:
     return LOOKAHEAD_INDEX_BYTES_PER_ROW if settings.uses_lookahead else INDEX_BYTES_PER_ROW
 
 
+def sample_as_rows(sample: dict[str, AccessSample], rows: dict[str, TableRows]) -> dict[str, AccessSample]:
+    """The planning pass's sampled IDs as table rows: a fixed table's raw IDs reduced mod its rows; a dynamic
+    table's slots are not known before training (its lookups count, its IDs are dropped)."""
+    out = dict(sample)
+    for name, r in rows.items():
+        s = sample[name]
+        if r.kind == "hashed":
+            ids, inv = np.unique(reduce_raw(s.ids, r.rows), return_inverse=True)
+            out[name] = AccessSample(s.lookups, ids, np.bincount(inv, weights=s.counts).astype(np.int64))
+        elif r.kind == "dynamic":
+            out[name] = AccessSample(s.lookups, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    return out
+
+
 def plan_storage(settings: StorageSettings, schema: Schema, dataset: Dataset,
                  row_bytes: int) -> tuple[list[Placement], dict[str, AccessSample], BudgetSplit]:
     """Measure access shares on the first batches and split ``settings.memory_budget``: first what the
@@ -59,7 +76,9 @@ def plan_storage(settings: StorageSettings, schema: Schema, dataset: Dataset,
     weights + optimizer state) with the rest."""
     names = schema.sparse_names
     sample = measure_lookups(dataset, names, settings.plan_batch_size, settings.plan_batches, settings.seed)
-    needs = [TableNeeds(f.name, f.num_embeddings, row_bytes, sample[f.name].lookups, sample[f.name].ids.size)
+    rows = {f.name: settings.table_rows.get(f.name) or TableRows(f.num_embeddings) for f in schema.sparse}
+    sample = sample_as_rows(sample, rows)
+    needs = [TableNeeds(f.name, rows[f.name].rows, row_bytes, sample[f.name].lookups, sample[f.name].ids.size)
              for f in schema.sparse]
     overrides = {name: table_overrides(t) for name, t in settings.tables.items()}
     split = split_budget(settings, needs)
@@ -85,6 +104,7 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     if settings.memory_budget is None:
         return BudgetSplit(0)
     row_bits = sum((2 * n.num_embeddings + 7) // 8 for n in needs)
+    id_index = sum(r.index_bytes for r in settings.table_rows.values())  # dynamic tables' raw ID -> slot indexes
     window = 0
     if settings.uses_lookahead:
         per_batch = 72 * sum(n.lookups for n in needs) // max(1, settings.plan_batches)
@@ -92,7 +112,7 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     layout = 0
     if settings.ssd_layout == "hot" and total >= LAYOUT_MIN_BUDGET:
         layout = min(total // LAYOUT_SHARE, HOT_LAYOUT_BYTES_PER_ROW * sum(n.sampled_rows for n in needs))
-    split = BudgetSplit(total, row_bits, window, layout)
+    split = BudgetSplit(total, row_bits, window, layout, id_index)
     if split.tables <= 0:
         raise ConfigError(f"--memory-budget {format_bytes(total)} does not cover the tables' bookkeeping "
                           f"({split.describe()}); raise it")

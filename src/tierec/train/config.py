@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Literal
 
 from tierec.config import from_dict, load_config_file, parse_bytes
+from tierec.data.dataset import Schema
 from tierec.errors import ConfigError
+from tierec.storage.dynamic import DynamicConfig, TableRows
 from tierec.storage.settings import StorageSettings, TableSettings
+from tierec.train.idmap import IdMaps
 
 
 @dataclass
@@ -74,6 +77,14 @@ class TrainConfig:
     tables: dict[str, TableSettings] = field(default_factory=dict)
     sharding: ShardingSettings = field(default_factory=ShardingSettings)
     dedup: bool = True  # user-side features looked up once per unique row of a batch (docs/dedup.md)
+    # how IDs become rows (docs/dynamic.md); per table: [tables.X] kind / rows
+    table_kind: Literal["fixed", "dynamic"] = "fixed"
+    table_rows: int | None = None  # fixed tables over raw IDs: rows; dynamic: capacity (default: the schema's)
+    admit_count: int = 1  # dynamic: an ID gets a row once seen this many times
+    default_row: Literal["zero", "unknown"] = "zero"  # dynamic: what an ID without a row reads
+    evict: Literal["none", "ttl", "lfu"] = "none"  # dynamic: which IDs leave when full / on decay
+    ttl_steps: int = 0  # dynamic, evict ttl: IDs unseen this many steps leave
+    decay_every: int = 0  # dynamic: steps between decays (LFU counts, admission sketch halve; TTL sweep)
 
     def __post_init__(self):
         for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "keep_checkpoints", "checkpoint_chain",
@@ -106,13 +117,29 @@ class TrainConfig:
         from tierec.storage.ssd import check_row_align
 
         self.ssd_row_align = check_row_align(self.ssd_row_align, "ssd_row_align")
+        if self.table_rows is not None and self.table_rows <= 0:
+            raise ConfigError(f"table_rows must be > 0, got {self.table_rows}")
+        self.dynamic_config()  # validated here, at the edge
+
+    def dynamic_config(self, capacity: int = 2) -> DynamicConfig:
+        """The dynamic tables' policy (``capacity`` filled in per table)."""
+        return DynamicConfig(capacity, self.admit_count, self.default_row, self.evict, self.ttl_steps,
+                             self.decay_every)
+
+    def row_spaces(self, schema: Schema) -> tuple[dict[str, TableRows], dict[str, DynamicConfig]]:
+        """How each table's IDs become rows, and the dynamic tables' configs (`IdMaps.plan`)."""
+        return IdMaps.plan(schema, self.table_kind, self.table_rows, self.tables, self.dynamic_config())
+
+    def id_maps(self, schema: Schema) -> IdMaps:
+        """The ID -> row stage of these settings (`tierec.train.idmap.IdMaps`)."""
+        return IdMaps(*self.row_spaces(schema))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def storage_settings(self) -> StorageSettings:
+    def storage_settings(self, table_rows: dict | None = None) -> StorageSettings:
         """The storage layer's typed view of these settings (byte sizes parsed; SSD files under
-        ``storage_dir``, default ``OUT/tables``)."""
+        ``storage_dir``, default ``OUT/tables``); ``table_rows``: `IdMaps.rows`."""
         return StorageSettings(
             root=Path(self.storage_dir) if self.storage_dir else Path(self.out) / "tables",
             seed=self.seed,
@@ -123,7 +150,7 @@ class TrainConfig:
             direct_io=self.direct_io, row_align=self.ssd_row_align, ssd_layout=self.ssd_layout,
             group_caches=self.group_caches,
             prefetch_threads=self.prefetch_threads, lookahead=self.lookahead,
-            lookahead_memory=parse_bytes(self.lookahead_memory, "lookahead_memory"))
+            lookahead_memory=parse_bytes(self.lookahead_memory, "lookahead_memory"), table_rows=table_rows or {})
 
     @staticmethod
     def field_names() -> list[str]:
@@ -134,7 +161,8 @@ class TrainConfig:
 # others (storage tiers and caches, which are exact; intervals; epochs and max_steps, which only
 # move the end) may change between a checkpoint and its resume.
 TRAJECTORY_KEYS = ("model", "embedding_dim", "pooling", "bottom_mlp", "top_mlp", "tower_mlp", "batch_size",
-                   "max_train_rows", "dense_optimizer", "lr", "sparse_optimizer", "sparse_lr", "shuffle", "seed")
+                   "max_train_rows", "dense_optimizer", "lr", "sparse_optimizer", "sparse_lr", "shuffle", "seed",
+                   "table_kind", "table_rows", "admit_count", "default_row", "evict", "ttl_steps", "decay_every")
 
 
 def trajectory_changes(saved: dict, cfg: TrainConfig) -> list[str]:

@@ -39,6 +39,7 @@ from tierec.storage.ssd import SsdTable
 from tierec.storage.tiered import ResumeChain, layout_files
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig, trajectory_changes
+from tierec.train.idmap import IdMaps, MappedBatch, map_ahead
 from tierec.train.metrics import log_loss, roc_auc
 from tierec.train.pipeline import LookaheadPipeline, Member, PrefetchTarget
 from tierec.train.rundir import claim_run_dir
@@ -55,8 +56,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def table_configs(cfg: TrainConfig, schema: Schema) -> list[TableConfig]:
-    """One table per sparse feature of ``schema``, ``cfg.embedding_dim`` wide."""
-    tables = [TableConfig(f.name, f.num_embeddings, cfg.embedding_dim, cfg.pooling) for f in schema.sparse]
+    """One table per sparse feature of ``schema``, ``cfg.embedding_dim`` wide, with the rows its IDs map to
+    (`TrainConfig.row_spaces`: the schema's, a fixed table's over raw IDs, a dynamic table's capacity)."""
+    rows, _ = cfg.row_spaces(schema)
+    tables = [TableConfig(f.name, rows[f.name].rows, cfg.embedding_dim, cfg.pooling,
+                          dynamic=rows[f.name].kind == "dynamic") for f in schema.sparse]
     if not tables:
         raise ConfigError("the data set has no sparse features; DLRM needs at least one")
     return tables
@@ -77,7 +81,7 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
     plan, split = None, None
     if collection is None:
         factory = storage_factory
-        settings = cfg.storage_settings()
+        settings = cfg.storage_settings(cfg.row_spaces(schema)[0])
         if factory is None and dataset is not None and settings.tiered:
             from tierec.storage.tiered import make_storage_factory, plan_storage
 
@@ -242,8 +246,8 @@ class JsonlLog:
 
 @torch.no_grad()
 def evaluate(model: DLRM | TwoTower, ds: Dataset, split: str, batch_size: int, device: torch.device,
-             max_rows: int | None = None, progress: bool = True) -> dict:
-    """AUC and log-loss of ``model`` on ``split``."""
+             max_rows: int | None = None, progress: bool = True, id_maps: IdMaps | None = None) -> dict:
+    """AUC and log-loss of ``model`` on ``split``; ``id_maps``: how the data's IDs become rows (raw IDs), read-only."""
     was_training = model.training
     model.eval()
     probs, labels = [], []
@@ -251,6 +255,8 @@ def evaluate(model: DLRM | TwoTower, ds: Dataset, split: str, batch_size: int, d
     t0 = time.perf_counter()
     for batch in tqdm(ds.batches(split, batch_size, max_rows=max_rows), total=n_batches, desc=f"eval {split}",
                       leave=False, disable=None if progress else True, unit="batch"):
+        if id_maps is not None:
+            batch = id_maps.lookup_batch(batch)
         batch = batch.to(device)
         probs.append(torch.sigmoid(model(batch.dense, batch.sparse)).cpu().numpy())
         labels.append(batch.labels.cpu().numpy())
@@ -283,6 +289,7 @@ class Trainer:
         if self.ds.num_rows("train") == 0:
             raise TierecError(f"{cfg.data}: the train split is empty")
         check_table_settings(cfg, self.ds.schema)
+        self.idmaps = cfg.id_maps(self.ds.schema)  # raw IDs -> rows (fixed tables over raw IDs, dynamic tables)
         self.eval_ds, self.eval_split = eval_source(cfg, self.ds)
         self.out = Path(cfg.out)
         self._lock = self._claim_run_dir(resume, overwrite)
@@ -342,6 +349,8 @@ class Trainer:
             "dense_optimizer": self.dense_opt.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
+        if self.idmaps.index is not None:
+            dense_state["id_maps"] = self.idmaps.state_at(self.step)
         meta = {
             "tierec_version": __version__,
             "epoch": self.epoch,
@@ -390,6 +399,8 @@ class Trainer:
         self.dense_opt.load_state_dict(state["dense_optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.epoch, self.batch_in_epoch = m["step"], m["epoch"], m["batch_in_epoch"]
+        if self.idmaps.index is not None:
+            self.idmaps.load_state_dict(state.get("id_maps", {}), self.step)
         self.samples, self.train_s = m["samples"], m.get("train_s", 0.0)
         self.parent = path
         log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
@@ -401,6 +412,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train_step(self, batch) -> float:
+        if isinstance(batch, MappedBatch) and batch.fresh:  # dynamic tables: rows given to new IDs at this step
+            bags = {t.config.key: t for t in self.model.embeddings.bags}
+            for key, (slots, ids) in batch.fresh.items():
+                if key in bags:
+                    bags[key].use_fresh(slots.to(self.device), ids)
         batch = batch.to(self.device, non_blocking=True)
         logits = self.model(batch.dense, batch.sparse, batch.user)
         loss = self.loss_fn(logits, batch.labels)
@@ -410,17 +426,29 @@ class Trainer:
         return loss.item()
 
     def _train_batches(self, total: int):
-        """Training batches from the current position to step ``total``, across epochs."""
+        """Training batches from the current position to step ``total``, across epochs, their IDs mapped to rows
+        (`IdMaps`; the indexes kept at the steps that checkpoint or evaluate, `_reads_tables_at`)."""
         cfg = self.cfg
         epoch, start, step = self.epoch, self.batch_in_epoch, self.step
+        per_epoch = self.ds.num_batches("train", cfg.batch_size, max_rows=cfg.max_train_rows)
+        mapping = self.idmaps.active
         while epoch < cfg.epochs and step < total:
-            for b in self.ds.batches("train", cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=epoch,
-                                     start_batch=start, max_rows=cfg.max_train_rows, dedup=cfg.dedup):
-                yield b
+            for i, b in enumerate(self.ds.batches("train", cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
+                                                  epoch=epoch, start_batch=start, max_rows=cfg.max_train_rows,
+                                                  dedup=cfg.dedup), start=start + 1):
                 step += 1
+                if mapping:
+                    b = self.idmaps.map_batch(b, step, snapshot=self._reads_tables_at(step, i >= per_epoch, total))
+                yield b
                 if step >= total:
                     return
             epoch, start = epoch + 1, 0
+
+    def _reads_tables_at(self, step: int, end_of_epoch: bool, total: int) -> bool:
+        """Whether the loop checkpoints or evaluates after step ``step`` (as `_fit` decides)."""
+        cfg = self.cfg
+        return (end_of_epoch or step >= total or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                or bool(cfg.eval_every and step % cfg.eval_every == 0))
 
     def _lookahead_pipeline(self, stream):
         """A `LookaheadPipeline` over ``stream`` when some tables have look-ahead caches, else None."""
@@ -444,7 +472,8 @@ class Trainer:
         if self.eval_split is None:
             raise TierecError(f"{self.eval_ds.root}: no held-out rows to evaluate")
         return evaluate(self.model, self.eval_ds, self.eval_split, self.cfg.eval_batch_size, self.device,
-                        self.cfg.max_eval_rows, self.cfg.progress)
+                        self.cfg.max_eval_rows, self.cfg.progress,
+                        self.idmaps.reader_at(self.step) if self.idmaps.active else None)
 
     def _evaluate_safely(self) -> dict | None:
         """`evaluate`, logged; a failure is logged and recorded, never fatal to the training run."""
@@ -479,7 +508,9 @@ class Trainer:
         window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
         self.model.train()
         stream = self._train_batches(total)
-        pipe = self._lookahead_pipeline(stream)
+        pipe = self._lookahead_pipeline(stream)  # its worker reads (and maps) the batches ahead
+        if pipe is None and self.idmaps.active:
+            stream = map_ahead(stream)  # the ID map's work beside the step, not in it
         paused = pipe.paused if pipe is not None else contextlib.nullcontext
 
         @contextlib.contextmanager
@@ -519,7 +550,9 @@ class Trainer:
                         post = {"loss": f"{window_loss / window_n:.4f}", "samples_s": f"{sps:,.0f}"}
                         if hit is not None:
                             post["hit"] = f"{hit:.1%}"
-                        extra = {"cache": stats} if stats else {}
+                        extra: dict[str, object] = {"cache": stats} if stats else {}
+                        if self.idmaps.index is not None:  # the mapping may run ahead of training: as of `mapped_step`
+                            extra["dynamic"] = {"mapped_step": self.idmaps.step, "tables": self.idmaps.stats()}
                         if pipe is not None:
                             extra["prefetch"] = pipe.summary()
                             post["stall"] = f"{pipe.stats['stall_s'] / max(self.train_s, 1e-9):.1%}"
@@ -535,12 +568,15 @@ class Trainer:
                     if do_eval and self.eval_split is not None:
                         with quiet():
                             last_eval = self._evaluate_safely() or last_eval
+                    self.idmaps.forget_before(self.step)
                     if done:
                         break
                     t_step = time.perf_counter()
             finally:
                 if pipe is not None:
                     pipe.close()
+                elif hasattr(stream, "close"):
+                    stream.close()  # map_ahead's thread, the data reader
         bar.close()
         if (last_eval is None or last_eval["step"] != self.step) and self.eval_split is not None:
             last_eval = self._evaluate_safely() or last_eval  # the summary reports the final model
@@ -558,6 +594,8 @@ class Trainer:
             summary["cache_hit_rate"] = overall_hit_rate(stats)
             summary["ssd_bytes_read"] = sum(s.get("bytes_read", 0) for s in stats.values())
             summary["ssd_bytes_written"] = sum(s.get("bytes_written", 0) for s in stats.values())
+        if self.idmaps.index is not None:
+            summary["dynamic"] = self.idmaps.stats()
         if pipe is not None:
             pf = pipe.summary()
             summary["prefetch"] = pf
@@ -566,6 +604,20 @@ class Trainer:
         self.log.write("end", **summary)
         self.log.close()
         return summary
+
+
+def load_id_maps(checkpoint: str, schema: Schema) -> IdMaps | None:
+    """How the IDs of the data a checkpoint was trained on become its rows (raw IDs: fixed tables reduce
+    them, dynamic tables look them up in the saved indexes), read-only; None when they are rows already."""
+    path = ckpt.resolve_checkpoint(checkpoint)
+    m = ckpt.read_manifest(path)
+    cfg = TrainConfig(**{**m["config"], "data": m["config"].get("data") or "."})
+    maps = cfg.id_maps(schema)
+    if not maps.active:
+        return None
+    if maps.index is not None:
+        maps.load_state_dict(ckpt.load_dense_state(path, m).get("id_maps", {}), m["step"])
+    return maps
 
 
 def load_for_eval(checkpoint: str, data: str | None = None,

@@ -1,0 +1,239 @@
+"""How a batch's stored IDs become table rows, one stage before the model: `IdMaps`.
+
+A data set holds per sparse feature either rows (``IDs < num_embeddings``: nothing to do) or raw
+64-bit IDs (``SparseFeature.raw``). A *fixed* table over raw IDs reduces them mod its rows
+(`tierec.data.hashing.reduce_raw_torch`: the rows a non-raw conversion would have written); a
+*dynamic* table maps them through its `DynamicIndex` (admission, eviction; collision-free).
+
+Training maps batches in step order, possibly a window ahead of the trainer (the look-ahead
+pipeline reads its batches from this stage, so its oracle sees slots, not raw IDs). Because the map
+runs ahead, its state at the step a checkpoint or an evaluation happens is kept as a *snapshot* when
+that step's batch is mapped (`map_batch(..., snapshot=True)`): checkpoints save it, evaluation reads
+through it. Evaluation and serving map read-only (`lookup`): an ID without a row reads the default.
+
+One mapped batch: ``MappedBatch`` = the `Batch` with rows in place of raw IDs (values that read the
+zero row dropped from their bags) and ``fresh``: per sparse key, the slots given to new IDs at this
+step and those IDs (the tables reset them: `EmbeddingBag.use_fresh`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from tierec.data.dataset import Batch, Schema
+from tierec.data.hashing import reduce_raw_torch
+from tierec.errors import ConfigError
+from tierec.sparse import KeyedJaggedTensor
+from tierec.storage.dynamic import DynamicConfig, DynamicIndex, TableRows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MappedBatch(Batch):
+    """A `Batch` whose IDs are table rows; ``fresh``: sparse key -> (slots int64 [F], raw IDs int64 [F])
+    given at this step (dynamic tables)."""
+
+    fresh: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def _drop(values: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor,
+          weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Values where ``keep`` (bool [N]), and each bag's new length (lengths int64 [B])."""
+    ends = torch.cumsum(lengths, 0)
+    kept = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(keep.to(torch.int64), 0)])
+    new_lengths = kept[ends] - kept[ends - lengths]
+    return values[keep], new_lengths, (weights[keep] if weights is not None else None)
+
+
+_NO_IDS = torch.empty(0, dtype=torch.int64)
+
+
+class IdMaps:
+    """Per sparse feature its `TableRows`; the dynamic tables' `DynamicIndex` (one for all of them: one hash
+    probe per batch, whatever the number of tables)."""
+
+    def __init__(self, rows: dict[str, TableRows], dynamic: dict[str, DynamicConfig]):
+        self.rows, self.configs = rows, dynamic
+        self.dynamic = list(dynamic)  # the dynamic features, in the index's table order
+        self.index = DynamicIndex([dynamic[k] for k in self.dynamic], self.dynamic) if dynamic else None
+        self.snapshots: dict[int, dict] = {}  # step -> the index's state after mapping that step's batch
+        self.step = 0  # the last step mapped
+
+    @staticmethod
+    def plan(schema: Schema, kind: str, rows: int | None, tables: dict,
+             dyn: DynamicConfig) -> tuple[dict[str, TableRows], dict[str, DynamicConfig]]:
+        """Each table's `TableRows` and the dynamic tables' configs, from the settings:
+        ``kind`` ("fixed" | "dynamic") and ``rows`` (a fixed table's rows over raw IDs, or
+        a dynamic table's capacity; default the feature's num_embeddings) for every table, overridden per table
+        by ``tables[name].kind`` / ``.rows``; ``dyn``: the dynamic tables' policy (its capacity is replaced)."""
+        out_rows, dynamic = {}, {}
+        for f in schema.sparse:
+            t = tables.get(f.name)
+            k = (t.kind if t is not None and t.kind else None) or kind
+            n = (t.rows if t is not None and t.rows else None) or rows or f.num_embeddings
+            if k == "dynamic":
+                c = DynamicConfig(**{**dyn.__dict__, "capacity": n})
+                dynamic[f.name] = c
+                out_rows[f.name] = TableRows(n, "dynamic", c.index_bytes_per_row * n)
+            elif f.raw:
+                out_rows[f.name] = TableRows(n, "hashed")
+            else:
+                out_rows[f.name] = TableRows(f.num_embeddings, "rows")
+        return out_rows, dynamic
+
+    @property
+    def active(self) -> bool:
+        """Whether any feature's IDs need mapping."""
+        return any(r.kind != "rows" for r in self.rows.values())
+
+    def _map(self, kjts: list[KeyedJaggedTensor | None], step: int | None,
+             fresh: dict) -> list[KeyedJaggedTensor | None]:
+        """``kjts`` (a batch's item-side and user-side KJTs) with rows for IDs: hashed features reduced, the
+        dynamic ones mapped (``step``: in training, at that step, filling ``fresh``; None: read-only)."""
+        dyn: dict[str, tuple[torch.Tensor, bool]] = {}  # key -> (slots, whether some are -1: the zero row)
+        if self.index is not None:
+            by_key = {k: jt.values for kjt in kjts if kjt is not None for k, jt in kjt.to_dict().items()}
+            ids = [by_key.get(k, _NO_IDS) for k in self.dynamic]
+            if step is None:
+                dyn = {k: (v, bool((v < 0).any())) for k, v in zip(self.dynamic, self.index.lookup(ids), strict=True)}
+            else:
+                for k, m in zip(self.dynamic, self.index.map(ids, step), strict=True):
+                    dyn[k] = (m.slots, m.zero)
+                    if m.fresh_slots.numel():
+                        fresh[k] = (m.fresh_slots, m.fresh_ids)
+        return [self._rebuild(kjt, dyn) for kjt in kjts]
+
+    def _rebuild(self, kjt: KeyedJaggedTensor | None,
+                 dyn: dict[str, tuple[torch.Tensor, bool]]) -> KeyedJaggedTensor | None:
+        if kjt is None or not any(self.rows[k].kind != "rows" for k in kjt.keys()):
+            return kjt
+        vals, lens, wts = [], [], []
+        w_all = kjt.weights_or_none()
+        for k, jt, lo in zip(kjt.keys(), kjt.split_by_key(), kjt.offset_per_key(), strict=False):
+            v, ln = jt.values, jt.lengths
+            w = w_all[lo : lo + v.numel()] if w_all is not None else None
+            r = self.rows[k]
+            if r.kind == "hashed":
+                v = reduce_raw_torch(v, r.rows)
+            elif r.kind == "dynamic":
+                v, zero = dyn[k]
+                if zero:  # IDs without a row (-1: the zero row) leave their bags
+                    v, ln, w = _drop(v, ln, v >= 0, w)
+            vals.append(v)
+            lens.append(ln)
+            wts.append(w)
+        weights = torch.cat(wts) if w_all is not None else None  # type: ignore[arg-type]
+        return KeyedJaggedTensor(kjt.keys(), torch.cat(vals), torch.cat(lens), weights, kjt.stride(),
+                                 kjt.inverse_indices_or_none(), validate=False)
+
+    def map_batch(self, batch: Batch, step: int, snapshot: bool = False) -> MappedBatch:
+        """Training: ``batch`` is step ``step``'s (steps in order); ``snapshot``: keep the index's state after
+        it (a step where a checkpoint or an evaluation will read it)."""
+        fresh: dict = {}
+        sparse, user = self._map([batch.sparse, batch.user], step, fresh)
+        assert sparse is not None
+        self.step = step
+        if snapshot and self.index is not None:
+            self.snapshots[step] = self.state_dict()
+        return MappedBatch(batch.dense, sparse, batch.labels, batch.session, user, fresh)
+
+    def lookup_kjt(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Serving: rows of ``kjt``'s IDs, read-only (no row: the default)."""
+        out = self._map([kjt], None, {})[0]
+        assert out is not None
+        return out
+
+    def lookup_batch(self, batch: Batch) -> Batch:
+        """Evaluation: rows of ``batch``'s IDs without changing anything (no row: the default)."""
+        sparse, user = self._map([batch.sparse, batch.user], None, {})
+        return Batch(batch.dense, sparse, batch.labels, batch.session, user)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return self.index.state_dict() if self.index is not None else {}
+
+    def load_state_dict(self, d: dict, step: int) -> None:
+        if self.index is None:
+            return
+        if not d:
+            raise ConfigError(f"dynamic table(s) {self.dynamic}: the checkpoint has no index for them (it was "
+                              "trained with fixed tables)")
+        self.index.load_state_dict(d)
+        self.step = step
+
+    def state_at(self, step: int) -> dict:
+        """The index as it was after mapping step ``step``'s batch (its snapshot, or the live state when nothing
+        was mapped since)."""
+        if step in self.snapshots:
+            return self.snapshots[step]
+        if step == self.step or self.index is None:
+            return self.state_dict()
+        raise RuntimeError(f"no snapshot of the dynamic tables' index at step {step} (mapped up to {self.step})")
+
+    def reader_at(self, step: int) -> IdMaps:
+        """A read-only copy as of step ``step`` (evaluation during training: from its snapshot, as the map may
+        run ahead in another thread); the live maps themselves when nothing was mapped since."""
+        if self.index is None or (step not in self.snapshots and step == self.step):
+            return self
+        other = IdMaps(self.rows, self.configs)
+        other.load_state_dict(self.state_at(step), step)
+        return other
+
+    def forget_before(self, step: int) -> None:
+        for s in [s for s in list(self.snapshots) if s < step]:
+            del self.snapshots[s]
+
+    def stats(self) -> dict[str, dict]:
+        return self.index.stats() if self.index is not None else {}
+
+_END = object()
+
+
+def map_ahead(stream: Iterable, depth: int = 2) -> Iterator:
+    """Iterate ``stream`` (mapped batches) in a background thread, ``depth`` items ahead: the ID map's work
+    (unique, hash probes, admission, eviction) overlaps the training step. Exact: the map is a function of
+    the stream alone, and checkpoints and evaluations read its snapshots (`IdMaps.map_batch`). An error in
+    the stream is raised here; closing this iterator stops the thread."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def run():
+        try:
+            for item in stream:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=run, name="tierec-idmap", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a put, then wait for the thread
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            t.join(0.05)

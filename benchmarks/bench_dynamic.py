@@ -76,13 +76,14 @@ def configs(rows: int, slots: dict[str, int], card: int) -> dict[str, list[str]]
 
 
 def equal_memory_slots(rows: int, row_bytes: int) -> dict[str, int]:
-    """Slots of a dynamic table that costs what ``rows`` fixed rows cost (index included)."""
+    """Slots of a dynamic table that cost at most what ``rows`` fixed rows cost, its index included (the
+    index's bytes per slot step with the sketch's power-of-two width: the largest C that fits)."""
+    budget = rows * row_bytes
     out = {}
     for name, k in (("k1", 1), ("admit", 2)):
         c = rows
-        for _ in range(8):  # the index's bytes per slot depend (a little) on the capacity: iterate
-            per = DynamicConfig(capacity=c, admit_count=k).index_bytes_per_row
-            c = rows * row_bytes // (row_bytes + per)
+        while c * (row_bytes + DynamicConfig(capacity=c, admit_count=k).index_bytes_per_row) > budget:
+            c -= max(1, c // 1000)
         out[name] = c
     return out
 

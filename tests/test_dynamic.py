@@ -57,7 +57,8 @@ class RefIndex:
             new = [i for i in new if self.pending[i] >= cfg.admit_count]
         if len(new) > len(self.free) and cfg.evict != "none":
             cand = [i for i in self.slot_of if i not in occ]
-            key = (lambda i: (self.last[i], i)) if cfg.evict == "ttl" else (lambda i: (self.cnt[i], self.last[i], i))
+            key = ((lambda i: (self.last[i], self.slot_of[i])) if cfg.evict == "ttl"
+                   else (lambda i: (self.cnt[i], self.last[i], self.slot_of[i])))
             cand.sort(key=key)
             self._remove(cand[: min(len(cand), max(len(new) - len(self.free), cfg.capacity // BULK_EVICT_DIVISOR))])
         for i in new[: len(self.free)]:
@@ -317,3 +318,27 @@ def test_served_dynamic_model_equals_offline_and_counts_unknown_ids(tmp_path):
             assert set(live) == {"C1", "C2", "C3"} and all(0 < v <= 800 for v in live.values())
             reads = {s[0]["table"]: s[1] for s in m["tierec_dynamic_ids_total"] if s[0]["kind"] == "default_reads"}
             assert reads["C1"] >= 1
+
+
+def test_cli_trains_dynamic_tables_and_refuses_misused_flags(tmp_path, capsys):
+    """From the command line: a raw-ID data set, dynamic tables, their figures in the summary and the log;
+    --table-rows on a data set of rows is a one-line error (exit 2)."""
+    from tierec.cli import main
+
+    data = tmp_path / "d"
+    assert main(["data", "synth", "--out", str(data), "--rows", "4000", "--num-sparse", "3", "--raw-ids",
+                 "--cardinalities", "5000", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--table-kind", "dynamic",
+                 "--table-rows", "600", "--admit-count", "2", "--evict", "lfu", "--decay-every", "4",
+                 "--batch-size", "256", "--log-every", "4", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["dynamic"]) == {"C1", "C2", "C3"} and summary["auc"] > 0.5
+    assert all(0 < s["live"] <= 600 and s["admitted"] >= s["live"] for s in summary["dynamic"].values())
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert any("dynamic" in r for r in recs if r["event"] == "train")
+    plain = tmp_path / "p"
+    assert main(["data", "synth", "--out", str(plain), "--rows", "2000", "--num-sparse", "2", "--no-progress"]) == 0
+    assert main(["train", "--data", str(plain), "--out", str(tmp_path / "x"), "--table-rows", "50",
+                 "--no-progress"]) == 2
+    assert "--table-rows" in capsys.readouterr().err

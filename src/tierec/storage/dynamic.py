@@ -23,7 +23,7 @@ The protocol, one ``map`` per batch in step order (steps 1, 2, ...):
    reaches K (an over-estimate may admit early, never late); K = 1 admits at once. Admitted IDs take
    free slots (the lowest first); when too few are free and ``evict`` is not ``"none"``, live IDs
    *not in this batch* leave first, lowest score first (``ttl``: least recently seen; ``lfu``: lowest
-   count, then least recently seen; ties: smaller raw ID), at least ``capacity // 16`` at a time (the
+   count, then least recently seen; ties: the lower slot), at least ``capacity // 16`` at a time (the
    O(capacity) sort is paid once per many admissions). New IDs that still find no slot are rejected
    for this batch.
 4. **the default**: an ID without a slot reads ``default_row``: ``"zero"`` (slot -1: its value leaves
@@ -258,27 +258,32 @@ class DynamicIndex:
             self.sketch.update(new, new_occ)
             ok = self.sketch.query(new) >= cfg.admit_count
         protect = sink[found] if cfg.evict != "none" else None
+        picked, given_all = [], []
         for t in torch.unique(new_t[ok]).tolist():  # the tables with IDs to admit (keys ascending within each)
             want = (ok & (new_t == t)).nonzero().squeeze(1)
             if want.numel() > self.n_free[t] and cfg.evict != "none":
                 self._evict(t, want.numel() - self.n_free[t], protect)
             take = min(want.numel(), self.n_free[t])
-            if not take:
-                continue
-            idx = want[:take]
-            top = int(self.offsets[t]) + self.n_free[t]
-            given = self.free[top - take : top].flip(0).clone()
-            self.n_free[t] -= take
+            if take:
+                top = int(self.offsets[t]) + self.n_free[t]
+                picked.append(want[:take])
+                given_all.append(self.free[top - take : top].flip(0).clone())
+                self.n_free[t] -= take
+                self.counters[t, 0] += take
+        if picked:  # every table's admissions at once
+            idx, given = torch.cat(picked), torch.cat(given_all)
             keys_in = new.index_select(0, idx)
             self._insert(keys_in, given)
-            raw = keys_in ^ self._salt[t]  # the raw IDs (a folded reserved key: the folded value)
+            raw = keys_in ^ self._salt.index_select(0, new_t.index_select(0, idx))  # the raw IDs
             self.live[given] = True
             self.slot_id[given] = raw
             self.last_seen[given] = step
             self.count[given] = new_occ.index_select(0, idx)
-            self.counters[t, 0] += take
             new_slot.index_copy_(0, idx, given)
-            fresh[t].append((given - self.offsets[t], raw))
+            for p, g, r in zip(picked, given.split([x.numel() for x in picked]),
+                               raw.split([x.numel() for x in picked]), strict=True):
+                t = int(new_t[p[0]])
+                fresh[t].append((g - self.offsets[t], r))
         slots.index_copy_(0, miss, new_slot.index_select(0, inverse))
         own = new_slot >= 0
         if self._first:
@@ -359,11 +364,11 @@ class DynamicIndex:
             cand[p] = False
         if self._first:
             cand[0] = False
-        cand = cand.nonzero().squeeze(1) + a
-        order = torch.sort(self.slot_id[cand], stable=True).indices  # ties: smaller raw ID first
-        keys = [self.last_seen[cand]] if self.cfg.evict == "ttl" else [self.last_seen[cand], self.count[cand]]
-        for k in keys:  # least significant key first, each sort stable
-            order = order[torch.sort(k[order], stable=True).indices]
+        cand = cand.nonzero().squeeze(1) + a  # ascending slots: a stable sort breaks ties by slot
+        score = self.last_seen.index_select(0, cand)  # steps < 2^31
+        if self.cfg.evict == "lfu":  # lowest count first, then least recently seen: one int64 key
+            score = (self.count.index_select(0, cand).clamp(max=(1 << 31) - 1) << 31) | score
+        order = torch.sort(score, stable=True).indices
         n = min(cand.numel(), max(need, self.configs[t].capacity // BULK_EVICT_DIVISOR))
         self._remove(cand[order[:n]])
 

@@ -77,6 +77,10 @@ class IdMaps:
         for f in schema.sparse:
             t = tables.get(f.name)
             k = (t.kind if t is not None and t.kind else None) or kind
+            if k == "fixed" and not f.raw and t is not None and t.rows:
+                raise ConfigError(f"tables.{f.name}.rows: feature {f.name!r} holds rows already (its data set was "
+                                  "not written with --raw-ids): rows applies to fixed tables over raw IDs and to "
+                                  "dynamic tables")
             n = (t.rows if t is not None and t.rows else None) or rows or f.num_embeddings
             if k == "dynamic":
                 c = DynamicConfig(**{**dyn.__dict__, "capacity": n})
@@ -86,6 +90,9 @@ class IdMaps:
                 out_rows[f.name] = TableRows(n, "hashed")
             else:
                 out_rows[f.name] = TableRows(f.num_embeddings, "rows")
+        if rows and all(r.kind == "rows" for r in out_rows.values()):
+            raise ConfigError("--table-rows: the data set's features hold rows already (not written with --raw-ids) "
+                              "and no table is dynamic: it applies to fixed tables over raw IDs and to dynamic tables")
         return out_rows, dynamic
 
     @property

@@ -338,3 +338,34 @@ def test_two_ranks_with_dynamic_tables_match_one_process(tmp_path):
         mine = next(b for b in one.model.embeddings.bags if b.config.name == t["name"]).storage
         a = torch.cat(mine.read_rows(0, t["num_embeddings"]), 1).numpy().reshape(-1)
         np.testing.assert_allclose(checkpoint_rows(c2, m2, t), a, atol=ATOL, rtol=0, err_msg=t["name"])
+
+
+def test_two_ranks_train_a_multitask_moe_like_one_process(tmp_path):
+    """MMoE with sparse top-2 experts on a click + conversion data set under torchrun: the experts are
+    replicated by DDP (an expert no sample of a rank chose has no gradient there), the tables sharded; same
+    weights and per-label AUC as one process (without the balancing loss, which each rank takes over its slice)."""
+    from tierec.data.synth import SynthConfig, generate
+
+    data = tmp_path / "d"
+    generate(SynthConfig(rows=3000, num_sparse=3, cardinalities=[300], num_dense=3, tasks=2, seed=1, progress=False),
+             data, progress=False)
+    # the balancing loss is each rank's over its slice (as DeepSpeed-MoE computes it per device), a different
+    # function of the batch than one process's: off here, so the two runs optimise the same loss
+    mtl = ["--model", "mmoe", "--experts", "4", "--expert-top-k", "2", "--expert-mlp", "8", "--tower-mlp", "4",
+           "--moe-aux-weight", "0"]
+    out2 = tmp_path / "two"
+    p = torchrun(2, ["--data", str(data), "--out", str(out2), *ARGS, *mtl])
+    log, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, log[-3000:]
+    summary = json.loads(log[log.index("{\n") : log.rindex("}") + 1])
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "one"), batch_size=250, max_steps=STEPS, num_threads=1,
+                      progress=False, seed=3, sparse_optimizer="rowwise_adagrad", pooling="mean", model="mmoe",
+                      experts=4, expert_top_k=2, expert_mlp=[8], tower_mlp=[4], moe_aux_weight=0.0)
+    one = Trainer(cfg).fit()
+    assert set(summary["tasks"]) == {"label", "conversion"}
+    for name, t in one["tasks"].items():
+        assert summary["tasks"][name]["auc"] == pytest.approx(t["auc"], abs=1e-3), name
+    c1, c2 = ckpt.resolve_checkpoint(one["checkpoint"]), ckpt.resolve_checkpoint(out2)
+    d1, d2 = ckpt.load_dense_state(c1, ckpt.read_manifest(c1)), ckpt.load_dense_state(c2, ckpt.read_manifest(c2))
+    for k, v in d1["model"].items():
+        torch.testing.assert_close(d2["model"][k], v, atol=ATOL, rtol=0, msg=k)

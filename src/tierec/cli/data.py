@@ -9,7 +9,15 @@ import time
 from tierec.data import convert
 from tierec.data.cluster import DEFAULT_WINDOW
 from tierec.data.readers import DEFAULT_NUM_EMBEDDINGS, FORMATS
-from tierec.data.synth import SynthConfig, generate, parse_cardinalities, write_criteo_tsv
+from tierec.data.synth import (
+    CONVERSION_RATE,
+    MAX_TASKS,
+    MLPERF_MULTI_HOT,
+    SynthConfig,
+    generate,
+    parse_cardinalities,
+    write_criteo_tsv,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -97,7 +105,10 @@ def add_synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-dense", type=int, default=d.num_dense, help="dense features I1..IN")
     p.add_argument("--multi-hot", default=d.multi_hot, metavar="SPEC",
                    help="IDs per row: fixed:K, uniform:A-B, poisson:M (1+Poisson(M-1)), poisson0:M (may be empty); "
-                        "one SPEC for all features plus optional per-feature overrides, e.g. 'fixed:1,C3=poisson:8'")
+                        "one SPEC for all features plus optional per-feature overrides, e.g. 'fixed:1,C3=poisson:8'; "
+                        "or 'mlperf': the fixed multi-hot sizes of MLPerf DLRM-DCNv2's 26 features (Criteo 1TB "
+                        "multi-hot: " + ", ".join(map(str, MLPERF_MULTI_HOT)) + "; needs 26 sparse features), "
+                        "overrides allowed, e.g. 'mlperf,C21=fixed:50'")
     p.add_argument("--zipf", default="auto", metavar="ALPHA|auto",
                    help="ID popularity: 'auto' = calibrated to Meta's DLRM locality statistics; "
                         "a number = plain Zipf exponent (0 = uniform)")
@@ -105,7 +116,12 @@ def add_synth_arguments(p: argparse.ArgumentParser) -> None:
                    help="mean rows per session (geometric); 1 = no sessions")
     p.add_argument("--user-features", type=int, default=d.user_features, metavar="K",
                    help="the first K sparse features are user-side: constant within a session")
-    p.add_argument("--positive-rate", type=float, default=d.positive_rate, help="target fraction of positive labels")
+    p.add_argument("--positive-rate", type=float, default=d.positive_rate,
+                   help="target fraction of positive (click) labels")
+    p.add_argument("--tasks", type=int, default=d.tasks, metavar="N",
+                   help=f"labels per sample, 1..{MAX_TASKS}: the click label, then N-1 conversion-style labels "
+                        f"(1 only where the click label is 1, about {round(CONVERSION_RATE * 100)}%% of clicks; named "
+                        "conversion, label_2, ...) for multi-task models")
     p.add_argument("--signal", type=float, default=d.signal,
                    help="strength of the hidden label model (scales its logit); > 1: easier to learn")
     p.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="rows per Parquet shard")
@@ -129,7 +145,7 @@ def config_from_args(args) -> SynthConfig:
         zipf=args.zipf, session_length=args.session_length, user_features=args.user_features,
         positive_rate=args.positive_rate, signal=args.signal, rows_per_file=args.rows_per_file,
         row_group_size=args.row_group_size, raw_ids=bool(getattr(args, "raw_ids", False)),
-        progress=not getattr(args, "no_progress", False))
+        tasks=getattr(args, "tasks", 1), progress=not getattr(args, "no_progress", False))
 
 
 def synth_main(args) -> int:
@@ -145,8 +161,9 @@ def synth_main(args) -> int:
     rows = {k: v["rows"] for k, v in m["splits"].items()}
     total = sum(rows.values())
     sch = cfg.schema()
+    labels = f"; labels {', '.join(sch.labels)}" if sch.num_tasks > 1 else ""
     print(f"{args.out}: wrote {total:,} rows (train {rows['train']:,}, test {rows['test']:,}); "
-          f"{len(sch.sparse)} sparse, {len(sch.dense)} dense features; {total / dt:,.0f} rows/s")
+          f"{len(sch.sparse)} sparse, {len(sch.dense)} dense features{labels}; {total / dt:,.0f} rows/s")
     return 0
 
 
@@ -173,6 +190,11 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table-sizes", default=None, metavar="FILE_OR_LIST",
                    help="per-feature table sizes, overriding --num-embeddings: '1000,20,...' in feature order, "
                         "'C1=1000,C3=50', or a YAML/JSON file holding such a list or mapping")
+    p.add_argument("--num-labels", type=int, default=None, metavar="N",
+                   help="criteo-tsv/criteo-csv: each row starts with N labels (0 or 1) instead of one, e.g. click "
+                        "and conversion for multi-task models (default: 1, or as many as --label-names)")
+    p.add_argument("--label-names", default=None, metavar="A,B,...",
+                   help="names of the labels, comma-separated (default: label, then conversion, label_2, ...)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of rows held out as the test split")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     p.add_argument("--skip-bad-rows", action="store_true",
@@ -199,7 +221,8 @@ def convert_main(args) -> int:
                 rows_per_file=args.rows_per_file, row_group_size=args.row_group_size, field_map=args.field_map,
                 max_rows=args.max_rows, rating_threshold=args.rating_threshold,
                 progress=not getattr(args, "no_progress", False), cluster_by=args.cluster_by,
-                cluster_window=args.cluster_window, id_encoding=args.id_encoding, raw_ids=args.raw_ids)
+                cluster_window=args.cluster_window, id_encoding=args.id_encoding, raw_ids=args.raw_ids,
+                num_labels=args.num_labels, label_names=args.label_names)
     dt = max(time.perf_counter() - t0, 1e-9)
     rows = {k: v["rows"] for k, v in m["splits"].items()}
     total = sum(rows.values())

@@ -18,7 +18,23 @@ HELP = {
     "out": "run directory: metrics.jsonl and checkpoints/ (an existing run needs --resume or --overwrite)",
     "eval_data": "data set to evaluate on during and after training: its test split, or its train split when it "
                  "has no test rows (default: the test split of --data; none there: no evaluation)",
-    "model": "model architecture: dlrm (ranking) or two-tower (retrieval; needs user-side features)",
+    "model": "model architecture: dlrm (ranking: dot interaction), dcnv2 (ranking: cross network v2), mmoe or ple "
+             "(multi-task ranking: one tower per label of the data set, experts shared through gates), two-tower "
+             "(retrieval; needs user-side features)",
+    "preset": "a named architecture whose settings fill those not given: mlperf-dcnv2 (MLPerf Training's "
+              "DLRM-DCNv2: dim 128, bottom 512-256-128, 3 low-rank cross layers of rank 512, top "
+              "1024-1024-512-256-1, Adagrad)",
+    "cross_layers": "dcnv2: cross layers",
+    "cross_rank": "dcnv2: rank of each cross layer's weight (0: full rank; r: W = U V^T with U, V d x r)",
+    "dcn_structure": "dcnv2: stacked (cross network, then the top MLP) or parallel (both on the embeddings, "
+                     "outputs joined)",
+    "experts": "mmoe: experts shared by the tasks; ple: experts per task and shared experts, per level",
+    "expert_mlp": "mmoe/ple: hidden sizes of each expert, comma-separated",
+    "expert_top_k": "mmoe/ple: 0: every expert runs for every sample (dense gates); k: each sample runs only the "
+                    "k experts its gate scores highest (sparse mixture of experts, gather/scatter dispatch)",
+    "ple_levels": "ple: extraction levels",
+    "moe_aux_weight": "mmoe/ple with --expert-top-k: weight of the load-balancing loss (experts used evenly)",
+    "task_weights": "multi-task models: loss weight of each label, comma-separated (default 1 each)",
     "embedding_dim": "embedding dimension of every table",
     "pooling": "how a multi-hot bag is pooled",
     "bottom_mlp": "hidden sizes of the bottom (dense) MLP, comma-separated",
@@ -81,6 +97,13 @@ HELP = {
 CONFIG_ONLY = {"tables", "sharding"}  # nested settings: config file only
 
 
+def _float_list(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
 def _int_list(s: str) -> list[int]:
     try:
         return [int(x) for x in s.split(",") if x.strip()]
@@ -105,8 +128,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typing.get_origin(tp) is typing.Literal:
             p.add_argument(flag, choices=list(args), default=None, help=help_)
-        elif typing.get_origin(tp) is list:
-            p.add_argument(flag, type=_int_list, default=None, metavar="N,N,...", help=help_)
+        elif typing.get_origin(tp) is list or list in [typing.get_origin(a) for a in args]:
+            floats = float in [a for x in [tp, *args] for a in typing.get_args(x)]
+            p.add_argument(flag, type=_float_list if floats else _int_list, default=None,
+                           metavar="X,X,..." if floats else "N,N,...", help=help_)
         else:
             base = next((a for a in args if a is not type(None)), tp) if args else tp
             p.add_argument(flag, type=base, default=None, help=help_)

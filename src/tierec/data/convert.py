@@ -51,7 +51,8 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
             rows_per_file: int = 1 << 20, row_group_size: int = 65536, field_map=None,
             max_rows: int | None = None, rating_threshold: float = 4.0,
             block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True, cluster_by: str = "none",
-            cluster_window: int = DEFAULT_WINDOW, id_encoding=None, raw_ids: bool = False) -> dict:
+            cluster_window: int = DEFAULT_WINDOW, id_encoding=None, raw_ids: bool = False,
+            num_labels: int | None = None, label_names=None) -> dict:
     """Convert ``input_path`` (format ``fmt``, one of `FORMATS`) into a data set at ``out_dir``.
 
     ``id_encoding``: ``"hash"`` (default: strings hashed with `hash_strings`, libSVM/libFM indices
@@ -63,6 +64,10 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
     integers themselves, not checked against the table), with ``raw: true`` and the table size it
     would otherwise have reduced to in the schema; ``reduce_raw(raw, num_embeddings)`` gives the
     rows of the same conversion without it.
+
+    ``num_labels`` K (Criteo formats): each row starts with K labels, 0 or 1, named ``label_names`` (a
+    list or ``"a,b"``; default ``label``, ``conversion``, ``label_2``, ...); a label that is not 0 or 1
+    makes a bad row. Other formats have one label (``label_names`` may rename it).
 
     ``cluster_by="session"`` writes each session's rows together within windows of
     ``cluster_window`` rows (`tierec.data.cluster`); ``"shuffle"`` permutes rows within them.
@@ -80,7 +85,7 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
     reader = open_reader(input_path, fmt, num_embeddings=num_embeddings, table_sizes=table_sizes,
                          skip_bad_rows=skip_bad_rows, field_map=field_map, rating_threshold=rating_threshold,
                          max_rows=max_rows, block_size=block_size, progress=progress, id_encoding=id_encoding,
-                         raw_ids=bool(raw_ids))
+                         raw_ids=bool(raw_ids), num_labels=num_labels, label_names=label_names)
     out = Path(out_dir)
     prepare_output_dir(out)
     log.info("converting %s (%s, %d bytes) -> %s", reader.path, fmt, reader.path.stat().st_size, out)
@@ -108,6 +113,8 @@ def convert(input_path, out_dir, fmt: str, *, num_embeddings: int | None = None,
         "id_encoding": id_encoding if id_encoding is None or isinstance(id_encoding, (str, dict)) else str(id_encoding),
         "table_sizes": table_sizes if table_sizes is None or isinstance(table_sizes, (list, dict)) else str(table_sizes),
         "raw_ids": bool(raw_ids),
+        "num_labels": reader.schema.num_tasks,
+        "label_names": list(reader.schema.labels),
         "rows_per_file": int(rows_per_file),
         "row_group_size": int(row_group_size),
     }

@@ -9,7 +9,7 @@ Layout of a data set directory::
 
 Columns of every shard:
 
-- ``label``: float32, 0 or 1;
+- one float32 column per label (``Schema.labels``, in order; one label: ``label``), each 0 or 1;
 - one float32 column per dense feature (already transformed, e.g. ``log(1 + x)``);
 - one ``list<int64>`` column per sparse feature: row IDs already hashed into
   ``[0, num_embeddings)``, or for a feature with raw IDs (``SparseFeature.raw``) the full
@@ -31,21 +31,23 @@ Every byte read is checked first: the manifest holds, per file, a CRC32 of each 
 group's byte range (page headers and data of all its column chunks) and one of the rest
 of the file (leading magic, footer, trailer). `Dataset` checks the rest when it first
 opens a file and each row group as it reads it, then decodes the checked bytes; a
-mismatch, an undecodable row group, a sparse column missing or not ``list<int64>``, or a
-sparse ID outside ``[0, num_embeddings)`` (raw features excepted) raises `DataError` naming
-the file and the row group. Files listed without row-group checksums (data sets written
+mismatch, an undecodable row group, a label column missing or not float, a label other than
+0 or 1 (NaN included), a sparse column missing or not ``list<int64>``, or a sparse ID outside
+``[0, num_embeddings)`` (raw features excepted) raises `DataError` naming the file and the row
+group. Files listed without row-group checksums (data sets written
 before them) are checked against their sha256 once per `Dataset`, before the first read.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -113,8 +115,18 @@ class Schema:
     sparse: list[SparseFeature]
     session_key: str | None = None
     dense_transform: str | None = "none"
+    # the binary labels of a sample, one per task (columns of these names; one: "label")
+    labels: list[str] = field(default_factory=lambda: ["label"])
 
     def __post_init__(self):
+        if not isinstance(self.labels, (list, tuple)) or not self.labels or len(set(self.labels)) != len(
+                self.labels) or not all(isinstance(x, str) and x.strip() == x and x for x in self.labels):
+            raise TierecError(f"labels must be a list of distinct non-empty names, got {self.labels!r}")
+        self.labels = list(self.labels)
+        taken = set(self.dense) | {f.name for f in self.sparse} | ({"session"} if self.session_key is not None else set())
+        clash = [x for x in self.labels if x in taken]
+        if clash:
+            raise TierecError(f"label name {clash[0]!r} is also the name of a feature column")
         if self.dense_transform is not None and self.dense_transform not in DENSE_TRANSFORMS:
             raise TierecError(f"dense_transform must be one of {', '.join(DENSE_TRANSFORMS)}, "
                               f"got {self.dense_transform!r}")
@@ -124,12 +136,17 @@ class Schema:
         return [f.name for f in self.sparse]
 
     @property
+    def num_tasks(self) -> int:
+        """Labels per sample (``len(labels)``): `Chunk.label` / `Batch.labels` are ``[n]`` for one, ``[n, K]`` else."""
+        return len(self.labels)
+
+    @property
     def user_names(self) -> list[str]:
         """The user-side sparse features (constant within a session)."""
         return [f.name for f in self.sparse if f.side == "user"]
 
     def arrow_schema(self) -> pa.Schema:
-        fields = [pa.field("label", pa.float32())]
+        fields = [pa.field(n, pa.float32()) for n in self.labels]
         fields += [pa.field(n, pa.float32()) for n in self.dense]
         fields += [pa.field(f.name, pa.list_(pa.int64())) for f in self.sparse]
         if self.session_key is not None:
@@ -138,14 +155,19 @@ class Schema:
 
     def to_json(self) -> dict:
         return {"dense": self.dense, "sparse": [asdict(f) for f in self.sparse], "session_key": self.session_key,
-                "dense_transform": self.dense_transform}
+                "dense_transform": self.dense_transform, "labels": list(self.labels)}
 
     @staticmethod
     def from_json(d: dict) -> Schema:
         """The schema of a manifest; encodings and the dense transform are None where it predates them,
         ``raw`` False."""
         sparse = [SparseFeature(**{"encoding": None, **f}) for f in d["sparse"]]
-        return Schema(list(d["dense"]), sparse, d.get("session_key"), d.get("dense_transform"))
+        labels = d.get("labels")
+        if labels is None:  # written before labels were recorded: the one column "label"
+            labels = ["label"]
+        if not isinstance(labels, list):
+            raise TierecError(f"labels must be a list of names, got {labels!r}")
+        return Schema(list(d["dense"]), sparse, d.get("session_key"), d.get("dense_transform"), list(labels))
 
     def differences(self, other: Schema) -> list[str]:
         """What differs from ``other``, in words, this schema's side first (empty when equal)."""
@@ -164,11 +186,45 @@ class Schema:
             out.append(f"session key {self.session_key!r} vs {other.session_key!r}")
         if self.dense_transform != other.dense_transform:
             out.append(f"dense transform {self.dense_transform!r} vs {other.dense_transform!r}")
+        if self.labels != other.labels:
+            out.append(f"labels {_names(self.labels)} vs {_names(other.labels)}")
         return out
 
 
 def _names(names: list[str], limit: int = 6) -> str:
     return "[" + ", ".join(names[:limit]) + (f", ... ({len(names)})" if len(names) > limit else "") + "]"
+
+
+def default_label_names(n: int) -> list[str]:
+    """Names of ``n`` labels when none are given: ``label``, then ``conversion``, then ``label_2``, ..."""
+    if not 1 <= n:
+        raise TierecError(f"a data set needs at least one label, got {n}")
+    return ["label", "conversion", *[f"label_{k}" for k in range(2, n)]][:n]
+
+
+def bad_labels(label: np.ndarray, names: list[str]) -> str | None:
+    """Why a chunk's labels (``[n]`` or ``[n, K]``, columns ``names``) are not all 0 or 1, naming the first
+    bad column; None when they are. `TierecError` when the shape does not fit ``names``."""
+    m = label_matrix(label, len(names))
+    bad = (m != 0) & (m != 1)  # NaN too
+    if not bad.any():
+        return None
+    k = int(np.flatnonzero(bad.any(0))[0])
+    v = float(m[np.flatnonzero(bad[:, k])[0], k])
+    what = "a non-finite value" if not np.isfinite(v) else "a value other than 0 or 1"
+    return f"label column {names[k]!r} holds {what} ({v!r}; labels must be 0 or 1)"
+
+
+def label_matrix(label: np.ndarray, k: int) -> np.ndarray:
+    """float32 ``[n, k]`` view of a chunk's labels (``[n]`` when ``k == 1``, else ``[n, k]``); `TierecError`
+    when the shape does not fit ``k`` labels."""
+    a = np.asarray(label)
+    if a.ndim == 1 and k == 1:
+        return a.reshape(-1, 1)
+    if a.ndim == 2 and a.shape[1] == k:
+        return a
+    raise TierecError(f"labels of shape {tuple(a.shape)} do not fit the schema's {k} label(s) "
+                      f"(expected {'[n]' if k == 1 else f'[n, {k}]'})")
 
 
 # --------------------------------------------------------------------------- in-memory chunks
@@ -177,13 +233,15 @@ class Chunk:
     """A block of rows as numpy arrays (host memory).
 
     ``sparse[name] = (values int64 [m], offsets int64 [n + 1])`` with ``offsets[0] == 0``.
+    ``label``: float32 ``[n]`` for a schema of one label, ``[n, K]`` for K > 1 (column k is
+    ``Schema.labels[k]``); every row operation moves all of them.
 
     *Compact* chunks (``inverse`` set) hold the features ``inverse_keys`` once per
     entry: ``sparse[k]`` has U lists and row i's list is entry ``inverse[i]``;
     ``inverse`` int64 [n] is non-decreasing (entries in row order).
     """
 
-    label: np.ndarray  # float32 [n]
+    label: np.ndarray  # float32 [n] (one label) or [n, K] (K labels, `Schema.labels` order)
     dense: np.ndarray  # float32 [n, n_dense]
     sparse: dict[str, tuple[np.ndarray, np.ndarray]]
     session: np.ndarray | None = None  # int64 [n]
@@ -247,7 +305,8 @@ class Chunk:
     @staticmethod
     def from_arrow(table: pa.Table, schema: Schema, compact: bool = False) -> Chunk:
         """A chunk of ``table``; user-side runs (see module doc) are expanded unless ``compact``."""
-        label = table.column("label").to_numpy().astype(np.float32, copy=False)
+        labs = [table.column(c).to_numpy().astype(np.float32, copy=False) for c in schema.labels]
+        label = labs[0] if len(labs) == 1 else np.stack(labs, 1)
         n = len(label)
         if schema.dense:
             dense = np.stack([table.column(c).to_numpy().astype(np.float32, copy=False) for c in schema.dense], 1)
@@ -284,7 +343,11 @@ class Chunk:
     def to_arrow(self, schema: Schema, user_runs: bool = False) -> pa.Table:
         """Arrow table of a plain chunk; ``user_runs``: user-side lists once per run (module doc)."""
         heads = self.run_heads(schema) if user_runs and schema.user_names else None
-        cols = [pa.array(self.label, pa.float32())]
+        if schema.num_tasks == 1 and self.label.ndim == 1:
+            cols = [pa.array(self.label, pa.float32())]
+        else:
+            lab = label_matrix(self.label, schema.num_tasks)
+            cols = [pa.array(np.ascontiguousarray(lab[:, k]), pa.float32()) for k in range(schema.num_tasks)]
         cols += [pa.array(self.dense[:, i], pa.float32()) for i in range(len(schema.dense))]
         for f in schema.sparse:
             v, o = self.sparse[f.name]
@@ -313,7 +376,8 @@ class Batch:
     """One training batch of B samples.
 
     dense: float32 [B, n_dense]; sparse: KeyedJaggedTensor over the sparse keys;
-    labels: float32 [B]. Deduplicated batches put the user-side keys in ``user``, an
+    labels: float32 [B] for a data set of one label, [B, K] for K labels (column k is
+    ``Schema.labels[k]``). Deduplicated batches put the user-side keys in ``user``, an
     inverse KJT (stride U <= B, ``inverse_indices = (keys, int64 [B])``), and only the
     item-side keys in ``sparse``.
     """
@@ -423,6 +487,9 @@ class SplitWriter:
     def write(self, chunk: Chunk) -> None:
         if len(chunk) == 0:
             return
+        why = bad_labels(chunk.label, self.schema.labels)
+        if why is not None:
+            raise TierecError(f"{self.dir}: {why}")
         self._pending.append(chunk)
         self._pending_rows += len(chunk)
         while self._pending_rows >= self.row_group_size:
@@ -705,7 +772,9 @@ class Dataset:
         return self.manifest["splits"][split]
 
     def verify(self) -> None:
-        """Recompute every file's sha256 and, where recorded, its row-group and footer checksums."""
+        """Recompute every file's sha256 and, where recorded, its row-group and footer checksums; then
+        decode every row group's label columns and check that they hold only 0 and 1 (`DataError` naming
+        the column, the file and the row group otherwise)."""
         for split in self.manifest["splits"].values():
             for f in split["files"]:
                 p = str(self.root / f["path"])
@@ -714,8 +783,18 @@ class Dataset:
                 if "row_groups" in f:
                     self._footers.pop(p, None)
                     self._footer(p, f)
-                    for i in range(len(f["row_groups"])):
-                        self._group_bytes(p, f, i)
+                else:  # checked by its sha256 just now
+                    self._footers[p] = _decoding(p, "footer", functools.partial(pq.read_metadata, p))
+                for i in range(self._footers[p].num_row_groups):
+                    data = self._group_bytes(p, f, i) if "row_groups" in f else None
+                    _decoding(p, f"row group {i}", functools.partial(self._verify_labels, p, f, i, data))
+
+    def _verify_labels(self, path: str, entry: dict, i: int, data: bytes | None) -> None:
+        """Decode row group ``i``'s label columns (from ``data``, its checked bytes) and check them."""
+        table = self._read_group(path, entry, i, self.schema.labels, data)
+        self._check_label_columns(table)
+        labs = [table.column(c).to_numpy().astype(np.float32, copy=False) for c in self.schema.labels]
+        self._check_labels(labs[0] if len(labs) == 1 else np.stack(labs, 1), path, i)
 
     def row_groups(self, split: str) -> list[tuple[str, int, int]]:
         """[(file path, row group index, rows)] in storage order."""
@@ -765,14 +844,31 @@ class Dataset:
             raise DataError(f"row group {i} fails its checksum ({CORRUPT})", path)
         return data
 
-    def _read_group(self, path: str, entry: dict, i: int) -> pa.Table:
-        """Row group ``i`` of a file, decoded from checked bytes (module doc)."""
+    def _read_group(self, path: str, entry: dict, i: int, columns: list[str] | None = None,
+                    data: bytes | None = None) -> pa.Table:
+        """Row group ``i`` of a file (only ``columns`` if given), decoded from checked bytes (module doc;
+        ``data``: its bytes, already checked)."""
         md = self._footer(path, entry)
+        if columns is not None:
+            have = set(md.schema.to_arrow_schema().names)
+            columns = [c for c in columns if c in have]  # a missing one: `_check_columns` names it
         if "row_groups" not in entry:
-            return pq.ParquetFile(path, metadata=md).read_row_group(i)
+            return pq.ParquetFile(path, metadata=md).read_row_group(i, columns=columns)
         g = entry["row_groups"][i]
-        src = pa.PythonFile(_Span(g["offset"], self._group_bytes(path, entry, i), entry["bytes"]), mode="r")
-        return pq.ParquetFile(src, metadata=md, pre_buffer=False).read_row_group(i)
+        data = self._group_bytes(path, entry, i) if data is None else data
+        src = pa.PythonFile(_Span(g["offset"], data, entry["bytes"]), mode="r")
+        return pq.ParquetFile(src, metadata=md, pre_buffer=False).read_row_group(i, columns=columns)
+
+    def _check_label_columns(self, table: pa.Table) -> None:
+        """Every label column is there and is a float, else `DataError`."""
+        for name in self.schema.labels:
+            if name not in table.column_names:
+                raise DataError(f"label column {name!r}: no such column (the manifest does not match the data; "
+                                "re-run `tierec data convert`)")
+            t = table.schema.field(name).type
+            if not pa.types.is_floating(t):
+                raise DataError(f"label column {name!r}: column type {t}, expected float (the manifest does not "
+                                "match the data; re-run `tierec data convert`)")
 
     def _check_columns(self, table: pa.Table) -> None:
         """Every sparse feature's column is there and is a list of int64 (raw features too), else `DataError`."""
@@ -784,6 +880,12 @@ class Dataset:
             if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_int64(t.value_type):
                 raise DataError(f"sparse feature {f.name!r}: column type {t}, expected list<int64> (the manifest does "
                                 "not match the data; re-run `tierec data convert`)")
+
+    def _check_labels(self, label: np.ndarray, path: str, i: int) -> None:
+        """Every label 0 or 1 (`bad_labels`), else `DataError` naming the column, the file and the row group."""
+        why = bad_labels(label, self.schema.labels)
+        if why is not None:
+            raise DataError(f"row group {i}: {why}", path)
 
     def _check_ids(self, chunk: Chunk, path: str, i: int) -> None:
         """Every sparse ID in ``[0, num_embeddings)``: one unsigned max per column (negative IDs wrap to huge).
@@ -850,9 +952,11 @@ class Dataset:
             path, rg, n, entry = groups[gi]
             chunk = _decoding(path, f"row group {rg}", lambda: decode(self._read_group(path, entry, rg), gi, n))
             self._check_ids(chunk, path, rg)
+            self._check_labels(chunk.label, path, rg)
             return chunk.slice(drop, len(chunk)) if drop else chunk
 
         def decode(table: pa.Table, gi: int, n: int) -> Chunk:
+            self._check_label_columns(table)
             self._check_columns(table)
             if shuffle and by_session:  # whole runs: a session's rows stay together
                 starts = self._run_starts(table)

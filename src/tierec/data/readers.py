@@ -35,7 +35,7 @@ import sys
 import zlib
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from tierec.data.dataset import Chunk, Schema, SparseFeature
+from tierec.data.dataset import Chunk, Schema, SparseFeature, default_label_names
 from tierec.data.hashing import encode_ints, encode_strings, hash_strings, log1p_dense, missing_strings
 from tierec.errors import ConfigError, DataError, TierecError
 
@@ -681,10 +681,12 @@ class CriteoReader(_DelimitedReader):
 
     ``criteo-tsv``: tab-separated, no header (the published ``train.txt`` / ``day_N``);
     ``criteo-csv``: comma-separated, with a header line or without (detected by content, `_columns`).
+    ``num_labels`` K > 1: each row starts with K labels (0 or 1) instead of one, named ``label_names``
+    (default `default_label_names`); the rows' `Chunk.label` is then ``[n, K]``.
     """
 
     def __init__(self, path, *, csv: bool = False, num_embeddings: int | None = None, table_sizes=None,
-                 id_encoding=None, **kw):
+                 id_encoding=None, num_labels: int = 1, label_names: list[str] | None = None, **kw):
         super().__init__(path, **kw)
         self.csv = csv
         self.format = "criteo-csv" if csv else "criteo-tsv"
@@ -692,51 +694,62 @@ class CriteoReader(_DelimitedReader):
         sizes = resolve_table_sizes(CRITEO_SPARSE, table_sizes, num_embeddings, CRITEO_KAGGLE_CARDINALITIES)
         self._setup_ids(CRITEO_SPARSE, sizes, "hash-string", id_encoding,
                         sized_explicitly(CRITEO_SPARSE, table_sizes, num_embeddings))
-        self.schema = Schema(list(CRITEO_DENSE), self._features(CRITEO_SPARSE), dense_transform="log1p")
+        self.num_labels = int(num_labels)
+        labels = list(label_names) if label_names is not None else default_label_names(self.num_labels)
+        self.schema = Schema(list(CRITEO_DENSE), self._features(CRITEO_SPARSE), dense_transform="log1p",
+                             labels=labels)
+        self.column_names = [*labels, *CRITEO_DENSE, *CRITEO_SPARSE]
 
     def _columns(self):
-        """criteo-csv: the first non-blank line is a header unless it reads as data (label 0 or 1, numbers
+        """criteo-csv: the first non-blank line is a header unless it reads as data (labels 0 or 1, numbers
         or nothing in I1..I13): then there is no header and that line is the first row."""
+        cols, k = self.column_names, self.num_labels
         if not self.csv:
-            return list(CRITEO_COLUMNS), 0
+            return list(cols), 0
         line_no, first = self._first_line()
         names = [h.strip().strip('"') for h in first.split(",")]
-        if len(names) == len(CRITEO_COLUMNS) and names[0] in ("0", "1") and all(
-                not x or re.match(_FLOAT_RE, x) for x in names[1:14]):
+        if len(names) == len(cols) and all(x in ("0", "1") for x in names[:k]) and all(
+                not x or re.match(_FLOAT_RE, x) for x in names[k : k + 13]):
             log.warning("%s: no header found (line %d holds data); reading it as the first row", self.path, line_no)
-            return list(CRITEO_COLUMNS), 0
-        if line_no and len(names) != len(CRITEO_COLUMNS):
-            raise DataError(f"header has {len(names)} columns, expected {len(CRITEO_COLUMNS)} "
-                            "(label, I1..I13, C1..C26)", str(self.path), line_no)
-        if line_no and [n.lower() for n in names] != [n.lower() for n in CRITEO_COLUMNS]:
-            log.warning("%s: header %s... differs from label,I1..I13,C1..C26; columns are taken by position",
-                        self.path, _quote(",".join(names[:4])))
-        return list(CRITEO_COLUMNS), line_no
+            return list(cols), 0
+        if line_no and len(names) != len(cols):
+            what = "label" if k == 1 else f"{k} labels"
+            raise DataError(f"header has {len(names)} columns, expected {len(cols)} "
+                            f"({what}, I1..I13, C1..C26)", str(self.path), line_no)
+        if line_no and [n.lower() for n in names] != [n.lower() for n in cols]:
+            log.warning("%s: header %s... differs from %s,I1..I13,C1..C26; columns are taken by position",
+                        self.path, _quote(",".join(names[:4])), ",".join(cols[:k]))
+        return list(cols), line_no
 
     def _parse(self, batch):
         n = batch.num_rows
         bad = _BadRows(n)
-        label_col = batch.column(0)
-        is0 = _np(pc.fill_null(pc.equal(label_col, "0"), False)).astype(bool)
-        is1 = _np(pc.fill_null(pc.equal(label_col, "1"), False)).astype(bool)
-        lab_bad = ~(is0 | is1)
-        bad.add(lab_bad, lambda i: f"label must be 0 or 1, got {_quote(label_col[i].as_py())}")
+        k = self.num_labels
+        labels = np.empty((n, k), np.float32)
+        for j, name in enumerate(self.schema.labels):
+            label_col = batch.column(j)
+            is0 = _np(pc.fill_null(pc.equal(label_col, "0"), False)).astype(bool)
+            is1 = _np(pc.fill_null(pc.equal(label_col, "1"), False)).astype(bool)
+            what = "label" if k == 1 else f"label {name!r} (field {j + 1})"
+            bad.add(~(is0 | is1),
+                    lambda i, c=label_col, w=what: f"{w} must be 0 or 1, got {_quote(c[i].as_py())}")
+            labels[:, j] = is1
         dense = np.empty((n, len(CRITEO_DENSE)), np.float32)
         for j, name in enumerate(CRITEO_DENSE):
-            col = batch.column(1 + j)
+            col = batch.column(k + j)
             x, b = _parse_floats(col)
             bad.add(b, lambda i, col=col, name=name: f"{name} is not a number: {_quote(col[i].as_py())}")
             dense[:, j] = log1p_dense(x)
         rows, present = {}, {}
         for j, name in enumerate(CRITEO_SPARSE):
-            col = batch.column(14 + j)
+            col = batch.column(k + 13 + j)
             rows[name], b = encode_strings(col, self.encodings[j], self.sizes[j], self.raw)
             present[name] = ~missing_strings(col) if self.raw else None  # a raw ID may be -1
             bad.add(b, lambda i, col=col, j=j, name=name: self._bad_id(name, j, col[i].as_py()))
         if bad:
             return bad
         sparse = {name: ids_to_jagged(self._seen(j, rows[name]), present[name]) for j, name in enumerate(CRITEO_SPARSE)}
-        return Chunk(is1.astype(np.float32), dense, sparse, None)
+        return Chunk(labels[:, 0] if k == 1 else labels, dense, sparse, None)
 
 
 class MovieLensReader(_DelimitedReader):
@@ -1170,25 +1183,58 @@ def _tokenize(text: bytes, first_line: int) -> _Tokens | None:
 
 
 # --------------------------------------------------------------------------- entry points
+def resolve_labels(fmt: str, num_labels: int | None = None, label_names=None) -> list[str]:
+    """``--num-labels`` / ``--label-names`` -> the data set's label names (`Schema.labels`).
+
+    ``label_names``: a list or a comma-separated string; without ``num_labels`` it gives the count.
+    Only the Criteo formats hold several labels per row; every format can name its one label."""
+    names = None
+    if label_names is not None:
+        names = [t.strip() for t in label_names.split(",")] if isinstance(label_names, str) else [
+            str(t).strip() for t in label_names]
+        if not names or not all(names):
+            raise ConfigError(f"--label-names {label_names!r}: expected comma-separated non-empty names")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--label-names {label_names!r}: a name is given twice")
+    if num_labels is None:
+        num_labels = len(names) if names is not None else 1
+    if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
+        raise ConfigError(f"--num-labels must be an integer >= 1, got {num_labels!r}")
+    if names is not None and len(names) != num_labels:
+        raise ConfigError(f"--label-names gives {len(names)} names for --num-labels {num_labels}")
+    if num_labels > 1 and fmt not in ("criteo-tsv", "criteo-csv"):
+        raise ConfigError(f"--num-labels {num_labels}: only criteo-tsv and criteo-csv rows hold several labels; "
+                          f"{fmt} rows have one")
+    return names if names is not None else default_label_names(int(num_labels))
+
+
 def open_reader(path, fmt: str, *, num_embeddings: int | None = None, table_sizes=None,
                 skip_bad_rows: bool = False, field_map=None, rating_threshold: float = 4.0,
                 max_rows: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True,
-                id_encoding=None, raw_ids: bool = False) -> Reader:
+                id_encoding=None, raw_ids: bool = False, num_labels: int | None = None,
+                label_names=None) -> Reader:
     """A `Reader` for ``path`` in format ``fmt`` (one of `FORMATS`); iterate it for `Block`s.
     ``id_encoding``: see `resolve_encodings` (default: the format's hash). ``raw_ids``: raw IDs, the
     encodings' unreduced 64-bit hashes (identity: the integers, unchecked against the table), and
-    ``raw=True`` in the schema (`SparseFeature.raw`)."""
+    ``raw=True`` in the schema (`SparseFeature.raw`). ``num_labels`` / ``label_names``: the labels at
+    the start of each row (`resolve_labels`; several for the Criteo formats only)."""
     if fmt not in FORMATS:
         raise TierecError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     if field_map is not None and fmt not in ("libsvm", "libfm"):
         raise ConfigError(f"--field-map applies to libsvm and libfm, not {fmt}")
+    labels = resolve_labels(fmt, num_labels, label_names)
     kw = dict(skip_bad_rows=skip_bad_rows, max_rows=max_rows, block_size=block_size, progress=progress,
               num_embeddings=num_embeddings, table_sizes=table_sizes, id_encoding=id_encoding, raw_ids=bool(raw_ids))
+    reader: Reader
     if fmt in ("criteo-tsv", "criteo-csv"):
-        return CriteoReader(path, csv=fmt == "criteo-csv", **kw)
+        return CriteoReader(path, csv=fmt == "criteo-csv", num_labels=len(labels), label_names=labels, **kw)
     if fmt in ("libsvm", "libfm"):
-        return LibSVMReader(path, libfm=fmt == "libfm", field_map=field_map, **kw)
-    return MovieLensReader(path, rating_threshold=rating_threshold, **kw)
+        reader = LibSVMReader(path, libfm=fmt == "libfm", field_map=field_map, **kw)
+    else:
+        reader = MovieLensReader(path, rating_threshold=rating_threshold, **kw)
+    if reader.schema.labels != labels:  # a name for the one label
+        reader.schema = replace(reader.schema, labels=labels)
+    return reader
 
 
 def read_blocks(path, fmt: str, **options) -> Iterator[Block]:

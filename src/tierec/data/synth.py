@@ -5,7 +5,8 @@ Model (details, calibration and measured figures in docs/synth.md):
 - **Sparse features** ``C1..CK``, one embedding table each (default: the 26 published
   Criteo Kaggle cardinalities, capped at ``max_cardinality``). A row's list of IDs has a
   length drawn from a per-feature length distribution (``fixed:1`` = single-hot, as in
-  Criteo; ``uniform:A-B``; ``poisson:M``; ``poisson0:M``).
+  Criteo; ``uniform:A-B``; ``poisson:M``; ``poisson0:M``), or ``mlperf``: the fixed multi-hot
+  sizes of MLPerf's DLRM-DCNv2 reference (`MLPERF_MULTI_HOT`, 26 features).
 - **Skewed popularity**: each ID is drawn i.i.d. from a popularity profile over the
   table's *ranks* (``p(r) ∝ r^-alpha (1 + r/knee)^-gamma``, mixed with a 1 % uniform share of
   "fresh" IDs), sampled in O(1) with an alias table over the first 2^18 ranks plus a continuous
@@ -19,6 +20,10 @@ Model (details, calibration and measured figures in docs/synth.md):
   ``(seed, feature, id)`` (no per-row tables), damped by ``sqrt(10,000 / N)`` in tables of
   ``N > 10,000`` rows; scaled so the positive rate is ~25 %.
   `ground_truth` recomputes the logits of any chunk (Bayes AUC, first-order-only AUC).
+- **Several labels** (``tasks = K > 1``): label 0 is the click label above; labels ``1..K-1`` are
+  conversion-style labels, ``click & Bernoulli(sigmoid(logit_k))``, whose logit mixes the click
+  model's score (shared) with independent per-ID and dense effects of their own (task-specific),
+  calibrated so that ``P(label_k | click)`` is ~`CONVERSION_RATE` (`TaskModel`).
 - **Sessions** (``session_length > 1`` or ``user_features > 0``): rows come in contiguous
   sessions of geometric length; the first ``user_features`` sparse features are constant
   within a session (side ``user``) and the data set gets a ``session`` column.
@@ -44,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tierec.data.dataset import SPLITS, Chunk, Schema, SparseFeature, prepare_output_dir
+from tierec.data.dataset import SPLITS, Chunk, Schema, SparseFeature, default_label_names, prepare_output_dir
 from tierec.data.hashing import splitmix64, splitmix64_inverse
 from tierec.data.readers import CRITEO_KAGGLE_CARDINALITIES
 from tierec.errors import ConfigError, TierecError
@@ -60,6 +65,10 @@ REF_BATCH = 65536  # batch size the "auto" profile is calibrated at (Meta's 2021
 AUTO_PROFILE = {"a0": 0.501, "a1": -0.0831, "rho": 1.20, "gamma": 7.31, "fresh": 0.01}
 
 SPLIT_CODES = {"train": 0, "test": 1, "pilot": 2}
+MAX_TASKS = 8  # labels per sample (`SynthConfig.tasks`)
+#: ``--multi-hot mlperf``: IDs per row of C1..C26 in MLPerf Training's DLRM-DCNv2 reference (the Criteo 1TB
+#: multi-hot data set's fixed pooling factors).
+MLPERF_MULTI_HOT = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -141,7 +150,7 @@ class SynthConfig:
     cardinalities: list[int] | None = None  # default: Criteo Kaggle's, cycled to num_sparse; one value: all
     max_cardinality: int = 100_000  # cap on every table size; 0: no cap
     num_dense: int = 13
-    multi_hot: str = "fixed:1"  # 'SPEC' for all, plus optional 'C3=SPEC' overrides, comma-separated
+    multi_hot: str = "fixed:1"  # 'SPEC' (or 'mlperf') for all, plus optional 'C3=SPEC' overrides, comma-separated
     zipf: str | float = "auto"  # 'auto' (calibrated profile) or a plain Zipf exponent >= 0
     session_length: float = 1.0  # mean rows per session (geometric); 1: no sessions
     user_features: int = 0  # the first K sparse features are user-side (constant within a session)
@@ -150,6 +159,7 @@ class SynthConfig:
     rows_per_file: int = 1 << 20
     row_group_size: int = 65536
     raw_ids: bool = False  # write raw 64-bit IDs (a per-feature bijection of the IDs), schema raw=True
+    tasks: int = 1  # labels per sample: the click label, then conversion-style labels (`TaskModel`)
     progress: bool = True
 
     def __post_init__(self):
@@ -182,6 +192,9 @@ class SynthConfig:
                                   "features (give one value, or one per feature)")
         req("signal", isinstance(self.signal, (int, float)) and self.signal > 0, "must be > 0")
         req("raw_ids", isinstance(self.raw_ids, (bool, np.bool_)), "must be true or false")
+        req("tasks", isinstance(self.tasks, (int, np.integer)) and not isinstance(self.tasks, bool)
+            and 1 <= self.tasks <= MAX_TASKS, f"must be an integer in [1, {MAX_TASKS}] (labels per sample)")
+        self.tasks = int(self.tasks)
         self.raw_ids = bool(self.raw_ids)
         req("positive_rate", isinstance(self.positive_rate, (int, float)) and 0.0 < self.positive_rate < 1.0,
             "must be in (0, 1)")
@@ -232,12 +245,16 @@ class SynthConfig:
         return [min(c, cap) if cap else c for c in raw]
 
     def length_specs(self) -> list[LengthSpec]:
+        """Each feature's length distribution from ``multi_hot``: a default (a SPEC, or ``mlperf``: the fixed
+        sizes `MLPERF_MULTI_HOT`, 26 features only) plus ``Cn=SPEC`` overrides."""
         names = self.feature_names
         default = LengthSpec("fixed", 1)
+        base: list[LengthSpec] | None = None
         per: dict[int, LengthSpec] = {}
         items = [s for s in str(self.multi_hot).split(",") if s.strip()]
         if not items:
             raise ConfigError("multi_hot: empty length distribution")
+        spec_given = False
         for item in items:
             if "=" in item:
                 name, spec = item.split("=", 1)
@@ -245,9 +262,19 @@ class SynthConfig:
                 if name not in names:
                     raise ConfigError(f"multi_hot: unknown feature {name!r} (features are C1..C{len(names)})")
                 per[names.index(name)] = LengthSpec.parse(spec)
+            elif item.strip().lower() == "mlperf":
+                if len(names) != len(MLPERF_MULTI_HOT):
+                    raise ConfigError(f"multi_hot: 'mlperf' sets the multi-hot sizes of MLPerf DLRM-DCNv2's "
+                                      f"{len(MLPERF_MULTI_HOT)} features, but num_sparse is {len(names)} "
+                                      f"(use {len(MLPERF_MULTI_HOT)} sparse features)")
+                base = [LengthSpec("fixed", k) for k in MLPERF_MULTI_HOT]
             else:
                 default = LengthSpec.parse(item)
-        return [per.get(i, default) for i in range(len(names))]
+                spec_given = True
+        if base is not None and spec_given:
+            raise ConfigError(f"multi_hot: {self.multi_hot!r} gives both 'mlperf' and a SPEC for all features "
+                              "(give one of them, plus Cn=SPEC overrides)")
+        return [per.get(i, base[i] if base is not None else default) for i in range(len(names))]
 
     @property
     def sessions(self) -> bool:
@@ -260,7 +287,8 @@ class SynthConfig:
     def schema(self) -> Schema:
         sp = [SparseFeature(n, s, "user" if i < self.user_features else "item", raw=self.raw_ids)
               for i, (n, s) in enumerate(zip(self.feature_names, self.table_sizes(), strict=True))]
-        return Schema(self.dense_names, sp, "session" if self.sessions else None)
+        return Schema(self.dense_names, sp, "session" if self.sessions else None,
+                      labels=default_label_names(self.tasks))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -528,6 +556,13 @@ LOGIT_STD = {"first_order": 0.9, "pairwise": 0.8, "dense": 0.5}
 PILOT_ROWS = 16384
 
 
+#: Labels ``1..K-1`` (``tasks = K > 1``): target ``P(label_k = 1 | click)``, and the standard deviations of
+#: their logit's parts (times ``signal``): the click model's score (shared with the click label) and the
+#: task's own per-ID and dense effects (docs/synth.md).
+CONVERSION_RATE = 0.15
+CONVERSION_STD = {"shared": 0.7, "own_first": 0.8, "own_dense": 0.4}
+
+
 @dataclass
 class LabelModel:
     bias: float = 0.0
@@ -536,6 +571,22 @@ class LabelModel:
     scale_dense: float = 1.0
     dense_mean: list[float] = field(default_factory=list)
     dense_std: list[float] = field(default_factory=list)
+    dense_coef: list[float] = field(default_factory=list)
+
+
+@dataclass
+class TaskModel:
+    """Label ``k >= 1`` (a conversion-style label): ``label_k = click & Bernoulli(sigmoid(logit_k))`` with
+    ``logit_k = bias + scale_shared * (click logit - click bias) + scale_own * own first-order effects +
+    scale_dense * own dense score``. The own effects are independent per-ID effects (hashes of ``(seed,
+    k, feature, id)``, pooled and damped like the click model's first-order effects); the own dense score
+    is ``z @ dense_coef`` over the click model's standardised dense features."""
+
+    name: str
+    bias: float = 0.0
+    scale_shared: float = 0.0
+    scale_own: float = 0.0
+    scale_dense: float = 0.0
     dense_coef: list[float] = field(default_factory=list)
 
 
@@ -565,8 +616,13 @@ class Synthesizer:
         hs = _unit(splitmix64(np.array([_key(cfg.seed, 4, j) for j in range(d)], np.uint64))) if d else np.zeros(0)
         self.dense_mu = 0.5 + 2.5 * hd  # log-normal location of the raw counts
         self.dense_sigma = 0.8 + 0.8 * hs
+        self._task_keys = [[_key(cfg.seed, 7, t, i) for i in range(self.k)] for t in range(1, cfg.tasks)]
+        self._pilot: Chunk | None = None
+        self.tasks: list[TaskModel] = []  # labels 1.. (tasks > 1)
         self.label = LabelModel()
         self.label = self._fit_label_model()
+        if cfg.tasks > 1:
+            self.tasks = self._fit_task_models()
 
     # ----- rows
     def num_blocks(self, split: str) -> int:
@@ -616,8 +672,13 @@ class Synthesizer:
             dense = np.zeros((n, 0), np.float32)
         chunk = Chunk(np.zeros(n, np.float32), dense, sparse, session)
         if code != SPLIT_CODES["pilot"]:
-            prob = self._truth(chunk)["prob"]
-            chunk.label = (r_label.random(n) < prob).astype(np.float32)
+            truth = self._truth(chunk)
+            click = r_label.random(n) < truth["prob"]
+            if not self.tasks:
+                chunk.label = click.astype(np.float32)
+            else:  # labels 1..: only where the click label is 1 (`TaskModel`)
+                conv = click[:, None] & (r_label.random((n, len(self.tasks))) < truth["conversion_probs"])
+                chunk.label = np.column_stack([click, conv]).astype(np.float32)
             if cfg.raw_ids:  # after the labels: the same rows and labels, other ID values
                 chunk.sparse = {k: (self.raw_ids(i, v), o) for i, (k, (v, o)) in enumerate(sparse.items())}
         return chunk
@@ -710,7 +771,11 @@ class Synthesizer:
     def ground_truth(self, chunk: Chunk) -> dict[str, np.ndarray]:
         """The hidden model's parts for each row of ``chunk`` (as the config writes it: raw IDs with
         ``raw_ids``): ``first_order``, ``pairwise``, ``dense`` (already scaled), ``bias``, ``logit``
-        (their sum) and ``prob`` (sigmoid of the logit)."""
+        (their sum) and ``prob`` (sigmoid of the logit): the click label's, all ``[n]``; ``probs``
+        ``[n, K]``: the true probability of each label (column k: ``Schema.labels[k]``; column 0 is
+        ``prob``). With ``tasks = K > 1`` also ``conversion_logits`` and ``conversion_probs`` ``[n, K - 1]``:
+        label k's `TaskModel` logit and ``P(label_k = 1 | click = 1)``, so ``probs[:, k] = prob *
+        conversion_probs[:, k - 1]``."""
         if self.cfg.raw_ids:
             sp = {k: (self.ids(i, chunk.sparse[k][0]), chunk.sparse[k][1]) for i, k in enumerate(self.schema.sparse_names)}
             chunk = Chunk(chunk.label, chunk.dense, sp, chunk.session, chunk.inverse, chunk.inverse_keys)
@@ -726,11 +791,94 @@ class Synthesizer:
         out["bias"] = np.full(len(chunk), lm.bias)
         out["logit"] = logit
         out["prob"] = 1.0 / (1.0 + np.exp(-logit))
+        if not self.tasks:
+            out["probs"] = out["prob"][:, None]
+            return out
+        own, own_dense = self._task_components(chunk)
+        tl = np.stack([t.bias + t.scale_shared * (logit - lm.bias) + t.scale_own * own[:, j]
+                       + t.scale_dense * own_dense[:, j] for j, t in enumerate(self.tasks)], 1)
+        out["conversion_logits"] = tl
+        out["conversion_probs"] = 1.0 / (1.0 + np.exp(-tl))
+        out["probs"] = np.column_stack([out["prob"], out["prob"][:, None] * out["conversion_probs"]])
         return out
+
+    def _task_components(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+        """Unscaled own parts of labels 1..: first-order effects and dense score, each float64 ``[n, K - 1]``."""
+        n, nt = len(chunk), self.cfg.tasks - 1
+        own = np.zeros((n, nt))
+        for i, name in enumerate(self.schema.sparse_names):
+            vals, offs = chunk.sparse[name]
+            single = vals.size == n and offs[-1] == n and np.array_equal(offs, np.arange(n + 1))
+            lens = None if single else np.diff(offs)
+            lw = self.latent_weight[i]
+            with np.errstate(over="ignore"):
+                u = vals.astype(np.int64, copy=False).view(np.uint64)
+                for t in range(nt):
+                    h = splitmix64(u ^ self._task_keys[t][i])
+                    w = (h >> np.uint64(11)).astype(np.float64) * (math.sqrt(12.0) / (1 << 53)) - math.sqrt(3.0)
+                    if lens is not None:  # multi-hot: mean over each row's list; an empty list contributes 0
+                        w = _mean_pool(w, offs, lens, n)
+                    own[:, t] += w * lw
+        dense = np.zeros((n, nt))
+        lm = self.label
+        if self.cfg.num_dense and lm.dense_mean and self.tasks and self.tasks[0].dense_coef:
+            z = (chunk.dense.astype(np.float64) - np.array(lm.dense_mean)) / np.array(lm.dense_std)
+            dense = z @ np.array([t.dense_coef for t in self.tasks]).T
+        return own, dense
+
+    def _pilot_block(self) -> Chunk:
+        if self._pilot is None:
+            self._pilot = self.block("pilot", 0)
+        return self._pilot
+
+    def _fit_task_models(self) -> list[TaskModel]:
+        """Labels 1..: scale their parts to `CONVERSION_STD` and solve each bias so that the mean of
+        ``P(label_k | click)`` over the pilot block's clicks (weighted by the click probability) is
+        `CONVERSION_RATE`."""
+        pilot = self._pilot_block()
+        names = self.schema.labels
+        d = self.cfg.num_dense
+        self.tasks = [TaskModel(names[t]) for t in range(1, self.cfg.tasks)]
+        for t, tm in enumerate(self.tasks, start=1):
+            if d:
+                h = _unit(splitmix64(np.array([_key(self.cfg.seed, 8, t, j) for j in range(d)], np.uint64)))
+                tm.dense_coef = (2.0 * h - 1.0).tolist()
+        truth = self._truth_click(pilot)
+        z = truth["logit"] - self.label.bias
+        p = truth["prob"]
+        own, own_dense = self._task_components(pilot)
+        k = float(self.cfg.signal)
+
+        def scale(v, target):
+            s = float(np.std(v))
+            return target / s if s > 1e-12 else 0.0
+
+        for j, tm in enumerate(self.tasks):
+            tm.scale_shared = scale(z, k * CONVERSION_STD["shared"])
+            tm.scale_own = scale(own[:, j], k * CONVERSION_STD["own_first"])
+            tm.scale_dense = scale(own_dense[:, j], k * CONVERSION_STD["own_dense"])
+            zt = tm.scale_shared * z + tm.scale_own * own[:, j] + tm.scale_dense * own_dense[:, j]
+            lo, hi = -30.0, 30.0
+            for _ in range(100):  # bisection: E[p_click * sigmoid(bias + zt)] / E[p_click] = CONVERSION_RATE
+                mid = 0.5 * (lo + hi)
+                if np.sum(p / (1.0 + np.exp(-(mid + zt)))) < CONVERSION_RATE * np.sum(p):
+                    lo = mid
+                else:
+                    hi = mid
+            tm.bias = 0.5 * (lo + hi)
+        return self.tasks
+
+    def _truth_click(self, chunk: Chunk) -> dict[str, np.ndarray]:
+        """`_truth` of the click label only (labels 1.. left out)."""
+        tasks, self.tasks = self.tasks, []
+        try:
+            return self._truth(chunk)
+        finally:
+            self.tasks = tasks
 
     def _fit_label_model(self) -> LabelModel:
         """Scale the parts to `LOGIT_STD` and solve the bias for ``positive_rate``, on a pilot block."""
-        pilot = self.block("pilot", 0)
+        pilot = self._pilot_block()
         lm = LabelModel()
         if self.cfg.num_dense:
             x = pilot.dense.astype(np.float64)
@@ -874,6 +1022,9 @@ def generate(cfg: SynthConfig, out_dir, progress: bool | None = None, cluster_by
                        for f, p, s in zip(syn.schema.sparse, syn.profiles, syn.specs, strict=True)],
         "label_model": asdict(lm) | {"latent_dim": LATENT_DIM, "logit_std": LOGIT_STD},
     }
+    if syn.tasks:
+        source["task_models"] = [asdict(t) for t in syn.tasks]
+        source["conversion"] = {"rate_given_click": CONVERSION_RATE, "logit_std": CONVERSION_STD}
     clustering = clustering_record(cluster_by, cluster_window, cfg.seed)
     return writer.close(source=source, extra={"clustering": clustering} if clustering else None)
 
@@ -890,7 +1041,8 @@ def write_criteo_tsv(cfg: SynthConfig, path, progress: bool | None = None) -> in
     """Write the rows of ``cfg`` (train, then test) as raw Criteo Kaggle text: ``label, I1..I13,
     C1..C26`` tab-separated, dense values as the raw integer counts (before ``log(1 + x)``),
     categorical values as 8 hex digits of the row ID. For `tierec data convert` round trips;
-    single-hot only (Criteo has one value per feature). Returns rows written."""
+    single-hot only (Criteo has one value per feature). With ``tasks = K > 1`` each line starts with the
+    K labels (`tierec data convert --num-labels K` reads it). Returns rows written."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     from tqdm import tqdm
@@ -919,7 +1071,8 @@ def write_criteo_tsv(cfg: SynthConfig, path, progress: bool | None = None) -> in
                                      disable=disable) as bar:
         for split in SPLITS:
             for chunk in syn.chunks(split):
-                cols = {"label": pa.array(chunk.label.astype(np.int64))}
+                lab = chunk.label.reshape(len(chunk), -1).astype(np.int64)
+                cols = {name: pa.array(lab[:, k]) for k, name in enumerate(sch.labels)}
                 raw = np.rint(np.expm1(chunk.dense.astype(np.float64))).astype(np.int64)
                 for i, name in enumerate(sch.dense):
                     cols[name] = pa.array(raw[:, i])

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from tierec import __version__
@@ -36,9 +35,7 @@ from tierec.distributed.embedding import ShardedEmbeddingCollection, ShardView
 from tierec.distributed.plan import Shard, describe, plan_shards, row_bounds
 from tierec.errors import ConfigError, TierecError
 from tierec.fsio import sha256_file
-from tierec.modules.dlrm import DLRM
 from tierec.modules.optim import SparseOptimizer
-from tierec.modules.two_tower import TwoTower
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.lazy import RowInit
 from tierec.storage.plan import AccessSample, TableNeeds, measure_lookups
@@ -47,9 +44,9 @@ from tierec.storage.tablefile import CHUNK_ROWS, merge_row_set_parts, row_bytes_
 from tierec.storage.tiered import sample_as_rows
 from tierec.train import checkpoint as ckpt
 from tierec.train.idmap import MappedBatch
-from tierec.train.metrics import log_loss, roc_auc
+from tierec.train.metrics import scores
 from tierec.train.rundir import claim_run_dir, existing_run
-from tierec.train.trainer import Trainer, build_model, data_fingerprint, table_configs
+from tierec.train.trainer import Model, Trainer, build_model, data_fingerprint, table_configs, training_loss
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +122,8 @@ class DistributedTrainer(Trainer):
 
     def __init__(self, cfg, d: Dist, resume: bool = False, overwrite: bool = False,
                  allow_config_change: bool = False):
-        if cfg.model != "dlrm":  # the sharded collection pools for DLRM's interaction only
-            raise ConfigError(f"--model {cfg.model} does not run under torchrun yet (sharded tables train DLRM); "
+        if cfg.model == "two-tower":  # the sharded collection pools every table for one per-sample vector set
+            raise ConfigError("--model two-tower does not run under torchrun yet (its towers split the tables); "
                               "train it in one process")
         self.dist = d
         if d.rank != 0:
@@ -139,7 +136,10 @@ class DistributedTrainer(Trainer):
         ids = [d.local_rank] if d.device.type == "cuda" else None
         with warnings.catch_warnings():  # broadcast_buffers=False is still the way to skip the initial sync
             warnings.simplefilter("ignore", FutureWarning)
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            # sparse experts: an expert no sample of a rank chose has no gradient there
+            unused = self.cfg.model in ("mmoe", "ple") and self.cfg.expert_top_k > 0
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False,
+                                               find_unused_parameters=unused)
         self.ddp.register_comm_hook(None, sum_gradients_hook(d))
         if d.rank != 0:
             self.log.close()
@@ -181,7 +181,7 @@ class DistributedTrainer(Trainer):
         assert isinstance(ebc, ShardedEmbeddingCollection)  # `_build_model` shards the tables
         return ebc
 
-    def _build_model(self, fresh: bool) -> DLRM | TwoTower:
+    def _build_model(self, fresh: bool) -> Model:
         """`build_model` with this rank's shards of the tables (`ShardedEmbeddingCollection`), placed by a
         sharding plan over the measured lookups, each rank's under its own memory budget."""
         cfg, d, schema = self.cfg, self.dist, self.ds.schema
@@ -222,7 +222,7 @@ class DistributedTrainer(Trainer):
             self.ebc.use_fresh(batch.fresh)
         local = slice_batch(batch, b[d.rank], b[d.rank + 1]).to(self.device, non_blocking=True)
         logits = self.ddp(local.dense, local.sparse)
-        loss = F.binary_cross_entropy_with_logits(logits, local.labels, reduction="sum") / batch.size
+        loss = training_loss(self.model, logits, local.labels, self.cfg, total=batch.size)
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()  # dense grads summed by DDP; row grads sent to the owners, which update their rows
         self.dense_opt.step()
@@ -247,8 +247,8 @@ class DistributedTrainer(Trainer):
             local = slice_batch(batch, b[d.rank], b[d.rank + 1]).to(self.device)
             prob = torch.sigmoid(self.model(local.dense, local.sparse))
             width = max(b[r + 1] - b[r] for r in range(d.world))
-            padded = torch.zeros(width, device=self.device)
-            padded[: prob.numel()] = prob
+            padded = torch.zeros(width, *prob.shape[1:], device=self.device)  # [width] or [width, K]
+            padded[: prob.shape[0]] = prob
             parts = [torch.empty_like(padded) for _ in range(d.world)]
             dist.all_gather(parts, padded)
             probs.append(torch.cat([parts[r][: b[r + 1] - b[r]] for r in range(d.world)]).cpu().numpy())
@@ -258,8 +258,7 @@ class DistributedTrainer(Trainer):
         if not probs:
             raise TierecError(f"{self.eval_ds.root}: split {split!r} has no rows to evaluate")
         p, y = np.concatenate(probs), np.concatenate(labels)
-        return {"split": split, "rows": int(y.size), "auc": roc_auc(y, p), "logloss": log_loss(y, p),
-                "positive_rate": float(y.mean())}
+        return {"split": split, **scores(y, p, self.eval_ds.schema.labels)}
 
     # ------------------------------------------------------------------ checkpoints
     @property

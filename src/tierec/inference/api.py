@@ -22,9 +22,11 @@ class PredictRequest(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    probabilities: list[float]
+    probabilities: list[float] = Field(description="per sample: the (first) label's probability, e.g. a click")
     logits: list[float]
     step: int = Field(description="training step of the checkpoint that scored the samples")
+    tasks: dict[str, list[float]] | None = Field(
+        None, description="a multi-task model (mmoe, ple): every label's probability per sample, by label name")
 
 
 class RecommendRequest(BaseModel):

@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,9 +37,9 @@ import torch.nn.functional as F
 
 from tierec.data.dataset import Schema
 from tierec.errors import CheckpointError, ConfigError
+from tierec.modules.dcn import DCNv2
 from tierec.modules.dlrm import DLRM
 from tierec.modules.optim import SparseOptimizer
-from tierec.modules.two_tower import TwoTower
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.base import InMemoryTable, RowStoreDefaults, WorkingSet
 from tierec.storage.cache import CachedTable
@@ -48,6 +49,9 @@ from tierec.storage.sketch import CountMinSketch
 from tierec.storage.ssd import SsdTable, open_table_chain
 from tierec.train import checkpoint as ckpt
 from tierec.train.idmap import IdMaps
+
+if TYPE_CHECKING:
+    from tierec.train.trainer import Model
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +326,7 @@ class ServeOptions:
 class LoadedModel:
     """A checkpoint ready to serve. ``kind``: "dlrm" or "two-tower"."""
 
-    model: DLRM | TwoTower
+    model: Model
     kind: str
     schema: Schema
     path: Path
@@ -340,7 +344,7 @@ class LoadedModel:
         Raw IDs become rows first (`IdMaps.lookup_kjt`: an unknown or evicted ID reads the default row)."""
         if self.id_maps is not None:
             sparse = self.id_maps.lookup_kjt(sparse)
-        if self.lookup is not None and isinstance(self.model, DLRM) and sparse.keys() == self.lookup.keys:
+        if self.lookup is not None and isinstance(self.model, (DLRM, DCNv2)) and sparse.keys() == self.lookup.keys:
             x = self.model.bottom(dense)
             return self.model.head(x, torch.cat([x.unsqueeze(1), self.lookup.pooled(sparse)], 1))
         if self.shared is not None:
@@ -430,9 +434,9 @@ def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) 
     cfg = TrainConfig(**m["config"])
     schema = Schema.from_json(m["schema"])
     id_maps = load_id_maps(str(path), schema)
-    if id_maps is not None and cfg.model != "dlrm":
-        raise ConfigError(f"{path}: serving a {cfg.model} model over raw IDs (fixed tables over raw IDs or dynamic "
-                          "tables) is not supported yet; serve a DLRM, or train on a data set of rows")
+    if id_maps is not None and cfg.model == "two-tower":
+        raise ConfigError(f"{path}: serving a two-tower model over raw IDs (fixed tables over raw IDs or dynamic "
+                          "tables) is not supported yet; train it on a data set of rows")
     shared = None
     if opt.tables == "ssd":
         from tierec.malloc import limit_malloc_retention
@@ -459,7 +463,7 @@ def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) 
             t.state = torch.empty(t.num_embeddings, 0)
     model.eval()
     lookup = None
-    if cfg.model == "dlrm":
+    if cfg.model in ("dlrm", "dcnv2"):  # models whose `head` takes the pooled embeddings of all tables
         tables = model.embeddings.bags
         lookup = FusedLookup([t.config.key for t in tables], [t.config.num_embeddings for t in tables],
                              [t.config.pooling == "mean" for t in tables], cfg.embedding_dim, weight, shared)

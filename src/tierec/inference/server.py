@@ -3,7 +3,8 @@
 Endpoints (OpenAPI schema at ``/openapi.json``, browsable at ``/docs``):
 
 - ``POST /v1/predict``  ``{"samples": [{"I1": 0.3, "C1": 17, "C2": [3, "abc"]}, ...]}`` ->
-  ``{"probabilities": [...], "logits": [...], "step": N}``; samples of concurrent requests are
+  ``{"probabilities": [...], "logits": [...], "step": N}`` (a multi-task model: also ``"tasks": {label:
+  [...]}``, every label's probability); samples of concurrent requests are
   scored together (`DynamicBatcher`).
 - ``POST /v1/recommend`` ``{"user": {"C1": 5, "I1": 0.2}, "k": 10, "candidates": 100}`` ->
   the ``candidates`` nearest items of the user vector in the HNSW index, re-scored by the
@@ -177,13 +178,17 @@ class Routes:
         if len(req.samples) > self.cfg.max_batch:
             raise ApiError(413, "samples", f"{len(req.samples)} samples, at most {self.cfg.max_batch} per request")
         enc = await self.encode.encode(req.samples)
-        logits, step = await self.batcher.submit(enc)
-        bad = np.flatnonzero(~np.isfinite(logits))
+        logits, step = await self.batcher.submit(enc)  # [n], or [n, K] for a multi-task model
+        bad = np.flatnonzero(~np.isfinite(logits).reshape(logits.shape[0], -1).all(1))
         if bad.size:
             raise ApiError(422, f"samples[{bad[0]}]", NOT_FINITE)
         with np.errstate(over="ignore"):
             probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
-        return {"probabilities": probs.tolist(), "logits": logits.tolist(), "step": step}
+        if logits.ndim == 1:
+            return {"probabilities": probs.tolist(), "logits": logits.tolist(), "step": step}
+        names = self.store.ranker.schema.labels
+        return {"probabilities": probs[:, 0].tolist(), "logits": logits[:, 0].tolist(), "step": step,
+                "tasks": {n: probs[:, k].tolist() for k, n in enumerate(names)}}
 
     async def recommend(self, req: RecommendRequest):
         """Top-k items for a user: HNSW retrieval over two-tower item vectors, then ranking."""

@@ -72,6 +72,8 @@ class ModelWorker:
             batch.sparse[key] = items.sparse[key]
         dense, kjt = batch.to_inputs(lm.schema.sparse_names)
         logits = lm.forward(dense, kjt)
+        if logits.dim() == 2:  # a multi-task ranker: items ranked by the first label (e.g. a click)
+            logits = logits[:, 0]
         self.metrics.batch(len(ids))
         if not bool(torch.isfinite(logits).all()):
             raise ApiError(422, "user", NOT_FINITE)

@@ -33,12 +33,22 @@ class TrainConfig:
     # data set evaluated on (its test split, else its train split); default: data's test split
     eval_data: str | None = None
     out: str = "runs/train"  # run directory: metrics.jsonl, checkpoints/
-    model: Literal["dlrm", "two-tower"] = "dlrm"
+    model: Literal["dlrm", "two-tower", "dcnv2", "mmoe", "ple"] = "dlrm"
+    preset: Literal["mlperf-dcnv2"] | None = None  # a named architecture (PRESETS); flags and the file win over it
     embedding_dim: int = 16
     pooling: Literal["sum", "mean"] = "sum"
     bottom_mlp: list[int] = field(default_factory=lambda: [64, 32])  # hidden sizes; a layer to embedding_dim follows
     top_mlp: list[int] = field(default_factory=lambda: [64, 32])  # hidden sizes; a layer to 1 logit follows
-    tower_mlp: list[int] = field(default_factory=lambda: [64])  # two-tower: hidden sizes of each tower
+    tower_mlp: list[int] = field(default_factory=lambda: [64])  # two-tower: each tower; mmoe/ple: each task's
+    cross_layers: int = 3  # dcnv2: cross layers
+    cross_rank: int = 0  # dcnv2: 0 full-rank cross weights [d, d]; r > 0 low-rank U V^T (d x r)
+    dcn_structure: Literal["stacked", "parallel"] = "stacked"  # dcnv2: cross then deep, or side by side
+    experts: int = 4  # mmoe: experts; ple: experts per task and shared experts per level
+    expert_mlp: list[int] = field(default_factory=lambda: [64])  # mmoe/ple: hidden sizes of an expert
+    expert_top_k: int = 0  # mmoe/ple: 0 every expert per sample (dense gates); k: sparse top-k gating (MoE)
+    ple_levels: int = 1  # ple: extraction levels
+    moe_aux_weight: float = 0.01  # mmoe/ple with expert_top_k: weight of the load-balancing loss
+    task_weights: list[float] | None = None  # multi-task loss weight per label (default 1 each)
     batch_size: int = 1024
     epochs: int = 1
     max_steps: int | None = None  # stop after this many steps in total (checkpointed; resume goes on)
@@ -104,8 +114,20 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if self.carbon_intensity is not None and not 0 <= self.carbon_intensity < math.inf:
             raise ConfigError(f"carbon_intensity must be a finite number >= 0, got {self.carbon_intensity}")
-        if any(h <= 0 for h in self.bottom_mlp + self.top_mlp + self.tower_mlp):
+        if any(h <= 0 for h in self.bottom_mlp + self.top_mlp + self.tower_mlp + self.expert_mlp):
             raise ConfigError("MLP layer sizes must be > 0")
+        for name in ("cross_layers", "experts", "ple_levels"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.cross_rank < 0 or self.expert_top_k < 0:
+            raise ConfigError(f"cross_rank and expert_top_k must be >= 0, got {self.cross_rank}, {self.expert_top_k}")
+        if self.expert_top_k > self.experts * (1 if self.model == "mmoe" else 2):
+            raise ConfigError(f"expert_top_k {self.expert_top_k} is more than the experts a gate chooses from")
+        if not 0 <= self.moe_aux_weight < math.inf:
+            raise ConfigError(f"moe_aux_weight must be a finite number >= 0, got {self.moe_aux_weight}")
+        if self.task_weights is not None and (not self.task_weights or any(
+                not 0 <= w < math.inf for w in self.task_weights)):
+            raise ConfigError(f"task_weights must be finite numbers >= 0, got {self.task_weights}")
         self.tables = {k: TableSettings(**v) if isinstance(v, dict) else v for k, v in self.tables.items()}
         if isinstance(self.sharding, dict):
             self.sharding = ShardingSettings(**self.sharding)
@@ -160,9 +182,11 @@ class TrainConfig:
 # Settings that change what a run learns: a resumed run must keep them (`trajectory_changes`). The
 # others (storage tiers and caches, which are exact; intervals; epochs and max_steps, which only
 # move the end) may change between a checkpoint and its resume.
-TRAJECTORY_KEYS = ("model", "embedding_dim", "pooling", "bottom_mlp", "top_mlp", "tower_mlp", "batch_size",
-                   "max_train_rows", "dense_optimizer", "lr", "sparse_optimizer", "sparse_lr", "shuffle", "seed",
-                   "table_kind", "table_rows", "admit_count", "default_row", "evict", "ttl_steps", "decay_every")
+TRAJECTORY_KEYS = ("model", "cross_layers", "cross_rank", "dcn_structure", "experts", "expert_mlp", "expert_top_k",
+                   "ple_levels", "moe_aux_weight", "task_weights", "embedding_dim", "pooling", "bottom_mlp",
+                   "top_mlp", "tower_mlp", "batch_size", "max_train_rows", "dense_optimizer", "lr",
+                   "sparse_optimizer", "sparse_lr", "shuffle", "seed", "table_kind", "table_rows", "admit_count",
+                   "default_row", "evict", "ttl_steps", "decay_every")
 
 
 def trajectory_changes(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -177,8 +201,19 @@ def trajectory_changes(saved: dict, cfg: TrainConfig) -> list[str]:
     return out
 
 
+# Named architectures (`--preset`): their values fill every setting the file and the flags leave unset.
+PRESETS: dict[str, dict] = {
+    # MLPerf Training's DLRM-DCNv2 (Criteo 1TB multi-hot): embedding dim 128, bottom MLP 512-256-128, three
+    # low-rank (512) cross layers stacked before the top MLP 1024-1024-512-256-1, Adagrad (the reference's
+    # optimizer; its learning-rate warm-up and decay schedule are not reproduced)
+    "mlperf-dcnv2": dict(model="dcnv2", embedding_dim=128, bottom_mlp=[512, 256], top_mlp=[1024, 1024, 512, 256],
+                         cross_layers=3, cross_rank=512, dcn_structure="stacked", dense_optimizer="adagrad",
+                         sparse_optimizer="rowwise_adagrad", lr=0.004, sparse_lr=0.004),
+}
+
+
 def make_config(config_file: str | None, overrides: dict) -> TrainConfig:
-    """File values, then flag values that were given (not None), then defaults."""
+    """File values, then flag values that were given (not None), then a ``preset``'s, then defaults."""
     data = {}
     if config_file:
         data = load_config_file(config_file)
@@ -186,6 +221,11 @@ def make_config(config_file: str | None, overrides: dict) -> TrainConfig:
     else:
         source = "flags"
     merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    preset = merged.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        merged = {**PRESETS[preset], **merged}
     cfg = from_dict(TrainConfig, merged, source)
     if not cfg.data:
         raise ConfigError("no data set given: pass --data DIR or set `data` in the config file")

@@ -31,3 +31,17 @@ def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
     p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
     y = np.asarray(labels, dtype=np.float64)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def scores(labels: np.ndarray, probs: np.ndarray, names: list[str]) -> dict:
+    """AUC, log-loss and positive rate of predictions ``probs`` for ``labels`` (float [N], or [N, K] for K
+    tasks named ``names``): the first task's at the top level (a one-task run's figures), and with several
+    tasks each one's under ``tasks``."""
+    y, p = np.asarray(labels), np.asarray(probs)
+    if p.ndim == 1 and y.ndim == 2:  # a one-task model on a multi-label data set: its first label
+        y = y[:, 0]
+    if y.ndim == 1:
+        return {"rows": int(y.size), "auc": roc_auc(y, p), "logloss": log_loss(y, p), "positive_rate": float(y.mean())}
+    tasks = {n: {"auc": roc_auc(y[:, k], p[:, k]), "logloss": log_loss(y[:, k], p[:, k]),
+                 "positive_rate": float(y[:, k].mean())} for k, n in enumerate(names)}
+    return {"rows": int(y.shape[0]), **tasks[names[0]], "tasks": tasks}

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from tierec import __version__, energy
@@ -28,8 +29,10 @@ from tierec.config import parse_bytes
 from tierec.data.dataset import Dataset, Schema
 from tierec.errors import CheckpointError, ConfigError, TierecError
 from tierec.malloc import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds
+from tierec.modules.dcn import DCNv2
 from tierec.modules.dlrm import DLRM
 from tierec.modules.embedding import EmbeddingBag, TableConfig, build_collection
+from tierec.modules.multitask import MultiTask
 from tierec.modules.optim import SparseOptimizer
 from tierec.modules.two_tower import TwoTower
 from tierec.storage.cache import CachedTable
@@ -40,11 +43,13 @@ from tierec.storage.tiered import ResumeChain, layout_files
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig, trajectory_changes
 from tierec.train.idmap import IdMaps, MappedBatch, map_ahead
-from tierec.train.metrics import log_loss, roc_auc
+from tierec.train.metrics import scores
 from tierec.train.pipeline import LookaheadPipeline, Member, PrefetchTarget
 from tierec.train.rundir import claim_run_dir
 
 log = logging.getLogger(__name__)
+
+Model = DLRM | DCNv2 | MultiTask | TwoTower  # what `build_model` builds (tierec.modules)
 
 
 def pick_device(name: str) -> torch.device:
@@ -68,7 +73,7 @@ def table_configs(cfg: TrainConfig, schema: Schema) -> list[TableConfig]:
 
 def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset: Dataset | None = None,
                 fresh: bool = True, storage_factory=None, collection=None,
-                resume_from: ResumeChain | None = None) -> DLRM | TwoTower:
+                resume_from: ResumeChain | None = None) -> Model:
     """DLRM for ``schema`` (`TwoTower` when ``cfg.model == "two-tower"``); with a memory budget
     (or per-table SSD settings) and a ``dataset`` to measure access shares on, the tables that
     do not fit go to SSD behind caches. ``storage_factory`` (see `build_collection`) overrides the planning;
@@ -95,9 +100,15 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
 
     torch.manual_seed(cfg.seed)
     ebc = collection(tables, sparse_opt)
-    model: DLRM | TwoTower
+    model: Model
     if cfg.model == "two-tower":
         model = TwoTower(ebc, {f.name: f.side for f in schema.sparse}, cfg.tower_mlp).to(device)
+    elif cfg.model == "dcnv2":
+        model = DCNv2(len(schema.dense), ebc, cfg.bottom_mlp, cfg.top_mlp, cfg.cross_layers, cfg.cross_rank,
+                      cfg.dcn_structure).to(device)
+    elif cfg.model in ("mmoe", "ple"):
+        model = MultiTask(cfg.model, len(schema.dense), ebc, len(schema.labels), cfg.bottom_mlp, cfg.expert_mlp,
+                          cfg.tower_mlp, cfg.experts, cfg.expert_top_k, cfg.ple_levels).to(device)
     else:
         model = DLRM(len(schema.dense), ebc, cfg.bottom_mlp, cfg.top_mlp).to(device)
     model.storage_plan = [p.to_dict() for p in plan] if plan else None  # saved in checkpoints
@@ -105,7 +116,7 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
     return model
 
 
-def cache_stats(model: DLRM | TwoTower) -> dict[str, dict]:
+def cache_stats(model: Model) -> dict[str, dict]:
     """Per-table counters of every tier that keeps them (cached / SSD tables); tables that share one
     cache (a `TableGroup`) appear once, under the group's name."""
     out = {}
@@ -245,7 +256,7 @@ class JsonlLog:
 
 
 @torch.no_grad()
-def evaluate(model: DLRM | TwoTower, ds: Dataset, split: str, batch_size: int, device: torch.device,
+def evaluate(model: Model, ds: Dataset, split: str, batch_size: int, device: torch.device,
              max_rows: int | None = None, progress: bool = True, id_maps: IdMaps | None = None) -> dict:
     """AUC and log-loss of ``model`` on ``split``; ``id_maps``: how the data's IDs become rows (raw IDs), read-only."""
     was_training = model.training
@@ -264,8 +275,30 @@ def evaluate(model: DLRM | TwoTower, ds: Dataset, split: str, batch_size: int, d
     if not probs:
         raise TierecError(f"{ds.root}: split {split!r} has no rows to evaluate")
     p, y = np.concatenate(probs), np.concatenate(labels)
-    return {"split": split, "rows": int(y.size), "auc": roc_auc(y, p), "logloss": log_loss(y, p),
-            "positive_rate": float(y.mean()), "eval_s": round(time.perf_counter() - t0, 3)}
+    return {"split": split, **scores(y, p, ds.schema.labels), "eval_s": round(time.perf_counter() - t0, 3)}
+
+
+def training_loss(model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+                  total: int | None = None) -> torch.Tensor:
+    """The objective: binary cross-entropy of every task (logits and labels [B] or [B, K]), averaged over the
+    batch (``total``: summed and divided by it, for a slice of a global batch), tasks weighted by
+    ``cfg.task_weights`` (1 each) and summed; plus ``cfg.moe_aux_weight`` times a mixture of experts'
+    load-balancing loss (its share of the batch under ``total``)."""
+    if logits.dim() == 1 and labels.dim() == 2:  # a one-task model on a multi-label data set: the first label
+        labels = labels[:, 0]
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    per_task = bce.sum(0) / total if total else bce.mean(0)
+    if per_task.dim():
+        w = cfg.task_weights
+        if w is not None and len(w) != per_task.numel():
+            raise ConfigError(f"task_weights: {len(w)} weights for {per_task.numel()} labels")
+        loss = (per_task * per_task.new_tensor(w)).sum() if w is not None else per_task.sum()
+    else:
+        loss = per_task
+    aux = getattr(model, "aux_loss", None)
+    if cfg.moe_aux_weight and isinstance(aux, torch.Tensor) and aux.requires_grad:
+        loss = loss + cfg.moe_aux_weight * aux * (logits.shape[0] / total if total else 1.0)
+    return loss
 
 
 class Trainer:
@@ -299,7 +332,6 @@ class Trainer:
                 self.model = self._build_model(fresh=not resume)
             self.build_s = time.perf_counter() - t_build  # model + table storage (SSD table files created)
             self.dense_opt = make_dense_optimizer(cfg, self.model.dense_parameters())
-            self.loss_fn = torch.nn.BCEWithLogitsLoss()
             self.epoch, self.batch_in_epoch, self.step, self.samples = 0, 0, 0, 0
             self.train_s = 0.0
             self.parent: Path | None = None  # the checkpoint the tables were last saved to or loaded from
@@ -327,7 +359,7 @@ class Trainer:
         latest = ckpt.latest_or_none(self.out)
         return str(latest) if latest is not None else "none yet"
 
-    def _build_model(self, fresh: bool) -> DLRM | TwoTower:  # the distributed trainer shards the tables here
+    def _build_model(self, fresh: bool) -> Model:  # the distributed trainer shards the tables here
         resume_from = None
         if not fresh and (latest := ckpt.latest_or_none(self.out)) is not None:  # SSD tables: linked, not copied
             resume_from = ResumeChain(latest, ckpt.table_chain(latest, ckpt.read_manifest(latest)))
@@ -419,7 +451,7 @@ class Trainer:
                     bags[key].use_fresh(slots.to(self.device), ids)
         batch = batch.to(self.device, non_blocking=True)
         logits = self.model(batch.dense, batch.sparse, batch.user)
-        loss = self.loss_fn(logits, batch.labels)
+        loss = training_loss(self.model, logits, batch.labels, self.cfg)
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()  # also updates the embedding rows (fused sparse optimizer)
         self.dense_opt.step()
@@ -484,7 +516,8 @@ class Trainer:
             self.log.write("eval", step=self.step, epoch=self.epoch, error=str(e))
             return None
         self.log.write("eval", epoch=self.epoch, **res)
-        log.info("step %d: %s AUC %.4f, log-loss %.4f", self.step, self.eval_split, res["auc"], res["logloss"])
+        log.info("step %d: %s AUC %.4f, log-loss %.4f%s", self.step, self.eval_split, res["auc"], res["logloss"],
+                 "".join(f"; {n} AUC {t['auc']:.4f}" for n, t in list(res.get("tasks", {}).items())[1:]))
         return res
 
     def fit(self) -> dict:
@@ -589,6 +622,8 @@ class Trainer:
                    "checkpoint": str(ckpt.resolve_checkpoint(self.out)) if self.step else None}
         if last_eval:
             summary.update(auc=last_eval["auc"], logloss=last_eval["logloss"], eval_step=last_eval["step"])
+            if "tasks" in last_eval:  # a multi-task model: every label's figures
+                summary["tasks"] = last_eval["tasks"]
         stats = cache_stats(self.model)
         if stats:
             summary["cache_hit_rate"] = overall_hit_rate(stats)
@@ -621,7 +656,7 @@ def load_id_maps(checkpoint: str, schema: Schema) -> IdMaps | None:
 
 
 def load_for_eval(checkpoint: str, data: str | None = None,
-                  device: str = "auto") -> tuple[DLRM | TwoTower, Dataset, dict]:
+                  device: str = "auto") -> tuple[Model, Dataset, dict]:
     """Rebuild the model of a checkpoint and load its weights (for `tierec eval` and serving)."""
     path = ckpt.resolve_checkpoint(checkpoint)
     m = ckpt.read_manifest(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -294,3 +295,20 @@ def test_serve_predict_equals_offline_model(tiny_dataset, reference, monkeypatch
             assert r.status_code == 200, r.text
             assert np.array_equal(np.array(r.json()["logits"], np.float32), offline), tables
     assert sum(fused) == 2 * n, "every sample went through the fused lookup"
+
+
+def test_preset_flag_from_the_command_line(tiny_dataset, tmp_path, capsys):
+    """`tierec train --preset mlperf-dcnv2` (an optional choice flag): the preset's architecture, a flag wins."""
+    from tierec.cli import main
+
+    out = tmp_path / "r"
+    assert main(["train", "--data", str(tiny_dataset), "--out", str(out), "--preset", "mlperf-dcnv2",
+                 "--embedding-dim", "8", "--cross-rank", "4", "--max-steps", "2", "--no-progress"]) == 0
+    m = json.loads(next((out / "checkpoints").glob("step-*/manifest.json")).read_text())
+    c = m["config"]
+    assert (c["model"], c["top_mlp"], c["cross_layers"], c["embedding_dim"], c["cross_rank"]) == (
+        "dcnv2", [1024, 1024, 512, 256], 3, 8, 4)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # argparse: one line naming the choices, exit 2
+        main(["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "x"), "--preset", "nope"])
+    assert e.value.code == 2 and "mlperf-dcnv2" in capsys.readouterr().err

@@ -128,6 +128,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typing.get_origin(tp) is typing.Literal:
             p.add_argument(flag, choices=list(args), default=None, help=help_)
+        elif any(typing.get_origin(a) is typing.Literal for a in args):  # an optional choice
+            lit = next(a for a in args if typing.get_origin(a) is typing.Literal)
+            p.add_argument(flag, choices=list(typing.get_args(lit)), default=None, help=help_)
         elif typing.get_origin(tp) is list or list in [typing.get_origin(a) for a in args]:
             floats = float in [a for x in [tp, *args] for a in typing.get_args(x)]
             p.add_argument(flag, type=_float_list if floats else _int_list, default=None,

@@ -13,10 +13,10 @@ each one ``tierec train`` process for the same steps and batches:
 
 * ``dlrm`` and ``dcnv2`` (3 low-rank cross layers, rank 64, stacked): one task, the click;
 * ``mmoe`` with dense gates over 2 experts, and ``mmoe-moe`` with 8 experts of which each task's gate
-  picks 2 per sample (top-2, load-balancing loss): the same FLOPs per *choice* as the dense one, four
-  times the expert parameters;
-* ``ple`` (one extraction level, 1 expert per task + 1 shared, dense gates) and ``ple-moe`` (4 + 4,
-  top-2).
+  picks 1 per sample (top-1, load-balancing loss): at most the dense one's 2 expert evaluations per
+  sample (the union of the two tasks' choices), four times the expert parameters;
+* ``ple`` (one extraction level, 1 expert per task + 1 shared, dense gates: 3 evaluations per sample)
+  and ``ple-moe`` (4 per task + 4 shared, top-1: at most 2).
 
 Per model: samples/s (training), peak RSS, the dense part's FLOPs per sample (experts counted as often as
 they ran), test AUC and log-loss of the click, and of the conversion for the multi-task models.
@@ -50,9 +50,9 @@ MODELS: dict[str, list[str]] = {
     "dlrm": ["--model", "dlrm"],
     "dcnv2": ["--model", "dcnv2", "--cross-layers", "3", "--cross-rank", "64"],
     "mmoe": ["--model", "mmoe", "--experts", "2", "--expert-mlp", "64,32"],
-    "mmoe-moe": ["--model", "mmoe", "--experts", "8", "--expert-mlp", "64,32", "--expert-top-k", "2"],
+    "mmoe-moe": ["--model", "mmoe", "--experts", "8", "--expert-mlp", "64,32", "--expert-top-k", "1"],
     "ple": ["--model", "ple", "--experts", "1", "--expert-mlp", "64,32"],
-    "ple-moe": ["--model", "ple", "--experts", "4", "--expert-mlp", "64,32", "--expert-top-k", "2"],
+    "ple-moe": ["--model", "ple", "--experts", "4", "--expert-mlp", "64,32", "--expert-top-k", "1"],
 }
 
 

@@ -42,7 +42,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -259,9 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     print_report(results)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(results, indent=2))
+    bs.write_json(a.json, results)
     return 0
 
 

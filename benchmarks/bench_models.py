@@ -205,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     print_report(res)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=2))
+    bs.write_json(a.json, res)
     return 0
 
 

@@ -237,6 +237,13 @@ def run_logged(cmd: list[str], logfile: Path) -> Child:
     return Child(out, usage.ru_maxrss * 1024, wall, others)  # ru_maxrss: KiB on Linux
 
 
+def write_json(path: Path | None, figures: dict) -> None:
+    """Every figure of a benchmark run as JSON at ``path`` (its folder made), when a path was given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=2))
+
+
 def synth(out: Path, cards: list[int], rows: int, seed: int) -> None:
     run_logged([sys.executable, "-m", "tierec", "data", "synth", "--out", str(out), "--rows", str(rows),
                 "--seed", str(seed), "--test-fraction", "0", "--max-cardinality", "0",

@@ -185,3 +185,14 @@ def test_bad_compressed_input(tmp_path, capsys):
 
 def test_two_tower_without_user_side_features_says_how(tiny_dataset, tmp_path, capsys):
     expect_one_line_error(train_argv(tiny_dataset, tmp_path, "--model", "two-tower"), capsys, "`side: user`")
+
+
+def test_every_train_setting_has_help_text():
+    """Each TrainConfig field is a `tierec train` flag (or a config-file section) and says what it does."""
+    from dataclasses import fields
+
+    from tierec.cli.train import CONFIG_ONLY, HELP
+    from tierec.train.config import TrainConfig
+
+    missing = [f.name for f in fields(TrainConfig) if f.name not in CONFIG_ONLY and not HELP.get(f.name)]
+    assert missing == []

@@ -342,3 +342,45 @@ def test_cli_trains_dynamic_tables_and_refuses_misused_flags(tmp_path, capsys):
     assert main(["train", "--data", str(plain), "--out", str(tmp_path / "x"), "--table-rows", "50",
                  "--no-progress"]) == 2
     assert "--table-rows" in capsys.readouterr().err
+
+
+L2 = dict(DYN, evict="l2", l2_threshold=0.2, decay_every=6, checkpoint_every=7)
+
+
+@pytest.fixture(scope="module")
+def l2_reference(raw_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("l2ref")
+    t = Trainer(cfg(raw_data, out, **L2))
+    return t.fit(), table_rows(t), _losses(out), t.idmaps.stats()
+
+
+def test_l2_sweeps_evict_weak_rows_identically_on_every_tier_and_through_resume(raw_data, tmp_path, l2_reference):
+    """--evict l2: the rows measured after every 6th step leave one period later (the map never runs further
+    ahead), so the run is the same in memory, behind the look-ahead cache (its window held to 1) and resumed
+    mid-way with measured sweeps not yet applied."""
+    ref_summary, ref_rows, ref_losses, ref_stats = l2_reference
+    assert sum(s["evicted"] for s in ref_stats.values()) > 0
+    no_sweeps = Trainer(cfg(raw_data, tmp_path / "big", **dict(L2, l2_threshold=1e-9)))
+    no_sweeps.fit()  # nothing measures below the threshold: only the full table's LFU evictions
+    assert sum(s["evicted"] for s in no_sweeps.idmaps.stats().values()) < sum(
+        s["evicted"] for s in ref_stats.values())
+    lfu = Trainer(cfg(raw_data, tmp_path / "lfu", **dict(L2, evict="lfu")))
+    lfu.fit()
+    assert lfu.idmaps.stats() != ref_stats  # the sweeps change what is evicted
+    t = Trainer(cfg(raw_data, tmp_path / "la", memory_budget="118KiB", cache_policy="lookahead", lookahead=20,
+                    prefetch_depth=3, **L2))  # window 20 held to 6 - 3 - 2 = 1
+    s = t.fit()
+    assert _losses(tmp_path / "la") == ref_losses and s["auc"] == ref_summary["auc"]
+    Trainer(cfg(raw_data, tmp_path / "res", max_steps=13, **L2)).fit()  # checkpoint at 13: sweeps pending
+    r = Trainer(cfg(raw_data, tmp_path / "res", **L2), resume=True)
+    r.fit()
+    for name, (w, st) in table_rows(r).items():
+        assert torch.equal(w, ref_rows[name][0]) and torch.equal(st, ref_rows[name][1]), name
+    assert r.idmaps.stats() == ref_stats
+
+
+def test_l2_config_needs_a_threshold_and_a_long_enough_period(raw_data, tmp_path):
+    with pytest.raises(ConfigError, match="l2_threshold"):
+        DynamicConfig(capacity=10, evict="l2", decay_every=5)
+    with pytest.raises(ConfigError, match="decay-every"):
+        Trainer(cfg(raw_data, tmp_path, **dict(L2, decay_every=3)))

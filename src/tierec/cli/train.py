@@ -93,6 +93,22 @@ HELP = {
                   "with cores to spare: docs/storage.md)",
     "plan_batches": "batches read to measure each table's access share for --memory-budget",
     "dedup": "look up user-side features once per unique row of a batch and expand (docs/dedup.md)",
+    "table_kind": "fixed: a table of --table-rows rows, raw 64-bit IDs hashed into it (collisions share a row); "
+                  "dynamic: every admitted ID its own row among --table-rows slots, allocated on admission and "
+                  "freed on eviction (docs/dynamic.md); per table: [tables.NAME] kind in a config file",
+    "table_rows": "rows of a fixed table over raw IDs, or a dynamic table's capacity in rows (default: the data "
+                  "set's num_embeddings of the feature); per table: [tables.NAME] rows",
+    "admit_count": "dynamic tables: an ID gets a row once seen this many times (count-min sketch; 1: at once)",
+    "default_row": "dynamic tables: what an ID without a row reads: zero (it adds nothing to its bag) or unknown "
+                   "(one shared, trained row); its own row gets no update either way",
+    "evict": "dynamic tables: none (a full table rejects new IDs), ttl (IDs unseen for --ttl-steps leave; when "
+             "full, the least recently seen), lfu (counts halve every --decay-every steps; when full, the "
+             "lowest), l2 (rows below --l2-threshold leave; when full, as lfu)",
+    "ttl_steps": "dynamic tables, --evict ttl: IDs unseen for more than this many steps leave",
+    "decay_every": "dynamic tables: every this many steps LFU counts and the admission sketch halve, the TTL "
+                   "sweep runs and --evict l2 measures the rows (0: never)",
+    "l2_threshold": "dynamic tables, --evict l2: rows whose L2 norm is below this leave (measured every "
+                    "--decay-every steps, applied a fixed number of steps later)",
 }
 CONFIG_ONLY = {"tables", "sharding"}  # nested settings: config file only
 

@@ -122,6 +122,9 @@ class DistributedTrainer(Trainer):
 
     def __init__(self, cfg, d: Dist, resume: bool = False, overwrite: bool = False,
                  allow_config_change: bool = False):
+        if cfg.evict == "l2":  # a norm sweep would read every rank's shards
+            raise ConfigError("--evict l2 does not run under torchrun yet (the rows it measures are sharded); use "
+                              "--evict lfu or ttl, or train in one process")
         if cfg.model == "two-tower":  # the sharded collection pools every table for one per-sample vector set
             raise ConfigError("--model two-tower does not run under torchrun yet (its towers split the tables); "
                               "train it in one process")

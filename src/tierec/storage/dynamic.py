@@ -16,7 +16,8 @@ The protocol, one ``map`` per batch in step order (steps 1, 2, ...):
 
 1. **decay** (steps that are multiples of ``decay_every``): LFU counts and the admission sketch
    halve; with ``evict="ttl"`` IDs not seen for more than ``ttl_steps`` steps leave, with
-   ``evict="lfu"`` IDs whose count decayed to 0 leave.
+   ``evict="lfu"`` IDs whose count decayed to 0 leave. ``evict="l2"``: counts halve as for LFU, and the
+   trainer measures the rows (`evict_ids`, below); a full table evicts as LFU does.
 2. **known IDs**: last seen = this step, count += their occurrences.
 3. **new IDs** (in ascending order of their index key, `DynamicIndex.keys_of`): with ``admit_count``
    K > 1 their occurrences are counted in a count-min sketch and they are admitted once its estimate
@@ -32,8 +33,13 @@ The protocol, one ``map`` per batch in step order (steps 1, 2, ...):
    has none until admitted. An evicted ID that returns is admitted afresh: a new row at its initial
    value with zero optimizer state (``fresh_*``: the table resets those slots before the step reads
    them; `tierec.modules.embedding.EmbeddingBag.use_fresh`).
+5. **norm sweeps** (``evict="l2"``): the one policy that depends on row values. After each step m that
+   is a multiple of ``decay_every`` the trainer measures the rows of the IDs live at m; those below
+   ``l2_threshold`` leave when batch m + ``decay_every`` is mapped (`evict_ids`; the map never runs
+   further ahead than that), unless they were seen after m.
 
-Exactness: the map is a function of the stream of IDs alone (no row values), so it may run ahead of
+Exactness: the map is a function of the stream of IDs alone (no row values; the norm sweeps enter at
+fixed steps), so it may run ahead of
 training (the look-ahead pipeline maps batches a window ahead) without changing what is learned; a
 slot's row changes only in training steps, and is reset exactly at the step that admits its new ID.
 With K = 1 and no eviction, every distinct ID gets its own row for good: training equals a fixed table
@@ -69,10 +75,11 @@ class DynamicConfig:
     capacity: int  # rows (slots), including the shared unknown row when default_row="unknown"
     admit_count: int = 1  # K: an ID gets a row once seen K times (1: at once)
     default_row: Literal["zero", "unknown"] = "zero"
-    evict: Literal["none", "ttl", "lfu"] = "none"
+    evict: Literal["none", "ttl", "lfu", "l2"] = "none"
     ttl_steps: int = 0  # evict="ttl": IDs unseen for more than this many steps leave (checked every decay_every)
     decay_every: int = 0  # steps between decays (LFU counts and the sketch halve, TTL sweep); 0: never
     sketch_width: int = 0  # admission sketch counters per row (0: the capacity rounded up to a power of two)
+    l2_threshold: float = 0.0  # evict="l2": rows whose L2 norm is below this leave at the sweeps (every decay_every)
 
     def __post_init__(self):
         def bad(field: str, want: str, got) -> ConfigError:
@@ -84,8 +91,11 @@ class DynamicConfig:
             raise bad("admit_count", ">= 1", self.admit_count)
         if self.default_row not in ("zero", "unknown"):
             raise bad("default_row", "'zero' or 'unknown'", self.default_row)
-        if self.evict not in ("none", "ttl", "lfu"):
-            raise bad("evict", "'none', 'ttl' or 'lfu'", self.evict)
+        if self.evict not in ("none", "ttl", "lfu", "l2"):
+            raise bad("evict", "'none', 'ttl', 'lfu' or 'l2'", self.evict)
+        if self.evict == "l2" and not (self.l2_threshold > 0 and self.decay_every):
+            raise ConfigError("dynamic tables: evict=l2 needs l2_threshold > 0 and decay_every > 0 (how often rows "
+                              "are measured)")
         if self.ttl_steps < 0 or self.decay_every < 0 or self.sketch_width < 0:
             raise bad("ttl_steps, decay_every and sketch_width", ">= 0",
                       (self.ttl_steps, self.decay_every, self.sketch_width))
@@ -157,7 +167,7 @@ class DynamicIndex:
 
     def __init__(self, configs: list[DynamicConfig] | DynamicConfig, names: list[str] | None = None):
         configs = [configs] if isinstance(configs, DynamicConfig) else list(configs)
-        policy = {(c.admit_count, c.default_row, c.evict, c.ttl_steps, c.decay_every) for c in configs}
+        policy = {(c.admit_count, c.default_row, c.evict, c.ttl_steps, c.decay_every, c.l2_threshold) for c in configs}
         if len(policy) != 1:
             raise ConfigError("dynamic tables of one index must share admission and eviction settings")
         self.configs, self.cfg = configs, configs[0]
@@ -366,11 +376,22 @@ class DynamicIndex:
             cand[0] = False
         cand = cand.nonzero().squeeze(1) + a  # ascending slots: a stable sort breaks ties by slot
         score = self.last_seen.index_select(0, cand)  # steps < 2^31
-        if self.cfg.evict == "lfu":  # lowest count first, then least recently seen: one int64 key
+        if self.cfg.evict in ("lfu", "l2"):  # lowest count first, then least recently seen: one int64 key
             score = (self.count.index_select(0, cand).clamp(max=(1 << 31) - 1) << 31) | score
         order = torch.sort(score, stable=True).indices
         n = min(cand.numel(), max(need, self.configs[t].capacity // BULK_EVICT_DIVISOR))
         self._remove(cand[order[:n]])
+
+    def evict_ids(self, ids: list[torch.Tensor], measured: int) -> None:
+        """A norm sweep (``evict="l2"``): the IDs of each table (int64 [n_t]) whose rows measured below the
+        threshold after step ``measured`` leave, unless they were seen since (their row has changed) or left
+        already."""
+        keys, _ = self._keys(ids)
+        if keys.numel() == 0:
+            return
+        found, slots, _ = self._index.lookup(keys)
+        slots = slots[found]
+        self._remove(slots[self.last_seen.index_select(0, slots) <= measured])
 
     # ------------------------------------------------------------------ state
     def stats(self) -> dict[str, dict]:

@@ -92,9 +92,10 @@ class TrainConfig:
     table_rows: int | None = None  # fixed tables over raw IDs: rows; dynamic: capacity (default: the schema's)
     admit_count: int = 1  # dynamic: an ID gets a row once seen this many times
     default_row: Literal["zero", "unknown"] = "zero"  # dynamic: what an ID without a row reads
-    evict: Literal["none", "ttl", "lfu"] = "none"  # dynamic: which IDs leave when full / on decay
+    evict: Literal["none", "ttl", "lfu", "l2"] = "none"  # dynamic: which IDs leave when full / on decay
     ttl_steps: int = 0  # dynamic, evict ttl: IDs unseen this many steps leave
     decay_every: int = 0  # dynamic: steps between decays (LFU counts, admission sketch halve; TTL sweep)
+    l2_threshold: float = 0.0  # dynamic, evict l2: rows whose L2 norm is below this leave (measured every decay)
 
     def __post_init__(self):
         for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "keep_checkpoints", "checkpoint_chain",
@@ -146,7 +147,7 @@ class TrainConfig:
     def dynamic_config(self, capacity: int = 2) -> DynamicConfig:
         """The dynamic tables' policy (``capacity`` filled in per table)."""
         return DynamicConfig(capacity, self.admit_count, self.default_row, self.evict, self.ttl_steps,
-                             self.decay_every)
+                             self.decay_every, l2_threshold=self.l2_threshold)
 
     def row_spaces(self, schema: Schema) -> tuple[dict[str, TableRows], dict[str, DynamicConfig]]:
         """How each table's IDs become rows, and the dynamic tables' configs (`IdMaps.plan`)."""
@@ -186,7 +187,7 @@ TRAJECTORY_KEYS = ("model", "cross_layers", "cross_rank", "dcn_structure", "expe
                    "ple_levels", "moe_aux_weight", "task_weights", "embedding_dim", "pooling", "bottom_mlp",
                    "top_mlp", "tower_mlp", "batch_size", "max_train_rows", "dense_optimizer", "lr",
                    "sparse_optimizer", "sparse_lr", "shuffle", "seed", "table_kind", "table_rows", "admit_count",
-                   "default_row", "evict", "ttl_steps", "decay_every")
+                   "default_row", "evict", "ttl_steps", "decay_every", "l2_threshold")
 
 
 def trajectory_changes(saved: dict, cfg: TrainConfig) -> list[str]:

@@ -53,6 +53,7 @@ def _drop(values: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor,
 
 
 _NO_IDS = torch.empty(0, dtype=torch.int64)
+SWEEP_WAIT_S = 600  # the longest the map waits for a norm measurement it needs
 
 
 class IdMaps:
@@ -65,6 +66,11 @@ class IdMaps:
         self.index = DynamicIndex([dynamic[k] for k in self.dynamic], self.dynamic) if dynamic else None
         self.snapshots: dict[int, dict] = {}  # step -> the index's state after mapping that step's batch
         self.step = 0  # the last step mapped
+        # evict="l2": the rows measured after step m leave when batch m + sweep_delay is mapped (set by the
+        # trainer beyond how far the map runs ahead, so the measurement is always there in time)
+        self.sweep_delay = 0
+        self._sweeps: dict[int, tuple[int, list[torch.Tensor]]] = {}  # apply step -> (measured step, IDs per table)
+        self._sweep_ready = threading.Condition()
 
     @staticmethod
     def plan(schema: Schema, kind: str, rows: int | None, tables: dict,
@@ -144,6 +150,7 @@ class IdMaps:
         """Training: ``batch`` is step ``step``'s (steps in order); ``snapshot``: keep the index's state after
         it (a step where a checkpoint or an evaluation will read it)."""
         fresh: dict = {}
+        self._apply_sweep(step)
         sparse, user = self._map([batch.sparse, batch.user], step, fresh)
         assert sparse is not None
         self.step = step
@@ -161,6 +168,39 @@ class IdMaps:
         """Evaluation: rows of ``batch``'s IDs without changing anything (no row: the default)."""
         sparse, user = self._map([batch.sparse, batch.user], None, {})
         return Batch(batch.dense, sparse, batch.labels, batch.session, user)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ norm sweeps (evict="l2")
+    def sweeps_at(self, step: int) -> bool:
+        """Whether the rows are measured after training step ``step``."""
+        ix = self.index
+        return ix is not None and ix.cfg.evict == "l2" and step > 0 and step % ix.cfg.decay_every == 0
+
+    def add_sweep(self, measured: int, ids: list[torch.Tensor]) -> None:
+        """The trainer's measurement after step ``measured``: per dynamic table the IDs whose rows fell below the
+        threshold; they leave when batch ``measured + sweep_delay`` is mapped."""
+        with self._sweep_ready:
+            self._sweeps[measured + self.sweep_delay] = (measured, ids)
+            self._sweep_ready.notify_all()
+
+    def _apply_sweep(self, step: int) -> None:
+        measured = step - self.sweep_delay
+        if self.index is None or not self.sweeps_at(measured):
+            return
+        with self._sweep_ready:
+            if not self._sweep_ready.wait_for(lambda: step in self._sweeps, timeout=SWEEP_WAIT_S):
+                raise RuntimeError(f"dynamic tables: no norm measurement of step {measured} after {SWEEP_WAIT_S} s "
+                                   f"(the map of step {step} waits for it)")
+            m, ids = self._sweeps[step]
+        self.index.evict_ids(ids, m)
+
+    def pending_sweeps(self, after: int) -> dict[int, tuple[int, list[torch.Tensor]]]:
+        """The measurements not applied by step ``after`` (a checkpoint's: resume applies them)."""
+        with self._sweep_ready:
+            return {k: v for k, v in self._sweeps.items() if k > after}
+
+    def load_sweeps(self, sweeps: dict) -> None:
+        with self._sweep_ready:
+            self._sweeps = {int(k): (int(m), list(ids)) for k, (m, ids) in sweeps.items()}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -196,6 +236,9 @@ class IdMaps:
     def forget_before(self, step: int) -> None:
         for s in [s for s in list(self.snapshots) if s < step]:
             del self.snapshots[s]
+        with self._sweep_ready:
+            for s in [s for s in self._sweeps if s < step]:
+                del self._sweeps[s]
 
     def stats(self) -> dict[str, dict]:
         return self.index.stats() if self.index is not None else {}
@@ -203,7 +246,10 @@ class IdMaps:
 _END = object()
 
 
-def map_ahead(stream: Iterable, depth: int = 2) -> Iterator:
+MAP_AHEAD_DEPTH = 2  # batches `map_ahead` maps beyond the one the trainer holds
+
+
+def map_ahead(stream: Iterable, depth: int = MAP_AHEAD_DEPTH) -> Iterator:
     """Iterate ``stream`` (mapped batches) in a background thread, ``depth`` items ahead: the ID map's work
     (unique, hash probes, admission, eviction) overlaps the training step. Exact: the map is a function of
     the stream alone, and checkpoints and evaluations read its snapshots (`IdMaps.map_batch`). An error in

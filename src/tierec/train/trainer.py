@@ -42,7 +42,7 @@ from tierec.storage.ssd import SsdTable
 from tierec.storage.tiered import ResumeChain, layout_files
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig, trajectory_changes
-from tierec.train.idmap import IdMaps, MappedBatch, map_ahead
+from tierec.train.idmap import MAP_AHEAD_DEPTH, IdMaps, MappedBatch, map_ahead
 from tierec.train.metrics import scores
 from tierec.train.pipeline import LookaheadPipeline, Member, PrefetchTarget
 from tierec.train.rundir import claim_run_dir
@@ -323,6 +323,12 @@ class Trainer:
             raise TierecError(f"{cfg.data}: the train split is empty")
         check_table_settings(cfg, self.ds.schema)
         self.idmaps = cfg.id_maps(self.ds.schema)  # raw IDs -> rows (fixed tables over raw IDs, dynamic tables)
+        # norm sweeps enter the map one sweep period after their measurement, whatever the tiers (so runs stay
+        # identical); the map may not run further ahead than that (the look-ahead window is held below it)
+        self.idmaps.sweep_delay = cfg.decay_every
+        if cfg.evict == "l2" and cfg.decay_every < max(MAP_AHEAD_DEPTH + 2, cfg.prefetch_depth + 3):
+            raise ConfigError(f"--evict l2: --decay-every {cfg.decay_every} is shorter than the map runs ahead of "
+                              f"training; use at least {max(MAP_AHEAD_DEPTH + 2, cfg.prefetch_depth + 3)}")
         self.eval_ds, self.eval_split = eval_source(cfg, self.ds)
         self.out = Path(cfg.out)
         self._lock = self._claim_run_dir(resume, overwrite)
@@ -383,6 +389,7 @@ class Trainer:
         }
         if self.idmaps.index is not None:
             dense_state["id_maps"] = self.idmaps.state_at(self.step)
+            dense_state["id_sweeps"] = self.idmaps.pending_sweeps(self.step)  # measured, not yet applied
         meta = {
             "tierec_version": __version__,
             "epoch": self.epoch,
@@ -433,6 +440,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = m["step"], m["epoch"], m["batch_in_epoch"]
         if self.idmaps.index is not None:
             self.idmaps.load_state_dict(state.get("id_maps", {}), self.step)
+            self.idmaps.load_sweeps(state.get("id_sweeps", {}))
         self.samples, self.train_s = m["samples"], m.get("train_s", 0.0)
         self.parent = path
         log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
@@ -480,7 +488,28 @@ class Trainer:
         """Whether the loop checkpoints or evaluates after step ``step`` (as `_fit` decides)."""
         cfg = self.cfg
         return (end_of_epoch or step >= total or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                or bool(cfg.eval_every and step % cfg.eval_every == 0))
+                or bool(cfg.eval_every and step % cfg.eval_every == 0) or self.idmaps.sweeps_at(step))
+
+    def _norm_sweep(self) -> None:
+        """``--evict l2`` after step m: the rows of the IDs live at m (the index's snapshot) are read through their
+        tiers; the IDs whose L2 norm is below the threshold leave when batch m + sweep_delay is mapped."""
+        ix = self.idmaps.index
+        assert ix is not None
+        state = self.idmaps.state_at(self.step)
+        live, slot_id = state["live"], state["slot_id"]
+        bags = {t.config.key: t for t in self.model.embeddings.bags}
+        out = []
+        for t, key in enumerate(self.idmaps.dynamic):
+            a, b = int(ix.offsets[t]), int(ix.offsets[t + 1])
+            local = live[a:b].nonzero().squeeze(1)
+            if ix.cfg.default_row == "unknown":
+                local = local[local != 0]  # the shared unknown row stays
+            low = []
+            for part in local.split(1 << 16):  # bounded temporaries
+                w, _ = bags[key].storage.read(part.to(self.device))
+                low.append(part[(w.norm(dim=1) < ix.cfg.l2_threshold).cpu()])
+            out.append(slot_id[a + torch.cat(low)] if low else torch.empty(0, dtype=torch.int64))
+        self.idmaps.add_sweep(self.step, out)
 
     def _lookahead_pipeline(self, stream):
         """A `LookaheadPipeline` over ``stream`` when some tables have look-ahead caches, else None."""
@@ -492,7 +521,12 @@ class Trainer:
         split = self.model.budget_split
         if split and split["window"]:  # the window holds what the memory budget set aside for it
             max_bytes = min(max_bytes, split["window"])
-        return LookaheadPipeline(stream, targets, window=cfg.lookahead, depth=cfg.prefetch_depth,
+        window = cfg.lookahead
+        if cfg.evict == "l2" and window > cfg.decay_every - cfg.prefetch_depth - 2:  # the map waits for the sweeps
+            window = cfg.decay_every - cfg.prefetch_depth - 2
+            log.info("--evict l2: the look-ahead window is %d batches (norm sweeps every %d steps enter the map one "
+                     "period later)", window, cfg.decay_every)
+        return LookaheadPipeline(stream, targets, window=window, depth=cfg.prefetch_depth,
                                  max_bytes=max_bytes,
                                  start_step=self.step, io_threads=cfg.prefetch_threads)
 
@@ -593,6 +627,9 @@ class Trainer:
                         self.log.write("train", step=self.step, epoch=self.epoch, loss=window_loss / window_n,
                                        samples_per_s=sps, samples=self.samples, **extra)
                         window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
+                    if self.idmaps.sweeps_at(self.step):
+                        with quiet():
+                            self._norm_sweep()
                     if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or end_of_epoch or done:
                         with quiet():
                             self.save()  # before evaluating: an evaluation never costs the training

@@ -170,10 +170,12 @@ def synth_main(args) -> int:
 # --------------------------------------------------------------------------- convert
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="input file (.gz/.bz2/.xz/.zst are decompressed on the fly)")
-    p.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
+    p.add_argument("--format", required=True, choices=[*FORMATS, "sequences"], dest="fmt",
                    help="criteo-tsv: Criteo Kaggle/Terabyte train.txt / day_N (tab-separated, no header); "
                         "criteo-csv: same columns, comma-separated, header optional; libsvm: 'label idx:val ...'; "
-                        "libfm: 'label field:idx:val ...'; movielens: u.data or RecBole .inter")
+                        "libfm: 'label field:idx:val ...'; movielens: u.data or RecBole .inter; sequences: "
+                        "'user item' lines, each user's in time order, into a sequence data set for --model sasrec "
+                        "(only --out and --skip-bad-rows apply)")
     p.add_argument("--out", required=True, help="output data set directory (new, empty, or an earlier conversion)")
     p.add_argument("--num-embeddings", type=int, default=None,
                    help=f"rows per embedding table; for Criteo, the cap on the published Kaggle cardinalities "
@@ -216,6 +218,14 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 def convert_main(args) -> int:
     t0 = time.perf_counter()
+    if args.fmt == "sequences":
+        from tierec.data.sequences import convert_sequences
+
+        sm = convert_sequences(args.input, args.out, skip_bad_rows=args.skip_bad_rows)
+        print(f"{args.out}: wrote {sm['num_interactions']:,} interactions of {sm['num_users']:,} users over "
+              f"{sm['num_items']:,} items ({sm['eval_users']:,} users with valid/test targets); bad rows skipped: "
+              f"{sm['source']['bad_rows_skipped']:,}; {time.perf_counter() - t0:.1f} s")
+        return 0
     m = convert.convert(args.input, args.out, args.fmt, num_embeddings=args.num_embeddings, table_sizes=args.table_sizes,
                 test_fraction=args.test_fraction, seed=args.seed, skip_bad_rows=args.skip_bad_rows,
                 rows_per_file=args.rows_per_file, row_group_size=args.row_group_size, field_map=args.field_map,

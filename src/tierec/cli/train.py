@@ -20,7 +20,8 @@ HELP = {
                  "has no test rows (default: the test split of --data; none there: no evaluation)",
     "model": "model architecture: dlrm (ranking: dot interaction), dcnv2 (ranking: cross network v2), mmoe or ple "
              "(multi-task ranking: one tower per label of the data set, experts shared through gates), two-tower "
-             "(retrieval; needs user-side features)",
+             "(retrieval; needs user-side features), sasrec (sequential recommendation: self-attention over each "
+             "user's history; needs a sequence data set from `tierec data convert --format sequences`)",
     "preset": "a named architecture whose settings fill those not given: mlperf-dcnv2 (MLPerf Training's "
               "DLRM-DCNv2: dim 128, bottom 512-256-128, 3 low-rank cross layers of rank 512, top "
               "1024-1024-512-256-1, Adagrad)",
@@ -36,6 +37,11 @@ HELP = {
     "moe_aux_weight": "mmoe/ple with --expert-top-k: weight of the load-balancing loss (experts used evenly)",
     "task_weights": "multi-task models: loss weight of each label, comma-separated (default 1 each)",
     "embedding_dim": "embedding dimension of every table",
+    "max_len": "sasrec: the last this many items of a history are attended to",
+    "num_blocks": "sasrec: self-attention blocks",
+    "num_heads": "sasrec: attention heads per block (--embedding-dim must be a multiple)",
+    "attn_dropout": "sasrec: dropout rate of the embeddings, attention and feed-forward layers",
+    "pre_ln": "sasrec: pre-LayerNorm blocks (default: post-LN, as the original SASRec)",
     "pooling": "how a multi-hot bag is pooled",
     "bottom_mlp": "hidden sizes of the bottom (dense) MLP, comma-separated",
     "top_mlp": "hidden sizes of the top MLP, comma-separated",
@@ -169,7 +175,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_train_flags(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint: AUC and log-loss")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: AUC and log-loss (sasrec: HR@10 and NDCG@10)")
     p.add_argument("checkpoint", help="run directory or checkpoint directory")
     p.add_argument("--data", help="data set to evaluate on (default: the one it was trained on)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
@@ -182,6 +188,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _train(args) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in CONFIG_ONLY}
     cfg = make_config(args.config, overrides)
+    if cfg.model == "sasrec":  # sequence data: its own loop (tierec.train.sequence)
+        from tierec.train.sequence import train_sasrec
+
+        print(json.dumps(train_sasrec(cfg, resume=args.resume, overwrite=args.overwrite), indent=2))
+        return 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun with several processes
         from tierec.distributed.run import train_distributed
 
@@ -202,6 +213,13 @@ def _eval(args) -> int:
 
     if args.batch_size <= 0:
         raise TierecError(f"--batch-size must be > 0, got {args.batch_size}")
+    from tierec.train.sequence import eval_checkpoint, is_sasrec_checkpoint
+
+    if is_sasrec_checkpoint(args.checkpoint):  # HR@10 / NDCG@10 on a sequence data set's valid or test targets
+        if args.split not in ("valid", "test"):
+            raise TierecError(f"--split for a sasrec checkpoint must be valid or test, got {args.split!r}")
+        print(json.dumps(eval_checkpoint(args.checkpoint, args.data, args.split, args.device), indent=2))
+        return 0
     from tierec import energy
 
     model, ds, manifest = load_for_eval(args.checkpoint, args.data, args.device)

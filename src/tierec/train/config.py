@@ -33,7 +33,7 @@ class TrainConfig:
     # data set evaluated on (its test split, else its train split); default: data's test split
     eval_data: str | None = None
     out: str = "runs/train"  # run directory: metrics.jsonl, checkpoints/
-    model: Literal["dlrm", "two-tower", "dcnv2", "mmoe", "ple"] = "dlrm"
+    model: Literal["dlrm", "two-tower", "dcnv2", "mmoe", "ple", "sasrec"] = "dlrm"
     preset: Literal["mlperf-dcnv2"] | None = None  # a named architecture (PRESETS); flags and the file win over it
     embedding_dim: int = 16
     pooling: Literal["sum", "mean"] = "sum"
@@ -96,6 +96,12 @@ class TrainConfig:
     ttl_steps: int = 0  # dynamic, evict ttl: IDs unseen this many steps leave
     decay_every: int = 0  # dynamic: steps between decays (LFU counts, admission sketch halve; TTL sweep)
     l2_threshold: float = 0.0  # dynamic, evict l2: rows whose L2 norm is below this leave (measured every decay)
+    # sasrec (sequence data sets, `tierec data convert --format sequences`; docs/models.md#sasrec)
+    max_len: int = 50  # sasrec: the last this many items of a history are attended to
+    num_blocks: int = 2  # sasrec: self-attention blocks
+    num_heads: int = 1  # sasrec: attention heads (embedding_dim must be a multiple)
+    attn_dropout: float = 0.5  # sasrec: dropout of embeddings, attention and feed-forward layers
+    pre_ln: bool = False  # sasrec: pre-LayerNorm blocks (default: post-LN, as the original SASRec)
 
     def __post_init__(self):
         for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "keep_checkpoints", "checkpoint_chain",
@@ -140,6 +146,13 @@ class TrainConfig:
         from tierec.storage.ssd import check_row_align
 
         self.ssd_row_align = check_row_align(self.ssd_row_align, "ssd_row_align")
+        for name in ("max_len", "num_blocks", "num_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.attn_dropout < 1:
+            raise ConfigError(f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
+        if self.model == "sasrec" and self.embedding_dim % self.num_heads:
+            raise ConfigError(f"embedding_dim {self.embedding_dim} must be a multiple of num_heads {self.num_heads}")
         if self.table_rows is not None and self.table_rows <= 0:
             raise ConfigError(f"table_rows must be > 0, got {self.table_rows}")
         self.dynamic_config()  # validated here, at the edge
@@ -187,7 +200,8 @@ TRAJECTORY_KEYS = ("model", "cross_layers", "cross_rank", "dcn_structure", "expe
                    "ple_levels", "moe_aux_weight", "task_weights", "embedding_dim", "pooling", "bottom_mlp",
                    "top_mlp", "tower_mlp", "batch_size", "max_train_rows", "dense_optimizer", "lr",
                    "sparse_optimizer", "sparse_lr", "shuffle", "seed", "table_kind", "table_rows", "admit_count",
-                   "default_row", "evict", "ttl_steps", "decay_every", "l2_threshold")
+                   "default_row", "evict", "ttl_steps", "decay_every", "l2_threshold", "max_len", "num_blocks",
+                   "num_heads", "attn_dropout", "pre_ln")
 
 
 def trajectory_changes(saved: dict, cfg: TrainConfig) -> list[str]:

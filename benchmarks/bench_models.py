@@ -62,7 +62,7 @@ def flops_per_sample(run: Path, data: Path) -> float | None:
     from tierec.modules.dcn import DCNv2
     from tierec.modules.dcn import dense_flops_per_sample as dcn_flops
     from tierec.modules.dlrm import DLRM
-    from tierec.modules.multitask import MultiTask, linear_flops
+    from tierec.modules.multitask import MultiTask
     from tierec.modules.multitask import dense_flops_per_sample as mt_flops
     from tierec.train.trainer import load_for_eval
 
@@ -72,11 +72,8 @@ def flops_per_sample(run: Path, data: Path) -> float | None:
         model(batch.dense, batch.sparse)
     if isinstance(model, MultiTask):
         return mt_flops(model)
-    if isinstance(model, DCNv2):
+    if isinstance(model, (DCNv2, DLRM)):  # Linear and cross layers, and DLRM's dot interaction
         return float(dcn_flops(model))
-    if isinstance(model, DLRM):
-        t = len(model.embeddings.table_configs) + 1
-        return float(linear_flops(model.bottom) + linear_flops(model.top) + 2 * t * t * model.dim)
     return None
 
 

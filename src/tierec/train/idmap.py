@@ -18,7 +18,6 @@ step and those IDs (the tables reset them: `EmbeddingBag.use_fresh`).
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -31,8 +30,6 @@ from tierec.data.hashing import reduce_raw_torch
 from tierec.errors import ConfigError
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.dynamic import DynamicConfig, DynamicIndex, TableRows
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

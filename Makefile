@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tierec-installed
 
-.PHONY: demo test lint venv bench clean torchrec
+.PHONY: demo test lint venv bench clean torchrec pyg
 
 venv: $(STAMP)
 
@@ -34,6 +34,12 @@ lint: $(STAMP)
 torchrec: $(STAMP)
 	$(BIN)/python -m pip install -q fbgemm-gpu-cpu==1.8.0 tensordict "torchmetrics==1.0.3" tqdm pyre-extensions
 	$(BIN)/python -m pip install -q --no-deps torchrec==1.8.0
+
+# Optional PyTorch Geometric peer of benchmarks/bench_graph.py (LightGCN). torch-geometric declares no torch
+# dependency; --no-deps keeps pip from touching the pinned torch, the few pure imports it needs come first.
+pyg: $(STAMP)
+	$(BIN)/python -m pip install -q xxhash psutil requests
+	$(BIN)/python -m pip install -q --no-deps torch-geometric==2.8.1
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_embedding.py

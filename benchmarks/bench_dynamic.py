@@ -18,6 +18,8 @@ them (colliding IDs share a row); a *dynamic* table pays its ID index from the s
 * ``dynamic-k1``: every new ID admitted at once, no eviction: once full, new IDs read the zero row;
 * ``dynamic-lfu``: admission after 2 sightings, LFU eviction with counts halving every 50 steps;
 * ``dynamic-ttl``: admission after 2 sightings, IDs unseen for 400 steps leave (swept every 50);
+* ``dynamic-lfu-ssd-index``: ``dynamic-lfu`` with its ID index spilled to files beside the tables, 1 MiB of
+  its pages in memory (``--id-index ssd --id-index-memory 1MiB``): the same AUC, the price in samples/s;
 * ``no-collisions`` (reference, 10x the memory): a fixed table with a row per true ID.
 
 Reported per configuration: AUC and log-loss on the test split, embedding memory (rows + ID index), peak
@@ -70,6 +72,10 @@ def configs(rows: int, slots: dict[str, int], card: int) -> dict[str, list[str]]
                         "--evict", "lfu", "--decay-every", "50"],
         "dynamic-ttl": ["--table-kind", "dynamic", "--table-rows", str(slots["admit"]), "--admit-count", "2",
                         "--evict", "ttl", "--ttl-steps", "400", "--decay-every", "50"],
+        # dynamic-lfu with its ID index spilled to files, 1 MiB of its pages in memory: the same model, slower
+        "dynamic-lfu-ssd-index": ["--table-kind", "dynamic", "--table-rows", str(slots["admit"]), "--admit-count",
+                                  "2", "--evict", "lfu", "--decay-every", "50", "--id-index", "ssd",
+                                  "--id-index-memory", "1MiB"],
         "no-collisions": ["--table-kind", "fixed", "--table-rows", str(card)],
     }
 
@@ -182,6 +188,50 @@ def tierec_dynamic_steps(batches: list[dict], capacity: int, dim: int, warmup: i
             "steps": steps, "evicted": sum(s["evicted"] for s in maps.stats().values())}
 
 
+def _rss() -> int:
+    """This process's resident bytes (VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def index_spill_cost(capacity: int, residents: list[int], steps: int, batch_ids: int, workdir: Path) -> dict:
+    """The dynamic index alone, at ``capacity`` slots: ms per ``map`` of a batch of ``batch_ids`` Zipf(1.1) IDs
+    drawn from 4 x capacity true IDs (LFU eviction, counts halving every 20 steps: the table fills and evicts),
+    with the index in memory and spilled to files under ``workdir`` at each resident share; the process's RSS
+    growth while it maps (the index's own memory, or the bound on its resident pages)."""
+    import gc
+
+    import numpy as np
+
+    from tierec.storage.dynamic import DynamicIndex
+
+    rng = np.random.default_rng(0)
+    batches = [torch.from_numpy(np.minimum(rng.zipf(1.1, batch_ids), 4 * capacity).astype(np.int64))
+               * -7046029254386353131 for _ in range(steps)]  # raw 64-bit-looking IDs
+    cfg = DynamicConfig(capacity=capacity, evict="lfu", decay_every=20)
+    out: dict = {"capacity": capacity, "batch_ids": batch_ids, "steps": steps}
+    # spilled first: each RSS growth is measured from a baseline no earlier index has raised
+    for name, res in [(f"ssd, {r >> 20} MiB resident", r) for r in residents] + [("memory", 0)]:
+        gc.collect()
+        rss0 = _rss()
+        ix = DynamicIndex(cfg, ["t"], spill=workdir / "id_index" if res else None, resident_bytes=res or 1)
+        times, peak = [], 0
+        for step, b in enumerate(batches, start=1):
+            t0 = time.perf_counter()
+            ix.map(b, step)
+            times.append(time.perf_counter() - t0)
+            peak = max(peak, _rss() - rss0)
+        out[name] = {"ms_per_map": round(statistics.median(times[steps // 4:]) * 1e3, 2),
+                     "rss_growth_mib": round(peak / 2**20, 1), "index_mib": round(ix.nbytes / 2**20, 1),
+                     "evicted": ix.stats()["t"]["evicted"], "trims": ix.arrays.trims}
+        log.info("index %s: %s", name, out[name])
+        del ix
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smaller run (~3 minutes)")
@@ -194,6 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="where the data and runs go (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
     p.add_argument("--only", default=None, help="comma-separated configurations to train (default: all)")
+    p.add_argument("--index-capacity", type=int, default=None,
+                   help="slots of the index-alone comparison, in memory vs spilled (default 8M; quick 2M; 0: skip)")
     return p.parse_args(argv)
 
 
@@ -248,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         batches = read_batches(data, a.batch_size, 12 if a.quick else 30)
         results["lookup_100pct_hits"] = lookup_cost(batches, a.dim, 2 if a.quick else 4)
         results["train_steps_tierec"] = tierec_dynamic_steps(batches, slots["admit"], a.dim)
+        cap = a.index_capacity if a.index_capacity is not None else (2 << 20 if a.quick else 8 << 20)
+        if cap:
+            results["index_spill"] = index_spill_cost(cap, [16 << 20, 128 << 20], 40, 26 * a.batch_size, work)
         try:
             import mc_peer
 
@@ -283,6 +338,16 @@ def print_report(r: dict) -> None:
             if name != "fixed-hashed" and x["auc"]:
                 print(f"  {name}: AUC {x['auc'] - base['auc']:+.4f} vs fixed-hashed, speed "
                       f"{x['samples_per_s'] / base['samples_per_s']:.2f}x")
+    sp = r.get("index_spill")
+    if sp:
+        mem = sp["memory"]
+        sp = {"memory": mem, **{k: v for k, v in sp.items() if k != "memory"}}
+        print(f"\nthe index alone, {sp['capacity']:,} slots, maps of {sp['batch_ids']:,} Zipf IDs (LFU, full):")
+        for name, x in sp.items():
+            if isinstance(x, dict):
+                print(f"  {name:<24} {x['ms_per_map']:>8.2f} ms/map ({x['ms_per_map'] / mem['ms_per_map']:.2f}x)  "
+                      f"RSS +{x['rss_growth_mib']:,.0f} MiB  (index in memory: {x['index_mib']:,.0f} MiB)  "
+                      f"evicted {x['evicted']:,}, trims {x['trims']}")
     lc = r.get("lookup_100pct_hits")
     if lc:
         print(f"\nlookup at 100% hits: fixed cached {lc['fixed_cached_ms']} ms/step, dynamic {lc['dynamic_ms']} "

@@ -205,31 +205,37 @@ def server_figures(before: dict, after: dict) -> dict:
 MODES = {"dram": ("dram", False), "ssd": ("ssd", True), "ssd-mmap": ("ssd", False)}
 
 
-class Server:
-    """One `tierec serve` process of a mode, started and waited for; `stop` ends it (SIGINT)."""
+class ServeProcess:
+    """``tierec serve ARGS --port P`` as a child on a free loopback port (``name`` in messages; its output to
+    ``log_path``, else stderr kept for errors); `wait` returns it once /healthz answers; `stop` ends it (SIGINT)."""
 
-    def __init__(self, a, paths: dict, mode: str):
-        self.mode, port = mode, free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        tables, direct = MODES[mode]
-        cmd = [sys.executable, "-m", "tierec", "serve", paths["dlrm"], "--tables", tables, "--port", str(port),
-               "--threads", str(a.threads), "--data", paths["data"], "--max-batch", str(a.max_batch),
-               "--max-wait-ms", str(a.max_wait_ms), "--cache-fraction", str(a.cache_fraction)]
-        if direct:
-            cmd.append("--direct-io")
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def __init__(self, args: list[str], name: str, log_path: Path | None = None):
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w") if log_path is not None else None
+        cmd = [sys.executable, "-m", "tierec", "serve", *args, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=self.log or subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT if self.log else subprocess.PIPE, text=True)
+        self.t0 = time.perf_counter()
+        self.load_s = 0.0
+
+    def wait(self, timeout: float = 600) -> ServeProcess:
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{mode} server exited: {self.proc.stderr.read()[-2000:]}")
+                why = f"see {self.log_path}" if self.log else self.proc.stderr.read()[-2000:]  # type: ignore[union-attr]
+                raise RuntimeError(f"{self.name} server exited ({self.proc.returncode}): {why}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
                     break
-            except httpx.TransportError:
+            except httpx.HTTPError:
                 pass
+            if time.perf_counter() - self.t0 > timeout:
+                raise RuntimeError(f"{self.name} server did not start in {timeout:.0f} s")
             time.sleep(0.2)
-        self.load_s = time.perf_counter() - t0
-        log.info("%s server up in %.1f s", mode, self.load_s)
+        self.load_s = time.perf_counter() - self.t0
+        log.info("%s server up in %.1f s", self.name, self.load_s)
+        return self
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -238,6 +244,20 @@ class Server:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if self.log is not None:
+            self.log.close()
+
+
+class Server(ServeProcess):
+    """The DLRM checkpoint served in one of `MODES`, up."""
+
+    def __init__(self, a, paths: dict, mode: str):
+        tables, direct = MODES[mode]
+        super().__init__([paths["dlrm"], "--tables", tables, "--threads", str(a.threads), "--data", paths["data"],
+                          "--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms), "--cache-fraction",
+                          str(a.cache_fraction), *(["--direct-io"] if direct else [])], mode)
+        self.mode = mode
+        self.wait()
 
 
 def load_test(a, paths: dict, modes: list[str], bodies: list[bytes]) -> dict:

@@ -85,3 +85,17 @@ def ml100k_inter() -> Path:
 @pytest.fixture(scope="session")
 def movielens_inter(ml100k_inter) -> Path:
     return ml100k_inter
+
+
+def json_samples(schema: Schema, batch) -> list[dict]:
+    """A `Batch` (dense [B, F], sparse KJT) as the JSON samples /v1/predict takes: feature name -> value(s)."""
+    samples: list[dict] = [{} for _ in range(batch.dense.shape[0])]
+    for j, name in enumerate(schema.dense):
+        for i, v in enumerate(batch.dense[:, j].tolist()):
+            samples[i][name] = float(v)
+    by_key = batch.sparse.to_dict()
+    for f in schema.sparse:
+        o, vals = by_key[f.name].offsets().tolist(), by_key[f.name].values.tolist()
+        for i, s in enumerate(samples):
+            s[f.name] = vals[o[i] : o[i + 1]]
+    return samples

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,11 @@ import torch
 from tierec.data.dataset import Dataset
 from tierec.distributed.embedding import ShardView
 from tierec.distributed.plan import plan_shards, row_bounds
-from tierec.storage.plan import TableNeeds
 from tierec.distributed.trainer import slice_batch
 from tierec.errors import ConfigError
 from tierec.storage.base import InMemoryTable
 from tierec.storage.lazy import RowInit
+from tierec.storage.plan import TableNeeds
 from tierec.storage.ssd import open_table_chain
 from tierec.storage.tablefile import read_table_file, write_table_file
 from tierec.train import checkpoint as ckpt
@@ -307,33 +308,50 @@ def test_two_rank_checkpoints_are_row_sets_in_a_chain(two_rank_run):
     assert main(["checkpoint", "verify", str(latest)]) == 0
 
 
-def test_two_ranks_with_dynamic_tables_match_one_process(tmp_path):
-    """Dynamic tables (admission, LFU eviction) under torchrun: every rank maps the same global batches
-    (an index replica each), the owners reset the slots given to new IDs; a row-wise shard too. Same
-    weights, and the same index in the checkpoint, as one process."""
+@pytest.mark.parametrize("policy", [dict(table_rows=120, evict="lfu", decay_every=3, max_steps=STEPS),
+                                    dict(table_rows=300, evict="l2", l2_threshold=0.3, decay_every=5, max_steps=12),
+                                    dict(table_rows=121, evict="lfu", decay_every=3, max_steps=STEPS, id_partitions=2)])
+def test_two_ranks_with_dynamic_tables_match_one_process(tmp_path, policy):
+    """Dynamic tables (admission, LFU eviction; or L2 norm sweeps, whose rows every rank measures in the shards
+    it holds) under torchrun: every rank maps the same global batches (an index replica each), the owners
+    reset the slots given to new IDs; a row-wise shard too. Same weights, and the same index in the
+    checkpoint, as one process."""
     from conftest import write_tiny_dataset
 
     data = write_tiny_dataset(tmp_path / "raw", raw=True, cardinality=400)
     conf = tmp_path / "sharding.toml"
     conf.write_text(SHARDING)
-    dyn = ["--table-kind", "dynamic", "--table-rows", "120", "--admit-count", "2", "--evict", "lfu",
-           "--decay-every", "3"]
+    dyn = ["--table-kind", "dynamic", "--admit-count", "2"]
+    for k, v in policy.items():
+        dyn += [f"--{k.replace('_', '-')}", str(v)]
     out2 = tmp_path / "two"
     p = torchrun(2, ["--config", str(conf), "--data", str(data), "--out", str(out2), *ARGS, *dyn])
     log, _ = p.communicate(timeout=240)
     assert p.returncode == 0, log[-3000:]
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "one"), batch_size=250, max_steps=STEPS, num_threads=1,
+    if policy.get("id_partitions"):  # s0 is sharded on its partitions' bounds (61 + 60 slots), not in halves
+        assert "s0.rows-0-61" in log and "s0.rows-61-121" in log, log[-3000:]
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "one"), batch_size=250, num_threads=1,
                       progress=False, seed=3, sparse_optimizer="rowwise_adagrad", pooling="mean",
-                      table_kind="dynamic", table_rows=120, admit_count=2, evict="lfu", decay_every=3)
+                      table_kind="dynamic", admit_count=2, **policy)
     one = Trainer(cfg)
     one.fit()
     c2 = ckpt.resolve_checkpoint(out2)
     m2 = ckpt.read_manifest(c2)
-    d2 = ckpt.load_dense_state(c2, m2)
+    d2 = ckpt.attach_arrays(c2, m2, ckpt.load_dense_state(c2, m2)["id_maps"])
     ix1 = one.idmaps.state_dict()
-    assert one.idmaps.stats()["s0"]["evicted"] > 0
+    st = one.idmaps.stats()["s0"]
+    assert 0 < st["evicted"] < st["admitted"]
+    if policy["evict"] == "l2":  # the sweeps evict (so the two ranks' gathered sweeps are what matched)
+        weak = Trainer(replace(cfg, out=str(tmp_path / "no-sweeps"), l2_threshold=1e-9))
+        weak.fit()
+        assert weak.idmaps.stats()["s0"]["evicted"] < st["evicted"]
     for f, v in ix1.items():
-        assert (torch.equal(d2["id_maps"][f], v) if isinstance(v, torch.Tensor) else d2["id_maps"][f] == v), f
+        if f == "arrays":
+            for k, arr in v.items():
+                saved = torch.cat([x for _, _, x in d2["arrays"][k].chunks([(0, arr.numel())])])
+                assert torch.equal(saved, arr), k
+        else:
+            assert (torch.equal(d2[f], v) if isinstance(v, torch.Tensor) else d2[f] == v), f
     for t in m2["tables"]:
         mine = next(b for b in one.model.embeddings.bags if b.config.name == t["name"]).storage
         a = torch.cat(mine.read_rows(0, t["num_embeddings"]), 1).numpy().reshape(-1)

@@ -236,7 +236,9 @@ def _losses(run):
 
 @pytest.mark.parametrize("tiers", [dict(memory_budget="86KiB", cache_policy="lru"),
                                    dict(memory_budget="118KiB", cache_policy="lookahead", lookahead=20,
-                                        prefetch_depth=3)])
+                                        prefetch_depth=3, id_index="memory"),
+                                   dict(memory_budget="118KiB", cache_policy="lookahead", lookahead=20,
+                                        id_index="ssd")])
 def test_dynamic_tables_train_bit_identically_on_every_tier(raw_data, tmp_path, dyn_reference, tiers):
     ref_summary, ref_rows, ref_losses, ref_stats = dyn_reference
     assert ref_stats["s0"]["evicted"] > 0 and ref_stats["s0"]["rejected"] > 0  # the policy is exercised
@@ -249,12 +251,16 @@ def test_dynamic_tables_train_bit_identically_on_every_tier(raw_data, tmp_path, 
         assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name
 
 
-@pytest.mark.parametrize("tiers", [{}, dict(memory_budget="118KiB", cache_policy="lookahead", lookahead=30)])
+@pytest.mark.parametrize("tiers", [{}, dict(memory_budget="118KiB", cache_policy="lookahead", lookahead=30),
+                                   dict(id_index="ssd")])
 def test_dynamic_resume_is_exact(raw_data, tmp_path, dyn_reference, tiers):
     """Stopped at step 13 (checkpoints every 5: the index is saved as of step 13 while mapping ran ahead)."""
     _, ref_rows, ref_losses, ref_stats = dyn_reference
     Trainer(cfg(raw_data, tmp_path, max_steps=13, **DYN, **tiers)).fit()
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*/arrays/*.bin"))
+    assert "id_index.slot_id.bin" in saved  # the index's arrays: files of their own, not in dense.pt
     t = Trainer(cfg(raw_data, tmp_path, **DYN, **tiers), resume=True)
+    assert (t.idmaps.spill is None) == (not tiers)  # a budget of 118 KiB spills the index (auto) 
     t.fit()
     for name, (w, s) in table_rows(t).items():
         assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name
@@ -384,3 +390,42 @@ def test_l2_config_needs_a_threshold_and_a_long_enough_period(raw_data, tmp_path
         DynamicConfig(capacity=10, evict="l2", decay_every=5)
     with pytest.raises(ConfigError, match="decay-every"):
         Trainer(cfg(raw_data, tmp_path, **dict(L2, decay_every=3)))
+
+
+@pytest.mark.parametrize("kw", [dict(capacity=61, evict="lfu", decay_every=7, admit_count=2),
+                                dict(capacity=46, evict="ttl", ttl_steps=5, decay_every=3, default_row="unknown")])
+def test_a_partitioned_table_maps_each_partition_as_a_table_of_its_own(kw):
+    """--id-partitions 3: a raw ID's partition is a hash of it; each partition admits and evicts within its
+    own capacity exactly as the plain-Python reference of one table, its rows after the earlier partitions'."""
+    from dataclasses import replace
+
+    from tierec.storage.dynamic import TableRows
+    from tierec.train.idmap import IdMaps, partition_of, split_capacity
+
+    P = 3
+    cfg = DynamicConfig(**kw, sketch_width=1 << 20)
+    maps = IdMaps({"t": TableRows(cfg.capacity, "dynamic")}, {"t": cfg}, partitions=P)
+    caps, bounds = split_capacity(cfg.capacity, P), maps.partition_rows("t")
+    assert bounds == [0, caps[0], caps[0] + caps[1], cfg.capacity] and maps.slot_range("t") == (0, cfg.capacity)
+    refs = [RefIndex(replace(cfg, capacity=c), _key_of(maps.index, p)) for p, c in enumerate(caps)]
+    for step, ids in enumerate(_stream(5), start=1):
+        v = torch.from_numpy(ids)
+        kjt = KeyedJaggedTensor(["t"], v, torch.ones(v.numel(), dtype=torch.int64))
+        mb = maps.map_batch(Batch(torch.zeros(v.numel(), 0), kjt, torch.zeros(v.numel())), step)
+        jt = mb.sparse.to_dict()["t"]
+        got = torch.full((v.numel(),), -1, dtype=torch.int64)
+        got[jt.lengths == 1] = jt.values  # an ID without a row (the zero row) left its bag
+        part = partition_of(v, P)
+        want = torch.full_like(got, -99)
+        fresh_want = []
+        for p in range(P):
+            sel = (part == p).nonzero().squeeze(1)
+            slots, fresh = refs[p].map(ids[sel.numpy()].tolist(), step)
+            want[sel] = torch.tensor([s + bounds[p] if s >= 0 else -1 for s in slots], dtype=torch.int64)
+            fresh_want += [(s + bounds[p], i) for s, i in fresh]
+        assert torch.equal(got, want), step
+        fs, fi = mb.fresh.get("t", (torch.empty(0, dtype=torch.int64),) * 2)
+        assert sorted(zip(fs.tolist(), fi.tolist(), strict=True)) == sorted(fresh_want), step
+    st = maps.stats()["t"]
+    assert st["evicted"] == sum(r.stats["evicted"] for r in refs) > 0
+    assert st["capacity"] == cfg.capacity and st["live"] == sum(len(r.slot_of) for r in refs)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
+from conftest import json_samples
 from prometheus_client.parser import text_string_to_metric_families
 
 from tierec.cli import main
@@ -74,16 +75,7 @@ def test_samples(runs, n=64):
     model, _, _ = load_for_eval(runs["dlrm"], runs["data"], "cpu")
     with torch.no_grad():
         offline = model(batch.dense, batch.sparse).numpy()
-    samples = [{} for _ in range(n)]
-    for j, name in enumerate(ds.schema.dense):
-        for i in range(n):
-            samples[i][name] = float(batch.dense[i, j])
-    by_key = batch.sparse.to_dict()
-    for f in ds.schema.sparse:
-        jt = by_key[f.name]
-        o = jt.offsets().tolist()
-        for i in range(n):
-            samples[i][f.name] = jt.values[o[i] : o[i + 1]].tolist()
+    samples = json_samples(ds.schema, batch)
     return samples, offline
 
 

@@ -1,7 +1,7 @@
 """The `tierec` command line.
 
 The command-line layer, on top of every other: one module per command group in this
-package (``tierec.cli.data``, ``train``, ``analyze``, ``serve``, ``probe``), each with
+package (``tierec.cli.data``, ``train``, ``analyze``, ``export``, ``serve``, ``probe``), each with
 ``register(subparsers)``; every sub-parser sets ``func(args) -> int``. Argument parsing
 lives here only; the layers below take typed configs and plain arguments.
 
@@ -32,8 +32,10 @@ COMMAND_MODULES = [
     "tierec.cli.train",  # tierec train|eval
     "tierec.cli.demo",  # tierec demo
     "tierec.cli.checkpoint",  # tierec checkpoint list|verify|compact
+    "tierec.cli.export",  # tierec export
     "tierec.cli.analyze",  # tierec analyze
     "tierec.cli.serve",  # tierec serve
+    "tierec.cli.cascade",  # tierec distill-exit
     "tierec.cli.probe",  # tierec probe
 ]
 

@@ -8,6 +8,7 @@ import time
 
 from tierec.data import convert
 from tierec.data.cluster import DEFAULT_WINDOW
+from tierec.data.loader import LoaderSettings
 from tierec.data.readers import DEFAULT_NUM_EMBEDDINGS, FORMATS
 from tierec.data.synth import (
     CONVERSION_RATE,
@@ -48,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", help="data set directory")
     p.set_defaults(func=_info)
 
+    p = dsub.add_parser("profile", help="profile the input pipeline: each stage's rate alone and in the pipeline, "
+                                        "the trainer's consumption rate, the bottleneck (docs/input.md)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_profile_arguments(p)
+    p.set_defaults(func=_profile)
+
     p = dsub.add_parser("verify", help="check every file of a data set against its manifest's sha256 and "
                                           "row-group and footer checksums")
     p.add_argument("dataset", help="data set directory")
@@ -81,6 +88,78 @@ def _verify(args) -> int:
     ds = Dataset(args.dataset)
     ds.verify()
     print(f"{args.dataset}: OK ({sum(ds.num_rows(s) for s in ds.splits)} rows, checksums match)")
+    return 0
+
+
+# --------------------------------------------------------------------------- profile
+def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", help="data set directory")
+    p.add_argument("--out", default="runs/input-profile", metavar="DIR",
+                   help="where the table (input-profile.txt), its data (.json) and the plot (.png) go")
+    p.add_argument("--split", default="train", help="split to read")
+    p.add_argument("--batch-size", type=int, default=1024, help="batch size (samples)")
+    p.add_argument("--sample-rows", type=int, default=131072, help="rows each stage is timed on alone")
+    p.add_argument("--rows", type=int, default=262144, help="rows the whole pipeline is timed on")
+    p.add_argument("--no-dedup", action="store_true", help="batches without the inverse KJT of user-side keys")
+    p.add_argument("--model", default="dlrm", choices=["dlrm", "dcnv2", "two-tower", "mmoe", "ple"],
+                   help="architecture of the training probe")
+    p.add_argument("--embedding-dim", type=int, default=16, help="embedding dimension of the training probe")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device of the probe and h2d")
+    p.add_argument("--lookahead", action="store_true",
+                   help="the run uses --cache-policy lookahead: the look-ahead ID extraction (ids) is on the path "
+                        "(it is measured either way)")
+    p.add_argument("--no-train-probe", action="store_true", help="skip the training probe (the trainer's rate)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also check the operational model: predicted vs measured rows/s over a sweep of "
+                        "configurations")
+    p.add_argument("--autotune", action="store_true", help="also print what `tierec train --input autotune` would "
+                                                           "choose")
+    d = LoaderSettings()
+    p.add_argument("--reader-threads", type=int, default=d.reader_threads, help="threads reading row groups")
+    p.add_argument("--prefetch", type=int, default=d.prefetch, help="row-group reads in flight (0: on demand)")
+    p.add_argument("--read-groups", type=int, default=d.read_groups, help="row groups per read")
+    p.add_argument("--batch-workers", type=int, default=d.batch_workers,
+                   help="threads building batches (0: on the consumer's thread)")
+    p.add_argument("--batch-prefetch", type=int, default=d.batch_prefetch, help="batches built ahead")
+    p.add_argument("--cache", default="0", help="memory for decoded row groups, e.g. 1GiB")
+
+
+def _profile(args) -> int:
+    import logging
+
+    from tierec.data.autotune import TuneBudget, choose
+    from tierec.data.dataset import Dataset
+    from tierec.data.profile import cpu_count
+    from tierec.errors import TierecError
+    from tierec.train.config import TrainConfig
+    from tierec.train.input_probe import profile_input
+    from tierec.train.trainer import pick_device
+
+    for name in ("batch_size", "sample_rows", "rows", "embedding_dim"):
+        if getattr(args, name) <= 0:
+            raise TierecError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    ds = Dataset(args.dataset)
+    if args.split not in ds.splits or ds.num_rows(args.split) == 0:
+        raise TierecError(f"{args.dataset}: no rows in split {args.split!r} (has: {', '.join(ds.splits)})")
+    cfg = TrainConfig(data=args.dataset, batch_size=args.batch_size, model=args.model,
+                      embedding_dim=args.embedding_dim, dedup=not args.no_dedup, input_readers=args.reader_threads,
+                      input_prefetch=args.prefetch, input_read_groups=args.read_groups,
+                      input_batch_workers=args.batch_workers, input_batch_prefetch=args.batch_prefetch,
+                      input_cache=args.cache)
+    logging.getLogger("tierec").setLevel(logging.INFO)
+    prof = profile_input(cfg, ds, cfg.loader_settings(), pick_device(args.device), probe=not args.no_train_probe,
+                         sweep=args.sweep, sample_rows=args.sample_rows, pipeline_rows=args.rows,
+                         ids=True if args.lookahead else None,
+                         split=args.split)
+    paths = prof.save(args.out)
+    print(prof.to_text())
+    if args.autotune:
+        budget = TuneBudget(prof.machine, cpu_count(), ds.num_rows(args.split),
+                            prof.stages["parquet"].out_bytes_per_row, 1.0)
+        c = choose(prof.models(), budget, prof.trainer, prof.group_rows, prof.batch_size)
+        print(f"\nautotune would choose: {c.settings.describe()} (predicted {c.rows_per_s:,.0f} rows/s"
+              f"{' of training' if prof.trainer else ''}; {'; '.join(c.reasons)})")
+    print(f"\nwrote {paths['text']}, {paths['json']}, {paths['plot']}")
     return 0
 
 

@@ -45,12 +45,41 @@ HELP = {
                         "variable); at least 16 printable ASCII characters, e.g. `openssl rand -hex 32`",
     "admin_root": "directory /v1/admin/reload may load checkpoints from, symlinks resolved; repeatable "
                   "(default: the run directories of CHECKPOINT and --retriever)",
+    "follow": "follow CHECKPOINT's training run: each new checkpoint's changed rows, dense weights and step are "
+              "applied in place between batches (a chain of deltas: `tierec train --checkpoint-chain`), any "
+              "other checkpoint is loaded beside and swapped in (docs/serving.md#live-row-updates)",
+    "follow_every": "--follow: seconds between looks at the run's newest checkpoint",
+    "follow_overlay_rows": "--follow with --tables ssd: rows published since the served files that are kept in "
+                           "memory beside them; a publication that would pass it loads the checkpoint in full "
+                           "(0: twice the cache's rows, at least 65,536)",
+    "exit_head": "early exits: an exit head file of `tierec distill-exit` for CHECKPOINT; a /v1/predict sample whose "
+                 "head confidence |p - 0.5| reaches --exit-threshold gets the head's score, the others the full "
+                 "ranker's; answers say which (\"exit\") (docs/serving.md#early-exits-and-the-result-cache)",
+    "exit_threshold": "--exit-head: confidence |p_head - 0.5| from which a sample exits, in [0, 1] (0: every "
+                      "sample; above 0.5: none; not given: 0.45); `tierec distill-exit` prints AUC and FLOPs "
+                      "per threshold",
+    "result_cache_size": "samples whose /v1/predict answers are kept and served again without the model (keyed by "
+                         "the encoded sample and the serving model's version; 0: no result cache)",
+    "result_cache_ttl": "--result-cache-size: seconds a kept answer may be served",
+    "result_cache_bytes": "--result-cache-size: most bytes the kept answers may take (estimate)",
+    "dense_budget": "bytes of dense weights (MLPs, cross layers, experts) kept in memory, e.g. 64MiB; above it the large "
+                    "layers live in a weight file on the SSD and are streamed in layer by layer while the layers "
+                    "before them compute, with the same scores (0: every large layer streamed; default: all in "
+                    "memory; docs/serving.md#dense-weights-off-device)",
+    "dense_prefetch": "--dense-budget: layers read ahead of the one computing (0: each layer read when it is needed)",
+    "dense_dir": "--dense-budget: directory of the weight file, on the SSD (default: the temp directory)",
+    "dense_direct_io": "--dense-budget: read the weight file with O_DIRECT (--no-dense-direct-io: through the page "
+                       "cache, which then holds the streamed layers in memory outside the budget)",
+    "dense_verify": "--dense-budget: check every layer read from the weight file against its crc32",
 }
+TYPES = {"exit_threshold": float}  # flags whose ServeConfig default is None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP: predict, recommend, metrics (docs/serving.md)")
-    p.add_argument("checkpoint", help="ranker checkpoint (run directory or checkpoint directory)")
+    p.add_argument("checkpoint", help="ranker checkpoint (run directory or checkpoint directory), or a serving "
+                                      "export (`tierec export`: tables as fp32/fp16/bf16/int8/int4 rows); a sasrec "
+                                      "checkpoint serves /v1/recommend for a history (docs/serving.md)")
     d = ServeConfig()
     for f in fields(ServeConfig):
         if f.name == "checkpoint":
@@ -65,7 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         elif f.name == "tables":
             p.add_argument(flag, choices=["ssd", "dram"], default=None, help=h)
         else:
-            p.add_argument(flag, type=type(default) if default is not None else str, default=None, help=h)
+            kind = TYPES.get(f.name) or (type(default) if default is not None else str)
+            p.add_argument(flag, type=kind, default=None, help=h)
     p.set_defaults(func=_serve)
 
 

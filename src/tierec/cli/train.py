@@ -21,7 +21,9 @@ HELP = {
     "model": "model architecture: dlrm (ranking: dot interaction), dcnv2 (ranking: cross network v2), mmoe or ple "
              "(multi-task ranking: one tower per label of the data set, experts shared through gates), two-tower "
              "(retrieval; needs user-side features), sasrec (sequential recommendation: self-attention over each "
-             "user's history; needs a sequence data set from `tierec data convert --format sequences`)",
+             "user's history; needs a sequence data set from `tierec data convert --format sequences`), lightgcn "
+             "(graph recommendation: user and item rows propagated over the user-item graph of a sequence data "
+             "set, BPR loss, Recall@20 / NDCG@20 on held-out pairs)",
     "preset": "a named architecture whose settings fill those not given: mlperf-dcnv2 (MLPerf Training's "
               "DLRM-DCNv2: dim 128, bottom 512-256-128, 3 low-rank cross layers of rank 512, top "
               "1024-1024-512-256-1, Adagrad)",
@@ -42,6 +44,24 @@ HELP = {
     "num_heads": "sasrec: attention heads per block (--embedding-dim must be a multiple)",
     "attn_dropout": "sasrec: dropout rate of the embeddings, attention and feed-forward layers",
     "pre_ln": "sasrec: pre-LayerNorm blocks (default: post-LN, as the original SASRec)",
+    "attention": "sasrec: full (exact causal attention over every key) or pruned (cheap int8 or low-rank scores "
+                 "pick each query's --attn-keep keys, exact attention runs on those alone; docs/models.md)",
+    "attn_keep": "sasrec, --attention pruned: keys each query keeps (its own position included; padding never)",
+    "attn_threshold": "sasrec, --attention pruned: also drop kept keys whose approximate logit is more than this "
+                      "below the row's best (their weight under exp(-t) of the top key's); default: off",
+    "attn_score": "sasrec, --attention pruned: the cheap scores that pick the keys: int8 (q and k quantized to "
+                  "int8, integer dot products, as SPRINT's in-memory pass) or lowrank (a fixed random "
+                  "projection to --attn-rank dimensions)",
+    "attn_rank": "sasrec, --attention pruned, --attn-score lowrank: dimensions of the random projection",
+    "num_layers": "lightgcn: propagation layers K over the normalised user-item graph (0: plain matrix "
+                  "factorisation)",
+    "l2_reg": "lightgcn: L2 penalty l2_reg / 2 * (squared norms of the layer-0 user, positive and negative rows of "
+              "the batch's triples) / batch size (the LightGCN paper's regulariser)",
+    "test_ratio": "lightgcn: share of each user's distinct items held out as test pairs, drawn from --seed (the "
+                  "LightGCN paper's random per-user split)",
+    "propagation": "lightgcn: khop (each step looks up and propagates only the rows of its batch's K-hop "
+                   "neighbourhood: exact, the same embeddings as the whole graph) or full (every row, every step, "
+                   "as PyG's LightGCN)",
     "pooling": "how a multi-hot bag is pooled",
     "bottom_mlp": "hidden sizes of the bottom (dense) MLP, comma-separated",
     "top_mlp": "hidden sizes of the top MLP, comma-separated",
@@ -115,6 +135,29 @@ HELP = {
                    "sweep runs and --evict l2 measures the rows (0: never)",
     "l2_threshold": "dynamic tables, --evict l2: rows whose L2 norm is below this leave (measured every "
                     "--decay-every steps, applied a fixed number of steps later)",
+    "id_index": "dynamic tables: where the raw ID -> slot index lives: memory, ssd (files beside the SSD tables, "
+                "a bounded share of their pages in memory), or auto (ssd when it would take over a quarter of "
+                "--memory-budget); the same map either way (docs/dynamic.md)",
+    "id_partitions": "dynamic tables: split each table's IDs by a hash of the raw ID into this many partitions of "
+                     "--table-rows / N slots, each admitting and evicting on its own; under torchrun a table is "
+                     "then sharded row-wise on partition bounds (rows owned by hash of the raw ID)",
+    "id_index_memory": "dynamic tables, index spilled to SSD: bytes of its pages kept in memory, e.g. 256MiB "
+                       "(default: 1/16 of --memory-budget, at least 16 MiB; 64 MiB without a budget)",
+    "input": "the input pipeline's settings: manual (the --input-* flags) or autotune (profiled at start, "
+             "chosen by the operational model within the cores and the memory left after the tables, re-chosen when "
+             "the measured stage rates drift; choices logged and recorded in metrics.jsonl; docs/input.md); the "
+             "batches are the same either way",
+    "profile_input": "before training, profile the input pipeline (each stage's rows/s, MB/s, CPU per row and memory, "
+                     "alone and in the pipeline; a short training probe's consumption rate; the bottleneck) into "
+                     "OUT/input-profile/ (txt, json, png); docs/input.md",
+    "input_readers": "threads reading, decompressing and decoding Parquet row groups",
+    "input_prefetch": "row-group reads in flight ahead of the trainer (0: each read on the trainer's thread when "
+                      "it needs it)",
+    "input_read_groups": "row groups per read (larger reads amortise per-read costs, hold more memory)",
+    "input_batch_workers": "threads building batches (keyed jagged tensors, deduplication) ahead of the trainer "
+                           "(0: on the trainer's thread)",
+    "input_batch_prefetch": "batches built ahead of the trainer by the batch workers",
+    "input_cache": "memory for a cache of decoded row groups reused by later epochs, e.g. 2GiB (0: none)",
 }
 CONFIG_ONLY = {"tables", "sharding"}  # nested settings: config file only
 
@@ -175,7 +218,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_train_flags(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint: AUC and log-loss (sasrec: HR@10 and NDCG@10)")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: AUC and log-loss (sasrec: HR@10 and NDCG@10; "
+                                    "lightgcn: Recall@20 and NDCG@20)")
     p.add_argument("checkpoint", help="run directory or checkpoint directory")
     p.add_argument("--data", help="data set to evaluate on (default: the one it was trained on)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
@@ -188,6 +232,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _train(args) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in CONFIG_ONLY}
     cfg = make_config(args.config, overrides)
+    if cfg.model == "lightgcn":  # the user-item graph of sequence data: its own loop (tierec.train.graph)
+        from tierec.train.graph import train_lightgcn
+
+        print(json.dumps(train_lightgcn(cfg, resume=args.resume, overwrite=args.overwrite), indent=2))
+        return 0
     if cfg.model == "sasrec":  # sequence data: its own loop (tierec.train.sequence)
         from tierec.train.sequence import train_sasrec
 
@@ -213,6 +262,13 @@ def _eval(args) -> int:
 
     if args.batch_size <= 0:
         raise TierecError(f"--batch-size must be > 0, got {args.batch_size}")
+    from tierec.train import graph
+
+    if graph.is_lightgcn_checkpoint(args.checkpoint):  # Recall@20 / NDCG@20 on its graph's test pairs
+        if args.split != "test":
+            raise TierecError(f"--split for a lightgcn checkpoint must be test, got {args.split!r}")
+        print(json.dumps(graph.eval_checkpoint(args.checkpoint, args.data, args.device, args.batch_size), indent=2))
+        return 0
     from tierec.train.sequence import eval_checkpoint, is_sasrec_checkpoint
 
     if is_sasrec_checkpoint(args.checkpoint):  # HR@10 / NDCG@10 on a sequence data set's valid or test targets

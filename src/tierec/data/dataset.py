@@ -46,10 +46,9 @@ import json
 import os
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +59,9 @@ from tierec.errors import DataError, TierecError
 from tierec.fsio import atomic_write_bytes, sha256_file
 from tierec.sparse import KeyedJaggedTensor
 from tierec.sparse.dedup import dedup_rows, jagged_take, same_as_previous
+
+if TYPE_CHECKING:
+    from tierec.data.loader import InputControl, LoaderSettings, StageClock
 
 FORMAT = "tierec-dataset"
 VERSION = 1
@@ -902,17 +904,23 @@ class Dataset:
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 start_batch: int = 0, drop_last: bool = False, max_rows: int | None = None,
-                dedup: bool = False) -> Iterator[Batch]:
+                dedup: bool = False, loader: LoaderSettings | InputControl | None = None,
+                clock: StageClock | None = None) -> Iterator[Batch]:
         """Stream batches of ``batch_size`` rows (the last may be smaller unless ``drop_last``).
 
         Order is a pure function of ``(seed, epoch)``; ``start_batch`` skips batches
         without reading the skipped row groups, so a resumed run sees the same batches.
         ``dedup``: user-side features come as an inverse KJT (`Batch.user`), if the schema has any.
+        ``loader``: the input pipeline's settings (`tierec.data.loader.LoaderSettings`; batches are built
+        by ``batch_workers`` threads ahead of the caller, or on its thread); the batches are the same
+        whatever the settings. ``clock``: each stage's time (`tierec.data.loader.StageClock`).
         """
+        from tierec.data.loader import stream_batches
+
         users = self.schema.user_names if dedup else []
-        for chunk in self.chunks(split, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, start_batch=start_batch,
-                                 drop_last=drop_last, max_rows=max_rows, compact=bool(users)):
-            yield Batch.from_chunk(chunk, self.schema.sparse_names, users)
+        chunks = self.chunks(split, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, start_batch=start_batch,
+                             drop_last=drop_last, max_rows=max_rows, compact=bool(users), loader=loader, clock=clock)
+        yield from stream_batches(chunks, self.schema.sparse_names, users, loader, clock)
 
     def num_batches(self, split: str, batch_size: int, drop_last: bool = False, max_rows: int | None = None) -> int:
         n = self.num_rows(split) if max_rows is None else min(max_rows, self.num_rows(split))
@@ -920,10 +928,23 @@ class Dataset:
 
     def chunks(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                start_batch: int = 0, drop_last: bool = False, max_rows: int | None = None,
-               compact: bool = False) -> Iterator[Chunk]:
+               compact: bool = False, loader: LoaderSettings | InputControl | None = None,
+               clock: StageClock | None = None) -> Iterator[Chunk]:
         """Chunks of ``batch_size`` rows (see `batches`). Shuffling permutes row groups and, within
         a row group, rows, or whole session runs in a data set written clustered by session.
-        ``compact``: keep stored user-side runs as `Chunk.inverse` instead of expanding them."""
+        ``compact``: keep stored user-side runs as `Chunk.inverse` instead of expanding them.
+        ``loader``: how the row groups are read (`tierec.data.loader.LoaderSettings`: reader threads,
+        read-ahead, row groups per read, a cache of decoded row groups; default: one thread, one row
+        group ahead); the chunks are the same whatever the settings. ``clock``: each stage's time."""
+        from tierec.data.loader import stream_chunks
+
+        plan = self.read_plan(split, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, start_batch=start_batch,
+                              max_rows=max_rows, compact=compact)
+        yield from stream_chunks(self, plan, batch_size, drop_last, loader, clock)
+
+    def read_plan(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                  start_batch: int = 0, max_rows: int | None = None, compact: bool = False) -> ReadPlan:
+        """Which row groups a pass reads, in order, and the rows it drops and keeps (see `chunks`)."""
         if batch_size <= 0:
             raise TierecError(f"batch size must be > 0, got {batch_size}")
         groups = self._groups(split)
@@ -934,65 +955,77 @@ class Dataset:
         # Plan: (group, rows to drop at its start) after skipping; shuffle perms drawn for every group
         # in order so that the permutation of a group does not depend on start_batch.
         perms_seed = rng.integers(0, 2**63 - 1, size=len(groups))
-        plan, seen = [], 0
+        items, seen = [], 0
         for gi in order:
             n = groups[gi][2]
             if seen + n <= skip:
                 seen += n
                 continue
-            plan.append((gi, max(0, skip - seen)))
+            items.append((int(gi), max(0, skip - seen)))
             seen += n
-        remaining = total - skip
-        if remaining <= 0:
-            return
-        by_session = (self.clustering or {}).get("by") == "session"
+        return ReadPlan(groups, items, perms_seed, total - skip, shuffle, compact,
+                        (self.clustering or {}).get("by") == "session")
 
-        def load(item):
-            gi, drop = item
-            path, rg, n, entry = groups[gi]
-            chunk = _decoding(path, f"row group {rg}", lambda: decode(self._read_group(path, entry, rg), gi, n))
-            self._check_ids(chunk, path, rg)
-            self._check_labels(chunk.label, path, rg)
-            return chunk.slice(drop, len(chunk)) if drop else chunk
+    # One row group through the reader's stages (`tierec.data.loader` runs them, `tierec.data.profile` times
+    # them): read (bytes + checksum) -> parquet (decompress, decode to Arrow, column checks) -> shuffle ->
+    # decode (Arrow -> numpy `Chunk`, ID and label checks).
+    def stage_read(self, plan: ReadPlan, gi: int) -> bytes | None:
+        """Row group ``gi``'s bytes, checked against the manifest (None: a file listed without row-group
+        checksums, read by pyarrow in `stage_parquet`)."""
+        path, rg, _, entry = plan.groups[gi]
+        if "row_groups" not in entry:
+            return None
+        return _decoding(path, f"row group {rg}", lambda: self._group_bytes(path, entry, rg))
 
-        def decode(table: pa.Table, gi: int, n: int) -> Chunk:
+    def stage_parquet(self, plan: ReadPlan, gi: int, data: bytes | None) -> pa.Table:
+        """The Arrow table of row group ``gi`` decoded from its checked bytes, its columns checked."""
+        path, rg, _, entry = plan.groups[gi]
+
+        def run() -> pa.Table:
+            table = self._read_group(path, entry, rg, data=data)
             self._check_label_columns(table)
             self._check_columns(table)
-            if shuffle and by_session:  # whole runs: a session's rows stay together
+            return table
+        return _decoding(path, f"row group {rg}", run)
+
+    def stage_shuffle(self, plan: ReadPlan, gi: int, table: pa.Table) -> pa.Table:
+        """Row group ``gi``'s rows in the pass's order: permuted from (seed, epoch, group) when shuffling,
+        whole session runs moved together in a data set clustered by session."""
+        if not plan.shuffle:
+            return table
+        path, rg, n, _ = plan.groups[gi]
+
+        def run() -> pa.Table:
+            if plan.by_session:  # whole runs: a session's rows stay together
                 starts = self._run_starts(table)
                 lens = np.diff(np.append(starts, n))
-                order = np.random.default_rng(perms_seed[gi]).permutation(starts.size)
+                order = np.random.default_rng(plan.perms_seed[gi]).permutation(starts.size)
                 out_start = np.cumsum(lens[order]) - lens[order]
                 perm = np.repeat(starts[order] - out_start, lens[order]) + np.arange(n)
-                table = table.take(pa.array(perm))
-            elif shuffle:
-                perm = np.random.default_rng(perms_seed[gi]).permutation(n)
-                table = table.take(pa.array(perm))
-            return Chunk.from_arrow(table, self.schema, compact)
+            else:
+                perm = np.random.default_rng(plan.perms_seed[gi]).permutation(n)
+            return table.take(pa.array(perm))
+        return _decoding(path, f"row group {rg}", run)
 
-        buf: list[Chunk] = []
-        buffered = 0
-        with ThreadPoolExecutor(1) as pool:  # read the next row group while this one is consumed
-            fut = pool.submit(load, plan[0]) if plan else None
-            for i in range(len(plan)):
-                assert fut is not None  # plan[i] was submitted: before the loop or in the iteration before
-                chunk = fut.result()
-                fut = pool.submit(load, plan[i + 1]) if i + 1 < len(plan) else None
-                if len(chunk) > remaining:
-                    chunk = chunk.slice(0, remaining)
-                remaining -= len(chunk)
-                buf.append(chunk)
-                buffered += len(chunk)
-                if buffered >= batch_size:
-                    data = Chunk.concat(buf)
-                    nfull = len(data) // batch_size
-                    for b in range(nfull):
-                        yield data.slice(b * batch_size, (b + 1) * batch_size)
-                    rest = data.slice(nfull * batch_size, len(data))
-                    buf, buffered = ([rest], len(rest)) if len(rest) else ([], 0)
-                if remaining <= 0:
-                    break
-            if fut is not None:
-                fut.cancel()
-        if buffered and not drop_last:
-            yield Chunk.concat(buf)
+    def stage_decode(self, plan: ReadPlan, gi: int, table: pa.Table, drop: int = 0) -> Chunk:
+        """Row group ``gi``'s `Chunk` (its first ``drop`` rows left out), IDs and labels checked."""
+        path, rg, _, _ = plan.groups[gi]
+        chunk = _decoding(path, f"row group {rg}", lambda: Chunk.from_arrow(table, self.schema, plan.compact))
+        self._check_ids(chunk, path, rg)
+        self._check_labels(chunk.label, path, rg)
+        return chunk.slice(drop, len(chunk)) if drop else chunk
+
+
+@dataclass
+class ReadPlan:
+    """One pass over a split (`Dataset.read_plan`): ``groups`` [(path, row group, rows, manifest entry)],
+    ``items`` [(group index, rows dropped at its start)] in reading order, one shuffle seed per group,
+    ``remaining``: rows the pass yields."""
+
+    groups: list[tuple[str, int, int, dict]]
+    items: list[tuple[int, int]]
+    perms_seed: np.ndarray
+    remaining: int
+    shuffle: bool
+    compact: bool
+    by_session: bool

@@ -58,9 +58,13 @@ def row_bounds(n: int, world: int) -> list[int]:
 
 
 def plan_shards(tables: list[TableNeeds], world: int, budget_per_rank: int | None = None,
-                overrides: dict[str, int | str] | None = None) -> list[Shard]:
-    """Shards of every table, in table order (row-wise shards by rank). See the module doc."""
+                overrides: dict[str, int | str] | None = None, row_splits: dict[str, list[int]] | None = None
+                ) -> list[Shard]:
+    """Shards of every table, in table order (row-wise shards by rank). See the module doc. ``row_splits``:
+    tables sharded row-wise on these bounds ([world + 1]; a dynamic table's partitions) unless an override
+    names a rank for them."""
     overrides = dict(overrides or {})
+    row_splits = dict(row_splits or {})
     names = [t.name for t in tables]
     for name, v in overrides.items():
         where = f"sharding.tables.{name}"
@@ -76,7 +80,7 @@ def plan_shards(tables: list[TableNeeds], world: int, budget_per_rank: int | Non
     load = [0.0] * world
     owner: dict[str, int | str] = {}
     for t in tables:
-        v = overrides.get(t.name, "auto")
+        v = overrides.get(t.name, "row" if t.name in row_splits else "auto")
         if v == "auto" and budget_per_rank is not None and t.table_bytes > budget_per_rank and world > 1:
             v = "row"
         if v == "row":
@@ -95,7 +99,7 @@ def plan_shards(tables: list[TableNeeds], world: int, budget_per_rank: int | Non
         if isinstance(rank, int):
             shards.append(Shard(t.name, i, rank, 0, t.num_embeddings, t.num_embeddings))
         else:  # "row"
-            b = row_bounds(t.num_embeddings, world)
+            b = row_splits.get(t.name) or row_bounds(t.num_embeddings, world)
             shards += [Shard(t.name, i, r, b[r], b[r + 1], t.num_embeddings) for r in range(world)]
     return shards
 

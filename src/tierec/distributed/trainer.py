@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -122,9 +123,6 @@ class DistributedTrainer(Trainer):
 
     def __init__(self, cfg, d: Dist, resume: bool = False, overwrite: bool = False,
                  allow_config_change: bool = False):
-        if cfg.evict == "l2":  # a norm sweep would read every rank's shards
-            raise ConfigError("--evict l2 does not run under torchrun yet (the rows it measures are sharded); use "
-                              "--evict lfu or ttl, or train in one process")
         if cfg.model == "two-tower":  # the sharded collection pools every table for one per-sample vector set
             raise ConfigError("--model two-tower does not run under torchrun yet (its towers split the tables); "
                               "train it in one process")
@@ -197,7 +195,8 @@ class DistributedTrainer(Trainer):
         sample = sample_as_rows(measure_lookups(self.ds, schema.sparse_names, settings.plan_batch_size,
                                                 settings.plan_batches, settings.seed), rows)
         loads = [TableNeeds(c.name, c.num_embeddings, row_bytes, sample[c.name].lookups) for c in configs]
-        self.shards = plan_shards(loads, d.world, settings.memory_budget, cfg.sharding.tables)
+        self.shards = plan_shards(loads, d.world, settings.memory_budget, cfg.sharding.tables,
+                                  self._partition_splits(configs, d.world))
         if d.rank == 0:
             log.info("%s", describe(self.shards, loads, d.world))
         mine = [s for s in self.shards if s.rank == d.rank]
@@ -210,6 +209,22 @@ class DistributedTrainer(Trainer):
         model = build_model(cfg, schema, d.device, collection=sharded)
         model.budget_split = split.to_dict() if split is not None and split.total else None
         return model
+
+    def _partition_splits(self, configs, world: int) -> dict[str, list[int]]:
+        """Row bounds per rank of the dynamic tables split into --id-partitions (P > 1): each rank owns P / world
+        whole partitions, so the rank of a row follows from its raw ID's hash (`tierec.train.idmap`)."""
+        P = self.idmaps.partitions
+        if P == 1:
+            return {}
+        if P % world:
+            raise ConfigError(f"--id-partitions {P} is not a multiple of the {world} ranks: the dynamic tables' "
+                              "partitions could not be owned whole by the ranks")
+        out = {}
+        for c in configs:
+            if c.key in self.idmaps.configs:
+                bounds = self.idmaps.partition_rows(c.key)
+                out[c.name] = [bounds[r * P // world] for r in range(world + 1)]
+        return out
 
     def _shard_ranges(self) -> dict:
         """Each owned shard's cache sees its table's IDs of the global batch in its row range, minus lo:
@@ -262,6 +277,34 @@ class DistributedTrainer(Trainer):
             raise TierecError(f"{self.eval_ds.root}: split {split!r} has no rows to evaluate")
         p, y = np.concatenate(probs), np.concatenate(labels)
         return {"split": split, **scores(y, p, self.eval_ds.schema.labels)}
+
+    def _norm_sweep(self) -> None:
+        """``--evict l2`` after step m: every rank measures the live rows of the dynamic tables' shards it holds
+        (a slot is a row), and the IDs below the threshold are gathered from all ranks, so every replica of the
+        index applies the same sweep (`Trainer._norm_sweep` in one process)."""
+        ix = self.idmaps.index
+        assert ix is not None
+        arrays = self.idmaps.state_at(self.step)["arrays"]
+        live, slot_id = arrays["live"], arrays["slot_id"]
+        low: list[list[torch.Tensor]] = [[] for _ in self.idmaps.dynamic]
+        for s, t in zip(self.ebc.shards, self.ebc.tables, strict=True):
+            key = self.ebc.configs[s.index].key
+            if key not in self.idmaps.dynamic:
+                continue
+            ti = self.idmaps.dynamic.index(key)
+            a = self.idmaps.slot_range(key)[0] + s.lo  # the shard's first slot in the index
+            for ca, cb in ix.arrays.chunks(s.rows, 9):
+                local = live[a + ca : a + cb].nonzero().squeeze(1) + ca  # rows of the shard
+                if ix.cfg.default_row == "unknown":
+                    local = local[local + s.lo != 0]  # the shared unknown row stays
+                for part in local.split(1 << 16):
+                    w, _ = t.storage.read(part.to(self.device))
+                    low[ti].append(slot_id[a + part[(w.norm(dim=1) < ix.cfg.l2_threshold).cpu()]])
+        mine = [torch.cat(x) if x else torch.empty(0, dtype=torch.int64) for x in low]
+        gathered: list = [None] * self.dist.world
+        dist.all_gather_object(gathered, mine)
+        self.idmaps.add_sweep(self.step, [torch.cat([g[i] for g in gathered]) for i in range(len(mine))])
+
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -324,9 +367,10 @@ class DistributedTrainer(Trainer):
             state[f"embeddings.tables.{i}.step"] = torch.tensor(steps[i], dtype=torch.int64)
         dense_state = {"model": state, "dense_optimizer": self.dense_opt.state_dict(),
                        "torch_rng": torch.get_rng_state()}
-        if self.idmaps.index is not None:  # every rank maps the same global batches: rank 0's replica is every rank's
-            dense_state["id_maps"] = self.idmaps.state_at(self.step)
         files, table_meta = {}, []
+        if self.idmaps.index is not None:  # every rank maps the same global batches: rank 0's replica is every rank's
+            dense_state["id_maps"], arrays = ckpt.detach_arrays(self.idmaps.state_at(self.step), "id_index")
+            files.update(ckpt.write_arrays(tmp, arrays))
         for i, c in enumerate(ebc.configs):
             rel = f"tables/{c.name}.tbl"
             if chain is not None:
@@ -340,7 +384,7 @@ class DistributedTrainer(Trainer):
                 files[rel] = {"bytes": (tmp / rel).stat().st_size, "sha256": sha256_file(tmp / rel)}
             table_meta.append(ckpt.table_entry(c.name, c.num_embeddings, c.embedding_dim, self.state_dim))
         shutil.rmtree(tmp / "parts", ignore_errors=True)
-        meta = {"tierec_version": __version__, "epoch": self.epoch,
+        meta = {"tierec_version": __version__, "saved_at": round(time.time(), 3), "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "samples": self.samples, "train_s": self.train_s,
                 "config": self.cfg.to_dict(), "schema": self.ds.schema.to_json(),
                 "data_fingerprint": data_fingerprint(self.ds),

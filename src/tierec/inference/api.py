@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 NOT_FINITE = "the ranker's score is not a finite number for these dense values (too large for the model)"
 
@@ -27,13 +27,27 @@ class PredictResponse(BaseModel):
     step: int = Field(description="training step of the checkpoint that scored the samples")
     tasks: dict[str, list[float]] | None = Field(
         None, description="a multi-task model (mmoe, ple): every label's probability per sample, by label name")
+    exit: list[bool] | None = Field(  # absent unless the server has an exit head (tierec.inference.cascade)
+        None, exclude_if=lambda v: v is None, description="--exit-head: per sample, whether the exit head "
+        "answered (true) or the full ranker (false); absent without an exit head")
+    cached: list[bool] | None = Field(  # absent unless the server has a result cache (tierec.inference.result_cache)
+        None, exclude_if=lambda v: v is None, description="--result-cache-size: per sample, whether the answer came "
+        "from the result cache; absent without one")
 
 
 class RecommendRequest(BaseModel):
+    """Either ``user`` (a ranker with a two-tower retriever) or ``history`` (a sasrec checkpoint)."""
+
     model_config = ConfigDict(extra="forbid")
-    user: dict[str, Any] = Field(description="user-side sparse features and dense features: name -> values")
+    user: dict[str, Any] | None = Field(None, description="two-tower retrieval: user-side sparse features and "
+                                        "dense features: name -> values")
+    history: list[StrictInt] | None = Field(
+        None, min_length=1, description="sasrec: the user's item IDs, oldest first (the data set's item IDs, "
+        "1..num_items); only the last max_len are attended to")
+    exclude_history: StrictBool = Field(False, description="sasrec: leave every item of the history out")
     k: int = Field(10, ge=1, description="items to return")
-    candidates: int | None = Field(None, ge=1, description="items retrieved from the index before ranking")
+    candidates: int | None = Field(None, ge=1, description="two-tower retrieval: items retrieved from the index "
+                                   "before ranking")
 
 
 class RecommendedItem(BaseModel):
@@ -47,6 +61,18 @@ class RecommendResponse(BaseModel):
     items: list[RecommendedItem]
     ranker_step: int
     retriever_step: int
+
+
+class NextItem(BaseModel):
+    item: int = Field(description="item ID (as in the data set)")
+    score: float = Field(description="<h_last, e(item)>: the model's hidden state after the history, times the "
+                         "item's embedding")
+
+
+class HistoryRecommendResponse(BaseModel):
+    items: list[NextItem] = Field(description="best first; fewer than k when fewer items are left to recommend")
+    step: int = Field(description="training step of the sasrec checkpoint")
+    history_used: int = Field(description="items of the history the model attended to (at most max_len: the last)")
 
 
 class ReloadRequest(BaseModel):

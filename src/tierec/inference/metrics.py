@@ -13,7 +13,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
 from tierec import energy
+from tierec.inference.dense_stream import DenseStreamCollector
 from tierec.inference.model_store import ModelStore
+from tierec.inference.quantized import row_format
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
@@ -39,9 +41,17 @@ class ServingMetrics:
         self.read_time = Histogram("tierec_ssd_read_seconds", "time one ranker batch waited on reads of missed rows "
                                    "from the table files (s; 0 when every row was cached)", buckets=STAGE_BUCKETS,
                                    registry=registry)
+        self.live_updates = Counter("tierec_live_updates", "training checkpoints brought in by --follow: delta "
+                                    "(changed rows applied in place) or reload (loaded in full, swapped)", ["kind"],
+                                    registry=registry)
+        self.live_rows = Counter("tierec_live_rows", "rows applied in place by --follow", registry=registry)
+        self.live_lag = Histogram("tierec_live_lag_seconds", "--follow: seconds from a checkpoint's writing in "
+                                  "training to its rows serving", buckets=LATENCY_BUCKETS + (10.0, 30.0, 60.0),
+                                  registry=registry)
         ProcessCollector(registry=registry)
         self.meter = energy.meter(work_unit="samples")
         registry.register(StatsCollector(store, self.meter))
+        registry.register(DenseStreamCollector(store))  # --dense-budget: streamed dense layers
 
     def start(self) -> None:
         self.meter.start()
@@ -65,6 +75,13 @@ class ServingMetrics:
         self.model_time.observe(seconds)
         if read_s is not None:
             self.read_time.observe(read_s)
+
+    def live_update(self, kind: str, rows: int, lag_s: float | None) -> None:
+        """--follow brought in a checkpoint (``kind`` "delta" or "reload"), ``rows`` applied in place."""
+        self.live_updates.labels(kind).inc()
+        self.live_rows.inc(rows)
+        if lag_s is not None:
+            self.live_lag.observe(max(0.0, lag_s))
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format (`content_type`)."""
@@ -112,6 +129,10 @@ class StatsCollector:
             "bytes_read": CounterMetricFamily("tierec_ssd_read_bytes", "bytes read from the SSD table files",
                                               labels=model),
             "resident": GaugeMetricFamily("tierec_cache_resident_rows", "rows in the DRAM cache", labels=model),
+            "capacity": GaugeMetricFamily("tierec_cache_capacity_rows", "rows the DRAM cache holds at most",
+                                          labels=model),
+            "cache_bytes": GaugeMetricFamily("tierec_cache_bytes", "bytes of the DRAM cache: rows as stored, index, "
+                                             "admission sketch", labels=model),
         }
         for name, s in stats.items():
             for k, fam in fams.items():
@@ -127,6 +148,14 @@ class StatsCollector:
         if r is not None:
             step.add_metric(["retriever"], r.loaded.step)
         yield step
+        rows = GaugeMetricFamily("tierec_row_bytes", "bytes per stored table row of the serving model, by its row "
+                                 "dtype (fp32: a checkpoint's weights; fp16, bf16, int8, int4: an export's)",
+                                 labels=["model", "row_dtype"])
+        for name, lm in (("ranker", self.store.ranker), ("retriever", r.loaded if r is not None else None)):
+            if lm is not None:
+                dtype, nbytes = row_format(lm)
+                rows.add_metric([name, dtype], nbytes)
+        yield rows
         rel = CounterMetricFamily("tierec_reloads", "checkpoint swaps")
         rel.add_metric([], self.store.reloads)
         yield rel

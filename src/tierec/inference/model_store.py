@@ -17,8 +17,16 @@ same fixed-offset row files training wrote) behind one `SharedCache` for all of 
 - misses of direct-I/O files are read all together by concurrent ``preadv`` lanes.
 
 Both modes give the same scores bit for bit: the rows are the same float32 numbers.
-The dense network is always in memory. `ModelStore` holds the current model and swaps it
-atomically on reload.
+The dense network is in memory, unless ``dense`` (`tierec serve --dense-budget`) keeps its large layers in a
+weight file and streams them in as they run (`tierec.inference.dense_stream`). `ModelStore` holds the current
+model and swaps it atomically on reload.
+
+A serving export (`tierec export`: tables as fp32 / fp16 / bf16 / int8 / int4 row files) is loaded by
+`tierec.inference.quantized.load_export` into the same pieces: `SharedCache` and `FusedLookup` take its
+`RowCodec` and decode the rows after the gather.
+
+A sasrec checkpoint (`load_sequence_model`) is served by a `SequenceScorer`: every request scores
+every item, so its item table is loaded into DRAM (weights only) whatever ``tables`` says.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,13 +45,17 @@ import torch.nn.functional as F
 
 from tierec.data.dataset import Schema
 from tierec.errors import CheckpointError, ConfigError
+from tierec.inference.dense_stream import DenseSettings, DenseStream
+from tierec.inference.live import Publication, RowOverlay
 from tierec.modules.dcn import DCNv2
 from tierec.modules.dlrm import DLRM
 from tierec.modules.optim import SparseOptimizer
+from tierec.modules.sasrec import SASRec
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.base import InMemoryTable, RowStoreDefaults, WorkingSet
 from tierec.storage.cache import CachedTable
 from tierec.storage.concat import ConcatTable
+from tierec.storage.quantized import RowCodec
 from tierec.storage.rowspace import RowSpace
 from tierec.storage.sketch import CountMinSketch
 from tierec.storage.ssd import SsdTable, open_table_chain
@@ -106,14 +118,19 @@ class SharedCache:
     eviction pass per ``admit_batch`` rows instead of one per request, when `maintain` is called
     between batches (the server does when no request waits) or, failing that, from `fetch` once
     ``INLINE_ADMIT`` batches are queued. Rows seen fewer times are not cached, so one-off IDs do not flush the hot rows.
+
+    ``codec`` (a serving export's quantized row files, `tierec.storage.quantized`): the files and the cache hold
+    the rows as stored (``codec.words`` 32-bit words each, so more rows fit the same bytes) and `fetch_global`
+    decodes them to float32 after the gather.
     """
 
     def __init__(self, ssds: list[SsdTable], capacity: int, admit_after: int = 2, freq=None, pool=None,
-                 admit_batch: int = 512, lanes: int = 8):
+                 admit_batch: int = 512, lanes: int = 8, codec: RowCodec | None = None, overlay_rows: int = 0):
         self.files = ConcatTable(ssds, weights_only=True, pool=pool, lanes=lanes)  # misses: one plan, all files
         self.space = self.files.space  # a row of table t is row space.offset(t) + r of the cache
         self.backing = _Stash(self.files)
-        self.dim, self.admit_after = self.files.dim, int(admit_after)
+        self.codec = codec if codec is not None and not codec.identity else None
+        self.dim, self.admit_after = (codec.dim if codec is not None else self.files.dim), int(admit_after)
         self.cache = CachedTable(self.backing, capacity, "freq" if freq is not None else "lfu", name="ssd",
                                  freq=freq)
         self.cache.victim_sample = VICTIM_SAMPLE  # an admission batch's eviction costs O(batch), not O(cache)
@@ -130,6 +147,8 @@ class SharedCache:
         self._queued = 0
         self.lookups = self.hits = self.admitted = 0
         self.read_s = 0.0  # seconds spent reading missed rows from the table files (the SSD tier's wait)
+        self.overlay: RowOverlay | None = None  # rows published since the files were written (--follow)
+        self.overlay_rows = overlay_rows or max(2 * self.cache.capacity, 1 << 16)
 
     def fetch(self, ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{table index: row IDs int64 [U_t], unique, sorted} -> {table index: weights [U_t, D]}."""
@@ -139,14 +158,15 @@ class SharedCache:
 
     def fetch_global(self, g: torch.Tensor) -> torch.Tensor:
         """Global rows (table offset + row) int64 [U], unique -> weights [U, D]: hits from the cache,
-        misses read from the table files in one go (and queued for admission, see the class doc)."""
+        misses read from the table files in one go (and queued for admission, see the class doc); quantized
+        rows decoded after the gather."""
         U = g.numel()
         self.sketch.update(g)
         if self.sketch.total > 8 * self.sketch.width:  # age: halve all counts
             self.sketch.table.floor_divide_(2)
             self.sketch.total //= 2
         hit, hit_rows = self.cache.peek(g)
-        w = torch.empty(U, self.dim)
+        w = torch.empty(U, self.files.dim)  # the rows as stored (a codec's words)
         h = hit.nonzero().squeeze(1)
         w[h] = hit_rows
         m = (~hit).nonzero().squeeze(1)
@@ -163,9 +183,20 @@ class SharedCache:
                 self._queued += int(admit.sum())
                 if self._queued >= INLINE_ADMIT * self.admit_batch:  # nobody calls maintain(): bound the queue
                     self._admit()
+        if self.codec is not None:  # quantized rows: decoded after the gather (the overlay holds float32 rows)
+            w = self.codec.decode(w)
+        if self.overlay is not None:  # newer rows than the files' (and than cached copies of them)
+            self.overlay.patch(g, w)
         self.lookups += U
         self.hits += h.numel()
         return w
+
+    def put_rows(self, g: torch.Tensor, w: torch.Tensor) -> bool:
+        """Serve weights ``w`` [n, D] for global rows ``g`` (unique) from now on (a live update, `--follow`);
+        False, changing nothing, once the overlay (``overlay_rows``) would overflow."""
+        if self.overlay is None:
+            self.overlay = RowOverlay(self.overlay_rows, self.dim)
+        return self.overlay.put(g, w)
 
     def maintain(self) -> bool:
         """Admit the queued rows if they fill an admission batch; True if it did. The server calls
@@ -206,7 +237,8 @@ class SharedCache:
                 "admitted": self.admitted, "read_seconds": self.read_s,
                 "resident": self.cache.size, "capacity": self.cache.capacity,
                 "bytes_read": self.files.stats().get("bytes_read", 0),
-                "cache_bytes": self.cache.nbytes + self.cache.index_nbytes + self.sketch.nbytes}
+                "cache_bytes": self.cache.nbytes + self.cache.index_nbytes + self.sketch.nbytes,
+                "row_bytes": self.cache.row_bytes}
 
 
 def _first_unique(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,13 +294,18 @@ class FusedLookup:
       from the cache, misses of all files read together), bags over the fetched rows [U, D].
 
     Each bag sums the same rows in the same order as the per-table path, so the pooled
-    vectors are the same float32 numbers (tested against `tierec eval`'s model)."""
+    vectors are the same float32 numbers (tested against `tierec eval`'s model).
+
+    ``codec`` (dram; a serving export's quantized rows, `tierec.storage.quantized`): ``weight`` holds the
+    rows as stored ([R, codec.words]); the batch's unique rows are gathered and decoded, then pooled."""
 
     def __init__(self, keys: list[str], sizes: list[int], mean: list[bool], dim: int,
-                 weight: torch.Tensor | None = None, shared: SharedCache | None = None):
+                 weight: torch.Tensor | None = None, shared: SharedCache | None = None,
+                 codec: RowCodec | None = None):
         if (weight is None) == (shared is None):
             raise ValueError("FusedLookup takes the DRAM weight or the SSD cache, not both")
         self.keys, self.dim, self.weight, self.shared = list(keys), int(dim), weight, shared
+        self.codec = codec if codec is not None and not codec.identity and weight is not None else None
         self.space = RowSpace(sizes)  # a row of table t is row space.offset(t) + r of ``weight`` / the cache
         self.mean = torch.tensor(mean, dtype=torch.bool)
 
@@ -278,9 +315,13 @@ class FusedLookup:
         values, lengths = kjt.values(), kjt.lengths()
         per_key = lengths.view(T, B).sum(1)
         rows = values + self.space.offsets_t[:-1].repeat_interleave(per_key, output_size=values.numel())
-        if self.shared is None:
+        if self.shared is None and self.codec is not None and values.numel():
             assert self.weight is not None  # the constructor takes one of the two
-            idx, w = rows, self.weight
+            uniq, idx = torch.unique(rows, return_inverse=True)
+            w = self.codec.decode(self.weight.index_select(0, uniq))
+        elif self.shared is None:
+            assert self.weight is not None  # the constructor takes one of the two
+            idx, w = rows, self.weight if self.codec is None else torch.zeros(1, self.dim)
         elif values.numel():
             uniq, idx = torch.unique(rows, return_inverse=True)
             w = self.shared.fetch_global(uniq)
@@ -308,8 +349,12 @@ class ServeOptions:
     io_lanes: int = 8  # ssd + direct_io: concurrent reads of a batch's misses (the pool needs lanes - 1 threads)
     verify: bool = True  # check the table files' sha256 against the manifest at load
     data: str | None = None  # data set for warm-up / corpus (default: the checkpoint's)
+    overlay_rows: int = 0  # ssd + live updates: rows published since the files (0: 2 x the cache, >= 64K)
+    dense: DenseSettings | None = None  # --dense-budget: large dense layers streamed from a weight file
 
     def __post_init__(self):
+        if self.overlay_rows < 0:
+            raise ConfigError(f"overlay_rows must be >= 0, got {self.overlay_rows}")
         if self.tables not in TABLE_MODES:
             raise ConfigError(f"tables must be one of {', '.join(TABLE_MODES)}, got {self.tables!r}")
         if not 0 < self.cache_fraction <= 1:
@@ -322,11 +367,47 @@ class ServeOptions:
             raise ConfigError(f"warm_rows must be >= 0, got {self.warm_rows}")
 
 
+class SequenceScorer:
+    """A served SASRec (`tierec.modules.sasrec`): histories -> the top items by ``<h_last, e(item)>`` over all
+    items 1..num_items (``weight`` [num_items + 1, D]: the item table in DRAM; row 0, padding, never
+    recommended)."""
+
+    def __init__(self, model: SASRec, weight: torch.Tensor):
+        self.model, self.weight = model, weight
+        self.num_items, self.max_len = model.num_items, model.max_len
+
+    @torch.no_grad()
+    def top_k(self, histories: list[np.ndarray], ks: list[int],
+              exclude: list[np.ndarray | None]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One batch of histories (int64 item IDs in 1..num_items, oldest first; the last ``max_len`` are
+        used, left-padded as in training) -> per history (items int64 [<= k], scores float32 [<= k]), best
+        first; the items of ``exclude`` (and padding) are never returned."""
+        L = self.max_len
+        inputs = torch.zeros(len(histories), L, dtype=torch.int64)
+        for r, h in enumerate(histories):
+            h = h[-L:]
+            inputs[r, L - len(h):] = torch.from_numpy(h)
+        (emb,) = self.model.lookup(inputs)
+        h_last = self.model.encode(inputs, emb)[:, -1]  # [B, D]
+        scores = h_last @ self.weight.T  # [B, num_items + 1]
+        scores[:, 0] = -math.inf
+        for r, ex in enumerate(exclude):
+            if ex is not None and ex.size:
+                scores[r, torch.from_numpy(ex)] = -math.inf
+        val, idx = torch.topk(scores, min(max(ks), self.num_items), dim=1)
+        out = []
+        for r, k in enumerate(ks):
+            keep = val[r, :k] > -math.inf
+            out.append((idx[r, :k][keep].numpy(), val[r, :k][keep].numpy()))
+        return out
+
+
 @dataclass
 class LoadedModel:
-    """A checkpoint ready to serve. ``kind``: "dlrm" or "two-tower"."""
+    """A checkpoint ready to serve. ``kind``: "dlrm", "two-tower", ..., or "sasrec" (``sequence`` set; its
+    ``schema`` has no features: /v1/predict does not apply)."""
 
-    model: Model
+    model: Model | SASRec
     kind: str
     schema: Schema
     path: Path
@@ -336,6 +417,12 @@ class LoadedModel:
     shared: SharedCache | None = None  # tables="ssd": the cache in front of the table files
     lookup: FusedLookup | None = None  # a DLRM's tables pooled in one lookup (both table modes)
     id_maps: IdMaps | None = None  # raw IDs -> rows (fixed tables over raw IDs, dynamic tables' saved indexes)
+    sequence: SequenceScorer | None = None  # a sasrec checkpoint: /v1/recommend for a history
+    dense: DenseStream | None = None  # --dense-budget: the dense layers streamed in (set from options.dense)
+
+    def __post_init__(self):
+        if self.dense is None and self.options.dense is not None:
+            self.dense = DenseStream.attach(self.model, self.kind, self.options.dense)
 
     @torch.no_grad()
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
@@ -361,6 +448,35 @@ class LoadedModel:
                     v.stash = (g[a:b] - space.offset(v.index), rows[a:b])
         return self.model(dense, sparse)
 
+    def apply_publication(self, pub: Publication) -> bool:
+        """A training run's new checkpoint (`tierec.inference.live`), in place, on the model thread between
+        batches: its changed rows (DRAM tables written; SSD-served ones into the cache's overlay), dense
+        weights, ID maps and step. False, changing nothing, where it cannot: a sasrec model, or an overlay
+        too small for the rows (the caller loads the checkpoint in full instead)."""
+        embeddings = getattr(self.model, "embeddings", None)
+        if self.sequence is not None or embeddings is None:
+            return False
+        bags = {t.config.name: t for t in embeddings.bags}
+        if set(pub.rows) != set(bags):
+            return False
+        if self.shared is not None:
+            space, index = self.shared.space, {t.config.name: i for i, t in enumerate(embeddings.bags)}
+            g = torch.cat([ids + space.offset(index[n]) for n, (ids, _) in pub.rows.items()])
+            if g.numel() and not self.shared.put_rows(g, torch.cat([w for _, w in pub.rows.values()])):
+                return False
+        else:
+            for n, (ids, w) in pub.rows.items():
+                bags[n].storage.weight[ids] = w
+        if self.dense is not None:  # streamed layers: their blocks rewritten, the rest loaded
+            self.dense.load_state(pub.dense["model"])
+        else:
+            self.model.load_state_dict(pub.dense["model"])
+        self.model.eval()
+        if pub.id_maps is not None:
+            self.id_maps = pub.id_maps  # type: ignore[assignment]  # an IdMaps, read beside
+        self.path, self.step, self.manifest = pub.path, pub.step, pub.manifest
+        return True
+
     def maintain(self) -> bool:
         """Work that should not delay a request (cache admission); call it between batches."""
         return self.shared.maintain() if self.shared is not None else False
@@ -374,6 +490,8 @@ class LoadedModel:
     def close(self) -> None:
         if self.shared is not None:
             self.shared.close()
+        if self.dense is not None:
+            self.dense.close()
 
 
 def hottest_rows(data: str | None, schema: Schema, rows: int, capacity: int) -> tuple | None:
@@ -423,14 +541,22 @@ def _count_hottest(data: str, names: list[str], offsets: list[int], rows: int, c
 
 
 def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) -> LoadedModel:
-    """Checkpoint (run dir, checkpoints dir or step dir) -> `LoadedModel` in eval mode, on CPU.
+    """Checkpoint (run dir, checkpoints dir or step dir), or a serving export directory (`tierec export`:
+    `tierec.inference.quantized.load_export`) -> `LoadedModel` in eval mode, on CPU.
     ``pool``: threads on which the SSD tables of one batch are read concurrently."""
     from tierec.train.config import TrainConfig
     from tierec.train.trainer import build_model, load_id_maps
 
     opt = options or ServeOptions()
+    from tierec.inference.export import is_export
+    from tierec.inference.quantized import load_export
+
+    if is_export(checkpoint):  # a serving export (`tierec export`): its row files, in their row dtype
+        return load_export(Path(checkpoint), opt, pool)
     path = ckpt.resolve_checkpoint(checkpoint)
     m = ckpt.read_manifest(path)
+    if isinstance(m.get("config"), dict) and m["config"].get("model") == "sasrec":
+        return load_sequence_model(path, m, opt)
     cfg = TrainConfig(**m["config"])
     schema = Schema.from_json(m["schema"])
     id_maps = load_id_maps(str(path), schema)
@@ -472,6 +598,27 @@ def load_model(checkpoint: str, options: ServeOptions | None = None, pool=None) 
     return LoadedModel(model, cfg.model, schema, path, m["step"], m, opt, shared, lookup, id_maps)
 
 
+def load_sequence_model(path: Path, m: dict, options: ServeOptions) -> LoadedModel:
+    """Sasrec checkpoint ``path`` (manifest ``m``) -> a `LoadedModel` with a `SequenceScorer`: its item table
+    in DRAM (weights only; every request scores every item, so a cache in front of the file would hold
+    the whole table anyway), filled from the checkpoint's table file wherever training kept the table."""
+    from tierec.train.sequence import restore_sasrec, sasrec_config, sparse_optimizer
+
+    cfg = sasrec_config(path, m)
+    rows = int(m["schema"]["num_items"]) + 1
+    weight, (table,) = end_to_end_tables([rows], cfg.embedding_dim,
+                                         sparse_optimizer(cfg).state_dim(cfg.embedding_dim))
+    model = restore_sasrec(path, m, cfg, torch.device("cpu"), storage_factory=lambda i, tcfg, sdim: table)
+    table.state = torch.empty(rows, 0)  # serving needs no optimizer state
+    if options.tables == "ssd":
+        log.info("sasrec: the item table (%d rows) is served from memory: every request scores every item",
+                 rows)
+    log.info("loaded sasrec checkpoint %s (step %d): %d items, histories of up to %d items", path, m["step"],
+             rows - 1, model.max_len)
+    return LoadedModel(model, "sasrec", Schema([], []), path, m["step"], m, replace(options, tables="dram"),
+                       sequence=SequenceScorer(model, weight))
+
+
 def end_to_end_tables(sizes: list[int], dim: int, state_dim: int) -> tuple[torch.Tensor, list[InMemoryTable]]:
     """In-memory tables of ``sizes`` rows whose weights are views into one tensor [sum(sizes), D], laid
     end to end in table order (what `FusedLookup` reads in DRAM mode); their state starts at zeros."""
@@ -504,7 +651,8 @@ def _open_shared_cache(path: Path, m: dict, schema: Schema, cfg, opt: ServeOptio
     capacity = max(1, math.ceil(opt.cache_fraction * total))
     freq = hottest_rows(opt.data or ckpt.saved_data_path(m["config"], path), schema, opt.warm_rows,
                         capacity) if warm else None
-    return SharedCache(ssds, capacity, opt.admit_after, freq, pool, lanes=opt.io_lanes)
+    return SharedCache(ssds, capacity, opt.admit_after, freq, pool, lanes=opt.io_lanes,
+                       overlay_rows=opt.overlay_rows)
 
 
 class ModelStore:

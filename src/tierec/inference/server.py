@@ -5,10 +5,15 @@ Endpoints (OpenAPI schema at ``/openapi.json``, browsable at ``/docs``):
 - ``POST /v1/predict``  ``{"samples": [{"I1": 0.3, "C1": 17, "C2": [3, "abc"]}, ...]}`` ->
   ``{"probabilities": [...], "logits": [...], "step": N}`` (a multi-task model: also ``"tasks": {label:
   [...]}``, every label's probability); samples of concurrent requests are
-  scored together (`DynamicBatcher`).
+  scored together (`DynamicBatcher`). With an exit head (`tierec.inference.cascade`) also ``"exit": [bool]``
+  (the head answered), with a result cache (`tierec.inference.result_cache`) ``"cached": [bool]``.
 - ``POST /v1/recommend`` ``{"user": {"C1": 5, "I1": 0.2}, "k": 10, "candidates": 100}`` ->
   the ``candidates`` nearest items of the user vector in the HNSW index, re-scored by the
-  ranker (user features + the item's features), best ``k`` first.
+  ranker (user features + the item's features), best ``k`` first. A server of a sasrec checkpoint
+  takes ``{"history": [items, oldest first], "k": 10, "exclude_history": false}`` instead -> the
+  ``k`` items of highest ``<h_last, e(item)>`` over all items (``{"items": [{"item", "score"}],
+  "step", "history_used"}``; a history longer than the model's max_len: its last max_len items);
+  concurrent histories are encoded together (a second `DynamicBatcher`).
 - ``GET /healthz``, ``GET /metrics`` (Prometheus text format).
 - ``POST /v1/admin/reload`` ``{"checkpoint": PATH?, "retriever": PATH?}``: only with `AdminSettings`
   (`tierec serve --admin`; otherwise the route does not exist: 404). Needs ``Authorization: Bearer
@@ -28,10 +33,13 @@ at a time).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,10 +49,12 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Mount, Route, WebSocketRoute
 
+from tierec.errors import CheckpointError
 from tierec.inference.admin import AdminReload, AdminSettings
 from tierec.inference.api import (
     NOT_FINITE,
     ApiError,
+    HistoryRecommendResponse,
     PredictRequest,
     PredictResponse,
     RecommendRequest,
@@ -53,10 +63,13 @@ from tierec.inference.api import (
     error_response,
 )
 from tierec.inference.batcher import DynamicBatcher
+from tierec.inference.cascade import Cascade
 from tierec.inference.features import FeatureEncoder, InputError
+from tierec.inference.live import Follower, Publication
 from tierec.inference.metrics import ServingMetrics
-from tierec.inference.model_store import ModelStore
-from tierec.inference.workers import EncodePool, ModelWorker
+from tierec.inference.model_store import LoadedModel, ModelStore
+from tierec.inference.result_cache import Answer, EarlyAnswerCollector, ResultCache, cached_predict, path_flops_of
+from tierec.inference.workers import EncodePool, HistoryQuery, ModelWorker, loaded_model
 
 __all__ = ["AdminSettings", "ServerSettings", "create_app"]
 
@@ -167,32 +180,56 @@ class Routes:
     predictions batched by ``batcher``, recommendations and upkeep on the model thread (``worker``)."""
 
     def __init__(self, store: ModelStore, settings: ServerSettings, encode: EncodePool, batcher: DynamicBatcher,
-                 worker: ModelWorker, metrics: ServingMetrics):
+                 worker: ModelWorker, metrics: ServingMetrics, histories: DynamicBatcher | None = None):
         self.store, self.cfg, self.encode = store, settings, encode
         self.batcher, self.worker, self.stats = batcher, worker, metrics
+        self.histories = histories  # sasrec: /v1/recommend histories, batched
+        self.results: ResultCache | None = None  # the result cache (`tierec.inference.result_cache`), if on
         schema = store.ranker.schema
         self.user_allowed = set(schema.dense) | {f.name for f in schema.sparse if f.side == "user"}
 
     async def predict(self, req: PredictRequest):
         """Score samples with the ranker (click probability)."""
+        if self.store.ranker.sequence is not None:
+            raise ApiError(404, None, "this server serves a sasrec checkpoint: POST /v1/recommend with a history")
         if len(req.samples) > self.cfg.max_batch:
             raise ApiError(413, "samples", f"{len(req.samples)} samples, at most {self.cfg.max_batch} per request")
         enc = await self.encode.encode(req.samples)
-        logits, step = await self.batcher.submit(enc)  # [n], or [n, K] for a multi-task model
+        ans = await self.answer(enc)
+        logits, step = ans.logits, ans.step  # [n], or [n, K] for a multi-task model
         bad = np.flatnonzero(~np.isfinite(logits).reshape(logits.shape[0], -1).all(1))
         if bad.size:
             raise ApiError(422, f"samples[{bad[0]}]", NOT_FINITE)
         with np.errstate(over="ignore"):
             probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
         if logits.ndim == 1:
-            return {"probabilities": probs.tolist(), "logits": logits.tolist(), "step": step}
+            return {"probabilities": probs.tolist(), "logits": logits.tolist(), "step": step, **ans.paths()}
         names = self.store.ranker.schema.labels
         return {"probabilities": probs[:, 0].tolist(), "logits": logits[:, 0].tolist(), "step": step,
-                "tasks": {n: probs[:, k].tolist() for k, n in enumerate(names)}}
+                "tasks": {n: probs[:, k].tolist() for k, n in enumerate(names)}, **ans.paths()}
+
+    async def answer(self, enc) -> Answer:
+        """``enc`` scored: through the result cache when there is one (hits skip the batch), else batched."""
+        if self.results is None:
+            return Answer(*await self.batcher.submit(enc))
+        lm = self.store.ranker  # the model first, then the reload count (module doc of result_cache)
+        step = lm.step
+        version = (self.store.reloads, id(lm), step)
+        cascade = self.worker.cascade
+        return await cached_predict(self.results, version, step, lm.schema.sparse_names, enc, self.batcher.submit,
+                                    lambda exited: path_flops_of(lm.model, cascade, exited, len(enc)))
 
     async def recommend(self, req: RecommendRequest):
-        """Top-k items for a user: HNSW retrieval over two-tower item vectors, then ranking."""
+        """Top-k items for a user: HNSW retrieval over two-tower item vectors, then ranking; or, served by a
+        sasrec checkpoint, the top-k next items after a history."""
         cfg = self.cfg
+        if self.store.ranker.sequence is not None:
+            return await self.recommend_history(req)
+        if req.history is not None:
+            raise ApiError(422, "history", "a history needs a sasrec checkpoint; this server recommends for user "
+                           "features (\"user\")")
+        if req.user is None:
+            raise ApiError(422, "user", "Field required")
         if self.store.retriever is None:
             raise ApiError(404, None, "no retriever loaded: start the server with --retriever TWO_TOWER_CHECKPOINT")
         if req.k > cfg.max_k:
@@ -207,9 +244,32 @@ class Routes:
         self.worker.later(self.worker.upkeep)  # after the answer: cache admission does not delay this request
         return res
 
+    async def recommend_history(self, req: RecommendRequest):
+        """The ``k`` best next items after ``req.history`` (sasrec): validated here, scored in batches."""
+        seq = self.store.ranker.sequence
+        assert seq is not None and self.histories is not None
+        for name in ("user", "candidates"):
+            if getattr(req, name) is not None:
+                raise ApiError(422, name, "a sasrec checkpoint recommends for a history: send \"history\" (and "
+                               "\"k\", \"exclude_history\")")
+        if req.history is None:
+            raise ApiError(422, "history", "Field required (a list of item IDs, oldest first)")
+        if req.k > self.cfg.max_k:
+            raise ApiError(422, "k", f"k={req.k}, at most {self.cfg.max_k}")
+        n = seq.num_items
+        bad = next((i for i, x in enumerate(req.history) if not 1 <= x <= n), None)
+        if bad is not None:
+            raise ApiError(422, f"history[{bad}]", f"unknown item {req.history[bad]}: item IDs are 1..{n}")
+        items = np.asarray(req.history, dtype=np.int64)
+        query = HistoryQuery(items, np.unique(items) if req.exclude_history else None, req.k, n)
+        return await self.histories.submit(query)
+
     async def healthz(self):
         def desc(lm):
-            return {"checkpoint": str(lm.path), "step": lm.step, "kind": lm.kind, "tables": lm.options.tables}
+            d = {"checkpoint": str(lm.path), "step": lm.step, "kind": lm.kind, "tables": lm.options.tables}
+            if lm.sequence is not None:
+                d.update(items=lm.sequence.num_items, max_len=lm.sequence.max_len)
+            return d
 
         r = self.store.retriever
         return {"status": "ok", "ranker": desc(self.store.ranker), "reloads": self.store.reloads,
@@ -219,25 +279,74 @@ class Routes:
         return Response(self.stats.render(), media_type=self.stats.content_type)
 
 
+@dataclass
+class FollowSettings:
+    """``tierec serve --follow``: the training run directory to follow, how often to look (s), and how to load a
+    checkpoint in full (``load(path)``) and its raw-ID maps (``id_maps_of(path)``, None: rows as stored)."""
+
+    run_dir: Path
+    every: float
+    load: Callable[[Path], LoadedModel]
+    id_maps_of: Callable[[Path], object] | None = None
+
+
+def _follower(store: ModelStore, worker: ModelWorker, metrics: ServingMetrics, follow: FollowSettings) -> Follower:
+    """A `Follower` whose publications are applied on the model thread and whose full loads are swapped in."""
+    schema = store.ranker.schema
+
+    def apply(pub: Publication) -> bool:
+        lm = store.ranker
+        return worker.executor.submit(lm.apply_publication, pub).result()
+
+    def reload(path: Path) -> None:
+        new = follow.load(path)
+        if new.schema.to_json() != schema.to_json():
+            new.close()
+            raise CheckpointError(f"{path}: a different schema than the serving model's; not loaded")
+        for o in store.swap(new):  # closed on the model thread once every batch that took it ran
+            worker.later(loaded_model(o).close)
+
+    def report(kind: str, pub: Publication | None, lag: float | None) -> None:
+        metrics.live_update(kind, pub.num_rows if pub is not None else 0, lag)
+
+    return Follower(follow.run_dir, follow.every, lambda: store.ranker, apply, reload, follow.id_maps_of, report)
+
+
 def create_app(store: ModelStore, settings: ServerSettings, admin: AdminSettings | None = None,
-               threads: int | None = None) -> FastAPI:
-    """The ASGI app over ``store``; ``admin``: enable ``/v1/admin/reload`` (module doc)."""
+               threads: int | None = None, follow: FollowSettings | None = None, cascade: Cascade | None = None,
+               results: ResultCache | None = None) -> FastAPI:
+    """The ASGI app over ``store``; ``admin``: enable ``/v1/admin/reload``; ``follow``: apply a training run's
+    new checkpoints as they come (`tierec.inference.live`; module doc); ``cascade``: early exits of /v1/predict
+    samples (`tierec.inference.cascade`); ``results``: a result cache in front of the batcher
+    (`tierec.inference.result_cache`)."""
     metrics = ServingMetrics(store)
-    worker = ModelWorker(store, metrics, threads)
+    worker = ModelWorker(store, metrics, threads, cascade)
     encoder = FeatureEncoder(store.ranker.schema, settings.max_ids, settings.max_id_bytes)
     encode = EncodePool(encoder, settings.encode_threads)
     batcher = DynamicBatcher(worker.predict, settings.max_batch, settings.max_wait_ms / 1000, worker.executor,
                              metrics.batch, worker.upkeep)
-    routes = Routes(store, settings, encode, batcher, worker, metrics)
+    histories = DynamicBatcher(worker.recommend_histories, settings.max_batch, settings.max_wait_ms / 1000,
+                               worker.executor, metrics.batch, worker.upkeep)
+    routes = Routes(store, settings, encode, batcher, worker, metrics, histories)
+    routes.results = results
+    if cascade is not None or results is not None:  # early exits, result cache: their counters on /metrics
+        metrics.registry.register(EarlyAnswerCollector(cascade, results))
+    follower = _follower(store, worker, metrics, follow) if follow is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
+        histories.start()
         metrics.start()
+        if follower is not None:
+            follower.start()
         try:
             yield
         finally:
+            if follower is not None:
+                await asyncio.to_thread(follower.stop)
             await batcher.stop()
+            await histories.stop()
             metrics.stop()
             worker.close()
             encode.close()
@@ -250,7 +359,7 @@ def create_app(store: ModelStore, settings: ServerSettings, admin: AdminSettings
     for exc, handler in ERROR_HANDLERS:
         app.add_exception_handler(exc, handler)  # type: ignore[arg-type]  # Starlette types handlers for Exception only
     app.post("/v1/predict", response_model=PredictResponse)(routes.predict)
-    app.post("/v1/recommend", response_model=RecommendResponse)(routes.recommend)
+    app.post("/v1/recommend", response_model=RecommendResponse | HistoryRecommendResponse)(routes.recommend)
     app.get("/healthz")(routes.healthz)
     app.get("/metrics")(routes.metrics)
     if admin is not None:
@@ -259,5 +368,6 @@ def create_app(store: ModelStore, settings: ServerSettings, admin: AdminSettings
         app.post("/v1/admin/reload", openapi_extra={"requestBody": body})(reload.admin_reload)
     known_paths.update(r.path for r in app.routes if isinstance(r, (Route, WebSocketRoute, Mount)))
     app.state.store, app.state.registry, app.state.batcher = store, metrics.registry, batcher
-    app.state.encoder = encoder
+    app.state.encoder, app.state.follower = encoder, follower
+    app.state.cascade, app.state.results = cascade, results
     return app

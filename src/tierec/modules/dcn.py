@@ -33,6 +33,8 @@ item's, so the dense network runs per sample.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,10 +69,15 @@ class CrossNetV2(nn.Module):
             self.U = nn.ParameterList([xavier(dim, rank) for _ in range(num_layers)])
             self.V = nn.ParameterList([xavier(rank, dim) for _ in range(num_layers)])
         self.b = nn.ParameterList([nn.Parameter(torch.zeros(dim)) for _ in range(num_layers)])
+        # called with i before layer i runs: serving streams layer weights in (tierec.inference.dense_stream)
+        self.layer_hook: Callable[[int], None] | None = None
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         x = x0
+        hook = self.layer_hook
         for i in range(self.num_layers):
+            if hook is not None:
+                hook(i)
             if self.rank:
                 h = F.linear(F.linear(x, self.V[i]), self.U[i])  # U (V^T x): [B, r], then [B, d]
             else:

@@ -18,6 +18,12 @@ For inputs [B, L] (left-padded with 0), positions 1..L, dim D::
 
 FFN = Linear, ReLU, Linear with dropout (point-wise). Training loss: binary cross-entropy of the
 positive (next item) and one sampled negative per non-padding position.
+
+``attention="full"`` (default): MHA is nn.MultiheadAttention with the causal mask (padding keys
+are attended, as in the original). ``attention="pruned"``: MHA is `tierec.modules.attention.PrunedAttention`
+(same parameters and state-dict keys): cheap int8 or low-rank scores pick each query's ``attn_keep``
+keys (its own included; padding keys never), optionally only those within ``attn_threshold`` logits
+of the row's best, and exact attention runs on those alone. `attention_stats` sums its counters.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tierec.modules.attention import AttentionStats, PrunedAttention, check_pruning
 from tierec.modules.embedding import EmbeddingBag, TableConfig, build_collection
 from tierec.modules.optim import SparseOptimizer
 
@@ -43,14 +50,19 @@ class _FFN(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float, pre_ln: bool):
+    def __init__(self, dim: int, heads: int, dropout: float, pre_ln: bool, pruned: dict | None = None):
         super().__init__()
         self.pre_ln = pre_ln
         self.ln1, self.ln2 = nn.LayerNorm(dim, eps=1e-8), nn.LayerNorm(dim, eps=1e-8)
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        if pruned is None:
+            self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        else:
+            self.attn = PrunedAttention(dim, heads, dropout=dropout, **pruned)
         self.ffn = _FFN(dim, dropout)
 
-    def forward(self, x: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(self.attn, PrunedAttention):  # causal by construction; padding keys never kept
+            return self._forward_pruned(x, pad)
         if self.pre_ln:
             q = self.ln1(x)
             x = x + self.attn(q, q, q, attn_mask=causal, need_weights=False)[0]
@@ -60,23 +72,49 @@ class _Block(nn.Module):
         x = self.ln2(x)
         return x + self.ffn(x)
 
+    def _forward_pruned(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        attn = self.attn
+        assert isinstance(attn, PrunedAttention)
+        if self.pre_ln:
+            q = self.ln1(x)
+            x = x + attn(q, q, q, key_padding_mask=pad)
+            return x + self.ffn(self.ln2(x))
+        q = self.ln1(x)
+        x = q + attn(q, x, x, key_padding_mask=pad)
+        x = self.ln2(x)
+        return x + self.ffn(x)
+
+
+ATTENTIONS = ("full", "pruned")
+
 
 class SASRec(nn.Module):
-    """See the module doc. ``storage_factory`` as in `build_collection` (None: the table in memory)."""
+    """See the module doc. ``storage_factory`` as in `build_collection` (None: the table in memory).
+
+    ``attention``: "full" or "pruned"; with "pruned", ``attn_keep`` keys per query, ``attn_threshold`` (None:
+    off), ``attn_score`` ("int8" or "lowrank") and ``attn_rank`` (lowrank) as in `PrunedAttention`."""
 
     def __init__(self, num_items: int, dim: int = 50, max_len: int = 50, num_blocks: int = 2, num_heads: int = 1,
                  dropout: float = 0.5, pre_ln: bool = False, optimizer: SparseOptimizer | None = None,
-                 seed: int = 0, storage_factory=None, device="cpu"):
+                 seed: int = 0, storage_factory=None, device="cpu", *, attention: str = "full", attn_keep: int = 32,
+                 attn_threshold: float | None = None, attn_score: str = "int8", attn_rank: int = 8):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embedding dim {dim} is not a multiple of num_heads {num_heads}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        pruned = None
+        if attention == "pruned":
+            check_pruning(attn_keep, attn_threshold, attn_score, attn_rank)
+            pruned = dict(keep=attn_keep, threshold=attn_threshold, score=attn_score, rank=attn_rank, seed=seed)
+        self.attention = attention
         self.num_items, self.dim, self.max_len = int(num_items), int(dim), int(max_len)
         optimizer = optimizer or SparseOptimizer("adam", 1e-3, beta2=0.98)
         self.embeddings = build_collection([TableConfig("item", self.num_items + 1, self.dim)], optimizer, seed,
                                            storage_factory=storage_factory, device=device)
         self.pos = nn.Embedding(self.max_len, self.dim)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([_Block(self.dim, num_heads, dropout, pre_ln) for _ in range(num_blocks)])
+        self.blocks = nn.ModuleList([_Block(self.dim, num_heads, dropout, pre_ln, pruned) for _ in range(num_blocks)])
         self.last_ln = nn.LayerNorm(self.dim, eps=1e-8)
         g = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
@@ -117,9 +155,27 @@ class SASRec(nn.Module):
         x = emb * math.sqrt(self.dim) + self.pos.weight[self.max_len - L:].unsqueeze(0)
         x = self.drop(x) * keep
         causal: torch.Tensor = self._causal[:L, :L]  # type: ignore[index]
-        for block in self.blocks:
-            x = block(x, causal) * keep
+        if self.attention == "full":
+            for block in self.blocks:
+                x = block(x, causal) * keep
+        else:
+            pad = inputs == 0
+            for block in self.blocks:
+                x = block(x, causal, pad) * keep
         return self.last_ln(x)
+
+    def attention_stats(self, reset: bool = False) -> dict | None:
+        """The pruned attention's counters summed over blocks since the last reset (`AttentionStats.summary`:
+        keys kept per query, FLOPs of the approximate, exact and dense full passes), or None with full
+        attention. ``reset``: start counting afresh."""
+        if self.attention != "pruned":
+            return None
+        total = AttentionStats()
+        for block in self.blocks:
+            attn = block.attn
+            assert isinstance(attn, PrunedAttention)
+            total.add(attn.reset_stats() if reset else attn.stats)
+        return total.summary()
 
     def loss(self, inputs: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
         """BCE of positives (label 1) and negatives (label 0) over the non-padding positions (positives != 0)."""

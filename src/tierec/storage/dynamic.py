@@ -53,19 +53,23 @@ counter column, as many columns as slots): `DynamicConfig.index_bytes_per_row`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from tierec.errors import ConfigError
-from tierec.storage.hashindex import EMPTY, TOMB, HashIndex, NeedsRebuild
+from tierec.storage.hashindex import ZERO_EMPTY, HashIndex, NeedsRebuild
 from tierec.storage.sketch import CountMinSketch
+from tierec.storage.spill import SpillArrays, chunks_of
 
-assert (EMPTY, TOMB) == (-1, -2)  # `_fold_reserved` finds both with one shift
+assert ZERO_EMPTY == (0, 1)  # `_fold_reserved` finds both with one shift
 
 UNKNOWN_ID = -(1 << 63)  # the raw ID the shared "unknown" row is initialised from
-BULK_EVICT_DIVISOR = 16  # an eviction frees at least capacity // 16 slots
+BULK_EVICT_DIVISOR = 16  # an eviction frees at least min(capacity // 16, BULK_EVICT_MAX) slots
+BULK_EVICT_MAX = 1 << 20
 SKETCH_DEPTH = 4
+ARRAYS = ("slot_id", "live", "last_seen", "count", "returned")  # the O(capacity) state (+ the sketch's table)
 
 
 @dataclass(frozen=True)
@@ -151,9 +155,10 @@ def _salts(n: int) -> torch.Tensor:
 
 
 def _fold_reserved(keys: torch.Tensor) -> torch.Tensor:
-    """The hash index's two reserved keys (EMPTY = -1, TOMB = -2) are folded onto -3 and -4 (2 of 2^64 values)."""
-    reserved = (keys >> 1) == -1  # exactly -1 and -2
-    return torch.where(reserved, keys - 2, keys) if bool(reserved.any()) else keys
+    """The hash index's two reserved keys (empty = 0, tombstone = 1: its tables are zero-filled) are folded onto
+    2 and 3 (2 of 2^64 values)."""
+    reserved = (keys >> 1) == 0  # exactly 0 and 1
+    return torch.where(reserved, keys + 2, keys) if bool(reserved.any()) else keys
 
 
 class DynamicIndex:
@@ -163,9 +168,14 @@ class DynamicIndex:
     All tables share one hash index, keyed by raw ID XOR the table's salt, over one slot space (table t's
     slots are ``offset(t) + local slot``, as a `TableGroup` lays rows end to end): one probe per batch
     for every table's IDs, however many tables. ``map`` in step order, ``lookup`` (read-only: evaluation,
-    serving) at any time; ``state_dict``/``load_state_dict`` for checkpoints."""
+    serving) at any time; ``state_dict``/``load_state_dict`` for checkpoints.
 
-    def __init__(self, configs: list[DynamicConfig] | DynamicConfig, names: list[str] | None = None):
+    ``spill``: a directory on the SSD tier: the O(capacity) arrays (hash index, per-slot state, free-slot
+    stack, sketch) live in files there, at most ``resident_bytes`` of their pages in memory
+    (`tierec.storage.spill.SpillArrays`); the map is the same function of the stream either way."""
+
+    def __init__(self, configs: list[DynamicConfig] | DynamicConfig, names: list[str] | None = None,
+                 spill: Path | None = None, resident_bytes: int = 64 << 20):
         configs = [configs] if isinstance(configs, DynamicConfig) else list(configs)
         policy = {(c.admit_count, c.default_row, c.evict, c.ttl_steps, c.decay_every, c.l2_threshold) for c in configs}
         if len(policy) != 1:
@@ -177,26 +187,43 @@ class DynamicIndex:
         C = int(self.offsets[-1])
         self.capacity = C
         self._salt = _salts(len(configs))
-        self._index = HashIndex(C, "cpu")
-        self.slot_id = torch.full((C,), EMPTY, dtype=torch.int64)  # raw ID in each slot
-        self.live = torch.zeros(C, dtype=torch.bool)
-        self.last_seen = torch.zeros(C + 1, dtype=torch.int64)  # [C]: a sink for IDs without a slot
-        self.count = torch.zeros(C + 1, dtype=torch.int64)
+        self.arrays = SpillArrays(spill, resident_bytes)
+        zeros = self.arrays.zeros
+        self._index = HashIndex(C, "cpu", arrays=self.arrays)
+        self.slot_id = zeros(C, torch.int64)  # raw ID in each slot
+        self.live = zeros(C, torch.bool)
+        self.last_seen = zeros(C + 1, torch.int64)  # [C]: a sink for IDs without a slot
+        self.count = zeros(C + 1, torch.int64)
         self._first = 1 if self.cfg.default_row == "unknown" else 0  # local slot 0: the shared unknown row
-        self.free = torch.empty(C, dtype=torch.int64)  # table t's stack in [offset(t), offset(t + 1)): lowest on top
-        self.n_free = []
-        for t, c in enumerate(caps):
-            o = int(self.offsets[t])
-            n = c - self._first
-            self.free[o : o + n] = torch.arange(o + c - 1, o + self._first - 1, -1)
-            self.n_free.append(n)
+        # table t's free slots form one stack, lowest on top: below, the slots never used (next_new[t] .. its
+        # capacity - 1, the lowest on top: no memory); above, the slots given back (`returned`, in
+        # [offset(t), offset(t) + n_returned[t])), each eviction's lowest on top
+        self.returned = zeros(C, torch.int64)
+        self.n_returned = [0] * len(caps)
+        self.next_new = [self._first] * len(caps)
+        self.n_live = [0] * len(caps)
         width = sum(c.width for c in configs)
-        self.sketch = CountMinSketch(1 << (width - 1).bit_length(), SKETCH_DEPTH, seed=0) \
+        width = 1 << (width - 1).bit_length()
+        self.sketch = CountMinSketch(width, SKETCH_DEPTH, seed=0, table=zeros(SKETCH_DEPTH * width, torch.int64)) \
             if self.cfg.admit_count > 1 else None
         self.step = 0  # the last step mapped
         # per table: admitted, evicted, rejected (training lookups that read the default), lookups (saved)
         self.counters = torch.zeros(len(configs), 4, dtype=torch.int64)
         self.default_reads = torch.zeros(len(configs), dtype=torch.int64)  # read-only lookups without a row
+
+    def n_free(self, t: int) -> int:
+        """Free slots of table ``t``."""
+        return self.n_returned[t] + self.configs[t].capacity - self.next_new[t]
+
+    def _pop_free(self, t: int, take: int) -> torch.Tensor:
+        """The top ``take`` free slots of table ``t`` (global), top first: given back ones, then never used ones."""
+        o, r = int(self.offsets[t]), min(take, self.n_returned[t])
+        top = o + self.n_returned[t]
+        back = self.returned[top - r : top].flip(0)
+        self.n_returned[t] -= r
+        new = torch.arange(o + self.next_new[t], o + self.next_new[t] + take - r, dtype=torch.int64)
+        self.next_new[t] += take - r
+        return torch.cat([back, new]) if r else new
 
     def keys_of(self, table: int, ids: torch.Tensor) -> torch.Tensor:
         """The index keys of table ``table``'s raw IDs: new IDs are admitted in ascending key order."""
@@ -250,6 +277,7 @@ class DynamicIndex:
         missed = not bool(found.all())
         if missed:
             self._admit(keys, self._tables_of(counts), found, slots, sink, step, fresh)
+        self.arrays.charge(4 * keys.numel())  # hash entries, last seen, count (and the sketch, new slots)
         return [SlotMap(part, *self._fresh(f), zero)
                 for (part, zero), f in zip(self._local(slots, counts, missed), fresh, strict=True)]
 
@@ -271,14 +299,13 @@ class DynamicIndex:
         picked, given_all = [], []
         for t in torch.unique(new_t[ok]).tolist():  # the tables with IDs to admit (keys ascending within each)
             want = (ok & (new_t == t)).nonzero().squeeze(1)
-            if want.numel() > self.n_free[t] and cfg.evict != "none":
-                self._evict(t, want.numel() - self.n_free[t], protect)
-            take = min(want.numel(), self.n_free[t])
+            if want.numel() > self.n_free(t) and cfg.evict != "none":
+                self._evict(t, want.numel() - self.n_free(t), protect)
+            take = min(want.numel(), self.n_free(t))
             if take:
-                top = int(self.offsets[t]) + self.n_free[t]
                 picked.append(want[:take])
-                given_all.append(self.free[top - take : top].flip(0).clone())
-                self.n_free[t] -= take
+                given_all.append(self._pop_free(t, take))
+                self.n_live[t] += take
                 self.counters[t, 0] += take
         if picked:  # every table's admissions at once
             idx, given = torch.cat(picked), torch.cat(given_all)
@@ -329,8 +356,15 @@ class DynamicIndex:
         try:
             self._index.insert(keys, slots)
         except NeedsRebuild:  # too many tombstones: rebuild from the live slots (amortised O(1) per eviction)
-            live = self.live.nonzero().squeeze(1)
-            self._index.rebuild(torch.cat([self._key_of(live), keys]), torch.cat([live, slots]))
+            self._rebuild()
+            self._index.insert(keys, slots)
+
+    def _rebuild(self) -> None:
+        """The hash index from the live slots, a chunk of slots at a time."""
+        self._index.reset()
+        for a, b in self.arrays.chunks(self.capacity, 8 + 1 + 8 + 12 * 4):
+            live = self.live[a:b].nonzero().squeeze(1) + a
+            self._index.insert(self._key_of(live), live)
 
     def _key_of(self, slots: torch.Tensor) -> torch.Tensor:
         """The hash keys of the IDs in global ``slots``."""
@@ -344,43 +378,58 @@ class DynamicIndex:
         slots = slots.sort().values
         self._index.remove(self._key_of(slots))
         self.live[slots] = False
-        self.slot_id[slots] = EMPTY
+        self.slot_id[slots] = 0
         self.count[slots] = 0
         t_of = torch.searchsorted(self.offsets, slots, right=True) - 1
         for t in torch.unique(t_of).tolist():
             mine = slots[t_of == t]
-            top = int(self.offsets[t]) + self.n_free[t]
-            self.free[top : top + mine.numel()] = mine.flip(0)  # the lowest freed on top
-            self.n_free[t] += mine.numel()
+            top = int(self.offsets[t]) + self.n_returned[t]
+            self.returned[top : top + mine.numel()] = mine.flip(0)  # the lowest freed on top
+            self.n_returned[t] += mine.numel()
+            self.n_live[t] -= mine.numel()
             self.counters[t, 1] += mine.numel()
+        self.arrays.charge(6 * slots.numel())
 
     def _decay(self, step: int) -> None:
+        """Counts and the sketch halve; TTL / LFU sweeps. Passes over every slot a chunk at a time; the sweeps
+        remove the highest chunks first, so each table's stack ends with its lowest freed slot on top, as one
+        removal of them all would leave it."""
         cfg = self.cfg
-        self.count >>= 1
+        for a, b in self.arrays.chunks(self.capacity + 1):
+            self.count[a:b] >>= 1
         if self.sketch is not None:
-            self.sketch.halve()
-        if cfg.evict == "ttl":
-            self._remove((self.live & (self.last_seen[:-1] < step - cfg.ttl_steps)).nonzero().squeeze(1))
-        elif cfg.evict == "lfu":
-            self._remove((self.live & (self.count[:-1] == 0)).nonzero().squeeze(1))
+            self.sketch.halve(self.arrays.chunks(self.sketch.table.numel()))
+        if cfg.evict not in ("ttl", "lfu"):
+            return
+        for a, b in reversed(list(self.arrays.chunks(self.capacity, 17))):
+            if cfg.evict == "ttl":
+                gone = self.live[a:b] & (self.last_seen[a:b] < step - cfg.ttl_steps)
+            else:
+                gone = self.live[a:b] & (self.count[a:b] == 0)
+            self._remove(gone.nonzero().squeeze(1) + a)
 
     def _evict(self, t: int, need: int, protect: torch.Tensor | None) -> None:
         """Free at least ``need`` slots of table ``t`` (``capacity // BULK_EVICT_DIVISOR`` at the least) from
         its live IDs outside ``protect`` (global slots of this batch's IDs)."""
         a, b = int(self.offsets[t]), int(self.offsets[t + 1])
-        cand = self.live[a:b].clone()
-        if protect is not None:
-            p = protect[(protect >= a) & (protect < b)] - a
-            cand[p] = False
-        if self._first:
-            cand[0] = False
-        cand = cand.nonzero().squeeze(1) + a  # ascending slots: a stable sort breaks ties by slot
-        score = self.last_seen.index_select(0, cand)  # steps < 2^31
+        n = max(need, min(self.configs[t].capacity // BULK_EVICT_DIVISOR, BULK_EVICT_MAX))
+        best = torch.empty(0, dtype=torch.int64)  # the n lowest (score, slot) so far, in ascending slot order
+        for ca, cb in self.arrays.chunks(b - a, 17):
+            cand = self.live[a + ca : a + cb].nonzero().squeeze(1) + (a + ca)
+            if protect is not None and protect.numel():  # this batch's IDs stay
+                cand = cand[~torch.isin(cand, protect)]
+            if self._first and ca == 0:
+                cand = cand[cand != a]  # the shared unknown row stays
+            cand = torch.cat([best, cand])  # ascending slots: a stable sort by score breaks ties by slot
+            best = cand[torch.sort(self._score(cand), stable=True).indices[:n]].sort().values
+        self._remove(best)
+
+    def _score(self, slots: torch.Tensor) -> torch.Tensor:
+        """Eviction order of ``slots``, lowest first: last seen (ttl), or count then last seen (lfu, l2)."""
+        score = self.last_seen.index_select(0, slots)  # steps < 2^31
         if self.cfg.evict in ("lfu", "l2"):  # lowest count first, then least recently seen: one int64 key
-            score = (self.count.index_select(0, cand).clamp(max=(1 << 31) - 1) << 31) | score
-        order = torch.sort(score, stable=True).indices
-        n = min(cand.numel(), max(need, self.configs[t].capacity // BULK_EVICT_DIVISOR))
-        self._remove(cand[order[:n]])
+            score = (self.count.index_select(0, slots).clamp(max=(1 << 31) - 1) << 31) | score
+        return score
 
     def evict_ids(self, ids: list[torch.Tensor], measured: int) -> None:
         """A norm sweep (``evict="l2"``): the IDs of each table (int64 [n_t]) whose rows measured below the
@@ -400,42 +449,57 @@ class DynamicIndex:
         for t, name in enumerate(self.names):
             a, b = int(self.offsets[t]), int(self.offsets[t + 1])
             c = self.counters[t].tolist()
-            out[name] = {"live": int(self.live[a:b].sum()), "capacity": b - a, "admitted": c[0], "evicted": c[1],
+            out[name] = {"live": self.n_live[t], "capacity": b - a, "admitted": c[0], "evicted": c[1],
                          "rejected": c[2], "lookups": c[3], "default_reads": int(self.default_reads[t])}
         return out
 
-    def state_dict(self) -> dict:
-        """Everything ``map`` depends on, as tensors and ints (a checkpoint's dense state; loads with
-        ``weights_only=True``). The hash index is rebuilt from the live slots on load."""
-        out = {"slot_id": self.slot_id.clone(), "live": self.live.clone(), "last_seen": self.last_seen.clone(),
-               "count": self.count.clone(), "free": self.free.clone(), "n_free": list(self.n_free),
-               "step": self.step, "counters": self.counters.clone(), "names": list(self.names)}
+    def _arrays(self) -> dict[str, torch.Tensor]:
+        out = {k: getattr(self, k) for k in ARRAYS}
         if self.sketch is not None:
-            out["sketch"] = self.sketch.table.clone()
+            out["sketch"] = self.sketch.table.view(-1)
         return out
 
+    def state_dict(self) -> dict:
+        """Everything ``map`` depends on: the O(capacity) arrays under ``"arrays"`` (1-D copies, in memory or
+        spilled as this index's own), the rest as ints and lists (a checkpoint's dense state; loads with
+        ``weights_only=True``). The hash index is rebuilt from the live slots on load."""
+        return {"arrays": {k: self.arrays.like(v) for k, v in self._arrays().items()},
+                "n_returned": list(self.n_returned), "next_new": list(self.next_new), "n_live": list(self.n_live),
+                "step": self.step, "counters": self.counters.clone(), "names": list(self.names)}
+
     def load_state_dict(self, d: dict) -> None:
-        C = self.capacity
+        """Load a `state_dict`; its arrays may be tensors or `ArraySource` s (read a chunk at a time: a
+        checkpoint's files)."""
+        if "arrays" not in d and "slot_id" in d:
+            raise ConfigError(f"dynamic tables {self.names}: the checkpoint's index was saved by an older tierec "
+                              "(before index arrays had files of their own); resume it with that version")
         try:
-            if d["slot_id"].shape != (C,) or list(d["names"]) != self.names:
-                raise ValueError(f"saved for tables {d['names']} with {d['slot_id'].shape[0]} slots, these are "
-                                 f"{self.names} with {C}")
-            if ("sketch" in d) != (self.sketch is not None):
-                raise ValueError("saved with another admit_count")
-            self.slot_id, self.live = d["slot_id"].clone(), d["live"].clone().bool()
-            self.last_seen, self.count = d["last_seen"].clone(), d["count"].clone()
-            self.free, self.n_free = d["free"].clone(), [int(x) for x in d["n_free"]]
+            if list(d["names"]) != self.names:
+                raise ValueError(f"saved for tables {d['names']}, these are {self.names}")
+            mine, saved = self._arrays(), d["arrays"]
+            if set(saved) != set(mine):
+                raise ValueError("saved with another admit_count" if ("sketch" in saved) != ("sketch" in mine)
+                                 else f"saved arrays {sorted(saved)}, expected {sorted(mine)}")
+            for k, dst in mine.items():
+                if saved[k].numel() != dst.numel():
+                    raise ValueError(f"{k}: saved for {saved[k].numel()} entries, this index has {dst.numel()}")
+                for a, b, part in chunks_of(saved[k], self.arrays.chunks(dst.numel())):
+                    dst[a:b].copy_(part)
+            self.n_returned, self.next_new = [int(x) for x in d["n_returned"]], [int(x) for x in d["next_new"]]
+            self.n_live = [int(x) for x in d["n_live"]]
             self.step, self.counters = int(d["step"]), d["counters"].clone()
-            if self.sketch is not None:
-                self.sketch.table.copy_(d["sketch"])
         except (KeyError, ValueError, RuntimeError, AttributeError, TypeError) as e:
             raise ConfigError(f"dynamic tables {self.names}: the saved index does not fit ({e})") from None
-        live = self.live.nonzero().squeeze(1)
-        self._index.rebuild(self._key_of(live), live)
+        if self.sketch is not None:
+            row0 = self.sketch.table[0]
+            self.sketch.total = sum(int(row0[a:b].sum()) for a, b in self.arrays.chunks(row0.numel()))
+        self._rebuild()
 
     @property
     def nbytes(self) -> int:
-        sk = self.sketch.nbytes if self.sketch is not None else 0
-        return (self._index.nbytes + self.slot_id.nbytes + self.live.nbytes + self.last_seen.nbytes
-                + self.count.nbytes + self.free.nbytes + sk)
+        """Memory of the index: its arrays, or when spilled the bound on their resident pages."""
+        if self.arrays.spilled:
+            return self.arrays.nbytes
+        return self._index.nbytes + sum(t.nbytes for t in self._arrays().values())
+
 

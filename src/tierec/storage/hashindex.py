@@ -3,15 +3,19 @@
 Used wherever a structure of C entries must find IDs from a space far larger than C: a cache's
 resident rows (`tierec.storage.cache`), the look-ahead oracle's latest occurrences, a dynamic
 table's raw 64-bit IDs (`tierec.storage.dynamic`). Memory is O(C), never O(ID space).
-The key ``EMPTY`` (-1) and ``TOMB`` (-2) mark free entries: they cannot be stored.
+The key ``EMPTY`` (-1) and ``TOMB`` (-2) mark free entries: they cannot be stored (0 and 1 instead in a map
+over zero-filled `SpillArrays`, which may live in files on the SSD tier).
 """
 
 from __future__ import annotations
 
 import torch
 
+from tierec.storage.spill import SpillArrays
+
 GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing)
 EMPTY, TOMB = -1, -2
+ZERO_EMPTY = (0, 1)  # (empty, tombstone) of a map whose tables come zero-filled (`SpillArrays`)
 
 
 class HashIndex:
@@ -28,15 +32,25 @@ class HashIndex:
 
     WINDOW = 8  # entries of a probe run compared at once
 
-    def __init__(self, capacity: int, device, val_dtype: torch.dtype = torch.int32):
+    def __init__(self, capacity: int, device, val_dtype: torch.dtype = torch.int32, arrays: SpillArrays | None = None):
         self.bits = max(4, (4 * capacity - 1).bit_length())
         self.H = 1 << self.bits
         self.mask = self.H - 1
         self.device = device
-        self.keys = torch.full((self.H,), EMPTY, dtype=torch.int64, device=device)
-        self.vals = torch.full((self.H,), -1, dtype=val_dtype, device=device)
+        self.val_dtype = val_dtype
+        # ``arrays``: the two tables come zero-filled from there (in memory or spilled to files), so the empty
+        # key is 0 and the tombstone 1 (`ZERO_EMPTY`): the caller folds keys 0 and 1 away
+        self.arrays = arrays
+        self.empty, self.tombstone = ZERO_EMPTY if arrays is not None else (EMPTY, TOMB)
+        self.keys, self.vals = self._tables()
         self.live = self.tomb = 0
         self._offsets = torch.arange(self.WINDOW, device=device)
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.arrays is not None:
+            return self.arrays.zeros(self.H, torch.int64), self.arrays.zeros(self.H, self.val_dtype)
+        return (torch.full((self.H,), EMPTY, dtype=torch.int64, device=self.device),
+                torch.full((self.H,), -1, dtype=self.val_dtype, device=self.device))
 
     @property
     def max_fill(self) -> int:
@@ -60,7 +74,7 @@ class HashIndex:
         pos = self._hash(ids)
         k = self.keys.index_select(0, pos)
         found = k == ids
-        rest = ~(found | (k == EMPTY))
+        rest = ~(found | (k == self.empty))
         if not bool(rest.any()):
             return found, self.vals.index_select(0, pos).long(), pos
         slot = self.vals.index_select(0, pos).long()
@@ -76,7 +90,7 @@ class HashIndex:
         win, k = self._window(pos)
         # the first entry of each run that is the ID or empty (an ID is never stored past an empty entry
         # of its run); none in the window: the run goes on
-        stop, j = ((k == ids.unsqueeze(1)) | (k == EMPTY)).max(1, keepdim=True)
+        stop, j = ((k == ids.unsqueeze(1)) | (k == self.empty)).max(1, keepdim=True)
         found = k.gather(1, j).squeeze(1) == ids
         pos = win.gather(1, j).squeeze(1)
         slot = self.vals.index_select(0, pos).long()
@@ -93,7 +107,7 @@ class HashIndex:
                     found[fi] = True
                     slot[fi] = self.vals.index_select(0, fp).long()
                     pos[fi] = fp
-                cont = (~f) & (k != EMPTY)
+                cont = (~f) & (k != self.empty)
                 idx, p, cur = idx[cont], p[cont], cur[cont]
         return found, slot, pos
 
@@ -113,14 +127,14 @@ class HashIndex:
         idx = None  # positions in the input of the IDs still to place (None: all of them)
         while ids.numel():  # rounds: one per window passed or race lost (usually a single round)
             win, k = self._window(p)
-            has, j = ((k == EMPTY) | (k == TOMB)).max(1, keepdim=True)  # the first free entry (any ID may be < 0)
+            has, j = ((k == self.empty) | (k == self.tombstone)).max(1, keepdim=True)  # the first free entry (any ID may be < 0)
             has = has.squeeze(1)
             fp = win.gather(1, j).squeeze(1)
             was = k.gather(1, j).squeeze(1)
             self.keys.index_put_((fp[has],), ids[has])  # several IDs on one entry: one of them stays
             won = has & (self.keys.index_select(0, fp) == ids)
             self.vals.index_put_((fp[won],), slots[won])
-            self.tomb -= int((was[won] == TOMB).sum())
+            self.tomb -= int((was[won] == self.tombstone).sum())
             lost = ~won
             if idx is None:
                 out.copy_(fp)  # the losers' entries are overwritten below
@@ -146,17 +160,24 @@ class HashIndex:
         """Delete the live entries at table positions ``pos`` (from `insert` or `lookup`), without a lookup."""
         if pos.numel() == 0:
             return
-        self.keys.index_fill_(0, pos, TOMB)
+        self.keys.index_fill_(0, pos, self.tombstone)
         self.vals.index_fill_(0, pos, -1)
         self.live -= pos.numel()
         self.tomb += pos.numel()
 
     def rebuild(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Empty the map and insert ``ids`` -> ``slots``; returns their positions (all others are void)."""
-        self.keys.fill_(EMPTY)
-        self.vals.fill_(-1)
-        self.live = self.tomb = 0
+        self.reset()
         return self.insert(ids, slots)
+
+    def reset(self) -> None:
+        """Empty the map (spilled tables: new zero-filled files, O(1))."""
+        if self.arrays is not None:
+            self.keys, self.vals = self._tables()
+        else:
+            self.keys.fill_(EMPTY)
+            self.vals.fill_(-1)
+        self.live = self.tomb = 0
 
     @property
     def nbytes(self) -> int:

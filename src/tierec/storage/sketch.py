@@ -28,14 +28,17 @@ _MASK30 = (1 << 30) - 1
 class CountMinSketch:
     """``depth x width`` counters; ``update(ids[, counts])`` and ``query(ids)`` are one tensor op each."""
 
-    def __init__(self, width: int = 1 << 20, depth: int = 4, seed: int = 0, device="cpu"):
+    def __init__(self, width: int = 1 << 20, depth: int = 4, seed: int = 0, device="cpu",
+                 table: torch.Tensor | None = None):
         if width <= 0 or depth <= 0:
             raise ValueError(f"CountMinSketch needs width > 0 and depth > 0, got {width}x{depth}")
         self.width, self.depth = int(width), int(depth)
         rng = np.random.default_rng(seed)
         coef = rng.integers(1, 1 << 31, size=(3, depth), dtype=np.int64)
         self._a1, self._a2, self._b = (torch.from_numpy(c.copy()).to(device).unsqueeze(1) for c in coef)
-        self.table = torch.zeros(depth, width, dtype=torch.int64, device=device)
+        # ``table``: depth * width zeroed int64 counters to use (e.g. spilled to a file: `tierec.storage.spill`)
+        self.table = torch.zeros(depth, width, dtype=torch.int64, device=device) if table is None \
+            else table.view(depth, width)
         self._row_base = (torch.arange(depth, device=device) * width).unsqueeze(1)
         self._shift = 64 - (width.bit_length() - 1) if width & (width - 1) == 0 and width > 1 else 0
         if self._shift:  # multiply-shift: a odd, both 64-bit (as int64: the products wrap mod 2^64)
@@ -71,10 +74,19 @@ class CountMinSketch:
         flat = self._flat_buckets(ids)
         return self.table.view(-1)[flat].min(0).values
 
-    def halve(self) -> None:
-        """Decay: every counter halves (rounded down), so old counts fade."""
-        self.table >>= 1
-        self.total = int(self.table[0].sum())
+    def halve(self, chunks=None) -> None:
+        """Decay: every counter halves (rounded down), so old counts fade. ``chunks``: (start, end) ranges
+        covering the flat counters, halved one range at a time (a pass that bounds its memory)."""
+        if chunks is None:
+            self.table >>= 1
+            self.total = int(self.table[0].sum())
+            return
+        flat, total = self.table.view(-1), 0
+        for a, b in chunks:
+            flat[a:b] >>= 1
+            if a < self.width:
+                total += int(flat[a:min(b, self.width)].sum())
+        self.total = total
 
     @property
     def nbytes(self) -> int:

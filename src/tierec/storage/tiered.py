@@ -77,9 +77,15 @@ def plan_storage(settings: StorageSettings, schema: Schema, dataset: Dataset,
     names = schema.sparse_names
     sample = measure_lookups(dataset, names, settings.plan_batch_size, settings.plan_batches, settings.seed)
     rows = {f.name: settings.table_rows.get(f.name) or TableRows(f.num_embeddings) for f in schema.sparse}
-    sample = sample_as_rows(sample, rows)
-    needs = [TableNeeds(f.name, rows[f.name].rows, row_bytes, sample[f.name].lookups, sample[f.name].ids.size)
-             for f in schema.sparse]
+    return plan_sampled(settings, {n: r.rows for n, r in rows.items()}, sample_as_rows(sample, rows), row_bytes)
+
+
+def plan_sampled(settings: StorageSettings, rows: dict[str, int], sample: dict[str, AccessSample],
+                 row_bytes: int) -> tuple[list[Placement], dict[str, AccessSample], BudgetSplit]:
+    """`plan_storage` once the lookups are measured: tables ``rows`` (name -> rows, in table order) with
+    their sampled accesses (``sample``, table rows); also for models whose batches are not a `Dataset`'s
+    (SASRec's item table, `tierec.train.sequence`)."""
+    needs = [TableNeeds(name, n, row_bytes, sample[name].lookups, sample[name].ids.size) for name, n in rows.items()]
     overrides = {name: table_overrides(t) for name, t in settings.tables.items()}
     split = split_budget(settings, needs)
     plan, budget = plan_budget(settings, needs, overrides, split.tables if settings.memory_budget is not None else None)

@@ -46,7 +46,8 @@ import torch
 
 from tierec.errors import CheckpointError
 from tierec.fsio import atomic_write_bytes, fsync_dir, umask
-from tierec.storage.tablefile import check_bytes, read_table_file, write_table_file
+from tierec.storage.spill import release_pages
+from tierec.storage.tablefile import check_bytes, read_table_file, verify_file, write_table_file
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ REQUIRED_KEYS = ("step", "files", "tables", "config", "schema", "epoch", "batch_
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, tables: dict, meta: dict,
                     keep: int = 2, parent: Path | None = None, max_chain: int = 1,
-                    extra: dict[str, bytes] | None = None) -> Path:
+                    extra: dict[str, bytes] | None = None, arrays: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint ``step`` under ``run_dir/checkpoints`` and publish it in LATEST.
 
     ``tables`` maps table name -> storage (rows read by ID through its caches, or by range once
@@ -70,7 +71,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, ta
     since (a delta row set) and the manifest's ``chain`` names the checkpoints below it, base
     first; otherwise it is a base (every written row). Once published, the tables' changed rows
     are cleared (`LazyRows.take_changed`). ``extra`` maps more files (paths relative to the checkpoint,
-    e.g. ``layout/C3.hot``) to their bytes; they are listed in the manifest with their sha256.
+    e.g. ``layout/C3.hot``) to their bytes; they are listed in the manifest with their sha256. ``arrays``
+    maps more files to 1-D tensors written a chunk at a time (`write_array_file`; from `detach_arrays`).
     """
     chain = chain_below(parent, max_chain)
     tmp = new_checkpoint_dir(run_dir, step)
@@ -85,6 +87,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, ta
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(tmp / rel, data)
             files[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        files.update(write_arrays(tmp, arrays or {}))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -93,6 +96,90 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, ta
         if (lazy := st.lazy_rows()) is not None:
             lazy.take_changed()
     return final
+
+
+ARRAY_CHUNK = 1 << 24  # bytes per read or write of an array file
+
+
+def write_array_file(path: Path, t: torch.Tensor) -> dict:
+    """A 1-D tensor's raw bytes (native order) to ``path``, ``ARRAY_CHUNK`` at a time (the pages of a spilled
+    tensor leave memory as they are written), fsynced -> its manifest entry {bytes, sha256, dtype, numel}."""
+    flat = t.reshape(-1)
+    step = max(1, ARRAY_CHUNK // max(1, flat.element_size()))
+    h, n = hashlib.sha256(), 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        for a in range(0, flat.numel(), step):
+            part = flat[a : a + step]
+            data = part.numpy().tobytes() if part.dtype != torch.bool else part.to(torch.uint8).numpy().tobytes()
+            f.write(data)
+            h.update(data)
+            n += len(data)
+            release_pages(part)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": n, "sha256": h.hexdigest(), "dtype": str(flat.dtype).removeprefix("torch."),
+            "numel": flat.numel()}
+
+
+def write_arrays(tmp: Path, arrays: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """`write_array_file` for each ``{relative path: tensor}`` under ``tmp`` -> their manifest entries."""
+    return {rel: write_array_file(tmp / rel, t) for rel, t in arrays.items()}
+
+
+class ArrayFile:
+    """A checkpoint's array file read a chunk at a time (`tierec.storage.spill.ArraySource`), its size checked
+    when opened and its sha256 when the last chunk is read (a mismatch is a `CheckpointError`)."""
+
+    def __init__(self, path: Path, expect: dict):
+        self.path, self.expect = path, expect
+        try:
+            self.dtype = getattr(torch, str(expect["dtype"]))
+            self.n = int(expect["numel"])
+        except (KeyError, AttributeError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: its manifest entry does not describe an array ({expect})") from None
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in the checkpoint manifest but missing")
+        if path.stat().st_size != expect["bytes"]:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, the manifest says {expect['bytes']}")
+
+    def numel(self) -> int:
+        return self.n
+
+    def chunks(self, ranges):
+        """(start, end, values) for ``ranges`` covering the array in order."""
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        h, pos = hashlib.sha256(), 0
+        with open(self.path, "rb") as f:
+            for a, b in ranges:
+                if a != pos:
+                    raise CheckpointError(f"{self.path}: read out of order ({a} after {pos})")
+                data = f.read((b - a) * item)
+                if len(data) != (b - a) * item:
+                    raise CheckpointError(f"{self.path}: truncated")
+                h.update(data)
+                pos = b
+                yield a, b, torch.frombuffer(bytearray(data), dtype=torch.uint8 if self.dtype == torch.bool
+                                             else self.dtype).to(self.dtype)
+        if pos == self.n and h.hexdigest() != self.expect["sha256"]:
+            raise CheckpointError(f"{self.path}: sha256 does not match the checkpoint manifest (corrupt file)")
+
+
+def detach_arrays(state: dict, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A state dict whose ``"arrays"`` (name -> 1-D tensor, O(rows): a dynamic index) go to files of their own:
+    (the state naming the files, {relative path: tensor} for ``save_checkpoint(arrays=...)``)."""
+    rels = {k: f"arrays/{name}.{k}.bin" for k in state["arrays"]}
+    return {**state, "arrays": rels}, {rels[k]: v for k, v in state["arrays"].items()}
+
+
+def attach_arrays(ckpt: Path, manifest: dict, state: dict) -> dict:
+    """The inverse of `detach_arrays` on load: each named file becomes an `ArrayFile`."""
+    arrays = {}
+    for k, rel in state.get("arrays", {}).items():
+        if rel not in manifest["files"]:
+            raise CheckpointError(f"{ckpt}: array file {rel} is not in the manifest")
+        arrays[k] = ArrayFile(ckpt / rel, manifest["files"][rel])
+    return {**state, "arrays": arrays}
 
 
 def chain_below(parent: Path | None, max_chain: int) -> list[str]:
@@ -161,6 +248,8 @@ def publish_checkpoint(tmp: Path, step: int, dense_state: dict, table_files: dic
         manifest["manifest_sha256"] = manifest_digest(manifest)
         atomic_write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())
         fsync_dir(tmp / "tables")
+        if (tmp / "arrays").is_dir():
+            fsync_dir(tmp / "arrays")
         fsync_dir(tmp)
         final = root / name
         if final.exists():
@@ -353,6 +442,9 @@ def verify_checkpoint(ckpt: Path) -> dict:
             if t["file"] not in m["files"]:
                 raise CheckpointError(f"{link}: table {t['name']!r}: its file {t['file']} is not in the manifest")
             verify_table_file(link, m["files"], t["file"], t["num_embeddings"], t["dim"] + t["state_dim"])
+        for rel, e in m["files"].items():
+            if rel.startswith("arrays/"):
+                verify_file(link / rel, e)
         nbytes += sum(e["bytes"] for e in m["files"].values())
     return {"links": [p.name for p, _ in links], "tables": len(links[-1][1]["tables"]), "bytes": nbytes}
 
@@ -390,6 +482,11 @@ def compact_checkpoint(ckpt: Path, keep: int | None = None) -> Path:
                     files[f"tables/{name}"] = entry
             finally:
                 top.close()
+        for rel, e in m["files"].items():  # the dense state's array files: copied as they are
+            if rel.startswith("arrays/"):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(ckpt / rel, tmp / rel)
+                files[rel] = dict(e)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,10 +9,13 @@ from typing import Literal
 
 from tierec.config import from_dict, load_config_file, parse_bytes
 from tierec.data.dataset import Schema
+from tierec.data.loader import LoaderSettings
 from tierec.errors import ConfigError
 from tierec.storage.dynamic import DynamicConfig, TableRows
 from tierec.storage.settings import StorageSettings, TableSettings
 from tierec.train.idmap import IdMaps
+
+ID_INDEX_SHARE = 4  # id_index=auto: the index spills when it would take over 1/4 of --memory-budget
 
 
 @dataclass
@@ -33,7 +36,7 @@ class TrainConfig:
     # data set evaluated on (its test split, else its train split); default: data's test split
     eval_data: str | None = None
     out: str = "runs/train"  # run directory: metrics.jsonl, checkpoints/
-    model: Literal["dlrm", "two-tower", "dcnv2", "mmoe", "ple", "sasrec"] = "dlrm"
+    model: Literal["dlrm", "two-tower", "dcnv2", "mmoe", "ple", "sasrec", "lightgcn"] = "dlrm"
     preset: Literal["mlperf-dcnv2"] | None = None  # a named architecture (PRESETS); flags and the file win over it
     embedding_dim: int = 16
     pooling: Literal["sum", "mean"] = "sum"
@@ -96,12 +99,34 @@ class TrainConfig:
     ttl_steps: int = 0  # dynamic, evict ttl: IDs unseen this many steps leave
     decay_every: int = 0  # dynamic: steps between decays (LFU counts, admission sketch halve; TTL sweep)
     l2_threshold: float = 0.0  # dynamic, evict l2: rows whose L2 norm is below this leave (measured every decay)
+    id_index: Literal["auto", "memory", "ssd"] = "auto"  # dynamic: where the raw ID -> slot index lives (docs/dynamic.md)
+    id_index_memory: str | None = None  # dynamic, spilled index: bytes of its pages kept in memory (default: see below)
+    id_partitions: int = 1  # dynamic: partitions per table by hash of the raw ID (torchrun shards rows on them)
     # sasrec (sequence data sets, `tierec data convert --format sequences`; docs/models.md#sasrec)
     max_len: int = 50  # sasrec: the last this many items of a history are attended to
     num_blocks: int = 2  # sasrec: self-attention blocks
     num_heads: int = 1  # sasrec: attention heads (embedding_dim must be a multiple)
     attn_dropout: float = 0.5  # sasrec: dropout of embeddings, attention and feed-forward layers
     pre_ln: bool = False  # sasrec: pre-LayerNorm blocks (default: post-LN, as the original SASRec)
+    attention: Literal["full", "pruned"] = "full"  # sasrec: full causal attention, or pruned (docs/models.md)
+    attn_keep: int = 32  # sasrec, attention pruned: keys kept per query (its own included)
+    attn_threshold: float | None = None  # sasrec, attention pruned: also drop keys this many logits below the best
+    attn_score: Literal["int8", "lowrank"] = "int8"  # sasrec, attention pruned: the cheap scores that pick keys
+    attn_rank: int = 8  # sasrec, attention pruned, attn_score lowrank: rank of the random projection
+    # lightgcn (the graph of a sequence data set's user-item pairs; docs/models.md#lightgcn)
+    num_layers: int = 3  # lightgcn: propagation layers K
+    l2_reg: float = 1e-4  # lightgcn: weight of the L2 penalty on the batch's layer-0 rows
+    test_ratio: float = 0.2  # lightgcn: share of each user's distinct items held out as test pairs (seeded)
+    propagation: Literal["khop", "full"] = "khop"  # lightgcn: the batch's K-hop neighbourhood, or the whole graph
+    # the input pipeline (tierec.data.loader; docs/input.md): the same batches whatever these are
+    input: Literal["manual", "autotune"] = "manual"  # autotune: the input_* settings chosen at start and on drift
+    profile_input: bool = False  # profile the input pipeline before training (OUT/input-profile/)
+    input_readers: int = 1  # threads reading + decoding row groups
+    input_prefetch: int = 1  # row-group reads in flight ahead of the trainer (0: read on demand)
+    input_read_groups: int = 1  # row groups per read
+    input_batch_workers: int = 0  # threads building batches (dedup, KJT); 0: on the trainer's thread
+    input_batch_prefetch: int = 2  # batches built ahead by the batch workers
+    input_cache: str = "0"  # decoded row groups kept in memory for later epochs, e.g. "2GiB"
 
     def __post_init__(self):
         for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "keep_checkpoints", "checkpoint_chain",
@@ -151,11 +176,36 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.attn_dropout < 1:
             raise ConfigError(f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
+        from tierec.modules.attention import check_pruning
+
+        try:
+            check_pruning(self.attn_keep, self.attn_threshold, self.attn_score, self.attn_rank)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.num_layers < 0:
+            raise ConfigError(f"num_layers must be >= 0, got {self.num_layers}")
+        if not 0 <= self.l2_reg < math.inf:
+            raise ConfigError(f"l2_reg must be a finite number >= 0, got {self.l2_reg}")
+        if not 0 <= self.test_ratio < 1:
+            raise ConfigError(f"test_ratio must be in [0, 1), got {self.test_ratio}")
         if self.model == "sasrec" and self.embedding_dim % self.num_heads:
             raise ConfigError(f"embedding_dim {self.embedding_dim} must be a multiple of num_heads {self.num_heads}")
         if self.table_rows is not None and self.table_rows <= 0:
             raise ConfigError(f"table_rows must be > 0, got {self.table_rows}")
+        if self.id_partitions < 1:
+            raise ConfigError(f"id_partitions must be >= 1, got {self.id_partitions}")
+        if self.id_index_memory is not None and parse_bytes(self.id_index_memory, "id_index_memory") < 4096:
+            raise ConfigError(f"id_index_memory must be at least 4KiB (one page), got {self.id_index_memory!r}")
         self.dynamic_config()  # validated here, at the edge
+        self.loader_settings()  # validated here, at the edge
+
+    def loader_settings(self) -> LoaderSettings:
+        """The input pipeline's typed settings (`tierec.data.loader.LoaderSettings`; with ``input = "autotune"`` the
+        starting point the autotuner replaces)."""
+        return LoaderSettings(self.input_readers, self.input_prefetch, self.input_read_groups,
+                              self.input_batch_workers, self.input_batch_prefetch,
+                              0 if str(self.input_cache).strip() in ("0", "none") else
+                              parse_bytes(self.input_cache, "input_cache"))
 
     def dynamic_config(self, capacity: int = 2) -> DynamicConfig:
         """The dynamic tables' policy (``capacity`` filled in per table)."""
@@ -166,9 +216,30 @@ class TrainConfig:
         """How each table's IDs become rows, and the dynamic tables' configs (`IdMaps.plan`)."""
         return IdMaps.plan(schema, self.table_kind, self.table_rows, self.tables, self.dynamic_config())
 
-    def id_maps(self, schema: Schema) -> IdMaps:
-        """The ID -> row stage of these settings (`tierec.train.idmap.IdMaps`)."""
-        return IdMaps(*self.row_spaces(schema))
+    def id_maps(self, schema: Schema, spill_root: Path | None = None) -> IdMaps:
+        """The ID -> row stage of these settings (`tierec.train.idmap.IdMaps`); a spilled index (``id_index``)
+        maps its files under ``spill_root`` (default: the SSD tables' directory)/id_index."""
+        rows, dynamic = self.row_spaces(schema)
+        resident = self.id_index_resident(rows)
+        if resident is None:
+            return IdMaps(rows, dynamic, partitions=self.id_partitions)
+        root = spill_root or (Path(self.storage_dir) if self.storage_dir else Path(self.out) / "tables")
+        return IdMaps(rows, dynamic, spill=root / "id_index", resident_bytes=resident, partitions=self.id_partitions)
+
+    def id_index_resident(self, rows: dict[str, TableRows]) -> int | None:
+        """None: the dynamic tables' index stays in memory; else it spills to files and keeps this many bytes
+        of them resident: ``id_index="ssd"``, or ``"auto"`` with an index over 1/`ID_INDEX_SHARE` of
+        --memory-budget. The resident share: ``id_index_memory``, or 1/16 of the budget (at least 16 MiB;
+        64 MiB without one), at most the whole index."""
+        total = sum(r.index_bytes for r in rows.values() if r.kind == "dynamic")
+        budget = parse_bytes(self.memory_budget, "memory_budget") if self.memory_budget is not None else None
+        if not total or self.id_index == "memory":
+            return None
+        if self.id_index == "auto" and (budget is None or total <= budget // ID_INDEX_SHARE):
+            return None
+        if self.id_index_memory is not None:
+            return min(total, parse_bytes(self.id_index_memory, "id_index_memory"))
+        return min(total, max(16 << 20, budget // 16) if budget is not None else 64 << 20)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -200,8 +271,9 @@ TRAJECTORY_KEYS = ("model", "cross_layers", "cross_rank", "dcn_structure", "expe
                    "ple_levels", "moe_aux_weight", "task_weights", "embedding_dim", "pooling", "bottom_mlp",
                    "top_mlp", "tower_mlp", "batch_size", "max_train_rows", "dense_optimizer", "lr",
                    "sparse_optimizer", "sparse_lr", "shuffle", "seed", "table_kind", "table_rows", "admit_count",
-                   "default_row", "evict", "ttl_steps", "decay_every", "l2_threshold", "max_len", "num_blocks",
-                   "num_heads", "attn_dropout", "pre_ln")
+                   "default_row", "evict", "ttl_steps", "decay_every", "l2_threshold", "id_partitions", "max_len", "num_blocks",
+                   "num_heads", "attn_dropout", "pre_ln", "attention", "attn_keep", "attn_threshold", "attn_score",
+                   "attn_rank", "num_layers", "l2_reg", "test_ratio", "propagation")
 
 
 def trajectory_changes(saved: dict, cfg: TrainConfig) -> list[str]:

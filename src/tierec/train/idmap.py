@@ -21,7 +21,8 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -50,6 +51,19 @@ def _drop(values: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor,
 
 
 _NO_IDS = torch.empty(0, dtype=torch.int64)
+
+
+def partition_of(raw: torch.Tensor, partitions: int) -> torch.Tensor:
+    """The partition of each raw 64-bit ID, int64 [N] in [0, partitions): the high bits of a multiplicative
+    hash (independent of the index's own hashing of the key), mod ``partitions``."""
+    h = raw.to(torch.int64) * -4658895280553007687  # x 0xBF58476D1CE4E5B9, wrapping
+    return ((h >> 20) & ((1 << 43) - 1)) % partitions
+
+
+def split_capacity(capacity: int, partitions: int) -> list[int]:
+    """A dynamic table's slots over its partitions: capacity // P each, the first capacity % P one more."""
+    q, r = divmod(capacity, partitions)
+    return [q + (p < r) for p in range(partitions)]
 SWEEP_WAIT_S = 600  # the longest the map waits for a norm measurement it needs
 
 
@@ -57,10 +71,28 @@ class IdMaps:
     """Per sparse feature its `TableRows`; the dynamic tables' `DynamicIndex` (one for all of them: one hash
     probe per batch, whatever the number of tables)."""
 
-    def __init__(self, rows: dict[str, TableRows], dynamic: dict[str, DynamicConfig]):
+    def __init__(self, rows: dict[str, TableRows], dynamic: dict[str, DynamicConfig], spill: Path | None = None,
+                 resident_bytes: int = 0, partitions: int = 1):
+        """``spill``: the index's arrays live in files there, ``resident_bytes`` of their pages in memory (the
+        dynamic tables' `TableRows.index_bytes` become their shares of it, what the budget pays).
+        ``partitions`` P: each dynamic table's IDs are split by a hash of the raw ID into P partitions of
+        capacity / P slots each, laid end to end in its rows (partition p's rows: `partition_rows`), each
+        admitting and evicting on its own: P sub-tables of the index. Under torchrun the table's rows are then
+        sharded on partition bounds, so a row's owner follows from its raw ID; one process maps identically."""
+        if partitions < 1:
+            raise ConfigError(f"id_partitions must be >= 1, got {partitions}")
+        self.spill, self.resident_bytes, self.partitions = spill, resident_bytes, partitions
+        if spill is not None:
+            total = sum(r.index_bytes for k, r in rows.items() if k in dynamic) or 1
+            rows = {k: replace(r, index_bytes=r.index_bytes * resident_bytes // total) if k in dynamic else r
+                    for k, r in rows.items()}
         self.rows, self.configs = rows, dynamic
-        self.dynamic = list(dynamic)  # the dynamic features, in the index's table order
-        self.index = DynamicIndex([dynamic[k] for k in self.dynamic], self.dynamic) if dynamic else None
+        self.dynamic = list(dynamic)  # the dynamic features, in order; each P consecutive tables of the index
+        P = partitions
+        subs = [replace(dynamic[k], capacity=c) for k in self.dynamic
+                for c in split_capacity(dynamic[k].capacity, P)]
+        names = [k if P == 1 else f"{k}#{p}" for k in self.dynamic for p in range(P)]
+        self.index = DynamicIndex(subs, names, spill, resident_bytes or 1) if dynamic else None
         self.snapshots: dict[int, dict] = {}  # step -> the index's state after mapping that step's batch
         self.step = 0  # the last step mapped
         # evict="l2": the rows measured after step m leave when batch m + sweep_delay is mapped (set by the
@@ -110,15 +142,65 @@ class IdMaps:
         dyn: dict[str, tuple[torch.Tensor, bool]] = {}  # key -> (slots, whether some are -1: the zero row)
         if self.index is not None:
             by_key = {k: jt.values for kjt in kjts if kjt is not None for k, jt in kjt.to_dict().items()}
-            ids = [by_key.get(k, _NO_IDS) for k in self.dynamic]
+            ids, orders = self._split([by_key.get(k, _NO_IDS) for k in self.dynamic])
             if step is None:
-                dyn = {k: (v, bool((v < 0).any())) for k, v in zip(self.dynamic, self.index.lookup(ids), strict=True)}
+                parts = self.index.lookup(ids)
+                for f, k in enumerate(self.dynamic):
+                    v = self._join(f, orders[f], [(x, _NO_IDS, _NO_IDS) for x in self._of(f, parts)])[0]
+                    dyn[k] = (v, bool((v < 0).any()))
             else:
-                for k, m in zip(self.dynamic, self.index.map(ids, step), strict=True):
-                    dyn[k] = (m.slots, m.zero)
-                    if m.fresh_slots.numel():
-                        fresh[k] = (m.fresh_slots, m.fresh_ids)
+                maps = self.index.map(ids, step)
+                for f, k in enumerate(self.dynamic):
+                    mine = self._of(f, maps)
+                    v, fs, fi = self._join(f, orders[f], [(m.slots, m.fresh_slots, m.fresh_ids) for m in mine])
+                    dyn[k] = (v, any(m.zero for m in mine))
+                    if fs.numel():
+                        fresh[k] = (fs, fi)
         return [self._rebuild(kjt, dyn) for kjt in kjts]
+
+    # ------------------------------------------------------------------ partitions
+    def _of(self, f: int, per_table: list):
+        """Feature ``f``'s entries of a list over the index's tables (its P partitions)."""
+        return per_table[f * self.partitions : (f + 1) * self.partitions]
+
+    def partition_rows(self, feature: str) -> list[int]:
+        """The first row of each partition of a dynamic feature's table, and its row count: bounds [P + 1]."""
+        return [0, *torch.tensor(split_capacity(self.configs[feature].capacity, self.partitions)).cumsum(0).tolist()]
+
+    def slot_range(self, feature: str) -> tuple[int, int]:
+        """The index slots of a dynamic feature's rows: row r of its table is index slot a + r (its partitions'
+        slots lie end to end)."""
+        assert self.index is not None
+        t = self.dynamic.index(feature) * self.partitions
+        return int(self.index.offsets[t]), int(self.index.offsets[t + self.partitions])
+
+    def _split(self, ids: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Per feature its IDs -> per index table (feature, partition) its IDs, in their order within the
+        feature; and per feature the permutation that grouped them (None: one partition)."""
+        if self.partitions == 1:
+            return ids, [None] * len(ids)
+        out: list[torch.Tensor] = []
+        orders: list[torch.Tensor | None] = []
+        for v in ids:
+            part = partition_of(v, self.partitions)
+            order = torch.sort(part, stable=True).indices
+            counts = torch.bincount(part, minlength=self.partitions).tolist()
+            out += list(v.index_select(0, order).split(counts))
+            orders.append(order)
+        return out, orders
+
+    def _join(self, f: int, order: torch.Tensor | None, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A feature's partitions' (slots, fresh slots, fresh IDs), local to each partition -> the feature's: slots
+        in the order of its IDs, partition p's rows shifted by its first row (-1, the zero row, stays)."""
+        if order is None:
+            return parts[0]
+        bounds = self.partition_rows(self.dynamic[f])
+        slots = torch.cat([torch.where(s >= 0, s + bounds[p], s) for p, (s, _, _) in enumerate(parts)])
+        out = torch.empty_like(slots)
+        out[order] = slots
+        fresh = torch.cat([fs + bounds[p] for p, (_, fs, _) in enumerate(parts)])
+        return out, fresh, torch.cat([fi for _, _, fi in parts])
 
     def _rebuild(self, kjt: KeyedJaggedTensor | None,
                  dyn: dict[str, tuple[torch.Tensor, bool]]) -> KeyedJaggedTensor | None:
@@ -188,7 +270,7 @@ class IdMaps:
                 raise RuntimeError(f"dynamic tables: no norm measurement of step {measured} after {SWEEP_WAIT_S} s "
                                    f"(the map of step {step} waits for it)")
             m, ids = self._sweeps[step]
-        self.index.evict_ids(ids, m)
+        self.index.evict_ids(self._split(ids)[0], m)
 
     def pending_sweeps(self, after: int) -> dict[int, tuple[int, list[torch.Tensor]]]:
         """The measurements not applied by step ``after`` (a checkpoint's: resume applies them)."""
@@ -226,7 +308,7 @@ class IdMaps:
         run ahead in another thread); the live maps themselves when nothing was mapped since."""
         if self.index is None or (step not in self.snapshots and step == self.step):
             return self
-        other = IdMaps(self.rows, self.configs)
+        other = IdMaps(self.rows, self.configs, self.spill, self.resident_bytes, self.partitions)
         other.load_state_dict(self.state_at(step), step)
         return other
 
@@ -238,7 +320,20 @@ class IdMaps:
                 del self._sweeps[s]
 
     def stats(self) -> dict[str, dict]:
-        return self.index.stats() if self.index is not None else {}
+        """Per dynamic feature: rows live, capacity and the counters (`DynamicIndex.stats`), its partitions
+        summed."""
+        if self.index is None:
+            return {}
+        per = self.index.stats()
+        if self.partitions == 1:
+            return per
+        out: dict[str, dict] = {}
+        for k in self.dynamic:
+            for p in range(self.partitions):
+                for field_, v in per[f"{k}#{p}"].items():
+                    out.setdefault(k, {}).setdefault(field_, 0)
+                    out[k][field_] += v
+        return out
 
 _END = object()
 

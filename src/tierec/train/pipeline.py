@@ -5,7 +5,9 @@ it drives the caches downward and hands each step's rows down to the tables, as 
 train pipeline calls ``module.prefetch``; the caches know nothing of it beyond the
 `LookaheadGuard` it gives them (whether its worker may run beside a caller).
 
-Its input is a list of `PrefetchTarget` s: one `LookaheadCache` each, and the tables it
+Its input is an iterable of batches -- `Batch` es, or any object that names the IDs each sparse key
+looks up at its step (`StepIds`: SASRec's sequence batches, `tierec.train.sequence`) -- and a list
+of `PrefetchTarget` s: one `LookaheadCache` each, and the tables it
 serves (`Member` s: one table, or the members of a `tierec.storage.group.TableGroup`, whose
 `RowSpace` says where each member's rows are in the cache). One worker thread:
 
@@ -41,7 +43,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
@@ -67,8 +69,25 @@ SWITCH_INTERVAL_S = 5e-4  # the interpreter's GIL switch interval while a pipeli
 CATCH_UP_READS = 2
 
 
-def batch_nbytes(b: Batch) -> int:
+class StepIds(Protocol):
+    """A batch that is not a `Batch` (no KeyedJaggedTensor), as the pipeline reads it ahead."""
+
+    def lookup_ids(self) -> dict[str, torch.Tensor]:
+        """Sparse key -> the IDs (int64 [N]) its table looks up at this batch's step."""
+        ...
+
+    def nbytes(self) -> int:
+        """Bytes the batch holds while it waits in the window."""
+        ...
+
+
+B = TypeVar("B", bound="Batch | StepIds")  # what a pipeline iterates: the batches it was given
+
+
+def batch_nbytes(b: Batch | StepIds) -> int:
     """Bytes a batch holds in the window: its tensors, and the offsets its KJT computes and keeps."""
+    if not isinstance(b, Batch):
+        return b.nbytes()
     kjt = b.sparse
     n = b.dense.nbytes + b.labels.nbytes + kjt.values().nbytes + 2 * kjt.lengths().nbytes + 8
     w = kjt.weights_or_none()
@@ -128,11 +147,11 @@ class _Lease:
     handed: bool = False  # the members hold their lookups (the trainer took the step)
 
 
-class LookaheadPipeline:
+class LookaheadPipeline(Generic[B]):
     """Iterate ``batches`` (steps ``start_step``, ``start_step`` + 1, ...) with look-ahead prefetching
     into ``targets`` (module doc). Use as a context manager, or call `close`."""
 
-    def __init__(self, batches: Iterable[Batch], targets: list[PrefetchTarget], window: int = 200,
+    def __init__(self, batches: Iterable[B], targets: list[PrefetchTarget], window: int = 200,
                  depth: int = 2, max_bytes: int = 1 << 30, start_step: int = 0, lower_depth: int | None = None,
                  io_threads: int | None = None, switch_interval: float | None = SWITCH_INTERVAL_S):
         if window < 1 or depth < 1:
@@ -163,10 +182,10 @@ class LookaheadPipeline:
         n = min(io_threads or default_io_threads(list(self.caches.values())), len(self.caches))
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="tierec-prefetch", initializer=self._mark_worker) \
             if n > 1 else None
-        self._it: Iterator[Batch] = iter(batches)
+        self._it: Iterator[B] = iter(batches)
         self._cond = threading.Condition()
-        self._observed: deque[tuple[int, Batch, dict]] = deque()  # read and observed, not yet prepared
-        self._ready: deque[tuple[int, Batch, list[_Lease]]] = deque()  # prepared, not yet taken
+        self._observed: deque[tuple[int, B, dict]] = deque()  # read and observed, not yet prepared
+        self._ready: deque[tuple[int, B, list[_Lease]]] = deque()  # prepared, not yet taken
         self._partial: dict[str, WorkingSet] = {}  # step being prepared: target -> working set
         self._leases: dict[int, list[_Lease]] = {}  # steps taken by the trainer, not yet fully released
         self._bytes = 0  # batch data held in the window: sum of _nbytes
@@ -204,7 +223,7 @@ class LookaheadPipeline:
     def __iter__(self):
         return self
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> B:
         t0 = time.perf_counter()
         with self._cond:
             while not self._ready and self._error is None and not (self._exhausted and not self._observed
@@ -303,7 +322,7 @@ class LookaheadPipeline:
         else:
             c.release(lease.ws, lease.dirty if dirty is None else dirty)
 
-    def _lease(self, target: PrefetchTarget, step: int, ws: WorkingSet, batch: Batch) -> _Lease:
+    def _lease(self, target: PrefetchTarget, step: int, ws: WorkingSet, batch: B) -> _Lease:
         """The target's working set of ``step`` cut into its members' `Lookup` s (worker thread)."""
         lease = _Lease(target, step, ws, left=len(target.members))
         by_key = _batch_ids(batch)
@@ -314,7 +333,7 @@ class LookaheadPipeline:
             ids = ws.ids[lo:hi] - target.space.offset(t) if target.space is not None else ws.ids
             part = WorkingSet(ids, ws.index[lo:hi], ws.weight, ws.state) if target.space is not None else ws
             if m.direct:
-                uniq, inverse, perm, counts = dedup(by_key[m.feature].values.to(ids.device))
+                uniq, inverse, perm, counts = dedup(by_key[m.feature].to(ids.device))
                 if not torch.equal(uniq, ids):
                     raise RuntimeError(f"prefetch target {target.name!r}: step {step}'s IDs of {m.feature!r} do not "
                                        "match the rows prepared for them")
@@ -456,7 +475,7 @@ class LookaheadPipeline:
         for key, target in self.targets.items():
             parts = []
             for m in target.members:
-                v = by_key[m.feature].values
+                v = by_key[m.feature]
                 if m.hi is not None:  # a row-wise shard: its rows of the table, renumbered from 0
                     v = v[(v >= m.lo) & (v < m.hi)] - m.lo
                 parts.append(torch.unique(v))  # sorted, as the model's dedup
@@ -545,13 +564,16 @@ class LookaheadPipeline:
         return True
 
 
-def _batch_ids(batch: Batch) -> dict:
-    """Sparse key -> its `JaggedTensor` of ``batch`` (the deduplicated user-side keys too: the same IDs,
-    once per unique row, as the model looks them up)."""
+def _batch_ids(batch: Batch | StepIds) -> dict[str, torch.Tensor]:
+    """Sparse key -> the IDs of ``batch`` its table looks up: a `Batch`'s values of each key (the
+    deduplicated user-side keys too: the same IDs, once per unique row, as the model looks them up), or
+    a `StepIds` batch's own."""
+    if not isinstance(batch, Batch):
+        return batch.lookup_ids()
     by_key = batch.sparse.to_dict()
     if batch.user is not None:
         by_key.update(batch.user.to_dict())
-    return by_key
+    return {k: jt.values for k, jt in by_key.items()}
 
 
 class _Lane:

@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from tierec import __version__, energy
 from tierec.config import parse_bytes
 from tierec.data.dataset import Dataset, Schema
+from tierec.data.loader import InputControl
 from tierec.errors import CheckpointError, ConfigError, TierecError
 from tierec.malloc import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds
 from tierec.modules.dcn import DCNv2
@@ -34,6 +37,7 @@ from tierec.modules.dlrm import DLRM
 from tierec.modules.embedding import EmbeddingBag, TableConfig, build_collection
 from tierec.modules.multitask import MultiTask
 from tierec.modules.optim import SparseOptimizer
+from tierec.modules.sasrec import SASRec
 from tierec.modules.two_tower import TwoTower
 from tierec.storage.cache import CachedTable
 from tierec.storage.group import TableGroup, TableView
@@ -43,6 +47,7 @@ from tierec.storage.tiered import ResumeChain, layout_files
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig, trajectory_changes
 from tierec.train.idmap import MAP_AHEAD_DEPTH, IdMaps, MappedBatch, map_ahead
+from tierec.train.input_probe import check_input, start_input
 from tierec.train.metrics import scores
 from tierec.train.pipeline import LookaheadPipeline, Member, PrefetchTarget
 from tierec.train.rundir import claim_run_dir
@@ -116,7 +121,7 @@ def build_model(cfg: TrainConfig, schema: Schema, device: torch.device, dataset:
     return model
 
 
-def cache_stats(model: Model) -> dict[str, dict]:
+def cache_stats(model: Model | SASRec) -> dict[str, dict]:
     """Per-table counters of every tier that keeps them (cached / SSD tables); tables that share one
     cache (a `TableGroup`) appear once, under the group's name."""
     out = {}
@@ -322,16 +327,17 @@ class Trainer:
         if self.ds.num_rows("train") == 0:
             raise TierecError(f"{cfg.data}: the train split is empty")
         check_table_settings(cfg, self.ds.schema)
-        self.idmaps = cfg.id_maps(self.ds.schema)  # raw IDs -> rows (fixed tables over raw IDs, dynamic tables)
-        # norm sweeps enter the map one sweep period after their measurement, whatever the tiers (so runs stay
-        # identical); the map may not run further ahead than that (the look-ahead window is held below it)
-        self.idmaps.sweep_delay = cfg.decay_every
         if cfg.evict == "l2" and cfg.decay_every < max(MAP_AHEAD_DEPTH + 2, cfg.prefetch_depth + 3):
             raise ConfigError(f"--evict l2: --decay-every {cfg.decay_every} is shorter than the map runs ahead of "
                               f"training; use at least {max(MAP_AHEAD_DEPTH + 2, cfg.prefetch_depth + 3)}")
         self.eval_ds, self.eval_split = eval_source(cfg, self.ds)
         self.out = Path(cfg.out)
         self._lock = self._claim_run_dir(resume, overwrite)
+        self.idmaps = cfg.id_maps(self.ds.schema)  # raw IDs -> rows (fixed tables over raw IDs, dynamic tables)
+        # norm sweeps enter the map one sweep period after their measurement, whatever the tiers (so runs stay
+        # identical); the map may not run further ahead than that (the look-ahead window is held below it)
+        self.idmaps.sweep_delay = cfg.decay_every
+        self.input_control = InputControl(cfg.loader_settings())  # the loader's knobs (live: --input autotune)
         try:
             t_build = time.perf_counter()
             with new_files_removed_on_error(self.storage_root):  # no half-created table set (disk full)
@@ -387,11 +393,13 @@ class Trainer:
             "dense_optimizer": self.dense_opt.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
-        if self.idmaps.index is not None:
-            dense_state["id_maps"] = self.idmaps.state_at(self.step)
+        arrays: dict = {}
+        if self.idmaps.index is not None:  # the index's O(capacity) arrays go to files of their own
+            dense_state["id_maps"], arrays = ckpt.detach_arrays(self.idmaps.state_at(self.step), "id_index")
             dense_state["id_sweeps"] = self.idmaps.pending_sweeps(self.step)  # measured, not yet applied
         meta = {
             "tierec_version": __version__,
+            "saved_at": round(time.time(), 3),  # when: a server that follows the run reports its lag from it
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "samples": self.samples,
@@ -404,7 +412,7 @@ class Trainer:
         path = ckpt.save_checkpoint(self.out, self.step, dense_state, self.tables, meta,
                                     keep=self.cfg.keep_checkpoints, parent=self.parent,
                                     max_chain=self.cfg.checkpoint_chain,
-                                    extra=layout_files(self.cfg.storage_settings().root))
+                                    extra=layout_files(self.cfg.storage_settings().root), arrays=arrays)
         self.parent = path
         nbytes = sum(f["bytes"] for f in ckpt.read_manifest(path)["files"].values())
         self.log.write("checkpoint", step=self.step, seconds=round(time.perf_counter() - t0, 6), bytes=nbytes,
@@ -439,7 +447,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step, self.epoch, self.batch_in_epoch = m["step"], m["epoch"], m["batch_in_epoch"]
         if self.idmaps.index is not None:
-            self.idmaps.load_state_dict(state.get("id_maps", {}), self.step)
+            self.idmaps.load_state_dict(ckpt.attach_arrays(path, m, state.get("id_maps", {})), self.step)
             self.idmaps.load_sweeps(state.get("id_sweeps", {}))
         self.samples, self.train_s = m["samples"], m.get("train_s", 0.0)
         self.parent = path
@@ -475,7 +483,8 @@ class Trainer:
         while epoch < cfg.epochs and step < total:
             for i, b in enumerate(self.ds.batches("train", cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
                                                   epoch=epoch, start_batch=start, max_rows=cfg.max_train_rows,
-                                                  dedup=cfg.dedup), start=start + 1):
+                                                  dedup=cfg.dedup, loader=self.input_control),
+                                 start=start + 1):
                 step += 1
                 if mapping:
                     b = self.idmaps.map_batch(b, step, snapshot=self._reads_tables_at(step, i >= per_epoch, total))
@@ -495,20 +504,21 @@ class Trainer:
         tiers; the IDs whose L2 norm is below the threshold leave when batch m + sweep_delay is mapped."""
         ix = self.idmaps.index
         assert ix is not None
-        state = self.idmaps.state_at(self.step)
-        live, slot_id = state["live"], state["slot_id"]
+        arrays = self.idmaps.state_at(self.step)["arrays"]
+        live, slot_id = arrays["live"], arrays["slot_id"]
         bags = {t.config.key: t for t in self.model.embeddings.bags}
         out = []
-        for t, key in enumerate(self.idmaps.dynamic):
-            a, b = int(ix.offsets[t]), int(ix.offsets[t + 1])
-            local = live[a:b].nonzero().squeeze(1)
-            if ix.cfg.default_row == "unknown":
-                local = local[local != 0]  # the shared unknown row stays
+        for key in self.idmaps.dynamic:
+            a, b = self.idmaps.slot_range(key)  # row r of the table is index slot a + r
             low = []
-            for part in local.split(1 << 16):  # bounded temporaries
-                w, _ = bags[key].storage.read(part.to(self.device))
-                low.append(part[(w.norm(dim=1) < ix.cfg.l2_threshold).cpu()])
-            out.append(slot_id[a + torch.cat(low)] if low else torch.empty(0, dtype=torch.int64))
+            for ca, cb in ix.arrays.chunks(b - a, 9):  # bounded temporaries (and resident pages, when spilled)
+                local = live[a + ca : a + cb].nonzero().squeeze(1) + ca
+                if ix.cfg.default_row == "unknown":
+                    local = local[local != 0]  # the shared unknown row stays
+                for part in local.split(1 << 16):
+                    w, _ = bags[key].storage.read(part.to(self.device))
+                    low.append(slot_id[a + part[(w.norm(dim=1) < ix.cfg.l2_threshold).cpu()]])
+            out.append(torch.cat(low) if low else torch.empty(0, dtype=torch.int64))
         self.idmaps.add_sweep(self.step, out)
 
     def _lookahead_pipeline(self, stream):
@@ -574,6 +584,8 @@ class Trainer:
         last_eval: dict | None = None
         window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
         self.model.train()
+        tuner = start_input(self)  # --profile-input / --input autotune (tierec.train.input_probe)
+        window_t0 = time.perf_counter()  # the first record's rate: not the profile's seconds
         stream = self._train_batches(total)
         pipe = self._lookahead_pipeline(stream)  # its worker reads (and maps) the batches ahead
         if pipe is None and self.idmaps.active:
@@ -627,6 +639,7 @@ class Trainer:
                         self.log.write("train", step=self.step, epoch=self.epoch, loss=window_loss / window_n,
                                        samples_per_s=sps, samples=self.samples, **extra)
                         window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
+                        check_input(self, tuner)
                     if self.idmaps.sweeps_at(self.step):
                         with quiet():
                             self._norm_sweep()
@@ -678,17 +691,25 @@ class Trainer:
         return summary
 
 
+def _spill_root(ckpt_path: Path) -> Path:
+    """Where a checkpoint's reader spills a dynamic index too large for memory: its run's tables directory,
+    or the system's temporary directory where that cannot be written."""
+    root = ckpt_path.resolve().parent.parent / "tables"
+    probe = root if root.exists() else root.parent
+    return root if os.access(probe, os.W_OK) else Path(tempfile.gettempdir()) / "tierec"
+
+
 def load_id_maps(checkpoint: str, schema: Schema) -> IdMaps | None:
     """How the IDs of the data a checkpoint was trained on become its rows (raw IDs: fixed tables reduce
     them, dynamic tables look them up in the saved indexes), read-only; None when they are rows already."""
     path = ckpt.resolve_checkpoint(checkpoint)
     m = ckpt.read_manifest(path)
     cfg = TrainConfig(**{**m["config"], "data": m["config"].get("data") or "."})
-    maps = cfg.id_maps(schema)
+    maps = cfg.id_maps(schema, spill_root=_spill_root(path))
     if not maps.active:
         return None
     if maps.index is not None:
-        maps.load_state_dict(ckpt.load_dense_state(path, m).get("id_maps", {}), m["step"])
+        maps.load_state_dict(ckpt.attach_arrays(path, m, ckpt.load_dense_state(path, m).get("id_maps", {})), m["step"])
     return maps
 
 

@@ -1,0 +1,445 @@
+"""The input pipeline that turns a data set's row groups into training batches: its stages, its knobs.
+
+One pass (`Dataset.chunks` / `Dataset.batches`) runs these stages, each a method of `Dataset` or of
+`Batch`, timed by a `StageClock` when one is given:
+
+======== ============================================================== ====================
+stage    work                                                           runs on
+======== ============================================================== ====================
+read     the row group's bytes (pread) and their CRC32                  reader threads
+parquet  decompression (zstd) and Parquet decoding to Arrow; columns     reader threads
+         checked
+shuffle  the row group's rows permuted (whole sessions when clustered)  reader threads
+decode   Arrow -> numpy `Chunk`; IDs and labels checked                  reader threads
+batch    chunks cut and joined into batches of ``batch_size`` rows      the consumer
+dedup    `Batch.from_chunk`: tensors, keyed jagged tensors, and with     batch workers, or
+         ``dedup`` the inverse KJT of the user-side keys                 the consumer
+======== ============================================================== ====================
+
+`LoaderSettings` are the knobs: ``reader_threads`` threads run the reader stages of ``prefetch``
+row-group reads in flight (0: each read on the consumer's thread when it needs it), ``read_groups``
+row groups per read, ``batch_workers`` threads build the batches ``batch_prefetch`` ahead (0: on the
+consumer's thread, i.e. the trainer's), and ``cache_bytes`` of decoded row groups (Arrow, before
+the shuffle) are kept in memory for later passes (filled until full, never evicted: a pass reads
+every group once, so LRU would evict each group before its next use). Results are taken in
+submission order, so every setting yields the same batches, bit for bit: the settings change only
+how fast. An `InputControl` holds settings that change while a pass runs (the autotuner,
+`tierec.data.autotune`): each read and each batch is submitted under the settings of that moment.
+
+The default settings are the loader before it had knobs: one reader thread one row group ahead,
+batches built on the consumer's thread, no cache. While a pass runs, the interpreter's GIL switch
+interval is `SWITCH_INTERVAL_S` (as the look-ahead pipeline's): a consumer that gives up the GIL in
+every torch kernel gets it back from a busy worker within 0.5 ms instead of 5.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tierec.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from tierec.data.dataset import Batch, Chunk, Dataset, ReadPlan
+
+SWITCH_INTERVAL_S = 5e-4  # the interpreter's GIL switch interval while a pass has threads (`_short_switch`)
+READER_STAGES = ("read", "parquet", "shuffle", "decode")  # one row group each, on the reader threads
+STAGES = (*READER_STAGES, "batch", "dedup")
+MAX_THREADS = 64
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """The input pipeline's knobs (module doc); validated on construction."""
+
+    reader_threads: int = 1  # threads running the reader stages (read, parquet, shuffle, decode)
+    prefetch: int = 1  # row-group reads in flight ahead of the consumer; 0: read on demand, on its thread
+    read_groups: int = 1  # row groups per read (a larger read amortises per-read costs, holds more memory)
+    batch_workers: int = 0  # threads building batches (dedup, KJT); 0: on the consumer's (trainer's) thread
+    batch_prefetch: int = 2  # batches built ahead of the consumer (with batch_workers)
+    cache_bytes: int = 0  # decoded row groups kept in memory for later passes; 0: none
+
+    def __post_init__(self):
+        for name, lo in (("reader_threads", 1), ("prefetch", 0), ("read_groups", 1), ("batch_workers", 0),
+                         ("batch_prefetch", 1), ("cache_bytes", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+                raise ConfigError(f"input setting {name} must be an integer >= {lo}, got {v!r}")
+        for name in ("reader_threads", "batch_workers"):
+            if getattr(self, name) > MAX_THREADS:
+                raise ConfigError(f"input setting {name} must be at most {MAX_THREADS}, got {getattr(self, name)}")
+
+    @property
+    def threads(self) -> int:
+        """Threads the pipeline adds beside its consumer."""
+        return (self.reader_threads if self.prefetch else 0) + self.batch_workers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        cache = f", cache {self.cache_bytes / 2**20:.0f} MiB" if self.cache_bytes else ""
+        reads = (f"{self.reader_threads} reader thread(s), {self.prefetch} read(s) ahead" if self.prefetch
+                 else "reads on demand (no prefetch)")
+        build = (f"{self.batch_workers} batch worker(s) {self.batch_prefetch} ahead" if self.batch_workers
+                 else "batches built on the consumer's thread")
+        return f"{reads}, {self.read_groups} row group(s) per read, {build}{cache}"
+
+    def with_(self, **kw) -> LoaderSettings:
+        return replace(self, **kw)
+
+
+@dataclass
+class StageTotals:
+    """What one stage did: calls, rows, bytes out, wall seconds inside it, CPU seconds of its threads."""
+
+    calls: int = 0
+    rows: int = 0
+    bytes: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+
+class _Span:
+    __slots__ = ("rows", "bytes")
+
+    def __init__(self, rows: int):
+        self.rows, self.bytes = rows, 0
+
+
+class StageClock:
+    """Per-stage totals of a running pipeline (thread-safe; a few microseconds per row group or batch).
+
+    ``waits``: seconds the consumer waited for reads (``read``) and for built batches (``batch``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.stages: dict[str, StageTotals] = {}
+        self.waits: dict[str, float] = {}
+        self.cache_hits = 0
+        self.t0 = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str, rows: int) -> Iterator[_Span]:
+        span = _Span(rows)
+        w, c = time.perf_counter(), time.thread_time()
+        yield span
+        dw, dc = time.perf_counter() - w, time.thread_time() - c
+        with self._lock:
+            t = self.stages.setdefault(name, StageTotals())
+            t.calls += 1
+            t.rows += span.rows
+            t.bytes += span.bytes
+            t.wall_s += dw
+            t.cpu_s += dc
+
+    def wait(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.waits[name] = self.waits.get(name, 0.0) + seconds
+
+    def hit(self) -> None:
+        with self._lock:
+            self.cache_hits += 1
+
+    def snapshot(self) -> dict:
+        """{"elapsed_s", "stages": {name: StageTotals as dict}, "waits", "cache_hits"} at this moment."""
+        with self._lock:
+            return {"elapsed_s": time.perf_counter() - self.t0,
+                    "stages": {k: asdict(v) for k, v in self.stages.items()},
+                    "waits": dict(self.waits), "cache_hits": self.cache_hits}
+
+
+class _NullClock(StageClock):
+    @contextmanager
+    def stage(self, name: str, rows: int) -> Iterator[_Span]:
+        yield _Span(rows)
+
+    def wait(self, name: str, seconds: float) -> None:
+        pass
+
+    def hit(self) -> None:
+        pass
+
+
+NULL_CLOCK = _NullClock()
+
+
+@dataclass
+class InputControl:
+    """Settings read by a running pass at each read and each batch (changed live by the autotuner), and the
+    clock it reports to."""
+
+    settings: LoaderSettings = field(default_factory=LoaderSettings)
+    clock: StageClock = field(default_factory=StageClock)
+
+
+def _settings(loader: LoaderSettings | InputControl | None) -> LoaderSettings:
+    if loader is None:
+        return DEFAULT
+    return loader.settings if isinstance(loader, InputControl) else loader
+
+
+DEFAULT = LoaderSettings()
+
+
+class DecodedCache:
+    """Decoded row groups (Arrow tables, before the shuffle) by (file, row group), up to ``max_bytes``;
+    filled until full, never evicted (module doc). Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._tables: dict[tuple[str, int], pa.Table] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> pa.Table | None:
+        with self._lock:
+            return self._tables.get(key)
+
+    def put(self, key: tuple[str, int], table: pa.Table) -> None:
+        n = int(table.nbytes)
+        with self._lock:
+            if key not in self._tables and self.bytes + n <= self.max_bytes:
+                self._tables[key] = table
+                self.bytes += n
+
+
+def cache_of(ds: Dataset, max_bytes: int) -> DecodedCache | None:
+    """The data set's cache of decoded row groups (kept across passes on the `Dataset` object), resized to
+    ``max_bytes`` (entries beyond a smaller size dropped); None when ``max_bytes`` is 0."""
+    cache: DecodedCache | None = getattr(ds, "_decoded_cache", None)
+    if not max_bytes:
+        return None
+    if cache is None or cache.max_bytes != max_bytes:
+        new = DecodedCache(max_bytes)
+        if cache is not None:
+            for k, t in list(cache._tables.items()):
+                new.put(k, t)
+        cache = new
+        ds._decoded_cache = cache  # type: ignore[attr-defined]
+    return cache
+
+
+def chunk_nbytes(chunk: Chunk) -> int:
+    n = chunk.label.nbytes + chunk.dense.nbytes + sum(v.nbytes + o.nbytes for v, o in chunk.sparse.values())
+    return n + (chunk.inverse.nbytes if chunk.inverse is not None else 0)
+
+
+def load_group(ds: Dataset, plan: ReadPlan, gi: int, drop: int, clock: StageClock = NULL_CLOCK,
+               cache: DecodedCache | None = None) -> Chunk:
+    """Row group ``gi`` through the reader stages (module doc), each timed on ``clock``."""
+    path, rg, n, entry = plan.groups[gi]
+    table = cache.get((path, rg)) if cache is not None else None
+    if table is None:
+        with clock.stage("read", n) as sp:
+            data = ds.stage_read(plan, gi)
+            sp.bytes = len(data) if data is not None else int(entry["bytes"] * n / max(entry["rows"], 1))
+        with clock.stage("parquet", n) as sp:
+            table = ds.stage_parquet(plan, gi, data)
+            sp.bytes = int(table.nbytes)
+        if cache is not None:
+            cache.put((path, rg), table)
+    else:
+        clock.hit()
+    with clock.stage("shuffle", n) as sp:
+        table = ds.stage_shuffle(plan, gi, table)
+        sp.bytes = int(table.nbytes)
+    with clock.stage("decode", n - drop) as sp:
+        chunk = ds.stage_decode(plan, gi, table, drop)
+        sp.bytes = chunk_nbytes(chunk)
+    return chunk
+
+
+class _Pool:
+    """A thread pool whose size follows the settings of the moment (a resize starts a new pool; the old one
+    finishes what it runs)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix, self.size = prefix, 0
+        self.pool: ThreadPoolExecutor | None = None
+        self.old: list[ThreadPoolExecutor] = []
+
+    def submit(self, size: int, fn, *args) -> Future:
+        if self.pool is None or size != self.size:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False)
+                self.old.append(self.pool)
+            self.pool, self.size = ThreadPoolExecutor(size, thread_name_prefix=self.prefix), size
+        return self.pool.submit(fn, *args)
+
+    def close(self) -> None:
+        for p in [*self.old, *([self.pool] if self.pool is not None else [])]:
+            p.shutdown(wait=True, cancel_futures=True)
+        self.pool, self.old = None, []
+
+
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.0
+
+
+@contextmanager
+def _short_switch() -> Iterator[None]:
+    """While a pass runs threads beside its consumer: the GIL switch interval at `SWITCH_INTERVAL_S` (CPython's
+    5 ms default makes a trainer that gives up the GIL in every kernel wait up to 5 ms to take it back from a
+    reader or batch worker running Python: the convoy `tierec.train.pipeline` measured). Nested passes share
+    it; the last one out restores the interval it found."""
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            if SWITCH_INTERVAL_S < _switch_saved:
+                sys.setswitchinterval(SWITCH_INTERVAL_S)
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
+
+
+def stream_chunks(ds: Dataset, plan: ReadPlan, batch_size: int, drop_last: bool,
+                  loader: LoaderSettings | InputControl | None = None,
+                  clock: StageClock | None = None) -> Iterator[Chunk]:
+    """The chunks of ``batch_size`` rows of ``plan`` (`Dataset.chunks`), read as ``loader`` says."""
+    clock = clock or (loader.clock if isinstance(loader, InputControl) else NULL_CLOCK)
+    items, remaining = plan.items, plan.remaining
+    if not items or remaining <= 0:
+        return
+    pool = _Pool("tierec-read")
+    pending: deque[Future] = deque()
+    k = 0  # next item of the plan to submit
+
+    def read(take: list[tuple[int, int]], cache: DecodedCache | None) -> list[Chunk]:
+        return [load_group(ds, plan, gi, drop, clock, cache) for gi, drop in take]
+
+    def refill() -> None:
+        nonlocal k
+        while k < len(items):
+            s = _settings(loader)
+            if len(pending) >= s.prefetch:
+                return
+            take, k = items[k : k + s.read_groups], k + s.read_groups
+            pending.append(pool.submit(s.reader_threads, read, take, cache_of(ds, s.cache_bytes)))
+
+    buf: list[Chunk] = []
+    buffered = 0
+    switch = _short_switch()
+    switch.__enter__()
+    try:
+        refill()
+        while pending or k < len(items):
+            if pending:
+                fut = pending.popleft()
+                if not fut.done():
+                    t0 = time.perf_counter()
+                    got = fut.result()
+                    clock.wait("read", time.perf_counter() - t0)
+                else:
+                    got = fut.result()
+            else:  # prefetch 0: this thread reads
+                s = _settings(loader)
+                take, k = items[k : k + s.read_groups], k + s.read_groups
+                got = read(take, cache_of(ds, s.cache_bytes))
+            refill()
+            for chunk in got:
+                if remaining <= 0:
+                    break
+                with clock.stage("batch", 0) as sp:
+                    if len(chunk) > remaining:
+                        chunk = chunk.slice(0, remaining)
+                    remaining -= len(chunk)
+                    buf.append(chunk)
+                    buffered += len(chunk)
+                    out: list[Chunk] = []
+                    if buffered >= batch_size:
+                        data = buf[0].concat(buf)
+                        nfull = len(data) // batch_size
+                        out = [data.slice(b * batch_size, (b + 1) * batch_size) for b in range(nfull)]
+                        rest = data.slice(nfull * batch_size, len(data))
+                        buf, buffered = ([rest], len(rest)) if len(rest) else ([], 0)
+                    sp.rows = len(out) * batch_size
+                yield from out
+            if remaining <= 0:
+                break
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.close()
+        switch.__exit__(None, None, None)
+    if buffered and not drop_last:
+        yield buf[0].concat(buf)
+
+
+def stream_batches(chunks: Iterator[Chunk], keys: list[str], users: list[str],
+                   loader: LoaderSettings | InputControl | None = None,
+                   clock: StageClock | None = None) -> Iterator[Batch]:
+    """`Batch` es of ``chunks`` (`Batch.from_chunk`; ``users``: user-side keys deduplicated), built by the
+    settings' batch workers ahead of the caller, or on its thread."""
+    from tierec.data.dataset import Batch
+
+    clock = clock or (loader.clock if isinstance(loader, InputControl) else NULL_CLOCK)
+
+    def build(chunk: Chunk) -> Batch:
+        with clock.stage("dedup", len(chunk)) as sp:
+            b = Batch.from_chunk(chunk, keys, users)
+            sp.bytes = batch_nbytes(b)
+        return b
+
+    pool = _Pool("tierec-batch")
+    pending: deque[Future] = deque()
+    exhausted = False
+    switch = _short_switch()
+    switch.__enter__()
+    try:
+        while True:
+            s = _settings(loader)
+            while not exhausted and s.batch_workers and len(pending) < max(s.batch_prefetch, s.batch_workers):
+                nxt = next(chunks, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                pending.append(pool.submit(s.batch_workers, build, nxt))
+            if pending:
+                fut = pending.popleft()
+                if not fut.done():
+                    t0 = time.perf_counter()
+                    b = fut.result()
+                    clock.wait("batch", time.perf_counter() - t0)
+                else:
+                    b = fut.result()
+                yield b
+                continue
+            if exhausted:
+                return
+            nxt = next(chunks, None)  # no workers: this thread builds
+            if nxt is None:
+                return
+            yield build(nxt)
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.close()
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+        switch.__exit__(None, None, None)
+
+
+def batch_nbytes(b: Batch) -> int:
+    n = b.dense.nbytes + b.labels.nbytes + b.sparse.values().nbytes + b.sparse.lengths().nbytes
+    if b.user is not None:
+        n += b.user.values().nbytes + b.user.lengths().nbytes
+    return int(n)

@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "tierec.cli.export",  # tierec export
     "tierec.cli.analyze",  # tierec analyze
     "tierec.cli.serve",  # tierec serve
+    "tierec.cli.serve_many",  # tierec serve-many
     "tierec.cli.cascade",  # tierec distill-exit
     "tierec.cli.probe",  # tierec probe
 ]

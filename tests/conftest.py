@@ -99,3 +99,16 @@ def json_samples(schema: Schema, batch) -> list[dict]:
         for i, s in enumerate(samples):
             s[f.name] = vals[o[i] : o[i + 1]]
     return samples
+
+
+def write_sequences(root: Path, users: int, items: int, seed: int, lengths: tuple[int, int] = (3, 14)) -> Path:
+    """``users`` random histories of ``lengths`` (low, high exclusive) items in 1..``items`` as a `user item`
+    pairs file, converted to a sequence data set (`tierec data convert --format sequences`); its directory."""
+    from tierec.data.sequences import convert_sequences
+
+    rng = np.random.default_rng(seed)
+    lines = [f"{u} {int(i)}\n" for u in range(1, users + 1)
+             for i in rng.integers(1, items + 1, size=int(rng.integers(*lengths)))]
+    (root / "pairs.txt").write_text("".join(lines))
+    convert_sequences(root / "pairs.txt", root / "ds")
+    return root / "ds"

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import write_sequences
 
 from tierec.cli import main
-from tierec.data.sequences import convert_sequences
 from tierec.train.config import TrainConfig
 from tierec.train.sequence import eval_checkpoint, train_sasrec
 
@@ -21,11 +20,7 @@ ITEMS = 2000
 @pytest.fixture(scope="module")
 def seq_data(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("seqtier")
-    rng = np.random.default_rng(5)
-    lines = [f"{u} {int(i)}\n" for u in range(1, 81) for i in rng.integers(1, ITEMS + 1, size=int(rng.integers(3, 14)))]
-    (root / "pairs.txt").write_text("".join(lines))
-    convert_sequences(root / "pairs.txt", root / "ds")
-    return str(root / "ds")
+    return str(write_sequences(root, 80, ITEMS, seed=5, lengths=(3, 14)))
 
 
 def _cfg(data: str, out: Path, **kw) -> TrainConfig:

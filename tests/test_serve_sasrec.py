@@ -9,9 +9,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import write_sequences
 from test_serve import metrics, serving
 
-from tierec.data.sequences import convert_sequences
 from tierec.inference.service import ServeConfig, build_server
 from tierec.train.config import TrainConfig
 from tierec.train.sequence import load_sasrec, train_sasrec
@@ -23,10 +23,7 @@ ITEMS, MAX_LEN = 300, 8
 def sasrec_run(tmp_path_factory) -> str:
     """A sasrec run whose item table was trained on SSD behind an LRU cache (the served rows are the file's)."""
     root = tmp_path_factory.mktemp("serve_sasrec")
-    rng = np.random.default_rng(3)
-    lines = [f"{u} {int(i)}\n" for u in range(1, 61) for i in rng.integers(1, ITEMS + 1, size=int(rng.integers(3, 12)))]
-    (root / "pairs.txt").write_text("".join(lines))
-    convert_sequences(root / "pairs.txt", root / "ds")
+    write_sequences(root, 60, ITEMS, seed=3, lengths=(3, 12))
     train_sasrec(TrainConfig(data=str(root / "ds"), out=str(root / "run"), model="sasrec", embedding_dim=16,
                              max_len=MAX_LEN, batch_size=16, num_blocks=1, epochs=1, progress=False, num_threads=1,
                              memory_budget="32KiB", eval_batch_size=64))

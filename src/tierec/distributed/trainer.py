@@ -47,7 +47,7 @@ from tierec.train import checkpoint as ckpt
 from tierec.train.idmap import MappedBatch
 from tierec.train.metrics import scores
 from tierec.train.rundir import claim_run_dir, existing_run
-from tierec.train.trainer import Model, Trainer, build_model, data_fingerprint, table_configs, training_loss
+from tierec.train.trainer import Model, Trainer, build_model, data_fingerprint, table_configs, training_loss, weak_ids
 
 log = logging.getLogger(__name__)
 
@@ -282,29 +282,17 @@ class DistributedTrainer(Trainer):
         """``--evict l2`` after step m: every rank measures the live rows of the dynamic tables' shards it holds
         (a slot is a row), and the IDs below the threshold are gathered from all ranks, so every replica of the
         index applies the same sweep (`Trainer._norm_sweep` in one process)."""
-        ix = self.idmaps.index
-        assert ix is not None
         arrays = self.idmaps.state_at(self.step)["arrays"]
-        live, slot_id = arrays["live"], arrays["slot_id"]
         low: list[list[torch.Tensor]] = [[] for _ in self.idmaps.dynamic]
         for s, t in zip(self.ebc.shards, self.ebc.tables, strict=True):
             key = self.ebc.configs[s.index].key
-            if key not in self.idmaps.dynamic:
-                continue
-            ti = self.idmaps.dynamic.index(key)
-            a = self.idmaps.slot_range(key)[0] + s.lo  # the shard's first slot in the index
-            for ca, cb in ix.arrays.chunks(s.rows, 9):
-                local = live[a + ca : a + cb].nonzero().squeeze(1) + ca  # rows of the shard
-                if ix.cfg.default_row == "unknown":
-                    local = local[local + s.lo != 0]  # the shared unknown row stays
-                for part in local.split(1 << 16):
-                    w, _ = t.storage.read(part.to(self.device))
-                    low[ti].append(slot_id[a + part[(w.norm(dim=1) < ix.cfg.l2_threshold).cpu()]])
+            if key in self.idmaps.dynamic:  # the shard's rows are index slots slot_range(key)[0] + s.lo ...
+                low[self.idmaps.dynamic.index(key)].append(
+                    weak_ids(self.idmaps, arrays, self.idmaps.slot_range(key)[0] + s.lo, s.rows, t.storage, self.device))
         mine = [torch.cat(x) if x else torch.empty(0, dtype=torch.int64) for x in low]
         gathered: list = [None] * self.dist.world
         dist.all_gather_object(gathered, mine)
         self.idmaps.add_sweep(self.step, [torch.cat([g[i] for g in gathered]) for i in range(len(mine))])
-
 
     # ------------------------------------------------------------------ checkpoints
     @property

@@ -92,7 +92,6 @@ class Publication:
     dense: dict
     id_maps: object | None
     saved_at: float | None
-    read_s: float = 0.0
     links: list[str] = field(default_factory=list)
 
     @property
@@ -131,7 +130,6 @@ def read_publication(new: Path, manifest: dict, base: Path, id_maps_of: Callable
                      ) -> Publication | None:
     """The changes of checkpoint ``new`` (``manifest``) over the served checkpoint ``base``, or None when ``new``
     is not a chain of delta row sets over ``base`` (load it in full instead)."""
-    t0 = time.perf_counter()
     chain = ckpt.table_chain(new, manifest)
     names = [d.name for d, _ in chain]
     if base.name not in names[:-1] or base.resolve().parent != new.resolve().parent:
@@ -151,8 +149,7 @@ def read_publication(new: Path, manifest: dict, base: Path, id_maps_of: Callable
     id_maps = id_maps_of(new) if id_maps_of is not None else None
     saved = manifest.get("saved_at")
     return Publication(new, int(manifest["step"]), manifest, base, rows, dense, id_maps,
-                       float(saved) if isinstance(saved, (int, float)) else None, time.perf_counter() - t0,
-                       [d.name for d, _ in links])
+                       float(saved) if isinstance(saved, (int, float)) else None, [d.name for d, _ in links])
 
 
 class Served(Protocol):
@@ -160,19 +157,6 @@ class Served(Protocol):
 
     path: Path
     step: int
-
-
-@dataclass
-class FollowStats:
-    """What the follower did: publications applied in place (``deltas``) or by loading in full
-    (``reloads``), rows applied, errors, and the lag (s) of the last one from its ``saved_at``."""
-
-    deltas: int = 0
-    reloads: int = 0
-    rows: int = 0
-    errors: int = 0
-    last_lag_s: float | None = None
-    lags: list[float] = field(default_factory=list)
 
 
 class Follower:
@@ -188,7 +172,6 @@ class Follower:
         self.run_dir, self.every = Path(run_dir), float(every)
         self.current, self.apply, self.reload = current, apply, reload
         self.id_maps_of, self.on_update = id_maps_of, on_update
-        self.stats = FollowStats()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -206,7 +189,6 @@ class Follower:
             try:
                 self.poll()
             except (TierecError, OSError, ValueError, KeyError) as e:  # a half-written or pruned checkpoint: retry
-                self.stats.errors += 1
                 log.warning("--follow: %s (retrying in %.1f s)", e, self.every)
 
     def poll(self) -> str | None:
@@ -225,13 +207,6 @@ class Follower:
             self.reload(latest)
         saved = m.get("saved_at")
         lag = time.time() - float(saved) if isinstance(saved, (int, float)) else None
-        st = self.stats
-        st.deltas += kind == "delta"
-        st.reloads += kind == "reload"
-        st.rows += pub.num_rows if pub is not None and kind == "delta" else 0
-        if lag is not None:
-            st.last_lag_s = lag
-            st.lags.append(lag)
         if self.on_update is not None:
             self.on_update(kind, pub if kind == "delta" else None, lag)
         log.info("--follow: %s -> step %d (%s%s)", latest.name, int(m["step"]), kind,

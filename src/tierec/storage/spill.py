@@ -84,7 +84,6 @@ class SpillArrays:
         self._touched = 0  # bytes of pages possibly made resident since the last trim
         self._lock = threading.Lock()
         self.trims = 0
-        self.file_bytes = 0
         if self.root is not None:
             self.root.mkdir(parents=True, exist_ok=True)
 
@@ -109,7 +108,6 @@ class SpillArrays:
         with self._lock:
             self._maps = [r for r in self._maps if r() is not None]
             self._maps.append(weakref.ref(mm))
-            self.file_bytes += nbytes
         with _MAPPED_LOCK:
             _MAPPED[:] = [m for m in _MAPPED if m[2]() is not None]
             _MAPPED.append((t.data_ptr(), nbytes, weakref.ref(mm)))

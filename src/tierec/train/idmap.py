@@ -92,6 +92,8 @@ class IdMaps:
         subs = [replace(dynamic[k], capacity=c) for k in self.dynamic
                 for c in split_capacity(dynamic[k].capacity, P)]
         names = [k if P == 1 else f"{k}#{p}" for k in self.dynamic for p in range(P)]
+        self._bounds = {k: [0, *torch.tensor(split_capacity(dynamic[k].capacity, P)).cumsum(0).tolist()]
+                        for k in self.dynamic}  # each feature's partitions' first rows, and its rows
         self.index = DynamicIndex(subs, names, spill, resident_bytes or 1) if dynamic else None
         self.snapshots: dict[int, dict] = {}  # step -> the index's state after mapping that step's batch
         self.step = 0  # the last step mapped
@@ -165,7 +167,7 @@ class IdMaps:
 
     def partition_rows(self, feature: str) -> list[int]:
         """The first row of each partition of a dynamic feature's table, and its row count: bounds [P + 1]."""
-        return [0, *torch.tensor(split_capacity(self.configs[feature].capacity, self.partitions)).cumsum(0).tolist()]
+        return self._bounds[feature]
 
     def slot_range(self, feature: str) -> tuple[int, int]:
         """The index slots of a dynamic feature's rows: row r of its table is index slot a + r (its partitions'

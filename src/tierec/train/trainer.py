@@ -502,23 +502,12 @@ class Trainer:
     def _norm_sweep(self) -> None:
         """``--evict l2`` after step m: the rows of the IDs live at m (the index's snapshot) are read through their
         tiers; the IDs whose L2 norm is below the threshold leave when batch m + sweep_delay is mapped."""
-        ix = self.idmaps.index
-        assert ix is not None
         arrays = self.idmaps.state_at(self.step)["arrays"]
-        live, slot_id = arrays["live"], arrays["slot_id"]
         bags = {t.config.key: t for t in self.model.embeddings.bags}
         out = []
         for key in self.idmaps.dynamic:
             a, b = self.idmaps.slot_range(key)  # row r of the table is index slot a + r
-            low = []
-            for ca, cb in ix.arrays.chunks(b - a, 9):  # bounded temporaries (and resident pages, when spilled)
-                local = live[a + ca : a + cb].nonzero().squeeze(1) + ca
-                if ix.cfg.default_row == "unknown":
-                    local = local[local != 0]  # the shared unknown row stays
-                for part in local.split(1 << 16):
-                    w, _ = bags[key].storage.read(part.to(self.device))
-                    low.append(slot_id[a + part[(w.norm(dim=1) < ix.cfg.l2_threshold).cpu()]])
-            out.append(torch.cat(low) if low else torch.empty(0, dtype=torch.int64))
+            out.append(weak_ids(self.idmaps, arrays, a, b - a, bags[key].storage, self.device))
         self.idmaps.add_sweep(self.step, out)
 
     def _lookahead_pipeline(self, stream):
@@ -689,6 +678,23 @@ class Trainer:
         self.log.write("end", **summary)
         self.log.close()
         return summary
+
+
+def weak_ids(idmaps: IdMaps, arrays: dict, first: int, rows: int, storage, device) -> torch.Tensor:
+    """Raw IDs of the live slots ``first`` .. ``first + rows - 1`` of an index snapshot (``arrays``) whose rows
+    (row r at slot first + r, read through ``storage``) have an L2 norm below ``--l2-threshold``, int64 [k].
+    A chunk of slots at a time (bounded temporaries, and resident pages when spilled); a shared unknown row is
+    never live, so never measured."""
+    ix = idmaps.index
+    assert ix is not None
+    live, slot_id = arrays["live"], arrays["slot_id"]
+    low = []
+    for ca, cb in ix.arrays.chunks(rows, 9):
+        local = live[first + ca : first + cb].nonzero().squeeze(1) + ca
+        for part in local.split(1 << 16):
+            w, _ = storage.read(part.to(device))
+            low.append(slot_id[first + part[(w.norm(dim=1) < ix.cfg.l2_threshold).cpu()]])
+    return torch.cat(low) if low else torch.empty(0, dtype=torch.int64)
 
 
 def _spill_root(ckpt_path: Path) -> Path:

@@ -278,3 +278,42 @@ def test_dram_views_decode_what_the_fused_lookup_pools():
         assert torch.equal(ws.weight, dec[40 + ids]) and torch.equal(view.read_rows(0, 9)[0], dec[40:])
         with pytest.raises(RuntimeError):
             view.release(ws, dirty=True)
+
+
+def test_dynamic_tables_export_with_their_id_index(tmp_path):
+    """A dynamic-table checkpoint exports with its ID index: served from the export, raw IDs (known, evicted or
+    never seen) score as served from the checkpoint -- exactly at fp32, within the quantization at int8 -- and a
+    corrupt index file is refused with one line naming it."""
+    from tierec.data.synth import SynthConfig, generate
+
+    data = tmp_path / "data"
+    generate(SynthConfig(rows=5000, num_sparse=3, cardinalities=[3000], num_dense=2, raw_ids=True, seed=3,
+                         progress=False), data, progress=False)
+    run = tmp_path / "run"
+    Trainer(TrainConfig(data=str(data), out=str(run), batch_size=256, progress=False, num_threads=1,
+                        embedding_dim=DIM, bottom_mlp=[16], top_mlp=[16], table_kind="dynamic", table_rows=700,
+                        evict="lfu", decay_every=5, default_row="unknown")).fit()
+    m = ckpt.read_manifest(ckpt.resolve_checkpoint(str(run)))
+    assert any(k.startswith("arrays/") for k in m["files"])  # the index is in array files
+    for dt in ("fp32", "int8"):
+        write_export(run, tmp_path / f"e-{dt}", dt, progress=False)
+    batch = next(Dataset(str(data)).batches("test", 64))
+    out = {}
+    for name, path in (("checkpoint", run), ("fp32", tmp_path / "e-fp32"), ("int8", tmp_path / "e-int8")):
+        for tables in ("ssd", "dram"):
+            lm = load_model(str(path), ServeOptions(tables=tables, warm_rows=0, cache_fraction=0.1))
+            try:
+                assert lm.id_maps is not None
+                out[name, tables] = lm.forward(batch.dense, batch.sparse).numpy()
+            finally:
+                lm.close()
+    for tables in ("ssd", "dram"):
+        np.testing.assert_array_equal(out["fp32", tables], out["checkpoint", "ssd"])
+        diff = np.abs(out["int8", tables] - out["checkpoint", "ssd"])
+        assert 0 < diff.max() < 0.05
+    f = next((tmp_path / "e-int8" / "arrays").iterdir())
+    data_ = bytearray(f.read_bytes())
+    data_[len(data_) // 2] ^= 0x01
+    f.write_bytes(bytes(data_))
+    with pytest.raises(CheckpointError, match=f.name):
+        load_model(str(tmp_path / "e-int8"), ServeOptions(tables="dram", warm_rows=0))

@@ -9,10 +9,13 @@ Layout of an export directory::
                            row_bytes}], files {relative path: {bytes, sha256, ...}} and manifest_sha256 (the
                            sha256 of the other fields, as checkpoints have)
       dense.pt             {"model": the dense weights} (torch.save of tensors only: loaded with
-                           weights_only=True; no optimizer state, no RNG)
+                           weights_only=True; no optimizer state, no RNG), and with dynamic tables
+                           "id_maps": the ID index's state as the checkpoint saved it
       tables/<name>.rows   the table's weights, one packed row per ID in the row dtype
                            (`tierec.storage.quantized`: fp32 | fp16 | bf16 | int8 | int4), one sha256 per
                            chunk of 1M rows; no optimizer state
+      arrays/*.bin         dynamic tables: the ID index's arrays (raw ID -> row), copied from the checkpoint
+                           and checked against its sha256 on the way (`tierec.train.checkpoint.ArrayFile`)
 
 `write_export` streams every table from the checkpoint (its chain, row sets and initial values resolved by
 `tierec.storage.ssd.open_table_chain`, verified against the manifest first) `READ_ROWS` rows at a time:
@@ -22,8 +25,9 @@ every file and the directories, then renames it into place: an interrupted expor
 (format, version, its own sha256); the files are checked as they are loaded
 (`tierec.inference.quantized.load_export`).
 
-Not exported (refused with one line): sasrec checkpoints (served from DRAM, `tierec serve CHECKPOINT`),
-and dynamic tables (their ID index would have to travel with the export).
+Dynamic tables travel with their ID index: serving an export looks raw IDs up in it exactly as serving the
+checkpoint does (an unknown or evicted ID reads the default row). Not exported (refused with one line):
+sasrec checkpoints (served from DRAM, `tierec serve CHECKPOINT`).
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def write_export(checkpoint: str | os.PathLike, out: str | os.PathLike, row_dtyp
     if model not in MODELS:
         raise ConfigError(f"{src}: a {model!r} checkpoint cannot be exported (exports hold {', '.join(MODELS)} "
                           "models); serve the checkpoint itself")
-    _refuse_dynamic(src, m)
+    dynamic = _dynamic_tables(src, m)
     dest = Path(out)
     if dest.exists() and not overwrite:
         raise ConfigError(f"{dest}: already exists; pass --overwrite to replace it")
@@ -83,7 +87,7 @@ def write_export(checkpoint: str | os.PathLike, out: str | os.PathLike, row_dtyp
     try:
         os.chmod(tmp, 0o777 & ~umask())
         (tmp / "tables").mkdir()
-        manifest = _write(src, m, tmp, row_dtype, progress)
+        manifest = _write(src, m, tmp, row_dtype, progress, dynamic)
         if dest.exists():
             shutil.rmtree(dest)
         os.rename(tmp, dest)
@@ -95,7 +99,8 @@ def write_export(checkpoint: str | os.PathLike, out: str | os.PathLike, row_dtyp
     return manifest
 
 
-def _refuse_dynamic(src: Path, m: dict) -> None:
+def _dynamic_tables(src: Path, m: dict) -> list[str]:
+    """The checkpoint's dynamic tables (their ID index travels with the export); [] when it has none."""
     from tierec.data.dataset import Schema
     from tierec.train.config import TrainConfig
 
@@ -104,12 +109,30 @@ def _refuse_dynamic(src: Path, m: dict) -> None:
         maps = cfg.id_maps(Schema.from_json(m["schema"]))
     except TypeError as e:
         raise CheckpointError(f"{src}/manifest.json: its config does not fit this tierec ({e})") from None
-    if maps.index is not None:
-        raise ConfigError(f"{src}: dynamic tables ({', '.join(maps.dynamic)}) cannot be exported yet (their ID "
-                          "index would have to travel with the export); serve the checkpoint itself")
+    if maps.index is not None and cfg.model == "two-tower":
+        raise ConfigError(f"{src}: a two-tower model over dynamic tables cannot be served, so not exported")
+    return list(maps.dynamic) if maps.index is not None else []
 
 
-def _write(src: Path, m: dict, tmp: Path, row_dtype: str, progress: bool) -> dict:
+def _copy_array(src: Path, tmp: Path, rel: str, expect: dict) -> None:
+    """Checkpoint array file ``rel`` copied into the export, its sha256 checked against ``expect`` on the way."""
+    h = hashlib.sha256()
+    dest = tmp / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(src / rel, "rb") as f, open(dest, "wb") as g:
+            while data := f.read(ckpt.ARRAY_CHUNK):
+                h.update(data)
+                g.write(data)
+            g.flush()
+            os.fsync(g.fileno())
+    except FileNotFoundError:
+        raise CheckpointError(f"{src / rel}: listed in the checkpoint manifest but missing") from None
+    if h.hexdigest() != expect.get("sha256"):
+        raise CheckpointError(f"{src / rel}: sha256 does not match the checkpoint manifest (corrupt)")
+
+
+def _write(src: Path, m: dict, tmp: Path, row_dtype: str, progress: bool, dynamic: list[str]) -> dict:
     from tqdm import tqdm
 
     from tierec.storage.ssd import open_table_chain
@@ -142,8 +165,21 @@ def _write(src: Path, m: dict, tmp: Path, row_dtype: str, progress: bool) -> dic
                            "row_bytes": codec.row_bytes})
     fsync_dir(tmp / "tables")
     dense = ckpt.load_dense_state(src, m)
+    payload = {"model": dense["model"]}
+    if dynamic:
+        state = dense.get("id_maps") or {}
+        if not state:
+            raise CheckpointError(f"{src}: dynamic tables ({', '.join(dynamic)}) but no ID index in dense.pt")
+        for rel in state.get("arrays", {}).values():
+            if isinstance(rel, torch.Tensor):  # an index saved inside dense.pt (before array files)
+                continue
+            if not isinstance(rel, str) or rel not in m["files"]:
+                raise CheckpointError(f"{src}: array file {rel} is not in the manifest")
+            _copy_array(src, tmp, rel, m["files"][rel])
+            files[rel] = dict(m["files"][rel])
+        payload["id_maps"] = state
     buf = io.BytesIO()
-    torch.save({"model": dense["model"]}, buf)
+    torch.save(payload, buf)
     data = buf.getvalue()
     atomic_write_bytes(tmp / "dense.pt", data)
     files["dense.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -106,9 +107,10 @@ def load_export(path: Path, options: ServeOptions | None = None, pool=None) -> L
     if cfg.model not in MODELS:
         raise CheckpointError(f"{path}/export.json: model {cfg.model!r} is not servable from an export")
     schema = Schema.from_json(m["schema"])
-    maps = cfg.id_maps(schema)
-    if maps.index is not None:
-        raise CheckpointError(f"{path}: an export with dynamic tables is not supported")
+    maps = cfg.id_maps(schema, spill_root=Path(tempfile.gettempdir()) / "tierec")
+    dense = ckpt.load_dense_state(path, m)  # size, sha256, weights_only=True
+    if maps.index is not None:  # dynamic tables: their ID index, as the checkpoint saved it (`export` module doc)
+        maps.load_state_dict(ckpt.attach_arrays(path, m, dense.get("id_maps") or {}), int(m["step"]))
     id_maps = maps if maps.active else None
     by_name = {t["name"]: t for t in m["tables"]}
     entries = []
@@ -154,7 +156,7 @@ def load_export(path: Path, options: ServeOptions | None = None, pool=None) -> L
 
     try:
         model = build_model(cfg, schema, torch.device("cpu"), storage_factory=factory)
-        model.load_state_dict(ckpt.load_dense_state(path, m)["model"])  # size, sha256, weights_only=True
+        model.load_state_dict(dense["model"])
     except BaseException:
         if shared is not None:
             shared.close()

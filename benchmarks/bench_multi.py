@@ -10,7 +10,8 @@ under one router against N separate `tierec serve` processes, and whether a hot 
 2. For N = 1..--max-models: (a) ``tierec serve-many`` with N models (one `tierec serve` child each, behind
    the router, in this process) and (b) N separate ``tierec serve`` processes, one port each. Every model
    gets --clients closed-loop clients for --duration seconds, all models at once: total requests/s and
-   each model's p99.
+   each model's p99, and the router process's own CPU time per request (/proc: what the hop costs, a
+   figure that holds up better than throughput when other jobs share the cores).
 3. Hot and cold: two models under the router, the cold one at a fixed --cold-rate requests/s (open loop,
    latency from the scheduled send), first alone, then while the hot one takes --hot-clients closed-loop
    clients; without and with ``--model-cpus`` (each child pinned to a core of its own).
@@ -106,6 +107,12 @@ class Router(bsv.ServeProcess):
         self.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (its own, not its children's: the router alone)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load_all(targets: list[tuple[str, str]], bodies, clients: int, seconds: float) -> list[dict]:
     """Every (url, path) at once, ``clients`` closed-loop clients each."""
     async def run():
@@ -124,7 +131,9 @@ def sweep(a, ckpt: str, data: str, bodies, work: Path) -> dict:
         router = Router([f"{m}={ckpt}" for m in names],
                         [f"{m}=" + " ".join(serve_args(ckpt, data)[1:]) for m in names], [], work)
         try:
+            cpu0 = cpu_seconds(router.proc.pid)
             many = load_all([(router.url, f"/v1/models/{m}/predict") for m in names], bodies, a.clients, a.duration)
+            cpu = cpu_seconds(router.proc.pid) - cpu0
         finally:
             router.stop()
         procs = [bsv.ServeProcess(serve_args(ckpt, data), f"separate-{m}") for m in names]
@@ -135,9 +144,11 @@ def sweep(a, ckpt: str, data: str, bodies, work: Path) -> dict:
         finally:
             for p in procs:
                 p.stop()
-        out[n] = {"serve_many": many, "separate": sep}
-        log.info("N=%d: serve-many %.1f req/s, separate %.1f req/s", n, sum(x["rps"] for x in many),
-                 sum(x["rps"] for x in sep))
+        done = sum(x["requests"] for x in many)
+        out[n] = {"serve_many": many, "separate": sep, "router_cpu_ms_per_request": 1e3 * cpu / max(done, 1),
+                  "router_cpu_share": cpu / a.duration}
+        log.info("N=%d: serve-many %.1f req/s (router %.2f ms CPU a request), separate %.1f req/s", n,
+                 sum(x["rps"] for x in many), out[n]["router_cpu_ms_per_request"], sum(x["rps"] for x in sep))
     return out
 
 
@@ -205,12 +216,13 @@ def main() -> int:
 
 def report(res: dict) -> None:
     print("\nN models, the same load per model (closed loop): total req/s and each model's p99 (ms)")
-    print(f"{'N':>2} {'serve-many req/s':>17} {'separate req/s':>15} {'ratio':>6}  p99 serve-many / separate")
+    print(f"{'N':>2} {'serve-many req/s':>17} {'separate req/s':>15} {'ratio':>6} {'router CPU ms/req':>18}  "
+          "p99 serve-many / separate")
     for n, r in res["sweep"].items():
         m, s = r["serve_many"], r["separate"]
         tm, ts = sum(x["rps"] for x in m), sum(x["rps"] for x in s)
         p99 = ", ".join(f"{x['p99_ms']:.0f}/{y['p99_ms']:.0f}" for x, y in zip(m, s, strict=True))
-        print(f"{n:>2} {tm:>17.1f} {ts:>15.1f} {tm / ts:>6.2f}  {p99}")
+        print(f"{n:>2} {tm:>17.1f} {ts:>15.1f} {tm / ts:>6.2f} {r['router_cpu_ms_per_request']:>18.3f}  {p99}")
     print("\nhot and cold (the cold model at a fixed rate, open loop): cold p50 / p99 (ms)")
     for k, r in res["hot_cold"].items():
         al, be = r["cold_alone"], r["cold_beside_hot"]

@@ -9,9 +9,11 @@ Each model is a child process (`Child`) with its own flags (``--model-args``: it
 interpreter: a hot model's requests never wait behind a cold model's batch or for its GIL, only for the
 cores they share; ``--model-cpus`` pins a child to cores of its own (``sched_setaffinity``), which is what
 partitioning one accelerator among models (the MIG paper) amounts to on a CPU. The supervisor
-(`create_multi_app`) is an asyncio proxy: it forwards a request's body to its model's child and the
-child's answer back, so every child's validation and errors (4xx with the field) reach the client as they
-are; a child that died answers 503 for its model alone. The children listen on loopback ports of their
+(`create_multi_app`, a `MultiRouter`) is a minimal asyncio HTTP/1.1 reverse proxy (`tierec.inference.proxy`):
+it forwards a request's head (path rewritten) and body bytes to its model's child over a pooled keep-alive
+connection and the child's response bytes back unchanged -- no JSON parsed or re-encoded on the way -- so
+every child's validation and errors (4xx with the field) reach the client as they are; a child that died
+answers 503 for its model alone, one that does not answer within ``timeout`` 504. The children listen on loopback ports of their
 own; the supervisor binds like ``tierec serve`` (loopback unless ``--allow-remote``).
 
 Routes: ``POST /v1/models/{name}/predict`` and ``/recommend``, ``GET /v1/models/{name}/healthz`` and
@@ -22,6 +24,7 @@ Routes: ``POST /v1/models/{name}/predict`` and ``/recommend``, ``GET /v1/models/
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -30,17 +33,16 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from tierec.errors import ConfigError
 from tierec.inference.metrics import LATENCY_BUCKETS
+from tierec.inference.proxy import BACKEND_ERRORS, Body, HttpError, Proxy, Reply, Request, Upstream, json_reply, reply
 
 log = logging.getLogger(__name__)
 
@@ -173,81 +175,88 @@ def stop_children(children: dict[str, Child]) -> None:
         c.stop()
 
 
-def _error(status: int, message: str, field_: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "field": field_}, status_code=status)
+class MultiRouter(Proxy):
+    """The supervisor's router over running ``children`` (module doc): a `Proxy` that maps
+    ``/v1/models/{name}/<route>`` to the child's path (`FORWARDED`) and forwards the request there on a pooled
+    keep-alive connection (`Upstream`), the child's answer going back byte for byte, and answers
+    ``/v1/models``, ``/healthz`` and ``/metrics`` itself."""
 
+    def __init__(self, children: dict[str, Child], max_body_bytes: int = 1 << 20, timeout: float = 60.0):
+        super().__init__(max_body_bytes, timeout)
+        self.children = children
+        self.upstreams = {name: Upstream("127.0.0.1", c.port) for name, c in children.items()}
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tierec_multi_requests", "requests forwarded, by model and status", ["model", "code"],
+                                registry=self.registry)
+        self.latency = Histogram("tierec_multi_request_seconds", "latency through the supervisor, by model (s)",
+                                 ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._latency = {name: self.latency.labels(name) for name in children}
+        self._counts: dict[tuple[str, int], Any] = {}
 
-def create_multi_app(children: dict[str, Child], max_body_bytes: int = 1 << 20, timeout: float = 60.0) -> FastAPI:
-    """The supervisor's ASGI app over running ``children`` (module doc)."""
-    registry = CollectorRegistry()
-    requests = Counter("tierec_multi_requests", "requests forwarded, by model and status", ["model", "code"],
-                       registry=registry)
-    latency = Histogram("tierec_multi_request_seconds", "latency through the supervisor, by model (s)", ["model"],
-                        buckets=LATENCY_BUCKETS, registry=registry)
-    state: dict = {}
+    def _count(self, name: str, status: int) -> None:
+        c = self._counts.get((name, status))
+        if c is None:
+            c = self._counts[name, status] = self.requests.labels(name, str(status))
+        c.inc()
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-        state["client"] = httpx.AsyncClient(timeout=timeout, limits=limits)
-        try:
-            yield
-        finally:
-            await state["client"].aclose()
+    async def handle(self, req: Request, body: Body) -> Reply:
+        path = req.path
+        if path.startswith("/v1/models/"):
+            return await self.forward(req, body, *path[len("/v1/models/"):].partition("/")[::2])
+        if req.method == "GET" and path in ("/v1/models", "/healthz", "/metrics"):
+            await body.read()
+            if path == "/metrics":
+                return reply(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+            models = await asyncio.gather(*(self.describe(n, c) for n, c in self.children.items()))
+            if path == "/v1/models":
+                return json_reply(200, {"models": models})
+            ok = all(m["alive"] for m in models)
+            return json_reply(200 if ok else 503, {"status": "ok" if ok else "degraded", "models": models})
+        raise HttpError(404, f"no route {req.method} {path}")
 
-    app = FastAPI(title="tierec serve-many", version="1", lifespan=lifespan,
-                  description="Several models, one `tierec serve` process each, behind one router.")
-
-    @app.api_route("/v1/models/{name}/{path}", methods=["GET", "POST"])
-    async def forward(name: str, path: str, request: Request):
+    async def forward(self, req: Request, body: Body, name: str, route: str) -> Reply:
         t0 = time.perf_counter()
-        child = children.get(name)
+        child = self.children.get(name)
         if child is None:
-            return _error(404, f"no model {name!r} (models: {', '.join(children)})", "name")
-        if (request.method, path) not in FORWARDED:
-            return _error(404, f"no route {request.method} /v1/models/{name}/{path}", None)
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            return _error(413, f"request body over {max_body_bytes} bytes", "body")
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            return _error(413, f"request body over {max_body_bytes} bytes", "body")
+            raise HttpError(404, f"no model {name!r} (models: {', '.join(self.children)})", "name")
+        target = FORWARDED.get((req.method, route))
+        if target is None:
+            raise HttpError(404, f"no route {req.method} /v1/models/{name}/{route}")
+        data = await body.read()  # 413 from Content-Length before reading
         if not child.alive():
-            requests.labels(name, "503").inc()
-            return _error(503, f"model {name!r} is down (its process exited with {child.proc.returncode})", "name")
+            self._count(name, 503)
+            raise HttpError(503, f"model {name!r} is down (its process exited with {child.proc.returncode})", "name")
         try:
-            r = await state["client"].request(request.method, child.url + FORWARDED[request.method, path], content=body,
-                                               headers={"content-type": request.headers.get("content-type",
-                                                                                            "application/json")})
-        except httpx.HTTPError as e:
-            requests.labels(name, "503").inc()
-            return _error(503, f"model {name!r} did not answer ({type(e).__name__})", "name")
-        requests.labels(name, str(r.status_code)).inc()
-        latency.labels(name).observe(time.perf_counter() - t0)
-        return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
+            async with asyncio.timeout(self.timeout):
+                r = await self.upstreams[name].exchange(req.method, target.encode() + req.query,
+                                                        req.forwarded_fields(), data)
+        except TimeoutError:
+            self._count(name, 504)
+            raise HttpError(504, f"model {name!r} did not answer in {self.timeout:g} s", "name") from None
+        except BACKEND_ERRORS as e:
+            self._count(name, 503)
+            raise HttpError(503, f"model {name!r} did not answer ({type(e).__name__})", "name") from None
+        self._count(name, r.status)
+        self._latency[name].observe(time.perf_counter() - t0)
+        return Reply(r.raw, r.close, r.status)
 
-    async def describe(name: str, child: Child) -> dict:
+    async def describe(self, name: str, child: Child) -> dict:
         d = {"name": name, "checkpoint": child.spec.checkpoint, "alive": child.alive(), "cpus": child.spec.cpus}
         if d["alive"]:
             try:
-                r = await state["client"].get(child.url + "/healthz", timeout=5)
-                d["step"] = r.json()["ranker"]["step"]
-            except (httpx.HTTPError, KeyError, ValueError):
+                async with asyncio.timeout(min(5.0, self.timeout)):
+                    r = await self.upstreams[name].exchange("GET", b"/healthz", b"", b"")
+                d["step"] = json.loads(r.body())["ranker"]["step"]
+            except (TimeoutError, KeyError, TypeError, *BACKEND_ERRORS):
                 d["alive"] = False
         return d
 
-    @app.get("/v1/models")
-    async def models():
-        return {"models": await asyncio.gather(*(describe(n, c) for n, c in children.items()))}
+    async def close(self) -> None:
+        for u in self.upstreams.values():
+            u.close()
 
-    @app.get("/healthz")
-    async def healthz():
-        ms = await asyncio.gather(*(describe(n, c) for n, c in children.items()))
-        ok = all(m["alive"] for m in ms)
-        return JSONResponse({"status": "ok" if ok else "degraded", "models": ms}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
+def create_multi_app(children: dict[str, Child], max_body_bytes: int = 1 << 20, timeout: float = 60.0) -> MultiRouter:
+    """The supervisor's router over running ``children``: ``.serve(host, port)`` (blocking, until SIGINT or
+    SIGTERM) or ``with .running() as url:`` (in a thread of its own)."""
+    return MultiRouter(children, max_body_bytes, timeout)

@@ -27,9 +27,16 @@ Configurations, each a `LoaderSettings` (the same batches under all of them: onl
   before it had knobs);
 - ``autotune``: `tierec train --input autotune` (profiled at start, chosen by the operational model);
 - ``sweep``: every configuration of a grid (reader threads x reads ahead x batch workers x row groups
-  per read), one run each; the three fastest are run twice more and ranked by their median: the
-  best hand-tuned configuration. Autotune runs twice more beside them, and the *head to head*
-  ratio compares those runs with the best's reruns of the same minutes.
+  per read, and the same with the reader and/or batch workers as processes), one run each; the
+  three fastest are run twice more and ranked by their median: the best hand-tuned configuration.
+  Autotune runs twice more beside them, and the *head to head* ratio compares those runs with the
+  best's reruns of the same minutes.
+
+Worker processes start from a server started once before the runs (`start_process_server`: its
+one-time imports are no run's); each pass still forks its own workers (~0.05-0.1 s), inside the
+run's time. A last section (alone: --pipeline-only) measures the pipeline without training, its
+workers as threads, as processes moving their results through /dev/shm (`TRANSFER` "shm", the
+default), and as processes pickling them through the pool's pipe ("pipe"), in alternating order.
 
 The measured rows are noisy on a shared machine (other processes take cores at random): every
 figure is the median of --rounds runs taken in alternating order, and the output says so.
@@ -49,10 +56,12 @@ from pathlib import Path
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0] + "/src")
 
+from tierec.data import workers
 from tierec.data.dataset import Dataset
 from tierec.data.loader import LoaderSettings
-from tierec.data.profile import cpu_count, other_cores
+from tierec.data.profile import cpu_count, measure_pipeline, other_cores
 from tierec.data.synth import SynthConfig, generate
+from tierec.data.workers import start_process_server
 from tierec.train.config import TrainConfig
 from tierec.train.trainer import Trainer
 
@@ -66,7 +75,8 @@ MISCONFIGURED = {
 def settings_flags(s: LoaderSettings) -> dict:
     return dict(input_readers=s.reader_threads, input_prefetch=s.prefetch, input_read_groups=s.read_groups,
                 input_batch_workers=s.batch_workers, input_batch_prefetch=s.batch_prefetch,
-                input_cache=str(s.cache_bytes or 0))
+                input_cache=str(s.cache_bytes or 0), input_reader_processes=s.process_readers,
+                input_batch_processes=s.process_batches)
 
 
 def grid(quick: bool) -> list[LoaderSettings]:
@@ -80,7 +90,55 @@ def grid(quick: bool) -> list[LoaderSettings]:
             for r in readers:
                 out.append(LoaderSettings(reader_threads=r, prefetch=2 * r, read_groups=g, batch_workers=bw,
                                           batch_prefetch=max(2, 2 * bw)))
-    return out
+    procs = []  # the same with worker processes (one row group a read): all its workers, and readers alone
+    for s in out:
+        if s.read_groups != 1 or not s.threads:
+            continue
+        kinds = [(bool(s.prefetch), bool(s.batch_workers))]
+        if s.prefetch and s.batch_workers:
+            kinds.append((True, False))  # reader processes, batch threads: one transfer a row, not three
+        procs += [s.with_(process_readers=pr, process_batches=pb) for pr, pb in kinds]
+    return out + procs
+
+
+PIPELINE_CONFIGS = {
+    "2 readers": LoaderSettings(reader_threads=2, prefetch=4),
+    "2 readers + 1 batch worker": LoaderSettings(reader_threads=2, prefetch=4, batch_workers=1),
+}
+
+
+def pipeline_check(data: Path, args) -> dict:
+    """The pipeline alone (no training), each of `PIPELINE_CONFIGS` with its workers as threads, as processes
+    moving their results through /dev/shm (``TRANSFER`` "shm", the default), and as processes pickling them
+    through the pool's pipe ("pipe"): rows/s, the median of ``args.rounds`` passes each, taken in alternating
+    order after a first round that warms the page cache."""
+    ds = Dataset(data)
+    rows = min(ds.num_rows("train"), args.steps * args.batch_size * 3)
+    kinds = ["threads", "processes shm", "processes pipe"]
+    out: dict = {}
+    try:
+        for r in range(args.rounds + 1):
+            for name, s in PIPELINE_CONFIGS.items():
+                for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+                    workers.TRANSFER = "pipe" if kind.endswith("pipe") else "shm"
+                    procs = kind != "threads"
+                    cfg = s.with_(process_readers=procs, process_batches=procs and s.batch_workers > 0)
+                    run = measure_pipeline(ds, cfg, batch_size=args.batch_size, max_rows=rows, dedup=True)
+                    if r:
+                        out.setdefault(name, {}).setdefault(kind, []).append(run.rows_per_s)
+    finally:
+        workers.TRANSFER = "shm"
+    return {"rows": rows, "configs": {k: {t: {"rows_per_s": statistics.median(v), "runs": v} for t, v in d.items()}
+                                      for k, d in out.items()}}
+
+
+def print_pipeline(res: dict, rounds: int) -> None:
+    print(f"\npipeline alone (no training; {res['rows']:,} rows a pass, median of {rounds} passes in alternating "
+          "order), rows/s:")
+    print(f"  {'configuration':<28} {'threads':>9} {'processes shm':>14} {'processes pipe':>15}")
+    for name, d in res["configs"].items():
+        print(f"  {name:<28} {d['threads']['rows_per_s']:>9,.0f} {d['processes shm']['rows_per_s']:>14,.0f} "
+              f"{d['processes pipe']['rows_per_s']:>15,.0f}")
 
 
 def train(data: Path, work: Path, args, settings: LoaderSettings | None, autotune: bool = False) -> dict:
@@ -111,7 +169,7 @@ def median_of(runs: list[dict]) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="~3 minutes: 40k rows, 12 steps, a 6-configuration sweep")
+    ap.add_argument("--quick", action="store_true", help="~3 minutes: 40k rows, 12 steps, a 13-configuration sweep")
     ap.add_argument("--rows", type=int, default=None, help="rows of the data set (default 120k; quick 40k)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 30; quick 12)")
     ap.add_argument("--batch-size", type=int, default=1024)
@@ -120,6 +178,8 @@ def main() -> int:
     ap.add_argument("--user-multi-hot", default="poisson:16", help="IDs per row of the 13 user-side features")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--keep", default=None, help="keep the data set in this directory (reused when it exists)")
+    ap.add_argument("--pipeline-only", action="store_true",
+                    help="only the last section: the pipeline alone with threads vs worker processes (shm vs pipe)")
     args = ap.parse_args()
     args.rows = args.rows or (40_000 if args.quick else 120_000)
     args.steps = args.steps or (12 if args.quick else 30)
@@ -142,6 +202,16 @@ def main() -> int:
               f"{cpu_count()} cores, {load:.1f} of them busy with other processes at the start")
         print("NOTE: a shared machine is noisy (other processes take cores at random): figures are medians of "
               f"{args.rounds} runs in alternating order; differences under ~15% are within the noise.\n")
+        start_process_server()  # worker processes fork from it: its one-time start is no run's
+        if args.pipeline_only:
+            res = pipeline_check(data, args)
+            print_pipeline(res, args.rounds)
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
+                                                       "cores": cpu_count(), "other_cores_at_start": load,
+                                                       "pipeline_alone": res}, indent=2) + "\n")
+            return 0
         named: dict[str, LoaderSettings | None] = {**MISCONFIGURED, "defaults": LoaderSettings(), "autotune": None}
         runs: dict[str, list[dict]] = {k: [] for k in named}
         for r in range(args.rounds):
@@ -186,6 +256,14 @@ def main() -> int:
         print(f"{'autotune':<22} {auto:>10,.0f}   chose: {runs['autotune'][0]['choice']}; profile + choice "
               f"{statistics.median(x['total_s'] - x['train_s'] for x in runs['autotune']):.1f} s per run (setup "
               "included)")
+        procs = [x for x in sweep if x["settings"].processes]
+        if procs:
+            bt = max((x for x in sweep if not x["settings"].processes), key=lambda x: median_of(x["runs"]))
+            bp = max(procs, key=lambda x: median_of(x["runs"]))
+            print(f"{'best with threads':<22} {median_of(bt['runs']):>10,.0f}   {bt['settings'].describe()}")
+            print(f"{'best with processes':<22} {median_of(bp['runs']):>10,.0f}   {bp['settings'].describe()}")
+        pipeline = pipeline_check(data, args)
+        print_pipeline(pipeline, args.rounds)
         elapsed = time.perf_counter() - t_start
         print(f"\n{elapsed / 60:.1f} min; {time.strftime('%Y-%m-%d %H:%M')}")
         result = {"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args), "cores": cpu_count(),
@@ -195,7 +273,7 @@ def main() -> int:
                                       "runs": [x["samples_per_s"] for x in best["runs"]]},
                   "autotune_vs_best": auto / best_rate, "autotune_vs_best_head_to_head": head,
                   "sweep": [{"settings": x["settings"].to_dict(), "samples_per_s": [r["samples_per_s"] for r in x["runs"]]}
-                            for x in sweep], "minutes": elapsed / 60}
+                            for x in sweep], "pipeline_alone": pipeline, "minutes": elapsed / 60}
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

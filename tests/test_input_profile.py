@@ -14,7 +14,7 @@ import torch
 from tierec.cli import main
 from tierec.data.autotune import DriftMonitor, TuneBudget, choose
 from tierec.data.dataset import Batch, Dataset
-from tierec.data.loader import STAGES, InputControl, LoaderSettings
+from tierec.data.loader import STAGES, TRANSFER_STAGES, InputControl, LoaderSettings
 from tierec.data.opmodel import Machine, StageModel, TrainerCost, predict
 from tierec.data.profile import InputProfile, measure_pipeline, profile_stages
 from tierec.data.synth import SynthConfig, generate
@@ -83,7 +83,7 @@ def test_settings_are_validated_and_can_change_while_a_pass_runs(sessions):
 def test_every_stage_is_reported_with_positive_rates(sessions):
     extra = [("ids", lambda b: [torch.unique(b.sparse.values())])]
     stages = profile_stages(sessions, batch_size=200, sample_rows=1024, extra=extra)
-    assert list(stages) == [*STAGES, "ids"]
+    assert list(stages) == [*STAGES, *TRANSFER_STAGES, "ids"]
     for name, st in stages.items():
         assert st.rows > 0 and st.wall_s > 0 and 0 < st.rows_per_s < float("inf"), name
         assert st.cpu_s >= 0 and 0 <= st.serial_fraction <= 1

@@ -122,6 +122,10 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
                    help="threads building batches (0: on the consumer's thread)")
     p.add_argument("--batch-prefetch", type=int, default=d.batch_prefetch, help="batches built ahead")
     p.add_argument("--cache", default="0", help="memory for decoded row groups, e.g. 1GiB")
+    p.add_argument("--reader-processes", action="store_true",
+                   help="the reader workers are processes, not threads (needs --prefetch >= 1, no --cache)")
+    p.add_argument("--batch-processes", action="store_true",
+                   help="the batch workers are processes, not threads (needs --batch-workers >= 1)")
 
 
 def _profile(args) -> int:
@@ -145,7 +149,8 @@ def _profile(args) -> int:
                       embedding_dim=args.embedding_dim, dedup=not args.no_dedup, input_readers=args.reader_threads,
                       input_prefetch=args.prefetch, input_read_groups=args.read_groups,
                       input_batch_workers=args.batch_workers, input_batch_prefetch=args.batch_prefetch,
-                      input_cache=args.cache)
+                      input_cache=args.cache, input_reader_processes=args.reader_processes,
+                      input_batch_processes=args.batch_processes)
     logging.getLogger("tierec").setLevel(logging.INFO)
     prof = profile_input(cfg, ds, cfg.loader_settings(), pick_device(args.device), probe=not args.no_train_probe,
                          sweep=args.sweep, sample_rows=args.sample_rows, pipeline_rows=args.rows,

@@ -158,6 +158,11 @@ HELP = {
                            "(0: on the trainer's thread)",
     "input_batch_prefetch": "batches built ahead of the trainer by the batch workers",
     "input_cache": "memory for a cache of decoded row groups reused by later epochs, e.g. 2GiB (0: none)",
+    "input_reader_processes": "the --input-readers are worker processes, not threads: decoding runs beside the "
+                              "trainer's Python without sharing its GIL; results come back through /dev/shm "
+                              "(needs --input-prefetch >= 1, no --input-cache; docs/input.md)",
+    "input_batch_processes": "the --input-batch-workers are worker processes, not threads (dedup and KJT building "
+                             "without the trainer's GIL; each batch's chunk goes to them and the batch back)",
 }
 CONFIG_ONLY = {"tables", "sharding"}  # nested settings: config file only
 

@@ -5,9 +5,16 @@ batch workers and how far ahead they build, and a cache of decoded row groups wh
 read more than once and fits the memory left), predicts each one's rows/s with
 `tierec.data.opmodel.predict` -- with the training step on the consumer's thread when its cost is
 known -- drops those over the memory budget or over the thread budget, and takes the fastest;
-configurations within ``TIE`` of it are equal, and the one with fewer threads, then less memory,
-wins. The batches are the same under every configuration (`tierec.data.loader`), so the choice never
-changes what a run learns.
+configurations within ``TIE`` of it are equal, and the one with fewer workers, then fewer worker
+processes, then less memory, wins. The batches are the same under every configuration
+(`tierec.data.loader`), so the choice never changes what a run learns.
+
+Worker processes (``process_readers``, ``process_batches``) are considered when the GIL binds: when the
+best configuration of threads falls more than ``GIL_BINDS`` short of what the same candidates would
+reach without the GIL (`tierec.data.opmodel.predict` with ``gil=False``), the candidates are run again
+with their reader and/or batch workers as processes (which pay to move their results), and one of
+those is taken only if it beats the threads by ``PROCESS_MARGIN`` (they cost memory and a start). The
+reasons say which, and why.
 
 `DriftMonitor` watches a running pipeline's `StageClock`: when a stage's time per row inside the
 pipeline moves by more than ``DRIFT`` from what it was when the settings were chosen (other
@@ -29,6 +36,8 @@ TIE = 0.01  # predictions within 1% of the best are equal: fewer threads, then l
 DRIFT = 0.30  # a stage's time per row moving by more than 30% re-plans
 MIN_ROWS = 1 << 15  # rows a stage must have seen in a window before its rate counts
 CACHE_SHARE = 0.5  # the decoded cache takes at most half the memory left to the pipeline
+GIL_BINDS = 0.10  # threads predicted 10% or more below the model without the GIL: worker processes are considered
+PROCESS_MARGIN = 0.05  # worker processes must beat the threads by 5% (memory, start-up, moving results)
 
 
 @dataclass(frozen=True)
@@ -63,8 +72,9 @@ class Choice:
                 "considered": self.considered, "rejected_memory": self.rejected_memory, "reasons": self.reasons}
 
 
-def candidates(threads: int, group_rows: int, batch_rows: int) -> list[LoaderSettings]:
-    """The configurations `choose` compares (a few hundred at most)."""
+def candidates(threads: int, group_rows: int, batch_rows: int, processes: bool = False) -> list[LoaderSettings]:
+    """The configurations `choose` compares (a few hundred at most); ``processes``: also each with its reader
+    and/or batch workers as processes."""
     readers = sorted({r for r in (1, 2, 3, 4, 6, 8) if r <= max(1, threads)})
     groups = sorted({1, max(1, -(-max(32768, 2 * batch_rows) // max(group_rows, 1)))})  # reads of >= 32k rows
     groups = [g for g in groups if g <= 64]
@@ -80,16 +90,21 @@ def candidates(threads: int, group_rows: int, batch_rows: int) -> list[LoaderSet
                 for pf in sorted({r, 2 * r}):
                     out.append(LoaderSettings(reader_threads=r, prefetch=pf, read_groups=g, batch_workers=bw,
                                               batch_prefetch=ahead))
+    if processes:
+        out += [replace(s, process_readers=pr, process_batches=pb) for s in list(out)
+                for pr in (False, bool(s.prefetch)) for pb in (False, bool(s.batch_workers)) if pr or pb]
+        out = list(dict.fromkeys(out))
     return out
 
 
 def _with_cache(stages: dict[str, StageModel], s: LoaderSettings, budget: TuneBudget, trainer: TrainerCost | None,
-                group_rows: int, batch_rows: int) -> tuple[Prediction, float]:
-    """(first pass's prediction, rows/s over all passes)."""
-    first = predict(stages, s, budget.machine, trainer, group_rows, batch_rows)
+                group_rows: int, batch_rows: int, gil: bool = True) -> tuple[Prediction, float]:
+    """(first pass's prediction, rows/s over all passes); ``gil``: as `predict`'s."""
+    first = predict(stages, s, budget.machine, trainer, group_rows, batch_rows, gil=gil, pass_rows=budget.rows)
     if not s.cache_bytes or budget.passes <= 1:
         return first, first.rows_per_s
-    again = predict(stages, s, budget.machine, trainer, group_rows, batch_rows, cached=True)
+    again = predict(stages, s, budget.machine, trainer, group_rows, batch_rows, cached=True, gil=gil,
+                    pass_rows=budget.rows)
     later = budget.passes - 1
     return first, budget.passes / (1 / first.rows_per_s + later / again.rows_per_s)
 
@@ -109,16 +124,41 @@ def choose(stages: dict[str, StageModel], budget: TuneBudget, trainer: TrainerCo
                        f"memory left ({budget.machine.memory_bytes / 2**20:,.0f} MiB)")
     best: tuple[LoaderSettings, Prediction, float] | None = None
     considered = rejected = 0
-    for s in candidates(budget.threads, group_rows, batch_rows):
-        for c in sorted({0, cache}):
-            cand = replace(s, cache_bytes=c)
-            first, rate = _with_cache(stages, cand, budget, trainer, group_rows, batch_rows)
-            considered += 1
-            if first.memory_bytes > budget.machine.memory_bytes:
-                rejected += 1
-                continue
-            if best is None or _better(cand, first, rate, *best):
-                best = (cand, first, rate)
+    free = 0.0  # the best rate of the thread candidates without the GIL
+
+    def consider(cands: list[LoaderSettings]) -> None:
+        nonlocal best, considered, rejected, free
+        for s in cands:
+            for c in sorted({0, 0 if s.process_readers else cache}):  # the cache is the consumer process's
+                cand = replace(s, cache_bytes=c)
+                first, rate = _with_cache(stages, cand, budget, trainer, group_rows, batch_rows)
+                considered += 1
+                if first.memory_bytes > budget.machine.memory_bytes:
+                    rejected += 1
+                    continue
+                if not cand.processes:
+                    free = max(free, _with_cache(stages, cand, budget, trainer, group_rows, batch_rows, gil=False)[1])
+                if best is None or _better(cand, first, rate, *best):
+                    best = (cand, first, rate)
+
+    threads = candidates(budget.threads, group_rows, batch_rows)
+    consider(threads)
+    if best is not None:
+        bound = best[2]
+        if free > bound * (1 + GIL_BINDS):
+            reasons.append(f"worker processes considered: the GIL binds (threads reach {bound:,.0f} rows/s by the "
+                           f"model, {free:,.0f} without the GIL)")
+            thread_best = best
+            consider([s for s in candidates(budget.threads, group_rows, batch_rows, processes=True) if s.processes])
+            if best is not thread_best:
+                reasons.append(f"worker processes chosen: {best[0].describe()} at {best[2]:,.0f} rows/s against "
+                               f"{thread_best[2]:,.0f} with threads")
+            else:
+                reasons.append(f"worker processes not chosen: none beats the threads' {bound:,.0f} rows/s by "
+                               f"{PROCESS_MARGIN:.0%} (moving results costs, and their cores are the same)")
+        else:
+            reasons.append(f"worker processes not considered: the GIL does not bind (threads reach {bound:,.0f} "
+                           f"rows/s by the model, {free:,.0f} without the GIL)")
     if best is None:  # nothing fits: the smallest configuration
         s = LoaderSettings(prefetch=0)
         first, rate = _with_cache(stages, s, budget, trainer, group_rows, batch_rows)
@@ -130,11 +170,17 @@ def choose(stages: dict[str, StageModel], budget: TuneBudget, trainer: TrainerCo
 
 
 def _better(s: LoaderSettings, p: Prediction, rate: float, bs: LoaderSettings, bp: Prediction, brate: float) -> bool:
+    rate, brate = _score(s, rate), _score(bs, brate)
     if rate > brate * (1 + TIE):
         return True
     if rate < brate * (1 - TIE):
         return False
-    return (s.threads, p.memory_bytes, -rate) < (bs.threads, bp.memory_bytes, -brate)
+    return (s.threads, s.processes, p.memory_bytes, -rate) < (bs.threads, bs.processes, bp.memory_bytes, -brate)
+
+
+def _score(s: LoaderSettings, rate: float) -> float:
+    """The rate a configuration competes with: worker processes must beat threads by `PROCESS_MARGIN`."""
+    return rate / (1 + PROCESS_MARGIN) if s.processes else rate
 
 
 class DriftMonitor:

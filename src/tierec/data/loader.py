@@ -30,6 +30,8 @@ The default settings are the loader before it had knobs: one reader thread one r
 batches built on the consumer's thread, no cache. While a pass runs, the interpreter's GIL switch
 interval is `SWITCH_INTERVAL_S` (as the look-ahead pipeline's): a consumer that gives up the GIL in
 every torch kernel gets it back from a busy worker within 0.5 ms instead of 5.
+
+Worker processes (``process_readers``, ``process_batches``): `tierec.data.workers`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
 SWITCH_INTERVAL_S = 5e-4  # the interpreter's GIL switch interval while a pass has threads (`_short_switch`)
 READER_STAGES = ("read", "parquet", "shuffle", "decode")  # one row group each, on the reader threads
 STAGES = (*READER_STAGES, "batch", "dedup")
+TRANSFER_STAGES = ("send", "receive")  # a result to or from a worker process (`workers.TRANSFER`): write it, map it
 MAX_THREADS = 64
 
 
@@ -63,12 +66,14 @@ MAX_THREADS = 64
 class LoaderSettings:
     """The input pipeline's knobs (module doc); validated on construction."""
 
-    reader_threads: int = 1  # threads running the reader stages (read, parquet, shuffle, decode)
+    reader_threads: int = 1  # reader workers running the reader stages (read, parquet, shuffle, decode)
     prefetch: int = 1  # row-group reads in flight ahead of the consumer; 0: read on demand, on its thread
     read_groups: int = 1  # row groups per read (a larger read amortises per-read costs, holds more memory)
-    batch_workers: int = 0  # threads building batches (dedup, KJT); 0: on the consumer's (trainer's) thread
+    batch_workers: int = 0  # workers building batches (dedup, KJT); 0: on the consumer's (trainer's) thread
     batch_prefetch: int = 2  # batches built ahead of the consumer (with batch_workers)
     cache_bytes: int = 0  # decoded row groups kept in memory for later passes; 0: none
+    process_readers: bool = False  # the reader workers are processes, not threads (module doc)
+    process_batches: bool = False  # the batch workers are processes, not threads
 
     def __post_init__(self):
         for name, lo in (("reader_threads", 1), ("prefetch", 0), ("read_groups", 1), ("batch_workers", 0),
@@ -79,20 +84,40 @@ class LoaderSettings:
         for name in ("reader_threads", "batch_workers"):
             if getattr(self, name) > MAX_THREADS:
                 raise ConfigError(f"input setting {name} must be at most {MAX_THREADS}, got {getattr(self, name)}")
+        for name in ("process_readers", "process_batches"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ConfigError(f"input setting {name} must be true or false, got {getattr(self, name)!r}")
+        if self.process_readers and not self.prefetch:
+            raise ConfigError("input setting process_readers needs prefetch >= 1 (with prefetch 0 each read runs on "
+                              "the consumer's thread, not on a reader worker)")
+        if self.process_readers and self.cache_bytes:
+            raise ConfigError("input settings process_readers and cache_bytes exclude each other (the decoded cache "
+                              "is the consumer process's; reader processes do not share it)")
+        if self.process_batches and not self.batch_workers:
+            raise ConfigError("input setting process_batches needs batch_workers >= 1 (with none the batches are "
+                              "built on the consumer's thread)")
 
     @property
     def threads(self) -> int:
-        """Threads the pipeline adds beside its consumer."""
+        """Workers (threads or processes) the pipeline adds beside its consumer."""
         return (self.reader_threads if self.prefetch else 0) + self.batch_workers
+
+    @property
+    def processes(self) -> int:
+        """Of `threads`, the worker processes."""
+        return ((self.reader_threads if self.prefetch and self.process_readers else 0)
+                + (self.batch_workers if self.process_batches else 0))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         cache = f", cache {self.cache_bytes / 2**20:.0f} MiB" if self.cache_bytes else ""
-        reads = (f"{self.reader_threads} reader thread(s), {self.prefetch} read(s) ahead" if self.prefetch
+        readers = "reader process(es)" if self.process_readers else "reader thread(s)"
+        reads = (f"{self.reader_threads} {readers}, {self.prefetch} read(s) ahead" if self.prefetch
                  else "reads on demand (no prefetch)")
-        build = (f"{self.batch_workers} batch worker(s) {self.batch_prefetch} ahead" if self.batch_workers
+        workers = "batch process(es)" if self.process_batches else "batch worker(s)"
+        build = (f"{self.batch_workers} {workers} {self.batch_prefetch} ahead" if self.batch_workers
                  else "batches built on the consumer's thread")
         return f"{reads}, {self.read_groups} row group(s) per read, {build}{cache}"
 
@@ -128,6 +153,7 @@ class StageClock:
         self.stages: dict[str, StageTotals] = {}
         self.waits: dict[str, float] = {}
         self.cache_hits = 0
+        self.worker_cpu_s = 0.0  # CPU seconds of worker processes (their whole tasks: stages and sending)
         self.t0 = time.perf_counter()
 
     @contextmanager
@@ -152,12 +178,26 @@ class StageClock:
         with self._lock:
             self.cache_hits += 1
 
+    def add(self, stages: dict[str, dict], cpu_s: float = 0.0) -> None:
+        """A worker process's totals (``StageTotals`` as dicts, its `snapshot`'s ``stages``) and the CPU seconds
+        of its task."""
+        with self._lock:
+            for name, d in stages.items():
+                t = self.stages.setdefault(name, StageTotals())
+                t.calls += d["calls"]
+                t.rows += d["rows"]
+                t.bytes += d["bytes"]
+                t.wall_s += d["wall_s"]
+                t.cpu_s += d["cpu_s"]
+            self.worker_cpu_s += cpu_s
+
     def snapshot(self) -> dict:
-        """{"elapsed_s", "stages": {name: StageTotals as dict}, "waits", "cache_hits"} at this moment."""
+        """{"elapsed_s", "stages": {name: StageTotals as dict}, "waits", "cache_hits", "worker_cpu_s"} at this
+        moment."""
         with self._lock:
             return {"elapsed_s": time.perf_counter() - self.t0,
                     "stages": {k: asdict(v) for k, v in self.stages.items()},
-                    "waits": dict(self.waits), "cache_hits": self.cache_hits}
+                    "waits": dict(self.waits), "cache_hits": self.cache_hits, "worker_cpu_s": self.worker_cpu_s}
 
 
 class _NullClock(StageClock):
@@ -169,6 +209,9 @@ class _NullClock(StageClock):
         pass
 
     def hit(self) -> None:
+        pass
+
+    def add(self, stages: dict[str, dict], cpu_s: float = 0.0) -> None:
         pass
 
 
@@ -283,6 +326,7 @@ class _Pool:
         self.pool, self.old = None, []
 
 
+# --------------------------------------------------------------------------- worker processes (module doc)
 _switch_lock = threading.Lock()
 _switch_users = 0
 _switch_saved = 0.0
@@ -314,12 +358,15 @@ def stream_chunks(ds: Dataset, plan: ReadPlan, batch_size: int, drop_last: bool,
                   loader: LoaderSettings | InputControl | None = None,
                   clock: StageClock | None = None) -> Iterator[Chunk]:
     """The chunks of ``batch_size`` rows of ``plan`` (`Dataset.chunks`), read as ``loader`` says."""
+    from tierec.data import workers  # its processes import this module
+
     clock = clock or (loader.clock if isinstance(loader, InputControl) else NULL_CLOCK)
     items, remaining = plan.items, plan.remaining
     if not items or remaining <= 0:
         return
     pool = _Pool("tierec-read")
-    pending: deque[Future] = deque()
+    procs = workers.ProcPool()
+    pending: deque[tuple[bool, Future]] = deque()  # (from a worker process, the read) in submission order
     k = 0  # next item of the plan to submit
 
     def read(take: list[tuple[int, int]], cache: DecodedCache | None) -> list[Chunk]:
@@ -332,7 +379,19 @@ def stream_chunks(ds: Dataset, plan: ReadPlan, batch_size: int, drop_last: bool,
             if len(pending) >= s.prefetch:
                 return
             take, k = items[k : k + s.read_groups], k + s.read_groups
-            pending.append(pool.submit(s.reader_threads, read, take, cache_of(ds, s.cache_bytes)))
+            if s.process_readers:
+                pending.append((True, procs.submit(s.reader_threads, workers.read_task, *workers.read_args(ds, plan, take))))
+            else:
+                pending.append((False, pool.submit(s.reader_threads, read, take, cache_of(ds, s.cache_bytes))))
+
+    def receive(fut: Future) -> list[Chunk]:
+        handle, metas, stages, cpu = workers.remote(fut)
+        clock.add(stages, cpu)
+        with clock.stage("receive", 0) as sp:
+            arrays = workers.unpack(handle)
+            chunks = workers.chunks_of(arrays, metas)
+            sp.rows, sp.bytes = sum(len(c) for c in chunks), sum(a.nbytes for a in arrays)
+        return chunks
 
     buf: list[Chunk] = []
     buffered = 0
@@ -342,13 +401,12 @@ def stream_chunks(ds: Dataset, plan: ReadPlan, batch_size: int, drop_last: bool,
         refill()
         while pending or k < len(items):
             if pending:
-                fut = pending.popleft()
+                remote, fut = pending.popleft()
                 if not fut.done():
                     t0 = time.perf_counter()
-                    got = fut.result()
+                    wait([fut])  # its outcome taken after: the wait timed apart from the receiving
                     clock.wait("read", time.perf_counter() - t0)
-                else:
-                    got = fut.result()
+                got = receive(fut) if remote else fut.result()
             else:  # prefetch 0: this thread reads
                 s = _settings(loader)
                 take, k = items[k : k + s.read_groups], k + s.read_groups
@@ -375,9 +433,10 @@ def stream_chunks(ds: Dataset, plan: ReadPlan, batch_size: int, drop_last: bool,
             if remaining <= 0:
                 break
     finally:
-        for f in pending:
+        for _, f in pending:
             f.cancel()
         pool.close()
+        procs.close(list(pending))
         switch.__exit__(None, None, None)
     if buffered and not drop_last:
         yield buf[0].concat(buf)
@@ -387,7 +446,8 @@ def stream_batches(chunks: Iterator[Chunk], keys: list[str], users: list[str],
                    loader: LoaderSettings | InputControl | None = None,
                    clock: StageClock | None = None) -> Iterator[Batch]:
     """`Batch` es of ``chunks`` (`Batch.from_chunk`; ``users``: user-side keys deduplicated), built by the
-    settings' batch workers ahead of the caller, or on its thread."""
+    settings' batch workers (threads or processes) ahead of the caller, or on its thread."""
+    from tierec.data import workers  # its processes import this module
     from tierec.data.dataset import Batch
 
     clock = clock or (loader.clock if isinstance(loader, InputControl) else NULL_CLOCK)
@@ -398,8 +458,27 @@ def stream_batches(chunks: Iterator[Chunk], keys: list[str], users: list[str],
             sp.bytes = batch_nbytes(b)
         return b
 
+    def submit(s: LoaderSettings, chunk: Chunk) -> tuple[bool, Future]:
+        if not s.process_batches:
+            return False, pool.submit(s.batch_workers, build, chunk)
+        with clock.stage("send", len(chunk)) as sp:
+            arrays, metas = workers.chunk_parts([chunk])
+            handle = workers.pack(arrays, workers.TRANSFER, procs.prefix)
+            sp.bytes = sum(a.nbytes for a in arrays)
+        return True, procs.submit(s.batch_workers, workers.build_task, handle, metas, keys, users)
+
+    def receive(fut: Future) -> Batch:
+        handle, meta, stages, cpu = workers.remote(fut)
+        clock.add(stages, cpu)
+        with clock.stage("receive", 0) as sp:
+            arrays = workers.unpack(handle)
+            b = workers.batch_of(arrays, meta)
+            sp.rows, sp.bytes = b.size, sum(a.nbytes for a in arrays)
+        return b
+
     pool = _Pool("tierec-batch")
-    pending: deque[Future] = deque()
+    procs = workers.ProcPool()
+    pending: deque[tuple[bool, Future]] = deque()
     exhausted = False
     switch = _short_switch()
     switch.__enter__()
@@ -411,16 +490,14 @@ def stream_batches(chunks: Iterator[Chunk], keys: list[str], users: list[str],
                 if nxt is None:
                     exhausted = True
                     break
-                pending.append(pool.submit(s.batch_workers, build, nxt))
+                pending.append(submit(s, nxt))
             if pending:
-                fut = pending.popleft()
+                remote, fut = pending.popleft()
                 if not fut.done():
                     t0 = time.perf_counter()
-                    b = fut.result()
+                    wait([fut])  # its outcome taken after: the wait timed apart from the receiving
                     clock.wait("batch", time.perf_counter() - t0)
-                else:
-                    b = fut.result()
-                yield b
+                yield receive(fut) if remote else fut.result()
                 continue
             if exhausted:
                 return
@@ -429,9 +506,10 @@ def stream_batches(chunks: Iterator[Chunk], keys: list[str], users: list[str],
                 return
             yield build(nxt)
     finally:
-        for f in pending:
+        for _, f in pending:
             f.cancel()
         pool.close()
+        procs.close(list(pending))
         close = getattr(chunks, "close", None)
         if close is not None:
             close()

@@ -18,29 +18,44 @@ stages run in three places (`tierec.data.loader` module doc):
 - the consumer: batch (cutting chunks into batches), the stages a caller adds (look-ahead ID
   extraction, host-to-device copy) and, in training, the step itself (``1 / trainer rows/s``).
 
+Either pool's workers may be processes (``process_readers``, ``process_batches``): each has its own
+interpreter, so the pool scales without its serial fractions (``F = 0``) and its stages leave the GIL
+bound; it pays to move its results (`tierec.data.loader.TRANSFER_STAGES`, measured alone on decoded
+chunks and scaled by the bytes a row holds): ``send`` in the worker and ``receive`` on the consumer's
+thread for a read; for a batch, the consumer sends the chunk and receives the batch, the worker the
+reverse; and `MESSAGE_S` a task, on the consumer's side; and when the pass's length is known,
+`PROCESS_START_S` a pass spread over its rows. Its processes take cores as threads do, and
+`PROCESS_BYTES` of memory each.
+
 Each is a resource with a capacity, and the pipeline runs at the smallest of their bounds:
 
-- a pool of ``p`` threads whose stages take ``S = sum(s)`` seconds per row together:
-  ``g p / (S (1 + F (p - 1)))`` rows/s, F their serial fractions weighted by time (Amdahl)
+- a pool of ``p`` workers whose stages take ``S = sum(s)`` seconds per row together:
+  ``g p / (S (1 + F (p - 1)))`` rows/s, F their serial fractions weighted by time (Amdahl; 0 for processes)
   (``p = min(reader_threads, prefetch)`` for the readers, ``batch_workers`` for the builders);
 - the consumer's one thread: ``g / (S + 1 / trainer rows/s)``;
-- the cores it gets: ``cores_for(k) / sum(c)``, the trainer's CPU per row included.
+- the cores it gets: ``cores_for(k) / sum(c)``, the trainer's CPU per row included;
+- the GIL: one thread of the process runs Python at a time: ``1 / (sum f s)`` over the stages on its
+  threads (the pools' when they are threads, the consumer's) plus `TRAINER_GIL` of the training step.
 
 The stage named the *bottleneck* is the longest stage of the bound that binds; on the consumer's
 thread, the trainer when the input stages there take less than `CONSUMER_SHARE` of its time (the
-input pipeline keeps up), else the longest input stage there.
+input pipeline keeps up), else the longest input stage there; for the GIL, the stage holding it longest.
 
 Memory: the reads in flight (``prefetch + p`` reads of ``read_groups`` row groups, each holding its
-Arrow table and its chunk), the batches built ahead, and the decoded cache.
+Arrow table and its chunk), the batches built ahead, the decoded cache, and the worker processes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from tierec.data.loader import READER_STAGES, LoaderSettings
+from tierec.data.loader import READER_STAGES, TRANSFER_STAGES, LoaderSettings
 
 CONSUMER_SHARE = 0.1  # input stages on the trainer's thread taking a tenth of it or more: the input binds
+MESSAGE_S = 2e-4  # a task to a worker process and its result back (~150 us measured on a 2-core VM, idle pool)
+PROCESS_START_S = 0.1  # a pass's pool of worker processes started: forked, data set reopened, first read
+PROCESS_BYTES = 48 << 20  # a worker process's own memory (forked from the preloaded server, pages shared)
+TRAINER_GIL = 0.3  # the share of a CPU training step holding the GIL (Python dispatch, autograd): an estimate
 
 
 @dataclass(frozen=True)
@@ -99,7 +114,7 @@ class TrainerCost:
 @dataclass
 class Prediction:
     rows_per_s: float
-    limit: str  # "reader pool", "batch pool", "consumer", "cpu" or "trainer"
+    limit: str  # "reader pool", "batch pool", "consumer", "cpu", "gil" or "trainer"
     bottleneck: str  # the stage (or "trainer") that binds
     bounds: dict[str, float] = field(default_factory=dict)  # each bound's rows/s
     memory_bytes: int = 0
@@ -119,12 +134,23 @@ def pool_rate(stages: list[StageModel], p: int) -> float:
     return p / (total * (1 + f * (p - 1)))
 
 
+def _scaled(stages: dict[str, StageModel], name: str, bytes_per_row: float, as_: str) -> StageModel | None:
+    """Transfer stage ``name`` (measured on decoded chunks) for a payload of ``bytes_per_row``, as stage ``as_``."""
+    st = stages.get(name)
+    if st is None:
+        return None
+    k = bytes_per_row / st.out_bytes if st.out_bytes > 0 else 1.0
+    return StageModel(as_, st.s * k, st.c * k, 0.0, 0.0)
+
+
 def predict(stages: dict[str, StageModel], settings: LoaderSettings, machine: Machine,
             trainer: TrainerCost | None = None, group_rows: int = 65536, batch_rows: int = 1024,
-            cached: bool = False) -> Prediction:
+            cached: bool = False, gil: bool = True, pass_rows: int = 0) -> Prediction:
     """Rows/s of the pipeline under ``settings`` (module doc); ``trainer``: the step runs on the consumer's
     thread too. ``cached``: every row group comes from the decoded cache (read and parquet cost nothing).
-    Stages not in ``stages`` cost nothing."""
+    ``gil``: False, the model without the GIL (no GIL bound, no serial fractions): what threads would do if
+    they did not share one. ``pass_rows``: the rows of a pass (0: long enough for the start of worker
+    processes not to count). Stages not in ``stages`` cost nothing."""
     def get(names) -> list[StageModel]:
         out = [stages[n] for n in names if n in stages]
         if cached:
@@ -133,27 +159,64 @@ def predict(stages: dict[str, StageModel], settings: LoaderSettings, machine: Ma
 
     readers = get(READER_STAGES)
     builders = get(["dedup"])
-    consumer = get([n for n in stages if n not in READER_STAGES and n != "dedup"])
+    consumer = get([n for n in stages if n not in READER_STAGES and n != "dedup" and n not in TRANSFER_STAGES])
     if settings.prefetch == 0:
         consumer, readers = readers + consumer, []
     if settings.batch_workers == 0:
         consumer, builders = consumer + builders, []
+    proc_r, proc_b = bool(readers) and settings.process_readers, bool(builders) and settings.process_batches
+
+    def out_bytes(name: str) -> float:
+        return stages[name].out_bytes if name in stages else 0.0
+
+    def add(to: list[StageModel], name: str, payload: float, as_: str) -> None:
+        st = _scaled(stages, name, payload, as_)
+        if st is not None:
+            to.append(st)
+
+    transfer: list[StageModel] = []  # what moving results costs (CPU), wherever it runs
+    if proc_r:  # a read's chunks: sent by the worker, received by the consumer; a message a read
+        rows = max(group_rows * settings.read_groups, 1)
+        add(readers, "send", out_bytes("decode"), "send")
+        add(consumer, "receive", out_bytes("decode"), "receive")
+        consumer.append(StageModel("message", MESSAGE_S / rows, MESSAGE_S / rows, 1.0))
+    if proc_b:  # a batch: its chunk sent by the consumer and received by the worker, the batch the other way
+        add(consumer, "send", out_bytes("batch"), "send")
+        add(consumer, "receive", out_bytes("dedup"), "receive")
+        add(builders, "receive", out_bytes("batch"), "receive")
+        add(builders, "send", out_bytes("dedup"), "send")
+        consumer.append(StageModel("message", MESSAGE_S / max(batch_rows, 1), MESSAGE_S / max(batch_rows, 1), 1.0))
+    if (proc_r or proc_b) and pass_rows > 0:  # the consumer waits for the pools to start, once a pass
+        consumer.append(StageModel("start", PROCESS_START_S * (proc_r + proc_b) / pass_rows, 0.0, 0.0))
+    for st in [*readers, *builders, *consumer]:
+        if st.name in (*TRANSFER_STAGES, "message"):
+            transfer.append(st)
     p = min(settings.reader_threads, settings.prefetch)
     step = 1.0 / trainer.rows_per_s if trainer is not None else 0.0
     consumer_s = sum(st.s for st in consumer) + step
-    cpu = sum(st.demand for st in get(list(stages))) + (trainer.cpu_s_per_row if trainer is not None else 0.0)
+    cpu = sum(st.demand for st in get([n for n in stages if n not in TRANSFER_STAGES])) + sum(
+        st.demand for st in transfer) + (trainer.cpu_s_per_row if trainer is not None else 0.0)
     base = trainer.threads if trainer is not None else 1
     s_read, s_build = sum(st.s for st in readers), sum(st.s for st in builders)
+
+    def serial(pool: list[StageModel], process: bool) -> list[StageModel]:
+        return [replace(st, f=0.0) for st in pool] if process or not gil else pool
+
+    # the GIL: the stages on this process's threads, each holding it f of its time; and the step's share
+    holders = [*([] if proc_r else readers), *([] if proc_b else builders), *consumer]
+    gil_s = sum(st.f * st.s for st in holders) + TRAINER_GIL * step
 
     def bounds_at(busy: float) -> dict[str, float]:
         g = machine.share_for(busy)
         out: dict[str, float] = {}
         if readers:
-            out["reader pool"] = g * pool_rate(readers, p)
+            out["reader pool"] = g * pool_rate(serial(readers, proc_r), p)
         if builders:
-            out["batch pool"] = g * pool_rate(builders, settings.batch_workers)
+            out["batch pool"] = g * pool_rate(serial(builders, proc_b), settings.batch_workers)
         out["consumer"] = g / consumer_s if consumer_s > 0 else float("inf")
         out["cpu"] = machine.cores_for(busy) / cpu if cpu > 0 else float("inf")
+        if gil and gil_s > 0:
+            out["gil"] = 1.0 / gil_s
         return out
 
     # Busy threads and the rate depend on each other: a pool thread is busy X * S of the time at rate X, and
@@ -173,12 +236,15 @@ def predict(stages: dict[str, StageModel], settings: LoaderSettings, machine: Ma
     if limit == "reader pool":
         name = max(readers, key=lambda st: st.s).name
     elif limit == "batch pool":
-        name = "dedup"
+        name = max(builders, key=lambda st: st.s).name
     elif limit == "cpu":
-        everything = get(list(stages))
+        everything = get([n for n in stages if n not in TRANSFER_STAGES]) + transfer
         name = max(everything, key=lambda st: st.demand).name if everything else "cpu"
         if trainer is not None and trainer.cpu_s_per_row >= max((st.demand for st in everything), default=0.0):
             name = "trainer"
+    elif limit == "gil":
+        top = max(holders, key=lambda st: st.f * st.s) if holders else None
+        name = "trainer" if top is None or TRAINER_GIL * step >= top.f * top.s else top.name
     else:  # the consumer's thread: the input's share of it names an input stage, else the trainer binds
         own = max(consumer, key=lambda st: st.s) if consumer else None
         inputs = sum(st.s for st in consumer)
@@ -191,11 +257,11 @@ def predict(stages: dict[str, StageModel], settings: LoaderSettings, machine: Ma
 
 def memory_bytes(stages: dict[str, StageModel], settings: LoaderSettings, group_rows: int, batch_rows: int) -> int:
     """Bytes the pipeline holds at most under ``settings``: reads in flight (Arrow + chunk per row), batches
-    ahead, the cache."""
+    ahead, the cache, the worker processes."""
     def per_row(n: str) -> float:
         return stages[n].out_bytes if n in stages else 0.0
 
     p = min(settings.reader_threads, settings.prefetch)
     reads = (settings.prefetch + p + 1) * settings.read_groups * group_rows * (per_row("parquet") + per_row("decode"))
     ahead = (max(settings.batch_prefetch, settings.batch_workers) + 1 if settings.batch_workers else 1)
-    return int(reads + ahead * batch_rows * per_row("dedup") + settings.cache_bytes)
+    return int(reads + ahead * batch_rows * per_row("dedup") + settings.cache_bytes + settings.processes * PROCESS_BYTES)

@@ -6,7 +6,9 @@ sample of row groups, one after another: wall time on one thread, CPU time of th
 (pyarrow's threads included), bytes in or out, and the same work split over two concurrent threads
 (the serial fraction). `measure_pipeline` runs the real pipeline under `LoaderSettings` and reads
 its `StageClock` (time inside each stage, the consumer's waits) and the process's resident memory.
-`LoadMeter` measures other processes' load (the cores they keep busy).
+`LoadMeter` measures other processes' load (the cores they keep busy). Besides the stages of a pass,
+the cost of moving a worker process's results (``send``, ``receive``: the decoded chunks written to
+/dev/shm and mapped back) is measured alone, for the model of process workers.
 `InputProfile` puts them together with the operational model's prediction (`tierec.data.opmodel`)
 and renders the table and the plot (docs/input.md explains how to read them).
 """
@@ -26,8 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from tierec.data.dataset import Batch, Chunk, Dataset
-from tierec.data.loader import LoaderSettings, StageClock, batch_nbytes, chunk_nbytes
+from tierec.data.loader import (
+    TRANSFER_STAGES,
+    LoaderSettings,
+    StageClock,
+    batch_nbytes,
+    chunk_nbytes,
+)
 from tierec.data.opmodel import Machine, Prediction, StageModel, TrainerCost, predict
+from tierec.data.workers import discard, receive_chunks, send_chunks
 from tierec.errors import TierecError
 
 log = logging.getLogger(__name__)
@@ -40,6 +49,8 @@ DESCRIPTIONS = {
     "decode": "Arrow -> numpy chunk, ID/label checks",
     "batch": "chunks cut/joined into batches",
     "dedup": "Batch.from_chunk: KJT (+ inverse KJT)",
+    "send": "a worker process's result written to /dev/shm",
+    "receive": "a worker process's result mapped back",
     "ids": "look-ahead ID extraction (unique IDs per table)",
     "h2d": "pin + host-to-device copy",
 }
@@ -102,7 +113,8 @@ class StageCost:
 @dataclass
 class PipelineRun:
     """The pipeline measured under one configuration: rows/s at the consumer, each stage's time inside the
-    pipeline (`StageClock`), the consumer's waits, process CPU, peak resident memory."""
+    pipeline (`StageClock`), the consumer's waits, CPU (its worker processes' included), peak resident memory
+    (the consumer's process)."""
 
     settings: LoaderSettings
     rows: int
@@ -202,11 +214,12 @@ class LoadMeter:
         self.run0, self.wait0 = _own_sched()
         return self
 
-    def stop(self) -> float:
-        """Cores other processes kept busy since ``start`` (0 on an idle machine)."""
+    def stop(self, workers_cpu_s: float = 0.0) -> float:
+        """Cores other processes kept busy since ``start`` (0 on an idle machine); ``workers_cpu_s``: CPU seconds
+        this process's worker processes used meanwhile (theirs, not other processes' load)."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
         a, o = _cpu_ticks()
-        used = max(0.0, ((a - self.all0) - (o - self.own0)) / dt)
+        used = max(0.0, ((a - self.all0) - (o - self.own0) - workers_cpu_s) / dt)
         run, wait = _own_sched()
         run, wait = run - self.run0, wait - self.wait0
         share = run / (run + wait) if run + wait > 1e-3 else 1.0
@@ -329,9 +342,35 @@ def profile_stages(ds: Dataset, split: str = "train", batch_size: int = 1024, sa
     pieces = [c for p in parts for c in p]
     batches = stage("dedup", pieces, lambda c: Batch.from_chunk(c, ds.schema.sparse_names, users),
                     lambda b: b.size, batch_nbytes)
+    out.update(transfer_costs(chunks, repeats))
     for name, fn in extra:
         stage(name, batches, functools.partial(_keep, fn), lambda r: r[0].size, lambda r: 0)
     return out
+
+
+def _receive_all(sent: list) -> list:
+    return [receive_chunks(h, m) for h, m in sent]
+
+
+def transfer_costs(chunks: list[Chunk], repeats: int = 2) -> dict[str, StageCost]:
+    """What moving ``chunks`` from a worker process costs (`tierec.data.workers.TRANSFER`), best of ``repeats``:
+    ``send`` (written to /dev/shm, or readied for the pipe) and ``receive`` (mapped back: no copy)."""
+    prefix = f"tierec-profile-{os.getpid()}"
+    rows = sum(len(c) for c in chunks)
+    nbytes = sum(chunk_nbytes(c) for c in chunks)
+    best: dict[str, StageCost] = {}
+    for _ in range(max(repeats, 1)):
+        sent, w, c, q = _timed(lambda: [send_chunks([ch], prefix) for ch in chunks])
+        try:
+            _, w2, c2, q2 = _timed(functools.partial(_receive_all, sent))
+        finally:
+            for h, _m in sent:
+                discard(h)
+        for name, (wall, cpu, lost) in (("send", (w, c, q)), ("receive", (w2, c2, q2))):
+            cost = StageCost(name, rows, nbytes, wall, cpu, None, nbytes / max(rows, 1), min(lost, wall))
+            if name not in best or cost.service_s < best[name].service_s:
+                best[name] = cost
+    return best
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -351,7 +390,7 @@ def measure_pipeline(ds: Dataset, settings: LoaderSettings, split: str = "train"
 
     sampler = threading.Thread(target=sample, name="tierec-rss", daemon=True)
     sampler.start()
-    rows, t0, c0 = 0, time.perf_counter(), time.process_time()
+    rows, t0, c0, w0 = 0, time.perf_counter(), time.process_time(), 0.0
     load = LoadMeter().start()
     want = max_rows if max_rows is not None else ds.num_rows(split)
     try:
@@ -365,7 +404,7 @@ def measure_pipeline(ds: Dataset, settings: LoaderSettings, split: str = "train"
                 seen += b.size
                 i += 1
                 if i == warmup_batches:
-                    rows, t0, c0 = 0, time.perf_counter(), time.process_time()
+                    rows, t0, c0, w0 = 0, time.perf_counter(), time.process_time(), clock.worker_cpu_s
                     load.start()
                     continue
                 rows += b.size
@@ -375,9 +414,10 @@ def measure_pipeline(ds: Dataset, settings: LoaderSettings, split: str = "train"
     finally:
         stop.set()
         sampler.join()
-    others = load.stop()
-    return PipelineRun(settings, rows, time.perf_counter() - t0, time.process_time() - c0, peak[0], clock.snapshot(),
-                       others)
+    workers = clock.worker_cpu_s - w0  # worker processes' CPU: the pipeline's, not other processes' load
+    others = load.stop(workers)
+    return PipelineRun(settings, rows, time.perf_counter() - t0, time.process_time() - c0 + workers, peak[0],
+                       clock.snapshot(), others)
 
 
 # --------------------------------------------------------------------------- the report
@@ -400,6 +440,11 @@ class InputProfile:
 
     def models(self) -> dict[str, StageModel]:
         return {k: v.model() for k, v in self.stages.items() if k not in self.off_path}
+
+    def idle(self) -> tuple[str, ...]:
+        """Stages measured for the model that this configuration does not run: moving results, without worker
+        processes."""
+        return () if self.settings.processes else TRANSFER_STAGES
 
     def predict(self, settings: LoaderSettings | None = None, trainer: bool = False) -> Prediction:
         return predict(self.models(), settings or self.settings, self.machine, self.trainer if trainer else None,
@@ -447,7 +492,8 @@ class InputProfile:
         for k, v in self.stages.items():
             width = int(round(30 * max(0.0, math.log10(max(v.rows_per_s, 1.0))) / max(math.log10(max(top, 10.0)),
                                                                                         1e-9)))
-            mark = "  <- bottleneck" if k == b["stage"] else ("  (not on this run's path)" if k in self.off_path else "")
+            mark = ("  <- bottleneck" if k == b["stage"] else "  (not on this run's path)" if k in self.off_path
+                    else "  (process workers only)" if k in self.idle() else "")
             pipe = f"{in_pipe[k]:>14,.0f}" if k in in_pipe else f"{'-':>14}"
             lines.append(f"{k:<8} {v.rows_per_s:>13,.0f} {v.bytes_per_s / 1e6:>8.1f} {v.cpu_us_per_row:>10.2f} "
                          f"{v.serial_fraction:>6.2f} {v.core_wait:>5.0%} {v.out_bytes_per_row:>7.0f} {pipe}  "
@@ -505,7 +551,8 @@ class InputProfile:
         b = self.bottleneck()
         fig, ax = plt.subplots(figsize=(11, 4.8))
         x = list(range(len(names)))
-        colors = ["#d62728" if k == b["stage"] else "#c7c7c7" if k in self.off_path else "#1f77b4" for k in names]
+        colors = ["#d62728" if k == b["stage"] else "#c7c7c7" if k in self.off_path or k in self.idle() else "#1f77b4"
+                  for k in names]
         ax.bar([i - 0.2 for i in x], alone, 0.4, color=colors, label="stage alone (1 thread)")
         if in_pipe:
             ax.bar([i + 0.2 for i in x], [in_pipe.get(k, 0.0) for k in names], 0.4, color="#aec7e8",
@@ -520,7 +567,7 @@ class InputProfile:
                                                                       f"{self.trainer.rows_per_s:,.0f}")
         ax.set_yscale("log")
         ax.set_xticks(x)
-        ax.set_xticklabels([f"{k}\n(off path)" if k in self.off_path else k for k in names])
+        ax.set_xticklabels([f"{k}\n(off path)" if k in self.off_path or k in self.idle() else k for k in names])
         ax.set_ylabel("rows/s (log)")
         ax.set_title(f"input pipeline of {Path(self.dataset).name}: bottleneck {b['stage']} ({b['limit']})")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
@@ -567,7 +614,8 @@ def sweep_model(ds: Dataset, profile: InputProfile, configs: Sequence[tuple[str,
 
 
 def sweep_configs(cores: int) -> list[tuple[str, LoaderSettings]]:
-    """A spread of configurations for the model check: no prefetch, the default, more readers, batch workers."""
+    """A spread of configurations for the model check: no prefetch, the default, more readers, batch workers,
+    worker processes."""
     out = [("no prefetch", LoaderSettings(prefetch=0)),
            ("default (1 reader, 1 ahead)", LoaderSettings()),
            ("1 reader, 4 ahead", LoaderSettings(prefetch=4)),
@@ -577,6 +625,10 @@ def sweep_configs(cores: int) -> list[tuple[str, LoaderSettings]]:
         out.append((f"{r} readers, {2 * r} ahead, 1 batch worker",
                     LoaderSettings(reader_threads=r, prefetch=2 * r, batch_workers=1)))
     out.append(("2 readers, 4 ahead, 2 batch workers", LoaderSettings(reader_threads=2, prefetch=4, batch_workers=2)))
+    out.append(("2 reader processes, 4 ahead", LoaderSettings(reader_threads=2, prefetch=4, process_readers=True)))
+    out.append(("2 reader processes, 4 ahead, 1 batch process",
+                LoaderSettings(reader_threads=2, prefetch=4, process_readers=True, batch_workers=1,
+                               process_batches=True)))
     return out
 
 

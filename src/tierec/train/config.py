@@ -127,6 +127,8 @@ class TrainConfig:
     input_batch_workers: int = 0  # threads building batches (dedup, KJT); 0: on the trainer's thread
     input_batch_prefetch: int = 2  # batches built ahead by the batch workers
     input_cache: str = "0"  # decoded row groups kept in memory for later epochs, e.g. "2GiB"
+    input_reader_processes: bool = False  # the input readers are processes, not threads (the GIL: docs/input.md)
+    input_batch_processes: bool = False  # the batch workers are processes, not threads
 
     def __post_init__(self):
         for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "keep_checkpoints", "checkpoint_chain",
@@ -205,7 +207,8 @@ class TrainConfig:
         return LoaderSettings(self.input_readers, self.input_prefetch, self.input_read_groups,
                               self.input_batch_workers, self.input_batch_prefetch,
                               0 if str(self.input_cache).strip() in ("0", "none") else
-                              parse_bytes(self.input_cache, "input_cache"))
+                              parse_bytes(self.input_cache, "input_cache"),
+                              self.input_reader_processes, self.input_batch_processes)
 
     def dynamic_config(self, capacity: int = 2) -> DynamicConfig:
         """The dynamic tables' policy (``capacity`` filled in per table)."""

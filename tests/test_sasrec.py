@@ -272,3 +272,64 @@ def test_cli_train_eval_resume(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["test"] == summary["test"]
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2]
+
+
+def test_dense_item_adam_is_torch_adam_on_the_whole_table():
+    """``SparseOptimizer(dense=True)`` over steps that touch a few rows each equals torch.optim.Adam on the whole
+    table bit for bit (rows a step does not touch move by their momentum); the lazy one leaves them still."""
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(50, 6, generator=gen)
+    ref = torch.nn.Parameter(w0.clone())
+    torch_adam = torch.optim.Adam([ref], lr=0.01, betas=(0.9, 0.98))
+    dense, lazy = SparseOptimizer("adam", 0.01, beta2=0.98, dense=True), SparseOptimizer("adam", 0.01, beta2=0.98)
+    w, state = w0.clone(), torch.zeros(50, 12)
+    wl, statel = w0.clone(), torch.zeros(50, 12)
+    for step in range(1, 8):
+        index = torch.unique(torch.randint(0, 50, (9,), generator=gen))
+        grad = torch.randn(index.numel(), 6, generator=gen)
+        full = torch.zeros(50, 6)
+        full[index] = grad
+        ref.grad = full
+        torch_adam.step()
+        moved = dense.update(w, state, index, grad, step)
+        assert moved is not None and moved.numel() == 50
+        assert lazy.update(wl, statel, index, grad, step) is None
+        torch.testing.assert_close(w, ref.detach(), rtol=0, atol=0)
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[index] = False
+    assert not torch.equal(w[untouched], wl[untouched])  # momentum moved rows the last step did not touch
+    with pytest.raises(Exception, match="Adam only"):
+        SparseOptimizer("rowwise_adagrad", dense=True)
+
+
+def _item_rows(run: Path) -> torch.Tensor:
+    """The item table's weights in the latest checkpoint of ``run`` (its chain resolved)."""
+    from tierec.storage.ssd import open_table_chain
+    from tierec.train import checkpoint as ckpt
+
+    path = ckpt.resolve_checkpoint(str(run))
+    m = ckpt.read_manifest(path)
+    (t,) = m["tables"]
+    chain = [(d, mm["files"]) for d, mm in ckpt.table_chain(path, m)]
+    with open_table_chain(chain, t["file"], t["num_embeddings"], t["dim"], t["state_dim"]) as f:
+        return f.read_rows(0, t["num_embeddings"])[0]
+
+
+def test_cli_dense_item_adam_resumes_exactly_and_needs_the_table_in_memory(tmp_path, capsys):
+    src = tmp_path / "pairs.txt"
+    _write_pairs(src, n_users=120, n_items=3000)  # most items untouched by a step: moved by momentum alone
+    assert main(["data", "convert", "--format", "sequences", str(src), "--out", str(tmp_path / "ds")]) == 0
+    common = ["train", "--model", "sasrec", "--data", str(tmp_path / "ds"), "--embedding-dim", "8", "--max-len", "10",
+              "--batch-size", "32", "--num-blocks", "1", "--item-adam", "dense", "--no-progress"]
+    # a base checkpoint and an incremental one (rows moved by momentum alone must be in it), then resume
+    assert main([*common, "--out", str(tmp_path / "run"), "--epochs", "2"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "run"), "--epochs", "3", "--resume"]) == 0
+    resumed = json.loads(capsys.readouterr().out)["test"]
+    assert main([*common, "--out", str(tmp_path / "whole"), "--epochs", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"] == resumed
+    rows = [_item_rows(tmp_path / r) for r in ("run", "whole")]
+    assert torch.equal(rows[0], rows[1])  # rows moved by momentum alone are saved too
+    assert main([*common, "--out", str(tmp_path / "ssd"), "--epochs", "1", "--memory-budget", "2KiB"]) == 2
+    err = capsys.readouterr().err
+    assert "--item-adam dense" in err and len(err.strip().splitlines()) == 1

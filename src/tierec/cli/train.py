@@ -44,6 +44,8 @@ HELP = {
     "num_heads": "sasrec: attention heads per block (--embedding-dim must be a multiple)",
     "attn_dropout": "sasrec: dropout rate of the embeddings, attention and feed-forward layers",
     "pre_ln": "sasrec: pre-LayerNorm blocks (default: post-LN, as the original SASRec)",
+    "item_adam": "sasrec: the item table's Adam: lazy (rows absent from a step keep still; any tier) or dense "
+                 "(every row moves each step, as torch.optim.Adam in the reference SASRec; the table in memory)",
     "attention": "sasrec: full (exact causal attention over every key) or pruned (cheap int8 or low-rank scores "
                  "pick each query's --attn-keep keys, exact attention runs on those alone; docs/models.md)",
     "attn_keep": "sasrec, --attention pruned: keys each query keeps (its own position included; padding never)",

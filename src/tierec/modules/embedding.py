@@ -135,7 +135,9 @@ class _FusedPooledLookup(torch.autograd.Function):
         grad_rows = row_gradients(grad_out.contiguous(), lengths, perm, counts, table.config.pooling == "mean",
                                   psw if ctx.weighted else None)
         table.step += 1
-        table.optimizer.update(lk.ws.weight, lk.ws.state, lk.ws.index, grad_rows, int(table.step))
+        moved = table.optimizer.update(lk.ws.weight, lk.ws.state, lk.ws.index, grad_rows, int(table.step))
+        if moved is not None:  # a dense optimizer also moved rows the step did not touch
+            table.storage.mark_written(moved)
         lk.release(True)
         ctx.lk = None
         return (None,) * 6

@@ -108,6 +108,7 @@ class TrainConfig:
     num_heads: int = 1  # sasrec: attention heads (embedding_dim must be a multiple)
     attn_dropout: float = 0.5  # sasrec: dropout of embeddings, attention and feed-forward layers
     pre_ln: bool = False  # sasrec: pre-LayerNorm blocks (default: post-LN, as the original SASRec)
+    item_adam: Literal["lazy", "dense"] = "lazy"  # sasrec: the item table's Adam: touched rows only, or every row
     attention: Literal["full", "pruned"] = "full"  # sasrec: full causal attention, or pruned (docs/models.md)
     attn_keep: int = 32  # sasrec, attention pruned: keys kept per query (its own included)
     attn_threshold: float | None = None  # sasrec, attention pruned: also drop keys this many logits below the best
@@ -176,6 +177,8 @@ class TrainConfig:
         for name in ("max_len", "num_blocks", "num_heads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.item_adam not in ("lazy", "dense"):
+            raise ConfigError(f"item_adam must be 'lazy' or 'dense', got {self.item_adam!r}")
         if not 0 <= self.attn_dropout < 1:
             raise ConfigError(f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
         from tierec.modules.attention import check_pruning
@@ -275,7 +278,7 @@ TRAJECTORY_KEYS = ("model", "cross_layers", "cross_rank", "dcn_structure", "expe
                    "top_mlp", "tower_mlp", "batch_size", "max_train_rows", "dense_optimizer", "lr",
                    "sparse_optimizer", "sparse_lr", "shuffle", "seed", "table_kind", "table_rows", "admit_count",
                    "default_row", "evict", "ttl_steps", "decay_every", "l2_threshold", "id_partitions", "max_len", "num_blocks",
-                   "num_heads", "attn_dropout", "pre_ln", "attention", "attn_keep", "attn_threshold", "attn_score",
+                   "num_heads", "attn_dropout", "pre_ln", "item_adam", "attention", "attn_keep", "attn_threshold", "attn_score",
                    "attn_rank", "num_layers", "l2_reg", "test_ratio", "propagation")
 
 

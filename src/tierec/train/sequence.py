@@ -44,6 +44,7 @@ from tierec.data.sequences import SequenceBatches, SequenceData, load_sequences
 from tierec.errors import CheckpointError, ConfigError
 from tierec.modules.optim import SparseOptimizer
 from tierec.modules.sasrec import SASRec
+from tierec.storage.base import InMemoryTable
 from tierec.storage.plan import AccessSample, BudgetSplit, Placement
 from tierec.train import checkpoint as ckpt
 from tierec.train.config import TrainConfig
@@ -95,8 +96,9 @@ def evaluate_sequences(model: SASRec, data: SequenceData, split: str = "test", b
 
 
 def sparse_optimizer(cfg: TrainConfig) -> SparseOptimizer:
-    """The item table's fused optimizer: lazy Adam with the dense layers' learning rate and betas."""
-    return SparseOptimizer("adam", cfg.lr, beta2=0.98)
+    """The item table's fused optimizer: Adam with the dense layers' learning rate and betas, lazy or dense
+    (``cfg.item_adam``)."""
+    return SparseOptimizer("adam", cfg.lr, beta2=0.98, dense=cfg.item_adam == "dense")
 
 
 def build_sasrec(cfg: TrainConfig, num_items: int, storage_factory=None, device="cpu") -> SASRec:
@@ -257,6 +259,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, storage_factory, max
                 storage_factory, plan, split = item_storage(cfg, batches, dev, fresh=latest is None, resume_from=chain)
             torch.manual_seed(cfg.seed)
             model = build_sasrec(cfg, data.num_items, storage_factory, dev)
+        if cfg.item_adam == "dense" and not isinstance(model.table.storage, InMemoryTable):
+            raise ConfigError("--item-adam dense moves every item row at every step: it needs the item table in "
+                              "memory (raise --memory-budget or use --item-adam lazy)")
         build_s = time.perf_counter() - t_build
         opt = dense_optimizer(model, cfg.lr)
         start_epoch, step = 0, 0

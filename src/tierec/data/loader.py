@@ -40,11 +40,11 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -354,6 +354,21 @@ def _short_switch() -> Iterator[None]:
                 sys.setswitchinterval(_switch_saved)
 
 
+T = TypeVar("T")
+
+
+def _take_next(pending: deque[tuple[bool, Future]], clock: StageClock, waited: str,
+               receive: Callable[[Future], T]) -> T:
+    """The oldest pending result (submission order): a worker process's through ``receive``, a thread's as it is;
+    the time spent waiting for it goes to ``clock`` as ``waited``, apart from the receiving."""
+    remote, fut = pending.popleft()
+    if not fut.done():
+        t0 = time.perf_counter()
+        wait([fut])
+        clock.wait(waited, time.perf_counter() - t0)
+    return receive(fut) if remote else fut.result()
+
+
 def stream_chunks(ds: Dataset, plan: ReadPlan, batch_size: int, drop_last: bool,
                   loader: LoaderSettings | InputControl | None = None,
                   clock: StageClock | None = None) -> Iterator[Chunk]:
@@ -401,12 +416,7 @@ def stream_chunks(ds: Dataset, plan: ReadPlan, batch_size: int, drop_last: bool,
         refill()
         while pending or k < len(items):
             if pending:
-                remote, fut = pending.popleft()
-                if not fut.done():
-                    t0 = time.perf_counter()
-                    wait([fut])  # its outcome taken after: the wait timed apart from the receiving
-                    clock.wait("read", time.perf_counter() - t0)
-                got = receive(fut) if remote else fut.result()
+                got = _take_next(pending, clock, "read", receive)
             else:  # prefetch 0: this thread reads
                 s = _settings(loader)
                 take, k = items[k : k + s.read_groups], k + s.read_groups
@@ -492,12 +502,7 @@ def stream_batches(chunks: Iterator[Chunk], keys: list[str], users: list[str],
                     break
                 pending.append(submit(s, nxt))
             if pending:
-                remote, fut = pending.popleft()
-                if not fut.done():
-                    t0 = time.perf_counter()
-                    wait([fut])  # its outcome taken after: the wait timed apart from the receiving
-                    clock.wait("batch", time.perf_counter() - t0)
-                yield receive(fut) if remote else fut.result()
+                yield _take_next(pending, clock, "batch", receive)
                 continue
             if exhausted:
                 return

@@ -92,7 +92,7 @@ def test_direct_io_concurrent_reads_match_memmap(tmp_path, monkeypatch, batched)
 
     if batched == "lanes":
         monkeypatch.setattr(blockio, "use_aio", lambda *a: False)
-        monkeypatch.setattr(multifile, "READ_GAP_BYTES", 0)  # one run per block group: 4 lanes busy below
+        monkeypatch.setattr(multifile, "READ_GAP_BLOCKS", 0)  # one run per block group: 4 lanes busy below
 
     n, d = 5000, 7  # 32-byte rows: several rows per 4 KiB block, rows straddling blocks
     for i in range(3):

@@ -93,6 +93,31 @@ def test_padded_o_direct_lookahead_resumes_bit_identical_with_packed_checkpoints
         assert files[b.path.stem].stat().st_size == rows * b.row_bytes, "checkpoint tables are packed"
 
 
+@pytest.mark.parametrize("policy", ["lookahead", "lru"])
+def test_write_back_log_trains_and_resumes_bit_identical(tiny_dataset, tmp_path, reference, policy):
+    """--direct-io with packed rows: write-backs go to each SSD working file's log (the budget pays its
+    map), a resume in the middle starts new working files from the checkpoint, and the result equals
+    all-in-memory training."""
+    ref_summary, ref_rows = reference
+    kw = dict(memory_budget="20KiB", cache_policy=policy, lookahead=6, direct_io=True)
+    first = Trainer(cfg(tiny_dataset, tmp_path, max_steps=11, **kw))
+    first.fit()
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert next(r for r in records if r["event"] == "start")["budget_split"]["write_log"] > 0
+    t = Trainer(cfg(tiny_dataset, tmp_path, **kw), resume=True)
+    summary = t.fit()
+
+    def log_rows(st) -> int:  # summed over the SSD files below a cache's stats
+        if isinstance(st, dict):
+            return int(st.get("log_rows", 0)) + sum(log_rows(v) for k, v in st.items() if k != "log_rows")
+        return 0
+
+    assert sum(log_rows(tb.storage.stats()) for tb in t.model.embeddings.tables if hasattr(tb.storage, "stats")) > 0
+    assert summary["auc"] == ref_summary["auc"] and summary["logloss"] == ref_summary["logloss"]
+    for name, (w, s) in table_rows(t).items():
+        assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name
+
+
 def test_tiered_checkpoint_evaluates_from_its_table_files(tiny_dataset, tmp_path, reference):
     from tierec.errors import CheckpointError
     from tierec.train import checkpoint as ckpt
@@ -123,6 +148,55 @@ def test_plan_water_fills_by_access_share():
     # what small_hot left over is split 90:10
     assert plan["big"].cache_rows == 1710 and plan["cold"].cache_rows == 190
     assert sum(p.budget_bytes for p in plan.values()) <= 200_000
+
+
+@pytest.mark.parametrize("policy,grouped", [("lookahead", True), ("lookahead", False), ("lru", False)])
+def test_planned_caches_fill_the_budget_with_what_they_really_allocate(tmp_path, policy, grouped):
+    """The planner sizes the SSD caches by what a cache of that many rows allocates (its hash map's
+    power-of-two table, per-slot metadata, the look-ahead sketch), not by a worst-case bound per row: the
+    caches built from the plan cost exactly what the plan charges, within the budget, and hold more rows
+    than the bound allowed."""
+    from tierec.storage.cache import CachedTable
+    from tierec.storage.lookahead import LookaheadCache
+    from tierec.storage.settings import StorageSettings
+    from tierec.storage.tiered import cache_cost, index_bytes_per_row, plan_budget
+
+    needs = [TableNeeds(f"t{i}", 400_000 * (i + 1), 68, 1000) for i in range(4)] + [TableNeeds("small", 50, 68, 1000)]
+    budget = 20 << 20
+    settings = StorageSettings(root=tmp_path, memory_budget=budget, policy=policy, group_caches=grouped)
+    plan, _ = plan_budget(settings, needs, {})
+    bound = {p.name: p for p in plan_tables(needs, budget, policy, index_bytes_per_row(settings))}
+    ssd = [p for p in plan if p.placement == "ssd"]
+    assert [p.name for p in ssd] == [f"t{i}" for i in range(4)] and plan[-1].placement == "memory"
+    assert sum(p.budget_bytes for p in plan) <= budget
+    assert sum(p.cache_rows for p in ssd) > 1.1 * sum(bound[p.name].cache_rows for p in ssd)
+    # what the caches allocate when built from the plan is what it charged
+    if grouped:
+        rows = sum(p.cache_rows for p in ssd)
+        built = [LookaheadCache.bookkeeping_bytes(rows) + 68 * rows]
+    else:
+        cls = LookaheadCache if policy == "lookahead" else CachedTable
+        built = [cls.bookkeeping_bytes(p.cache_rows, policy) + 68 * p.cache_rows for p in ssd]
+    charged = sum(p.budget_bytes for p in ssd)
+    assert charged >= sum(built) > charged - len(ssd)  # the group's bookkeeping split by rows, rounded up
+    assert cache_cost(plan, needs, settings) == {p.name: p.budget_bytes for p in plan}
+    # the largest that fits: one more row per cache would not
+    grown = [p if p.placement == "memory" else type(p)(**{**p.to_dict(), "cache_rows": int(p.cache_rows * 1.01) + 1})
+             for p in plan]
+    assert sum(cache_cost(grown, needs, settings).values()) > budget
+
+
+def test_cache_bookkeeping_bytes_is_what_a_cache_allocates():
+    from tierec.storage.base import InMemoryTable
+    from tierec.storage.cache import CachedTable
+    from tierec.storage.lookahead import LookaheadCache
+
+    below = InMemoryTable(2_000_000, 4, 1)
+    for cap in (1, 7, 1000, 4097, 70_001):
+        la = LookaheadCache(below, cap)
+        assert la.index_nbytes + la._sketch.nbytes == LookaheadCache.bookkeeping_bytes(cap)
+        for policy in ("lru", "lfu"):
+            assert CachedTable(below, cap, policy).index_nbytes == CachedTable.bookkeeping_bytes(cap, policy)
 
 
 def test_plan_errors():

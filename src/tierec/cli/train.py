@@ -119,6 +119,11 @@ HELP = {
                   "share a missed row's device block when its window uses them: a higher hit rate and 8-21%% "
                   "fewer device bytes for more prefetch CPU per step (slower on a 2-core machine; for machines "
                   "with cores to spare: docs/storage.md)",
+    "ssd_write_log": "with --direct-io, packed rows and --ssd-layout plain (the defaults): write-backs are appended "
+                     "to a log region of each SSD working file in whole blocks, a map (8 B per moved row, 1/16 of "
+                     "--memory-budget at "
+                     "most) says where each row lives; --no-ssd-write-log: written in place, each one reading its "
+                     "4 KiB block first (read-modify-write; docs/storage.md)",
     "plan_batches": "batches read to measure each table's access share for --memory-budget",
     "dedup": "look up user-side features once per unique row of a batch and expand (docs/dedup.md)",
     "table_kind": "fixed: a table of --table-rows rows, raw 64-bit IDs hashed into it (collisions share a row); "

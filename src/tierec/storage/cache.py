@@ -263,6 +263,16 @@ class CachedTable(RowStoreDefaults):
         ts = [self._slot_id, self._hpos, self._dirty, self._stamp, self._pins, self._count, self._prio]
         return self._index.nbytes + sum(t.numel() * t.element_size() for t in ts if t is not None)
 
+    # per slot: _slot_id, _hpos, _stamp (int64), _pins (int32), _dirty (bool); lfu / freq add _count / _prio (int64)
+    SLOT_BYTES = 8 + 8 + 8 + 4 + 1
+
+    @classmethod
+    def bookkeeping_bytes(cls, capacity: int, policy: str = "lru") -> int:
+        """What a cache of ``capacity`` rows allocates beside its rows, exactly as `__init__` does (the memory
+        budget's planner sizes caches with it: `tierec.storage.tiered.fit_caches`); `index_nbytes` once built."""
+        extra = 8 if policy in ("lfu", "freq") else 0
+        return HashIndex.bytes_for(capacity) + capacity * (cls.SLOT_BYTES + extra)
+
     @property
     def nbytes(self) -> int:
         return self.weight.nbytes + self.state.nbytes

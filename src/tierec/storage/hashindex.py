@@ -33,7 +33,7 @@ class HashIndex:
     WINDOW = 8  # entries of a probe run compared at once
 
     def __init__(self, capacity: int, device, val_dtype: torch.dtype = torch.int32, arrays: SpillArrays | None = None):
-        self.bits = max(4, (4 * capacity - 1).bit_length())
+        self.bits = self.table_bits(capacity)
         self.H = 1 << self.bits
         self.mask = self.H - 1
         self.device = device
@@ -45,6 +45,16 @@ class HashIndex:
         self.keys, self.vals = self._tables()
         self.live = self.tomb = 0
         self._offsets = torch.arange(self.WINDOW, device=device)
+
+    @staticmethod
+    def table_bits(capacity: int) -> int:
+        """log2 of the entries of a map for ``capacity`` IDs: the least power of two >= 4 x capacity (at least 16)."""
+        return max(4, (4 * int(capacity) - 1).bit_length())
+
+    @classmethod
+    def bytes_for(cls, capacity: int, val_dtype: torch.dtype = torch.int32) -> int:
+        """Bytes of the two tables of a map for ``capacity`` IDs (int64 keys + ``val_dtype`` values), as built."""
+        return (8 + torch.empty(0, dtype=val_dtype).element_size()) << cls.table_bits(capacity)
 
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.arrays is not None:

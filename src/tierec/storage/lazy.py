@@ -172,7 +172,9 @@ class LazyRows:
     written: RowBits
     slots: np.ndarray | None = None
     changed: RowBits | None = None
-    here: RowBits | None = None  # rows this file holds, when other written rows live in an older link
+    # rows whose bytes this file holds (a writable file: written rows reach it when a cache writes them back;
+    # an attached one: the rest live in an older link); None: every written row
+    here: RowBits | None = None
     origin: str | None = None  # the checkpoint an attached older link came from (`SsdTable.attach`)
 
     @property
@@ -183,12 +185,15 @@ class LazyRows:
     @classmethod
     def fresh(cls, init: RowInit, num_rows: int) -> LazyRows:
         """A writable table of ``num_rows`` with nothing written yet."""
-        return cls(init, RowBits(num_rows), None, RowBits(num_rows))
+        return cls(init, RowBits(num_rows), None, RowBits(num_rows), RowBits(num_rows))
 
-    def mark(self, ids: np.ndarray) -> None:
-        """Rows ``ids`` (int64 [U]) were written (thread-safe: a cache's worker and the trainer mark)."""
+    def mark(self, ids: np.ndarray, stored: bool = True) -> None:
+        """Rows ``ids`` (int64 [U]) were written: into the file (``stored``), or changed in a cache above
+        that writes them back before it drops them (``stored=False``: until then the file holds nothing
+        of theirs, so a write-back to a block of such rows needs no read first). Thread-safe: a cache's
+        worker and the trainer mark."""
         with _MARK_LOCK:
-            for bits in (self.written, self.changed, self.here):
+            for bits in (self.written, self.changed, self.here if stored else None):
                 if bits is not None:
                     bits.mark(ids)
 

@@ -172,6 +172,14 @@ class LookaheadGuard(Protocol):
         ...
 
 
+SKETCH_DEPTH = 2  # rows of the long-run count-min sketch
+
+
+def default_sketch_width(capacity: int) -> int:
+    """Counters per row of a cache's sketch: a power of two >= its capacity (at least 1024)."""
+    return max(1024, 1 << (int(capacity) - 1).bit_length())
+
+
 class LookaheadCache(CachedTable):
     """A `CachedTable` that evicts by next use inside the look-ahead window (see module doc).
 
@@ -194,8 +202,8 @@ class LookaheadCache(CachedTable):
         self._lfreq = torch.zeros(C, dtype=torch.int64, device=self.device)
         self.take_neighbours = neighbours  # take the backing store's block neighbours that the window uses
         self._neighbour = torch.zeros(C, dtype=torch.bool, device=self.device)  # came in as one, not yet used
-        width = sketch_width or max(1024, 1 << (C - 1).bit_length())  # it only ranks rows unused in the window
-        self._sketch = CountMinSketch(width=width, depth=2, device=self.device)
+        width = sketch_width or default_sketch_width(C)  # it only ranks rows unused in the window
+        self._sketch = CountMinSketch(width=width, depth=SKETCH_DEPTH, device=self.device)
         self.oracle = NextUseOracle(self.device)
         self._mu = threading.Lock()  # metadata: index, pins, dirty bits, next uses, oracle
         self._released: deque[tuple[WorkingSet, bool, int]] = deque()  # trainer's releases, not yet applied
@@ -217,6 +225,14 @@ class LookaheadCache(CachedTable):
     @property
     def index_nbytes(self) -> int:
         return super().index_nbytes + self._next.nbytes + self._lfreq.nbytes + self._neighbour.nbytes
+
+    LOOKAHEAD_SLOT_BYTES = 8 + 8 + 1  # _next, _lfreq (int64), _neighbour (bool)
+
+    @classmethod
+    def bookkeeping_bytes(cls, capacity: int, policy: str = "lookahead") -> int:
+        """`CachedTable.bookkeeping_bytes` + the look-ahead metadata and the count-min sketch of its default width."""
+        return (super().bookkeeping_bytes(capacity) + capacity * cls.LOOKAHEAD_SLOT_BYTES
+                + CountMinSketch.bytes_for(default_sketch_width(capacity), SKETCH_DEPTH))
 
     # ------------------------------------------------------------------ locking
     @contextlib.contextmanager

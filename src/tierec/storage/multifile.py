@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LANE_MIN_ROWS = 32  # a read of fewer rows stays in the calling thread
-READ_GAP_BYTES = 4096  # O_DIRECT reads: runs at most 4 KiB apart become one read of the span
+READ_GAP_BLOCKS = 1  # O_DIRECT reads: runs at most one block apart become one read of the span
 
 
 def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor | None = None,
@@ -88,7 +88,7 @@ def _read_files(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecut
     groups: dict[tuple, list[int]] = {}
     for i, (t, ids) in enumerate(reads):
         if ids.size and lanes > 1 and t.read_fd >= 0:
-            groups.setdefault((t.width, t.odirect, t.row_stride, t.align), []).append(i)
+            groups.setdefault((t.width, t.odirect, t.row_stride, t.read_align), []).append(i)
     for idx in groups.values():
         if sum(reads[i][1].size for i in idx) < LANE_MIN_ROWS:
             continue  # read below, in this thread
@@ -113,8 +113,8 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExe
     tab_of = np.repeat(np.arange(len(tabs)), n)
     rb, stride = tabs[0].row_bytes, tabs[0].row_stride
     odirect = tabs[0].odirect
-    plan = blockio.plan_runs(np.concatenate(ids) * stride, rb, tab_of, tabs[0].align if odirect else 4,
-                             READ_GAP_BYTES // tabs[0].align if odirect else 0)
+    plan = blockio.plan_runs(np.concatenate(ids) * stride, rb, tab_of, tabs[0].read_align if odirect else 4,
+                             READ_GAP_BLOCKS if odirect else 0)
     run_tab = tab_of[plan.first].tolist()
     fds = [t.read_fd for t in tabs]
     sizes = [t.file_bytes for t in tabs]
@@ -204,6 +204,21 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
     rt, rid = rt[written], rid[written]
     for k in np.unique(wt).tolist():
         tabs[k].prepare_write()
+    wt, wid, rows = _append_to_logs(tabs, wt, wid, rows)
+    if wid.size == 0 or t0.read_align < t0.align:  # nothing left to write in place, or reads by sector and
+        if wid.size and _exchange_blocks(tabs, wt, wid, rows, rt[:0], rid[:0]) is None:  # writes by block
+            return None  # (what went to a log is there: written again by the caller, the same bytes)
+        out = np.concatenate([np.empty((0, t0.width), np.float32),
+                              *read_many([(tabs[k], rid[rt == k]) for k in np.unique(rt).tolist()])])
+        return _fill_unread(tabs, out, written, asked_t, asked)
+    got = _exchange_blocks(tabs, wt, wid, rows, rt, rid)
+    return None if got is None else _fill_unread(tabs, got, written, asked_t, asked)
+
+
+def _exchange_blocks(tabs, wt: np.ndarray, wid: np.ndarray, rows: np.ndarray, rt: np.ndarray,
+                     rid: np.ndarray) -> np.ndarray | None:
+    """`exchange_many`'s block pass over rows that are all in the files: writes in place (blind or
+    read-modify-write) and reads, counted per table; the rows read, or None where it cannot run."""
     start = time.perf_counter()
     blind = all(t.exclusive_blocks for t in tabs)
     fw, fr, ow, orr = _to_file_rows(tabs, wt, wid, rt, rid)
@@ -221,20 +236,7 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
         out[orr] = out.copy()
     n = len(tabs)
     for k in np.unique(wt).tolist():
-        tabs[k].mark_written(wid[wt == k])
-    if not written.all():  # rows not in the files: initial values, or an older link's (`SsdTable.attach`)
-        full = np.zeros((asked.size, t0.width), np.float32)
-        full[written] = out
-        for k in np.unique(asked_t[~written]).tolist():
-            fresh = np.flatnonzero(~written & (asked_t == k))
-            older = tabs[k].older
-            if older is not None:
-                full[fresh] = read_many([(older, asked[fresh])])[0]
-                continue
-            lazy = tabs[k].lazy_rows()
-            assert lazy is not None
-            full[fresh, : t0.dim] = lazy.init.rows(asked[fresh]).numpy()
-        out = full
+        tabs[k].mark_stored(wid[wt == k])
     rows_w, rows_r = np.bincount(wt, minlength=n), np.bincount(rt, minlength=n)
     dt = (time.perf_counter() - start) / max(1, int(np.count_nonzero(rows_w + rows_r)))
     for k, t in enumerate(tabs):
@@ -246,11 +248,49 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
     return out
 
 
+def _fill_unread(tabs, out: np.ndarray, written: np.ndarray, asked_t: np.ndarray, asked: np.ndarray) -> np.ndarray:
+    """The rows asked (``asked`` of tables ``tabs[asked_t]``) from ``out``, the rows read (those ``written``),
+    and for the rest -- not in the files -- their initial values or an older link's (`SsdTable.attach`)."""
+    if written.all():
+        return out
+    width, dim = tabs[0].width, tabs[0].dim
+    full = np.zeros((asked.size, width), np.float32)
+    full[written] = out
+    for k in np.unique(asked_t[~written]).tolist():
+        fresh = np.flatnonzero(~written & (asked_t == k))
+        older = tabs[k].older
+        if older is not None:
+            full[fresh] = read_many([(older, asked[fresh])])[0]
+            continue
+        lazy = tabs[k].lazy_rows()
+        assert lazy is not None
+        full[fresh, :dim] = lazy.init.rows(asked[fresh]).numpy()
+    return full
+
+
+def _append_to_logs(tabs, wt: np.ndarray, wid: np.ndarray, rows: np.ndarray):
+    """Writes (sorted by table, ID) to tables with a write-back log appended there (`SsdTable.append_log`);
+    the writes left for the block path: (tables, IDs, rows)."""
+    keep = np.ones(wid.size, bool)
+    for k in np.unique(wt).tolist():
+        t = tabs[k]
+        if t.row_log is None:
+            continue
+        m = np.flatnonzero(wt == k)
+        took = m[t.row_log.accepts(wid[m])]
+        if took.size:
+            t0 = time.perf_counter()
+            t.append_log(wid[took], rows[took])
+            t.account("write", int(took.size), time.perf_counter() - t0)
+            keep[took] = False
+    return (wt, wid, rows) if keep.all() else (wt[keep], wid[keep], rows[keep])
+
+
 def _to_file_rows(tabs, wt, wid, rt, rid):
     """The file rows of (table, ID)-sorted writes and reads, sorted by (table, file row) as block plans
     need: (file rows written, file rows read, the writes' order, the reads' order); orders are
     slices (no reordering) where no table has a hot-row layout."""
-    if all(t.layout is None for t in tabs):
+    if all(t.rows_by_id for t in tabs):
         return wid, rid, slice(None), slice(None)
     fw, fr = wid.copy(), rid.copy()
     for tab, ids, f in ((wt, wid, fw), (rt, rid, fr)):
@@ -274,7 +314,7 @@ def _other_rows_hold_data(tabs, run_tab: np.ndarray, foff: np.ndarray, nbytes: n
             continue  # every row holds data
         m = np.flatnonzero(run_tab == k)
         lo = foff[m] // t.row_stride
-        hi = np.minimum((foff[m] + nbytes[m] - 1) // t.row_stride, t.file_rows - 1)  # rows overlapping each run
+        hi = np.minimum((foff[m] + nbytes[m] - 1) // t.row_stride, t.home_rows - 1)  # rows overlapping each run
         cnt = hi - lo + 1
         frows = expand_ranges(lo, cnt)
         _, data = t.rows_with_data(frows)

@@ -116,8 +116,8 @@ def plan_tables(tables: list[TableNeeds], budget: int, policy: str = "lru", inde
 
 @dataclass
 class BudgetSplit:
-    """How a memory budget is spent (bytes). ``row_bits``: 2 bits per row of every table (rows written,
-    and changed since the last checkpoint); ``window``: the look-ahead window (batches read ahead and
+    """How a memory budget is spent (bytes). ``row_bits``: 3 bits per row of every table (rows written,
+    changed since the last checkpoint, held by the SSD file); ``window``: the look-ahead window (batches read ahead and
     the oracle's entries; the pipeline holds it to this); ``layout``: the SSD files' hot-row layouts
     (`tierec.storage.layout.HotLayout`, 16 B per hot row); ``tables``: the rest, for in-memory tables
     and the SSD tables' caches (rows + index)."""
@@ -127,17 +127,19 @@ class BudgetSplit:
     window: int = 0
     layout: int = 0
     id_index: int = 0  # dynamic tables' raw ID -> slot indexes (`DynamicConfig.index_bytes_per_row` per slot)
+    write_log: int = 0  # the SSD files' write-back log maps (`tierec.storage.rowlog`, 8 B per moved row)
 
     @property
     def tables(self) -> int:
-        return self.total - self.row_bits - self.window - self.layout - self.id_index
+        return self.total - self.row_bits - self.window - self.layout - self.id_index - self.write_log
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tables": self.tables}
 
     def describe(self) -> str:
         parts = [("row bits", self.row_bits), ("look-ahead window", self.window), ("hot-row layouts", self.layout),
-                 ("dynamic ID indexes", self.id_index), ("tables and caches", self.tables)]
+                 ("dynamic ID indexes", self.id_index), ("write-back log maps", self.write_log),
+                 ("tables and caches", self.tables)]
         return f"memory budget {format_bytes(self.total)}: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts)
 
 

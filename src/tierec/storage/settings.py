@@ -47,6 +47,7 @@ class StorageSettings:
     direct_io: bool = False  # SSD files opened with O_DIRECT
     row_align: int = 0  # SSD working files: rows padded to this many bytes (0: packed)
     ssd_layout: Literal["hot", "plain"] = "plain"  # hot: rows ordered by sampled hotness + block neighbours taken
+    write_log: bool = True  # O_DIRECT packed SSD files: write-backs appended to a log (`tierec.storage.rowlog`)
     group_caches: bool = True  # look-ahead SSD tables of one row width share one cache (`TableGroup`)
     prefetch_threads: int | None = None  # a group's prefetch threads (None: by cores)
     lookahead: int = 200  # policy lookahead: batches read ahead (the window)

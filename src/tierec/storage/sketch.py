@@ -92,5 +92,10 @@ class CountMinSketch:
     def nbytes(self) -> int:
         return self.table.nbytes
 
+    @staticmethod
+    def bytes_for(width: int, depth: int) -> int:
+        """Bytes of the counters of a ``depth`` x ``width`` sketch (int64)."""
+        return 8 * int(width) * int(depth)
+
     def __repr__(self) -> str:
         return f"CountMinSketch(width={self.width}, depth={self.depth}, total={self.total})"

@@ -72,6 +72,7 @@ from tierec.storage.blockio import ALIGN, MAX_IO, BlockPlan
 from tierec.storage.layout import HotLayout
 from tierec.storage.lazy import LazyRows, RowBits, RowInit
 from tierec.storage.multifile import exchange_many, read_many, write_block_runs
+from tierec.storage.rowlog import RowLog, block_rows
 from tierec.storage.tablefile import (
     FORMAT,
     is_delta,
@@ -87,6 +88,7 @@ from tierec.storage.tablefile import (
 
 log = logging.getLogger(__name__)
 
+SECTOR = 512  # the smallest direct I/O a device may take (its logical sector)
 FAULT_AROUND_BYTES = 64 << 10  # Linux maps up to this much around a faulting file page (read faults)
 PAGE_BYTES = 4096  # a write fault on a shared file mapping maps just its page
 RSS_RELEASE_BYTES = 8 << 20  # mapped bytes touched before the map's pages are dropped from RSS
@@ -112,7 +114,7 @@ class SsdTable:
                  create: bool = False, init_seed: int | None = None, table_index: int = 0,
                  direct_io: bool = False, init: str = "random", readonly: bool = False, row_align: int = 0,
                  lazy_init: RowInit | None = None, slots: np.ndarray | None = None, older: SsdTable | None = None,
-                 layout: HotLayout | None = None):
+                 layout: HotLayout | None = None, row_log: int = 0):
         if num_embeddings <= 0 or dim <= 0 or state_dim < 0:
             raise ConfigError(f"{path}: bad table shape {num_embeddings} rows x (dim {dim} + state {state_dim})")
         row_align = check_row_align(row_align, f"{path}: row_align")
@@ -139,6 +141,16 @@ class SsdTable:
             self.file_rows = int(slots.size)  # rows the file holds
         else:
             self.file_rows = self.num_embeddings if layout is None else layout.file_rows_total
+        self.home_rows = self.file_rows  # rows before a write-back log (`tierec.storage.rowlog`)
+        if row_log and not (create and init == "lazy" and direct_io):
+            raise ConfigError(f"{path}: a write-back log is for a new lazy O_DIRECT working file")
+        if not create and slots is None and not readonly:  # a working file with a log: its capacity is recorded
+            row_log = int((read_sidecar(self.path) or {}).get("row_log", {}).get("capacity", 0))
+        self._log_base = -(-self.home_rows // block_rows(self.row_stride)) * block_rows(self.row_stride)
+        if row_log:
+            self.file_rows = self._log_base + RowLog.region_rows(row_log, self.row_stride)
+        self._log_capacity = int(row_log)
+        self.row_log: RowLog | None = None  # set once the file is open
         self.file_bytes = self.file_rows * self.row_stride
         self.align = ALIGN  # block size of direct I/O (a smaller one where the device takes it: see below)
         self.device = torch.device("cpu")
@@ -176,6 +188,16 @@ class SsdTable:
                 os.posix_fadvise(self._rfd, 0, 0, os.POSIX_FADV_RANDOM)
             if hasattr(mmap, "MADV_RANDOM") and self._mm is not None:  # random rows: no read-ahead of whole files
                 self._mm._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]  # numpy stubs omit memmap._mmap
+        # block size of batched reads: with a write-back log, the device's smallest direct read (nothing is
+        # written back in place, where sector-sized writes of packed rows would cost the device a read)
+        self.read_align = self.align
+        if self.odirect and self._log_capacity:
+            self.read_align = blockio.direct_align(self._fd, SECTOR, self.file_bytes)
+        if self._log_capacity:
+            self.row_log = RowLog(self.path, self._fd if self.odirect else self._bfd, self._log_base,
+                                  self._log_capacity, self.width, self.row_stride, self.num_embeddings)
+            if not create:
+                self._load_log()
         # the rows' floats in the map (a strided view of it when rows are padded); None: not memory-mapped
         self._mrows: np.ndarray | None = self._mm
         if self._mm is not None and self.row_stride != self.row_bytes:
@@ -220,6 +242,9 @@ class SsdTable:
         if self.layout is not None:
             m["hot_rows"] = self.layout.hot_rows
             m["hot_sha256"] = self.layout.sha256()
+        if self._log_capacity:
+            m["row_log"] = self.row_log.state() if self.row_log is not None else {"capacity": self._log_capacity,
+                                                                                   "active": 0, "head": 0}
         if sha256 is not None:
             m["sha256"] = sha256
         return m
@@ -234,6 +259,7 @@ class SsdTable:
             side.unlink()
         written_path(self.path).unlink(missing_ok=True)
         layout_path(self.path).unlink(missing_ok=True)
+        log_path(self.path).unlink(missing_ok=True)
         if self.layout is not None:
             atomic_write_bytes(layout_path(self.path), self.layout.hot.tobytes())
         row_init = None if seed is None else RowInit(seed, table_index, self.num_embeddings, self.dim)
@@ -321,7 +347,8 @@ class SsdTable:
         else:
             raise CheckpointError(f"{wpath}: missing; without it the lazy table file {self.path.name} cannot say "
                                   "which of its rows were written")
-        self._lazy = LazyRows(init, bits, slots, None if self.readonly else bits.copy())
+        writable = not self.readonly
+        self._lazy = LazyRows(init, bits, slots, bits.copy() if writable else None, bits.copy() if writable else None)
 
     def lazy_rows(self) -> LazyRows | None:
         """The rows written since creation and the `RowInit` of every other row (lazy files), else None."""
@@ -357,6 +384,23 @@ class SsdTable:
         if self._lazy is not None and not self.readonly and (self._lazy.written.count()
                                                              or written_path(self.path).exists()):
             atomic_write_bytes(written_path(self.path), self._lazy.written.data.tobytes())
+
+    def _save_log(self) -> None:
+        """The write-back log's map to ``<path>.log`` and its position to the sidecar (`close` does it)."""
+        if self.row_log is None or self.readonly:
+            return
+        self.row_log.save(log_path(self.path))
+        self._sidecar = {**self._sidecar, "row_log": self.row_log.state()}
+        atomic_write_bytes(sidecar_path(self.path), json.dumps(self._sidecar, indent=2).encode())
+
+    def _load_log(self) -> None:
+        assert self.row_log is not None
+        lpath = log_path(self.path)
+        if lpath.is_file():
+            self.row_log.load(lpath, self._sidecar["row_log"])
+        elif self._lazy is not None and self._lazy.written.count():
+            raise CheckpointError(f"{lpath}: missing; without it the rows {self.path.name} moved to its write-back "
+                                  "log cannot be found")
 
     def verify(self) -> bool:
         """Recompute the file's sha256 and compare it with the sidecar's; False when none is recorded."""
@@ -411,7 +455,13 @@ class SsdTable:
         places (`tierec.storage.layout.HotLayout`), or the IDs themselves."""
         if self._lazy is not None and self._lazy.slots is not None:
             return self._lazy.file_rows(ids)
-        return ids if self.layout is None else self.layout.file_rows(ids)
+        home = ids if self.layout is None else self.layout.file_rows(ids)
+        return home if self.row_log is None else self.row_log.lookup(ids, home)
+
+    @property
+    def rows_by_id(self) -> bool:
+        """True when row ``r`` sits at file row ``r`` (no hot layout, no write-back log, not a row set)."""
+        return self.layout is None and self.row_log is None and (self._lazy is None or self._lazy.slots is None)
 
     def neighbours(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
         """The other rows this file holds whole in the direct-I/O blocks that hold rows ``ids`` (int64 [U]):
@@ -424,11 +474,12 @@ class SsdTable:
         if not self.odirect or ids_np.size == 0 or lazy is None or lazy.slots is not None:
             return torch.empty(0, dtype=torch.int64)
         start = self.slots_of(ids_np) * self.row_stride
+        start = start[start < self.home_rows * self.row_stride]  # not the log's rows: its slots name no IDs
         if self.layout is not None:  # the hot rows' blocks: elsewhere rows sit by ID, seldom used together
             start = start[start >= self.num_embeddings * self.row_stride]
         blocks = np.unique(np.concatenate([start // self.align, (start + self.row_bytes - 1) // self.align]))
         lo = -(-blocks * self.align // self.row_stride)  # the first row that starts in each block
-        hi = np.minimum(((blocks + 1) * self.align - self.row_bytes) // self.row_stride + 1, self.file_rows)
+        hi = np.minimum(((blocks + 1) * self.align - self.row_bytes) // self.row_stride + 1, self.home_rows)
         ids_here, held = self.rows_with_data(expand_ranges(lo, np.maximum(hi - lo, 0)))  # rows wholly inside
         return torch.from_numpy(np.setdiff1d(ids_here[held], ids_np))
 
@@ -465,27 +516,46 @@ class SsdTable:
         self.prepare_write()
         rows = self._join(weight, state)
         t0 = time.perf_counter()
+        if self.row_log is not None:  # appended to the log; what it cannot take goes home
+            order = np.argsort(ids_np, kind="stable")
+            ids_np, rows = ids_np[order], rows[order]
+            took = self.row_log.accepts(ids_np)
+            if took.any():
+                self.append_log(ids_np[took], rows[took])
+            ids_np, rows = ids_np[~took], rows[~took]
         frows = self.slots_of(ids_np)
         if self._mrows is not None:
             self._mrows[frows] = rows  # one vectorised scatter
             self._touched(ids_np.size, scattered=True, write=True)
-        else:
+        elif ids_np.size:
             self._block_io(frows, rows)
-        self.mark_written(ids_np)
+        self.mark_stored(ids_np)
         self.account("write", ids_np.size, time.perf_counter() - t0)
 
     def mark_written(self, ids: np.ndarray | torch.Tensor) -> None:
-        """Record rows ``ids`` (int64 [U]) as written (lazy files; nothing otherwise): written here, or
-        changed in a cache above, which writes them back before it drops them."""
+        """Record rows ``ids`` (int64 [U]) as changed in a cache above, which writes them back before it drops
+        them (lazy files; nothing otherwise): written, not yet in the file (`LazyRows.mark`)."""
         if self._lazy is not None:
-            self._lazy.mark(self.check_ids(ids))
+            self._lazy.mark(self.check_ids(ids), stored=False)
+
+    def append_log(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Append rows ``ids`` (int64 [W], sorted, distinct, `RowLog.accepts`-ed) from ``rows`` [W, width] to the
+        write-back log (no read-modify-write); marks them stored."""
+        assert self.row_log is not None
+        written, read = self.row_log.append(ids, rows)
+        self.count_device_bytes(read=read, written=written)
+        self.mark_stored(ids)
+
+    def mark_stored(self, ids: np.ndarray) -> None:
+        """Record rows ``ids`` (int64 [U], checked) as written into this file (lazy files; nothing otherwise)."""
+        if self._lazy is not None:
+            self._lazy.mark(ids)
 
     def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [start, end) as fresh tensors (used by checkpoints)."""
         if not 0 <= start <= end <= self.num_embeddings:
             raise IndexError(f"{self.path}: row range [{start}, {end}) outside [0, {self.num_embeddings})")
-        if self.layout is not None or (self._lazy is not None and (self._lazy.slots is not None
-                                                                    or self.older is not None)):  # rows by ID
+        if not self.rows_by_id or self.older is not None:  # rows by ID
             return self.read(torch.arange(start, end))
         t0 = time.perf_counter()
         if self._mrows is not None:
@@ -509,6 +579,8 @@ class SsdTable:
         if self.layout is not None:  # rows by ID
             self.write(torch.arange(start, start + n), weight, state)
             return
+        if self.row_log is not None:  # home bytes current again
+            self.row_log.drop(np.arange(start, start + n, dtype=np.int64))
         self.prepare_write()
         rows = self._join(weight, state)
         t0 = time.perf_counter()
@@ -563,6 +635,7 @@ class SsdTable:
             self.older.close()
         if self._fd >= 0 or self._bfd >= 0 or self._mm is not None:
             self.save_written()
+            self._save_log()
         if self._mm is not None:
             if not self.readonly:
                 self._mm.flush()
@@ -745,6 +818,9 @@ class SsdTable:
         self._counters = {"read_calls": 0, "write_calls": 0, "rows_read": 0, "rows_write": 0,
                           "bytes_read": 0, "bytes_write": 0, "read_time_s": 0.0, "write_time_s": 0.0}
         self._dev_bytes_read = self._dev_bytes_written = self._dev_bytes_rmw = 0
+        rlog: RowLog | None = getattr(self, "row_log", None)  # None while __init__ runs
+        if rlog is not None:
+            rlog.reset_stats()
 
     def stats(self) -> dict:
         """Counters since creation / `reset_stats`: rows and bytes (logical, row-sized) read and
@@ -763,6 +839,7 @@ class SsdTable:
             "device_bytes_read": self._dev_bytes_read if direct else c["bytes_read"],
             "device_bytes_written": self._dev_bytes_written if direct else c["bytes_write"],
             "rmw_bytes_read": self._dev_bytes_rmw if direct else 0,  # of device_bytes_read: blocks of write-backs
+            **(self.row_log.stats if self.row_log is not None else {}),
         }
 
     def __repr__(self) -> str:
@@ -827,6 +904,12 @@ def read_layout(lp: Path, num_rows: int) -> HotLayout:
         return HotLayout(num_rows, np.frombuffer(data, dtype=np.int64).copy())
     except ValueError as e:
         raise CheckpointError(f"{lp}: {e}") from None
+
+
+def log_path(path: str | os.PathLike) -> Path:
+    """Where a working file's write-back log map lives: ``<path>.log`` (`tierec.storage.rowlog`)."""
+    p = Path(path)
+    return p.with_name(p.name + ".log")
 
 
 def written_path(path: str | os.PathLike) -> Path:

@@ -6,7 +6,7 @@ import errno
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,7 @@ from tierec.storage.plan import (
     measure_lookups,
     plan_tables,
 )
+from tierec.storage.rowlog import map_entry_bytes
 from tierec.storage.settings import StorageSettings, TableSettings
 from tierec.storage.ssd import SsdTable, open_table_chain, read_layout
 from tierec.storage.tablefile import is_row_set, verify_file
@@ -95,13 +96,21 @@ def plan_sampled(settings: StorageSettings, rows: dict[str, int], sample: dict[s
     return plan, sample, split
 
 
+WRITE_LOG_SHARE = 16  # the write-back logs' maps may take at most 1/16 of the budget
+ROW_BITS = 3  # per row of every table: written, changed since the last checkpoint, held by its file (`LazyRows`)
 WINDOW_SHARE = 4  # the look-ahead window may take at most 1/4 of the memory budget
 LAYOUT_SHARE = 16  # the hot-row layouts may take at most 1/16 of it
 LAYOUT_MIN_BUDGET = 1 << 20  # below this budget the files are laid out plain (every byte goes to the caches)
 
 
+def uses_write_log(settings: StorageSettings) -> bool:
+    """Whether SSD working files get a write-back log (`tierec.storage.rowlog`): O_DIRECT, packed rows, laid out
+    plain (a hot layout keeps its rows in place: the block neighbours it reads are the rows written there)."""
+    return settings.write_log and settings.direct_io and not settings.row_align and settings.ssd_layout == "plain"
+
+
 def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSplit:
-    """What ``settings.memory_budget`` pays before the tables: 2 bits per row of every table, and, with
+    """What ``settings.memory_budget`` pays before the tables: `ROW_BITS` bits per row of every table, and, with
     look-ahead, the window: ``lookahead`` batches of the sampled size (8 B per ID + the oracle's
     64 B), at most ``lookahead_memory`` and 1/`WINDOW_SHARE` of the budget (the pipeline holds the
     window to it); with ``ssd_layout="hot"``, the SSD files' hot-row layouts: 16 B per sampled row, at
@@ -109,7 +118,7 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     total = settings.memory_budget or 0
     if settings.memory_budget is None:
         return BudgetSplit(0)
-    row_bits = sum((2 * n.num_embeddings + 7) // 8 for n in needs)
+    row_bits = sum((ROW_BITS * n.num_embeddings + 7) // 8 for n in needs)
     id_index = sum(r.index_bytes for r in settings.table_rows.values())  # dynamic tables' raw ID -> slot indexes
     window = 0
     if settings.uses_lookahead:
@@ -118,7 +127,11 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     layout = 0
     if settings.ssd_layout == "hot" and total >= LAYOUT_MIN_BUDGET:
         layout = min(total // LAYOUT_SHARE, HOT_LAYOUT_BYTES_PER_ROW * sum(n.sampled_rows for n in needs))
-    split = BudgetSplit(total, row_bits, window, layout, id_index)
+    write_log = 0
+    if uses_write_log(settings) and sum(n.table_bytes for n in needs) > total:  # some table will be on SSD
+        write_log = min(total // WRITE_LOG_SHARE, sum(map_entry_bytes(n.num_embeddings) * n.num_embeddings
+                                                      for n in needs))
+    split = BudgetSplit(total, row_bits, window, layout, id_index, write_log)
     if split.tables <= 0:
         raise ConfigError(f"--memory-budget {format_bytes(total)} does not cover the tables' bookkeeping "
                           f"({split.describe()}); raise it")
@@ -155,7 +168,68 @@ def plan_budget(settings: StorageSettings, needs: list[TableNeeds], overrides: d
             o.get("cache_rows", 0) * (row_bytes[name] + index) for name, o in overrides.items())
         for n in needs:
             overrides.setdefault(n.name, {}).setdefault("placement", "memory")
-    return plan_tables(needs, budget, settings.policy, index, overrides), budget
+    plan = plan_tables(needs, budget, settings.policy, index, overrides)
+    if settings.memory_budget is not None:
+        plan = fit_caches(plan, needs, budget, settings, overrides)
+    return plan, budget
+
+
+def cache_cost(plan: list[Placement], needs: list[TableNeeds], settings: StorageSettings) -> dict[str, int]:
+    """Bytes each table of ``plan`` takes from the budget, exactly as the factory will build it: an in-memory
+    table its rows; an SSD table its cache's rows and bookkeeping (`CachedTable.bookkeeping_bytes`), the
+    look-ahead tables of one row width sharing one cache (`TableGroup`), whose bookkeeping they split
+    by rows."""
+    row_bytes = {n.name: n.row_bytes for n in needs}
+    out = {p.name: p.table_bytes for p in plan if p.placement == "memory"}
+    groups: dict[int, list[Placement]] = {}
+    for p in plan:
+        if p.placement != "ssd":
+            continue
+        if p.policy == "lookahead" and settings.group_caches:
+            groups.setdefault(row_bytes[p.name], []).append(p)
+            continue
+        cls = LookaheadCache if p.policy == "lookahead" else CachedTable
+        out[p.name] = p.cache_rows * row_bytes[p.name] + cls.bookkeeping_bytes(p.cache_rows, p.policy)
+    for rb, members in groups.items():
+        rows = sum(p.cache_rows for p in members)
+        book = LookaheadCache.bookkeeping_bytes(rows)
+        for p in members:
+            out[p.name] = p.cache_rows * rb + -(-book * p.cache_rows // rows)
+    return out
+
+
+def fit_caches(plan: list[Placement], needs: list[TableNeeds], budget: int, settings: StorageSettings,
+               overrides: dict[str, TableOverrides]) -> list[Placement]:
+    """``plan`` with its SSD caches sized to what they really cost (`cache_cost`) instead of `plan_tables`'s
+    per-row bound: the caches whose rows no per-table setting fixes grow (or shrink) by one factor --
+    each at most its table's rows -- to the largest that fits ``budget``. The bound, made for the worst
+    case, left a quarter of the budget unused at most sizes (a hash map's power-of-two rounding, the
+    sketch's minimum width). A plan that does not fit even at one row per cache is returned as it was."""
+    free = {p.name for p in plan if p.placement == "ssd" and "cache_rows" not in overrides.get(p.name, {})}
+    if not free:
+        return plan
+    table_rows = {n.name: n.num_embeddings for n in needs}
+
+    def scaled(f: float) -> list[Placement]:
+        return [replace(p, cache_rows=min(table_rows[p.name], max(1, int(p.cache_rows * f))))
+                if p.name in free else p for p in plan]
+
+    def fits(f: float) -> bool:
+        return sum(cache_cost(scaled(f), needs, settings).values()) <= budget
+
+    top = max(table_rows[p.name] / p.cache_rows for p in plan if p.name in free)
+    if fits(top):
+        lo = top
+    elif fits(0.0):
+        lo, hi = 0.0, top
+        for _ in range(60):  # bisection to ~1e-18 of top: exact to the row at any realistic size
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    else:
+        return plan
+    out = scaled(lo)
+    cost = cache_cost(out, needs, settings)
+    return [replace(p, budget_bytes=cost[p.name]) if p.placement == "ssd" else p for p in out]
 
 
 def make_storage_factory(settings: StorageSettings, plan: list[Placement], sample: dict[str, AccessSample],
@@ -186,9 +260,15 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
     sampled = sum(s.ids.size for s in sample.values())
     layout_bytes = split.layout if split is not None else 0
     hot_share = layout_bytes / HOT_LAYOUT_BYTES_PER_ROW / sampled if hot and sampled else 0.0
-    if settings.direct_io and not row_align and any(p.placement == "ssd" for p in plan):
-        log.info("SSD tables: rows packed, so every write-back reads its 4 KiB block first; --ssd-row-align 512 "
-                 "gives each row its own sector (a third fewer I/Os, up to 2x the disk space; docs/storage.md)")
+    ssd_bytes = sum(p.table_bytes for p in plan if p.placement == "ssd")
+    # each SSD table's share of the log maps: by the distinct rows the planning pass saw it use (what comes
+    # and goes through its cache, and fills its map)
+    weight = {p.name: max(1, sample[p.name].ids.size if p.name in sample else 1) for p in plan if p.placement == "ssd"}
+    total_weight = sum(weight.values())
+    log_bytes = split.write_log if split is not None and uses_write_log(settings) else 0
+    if settings.direct_io and not row_align and ssd_bytes and not log_bytes:
+        log.info("SSD tables: rows packed and no write-back log, so every write-back reads its 4 KiB block first "
+                 "(docs/storage.md)")
 
     def factory(i, tcfg, state_dim, init: RowInit | None = None):
         """``init``: the rows' initial values when not the table's own (a row-wise shard: its rows of the
@@ -202,7 +282,8 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
             layout = HotLayout.from_counts(tcfg.num_embeddings, s.ids, s.counts, int(s.ids.size * hot_share))
         ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
                        create=True, init_seed=settings.seed, table_index=i, direct_io=settings.direct_io,
-                       init="lazy", row_align=row_align, layout=layout, lazy_init=init)
+                       init="lazy", row_align=row_align, layout=layout, lazy_init=init,
+                       row_log=log_bytes * weight[p.name] // total_weight // map_entry_bytes(tcfg.num_embeddings))
         if resume_from is not None:
             attach_checkpoint(ssd, tcfg.name, resume_from, root / RESUME_DIR)
         rows = 0

@@ -86,6 +86,7 @@ class TrainConfig:
     direct_io: bool = False  # SSD reads bypass the OS page cache (O_DIRECT)
     ssd_row_align: int = 0  # SSD working files: rows padded to this many bytes (0 packed; 512: no read-modify-write)
     ssd_layout: Literal["hot", "plain"] = "plain"  # SSD working files: hot = rows ordered by sampled hotness (docs/storage.md)
+    ssd_write_log: bool = True  # --direct-io, packed rows: write-backs appended to a log, not read-modify-written
     plan_batches: int = 50  # batches read to measure each table's access share
     tables: dict[str, TableSettings] = field(default_factory=dict)
     sharding: ShardingSettings = field(default_factory=ShardingSettings)
@@ -261,7 +262,7 @@ class TrainConfig:
             plan_batch_size=self.batch_size,
             host_cache=parse_bytes(self.host_cache, "host_cache") if self.host_cache else 0,
             direct_io=self.direct_io, row_align=self.ssd_row_align, ssd_layout=self.ssd_layout,
-            group_caches=self.group_caches,
+            write_log=self.ssd_write_log, group_caches=self.group_caches,
             prefetch_threads=self.prefetch_threads, lookahead=self.lookahead,
             lookahead_memory=parse_bytes(self.lookahead_memory, "lookahead_memory"), table_rows=table_rows or {})
 

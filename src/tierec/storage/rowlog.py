@@ -1,0 +1,286 @@
+"""Write-backs appended to a log instead of read-modify-written in place (`RowLog`).
+
+A packed table file holds row ``r`` at file row ``r``: with 68-byte rows, 60 share a 4 KiB block, and
+writing one back means reading its block first (read-modify-write: two I/Os per evicted row, more than
+half of the device's reads in `benchmarks/bench_scale.py`). A `RowLog` gives an O_DIRECT working file a
+log region after its rows. A write-back is appended there in whole blocks -- the step's evicted rows
+packed end to end, one ``pwrite`` -- and a map ID -> log slot says where each relocated row lives now;
+its home bytes are stale from then on and never read::
+
+    file rows 0 .. base-1                  home: row r at file row r (and a hot layout's rows)
+    file rows base .. base+H-1             log half 0  } H = 2 x capacity slots each, base and H
+    file rows base+H .. base+2H-1          log half 1  } multiples of one block's worth of rows
+
+Appends fill the active half; the last, partial block is kept in memory, so every write covers whole
+blocks and nothing is read back. A row written again is appended again (its older copy is dead).
+When the active half is full, the live rows -- the map's entries, at most ``capacity`` -- are copied
+to the other half in slot order (the old half read sequentially in chunks that hold live rows), and
+appends go on there: at least half of it is free. The old half stays untouched until the next
+switch, so a reader that found a row's slot just before a switch still reads the right bytes.
+
+The map is two sorted arrays, IDs and slots (int32; IDs int32 too in a table of fewer than 2^31 rows):
+8 B per relocated row (12 in larger tables: `map_entry_bytes`), at most ``capacity`` of them (the
+memory budget pays for ``capacity``: `tierec.storage.tiered.split_budget`). When it is full, a row not
+yet in the log goes home with read-modify-write, as without a log. Exactness: a row's bytes are the same wherever they sit; every
+reader maps IDs through `SsdTable.slots_of`, which asks `lookup` first.
+
+`save` / `load` keep the map beside the file (``<file>.log``: IDs int64 then slots int64, and the
+active half and head in the sidecar) so that a closed working file opens again.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tierec.errors import CheckpointError
+from tierec.storage import aio
+from tierec.storage.blockio import ALIGN, MAX_IO
+
+
+def map_entry_bytes(num_rows: int) -> int:
+    """Bytes of one map entry of a table of ``num_rows``: its ID (int32 below 2^31 rows, else int64) and slot (int32)."""
+    return 8 if num_rows < 2**31 else 12
+
+
+COPY_CHUNK = 4 << 20  # bytes of the old half read at a time when the live rows move to the other half
+
+
+def block_rows(row_stride: int, block: int = ALIGN) -> int:
+    """Rows of ``row_stride`` bytes in the least whole number of ``block``-byte blocks they fill exactly."""
+    return block // math.gcd(row_stride, block)
+
+
+def _move_all(op, fd: int, buf: np.ndarray, offset: int, path: Path, what: str) -> None:
+    """All of the aligned ``buf`` written to / read from ``fd`` at ``offset`` by ``op`` (``os.pwritev`` / ``os.preadv``),
+    one call per `MAX_IO`."""
+    mv = memoryview(buf)  # type: ignore[arg-type]  # numpy stubs: a Buffer on 3.12+ only
+    done = 0
+    while done < buf.size:
+        n = op(fd, [mv[done : min(buf.size, done + MAX_IO)]], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"{path}: short {what} at byte {offset + done}")
+        done += n
+
+
+class RowLog:
+    """The log region of one table file (module doc): rows ``base + [0, 2 * half)`` of a file opened with
+    O_DIRECT (descriptor ``fd``), rows of ``width`` float32 at ``row_stride`` bytes; at most ``capacity``
+    relocated rows."""
+
+    def __init__(self, path: Path, fd: int, base: int, capacity: int, width: int, row_stride: int, num_rows: int):
+        unit = block_rows(row_stride)
+        if base % unit:
+            raise ValueError(f"log base row {base} must be a multiple of {unit}")
+        self.path, self.fd = path, fd
+        self.base, self.capacity = int(base), max(1, int(capacity))
+        self.half = self.region_rows(self.capacity, row_stride) // 2  # slots per half, whole blocks
+        self.width, self.stride = int(width), int(row_stride)
+        # relocated rows (sorted; int32 IDs where the table allows) and their slots in [0, 2 * half) (int32),
+        # swapped as one tuple so a reader in another thread never sees one array updated without the other
+        self.key_dtype = np.int32 if map_entry_bytes(num_rows) == 8 else np.int64
+        self._map: tuple[np.ndarray, np.ndarray] = (np.empty(0, self.key_dtype), np.empty(0, np.int32))
+        self.active = 0  # the half appends go to
+        self.head = 0  # next free slot of the active half
+        self._tail = np.empty(0, np.uint8)  # the active half's last partial block, as written
+        self.stats = {"log_rows": 0, "log_switches": 0, "log_moved_rows": 0, "log_full": 0,
+                      "log_bytes_written": 0, "log_bytes_read": 0}
+
+    @staticmethod
+    def region_rows(capacity: int, row_stride: int) -> int:
+        """File rows of the log region of a ``capacity``-row log: two halves of 2 x capacity slots, whole blocks."""
+        unit = block_rows(row_stride)
+        return 2 * (-(-2 * max(1, int(capacity)) // unit) * unit)
+
+    def reset_stats(self) -> None:
+        for k in self.stats:
+            self.stats[k] = 0
+
+    @property
+    def rows(self) -> int:
+        """File rows the log region spans."""
+        return 2 * self.half
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._map[0]
+
+    @property
+    def slots(self) -> np.ndarray:
+        return self._map[1]
+
+    @property
+    def live(self) -> int:
+        return int(self._map[0].size)
+
+    @property
+    def nbytes(self) -> int:
+        return self._map[0].nbytes + self._map[1].nbytes + self._tail.nbytes
+
+    # ------------------------------------------------------------------ lookups
+    @staticmethod
+    def _find(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if keys.size == 0:
+            return np.zeros(ids.size, bool), np.zeros(ids.size, np.int64)
+        ids = ids.astype(keys.dtype, copy=False)  # IDs of the table fit its keys: no copy of the map to compare
+        pos = np.minimum(np.searchsorted(keys, ids), keys.size - 1)
+        return keys[pos] == ids, pos
+
+    def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row IDs (int64 [U]) -> (bool [U]: in the log; int64 [U]: their map positions, valid where found)."""
+        return self._find(self._map[0], ids)
+
+    def lookup(self, ids: np.ndarray, home: np.ndarray) -> np.ndarray:
+        """File rows of ``ids`` (int64 [U]): their log slots where relocated, else ``home`` (int64 [U])."""
+        keys, slots = self._map  # one snapshot
+        if keys.size == 0:
+            return home
+        found, pos = self._find(keys, ids)
+        return np.where(found, self.base + slots[pos].astype(np.int64), home)
+
+    def drop(self, ids: np.ndarray) -> None:
+        """Forget ``ids`` (their home bytes are current again: written there)."""
+        keys, slots = self._map
+        found, pos = self._find(keys, ids)
+        if found.any():
+            keep = np.ones(keys.size, bool)
+            keep[pos[found]] = False
+            self._map = (keys[keep], slots[keep])
+
+    # ------------------------------------------------------------------ appends
+    def accepts(self, ids: np.ndarray) -> np.ndarray:
+        """bool [U]: which of the sorted, distinct ``ids`` the log takes now: those it holds, and new ones while
+        the map has room (the rest go home)."""
+        found, _ = self.find(ids)
+        room = self.capacity - self.live
+        new = np.flatnonzero(~found)
+        take = found.copy()
+        take[new[:max(0, room)]] = True
+        self.stats["log_full"] += int(max(0, new.size - room))
+        return take
+
+    def append(self, ids: np.ndarray, rows: np.ndarray) -> tuple[int, int]:
+        """Append rows ``ids`` (int64 [W], sorted, distinct, all `accepts`-ed) from ``rows`` ([W, width] float32);
+        (device bytes written, device bytes read) -- reads only when a switch moves the live rows."""
+        written = read = 0
+        if self.head + ids.size > self.half:
+            w, read = self._switch(exclude=ids)
+            written += w
+        written += self._write(rows)
+        slots = (self.active * self.half + self.head - ids.size + np.arange(ids.size)).astype(np.int32)
+        self._remap(ids, slots)
+        self.stats["log_rows"] += int(ids.size)
+        return written, read
+
+    def _write(self, rows: np.ndarray) -> int:
+        """Rows [n, width] at the active half's head, the kept partial block before them: whole blocks, one
+        write per `MAX_IO`; the new partial block is kept. Device bytes written."""
+        n = rows.shape[0]
+        start = (self.base + self.active * self.half + self.head) * self.stride
+        lo = start // ALIGN * ALIGN
+        end = start + n * self.stride
+        hi = -(-end // ALIGN) * ALIGN
+        buf = aio.aligned_buffer(hi - lo)
+        buf[: start - lo] = self._tail
+        body = np.zeros((n, self.stride), np.uint8)
+        body[:, : self.width * 4] = np.ascontiguousarray(rows, np.float32).view(np.uint8).reshape(n, -1)
+        buf[start - lo : end - lo] = body.reshape(-1)
+        buf[end - lo :] = 0
+        _move_all(os.pwritev, self.fd, buf, lo, self.path, "write")
+        last = end // ALIGN * ALIGN
+        self._tail = buf[last - lo : end - lo].copy()
+        self.head += n
+        self.stats["log_bytes_written"] += int(buf.size)
+        return int(buf.size)
+
+    def _remap(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        """Point ``ids`` (sorted) at ``slots``: update the entries present, insert the new ones in order."""
+        keys, old = self._map
+        found, pos = self._find(keys, ids)
+        new_slots = old.copy()
+        new_slots[pos[found]] = slots[found]
+        new = ~found
+        if new.any():
+            at = np.searchsorted(keys, ids[new])
+            keys, new_slots = np.insert(keys, at, ids[new].astype(keys.dtype)), np.insert(new_slots, at, slots[new])
+        self._map = (keys, new_slots)
+
+    def _switch(self, exclude: np.ndarray) -> tuple[int, int]:
+        """Move the live rows (but ``exclude``, about to be appended anew) to the other half, in slot order,
+        reading the old half in `COPY_CHUNK` pieces that hold live rows; appends continue after them."""
+        keys, kslots = self._map
+        keep = ~np.isin(keys, exclude, assume_unique=True)
+        ids, slots = keys[keep], kslots[keep].astype(np.int64)
+        order = np.argsort(slots, kind="stable")
+        ids, slots = ids[order], slots[order]
+        old = self.active
+        self.active, self.head, self._tail = 1 - old, 0, np.empty(0, np.uint8)
+        # every entry keeps its old slot (the old half is intact) until its row's new copy is written
+        chunk_rows = max(1, COPY_CHUNK // self.stride) // block_rows(self.stride) * block_rows(self.stride)
+        chunk_rows = max(chunk_rows, block_rows(self.stride))
+        written = read = 0
+        first = old * self.half
+        bounds = np.searchsorted(slots, first + np.arange(0, self.half + chunk_rows, chunk_rows))
+        for c in range(bounds.size - 1):
+            a, b = int(bounds[c]), int(bounds[c + 1])
+            if a == b:
+                continue
+            lo_row = first + c * chunk_rows
+            hi_row = min(first + self.half, int(slots[b - 1]) + 1)
+            got, nbytes = self._read(lo_row, hi_row)
+            read += nbytes
+            moved = got[slots[a:b] - lo_row]
+            written += self._write(moved)
+            self._remap_sorted_insert(ids[a:b], (self.active * self.half + self.head - (b - a)
+                                                 + np.arange(b - a)).astype(np.int32))
+        self.stats["log_switches"] += 1
+        self.stats["log_moved_rows"] += int(ids.size)
+        return written, read
+
+    def _remap_sorted_insert(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        order = np.argsort(ids, kind="stable")
+        self._remap(ids[order], slots[order])
+
+    def _read(self, lo_row: int, hi_row: int) -> tuple[np.ndarray, int]:
+        """Log rows [lo_row, hi_row) (slots) -> ([n, width] float32, device bytes read: whole blocks)."""
+        start, end = (self.base + lo_row) * self.stride, (self.base + hi_row) * self.stride
+        lo, hi = start // ALIGN * ALIGN, -(-end // ALIGN) * ALIGN
+        buf = aio.aligned_buffer(hi - lo)
+        _move_all(os.preadv, self.fd, buf, lo, self.path, "read")
+        self.stats["log_bytes_read"] += int(buf.size)
+        rows = buf[start - lo : end - lo].reshape(hi_row - lo_row, self.stride)[:, : self.width * 4]
+        return rows.copy().view(np.float32), int(buf.size)
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict:
+        return {"capacity": self.capacity, "active": self.active, "head": self.head}
+
+    def save(self, path: Path) -> None:
+        """The map as ``path`` (IDs int64, then slots int64), written by the caller atomically."""
+        from tierec.fsio import atomic_write_bytes
+
+        atomic_write_bytes(path, self.ids.astype(np.int64).tobytes() + self.slots.astype(np.int64).tobytes())
+
+    def load(self, path: Path, state: dict) -> None:
+        """The map and position saved by `save` / `state` (the partial block is read back from the file)."""
+        data = np.fromfile(path, dtype=np.int64)
+        if data.size % 2:
+            raise CheckpointError(f"{path}: {data.size * 8} bytes, not pairs of int64 (IDs, slots); truncated?")
+        ids, slots = data[: data.size // 2], data[data.size // 2 :]
+        if ids.size > self.capacity or (ids.size > 1 and not np.all(ids[1:] > ids[:-1])) or \
+                (slots.size and (slots.min() < 0 or slots.max() >= 2 * self.half)):
+            raise CheckpointError(f"{path}: not this table's log map (unsorted IDs or slots out of range)")
+        self._map = (ids.astype(self.key_dtype), slots.astype(np.int32))
+        self.active, self.head = int(state["active"]), int(state["head"])
+        start = (self.base + self.active * self.half + self.head) * self.stride
+        lo = start // ALIGN * ALIGN
+        if start > lo:  # the partial block appends continue in
+            buf = aio.aligned_buffer(ALIGN)
+            r = os.preadv(self.fd, [memoryview(buf)], lo)  # type: ignore[arg-type]  # numpy stubs: a Buffer on 3.12+ only
+            if r < start - lo:
+                raise CheckpointError(f"{self.path}: short read of the log's last block at byte {lo}")
+            self._tail = buf[: start - lo].copy()

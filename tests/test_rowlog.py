@@ -1,0 +1,103 @@
+"""The write-back log of O_DIRECT working files (`tierec.storage.rowlog`): rows read back bit for bit as from a
+plain file, write-backs never read a block first, switches between the log's halves move the live rows,
+a full map sends rows home, and a closed file opens again."""
+
+import numpy as np
+import pytest
+import torch
+
+from tierec.errors import CheckpointError
+from tierec.storage.lazy import RowInit
+from tierec.storage.ssd import SsdTable, log_path
+
+N, DIM = 20_000, 16
+
+
+def pair(tmp_path, capacity):
+    log = SsdTable(tmp_path / "log.tbl", N, DIM, 1, create=True, init="lazy", init_seed=3, direct_io=True,
+                   row_log=capacity)
+    plain = SsdTable(tmp_path / "plain.tbl", N, DIM, 1, create=True, init="lazy", init_seed=3, direct_io=True)
+    if not (log.odirect and plain.odirect):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    return log, plain
+
+
+def same(a: SsdTable, b: SsdTable, ids: torch.Tensor) -> None:
+    (wa, sa), (wb, sb) = a.read(ids), b.read(ids)
+    assert torch.equal(wa, wb) and torch.equal(sa, sb)
+
+
+@pytest.mark.parametrize("capacity", [500, 5000])
+def test_rows_read_back_as_from_a_plain_file(tmp_path, capacity):
+    """Random exchanges (write-backs + misses), single writes and a range write: every read equals the
+    plain file's; with 500 slots the map fills (rows go home) and the halves switch."""
+    log, plain = pair(tmp_path, capacity)
+    rng = np.random.default_rng(capacity)
+    for step in range(120):
+        w = np.unique(rng.integers(0, N, 300))
+        r = np.setdiff1d(np.unique(rng.integers(0, N, 200)), w)
+        weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
+        got = log.exchange(torch.from_numpy(w), weight, state, torch.from_numpy(r))
+        want = plain.exchange(torch.from_numpy(w), weight, state, torch.from_numpy(r))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), step
+        if step % 40 == 7:
+            for t in (log, plain):
+                t.write(torch.from_numpy(w[:9]), weight[:9] * 2, state[:9])
+    for t in (log, plain):  # a range written in place: its rows leave the log
+        t.write_rows(100, torch.full((50, DIM), 7.0), torch.ones(50, 1))
+    same(log, plain, torch.arange(N))
+    assert torch.equal(log.read_rows(90, 160)[0], plain.read_rows(90, 160)[0])
+    st = log.stats()
+    assert st["log_rows"] > 0 and log.row_log.live <= capacity
+    if capacity == 500:
+        assert st["log_full"] > 0 and st["log_switches"] > 0 and st["log_moved_rows"] > 0
+
+
+def test_write_backs_never_read_a_block_first(tmp_path):
+    """Packed 68-byte rows: write-backs into blocks that hold other written rows read them first in place
+    (read-modify-write); appended to the log they read nothing and write whole blocks of just them."""
+    log, plain = pair(tmp_path, 10_000)
+    first = torch.arange(0, N, 61)  # one row in every ~block
+    for t in (log, plain):
+        t.write(first, torch.ones(first.numel(), DIM), torch.ones(first.numel(), 1))
+        t.reset_stats()
+        t.exchange(first + 1, torch.full((first.numel(), DIM), 2.0), torch.ones(first.numel(), 1),
+                   torch.tensor([5]))
+    assert plain.stats()["rmw_bytes_read"] >= (first.numel() - 1) * plain.align
+    st = log.stats()
+    assert st["rmw_bytes_read"] == 0
+    assert st["device_bytes_written"] <= first.numel() * log.row_stride + 2 * 4096  # packed, whole blocks
+    same(log, plain, torch.cat([first, first + 1]))
+
+
+def test_a_closed_working_file_opens_again(tmp_path):
+    log, plain = pair(tmp_path, 2000)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        w = np.unique(rng.integers(0, N, 400))
+        weight = torch.randn(w.size, DIM)
+        for t in (log, plain):
+            t.write(torch.from_numpy(w), weight, torch.ones(w.size, 1))
+    live = log.row_log.live
+    log.close()
+    again = SsdTable.open(tmp_path / "log.tbl", direct_io=True)
+    assert again.row_log is not None and again.row_log.live == live
+    same(again, plain, torch.arange(N))
+    w = torch.arange(0, N, 7)  # appends go on after the last partial block
+    for t in (again, plain):
+        t.write(w, torch.full((w.numel(), DIM), 3.0), torch.zeros(w.numel(), 1))
+    same(again, plain, torch.arange(N))
+    again.close()
+    log_path(tmp_path / "log.tbl").unlink()
+    with pytest.raises(CheckpointError, match="write-back"):
+        SsdTable.open(tmp_path / "log.tbl", direct_io=True)
+
+
+def test_the_log_is_for_new_lazy_o_direct_working_files(tmp_path):
+    from tierec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="write-back log"):
+        SsdTable(tmp_path / "x.tbl", 100, 4, 1, create=True, init="lazy", init_seed=0, row_log=10)
+    t = SsdTable(tmp_path / "y.tbl", 100, 4, 1, create=True, init="lazy", init_seed=0, direct_io=True, row_log=10)
+    assert t.file_rows > t.home_rows and t.path.stat().st_size == t.file_bytes  # the region is sparse
+    assert torch.equal(t.read(torch.arange(100))[0], RowInit(0, 0, 100, 4).rows(torch.arange(100)))

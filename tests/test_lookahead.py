@@ -598,3 +598,35 @@ def test_trainer_host_cache_tier(tiny_dataset, tmp_path, reference, policy):
     assert st.backing.name.endswith("@host")
     for name, (w, s) in table_rows(t).items():
         assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name
+
+
+@pytest.mark.parametrize("leave", [True, False])
+def test_the_worker_takes_a_core_from_the_steps_threads_while_it_runs(tmp_path, leave):
+    """``leave_a_core`` (the trainer's default when --num-threads is not given): torch's intra-op threads one
+    fewer while the look-ahead worker runs, restored when the pipeline closes; training stays exact."""
+    rng = np.random.default_rng(5)
+    batches = make_batches(rng, 12, 16, ["a", "b"], 60)
+    ref_losses, _, _ = train_tables(batches, None, "rowwise_adagrad")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+
+        class Spy(list):  # the batches, noting the threads in use as the trainer takes each
+            def __iter__(self):
+                for b in super().__iter__():
+                    seen.append(torch.get_num_threads())
+                    yield b
+
+        def factory(i, tcfg, sdim):
+            ssd = SsdTable(tmp_path / f"{leave}{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, sdim,
+                           create=True, init_seed=3, table_index=i)
+            return LookaheadCache(ssd, 20, name=tcfg.name)
+
+        losses, _, _ = train_tables(Spy(batches), factory, "rowwise_adagrad",
+                                    dict(window=4, depth=2, leave_a_core=leave))
+        assert losses == ref_losses
+        assert set(seen) == ({1} if leave else {2})
+        assert torch.get_num_threads() == 2  # restored by close()
+    finally:
+        torch.set_num_threads(before)

@@ -87,7 +87,8 @@ HELP = {
                         "the previous one, until a chain of this many; then a full one again (1: every checkpoint "
                         "full)",
     "log_every": "write a JSONL training record every N steps",
-    "num_threads": "torch intra-op threads",
+    "num_threads": "torch intra-op threads (default: torch's choice, one fewer while a look-ahead worker prefetches SSD "
+                   "rows: it gets a core of its own)",
     "device": "where dense layers and in-memory tables live",
     "progress": "show progress bars (only on a terminal)",
     "carbon_region": "grid region for operational CO2e, e.g. FR, DE, US (default: $TIEREC_REGION or world average)",

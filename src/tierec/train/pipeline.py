@@ -153,9 +153,11 @@ class LookaheadPipeline(Generic[B]):
 
     def __init__(self, batches: Iterable[B], targets: list[PrefetchTarget], window: int = 200,
                  depth: int = 2, max_bytes: int = 1 << 30, start_step: int = 0, lower_depth: int | None = None,
-                 io_threads: int | None = None, switch_interval: float | None = SWITCH_INTERVAL_S):
+                 io_threads: int | None = None, switch_interval: float | None = SWITCH_INTERVAL_S,
+                 leave_a_core: bool = False):
         if window < 1 or depth < 1:
             raise ValueError(f"window and depth must be >= 1, got {window}, {depth}")
+
         # The trainer gives up the GIL in every kernel and must take it back from the prefetch threads, which run
         # Python between their reads: at CPython's 5 ms switch interval that wait is a large part of a step
         # (measured in docs/lookahead.md). Restored by close().
@@ -216,6 +218,14 @@ class LookaheadPipeline(Generic[B]):
                 self._pool.shutdown()
             sys.setswitchinterval(self._switch)
             raise
+        # ``leave_a_core`` (the caller's --num-threads unset): torch's intra-op threads one fewer while the worker
+        # runs, so its ~30 ms of CPU per step (bench_scale) has a core instead of preempting the step's threads,
+        # which wait for each other at every parallel region. Restored by close().
+        self._threads = torch.get_num_threads()
+        if leave_a_core and self._threads > 1:
+            torch.set_num_threads(self._threads - 1)
+            log.info("look-ahead worker: torch intra-op threads %d -> %d while it runs (one core for it; "
+                     "--num-threads chooses)", self._threads, self._threads - 1)
         self._thread = threading.Thread(target=self._run, name="tierec-lookahead", daemon=True)
         self._thread.start()
 
@@ -384,6 +394,7 @@ class LookaheadPipeline(Generic[B]):
         self._ready.clear()
         self._observed.clear()
         sys.setswitchinterval(self._switch)
+        torch.set_num_threads(self._threads)
 
     def __enter__(self):
         return self

@@ -230,7 +230,7 @@ def _pipeline(model: SASRec, stream: Iterator[SequenceBatch], cfg: TrainConfig, 
     if split is not None and split.window:  # the window holds what the memory budget set aside for it
         max_bytes = min(max_bytes, split.window)
     return LookaheadPipeline(stream, targets, window=cfg.lookahead, depth=cfg.prefetch_depth, max_bytes=max_bytes,
-                             start_step=step, io_threads=cfg.prefetch_threads)
+                             start_step=step, io_threads=cfg.prefetch_threads, leave_a_core=cfg.num_threads is None)
 
 
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool, storage_factory, max_users: int | None) -> dict:

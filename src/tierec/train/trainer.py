@@ -526,8 +526,8 @@ class Trainer:
             log.info("--evict l2: the look-ahead window is %d batches (norm sweeps every %d steps enter the map one "
                      "period later)", window, cfg.decay_every)
         return LookaheadPipeline(stream, targets, window=window, depth=cfg.prefetch_depth,
-                                 max_bytes=max_bytes,
-                                 start_step=self.step, io_threads=cfg.prefetch_threads)
+                                 max_bytes=max_bytes, start_step=self.step, io_threads=cfg.prefetch_threads,
+                                 leave_a_core=cfg.num_threads is None)
 
     def _shard_ranges(self) -> dict | None:  # the distributed trainer maps its shards to their row ranges
         return None

@@ -88,6 +88,13 @@ def test_a_closed_working_file_opens_again(tmp_path):
         t.write(w, torch.full((w.numel(), DIM), 3.0), torch.zeros(w.numel(), 1))
     same(again, plain, torch.arange(N))
     again.close()
+    ro = SsdTable.open(tmp_path / "log.tbl", direct_io=True, readonly=True)
+    same(ro, plain, torch.arange(N))
+    ro.close()
+    from tierec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="direct_io=True"):
+        SsdTable.open(tmp_path / "log.tbl")
     log_path(tmp_path / "log.tbl").unlink()
     with pytest.raises(CheckpointError, match="write-back"):
         SsdTable.open(tmp_path / "log.tbl", direct_io=True)

@@ -277,10 +277,9 @@ def _append_to_logs(tabs, wt: np.ndarray, wid: np.ndarray, rows: np.ndarray):
         if t.row_log is None:
             continue
         m = np.flatnonzero(wt == k)
-        took = m[t.row_log.accepts(wid[m])]
+        t0 = time.perf_counter()
+        took = m[t.append_log(wid[m], rows[m])]
         if took.size:
-            t0 = time.perf_counter()
-            t.append_log(wid[took], rows[took])
             t.account("write", int(took.size), time.perf_counter() - t0)
             keep[took] = False
     return (wt, wid, rows) if keep.all() else (wt[keep], wid[keep], rows[keep])

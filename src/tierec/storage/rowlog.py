@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,7 @@ class RowLog:
         self.active = 0  # the half appends go to
         self.head = 0  # next free slot of the active half
         self._tail = np.empty(0, np.uint8)  # the active half's last partial block, as written
+        self._lock = threading.Lock()  # one appender at a time (head, tail, map capacity)
         self.stats = {"log_rows": 0, "log_switches": 0, "log_moved_rows": 0, "log_full": 0,
                       "log_bytes_written": 0, "log_bytes_read": 0}
 
@@ -144,12 +146,13 @@ class RowLog:
 
     def drop(self, ids: np.ndarray) -> None:
         """Forget ``ids`` (their home bytes are current again: written there)."""
-        keys, slots = self._map
-        found, pos = self._find(keys, ids)
-        if found.any():
-            keep = np.ones(keys.size, bool)
-            keep[pos[found]] = False
-            self._map = (keys[keep], slots[keep])
+        with self._lock:
+            keys, slots = self._map
+            found, pos = self._find(keys, ids)
+            if found.any():
+                keep = np.ones(keys.size, bool)
+                keep[pos[found]] = False
+                self._map = (keys[keep], slots[keep])
 
     # ------------------------------------------------------------------ appends
     def accepts(self, ids: np.ndarray) -> np.ndarray:
@@ -162,6 +165,16 @@ class RowLog:
         take[new[:max(0, room)]] = True
         self.stats["log_full"] += int(max(0, new.size - room))
         return take
+
+    def take(self, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """Append those of rows ``ids`` (int64 [W], sorted, distinct; ``rows`` [W, width] float32) the log
+        takes (`accepts`): (bool [W]: taken, device bytes written, device bytes read). Thread-safe."""
+        with self._lock:
+            took = self.accepts(ids)
+            if not took.any():
+                return took, 0, 0
+            written, read = self.append(ids[took], rows[took])
+            return took, written, read
 
     def append(self, ids: np.ndarray, rows: np.ndarray) -> tuple[int, int]:
         """Append rows ``ids`` (int64 [W], sorted, distinct, all `accepts`-ed) from ``rows`` ([W, width] float32);

@@ -44,6 +44,12 @@ I/O modes:
   ``posix_fadvise(DONTNEED)``. Where the filesystem refuses ``O_DIRECT``
   (tmpfs, some overlays) the same block I/O goes through the page cache
   followed by ``posix_fadvise(DONTNEED)`` on the range, and a warning says so.
+* ``row_log=capacity`` (a new lazy O_DIRECT working file; what training creates for
+  packed rows): a write-back log region after the rows (`tierec.storage.rowlog`).
+  Writes are appended there in whole blocks instead of read-modify-written in place
+  (the rows a full map cannot take still are), `slots_of` finds moved rows through
+  its map, and batched reads use the device's smallest direct read (``read_align``:
+  a 512-byte sector where the device takes it) since nothing is written by sector.
 
 Several tables' rows in one pass (`read_many`, `exchange_many`) are in `tierec.storage.multifile`.
 """
@@ -107,7 +113,8 @@ class SsdTable:
     read-only) the file is a checkpoint's row set: just the written rows, packed in ID order, row
     ``slots[k]`` at file row ``k``; ``older`` (a row set of an earlier checkpoint) then holds the
     rows this one does not (a chain of incremental checkpoints, read newest first). ``readonly=True``
-    opens the file without write access.
+    opens the file without write access. ``row_log`` (a new lazy O_DIRECT file): the capacity of a
+    write-back log after the rows (module doc); a working file created with one reopens with it.
     """
 
     def __init__(self, path: str | os.PathLike, num_embeddings: int, dim: int, state_dim: int, *,
@@ -144,8 +151,10 @@ class SsdTable:
         self.home_rows = self.file_rows  # rows before a write-back log (`tierec.storage.rowlog`)
         if row_log and not (create and init == "lazy" and direct_io):
             raise ConfigError(f"{path}: a write-back log is for a new lazy O_DIRECT working file")
-        if not create and slots is None and not readonly:  # a working file with a log: its capacity is recorded
+        if not create and slots is None:  # a working file with a log: its capacity is recorded
             row_log = int((read_sidecar(self.path) or {}).get("row_log", {}).get("capacity", 0))
+            if row_log and not direct_io:
+                raise ConfigError(f"{path}: a working file with a write-back log opens with direct_io=True")
         self._log_base = -(-self.home_rows // block_rows(self.row_stride)) * block_rows(self.row_stride)
         if row_log:
             self.file_rows = self._log_base + RowLog.region_rows(row_log, self.row_stride)
@@ -519,9 +528,7 @@ class SsdTable:
         if self.row_log is not None:  # appended to the log; what it cannot take goes home
             order = np.argsort(ids_np, kind="stable")
             ids_np, rows = ids_np[order], rows[order]
-            took = self.row_log.accepts(ids_np)
-            if took.any():
-                self.append_log(ids_np[took], rows[took])
+            took = self.append_log(ids_np, rows)
             ids_np, rows = ids_np[~took], rows[~took]
         frows = self.slots_of(ids_np)
         if self._mrows is not None:
@@ -538,13 +545,14 @@ class SsdTable:
         if self._lazy is not None:
             self._lazy.mark(self.check_ids(ids), stored=False)
 
-    def append_log(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        """Append rows ``ids`` (int64 [W], sorted, distinct, `RowLog.accepts`-ed) from ``rows`` [W, width] to the
-        write-back log (no read-modify-write); marks them stored."""
+    def append_log(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Append rows ``ids`` (int64 [W], sorted, distinct) from ``rows`` [W, width] to the write-back log, those
+        it takes (no read-modify-write; marked stored); bool [W]: which it took (the rest go home)."""
         assert self.row_log is not None
-        written, read = self.row_log.append(ids, rows)
+        took, written, read = self.row_log.take(ids, rows)
         self.count_device_bytes(read=read, written=written)
-        self.mark_stored(ids)
+        self.mark_stored(ids[took])
+        return took
 
     def mark_stored(self, ids: np.ndarray) -> None:
         """Record rows ``ids`` (int64 [U], checked) as written into this file (lazy files; nothing otherwise)."""

@@ -689,9 +689,10 @@ class SsdTable:
                 return self._block_io_once(ids_np, rows)
             raise
 
-    def plan(self, ids_np: np.ndarray) -> BlockPlan:
-        """Sorted row IDs -> the runs of ``align``-byte blocks that hold them; see `blockio.plan_runs`."""
-        return blockio.plan_runs(ids_np * self.row_stride, self.row_bytes, align=self.align)
+    def plan(self, ids_np: np.ndarray, align: int | None = None) -> BlockPlan:
+        """Sorted row IDs -> the runs of ``align``-byte blocks that hold them (default: the write block,
+        `align`); see `blockio.plan_runs`."""
+        return blockio.plan_runs(ids_np * self.row_stride, self.row_bytes, align=align or self.align)
 
     def rows_at(self, buf, writeable: bool = False) -> np.ndarray:
         """A view of ``buf`` whose row i is the ``width`` floats starting at float offset i: index it with
@@ -723,7 +724,7 @@ class SsdTable:
             ids_np = ids_np[order]
             if rows is not None:
                 rows = rows[order]
-        plan = self.plan(ids_np)
+        plan = self.plan(ids_np, self.read_align if rows is None else self.align)  # reads by sector where set
         pos, total = plan.pos, plan.total
         buf = aio.aligned_buffer(total)  # page-aligned, as O_DIRECT needs
         blind = rows is not None and self.exclusive_blocks  # the blocks hold just these rows: no read first

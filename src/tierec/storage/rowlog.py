@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from tierec.errors import CheckpointError
+from tierec.fsio import atomic_write_bytes
 from tierec.storage import aio
 from tierec.storage.blockio import ALIGN, MAX_IO
 
@@ -103,25 +104,9 @@ class RowLog:
             self.stats[k] = 0
 
     @property
-    def rows(self) -> int:
-        """File rows the log region spans."""
-        return 2 * self.half
-
-    @property
-    def ids(self) -> np.ndarray:
-        return self._map[0]
-
-    @property
-    def slots(self) -> np.ndarray:
-        return self._map[1]
-
-    @property
     def live(self) -> int:
+        """Rows in the log (entries of the map)."""
         return int(self._map[0].size)
-
-    @property
-    def nbytes(self) -> int:
-        return self._map[0].nbytes + self._map[1].nbytes + self._tail.nbytes
 
     # ------------------------------------------------------------------ lookups
     @staticmethod
@@ -274,9 +259,8 @@ class RowLog:
 
     def save(self, path: Path) -> None:
         """The map as ``path`` (IDs int64, then slots int64), written by the caller atomically."""
-        from tierec.fsio import atomic_write_bytes
-
-        atomic_write_bytes(path, self.ids.astype(np.int64).tobytes() + self.slots.astype(np.int64).tobytes())
+        keys, slots = self._map
+        atomic_write_bytes(path, keys.astype(np.int64).tobytes() + slots.astype(np.int64).tobytes())
 
     def load(self, path: Path, state: dict) -> None:
         """The map and position saved by `save` / `state` (the partial block is read back from the file)."""

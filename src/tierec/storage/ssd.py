@@ -197,12 +197,12 @@ class SsdTable:
                 os.posix_fadvise(self._rfd, 0, 0, os.POSIX_FADV_RANDOM)
             if hasattr(mmap, "MADV_RANDOM") and self._mm is not None:  # random rows: no read-ahead of whole files
                 self._mm._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]  # numpy stubs omit memmap._mmap
-        # block size of batched reads: with a write-back log, the device's smallest direct read (nothing is
-        # written back in place, where sector-sized writes of packed rows would cost the device a read)
+        # block size of reads: with a write-back log, the device's smallest direct read (nothing is written
+        # back in place, where sector-sized writes of packed rows would cost the device a read)
         self.read_align = self.align
-        if self.odirect and self._log_capacity:
-            self.read_align = blockio.direct_align(self._fd, SECTOR, self.file_bytes)
         if self._log_capacity:
+            if self.odirect:
+                self.read_align = blockio.direct_align(self._fd, SECTOR, self.file_bytes)
             self.row_log = RowLog(self.path, self._fd if self.odirect else self._bfd, self._log_base,
                                   self._log_capacity, self.width, self.row_stride, self.num_embeddings)
             if not create:

@@ -260,13 +260,12 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
     sampled = sum(s.ids.size for s in sample.values())
     layout_bytes = split.layout if split is not None else 0
     hot_share = layout_bytes / HOT_LAYOUT_BYTES_PER_ROW / sampled if hot and sampled else 0.0
-    ssd_bytes = sum(p.table_bytes for p in plan if p.placement == "ssd")
     # each SSD table's share of the log maps: by the distinct rows the planning pass saw it use (what comes
     # and goes through its cache, and fills its map)
     weight = {p.name: max(1, sample[p.name].ids.size if p.name in sample else 1) for p in plan if p.placement == "ssd"}
     total_weight = sum(weight.values())
     log_bytes = split.write_log if split is not None and uses_write_log(settings) else 0
-    if settings.direct_io and not row_align and ssd_bytes and not log_bytes:
+    if settings.direct_io and not row_align and weight and not log_bytes:
         log.info("SSD tables: rows packed and no write-back log, so every write-back reads its 4 KiB block first "
                  "(docs/storage.md)")
 

@@ -157,7 +157,6 @@ class LookaheadPipeline(Generic[B]):
                  leave_a_core: bool = False):
         if window < 1 or depth < 1:
             raise ValueError(f"window and depth must be >= 1, got {window}, {depth}")
-
         # The trainer gives up the GIL in every kernel and must take it back from the prefetch threads, which run
         # Python between their reads: at CPython's 5 ms switch interval that wait is a large part of a step
         # (measured in docs/lookahead.md). Restored by close().

@@ -294,3 +294,27 @@ def test_step_malloc_thresholds_reuse_activations_and_restore():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["transient"] > 1000 and out["step"] < 50, out
     assert tuple(out["inside"]) == STEP_MALLOC and tuple(out["after"]) == TRANSIENT_MALLOC
+
+
+def test_lookahead_window_share_has_a_floor(caplog):
+    """The window's share of the budget is at least the prepared steps + one read ahead (what the pipeline
+    holds at the least) where that is at most half the budget; below that it is its 1/4 share, with a warning."""
+    from pathlib import Path
+
+    from tierec.storage.settings import StorageSettings
+    from tierec.storage.tiered import WINDOW_BYTES_PER_LOOKUP, WINDOW_SHARE, split_budget
+
+    needs = [TableNeeds("t", 100_000, 68, lookups=50 * 4096)]  # 4096 lookups per sampled batch
+    per = WINDOW_BYTES_PER_LOOKUP * 4096
+
+    def window(budget: int) -> int:
+        s = StorageSettings(root=Path("."), memory_budget=budget, policy="lookahead", plan_batches=50,
+                            prefetch_depth=2)
+        return split_budget(s, needs).window
+
+    assert window(40 * per) == 40 * per // WINDOW_SHARE  # its share is above the floor
+    assert window(8 * per) == 3 * per  # the floor: 2 prepared steps + 1 read ahead
+    assert "look-ahead window holds at least" not in caplog.text
+    with caplog.at_level("WARNING", logger="tierec.storage.tiered"):
+        assert window(5 * per) == 5 * per // WINDOW_SHARE  # the floor would take over half the budget
+    assert "look-ahead window holds at least" in caplog.text

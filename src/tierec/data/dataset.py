@@ -464,8 +464,10 @@ def _kjt(chunk: Chunk, keys: list[str], stride: int) -> KeyedJaggedTensor:
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
-    """numpy -> torch without a copy when possible (Arrow-backed arrays are read-only: copy those)."""
-    return torch.from_numpy(a if a.flags.writeable else a.copy())
+    """numpy -> torch, a batch's own copy: ``a`` is mostly a slice of a whole chunk's array (or a read-only
+    Arrow buffer), which a view would keep alive for as long as the batch lives -- in a look-ahead window, a
+    chunk per batch held (~0.2 MB copied per batch of 4096 Criteo rows)."""
+    return torch.from_numpy(np.array(a, copy=True))
 
 
 # --------------------------------------------------------------------------- writing

@@ -43,6 +43,7 @@ from torch import nn
 from tierec.errors import CheckpointError, ConfigError
 from tierec.fsio import atomic_write_bytes
 from tierec.modules.dcn import DCNv2, dense_flops_per_sample
+from tierec.modules.dense_optim import Adam
 from tierec.modules.dlrm import DLRM
 from tierec.sparse import KeyedJaggedTensor
 
@@ -299,7 +300,7 @@ def distill(lm: LoadedModel, ds, settings: DistillSettings, progress=None) -> Ex
     torch.manual_seed(settings.seed)
     width = (len(lm.lookup.keys) + 1) * lm.lookup.dim if lm.lookup is not None else 0
     head = ExitHead(width, settings.hidden)
-    opt = torch.optim.Adam(head.parameters(), lr=settings.lr)
+    opt = Adam(head.parameters(), lr=settings.lr)
     lm.model.eval()
     for epoch in range(settings.epochs):
         t0, n, total = time.perf_counter(), 0, 0.0

@@ -80,6 +80,11 @@ class NextUseOracle:
         return len(self._steps)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes it holds beyond the observed steps' ID tensors (the caller's): the ring, and the hash map."""
+        return self._ring.nbytes + self._pring.nbytes + self._last.nbytes
+
+    @property
     def occurrences(self) -> int:
         return self._next_occ - self._steps[0][2] if self._steps else 0
 
@@ -148,9 +153,9 @@ class NextUseOracle:
                 pring[occ % R2] = self._pring[occ % R]
             self._ring, self._pring = ring, pring
         h = self._last
-        if h.live + h.tomb + n > h.max_fill:  # rebuild from the live latest occurrences, with room to grow
-            ids, occ = self._latest_occurrences()
-            self._last = HashIndex(max(1024, 2 * (ids.numel() + n)), self.device, torch.int64)
+        if h.live + h.tomb + n > h.max_fill:  # rebuild from the live latest occurrences, with room for two more steps
+            ids, occ = self._latest_occurrences()  # (a map holds 4-8x its capacity in entries of 16 B: no more slack)
+            self._last = HashIndex(max(1024, ids.numel() + 2 * n), self.device, torch.int64)
             self._pring.index_copy_(0, occ % self._pring.numel(), self._last.insert(ids, occ).to(torch.int32))
 
     def _latest_occurrences(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +230,11 @@ class LookaheadCache(CachedTable):
     @property
     def index_nbytes(self) -> int:
         return super().index_nbytes + self._next.nbytes + self._lfreq.nbytes + self._neighbour.nbytes
+
+    @property
+    def window_nbytes(self) -> int:
+        """Bytes the oracle holds for the observed window (its ID tensors are the driver's to count)."""
+        return self.oracle.nbytes
 
     LOOKAHEAD_SLOT_BYTES = 8 + 8 + 1  # _next, _lfreq (int64), _neighbour (bool)
 

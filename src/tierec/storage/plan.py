@@ -117,9 +117,10 @@ def plan_tables(tables: list[TableNeeds], budget: int, policy: str = "lru", inde
 @dataclass
 class BudgetSplit:
     """How a memory budget is spent (bytes). ``row_bits``: 3 bits per row of every table (rows written,
-    changed since the last checkpoint, held by the SSD file); ``window``: the look-ahead window (batches read ahead and
-    the oracle's entries; the pipeline holds it to this); ``layout``: the SSD files' hot-row layouts
-    (`tierec.storage.layout.HotLayout`, 16 B per hot row); ``tables``: the rest, for in-memory tables
+    changed since the last checkpoint, held by the SSD file); ``window``: the look-ahead window (steps read
+    ahead and prepared, not yet taken by the trainer, and the oracles; the pipeline holds it to this);
+    ``layout``: the SSD files' hot-row layouts (`tierec.storage.layout.HotLayout`, 16 B per hot row);
+    ``tables``: the rest, for in-memory tables
     and the SSD tables' caches (rows + index)."""
 
     total: int

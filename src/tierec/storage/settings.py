@@ -52,6 +52,7 @@ class StorageSettings:
     prefetch_threads: int | None = None  # a group's prefetch threads (None: by cores)
     lookahead: int = 200  # policy lookahead: batches read ahead (the window)
     lookahead_memory: int = 1 << 30  # policy lookahead: most bytes the window may hold
+    prefetch_depth: int = 2  # policy lookahead: steps prepared ahead of the trainer (the window holds them too)
     # table name -> how its IDs become rows (`tierec.storage.dynamic.TableRows`); absent: the schema's rows
     table_rows: dict = field(default_factory=dict)
 

@@ -98,7 +98,12 @@ def plan_sampled(settings: StorageSettings, rows: dict[str, int], sample: dict[s
 
 WRITE_LOG_SHARE = 16  # the write-back logs' maps may take at most 1/16 of the budget
 ROW_BITS = 3  # per row of every table: written, changed since the last checkpoint, held by its file (`LazyRows`)
-WINDOW_SHARE = 4  # the look-ahead window may take at most 1/4 of the memory budget
+WINDOW_SHARE = 4  # the look-ahead window may take at most 1/4 of the memory budget (above its floor)
+# What the look-ahead window holds per lookup of a step (`tierec.train.pipeline.LookaheadPipeline.held_nbytes`): the
+# batch (~27 B: the ID, its bag's length and offset, the dense features' share), the step's unique IDs and the
+# oracle's ring and hash map (~15 B per lookup at half unique), and once prepared its lookups (the dedup's 16 B
+# and the working set's 8 B); measured 45-60 B on bench_scale's Criteo-shaped batches.
+WINDOW_BYTES_PER_LOOKUP = 64
 LAYOUT_SHARE = 16  # the hot-row layouts may take at most 1/16 of it
 LAYOUT_MIN_BUDGET = 1 << 20  # below this budget the files are laid out plain (every byte goes to the caches)
 
@@ -111,10 +116,12 @@ def uses_write_log(settings: StorageSettings) -> bool:
 
 def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSplit:
     """What ``settings.memory_budget`` pays before the tables: `ROW_BITS` bits per row of every table, and, with
-    look-ahead, the window: ``lookahead`` batches of the sampled size (8 B per ID + the oracle's
-    64 B), at most ``lookahead_memory`` and 1/`WINDOW_SHARE` of the budget (the pipeline holds the
-    window to it); with ``ssd_layout="hot"``, the SSD files' hot-row layouts: 16 B per sampled row, at
-    most 1/`LAYOUT_SHARE` of a budget of `LAYOUT_MIN_BUDGET` or more. A budget too small for them is a `ConfigError`."""
+    look-ahead, the window: ``lookahead`` batches of the sampled size (`WINDOW_BYTES_PER_LOOKUP`), at most
+    ``lookahead_memory`` and 1/`WINDOW_SHARE` of the budget, and at least the ``prefetch_depth`` + 1 steps
+    every window holds (the prepared ones, one read ahead) where that is at most half the budget (a
+    warning where it is not); the pipeline holds the window to it; with ``ssd_layout="hot"``, the SSD
+    files' hot-row layouts: 16 B per sampled row, at most 1/`LAYOUT_SHARE` of a budget of
+    `LAYOUT_MIN_BUDGET` or more. A budget too small for them is a `ConfigError`."""
     total = settings.memory_budget or 0
     if settings.memory_budget is None:
         return BudgetSplit(0)
@@ -122,8 +129,15 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     id_index = sum(r.index_bytes for r in settings.table_rows.values())  # dynamic tables' raw ID -> slot indexes
     window = 0
     if settings.uses_lookahead:
-        per_batch = 72 * sum(n.lookups for n in needs) // max(1, settings.plan_batches)
+        per_batch = WINDOW_BYTES_PER_LOOKUP * sum(n.lookups for n in needs) // max(1, settings.plan_batches)
+        floor = (settings.prefetch_depth + 1) * per_batch
         window = min(settings.lookahead_memory, settings.lookahead * per_batch, total // WINDOW_SHARE)
+        if window < floor <= total // 2:
+            window = floor
+        elif window < floor:
+            log.warning("--memory-budget %s is below what the look-ahead window holds at least (%d steps of ~%s): the "
+                        "window takes 1/%d of it and will hold more", format_bytes(total),
+                        settings.prefetch_depth + 1, format_bytes(per_batch), WINDOW_SHARE)
     layout = 0
     if settings.ssd_layout == "hot" and total >= LAYOUT_MIN_BUDGET:
         layout = min(total // LAYOUT_SHARE, HOT_LAYOUT_BYTES_PER_ROW * sum(n.sampled_rows for n in needs))

@@ -263,7 +263,7 @@ class TrainConfig:
             host_cache=parse_bytes(self.host_cache, "host_cache") if self.host_cache else 0,
             direct_io=self.direct_io, row_align=self.ssd_row_align, ssd_layout=self.ssd_layout,
             write_log=self.ssd_write_log, group_caches=self.group_caches,
-            prefetch_threads=self.prefetch_threads, lookahead=self.lookahead,
+            prefetch_threads=self.prefetch_threads, lookahead=self.lookahead, prefetch_depth=self.prefetch_depth,
             lookahead_memory=parse_bytes(self.lookahead_memory, "lookahead_memory"), table_rows=table_rows or {})
 
     @staticmethod

@@ -11,8 +11,10 @@ of `PrefetchTarget` s: one `LookaheadCache` each, and the tables it
 serves (`Member` s: one table, or the members of a `tierec.storage.group.TableGroup`, whose
 `RowSpace` says where each member's rows are in the cache). One worker thread:
 
-1. reads batches ``window`` steps ahead of the trainer (bounded by ``max_bytes``: the
-   batches held plus the oracles' `OCCURRENCE_BYTES` per unique ID), takes each target's
+1. reads batches ``window`` steps ahead of the trainer (bounded by ``max_bytes``: what the
+   pipeline holds of every step from its read until the trainer takes it -- the batch, its unique IDs,
+   the prepared `Lookup` s -- plus the oracles' own memory, `LookaheadCache.window_nbytes`; the step
+   in training is the trainer's, as in any mode), takes each target's
    unique IDs of each batch (its members' IDs, joined in its row space) and hands them to
    the cache's `LookaheadCache.observe` (the oracle);
 2. *prepares* the next steps in order, up to ``depth`` steps ahead of the trainer: for every
@@ -58,10 +60,6 @@ log = logging.getLogger(__name__)
 
 _worker_of = threading.local()  # .pipeline: set on a pipeline's worker and I/O threads
 LATE_S = 1e-4  # a step that waited longer than this for its rows counts as late
-# Memory the oracles hold per unique ID of an observed step (counted against max_bytes): the IDs (8 B), the
-# next-use ring and its index positions (12 B, with 1.5x growth slack 18 B), and the hash map id -> latest use
-# (16 B per entry at a fill of 1/4 to 1/2: 32-64 B; issue #18 measured the window's RSS at ~2x the 32 B once counted)
-OCCURRENCE_BYTES = 64
 SWITCH_INTERVAL_S = 5e-4  # the interpreter's GIL switch interval while a pipeline runs (see __init__)
 # Batches read ahead after each step prepared for a trainer that was waiting, while the window is short of
 # `window`: when the storage is slower than the steps, the worker would otherwise only prepare, the window
@@ -189,8 +187,8 @@ class LookaheadPipeline(Generic[B]):
         self._ready: deque[tuple[int, B, list[_Lease]]] = deque()  # prepared, not yet taken
         self._partial: dict[str, WorkingSet] = {}  # step being prepared: target -> working set
         self._leases: dict[int, list[_Lease]] = {}  # steps taken by the trainer, not yet fully released
-        self._bytes = 0  # batch data held in the window: sum of _nbytes
-        self._nbytes: dict[int, int] = {}  # step -> its batch's bytes
+        self._bytes = 0  # what the steps read and not yet taken hold: sum of _nbytes
+        self._nbytes: dict[int, int] = {}  # step -> its bytes (batch, unique IDs, prepared lookups) until taken
         self._next_read = start_step
         self._next_take = start_step  # next step the trainer takes
         self.current_step = start_step - 1  # step the trainer works on
@@ -204,7 +202,7 @@ class LookaheadPipeline(Generic[B]):
         self._window_capped = False
         self.stats = {"steps": 0, "stall_s": 0.0, "late_steps": 0, "max_stall_s": 0.0, "lead_sum": 0,
                       "bypass_table_steps": 0, "worker_wait_room": 0, "window_peak": 0,
-                      "worker_cpu_s": 0.0, "window_sum": 0, "prepared_steps": 0}
+                      "worker_cpu_s": 0.0, "window_sum": 0, "prepared_steps": 0, "held_peak_bytes": 0}
         driven: list[LookaheadCache] = []
         try:
             for c in self._all_caches():
@@ -247,6 +245,7 @@ class LookaheadPipeline(Generic[B]):
             self.current_step = step
             self._next_take = step + 1
             self._leases[step] = leases
+            self._bytes -= self._nbytes.pop(step, 0)  # the trainer's now
             self._cond.notify_all()
         for lease in leases:  # each table finds its rows of the step when its forward runs
             lease.handed = True
@@ -351,6 +350,11 @@ class LookaheadPipeline(Generic[B]):
                 lease.lookups.append(Lookup(part, None, None, None, release))
         return lease
 
+    def held_nbytes(self) -> int:
+        """Bytes the window holds: every step from its read until the trainer takes it (its batch, unique IDs and
+        prepared lookups), and the oracles (`LookaheadCache.window_nbytes`); held to ``max_bytes``."""
+        return self._bytes + sum(c.window_nbytes for c in self._all_caches())
+
     def summary(self) -> dict:
         st = dict(self.stats)
         n = max(st["steps"], 1)
@@ -392,6 +396,8 @@ class LookaheadPipeline(Generic[B]):
             c.end_lookahead()
         self._ready.clear()
         self._observed.clear()
+        self._nbytes.clear()
+        self._bytes = 0
         sys.setswitchinterval(self._switch)
         torch.set_num_threads(self._threads)
 
@@ -458,7 +464,8 @@ class LookaheadPipeline(Generic[B]):
             return False
         if self._next_read - self._next_take >= self.window:
             return False
-        if self._bytes >= self.max_bytes and self._next_read - self._next_take >= self.depth:
+        step_nbytes = max(self._nbytes.values(), default=0)  # room for one more step, as large as the largest held
+        if self.held_nbytes() + step_nbytes > self.max_bytes and self._next_read - self._next_take >= self.depth:
             if not self._window_capped:
                 self._window_capped = True
                 log.warning("look-ahead window limited to %d batches by its memory (%d bytes: --lookahead-memory, "
@@ -496,11 +503,11 @@ class LookaheadPipeline(Generic[B]):
             lane.cache.observe(step, uniq[lane.key])
         with self._cond:
             self._observed.append((step, batch, uniq))
-            occ = sum(u.numel() for u in uniq.values()) + sum(uniq[lane.key].numel() for lane in self._lanes)
-            self._nbytes[step] = batch_nbytes(batch) + occ * OCCURRENCE_BYTES  # the batch + the oracles' share
+            self._nbytes[step] = batch_nbytes(batch) + sum(u.nbytes for u in uniq.values())
             self._bytes += self._nbytes[step]
             self._next_read += 1
             self.stats["window_peak"] = max(self.stats["window_peak"], self._next_read - self._next_take)
+            self.stats["held_peak_bytes"] = max(self.stats["held_peak_bytes"], self.held_nbytes())
         return True
 
     def _prepare_lower(self, force_upto: int | None = None) -> bool:
@@ -566,12 +573,28 @@ class LookaheadPipeline(Generic[B]):
         leases = [self._lease(self.targets[key], step, self._partial[key], batch) for key in self.caches]
         self._partial.clear()
         self._retire_lower(step, uniq)
+        made = sum(_lease_nbytes(lease) for lease in leases)
         with self._cond:
             self._observed.popleft()
-            self._bytes -= self._nbytes.pop(step)
+            self._nbytes[step] += made  # held until the trainer takes the step
+            self._bytes += made
+            self.stats["held_peak_bytes"] = max(self.stats["held_peak_bytes"], self.held_nbytes())
             self._ready.append((step, batch, leases))
             self._cond.notify_all()
         return True
+
+
+def _lease_nbytes(lease: _Lease) -> int:
+    """Bytes a prepared step's lease holds beyond the cache: its working set's IDs and positions (its rows too
+    when they are a temporary copy), and its members' lookups (their IDs where renumbered, and the dedup)."""
+    ws = lease.ws
+    n = ws.ids.nbytes + ws.index.nbytes
+    if lease.target.cache.is_copy(ws):
+        n += ws.weight.nbytes + ws.state.nbytes
+    for lk in lease.lookups:
+        n += lk.ws.ids.nbytes if lease.target.space is not None else 0
+        n += sum(t.nbytes for t in (lk.inverse, lk.perm, lk.counts) if t is not None)
+    return n
 
 
 def _batch_ids(batch: Batch | StepIds) -> dict[str, torch.Tensor]:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from tierec.data.sequences import SequenceBatches, SequenceData, load_sequences
 from tierec.errors import CheckpointError, ConfigError
+from tierec.modules.dense_optim import Adam, DenseOptimizer
 from tierec.modules.optim import SparseOptimizer
 from tierec.modules.sasrec import SASRec
 from tierec.storage.base import InMemoryTable
@@ -108,8 +109,8 @@ def build_sasrec(cfg: TrainConfig, num_items: int, storage_factory=None, device=
                   attn_rank=cfg.attn_rank)
 
 
-def dense_optimizer(model: SASRec, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.98))
+def dense_optimizer(model: SASRec, lr: float) -> DenseOptimizer:
+    return Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.98))
 
 
 def _device(name: str) -> torch.device:
@@ -357,7 +358,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, storage_factory, max
         lock.close()
 
 
-def _save(model: SASRec, opt: torch.optim.Optimizer, cfg: TrainConfig, data: SequenceData, out: Path, step: int,
+def _save(model: SASRec, opt: DenseOptimizer, cfg: TrainConfig, data: SequenceData, out: Path, step: int,
           epoch: int, storage_plan: list[dict] | None = None) -> Path:
     from tierec.storage.tiered import layout_files
 

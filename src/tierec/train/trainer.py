@@ -32,6 +32,7 @@ from tierec.data.dataset import Dataset, Schema
 from tierec.data.loader import InputControl
 from tierec.errors import CheckpointError, ConfigError, TierecError
 from tierec.malloc import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds
+from tierec.modules import dense_optim
 from tierec.modules.dcn import DCNv2
 from tierec.modules.dlrm import DLRM
 from tierec.modules.embedding import EmbeddingBag, TableConfig, build_collection
@@ -230,12 +231,14 @@ def eval_source(cfg: TrainConfig, ds: Dataset) -> tuple[Dataset, str | None]:
     return ds, None
 
 
-def make_dense_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def make_dense_optimizer(cfg: TrainConfig, params) -> dense_optim.DenseOptimizer:
+    """The MLPs' optimizer: torch.optim's arithmetic and state dict without its torch._dynamo import
+    (`tierec.modules.dense_optim`)."""
     if cfg.dense_optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
+        return dense_optim.Adam(params, lr=cfg.lr)
     if cfg.dense_optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=cfg.lr)
-    return torch.optim.SGD(params, lr=cfg.lr)
+        return dense_optim.Adagrad(params, lr=cfg.lr)
+    return dense_optim.SGD(params, lr=cfg.lr)
 
 
 class MetricsLog(Protocol):
@@ -518,8 +521,8 @@ class Trainer:
         cfg = self.cfg
         max_bytes = parse_bytes(cfg.lookahead_memory, "lookahead_memory")
         split = self.model.budget_split
-        if split and split["window"]:  # the window holds what the memory budget set aside for it
-            max_bytes = min(max_bytes, split["window"])
+        if split and split["window"]:  # the window holds what the memory budget set aside for it (its floor too)
+            max_bytes = split["window"]
         window = cfg.lookahead
         if cfg.evict == "l2" and window > cfg.decay_every - cfg.prefetch_depth - 2:  # the map waits for the sweeps
             window = cfg.decay_every - cfg.prefetch_depth - 2

@@ -664,3 +664,42 @@ def test_a_batch_owns_its_arrays():
     gc.collect()
     assert dense() is None and label() is None, "the batch keeps the chunk's arrays alive"
     assert b.dense.shape == (256, 13)
+
+
+def test_released_steps_leave_nothing_for_the_gc(tmp_path, monkeypatch):
+    """A step's lookups are freed as soon as its tables release them (reference counting), not at the next
+    cyclic collection: a lease and its lookups referred to each other, and with the GC's own timing 4-8
+    steps of dedup tensors stayed alive beyond the window's count (bench_scale --quick)."""
+    from tierec.modules.embedding import Lookup
+
+    made: list[weakref.ref] = []
+    orig = Lookup.__init__
+
+    def init(self, *a, **kw):
+        orig(self, *a, **kw)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(Lookup, "__init__", init)
+    rng = np.random.default_rng(1)
+    batches = make_batches(rng, 20, 16, ["a", "b"], 60)
+
+    def factory(i, tcfg, sdim):
+        ssd = SsdTable(tmp_path / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, sdim, create=True,
+                       init_seed=3, table_index=i)
+        return LookaheadCache(ssd, 40, name=tcfg.name)
+
+    peak = 0
+    orig_next = LookaheadPipeline.__next__
+
+    def next_(self):
+        nonlocal peak
+        peak = max(peak, sum(r() is not None for r in made))
+        return orig_next(self)
+
+    monkeypatch.setattr(LookaheadPipeline, "__next__", next_)
+    gc.disable()
+    try:
+        train_tables(batches, factory, "sgd", dict(window=6, depth=2), step_s=0.005)
+    finally:
+        gc.enable()
+    assert peak <= 2 * 3, peak  # two tables x (the step in training + 2 prepared)

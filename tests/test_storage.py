@@ -601,9 +601,12 @@ def test_count_min_sketch():
     assert wide.query(torch.tensor([5, 9, 11])).tolist() == [2, 1, 0]
 
 
-def test_hash_index_against_a_dict():
+@pytest.mark.parametrize("chunk", [None, 4], ids=["whole", "probes_in_chunks"])
+def test_hash_index_against_a_dict(monkeypatch, chunk):
     from tierec.storage.hashindex import HashIndex, NeedsRebuild
 
+    if chunk:  # insert and the windowed lookup probe 4 IDs at a time: chunks whose claims collide
+        monkeypatch.setattr(HashIndex, "PROBE_CHUNK", chunk)
     cap = 40
     ix = HashIndex(cap, "cpu")
     # ids that all hash to the same entry: long probe chains, claims that collide within one round

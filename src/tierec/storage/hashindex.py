@@ -31,6 +31,10 @@ class HashIndex:
     """
 
     WINDOW = 8  # entries of a probe run compared at once
+    # IDs probed at once by `insert` and the windowed part of `lookup`: a probe holds ~150 B per ID in
+    # temporaries ([n, WINDOW] positions, keys and masks), so a look-ahead oracle rebuilding its map from
+    # 200K IDs held ~30 MB for a moment (bench_scale --quick); in chunks, at most ~5 MB
+    PROBE_CHUNK = 1 << 15
 
     def __init__(self, capacity: int, device, val_dtype: torch.dtype = torch.int32, arrays: SpillArrays | None = None):
         self.bits = self.table_bits(capacity)
@@ -88,11 +92,11 @@ class HashIndex:
         if not bool(rest.any()):
             return found, self.vals.index_select(0, pos).long(), pos
         slot = self.vals.index_select(0, pos).long()
-        idx = rest.nonzero().squeeze(1)
-        f, s, p = self._lookup_run(ids.index_select(0, idx), (pos.index_select(0, idx) + 1) & self.mask)
-        found.index_copy_(0, idx, f)
-        slot.index_copy_(0, idx, s)
-        pos.index_copy_(0, idx, p)
+        for idx in rest.nonzero().squeeze(1).split(self.PROBE_CHUNK):
+            f, s, p = self._lookup_run(ids.index_select(0, idx), (pos.index_select(0, idx) + 1) & self.mask)
+            found.index_copy_(0, idx, f)
+            slot.index_copy_(0, idx, s)
+            pos.index_copy_(0, idx, p)
         return found, slot, pos
 
     def _lookup_run(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,12 +131,20 @@ class HashIndex:
         (empty or tombstone) in the window of its run; IDs of the batch that chose the same entry get
         one winner, and the others go on from there."""
         n = ids.numel()
-        out = torch.empty(n, dtype=torch.int64, device=self.device)
         if n == 0:
-            return out
+            return torch.empty(0, dtype=torch.int64, device=self.device)
         if self.live + self.tomb + n > self.max_fill and self.tomb:
             raise NeedsRebuild
+        if n <= self.PROBE_CHUNK:
+            return self._insert(ids, slots.to(self.vals.dtype))
         slots = slots.to(self.vals.dtype)
+        return torch.cat([self._insert(ids[a:a + self.PROBE_CHUNK], slots[a:a + self.PROBE_CHUNK])
+                          for a in range(0, n, self.PROBE_CHUNK)])
+
+    def _insert(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """`insert` of at most `PROBE_CHUNK` IDs (the checks done)."""
+        n = ids.numel()
+        out = torch.empty(n, dtype=torch.int64, device=self.device)
         p = self._hash(ids)
         idx = None  # positions in the input of the IDs still to place (None: all of them)
         while ids.numel():  # rounds: one per window passed or race lost (usually a single round)

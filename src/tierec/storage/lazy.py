@@ -33,6 +33,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _CHUNK_ROWS = 1 << 16  # rows per pass of RowInit.range / RowBits.ids (bounds temporary memory)
+_INIT_PASS = 1 << 13  # rows per pass of RowInit.rows: ~400 B of uint64 temporaries per row (3.3 MB a pass)
 _MARK_LOCK = threading.Lock()  # RowBits.mark is a read-modify-write of bytes: one marker at a time
 
 
@@ -68,7 +69,16 @@ class RowInit:
         """Rows ``ids`` (int64 [U], any order, repeats allowed) -> float32 [U, dim]."""
         if isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu().numpy()
-        r = np.asarray(ids, dtype=np.int64).reshape(-1).astype(np.uint64) + np.uint64(self.row_offset)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size <= _INIT_PASS:
+            return self._rows(ids)
+        out = torch.empty(ids.size, self.dim)  # in passes: a look-ahead step of 50K missed rows held 20 MB at once
+        for a in range(0, ids.size, _INIT_PASS):
+            out[a : a + _INIT_PASS] = self._rows(ids[a : a + _INIT_PASS])
+        return out
+
+    def _rows(self, ids: np.ndarray) -> torch.Tensor:
+        r = ids.astype(np.uint64) + np.uint64(self.row_offset)
         x = r[:, None] * np.uint64(self.dim) + np.arange(self.dim, dtype=np.uint64)[None, :]
         x *= _GOLDEN
         x += self._key()

@@ -310,6 +310,7 @@ class LookaheadPipeline(Generic[B]):
         lease.left -= 1
         if lease.left:
             return
+        lease.lookups.clear()  # each lookup's release refers back to its lease: no cycle left for the GC to find
         self._give_back(lease)
         with self._cond:
             self._release_gen += 1

@@ -161,7 +161,7 @@ def measure_lookups(dataset, names: list[str], batch_size: int, max_batches: int
         if i >= max_batches:
             break
         for n in names:
-            seen[n].append(chunk.sparse[n][0])
+            seen[n].append(chunk.sparse[n][0].copy())  # a view would keep the whole decoded row group alive
     out = {}
     for n in names:
         vals = np.concatenate(seen[n]) if seen[n] else np.zeros(0, np.int64)

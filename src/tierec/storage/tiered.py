@@ -16,7 +16,7 @@ import torch
 from tierec.config import format_bytes
 from tierec.data.hashing import reduce_raw
 from tierec.errors import CheckpointError, ConfigError
-from tierec.malloc import limit_malloc_retention
+from tierec.malloc import limit_malloc_retention, release_free_memory
 from tierec.storage.cache import CachedTable
 from tierec.storage.dynamic import TableRows
 from tierec.storage.group import TableGroup
@@ -76,7 +76,9 @@ def plan_storage(settings: StorageSettings, schema: Schema, dataset: Dataset,
     tables' machinery holds (`split_budget`), then the tables of ``schema`` (rows of ``row_bytes``:
     weights + optimizer state) with the rest."""
     names = schema.sparse_names
+    limit_malloc_retention()  # the pass's multi-MB arrays go back to the OS when freed ...
     sample = measure_lookups(dataset, names, settings.plan_batch_size, settings.plan_batches, settings.seed)
+    release_free_memory()  # ... and what the readers' pools and arenas keep for reuse too
     rows = {f.name: settings.table_rows.get(f.name) or TableRows(f.num_embeddings) for f in schema.sparse}
     return plan_sampled(settings, {n: r.rows for n, r in rows.items()}, sample_as_rows(sample, rows), row_bytes)
 

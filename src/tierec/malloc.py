@@ -23,20 +23,26 @@ STEP_MALLOC = (32 << 20, 64 << 20)  # 32 MiB: glibc's largest mmap threshold on 
 _malloc_now: tuple[int, int] | None = None  # what this process last set (glibc cannot be asked)
 
 
+def _libc():
+    """glibc, or None where the process has none."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
     """Fix glibc's malloc thresholds: blocks >= ``mmap_threshold`` bytes get their own mapping and go back
     to the OS when freed; free memory above ``trim_threshold`` at the top of the heap is returned.
     Returns False where mallopt is missing (not glibc)."""
     global _malloc_now
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold,
-                                                                                        trim_threshold))
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
         return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))
     if ok:
         _malloc_now = (mmap_threshold, trim_threshold)
     return ok
@@ -61,12 +67,9 @@ def release_free_memory() -> None:
         pa.default_memory_pool().release_unused()
     except (ImportError, AttributeError):
         pass
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 @contextlib.contextmanager

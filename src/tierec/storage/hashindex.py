@@ -135,11 +135,10 @@ class HashIndex:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         if self.live + self.tomb + n > self.max_fill and self.tomb:
             raise NeedsRebuild
-        if n <= self.PROBE_CHUNK:
-            return self._insert(ids, slots.to(self.vals.dtype))
         slots = slots.to(self.vals.dtype)
-        return torch.cat([self._insert(ids[a:a + self.PROBE_CHUNK], slots[a:a + self.PROBE_CHUNK])
-                          for a in range(0, n, self.PROBE_CHUNK)])
+        parts = [self._insert(i, s) for i, s in zip(ids.split(self.PROBE_CHUNK), slots.split(self.PROBE_CHUNK),
+                                                    strict=True)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _insert(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """`insert` of at most `PROBE_CHUNK` IDs (the checks done)."""

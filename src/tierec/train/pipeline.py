@@ -356,6 +356,9 @@ class LookaheadPipeline(Generic[B]):
         prepared lookups), and the oracles (`LookaheadCache.window_nbytes`); held to ``max_bytes``."""
         return self._bytes + sum(c.window_nbytes for c in self._all_caches())
 
+    def _note_held(self) -> None:
+        self.stats["held_peak_bytes"] = max(self.stats["held_peak_bytes"], self.held_nbytes())
+
     def summary(self) -> dict:
         st = dict(self.stats)
         n = max(st["steps"], 1)
@@ -508,7 +511,7 @@ class LookaheadPipeline(Generic[B]):
             self._bytes += self._nbytes[step]
             self._next_read += 1
             self.stats["window_peak"] = max(self.stats["window_peak"], self._next_read - self._next_take)
-            self.stats["held_peak_bytes"] = max(self.stats["held_peak_bytes"], self.held_nbytes())
+            self._note_held()
         return True
 
     def _prepare_lower(self, force_upto: int | None = None) -> bool:
@@ -579,7 +582,7 @@ class LookaheadPipeline(Generic[B]):
             self._observed.popleft()
             self._nbytes[step] += made  # held until the trainer takes the step
             self._bytes += made
-            self.stats["held_peak_bytes"] = max(self.stats["held_peak_bytes"], self.held_nbytes())
+            self._note_held()
             self._ready.append((step, batch, leases))
             self._cond.notify_all()
         return True

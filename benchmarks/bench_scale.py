@@ -32,7 +32,8 @@ alone, from ``os.wait4``):
    before the tiered run and after the copy; a slowdown between the two is reported as such.
 
 From the runs' metrics.jsonl: table creation (``build_seconds`` of the start record: the model, its tables
-and SSD files); samples/s, the median over the --log-every-step intervals without a checkpoint (robust to a
+and SSD files); the next-use trace pass that the look-ahead cache runs before step 1 (the ``trace`` record:
+a second reader of the run's batches, ``--lookahead-trace``); samples/s, the median over the --log-every-step intervals without a checkpoint (robust to a
 busy neighbour on a shared VM; the means over the training time are printed beside), for the whole run and
 from the first eviction on; the stall fraction (time waiting for prefetched rows); the hit rate; the first
 training record with evictions; each checkpoint's seconds and bytes (the files in its manifest); and the
@@ -357,6 +358,7 @@ class Interval:
 @dataclass
 class RunFigures:
     build_s: float | None = None
+    trace: dict | None = None  # the next-use trace pass (``trace`` record): steps, lookups, seconds
     samples_per_s: float | None = None  # samples / training time (checkpoints and evaluation excluded)
     stall_fraction: float | None = None
     hit_rate: float | None = None
@@ -388,6 +390,8 @@ def analyse(records: list[dict], summary: dict, child: Child) -> RunFigures:
         ev = r["event"]
         if ev == "start":
             fig.build_s = r.get("build_seconds")
+        elif ev == "trace":
+            fig.trace = {k: r[k] for k in ("steps", "lookups", "seconds")}
         elif ev == "checkpoint":
             fig.checkpoints.append({k: r[k] for k in ("step", "seconds", "bytes")})
             clean = False
@@ -428,6 +432,9 @@ def speed_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
     ok = None if t.build_s is None else t.build_s < CREATE_S
     rows.append(("table creation (model build)", f"{t.build_s:.1f} s (in memory: {m.build_s:.1f} s)"
                  if t.build_s is not None and m.build_s is not None else "n/a", f"< {CREATE_S:g} s", verdict(ok)))
+    if t.trace is not None:
+        rows.append(("next-use trace pass (before step 1)", f"{t.trace['seconds']:.1f} s: {t.trace['steps']:,} steps, "
+                     f"{t.trace['lookups']:,} lookups", "", "-"))
     means = f" (means {t.samples_per_s:,.0f} vs {m.samples_per_s:,.0f})" if t.samples_per_s and m.samples_per_s else ""
     text, ok = ratio_line(t.median_samples_per_s(), m.median_samples_per_s(), means)
     rows.append((f"samples/s (median, {s.log_every}-step intervals)", text, f">= {SPEED_RATIO}x", verdict(ok)))

@@ -53,6 +53,50 @@ def test_oracle_matches_brute_force(window):
     assert len(o) == 0 and o.occurrences == 0
 
 
+def trace_next_uses(steps):
+    """Each step's next use of each of its IDs over the whole run (NEVER: none), from the end backwards."""
+    last, out = {}, [None] * len(steps)
+    for t in range(len(steps) - 1, -1, -1):
+        out[t] = [last.get(i, NEVER) for i in steps[t]]
+        last.update((i, t) for i in steps[t])
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 3, 40])
+def test_oracle_with_a_trace_answers_beyond_the_window(window):
+    """Given each ID's next use at observe (a trace of the run), consume answers it at any distance -- from the
+    window where it holds a later use -- and the map still forgets IDs whose last window use is consumed."""
+    rng = np.random.default_rng(window)
+    n = 300
+    steps = [np.unique(rng.zipf(1.3, size=rng.integers(0, 30)) % 500).tolist() for _ in range(n)]
+    far = trace_next_uses(steps)
+    o = NextUseOracle()
+    observed = -1
+    for t in range(n):
+        while observed < min(n - 1, t + window - 1):
+            observed += 1
+            o.observe(observed, torch.tensor(steps[observed], dtype=torch.int64),
+                      torch.tensor(far[observed], dtype=torch.int64))
+        assert o.consume(t).tolist() == far[t], t
+        assert o._last.live == len(set().union(*[set(steps[s]) for s in range(t + 1, observed + 1)]))
+    assert len(o) == 0 and o.occurrences == 0
+
+
+def test_a_trace_makes_a_one_step_window_belady_min(shared_data):
+    """With the run's next uses a one-step window evicts as the whole-trace window does: Belady's MIN."""
+    from tierec.sim.traces import read_arc
+
+    trace = read_arc(shared_data / "arc" / "OLTP.lis.zst", max_requests=6000)
+    steps = [torch.tensor([int(x)]) for x in trace]
+    far = trace_next_uses([[int(x)] for x in trace])
+    for size in (50, 400):
+        cache = LookaheadCache(InMemoryTable(int(trace.max()) + 1, 1, 0), size)
+        for t, ids in enumerate(steps):
+            cache.observe(t, ids, torch.tensor(far[t]))
+            cache.release(cache.prepare(t, ids, allow_bypass=True), dirty=False)
+        assert cache.stats()["hits"] == round(min_hit_rate(trace, size, bypass=False) * len(trace)), size
+
+
 def test_oracle_rejects_out_of_order_steps():
     o = NextUseOracle()
     o.observe(3, torch.tensor([1, 2]))
@@ -324,12 +368,12 @@ def test_lookahead_training_on_o_direct_files_is_bit_identical(tmp_path, monkeyp
     calls, fused = [], []
     orig, orig_many = SsdTable.exchange, multifile.exchange_many
 
-    def spy(self, *a):
+    def spy(self, *a, **kw):
         calls.append(a[0].numel())
-        return orig(self, *a)
+        return orig(self, *a, **kw)
 
-    def spy_many(tabs, wt, *a):
-        out = orig_many(tabs, wt, *a)
+    def spy_many(tabs, wt, *a, **kw):
+        out = orig_many(tabs, wt, *a, **kw)
         fused.append(out is not None and len(set(wt.tolist())) > 0)
         return out
 

@@ -122,3 +122,101 @@ def test_reads_go_by_the_devices_sector(tmp_path):
         w, _ = log.read(ids)
         assert (w == 1).all()
         assert log.stats()["device_bytes_read"] <= ids.numel() * 2 * log.read_align
+
+
+# ---------------------------------------------------------------------------- placement rank
+def log_slots(t: SsdTable, ids: np.ndarray) -> np.ndarray:
+    """Log slots of rows ``ids`` (all in the log)."""
+    slots = t.row_log.lookup(ids, np.full(ids.size, -1)) - t.row_log.base
+    assert (slots >= 0).all()
+    return slots
+
+
+def test_a_placement_rank_orders_the_appended_rows(tmp_path):
+    """Rows appended with a rank land in increasing (rank, ID) order, through `exchange`, `write` and a
+    `ConcatTable` over two files (its ranks sliced per member)."""
+    from tierec.storage.concat import ConcatTable
+
+    log, _ = pair(tmp_path, 5000)
+    rng = np.random.default_rng(5)
+    ids = np.unique(rng.integers(0, N, 900))
+    rank = rng.integers(0, 40, ids.size)  # ties: by ID
+    log.exchange(torch.from_numpy(ids), torch.randn(ids.size, DIM), torch.rand(ids.size, 1), torch.tensor([7]),
+                 write_rank=torch.from_numpy(rank))
+    assert np.array_equal(ids[np.argsort(log_slots(log, ids))], ids[np.lexsort((ids, rank))])
+    more = np.setdiff1d(np.unique(rng.integers(0, N, 300)), ids)
+    perm = rng.permutation(more.size)  # any order of IDs: the rank goes with its row
+    mrank = rng.integers(-5, 5, more.size)
+    log.write(torch.from_numpy(more[perm]), torch.randn(more.size, DIM), torch.rand(more.size, 1),
+              rank=torch.from_numpy(mrank[perm]))
+    got = log_slots(log, more)
+    assert got.min() > log_slots(log, ids).max()  # appended after the first batch
+    assert np.array_equal(more[np.argsort(got)], more[np.lexsort((more, mrank))])
+
+    a = SsdTable(tmp_path / "a.tbl", 1000, DIM, 1, create=True, init="lazy", init_seed=1, direct_io=True, row_log=2000)
+    b = SsdTable(tmp_path / "b.tbl", 3000, DIM, 1, create=True, init="lazy", init_seed=2, direct_io=True, row_log=2000)
+    cat = ConcatTable([a, b], io_threads=1)
+    for read in (torch.tensor([4, 1500]), torch.empty(0, dtype=torch.int64)):  # exchange_many, then per member
+        w = np.setdiff1d(np.unique(rng.integers(0, 4000, 600)), read.numpy())
+        r = rng.integers(0, 1000, w.size)
+        cat.exchange(torch.from_numpy(w), torch.randn(w.size, DIM), torch.rand(w.size, 1), read,
+                     write_rank=torch.from_numpy(r))
+        for t, lo, hi in ((a, 0, 1000), (b, 1000, 4000)):
+            m = (w >= lo) & (w < hi)
+            mine = w[m] - lo
+            assert np.array_equal(mine[np.argsort(log_slots(t, mine))], mine[np.lexsort((mine, r[m]))])
+    cat.close()
+
+
+def test_ranked_appends_read_back_as_from_a_plain_file(tmp_path):
+    """Random exchanges with random ranks (or none), single ranked writes, range writes (rows leave the log),
+    switches of halves and a reopen: every read equals the plain file's, """
+    log, plain = pair(tmp_path, 600)
+    rng = np.random.default_rng(11)
+    for step in range(150):
+        w = np.unique(rng.integers(0, N, 350))
+        r = np.setdiff1d(np.unique(rng.integers(0, N, 150)), w)
+        weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
+        rank = None if step % 5 == 0 else torch.from_numpy(rng.integers(0, 20, w.size))
+        got = log.exchange(torch.from_numpy(w), weight, state, torch.from_numpy(r), write_rank=rank)
+        want = plain.exchange(torch.from_numpy(w), weight, state, torch.from_numpy(r))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), step
+        if step % 30 == 3:
+            k = torch.from_numpy(rng.permutation(w)[:40])
+            log.write(k, weight[:40] * 3, state[:40], rank=torch.from_numpy(rng.integers(0, 3, 40)))
+            plain.write(k, weight[:40] * 3, state[:40])
+        if step % 50 == 20:
+            start = int(rng.integers(0, N - 200))
+            for t in (log, plain):
+                t.write_rows(start, torch.full((200, DIM), float(step)), torch.ones(200, 1))
+    st = log.stats()
+    assert st["log_switches"] > 0 and st["log_full"] > 0
+    same(log, plain, torch.arange(N))
+    log.close()
+    again = SsdTable.open(tmp_path / "log.tbl", direct_io=True)
+    same(again, plain, torch.arange(N))
+    w = np.arange(0, N, 13)
+    weight = torch.randn(w.size, DIM)
+    again.write(torch.from_numpy(w), weight, torch.zeros(w.size, 1), rank=torch.from_numpy(-w))
+    plain.write(torch.from_numpy(w), weight, torch.zeros(w.size, 1))
+    same(again, plain, torch.arange(N))
+    again.close()
+
+
+def test_the_write_log_budget_buys_map_entries():
+    """A log's memory is its map, `RowLog.bytes_per_row` per capacity row (8 B, 12 in tables of 2^31 rows or more),
+    and `split_budget` and the capacity a share buys charge that much."""
+    from pathlib import Path
+
+    from tierec.storage.plan import TableNeeds
+    from tierec.storage.rowlog import RowLog
+    from tierec.storage.settings import StorageSettings
+    from tierec.storage.tiered import split_budget
+
+    assert (RowLog.bytes_per_row(N), RowLog.bytes_per_row(2**31)) == (8, 12)
+    assert RowLog.capacity_for(120_000, N) == 15_000
+    rows, row_bytes = 1000, 1028  # a log of every row costs less than the share
+    s = StorageSettings(root=Path("."), memory_budget=rows * row_bytes - 1, direct_io=True)
+    assert split_budget(s, [TableNeeds("t", rows, row_bytes, lookups=1)]).write_log == rows * 8
+    s = StorageSettings(root=Path("."), memory_budget=20 * rows * 68, direct_io=True)
+    assert split_budget(s, [TableNeeds("t", 40 * rows, 68, lookups=1)]).write_log == 20 * rows * 68 // 16

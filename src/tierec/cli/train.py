@@ -105,6 +105,10 @@ HELP = {
     "prefetch_threads": "cache-policy lookahead: threads prefetching tables in parallel (default: 4 with "
                         "--direct-io, whose batched AIO reads mostly wait on the device; else by cores, 1 on 2 "
                         "cores, at most 4)",
+    "lookahead_trace": "cache-policy lookahead: before training, one pass over the run's batches (IDs only kept, "
+                       "spilled to OUT, bounded by the window's memory) gives every lookup its next use, so eviction is "
+                       "Belady's MIN over the whole run, not only the window, and write-backs are laid out by next "
+                       "use (fewer device bytes read); --no-lookahead-trace: the window alone",
     "group_caches": "cache-policy lookahead: the SSD tables share ONE cache, their rows numbered one after "
                     "another (as FBGEMM's table-batched embeddings), so the prefetch worker does its bookkeeping "
                     "once per step instead of once per table; --no-group-caches: one cache per table",

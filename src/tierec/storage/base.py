@@ -76,9 +76,11 @@ class RowStore(Protocol):
     """What a cache sits on (`tierec.storage.cache.CachedTable`'s backing store): rows moved by ID.
 
     ``read(ids)``: rows ``ids`` (int64 [U], unique) as fresh tensors (weight [U, D], state [U, S]);
-    ``write(ids, weight, state)``: store them; ``exchange(write_ids, weight, state, read_ids)``: both
-    (disjoint IDs) in one pass where the store can (`SsdTable`, `ConcatTable`: one I/O batch), else
-    write then read; ``mark_written(ids)``: rows ``ids`` changed in a cache above (their bytes reach this
+    ``write(ids, weight, state)``: store them; ``exchange(write_ids, weight, state, read_ids, write_rank=None)``:
+    both (disjoint IDs) in one pass where the store can (`SsdTable`, `ConcatTable`: one I/O batch), else
+    write then read; ``write_rank`` (int64 [W] or None) is the caller's hint of when each written row is read
+    back (lower: sooner), which a write-back log places them by (`tierec.storage.rowlog`), others ignore;
+    ``mark_written(ids)``: rows ``ids`` changed in a cache above (their bytes reach this
     store on write-back; its `LazyRows` count them now, so a checkpoint needs no flush first);
     ``neighbours(ids)``: the rows a read of ``ids`` moves anyway (shared device blocks);
     ``read_rows``/``write_rows``/``flush``/``lazy_rows`` as in `TableStorage`; ``close`` releases
@@ -96,7 +98,7 @@ class RowStore(Protocol):
     def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None: ...
 
     def exchange(self, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
-                 read_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+                 read_ids: torch.Tensor, write_rank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def read_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -126,8 +128,8 @@ class RowStoreDefaults:
     ``close`` = flush; no counters; written rows not tracked."""
 
     def exchange(self: RowStore, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
-                 read_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if write_ids.numel():
+                 read_ids: torch.Tensor, write_rank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if write_ids.numel():  # the placement rank is a hint for stores with a write-back log: ignored here
             self.write(write_ids, weight, state)
         return self.read(read_ids)
 

@@ -382,12 +382,14 @@ class CachedTable(RowStoreDefaults):
         self._st["write_calls"] += 1
 
     def _bexchange(self, wb, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write back ``wb`` = (ids, weight, state) of evicted dirty rows (or None) and read rows ``ids``
-        (not among them) from the backing store, in one pass where it can (`RowStore.exchange`)."""
+        """Write back ``wb`` = (ids, weight, state[, placement rank]) of evicted dirty rows (or None) and read
+        rows ``ids`` (not among them) from the backing store, in one pass where it can (`RowStore.exchange`)."""
         if wb is None:
             return self._bread(ids)
-        wid, w, s = wb
-        w, s = self.backing.exchange(wid.to(self._bdev), w.to(self._bdev), s.to(self._bdev), ids.to(self._bdev))
+        wid, w, s = wb[:3]
+        rank = wb[3].to(self._bdev) if len(wb) > 3 else None
+        w, s = self.backing.exchange(wid.to(self._bdev), w.to(self._bdev), s.to(self._bdev), ids.to(self._bdev),
+                                     write_rank=rank)
         self._st["rows_written"] += wid.numel()
         self._st["write_calls"] += 1
         self._st["rows_read"] += ids.numel()

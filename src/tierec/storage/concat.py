@@ -115,27 +115,46 @@ class ConcatTable:
             self._map(one, parts)
         return unsort(order, w, s)
 
-    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
+    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
+              rank: torch.Tensor | None = None) -> None:
+        """Write rows ``ids`` (unique, any order); ``rank`` (int64 [U] or None): their placement ranks, passed to
+        `SsdTable` members (`SsdTable.write`)."""
         self._writable()
         ids, order = sort_ids(ids)
         if order is not None:
             weight, state = weight[order], state[order]
+            rank = None if rank is None else rank[order.to(rank.device)]
+        if rank is not None:
+            rank = rank.to("cpu", torch.int64)
 
         def one(p):
             t, lo, hi = p
-            self.tables[t].write(ids[lo:hi] - self.space.offset(t), weight[lo:hi], state[lo:hi])
+            self._write_member(t, ids[lo:hi] - self.space.offset(t), weight[lo:hi], state[lo:hi],
+                               None if rank is None else rank[lo:hi])
 
         self._map(one, self.space.parts(ids))
 
+    def _write_member(self, t: int, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
+                      rank: torch.Tensor | None) -> None:
+        """Member ``t``'s rows ``ids`` (its own IDs) written; the placement rank where the member takes one."""
+        tab = self.tables[t]
+        if rank is not None and isinstance(tab, SsdTable):
+            tab.write(ids, weight, state, rank=rank)
+        else:
+            tab.write(ids, weight, state)
+
     def exchange(self, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
-                 read_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 read_ids: torch.Tensor, write_rank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write rows ``write_ids`` and read rows ``read_ids`` (both sorted, disjoint). Members that are
         O_DIRECT `SsdTable` s: all at once (`tierec.storage.multifile.exchange_many`: one AIO batch with
         padded rows, two with packed ones); otherwise each member's part in one `SsdTable.exchange`
-        (one pass over its file), the members in parallel."""
+        (one pass over its file), the members in parallel. ``write_rank`` (int64 [W] or None): the written
+        rows' placement ranks, passed to the members (`RowStore.exchange`)."""
         self._writable()
+        if write_rank is not None:
+            write_rank = write_rank.to("cpu", torch.int64)
         if self._ssd_direct and write_ids.numel() and read_ids.numel():
-            got = self._exchange_many(write_ids, weight, state, read_ids)
+            got = self._exchange_many(write_ids, weight, state, read_ids, write_rank)
             if got is not None:
                 return got
         self.space.check(write_ids)
@@ -149,23 +168,28 @@ class ConcatTable:
             tab, off = self.tables[t], self.space.offset(t)
             wid, rid = write_ids[wb[t]:wb[t + 1]] - off, read_ids[rb[t]:rb[t + 1]] - off
             ww, ws_ = weight[wb[t]:wb[t + 1]], state[wb[t]:wb[t + 1]]
+            wr = None if write_rank is None else write_rank[wb[t]:wb[t + 1]]
             if rid.numel() == 0:
-                tab.write(wid, ww, ws_)
+                self._write_member(t, wid, ww, ws_, wr)
                 return
-            got = tab.exchange(wid, ww, ws_, rid) if wid.numel() else tab.read(rid)
+            if wid.numel() == 0:
+                got = tab.read(rid)
+            else:
+                got = tab.exchange(wid, ww, ws_, rid) if wr is None else tab.exchange(wid, ww, ws_, rid, write_rank=wr)
             w[rb[t]:rb[t + 1]], s[rb[t]:rb[t + 1]] = got
 
         self._map(one, parts)
         return w, s
 
-    def _exchange_many(self, write_ids, weight, state, read_ids):
+    def _exchange_many(self, write_ids, weight, state, read_ids, write_rank=None):
         wid, rid = write_ids.numpy(), read_ids.numpy()
+        wrank = None if write_rank is None else write_rank.numpy()
         self.space.check(wid)
         self.space.check(rid)
         wt, rt = self.space.member_of(wid), self.space.member_of(rid)
         off = self.space.offsets
         rows = torch.cat([weight, state], 1).numpy() if self.state_dim else weight.contiguous().numpy()
-        out = multifile.exchange_many(self._files, wt, wid - off[wt], rows, rt, rid - off[rt])
+        out = multifile.exchange_many(self._files, wt, wid - off[wt], rows, rt, rid - off[rt], wrank)
         if out is None:
             return None
         t = torch.from_numpy(out)

@@ -4,10 +4,18 @@ During training the future is known: the loader can read the next batches now.
 Two pieces use it, one per table:
 
 * `NextUseOracle` holds the unique IDs of every *observed* future step (the
-  window) and answers "when is this row used next?" in O(1) per row.
+  window) and answers "when is this row used next?" in O(1) per row. Where the
+  driver knows more -- a next-use trace of the whole run
+  (`tierec.train.nextuse.NextUseTrace`) -- ``observe`` takes each ID's next use
+  beyond the window too, and the answer is exact at any distance.
 * `LookaheadCache` is a `CachedTable` whose eviction order comes from the
-  oracle: rows with no use inside the window go first (lowest long-run
-  frequency first), then the row whose next use is furthest away (Belady).
+  oracle: rows with no known next use go first (lowest long-run frequency
+  first), then the row whose next use is furthest away (Belady; with a trace,
+  Belady's MIN over the whole run). Its dirty victims go to the backing store
+  with their next use as the placement rank (`RowStore.exchange`'s
+  ``write_rank``), so a write-back log lays rows read back together side by
+  side, and the block neighbours of a step's misses that the window uses come
+  in with them at no extra I/O.
   Rows are brought in ahead of their step by `prepare(step, ids)` -- called by
   the `tierec.train.pipeline.LookaheadPipeline` worker, overlapped with compute --
   which also pins them until the step's working set is released.
@@ -59,11 +67,13 @@ class NextUseOracle:
 
     ``observe(step, ids)`` registers the unique IDs of a future step (steps in
     increasing order); ``consume(step)`` retires the oldest observed step and
-    returns, for each of its IDs, the next observed step that uses it (`NEVER`
-    if none). Memory is O(occurrences in the window): every observed (step, id)
-    is an *occurrence*, numbered in order; a ring buffer holds each occurrence's
-    next-use step, and a hash map id -> latest occurrence links a new
-    occurrence to the previous one of the same ID. No per-ID Python loop.
+    returns, for each of its IDs, the next observed step that uses it -- or,
+    where the window holds none, the next use the observer gave for it (a trace
+    of the run), else `NEVER`. Memory is O(occurrences in the window): every
+    observed (step, id) is an *occurrence*, numbered in order; a ring buffer
+    holds each occurrence's next-use step and whether it is its ID's latest in
+    the window, and a hash map id -> latest occurrence links a new occurrence
+    to the previous one of the same ID. No per-ID Python loop.
     """
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
@@ -71,6 +81,7 @@ class NextUseOracle:
         self._steps: deque[tuple[int, torch.Tensor, int]] = deque()  # (step, ids, first occurrence)
         self._ring = torch.full((1024,), NEVER, dtype=torch.int64, device=self.device)
         self._pring = torch.zeros(1024, dtype=torch.int32, device=self.device)  # occurrence -> its entry in _last
+        self._latest = torch.zeros(1024, dtype=torch.bool, device=self.device)  # its ID's latest occurrence
         self._next_occ = 0
         self._last = HashIndex(1024, self.device, torch.int64)  # id -> latest occurrence
         self.last_observed = -1
@@ -82,15 +93,17 @@ class NextUseOracle:
     @property
     def nbytes(self) -> int:
         """Bytes it holds beyond the observed steps' ID tensors (the caller's): the ring, and the hash map."""
-        return self._ring.nbytes + self._pring.nbytes + self._last.nbytes
+        return self._ring.nbytes + self._pring.nbytes + self._latest.nbytes + self._last.nbytes
 
     @property
     def occurrences(self) -> int:
         return self._next_occ - self._steps[0][2] if self._steps else 0
 
-    def observe(self, step: int, ids: torch.Tensor) -> torch.Tensor:
-        """Register step ``step``'s unique IDs (int64 [U]). Returns bool [U]: True where the ID has
-        no earlier use in the window (its next use is now ``step``)."""
+    def observe(self, step: int, ids: torch.Tensor, next_use: torch.Tensor | None = None) -> torch.Tensor:
+        """Register step ``step``'s unique IDs (int64 [U]); ``next_use`` (int64 [U], > ``step``, `NEVER` for
+        none): each ID's next use after this step where the caller knows it (a trace of the run), the answer
+        of `consume` until a later observed step uses it. Returns bool [U]: True where the ID has no
+        earlier use in the window (its next use is now ``step``)."""
         if step <= self.last_observed:
             raise ValueError(f"observe: step {step} after step {self.last_observed}; steps must increase")
         ids = ids.to(self.device)
@@ -101,9 +114,15 @@ class NextUseOracle:
         found, prev, pos = self._last.lookup(ids)
         fi = found.nonzero().squeeze(1)
         if fi.numel():
-            self._ring.index_fill_(0, prev.index_select(0, fi) % R, step)  # previous occurrence -> this step
+            at_prev = prev.index_select(0, fi) % R
+            self._ring.index_fill_(0, at_prev, step)  # previous occurrence -> this step
+            self._latest.index_fill_(0, at_prev, False)
             self._last.vals.index_copy_(0, pos.index_select(0, fi), occ.index_select(0, fi))
-        self._ring.index_fill_(0, occ % R, NEVER)
+        if next_use is None:
+            self._ring.index_fill_(0, occ % R, NEVER)
+        else:
+            self._ring.index_copy_(0, occ % R, next_use.to(self.device, torch.int64))
+        self._latest.index_fill_(0, occ % R, True)
         first = ~found
         pos[first] = self._last.insert(ids[first], occ[first])
         self._pring.index_copy_(0, occ % R, pos.to(torch.int32))
@@ -135,23 +154,25 @@ class NextUseOracle:
         at = (o0 + torch.arange(ids.numel(), device=self.device)) % self._ring.numel()
         nu = self._ring.index_select(0, at)
         # the IDs used last here leave the map (their entries were recorded when observed)
-        self._last.remove_at(self._pring.index_select(0, at[nu == NEVER]).long())
+        self._last.remove_at(self._pring.index_select(0, at[self._latest.index_select(0, at)]).long())
         return nu
 
     def _reserve(self, n: int) -> None:
         """Room for ``n`` more occurrences in the ring and the hash map. The ring grows to 1.5x what is
-        needed (rounded up to 64K entries): 12 B per occurrence in the window, plus that slack."""
+        needed (rounded up to 64K entries): 13 B per occurrence in the window, plus that slack."""
         live = self.occurrences
         R = self._ring.numel()
         if live + n > R:
             R2 = -(-(3 * (live + n) // 2) // 65536) * 65536
             ring = torch.full((R2,), NEVER, dtype=torch.int64, device=self.device)
             pring = torch.zeros(R2, dtype=torch.int32, device=self.device)
+            latest = torch.zeros(R2, dtype=torch.bool, device=self.device)
             if live:
                 occ = torch.arange(self._steps[0][2], self._next_occ, device=self.device)
                 ring[occ % R2] = self._ring[occ % R]
                 pring[occ % R2] = self._pring[occ % R]
-            self._ring, self._pring = ring, pring
+                latest[occ % R2] = self._latest[occ % R]
+            self._ring, self._pring, self._latest = ring, pring, latest
         h = self._last
         if h.live + h.tomb + n > h.max_fill:  # rebuild from the live latest occurrences, with room for two more steps
             ids, occ = self._latest_occurrences()  # (a map holds 4-8x its capacity in entries of 16 B: no more slack)
@@ -164,7 +185,7 @@ class NextUseOracle:
             return e, e
         ids = torch.cat([s[1] for s in self._steps])
         occ = torch.arange(self._steps[0][2], self._next_occ, device=self.device)
-        last = self._ring.index_select(0, occ % self._ring.numel()) == NEVER
+        last = self._latest.index_select(0, occ % self._latest.numel())
         return ids[last], occ[last]
 
 
@@ -280,11 +301,12 @@ class LookaheadCache(CachedTable):
         rows than the cache. Its release writes the rows back, so it needs the driver's worker paused."""
         return self._own(ws).kind == "temp"
 
-    def observe(self, step: int, ids: torch.Tensor) -> None:
-        """The loader read step ``step``; ``ids`` int64 [U] are its unique row IDs, sorted."""
+    def observe(self, step: int, ids: torch.Tensor, next_use: torch.Tensor | None = None) -> None:
+        """The loader read step ``step``; ``ids`` int64 [U] are its unique row IDs, sorted; ``next_use`` (int64 [U]),
+        where the driver has a trace of the run: each one's next use after this step (`NextUseOracle.observe`)."""
         ids = ids.to(self.device)
         with self._locked():
-            first = self.oracle.observe(step, ids)
+            first = self.oracle.observe(step, ids, next_use)
             self._sketch.update(ids)
             if self.size:
                 f = ids[first]
@@ -382,7 +404,7 @@ class LookaheadCache(CachedTable):
         need = cand.numel() - n_free
         if need:
             K = self.size
-            ok = (self._next[:K] == NEVER) & (self._pins[:K] == 0)
+            ok = (self._next[:K] > self.oracle.last_observed) & (self._pins[:K] == 0)  # no use in the window
             ok[protect] = False
             take = min(need, int(ok.sum()))
             if take:
@@ -398,7 +420,8 @@ class LookaheadCache(CachedTable):
         self._st["misses"] += U - nh
 
     def _detach(self, victims: torch.Tensor):
-        """Drop ``victims`` from the cache; returns their dirty rows (ids, weight, state) to write back."""
+        """Drop ``victims`` from the cache; returns their dirty rows (ids sorted, weight, state, next use) to write
+        back: the next use is their placement rank (`RowStore.exchange`'s ``write_rank``)."""
         if victims.numel() == 0:
             return None
         vid = self._slot_id.index_select(0, victims)
@@ -407,7 +430,7 @@ class LookaheadCache(CachedTable):
         if bool(vdirty.any()):
             wid, order = torch.sort(vid[vdirty])
             ws_ = victims[vdirty].index_select(0, order)
-            out = (wid, self.weight.index_select(0, ws_), self.state.index_select(0, ws_))
+            out = (wid, self.weight.index_select(0, ws_), self.state.index_select(0, ws_), self._next.index_select(0, ws_))
             self._st["writebacks"] += wid.numel()
         self._dirty.index_fill_(0, victims, False)
         self._index.remove_at(self._hpos.index_select(0, victims))

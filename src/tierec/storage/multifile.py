@@ -178,11 +178,12 @@ def _finish_group(tabs, ids, plan: blockio.BlockPlan, tab_of, n, rows: np.ndarra
 
 
 def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: np.ndarray, rt: np.ndarray,
-                  rid: np.ndarray) -> np.ndarray | None:
+                  rid: np.ndarray, wrank: np.ndarray | None = None) -> np.ndarray | None:
     """`SsdTable.exchange` of several tables at once: rows ``wid`` of tables ``tabs[wt]`` written from
     ``rows`` [W, width], rows ``rid`` of tables ``tabs[rt]`` read -> [R, width] (both sets sorted by
-    (table, row), disjoint, W and R > 0). For O_DIRECT tables read by Linux AIO that share one row
-    width, stride and block size:
+    (table, row), disjoint, W and R > 0); ``wrank`` (int64 [W] or None): where tables with a write-back
+    log place the written rows (`tierec.storage.rowlog.RowLog.append`). For O_DIRECT tables read by
+    Linux AIO that share one row width, stride and block size:
 
     * padded rows, one per block (`SsdTable.exclusive_blocks`): the written rows' blocks are written
       without being read, in the same AIO batch as the reads -- one device round trip per step;
@@ -204,7 +205,7 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
     rt, rid = rt[written], rid[written]
     for k in np.unique(wt).tolist():
         tabs[k].prepare_write()
-    wt, wid, rows = _append_to_logs(tabs, wt, wid, rows)
+    wt, wid, rows = _append_to_logs(tabs, wt, wid, rows, wrank)
     if wid.size == 0 or t0.read_align < t0.align:  # nothing left to write in place, or reads by sector and
         if wid.size and _exchange_blocks(tabs, wt, wid, rows, rt[:0], rid[:0]) is None:  # writes by block
             return None  # (what went to a log is there: written again by the caller, the same bytes)
@@ -268,9 +269,9 @@ def _fill_unread(tabs, out: np.ndarray, written: np.ndarray, asked_t: np.ndarray
     return full
 
 
-def _append_to_logs(tabs, wt: np.ndarray, wid: np.ndarray, rows: np.ndarray):
-    """Writes (sorted by table, ID) to tables with a write-back log appended there (`SsdTable.append_log`);
-    the writes left for the block path: (tables, IDs, rows)."""
+def _append_to_logs(tabs, wt: np.ndarray, wid: np.ndarray, rows: np.ndarray, wrank: np.ndarray | None = None):
+    """Writes (sorted by table, ID; ``wrank``: their placement ranks, int64 [W] or None) to tables with a write-back
+    log appended there (`SsdTable.append_log`); the writes left for the block path: (tables, IDs, rows)."""
     keep = np.ones(wid.size, bool)
     for k in np.unique(wt).tolist():
         t = tabs[k]
@@ -278,7 +279,7 @@ def _append_to_logs(tabs, wt: np.ndarray, wid: np.ndarray, rows: np.ndarray):
             continue
         m = np.flatnonzero(wt == k)
         t0 = time.perf_counter()
-        took = m[t.append_log(wid[m], rows[m])]
+        took = m[t.append_log(wid[m], rows[m], None if wrank is None else wrank[m])]
         if took.size:
             t.account("write", int(took.size), time.perf_counter() - t0)
             keep[took] = False

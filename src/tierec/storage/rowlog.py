@@ -12,7 +12,9 @@ its home bytes are stale from then on and never read::
     file rows base+H .. base+2H-1          log half 1  } multiples of one block's worth of rows
 
 Appends fill the active half; the last, partial block is kept in memory, so every write covers whole
-blocks and nothing is read back. A row written again is appended again (its older copy is dead).
+blocks and nothing is read back. A row written again is appended again (its older copy is dead). An
+append's rows land in the order of a placement rank where the caller gives one (`append`: the step its
+cache reads each one back next), so rows read back at the same step share sectors.
 When the active half is full, the live rows -- the map's entries, at most ``capacity`` -- are copied
 to the other half in slot order (the old half read sequentially in chunks that hold live rows), and
 appends go on there: at least half of it is free. The old half stays untouched until the next
@@ -20,9 +22,10 @@ switch, so a reader that found a row's slot just before a switch still reads the
 
 The map is two sorted arrays, IDs and slots (int32; IDs int32 too in a table of fewer than 2^31 rows):
 8 B per relocated row (12 in larger tables: `map_entry_bytes`), at most ``capacity`` of them (the
-memory budget pays for ``capacity``: `tierec.storage.tiered.split_budget`). When it is full, a row not
-yet in the log goes home with read-modify-write, as without a log. Exactness: a row's bytes are the same wherever they sit; every
-reader maps IDs through `SsdTable.slots_of`, which asks `lookup` first.
+memory budget pays for ``capacity``, `bytes_per_row` each: `tierec.storage.tiered.split_budget`). When the map is
+full, a row not yet in the log goes home with read-modify-write, as without a log. Exactness: a row's
+bytes are the same wherever they sit; every reader maps IDs through `SsdTable.slots_of`, which asks
+`lookup` first.
 
 `save` / `load` keep the map beside the file (``<file>.log``: IDs int64 then slots int64, and the
 active half and head in the sidecar) so that a closed working file opens again.
@@ -99,6 +102,17 @@ class RowLog:
         unit = block_rows(row_stride)
         return 2 * (-(-2 * max(1, int(capacity)) // unit) * unit)
 
+    @staticmethod
+    def bytes_per_row(num_rows: int) -> int:
+        """Memory per capacity row of the log of a table of ``num_rows``: its map entry (`map_entry_bytes`)."""
+        return map_entry_bytes(num_rows)
+
+    @classmethod
+    def capacity_for(cls, nbytes: int, num_rows: int) -> int:
+        """The capacity (rows; 0: no log) whose log of a table of ``num_rows`` holds at most ``nbytes`` of memory
+        (`bytes_per_row` each)."""
+        return max(0, int(nbytes)) // cls.bytes_per_row(num_rows)
+
     def reset_stats(self) -> None:
         for k in self.stats:
             self.stats[k] = 0
@@ -151,26 +165,34 @@ class RowLog:
         self.stats["log_full"] += int(max(0, new.size - room))
         return take
 
-    def take(self, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, int, int]:
-        """Append those of rows ``ids`` (int64 [W], sorted, distinct; ``rows`` [W, width] float32) the log
-        takes (`accepts`): (bool [W]: taken, device bytes written, device bytes read). Thread-safe."""
+    def take(self, ids: np.ndarray, rows: np.ndarray, rank: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+        """Append those of rows ``ids`` (int64 [W], sorted, distinct; ``rows`` [W, width] float32; ``rank``: int64 [W]
+        or None, as in `append`) the log takes (`accepts`): (bool [W]: taken, device bytes written, device bytes
+        read). Thread-safe."""
         with self._lock:
             took = self.accepts(ids)
             if not took.any():
                 return took, 0, 0
-            written, read = self.append(ids[took], rows[took])
+            written, read = self.append(ids[took], rows[took], None if rank is None else rank[took])
             return took, written, read
 
-    def append(self, ids: np.ndarray, rows: np.ndarray) -> tuple[int, int]:
-        """Append rows ``ids`` (int64 [W], sorted, distinct, all `accepts`-ed) from ``rows`` ([W, width] float32);
-        (device bytes written, device bytes read) -- reads only when a switch moves the live rows."""
+    def append(self, ids: np.ndarray, rows: np.ndarray, rank: np.ndarray | None = None) -> tuple[int, int]:
+        """Append rows ``ids`` (int64 [W], sorted, distinct, all `accepts`-ed) from ``rows`` ([W, width] float32),
+        in increasing (``rank``, position) order (``rank``: int64 [W], e.g. the step each is read back next, so
+        rows read together share sectors; None: by ID); (device bytes written, device bytes read) -- reads
+        only when a switch moves the live rows."""
         written = read = 0
         if self.head + ids.size > self.half:
             w, read = self._switch(exclude=ids)
             written += w
-        written += self._write(rows)
-        slots = (self.active * self.half + self.head - ids.size + np.arange(ids.size)).astype(np.int32)
-        self._remap(ids, slots)
+        order = None if rank is None else np.argsort(np.asarray(rank, np.int64), kind="stable")
+        written += self._write(rows if order is None else rows[order])
+        slots = self.active * self.half + self.head - ids.size + np.arange(ids.size, dtype=np.int64)
+        if order is not None:  # ids[order[j]] sits at the j-th new slot
+            placed = np.empty_like(slots)
+            placed[order] = slots
+            slots = placed
+        self._remap(ids, slots.astype(np.int32))
         self.stats["log_rows"] += int(ids.size)
         return written, read
 

@@ -50,6 +50,8 @@ I/O modes:
   (the rows a full map cannot take still are), `slots_of` finds moved rows through
   its map, and batched reads use the device's smallest direct read (``read_align``:
   a 512-byte sector where the device takes it) since nothing is written by sector.
+  Write-backs may carry a placement rank (``exchange``'s ``write_rank``: when each is
+  read back), the order they are appended in.
 
 Several tables' rows in one pass (`read_many`, `exchange_many`) are in `tierec.storage.multifile`.
 """
@@ -517,8 +519,10 @@ class SsdTable:
         """The descriptor batched reads use: O_DIRECT, else buffered (direct mode) or read-only (memmap mode)."""
         return self._fd if self.odirect else (self._bfd if self.direct_io else self._rfd)
 
-    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
-        """Write rows ``ids`` (int64 [U], unique, any order) from weight [U, dim] and state [U, state_dim]."""
+    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
+              rank: torch.Tensor | np.ndarray | None = None) -> None:
+        """Write rows ``ids`` (int64 [U], unique, any order) from weight [U, dim] and state [U, state_dim];
+        ``rank`` (int64 [U] or None): where a write-back log places them (`RowLog.append`: lower, read back sooner)."""
         ids_np = self.check_ids(ids)
         if ids_np.size == 0:
             return
@@ -528,7 +532,8 @@ class SsdTable:
         if self.row_log is not None:  # appended to the log; what it cannot take goes home
             order = np.argsort(ids_np, kind="stable")
             ids_np, rows = ids_np[order], rows[order]
-            took = self.append_log(ids_np, rows)
+            rank_np = None if rank is None else _rank_numpy(rank, ids_np.size)[order]
+            took = self.append_log(ids_np, rows, rank_np)
             ids_np, rows = ids_np[~took], rows[~took]
         frows = self.slots_of(ids_np)
         if self._mrows is not None:
@@ -545,11 +550,12 @@ class SsdTable:
         if self._lazy is not None:
             self._lazy.mark(self.check_ids(ids), stored=False)
 
-    def append_log(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def append_log(self, ids: np.ndarray, rows: np.ndarray, rank: np.ndarray | None = None) -> np.ndarray:
         """Append rows ``ids`` (int64 [W], sorted, distinct) from ``rows`` [W, width] to the write-back log, those
-        it takes (no read-modify-write; marked stored); bool [W]: which it took (the rest go home)."""
+        it takes (no read-modify-write; marked stored), in ``rank`` order (int64 [W] or None: `RowLog.append`);
+        bool [W]: which it took (the rest go home)."""
         assert self.row_log is not None
-        took, written, read = self.row_log.take(ids, rows)
+        took, written, read = self.row_log.take(ids, rows, rank)
         self.count_device_bytes(read=read, written=written)
         self.mark_stored(ids[took])
         return took
@@ -782,9 +788,10 @@ class SsdTable:
         return int(write_block_runs([self], np.zeros(foff.size, np.int64), foff, nbytes, boff, addrs, mv).sum())
 
     def exchange(self, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
-                 read_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 read_ids: torch.Tensor, write_rank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write rows ``write_ids`` (weight [W, dim], state [W, state_dim]) and read rows ``read_ids``
-        ([R], none of them written here) -> (weights [R, dim], state [R, state_dim]).
+        ([R], none of them written here) -> (weights [R, dim], state [R, state_dim]). ``write_rank`` (int64 [W]
+        or None): where a write-back log places the written rows (`RowLog.append`: lower, read back sooner).
 
         A cache's eviction write-back and its misses, in one pass: with O_DIRECT and AIO this is
         `exchange_many` of this one file -- the blocks that hold either set read in one batch, the
@@ -797,14 +804,15 @@ class SsdTable:
         if wid.size and rid.size and self.odirect and aio.available():
             ws, rs = np.argsort(wid, kind="stable"), np.argsort(rid, kind="stable")
             rows = self._join(weight, state)[ws]
+            wrank = None if write_rank is None else _rank_numpy(write_rank, wid.size)[ws]
             out = exchange_many([self], np.zeros(wid.size, np.int64), wid[ws], rows, np.zeros(rid.size, np.int64),
-                                rid[rs])
+                                rid[rs], wrank)
             if out is not None:
                 res = np.empty_like(out)
                 res[rs] = out
                 return self._split(res)
         if wid.size:  # elsewhere, or where the batched pass could not run: write, then read
-            self.write(write_ids, weight, state)
+            self.write(write_ids, weight, state, rank=write_rank)
         return self.read(read_ids)
 
     # ------------------------------------------------------------------ counters
@@ -895,6 +903,15 @@ def open_table_chain(chain: list[tuple[Path, dict]], rel: str, num_embeddings: i
     if top is None:
         raise CheckpointError(f"{rel}: an empty checkpoint chain")
     return top
+
+
+def _rank_numpy(rank: torch.Tensor | np.ndarray, n: int) -> np.ndarray:
+    """A placement rank (tensor or array, [n]) -> int64 numpy [n]; ValueError if its length is not ``n``."""
+    r = rank if isinstance(rank, np.ndarray) else rank.detach().to("cpu", torch.int64).numpy()
+    r = np.asarray(r, np.int64).reshape(-1)
+    if r.size != n:
+        raise ValueError(f"write rank: {r.size} values for {n} rows")
+    return r
 
 
 def layout_path(path: str | os.PathLike) -> Path:

@@ -81,6 +81,7 @@ class TrainConfig:
     prefetch_depth: int = 2  # cache_policy lookahead: steps prepared (rows resident) ahead of the trainer
     lookahead_memory: str = "1GiB"  # cap on the look-ahead window's memory: batches + the oracle's ~32 B per unique ID
     prefetch_threads: int | None = None  # cache_policy lookahead: tables prefetched in parallel (default: by cores)
+    lookahead_trace: bool = True  # cache_policy lookahead: a pass over the run's batches first: next uses beyond the window
     group_caches: bool = True  # cache_policy lookahead: SSD tables of one row width share one cache (docs/lookahead.md)
     host_cache: str | None = None  # a host-DRAM cache tier between the device caches and SSD, e.g. "8GiB"
     direct_io: bool = False  # SSD reads bypass the OS page cache (O_DIRECT)

@@ -16,7 +16,9 @@ serves (`Member` s: one table, or the members of a `tierec.storage.group.TableGr
    the prepared `Lookup` s -- plus the oracles' own memory, `LookaheadCache.window_nbytes`; the step
    in training is the trainer's, as in any mode), takes each target's
    unique IDs of each batch (its members' IDs, joined in its row space) and hands them to
-   the cache's `LookaheadCache.observe` (the oracle);
+   the cache's `LookaheadCache.observe` (the oracle) -- with ``next_uses`` (a `NextUses`: the run's
+   next-use trace, `tierec.train.nextuse.NextUseTrace`) each ID's next use beyond the window too,
+   so that eviction is Belady's MIN over the whole run and write-backs are placed by next use;
 2. *prepares* the next steps in order, up to ``depth`` steps ahead of the trainer: for every
    target the step's rows are made resident and pinned (`LookaheadCache.prepare`: evict by
    next use, write back dirty victims, read the misses), and each member's `Lookup` is made:
@@ -94,6 +96,21 @@ def batch_nbytes(b: Batch | StepIds) -> int:
     return n + (u.values().nbytes + 2 * u.lengths().nbytes + 8 if u is not None else 0)
 
 
+class NextUses(Protocol):
+    """Each step's lookups' next-use steps, known ahead (`tierec.train.nextuse.NextUseTrace`)."""
+
+    def at(self, step: int) -> dict[str, torch.Tensor]:
+        """Sparse key -> int64 [N]: for each ID the step looks up (`StepIds.lookup_ids` order), the next step that
+        looks it up again (`tierec.storage.lookahead.NEVER`: none)."""
+        ...
+
+    def matches(self, step: int, ids: dict[str, torch.Tensor]) -> bool:
+        """Whether ``ids`` (sparse key -> IDs) are the lookups traced for step ``step``."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class LookupUser(Protocol):
     """What takes a step's prefetched rows: an `tierec.modules.embedding.EmbeddingBag`."""
 
@@ -152,7 +169,7 @@ class LookaheadPipeline(Generic[B]):
     def __init__(self, batches: Iterable[B], targets: list[PrefetchTarget], window: int = 200,
                  depth: int = 2, max_bytes: int = 1 << 30, start_step: int = 0, lower_depth: int | None = None,
                  io_threads: int | None = None, switch_interval: float | None = SWITCH_INTERVAL_S,
-                 leave_a_core: bool = False):
+                 leave_a_core: bool = False, next_uses: NextUses | None = None):
         if window < 1 or depth < 1:
             raise ValueError(f"window and depth must be >= 1, got {window}, {depth}")
         # The trainer gives up the GIL in every kernel and must take it back from the prefetch threads, which run
@@ -182,6 +199,7 @@ class LookaheadPipeline(Generic[B]):
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="tierec-prefetch", initializer=self._mark_worker) \
             if n > 1 else None
         self._it: Iterator[B] = iter(batches)
+        self._next_uses = next_uses  # closed with the pipeline; dropped if the batches differ from its trace
         self._cond = threading.Condition()
         self._observed: deque[tuple[int, B, dict]] = deque()  # read and observed, not yet prepared
         self._ready: deque[tuple[int, B, list[_Lease]]] = deque()  # prepared, not yet taken
@@ -202,7 +220,8 @@ class LookaheadPipeline(Generic[B]):
         self._window_capped = False
         self.stats = {"steps": 0, "stall_s": 0.0, "late_steps": 0, "max_stall_s": 0.0, "lead_sum": 0,
                       "bypass_table_steps": 0, "worker_wait_room": 0, "window_peak": 0,
-                      "worker_cpu_s": 0.0, "window_sum": 0, "prepared_steps": 0, "held_peak_bytes": 0}
+                      "worker_cpu_s": 0.0, "window_sum": 0, "prepared_steps": 0, "held_peak_bytes": 0,
+                      "traced_steps": 0}
         driven: list[LookaheadCache] = []
         try:
             for c in self._all_caches():
@@ -334,7 +353,7 @@ class LookaheadPipeline(Generic[B]):
     def _lease(self, target: PrefetchTarget, step: int, ws: WorkingSet, batch: B) -> _Lease:
         """The target's working set of ``step`` cut into its members' `Lookup` s (worker thread)."""
         lease = _Lease(target, step, ws, left=len(target.members))
-        by_key = _batch_ids(batch)
+        by_key = batch_ids(batch)
         bounds = target.space.bounds(ws.ids) if target.space is not None else [0, ws.ids.numel()]
         release = lambda dirty: self._release_member(lease, dirty)  # noqa: E731
         for t, m in enumerate(target.members):
@@ -404,6 +423,8 @@ class LookaheadPipeline(Generic[B]):
         self._bytes = 0
         sys.setswitchinterval(self._switch)
         torch.set_num_threads(self._threads)
+        if self._next_uses is not None:
+            self._next_uses.close()
 
     def __enter__(self):
         return self
@@ -491,20 +512,28 @@ class LookaheadPipeline(Generic[B]):
                 self._cond.notify_all()
             return False
         step = self._next_read
-        by_key = _batch_ids(batch)
-        uniq = {}
+        by_key = batch_ids(batch)
+        far = self._traced(step, by_key)
+        uniq, nexts = {}, {}
         for key, target in self.targets.items():
-            parts = []
+            parts, nparts = [], []
             for m in target.members:
-                v = by_key[m.feature]
+                v, f = by_key[m.feature], far.get(m.feature) if far is not None else None
                 if m.hi is not None:  # a row-wise shard: its rows of the table, renumbered from 0
-                    v = v[(v >= m.lo) & (v < m.hi)] - m.lo
-                parts.append(torch.unique(v))  # sorted, as the model's dedup
+                    keep = (v >= m.lo) & (v < m.hi)
+                    v, f = v[keep] - m.lo, (f[keep] if f is not None else None)
+                if f is None:
+                    parts.append(torch.unique(v))  # sorted, as the model's dedup
+                    continue
+                u, inv = torch.unique(v, return_inverse=True)
+                parts.append(u)  # every lookup of an ID at one step has the same next use: any one will do
+                nparts.append(torch.empty_like(u).scatter_(0, inv, f))
             u = target.space.join(parts) if target.space is not None else parts[0]
-            target.cache.observe(step, u)
-            uniq[key] = u
+            nu = (torch.cat(nparts) if len(nparts) > 1 else nparts[0]) if len(nparts) == len(parts) else None
+            target.cache.observe(step, u, nu)
+            uniq[key], nexts[key] = u, nu
         for lane in self._lanes:
-            lane.cache.observe(step, uniq[lane.key])
+            lane.cache.observe(step, uniq[lane.key], nexts[lane.key])
         with self._cond:
             self._observed.append((step, batch, uniq))
             self._nbytes[step] = batch_nbytes(batch) + sum(u.nbytes for u in uniq.values())
@@ -513,6 +542,20 @@ class LookaheadPipeline(Generic[B]):
             self.stats["window_peak"] = max(self.stats["window_peak"], self._next_read - self._next_take)
             self._note_held()
         return True
+
+    def _traced(self, step: int, by_key: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The next uses of step ``step``'s lookups from the trace, if there is one and it traced these batches
+        (else the trace is dropped, with a warning: eviction then sees the window only)."""
+        if self._next_uses is None:
+            return None
+        if not self._next_uses.matches(step, by_key):
+            log.warning("step %d: the batches differ from the next-use trace built for them; eviction sees the "
+                        "look-ahead window only from here on", step)
+            self._next_uses.close()
+            self._next_uses = None
+            return None
+        self.stats["traced_steps"] += 1
+        return self._next_uses.at(step)
 
     def _prepare_lower(self, force_upto: int | None = None) -> bool:
         """Prefetch one step into every lower tier that is behind its depth (or behind ``force_upto``).
@@ -601,7 +644,7 @@ def _lease_nbytes(lease: _Lease) -> int:
     return n
 
 
-def _batch_ids(batch: Batch | StepIds) -> dict[str, torch.Tensor]:
+def batch_ids(batch: Batch | StepIds) -> dict[str, torch.Tensor]:
     """Sparse key -> the IDs of ``batch`` its table looks up: a `Batch`'s values of each key (the
     deduplicated user-side keys too: the same IDs, once per unique row, as the model looks them up), or
     a `StepIds` batch's own."""

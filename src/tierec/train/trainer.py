@@ -50,7 +50,8 @@ from tierec.train.config import TrainConfig, trajectory_changes
 from tierec.train.idmap import MAP_AHEAD_DEPTH, IdMaps, MappedBatch, map_ahead
 from tierec.train.input_probe import check_input, start_input
 from tierec.train.metrics import scores
-from tierec.train.pipeline import LookaheadPipeline, Member, PrefetchTarget
+from tierec.train.nextuse import NextUseTrace
+from tierec.train.pipeline import LookaheadPipeline, Member, PrefetchTarget, batch_ids
 from tierec.train.rundir import claim_run_dir
 
 log = logging.getLogger(__name__)
@@ -513,7 +514,7 @@ class Trainer:
             out.append(weak_ids(self.idmaps, arrays, a, b - a, bags[key].storage, self.device))
         self.idmaps.add_sweep(self.step, out)
 
-    def _lookahead_pipeline(self, stream):
+    def _lookahead_pipeline(self, stream, total: int):
         """A `LookaheadPipeline` over ``stream`` when some tables have look-ahead caches, else None."""
         targets = prefetch_targets(self.model.embeddings.bags, self._shard_ranges())
         if not targets:
@@ -528,9 +529,27 @@ class Trainer:
             window = cfg.decay_every - cfg.prefetch_depth - 2
             log.info("--evict l2: the look-ahead window is %d batches (norm sweeps every %d steps enter the map one "
                      "period later)", window, cfg.decay_every)
+        trace = self._next_use_trace(targets, total, max_bytes)
         return LookaheadPipeline(stream, targets, window=window, depth=cfg.prefetch_depth,
                                  max_bytes=max_bytes, start_step=self.step, io_threads=cfg.prefetch_threads,
-                                 leave_a_core=cfg.num_threads is None)
+                                 leave_a_core=cfg.num_threads is None, next_uses=trace)
+
+    def _next_use_trace(self, targets: list[PrefetchTarget], total: int, memory_bytes: int) -> NextUseTrace | None:
+        """``--lookahead-trace``: one pass over the batches from here to step ``total`` (a second reader of the same
+        stream, `_train_batches`) gives each lookup its next use (`tierec.train.nextuse`), within ``memory_bytes``
+        (the window's share, not yet in use). None where the batches are not a pure function of the data: IDs
+        mapped by a dynamic index as training goes, or a rank's shards fed by all-to-all."""
+        features = [m.feature for t in targets for m in t.members]
+        if not self.cfg.lookahead_trace or self.idmaps.active or self._shard_ranges() is not None \
+                or len(set(features)) != len(features):
+            return None
+        trace = NextUseTrace.build(self._train_batches(total), batch_ids, features, start_step=self.step,
+                                   directory=self.out, memory_bytes=memory_bytes)
+        log.info("next-use trace: %d steps, %s lookups of %d tables, in %.1f s (%d partition(s))", trace.steps,
+                 f"{trace.lookups:,}", len(features), trace.seconds, trace.partitions)
+        self.log.write("trace", step=self.step, steps=trace.steps, lookups=trace.lookups, tables=len(features),
+                       seconds=round(trace.seconds, 3), partitions=trace.partitions)
+        return trace
 
     def _shard_ranges(self) -> dict | None:  # the distributed trainer maps its shards to their row ranges
         return None
@@ -577,9 +596,9 @@ class Trainer:
         window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
         self.model.train()
         tuner = start_input(self)  # --profile-input / --input autotune (tierec.train.input_probe)
-        window_t0 = time.perf_counter()  # the first record's rate: not the profile's seconds
         stream = self._train_batches(total)
-        pipe = self._lookahead_pipeline(stream)  # its worker reads (and maps) the batches ahead
+        pipe = self._lookahead_pipeline(stream, total)  # its worker reads (and maps) the batches ahead
+        window_t0 = time.perf_counter()  # the first record's rate: not the profile's or the trace pass's seconds
         if pipe is None and self.idmaps.active:
             stream = map_ahead(stream)  # the ID map's work beside the step, not in it
         paused = pipe.paused if pipe is not None else contextlib.nullcontext

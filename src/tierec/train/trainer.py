@@ -31,7 +31,7 @@ from tierec.config import parse_bytes
 from tierec.data.dataset import Dataset, Schema
 from tierec.data.loader import InputControl
 from tierec.errors import CheckpointError, ConfigError, TierecError
-from tierec.malloc import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds
+from tierec.malloc import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds, release_free_memory
 from tierec.modules import dense_optim
 from tierec.modules.dcn import DCNv2
 from tierec.modules.dlrm import DLRM
@@ -543,8 +543,10 @@ class Trainer:
         if not self.cfg.lookahead_trace or self.idmaps.active or self._shard_ranges() is not None \
                 or len(set(features)) != len(features):
             return None
-        trace = NextUseTrace.build(self._train_batches(total), batch_ids, features, start_step=self.step,
-                                   directory=self.out, memory_bytes=memory_bytes)
+        with malloc_thresholds(*TRANSIENT_MALLOC):  # its chunks go back to the OS when freed ...
+            trace = NextUseTrace.build(self._train_batches(total), batch_ids, features, start_step=self.step,
+                                       directory=self.out, memory_bytes=memory_bytes)
+        release_free_memory()  # ... and so does what its reader's pools and arenas kept (as the planning pass)
         log.info("next-use trace: %d steps, %s lookups of %d tables, in %.1f s (%d partition(s))", trace.steps,
                  f"{trace.lookups:,}", len(features), trace.seconds, trace.partitions)
         self.log.write("trace", step=self.step, steps=trace.steps, lookups=trace.lookups, tables=len(features),

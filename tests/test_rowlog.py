@@ -204,17 +204,16 @@ def test_ranked_appends_read_back_as_from_a_plain_file(tmp_path):
 
 
 def test_the_write_log_budget_buys_map_entries():
-    """A log's memory is its map, `RowLog.bytes_per_row` per capacity row (8 B, 12 in tables of 2^31 rows or more),
-    and `split_budget` and the capacity a share buys charge that much."""
+    """A log's memory is its map, `map_entry_bytes` per capacity row (8 B, 12 in tables of 2^31 rows or more), and
+    `split_budget` charges that much."""
     from pathlib import Path
 
     from tierec.storage.plan import TableNeeds
-    from tierec.storage.rowlog import RowLog
+    from tierec.storage.rowlog import map_entry_bytes
     from tierec.storage.settings import StorageSettings
     from tierec.storage.tiered import split_budget
 
-    assert (RowLog.bytes_per_row(N), RowLog.bytes_per_row(2**31)) == (8, 12)
-    assert RowLog.capacity_for(120_000, N) == 15_000
+    assert (map_entry_bytes(N), map_entry_bytes(2**31)) == (8, 12)
     rows, row_bytes = 1000, 1028  # a log of every row costs less than the share
     s = StorageSettings(root=Path("."), memory_budget=rows * row_bytes - 1, direct_io=True)
     assert split_budget(s, [TableNeeds("t", rows, row_bytes, lookups=1)]).write_log == rows * 8

@@ -1,11 +1,16 @@
-"""Small file-system helpers: checksums, atomic writes, directory fsync."""
+"""Small file-system helpers: checksums, atomic writes, directory fsync, whole-array positional I/O."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
+
+MAX_IO = 1 << 26  # bytes per preadv/pwritev call (Linux caps one call at ~2 GiB)
 
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
@@ -46,3 +51,15 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def transfer_all(op, fd: int, buf: np.ndarray, offset: int, where: str | os.PathLike, what: str) -> None:
+    """Every byte of the contiguous array ``buf`` written to (``op=os.pwritev``) or read into (``os.preadv``) file
+    ``fd`` at byte ``offset``, at most `MAX_IO` bytes per call; OSError (EIO) naming ``where`` on a short one."""
+    mv = memoryview(buf.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy stubs: a Buffer on 3.12+ only
+    done = 0
+    while done < len(mv):
+        n = op(fd, [mv[done : done + MAX_IO]], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"{where}: short {what} at byte {offset + done}")
+        done += n

@@ -20,10 +20,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tierec.fsio import MAX_IO
 from tierec.storage import aio
 
 ALIGN = 4096  # O_DIRECT block size and buffer alignment
-MAX_IO = 1 << 26  # bytes per preadv/pwritev call (Linux caps one call at ~2 GiB)
 IO_LANES = 8  # concurrent preadv loops of one batched read (a random row read waits on the device)
 
 

@@ -115,33 +115,17 @@ class ConcatTable:
             self._map(one, parts)
         return unsort(order, w, s)
 
-    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
-              rank: torch.Tensor | None = None) -> None:
-        """Write rows ``ids`` (unique, any order); ``rank`` (int64 [U] or None): their placement ranks, passed to
-        `SsdTable` members (`SsdTable.write`)."""
+    def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
         self._writable()
         ids, order = sort_ids(ids)
         if order is not None:
             weight, state = weight[order], state[order]
-            rank = None if rank is None else rank[order.to(rank.device)]
-        if rank is not None:
-            rank = rank.to("cpu", torch.int64)
 
         def one(p):
             t, lo, hi = p
-            self._write_member(t, ids[lo:hi] - self.space.offset(t), weight[lo:hi], state[lo:hi],
-                               None if rank is None else rank[lo:hi])
+            self.tables[t].write(ids[lo:hi] - self.space.offset(t), weight[lo:hi], state[lo:hi])
 
         self._map(one, self.space.parts(ids))
-
-    def _write_member(self, t: int, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
-                      rank: torch.Tensor | None) -> None:
-        """Member ``t``'s rows ``ids`` (its own IDs) written; the placement rank where the member takes one."""
-        tab = self.tables[t]
-        if rank is not None and isinstance(tab, SsdTable):
-            tab.write(ids, weight, state, rank=rank)
-        else:
-            tab.write(ids, weight, state)
 
     def exchange(self, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
                  read_ids: torch.Tensor, write_rank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,13 +153,7 @@ class ConcatTable:
             wid, rid = write_ids[wb[t]:wb[t + 1]] - off, read_ids[rb[t]:rb[t + 1]] - off
             ww, ws_ = weight[wb[t]:wb[t + 1]], state[wb[t]:wb[t + 1]]
             wr = None if write_rank is None else write_rank[wb[t]:wb[t + 1]]
-            if rid.numel() == 0:
-                self._write_member(t, wid, ww, ws_, wr)
-                return
-            if wid.numel() == 0:
-                got = tab.read(rid)
-            else:
-                got = tab.exchange(wid, ww, ws_, rid) if wr is None else tab.exchange(wid, ww, ws_, rid, write_rank=wr)
+            got = tab.exchange(wid, ww, ws_, rid, write_rank=wr) if wid.numel() else tab.read(rid)
             w[rb[t]:rb[t + 1]], s[rb[t]:rb[t + 1]] = got
 
         self._map(one, parts)

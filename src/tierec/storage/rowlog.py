@@ -22,10 +22,9 @@ switch, so a reader that found a row's slot just before a switch still reads the
 
 The map is two sorted arrays, IDs and slots (int32; IDs int32 too in a table of fewer than 2^31 rows):
 8 B per relocated row (12 in larger tables: `map_entry_bytes`), at most ``capacity`` of them (the
-memory budget pays for ``capacity``, `bytes_per_row` each: `tierec.storage.tiered.split_budget`). When the map is
-full, a row not yet in the log goes home with read-modify-write, as without a log. Exactness: a row's
-bytes are the same wherever they sit; every reader maps IDs through `SsdTable.slots_of`, which asks
-`lookup` first.
+memory budget pays for ``capacity``: `tierec.storage.tiered.split_budget`). When it is full, a row not
+yet in the log goes home with read-modify-write, as without a log. Exactness: a row's bytes are the same
+wherever they sit; every reader maps IDs through `SsdTable.slots_of`, which asks `lookup` first.
 
 `save` / `load` keep the map beside the file (``<file>.log``: IDs int64 then slots int64, and the
 active half and head in the sidecar) so that a closed working file opens again.
@@ -33,7 +32,6 @@ active half and head in the sidecar) so that a closed working file opens again.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import threading
@@ -42,9 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from tierec.errors import CheckpointError
-from tierec.fsio import atomic_write_bytes
+from tierec.fsio import atomic_write_bytes, transfer_all
 from tierec.storage import aio
-from tierec.storage.blockio import ALIGN, MAX_IO
+from tierec.storage.blockio import ALIGN
 
 
 def map_entry_bytes(num_rows: int) -> int:
@@ -58,18 +56,6 @@ COPY_CHUNK = 4 << 20  # bytes of the old half read at a time when the live rows 
 def block_rows(row_stride: int, block: int = ALIGN) -> int:
     """Rows of ``row_stride`` bytes in the least whole number of ``block``-byte blocks they fill exactly."""
     return block // math.gcd(row_stride, block)
-
-
-def _move_all(op, fd: int, buf: np.ndarray, offset: int, path: Path, what: str) -> None:
-    """All of the aligned ``buf`` written to / read from ``fd`` at ``offset`` by ``op`` (``os.pwritev`` / ``os.preadv``),
-    one call per `MAX_IO`."""
-    mv = memoryview(buf)  # type: ignore[arg-type]  # numpy stubs: a Buffer on 3.12+ only
-    done = 0
-    while done < buf.size:
-        n = op(fd, [mv[done : min(buf.size, done + MAX_IO)]], offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, f"{path}: short {what} at byte {offset + done}")
-        done += n
 
 
 class RowLog:
@@ -101,17 +87,6 @@ class RowLog:
         """File rows of the log region of a ``capacity``-row log: two halves of 2 x capacity slots, whole blocks."""
         unit = block_rows(row_stride)
         return 2 * (-(-2 * max(1, int(capacity)) // unit) * unit)
-
-    @staticmethod
-    def bytes_per_row(num_rows: int) -> int:
-        """Memory per capacity row of the log of a table of ``num_rows``: its map entry (`map_entry_bytes`)."""
-        return map_entry_bytes(num_rows)
-
-    @classmethod
-    def capacity_for(cls, nbytes: int, num_rows: int) -> int:
-        """The capacity (rows; 0: no log) whose log of a table of ``num_rows`` holds at most ``nbytes`` of memory
-        (`bytes_per_row` each)."""
-        return max(0, int(nbytes)) // cls.bytes_per_row(num_rows)
 
     def reset_stats(self) -> None:
         for k in self.stats:
@@ -185,14 +160,11 @@ class RowLog:
         if self.head + ids.size > self.half:
             w, read = self._switch(exclude=ids)
             written += w
-        order = None if rank is None else np.argsort(np.asarray(rank, np.int64), kind="stable")
-        written += self._write(rows if order is None else rows[order])
-        slots = self.active * self.half + self.head - ids.size + np.arange(ids.size, dtype=np.int64)
-        if order is not None:  # ids[order[j]] sits at the j-th new slot
-            placed = np.empty_like(slots)
-            placed[order] = slots
-            slots = placed
-        self._remap(ids, slots.astype(np.int32))
+        order = np.arange(ids.size) if rank is None else np.argsort(np.asarray(rank, np.int64), kind="stable")
+        written += self._write(rows[order])
+        slots = np.empty(ids.size, np.int32)
+        slots[order] = self.active * self.half + self.head - ids.size + np.arange(ids.size)  # ids[order[j]]: j-th new slot
+        self._remap(ids, slots)
         self.stats["log_rows"] += int(ids.size)
         return written, read
 
@@ -210,7 +182,7 @@ class RowLog:
         body[:, : self.width * 4] = np.ascontiguousarray(rows, np.float32).view(np.uint8).reshape(n, -1)
         buf[start - lo : end - lo] = body.reshape(-1)
         buf[end - lo :] = 0
-        _move_all(os.pwritev, self.fd, buf, lo, self.path, "write")
+        transfer_all(os.pwritev, self.fd, buf, lo, self.path, "write")
         last = end // ALIGN * ALIGN
         self._tail = buf[last - lo : end - lo].copy()
         self.head += n
@@ -270,7 +242,7 @@ class RowLog:
         start, end = (self.base + lo_row) * self.stride, (self.base + hi_row) * self.stride
         lo, hi = start // ALIGN * ALIGN, -(-end // ALIGN) * ALIGN
         buf = aio.aligned_buffer(hi - lo)
-        _move_all(os.preadv, self.fd, buf, lo, self.path, "read")
+        transfer_all(os.preadv, self.fd, buf, lo, self.path, "read")
         self.stats["log_bytes_read"] += int(buf.size)
         rows = buf[start - lo : end - lo].reshape(hi_row - lo_row, self.stride)[:, : self.width * 4]
         return rows.copy().view(np.float32), int(buf.size)

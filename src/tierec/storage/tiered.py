@@ -33,7 +33,7 @@ from tierec.storage.plan import (
     measure_lookups,
     plan_tables,
 )
-from tierec.storage.rowlog import RowLog
+from tierec.storage.rowlog import map_entry_bytes
 from tierec.storage.settings import StorageSettings, TableSettings
 from tierec.storage.ssd import SsdTable, open_table_chain, read_layout
 from tierec.storage.tablefile import is_row_set, verify_file
@@ -98,7 +98,7 @@ def plan_sampled(settings: StorageSettings, rows: dict[str, int], sample: dict[s
     return plan, sample, split
 
 
-WRITE_LOG_SHARE = 16  # the write-back logs' maps and reverse maps may take at most 1/16 of the budget
+WRITE_LOG_SHARE = 16  # the write-back logs' maps may take at most 1/16 of the budget
 ROW_BITS = 3  # per row of every table: written, changed since the last checkpoint, held by its file (`LazyRows`)
 WINDOW_SHARE = 4  # the look-ahead window may take at most 1/4 of the memory budget (above its floor)
 # What the look-ahead window holds per lookup of a step (`tierec.train.pipeline.LookaheadPipeline.held_nbytes`): the
@@ -145,7 +145,7 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
         layout = min(total // LAYOUT_SHARE, HOT_LAYOUT_BYTES_PER_ROW * sum(n.sampled_rows for n in needs))
     write_log = 0
     if uses_write_log(settings) and sum(n.table_bytes for n in needs) > total:  # some table will be on SSD
-        write_log = min(total // WRITE_LOG_SHARE, sum(RowLog.bytes_per_row(n.num_embeddings) * n.num_embeddings
+        write_log = min(total // WRITE_LOG_SHARE, sum(map_entry_bytes(n.num_embeddings) * n.num_embeddings
                                                       for n in needs))
     split = BudgetSplit(total, row_bits, window, layout, id_index, write_log)
     if split.tables <= 0:
@@ -298,7 +298,7 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
         ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
                        create=True, init_seed=settings.seed, table_index=i, direct_io=settings.direct_io,
                        init="lazy", row_align=row_align, layout=layout, lazy_init=init,
-                       row_log=RowLog.capacity_for(log_bytes * weight[p.name] // total_weight, tcfg.num_embeddings))
+                       row_log=log_bytes * weight[p.name] // total_weight // map_entry_bytes(tcfg.num_embeddings))
         if resume_from is not None:
             attach_checkpoint(ssd, tcfg.name, resume_from, root / RESUME_DIR)
         rows = 0

@@ -62,6 +62,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from tierec.fsio import transfer_all
 from tierec.storage.lookahead import NEVER
 
 log = logging.getLogger(__name__)
@@ -134,21 +135,12 @@ def _plan(lookups: int, memory_bytes: int) -> tuple[int, int]:
 
 def _read_into(fd: int, out: np.ndarray, offset: int) -> None:
     """Fill the contiguous array ``out`` from file ``fd`` at byte ``offset``."""
-    view = out.reshape(-1).view(np.uint8).data
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise EOFError(f"next-use trace: file ends at byte {offset + done}")
-        done += got
+    transfer_all(os.preadv, fd, out, offset, "next-use trace", "read")
 
 
 def _write_from(fd: int, data: np.ndarray, offset: int) -> None:
     """Write the contiguous array ``data`` to file ``fd`` at byte ``offset``."""
-    view = data.reshape(-1).view(np.uint8).data
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
+    transfer_all(os.pwritev, fd, data, offset, "next-use trace", "write")
 
 
 def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:

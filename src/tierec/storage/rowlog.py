@@ -15,6 +15,16 @@ Appends fill the active half; the last, partial block is kept in memory, so ever
 blocks and nothing is read back. A row written again is appended again (its older copy is dead). An
 append's rows land in the order of a placement rank where the caller gives one (`append`: the step its
 cache reads each one back next), so rows read back at the same step share sectors.
+
+Staging by rank. A step evicts only a few rows of each rank (a later step they are all read back at),
+and a 68-byte row read alone costs a 512-byte sector. With ``staged`` rows of memory, ranked rows wait
+in a staging area grouped by rank, and a rank's rows go to the log together once they fill
+`STAGE_GROUP_BYTES` -- rows evicted at many steps and read back at one then sit end to end. When the
+staging area is full, the lowest ranks (read back soonest) go first. A reader never sees staged bytes
+in the file: `unstage` writes the rank groups that hold any of the rows asked for (a step's reads are a
+rank's rows), and `SsdTable.slots_of` calls it before it maps IDs; `unstage` of everything before the
+map is saved or the file is made durable. Exactness is untouched: a row's bytes are the same wherever,
+and whenever, they are written.
 When the active half is full, the live rows -- the map's entries, at most ``capacity`` -- are copied
 to the other half in slot order (the old half read sequentially in chunks that hold live rows), and
 appends go on there: at least half of it is free. The old half stays untouched until the next
@@ -51,6 +61,13 @@ def map_entry_bytes(num_rows: int) -> int:
 
 
 COPY_CHUNK = 4 << 20  # bytes of the old half read at a time when the live rows move to the other half
+STAGE_GROUP_BYTES = 1024  # a rank's staged rows go to the log once they fill two sectors
+STAGED_ROW_OVERHEAD = 16  # bytes of a staged row beside its floats: its ID and rank (int64 each)
+
+
+def staged_row_bytes(row_stride: int) -> int:
+    """Memory of one staged row (module doc): its ``row_stride`` bytes of floats, its ID and its rank."""
+    return int(row_stride) + STAGED_ROW_OVERHEAD
 
 
 def block_rows(row_stride: int, block: int = ALIGN) -> int:
@@ -61,9 +78,10 @@ def block_rows(row_stride: int, block: int = ALIGN) -> int:
 class RowLog:
     """The log region of one table file (module doc): rows ``base + [0, 2 * half)`` of a file opened with
     O_DIRECT (descriptor ``fd``), rows of ``width`` float32 at ``row_stride`` bytes; at most ``capacity``
-    relocated rows."""
+    relocated rows; at most ``staged`` ranked rows wait in memory for their rank's group (module doc)."""
 
-    def __init__(self, path: Path, fd: int, base: int, capacity: int, width: int, row_stride: int, num_rows: int):
+    def __init__(self, path: Path, fd: int, base: int, capacity: int, width: int, row_stride: int, num_rows: int,
+                 staged: int = 0):
         unit = block_rows(row_stride)
         if base % unit:
             raise ValueError(f"log base row {base} must be a multiple of {unit}")
@@ -78,9 +96,14 @@ class RowLog:
         self.active = 0  # the half appends go to
         self.head = 0  # next free slot of the active half
         self._tail = np.empty(0, np.uint8)  # the active half's last partial block, as written
-        self._lock = threading.Lock()  # one appender at a time (head, tail, map capacity)
+        self._lock = threading.RLock()  # one appender at a time (head, tail, map capacity, staging)
+        # staged rows: IDs (int64 [P], sorted), ranks (int64 [P]), rows ([P, width] float32), swapped as one tuple
+        self.stage_limit = max(0, int(staged))
+        self.group = max(1, -(-STAGE_GROUP_BYTES // self.stride))  # rows of one rank written together
+        self._staged: tuple[np.ndarray, np.ndarray, np.ndarray] = (
+            np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, self.width), np.float32))
         self.stats = {"log_rows": 0, "log_switches": 0, "log_moved_rows": 0, "log_full": 0,
-                      "log_bytes_written": 0, "log_bytes_read": 0}
+                      "log_bytes_written": 0, "log_bytes_read": 0, "log_staged_peak": 0}
 
     @staticmethod
     def region_rows(capacity: int, row_stride: int) -> int:
@@ -96,6 +119,11 @@ class RowLog:
     def live(self) -> int:
         """Rows in the log (entries of the map)."""
         return int(self._map[0].size)
+
+    @property
+    def staged(self) -> int:
+        """Rows waiting in the staging area (module doc)."""
+        return int(self._staged[0].size)
 
     # ------------------------------------------------------------------ lookups
     @staticmethod
@@ -119,7 +147,7 @@ class RowLog:
         return np.where(found, self.base + slots[pos].astype(np.int64), home)
 
     def drop(self, ids: np.ndarray) -> None:
-        """Forget ``ids`` (their home bytes are current again: written there)."""
+        """Forget ``ids`` (their home bytes are current again: written there), staged copies too."""
         with self._lock:
             keys, slots = self._map
             found, pos = self._find(keys, ids)
@@ -127,13 +155,22 @@ class RowLog:
                 keep = np.ones(keys.size, bool)
                 keep[pos[found]] = False
                 self._map = (keys[keep], slots[keep])
+            sid, srank, srows = self._staged
+            gone, _ = self._find(np.sort(np.asarray(ids, np.int64)), sid)
+            if gone.any():
+                self._staged = (sid[~gone], srank[~gone], srows[~gone])
 
     # ------------------------------------------------------------------ appends
     def accepts(self, ids: np.ndarray) -> np.ndarray:
         """bool [U]: which of the sorted, distinct ``ids`` the log takes now: those it holds, and new ones while
         the map has room (the rest go home)."""
-        found, _ = self.find(ids)
-        room = self.capacity - self.live
+        keys = self._map[0]
+        found, _ = self._find(keys, ids)
+        sid = self._staged[0]
+        new_staged = sid.size - int(self._find(keys, sid)[0].sum()) if sid.size else 0  # map entries to come
+        if sid.size:
+            found |= self._find(sid, ids)[0]
+        room = self.capacity - self.live - new_staged
         new = np.flatnonzero(~found)
         take = found.copy()
         take[new[:max(0, room)]] = True
@@ -155,7 +192,59 @@ class RowLog:
         """Append rows ``ids`` (int64 [W], sorted, distinct, all `accepts`-ed) from ``rows`` ([W, width] float32),
         in increasing (``rank``, position) order (``rank``: int64 [W], e.g. the step each is read back next, so
         rows read together share sectors; None: by ID); (device bytes written, device bytes read) -- reads
-        only when a switch moves the live rows."""
+        only when a switch moves the live rows. Ranked rows go through the staging area where it has room
+        (module doc): those written now are the rank groups that filled `STAGE_GROUP_BYTES`, and the lowest
+        ranks beyond the staging limit."""
+        with self._lock:
+            if rank is not None and self.stage_limit:
+                return self._stage(ids, rows, np.asarray(rank, np.int64))
+            sid, srank, srows = self._staged
+            if sid.size:  # staged copies of rows written now are stale
+                old = ~self._find(ids, sid)[0]
+                self._staged = (sid[old], srank[old], srows[old])
+            return self._emit(ids, rows, rank)
+
+    def _stage(self, ids: np.ndarray, rows: np.ndarray, rank: np.ndarray) -> tuple[int, int]:
+        sid, srank, srows = self._staged
+        if sid.size:  # a row staged again (normally read -- and so unstaged -- first): its new bytes win
+            old = ~self._find(ids, sid)[0]
+            sid, srank, srows = sid[old], srank[old], srows[old]
+        ids = np.concatenate([sid, ids.astype(np.int64, copy=False)])
+        rank = np.concatenate([srank, rank])
+        rows = np.concatenate([srows, np.asarray(rows, np.float32)])
+        order = np.argsort(ids, kind="stable")
+        ids, rank, rows = ids[order], rank[order], rows[order]
+        ranks, of, counts = np.unique(rank, return_inverse=True, return_counts=True)
+        go = counts >= self.group  # whole groups
+        waiting = np.where(go, 0, counts)
+        over = int(waiting.sum()) - self.stage_limit
+        if over > 0:  # the lowest ranks (read back soonest) go too, until the rest fit
+            go[: int(np.searchsorted(np.cumsum(waiting), over)) + 1] = True
+        out = go[of.reshape(-1)]
+        self._staged = (ids[~out], rank[~out], rows[~out])
+        self.stats["log_staged_peak"] = max(self.stats["log_staged_peak"], self.staged)
+        return self._emit(ids[out], rows[out], rank[out]) if out.any() else (0, 0)
+
+    def unstage(self, ids: np.ndarray | None = None) -> tuple[int, int]:
+        """Write the staged rank groups that hold any of rows ``ids`` (int64 [U]; None: every staged row) to
+        the log, before they are read or the map is saved: (device bytes written, device bytes read)."""
+        sid = self._staged[0]
+        if not sid.size or (ids is not None and not self._find(sid, np.asarray(ids, np.int64))[0].any()):
+            return 0, 0  # the common case, without the lock
+        with self._lock:
+            sid, srank, srows = self._staged
+            if ids is None:
+                out = np.ones(sid.size, bool)
+            else:
+                asked = self._find(np.sort(np.asarray(ids, np.int64)), sid)[0]
+                out = np.isin(srank, srank[asked])
+            if not out.any():
+                return 0, 0
+            self._staged = (sid[~out], srank[~out], srows[~out])
+            return self._emit(sid[out], srows[out], srank[out])
+
+    def _emit(self, ids: np.ndarray, rows: np.ndarray, rank: np.ndarray | None) -> tuple[int, int]:
+        """Write rows ``ids`` (sorted) to the log now, in (``rank``, ID) order (`append` without staging)."""
         written = read = 0
         if self.head + ids.size > self.half:
             w, read = self._switch(exclude=ids)
@@ -252,7 +341,9 @@ class RowLog:
         return {"capacity": self.capacity, "active": self.active, "head": self.head}
 
     def save(self, path: Path) -> None:
-        """The map as ``path`` (IDs int64, then slots int64), written by the caller atomically."""
+        """The map as ``path`` (IDs int64, then slots int64), written by the caller atomically; nothing may be
+        staged (`unstage` first)."""
+        assert not self.staged, "unstage the staged rows before the map is saved"
         keys, slots = self._map
         atomic_write_bytes(path, keys.astype(np.int64).tobytes() + slots.astype(np.int64).tobytes())
 

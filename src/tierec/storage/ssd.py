@@ -117,13 +117,14 @@ class SsdTable:
     rows this one does not (a chain of incremental checkpoints, read newest first). ``readonly=True``
     opens the file without write access. ``row_log`` (a new lazy O_DIRECT file): the capacity of a
     write-back log after the rows (module doc); a working file created with one reopens with it.
+    ``log_staging``: the rows its log may stage by placement rank (`tierec.storage.rowlog`, memory).
     """
 
     def __init__(self, path: str | os.PathLike, num_embeddings: int, dim: int, state_dim: int, *,
                  create: bool = False, init_seed: int | None = None, table_index: int = 0,
                  direct_io: bool = False, init: str = "random", readonly: bool = False, row_align: int = 0,
                  lazy_init: RowInit | None = None, slots: np.ndarray | None = None, older: SsdTable | None = None,
-                 layout: HotLayout | None = None, row_log: int = 0):
+                 layout: HotLayout | None = None, row_log: int = 0, log_staging: int = 0):
         if num_embeddings <= 0 or dim <= 0 or state_dim < 0:
             raise ConfigError(f"{path}: bad table shape {num_embeddings} rows x (dim {dim} + state {state_dim})")
         row_align = check_row_align(row_align, f"{path}: row_align")
@@ -160,7 +161,7 @@ class SsdTable:
         self._log_base = -(-self.home_rows // block_rows(self.row_stride)) * block_rows(self.row_stride)
         if row_log:
             self.file_rows = self._log_base + RowLog.region_rows(row_log, self.row_stride)
-        self._log_capacity = int(row_log)
+        self._log_capacity, self._log_staging = int(row_log), int(log_staging)
         self.row_log: RowLog | None = None  # set once the file is open
         self.file_bytes = self.file_rows * self.row_stride
         self.align = ALIGN  # block size of direct I/O (a smaller one where the device takes it: see below)
@@ -206,7 +207,8 @@ class SsdTable:
             if self.odirect:
                 self.read_align = blockio.direct_align(self._fd, SECTOR, self.file_bytes)
             self.row_log = RowLog(self.path, self._fd if self.odirect else self._bfd, self._log_base,
-                                  self._log_capacity, self.width, self.row_stride, self.num_embeddings)
+                                  self._log_capacity, self.width, self.row_stride, self.num_embeddings,
+                                  staged=self._log_staging)
             if not create:
                 self._load_log()
         # the rows' floats in the map (a strided view of it when rows are padded); None: not memory-mapped
@@ -400,6 +402,7 @@ class SsdTable:
         """The write-back log's map to ``<path>.log`` and its position to the sidecar (`close` does it)."""
         if self.row_log is None or self.readonly:
             return
+        self._unstage(None)
         self.row_log.save(log_path(self.path))
         self._sidecar = {**self._sidecar, "row_log": self.row_log.state()}
         atomic_write_bytes(sidecar_path(self.path), json.dumps(self._sidecar, indent=2).encode())
@@ -467,7 +470,17 @@ class SsdTable:
         if self._lazy is not None and self._lazy.slots is not None:
             return self._lazy.file_rows(ids)
         home = ids if self.layout is None else self.layout.file_rows(ids)
-        return home if self.row_log is None else self.row_log.lookup(ids, home)
+        if self.row_log is None:
+            return home
+        self._unstage(ids)
+        return self.row_log.lookup(ids, home)
+
+    def _unstage(self, ids: np.ndarray | None) -> None:
+        """Write the log's staged rows among ``ids`` (None: all) before they are read or saved (`RowLog.unstage`)."""
+        assert self.row_log is not None
+        written, read = self.row_log.unstage(ids)
+        if written or read:
+            self.count_device_bytes(read=read, written=written)
 
     @property
     def rows_by_id(self) -> bool:
@@ -639,6 +652,8 @@ class SsdTable:
         """Make every write durable (msync / fsync)."""
         if self.readonly:
             return
+        if self.row_log is not None:
+            self._unstage(None)
         if self._mm is not None:
             self._mm.flush()
         if self._bfd >= 0:

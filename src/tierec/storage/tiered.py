@@ -33,7 +33,7 @@ from tierec.storage.plan import (
     measure_lookups,
     plan_tables,
 )
-from tierec.storage.rowlog import map_entry_bytes
+from tierec.storage.rowlog import map_entry_bytes, staged_row_bytes
 from tierec.storage.settings import StorageSettings, TableSettings
 from tierec.storage.ssd import SsdTable, open_table_chain, read_layout
 from tierec.storage.tablefile import is_row_set, verify_file
@@ -99,6 +99,7 @@ def plan_sampled(settings: StorageSettings, rows: dict[str, int], sample: dict[s
 
 
 WRITE_LOG_SHARE = 16  # the write-back logs' maps may take at most 1/16 of the budget
+LOG_STAGING_SHARE = 64  # with look-ahead, write-backs staged by next use may take 1/64 of it (`tierec.storage.rowlog`)
 ROW_BITS = 3  # per row of every table: written, changed since the last checkpoint, held by its file (`LazyRows`)
 WINDOW_SHARE = 4  # the look-ahead window may take at most 1/4 of the memory budget (above its floor)
 # What the look-ahead window holds per lookup of a step (`tierec.train.pipeline.LookaheadPipeline.held_nbytes`): the
@@ -123,7 +124,9 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     every window holds (the prepared ones, one read ahead) where that is at most half the budget (a
     warning where it is not); the pipeline holds the window to it; with ``ssd_layout="hot"``, the SSD
     files' hot-row layouts: 16 B per sampled row, at most 1/`LAYOUT_SHARE` of a budget of
-    `LAYOUT_MIN_BUDGET` or more. A budget too small for them is a `ConfigError`."""
+    `LAYOUT_MIN_BUDGET` or more; with a write-back log, its maps (at most 1/`WRITE_LOG_SHARE`) and, with
+    look-ahead, the write-backs it stages by next use (1/`LOG_STAGING_SHARE`). A budget too small for them is
+    a `ConfigError`."""
     total = settings.memory_budget or 0
     if settings.memory_budget is None:
         return BudgetSplit(0)
@@ -147,7 +150,8 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     if uses_write_log(settings) and sum(n.table_bytes for n in needs) > total:  # some table will be on SSD
         write_log = min(total // WRITE_LOG_SHARE, sum(map_entry_bytes(n.num_embeddings) * n.num_embeddings
                                                       for n in needs))
-    split = BudgetSplit(total, row_bits, window, layout, id_index, write_log)
+    staging = total // LOG_STAGING_SHARE if write_log and settings.uses_lookahead else 0
+    split = BudgetSplit(total, row_bits, window, layout, id_index, write_log, staging)
     if split.tables <= 0:
         raise ConfigError(f"--memory-budget {format_bytes(total)} does not cover the tables' bookkeeping "
                           f"({split.describe()}); raise it")
@@ -281,6 +285,7 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
     weight = {p.name: max(1, sample[p.name].ids.size if p.name in sample else 1) for p in plan if p.placement == "ssd"}
     total_weight = sum(weight.values())
     log_bytes = split.write_log if split is not None and uses_write_log(settings) else 0
+    staging_bytes = split.log_staging if log_bytes and split is not None else 0
     if settings.direct_io and not row_align and weight and not log_bytes:
         log.info("SSD tables: rows packed and no write-back log, so every write-back reads its 4 KiB block first "
                  "(docs/storage.md)")
@@ -298,7 +303,9 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
         ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
                        create=True, init_seed=settings.seed, table_index=i, direct_io=settings.direct_io,
                        init="lazy", row_align=row_align, layout=layout, lazy_init=init,
-                       row_log=log_bytes * weight[p.name] // total_weight // map_entry_bytes(tcfg.num_embeddings))
+                       row_log=log_bytes * weight[p.name] // total_weight // map_entry_bytes(tcfg.num_embeddings),
+                       log_staging=staging_bytes * weight[p.name] // total_weight // staged_row_bytes(
+                           4 * (tcfg.embedding_dim + state_dim)))  # packed rows: the log's stride
         if resume_from is not None:
             attach_checkpoint(ssd, tcfg.name, resume_from, root / RESUME_DIR)
         rows = 0

@@ -45,7 +45,7 @@ def umask() -> int:
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory so that renames and new entries in it are durable."""
+    """fsync a directory so that renames and new entries in it are durable (or a closed file: its bytes)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

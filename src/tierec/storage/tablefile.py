@@ -67,16 +67,18 @@ def read_sidecar(path: str | os.PathLike) -> dict | None:
     return meta
 
 
-def stream_rows(f, num_rows: int, block: Callable[[int, int], bytes]) -> str:
+def stream_rows(f, num_rows: int, block: Callable[[int, int], bytes], sync: bool = True) -> str:
     """Write rows ``[0, num_rows)`` to the open binary file ``f`` in blocks of `CHUNK_ROWS`
-    (``block(a, b)``: the bytes of rows [a, b)), fsync it; returns the sha256 of what was written."""
+    (``block(a, b)``: the bytes of rows [a, b)), fsync it (``sync``; else the caller does); returns the sha256
+    of what was written."""
     h = hashlib.sha256()
     for a in range(0, num_rows, CHUNK_ROWS):
         buf = block(a, min(a + CHUNK_ROWS, num_rows))
         h.update(buf)
         f.write(buf)
     f.flush()
-    os.fsync(f.fileno())
+    if sync:
+        os.fsync(f.fileno())
     return h.hexdigest()
 
 
@@ -91,18 +93,20 @@ def ids_path(path: Path) -> Path:
     return path.with_name(path.name + ".ids")
 
 
-def write_table_file(path: Path, storage, delta: bool = False) -> dict[str, dict]:
+def write_table_file(path: Path, storage, delta: bool = False, sync: bool = True) -> dict[str, dict]:
     """Write a `TableStorage`'s rows at ``path``: a row set (rows read by ID, through its caches) when it tracks its
     written rows (``lazy_rows()``) -- with ``delta``, of the rows changed since the last checkpoint
     took them (an incremental checkpoint's link) -- else a packed file of every row. Returns the
-    manifest entries of the files written, by file name: {name: {bytes, sha256, ...}}."""
+    manifest entries of the files written, by file name (beside ``path``): {name: {bytes, sha256, ...}}.
+    ``sync=False``: the files are closed but not fsynced (the caller fsyncs them, e.g. while the next
+    table is read)."""
     lazy = storage.lazy_rows()
     if lazy is not None:
         if delta and lazy.changed is not None:
-            return write_row_set(path, storage, lazy, lazy.changed, delta=True)
-        return write_row_set(path, storage, lazy, lazy.written)
+            return write_row_set(path, storage, lazy, lazy.changed, delta=True, sync=sync)
+        return write_row_set(path, storage, lazy, lazy.written, sync=sync)
     with open(path, "wb") as f:
-        sha = stream_rows(f, storage.num_embeddings, lambda a, b: row_bytes_of(storage, a, b))
+        sha = stream_rows(f, storage.num_embeddings, lambda a, b: row_bytes_of(storage, a, b), sync)
     return {path.name: {"bytes": path.stat().st_size, "sha256": sha}}
 
 
@@ -145,12 +149,13 @@ class RowSetWriter:
             self._root.update(digest.encode())
         self._chunk = None
 
-    def finish(self, init: RowInit, delta: bool = False) -> dict[str, dict]:
-        """Close and fsync both files; their manifest entries by file name."""
+    def finish(self, init: RowInit, delta: bool = False, sync: bool = True) -> dict[str, dict]:
+        """Close and (``sync``) fsync both files; their manifest entries by file name."""
         self._close_chunk()
         for g in (self._f, self._fi):
             g.flush()
-            os.fsync(g.fileno())
+            if sync:
+                os.fsync(g.fileno())
             g.close()
         entry = {"bytes": self.path.stat().st_size, "sha256": self._root.hexdigest(), "layout": "rowset",
                  "rows": self.count, "init": init.to_json(), "chunk_ids": ROWSET_CHUNK_IDS, "chunks": self.chunks,
@@ -166,13 +171,14 @@ class RowSetWriter:
         self._fi.close()
 
 
-def write_row_set(path: Path, storage, lazy: LazyRows, which: RowBits, delta: bool = False) -> dict[str, dict]:
-    """Rows ``which`` of ``storage`` as a row set (see the module doc)."""
+def write_row_set(path: Path, storage, lazy: LazyRows, which: RowBits, delta: bool = False,
+                  sync: bool = True) -> dict[str, dict]:
+    """Rows ``which`` of ``storage`` as a row set (see the module doc); ``sync`` as `write_table_file`."""
     w = RowSetWriter(path)
     try:
         for ids, rows in _rows_by_id(storage, which):
             w.add(ids, rows)
-        return w.finish(lazy.init, delta)
+        return w.finish(lazy.init, delta, sync)
     finally:
         w.close()
 

@@ -40,6 +40,7 @@ import os
 import pickle
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,6 +57,9 @@ VERSION = 2  # 2: manifest_sha256 covers the manifest's own fields; 1 (no such f
 VERSIONS = (1, 2)
 # Manifest keys every checkpoint has (`Trainer.save`); their absence means a broken manifest.
 REQUIRED_KEYS = ("step", "files", "tables", "config", "schema", "epoch", "batch_in_epoch", "samples")
+
+
+SYNC_THREADS = 2  # table files fsynced at once while the next table is read
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, tables: dict, meta: dict,
@@ -78,11 +82,17 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, dense_state: dict, ta
     tmp = new_checkpoint_dir(run_dir, step)
     try:
         files, table_meta = {}, []
-        for tname, st in tables.items():
-            rel = f"tables/{tname}.tbl"
-            for name, entry in write_table_file(tmp / rel, st, delta=bool(chain)).items():
-                files[f"tables/{name}"] = entry
-            table_meta.append(table_entry(tname, st.num_embeddings, st.dim, st.state_dim))
+        # each table's files are fsynced in the background while the next table's rows are read
+        with ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="tierec-fsync") as syncs:
+            synced = []
+            for tname, st in tables.items():
+                rel = f"tables/{tname}.tbl"
+                for name, entry in write_table_file(tmp / rel, st, delta=bool(chain), sync=False).items():
+                    files[f"tables/{name}"] = entry
+                    synced.append(syncs.submit(fsync_dir, tmp / "tables" / name))
+                table_meta.append(table_entry(tname, st.num_embeddings, st.dim, st.state_dim))
+            for f in synced:
+                f.result()  # every table file durable before the checkpoint is published
         for rel, data in (extra or {}).items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(tmp / rel, data)

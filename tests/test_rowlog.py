@@ -27,14 +27,15 @@ def same(a: SsdTable, b: SsdTable, ids: torch.Tensor) -> None:
     assert torch.equal(wa, wb) and torch.equal(sa, sb)
 
 
-@pytest.mark.parametrize("capacity", [500, 5000])
-def test_rows_read_back_as_from_a_plain_file(tmp_path, capacity):
+@pytest.mark.parametrize("capacity, span", [(500, N), (5000, 3000)])
+def test_rows_read_back_as_from_a_plain_file(tmp_path, capacity, span):
     """Random exchanges (write-backs + misses), single writes and a range write: every read equals the
-    plain file's; with 500 slots the map fills (rows go home) and the halves switch."""
+    plain file's; with 500 slots the map fills (its rows fold home), with 5,000 and rows written again
+    and again the halves switch."""
     log, plain = pair(tmp_path, capacity)
     rng = np.random.default_rng(capacity)
     for step in range(120):
-        w = np.unique(rng.integers(0, N, 300))
+        w = np.unique(rng.integers(0, span, 300))
         r = np.setdiff1d(np.unique(rng.integers(0, N, 200)), w)
         weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
         got = log.exchange(torch.from_numpy(w), weight, state, torch.from_numpy(r))
@@ -50,7 +51,9 @@ def test_rows_read_back_as_from_a_plain_file(tmp_path, capacity):
     st = log.stats()
     assert st["log_rows"] > 0 and log.row_log.live <= capacity
     if capacity == 500:
-        assert st["log_full"] > 0 and st["log_switches"] > 0 and st["log_moved_rows"] > 0
+        assert st["log_folds"] > 0
+    else:
+        assert st["log_folds"] == 0 and st["log_switches"] > 0 and st["log_moved_rows"] > 0
 
 
 def test_write_backs_never_read_a_block_first(tmp_path):
@@ -176,7 +179,7 @@ def test_ranked_appends_read_back_as_from_a_plain_file(tmp_path, staging):
     log, plain = pair(tmp_path, 600, staging)
     rng = np.random.default_rng(11)
     for step in range(250):
-        w = np.unique(rng.integers(0, N, 350))
+        w = np.unique(rng.integers(0, 550 if step < 120 else N, 350))  # rows written again (switches), then folds
         r = np.setdiff1d(np.unique(rng.integers(0, N, 150)), w)
         weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
         rank = None if step % 5 == 0 else torch.from_numpy(rng.integers(0, 20, w.size))
@@ -192,7 +195,7 @@ def test_ranked_appends_read_back_as_from_a_plain_file(tmp_path, staging):
             for t in (log, plain):
                 t.write_rows(start, torch.full((200, DIM), float(step)), torch.ones(200, 1))
     st = log.stats()
-    assert st["log_switches"] > 0 and st["log_full"] > 0
+    assert st["log_switches"] > 0 and st["log_folds"] > 0
     assert st["log_staged_peak"] == 0 if not staging else 0 < st["log_staged_peak"] <= staging
     same(log, plain, torch.arange(N))
     log.close()
@@ -275,3 +278,42 @@ def test_the_staging_limit_sends_the_soonest_ranks_first(tmp_path):
     log.read(torch.tensor([75]))  # a staged row read: its rank's rows go to the log first
     assert log.row_log.staged == 40
     log.close()
+
+
+def test_a_full_map_folds_its_rows_home_in_bulk(tmp_path):
+    """A long run writes back more distinct rows than the map holds: instead of sending every new row home
+    with read-modify-write (a block read per row, every step), the full map's rows go home at once, in ID order
+    (their blocks read and written once for all of them), and the log starts again: fewer block reads, and
+    every read equals the plain file's, before and after a reopen."""
+    log, plain = pair(tmp_path, 2000)  # 10% of the rows: a fold touches each block once for ~6 of its rows
+    rng = np.random.default_rng(8)
+    for step in range(80):
+        w = np.unique(rng.integers(0, N, 120))
+        weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
+        for t in (log, plain):
+            t.exchange(torch.from_numpy(w), weight, state, torch.tensor([N - 1]))
+        if step % 20 == 19:
+            same(log, plain, torch.arange(N))
+    st = log.stats()
+    assert st["log_folds"] >= 3 and st["log_folded_rows"] >= 3 * 1900 and st["log_full"] == 0
+    assert log.row_log.live <= 2000
+    assert st["rmw_bytes_read"] < plain.stats()["rmw_bytes_read"] / 2
+    log.close()
+    again = SsdTable.open(tmp_path / "log.tbl", direct_io=True)
+    same(again, plain, torch.arange(N))
+    again.close()
+
+
+def test_a_sparse_full_map_sends_new_rows_home_instead(tmp_path):
+    """A map of 100 rows of a 20,000-row table: its rows sit in ~100 different blocks, so folding them costs a
+    block per row -- no better than sending each new row home -- and the log keeps them (`SsdTable._fold_pays`)."""
+    log, plain = pair(tmp_path, 100)
+    rng = np.random.default_rng(9)
+    for _ in range(6):
+        w = np.unique(rng.integers(0, N, 120))
+        weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
+        for t in (log, plain):
+            t.exchange(torch.from_numpy(w), weight, state, torch.tensor([N - 1]))
+    st = log.stats()
+    assert st["log_folds"] == 0 and st["log_full"] > 0 and log.row_log.live == 100
+    same(log, plain, torch.arange(N))

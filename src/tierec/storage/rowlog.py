@@ -32,8 +32,13 @@ switch, so a reader that found a row's slot just before a switch still reads the
 
 The map is two sorted arrays, IDs and slots (int32; IDs int32 too in a table of fewer than 2^31 rows):
 8 B per relocated row (12 in larger tables: `map_entry_bytes`), at most ``capacity`` of them (the
-memory budget pays for ``capacity``: `tierec.storage.tiered.split_budget`). When it is full, a row not
-yet in the log goes home with read-modify-write, as without a log. Exactness: a row's bytes are the same
+memory budget pays for ``capacity``: `tierec.storage.tiered.split_budget`). When an append finds it
+full, the file may fold the log (`fold`, `SsdTable.append_log`): every relocated row is written home in
+ID order -- whole blocks, read-modify-write, in large sorted batches -- and the map starts empty. That
+pays where the relocated rows share home blocks (a map that holds a large share of its table's rows);
+otherwise, and for rows beyond the capacity of one append, a row not in the log goes home with
+read-modify-write, as without a log.
+Exactness: a row's bytes are the same
 wherever they sit; every reader maps IDs through `SsdTable.slots_of`, which asks `lookup` first.
 
 `save` / `load` keep the map beside the file (``<file>.log``: IDs int64 then slots int64, and the
@@ -45,6 +50,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +67,7 @@ def map_entry_bytes(num_rows: int) -> int:
 
 
 COPY_CHUNK = 4 << 20  # bytes of the old half read at a time when the live rows move to the other half
+FOLD_ROWS = 1 << 16  # relocated rows read from the log and written home at a time when a full map folds
 STAGE_GROUP_BYTES = 1024  # a rank's staged rows go to the log once they fill two sectors
 STAGED_ROW_OVERHEAD = 16  # bytes of a staged row beside its floats: its ID and rank (int64 each)
 
@@ -103,7 +110,8 @@ class RowLog:
         self._staged: tuple[np.ndarray, np.ndarray, np.ndarray] = (
             np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, self.width), np.float32))
         self.stats = {"log_rows": 0, "log_switches": 0, "log_moved_rows": 0, "log_full": 0,
-                      "log_bytes_written": 0, "log_bytes_read": 0, "log_staged_peak": 0}
+                      "log_bytes_written": 0, "log_bytes_read": 0, "log_staged_peak": 0, "log_folds": 0,
+                      "log_folded_rows": 0}
 
     @staticmethod
     def region_rows(capacity: int, row_stride: int) -> int:
@@ -161,16 +169,29 @@ class RowLog:
                 self._staged = (sid[~gone], srank[~gone], srows[~gone])
 
     # ------------------------------------------------------------------ appends
-    def accepts(self, ids: np.ndarray) -> np.ndarray:
-        """bool [U]: which of the sorted, distinct ``ids`` the log takes now: those it holds, and new ones while
-        the map has room (the rest go home)."""
+    def _room(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
+        """(bool [U]: which of the sorted ``ids`` the log holds or stages; map entries left for new rows)."""
         keys = self._map[0]
         found, _ = self._find(keys, ids)
         sid = self._staged[0]
         new_staged = sid.size - int(self._find(keys, sid)[0].sum()) if sid.size else 0  # map entries to come
         if sid.size:
             found |= self._find(sid, ids)[0]
-        room = self.capacity - self.live - new_staged
+        return found, self.capacity - self.live - new_staged
+
+    def relocated(self) -> np.ndarray:
+        """The IDs of the rows in the log (int64 [live], sorted)."""
+        return self._map[0].astype(np.int64)
+
+    def shortfall(self, ids: np.ndarray) -> int:
+        """New rows among the sorted, distinct ``ids`` beyond the map's room (> 0: `fold` first, or they go home)."""
+        found, room = self._room(ids)
+        return int(np.count_nonzero(~found)) - room
+
+    def accepts(self, ids: np.ndarray) -> np.ndarray:
+        """bool [U]: which of the sorted, distinct ``ids`` the log takes now: those it holds, and new ones while
+        the map has room (the rest go home)."""
+        found, room = self._room(ids)
         new = np.flatnonzero(~found)
         take = found.copy()
         take[new[:max(0, room)]] = True
@@ -242,6 +263,23 @@ class RowLog:
                 return 0, 0
             self._staged = (sid[~out], srank[~out], srows[~out])
             return self._emit(sid[out], srows[out], srank[out])
+
+    def fold(self, read: Callable[[np.ndarray], np.ndarray], write_home: Callable[[np.ndarray, np.ndarray], None]) -> int:
+        """Write every relocated row home and forget it (a full map, module doc): `FOLD_ROWS` at a time in ID
+        order, ``read`` (file rows int64 [n] -> [n, width] float32) gets them from the log and ``write_home``
+        (IDs int64 [n], rows) writes them at their home rows; then the map is empty and appends go on in the
+        other half from its start, so a reader that found a slot before the fold still reads the right bytes.
+        Staged rows stay staged (their map entries, if any, were older copies). Rows folded."""
+        with self._lock:
+            keys, slots = self._map
+            for a in range(0, keys.size, FOLD_ROWS):
+                ids = keys[a : a + FOLD_ROWS].astype(np.int64)
+                write_home(ids, read(self.base + slots[a : a + FOLD_ROWS].astype(np.int64)))
+            self._map = (keys[:0], slots[:0])
+            self.active, self.head, self._tail = 1 - self.active, 0, np.empty(0, np.uint8)
+            self.stats["log_folds"] += 1
+            self.stats["log_folded_rows"] += int(keys.size)
+            return int(keys.size)
 
     def _emit(self, ids: np.ndarray, rows: np.ndarray, rank: np.ndarray | None) -> tuple[int, int]:
         """Write rows ``ids`` (sorted) to the log now, in (``rank``, ID) order (`append` without staging)."""

@@ -97,6 +97,7 @@ from tierec.storage.tablefile import (
 log = logging.getLogger(__name__)
 
 SECTOR = 512  # the smallest direct I/O a device may take (its logical sector)
+FOLD_BLOCKS_PER_ROW = 0.5  # a full write-back log folds home where that costs at most this many blocks per row
 FAULT_AROUND_BYTES = 64 << 10  # Linux maps up to this much around a faulting file page (read faults)
 PAGE_BYTES = 4096  # a write fault on a shared file mapping maps just its page
 RSS_RELEASE_BYTES = 8 << 20  # mapped bytes touched before the map's pages are dropped from RSS
@@ -162,6 +163,7 @@ class SsdTable:
         if row_log:
             self.file_rows = self._log_base + RowLog.region_rows(row_log, self.row_stride)
         self._log_capacity, self._log_staging = int(row_log), int(log_staging)
+        self._fold_decided = (0, False)  # (map size, whether a fold pays: `_fold_pays`)
         self.row_log: RowLog | None = None  # set once the file is open
         self.file_bytes = self.file_rows * self.row_stride
         self.align = ALIGN  # block size of direct I/O (a smaller one where the device takes it: see below)
@@ -469,11 +471,15 @@ class SsdTable:
         places (`tierec.storage.layout.HotLayout`), or the IDs themselves."""
         if self._lazy is not None and self._lazy.slots is not None:
             return self._lazy.file_rows(ids)
-        home = ids if self.layout is None else self.layout.file_rows(ids)
+        home = self._home_rows(ids)
         if self.row_log is None:
             return home
         self._unstage(ids)
         return self.row_log.lookup(ids, home)
+
+    def _home_rows(self, ids: np.ndarray) -> np.ndarray:
+        """File rows of ``ids`` (int64 [U]) outside the write-back log: the IDs, or a hot-row layout's places."""
+        return ids if self.layout is None else self.layout.file_rows(ids)
 
     def _unstage(self, ids: np.ndarray | None) -> None:
         """Write the log's staged rows among ``ids`` (None: all) before they are read or saved (`RowLog.unstage`)."""
@@ -568,10 +574,26 @@ class SsdTable:
         it takes (no read-modify-write; marked stored), in ``rank`` order (int64 [W] or None: `RowLog.append`);
         bool [W]: which it took (the rest go home)."""
         assert self.row_log is not None
+        if self.row_log.shortfall(ids) > 0 and self._fold_pays():  # a full map: its rows home in bulk
+            t0 = time.perf_counter()
+            n = self.row_log.fold(self.read_local, lambda fids, frows: self._block_io(self._home_rows(fids), frows))
+            log.debug("%s: write-back log full, %d rows folded home in %.2f s", self.path, n, time.perf_counter() - t0)
         took, written, read = self.row_log.take(ids, rows, rank)
         self.count_device_bytes(read=read, written=written)
         self.mark_stored(ids[took])
         return took
+
+    def _fold_pays(self) -> bool:
+        """Whether the full write-back log's rows go home in bulk (`RowLog.fold`): where they share home blocks, at
+        most `FOLD_BLOCKS_PER_ROW` blocks read and written per row, against one block per row for each row that
+        goes home alone. Decided once per map size (the map changes only by appends and drops)."""
+        assert self.row_log is not None
+        live = self.row_log.live
+        if live and self._fold_decided[0] != live:
+            start = self._home_rows(self.row_log.relocated()) * self.row_stride
+            blocks = np.unique(np.concatenate([start // self.align, (start + self.row_bytes - 1) // self.align])).size
+            self._fold_decided = (live, blocks <= FOLD_BLOCKS_PER_ROW * live)
+        return bool(live) and self._fold_decided[1]
 
     def mark_stored(self, ids: np.ndarray) -> None:
         """Record rows ``ids`` (int64 [U], checked) as written into this file (lazy files; nothing otherwise)."""

@@ -280,6 +280,15 @@ def test_the_staging_limit_sends_the_soonest_ranks_first(tmp_path):
     log.close()
 
 
+def write_back_random_rows(rng, steps: int, *tables: SsdTable) -> None:
+    """``steps`` exchanges that write back ~120 random rows each (the same into every table) and read one."""
+    for _ in range(steps):
+        w = np.unique(rng.integers(0, N, 120))
+        weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
+        for t in tables:
+            t.exchange(torch.from_numpy(w), weight, state, torch.tensor([N - 1]))
+
+
 def test_a_full_map_folds_its_rows_home_in_bulk(tmp_path):
     """A long run writes back more distinct rows than the map holds: instead of sending every new row home
     with read-modify-write (a block read per row, every step), the full map's rows go home at once, in ID order
@@ -287,13 +296,9 @@ def test_a_full_map_folds_its_rows_home_in_bulk(tmp_path):
     every read equals the plain file's, before and after a reopen."""
     log, plain = pair(tmp_path, 2000)  # 10% of the rows: a fold touches each block once for ~6 of its rows
     rng = np.random.default_rng(8)
-    for step in range(80):
-        w = np.unique(rng.integers(0, N, 120))
-        weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
-        for t in (log, plain):
-            t.exchange(torch.from_numpy(w), weight, state, torch.tensor([N - 1]))
-        if step % 20 == 19:
-            same(log, plain, torch.arange(N))
+    for _ in range(4):
+        write_back_random_rows(rng, 20, log, plain)
+        same(log, plain, torch.arange(N))
     st = log.stats()
     assert st["log_folds"] >= 3 and st["log_folded_rows"] >= 3 * 1900 and st["log_full"] == 0
     assert log.row_log.live <= 2000
@@ -308,12 +313,7 @@ def test_a_sparse_full_map_sends_new_rows_home_instead(tmp_path):
     """A map of 100 rows of a 20,000-row table: its rows sit in ~100 different blocks, so folding them costs a
     block per row -- no better than sending each new row home -- and the log keeps them (`SsdTable._fold_pays`)."""
     log, plain = pair(tmp_path, 100)
-    rng = np.random.default_rng(9)
-    for _ in range(6):
-        w = np.unique(rng.integers(0, N, 120))
-        weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
-        for t in (log, plain):
-            t.exchange(torch.from_numpy(w), weight, state, torch.tensor([N - 1]))
+    write_back_random_rows(np.random.default_rng(9), 6, log, plain)
     st = log.stats()
     assert st["log_folds"] == 0 and st["log_full"] > 0 and log.row_log.live == 100
     same(log, plain, torch.arange(N))

@@ -296,6 +296,24 @@ def test_step_malloc_thresholds_reuse_activations_and_restore():
     assert tuple(out["inside"]) == STEP_MALLOC and tuple(out["after"]) == TRANSIENT_MALLOC
 
 
+def test_training_decodes_into_arrows_jemalloc_pool_unless_the_user_chose_one():
+    """`returning_arrow_pool` (called by the trainer): Arrow's jemalloc pool, whose freed pages go back to the OS at
+    once, where this pyarrow has one; an ARROW_DEFAULT_MEMORY_POOL the user set stands. In a fresh process: the
+    default pool is the process's."""
+    import os
+
+    pa = pytest.importorskip("pyarrow")
+    try:
+        pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        pytest.skip("this pyarrow has no jemalloc pool")
+    code = "from tierec import malloc; print(malloc.returning_arrow_pool())"
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    for extra, want in (({}, "jemalloc"), ({"ARROW_DEFAULT_MEMORY_POOL": "system"}, "system")):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env | extra, timeout=120)
+        assert r.returncode == 0 and r.stdout.split()[-1] == want, (extra, r.stdout, r.stderr[-2000:])
+
+
 def test_lookahead_window_share_has_a_floor(caplog):
     """The window's share of the budget is at least the prepared steps + one read ahead (what the pipeline
     holds at the least) where that is at most half the budget; below that it is its 1/4 share, with a warning."""

@@ -858,7 +858,7 @@ class Dataset:
             columns = [c for c in columns if c in have]  # a missing one: `_check_columns` names it
         # use_threads=False: decoded on the calling thread (a reader thread of the loader, which has its own knob for
         # parallel reads), not on Arrow's CPU pool, whose threads each kept a heap of decoded buffers in Arrow's
-        # allocator: ~25 MiB less peak RSS for a pass (bench_scale --quick's data), no slower on 2 cores
+        # allocator: 20-30 MiB less peak RSS of a training run (bench_scale --quick), no slower on 2 cores
         if "row_groups" not in entry:
             return pq.ParquetFile(path, metadata=md).read_row_group(i, columns=columns, use_threads=False)
         g = entry["row_groups"][i]

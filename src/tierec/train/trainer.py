@@ -31,7 +31,7 @@ from tierec.config import parse_bytes
 from tierec.data.dataset import Dataset, Schema
 from tierec.data.loader import InputControl
 from tierec.errors import CheckpointError, ConfigError, TierecError
-from tierec.malloc import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds, release_free_memory
+from tierec.malloc import STEP_MALLOC, TRANSIENT_MALLOC, malloc_thresholds, release_free_memory, returning_arrow_pool
 from tierec.modules import dense_optim
 from tierec.modules.dcn import DCNv2
 from tierec.modules.dlrm import DLRM
@@ -324,6 +324,7 @@ class Trainer:
         self.cfg = cfg
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        returning_arrow_pool()  # decoded row groups freed by the loader leave the resident set (tierec.malloc)
         self.device = pick_device(cfg.device)
         self.ds = Dataset(cfg.data)
         if "train" not in self.ds.splits:

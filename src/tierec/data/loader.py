@@ -431,14 +431,14 @@ def stream_chunks(ds: Dataset, plan: ReadPlan, batch_size: int, drop_last: bool,
                     remaining -= len(chunk)
                     buf.append(chunk)
                     buffered += len(chunk)
-                    chunk = None
+                    del chunk
                     if buffered < batch_size:
                         continue
                     data = buf[0].concat(buf)
                     nfull = len(data) // batch_size
                     rest = data.slice(nfull * batch_size, len(data))
                     buf, buffered = ([rest], len(rest)) if len(rest) else ([], 0)
-                    rest = None
+                    del rest
                 # One batch's slice at a time: a slice's offsets are a copy, and all of a row group's slices
                 # made at once held ~13 MB more (16 batches of 4096 x 26 features, bench_scale --quick) in
                 # ~400 heap blocks; none of the group is held here once its last batch is out.
@@ -446,7 +446,8 @@ def stream_chunks(ds: Dataset, plan: ReadPlan, batch_size: int, drop_last: bool,
                     with clock.stage("batch", batch_size):
                         piece = data.slice(b * batch_size, (b + 1) * batch_size)
                     yield piece
-                data = piece = None
+                    del piece
+                del data
             if remaining <= 0:
                 break
     finally:

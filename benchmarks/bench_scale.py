@@ -33,14 +33,16 @@ alone, from ``os.wait4``):
 
 From the runs' metrics.jsonl: table creation (``build_seconds`` of the start record: the model, its tables
 and SSD files); the next-use trace pass that the look-ahead cache runs before step 1 (the ``trace`` record:
-a second reader of the run's batches, ``--lookahead-trace``); samples/s, the median over the --log-every-step intervals without a checkpoint (robust to a
-busy neighbour on a shared VM; the means over the training time are printed beside), for the whole run and
+a second reader of the run's batches, ``--lookahead-trace``); samples/s, the median over the --log-every-step
+intervals without a checkpoint (robust to a busy neighbour on a shared VM; the means over the training time
+are printed beside), for the whole run and
 from the first eviction on; the stall fraction (time waiting for prefetched rows); the hit rate; the first
 training record with evictions; each checkpoint's seconds and bytes (the files in its manifest); and the
 read amplification: bytes the device read (whole blocks with O_DIRECT, the read-modify-write of packed
 write-backs included) per byte of rows read from the files, and beside it per byte of rows the cache
 missed (lazy files serve never-written rows without I/O), over the intervals without a checkpoint (a
-checkpoint reads whole tables); peak RSS against the budget + 0.5 GiB, and what the tiered process holds
+checkpoint reads whole tables), with the write-back logs' counters (rows staged by next use, folds of a
+full map, rows a full map sent home alone); peak RSS against the budget + 0.5 GiB, and what the tiered process holds
 beyond its budget against what the in-memory one holds beyond its tables (the fixed overhead of this
 model, batch and data, measured). Each figure is printed beside its target from the issue, PASS or MISS,
 with the CPU other processes used during each run (a busy neighbour makes the speed figures noisy). All
@@ -326,6 +328,24 @@ def lowest_tiers(entry: dict) -> tuple[dict, dict]:
 COUNTERS = ("lookups", "hits", "evictions", "missed_bytes", "bytes_read", "device_bytes_read")
 
 
+LOG_COUNTERS = ("log_staged_peak", "log_folds", "log_full")
+
+
+def log_totals(stats) -> dict[str, int]:
+    """The write-back log counters (`LOG_COUNTERS`) of a train record's cache stats, summed over every SSD file
+    below them: the most rows each file staged by next use, the folds of full maps, the rows a full map sent
+    home alone."""
+    tot = dict.fromkeys(LOG_COUNTERS, 0)
+    if isinstance(stats, dict):
+        for k, v in stats.items():
+            if k in tot and isinstance(v, int):
+                tot[k] += v
+            elif isinstance(v, dict):
+                for kk, vv in log_totals(v).items():
+                    tot[kk] += vv
+    return tot
+
+
 def cache_totals(record: dict) -> dict[str, int]:
     """Counters of a train record summed over its caches: lookups, hits, evictions; missed_bytes, the row
     bytes the cache above the files fetched (misses, never-written rows included); the files' bytes_read
@@ -367,6 +387,7 @@ class RunFigures:
     intervals: list[Interval] = field(default_factory=list)
     peak_rss: int = 0
     others_cores: float = 0.0  # CPU other processes used during the run
+    write_log: dict = field(default_factory=dict)  # the SSD files' write-back log counters at the last train record
 
     def median_samples_per_s(self, step: int = 0) -> float | None:
         """The median samples/s of the clean intervals that start at ``step`` or later."""
@@ -407,6 +428,7 @@ def analyse(records: list[dict], summary: dict, child: Child) -> RunFigures:
                                               *(tot[k] - prev[k] for k in COUNTERS[3:])))
             if tot["lookups"]:
                 fig.hit_rate = tot["hits"] / tot["lookups"]
+            fig.write_log = log_totals(r.get("cache", {}))
             prev_step, prev_samples, prev, clean = r["step"], r["samples"], tot, True
     return fig
 
@@ -467,6 +489,9 @@ def tier_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
          f"<= {READ_AMPLIFICATION:g}x", verdict(None if amp is None else amp <= READ_AMPLIFICATION)),
         ("  per row byte the cache missed",
          "n/a" if amp_missed is None else f"{amp_missed:.1f}x (never-written rows are not read)", "", "-"),
+        ("  write-back logs", f"{t.write_log.get('log_staged_peak', 0):,} rows staged at most, "
+         f"{t.write_log.get('log_folds', 0):,} full-map folds, {t.write_log.get('log_full', 0):,} rows sent home",
+         "", "-"),
     ]
 
 

@@ -37,9 +37,8 @@ full, the file may fold the log (`fold`, `SsdTable.append_log`): every relocated
 ID order -- whole blocks, read-modify-write, in large sorted batches -- and the map starts empty. That
 pays where the relocated rows share home blocks (a map that holds a large share of its table's rows);
 otherwise, and for rows beyond the capacity of one append, a row not in the log goes home with
-read-modify-write, as without a log.
-Exactness: a row's bytes are the same
-wherever they sit; every reader maps IDs through `SsdTable.slots_of`, which asks `lookup` first.
+read-modify-write, as without a log. Exactness: a row's bytes are the same wherever they sit; every
+reader maps IDs through `SsdTable.slots_of`, which asks `lookup` first.
 
 `save` / `load` keep the map beside the file (``<file>.log``: IDs int64 then slots int64, and the
 active half and head in the sidecar) so that a closed working file opens again.
@@ -142,10 +141,6 @@ class RowLog:
         pos = np.minimum(np.searchsorted(keys, ids), keys.size - 1)
         return keys[pos] == ids, pos
 
-    def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Row IDs (int64 [U]) -> (bool [U]: in the log; int64 [U]: their map positions, valid where found)."""
-        return self._find(self._map[0], ids)
-
     def lookup(self, ids: np.ndarray, home: np.ndarray) -> np.ndarray:
         """File rows of ``ids`` (int64 [U]): their log slots where relocated, else ``home`` (int64 [U])."""
         keys, slots = self._map  # one snapshot
@@ -163,12 +158,17 @@ class RowLog:
                 keep = np.ones(keys.size, bool)
                 keep[pos[found]] = False
                 self._map = (keys[keep], slots[keep])
-            sid, srank, srows = self._staged
-            gone, _ = self._find(np.sort(np.asarray(ids, np.int64)), sid)
-            if gone.any():
-                self._staged = (sid[~gone], srank[~gone], srows[~gone])
+            self._staged = self._staged_without(np.sort(np.asarray(ids, np.int64)))
 
     # ------------------------------------------------------------------ appends
+    def _staged_without(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The staging area less its copies of rows ``ids`` (int64, sorted): they are stale."""
+        sid, srank, srows = self._staged
+        if not sid.size or not ids.size:
+            return self._staged
+        keep = ~self._find(ids, sid)[0]
+        return (sid[keep], srank[keep], srows[keep]) if not keep.all() else self._staged
+
     def _room(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
         """(bool [U]: which of the sorted ``ids`` the log holds or stages; map entries left for new rows)."""
         keys = self._map[0]
@@ -185,6 +185,8 @@ class RowLog:
 
     def shortfall(self, ids: np.ndarray) -> int:
         """New rows among the sorted, distinct ``ids`` beyond the map's room (> 0: `fold` first, or they go home)."""
+        if self.live + self.staged + ids.size <= self.capacity:  # room for all, whatever they are
+            return -1
         found, room = self._room(ids)
         return int(np.count_nonzero(~found)) - room
 
@@ -219,17 +221,12 @@ class RowLog:
         with self._lock:
             if rank is not None and self.stage_limit:
                 return self._stage(ids, rows, np.asarray(rank, np.int64))
-            sid, srank, srows = self._staged
-            if sid.size:  # staged copies of rows written now are stale
-                old = ~self._find(ids, sid)[0]
-                self._staged = (sid[old], srank[old], srows[old])
+            self._staged = self._staged_without(ids)  # staged copies of rows written now are stale
             return self._emit(ids, rows, rank)
 
     def _stage(self, ids: np.ndarray, rows: np.ndarray, rank: np.ndarray) -> tuple[int, int]:
-        sid, srank, srows = self._staged
-        if sid.size:  # a row staged again (normally read -- and so unstaged -- first): its new bytes win
-            old = ~self._find(ids, sid)[0]
-            sid, srank, srows = sid[old], srank[old], srows[old]
+        # a row staged again (normally read -- and so unstaged -- first): its new bytes win
+        sid, srank, srows = self._staged_without(ids)
         ids = np.concatenate([sid, ids.astype(np.int64, copy=False)])
         rank = np.concatenate([srank, rank])
         rows = np.concatenate([srows, np.asarray(rows, np.float32)])

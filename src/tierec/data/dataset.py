@@ -55,6 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from tierec.data.rowgroup import RowGroupColumns
 from tierec.errors import DataError, TierecError
 from tierec.fsio import atomic_write_bytes, sha256_file
 from tierec.sparse import KeyedJaggedTensor
@@ -305,13 +306,16 @@ class Chunk:
         )
 
     @staticmethod
-    def from_arrow(table: pa.Table, schema: Schema, compact: bool = False) -> Chunk:
-        """A chunk of ``table``; user-side runs (see module doc) are expanded unless ``compact``."""
-        labs = [table.column(c).to_numpy().astype(np.float32, copy=False) for c in schema.labels]
+    def from_arrow(table: pa.Table | RowGroupColumns, schema: Schema, compact: bool = False) -> Chunk:
+        """A chunk of ``table``; user-side runs (see module doc) are expanded unless ``compact``. From
+        `RowGroupColumns` each column is handed over as it is converted (one column of Arrow at a time).
+        Features with one ID in every row share one offsets array (``arange(n + 1)``)."""
+        take = table.pop if isinstance(table, RowGroupColumns) else table.column
+        labs = [take(c).to_numpy().astype(np.float32, copy=False) for c in schema.labels]
         label = labs[0] if len(labs) == 1 else np.stack(labs, 1)
         n = len(label)
         if schema.dense:
-            dense = np.stack([table.column(c).to_numpy().astype(np.float32, copy=False) for c in schema.dense], 1)
+            dense = np.stack([take(c).to_numpy().astype(np.float32, copy=False) for c in schema.dense], 1)
         else:
             dense = np.zeros((n, 0), np.float32)
         sp = {}
@@ -319,11 +323,14 @@ class Chunk:
         users = schema.user_names
         if users and table.column(users[0]).null_count:
             heads = ~table.column(users[0]).is_null().to_numpy(zero_copy_only=False)
+        one_each = np.arange(n + 1, dtype=np.int64)  # the offsets of a feature with one ID per row
         for f in schema.sparse:
-            col = table.column(f.name).combine_chunks()
-            offs = col.offsets.to_numpy().astype(np.int64)
-            vals = col.values.to_numpy().astype(np.int64, copy=False)[offs[0] : offs[-1]]
-            offs = offs - offs[0]
+            col = take(f.name).combine_chunks()
+            offs = col.offsets.to_numpy()
+            o0 = int(offs[0])
+            vals = col.values.to_numpy().astype(np.int64, copy=False)[o0 : int(offs[-1])]
+            offs = one_each if int(offs[-1]) - o0 == n and (np.diff(offs) == 1).all() else np.subtract(
+                offs, o0, dtype=np.int64)
             if f.side == "user" and heads is not None:
                 idx = np.flatnonzero(heads)
                 if not heads[0] or col.null_count != n - idx.size or not np.array_equal(
@@ -336,7 +343,7 @@ class Chunk:
                     sp[f.name] = jagged_take(vals, offs, idx)
             else:
                 sp[f.name] = (vals, offs)
-        session = table.column("session").to_numpy() if schema.session_key is not None else None
+        session = take("session").to_numpy() if schema.session_key is not None else None
         if heads is None:
             return Chunk(label, dense, sp, session)
         chunk = Chunk(label, dense, sp, session, np.cumsum(heads, dtype=np.int64) - 1, tuple(users))
@@ -755,7 +762,7 @@ class Dataset:
         """``{"by": "session", "window": rows, ...}`` for a data set written clustered, else None."""
         return self.manifest.get("clustering")
 
-    def _run_starts(self, table: pa.Table) -> np.ndarray:
+    def _run_starts(self, table: pa.Table | RowGroupColumns) -> np.ndarray:
         """Start rows of the session runs of a row group of a clustered data set."""
         users = self.schema.user_names
         if users:
@@ -852,21 +859,26 @@ class Dataset:
                     data: bytes | None = None) -> pa.Table:
         """Row group ``i`` of a file (only ``columns`` if given), decoded from checked bytes (module doc;
         ``data``: its bytes, already checked)."""
-        md = self._footer(path, entry)
         if columns is not None:
-            have = set(md.schema.to_arrow_schema().names)
+            have = set(self._footer(path, entry).schema.to_arrow_schema().names)
             columns = [c for c in columns if c in have]  # a missing one: `_check_columns` names it
         # use_threads=False: decoded on the calling thread (a reader thread of the loader, which has its own knob for
         # parallel reads), not on Arrow's CPU pool, whose threads each kept a heap of decoded buffers in Arrow's
         # allocator: 20-30 MiB less peak RSS of a training run (bench_scale --quick), no slower on 2 cores
+        return self._open_group(path, entry, i, data).read_row_group(i, columns=columns, use_threads=False)
+
+    def _open_group(self, path: str, entry: dict, i: int, data: bytes | None = None) -> pq.ParquetFile:
+        """The file, open for reading row group ``i`` from its checked bytes (``data``, or read and checked
+        now); a file listed without row-group checksums is read from disk (checked whole by `_footer`)."""
+        md = self._footer(path, entry)
         if "row_groups" not in entry:
-            return pq.ParquetFile(path, metadata=md).read_row_group(i, columns=columns, use_threads=False)
+            return pq.ParquetFile(path, metadata=md)
         g = entry["row_groups"][i]
         data = self._group_bytes(path, entry, i) if data is None else data
-        src = pa.PythonFile(_Span(g["offset"], data, entry["bytes"]), mode="r")
-        return pq.ParquetFile(src, metadata=md, pre_buffer=False).read_row_group(i, columns=columns, use_threads=False)
+        return pq.ParquetFile(pa.PythonFile(_Span(g["offset"], data, entry["bytes"]), mode="r"), metadata=md,
+                              pre_buffer=False)
 
-    def _check_label_columns(self, table: pa.Table) -> None:
+    def _check_label_columns(self, table: pa.Table | RowGroupColumns) -> None:
         """Every label column is there and is a float, else `DataError`."""
         for name in self.schema.labels:
             if name not in table.column_names:
@@ -877,7 +889,7 @@ class Dataset:
                 raise DataError(f"label column {name!r}: column type {t}, expected float (the manifest does not "
                                 "match the data; re-run `tierec data convert`)")
 
-    def _check_columns(self, table: pa.Table) -> None:
+    def _check_columns(self, table: pa.Table | RowGroupColumns) -> None:
         """Every sparse feature's column is there and is a list of int64 (raw features too), else `DataError`."""
         for f in self.schema.sparse:
             if f.name not in table.column_names:
@@ -972,8 +984,8 @@ class Dataset:
                         (self.clustering or {}).get("by") == "session")
 
     # One row group through the reader's stages (`tierec.data.loader` runs them, `tierec.data.profile` times
-    # them): read (bytes + checksum) -> parquet (decompress, decode to Arrow, column checks) -> shuffle ->
-    # decode (Arrow -> numpy `Chunk`, ID and label checks).
+    # them): read (bytes + checksum) -> parquet (open, column checks) -> shuffle (the permutation) -> decode (Arrow ->
+    # numpy `Chunk`, ID and label checks), which decodes and permutes each column as it takes it (`RowGroupColumns`).
     def stage_read(self, plan: ReadPlan, gi: int) -> bytes | None:
         """Row group ``gi``'s bytes, checked against the manifest (None: a file listed without row-group
         checksums, read by pyarrow in `stage_parquet`)."""
@@ -982,40 +994,44 @@ class Dataset:
             return None
         return _decoding(path, f"row group {rg}", lambda: self._group_bytes(path, entry, rg))
 
-    def stage_parquet(self, plan: ReadPlan, gi: int, data: bytes | None) -> pa.Table:
-        """The Arrow table of row group ``gi`` decoded from its checked bytes, its columns checked."""
+    def stage_parquet(self, plan: ReadPlan, gi: int, data: bytes | None) -> RowGroupColumns:
+        """Row group ``gi`` open for decoding from its checked bytes, its columns checked against the schema;
+        each column is decoded when the decode stage takes it (`tierec.data.rowgroup`)."""
         path, rg, _, entry = plan.groups[gi]
 
-        def run() -> pa.Table:
-            table = self._read_group(path, entry, rg, data=data)
-            self._check_label_columns(table)
-            self._check_columns(table)
-            return table
+        def run() -> RowGroupColumns:
+            cols = RowGroupColumns.open(self._open_group(path, entry, rg, data), rg)
+            self._check_label_columns(cols)
+            self._check_columns(cols)
+            return cols
         return _decoding(path, f"row group {rg}", run)
 
-    def stage_shuffle(self, plan: ReadPlan, gi: int, table: pa.Table) -> pa.Table:
+    def stage_shuffle(self, plan: ReadPlan, gi: int, cols: RowGroupColumns) -> RowGroupColumns:
         """Row group ``gi``'s rows in the pass's order: permuted from (seed, epoch, group) when shuffling,
-        whole session runs moved together in a data set clustered by session."""
+        whole session runs moved together in a data set clustered by session (the columns are permuted as
+        they are decoded, `RowGroupColumns.permute`)."""
         if not plan.shuffle:
-            return table
+            return cols
         path, rg, n, _ = plan.groups[gi]
 
-        def run() -> pa.Table:
+        def run() -> RowGroupColumns:
             if plan.by_session:  # whole runs: a session's rows stay together
-                starts = self._run_starts(table)
+                starts = self._run_starts(cols)
                 lens = np.diff(np.append(starts, n))
                 order = np.random.default_rng(plan.perms_seed[gi]).permutation(starts.size)
                 out_start = np.cumsum(lens[order]) - lens[order]
                 perm = np.repeat(starts[order] - out_start, lens[order]) + np.arange(n)
             else:
                 perm = np.random.default_rng(plan.perms_seed[gi]).permutation(n)
-            return table.take(pa.array(perm))
+            cols.permute(pa.array(perm))
+            return cols
         return _decoding(path, f"row group {rg}", run)
 
-    def stage_decode(self, plan: ReadPlan, gi: int, table: pa.Table, drop: int = 0) -> Chunk:
-        """Row group ``gi``'s `Chunk` (its first ``drop`` rows left out), IDs and labels checked."""
+    def stage_decode(self, plan: ReadPlan, gi: int, cols: RowGroupColumns, drop: int = 0) -> Chunk:
+        """Row group ``gi``'s `Chunk` (its first ``drop`` rows left out), IDs and labels checked; its columns
+        are decoded (and permuted) one at a time as they are converted."""
         path, rg, _, _ = plan.groups[gi]
-        chunk = _decoding(path, f"row group {rg}", lambda: Chunk.from_arrow(table, self.schema, plan.compact))
+        chunk = _decoding(path, f"row group {rg}", lambda: Chunk.from_arrow(cols, self.schema, plan.compact))
         self._check_ids(chunk, path, rg)
         self._check_labels(chunk.label, path, rg)
         return chunk.slice(drop, len(chunk)) if drop else chunk

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
+from tierec.data.rowgroup import RowGroupColumns
 from tierec.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -161,14 +162,17 @@ class StageClock:
         span = _Span(rows)
         w, c = time.perf_counter(), time.thread_time()
         yield span
-        dw, dc = time.perf_counter() - w, time.thread_time() - c
+        self.record(name, span.rows, span.bytes, time.perf_counter() - w, time.thread_time() - c, calls=1)
+
+    def record(self, name: str, rows: int, nbytes: int, wall_s: float, cpu_s: float, calls: int = 0) -> None:
+        """Add work timed by the caller to stage ``name`` (``calls`` 0: more work of a call counted before)."""
         with self._lock:
             t = self.stages.setdefault(name, StageTotals())
-            t.calls += 1
-            t.rows += span.rows
-            t.bytes += span.bytes
-            t.wall_s += dw
-            t.cpu_s += dc
+            t.calls += calls
+            t.rows += rows
+            t.bytes += nbytes
+            t.wall_s += wall_s
+            t.cpu_s += cpu_s
 
     def wait(self, name: str, seconds: float) -> None:
         with self._lock:
@@ -204,6 +208,9 @@ class _NullClock(StageClock):
     @contextmanager
     def stage(self, name: str, rows: int) -> Iterator[_Span]:
         yield _Span(rows)
+
+    def record(self, name: str, rows: int, nbytes: int, wall_s: float, cpu_s: float, calls: int = 0) -> None:
+        pass
 
     def wait(self, name: str, seconds: float) -> None:
         pass
@@ -280,26 +287,32 @@ def chunk_nbytes(chunk: Chunk) -> int:
 
 def load_group(ds: Dataset, plan: ReadPlan, gi: int, drop: int, clock: StageClock = NULL_CLOCK,
                cache: DecodedCache | None = None) -> Chunk:
-    """Row group ``gi`` through the reader stages (module doc), each timed on ``clock``."""
+    """Row group ``gi`` through the reader stages (module doc), each timed on ``clock``. Its columns are
+    decoded and permuted one at a time inside ``decode`` (`tierec.data.rowgroup`); that work is charged to
+    ``parquet`` and ``shuffle``."""
     path, rg, n, entry = plan.groups[gi]
     table = cache.get((path, rg)) if cache is not None else None
-    if table is None:
+    if table is not None:
+        clock.hit()
+        cols = RowGroupColumns.from_table(table)
+    else:
         with clock.stage("read", n) as sp:
             data = ds.stage_read(plan, gi)
             sp.bytes = len(data) if data is not None else int(entry["bytes"] * n / max(entry["rows"], 1))
-        with clock.stage("parquet", n) as sp:
-            table = ds.stage_parquet(plan, gi, data)
-            sp.bytes = int(table.nbytes)
-        if cache is not None:
-            cache.put((path, rg), table)
-    else:
-        clock.hit()
-    with clock.stage("shuffle", n) as sp:
-        table = ds.stage_shuffle(plan, gi, table)
-        sp.bytes = int(table.nbytes)
-    with clock.stage("decode", n - drop) as sp:
-        chunk = ds.stage_decode(plan, gi, table, drop)
-        sp.bytes = chunk_nbytes(chunk)
+        with clock.stage("parquet", n):
+            cols = ds.stage_parquet(plan, gi, data)
+            del data  # the open row group holds what it needs
+            if cache is not None:
+                cache.put((path, rg), cols.table())
+    with clock.stage("shuffle", n):
+        cols = ds.stage_shuffle(plan, gi, cols)
+    w, c = time.perf_counter(), time.thread_time()
+    chunk = ds.stage_decode(plan, gi, cols, drop)
+    w, c = time.perf_counter() - w, time.thread_time() - c
+    for name, (sw, sc, sb) in cols.spent.items():  # decoding and permuting columns, done inside decode
+        clock.record(name, 0, int(sb), sw, sc)
+        w, c = w - sw, c - sc
+    clock.record("decode", n - drop, chunk_nbytes(chunk), max(w, 0.0), max(c, 0.0), calls=1)
     return chunk
 
 

@@ -256,12 +256,14 @@ def predict(stages: dict[str, StageModel], settings: LoaderSettings, machine: Ma
 
 
 def memory_bytes(stages: dict[str, StageModel], settings: LoaderSettings, group_rows: int, batch_rows: int) -> int:
-    """Bytes the pipeline holds at most under ``settings``: reads in flight (Arrow + chunk per row), batches
-    ahead, the cache, the worker processes."""
+    """Bytes the pipeline holds at most under ``settings``: reads in flight (a chunk each, and on each thread
+    decoding one, a column of Arrow -- bounded here by the whole decoded group; `tierec.data.rowgroup`),
+    batches ahead, the cache, the worker processes."""
     def per_row(n: str) -> float:
         return stages[n].out_bytes if n in stages else 0.0
 
     p = min(settings.reader_threads, settings.prefetch)
-    reads = (settings.prefetch + p + 1) * settings.read_groups * group_rows * (per_row("parquet") + per_row("decode"))
+    reads = (settings.prefetch + p + 1) * settings.read_groups * group_rows * per_row("decode")
+    reads += (p + 1) * group_rows * per_row("parquet")
     ahead = (max(settings.batch_prefetch, settings.batch_workers) + 1 if settings.batch_workers else 1)
     return int(reads + ahead * batch_rows * per_row("dedup") + settings.cache_bytes + settings.processes * PROCESS_BYTES)

@@ -143,9 +143,23 @@ class HashIndex:
     def _insert(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """`insert` of at most `PROBE_CHUNK` IDs (the checks done)."""
         n = ids.numel()
-        out = torch.empty(n, dtype=torch.int64, device=self.device)
         p = self._hash(ids)
-        idx = None  # positions in the input of the IDs still to place (None: all of them)
+        # home entries first, as `lookup` does: at a fill of 3/8 or less most are free, and one gather per ID settles
+        # them (a window costs WINDOW); the others -- home taken, or claimed by another ID of the batch -- go on
+        # from the entry after it
+        k = self.keys.index_select(0, p)
+        free = (k == self.empty) | (k == self.tombstone)
+        self.keys.index_put_((p[free],), ids[free])  # several IDs on one entry: one of them stays
+        won = free & (self.keys.index_select(0, p) == ids)
+        self.vals.index_put_((p[won],), slots[won])
+        self.tomb -= int((k[won] == self.tombstone).sum())
+        out = p.clone()  # the others' entries are overwritten below
+        lost = ~won
+        if not bool(lost.any()):
+            self.live += n
+            return out
+        idx = lost.nonzero().squeeze(1)  # positions in the input of the IDs still to place
+        ids, slots, p = ids.index_select(0, idx), slots.index_select(0, idx), (p.index_select(0, idx) + 1) & self.mask
         while ids.numel():  # rounds: one per window passed or race lost (usually a single round)
             win, k = self._window(p)
             has, j = ((k == self.empty) | (k == self.tombstone)).max(1, keepdim=True)  # the first free entry (any ID may be < 0)
@@ -157,13 +171,10 @@ class HashIndex:
             self.vals.index_put_((fp[won],), slots[won])
             self.tomb -= int((was[won] == self.tombstone).sum())
             lost = ~won
-            if idx is None:
-                out.copy_(fp)  # the losers' entries are overwritten below
-            else:
-                out.index_copy_(0, idx, fp)
+            out.index_copy_(0, idx, fp)
             if not bool(lost.any()):
                 break
-            idx = lost.nonzero().squeeze(1) if idx is None else idx[lost]
+            idx = idx[lost]
             ids, slots = ids[lost], slots[lost]
             p = torch.where(has, fp + 1, p + self.WINDOW)[lost] & self.mask
         self.live += n

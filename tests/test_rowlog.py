@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tierec.errors import CheckpointError
+from tierec.storage import rowlog
 from tierec.storage.lazy import RowInit
 from tierec.storage.ssd import SsdTable, log_path
 
@@ -289,11 +290,23 @@ def write_back_random_rows(rng, steps: int, *tables: SsdTable) -> None:
             t.exchange(torch.from_numpy(w), weight, state, torch.tensor([N - 1]))
 
 
-def test_a_full_map_folds_its_rows_home_in_bulk(tmp_path):
+@pytest.mark.parametrize("fold_rows", [rowlog.FOLD_ROWS, 300])
+def test_a_full_map_folds_its_rows_home_in_bulk(tmp_path, monkeypatch, fold_rows):
     """A long run writes back more distinct rows than the map holds: instead of sending every new row home
     with read-modify-write (a block read per row, every step), the full map's rows go home at once, in ID order
     (their blocks read and written once for all of them), and the log starts again: fewer block reads, and
-    every read equals the plain file's, before and after a reopen."""
+    every read equals the plain file's, before and after a reopen. In pieces of `FOLD_ROWS` rows (its buffers
+    are bounded by the piece, not by the map): 300, so a fold takes several."""
+    monkeypatch.setattr(rowlog, "FOLD_ROWS", fold_rows)
+    pieces = []
+    fold = rowlog.RowLog.fold
+
+    def counted(self, read, write_home):
+        def piece(ids, rows):
+            pieces.append(ids.size)
+            write_home(ids, rows)
+        return fold(self, read, piece)
+    monkeypatch.setattr(rowlog.RowLog, "fold", counted)
     log, plain = pair(tmp_path, 2000)  # 10% of the rows: a fold touches each block once for ~6 of its rows
     rng = np.random.default_rng(8)
     for _ in range(4):
@@ -303,6 +316,7 @@ def test_a_full_map_folds_its_rows_home_in_bulk(tmp_path):
     assert st["log_folds"] >= 3 and st["log_folded_rows"] >= 3 * 1900 and st["log_full"] == 0
     assert log.row_log.live <= 2000
     assert st["rmw_bytes_read"] < plain.stats()["rmw_bytes_read"] / 2
+    assert pieces and max(pieces) <= fold_rows and len(pieces) >= 3 * -(-1900 // fold_rows)
     log.close()
     again = SsdTable.open(tmp_path / "log.tbl", direct_io=True)
     same(again, plain, torch.arange(N))

@@ -66,7 +66,10 @@ def map_entry_bytes(num_rows: int) -> int:
 
 
 COPY_CHUNK = 4 << 20  # bytes of the old half read at a time when the live rows move to the other half
-FOLD_ROWS = 1 << 16  # relocated rows read from the log and written home at a time when a full map folds
+# relocated rows read from the log and written home at a time when a full map folds: a piece reads each row's sectors
+# from the log and its home blocks with read-modify-write, up to 4 KiB per row in buffers (16 MiB at 4,096 rows).
+# 64K rows peaked ~100 MiB above the budget in a 2,750-step bench_scale --quick run (9 folds)
+FOLD_ROWS = 1 << 12
 STAGE_GROUP_BYTES = 1024  # a rank's staged rows go to the log once they fill two sectors
 STAGED_ROW_OVERHEAD = 16  # bytes of a staged row beside its floats: its ID and rank (int64 each)
 

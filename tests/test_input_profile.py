@@ -15,7 +15,15 @@ import torch
 from tierec.cli import main
 from tierec.data.autotune import DriftMonitor, TuneBudget, choose
 from tierec.data.dataset import Batch, Chunk, Dataset
-from tierec.data.loader import STAGES, TRANSFER_STAGES, InputControl, LoaderSettings, load_group
+from tierec.data.loader import (
+    READER_STAGES,
+    STAGES,
+    TRANSFER_STAGES,
+    InputControl,
+    LoaderSettings,
+    StageClock,
+    load_group,
+)
 from tierec.data.opmodel import Machine, StageModel, TrainerCost, predict
 from tierec.data.profile import InputProfile, measure_pipeline, profile_stages
 from tierec.data.rowgroup import RowGroupColumns
@@ -132,6 +140,20 @@ def test_a_read_holds_one_column_of_arrow_beside_its_chunk(criteo_like, monkeypa
     monkeypatch.setattr(RowGroupColumns, "pop", watched)
     chunk = load_group(criteo_like, plan, gi, 0)
     assert len(chunk) == plan.groups[gi][2] and 0 < peak[0] <= 0.75 * whole, (peak[0], whole)
+
+
+def test_each_reader_stage_keeps_its_own_time_when_the_cache_fills(sessions):
+    """Columns are decoded inside ``decode`` and charged back to ``parquet`` and ``shuffle``; a pass that fills the
+    decoded cache decodes them all in ``parquet`` instead (the cache holds whole groups). Either way each stage
+    keeps its own time: none counted twice, none left at zero."""
+    for cache in (0, 1 << 30):
+        ctl = InputControl(LoaderSettings(cache_bytes=cache), StageClock())
+        t0 = time.perf_counter()
+        rows = sum(b.size for b in Dataset(sessions.root).batches("train", 200, shuffle=True, seed=5, loader=ctl))
+        wall = time.perf_counter() - t0
+        st = ctl.clock.snapshot()["stages"]
+        assert rows > 0 and all(st[s]["wall_s"] > 0 and st[s]["rows"] > 0 for s in READER_STAGES), (cache, st)
+        assert sum(st[s]["wall_s"] for s in READER_STAGES) <= wall, (cache, st)
 
 
 def test_settings_are_validated_and_can_change_while_a_pass_runs(sessions):

@@ -4,6 +4,8 @@ streamed in layer by layer with read-ahead; the logits equal the all-in-memory m
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -149,6 +151,7 @@ def test_server_with_a_dense_budget_answers_as_the_plain_one_under_concurrent_re
         samples.append(s)
     requests = [samples[a : a + 8] for a in range(0, 256, 8)]
     base = dict(checkpoint=runs["dcnv2"], data=runs["data"], tables="dram", warm_rows=0, threads=1, max_batch=8)
+    weight_files = set(Path(tempfile.gettempdir()).glob("tierec-dense-*.weights"))
     with serving(build_server(ServeConfig(**base))) as plain, \
             serving(build_server(ServeConfig(**base, dense_budget="0", dense_prefetch=2))) as streamed:
         async def load(url):
@@ -176,6 +179,9 @@ def test_server_with_a_dense_budget_answers_as_the_plain_one_under_concurrent_re
         assert "tierec_dense_wait_seconds_total" in m
         assert {lab["kind"] for lab, _ in m["tierec_dense_layer_reads_total"]} == {"ahead", "demand", "discarded"}
         assert "tierec_dense_bytes" not in metrics(plain)
+        assert set(Path(tempfile.gettempdir()).glob("tierec-dense-*.weights")) > weight_files  # streamed from a file
+    # a server that stops removes its streamed weights' file (it used to stay behind in the temp directory)
+    assert set(Path(tempfile.gettempdir()).glob("tierec-dense-*.weights")) <= weight_files
 
 
 @pytest.mark.parametrize("flags, says", [

@@ -677,3 +677,9 @@ class ModelStore:
                 self.retriever = retriever
             self.reloads += 1
             return [o for o in old if o is not None]
+
+    def close(self) -> None:
+        """Close the ranking model being served -- its SSD files, the file of its streamed dense weights -- at
+        shutdown, once no batch runs (models replaced before were closed when swapped out)."""
+        with self._lock:
+            self.ranker.close()

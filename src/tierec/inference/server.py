@@ -350,6 +350,7 @@ def create_app(store: ModelStore, settings: ServerSettings, admin: AdminSettings
             metrics.stop()
             worker.close()
             encode.close()
+            store.close()  # after the model thread: no batch runs; a streamed model's weight file is removed
 
     app = FastAPI(title="tierec serving", version="1", lifespan=lifespan,
                   description="Recommendation inference with embedding tables served from the SSD tier.")

@@ -84,9 +84,10 @@ def returning_arrow_pool() -> str:
     """Make Arrow's jemalloc pool the process's default (unless ``ARROW_DEFAULT_MEMORY_POOL`` names one) and
     return the backend in use ("jemalloc", or the default where this pyarrow was built without it).
 
-    At bench_scale --quick a training pass decodes a row group (65,536 rows of 26 features, ~20 MB of
-    Arrow buffers, twice with the shuffle's copy) every 16 batches of 4096. mimalloc, Arrow's default, kept
-    what the decoded groups freed resident for reuse: ~80 MiB beyond the 26-60 MiB in use. Arrow sets
+    At bench_scale --quick a training pass decodes a row group (65,536 rows of 26 features) every 16
+    batches of 4096. Measured when the loader still decoded whole groups (~20 MB of Arrow buffers, twice
+    with the shuffle's copy; now a column at a time, `tierec.data.rowgroup`): mimalloc, Arrow's default,
+    kept what the decoded groups freed resident for reuse, ~80 MiB beyond the 26-60 MiB in use. Arrow sets
     jemalloc's decay to 0, so freed pages go back to the OS at once; since the loader decodes on its reader
     threads alone (`tierec.data.dataset`, ``use_threads=False``) that costs no measurable CPU: a pass over
     the quick run's 550 batches took 2.0-2.1 s of CPU either way, and the tiered run peaked 15-20 MiB

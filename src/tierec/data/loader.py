@@ -306,13 +306,12 @@ def load_group(ds: Dataset, plan: ReadPlan, gi: int, drop: int, clock: StageCloc
                 cache.put((path, rg), cols.table())
     with clock.stage("shuffle", n):
         cols = ds.stage_shuffle(plan, gi, cols)
-    before = {name: list(v) for name, v in cols.spent.items()}  # (a cache fill decoded every column above)
+    cols.take_spent()  # timed by the stages above already (a cache fill decodes every column there)
     w, c = time.perf_counter(), time.thread_time()
     chunk = ds.stage_decode(plan, gi, cols, drop)
     w, c = time.perf_counter() - w, time.thread_time() - c
-    for name, (sw, sc, sb) in cols.spent.items():  # decoding and permuting columns, done inside decode
-        sw, sc, sb = sw - before[name][0], sc - before[name][1], sb - before[name][2]
-        clock.record(name, 0, int(sb), sw, sc)
+    for name, (sw, sc, sb) in cols.take_spent().items():  # decoding and permuting columns, done inside decode
+        clock.record(name, 0, sb, sw, sc)
         w, c = w - sw, c - sc
     clock.record("decode", n - drop, chunk_nbytes(chunk), max(w, 0.0), max(c, 0.0), calls=1)
     return chunk

@@ -9,10 +9,10 @@ permutes it, and hands it over, so a read holds the chunk being built plus one c
 The stages keep their meaning and their clock:
 
 - ``parquet`` (`Dataset.stage_parquet`) opens the row group's checked bytes; each column's Parquet
-  decoding is charged to it as it happens (`spent`);
+  decoding is charged to it as it happens (`take_spent`);
 - ``shuffle`` (`Dataset.stage_shuffle`) sets the permutation (`permute`); columns decoded before it (a
   clustered data set's session column, or all of them, `decode_all`) are permuted at once, the others
-  as they are decoded, charged to it in `spent` too;
+  as they are decoded, charged to it too;
 - ``decode`` (`Dataset.stage_decode`) takes each column (`pop`) into the chunk.
 
 A whole decoded table (the loader's decoded cache, `from_table`) goes through the same steps with
@@ -36,8 +36,7 @@ class RowGroupColumns:
     """Row group ``index`` of the open Parquet file ``source`` (or the columns of a decoded table), by name.
 
     ``column(name)`` decodes (and, after `permute`, permutes) a column and keeps it; ``pop(name)`` hands
-    it over and forgets it. ``spent[stage] = [wall s, CPU s of this thread, bytes out]`` of the work done
-    for `LAZY_STAGES` so far."""
+    it over and forgets it. `take_spent` says what that work cost per stage of `LAZY_STAGES`."""
 
     def __init__(self, source: pq.ParquetFile | None, index: int, schema: pa.Schema, num_rows: int,
                  columns: dict[str, pa.ChunkedArray] | None = None):
@@ -46,7 +45,7 @@ class RowGroupColumns:
         self._cols: dict[str, pa.ChunkedArray] = dict(columns or {})
         self._perm: pa.Array | None = None
         self._taken: set[str] = set()
-        self.spent: dict[str, list[float]] = {s: [0.0, 0.0, 0.0] for s in LAZY_STAGES}
+        self._spent: dict[str, list[float]] = {s: [0.0, 0.0, 0.0] for s in LAZY_STAGES}
 
     @classmethod
     def open(cls, source: pq.ParquetFile, index: int) -> RowGroupColumns:
@@ -108,10 +107,17 @@ class RowGroupColumns:
         for name, col in list(self._cols.items()):
             self._cols[name] = self._timed("shuffle", functools.partial(col.take, perm))
 
+    def take_spent(self) -> dict[str, tuple[float, float, int]]:
+        """{stage: (wall s, CPU s of the thread, bytes out)} of the decoding and permuting done since the last
+        call, for each of `LAZY_STAGES`; the totals start again from zero."""
+        out = {name: (s[0], s[1], int(s[2])) for name, s in self._spent.items()}
+        self._spent = {name: [0.0, 0.0, 0.0] for name in LAZY_STAGES}
+        return out
+
     def _timed(self, stage: str, fn: Callable[[], pa.ChunkedArray]) -> pa.ChunkedArray:
         w, c = time.perf_counter(), time.thread_time()
         out = fn()
-        s = self.spent[stage]
+        s = self._spent[stage]
         s[0] += time.perf_counter() - w
         s[1] += time.thread_time() - c
         s[2] += int(out.nbytes)

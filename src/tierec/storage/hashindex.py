@@ -148,11 +148,7 @@ class HashIndex:
         # them (a window costs WINDOW); the others -- home taken, or claimed by another ID of the batch -- go on
         # from the entry after it
         k = self.keys.index_select(0, p)
-        free = (k == self.empty) | (k == self.tombstone)
-        self.keys.index_put_((p[free],), ids[free])  # several IDs on one entry: one of them stays
-        won = free & (self.keys.index_select(0, p) == ids)
-        self.vals.index_put_((p[won],), slots[won])
-        self.tomb -= int((k[won] == self.tombstone).sum())
+        won = self._claim(p, k, ids, slots)
         out = p.clone()  # the others' entries are overwritten below
         lost = ~won
         if not bool(lost.any()):
@@ -165,12 +161,7 @@ class HashIndex:
             has, j = ((k == self.empty) | (k == self.tombstone)).max(1, keepdim=True)  # the first free entry (any ID may be < 0)
             has = has.squeeze(1)
             fp = win.gather(1, j).squeeze(1)
-            was = k.gather(1, j).squeeze(1)
-            self.keys.index_put_((fp[has],), ids[has])  # several IDs on one entry: one of them stays
-            won = has & (self.keys.index_select(0, fp) == ids)
-            self.vals.index_put_((fp[won],), slots[won])
-            self.tomb -= int((was[won] == self.tombstone).sum())
-            lost = ~won
+            lost = ~self._claim(fp, k.gather(1, j).squeeze(1), ids, slots)
             out.index_copy_(0, idx, fp)
             if not bool(lost.any()):
                 break
@@ -179,6 +170,16 @@ class HashIndex:
             p = torch.where(has, fp + 1, p + self.WINDOW)[lost] & self.mask
         self.live += n
         return out
+
+    def _claim(self, pos: torch.Tensor, was: torch.Tensor, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Each of ``ids`` claims entry ``pos`` (holding key ``was``) where that entry is free; IDs of the batch
+        on one entry get one winner. Returns bool [n]: the IDs stored (their slots written)."""
+        free = (was == self.empty) | (was == self.tombstone)
+        self.keys.index_put_((pos[free],), ids[free])  # several IDs on one entry: one of them stays
+        won = free & (self.keys.index_select(0, pos) == ids)
+        self.vals.index_put_((pos[won],), slots[won])
+        self.tomb -= int((was[won] == self.tombstone).sum())
+        return won
 
     def remove(self, ids: torch.Tensor) -> None:
         """Delete ``ids`` (all present)."""

@@ -11,9 +11,10 @@ state per row) reach --ram-factor x RAM (default 1.2); the memory budget is --bu
 (default 1/6). ``--tables SIZE`` (``--quick``: 512 MiB) sets the table bytes instead; the budget then keeps
 the same tables : budget ratio (7.2 at the defaults), as on a machine with tables / --ram-factor of RAM.
 The run is refused (exit 2, one line) when the budget is not below the tables, or when the disk it may
-need at worst -- both data sets, the SSD table files at full size, the kept checkpoint's whole chain (up
-to all 5, each at most every row with its ID), the probe's scratch file -- exceeds 70% of the free space
-where --workdir is (lazy files and row-set checkpoints usually take far less).
+need at worst -- both data sets, the SSD table files at full size and as much again in their write-back
+logs' runs, the kept checkpoint's whole chain (up to all 5, each at most every row with its ID), the
+probe's scratch file -- exceeds 70% of the free space where --workdir is (lazy files and row-set
+checkpoints usually take far less).
 
 What runs, each training in its own process (``python -m tierec train``, so each peak RSS is that run's
 alone, from ``os.wait4``):
@@ -116,7 +117,7 @@ class Sizing:
     checkpoint_every: int
     log_every: int
     emulated_ram: int = 0  # tables / ram_factor: the RAM the sizing stands for (the real RAM unless --tables/--quick)
-    file_bytes: int = 0  # the SSD working files at full size (rows padded with --ssd-row-align in --tiered-args)
+    file_bytes: int = 0  # the SSD working files at worst: rows (padded with --ssd-row-align), and the logs' runs
     disk_need: int = 0
     disk_free: int = 0
 
@@ -155,7 +156,8 @@ def size_run(a: argparse.Namespace) -> Sizing:
     align = row_align(shlex.split(a.tiered_args))
     stride = -(-row_bytes // align) * align if align else row_bytes
     return Sizing(ram, a.dim, row_bytes, cards, ref_cards, sum(cards) * row_bytes, sum(ref_cards) * row_bytes, budget,
-                  a.batch_size, steps, steps // CHECKPOINTS, a.log_every, emulated, sum(cards) * stride)
+                  a.batch_size, steps, steps // CHECKPOINTS, a.log_every, emulated,
+                  2 * sum(cards) * stride)  # the rows, and at worst as much again in the write-back logs' runs
 
 
 def checkpoint_bound(table_bytes: int, row_bytes: int) -> int:
@@ -328,13 +330,13 @@ def lowest_tiers(entry: dict) -> tuple[dict, dict]:
 COUNTERS = ("lookups", "hits", "evictions", "missed_bytes", "bytes_read", "device_bytes_read")
 
 
-LOG_COUNTERS = ("log_staged_peak", "log_folds", "log_full")
+LOG_COUNTERS = ("log_staged_peak", "log_compactions", "log_run_rows", "log_folds", "log_full")
 
 
 def log_totals(stats) -> dict[str, int]:
     """The write-back log counters (`LOG_COUNTERS`) of a train record's cache stats, summed over every SSD file
-    below them: the most rows each file staged by next use, the folds of full maps, the rows a full map sent
-    home alone."""
+    below them: the most rows each file staged by next use, the compactions of full maps into their runs, the
+    rows in the runs, the folds of runs home, the rows an append had no room for."""
     tot = dict.fromkeys(LOG_COUNTERS, 0)
     if isinstance(stats, dict):
         for k, v in stats.items():
@@ -490,8 +492,9 @@ def tier_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
         ("  per row byte the cache missed",
          "n/a" if amp_missed is None else f"{amp_missed:.1f}x (never-written rows are not read)", "", "-"),
         ("  write-back logs", f"{t.write_log.get('log_staged_peak', 0):,} rows staged at most, "
-         f"{t.write_log.get('log_folds', 0):,} full-map folds, {t.write_log.get('log_full', 0):,} rows sent home",
-         "", "-"),
+         f"{t.write_log.get('log_compactions', 0):,} compactions ({t.write_log.get('log_run_rows', 0):,} rows in the "
+         f"runs), {t.write_log.get('log_folds', 0):,} folds home, {t.write_log.get('log_full', 0):,} rows past a full "
+         "map", "", "-"),
     ]
 
 

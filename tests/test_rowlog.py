@@ -212,7 +212,7 @@ def test_ranked_appends_read_back_as_from_a_plain_file(tmp_path, staging):
 
 def test_the_write_log_budget_buys_map_entries():
     """A log's memory is its map, `map_entry_bytes` per capacity row (8 B, 12 in tables of 2^31 rows or more), and
-    `split_budget` charges that much."""
+    its run's index, `run_index_bytes` (1.5 bits per table row, 2 from 2^31 rows); `split_budget` charges both."""
     from pathlib import Path
 
     from tierec.storage.plan import TableNeeds
@@ -227,6 +227,8 @@ def test_the_write_log_budget_buys_map_entries():
     s = StorageSettings(root=Path("."), memory_budget=20 * rows * 68, direct_io=True)
     assert split_budget(s, [TableNeeds("t", 40 * rows, 68, lookups=1)]).write_log == 20 * rows * 68 // 16
     assert split_budget(s, [TableNeeds("t", 40 * rows, 68, lookups=1)]).log_staging == 0  # no ranks without look-ahead
+    assert split_budget(s, [TableNeeds("t", 40 * rows, 68, lookups=1)]).log_runs == 40 * rows * 12 // 64
+    assert (rowlog.run_index_bytes(64), rowlog.run_index_bytes(65), rowlog.run_index_bytes(2**31)) == (12, 24, 2**29)
     s = StorageSettings(root=Path("."), memory_budget=20 * rows * 68, direct_io=True, policy="lookahead")
     assert split_budget(s, [TableNeeds("t", 40 * rows, 68, lookups=1)]).log_staging == 20 * rows * 68 // 64
 
@@ -281,53 +283,90 @@ def test_the_staging_limit_sends_the_soonest_ranks_first(tmp_path):
     log.close()
 
 
-def write_back_random_rows(rng, steps: int, *tables: SsdTable) -> None:
-    """``steps`` exchanges that write back ~120 random rows each (the same into every table) and read one."""
+def write_back_random_rows(rng, steps: int, *tables: SsdTable, span: int = N) -> None:
+    """``steps`` exchanges that write back ~120 random rows of the first ``span`` each (the same into every table)
+    and read one."""
     for _ in range(steps):
-        w = np.unique(rng.integers(0, N, 120))
+        w = np.unique(rng.integers(0, span, 120))
         weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
         for t in tables:
             t.exchange(torch.from_numpy(w), weight, state, torch.tensor([N - 1]))
 
 
-@pytest.mark.parametrize("fold_rows", [rowlog.FOLD_ROWS, 300])
-def test_a_full_map_folds_its_rows_home_in_bulk(tmp_path, monkeypatch, fold_rows):
-    """A long run writes back more distinct rows than the map holds: instead of sending every new row home
-    with read-modify-write (a block read per row, every step), the full map's rows go home at once, in ID order
-    (their blocks read and written once for all of them), and the log starts again: fewer block reads, and
-    every read equals the plain file's, before and after a reopen. In pieces of `FOLD_ROWS` rows (its buffers
-    are bounded by the piece, not by the map): 300, so a fold takes several."""
-    monkeypatch.setattr(rowlog, "FOLD_ROWS", fold_rows)
-    pieces = []
-    fold = rowlog.RowLog.fold
+def test_the_run_index_ranks_ids_as_a_sorted_array_does():
+    """`RunIndex`: which IDs a bitmap holds and their rank among them, against `np.isin` / `np.searchsorted` on
+    the sorted IDs, at word edges and in a table whose rows are not a multiple of 64."""
+    rng = np.random.default_rng(5)
+    n = 64 * 40 + 13
+    ids = np.unique(np.concatenate([rng.integers(0, n, 700), [0, 63, 64, 127, n - 1]]))
+    bits = np.zeros(-(-n // 64), np.uint64)
+    words, add = rowlog.word_bits(ids)
+    bits[words] |= add
+    run = rowlog.RunIndex(bits, 0, n)
+    every = np.arange(n)
+    assert run.rows == ids.size and np.array_equal(run.holds(every), np.isin(every, ids))
+    assert np.array_equal(run.rank(ids), np.arange(ids.size))
+    assert np.array_equal(rowlog.set_ids(bits, 3, 17), ids[(ids >= 3 * 64) & (ids < 17 * 64)])
+    assert run.start(0) == 0 and run.start(bits.size) == ids.size and run.start(2) == np.searchsorted(ids, 128)
 
-    def counted(self, read, write_home):
-        def piece(ids, rows):
-            pieces.append(ids.size)
-            write_home(ids, rows)
-        return fold(self, read, piece)
-    monkeypatch.setattr(rowlog.RowLog, "fold", counted)
-    log, plain = pair(tmp_path, 2000)  # 10% of the rows: a fold touches each block once for ~6 of its rows
+
+@pytest.mark.parametrize("fold_rows, gather_bytes", [(rowlog.FOLD_ROWS, rowlog.GATHER_BYTES), (300, 50_000),
+                                                      (300, 4096)])
+def test_a_full_map_is_compacted_into_a_run(tmp_path, monkeypatch, fold_rows, gather_bytes):
+    """A long run writes back more distinct rows than the map holds: the full map's rows are merged with the
+    run's into a new run, in ID order, written sequentially (no row goes home, nothing is read-modify-written),
+    and the log starts again: every read equals the plain file's, before and after a reopen. In pieces of
+    `FOLD_ROWS` rows: 300, so a compaction takes several, and the old run is read in stretches; the log's rows
+    gathered by one sequential pass over the log (~136 KB of them), by three (`GATHER_BYTES` 50,000), or read
+    by sector where 34 passes would read more (4,096)."""
+    monkeypatch.setattr(rowlog, "FOLD_ROWS", fold_rows)
+    monkeypatch.setattr(rowlog, "GATHER_BYTES", gather_bytes)
+    log, plain = pair(tmp_path, 2000)  # 10% of the rows; a run of up to sqrt(20,000 x 2,000) = 6,324
     rng = np.random.default_rng(8)
     for _ in range(4):
-        write_back_random_rows(rng, 20, log, plain)
+        write_back_random_rows(rng, 20, log, plain, span=6000)
         same(log, plain, torch.arange(N))
     st = log.stats()
-    assert st["log_folds"] >= 3 and st["log_folded_rows"] >= 3 * 1900 and st["log_full"] == 0
-    assert log.row_log.live <= 2000
-    assert st["rmw_bytes_read"] < plain.stats()["rmw_bytes_read"] / 2
-    assert pieces and max(pieces) <= fold_rows and len(pieces) >= 3 * -(-1900 // fold_rows)
+    assert st["log_compactions"] >= 3 and st["log_folds"] == 0 and st["log_full"] == 0
+    assert st["rmw_bytes_read"] == 0 and plain.stats()["rmw_bytes_read"] > 0
+    assert 2000 < log.row_log.run.rows <= log.row_log.run_limit and log.row_log.live <= 2000
     log.close()
     again = SsdTable.open(tmp_path / "log.tbl", direct_io=True)
+    assert again.row_log.run.rows == log.row_log.run.rows
     same(again, plain, torch.arange(N))
+    write_back_random_rows(rng, 20, again, plain, span=6000)  # compactions go on from the reopened run
+    same(again, plain, torch.arange(N))
+    assert again.stats()["log_compactions"] >= 1
     again.close()
+    log_path(tmp_path / "log.tbl").with_name("log.tbl.log.run").unlink()
+    with pytest.raises(CheckpointError, match="compacted log"):
+        SsdTable.open(tmp_path / "log.tbl", direct_io=True)
 
 
-def test_a_sparse_full_map_sends_new_rows_home_instead(tmp_path):
-    """A map of 100 rows of a 20,000-row table: its rows sit in ~100 different blocks, so folding them costs a
-    block per row -- no better than sending each new row home -- and the log keeps them (`SsdTable._fold_pays`)."""
-    log, plain = pair(tmp_path, 100)
+def test_a_run_beyond_its_share_folds_home_and_reads_fewer_bytes_than_folding_every_map(tmp_path, monkeypatch):
+    """Once the run would hold more than its limit (sqrt(rows x map), at most 1/`RUN_SHARE` of the rows), the run
+    and the map go home in ID order and the run starts empty; reads stay exact. Against a file whose run is too
+    small to ever be used (every full map folds home, read-modify-writing a block for every ~6 rows),
+    compacting into the run reads fewer bytes."""
+    monkeypatch.setattr(rowlog, "RUN_SHARE", 4)  # a run of at most 5,000 rows (sqrt(20,000 x 2,000) = 6,324)
+    log, plain = pair(tmp_path, 2000)
+    monkeypatch.setattr(rowlog, "RUN_SHARE", N)  # a run of one row: each full map folds home
+    folding = SsdTable(tmp_path / "fold.tbl", N, DIM, 1, create=True, init="lazy", init_seed=3, direct_io=True,
+                       row_log=2000)
+    write_back_random_rows(np.random.default_rng(4), 80, log, plain, folding)
+    for t in (log, folding):
+        same(t, plain, torch.arange(N))
+    st, ft = log.stats(), folding.stats()
+    assert st["log_folds"] >= 1 and st["log_compactions"] >= 1 and log.row_log.run.rows <= 5000
+    assert ft["log_folds"] >= 3 and ft["log_compactions"] == 0
+    assert st["device_bytes_read"] < ft["device_bytes_read"]
+
+
+def test_a_sparse_full_map_is_compacted_too(tmp_path):
+    """A map of 150 rows of a 20,000-row table (its rows in ~150 different blocks, where folding them home would
+    cost a block per row): compacted into the run, no row goes home."""
+    log, plain = pair(tmp_path, 150)
     write_back_random_rows(np.random.default_rng(9), 6, log, plain)
     st = log.stats()
-    assert st["log_folds"] == 0 and st["log_full"] > 0 and log.row_log.live == 100
+    assert st["log_compactions"] > 0 and st["log_full"] == 0 and st["rmw_bytes_read"] == 0
     same(log, plain, torch.arange(N))

@@ -96,8 +96,8 @@ def test_padded_o_direct_lookahead_resumes_bit_identical_with_packed_checkpoints
 @pytest.mark.parametrize("policy", ["lookahead", "lru"])
 def test_write_back_log_trains_and_resumes_bit_identical(tiny_dataset, tmp_path, reference, policy):
     """--direct-io with packed rows: write-backs go to each SSD working file's log (the budget pays its
-    map), a resume in the middle starts new working files from the checkpoint, and the result equals
-    all-in-memory training."""
+    map; the 20 KiB budget's maps fill, and are compacted into runs, hundreds of times), a resume in the
+    middle starts new working files from the checkpoint, and the result equals all-in-memory training."""
     ref_summary, ref_rows = reference
     kw = dict(memory_budget="20KiB", cache_policy=policy, lookahead=6, direct_io=True)
     first = Trainer(cfg(tiny_dataset, tmp_path, max_steps=11, **kw))
@@ -107,12 +107,14 @@ def test_write_back_log_trains_and_resumes_bit_identical(tiny_dataset, tmp_path,
     t = Trainer(cfg(tiny_dataset, tmp_path, **kw), resume=True)
     summary = t.fit()
 
-    def log_rows(st) -> int:  # summed over the SSD files below a cache's stats
+    def total(st, key: str) -> int:  # summed over the SSD files below a cache's stats
         if isinstance(st, dict):
-            return int(st.get("log_rows", 0)) + sum(log_rows(v) for k, v in st.items() if k != "log_rows")
+            return int(st.get(key, 0)) + sum(total(v, key) for k, v in st.items() if k != key)
         return 0
 
-    assert sum(log_rows(tb.storage.stats()) for tb in t.model.embeddings.tables if hasattr(tb.storage, "stats")) > 0
+    stats = [tb.storage.stats() for tb in t.model.embeddings.tables if hasattr(tb.storage, "stats")]
+    assert sum(total(st, "log_rows") for st in stats) > 0
+    assert sum(total(st, "log_compactions") for st in stats) > 0  # full maps merged into runs, read back exactly
     assert summary["auc"] == ref_summary["auc"] and summary["logloss"] == ref_summary["logloss"]
     for name, (w, s) in table_rows(t).items():
         assert torch.equal(w, ref_rows[name][0]) and torch.equal(s, ref_rows[name][1]), name

@@ -306,7 +306,8 @@ def _other_rows_hold_data(tabs, run_tab: np.ndarray, foff: np.ndarray, nbytes: n
     """bool [R]: whether block run i (``nbytes[i]`` bytes at ``foff[i]`` of ``tabs[run_tab[i]]``) holds bytes of
     a row with data in the file besides the file rows being written now (``wrows``, sorted per table
     ``wtab``). A lazy file's never-written rows (and a hot row's empty home) hold none: their bytes are
-    never read, so a run of written rows among them is written without reading it first."""
+    never read, so a run of written rows among them is written without reading it first. Runs past the home
+    rows (a write-back log's compacted run: `tierec.storage.rowlog`) count as holding data."""
     out = np.ones(run_tab.size, bool)
     for k in np.unique(run_tab).tolist():
         t = tabs[k]
@@ -315,13 +316,15 @@ def _other_rows_hold_data(tabs, run_tab: np.ndarray, foff: np.ndarray, nbytes: n
         m = np.flatnonzero(run_tab == k)
         lo = foff[m] // t.row_stride
         hi = np.minimum((foff[m] + nbytes[m] - 1) // t.row_stride, t.home_rows - 1)  # rows overlapping each run
-        cnt = hi - lo + 1
+        cnt = np.maximum(hi - lo + 1, 0)  # none past the home rows: those runs keep True
         frows = expand_ranges(lo, cnt)
         _, data = t.rows_with_data(frows)
         mine = wrows[wtab == k]
         pos = np.minimum(np.searchsorted(mine, frows), max(mine.size - 1, 0))
         data &= ~((mine[pos] == frows) if mine.size else np.zeros(frows.size, bool))
-        out[m] = np.add.reduceat(data, np.concatenate([[0], np.cumsum(cnt)[:-1]])) > 0
+        home = cnt > 0
+        if frows.size:
+            out[m[home]] = np.add.reduceat(data, np.concatenate([[0], np.cumsum(cnt[home])[:-1]])) > 0
     return out
 
 

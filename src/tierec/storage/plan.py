@@ -121,6 +121,7 @@ class BudgetSplit:
     ahead and prepared, not yet taken by the trainer, and the oracles; the pipeline holds it to this);
     ``layout``: the SSD files' hot-row layouts (`tierec.storage.layout.HotLayout`, 16 B per hot row);
     ``write_log`` / ``log_staging``: the SSD files' write-back log maps and the rows staged before them;
+    ``log_runs``: the indexes of the logs' compacted runs (1.5 bits per row of every table);
     ``tables``: the rest, for in-memory tables
     and the SSD tables' caches (rows + index)."""
 
@@ -131,11 +132,12 @@ class BudgetSplit:
     id_index: int = 0  # dynamic tables' raw ID -> slot indexes (`DynamicConfig.index_bytes_per_row` per slot)
     write_log: int = 0  # the SSD files' write-back log maps (`tierec.storage.rowlog`, 8 B per moved row)
     log_staging: int = 0  # write-backs staged by placement rank before the logs (`tierec.storage.rowlog`)
+    log_runs: int = 0  # the logs' compacted runs' indexes (`tierec.storage.rowlog.run_index_bytes`)
 
     @property
     def tables(self) -> int:
         return (self.total - self.row_bits - self.window - self.layout - self.id_index - self.write_log
-                - self.log_staging)
+                - self.log_staging - self.log_runs)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tables": self.tables}
@@ -143,7 +145,8 @@ class BudgetSplit:
     def describe(self) -> str:
         parts = [("row bits", self.row_bits), ("look-ahead window", self.window), ("hot-row layouts", self.layout),
                  ("dynamic ID indexes", self.id_index), ("write-back log maps", self.write_log),
-                 ("write-back staging", self.log_staging), ("tables and caches", self.tables)]
+                 ("write-back staging", self.log_staging), ("write-back run indexes", self.log_runs),
+                 ("tables and caches", self.tables)]
         return f"memory budget {format_bytes(self.total)}: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts)
 
 

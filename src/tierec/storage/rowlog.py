@@ -32,16 +32,34 @@ switch, so a reader that found a row's slot just before a switch still reads the
 
 The map is two sorted arrays, IDs and slots (int32; IDs int32 too in a table of fewer than 2^31 rows):
 8 B per relocated row (12 in larger tables: `map_entry_bytes`), at most ``capacity`` of them (the
-memory budget pays for ``capacity``: `tierec.storage.tiered.split_budget`). When an append finds it
-full, the file may fold the log (`fold`, `SsdTable.append_log`): every relocated row is written home in
-ID order -- whole blocks, read-modify-write, in large sorted batches -- and the map starts empty. That
-pays where the relocated rows share home blocks (a map that holds a large share of its table's rows);
-otherwise, and for rows beyond the capacity of one append, a row not in the log goes home with
-read-modify-write, as without a log. Exactness: a row's bytes are the same wherever they sit; every
-reader maps IDs through `SsdTable.slots_of`, which asks `lookup` first.
+memory budget pays for ``capacity``: `tierec.storage.tiered.split_budget`).
 
-`save` / `load` keep the map beside the file (``<file>.log``: IDs int64 then slots int64, and the
-active half and head in the sidecar) so that a closed working file opens again.
+The compacted run. When an append finds the map full, the log is compacted (`compact`) into a *run*:
+every row relocated so far, packed in ID order in one of two run regions after the log, so that row
+``r`` of the run sits at run row ``rank(r)`` -- the number of relocated IDs below it, counted from a
+bitmap of the run's IDs (1 bit per table row) and the running count before each 64-bit word
+(`run_index_bytes`: 1.5 bits per row, paid from the budget; `RunIndex`). The new run is the old one
+merged with the map's rows, written sequentially into the other region (the old run read sequentially,
+the log's rows read from their slots); then the map starts empty and appends go on in the other half.
+Rows do not go back home with read-modify-write: as an LSM tree's compaction writes a new sorted file
+instead of updating old ones in place, a compaction costs the run's size in sequential I/O, not a
+4 KiB block per relocated row. A row written again while in the run goes to the log (the map is read
+first); one written in place (beyond an append's capacity) is written at its run row. Once the run
+would hold more than `run_limit` rows, the compaction folds the run and the map home instead: in ID
+order, in sorted batches of whole blocks (read-modify-write of at most every block once), and the
+run starts empty. The limit balances the two costs: with a map of ``C`` rows and a run allowed ``K``
+maps' worth, each relocated row is rewritten ~``K`` times by compactions (``K`` x its bytes) and
+shares a fold's pass over the table's ``N`` rows with ``K C - 1`` others (``N / (K C)`` of its bytes
+per row relocated), least at ``K = sqrt(N / C)``: a run of ``sqrt(N C)`` rows, at most 1/`RUN_SHARE`
+of the table. Readers snapshot the map before the run, and a
+compaction replaces the run before the map, so a reader never misses a row; the old region and half
+stay untouched until the next compaction, so a slot found just before one still reads the right bytes.
+Exactness: a row's bytes are the same wherever they sit; every reader maps IDs through
+`SsdTable.slots_of`, which asks `lookup` first.
+
+`save` / `load` keep the map beside the file (``<file>.log``: IDs int64 then slots int64), the run's
+bitmap (``<file>.log.run``: uint64 words) and the active half, head and run in the sidecar, so that a
+closed working file opens again.
 """
 
 from __future__ import annotations
@@ -66,10 +84,15 @@ def map_entry_bytes(num_rows: int) -> int:
 
 
 COPY_CHUNK = 4 << 20  # bytes of the old half read at a time when the live rows move to the other half
-# relocated rows read from the log and written home at a time when a full map folds: a piece reads each row's sectors
-# from the log and its home blocks with read-modify-write, up to 4 KiB per row in buffers (16 MiB at 4,096 rows).
-# 64K rows peaked ~100 MiB above the budget in a 2,750-step bench_scale --quick run (9 folds)
+# rows merged at a time when the log is compacted into its run (or folded home): a piece reads each log row's sectors
+# and its stretch of the old run (a fold: home blocks too, read-modify-write, up to 4 KiB per row: 16 MiB at 4,096)
 FOLD_ROWS = 1 << 12
+FOLD_WORDS = 1 << 16  # bitmap words (64 IDs each) a piece covers at most: its IDs are unpacked one byte per ID
+RUN_SHARE = 2  # the compacted run holds at most 1/RUN_SHARE of the table's rows (`RowLog.run_limit_rows`)
+# a compaction reads the log's rows by a sequential pass over the active half, keeping at most this many bytes of them
+# (more passes where they are more), where that reads fewer bytes than a sector for each (`RowLog.compact`)
+GATHER_BYTES = 16 << 20
+SECTOR = 512  # what a direct read of one row costs at least (a device's logical sector)
 STAGE_GROUP_BYTES = 1024  # a rank's staged rows go to the log once they fill two sectors
 STAGED_ROW_OVERHEAD = 16  # bytes of a staged row beside its floats: its ID and rank (int64 each)
 
@@ -84,10 +107,59 @@ def block_rows(row_stride: int, block: int = ALIGN) -> int:
     return block // math.gcd(row_stride, block)
 
 
+def run_index_bytes(num_rows: int) -> int:
+    """Memory of a run's index over a table of ``num_rows`` (`RunIndex`): a bit per row and, per 64-bit word, the
+    count of IDs before it (int32 below 2^31 rows, else int64): 1.5 (2) bits per row."""
+    return -(-int(num_rows) // 64) * (8 + (4 if num_rows < 2**31 else 8))
+
+
+def word_bits(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted, distinct IDs (int64 [K]) -> (the bitmap words they fall in, int64 [M]; those words' bits, uint64 [M])."""
+    words, first = np.unique(ids >> 6, return_index=True)
+    return words, np.bitwise_or.reduceat(np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64)), first)
+
+
+def set_ids(bits: np.ndarray, w0: int, w1: int) -> np.ndarray:
+    """The IDs (int64, sorted) whose bits are set in words [w0, w1) of bitmap ``bits`` (uint64)."""
+    return np.flatnonzero(np.unpackbits(bits[w0:w1].view(np.uint8), bitorder="little")).astype(np.int64) + 64 * w0
+
+
+class RunIndex:
+    """Which IDs a compacted run holds and at which run row (module doc): ``bits`` (uint64 [W]: bit ``r & 63`` of
+    word ``r >> 6`` set for each ID ``r`` in the run; empty: no run), ``before`` (the run's IDs in the words
+    before each word, [W]), ``region`` (which of the two run regions holds it), ``rows``. Immutable: a
+    compaction makes a new one."""
+
+    def __init__(self, bits: np.ndarray, region: int, num_rows: int):
+        self.bits, self.region = bits, int(region)
+        counts = np.bitwise_count(bits).astype(np.int64)
+        self.rows = int(counts.sum())
+        self.before = np.zeros(bits.size, np.int32 if num_rows < 2**31 else np.int64)
+        if bits.size > 1:
+            np.cumsum(counts[:-1], out=self.before[1:], dtype=self.before.dtype)
+
+    def holds(self, ids: np.ndarray) -> np.ndarray:
+        """bool [U]: which of ``ids`` (int64 [U]) the run holds."""
+        if not self.rows:
+            return np.zeros(ids.size, bool)
+        return ((self.bits[ids >> 6] >> (ids & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
+
+    def rank(self, ids: np.ndarray) -> np.ndarray:
+        """Run rows (int64 [U]) of ``ids`` (int64 [U], all held): how many of the run's IDs are below each."""
+        w = ids >> 6
+        below = self.bits[w] & (np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64)) - np.uint64(1))
+        return self.before[w].astype(np.int64) + np.bitwise_count(below).astype(np.int64)
+
+    def start(self, w: int) -> int:
+        """Run row of the first of the run's IDs at or after word ``w``."""
+        return self.rows if w >= self.bits.size else int(self.before[w])
+
+
 class RowLog:
     """The log region of one table file (module doc): rows ``base + [0, 2 * half)`` of a file opened with
     O_DIRECT (descriptor ``fd``), rows of ``width`` float32 at ``row_stride`` bytes; at most ``capacity``
-    relocated rows; at most ``staged`` ranked rows wait in memory for their rank's group (module doc)."""
+    relocated rows; at most ``staged`` ranked rows wait in memory for their rank's group; then the two
+    regions of the compacted run, ``run_rows`` each, holding at most ``run_limit`` rows (module doc)."""
 
     def __init__(self, path: Path, fd: int, base: int, capacity: int, width: int, row_stride: int, num_rows: int,
                  staged: int = 0):
@@ -96,8 +168,12 @@ class RowLog:
             raise ValueError(f"log base row {base} must be a multiple of {unit}")
         self.path, self.fd = path, fd
         self.base, self.capacity = int(base), max(1, int(capacity))
-        self.half = self.region_rows(self.capacity, row_stride) // 2  # slots per half, whole blocks
+        self.half = self.half_rows(self.capacity, row_stride)  # slots per half, whole blocks
         self.width, self.stride = int(width), int(row_stride)
+        self.num_rows = int(num_rows)
+        self.run_limit = self.run_limit_rows(num_rows, self.capacity)  # the most rows the run holds before a fold
+        self.run_rows = self.run_region_rows(num_rows, self.capacity, row_stride)  # each run region (whole blocks)
+        self._run = RunIndex(np.empty(0, np.uint64), 1, num_rows)  # the compacted run (none yet)
         # relocated rows (sorted; int32 IDs where the table allows) and their slots in [0, 2 * half) (int32),
         # swapped as one tuple so a reader in another thread never sees one array updated without the other
         self.key_dtype = np.int32 if map_entry_bytes(num_rows) == 8 else np.int64
@@ -113,13 +189,30 @@ class RowLog:
             np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, self.width), np.float32))
         self.stats = {"log_rows": 0, "log_switches": 0, "log_moved_rows": 0, "log_full": 0,
                       "log_bytes_written": 0, "log_bytes_read": 0, "log_staged_peak": 0, "log_folds": 0,
-                      "log_folded_rows": 0}
+                      "log_folded_rows": 0, "log_compactions": 0, "log_run_rows": 0}
 
     @staticmethod
-    def region_rows(capacity: int, row_stride: int) -> int:
-        """File rows of the log region of a ``capacity``-row log: two halves of 2 x capacity slots, whole blocks."""
+    def half_rows(capacity: int, row_stride: int) -> int:
+        """Slots of one half of a ``capacity``-row log: 2 x capacity, whole blocks."""
         unit = block_rows(row_stride)
-        return 2 * (-(-2 * max(1, int(capacity)) // unit) * unit)
+        return -(-2 * max(1, int(capacity)) // unit) * unit
+
+    @staticmethod
+    def run_limit_rows(num_rows: int, capacity: int) -> int:
+        """The most rows a run holds (module doc): sqrt(``num_rows`` x ``capacity``), at most 1/`RUN_SHARE` of the
+        table's rows, at least one map's worth."""
+        return max(1, min(int(num_rows) // RUN_SHARE, max(int(capacity), math.isqrt(int(num_rows) * int(capacity)))))
+
+    @classmethod
+    def run_region_rows(cls, num_rows: int, capacity: int, row_stride: int) -> int:
+        """Rows of one run region: `run_limit_rows`, whole blocks."""
+        unit = block_rows(row_stride)
+        return -(-cls.run_limit_rows(num_rows, capacity) // unit) * unit
+
+    @classmethod
+    def region_rows(cls, capacity: int, row_stride: int, num_rows: int) -> int:
+        """File rows after the home rows: the log's two halves and the run's two regions (sparse until written)."""
+        return 2 * cls.half_rows(capacity, row_stride) + 2 * cls.run_region_rows(num_rows, capacity, row_stride)
 
     def reset_stats(self) -> None:
         for k in self.stats:
@@ -145,15 +238,23 @@ class RowLog:
         return keys[pos] == ids, pos
 
     def lookup(self, ids: np.ndarray, home: np.ndarray) -> np.ndarray:
-        """File rows of ``ids`` (int64 [U]): their log slots where relocated, else ``home`` (int64 [U])."""
-        keys, slots = self._map  # one snapshot
+        """File rows of ``ids`` (int64 [U]): their log slots where relocated, else their run rows where the run
+        holds them, else ``home`` (int64 [U])."""
+        keys, slots = self._map  # one snapshot, taken before the run's (module doc)
+        run = self._run
+        if run.rows:
+            held = run.holds(ids)
+            if held.any():
+                home = home.copy()
+                home[held] = self.base + self._run_slot(run.region, run.rank(ids[held]))
         if keys.size == 0:
             return home
         found, pos = self._find(keys, ids)
         return np.where(found, self.base + slots[pos].astype(np.int64), home)
 
     def drop(self, ids: np.ndarray) -> None:
-        """Forget ``ids`` (their home bytes are current again: written there), staged copies too."""
+        """Forget ``ids``' log copies (int64 [U]; written in place since, at their rows: home, or the run's rows),
+        staged copies too."""
         with self._lock:
             keys, slots = self._map
             found, pos = self._find(keys, ids)
@@ -162,6 +263,15 @@ class RowLog:
                 keep[pos[found]] = False
                 self._map = (keys[keep], slots[keep])
             self._staged = self._staged_without(np.sort(np.asarray(ids, np.int64)))
+
+    def _run_slot(self, region: int, rows: np.ndarray | int):
+        """Slots (past the log's halves) of run rows ``rows`` of run region ``region``."""
+        return 2 * self.half + region * self.run_rows + rows
+
+    @property
+    def run(self) -> RunIndex:
+        """The compacted run's index (module doc)."""
+        return self._run
 
     # ------------------------------------------------------------------ appends
     def _staged_without(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -182,12 +292,8 @@ class RowLog:
             found |= self._find(sid, ids)[0]
         return found, self.capacity - self.live - new_staged
 
-    def relocated(self) -> np.ndarray:
-        """The IDs of the rows in the log (int64 [live], sorted)."""
-        return self._map[0].astype(np.int64)
-
     def shortfall(self, ids: np.ndarray) -> int:
-        """New rows among the sorted, distinct ``ids`` beyond the map's room (> 0: `fold` first, or they go home)."""
+        """New rows among the sorted, distinct ``ids`` beyond the map's room (> 0: `compact` first)."""
         if self.live + self.staged + ids.size <= self.capacity:  # room for all, whatever they are
             return -1
         found, room = self._room(ids)
@@ -264,22 +370,86 @@ class RowLog:
             self._staged = (sid[~out], srank[~out], srows[~out])
             return self._emit(sid[out], srows[out], srank[out])
 
-    def fold(self, read: Callable[[np.ndarray], np.ndarray], write_home: Callable[[np.ndarray, np.ndarray], None]) -> int:
-        """Write every relocated row home and forget it (a full map, module doc): `FOLD_ROWS` at a time in ID
-        order, ``read`` (file rows int64 [n] -> [n, width] float32) gets them from the log and ``write_home``
-        (IDs int64 [n], rows) writes them at their home rows; then the map is empty and appends go on in the
-        other half from its start, so a reader that found a slot before the fold still reads the right bytes.
-        Staged rows stay staged (their map entries, if any, were older copies). Rows folded."""
+    def compact(self, read: Callable[[np.ndarray], np.ndarray],
+                write_home: Callable[[np.ndarray, np.ndarray], None]) -> tuple[int, int]:
+        """Empty the map (a full one, module doc): merge its rows with the run's into a new run in the other run
+        region, in ID order -- ``read`` (file rows int64 [n] -> [n, width] float32) gets the log's rows, the
+        old run is read here in sequential stretches -- or, where the new run would exceed `run_limit`, write
+        them all home with ``write_home`` (IDs int64 [n], rows) in sorted batches and start with no run. Then
+        appends go on in the other half from its start. Staged rows stay staged (their map entries, if any,
+        were older copies). (Device bytes written, device bytes read) here (``read`` and ``write_home``
+        count theirs)."""
         with self._lock:
             keys, slots = self._map
-            for a in range(0, keys.size, FOLD_ROWS):
-                ids = keys[a : a + FOLD_ROWS].astype(np.int64)
-                write_home(ids, read(self.base + slots[a : a + FOLD_ROWS].astype(np.int64)))
+            old = self._run
+            bits = old.bits.copy() if old.bits.size else np.zeros(-(-self.num_rows // 64), np.uint64)
+            words, add = word_bits(keys.astype(np.int64))
+            bits[words] |= add
+            new = RunIndex(bits, 1 - old.region, self.num_rows)
+            home = new.rows > self.run_limit
+            start, tail = self.base + self._run_slot(new.region, 0), np.empty(0, np.uint8)
+            written = nread = 0
+            passes = max(1, -(-keys.size * self.stride // GATHER_BYTES))
+            gather = passes * self.head * self.stride < keys.size * SECTOR  # sequential passes read less
+            cuts = [0, *(int(keys[k * keys.size // passes]) >> 6 for k in range(1, passes)), bits.size]
+            for p0, p1 in zip(cuts[:-1], cuts[1:], strict=True):
+                pa, pb = np.searchsorted(keys, [64 * p0, 64 * p1])
+                if gather:  # this pass's log rows, in ID order, from one sequential read of the active half
+                    log_rows, n = self._gather(slots[pa:pb])
+                    nread += n
+                for w0, w1 in self._pieces(new, p0, p1):
+                    ids = set_ids(bits, w0, w1)
+                    rows = np.empty((ids.size, self.width), np.float32)
+                    a, b = np.searchsorted(keys, [64 * w0, 64 * w1])
+                    in_log = np.zeros(ids.size, bool)
+                    in_log[np.searchsorted(ids, keys[a:b])] = True
+                    rows[in_log] = log_rows[a - pa : b - pa] if gather else read(self.base + slots[a:b].astype(np.int64))
+                    if not in_log.all():  # the rest: the old run's rows of these words, one sequential stretch
+                        lo, hi = old.start(w0), old.start(w1)
+                        got, n = self._read(int(self._run_slot(old.region, lo)), int(self._run_slot(old.region, hi)))
+                        nread += n
+                        rows[~in_log] = got[~np.isin(set_ids(old.bits, w0, w1), keys[a:b], assume_unique=True)]
+                    if home:
+                        write_home(ids, rows)
+                    else:
+                        n, tail = self._write_at(start + new.start(w0), tail, rows)
+                        written += n
+            self._run = RunIndex(np.empty(0, np.uint64), 1, self.num_rows) if home else new  # before the map
             self._map = (keys[:0], slots[:0])
             self.active, self.head, self._tail = 1 - self.active, 0, np.empty(0, np.uint8)
-            self.stats["log_folds"] += 1
+            self.stats["log_folds" if home else "log_compactions"] += 1
             self.stats["log_folded_rows"] += int(keys.size)
-            return int(keys.size)
+            self.stats["log_run_rows"] = self._run.rows
+            return written, nread
+
+    def _gather(self, slots: np.ndarray) -> tuple[np.ndarray, int]:
+        """The log's rows at ``slots`` (int32 [n], all in the active half's written part) -> ([n, width] float32,
+        device bytes read), read in order in `COPY_CHUNK` stretches that hold any of them."""
+        out = np.empty((slots.size, self.width), np.float32)
+        order = np.argsort(slots, kind="stable")
+        s = slots[order].astype(np.int64)
+        unit = block_rows(self.stride)
+        chunk = max(unit, COPY_CHUNK // self.stride // unit * unit)
+        first, nread = self.active * self.half, 0
+        bounds = np.searchsorted(s, first + np.arange(0, self.head + chunk, chunk))
+        for c in range(bounds.size - 1):
+            a, b = int(bounds[c]), int(bounds[c + 1])
+            if a < b:
+                lo = first + c * chunk
+                got, n = self._read(lo, int(s[b - 1]) + 1)
+                out[order[a:b]] = got[s[a:b] - lo]
+                nread += n
+        return out, nread
+
+    def _pieces(self, run: RunIndex, w0: int = 0, nw: int | None = None):
+        """Word ranges [w0, w1) of ``run``'s bitmap (up to word ``nw``) holding at most ~`FOLD_ROWS` of its IDs and
+        `FOLD_WORDS` words."""
+        nw = run.bits.size if nw is None else nw
+        while w0 < nw:
+            w1 = min(nw, w0 + FOLD_WORDS, max(w0 + 1, int(np.searchsorted(run.before, run.start(w0) + FOLD_ROWS))))
+            if run.start(w1) > run.start(w0):
+                yield w0, w1
+            w0 = w1
 
     def _emit(self, ids: np.ndarray, rows: np.ndarray, rank: np.ndarray | None) -> tuple[int, int]:
         """Write rows ``ids`` (sorted) to the log now, in (``rank``, ID) order (`append` without staging)."""
@@ -296,25 +466,29 @@ class RowLog:
         return written, read
 
     def _write(self, rows: np.ndarray) -> int:
-        """Rows [n, width] at the active half's head, the kept partial block before them: whole blocks, one
-        write per `MAX_IO`; the new partial block is kept. Device bytes written."""
+        """Rows [n, width] at the active half's head, after its kept partial block (`_write_at`). Device bytes."""
+        written, self._tail = self._write_at(self.base + self.active * self.half + self.head, self._tail, rows)
+        self.head += rows.shape[0]
+        return written
+
+    def _write_at(self, row: int, tail: np.ndarray, rows: np.ndarray) -> tuple[int, np.ndarray]:
+        """Rows [n, width] at file row ``row``, the partial block before it (``tail``, its bytes as written) in
+        front of them: whole blocks, one write per `MAX_IO`; (device bytes written, the new partial block)."""
         n = rows.shape[0]
-        start = (self.base + self.active * self.half + self.head) * self.stride
+        start = row * self.stride
         lo = start // ALIGN * ALIGN
         end = start + n * self.stride
         hi = -(-end // ALIGN) * ALIGN
         buf = aio.aligned_buffer(hi - lo)
-        buf[: start - lo] = self._tail
+        buf[: start - lo] = tail
         body = np.zeros((n, self.stride), np.uint8)
         body[:, : self.width * 4] = np.ascontiguousarray(rows, np.float32).view(np.uint8).reshape(n, -1)
         buf[start - lo : end - lo] = body.reshape(-1)
         buf[end - lo :] = 0
         transfer_all(os.pwritev, self.fd, buf, lo, self.path, "write")
         last = end // ALIGN * ALIGN
-        self._tail = buf[last - lo : end - lo].copy()
-        self.head += n
         self.stats["log_bytes_written"] += int(buf.size)
-        return int(buf.size)
+        return int(buf.size), buf[last - lo : end - lo].copy()
 
     def _remap(self, ids: np.ndarray, slots: np.ndarray) -> None:
         """Point ``ids`` (sorted) at ``slots``: update the entries present, insert the new ones in order."""
@@ -376,17 +550,27 @@ class RowLog:
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict:
-        return {"capacity": self.capacity, "active": self.active, "head": self.head}
+        return {"capacity": self.capacity, "active": self.active, "head": self.head, "run_region": self._run.region,
+                "run_rows": self._run.rows}
+
+    @staticmethod
+    def run_path(path: Path) -> Path:
+        """Where `save` keeps the run's bitmap, beside the map at ``path``: ``<path>.run``."""
+        return path.with_name(path.name + ".run")
 
     def save(self, path: Path) -> None:
-        """The map as ``path`` (IDs int64, then slots int64), written by the caller atomically; nothing may be
-        staged (`unstage` first)."""
+        """The map as ``path`` (IDs int64, then slots int64) and the run's bitmap as ``<path>.run`` (uint64 words;
+        none without a run), written atomically; nothing may be staged (`unstage` first)."""
         assert not self.staged, "unstage the staged rows before the map is saved"
         keys, slots = self._map
         atomic_write_bytes(path, keys.astype(np.int64).tobytes() + slots.astype(np.int64).tobytes())
+        if self._run.rows:
+            atomic_write_bytes(self.run_path(path), self._run.bits.tobytes())
+        else:
+            self.run_path(path).unlink(missing_ok=True)
 
     def load(self, path: Path, state: dict) -> None:
-        """The map and position saved by `save` / `state` (the partial block is read back from the file)."""
+        """The map, run and position saved by `save` / `state` (the partial block is read back from the file)."""
         data = np.fromfile(path, dtype=np.int64)
         if data.size % 2:
             raise CheckpointError(f"{path}: {data.size * 8} bytes, not pairs of int64 (IDs, slots); truncated?")
@@ -394,6 +578,16 @@ class RowLog:
         if ids.size > self.capacity or (ids.size > 1 and not np.all(ids[1:] > ids[:-1])) or \
                 (slots.size and (slots.min() < 0 or slots.max() >= 2 * self.half)):
             raise CheckpointError(f"{path}: not this table's log map (unsorted IDs or slots out of range)")
+        run_rows = int(state.get("run_rows", 0))
+        if run_rows:
+            rpath = self.run_path(path)
+            bits = np.fromfile(rpath, dtype=np.uint64) if rpath.is_file() else np.empty(0, np.uint64)
+            run = RunIndex(bits, int(state.get("run_region", 1)), self.num_rows)
+            if bits.size != -(-self.num_rows // 64) or run.rows != run_rows or run.rows > self.run_limit or \
+                    (self.num_rows % 64 and bits[-1] >> np.uint64(self.num_rows % 64)):
+                raise CheckpointError(f"{rpath}: not the bitmap of this table's {run_rows:,}-row compacted log "
+                                      "(missing, truncated or another table's)")
+            self._run = run
         self._map = (ids.astype(self.key_dtype), slots.astype(np.int32))
         self.active, self.head = int(state["active"]), int(state["head"])
         start = (self.base + self.active * self.half + self.head) * self.stride

@@ -97,7 +97,6 @@ from tierec.storage.tablefile import (
 log = logging.getLogger(__name__)
 
 SECTOR = 512  # the smallest direct I/O a device may take (its logical sector)
-FOLD_BLOCKS_PER_ROW = 0.5  # a full write-back log folds home where that costs at most this many blocks per row
 FAULT_AROUND_BYTES = 64 << 10  # Linux maps up to this much around a faulting file page (read faults)
 PAGE_BYTES = 4096  # a write fault on a shared file mapping maps just its page
 RSS_RELEASE_BYTES = 8 << 20  # mapped bytes touched before the map's pages are dropped from RSS
@@ -161,9 +160,8 @@ class SsdTable:
                 raise ConfigError(f"{path}: a working file with a write-back log opens with direct_io=True")
         self._log_base = -(-self.home_rows // block_rows(self.row_stride)) * block_rows(self.row_stride)
         if row_log:
-            self.file_rows = self._log_base + RowLog.region_rows(row_log, self.row_stride)
+            self.file_rows = self._log_base + RowLog.region_rows(row_log, self.row_stride, self.num_embeddings)
         self._log_capacity, self._log_staging = int(row_log), int(log_staging)
-        self._fold_decided = (0, False)  # (map size, whether a fold pays: `_fold_pays`)
         self.row_log: RowLog | None = None  # set once the file is open
         self.file_bytes = self.file_rows * self.row_stride
         self.align = ALIGN  # block size of direct I/O (a smaller one where the device takes it: see below)
@@ -275,6 +273,7 @@ class SsdTable:
         written_path(self.path).unlink(missing_ok=True)
         layout_path(self.path).unlink(missing_ok=True)
         log_path(self.path).unlink(missing_ok=True)
+        RowLog.run_path(log_path(self.path)).unlink(missing_ok=True)
         if self.layout is not None:
             atomic_write_bytes(layout_path(self.path), self.layout.hot.tobytes())
         row_init = None if seed is None else RowInit(seed, table_index, self.num_embeddings, self.dim)
@@ -572,28 +571,19 @@ class SsdTable:
     def append_log(self, ids: np.ndarray, rows: np.ndarray, rank: np.ndarray | None = None) -> np.ndarray:
         """Append rows ``ids`` (int64 [W], sorted, distinct) from ``rows`` [W, width] to the write-back log, those
         it takes (no read-modify-write; marked stored), in ``rank`` order (int64 [W] or None: `RowLog.append`);
-        bool [W]: which it took (the rest go home)."""
+        a full map is compacted first (`RowLog.compact`); bool [W]: which it took (the rest go to their rows)."""
         assert self.row_log is not None
-        if self.row_log.shortfall(ids) > 0 and self._fold_pays():  # a full map: its rows home in bulk
+        if self.row_log.shortfall(ids) > 0:
             t0 = time.perf_counter()
-            n = self.row_log.fold(self.read_local, lambda fids, frows: self._block_io(self._home_rows(fids), frows))
-            log.debug("%s: write-back log full, %d rows folded home in %.2f s", self.path, n, time.perf_counter() - t0)
+            written, read = self.row_log.compact(
+                self.read_local, lambda fids, frows: self._block_io(self._home_rows(fids), frows))
+            self.count_device_bytes(read=read, written=written)
+            log.debug("%s: write-back log full, compacted (%d rows in its run) in %.2f s", self.path,
+                      self.row_log.run.rows, time.perf_counter() - t0)
         took, written, read = self.row_log.take(ids, rows, rank)
         self.count_device_bytes(read=read, written=written)
         self.mark_stored(ids[took])
         return took
-
-    def _fold_pays(self) -> bool:
-        """Whether the full write-back log's rows go home in bulk (`RowLog.fold`): where they share home blocks, at
-        most `FOLD_BLOCKS_PER_ROW` blocks read and written per row, against one block per row for each row that
-        goes home alone. Decided once per map size (the map changes only by appends and drops)."""
-        assert self.row_log is not None
-        live = self.row_log.live
-        if live and self._fold_decided[0] != live:
-            start = self._home_rows(self.row_log.relocated()) * self.row_stride
-            blocks = np.unique(np.concatenate([start // self.align, (start + self.row_bytes - 1) // self.align])).size
-            self._fold_decided = (live, blocks <= FOLD_BLOCKS_PER_ROW * live)
-        return bool(live) and self._fold_decided[1]
 
     def mark_stored(self, ids: np.ndarray) -> None:
         """Record rows ``ids`` (int64 [U], checked) as written into this file (lazy files; nothing otherwise)."""
@@ -628,8 +618,9 @@ class SsdTable:
         if self.layout is not None:  # rows by ID
             self.write(torch.arange(start, start + n), weight, state)
             return
-        if self.row_log is not None:  # home bytes current again
-            self.row_log.drop(np.arange(start, start + n, dtype=np.int64))
+        ids = np.arange(start, start + n, dtype=np.int64)
+        if self.row_log is not None:  # written in place (a bulk load, not through the log): at home or in the run
+            self.row_log.drop(ids)
         self.prepare_write()
         rows = self._join(weight, state)
         t0 = time.perf_counter()
@@ -637,7 +628,7 @@ class SsdTable:
             self._mrows[start : start + n] = rows
             self._touched(n)
         else:
-            self._block_io(np.arange(start, start + n, dtype=np.int64), rows)
+            self._block_io(ids if self.row_log is None else self.slots_of(ids), rows)
         if self._lazy is not None:
             self._lazy.mark_range(start, start + n)
         self.account("write", n, time.perf_counter() - t0)

@@ -33,7 +33,7 @@ from tierec.storage.plan import (
     measure_lookups,
     plan_tables,
 )
-from tierec.storage.rowlog import map_entry_bytes, staged_row_bytes
+from tierec.storage.rowlog import map_entry_bytes, run_index_bytes, staged_row_bytes
 from tierec.storage.settings import StorageSettings, TableSettings
 from tierec.storage.ssd import SsdTable, open_table_chain, read_layout
 from tierec.storage.tablefile import is_row_set, verify_file
@@ -125,7 +125,8 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     warning where it is not); the pipeline holds the window to it; with ``ssd_layout="hot"``, the SSD
     files' hot-row layouts: 16 B per sampled row, at most 1/`LAYOUT_SHARE` of a budget of
     `LAYOUT_MIN_BUDGET` or more; with a write-back log, its maps (at most 1/`WRITE_LOG_SHARE`) and, with
-    look-ahead, the write-backs it stages by next use (1/`LOG_STAGING_SHARE`). A budget too small for them is
+    look-ahead, the write-backs it stages by next use (1/`LOG_STAGING_SHARE`), and its compacted runs' indexes
+    (`run_index_bytes`: 1.5 bits per row). A budget too small for them is
     a `ConfigError`."""
     total = settings.memory_budget or 0
     if settings.memory_budget is None:
@@ -151,7 +152,8 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
         write_log = min(total // WRITE_LOG_SHARE, sum(map_entry_bytes(n.num_embeddings) * n.num_embeddings
                                                       for n in needs))
     staging = total // LOG_STAGING_SHARE if write_log and settings.uses_lookahead else 0
-    split = BudgetSplit(total, row_bits, window, layout, id_index, write_log, staging)
+    runs = sum(run_index_bytes(n.num_embeddings) for n in needs) if write_log else 0
+    split = BudgetSplit(total, row_bits, window, layout, id_index, write_log, staging, runs)
     if split.tables <= 0:
         raise ConfigError(f"--memory-budget {format_bytes(total)} does not cover the tables' bookkeeping "
                           f"({split.describe()}); raise it")

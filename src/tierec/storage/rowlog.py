@@ -90,8 +90,10 @@ FOLD_ROWS = 1 << 12
 FOLD_WORDS = 1 << 16  # bitmap words (64 IDs each) a piece covers at most: its IDs are unpacked one byte per ID
 RUN_SHARE = 2  # the compacted run holds at most 1/RUN_SHARE of the table's rows (`RowLog.run_limit_rows`)
 # a compaction reads the log's rows by a sequential pass over the active half, keeping at most this many bytes of them
-# (more passes where they are more), where that reads fewer bytes than a sector for each (`RowLog.compact`)
-GATHER_BYTES = 16 << 20
+# (more passes where they are more), where that reads fewer bytes than a sector for each (`RowLog.compact`), in reads
+# of GATHER_CHUNK: a compaction's buffers stay under ~8 MiB (the whole map's rows at once, 16 MiB, peaked ~20 MiB)
+GATHER_BYTES = 4 << 20
+GATHER_CHUNK = 1 << 20
 SECTOR = 512  # what a direct read of one row costs at least (a device's logical sector)
 STAGE_GROUP_BYTES = 1024  # a rank's staged rows go to the log once they fill two sectors
 STAGED_ROW_OVERHEAD = 16  # bytes of a staged row beside its floats: its ID and rank (int64 each)
@@ -395,6 +397,7 @@ class RowLog:
             for p0, p1 in zip(cuts[:-1], cuts[1:], strict=True):
                 pa, pb = np.searchsorted(keys, [64 * p0, 64 * p1])
                 if gather:  # this pass's log rows, in ID order, from one sequential read of the active half
+                    log_rows = np.empty(0)  # the last pass's rows go first
                     log_rows, n = self._gather(slots[pa:pb])
                     nread += n
                 for w0, w1 in self._pieces(new, p0, p1):
@@ -424,19 +427,19 @@ class RowLog:
 
     def _gather(self, slots: np.ndarray) -> tuple[np.ndarray, int]:
         """The log's rows at ``slots`` (int32 [n], all in the active half's written part) -> ([n, width] float32,
-        device bytes read), read in order in `COPY_CHUNK` stretches that hold any of them."""
+        device bytes read), read in order in `GATHER_CHUNK` stretches that hold any of them."""
         out = np.empty((slots.size, self.width), np.float32)
         order = np.argsort(slots, kind="stable")
         s = slots[order].astype(np.int64)
         unit = block_rows(self.stride)
-        chunk = max(unit, COPY_CHUNK // self.stride // unit * unit)
+        chunk = max(unit, GATHER_CHUNK // self.stride // unit * unit)
         first, nread = self.active * self.half, 0
         bounds = np.searchsorted(s, first + np.arange(0, self.head + chunk, chunk))
         for c in range(bounds.size - 1):
             a, b = int(bounds[c]), int(bounds[c + 1])
             if a < b:
                 lo = first + c * chunk
-                got, n = self._read(lo, int(s[b - 1]) + 1)
+                got, n = self._read(lo, int(s[b - 1]) + 1, copy=False)
                 out[order[a:b]] = got[s[a:b] - lo]
                 nread += n
         return out, nread
@@ -538,15 +541,16 @@ class RowLog:
         order = np.argsort(ids, kind="stable")
         self._remap(ids[order], slots[order])
 
-    def _read(self, lo_row: int, hi_row: int) -> tuple[np.ndarray, int]:
-        """Log rows [lo_row, hi_row) (slots) -> ([n, width] float32, device bytes read: whole blocks)."""
+    def _read(self, lo_row: int, hi_row: int, copy: bool = True) -> tuple[np.ndarray, int]:
+        """Log rows [lo_row, hi_row) (slots) -> ([n, width] float32, device bytes read: whole blocks); ``copy=False``:
+        a view of the read buffer (index it to copy out what is needed)."""
         start, end = (self.base + lo_row) * self.stride, (self.base + hi_row) * self.stride
         lo, hi = start // ALIGN * ALIGN, -(-end // ALIGN) * ALIGN
         buf = aio.aligned_buffer(hi - lo)
         transfer_all(os.preadv, self.fd, buf, lo, self.path, "read")
         self.stats["log_bytes_read"] += int(buf.size)
         rows = buf[start - lo : end - lo].reshape(hi_row - lo_row, self.stride)[:, : self.width * 4]
-        return rows.copy().view(np.float32), int(buf.size)
+        return (rows.copy() if copy else rows).view(np.float32), int(buf.size)
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict:

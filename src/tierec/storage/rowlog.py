@@ -141,6 +141,11 @@ class RunIndex:
         if bits.size > 1:
             np.cumsum(counts[:-1], out=self.before[1:], dtype=self.before.dtype)
 
+    @classmethod
+    def empty(cls, num_rows: int) -> RunIndex:
+        """No run (over a table of ``num_rows``)."""
+        return cls(np.empty(0, np.uint64), 1, num_rows)
+
     def holds(self, ids: np.ndarray) -> np.ndarray:
         """bool [U]: which of ``ids`` (int64 [U]) the run holds."""
         if not self.rows:
@@ -176,7 +181,7 @@ class RowLog:
         self.num_rows = int(num_rows)
         self.run_limit = self.run_limit_rows(num_rows, self.capacity)  # the most rows the run holds before a fold
         self.run_rows = self.run_region_rows(num_rows, self.capacity, row_stride)  # each run region (whole blocks)
-        self._run = RunIndex(np.empty(0, np.uint64), 1, num_rows)  # the compacted run (none yet)
+        self._run = RunIndex.empty(num_rows)  # the compacted run (none yet)
         # relocated rows (sorted; int32 IDs where the table allows) and their slots in [0, 2 * half) (int32),
         # swapped as one tuple so a reader in another thread never sees one array updated without the other
         self.key_dtype = np.int32 if map_entry_bytes(num_rows) == 8 else np.int64
@@ -418,7 +423,7 @@ class RowLog:
                     else:
                         n, tail = self._write_at(start + new.start(w0), tail, rows)
                         written += n
-            self._run = RunIndex(np.empty(0, np.uint64), 1, self.num_rows) if home else new  # before the map
+            self._run = RunIndex.empty(self.num_rows) if home else new  # before the map
             self._map = (keys[:0], slots[:0])
             self.active, self.head, self._tail = 1 - self.active, 0, np.empty(0, np.uint8)
             self.stats["log_folds" if home else "log_compactions"] += 1
@@ -431,19 +436,30 @@ class RowLog:
         device bytes read), read in order in `GATHER_CHUNK` stretches that hold any of them."""
         out = np.empty((slots.size, self.width), np.float32)
         order = np.argsort(slots, kind="stable")
-        s = slots[order].astype(np.int64)
+        nread = 0
+        for a, b, rows, n in self._stretches(slots[order].astype(np.int64), self.active * self.half, self.head,
+                                             GATHER_CHUNK):
+            out[order[a:b]] = rows
+            nread += n
+            del rows
+        return out, nread
+
+    def _stretches(self, slots: np.ndarray, first: int, span: int, chunk_bytes: int):
+        """Read the rows at sorted ``slots`` (int64) of [first, first + span) in sequential stretches of about
+        ``chunk_bytes`` (whole blocks), skipping stretches that hold none: yields (a, b, the rows at
+        ``slots[a:b]`` [b - a, width] float32, device bytes read)."""
         unit = block_rows(self.stride)
-        chunk = max(unit, GATHER_CHUNK // self.stride // unit * unit)
-        first, nread = self.active * self.half, 0
-        bounds = np.searchsorted(s, first + np.arange(0, self.head + chunk, chunk))
+        chunk = max(unit, chunk_bytes // self.stride // unit * unit)
+        bounds = np.searchsorted(slots, first + np.arange(0, span + chunk, chunk))
         for c in range(bounds.size - 1):
             a, b = int(bounds[c]), int(bounds[c + 1])
             if a < b:
                 lo = first + c * chunk
-                got, n = self._read(lo, int(s[b - 1]) + 1, copy=False)
-                out[order[a:b]] = got[s[a:b] - lo]
-                nread += n
-        return out, nread
+                got, n = self._read(lo, int(slots[b - 1]) + 1, copy=False)
+                rows = got[slots[a:b] - lo]
+                del got  # neither the buffer nor these rows stay here while the next stretch is read
+                yield a, b, rows, n
+                del rows
 
     def _pieces(self, run: RunIndex, w0: int = 0, nw: int | None = None):
         """Word ranges [w0, w1) of ``run``'s bitmap (up to word ``nw``) holding at most ~`FOLD_ROWS` of its IDs and
@@ -508,7 +524,7 @@ class RowLog:
 
     def _switch(self, exclude: np.ndarray) -> tuple[int, int]:
         """Move the live rows (but ``exclude``, about to be appended anew) to the other half, in slot order,
-        reading the old half in `COPY_CHUNK` pieces that hold live rows; appends continue after them."""
+        reading the old half in `COPY_CHUNK` stretches that hold live rows; appends continue after them."""
         keys, kslots = self._map
         keep = ~np.isin(keys, exclude, assume_unique=True)
         ids, slots = keys[keep], kslots[keep].astype(np.int64)
@@ -517,20 +533,9 @@ class RowLog:
         old = self.active
         self.active, self.head, self._tail = 1 - old, 0, np.empty(0, np.uint8)
         # every entry keeps its old slot (the old half is intact) until its row's new copy is written
-        chunk_rows = max(1, COPY_CHUNK // self.stride) // block_rows(self.stride) * block_rows(self.stride)
-        chunk_rows = max(chunk_rows, block_rows(self.stride))
         written = read = 0
-        first = old * self.half
-        bounds = np.searchsorted(slots, first + np.arange(0, self.half + chunk_rows, chunk_rows))
-        for c in range(bounds.size - 1):
-            a, b = int(bounds[c]), int(bounds[c + 1])
-            if a == b:
-                continue
-            lo_row = first + c * chunk_rows
-            hi_row = min(first + self.half, int(slots[b - 1]) + 1)
-            got, nbytes = self._read(lo_row, hi_row)
+        for a, b, moved, nbytes in self._stretches(slots, old * self.half, self.half, COPY_CHUNK):
             read += nbytes
-            moved = got[slots[a:b] - lo_row]
             written += self._write(moved)
             self._remap_sorted_insert(ids[a:b], (self.active * self.half + self.head - (b - a)
                                                  + np.arange(b - a)).astype(np.int32))

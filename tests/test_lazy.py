@@ -49,6 +49,22 @@ def test_row_bits_match_a_set():
     assert np.array_equal(bits.ids(80_000, 90_001), want[(want >= 80_000) & (want < 90_001)])
 
 
+@pytest.mark.parametrize("density", [0.0, 0.0005, 0.01, 0.3, 1.0])
+def test_row_bits_list_their_ids_at_any_density(density):
+    """`RowBits.ids` unpacks only the nonzero bytes of a sparse chunk, every byte of a dense one: both give the set
+    rows, in order, across chunk edges and a last partial byte."""
+    from tierec.storage.lazy import _CHUNK_ROWS
+
+    n = 3 * _CHUNK_ROWS * 8 + 13
+    rng = np.random.default_rng(int(density * 1e4))
+    want = np.flatnonzero(rng.random(n) < density)
+    bits = RowBits(n)
+    bits.mark(want)
+    assert np.array_equal(bits.ids(), want)
+    a, b = _CHUNK_ROWS * 8 - 64, n - 5  # from a multiple of 8, across a chunk edge
+    assert np.array_equal(bits.ids(a, b), want[(want >= a) & (want < b)])
+
+
 def test_creating_a_huge_lazy_table_is_instant_and_uses_no_disk(tmp_path):
     n, dim = 20_000_000_000, 16  # 1.36 TB of rows + row-wise Adagrad state
     t0 = time.perf_counter()

@@ -146,8 +146,15 @@ class RowBits:
         parts = []
         for a in range(start, end, _CHUNK_ROWS * 8):
             b = min(a + _CHUNK_ROWS * 8, end)
-            bits = np.unpackbits(self.data[a // 8 : (b + 7) // 8], bitorder="little")[: b - a]
-            parts.append(np.flatnonzero(bits).astype(np.int64) + a)
+            chunk = self.data[a // 8 : (b + 7) // 8]
+            if np.count_nonzero(chunk) * 8 < chunk.size:  # sparse: unpack the nonzero bytes only
+                nz = np.flatnonzero(chunk)
+                byte, bit = np.nonzero(np.unpackbits(chunk[nz][:, None], axis=1, bitorder="little"))
+                found = nz[byte].astype(np.int64) * 8 + bit
+                parts.append(found[found < b - a] + a)
+            else:
+                bits = np.unpackbits(chunk, bitorder="little")[: b - a]
+                parts.append(np.flatnonzero(bits).astype(np.int64) + a)
         return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
     def count(self) -> int:

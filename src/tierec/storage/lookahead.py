@@ -506,9 +506,13 @@ class LookaheadCache(CachedTable):
             hi, mi = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
             w = torch.empty(ids.numel(), self.dim, device=self.device)
             s = torch.empty(ids.numel(), self.state_dim, device=self.device)
-            w[hi], s[hi] = self.weight[slots[hi]], self.state[slots[hi]]
+            at = slots.index_select(0, hi)
+            w.index_copy_(0, hi, self.weight.index_select(0, at))
+            s.index_copy_(0, hi, self.state.index_select(0, at))
             if mi.numel():
-                w[mi], s[mi] = self._bread(ids[mi])
+                bw, bs = self._bread(ids.index_select(0, mi))
+                w.index_copy_(0, mi, bw)
+                s.index_copy_(0, mi, bs)
             self._st["upper_reads"] += ids.numel()
             self._st["upper_read_hits"] += hi.numel()
         return w, s

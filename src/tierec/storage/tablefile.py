@@ -132,12 +132,12 @@ class RowSetWriter:
             if self._chunk is None or self._chunk[0] != int(j[a]):
                 self._close_chunk()
                 self._chunk = (int(j[a]), 0, hashlib.sha256())
-            data = np.ascontiguousarray(rows[a:b], dtype=np.float32).tobytes()
+            data = np.ascontiguousarray(rows[a:b], dtype=np.float32).data.cast("B")  # no copy where contiguous
             k, n, h = self._chunk
             h.update(data)
             self._chunk = (k, n + b - a, h)
             self._f.write(data)
-        raw = np.ascontiguousarray(ids, dtype=np.int64).tobytes()
+        raw = np.ascontiguousarray(ids, dtype=np.int64).data.cast("B")
         self._fi.write(raw)
         self._ih.update(raw)
         self.count += int(ids.size)

@@ -402,6 +402,22 @@ class RunFigures:
         needed = sum(getattr(i, per) for i in self.intervals)
         return sum(i.device_bytes_read for i in self.intervals) / needed if needed else None
 
+    def amplification_by_part(self, steps: int, parts: int = 4) -> list[float | None]:
+        """`read_amplification` over each of ``parts`` equal stretches of the run's ``steps`` (how it grows as
+        rows come back from further away: docs/benchmarks.md)."""
+        out = []
+        for k in range(parts):
+            part = [i for i in self.intervals if k * steps <= i.start * parts < (k + 1) * steps]
+            needed = sum(i.bytes_read for i in part)
+            out.append(sum(i.device_bytes_read for i in part) / needed if needed else None)
+        return out
+
+    def device_bytes_per_sample(self) -> float | None:
+        """Device bytes read per training sample over the clean intervals: the I/O a run really costs, which a
+        smaller cache can raise while it lowers `read_amplification` (more rows read, each more cheaply)."""
+        samples = sum(i.samples for i in self.intervals)
+        return sum(i.device_bytes_read for i in self.intervals) / samples if samples else None
+
 
 def analyse(records: list[dict], summary: dict, child: Child) -> RunFigures:
     """A run's figures from its metrics records, its summary (the ``end`` record) and its process."""
@@ -491,6 +507,10 @@ def tier_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
          f"<= {READ_AMPLIFICATION:g}x", verdict(None if amp is None else amp <= READ_AMPLIFICATION)),
         ("  per row byte the cache missed",
          "n/a" if amp_missed is None else f"{amp_missed:.1f}x (never-written rows are not read)", "", "-"),
+        ("  by quarter of the run", ", ".join("n/a" if a is None else f"{a:.1f}x" for a in
+                                             t.amplification_by_part(s.steps)), "", "-"),
+        ("  device bytes read per sample", "n/a" if (per := t.device_bytes_per_sample()) is None else
+         f"{per:,.0f} B ({per * s.batch_size / 2**20:.2f} MiB per step)", "", "-"),
         ("  write-back logs", f"{t.write_log.get('log_staged_peak', 0):,} rows staged at most, "
          f"{t.write_log.get('log_compactions', 0):,} compactions ({t.write_log.get('log_run_rows', 0):,} rows in the "
          f"runs), {t.write_log.get('log_folds', 0):,} folds home, {t.write_log.get('log_full', 0):,} rows past a full "

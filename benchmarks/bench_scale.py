@@ -42,7 +42,9 @@ training record with evictions; each checkpoint's seconds and bytes (the files i
 read amplification: bytes the device read (whole blocks with O_DIRECT, the read-modify-write of packed
 write-backs included) per byte of rows read from the files, and beside it per byte of rows the cache
 missed (lazy files serve never-written rows without I/O), over the intervals without a checkpoint (a
-checkpoint reads whole tables), with the write-back logs' counters (rows staged by next use, folds of a
+checkpoint reads whole tables), by quarter of the run (it grows as evicted rows come back from further
+away), and the device bytes read per sample (the I/O itself: a smaller cache lowers the ratio by
+reading more rows), with the write-back logs' counters (rows staged by next use, folds of a
 full map, rows a full map sent home alone); peak RSS against the budget + 0.5 GiB, and what the tiered process holds
 beyond its budget against what the in-memory one holds beyond its tables (the fixed overhead of this
 model, batch and data, measured). Each figure is printed beside its target from the issue, PASS or MISS,

@@ -398,21 +398,18 @@ class RunFigures:
         rates = [i.samples / i.seconds for i in self.intervals if i.start >= step and i.seconds > 0]
         return statistics.median(rates) if rates else None
 
-    def read_amplification(self, per: str = "bytes_read") -> float | None:
+    def read_amplification(self, per: str = "bytes_read", intervals: list[Interval] | None = None) -> float | None:
         """Device bytes read per byte of rows read from the files (``per="missed_bytes"``: per byte of rows
-        the cache fetched), over the clean intervals."""
-        needed = sum(getattr(i, per) for i in self.intervals)
-        return sum(i.device_bytes_read for i in self.intervals) / needed if needed else None
+        the cache fetched), over the clean intervals (or the given ones)."""
+        intervals = self.intervals if intervals is None else intervals
+        needed = sum(getattr(i, per) for i in intervals)
+        return sum(i.device_bytes_read for i in intervals) / needed if needed else None
 
     def amplification_by_part(self, steps: int, parts: int = 4) -> list[float | None]:
         """`read_amplification` over each of ``parts`` equal stretches of the run's ``steps`` (how it grows as
         rows come back from further away: docs/benchmarks.md)."""
-        out = []
-        for k in range(parts):
-            part = [i for i in self.intervals if k * steps <= i.start * parts < (k + 1) * steps]
-            needed = sum(i.bytes_read for i in part)
-            out.append(sum(i.device_bytes_read for i in part) / needed if needed else None)
-        return out
+        return [self.read_amplification(intervals=[i for i in self.intervals if k * steps <= i.start * parts < (k + 1) * steps])
+                for k in range(parts)]
 
     def device_bytes_per_sample(self) -> float | None:
         """Device bytes read per training sample over the clean intervals: the I/O a run really costs, which a

@@ -24,6 +24,7 @@ from tierec.fsio import MAX_IO
 from tierec.storage import aio
 
 ALIGN = 4096  # O_DIRECT block size and buffer alignment
+SECTOR = 512  # the smallest direct I/O a device may take (its logical sector): what reading one row costs at least
 IO_LANES = 8  # concurrent preadv loops of one batched read (a random row read waits on the device)
 
 

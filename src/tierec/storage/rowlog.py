@@ -75,7 +75,7 @@ import numpy as np
 from tierec.errors import CheckpointError
 from tierec.fsio import atomic_write_bytes, transfer_all
 from tierec.storage import aio
-from tierec.storage.blockio import ALIGN
+from tierec.storage.blockio import ALIGN, SECTOR
 
 
 def map_entry_bytes(num_rows: int) -> int:
@@ -95,7 +95,6 @@ RUN_SHARE = 2  # the compacted run holds at most 1/RUN_SHARE of the table's rows
 # ~8 MiB, but two passes over the log for bench_scale --quick's biggest tables, read amplification 8.1x -> 9.4x)
 GATHER_BYTES = 8 << 20
 GATHER_CHUNK = 1 << 20
-SECTOR = 512  # what a direct read of one row costs at least (a device's logical sector)
 STAGE_GROUP_BYTES = 1024  # a rank's staged rows go to the log once they fill two sectors
 STAGED_ROW_OVERHEAD = 16  # bytes of a staged row beside its floats: its ID and rank (int64 each)
 

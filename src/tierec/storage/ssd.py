@@ -96,7 +96,6 @@ from tierec.storage.tablefile import (
 
 log = logging.getLogger(__name__)
 
-SECTOR = 512  # the smallest direct I/O a device may take (its logical sector)
 FAULT_AROUND_BYTES = 64 << 10  # Linux maps up to this much around a faulting file page (read faults)
 PAGE_BYTES = 4096  # a write fault on a shared file mapping maps just its page
 RSS_RELEASE_BYTES = 8 << 20  # mapped bytes touched before the map's pages are dropped from RSS
@@ -205,7 +204,7 @@ class SsdTable:
         self.read_align = self.align
         if self._log_capacity:
             if self.odirect:
-                self.read_align = blockio.direct_align(self._fd, SECTOR, self.file_bytes)
+                self.read_align = blockio.direct_align(self._fd, blockio.SECTOR, self.file_bytes)
             self.row_log = RowLog(self.path, self._fd if self.odirect else self._bfd, self._log_base,
                                   self._log_capacity, self.width, self.row_stride, self.num_embeddings,
                                   staged=self._log_staging)
@@ -628,7 +627,7 @@ class SsdTable:
             self._mrows[start : start + n] = rows
             self._touched(n)
         else:
-            self._block_io(ids if self.row_log is None else self.slots_of(ids), rows)
+            self._block_io(self.slots_of(ids), rows)  # at home, or at the row's place in the log's run
         if self._lazy is not None:
             self._lazy.mark_range(start, start + n)
         self.account("write", n, time.perf_counter() - t0)

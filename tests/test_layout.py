@@ -184,3 +184,4 @@ def test_write_backs_staged_by_next_use_train_bit_identically(wide_dataset, tmp_
 
     last = [r for r in records if r["event"] == "train"][-1]["cache"]
     assert total(last, "log_staged_peak") > 0 and total(last, "log_rows") > 0, last
+    assert start["budget_split"]["log_recent"] > 0 and total(last, "log_recent_rows") > 0, last  # read from memory

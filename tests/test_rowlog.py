@@ -14,9 +14,9 @@ from tierec.storage.ssd import SsdTable, log_path
 N, DIM = 20_000, 16
 
 
-def pair(tmp_path, capacity, staging=0):
+def pair(tmp_path, capacity, staging=0, recent=0):
     log = SsdTable(tmp_path / "log.tbl", N, DIM, 1, create=True, init="lazy", init_seed=3, direct_io=True,
-                   row_log=capacity, log_staging=staging)
+                   row_log=capacity, log_staging=staging, log_recent=recent)
     plain = SsdTable(tmp_path / "plain.tbl", N, DIM, 1, create=True, init="lazy", init_seed=3, direct_io=True)
     if not (log.odirect and plain.odirect):
         pytest.skip("this filesystem refuses O_DIRECT")
@@ -172,16 +172,17 @@ def test_a_placement_rank_orders_the_appended_rows(tmp_path):
     cat.close()
 
 
-@pytest.mark.parametrize("staging", [0, 150])
-def test_ranked_appends_read_back_as_from_a_plain_file(tmp_path, staging):
+@pytest.mark.parametrize("staging, recent", [(0, 0), (150, 0), (150, 64 << 10)])
+def test_ranked_appends_read_back_as_from_a_plain_file(tmp_path, staging, recent):
     """Random exchanges with random ranks (or none), single ranked writes, range writes (rows leave the log),
     switches of halves and a reopen: every read equals the plain file's; with staging, reads of staged rows,
-    staged rows written again and range writes over staged rows too."""
-    log, plain = pair(tmp_path, 600, staging)
+    staged rows written again and range writes over staged rows too; with recent sectors held, rows read from
+    them while the log keeps writing over its halves."""
+    log, plain = pair(tmp_path, 600, staging, recent)
     rng = np.random.default_rng(11)
     for step in range(250):
         w = np.unique(rng.integers(0, 550 if step < 120 else N, 350))  # rows written again (switches), then folds
-        r = np.setdiff1d(np.unique(rng.integers(0, N, 150)), w)
+        r = np.setdiff1d(np.unique(np.concatenate([rng.integers(0, N, 100), rng.integers(0, 600, 100)])), w)
         weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
         rank = None if step % 5 == 0 else torch.from_numpy(rng.integers(0, 20, w.size))
         got = log.exchange(torch.from_numpy(w), weight, state, torch.from_numpy(r), write_rank=rank)
@@ -198,6 +199,7 @@ def test_ranked_appends_read_back_as_from_a_plain_file(tmp_path, staging):
     st = log.stats()
     assert st["log_switches"] > 0 and st["log_folds"] > 0
     assert st["log_staged_peak"] == 0 if not staging else 0 < st["log_staged_peak"] <= staging
+    assert (st["log_recent_rows"] > 0) == bool(recent), st
     same(log, plain, torch.arange(N))
     log.close()
     again = SsdTable.open(tmp_path / "log.tbl", direct_io=True)
@@ -210,9 +212,60 @@ def test_ranked_appends_read_back_as_from_a_plain_file(tmp_path, staging):
     again.close()
 
 
+def test_recent_sectors_hold_the_last_sectors_read_until_written_over():
+    """`RecentSectors`: rows whose sectors are held come back byte for byte (also across two sectors); the oldest
+    sectors go first; a write over a sector forgets it; a read that overlapped a write keeps nothing."""
+    stats = {"log_recent_rows": 0, "log_recent_kept": 0}
+    r = rowlog.RecentSectors(4, 512, stats)
+    disk = np.random.default_rng(0).integers(0, 256, 512 * 16, dtype=np.uint8)
+    r.keep(np.array([2, 3, 7]), disk.reshape(-1, 512)[[2, 3, 7]], r.epoch)
+    start = np.array([2 * 512 + 10, 3 * 512 - 30, 7 * 512, 5 * 512, 7 * 512 + 500])  # the 2nd spans 2 and 3
+    hit, rows = r.rows(start, 68)
+    assert hit.tolist() == [True, True, True, False, False]  # sector 5 not held; the last spans 7 and 8
+    assert np.array_equal(rows, np.stack([disk[s : s + 68] for s in start[hit]]))
+    r.keep(np.array([9, 10]), disk.reshape(-1, 512)[[9, 10]], r.epoch)  # four slots: sectors 2 and 3 go
+    assert r.rows(start[:3], 68)[0].tolist() == [False, False, True]
+    r.drop(7 * 512 + 100, 7 * 512 + 200)  # written over
+    assert not r.rows(start[2:3], 68)[0].any()
+    seen = r.epoch
+    r.drop(0, 512)  # a write while a read was in flight
+    r.keep(np.array([11]), disk.reshape(-1, 512)[[11]], seen)
+    assert not r.rows(np.array([11 * 512]), 68)[0].any() and stats["log_recent_rows"] == 3 + 1
+
+
+def test_rows_of_sectors_read_lately_come_from_memory(tmp_path):
+    """With recent sectors, a read of rows that share sectors with the last read costs no device bytes, and the
+    rows equal the plain file's; once the log writes over those sectors (a switch moves its live rows) the
+    device is read again."""
+    log, plain = pair(tmp_path, 2000, recent=64 << 10)
+    ids = np.arange(0, 1400, 2)
+    weight, state = torch.randn(ids.size, DIM), torch.rand(ids.size, 1)
+    for t in (log, plain):
+        t.write(torch.from_numpy(ids), weight, state, rank=torch.zeros(ids.size, dtype=torch.int64))
+    first, second = torch.from_numpy(ids[0:400:2]), torch.from_numpy(ids[1:398:2])  # between each other in the log
+    log.reset_stats()
+    same(log, plain, first)
+    assert log.stats()["device_bytes_read"] > 0
+    log.reset_stats()
+    same(log, plain, second)
+    st = log.stats()
+    assert st["device_bytes_read"] == 0 and st["log_recent_rows"] == second.numel(), st
+    for _ in range(8):  # write the rows again and again: the halves switch, every sector is written over
+        w = torch.from_numpy(ids)
+        more = torch.randn(w.numel(), DIM)
+        for t in (log, plain):
+            t.write(w, more, torch.zeros(w.numel(), 1))
+    assert log.stats()["log_switches"] > 0
+    log.reset_stats()
+    same(log, plain, second)
+    assert log.stats()["device_bytes_read"] > 0
+    log.close()
+
+
 def test_the_write_log_budget_buys_map_entries():
     """A log's memory is its map, `map_entry_bytes` per capacity row (8 B, 12 in tables of 2^31 rows or more), and
-    its run's index, `run_index_bytes` (1.5 bits per table row, 2 from 2^31 rows); `split_budget` charges both."""
+    its run's index, `run_index_bytes` (1.5 bits per table row, 2 from 2^31 rows); `split_budget` charges both, and
+    with look-ahead its staging area (1/64 of the budget) and recent sectors (1/128)."""
     from pathlib import Path
 
     from tierec.storage.plan import TableNeeds
@@ -226,11 +279,15 @@ def test_the_write_log_budget_buys_map_entries():
     assert split_budget(s, [TableNeeds("t", rows, row_bytes, lookups=1)]).write_log == rows * 8
     s = StorageSettings(root=Path("."), memory_budget=20 * rows * 68, direct_io=True)
     assert split_budget(s, [TableNeeds("t", 40 * rows, 68, lookups=1)]).write_log == 20 * rows * 68 // 16
-    assert split_budget(s, [TableNeeds("t", 40 * rows, 68, lookups=1)]).log_staging == 0  # no ranks without look-ahead
+    split = split_budget(s, [TableNeeds("t", 40 * rows, 68, lookups=1)])
+    assert split.log_staging == split.log_recent == 0  # no ranks (nor groups of them to read) without look-ahead
     assert split_budget(s, [TableNeeds("t", 40 * rows, 68, lookups=1)]).log_runs == 40 * rows * 12 // 64
     assert (rowlog.run_index_bytes(64), rowlog.run_index_bytes(65), rowlog.run_index_bytes(2**31)) == (12, 24, 2**29)
     s = StorageSettings(root=Path("."), memory_budget=20 * rows * 68, direct_io=True, policy="lookahead")
-    assert split_budget(s, [TableNeeds("t", 40 * rows, 68, lookups=1)]).log_staging == 20 * rows * 68 // 64
+    split = split_budget(s, [TableNeeds("t", 40 * rows, 68, lookups=1)])
+    assert (split.log_staging, split.log_recent) == (20 * rows * 68 // 64, 20 * rows * 68 // 128)
+    assert split.tables == split.total - split.row_bits - split.window - split.write_log - split.log_staging \
+        - split.log_recent - split.log_runs
 
 
 def test_staged_rows_of_one_rank_are_read_back_together(tmp_path):

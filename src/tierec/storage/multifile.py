@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -107,8 +108,53 @@ def _read_files(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecut
 
 
 def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExecutor, lanes: int) -> list[np.ndarray]:
-    """`read_many` for tables of one row width and one kind of descriptor (``ids`` sorted per table)."""
+    """`read_many` for tables of one row width and one kind of descriptor (``ids``: file rows, sorted per table).
+    Rows whose sectors a write-back log holds in memory (`tierec.storage.rowlog.RecentSectors`) are copied from
+    there; the rest are read, and the log sectors read are handed to it."""
+    recent = [t.row_log.recent if t.row_log is not None else None for t in tabs]
+    if all(r is None for r in recent):
+        return _read_devices(tabs, ids, pool, lanes)
+    epochs = [0 if r is None else r.epoch for r in recent]  # before any byte is read
+    held = [None if r is None else r.rows(x * t.row_stride, t.row_bytes) for t, x, r in zip(tabs, ids, recent, strict=True)]
+    got = _read_devices(tabs, [x if h is None else x[~h[0]] for x, h in zip(ids, held, strict=True)], pool, lanes,
+                        keep=lambda plan, tab_of_run, buf: _keep_recent(tabs, recent, epochs, plan, tab_of_run, buf))
+    out = []
+    for t, x, h, rows in zip(tabs, ids, held, got, strict=True):
+        if h is not None and h[0].any():
+            rows, read = np.empty((x.size, t.width), np.float32), rows
+            rows[~h[0]] = read
+            rows[h[0]] = h[1].view(np.float32)[:, : t.width]
+            t.account("read", int(np.count_nonzero(h[0])), 0.0)
+        out.append(rows)
+    return out
+
+
+def _keep_recent(tabs: list[SsdTable], recent: list, epochs: list[int], plan: blockio.BlockPlan,
+                 tab_of_run: np.ndarray, buf) -> None:
+    """Hand the sectors of ``plan``'s runs (read into ``buf``) that lie in a table's log halves to its
+    `RecentSectors` (at most as many as it holds: the last ones)."""
+    flat = np.frombuffer(buf, np.uint8)
+    for k, r in enumerate(recent):
+        lg = tabs[k].row_log
+        if r is None or lg is None:
+            continue
+        lo, hi = lg.base * lg.stride, (lg.base + 2 * lg.half) * lg.stride
+        sel = np.flatnonzero((tab_of_run == k) & (plan.foff >= lo) & (plan.foff + plan.nbytes <= hi))
+        if sel.size:
+            count = plan.nbytes[sel] // r.size
+            sectors = expand_ranges(plan.foff[sel] // r.size, count)[-r.capacity :]
+            at = expand_ranges(plan.boff[sel] // r.size, count)[-r.capacity :]
+            r.keep(sectors, flat[: flat.size // r.size * r.size].reshape(-1, r.size)[at], epochs[k])
+    del flat
+
+
+def _read_devices(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExecutor, lanes: int,
+                  keep: Callable | None = None) -> list[np.ndarray]:
+    """`_read_group`'s device reads: one plan over the tables' file rows ``ids``; ``keep(plan, table of each
+    run, buffer)`` sees the runs read before the buffer goes."""
     t0 = time.perf_counter()
+    if not any(x.size for x in ids):
+        return [np.empty((0, t.width), np.float32) for t in tabs]
     n = np.array([x.size for x in ids])
     tab_of = np.repeat(np.arange(len(tabs)), n)
     rb, stride = tabs[0].row_bytes, tabs[0].row_stride
@@ -128,6 +174,8 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExe
         except OSError as e:  # e.g. a filesystem that opened O_DIRECT but refuses the I/O: the per-table path copes
             log.debug("batched read failed (%s); reading table by table", e)
             return [t.read_local(x) for t, x in zip(tabs, ids, strict=True)]
+        if keep is not None:
+            keep(plan, rt, buf)
         return _finish_group(tabs, ids, plan, tab_of, n, tabs[0].gather(buf, plan.pos), sizes, t0)
     runs = list(zip(run_tab, plan.foff.tolist(), plan.nbytes.tolist(), plan.boff.tolist(), strict=True))
     mm = mmap.mmap(-1, plan.total)  # page-aligned, as O_DIRECT needs
@@ -153,6 +201,8 @@ def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExe
         if errors:  # e.g. a filesystem that opened O_DIRECT but refuses the I/O: the per-table path copes
             log.debug("concurrent read failed (%s); reading table by table", errors[0])
             return [t.read_local(x) for t, x in zip(tabs, ids, strict=True)]
+        if keep is not None:
+            keep(plan, tab_of[plan.first], mm)
         rows = tabs[0].gather(mm, plan.pos)
     finally:
         mv.release()

@@ -120,7 +120,8 @@ class BudgetSplit:
     changed since the last checkpoint, held by the SSD file); ``window``: the look-ahead window (steps read
     ahead and prepared, not yet taken by the trainer, and the oracles; the pipeline holds it to this);
     ``layout``: the SSD files' hot-row layouts (`tierec.storage.layout.HotLayout`, 16 B per hot row);
-    ``write_log`` / ``log_staging``: the SSD files' write-back log maps and the rows staged before them;
+    ``write_log`` / ``log_staging`` / ``log_recent``: the SSD files' write-back log maps, the rows staged before
+    them and the log sectors read lately, held in memory;
     ``log_runs``: the indexes of the logs' compacted runs (1.5 bits per row of every table);
     ``tables``: the rest, for in-memory tables
     and the SSD tables' caches (rows + index)."""
@@ -133,11 +134,12 @@ class BudgetSplit:
     write_log: int = 0  # the SSD files' write-back log maps (`tierec.storage.rowlog`, 8 B per moved row)
     log_staging: int = 0  # write-backs staged by placement rank before the logs (`tierec.storage.rowlog`)
     log_runs: int = 0  # the logs' compacted runs' indexes (`tierec.storage.rowlog.run_index_bytes`)
+    log_recent: int = 0  # the logs' sectors read lately (`tierec.storage.rowlog.RecentSectors`)
 
     @property
     def tables(self) -> int:
         return (self.total - self.row_bits - self.window - self.layout - self.id_index - self.write_log
-                - self.log_staging - self.log_runs)
+                - self.log_staging - self.log_runs - self.log_recent)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tables": self.tables}
@@ -146,6 +148,7 @@ class BudgetSplit:
         parts = [("row bits", self.row_bits), ("look-ahead window", self.window), ("hot-row layouts", self.layout),
                  ("dynamic ID indexes", self.id_index), ("write-back log maps", self.write_log),
                  ("write-back staging", self.log_staging), ("write-back run indexes", self.log_runs),
+                 ("recent log sectors", self.log_recent),
                  ("tables and caches", self.tables)]
         return f"memory budget {format_bytes(self.total)}: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts)
 

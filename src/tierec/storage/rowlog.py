@@ -25,6 +25,13 @@ in the file: `unstage` writes the rank groups that hold any of the rows asked fo
 rank's rows), and `SsdTable.slots_of` calls it before it maps IDs; `unstage` of everything before the
 map is saved or the file is made durable. Exactness is untouched: a row's bytes are the same wherever,
 and whenever, they are written.
+Recent sectors. Staging sends the lowest ranks out together when it is full, so one sector often holds rows read
+back at the next few steps: in a 2,750-step run of `benchmarks/bench_scale.py --quick`, half of the log rows a step
+read sat in a sector read within the last four steps, while the look-ahead window saw ~0.2 steps past the step it
+prepared (too little to take them as block neighbours). With ``recent`` sectors, `RecentSectors` holds the last
+sectors the log's reads moved (FIFO) and a read takes the rows whose sectors it holds from there instead of the
+device (`tierec.storage.multifile`). Exactness: a held sector is forgotten whenever the log writes over it, and a
+read that overlapped such a write keeps nothing, so a row's bytes are the file's.
 When the active half is full, the live rows -- the map's entries, at most ``capacity`` -- are copied
 to the other half in slot order (the old half read sequentially in chunks that hold live rows), and
 appends go on there: at least half of it is free. The old half stays untouched until the next
@@ -162,14 +169,92 @@ class RunIndex:
         return self.rows if w >= self.bits.size else int(self.before[w])
 
 
+class RecentSectors:
+    """The log's sectors read lately, held in memory (module doc, "Recent sectors"): a FIFO of ``capacity``
+    sectors of ``size`` bytes (``capacity x size`` bytes, paid from the budget), found by their sector number
+    (sorted int64 numbers -> slots: every operation vectorised). A sector is forgotten when the log writes over
+    it (`drop`, before and after the write), and a read that saw a write happen meanwhile keeps nothing
+    (`epoch`), so what is held is what the file holds. Thread-safe. Counters go to ``stats``."""
+
+    def __init__(self, capacity: int, size: int, stats: dict):
+        self.capacity, self.size = max(1, int(capacity)), int(size)
+        self.data = np.zeros((self.capacity, self.size), np.uint8)
+        self.owner = np.full(self.capacity, -1, np.int64)  # the sector each slot holds, -1: none
+        self.keys = np.empty(0, np.int64)  # the sectors held, sorted
+        self.at = np.empty(0, np.int64)  # their slots
+        self.next = 0  # the oldest slot: replaced next
+        self.epoch = 0  # bumped by every `drop`
+        self.stats = stats
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.owner.nbytes
+
+    def _find(self, sectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keys, at = self.keys, self.at
+        if keys.size == 0:
+            return np.zeros(sectors.size, bool), np.zeros(sectors.size, np.int64)
+        pos = np.minimum(np.searchsorted(keys, sectors), keys.size - 1)
+        return keys[pos] == sectors, at[pos]
+
+    def rows(self, start: np.ndarray, row_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows at file byte offsets ``start`` (int64 [n]), ``row_bytes`` each -> (bool [n]: the sectors of the
+        row are held; the bytes of those rows, uint8 [h, row_bytes])."""
+        s0, s1 = start // self.size, (start + row_bytes - 1) // self.size
+        with self._lock:
+            f0, a0 = self._find(s0)
+            f1, a1 = self._find(s1)
+            hit = f0 & f1
+            if not hit.any():
+                return hit, np.empty((0, row_bytes), np.uint8)
+            both = np.concatenate([self.data[a0[hit]], self.data[a1[hit]]], axis=1)  # [h, 2 x size]
+        off = (start[hit] - s0[hit] * self.size)[:, None] + np.arange(row_bytes)
+        self.stats["log_recent_rows"] += int(np.count_nonzero(hit))
+        return hit, np.take_along_axis(both, off, axis=1)
+
+    def keep(self, sectors: np.ndarray, data: np.ndarray, epoch: int) -> None:
+        """Hold ``sectors`` (int64 [k], distinct) and their bytes (uint8 [k, size]), read after `epoch` was
+        ``epoch``, in place of the oldest held; nothing if the log wrote meanwhile."""
+        with self._lock:
+            if epoch != self.epoch:
+                return
+            new = ~self._find(sectors)[0]
+            sectors, data = sectors[new][-self.capacity :], data[new][-self.capacity :]
+            k = sectors.size
+            if not k:
+                return
+            slots = (self.next + np.arange(k)) % self.capacity
+            self.next = int((self.next + k) % self.capacity)
+            old = self.owner[slots]
+            self.owner[slots] = sectors
+            self.data[slots] = data
+            stay = ~np.isin(self.keys, old[old >= 0])
+            keys, at = np.concatenate([self.keys[stay], sectors]), np.concatenate([self.at[stay], slots])
+            order = np.argsort(keys, kind="stable")
+            self.keys, self.at = keys[order], at[order]
+            self.stats["log_recent_kept"] += k
+
+    def drop(self, lo: int, hi: int) -> None:
+        """Forget the sectors of file bytes [lo, hi): the log writes over them."""
+        with self._lock:
+            self.epoch += 1
+            a, b = np.searchsorted(self.keys, [lo // self.size, -(-hi // self.size)])
+            if a < b:
+                self.owner[self.at[a:b]] = -1
+                self.keys = np.concatenate([self.keys[:a], self.keys[b:]])
+                self.at = np.concatenate([self.at[:a], self.at[b:]])
+
+
 class RowLog:
     """The log region of one table file (module doc): rows ``base + [0, 2 * half)`` of a file opened with
     O_DIRECT (descriptor ``fd``), rows of ``width`` float32 at ``row_stride`` bytes; at most ``capacity``
-    relocated rows; at most ``staged`` ranked rows wait in memory for their rank's group; then the two
-    regions of the compacted run, ``run_rows`` each, holding at most ``run_limit`` rows (module doc)."""
+    relocated rows; at most ``staged`` ranked rows wait in memory for their rank's group; ``recent`` of its
+    ``sector``-byte sectors read lately are held in memory (`RecentSectors`); then the two regions of the
+    compacted run, ``run_rows`` each, holding at most ``run_limit`` rows (module doc)."""
 
     def __init__(self, path: Path, fd: int, base: int, capacity: int, width: int, row_stride: int, num_rows: int,
-                 staged: int = 0):
+                 staged: int = 0, recent: int = 0, sector: int = SECTOR):
         unit = block_rows(row_stride)
         if base % unit:
             raise ValueError(f"log base row {base} must be a multiple of {unit}")
@@ -196,7 +281,9 @@ class RowLog:
             np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, self.width), np.float32))
         self.stats = {"log_rows": 0, "log_switches": 0, "log_moved_rows": 0, "log_full": 0,
                       "log_bytes_written": 0, "log_bytes_read": 0, "log_staged_peak": 0, "log_folds": 0,
-                      "log_folded_rows": 0, "log_compactions": 0, "log_run_rows": 0}
+                      "log_folded_rows": 0, "log_compactions": 0, "log_run_rows": 0, "log_recent_rows": 0,
+                      "log_recent_kept": 0}
+        self.recent = RecentSectors(recent, sector, self.stats) if recent > 0 else None
 
     @staticmethod
     def half_rows(capacity: int, row_stride: int) -> int:
@@ -504,7 +591,11 @@ class RowLog:
         body[:, : self.width * 4] = np.ascontiguousarray(rows, np.float32).view(np.uint8).reshape(n, -1)
         buf[start - lo : end - lo] = body.reshape(-1)
         buf[end - lo :] = 0
+        if self.recent is not None:  # before and after: a read between the two keeps nothing (`RecentSectors`)
+            self.recent.drop(lo, hi)
         transfer_all(os.pwritev, self.fd, buf, lo, self.path, "write")
+        if self.recent is not None:
+            self.recent.drop(lo, hi)
         last = end // ALIGN * ALIGN
         self.stats["log_bytes_written"] += int(buf.size)
         return int(buf.size), buf[last - lo : end - lo].copy()

@@ -116,14 +116,15 @@ class SsdTable:
     rows this one does not (a chain of incremental checkpoints, read newest first). ``readonly=True``
     opens the file without write access. ``row_log`` (a new lazy O_DIRECT file): the capacity of a
     write-back log after the rows (module doc); a working file created with one reopens with it.
-    ``log_staging``: the rows its log may stage by placement rank (`tierec.storage.rowlog`, memory).
+    ``log_staging``: the rows its log may stage by placement rank (`tierec.storage.rowlog`, memory);
+    ``log_recent``: bytes of the log's recently read sectors held in memory (`tierec.storage.rowlog.RecentSectors`).
     """
 
     def __init__(self, path: str | os.PathLike, num_embeddings: int, dim: int, state_dim: int, *,
                  create: bool = False, init_seed: int | None = None, table_index: int = 0,
                  direct_io: bool = False, init: str = "random", readonly: bool = False, row_align: int = 0,
                  lazy_init: RowInit | None = None, slots: np.ndarray | None = None, older: SsdTable | None = None,
-                 layout: HotLayout | None = None, row_log: int = 0, log_staging: int = 0):
+                 layout: HotLayout | None = None, row_log: int = 0, log_staging: int = 0, log_recent: int = 0):
         if num_embeddings <= 0 or dim <= 0 or state_dim < 0:
             raise ConfigError(f"{path}: bad table shape {num_embeddings} rows x (dim {dim} + state {state_dim})")
         row_align = check_row_align(row_align, f"{path}: row_align")
@@ -160,7 +161,7 @@ class SsdTable:
         self._log_base = -(-self.home_rows // block_rows(self.row_stride)) * block_rows(self.row_stride)
         if row_log:
             self.file_rows = self._log_base + RowLog.region_rows(row_log, self.row_stride, self.num_embeddings)
-        self._log_capacity, self._log_staging = int(row_log), int(log_staging)
+        self._log_capacity, self._log_staging, self._log_recent = int(row_log), int(log_staging), int(log_recent)
         self.row_log: RowLog | None = None  # set once the file is open
         self.file_bytes = self.file_rows * self.row_stride
         self.align = ALIGN  # block size of direct I/O (a smaller one where the device takes it: see below)
@@ -207,7 +208,8 @@ class SsdTable:
                 self.read_align = blockio.direct_align(self._fd, blockio.SECTOR, self.file_bytes)
             self.row_log = RowLog(self.path, self._fd if self.odirect else self._bfd, self._log_base,
                                   self._log_capacity, self.width, self.row_stride, self.num_embeddings,
-                                  staged=self._log_staging)
+                                  staged=self._log_staging, recent=self._log_recent // self.read_align,
+                                  sector=self.read_align)
             if not create:
                 self._load_log()
         # the rows' floats in the map (a strided view of it when rows are padded); None: not memory-mapped

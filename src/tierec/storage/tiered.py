@@ -100,6 +100,7 @@ def plan_sampled(settings: StorageSettings, rows: dict[str, int], sample: dict[s
 
 WRITE_LOG_SHARE = 16  # the write-back logs' maps may take at most 1/16 of the budget
 LOG_STAGING_SHARE = 64  # with look-ahead, write-backs staged by next use may take 1/64 of it (`tierec.storage.rowlog`)
+LOG_RECENT_SHARE = 128  # and the log sectors read lately, held in memory, 1/128 (`tierec.storage.rowlog.RecentSectors`)
 ROW_BITS = 3  # per row of every table: written, changed since the last checkpoint, held by its file (`LazyRows`)
 WINDOW_SHARE = 4  # the look-ahead window may take at most 1/4 of the memory budget (above its floor)
 # What the look-ahead window holds per lookup of a step (`tierec.train.pipeline.LookaheadPipeline.held_nbytes`): the
@@ -125,8 +126,8 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     warning where it is not); the pipeline holds the window to it; with ``ssd_layout="hot"``, the SSD
     files' hot-row layouts: 16 B per sampled row, at most 1/`LAYOUT_SHARE` of a budget of
     `LAYOUT_MIN_BUDGET` or more; with a write-back log, its maps (at most 1/`WRITE_LOG_SHARE`) and, with
-    look-ahead, the write-backs it stages by next use (1/`LOG_STAGING_SHARE`), and its compacted runs' indexes
-    (`run_index_bytes`: 1.5 bits per row). A budget too small for them is
+    look-ahead, the write-backs it stages by next use (1/`LOG_STAGING_SHARE`) and the log sectors read lately
+    (1/`LOG_RECENT_SHARE`), and its compacted runs' indexes (`run_index_bytes`: 1.5 bits per row). A budget too small for them is
     a `ConfigError`."""
     total = settings.memory_budget or 0
     if settings.memory_budget is None:
@@ -153,7 +154,8 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
                                                       for n in needs))
     staging = total // LOG_STAGING_SHARE if write_log and settings.uses_lookahead else 0
     runs = sum(run_index_bytes(n.num_embeddings) for n in needs) if write_log else 0
-    split = BudgetSplit(total, row_bits, window, layout, id_index, write_log, staging, runs)
+    recent = total // LOG_RECENT_SHARE if staging else 0
+    split = BudgetSplit(total, row_bits, window, layout, id_index, write_log, staging, runs, recent)
     if split.tables <= 0:
         raise ConfigError(f"--memory-budget {format_bytes(total)} does not cover the tables' bookkeeping "
                           f"({split.describe()}); raise it")
@@ -288,6 +290,7 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
     total_weight = sum(weight.values())
     log_bytes = split.write_log if split is not None and uses_write_log(settings) else 0
     staging_bytes = split.log_staging if log_bytes and split is not None else 0
+    recent_bytes = split.log_recent if log_bytes and split is not None else 0
     if settings.direct_io and not row_align and weight and not log_bytes:
         log.info("SSD tables: rows packed and no write-back log, so every write-back reads its 4 KiB block first "
                  "(docs/storage.md)")
@@ -307,7 +310,8 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
                        init="lazy", row_align=row_align, layout=layout, lazy_init=init,
                        row_log=log_bytes * weight[p.name] // total_weight // map_entry_bytes(tcfg.num_embeddings),
                        log_staging=staging_bytes * weight[p.name] // total_weight // staged_row_bytes(
-                           4 * (tcfg.embedding_dim + state_dim)))  # packed rows: the log's stride
+                           4 * (tcfg.embedding_dim + state_dim)),  # packed rows: the log's stride
+                       log_recent=recent_bytes * weight[p.name] // total_weight)
         if resume_from is not None:
             attach_checkpoint(ssd, tcfg.name, resume_from, root / RESUME_DIR)
         rows = 0

@@ -238,6 +238,7 @@ def test_rows_of_sectors_read_lately_come_from_memory(tmp_path):
     rows equal the plain file's; once the log writes over those sectors (a switch moves its live rows) the
     device is read again."""
     log, plain = pair(tmp_path, 2000, recent=64 << 10)
+    assert 60 << 10 < log.row_log.recent.nbytes <= 64 << 10  # its share of memory, bookkeeping included
     ids = np.arange(0, 1400, 2)
     weight, state = torch.randn(ids.size, DIM), torch.rand(ids.size, 1)
     for t in (log, plain):

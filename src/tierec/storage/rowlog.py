@@ -104,11 +104,17 @@ GATHER_BYTES = 8 << 20
 GATHER_CHUNK = 1 << 20
 STAGE_GROUP_BYTES = 1024  # a rank's staged rows go to the log once they fill two sectors
 STAGED_ROW_OVERHEAD = 16  # bytes of a staged row beside its floats: its ID and rank (int64 each)
+RECENT_SECTOR_OVERHEAD = 24  # bytes of a held sector beside its bytes: its slot's owner, its number and slot (int64)
 
 
 def staged_row_bytes(row_stride: int) -> int:
     """Memory of one staged row (module doc): its ``row_stride`` bytes of floats, its ID and its rank."""
     return int(row_stride) + STAGED_ROW_OVERHEAD
+
+
+def recent_sectors(nbytes: int, sector: int) -> int:
+    """How many ``sector``-byte sectors `RecentSectors` holds in ``nbytes`` of memory (their bookkeeping included)."""
+    return int(nbytes) // (int(sector) + RECENT_SECTOR_OVERHEAD)
 
 
 def block_rows(row_stride: int, block: int = ALIGN) -> int:
@@ -189,7 +195,8 @@ class RecentSectors:
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes + self.owner.nbytes
+        """Memory held: the sectors' bytes and their bookkeeping (`recent_sectors`)."""
+        return self.data.nbytes + self.owner.nbytes + 2 * 8 * self.capacity
 
     def _find(self, sectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         keys, at = self.keys, self.at
@@ -209,8 +216,8 @@ class RecentSectors:
             if not hit.any():
                 return hit, np.empty((0, row_bytes), np.uint8)
             both = np.concatenate([self.data[a0[hit]], self.data[a1[hit]]], axis=1)  # [h, 2 x size]
+            self.stats["log_recent_rows"] += int(np.count_nonzero(hit))
         off = (start[hit] - s0[hit] * self.size)[:, None] + np.arange(row_bytes)
-        self.stats["log_recent_rows"] += int(np.count_nonzero(hit))
         return hit, np.take_along_axis(both, off, axis=1)
 
     def keep(self, sectors: np.ndarray, data: np.ndarray, epoch: int) -> None:

@@ -80,7 +80,7 @@ from tierec.storage.blockio import ALIGN, MAX_IO, BlockPlan
 from tierec.storage.layout import HotLayout
 from tierec.storage.lazy import LazyRows, RowBits, RowInit
 from tierec.storage.multifile import exchange_many, read_many, write_block_runs
-from tierec.storage.rowlog import RowLog, block_rows
+from tierec.storage.rowlog import RowLog, block_rows, recent_sectors
 from tierec.storage.tablefile import (
     FORMAT,
     is_delta,
@@ -208,7 +208,7 @@ class SsdTable:
                 self.read_align = blockio.direct_align(self._fd, blockio.SECTOR, self.file_bytes)
             self.row_log = RowLog(self.path, self._fd if self.odirect else self._bfd, self._log_base,
                                   self._log_capacity, self.width, self.row_stride, self.num_embeddings,
-                                  staged=self._log_staging, recent=self._log_recent // self.read_align,
+                                  staged=self._log_staging, recent=recent_sectors(self._log_recent, self.read_align),
                                   sector=self.read_align)
             if not create:
                 self._load_log()

@@ -33,7 +33,7 @@ READ_GAP_BLOCKS = 1  # O_DIRECT reads: runs at most one block apart become one r
 
 
 def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor | None = None,
-              lanes: int = blockio.IO_LANES) -> list[np.ndarray]:
+              lanes: int = blockio.IO_LANES, recent: bool = False) -> list[np.ndarray]:
     """Rows of several tables at once: [(table, row IDs int64 [U_i])] -> [rows [U_i, width] float32].
 
     The tables' reads are planned together in one vectorised pass per kind of file (O_DIRECT:
@@ -45,7 +45,9 @@ def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor
     gather or block I/O). Counters are kept per table. Never-written rows of lazy files are not
     read: they get their initial values (`tierec.storage.lazy`). A row set with an ``older`` link
     (an incremental checkpoint) gives the rows it does not hold to the link below, newest first;
-    every link's reads go in the same plan."""
+    every link's reads go in the same plan. ``recent``: a cache's step (`exchange_many`) -- rows in log sectors
+    read lately come from memory and the log sectors read are kept (`tierec.storage.rowlog.RecentSectors`);
+    bulk reads (checkpoints, evaluation, serving) leave them alone."""
     asked = [(t, t.check_ids(ids)) for t, ids in reads]
     parts: list[tuple[int, SsdTable, np.ndarray, np.ndarray]] = []  # (read i, file, file rows, positions in i)
     fresh: list[tuple[int, np.ndarray, np.ndarray]] = []  # (read i, never-written IDs, their positions)
@@ -64,7 +66,7 @@ def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor
             link = link.older
         if left.size:
             fresh.append((i, left, pos))
-    got = _read_files([(f, rows) for _, f, rows, _ in parts], pool, lanes)
+    got = _read_files([(f, rows) for _, f, rows, _ in parts], pool, lanes, recent)
     if len(parts) == len(asked) and not fresh:  # every row from its own file: the plain case
         return got
     out = [np.zeros((ids.size, t.width), np.float32) for t, ids in asked]
@@ -83,7 +85,8 @@ def _written(t: SsdTable, ids: np.ndarray) -> np.ndarray | None:
     return None if lazy is None else lazy.stored.test(ids)
 
 
-def _read_files(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor | None, lanes: int) -> list[np.ndarray]:
+def _read_files(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor | None, lanes: int,
+                recent: bool = False) -> list[np.ndarray]:
     """`read_many` of rows that are all in the files."""
     out: list = [None] * len(reads)
     groups: dict[tuple, list[int]] = {}
@@ -96,7 +99,7 @@ def _read_files(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecut
         gids = [reads[i][1] for i in idx]
         order = [None if x.size < 2 or np.all(x[1:] > x[:-1]) else np.argsort(x, kind="stable") for x in gids]
         gids = [x if o is None else x[o] for x, o in zip(gids, order, strict=True)]
-        got = _read_group([reads[i][0] for i in idx], gids, pool or blockio.io_pool(), lanes)
+        got = _read_group([reads[i][0] for i in idx], gids, pool or blockio.io_pool(), lanes, recent)
         for i, o, rows in zip(idx, order, got, strict=True):
             out[i] = rows if o is None else rows[np.argsort(o)]
     for i, (t, ids) in enumerate(reads):
@@ -107,11 +110,12 @@ def _read_files(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecut
     return out
 
 
-def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExecutor, lanes: int) -> list[np.ndarray]:
+def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExecutor, lanes: int,
+                use_recent: bool = False) -> list[np.ndarray]:
     """`read_many` for tables of one row width and one kind of descriptor (``ids``: file rows, sorted per table).
-    Rows whose sectors a write-back log holds in memory (`tierec.storage.rowlog.RecentSectors`) are copied from
-    there; the rest are read, and the log sectors read are handed to it."""
-    recent = [t.row_log.recent if t.row_log is not None else None for t in tabs]
+    With ``use_recent``, rows whose sectors a write-back log holds in memory (`tierec.storage.rowlog.RecentSectors`)
+    are copied from there; the rest are read, and the log sectors read are handed to it."""
+    recent = [t.row_log.recent if t.row_log is not None and use_recent else None for t in tabs]
     if all(r is None for r in recent):
         return _read_devices(tabs, ids, pool, lanes)
     epochs = [0 if r is None else r.epoch for r in recent]  # before any byte is read
@@ -260,7 +264,7 @@ def exchange_many(tabs: list[SsdTable], wt: np.ndarray, wid: np.ndarray, rows: n
         if wid.size and _exchange_blocks(tabs, wt, wid, rows, rt[:0], rid[:0]) is None:  # writes by block
             return None  # (what went to a log is there: written again by the caller, the same bytes)
         out = np.concatenate([np.empty((0, t0.width), np.float32),
-                              *read_many([(tabs[k], rid[rt == k]) for k in np.unique(rt).tolist()])])
+                              *read_many([(tabs[k], rid[rt == k]) for k in np.unique(rt).tolist()], recent=True)])
         return _fill_unread(tabs, out, written, asked_t, asked)
     got = _exchange_blocks(tabs, wt, wid, rows, rt, rid)
     return None if got is None else _fill_unread(tabs, got, written, asked_t, asked)

@@ -29,9 +29,10 @@ Recent sectors. Staging sends the lowest ranks out together when it is full, so 
 back at the next few steps: in a 2,750-step run of `benchmarks/bench_scale.py --quick`, half of the log rows a step
 read sat in a sector read within the last four steps, while the look-ahead window saw ~0.2 steps past the step it
 prepared (too little to take them as block neighbours). With ``recent`` sectors, `RecentSectors` holds the last
-sectors the log's reads moved (FIFO) and a read takes the rows whose sectors it holds from there instead of the
-device (`tierec.storage.multifile`). Exactness: a held sector is forgotten whenever the log writes over it, and a
-read that overlapped such a write keeps nothing, so a row's bytes are the file's.
+sectors a cache's steps read from the log (FIFO), and a step takes the rows whose sectors it holds from there
+instead of the device (`tierec.storage.multifile.read_many` with ``recent``; bulk reads leave it alone).
+Exactness: a held sector is forgotten whenever the log writes over it, and a read that overlapped such a write
+keeps nothing, so a row's bytes are the file's.
 When the active half is full, the live rows -- the map's entries, at most ``capacity`` -- are copied
 to the other half in slot order (the old half read sequentially in chunks that hold live rows), and
 appends go on there: at least half of it is free. The old half stays untouched until the next

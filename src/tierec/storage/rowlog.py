@@ -113,6 +113,16 @@ def staged_row_bytes(row_stride: int) -> int:
     return int(row_stride) + STAGED_ROW_OVERHEAD
 
 
+def find_sorted(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where ``ids`` sit in the sorted, distinct ``keys``: (bool [n]: present; int64 [n]: their positions, where
+    present). ``ids`` are compared in the keys' dtype (IDs of the table fit its keys: no copy of the map)."""
+    if keys.size == 0:
+        return np.zeros(ids.size, bool), np.zeros(ids.size, np.int64)
+    ids = ids.astype(keys.dtype, copy=False)
+    pos = np.minimum(np.searchsorted(keys, ids), keys.size - 1)
+    return keys[pos] == ids, pos
+
+
 def recent_sectors(nbytes: int, sector: int) -> int:
     """How many ``sector``-byte sectors `RecentSectors` holds in ``nbytes`` of memory (their bookkeeping included)."""
     return int(nbytes) // (int(sector) + RECENT_SECTOR_OVERHEAD)
@@ -200,11 +210,9 @@ class RecentSectors:
         return self.data.nbytes + self.owner.nbytes + 2 * 8 * self.capacity
 
     def _find(self, sectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        keys, at = self.keys, self.at
-        if keys.size == 0:
-            return np.zeros(sectors.size, bool), np.zeros(sectors.size, np.int64)
-        pos = np.minimum(np.searchsorted(keys, sectors), keys.size - 1)
-        return keys[pos] == sectors, at[pos]
+        """(bool [n]: which ``sectors`` are held; their slots, where held)."""
+        held, pos = find_sorted(self.keys, sectors)
+        return held, self.at[pos] if self.at.size else pos
 
     def rows(self, start: np.ndarray, row_bytes: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows at file byte offsets ``start`` (int64 [n]), ``row_bytes`` each -> (bool [n]: the sectors of the
@@ -331,13 +339,7 @@ class RowLog:
         return int(self._staged[0].size)
 
     # ------------------------------------------------------------------ lookups
-    @staticmethod
-    def _find(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if keys.size == 0:
-            return np.zeros(ids.size, bool), np.zeros(ids.size, np.int64)
-        ids = ids.astype(keys.dtype, copy=False)  # IDs of the table fit its keys: no copy of the map to compare
-        pos = np.minimum(np.searchsorted(keys, ids), keys.size - 1)
-        return keys[pos] == ids, pos
+    _find = staticmethod(find_sorted)
 
     def lookup(self, ids: np.ndarray, home: np.ndarray) -> np.ndarray:
         """File rows of ``ids`` (int64 [U]): their log slots where relocated, else their run rows where the run

@@ -127,8 +127,8 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
     files' hot-row layouts: 16 B per sampled row, at most 1/`LAYOUT_SHARE` of a budget of
     `LAYOUT_MIN_BUDGET` or more; with a write-back log, its maps (at most 1/`WRITE_LOG_SHARE`) and, with
     look-ahead, the write-backs it stages by next use (1/`LOG_STAGING_SHARE`) and the log sectors read lately
-    (1/`LOG_RECENT_SHARE`), and its compacted runs' indexes (`run_index_bytes`: 1.5 bits per row). A budget too small for them is
-    a `ConfigError`."""
+    (1/`LOG_RECENT_SHARE`), and its compacted runs' indexes (`run_index_bytes`: 1.5 bits per row). A budget too
+    small for them is a `ConfigError`."""
     total = settings.memory_budget or 0
     if settings.memory_budget is None:
         return BudgetSplit(0)

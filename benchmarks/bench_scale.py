@@ -27,10 +27,15 @@ alone, from ``os.wait4``):
 2. reference: the same model, batch, steps and checkpoint interval, every table in memory;
 3. tiered: ``--memory-budget B --cache-policy lookahead --direct-io``: the tables beyond the budget in
    O_DIRECT SSD files behind the look-ahead cache; a checkpoint every steps/5 steps (5 in all, one kept);
-4. a full copy of the tiered run's SSD tables (each working file's rows, not its write-back log region;
-   dropped from the page cache first; read, written, fsynced), the yardstick for the checkpoints. The
+4. right after it, a full copy of the tiered run's SSD tables (each working file's rows, not its write-back log
+   region; dropped from the page cache first; read, written, fsynced), the yardstick for its checkpoints. The
    device is probed (``tierec probe --scratch``: random 4 KiB O_DIRECT reads at queue depths 1 and 32)
-   before the tiered run and after the copy; a slowdown between the two is reported as such.
+   before the first tiered run and after the last copy; a slowdown between the two is reported as such.
+
+With ``--pairs N``, steps 2-4 run N times, the pairs alternately reference first and tiered first (ABBA), and
+the speed ratio and the checkpoints' share of the copy are judged on the median over the pairs (each pair's
+printed): on this 2-core VM the same code's samples/s drift by 20% or more within minutes, more than one pair
+can tell apart. The other figures are the last tiered run's, and peak RSS the highest of each side's runs.
 
 From the runs' metrics.jsonl: table creation (``build_seconds`` of the start record: the model, its tables
 and SSD files); the next-use trace pass that the look-ahead cache runs before step 1 (the ``trace`` record:
@@ -67,7 +72,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -456,31 +461,41 @@ def verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("PASS" if ok else "MISS")
 
 
-def ratio_line(tiered: float | None, memory: float | None, note: str = "") -> tuple[str, bool | None]:
-    if not tiered or not memory:
+def ratio_line(tiered: list[float | None], memory: list[float | None], note: str = "") -> tuple[str, bool | None]:
+    """samples/s of the tiered runs against the reference runs, pair by pair: one pair's figures, or the median
+    of the pairs' ratios (judged) with each pair's."""
+    pairs = [(t, m) for t, m in zip(tiered, memory, strict=True) if t and m]
+    if not pairs:
         return "n/a", None
-    r = tiered / memory
-    return f"{tiered:,.0f} vs {memory:,.0f} in memory = {r:.2f}x{note}", r >= SPEED_RATIO
+    ratios = [t / m for t, m in pairs]
+    r = statistics.median(ratios)
+    if len(pairs) == 1:
+        return f"{pairs[0][0]:,.0f} vs {pairs[0][1]:,.0f} in memory = {r:.2f}x{note}", r >= SPEED_RATIO
+    each = ", ".join(f"{t:,.0f} vs {m:,.0f} = {x:.2f}x" for (t, m), x in zip(pairs, ratios, strict=True))
+    return f"{r:.2f}x, the median of {len(pairs)} pairs: {each}{note}", r >= SPEED_RATIO
 
 
 Row = tuple[str, str, str, str]  # measure, measured, target, PASS / MISS / -
 
 
-def speed_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
-    """Table creation; samples/s against the in-memory model, whole run and from the first eviction on."""
+def speed_rows(s: Sizing, ts: list[RunFigures], ms: list[RunFigures]) -> list[Row]:
+    """Table creation; samples/s against the in-memory model (pair by pair), whole run and from the first eviction
+    on."""
     rows: list[Row] = []
+    t, m = ts[-1], ms[-1]
     ok = None if t.build_s is None else t.build_s < CREATE_S
     rows.append(("table creation (model build)", f"{t.build_s:.1f} s (in memory: {m.build_s:.1f} s)"
                  if t.build_s is not None and m.build_s is not None else "n/a", f"< {CREATE_S:g} s", verdict(ok)))
     if t.trace is not None:
         rows.append(("next-use trace pass (before step 1)", f"{t.trace['seconds']:.1f} s: {t.trace['steps']:,} steps, "
                      f"{t.trace['lookups']:,} lookups", "", "-"))
-    means = f" (means {t.samples_per_s:,.0f} vs {m.samples_per_s:,.0f})" if t.samples_per_s and m.samples_per_s else ""
-    text, ok = ratio_line(t.median_samples_per_s(), m.median_samples_per_s(), means)
+    means = (f" (means {t.samples_per_s:,.0f} vs {m.samples_per_s:,.0f})"
+             if len(ts) == 1 and t.samples_per_s and m.samples_per_s else "")
+    text, ok = ratio_line([x.median_samples_per_s() for x in ts], [x.median_samples_per_s() for x in ms], means)
     rows.append((f"samples/s (median, {s.log_every}-step intervals)", text, f">= {SPEED_RATIO}x", verdict(ok)))
     ev = t.first_eviction_step
     if ev is not None:
-        text, ok = ratio_line(t.median_samples_per_s(ev), m.median_samples_per_s(ev))
+        text, ok = ratio_line([x.median_samples_per_s(ev) for x in ts], [x.median_samples_per_s(ev) for x in ms])
         rows.append((f"  from step {ev:,} (evicting)", text, f">= {SPEED_RATIO}x", verdict(ok)))
     return rows
 
@@ -518,8 +533,16 @@ def tier_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
     ]
 
 
-def checkpoint_rows(t: RunFigures, copy_s: float, copy_bytes: int) -> list[Row]:
-    """The full copy, the 1st, 2nd and 5th checkpoint against it, and the slowest of the 2nd..5th."""
+def slowest_share(t: RunFigures, copy_s: float) -> float | None:
+    """The slowest of the 2nd..5th checkpoints of a run, as a share of the full copy's time."""
+    later = t.checkpoints[1:CHECKPOINTS]
+    return max(c["seconds"] for c in later) / copy_s if len(later) > 1 and copy_s else None
+
+
+def checkpoint_rows(ts: list[RunFigures], copies: list[tuple[float, int]]) -> list[Row]:
+    """The full copy, the 1st, 2nd and 5th checkpoint against it, and the slowest of the 2nd..5th (the last tiered run;
+    with several, the median over the runs of each one's slowest against the copy made right after it)."""
+    t, (copy_s, copy_bytes) = ts[-1], copies[-1]
     rows: list[Row] = [("full copy of the tables' rows", f"{copy_s:.1f} s, {format_bytes(copy_bytes)}", "", "-")]
     target = f"< {CHECKPOINT_SHARE:.0%} of the copy's time"
     for k in (1, 2, CHECKPOINTS):
@@ -532,10 +555,13 @@ def checkpoint_rows(t: RunFigures, copy_s: float, copy_bytes: int) -> list[Row]:
                 f"time, {c['bytes'] / max(copy_bytes, 1):.2f}x its bytes")
         rows.append((f"checkpoint {k}", text, "", "-") if k == 1
                     else (f"checkpoint {k}", text, target, verdict(share < CHECKPOINT_SHARE)))
-    later = t.checkpoints[1:CHECKPOINTS]
-    if len(later) > 1 and copy_s:
-        worst = max(c["seconds"] for c in later) / copy_s
-        rows.append((f"checkpoints 2..{len(later) + 1}, slowest", f"{worst:.2f}x the copy's time", target,
+    shares = [x for x in (slowest_share(r, c[0]) for r, c in zip(ts, copies, strict=True)) if x is not None]
+    if shares:
+        worst = statistics.median(shares)
+        text = (f"{worst:.2f}x the copy's time" if len(ts) == 1 else
+                f"{worst:.2f}x the copy's time, the median of {len(shares)} runs: "
+                + ", ".join(f"{x:.2f}x (copy {c[0]:.1f} s)" for x, c in zip(shares, copies, strict=True)))
+        rows.append((f"checkpoints 2..{min(len(t.checkpoints), CHECKPOINTS)}, slowest", text, target,
                      verdict(worst < CHECKPOINT_SHARE)))
     return rows
 
@@ -555,9 +581,13 @@ def probe_lines(probes: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def print_report(s: Sizing, t: RunFigures, m: RunFigures, copy_s: float, copy_bytes: int,
+def print_report(s: Sizing, ts: list[RunFigures], ms: list[RunFigures], copies: list[tuple[float, int]],
                  probes: dict[str, list[dict]]) -> list[Row]:
-    rows = speed_rows(s, t, m) + tier_rows(s, t, m) + checkpoint_rows(t, copy_s, copy_bytes)
+    """The report; with several pairs, the last tiered run's figures (its files were copied), the speed pair by pair,
+    and the highest peak RSS and busiest neighbour of each side's runs."""
+    t = replace(ts[-1], peak_rss=max(x.peak_rss for x in ts), others_cores=max(x.others_cores for x in ts))
+    m = replace(ms[-1], peak_rss=max(x.peak_rss for x in ms), others_cores=max(x.others_cores for x in ms))
+    rows = speed_rows(s, ts, ms) + tier_rows(s, t, m) + checkpoint_rows(ts, copies)
     print(f"\nbench_scale: {os.cpu_count()} cores, RAM {format_bytes(s.ram)} (MemTotal); "
           f"{format_bytes(s.disk_free)} free on the work directory's disk, this run may need at most "
           f"{format_bytes(s.disk_need)}")
@@ -567,15 +597,17 @@ def print_report(s: Sizing, t: RunFigures, m: RunFigures, copy_s: float, copy_by
     if s.emulated_ram != s.ram:
         print(f"  (sized as on a machine with {format_bytes(s.emulated_ram)} of RAM: tables / --ram-factor)")
     print(f"  batch {s.batch_size:,}, {s.steps:,} steps, a checkpoint every {s.checkpoint_every:,}; look-ahead "
-          "cache, O_DIRECT")
+          "cache, O_DIRECT" + (f"; {len(ts)} pairs of runs (ABBA), the other figures from the last tiered run and "
+                               "the highest peak RSS" if len(ts) > 1 else ""))
     w0, w1, w2 = (max(len(r[i]) for r in rows) for i in range(3))
     for name, value, target, v in rows:
         print(f"  {name:<{w0}}  {value:<{w1}}  {target:<{w2}}  {v}")
     for line in probe_lines(probes):
         print(line)
     busy = max(t.others_cores, m.others_cores) > 0.25
-    print(f"  CPU used by other processes meanwhile: {m.others_cores:.2f} cores during the reference run, "
-          f"{t.others_cores:.2f} during the tiered run (of {os.cpu_count()})"
+    runs = "run" if len(ts) == 1 else "runs (the busiest)"
+    print(f"  CPU used by other processes meanwhile: {m.others_cores:.2f} cores during the reference {runs}, "
+          f"{t.others_cores:.2f} during the tiered {runs} (of {os.cpu_count()})"
           + ("; the machine was NOT quiet: the speed figures are noisy" if busy else ""))
     return rows
 
@@ -598,6 +630,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                              "cache row)")
     p.add_argument("--log-every", type=int, default=10, help="steps between metrics records (default: 10)")
     p.add_argument("--threads", type=int, help="torch threads of each training (default: torch's)")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="reference and tiered runs, N of each, alternately reference first and tiered first (ABBA); "
+                        "the speed ratio is the median of the pairs' (default: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe-seconds", type=float, default=1.0,
                    help="seconds per queue depth of the device probe before and after (0: no probe)")
@@ -608,36 +643,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the data, runs and logs")
     p.add_argument("--json", help="also write every figure here")
     a = p.parse_args(argv)
-    if not (a.ram_factor > 0 and 0 < a.budget_fraction < 1 and a.dim > 0 and a.batch_size > 0 and a.log_every > 0):
-        p.error("--ram-factor > 0, 0 < --budget-fraction < 1, --dim, --batch-size, --log-every > 0")
+    if not (a.ram_factor > 0 and 0 < a.budget_fraction < 1 and a.dim > 0 and a.batch_size > 0 and a.log_every > 0
+            and a.pairs > 0):
+        p.error("--ram-factor > 0, 0 < --budget-fraction < 1, --dim, --batch-size, --log-every, --pairs > 0")
     return a
 
 
+def pair_order(pairs: int) -> list[tuple[int, str]]:
+    """(pair, "memory" | "tiered") in the order they run: pairs alternately reference first and tiered first
+    (ABBA), so that a machine that slows down or speeds up through the benchmark weighs on both sides alike."""
+    kinds = ("memory", "tiered")
+    return [(i, k) for i in range(pairs) for k in (kinds if i % 2 == 0 else kinds[::-1])]
+
+
 def measure(a: argparse.Namespace, s: Sizing, work: Path) -> dict:
-    """Data, the two runs, the full copy and the probes; every figure."""
+    """Data, the runs (``--pairs`` of each), the full copy and the probes; every figure."""
     n = s.steps * s.batch_size
     log.info("synthesising %s rows twice: %s of tables, and %s for the reference", f"{n:,}",
              format_bytes(s.table_bytes), format_bytes(s.ref_table_bytes))
     synth(work / "data", s.cards, n, a.seed)
     synth(work / "data-ref", s.ref_cards, n, a.seed)
-    log.info("reference: every table in memory")
-    m_sum, m_child = train(work / "memory", work / "data-ref", s, a, [])
-    shutil.rmtree(work / "memory" / "checkpoints")
-    probes = {"before": probe(work, a.probe_seconds)} if a.probe_seconds else {}
-    log.info("tiered: %s of tables in a %s budget, look-ahead cache, O_DIRECT", format_bytes(s.table_bytes),
-             format_bytes(s.budget))
     tiered = ["--memory-budget", str(s.budget), "--cache-policy", "lookahead", "--direct-io"]
-    t_sum, t_child = train(work / "tiered", work / "data", s, a, tiered + shlex.split(a.tiered_args))
-    shutil.rmtree(work / "tiered" / "checkpoints")  # room for the copy
-    log.info("full copy of the SSD table files")
-    copy_s, copy_bytes = full_copy(work / "tiered" / "tables", work / "copy")
+    probes: dict[str, list[dict]] = {}
+    runs: dict[str, list[tuple[RunFigures, dict]]] = {"memory": [], "tiered": []}
+    copies: list[tuple[float, int]] = []  # the full copy after each tiered run: (seconds, bytes)
+    for i, kind in pair_order(a.pairs):
+        run = work / (kind if a.pairs == 1 else f"{kind}-{i + 1}")
+        if kind == "memory":
+            log.info("reference: every table in memory%s", f" (pair {i + 1} of {a.pairs})" if a.pairs > 1 else "")
+            summary, child = train(run, work / "data-ref", s, a, [])
+        else:
+            if a.probe_seconds and not probes:
+                probes["before"] = probe(work, a.probe_seconds)
+            log.info("tiered: %s of tables in a %s budget, look-ahead cache, O_DIRECT%s", format_bytes(s.table_bytes),
+                     format_bytes(s.budget), f" (pair {i + 1} of {a.pairs})" if a.pairs > 1 else "")
+            summary, child = train(run, work / "data", s, a, tiered + shlex.split(a.tiered_args))
+        shutil.rmtree(run / "checkpoints")  # room for the copy
+        runs[kind].append((analyse(read_metrics(run), summary, child), summary))
+        if kind == "tiered":
+            log.info("full copy of the SSD table files")
+            copies.append(full_copy(run / "tables", work / "copy"))
+            shutil.rmtree(run / "tables")  # one tiered run's files at a time on the disk
     if a.probe_seconds:
         probes["after"] = probe(work, a.probe_seconds)
-    t = analyse(read_metrics(work / "tiered"), t_sum, t_child)
-    m = analyse(read_metrics(work / "memory"), m_sum, m_child)
-    rows = print_report(s, t, m, copy_s, copy_bytes, probes)
-    return {"sizing": asdict(s), "tiered": asdict(t), "memory": asdict(m), "tiered_summary": t_sum,
-            "memory_summary": m_sum, "full_copy": {"seconds": copy_s, "bytes": copy_bytes}, "device": probes,
+    ts, ms = [f for f, _ in runs["tiered"]], [f for f, _ in runs["memory"]]
+    rows = print_report(s, ts, ms, copies, probes)
+    return {"sizing": asdict(s), "tiered": asdict(ts[-1]), "memory": asdict(ms[-1]),
+            "tiered_summary": runs["tiered"][-1][1], "memory_summary": runs["memory"][-1][1],
+            "pairs": [{"memory": asdict(m), "tiered": asdict(t), "full_copy": {"seconds": c[0], "bytes": c[1]}}
+                      for m, t, c in zip(ms, ts, copies, strict=True)],
+            "full_copy": {"seconds": copies[-1][0], "bytes": copies[-1][1]}, "device": probes,
             "report": [dict(zip(("measure", "measured", "target", "verdict"), r, strict=True)) for r in rows]}
 
 

@@ -344,17 +344,58 @@ def test_staged_rows_of_one_rank_are_read_back_together(tmp_path):
 
 
 def test_the_staging_limit_sends_the_soonest_ranks_first(tmp_path):
-    """Past its limit the staging area writes the lowest ranks (read back soonest) and keeps the rest."""
+    """Past its limit the staging area writes the lowest ranks (read back soonest) and keeps the rest. A bulk read
+    (a checkpoint's) takes staged rows from memory and leaves them staged; a step's read (`exchange`) sends the
+    rank groups it asks for to the log first and reads them back together."""
     log, _ = pair(tmp_path, 5000, staging=50)
     ids = np.arange(0, 80)
-    log.exchange(torch.from_numpy(ids), torch.randn(80, DIM), torch.ones(80, 1), torch.tensor([N - 1]),
+    weight, state = torch.randn(80, DIM), torch.rand(80, 1)
+    log.exchange(torch.from_numpy(ids), weight, state, torch.tensor([N - 1]),
                  write_rank=torch.from_numpy(ids // 10))  # 8 ranks of 10 rows, below a group each
     assert log.row_log.staged == 50
     written = log.row_log.lookup(ids, np.full(80, -1)) >= 0  # a lookup that names no staged row unstages nothing
     assert np.array_equal(written, ids < 30) and log.row_log.staged == 50
-    log.read(torch.tensor([75]))  # a staged row read: its rank's rows go to the log first
-    assert log.row_log.staged == 40
+    log.reset_stats()
+    w, s = log.read(torch.tensor([5, 75, 41]))  # one row from the log, two staged
+    assert torch.equal(w, weight[[5, 75, 41]]) and torch.equal(s, state[[5, 75, 41]])
+    st = log.stats()
+    assert log.row_log.staged == 50 and st["log_bytes_written"] == 0 and st["rows_read"] == 3
+    assert st["device_bytes_read"] == log.read_align  # the logged row's sector alone
+    got = log.exchange(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.empty(0, 1), torch.tensor([75]))
+    assert torch.equal(got[0], weight[[75]]) and log.row_log.staged == 40  # its rank went to the log first
     log.close()
+
+
+def test_bulk_reads_copy_staged_rows_and_step_reads_log_them_first(tmp_path):
+    """Over a `ConcatTable` of two files (a table group's store): a bulk read (`read`: a checkpoint's) of staged
+    rows copies them from the staging areas, moves no device byte for them and leaves every rank group staged; a
+    cache's read without write-backs (`exchange` of no rows) is a step's, which sends the rank groups it asks for
+    to the logs first. Both return the rows as written."""
+    from tierec.storage.concat import ConcatTable
+
+    tabs = [SsdTable(tmp_path / f"{k}.tbl", 1000, DIM, 1, create=True, init="lazy", init_seed=k, direct_io=True,
+                     row_log=2000, log_staging=500) for k in range(2)]
+    if not all(t.odirect for t in tabs):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    cat = ConcatTable(tabs, io_threads=1)
+    ids = np.arange(0, 2000, 7)  # both members; ranks of ~14 rows each: below a group, all staged
+    weight, state = torch.randn(ids.size, DIM), torch.rand(ids.size, 1)
+    cat.exchange(torch.from_numpy(ids), weight, state, torch.tensor([1]), write_rank=torch.from_numpy(ids // 100))
+    staged = [t.row_log.staged for t in tabs]
+    assert sum(staged) == ids.size
+    for t in tabs:
+        t.reset_stats()
+    ask = torch.from_numpy(ids[::3].copy())
+    w, s = cat.read(ask)
+    assert torch.equal(w, weight[::3]) and torch.equal(s, state[::3])
+    assert [t.row_log.staged for t in tabs] == staged
+    assert sum(t.stats()["device_bytes_read"] + t.stats()["log_bytes_written"] for t in tabs) == 0
+    e = torch.empty(0, dtype=torch.int64)
+    w, s = cat.exchange(e, torch.empty(0, DIM), torch.empty(0, 1), ask)
+    assert torch.equal(w, weight[::3]) and torch.equal(s, state[::3])
+    assert sum(t.row_log.staged for t in tabs) < sum(staged)  # the asked ranks went to the logs, then were read
+    assert sum(t.stats()["device_bytes_read"] for t in tabs) > 0
+    cat.close()
 
 
 def write_back_random_rows(rng, steps: int, *tables: SsdTable, span: int = N) -> None:

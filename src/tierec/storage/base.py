@@ -75,11 +75,13 @@ class TableStorage(Protocol):
 class RowStore(Protocol):
     """What a cache sits on (`tierec.storage.cache.CachedTable`'s backing store): rows moved by ID.
 
-    ``read(ids)``: rows ``ids`` (int64 [U], unique) as fresh tensors (weight [U, D], state [U, S]);
-    ``write(ids, weight, state)``: store them; ``exchange(write_ids, weight, state, read_ids, write_rank=None)``:
-    both (disjoint IDs) in one pass where the store can (`SsdTable`, `ConcatTable`: one I/O batch), else
-    write then read; ``write_rank`` (int64 [W] or None) is the caller's hint of when each written row is read
-    back (lower: sooner), which a write-back log places them by (`tierec.storage.rowlog`), others ignore;
+    ``read(ids)``: rows ``ids`` (int64 [U], unique) as fresh tensors (weight [U, D], state [U, S]), a bulk read
+    (checkpoints, evaluation); ``write(ids, weight, state)``: store them; ``exchange(write_ids, weight, state,
+    read_ids, write_rank=None)``: a cache's step, its write-backs (maybe none) and its misses (disjoint IDs) in one
+    pass where the store can (`SsdTable`, `ConcatTable`: one I/O batch), else write then read; ``write_rank``
+    (int64 [W] or None) is the caller's hint of when each written row is read back (lower: sooner), which a
+    write-back log places them by (`tierec.storage.rowlog`: a step's reads also send the staged rows they ask
+    for to the log and use its recent sectors; a bulk read copies staged rows), others ignore;
     ``mark_written(ids)``: rows ``ids`` changed in a cache above (their bytes reach this
     store on write-back; its `LazyRows` count them now, so a checkpoint needs no flush first);
     ``neighbours(ids)``: the rows a read of ``ids`` moves anyway (shared device blocks);

@@ -384,14 +384,16 @@ class CachedTable(RowStoreDefaults):
     def _bexchange(self, wb, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write back ``wb`` = (ids, weight, state[, placement rank]) of evicted dirty rows (or None) and read
         rows ``ids`` (not among them) from the backing store, in one pass where it can (`RowStore.exchange`)."""
-        if wb is None:
-            return self._bread(ids)
+        if wb is None:  # nothing to write back: still a cache's read, not a bulk one (`RowStore`)
+            b = ids.to(self._bdev)
+            wb = (b[:0], torch.empty(0, self.dim, device=self._bdev), torch.empty(0, self.state_dim, device=self._bdev))
         wid, w, s = wb[:3]
         rank = wb[3].to(self._bdev) if len(wb) > 3 else None
         w, s = self.backing.exchange(wid.to(self._bdev), w.to(self._bdev), s.to(self._bdev), ids.to(self._bdev),
                                      write_rank=rank)
-        self._st["rows_written"] += wid.numel()
-        self._st["write_calls"] += 1
+        if wid.numel():
+            self._st["rows_written"] += wid.numel()
+            self._st["write_calls"] += 1
         self._st["rows_read"] += ids.numel()
         self._st["read_calls"] += 1
         return w.to(self.device), s.to(self.device)

@@ -94,12 +94,18 @@ class ConcatTable:
 
     # ------------------------------------------------------------------ batched rows
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``ids`` (unique, any order) -> (weight [U, dim], state [U, state_dim])."""
+        """Rows ``ids`` (unique, any order) -> (weight [U, dim], state [U, state_dim]): a bulk read (checkpoints,
+        evaluation, serving); a cache's misses go through `exchange`."""
+        return self._read(ids, step=False)
+
+    def _read(self, ids: torch.Tensor, step: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`read`, or with ``step`` a cache's read (`tierec.storage.multifile.read_many`'s ``recent``; the members'
+        `exchange`)."""
         ids, order = sort_ids(ids)
         parts = self.space.parts(ids)
         if self._all_ssd and (len(parts) > 1 or self.weights_only):  # one batched plan over the members' files
             got = multifile.read_many([(self._files[t], (ids[lo:hi] - self.space.offset(t)).numpy()) for t, lo, hi in parts],
-                                      self._read_pool, self._lanes)
+                                      self._read_pool, self._lanes, recent=step)
             rows = torch.from_numpy(np.concatenate(got)) if got else torch.empty(0, self.dim + self.state_dim)
             w, s = rows[:, : self.dim].contiguous(), rows[:, self.dim:].contiguous()
             if self.weights_only:
@@ -110,7 +116,8 @@ class ConcatTable:
 
             def one(p):
                 t, lo, hi = p
-                w[lo:hi], s[lo:hi] = self.tables[t].read(ids[lo:hi] - self.space.offset(t))
+                tab, rid = self.tables[t], ids[lo:hi] - self.space.offset(t)
+                w[lo:hi], s[lo:hi] = (tab.exchange(rid[:0], w[:0], s[:0], rid) if step else tab.read(rid))
 
             self._map(one, parts)
         return unsort(order, w, s)
@@ -135,6 +142,8 @@ class ConcatTable:
         (one pass over its file), the members in parallel. ``write_rank`` (int64 [W] or None): the written
         rows' placement ranks, passed to the members (`RowStore.exchange`)."""
         self._writable()
+        if not write_ids.numel():
+            return self._read(read_ids, step=True)
         if write_rank is not None:
             write_rank = write_rank.to("cpu", torch.int64)
         if self._ssd_direct and write_ids.numel() and read_ids.numel():
@@ -153,7 +162,7 @@ class ConcatTable:
             wid, rid = write_ids[wb[t]:wb[t + 1]] - off, read_ids[rb[t]:rb[t + 1]] - off
             ww, ws_ = weight[wb[t]:wb[t + 1]], state[wb[t]:wb[t + 1]]
             wr = None if write_rank is None else write_rank[wb[t]:wb[t + 1]]
-            got = tab.exchange(wid, ww, ws_, rid, write_rank=wr) if wid.numel() else tab.read(rid)
+            got = tab.exchange(wid, ww, ws_, rid, write_rank=wr)  # a cache's read, also without writes
             w[rb[t]:rb[t + 1]], s[rb[t]:rb[t + 1]] = got
 
         self._map(one, parts)

@@ -147,13 +147,13 @@ class RowBits:
         for a in range(start, end, _CHUNK_ROWS * 8):
             b = min(a + _CHUNK_ROWS * 8, end)
             chunk = self.data[a // 8 : (b + 7) // 8]
-            if np.count_nonzero(chunk) * 8 < chunk.size:  # sparse: unpack the nonzero bytes only
-                nz = np.flatnonzero(chunk)
-                byte, bit = np.nonzero(np.unpackbits(chunk[nz][:, None], axis=1, bitorder="little"))
-                found = nz[byte].astype(np.int64) * 8 + bit
+            nz = np.flatnonzero(chunk != 0)  # (nonzero of a bool array: several times numpy's speed on bytes)
+            if nz.size * 8 < chunk.size:  # sparse: unpack the nonzero bytes only
+                f = np.flatnonzero(np.unpackbits(chunk[nz], bitorder="little").view(bool))  # bit 8 j + k: byte j's bit k
+                found = nz[f >> 3].astype(np.int64) * 8 + (f & 7)
                 parts.append(found[found < b - a] + a)
             else:
-                bits = np.unpackbits(chunk, bitorder="little")[: b - a]
+                bits = np.unpackbits(chunk, bitorder="little")[: b - a].view(bool)
                 parts.append(np.flatnonzero(bits).astype(np.int64) + a)
         return np.concatenate(parts) if parts else np.empty(0, np.int64)
 

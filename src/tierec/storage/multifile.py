@@ -45,15 +45,24 @@ def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor
     gather or block I/O). Counters are kept per table. Never-written rows of lazy files are not
     read: they get their initial values (`tierec.storage.lazy`). A row set with an ``older`` link
     (an incremental checkpoint) gives the rows it does not hold to the link below, newest first;
-    every link's reads go in the same plan. ``recent``: a cache's step (`exchange_many`) -- rows in log sectors
-    read lately come from memory and the log sectors read are kept (`tierec.storage.rowlog.RecentSectors`);
-    bulk reads (checkpoints, evaluation, serving) leave them alone."""
+    every link's reads go in the same plan. ``recent``: a cache's step (`exchange_many`, `SsdTable.exchange`) --
+    rows in log sectors read lately come from memory and the log sectors read are kept
+    (`tierec.storage.rowlog.RecentSectors`), and the staged rank groups it asks for go to the log first, to be
+    read back together; bulk reads (checkpoints, evaluation, serving) leave the recent sectors alone and copy
+    staged rows from the staging area, which stays as it is (`RowLog.staged_rows`)."""
     asked = [(t, t.check_ids(ids)) for t, ids in reads]
     parts: list[tuple[int, SsdTable, np.ndarray, np.ndarray]] = []  # (read i, file, file rows, positions in i)
     fresh: list[tuple[int, np.ndarray, np.ndarray]] = []  # (read i, never-written IDs, their positions)
+    staged: list[tuple[int, np.ndarray, np.ndarray]] = []  # (read i, positions in i, rows): a bulk read's staged rows
     for i, (t, ids) in enumerate(asked):
         link: SsdTable | None = t
         left, pos = ids, np.arange(ids.size)
+        if not recent and t.row_log is not None:  # staged write-backs from memory, their rank groups left staged
+            held, rows = t.row_log.staged_rows(left)
+            if held.any():
+                staged.append((i, pos[held], rows))
+                t.account("read", rows.shape[0], 0.0)
+                left, pos = left[~held], pos[~held]
         while link is not None and left.size:
             lazy = link.lazy_rows()
             if lazy is None:
@@ -67,10 +76,12 @@ def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor
         if left.size:
             fresh.append((i, left, pos))
     got = _read_files([(f, rows) for _, f, rows, _ in parts], pool, lanes, recent)
-    if len(parts) == len(asked) and not fresh:  # every row from its own file: the plain case
+    if len(parts) == len(asked) and not fresh and not staged:  # every row from its own file: the plain case
         return got
     out = [np.zeros((ids.size, t.width), np.float32) for t, ids in asked]
     for (i, _, _, pos), rows in zip(parts, got, strict=True):
+        out[i][pos] = rows
+    for i, pos, rows in staged:
         out[i][pos] = rows
     for i, left, pos in fresh:
         lazy = asked[i][0].lazy_rows()
@@ -101,7 +112,10 @@ def _read_files(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecut
         gids = [x if o is None else x[o] for x, o in zip(gids, order, strict=True)]
         got = _read_group([reads[i][0] for i in idx], gids, pool or blockio.io_pool(), lanes, recent)
         for i, o, rows in zip(idx, order, got, strict=True):
-            out[i] = rows if o is None else rows[np.argsort(o)]
+            if o is not None:  # back in the order asked: a scatter, not the argsort of the permutation
+                rows, sorted_rows = np.empty_like(rows), rows
+                rows[o] = sorted_rows
+            out[i] = rows
     for i, (t, ids) in enumerate(reads):
         if out[i] is None:
             t0 = time.perf_counter()

@@ -23,7 +23,9 @@ in a staging area grouped by rank, and a rank's rows go to the log together once
 staging area is full, the lowest ranks (read back soonest) go first. A reader never sees staged bytes
 in the file: `unstage` writes the rank groups that hold any of the rows asked for (a step's reads are a
 rank's rows), and `SsdTable.slots_of` calls it before it maps IDs; `unstage` of everything before the
-map is saved or the file is made durable. Exactness is untouched: a row's bytes are the same wherever,
+map is saved or the file is made durable. A bulk read (a checkpoint's, an evaluation's) copies the staged
+rows it asks for from the staging area instead (`staged_rows`) and leaves their groups staged for the step
+that reads them back. Exactness is untouched: a row's bytes are the same wherever,
 and whenever, they are written.
 Recent sectors. Staging sends the lowest ranks out together when it is full, so one sector often holds rows read
 back at the next few steps: in a 2,750-step run of `benchmarks/bench_scale.py --quick`, half of the log rows a step
@@ -340,6 +342,19 @@ class RowLog:
 
     # ------------------------------------------------------------------ lookups
     _find = staticmethod(find_sorted)
+
+    def staged_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``ids`` (int64 [U]) that wait in the staging area, copied from it: (bool [U]: staged; float32
+        [k, width]: their rows, in the order of ``ids``). A bulk read (checkpoint, evaluation) takes them from here
+        and leaves the rank groups staged, where `unstage` would write them to the log first: a staged row's
+        bytes are its newest (a row written again replaces its staged copy)."""
+        sid = self._staged[0]
+        if not sid.size or not ids.size:
+            return np.zeros(ids.size, bool), np.empty((0, self.width), np.float32)
+        with self._lock:
+            sid, _, srows = self._staged
+            held, pos = self._find(sid, np.asarray(ids, np.int64))
+            return held, srows[pos[held]]
 
     def lookup(self, ids: np.ndarray, home: np.ndarray) -> np.ndarray:
         """File rows of ``ids`` (int64 [U]): their log slots where relocated, else their run rows where the run

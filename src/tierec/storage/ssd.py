@@ -463,7 +463,8 @@ class SsdTable:
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``ids`` (int64 [U], any order) -> (weights [U, dim], state [U, state_dim]), fresh tensors.
         A read of ``LANE_MIN_ROWS`` or more rows goes through `tierec.storage.multifile.read_many`
-        (one AIO batch, or concurrent preadv lanes)."""
+        (one AIO batch, or concurrent preadv lanes). A bulk read (checkpoints, evaluation; a cache's misses go
+        through `exchange`): rows waiting in the write-back log's staging area are copied from it."""
         return self._split(read_many([(self, self.check_ids(ids))])[0])
 
     def slots_of(self, ids: np.ndarray) -> np.ndarray:
@@ -828,7 +829,8 @@ class SsdTable:
         second batch: two device round trips where `write` then `read` take three, and a block
         holding rows of both sets is read once; with padded rows whose blocks hold one row each
         (`exclusive_blocks`) the written rows' blocks are not read at all, and go in the same batch
-        as the reads. Elsewhere it is `write` then `read`."""
+        as the reads. Elsewhere it is `write` then a read. Either way the read is a cache's (`read_many` with
+        ``recent``): staged write-backs it asks for go to the log first, and recent log sectors serve it."""
         wid, rid = self.check_ids(write_ids), self.check_ids(read_ids)
         if wid.size and rid.size and self.odirect and aio.available():
             ws, rs = np.argsort(wid, kind="stable"), np.argsort(rid, kind="stable")
@@ -842,7 +844,7 @@ class SsdTable:
                 return self._split(res)
         if wid.size:  # elsewhere, or where the batched pass could not run: write, then read
             self.write(write_ids, weight, state, rank=write_rank)
-        return self.read(read_ids)
+        return self._split(read_many([(self, rid)], recent=True)[0])  # a cache's read, as `exchange_many`'s
 
     # ------------------------------------------------------------------ counters
     def account(self, op: str, rows: int, seconds: float) -> None:

@@ -469,10 +469,10 @@ def ratio_line(tiered: list[float | None], memory: list[float | None], note: str
         return "n/a", None
     ratios = [t / m for t, m in pairs]
     r = statistics.median(ratios)
-    if len(pairs) == 1:
-        return f"{pairs[0][0]:,.0f} vs {pairs[0][1]:,.0f} in memory = {r:.2f}x{note}", r >= SPEED_RATIO
+    if len(pairs) == 1:  # the judged figure with three decimals: 0.796x is a miss that .2f would print as 0.80x
+        return f"{pairs[0][0]:,.0f} vs {pairs[0][1]:,.0f} in memory = {r:.3f}x{note}", r >= SPEED_RATIO
     each = ", ".join(f"{t:,.0f} vs {m:,.0f} = {x:.2f}x" for (t, m), x in zip(pairs, ratios, strict=True))
-    return f"{r:.2f}x, the median of {len(pairs)} pairs: {each}{note}", r >= SPEED_RATIO
+    return f"{r:.3f}x, the median of {len(pairs)} pairs: {each}{note}", r >= SPEED_RATIO
 
 
 Row = tuple[str, str, str, str]  # measure, measured, target, PASS / MISS / -
@@ -551,16 +551,16 @@ def checkpoint_rows(ts: list[RunFigures], copies: list[tuple[float, int]]) -> li
             continue
         c = t.checkpoints[k - 1]
         share = c["seconds"] / copy_s if copy_s else math.inf
-        text = (f"step {c['step']:,}: {c['seconds']:.1f} s, {format_bytes(c['bytes'])} = {share:.2f}x the copy's "
+        text = (f"step {c['step']:,}: {c['seconds']:.2f} s, {format_bytes(c['bytes'])} = {share:.3f}x the copy's "
                 f"time, {c['bytes'] / max(copy_bytes, 1):.2f}x its bytes")
         rows.append((f"checkpoint {k}", text, "", "-") if k == 1
                     else (f"checkpoint {k}", text, target, verdict(share < CHECKPOINT_SHARE)))
     shares = [x for x in (slowest_share(r, c[0]) for r, c in zip(ts, copies, strict=True)) if x is not None]
     if shares:
         worst = statistics.median(shares)
-        text = (f"{worst:.2f}x the copy's time" if len(ts) == 1 else
-                f"{worst:.2f}x the copy's time, the median of {len(shares)} runs: "
-                + ", ".join(f"{x:.2f}x (copy {c[0]:.1f} s)" for x, c in zip(shares, copies, strict=True)))
+        text = (f"{worst:.3f}x the copy's time" if len(ts) == 1 else
+                f"{worst:.3f}x the copy's time, the median of {len(shares)} runs: "
+                + ", ".join(f"{x:.3f}x (copy {c[0]:.1f} s)" for x, c in zip(shares, copies, strict=True)))
         rows.append((f"checkpoints 2..{min(len(t.checkpoints), CHECKPOINTS)}, slowest", text, target,
                      verdict(worst < CHECKPOINT_SHARE)))
     return rows

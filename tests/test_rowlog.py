@@ -344,25 +344,28 @@ def test_staged_rows_of_one_rank_are_read_back_together(tmp_path):
 
 
 def test_the_staging_limit_sends_the_soonest_ranks_first(tmp_path):
-    """Past its limit the staging area writes the lowest ranks (read back soonest) and keeps the rest. A bulk read
-    (a checkpoint's) takes staged rows from memory and leaves them staged; a step's read (`exchange`) sends the
-    rank groups it asks for to the log first and reads them back together."""
+    """Past its limit the staging area writes the lowest ranks (read back soonest), in one append, until
+    `STAGE_KEEP` of the limit is left, and keeps the rest. A bulk read (a checkpoint's) takes staged rows from
+    memory and leaves them staged; a step's read (`exchange`) sends the rank groups it asks for to the log first
+    and reads them back together."""
     log, _ = pair(tmp_path, 5000, staging=50)
+    assert rowlog.STAGE_KEEP == 0.5
     ids = np.arange(0, 80)
     weight, state = torch.randn(80, DIM), torch.rand(80, 1)
     log.exchange(torch.from_numpy(ids), weight, state, torch.tensor([N - 1]),
                  write_rank=torch.from_numpy(ids // 10))  # 8 ranks of 10 rows, below a group each
-    assert log.row_log.staged == 50
+    assert log.row_log.staged == 20  # 80 > 50: ranks 0..5 went (at most 25 left), 6 and 7 wait
     written = log.row_log.lookup(ids, np.full(80, -1)) >= 0  # a lookup that names no staged row unstages nothing
-    assert np.array_equal(written, ids < 30) and log.row_log.staged == 50
+    assert np.array_equal(written, ids < 60) and log.row_log.staged == 20
+    assert np.array_equal(np.argsort(log_slots(log, ids[:60]), kind="stable"), np.arange(60))  # in rank order
     log.reset_stats()
-    w, s = log.read(torch.tensor([5, 75, 41]))  # one row from the log, two staged
-    assert torch.equal(w, weight[[5, 75, 41]]) and torch.equal(s, state[[5, 75, 41]])
+    w, s = log.read(torch.tensor([5, 75, 65]))  # one row from the log, two staged
+    assert torch.equal(w, weight[[5, 75, 65]]) and torch.equal(s, state[[5, 75, 65]])
     st = log.stats()
-    assert log.row_log.staged == 50 and st["log_bytes_written"] == 0 and st["rows_read"] == 3
+    assert log.row_log.staged == 20 and st["log_bytes_written"] == 0 and st["rows_read"] == 3
     assert st["device_bytes_read"] == log.read_align  # the logged row's sector alone
     got = log.exchange(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.empty(0, 1), torch.tensor([75]))
-    assert torch.equal(got[0], weight[[75]]) and log.row_log.staged == 40  # its rank went to the log first
+    assert torch.equal(got[0], weight[[75]]) and log.row_log.staged == 10  # its rank went to the log first
     log.close()
 
 

@@ -20,13 +20,14 @@ Staging by rank. A step evicts only a few rows of each rank (a later step they a
 and a 68-byte row read alone costs a 512-byte sector. With ``staged`` rows of memory, ranked rows wait
 in a staging area grouped by rank, and a rank's rows go to the log together once they fill
 `STAGE_GROUP_BYTES` -- rows evicted at many steps and read back at one then sit end to end. When the
-staging area is full, the lowest ranks (read back soonest) go first. A reader never sees staged bytes
-in the file: `unstage` writes the rank groups that hold any of the rows asked for (a step's reads are a
-rank's rows), and `SsdTable.slots_of` calls it before it maps IDs; `unstage` of everything before the
-map is saved or the file is made durable. A bulk read (a checkpoint's, an evaluation's) copies the staged
-rows it asks for from the staging area instead (`staged_rows`) and leaves their groups staged for the step
-that reads them back. Exactness is untouched: a row's bytes are the same wherever,
-and whenever, they are written.
+staging area is full, the lowest ranks (read back soonest) go first, until `STAGE_KEEP` of it is left:
+one append of many consecutive ranks, whose rows, read back at neighbouring steps, then share sectors.
+A step's read never sees staged bytes in the file: `unstage` writes the rank groups that hold any of
+the rows asked for (a step's reads are a rank's rows), and `SsdTable.slots_of` calls it before it maps
+IDs; `unstage` of everything before the map is saved or the file is made durable. A bulk read (a
+checkpoint's, an evaluation's) copies the staged rows it asks for from the staging area instead
+(`staged_rows`) and leaves their groups staged for the step that reads them back. Exactness is
+untouched: a row's bytes are the same wherever, and whenever, they are written.
 Recent sectors. Staging sends the lowest ranks out together when it is full, so one sector often holds rows read
 back at the next few steps: in a 2,750-step run of `benchmarks/bench_scale.py --quick`, half of the log rows a step
 read sat in a sector read within the last four steps, while the look-ahead window saw ~0.2 steps past the step it
@@ -106,6 +107,9 @@ RUN_SHARE = 2  # the compacted run holds at most 1/RUN_SHARE of the table's rows
 GATHER_BYTES = 8 << 20
 GATHER_CHUNK = 1 << 20
 STAGE_GROUP_BYTES = 1024  # a rank's staged rows go to the log once they fill two sectors
+# a full staging area sends its lowest ranks to the log until this share of its limit is left: one append of many
+# consecutive ranks, so rows read back at neighbouring steps share sectors (and the recent sectors catch them)
+STAGE_KEEP = 0.5
 STAGED_ROW_OVERHEAD = 16  # bytes of a staged row beside its floats: its ID and rank (int64 each)
 RECENT_SECTOR_OVERHEAD = 24  # bytes of a held sector beside its bytes: its slot's owner, its number and slot (int64)
 
@@ -464,7 +468,8 @@ class RowLog:
         go = counts >= self.group  # whole groups
         waiting = np.where(go, 0, counts)
         over = int(waiting.sum()) - self.stage_limit
-        if over > 0:  # the lowest ranks (read back soonest) go too, until the rest fit
+        if over > 0:  # the lowest ranks (read back soonest) go too, until `STAGE_KEEP` of the limit is left
+            over += self.stage_limit - int(self.stage_limit * STAGE_KEEP)
             go[: int(np.searchsorted(np.cumsum(waiting), over)) + 1] = True
         out = go[of.reshape(-1)]
         self._staged = (ids[~out], rank[~out], rows[~out])

@@ -142,11 +142,11 @@ class ConcatTable:
         (one pass over its file), the members in parallel. ``write_rank`` (int64 [W] or None): the written
         rows' placement ranks, passed to the members (`RowStore.exchange`)."""
         self._writable()
-        if not write_ids.numel():
+        if not write_ids.numel():  # the misses alone: one batched read, as a step's
             return self._read(read_ids, step=True)
         if write_rank is not None:
             write_rank = write_rank.to("cpu", torch.int64)
-        if self._ssd_direct and write_ids.numel() and read_ids.numel():
+        if self._ssd_direct and read_ids.numel():
             got = self._exchange_many(write_ids, weight, state, read_ids, write_rank)
             if got is not None:
                 return got
@@ -162,7 +162,7 @@ class ConcatTable:
             wid, rid = write_ids[wb[t]:wb[t + 1]] - off, read_ids[rb[t]:rb[t + 1]] - off
             ww, ws_ = weight[wb[t]:wb[t + 1]], state[wb[t]:wb[t + 1]]
             wr = None if write_rank is None else write_rank[wb[t]:wb[t + 1]]
-            got = tab.exchange(wid, ww, ws_, rid, write_rank=wr)  # a cache's read, also without writes
+            got = tab.exchange(wid, ww, ws_, rid, write_rank=wr)  # a step's read, also for a member with no writes
             w[rb[t]:rb[t + 1]], s[rb[t]:rb[t + 1]] = got
 
         self._map(one, parts)

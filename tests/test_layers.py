@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tierec"
 
 # Bottom to top. Modules in one layer may import each other; a layer imports only layers below it.
 LAYERS = [
-    {"__init__", "errors", "fsio", "malloc", "config"},  # leaves: errors, files, memory, typed configs
+    {"__init__", "errors", "fsio", "malloc", "masks", "config"},  # leaves: errors, files, memory, masks, typed configs
     {"sparse", "energy"},  # keyed jagged tensors; energy and carbon accounting
     {"data"},  # data sets, readers, converters, generator
     {"sim"},  # offline cache simulators over traces (read data sets)

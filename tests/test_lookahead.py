@@ -17,7 +17,7 @@ from tierec.modules.embedding import TableConfig, build_collection
 from tierec.storage.base import InMemoryTable
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
-from tierec.storage.lookahead import NEVER, LookaheadCache, NextUseOracle
+from tierec.storage.lookahead import NEVER, UNTRACKED_WITHIN, LookaheadCache, NextUseOracle
 from tierec.storage.ssd import SsdTable
 from tierec.train.pipeline import LookaheadPipeline, Member, PrefetchTarget
 from tierec.train.trainer import prefetch_targets
@@ -64,22 +64,32 @@ def trace_next_uses(steps):
 
 @pytest.mark.parametrize("window", [1, 3, 40])
 def test_oracle_with_a_trace_answers_beyond_the_window(window):
-    """Given each ID's next use at observe (a trace of the run), consume answers it at any distance -- from the
-    window where it holds a later use -- and the map still forgets IDs whose last window use is consumed."""
+    """Given each ID's next use at observe (a trace of the run), consume answers it at any distance; the map holds
+    only the occurrences not used again within UNTRACKED_WITHIN steps, and forgets an ID when its last such
+    occurrence in the window is consumed; `first` and `last_use` answer for those occurrences."""
     rng = np.random.default_rng(window)
     n = 300
     steps = [np.unique(rng.zipf(1.3, size=rng.integers(0, 30)) % 500).tolist() for _ in range(n)]
     far = trace_next_uses(steps)
+    tracked = [{i for i, nu in zip(steps[s], far[s], strict=True) if nu > s + UNTRACKED_WITHIN} for s in range(n)]
     o = NextUseOracle()
     observed = -1
     for t in range(n):
         while observed < min(n - 1, t + window - 1):
             observed += 1
-            o.observe(observed, torch.tensor(steps[observed], dtype=torch.int64),
-                      torch.tensor(far[observed], dtype=torch.int64))
+            first = o.observe(observed, torch.tensor(steps[observed], dtype=torch.int64),
+                              torch.tensor(far[observed], dtype=torch.int64))
+            earlier = set().union(*tracked[t:observed])  # a tracked occurrence earlier in the window
+            assert first.tolist() == [i in tracked[observed] and i not in earlier for i in steps[observed]]
         assert o.consume(t).tolist() == far[t], t
-        assert o._last.live == len(set().union(*[set(steps[s]) for s in range(t + 1, observed + 1)]))
+        # the map holds the IDs with a tracked occurrence in the window: those used again soon stay out of it
+        assert o._last.live == len(set().union(*tracked[t + 1 : observed + 1]))
+        last = o.last_use(torch.arange(500))
+        for i in range(0, 500, 7):
+            uses = [s for s in range(t + 1, observed + 1) if i in tracked[s]]
+            assert last[i] == (uses[-1] if uses else -1), (t, i)
     assert len(o) == 0 and o.occurrences == 0
+    assert sum(map(len, tracked)) < sum(map(len, steps)) / 2  # most of this skewed stream's occurrences are hot
 
 
 def test_a_trace_makes_a_one_step_window_belady_min(shared_data):

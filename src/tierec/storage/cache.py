@@ -22,9 +22,9 @@ Policies (the eviction priority; every miss is admitted):
   ``(ids, counts)`` tensors or a `CountMinSketch`, e.g. counted over the data
   set -- ties least recently used first; `warm_up` preloads the hottest rows.
 
-Victims are picked with one ``kthvalue`` over the resident slots (plus a
-``topk`` among ties), never among the rows the current batch needs or rows
-pinned by an outstanding working set.
+Victims are picked with one ``topk`` over the resident slots (none when enough
+rows share the lowest key; `_tie_break` among ties), never among the rows the
+current batch needs or rows pinned by an outstanding working set.
 
 Coherence: a row lives in at most one place where it can be *newer* than below:
 if it is cached, the cached copy is the newest. Rows are read from the backing
@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from tierec.errors import ConfigError
+from tierec.masks import any_true, count, select, where
 from tierec.storage.base import RowStore, RowStoreDefaults, WorkingSet
 from tierec.storage.hashindex import HashIndex, NeedsRebuild
 from tierec.storage.lazy import LazyRows
@@ -309,19 +310,23 @@ class CachedTable(RowStoreDefaults):
             if picked is not None:
                 return free_slots, picked
         key = self._victim_key()
-        key[protect] = _MAX
-        key[self._pins[:K] > 0] = _MAX
-        if int((key != _MAX).sum()) < need:
+        key.index_fill_(0, protect, _MAX)
+        key.index_fill_(0, where(self._pins[:K]), _MAX)
+        thr = key.min()
+        if count(key == thr) < need:  # else ``need`` rows share the lowest key (e.g. rows never used again)
+            thr = torch.topk(key, need, largest=False, sorted=False).values.max()  # O(K) selection, no sort
+        if thr == _MAX:  # fewer than ``need`` rows may go
             return None
-        if need == K:
-            return free_slots, torch.arange(K, device=self.device)
-        thr = torch.kthvalue(key, need).values  # O(K) selection, no sort
-        victims = (key < thr).nonzero().squeeze(1)
+        victims = where(key < thr)
         rest = need - victims.numel()
-        if rest:  # ties at the threshold: least recently used first
-            eq = (key == thr).nonzero().squeeze(1)
-            victims = torch.cat([victims, eq[torch.topk(self._stamp[eq], rest, largest=False).indices]])
+        if rest:
+            victims = torch.cat([victims, self._tie_break(where(key == thr), rest)])
         return free_slots, victims
+
+    def _tie_break(self, slots: torch.Tensor, n: int) -> torch.Tensor:
+        """``n`` of ``slots`` (rows whose eviction keys tie at `_pick_slots`' threshold) to evict: the least
+        recently used."""
+        return slots[torch.topk(self._stamp.index_select(0, slots), n, largest=False).indices]
 
     def _sampled_victims(self, need: int, protect: torch.Tensor) -> torch.Tensor | None:
         """Approximate victims: the ``need`` lowest-priority of ``victim_sample x need`` random resident
@@ -342,9 +347,10 @@ class CachedTable(RowStoreDefaults):
             return
         vid = self._slot_id.index_select(0, victims)
         vdirty = self._dirty.index_select(0, victims)
-        if bool(vdirty.any()):
-            wid, order = torch.sort(vid[vdirty])
-            wslots = victims[vdirty].index_select(0, order)
+        if any_true(vdirty):
+            vid, dv = select(vdirty, vid, victims)
+            wid, order = torch.sort(vid)
+            wslots = dv.index_select(0, order)
             self._bwrite(wid, self.weight.index_select(0, wslots), self.state.index_select(0, wslots))
             self._st["writebacks"] += wid.numel()
         self._dirty.index_fill_(0, victims, False)
@@ -419,13 +425,13 @@ class CachedTable(RowStoreDefaults):
         ids = ids.to(self.device)
         U = ids.numel()
         hit, slots = self._lookup(ids)
-        nh = int(hit.sum())
+        nh = count(hit)
         if self._counting:
             self._st["lookups"] += U
             self._st["hits"] += nh
             self._st["misses"] += U - nh
         if nh < U:
-            miss = (~hit).nonzero().squeeze(1)
+            miss = where(~hit)
             picked = self._pick_slots(U - nh, slots[hit]) if U <= self.capacity else None
             if picked is None:
                 return self._acquire_temp(ids, hit, slots)
@@ -442,7 +448,7 @@ class CachedTable(RowStoreDefaults):
     def _acquire_temp(self, ids: torch.Tensor, hit: torch.Tensor, slots: torch.Tensor,
                       step: int | None = None) -> WorkingSet:
         U = ids.numel()
-        hit_idx, miss_idx = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
+        hit_idx, miss_idx = where(hit), where(~hit)
         hit_slots = slots[hit_idx]
         w = torch.empty(U, self.dim, device=self.device)
         s = torch.empty(U, self.state_dim, device=self.device)
@@ -503,7 +509,7 @@ class CachedTable(RowStoreDefaults):
             weight, state = weight[order], state[order]
         self.backing.mark_written(ids)
         hit, slots = self._lookup(ids)
-        hit_idx, miss_idx = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
+        hit_idx, miss_idx = where(hit), where(~hit)
         hs = slots[hit_idx]
         self.weight[hs], self.state[hs] = weight[hit_idx], state[hit_idx]
         self._dirty[hs] = True
@@ -549,7 +555,7 @@ class CachedTable(RowStoreDefaults):
 
     def flush(self) -> None:
         """Write every dirty row back (one batched write, sorted by id), mark them clean, flush below."""
-        d = self._dirty[: self.size].nonzero().squeeze(1)
+        d = where(self._dirty[: self.size])
         if d.numel():
             ids, order = torch.sort(self._slot_id[d])
             sl = d[order]
@@ -590,7 +596,7 @@ class CachedTable(RowStoreDefaults):
         st = dict(self._st)
         out = {"tier": "cache", "name": self.name, "policy": self.policy, "device": str(self.device),
                "capacity": self.capacity, "resident": self.size,
-               "dirty_rows": int(self._dirty[: self.size].sum()), **st,
+               "dirty_rows": count(self._dirty[: self.size]), **st,
                "hit_rate": st["hits"] / st["lookups"] if st["lookups"] else 0.0,
                "bytes_read": st["rows_read"] * self.row_bytes, "bytes_written": st["rows_written"] * self.row_bytes}
         if backing := self.backing.stats():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from tierec.masks import any_true, count, select, where
 from tierec.storage.spill import SpillArrays
 
 GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing)
@@ -89,10 +90,10 @@ class HashIndex:
         k = self.keys.index_select(0, pos)
         found = k == ids
         rest = ~(found | (k == self.empty))
-        if not bool(rest.any()):
+        if not any_true(rest):
             return found, self.vals.index_select(0, pos).long(), pos
         slot = self.vals.index_select(0, pos).long()
-        for idx in rest.nonzero().squeeze(1).split(self.PROBE_CHUNK):
+        for idx in where(rest).split(self.PROBE_CHUNK):
             f, s, p = self._lookup_run(ids.index_select(0, idx), (pos.index_select(0, idx) + 1) & self.mask)
             found.index_copy_(0, idx, f)
             slot.index_copy_(0, idx, s)
@@ -109,8 +110,8 @@ class HashIndex:
         pos = win.gather(1, j).squeeze(1)
         slot = self.vals.index_select(0, pos).long()
         pend = ~stop.squeeze(1)
-        if bool(pend.any()):  # runs longer than the window: continue one entry per round
-            idx = pend.nonzero().squeeze(1)
+        if any_true(pend):  # runs longer than the window: continue one entry per round
+            idx = where(pend)
             p, cur = (pos.index_select(0, idx) + self.WINDOW - 1) & self.mask, ids.index_select(0, idx)
             while idx.numel():
                 p = (p + 1) & self.mask
@@ -151,10 +152,10 @@ class HashIndex:
         won = self._claim(p, k, ids, slots)
         out = p.clone()  # the others' entries are overwritten below
         lost = ~won
-        if not bool(lost.any()):
+        if not any_true(lost):
             self.live += n
             return out
-        idx = lost.nonzero().squeeze(1)  # positions in the input of the IDs still to place
+        idx = where(lost)  # positions in the input of the IDs still to place
         ids, slots, p = ids.index_select(0, idx), slots.index_select(0, idx), (p.index_select(0, idx) + 1) & self.mask
         while ids.numel():  # rounds: one per window passed or race lost (usually a single round)
             win, k = self._window(p)
@@ -163,11 +164,9 @@ class HashIndex:
             fp = win.gather(1, j).squeeze(1)
             lost = ~self._claim(fp, k.gather(1, j).squeeze(1), ids, slots)
             out.index_copy_(0, idx, fp)
-            if not bool(lost.any()):
+            if not any_true(lost):
                 break
-            idx = idx[lost]
-            ids, slots = ids[lost], slots[lost]
-            p = torch.where(has, fp + 1, p + self.WINDOW)[lost] & self.mask
+            idx, ids, slots, p = select(lost, idx, ids, slots, torch.where(has, fp + 1, p + self.WINDOW) & self.mask)
         self.live += n
         return out
 
@@ -175,10 +174,12 @@ class HashIndex:
         """Each of ``ids`` claims entry ``pos`` (holding key ``was``) where that entry is free; IDs of the batch
         on one entry get one winner. Returns bool [n]: the IDs stored (their slots written)."""
         free = (was == self.empty) | (was == self.tombstone)
-        self.keys.index_put_((pos[free],), ids[free])  # several IDs on one entry: one of them stays
+        at, put = select(free, pos, ids)
+        self.keys.index_put_((at,), put)  # several IDs on one entry: one of them stays
         won = free & (self.keys.index_select(0, pos) == ids)
-        self.vals.index_put_((pos[won],), slots[won])
-        self.tomb -= int((was[won] == self.tombstone).sum())
+        at, put, was = select(won, pos, slots, was)
+        self.vals.index_put_((at,), put)
+        self.tomb -= count(was == self.tombstone)
         return won
 
     def remove(self, ids: torch.Tensor) -> None:

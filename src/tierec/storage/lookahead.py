@@ -51,6 +51,7 @@ from typing import Protocol
 
 import torch
 
+from tierec.masks import any_true, count, select, where
 from tierec.storage.base import WorkingSet
 from tierec.storage.cache import _MAX, CachedTable, _Handle
 from tierec.storage.hashindex import HashIndex
@@ -59,6 +60,9 @@ from tierec.storage.sketch import CountMinSketch
 log = logging.getLogger(__name__)
 
 NEVER = torch.iinfo(torch.int64).max  # "no use inside the window"
+# with a trace of the run's next uses, occurrences used again within this many steps stay out of the oracle's map
+# (`NextUseOracle.observe`)
+UNTRACKED_WITHIN = 16
 _COLD_BASE = torch.iinfo(torch.int64).min // 2  # eviction keys of rows not used in the window
 
 
@@ -101,9 +105,15 @@ class NextUseOracle:
 
     def observe(self, step: int, ids: torch.Tensor, next_use: torch.Tensor | None = None) -> torch.Tensor:
         """Register step ``step``'s unique IDs (int64 [U]); ``next_use`` (int64 [U], > ``step``, `NEVER` for
-        none): each ID's next use after this step where the caller knows it (a trace of the run), the answer
-        of `consume` until a later observed step uses it. Returns bool [U]: True where the ID has no
-        earlier use in the window (its next use is now ``step``)."""
+        none): each ID's next use after this step where the caller knows it exactly (a trace of the run): the
+        answer of `consume`. Returns bool [U]: True where the ID has no earlier use in the window (its next
+        use is now ``step``).
+
+        With ``next_use``, an occurrence used again within `UNTRACKED_WITHIN` steps stays out of the hash map:
+        its next use is known, and its row is used again before long. The map then holds only the other
+        occurrences (most of a skewed stream's are hot: about a third of the map work is left), so for an ID
+        used that soon `last_use` may be earlier than its last use (or -1) and ``True`` is returned only
+        for tracked occurrences (an earlier untracked one may exist)."""
         if step <= self.last_observed:
             raise ValueError(f"observe: step {step} after step {self.last_observed}; steps must increase")
         ids = ids.to(self.device)
@@ -111,25 +121,34 @@ class NextUseOracle:
         self._reserve(U)
         occ = self._next_occ + torch.arange(U, device=self.device)
         R = self._ring.numel()
-        found, prev, pos = self._last.lookup(ids)
-        fi = found.nonzero().squeeze(1)
-        if fi.numel():
-            at_prev = prev.index_select(0, fi) % R
-            self._ring.index_fill_(0, at_prev, step)  # previous occurrence -> this step
-            self._latest.index_fill_(0, at_prev, False)
-            self._last.vals.index_copy_(0, pos.index_select(0, fi), occ.index_select(0, fi))
         if next_use is None:
             self._ring.index_fill_(0, occ % R, NEVER)
+            tracked, tid, tocc = None, ids, occ
         else:
-            self._ring.index_copy_(0, occ % R, next_use.to(self.device, torch.int64))
-        self._latest.index_fill_(0, occ % R, True)
-        first = ~found
-        pos[first] = self._last.insert(ids[first], occ[first])
-        self._pring.index_copy_(0, occ % R, pos.to(torch.int32))
+            next_use = next_use.to(self.device, torch.int64)
+            self._ring.index_copy_(0, occ % R, next_use)  # exact: no later step rewrites it
+            self._latest.index_fill_(0, occ % R, False)
+            tracked = where(next_use > step + UNTRACKED_WITHIN)
+            tid, tocc = ids.index_select(0, tracked), occ.index_select(0, tracked)
+        found, prev, pos = self._last.lookup(tid)
+        fi = where(found)
+        if fi.numel():
+            at_prev = prev.index_select(0, fi) % R
+            if next_use is None:
+                self._ring.index_fill_(0, at_prev, step)  # previous occurrence -> this step
+            self._latest.index_fill_(0, at_prev, False)
+            self._last.vals.index_copy_(0, pos.index_select(0, fi), tocc.index_select(0, fi))
+        self._latest.index_fill_(0, tocc % R, True)
+        fn = where(~found)
+        pos.index_copy_(0, fn, self._last.insert(tid.index_select(0, fn), tocc.index_select(0, fn)))
+        self._pring.index_copy_(0, tocc % R, pos.to(torch.int32))
         self._steps.append((step, ids, self._next_occ))
         self._next_occ += U
         self.last_observed = step
-        return first
+        if tracked is None:
+            return ~found
+        first = torch.zeros(U, dtype=torch.bool, device=self.device)
+        return first.index_fill_(0, tracked.index_select(0, fn), True)
 
     def last_use(self, ids: torch.Tensor) -> torch.Tensor:
         """The last observed step that uses each of ``ids`` (int64 [U]); -1 where the window holds none."""
@@ -137,11 +156,11 @@ class NextUseOracle:
         if not self._steps or ids.numel() == 0:
             return out
         found, occ, _ = self._last.lookup(ids)
-        fi = found.nonzero().squeeze(1)
+        fi = where(found)
         if fi.numel():
             first = torch.tensor([s[2] for s in self._steps], device=self.device)
             steps = torch.tensor([s[0] for s in self._steps], device=self.device)
-            out[fi] = steps[torch.searchsorted(first, occ[fi], right=True) - 1]
+            out.index_copy_(0, fi, steps[torch.searchsorted(first, occ.index_select(0, fi), right=True) - 1])
         return out
 
     def consume(self, step: int) -> torch.Tensor:
@@ -154,7 +173,7 @@ class NextUseOracle:
         at = (o0 + torch.arange(ids.numel(), device=self.device)) % self._ring.numel()
         nu = self._ring.index_select(0, at)
         # the IDs used last here leave the map (their entries were recorded when observed)
-        self._last.remove_at(self._pring.index_select(0, at[self._latest.index_select(0, at)]).long())
+        self._last.remove_at(self._pring.index_select(0, select(self._latest.index_select(0, at), at)[0]).long())
         return nu
 
     def _reserve(self, n: int) -> None:
@@ -211,7 +230,9 @@ class LookaheadCache(CachedTable):
 
     Per cached row it adds ``_next`` (step of next use, `NEVER` outside the
     window), ``_lfreq`` (long-run use count from a count-min sketch of every
-    observed step, kept across evictions) and whether it came in as a block
+    observed step, kept across evictions: it ranks the rows with no known next
+    use, so steps observed with a trace of the run's next uses, where such a row
+    is never used again, skip it) and whether it came in as a block
     neighbour not yet used: 17 B per row, and the sketch behind ``_lfreq`` (2 x a power
     of two >= capacity int64 counters: 16-32 B per row; the planner charges it,
     `tierec.storage.tiered.LOOKAHEAD_INDEX_BYTES_PER_ROW`). ``stats()`` counts a
@@ -239,14 +260,23 @@ class LookaheadCache(CachedTable):
     def _victim_key(self) -> torch.Tensor:
         K = self.size
         nxt = self._next[:K]
+        if not self._sketch.total:  # no long-run counts (a traced run): rows with no next use all rank first, alike
+            return -nxt
         cold = _COLD_BASE + self._lfreq[:K].clamp(max=1 << 40)
         return torch.where(nxt == NEVER, cold, -nxt)
+
+    def _tie_break(self, slots: torch.Tensor, n: int) -> torch.Tensor:
+        """With no long-run counts (a traced run) the first ``n`` of ``slots``: rows tied on their eviction key are
+        next used at the same step, or never again, so evicting any of them costs the same misses. Else the
+        least recently used (rows with no use in the window tie on their counts)."""
+        return super()._tie_break(slots, n) if self._sketch.total else slots[:n]
 
     def _install(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         super()._install(ids, slots)
         self._next.index_fill_(0, slots, NEVER)
         self._neighbour.index_fill_(0, slots, False)
-        self._lfreq.index_copy_(0, slots, self._sketch.query(ids))
+        if self._sketch.total:
+            self._lfreq.index_copy_(0, slots, self._sketch.query(ids))
 
     @property
     def index_nbytes(self) -> int:
@@ -277,7 +307,8 @@ class LookaheadCache(CachedTable):
                     self._dirty.index_fill_(0, ws.index, True)
                 self._pins.index_add_(0, ws.index, self._pins.new_full((1,), -1).expand(ws.index.numel()))
                 self._next.index_copy_(0, ws.index, self.oracle.consume(step))
-                self._lfreq.index_copy_(0, ws.index, self._sketch.query(ws.ids))
+                if self._sketch.total:
+                    self._lfreq.index_copy_(0, ws.index, self._sketch.query(ws.ids))
             yield
 
     # ------------------------------------------------------------------ step protocol
@@ -307,11 +338,12 @@ class LookaheadCache(CachedTable):
         ids = ids.to(self.device)
         with self._locked():
             first = self.oracle.observe(step, ids, next_use)
-            self._sketch.update(ids)
-            if self.size:
-                f = ids[first]
-                hit, slots = self._lookup(f)
-                self._next.index_fill_(0, slots[hit], step)
+            if next_use is None:  # with the run's next uses, a row with none is never used again: no rank needed
+                self._sketch.update(ids)
+            if self.size:  # resident rows used first at this step: their next use is at most this step
+                hit, slots = self._lookup(select(first, ids)[0])
+                slots = select(hit, slots)[0]
+                self._next.index_copy_(0, slots, self._next.index_select(0, slots).clamp_(max=step))
 
     def prepare(self, step: int, ids: torch.Tensor, allow_bypass: bool = False) -> WorkingSet | None:
         """Make step ``step``'s rows (``ids``, unique, sorted) resident and pin them; returns the working
@@ -328,12 +360,12 @@ class LookaheadCache(CachedTable):
         nb, nb_slots = e, e
         with self._locked():
             hit, slots = self._lookup(ids)
-            nh = int(hit.sum())
-            miss = (~hit).nonzero().squeeze(1)
-            hit_slots = slots[hit]
-            used = self._neighbour.index_select(0, hit_slots)
-            if bool(used.any()):
-                self._st["neighbour_hits"] += int(used.sum())
+            hit_slots = select(hit, slots)[0]
+            nh = hit_slots.numel()
+            miss = where(~hit)
+            used = count(self._neighbour.index_select(0, hit_slots))
+            if used:
+                self._st["neighbour_hits"] += used
                 self._neighbour.index_fill_(0, hit_slots, False)
             if nh < U:
                 picked = self._pick_slots(U - nh, hit_slots) if U <= self.capacity else None
@@ -390,11 +422,9 @@ class LookaheadCache(CachedTable):
             return e, e, e, e
         cand = self.backing.neighbours(miss_ids.to(self._bdev)).to(self.device)
         last = self.oracle.last_use(cand)
-        keep = last > step  # used later in the window (then not resident yet: most of them are)
-        cand, last = cand[keep], last[keep]
+        cand, last = select(last > step, cand, last)  # used later in the window (then not resident yet: most are)
         if cand.numel():
-            keep = ~self._lookup(cand)[0]
-            cand, last = cand[keep], last[keep]
+            cand, last = select(~self._lookup(cand)[0], cand, last)
         if cand.numel() == 0:
             return e, e, e, e
         start = self.size + free_used
@@ -406,7 +436,7 @@ class LookaheadCache(CachedTable):
             K = self.size
             ok = (self._next[:K] > self.oracle.last_observed) & (self._pins[:K] == 0)  # no use in the window
             ok[protect] = False
-            take = min(need, int(ok.sum()))
+            take = min(need, count(ok))
             if take:
                 victims = torch.topk(self._victim_key().masked_fill(~ok, _MAX), take, largest=False).indices
             if n_free + take < cand.numel():  # room for some: the ones used soonest (by last use)
@@ -427,9 +457,10 @@ class LookaheadCache(CachedTable):
         vid = self._slot_id.index_select(0, victims)
         vdirty = self._dirty.index_select(0, victims)
         out = None
-        if bool(vdirty.any()):
-            wid, order = torch.sort(vid[vdirty])
-            ws_ = victims[vdirty].index_select(0, order)
+        if any_true(vdirty):
+            vid, dv = select(vdirty, vid, victims)
+            wid, order = torch.sort(vid)
+            ws_ = dv.index_select(0, order)
             out = (wid, self.weight.index_select(0, ws_), self.state.index_select(0, ws_), self._next.index_select(0, ws_))
             self._st["writebacks"] += wid.numel()
         self._dirty.index_fill_(0, victims, False)
@@ -503,7 +534,7 @@ class LookaheadCache(CachedTable):
         ids = ids.to(self.device)
         with self._locked():
             hit, slots = self._lookup(ids)
-            hi, mi = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
+            hi, mi = where(hit), where(~hit)
             w = torch.empty(ids.numel(), self.dim, device=self.device)
             s = torch.empty(ids.numel(), self.state_dim, device=self.device)
             at = slots.index_select(0, hi)
@@ -530,7 +561,7 @@ class LookaheadCache(CachedTable):
         with self._locked():
             nu = self.oracle.consume(step)
             hit, slots = self._lookup(ids)
-            self._next.index_copy_(0, slots[hit], nu[hit])
+            self._next.index_copy_(0, *select(hit, slots, nu))
 
     def reset_stats(self, recursive: bool = True) -> None:
         super().reset_stats(recursive)

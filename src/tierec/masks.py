@@ -1,9 +1,9 @@
 """Boolean masks of 1-D tensors on the CPU, through numpy: the positions they select, and how many.
 
-On the CPU torch's ``mask.nonzero()``, ``t[mask]`` and ``mask.any()`` cost 3-12x what numpy's
-``flatnonzero`` + ``index_select`` cost for the same work (20K-150K elements, one thread: 38 vs 12 us,
-66 vs 19 us and 16 vs 2 us at 20K; docs/lookahead.md). The look-ahead worker makes dozens of such selections
-per step, so its storage code selects through these. Tensors on other devices take torch's own ops.
+On the CPU torch's ``mask.nonzero()``, ``t[mask]`` and ``mask.any()`` cost several times what numpy's
+``flatnonzero`` + ``index_select`` cost for the same work (docs/lookahead.md, session 24). The look-ahead
+worker makes dozens of such selections per step, so its storage code selects through these. Tensors on
+other devices take torch's own ops.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ and SSD files); the next-use trace pass that the look-ahead cache runs before st
 a second reader of the run's batches, ``--lookahead-trace``); samples/s, the median over the --log-every-step
 intervals without a checkpoint (robust to a busy neighbour on a shared VM; the means over the training time
 are printed beside), for the whole run and
-from the first eviction on; the stall fraction (time waiting for prefetched rows); the hit rate; the first
+from the first eviction on, and what it compares: the torch threads each run trained with (the tiered run leaves
+one core to its look-ahead worker unless --threads is given) and the worker's CPU; the stall fraction (time waiting for prefetched rows); the hit rate; the first
 training record with evictions; each checkpoint's seconds and bytes (the files in its manifest); and the
 read amplification: bytes the device read (whole blocks with O_DIRECT, the read-modify-write of packed
 write-backs included) per byte of rows read from the files, and beside it per byte of rows the cache
@@ -390,6 +391,9 @@ class RunFigures:
     build_s: float | None = None
     trace: dict | None = None  # the next-use trace pass (``trace`` record): steps, lookups, seconds
     samples_per_s: float | None = None  # samples / training time (checkpoints and evaluation excluded)
+    threads: int | None = None  # torch intra-op threads the model trained with (beside a look-ahead worker: its own)
+    worker_cpu_s: float | None = None  # CPU time of the look-ahead worker thread over the run
+    steps: int = 0
     stall_fraction: float | None = None
     hit_rate: float | None = None
     first_eviction_step: int | None = None  # first train record with evictions
@@ -428,12 +432,15 @@ def analyse(records: list[dict], summary: dict, child: Child) -> RunFigures:
     """A run's figures from its metrics records, its summary (the ``end`` record) and its process."""
     fig = RunFigures(peak_rss=child.peak_rss, others_cores=child.others_cores,
                      samples_per_s=summary.get("samples_per_s"), stall_fraction=summary.get("stall_fraction"))
+    prefetch = summary.get("prefetch") or {}
+    fig.worker_cpu_s, fig.steps = prefetch.get("worker_cpu_s"), int(summary.get("step") or 0)
     prev_step, prev_samples, prev = 0, 0, cache_totals({})
     clean = True
     for r in records:
         ev = r["event"]
         if ev == "start":
             fig.build_s = r.get("build_seconds")
+            fig.threads = r.get("threads")
         elif ev == "trace":
             fig.trace = {k: r[k] for k in ("steps", "lookups", "seconds")}
         elif ev == "checkpoint":
@@ -453,6 +460,7 @@ def analyse(records: list[dict], summary: dict, child: Child) -> RunFigures:
                 fig.hit_rate = tot["hits"] / tot["lookups"]
             fig.write_log = log_totals(r.get("cache", {}))
             prev_step, prev_samples, prev, clean = r["step"], r["samples"], tot, True
+    fig.threads = prefetch.get("trainer_threads", fig.threads)
     return fig
 
 
@@ -497,6 +505,10 @@ def speed_rows(s: Sizing, ts: list[RunFigures], ms: list[RunFigures]) -> list[Ro
     if ev is not None:
         text, ok = ratio_line([x.median_samples_per_s(ev) for x in ts], [x.median_samples_per_s(ev) for x in ms])
         rows.append((f"  from step {ev:,} (evicting)", text, f">= {SPEED_RATIO}x", verdict(ok)))
+    if t.threads is not None and m.threads is not None:  # what the ratio compares (docs/lookahead.md)
+        worker = (f", beside its look-ahead worker ({t.worker_cpu_s:.1f} s of CPU, "
+                  f"{1000 * t.worker_cpu_s / max(t.steps, 1):.0f} ms per step)" if t.worker_cpu_s else "")
+        rows.append(("  torch threads training", f"{t.threads}{worker}; in memory {m.threads}", "", "-"))
     return rows
 
 

@@ -217,6 +217,7 @@ def train_tables(batches, storage_factory, optimizer, pipeline_kw=None, card=60,
         time.sleep(step_s)  # a slower step: the worker has time to read ahead
     if pipe is not None:
         assert pipe.stats["steps"] == len(batches)
+        assert pipe.summary()["trainer_threads"] == torch.get_num_threads()  # what the steps trained with
         pipe.close()
     rows = {}
     for t in ebc.tables:

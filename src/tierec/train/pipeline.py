@@ -242,6 +242,7 @@ class LookaheadPipeline(Generic[B]):
             torch.set_num_threads(self._threads - 1)
             log.info("look-ahead worker: torch intra-op threads %d -> %d while it runs (one core for it; "
                      "--num-threads chooses)", self._threads, self._threads - 1)
+        self.stats["trainer_threads"] = torch.get_num_threads()  # what the model trains with beside the worker
         self._thread = threading.Thread(target=self._run, name="tierec-lookahead", daemon=True)
         self._thread.start()
 

@@ -425,6 +425,8 @@ class RowLog:
     def accepts(self, ids: np.ndarray) -> np.ndarray:
         """bool [U]: which of the sorted, distinct ``ids`` the log takes now: those it holds, and new ones while
         the map has room (the rest go home)."""
+        if self.live + self.staged + ids.size <= self.capacity:  # room for all, whatever they are (`shortfall`)
+            return np.ones(ids.size, bool)
         found, room = self._room(ids)
         new = np.flatnonzero(~found)
         take = found.copy()

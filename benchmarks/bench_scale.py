@@ -41,9 +41,9 @@ From the runs' metrics.jsonl: table creation (``build_seconds`` of the start rec
 and SSD files); the next-use trace pass that the look-ahead cache runs before step 1 (the ``trace`` record:
 a second reader of the run's batches, ``--lookahead-trace``); samples/s, the median over the --log-every-step
 intervals without a checkpoint (robust to a busy neighbour on a shared VM; the means over the training time
-are printed beside), for the whole run and
-from the first eviction on, and what it compares: the torch threads each run trained with (the tiered run leaves
-one core to its look-ahead worker unless --threads is given) and the worker's CPU; the stall fraction (time waiting for prefetched rows); the hit rate; the first
+are printed beside), for the whole run and from the first eviction on, and what it compares: the torch
+threads each run trained with (the tiered run leaves one core to its look-ahead worker unless --threads is
+given) and the worker's CPU; the stall fraction (time waiting for prefetched rows); the hit rate; the first
 training record with evictions; each checkpoint's seconds and bytes (the files in its manifest); and the
 read amplification: bytes the device read (whole blocks with O_DIRECT, the read-modify-write of packed
 write-backs included) per byte of rows read from the files, and beside it per byte of rows the cache

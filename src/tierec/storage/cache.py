@@ -342,20 +342,28 @@ class CachedTable(RowStoreDefaults):
         return cand[torch.topk(key, need, largest=False).indices]
 
     def _evict(self, victims: torch.Tensor) -> None:
-        """Write the dirty victims back (one batched write, sorted by id), then drop them from the index."""
-        if victims.numel() == 0:
-            return
-        vid = self._slot_id.index_select(0, victims)
-        vdirty = self._dirty.index_select(0, victims)
-        if any_true(vdirty):
-            vid, dv = select(vdirty, vid, victims)
-            wid, order = torch.sort(vid)
-            wslots = dv.index_select(0, order)
+        """Drop the victims from the index and write the dirty ones back (one batched write, sorted by id)."""
+        dirty = self._drop(victims)
+        if dirty is not None:
+            wid, wslots = dirty
             self._bwrite(wid, self.weight.index_select(0, wslots), self.state.index_select(0, wslots))
+
+    def _drop(self, victims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Drop ``victims`` (slots) from the index, clean; returns the dirty ones to write back -- (their IDs sorted,
+        their slots in that order) -- or None. Their rows stay in the slots until the caller reuses them."""
+        if victims.numel() == 0:
+            return None
+        vdirty = self._dirty.index_select(0, victims)
+        out = None
+        if any_true(vdirty):
+            vid, dv = select(vdirty, self._slot_id.index_select(0, victims), victims)
+            wid, order = torch.sort(vid)
+            out = (wid, dv.index_select(0, order))
             self._st["writebacks"] += wid.numel()
         self._dirty.index_fill_(0, victims, False)
         self._index.remove_at(self._hpos.index_select(0, victims))
         self._st["evictions"] += victims.numel()
+        return out
 
     def _take(self, picked: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Evict the victims of `_pick_slots` and claim its free slots; returns the slots in order."""

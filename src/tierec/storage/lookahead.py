@@ -51,7 +51,7 @@ from typing import Protocol
 
 import torch
 
-from tierec.masks import any_true, count, select, where
+from tierec.masks import count, select, where
 from tierec.storage.base import WorkingSet
 from tierec.storage.cache import _MAX, CachedTable, _Handle
 from tierec.storage.hashindex import HashIndex
@@ -452,21 +452,11 @@ class LookaheadCache(CachedTable):
     def _detach(self, victims: torch.Tensor):
         """Drop ``victims`` from the cache; returns their dirty rows (ids sorted, weight, state, next use) to write
         back: the next use is their placement rank (`RowStore.exchange`'s ``write_rank``)."""
-        if victims.numel() == 0:
+        dirty = self._drop(victims)
+        if dirty is None:
             return None
-        vid = self._slot_id.index_select(0, victims)
-        vdirty = self._dirty.index_select(0, victims)
-        out = None
-        if any_true(vdirty):
-            vid, dv = select(vdirty, vid, victims)
-            wid, order = torch.sort(vid)
-            ws_ = dv.index_select(0, order)
-            out = (wid, self.weight.index_select(0, ws_), self.state.index_select(0, ws_), self._next.index_select(0, ws_))
-            self._st["writebacks"] += wid.numel()
-        self._dirty.index_fill_(0, victims, False)
-        self._index.remove_at(self._hpos.index_select(0, victims))
-        self._st["evictions"] += victims.numel()
-        return out
+        wid, sl = dirty
+        return wid, self.weight.index_select(0, sl), self.state.index_select(0, sl), self._next.index_select(0, sl)
 
     # ------------------------------------------------------------------ TableStorage
     def _busy(self) -> bool:

@@ -10,11 +10,16 @@ scaled by one factor so that rows x (dim + 1) float32 (the weights plus row-wise
 state per row) reach --ram-factor x RAM (default 1.2); the memory budget is --budget-fraction of RAM
 (default 1/6). ``--tables SIZE`` (``--quick``: 512 MiB) sets the table bytes instead; the budget then keeps
 the same tables : budget ratio (7.2 at the defaults), as on a machine with tables / --ram-factor of RAM.
-The run is refused (exit 2, one line) when the budget is not below the tables, or when the disk it may
-need at worst -- both data sets, the SSD table files at full size and as much again in their write-back
-logs' runs, the kept checkpoint's whole chain (up to all 5, each at most every row with its ID), the
-probe's scratch file -- exceeds 70% of the free space where --workdir is (lazy files and row-set
-checkpoints usually take far less).
+Disk. The benchmark keeps its disk use below 70% of the space free where --workdir is when it starts: a guard
+polls the free space while it runs and stops the benchmark (exit 1, files removed) the moment its use passes
+that share. Before anything runs it is refused (exit 2, one line) when the budget is not below the tables, or
+when what the run surely writes -- the full copy of the tables' rows, both data sets at ~54 B per row, the
+probe's scratch file -- already exceeds the share. The worst case is printed beside it, bounded by the run's
+length (a table's rows touched, its checkpoints' rows and the logs' runs are at most its lookups): both data
+sets, then the larger of the reference's checkpoints and the tiered run's SSD files (rows touched, their
+write-back logs' halves and runs), next-use trace files and the larger of its checkpoint chain and the copy.
+Lazy files and row-set checkpoints usually take far less than that bound; the guard, not the bound, keeps
+the promise.
 
 What runs, each training in its own process (``python -m tierec train``, so each peak RSS is that run's
 alone, from ``os.wait4``):
@@ -22,8 +27,11 @@ alone, from ``os.wait4``):
 1. ``tierec data synth`` writes two data sets with the same rows, seed and skew ("auto"): one for the large
    tables, one for the reference, whose tables are scaled down to the budget's size. ``--steps`` batches of
    ``--batch-size`` rows and no test split (no evaluation): the run is one epoch. ``--steps`` defaults to 8
-   samples per cache row (budget / (row + 152 B of index)), enough on this generator for the cache to fill
-   and evict.
+   samples per cache row (budget / (row + 152 B of index)), enough at ``--quick`` for the cache to fill and
+   evict by step ~30. At 1.2x RAM the default popularity (``--zipf auto``, calibrated to Meta's reuse
+   statistics: the larger the table, the steeper) touches too few distinct rows for that (the cache of
+   8.4M rows holds them for ~200K steps); ``--zipf 1.0`` makes it evict within the first quarter of a
+   6,000-step run (docs/benchmarks.md, "Session 25").
 2. reference: the same model, batch, steps and checkpoint interval, every table in memory;
 3. tiered: ``--memory-budget B --cache-policy lookahead --direct-io``: the tables beyond the budget in
    O_DIRECT SSD files behind the look-ahead cache; a checkpoint every steps/5 steps (5 in all, one kept);
@@ -72,6 +80,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -105,6 +114,11 @@ CHECKPOINTS = 5
 INDEX_BYTES_PER_ROW = 201  # a look-ahead cache row's bookkeeping, at most (tierec.storage.tiered.LOOKAHEAD_INDEX_BYTES_PER_ROW)
 SAMPLES_PER_CACHE_ROW = 8  # samples that make this generator's distinct rows outgrow a cache of that many rows
 DATA_BYTES_PER_ROW = 80  # a synthetic Criteo row on disk (~54 B measured), with margin
+DATA_BYTES_MEASURED = 54  # the same, as measured (what the run surely writes)
+LOG_MAP_SHARE = 16  # the write-back logs' maps get 1/16 of the budget (tierec.storage.tiered.split_budget)
+LOG_MAP_ENTRY = 8  # bytes per map entry (tierec.storage.rowlog.map_entry_bytes): 4 x that many rows of log halves
+TRACE_BYTES_PER_LOOKUP = 80  # the next-use trace's files, at most (tierec.train.nextuse: 24 or 80 B per lookup)
+DISK_POLL_S = 0.5  # the disk guard's polling interval
 PROBE_BYTES = 512 << 20  # the probe's scratch file
 COPY_CHUNK = 16 << 20
 
@@ -125,8 +139,9 @@ class Sizing:
     checkpoint_every: int
     log_every: int
     emulated_ram: int = 0  # tables / ram_factor: the RAM the sizing stands for (the real RAM unless --tables/--quick)
-    file_bytes: int = 0  # the SSD working files at worst: rows (padded with --ssd-row-align), and the logs' runs
-    disk_need: int = 0
+    file_bytes: int = 0  # the SSD working files at worst: rows touched (padded with --ssd-row-align), the logs
+    disk_need: int = 0  # at worst (`disk_need`)
+    disk_sure: int = 0  # what the run surely writes (`disk_sure`)
     disk_free: int = 0
 
 
@@ -163,26 +178,55 @@ def size_run(a: argparse.Namespace) -> Sizing:
     emulated = ram if not (a.tables or a.quick) else int(tables / a.ram_factor)
     align = row_align(shlex.split(a.tiered_args))
     stride = -(-row_bytes // align) * align if align else row_bytes
-    return Sizing(ram, a.dim, row_bytes, cards, ref_cards, sum(cards) * row_bytes, sum(ref_cards) * row_bytes, budget,
-                  a.batch_size, steps, steps // CHECKPOINTS, a.log_every, emulated,
-                  2 * sum(cards) * stride)  # the rows, and at worst as much again in the write-back logs' runs
+    s = Sizing(ram, a.dim, row_bytes, cards, ref_cards, sum(cards) * row_bytes, sum(ref_cards) * row_bytes, budget,
+               a.batch_size, steps, steps // CHECKPOINTS, a.log_every, emulated)
+    s.file_bytes = ssd_file_bound(s, stride)
+    return s
 
 
-def checkpoint_bound(table_bytes: int, row_bytes: int) -> int:
-    """The most a run's checkpoints can take at once: the kept one needs its whole chain (a full checkpoint,
-    then increments), up to all `CHECKPOINTS`, each a row set of at most every row plus its 8-byte ID."""
-    return CHECKPOINTS * table_bytes * (row_bytes + 8) // row_bytes
+def lookups(s: Sizing, steps: int) -> int:
+    """Lookups of one table in ``steps`` steps: one ID per feature and sample (the synthetic data is one-hot)."""
+    return steps * s.batch_size
 
 
-def data_bytes(s: Sizing) -> int:
-    return 2 * s.steps * s.batch_size * DATA_BYTES_PER_ROW  # both data sets
+def touched_rows(cards: list[int], n: int) -> int:
+    """Rows of tables ``cards`` that ``n`` lookups of each can touch, at most."""
+    return sum(min(c, n) for c in cards)
+
+
+def ssd_file_bound(s: Sizing, stride: int) -> int:
+    """The tiered run's SSD files at worst: the rows the run touches, as many again in their write-back logs' two
+    run regions (each at most half a table), and the logs' halves (4 x the maps' rows, paid from the budget)."""
+    touched = touched_rows(s.cards, lookups(s, s.steps))
+    runs = sum(min(c, 2 * min(c, lookups(s, s.steps))) for c in s.cards)
+    halves = 4 * (s.budget // LOG_MAP_SHARE // LOG_MAP_ENTRY)
+    return (touched + runs + halves) * stride
+
+
+def checkpoint_bound(s: Sizing, cards: list[int]) -> int:
+    """The most a run's checkpoints can take at once: the kept one needs its whole chain (a full checkpoint, then
+    increments), up to all `CHECKPOINTS`, each a row set (a row and its 8-byte ID) of at most the rows its interval
+    touched."""
+    return CHECKPOINTS * touched_rows(cards, lookups(s, s.checkpoint_every)) * (s.row_bytes + 8)
+
+
+def data_bytes(s: Sizing, per_row: int = DATA_BYTES_PER_ROW) -> int:
+    return 2 * s.steps * s.batch_size * per_row  # both data sets
 
 
 def disk_need(s: Sizing) -> int:
-    """Bytes on disk at the peak, at worst: both data sets, the SSD table files at full size, and both runs'
-    checkpoints (`checkpoint_bound`), or, after the tiered run's are deleted, the full copy of its files."""
-    ckpt, ref_ckpt = checkpoint_bound(s.table_bytes, s.row_bytes), checkpoint_bound(s.ref_table_bytes, s.row_bytes)
-    return data_bytes(s) + s.file_bytes + max(ckpt, s.file_bytes) + ref_ckpt + PROBE_BYTES
+    """Bytes on disk at the peak, at worst: both data sets, then the larger of the reference run's checkpoints
+    (deleted after it) and the tiered run's SSD files, next-use trace (every feature's lookups) and checkpoints,
+    or, after those are deleted, the full copy of its files."""
+    trace = TRACE_BYTES_PER_LOOKUP * lookups(s, s.steps) * len(s.cards)
+    tiered = s.file_bytes + max(checkpoint_bound(s, s.cards) + trace, s.table_bytes)
+    return data_bytes(s) + max(checkpoint_bound(s, s.ref_cards), tiered) + PROBE_BYTES
+
+
+def disk_sure(s: Sizing) -> int:
+    """Bytes the run surely has on disk at once: both data sets (as measured per row), the full copy of the
+    tables' rows and the probe's scratch file."""
+    return data_bytes(s, DATA_BYTES_MEASURED) + s.table_bytes + PROBE_BYTES
 
 
 def row_align(tiered_args: list[str]) -> int:
@@ -200,18 +244,75 @@ def refusal(s: Sizing, where: Path) -> str | None:
     if s.budget >= s.table_bytes:
         return (f"the budget {format_bytes(s.budget)} is not below the tables' {format_bytes(s.table_bytes)}: "
                 "nothing would be beyond memory (raise --ram-factor or lower --budget-fraction)")
-    st = os.statvfs(where)
-    s.disk_free = st.f_bavail * st.f_frsize
-    s.disk_need = disk_need(s)
-    if s.disk_need > DISK_SHARE * s.disk_free:
-        return (f"may need {format_bytes(s.disk_need)} of disk at worst (tables {format_bytes(s.table_bytes)}: "
-                f"SSD files {format_bytes(s.file_bytes)}, checkpoints "
-                f"{format_bytes(checkpoint_bound(s.table_bytes, s.row_bytes))}; data {format_bytes(data_bytes(s))} "
-                f"for {s.steps:,} steps; the reference's checkpoints "
-                f"{format_bytes(checkpoint_bound(s.ref_table_bytes, s.row_bytes))}), more than {DISK_SHARE:.0%} of the "
-                f"{format_bytes(s.disk_free)} free under {where} ({format_bytes(int(DISK_SHARE * s.disk_free))}); "
-                "use --workdir on a larger disk or lower --ram-factor")
+    s.disk_free = free_bytes(where)
+    s.disk_need, s.disk_sure = disk_need(s), disk_sure(s)
+    if s.disk_sure > DISK_SHARE * s.disk_free:
+        return (f"needs at least {format_bytes(s.disk_sure)} of disk (the full copy of {format_bytes(s.table_bytes)} "
+                f"of tables, data {format_bytes(data_bytes(s, DATA_BYTES_MEASURED))} for {s.steps:,} steps), more than "
+                f"{DISK_SHARE:.0%} of the {format_bytes(s.disk_free)} free under {where} "
+                f"({format_bytes(int(DISK_SHARE * s.disk_free))}); use --workdir on a larger disk, lower --ram-factor "
+                "or --steps")
     return None
+
+
+def free_bytes(where: Path) -> int:
+    st = os.statvfs(where)
+    return st.f_bavail * st.f_frsize
+
+
+class DiskGuard:
+    """Keeps the benchmark's disk use (the free space it took under ``where`` since `start`) at most ``limit``
+    bytes: a thread polls the free space every `DISK_POLL_S` and, past the limit, kills the running child
+    (`watch`); `check` then raises. ``peak`` is the most it took."""
+
+    def __init__(self, where: Path, limit: int):
+        self.where, self.limit = where, int(limit)
+        self.free0 = free_bytes(where)
+        self.peak = 0
+        self.tripped = False
+        self._child: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="disk-guard", daemon=True)
+
+    def start(self) -> DiskGuard:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def used(self) -> int:
+        return max(0, self.free0 - free_bytes(self.where))
+
+    def _poll(self) -> None:
+        while not self._stop.wait(DISK_POLL_S):
+            self.sample()
+
+    def sample(self) -> None:
+        used = self.used()
+        self.peak = max(self.peak, used)
+        if used > self.limit and not self.tripped:
+            self.tripped = True
+            log.error("bench_scale: disk use %s passed the limit %s: stopping", format_bytes(used),
+                      format_bytes(self.limit))
+            if (child := self._child) is not None:
+                child.kill()
+
+    def watch(self, child: subprocess.Popen | None) -> None:
+        self._child = child
+        if child is not None and self.tripped:
+            child.kill()
+
+    def check(self) -> None:
+        if self.tripped:
+            raise RuntimeError(f"stopped: the benchmark's disk use passed {format_bytes(self.limit)} "
+                               f"({DISK_SHARE:.0%} of the {format_bytes(self.free0)} free under {self.where} at the "
+                               f"start; the most it took: {format_bytes(self.peak)}); use --workdir on a larger disk, "
+                               "lower --ram-factor or --steps")
+
+
+GUARD: DiskGuard | None = None  # the benchmark's disk guard while `measure` runs
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -238,9 +339,14 @@ def run_logged(cmd: list[str], logfile: Path) -> Child:
     busy0, t0 = busy_cpu_s(), time.perf_counter()
     with open(logfile, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        if GUARD is not None:
+            GUARD.watch(proc)
         assert proc.stdout is not None
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
+        if GUARD is not None:
+            GUARD.watch(None)
+            GUARD.check()
     wall, busy = time.perf_counter() - t0, busy_cpu_s() - busy0
     code = proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     if code != 0:
@@ -257,9 +363,14 @@ def write_json(path: Path | None, figures: dict) -> None:
         path.write_text(json.dumps(figures, indent=2))
 
 
-def synth(out: Path, cards: list[int], rows: int, seed: int) -> None:
+def signed_bytes(n: int) -> str:
+    """``format_bytes`` of a difference that may be negative (the tiered run below its budget)."""
+    return format_bytes(n) if n >= 0 else "-" + format_bytes(-n)
+
+
+def synth(out: Path, cards: list[int], rows: int, seed: int, zipf: str) -> None:
     run_logged([sys.executable, "-m", "tierec", "data", "synth", "--out", str(out), "--rows", str(rows),
-                "--seed", str(seed), "--test-fraction", "0", "--max-cardinality", "0",
+                "--seed", str(seed), "--test-fraction", "0", "--max-cardinality", "0", "--zipf", zipf,
                 "--cardinalities", ",".join(map(str, cards)), "--no-progress"], out.parent / f"{out.name}.log")
 
 
@@ -314,6 +425,8 @@ def full_copy(src: Path, dst: Path) -> tuple[float, int]:
                 w.write(chunk)
                 nbytes += len(chunk)
                 left -= len(chunk)
+                if GUARD is not None:
+                    GUARD.check()
             os.fsync(w.fileno())
     seconds = time.perf_counter() - t0
     shutil.rmtree(dst)
@@ -527,7 +640,7 @@ def tier_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
          else f"none in {s.steps:,} steps (raise --steps)", "cache fills and evicts", verdict(ev is not None)),
         ("peak RSS", f"{format_bytes(t.peak_rss)} (in memory: {format_bytes(m.peak_rss)})",
          f"<= {format_bytes(limit)} (budget + 0.5 GiB)", verdict(t.peak_rss <= limit)),
-        ("  beyond the budget, against in memory", f"{format_bytes(beyond)} (the in-memory run's process without "
+        ("  beyond the budget, against in memory", f"{signed_bytes(beyond)} (the in-memory run's process without "
          f"its tables: {format_bytes(fixed)})", "<= the in-memory run's", verdict(beyond <= fixed)),
         (f"read amplification (dim {s.dim})",
          "n/a" if amp is None else f"{amp:.1f}x: device bytes read / row bytes read from the files",
@@ -594,21 +707,21 @@ def probe_lines(probes: dict[str, list[dict]]) -> list[str]:
 
 
 def print_report(s: Sizing, ts: list[RunFigures], ms: list[RunFigures], copies: list[tuple[float, int]],
-                 probes: dict[str, list[dict]]) -> list[Row]:
+                 probes: dict[str, list[dict]], zipf: str = "auto") -> list[Row]:
     """The report; with several pairs, the last tiered run's figures (its files were copied), the speed pair by pair,
     and the highest peak RSS and busiest neighbour of each side's runs."""
     t = replace(ts[-1], peak_rss=max(x.peak_rss for x in ts), others_cores=max(x.others_cores for x in ts))
     m = replace(ms[-1], peak_rss=max(x.peak_rss for x in ms), others_cores=max(x.others_cores for x in ms))
     rows = speed_rows(s, ts, ms) + tier_rows(s, t, m) + checkpoint_rows(ts, copies)
     print(f"\nbench_scale: {os.cpu_count()} cores, RAM {format_bytes(s.ram)} (MemTotal); "
-          f"{format_bytes(s.disk_free)} free on the work directory's disk, this run may need at most "
-          f"{format_bytes(s.disk_need)}")
+          f"{format_bytes(s.disk_free)} free on the work directory's disk: {disk_line(s)}")
     print(f"  tables {format_bytes(s.table_bytes)} ({s.table_bytes / s.ram:.2f}x RAM; 26 Criteo-shaped, dim {s.dim}, "
           f"rows + row-wise Adagrad state), budget {format_bytes(s.budget)} ({s.budget / s.ram:.3f} of RAM, tables "
           f"{s.table_bytes / s.budget:.1f}x over it); reference: {format_bytes(s.ref_table_bytes)} of tables in memory")
     if s.emulated_ram != s.ram:
         print(f"  (sized as on a machine with {format_bytes(s.emulated_ram)} of RAM: tables / --ram-factor)")
-    print(f"  batch {s.batch_size:,}, {s.steps:,} steps, a checkpoint every {s.checkpoint_every:,}; look-ahead "
+    print(f"  batch {s.batch_size:,}, {s.steps:,} steps, a checkpoint every {s.checkpoint_every:,}, ID popularity "
+          f"{'calibrated (auto)' if zipf == 'auto' else 'Zipf ' + zipf}; look-ahead "
           "cache, O_DIRECT" + (f"; {len(ts)} pairs of runs (ABBA), the other figures from the last tiered run and "
                                "the highest peak RSS" if len(ts) > 1 else ""))
     w0, w1, w2 = (max(len(r[i]) for r in rows) for i in range(3))
@@ -646,6 +759,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reference and tiered runs, N of each, alternately reference first and tiered first (ABBA); "
                         "the speed ratio is the median of the pairs' (default: 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zipf", default="auto", metavar="ALPHA|auto",
+                   help="the data's ID popularity (`tierec data synth --zipf`): 'auto' (default) is calibrated to "
+                        "Meta's reuse statistics, under which a table's distinct rows grow slowly (at 1.2x RAM the "
+                        "cache holds them for tens of thousands of steps); a plain Zipf exponent such as 1.0 touches "
+                        "more rows and makes the cache evict early")
     p.add_argument("--probe-seconds", type=float, default=1.0,
                    help="seconds per queue depth of the device probe before and after (0: no probe)")
     p.add_argument("--tiered-args", default="",
@@ -673,8 +791,8 @@ def measure(a: argparse.Namespace, s: Sizing, work: Path) -> dict:
     n = s.steps * s.batch_size
     log.info("synthesising %s rows twice: %s of tables, and %s for the reference", f"{n:,}",
              format_bytes(s.table_bytes), format_bytes(s.ref_table_bytes))
-    synth(work / "data", s.cards, n, a.seed)
-    synth(work / "data-ref", s.ref_cards, n, a.seed)
+    synth(work / "data", s.cards, n, a.seed, a.zipf)
+    synth(work / "data-ref", s.ref_cards, n, a.seed, a.zipf)
     tiered = ["--memory-budget", str(s.budget), "--cache-policy", "lookahead", "--direct-io"]
     probes: dict[str, list[dict]] = {}
     runs: dict[str, list[tuple[RunFigures, dict]]] = {"memory": [], "tiered": []}
@@ -699,8 +817,9 @@ def measure(a: argparse.Namespace, s: Sizing, work: Path) -> dict:
     if a.probe_seconds:
         probes["after"] = probe(work, a.probe_seconds)
     ts, ms = [f for f, _ in runs["tiered"]], [f for f, _ in runs["memory"]]
-    rows = print_report(s, ts, ms, copies, probes)
-    return {"sizing": asdict(s), "tiered": asdict(ts[-1]), "memory": asdict(ms[-1]),
+    rows = print_report(s, ts, ms, copies, probes, a.zipf)
+    return {"sizing": asdict(s), "disk_peak_bytes": GUARD.peak if GUARD is not None else None,
+            "tiered": asdict(ts[-1]), "memory": asdict(ms[-1]),
             "tiered_summary": runs["tiered"][-1][1], "memory_summary": runs["memory"][-1][1],
             "pairs": [{"memory": asdict(m), "tiered": asdict(t), "full_copy": {"seconds": c[0], "bytes": c[1]}}
                       for m, t, c in zip(ms, ts, copies, strict=True)],
@@ -719,9 +838,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_scale: refused: {why}", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="bench_scale.", dir=parent))
-    log.info("work directory %s (%s free, this run needs <= %s)", work, format_bytes(s.disk_free),
-             format_bytes(s.disk_need))
+    log.info("work directory %s (%s free): %s", work, format_bytes(s.disk_free), disk_line(s))
     t0 = time.perf_counter()
+    global GUARD
+    GUARD = DiskGuard(parent, int(DISK_SHARE * s.disk_free)).start()
     try:
         res = measure(a, s, work)
         print(f"  total {time.perf_counter() - t0:.0f} s")
@@ -731,11 +851,20 @@ def main(argv: list[str] | None = None) -> int:
         log.error("bench_scale: %s", e)
         return 1
     finally:
+        GUARD.stop()
+        GUARD = None
         if a.keep:
             log.info("kept %s", work)
         else:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def disk_line(s: Sizing) -> str:
+    """What the run needs of the disk, and where the guard stops it (and, once it ran, the most it took)."""
+    took = f"; the most it took: {format_bytes(GUARD.peak)}" if GUARD is not None and GUARD.peak else ""
+    return (f"this run needs at least {format_bytes(s.disk_sure)}, at worst {format_bytes(s.disk_need)}; stopped past "
+            f"{format_bytes(int(DISK_SHARE * s.disk_free))} ({DISK_SHARE:.0%}){took}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from tierec.data.dataset import Batch
 from tierec.errors import ConfigError
 from tierec.modules.embedding import TableConfig, build_collection
 from tierec.storage.base import InMemoryTable
+from tierec.storage.cache import CachedTable
 from tierec.modules.optim import SparseOptimizer
 from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.lookahead import NEVER, UNTRACKED_WITHIN, LookaheadCache, NextUseOracle
@@ -105,6 +106,54 @@ def test_a_trace_makes_a_one_step_window_belady_min(shared_data):
             cache.observe(t, ids, torch.tensor(far[t]))
             cache.release(cache.prepare(t, ids, allow_bypass=True), dirty=False)
         assert cache.stats()["hits"] == round(min_hit_rate(trace, size, bypass=False) * len(trace)), size
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_victims_from_candidates_are_those_of_a_whole_pass(shared_data, monkeypatch, window):
+    """`LookaheadCache._victims` keeps the lowest keys' slots between passes over the cache: every choice has the
+    keys a whole pass would evict (the same hits as Belady's MIN on a traced ARC stream), with passes rare."""
+    import tierec.storage.lookahead as la
+    from tierec.sim.traces import read_arc
+
+    monkeypatch.setattr(la, "CANDIDATES", 16)
+    monkeypatch.setattr(la, "CANDIDATE_STEPS", 2)
+    trace = read_arc(shared_data / "arc" / "OLTP.lis.zst", max_requests=12000)
+    steps = [np.unique(c).tolist() for c in np.array_split(trace.astype(np.int64), 1500)]  # ~8 IDs a step
+    far = trace_next_uses(steps)
+    checked, passes = [0], [0]
+
+    class WholePass(LookaheadCache):
+        def _victims(self, need, protect):
+            return CachedTable._victims(self, need, protect)
+
+    class Checked(LookaheadCache):
+        def _victims(self, need, protect):
+            key = self._victim_key()  # a whole pass, for comparison
+            key.index_fill_(0, protect, la._MAX)
+            key.index_fill_(0, torch.nonzero(self._pins[: self.size]).squeeze(1), la._MAX)
+            lowest = torch.sort(key).values[:need]
+            got = super()._victims(need, protect)
+            assert got is not None and got.unique().numel() == need
+            assert torch.equal(torch.sort(key.index_select(0, got)).values, lowest)
+            checked[0] += 1
+            return got
+
+        def _victim_key(self):
+            passes[0] += 1
+            return super()._victim_key()
+
+    ref = WholePass(InMemoryTable(int(trace.max()) + 1, 1, 0), 300)
+    cache = Checked(InMemoryTable(int(trace.max()) + 1, 1, 0), 300)
+    for c in (ref, cache):
+        pending = []
+        for t, ids in enumerate(steps):
+            c.observe(t, torch.tensor(ids), torch.tensor(far[t]))
+            pending.append(c.prepare(t, torch.tensor(ids)))
+            if len(pending) == window:  # the trainer releases a step once ``window`` are prepared
+                c.release(pending.pop(0), dirty=False)
+    assert checked[0] > 500
+    assert passes[0] - checked[0] < checked[0] / 2  # a pass of its own (beside the check's) in few calls
+    assert cache.stats()["hits"] == ref.stats()["hits"]
 
 
 def test_oracle_rejects_out_of_order_steps():

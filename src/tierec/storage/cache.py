@@ -305,23 +305,34 @@ class CachedTable(RowStoreDefaults):
         free_slots = torch.arange(K, K + free, device=self.device)
         if need == 0:
             return free_slots, free_slots[:0]
-        if self.victim_sample and K > 2 * self.victim_sample * need:
+        victims = self._victims(need, protect)
+        return None if victims is None else (free_slots, victims)
+
+    def _victims(self, need: int, protect: torch.Tensor) -> torch.Tensor | None:
+        """``need`` resident slots to evict, neither in ``protect`` nor pinned, lowest `_victim_key` first (ties:
+        `_tie_break`); None if fewer may go. One pass over the cache's slots (or a sample: ``victim_sample``)."""
+        if self.victim_sample and self.size > 2 * self.victim_sample * need:
             picked = self._sampled_victims(need, protect)
             if picked is not None:
-                return free_slots, picked
+                return picked
         key = self._victim_key()
         key.index_fill_(0, protect, _MAX)
-        key.index_fill_(0, where(self._pins[:K]), _MAX)
+        key.index_fill_(0, where(self._pins[: self.size]), _MAX)
+        return self._lowest(key, need)
+
+    def _lowest(self, key: torch.Tensor, need: int, slots: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The ``need`` entries of ``key`` (int64 [k], `_MAX`: may not go) lowest first, ties by `_tie_break`, as
+        slots: positions in ``key``, or ``slots`` [k] (increasing) at them; None if fewer than ``need`` may go."""
         thr = key.min()
         if count(key == thr) < need:  # else ``need`` rows share the lowest key (e.g. rows never used again)
-            thr = torch.topk(key, need, largest=False, sorted=False).values.max()  # O(K) selection, no sort
+            thr = torch.topk(key, need, largest=False, sorted=False).values.max()  # O(k) selection, no sort
         if thr == _MAX:  # fewer than ``need`` rows may go
             return None
-        victims = where(key < thr)
+        victims, tied = where(key < thr), where(key == thr)
+        if slots is not None:
+            victims, tied = slots.index_select(0, victims), slots.index_select(0, tied)
         rest = need - victims.numel()
-        if rest:
-            victims = torch.cat([victims, self._tie_break(where(key == thr), rest)])
-        return free_slots, victims
+        return torch.cat([victims, self._tie_break(tied, rest)]) if rest else victims
 
     def _tie_break(self, slots: torch.Tensor, n: int) -> torch.Tensor:
         """``n`` of ``slots`` (rows whose eviction keys tie at `_pick_slots`' threshold) to evict: the least

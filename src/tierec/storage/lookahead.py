@@ -64,6 +64,19 @@ NEVER = torch.iinfo(torch.int64).max  # "no use inside the window"
 # (`NextUseOracle.observe`)
 UNTRACKED_WITHIN = 16
 _COLD_BASE = torch.iinfo(torch.int64).min // 2  # eviction keys of rows not used in the window
+# `LookaheadCache._victims`: a pass over every slot keeps this many of the lowest keys' slots (at least), or this
+# many steps' victims; without ties, below a threshold estimated from this many keys
+CANDIDATES = 1 << 16
+CANDIDATE_STEPS = 16
+CANDIDATE_SAMPLE = 1 << 16
+
+
+def _sorted_holds(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """bool [n]: which of ``ids`` the sorted ``keys`` hold (a search per ID: no pass over ``keys``)."""
+    if keys.numel() == 0:
+        return torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
+    pos = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)
+    return keys.index_select(0, pos) == ids
 
 
 class NextUseOracle:
@@ -255,6 +268,11 @@ class LookaheadCache(CachedTable):
         self._mu = threading.Lock()  # metadata: index, pins, dirty bits, next uses, oracle
         self._released: deque[tuple[WorkingSet, bool, int]] = deque()  # trainer's releases, not yet applied
         self._guard: LookaheadGuard | None = None  # the driver of the step protocol, while there is one
+        # victims by candidates (`_victims`): slots that may hold the lowest eviction keys, and the slots whose
+        # keys went down since (`_rekeyed`); every other slot's key is >= ``_cand_thr``
+        self._cand: torch.Tensor | None = None
+        self._cand_thr = 0
+        self._rekeys: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ policy
     def _victim_key(self) -> torch.Tensor:
@@ -265,6 +283,85 @@ class LookaheadCache(CachedTable):
         cold = _COLD_BASE + self._lfreq[:K].clamp(max=1 << 40)
         return torch.where(nxt == NEVER, cold, -nxt)
 
+    def _key_at(self, slots: torch.Tensor) -> torch.Tensor:
+        """`_victim_key` of ``slots`` only (int64 [k])."""
+        nxt = self._next.index_select(0, slots)
+        if not self._sketch.total:
+            return -nxt
+        cold = _COLD_BASE + self._lfreq.index_select(0, slots).clamp(max=1 << 40)
+        return torch.where(nxt == NEVER, cold, -nxt)
+
+    def _rekeyed(self, slots: torch.Tensor) -> None:
+        """``slots``' eviction keys may have gone down (a new next use or count, a new row): `_victims` looks at
+        them again."""
+        if self._cand is not None:
+            self._rekeys.append(slots)
+
+    def _victims(self, need: int, protect: torch.Tensor) -> torch.Tensor | None:
+        """`CachedTable._victims` without a pass over the whole cache at every step, where the run has a trace.
+
+        Belady's rule evicts the rows used furthest in the future; with a trace most steps evict rows never used
+        again, and a pass over every slot's key costs O(cache rows) per step: ~60 ms at 8.4M rows (bench_scale
+        at 1.2x RAM), more than the rest of the step's work. So a pass keeps the `CANDIDATES` lowest keys'
+        slots (its threshold: every other slot's key is >= it); between passes a slot's key only goes down where
+        `_rekeyed` says so (a released row's new next use, a new row), and those slots join the candidates at
+        the next call, which evicts the lowest of them -- the same keys a whole pass would pick, ties among
+        them in slot order as in a pass (`_tie_break`: evicting any of them costs the same misses). A new pass
+        runs when fewer than ``need`` candidates may go. Without a trace the keys (counts, least recently used
+        ties) change at every touch: one pass per call, as before."""
+        if self._sketch.total:
+            self._cand = None
+            return super()._victims(need, protect)
+        if self._cand is not None:
+            got = self._from_candidates(need, protect)
+            if got is not None:
+                return got
+        key = self._victim_key()
+        cand = self._lowest_slots(key, max(CANDIDATES, CANDIDATE_STEPS * need))
+        self._cand, self._cand_thr, self._rekeys = cand, int(key.index_select(0, cand).max()), []
+        got = self._from_candidates(need, protect)
+        if got is not None:
+            return got
+        key.index_fill_(0, protect, _MAX)  # fewer than ``need`` of the lowest keys may go: the whole pass
+        key.index_fill_(0, where(self._pins[: self.size]), _MAX)
+        return self._lowest(key, need)
+
+    def _lowest_slots(self, key: torch.Tensor, keep: int) -> torch.Tensor:
+        """About ``keep`` slots (int64, increasing) holding the lowest of ``key`` (int64 [K]): every slot left out has
+        a key >= theirs. With a trace most are rows never used again, which tie: the first ``keep`` of them;
+        else those below a threshold estimated from a sample (no selection pass over all K: `torch.topk` of
+        64K of 8.4M keys took 120 ms, twice a pass)."""
+        if keep >= key.numel():
+            return torch.arange(key.numel(), device=key.device)
+        low = key.min()
+        tied = where(key == low)
+        if tied.numel() >= keep:
+            return tied[:keep]
+        sample = key.index_select(0, torch.randint(key.numel(), (CANDIDATE_SAMPLE,), generator=self._gen,
+                                                   device=key.device))
+        thr = torch.kthvalue(sample, max(1, min(CANDIDATE_SAMPLE, CANDIDATE_SAMPLE * keep // key.numel()))).values
+        below, tied = where(key < thr), where(key == thr)
+        return torch.cat([below, tied[: max(0, keep - below.numel())]]).sort().values
+
+    def _from_candidates(self, need: int, protect: torch.Tensor) -> torch.Tensor | None:
+        """``need`` victims among the candidates and the slots rekeyed since (`_victims`), or None if fewer may go
+        with keys within the last pass's threshold. The candidates become those with keys within it."""
+        cand, thr = self._cand, self._cand_thr
+        assert cand is not None
+        if self._rekeys:
+            more = torch.cat(self._rekeys)
+            self._rekeys = []
+            more = torch.unique(select(self._key_at(more) <= thr, more)[0])
+            if more.numel():
+                more = select(~_sorted_holds(cand, more), more)[0]
+                cand = torch.cat([cand, more]).sort().values if more.numel() else cand
+        key = self._key_at(cand)
+        cand, key = select(key <= thr, cand, key)  # rows whose keys went up since leave
+        self._cand = cand
+        key.masked_fill_(_sorted_holds(protect.sort().values, cand), _MAX)
+        key.masked_fill_(self._pins.index_select(0, cand) > 0, _MAX)
+        return self._lowest(key, need, cand) if count(key != _MAX) >= need else None
+
     def _tie_break(self, slots: torch.Tensor, n: int) -> torch.Tensor:
         """With no long-run counts (a traced run) the first ``n`` of ``slots``: rows tied on their eviction key are
         next used at the same step, or never again, so evicting any of them costs the same misses. Else the
@@ -274,6 +371,7 @@ class LookaheadCache(CachedTable):
     def _install(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         super()._install(ids, slots)
         self._next.index_fill_(0, slots, NEVER)
+        self._rekeyed(slots)
         self._neighbour.index_fill_(0, slots, False)
         if self._sketch.total:
             self._lfreq.index_copy_(0, slots, self._sketch.query(ids))
@@ -309,6 +407,7 @@ class LookaheadCache(CachedTable):
                 self._next.index_copy_(0, ws.index, self.oracle.consume(step))
                 if self._sketch.total:
                     self._lfreq.index_copy_(0, ws.index, self._sketch.query(ws.ids))
+                self._rekeyed(ws.index)
             yield
 
     # ------------------------------------------------------------------ step protocol
@@ -325,6 +424,7 @@ class LookaheadCache(CachedTable):
         with self._locked():
             self.oracle = NextUseOracle(self.device)
             self._next.fill_(NEVER)
+            self._cand = None
         self._guard = None
 
     def is_copy(self, ws: WorkingSet) -> bool:
@@ -387,6 +487,7 @@ class LookaheadCache(CachedTable):
                 slots = slots.index_copy(0, miss, new)
                 if nb.numel():  # pinned until their rows are in, not part of the step
                     self._next.index_copy_(0, nb_slots, nb_next)
+                    self._rekeyed(nb_slots)
                     self._neighbour.index_fill_(0, nb_slots, True)
                     self._pins.index_add_(0, nb_slots, self._pins.new_ones(1).expand(nb_slots.numel()))
                     self._st["neighbour_rows"] += nb.numel()
@@ -491,6 +592,7 @@ class LookaheadCache(CachedTable):
                 nu = self.oracle.consume(step)
                 assert h.hit_idx is not None  # a "temp" handle has it
                 self._next.index_copy_(0, h.pinned, nu.index_select(0, h.hit_idx))
+                self._rekeyed(h.pinned)
         else:
             h.released = True
             h.fin.detach()
@@ -551,7 +653,9 @@ class LookaheadCache(CachedTable):
         with self._locked():
             nu = self.oracle.consume(step)
             hit, slots = self._lookup(ids)
-            self._next.index_copy_(0, *select(hit, slots, nu))
+            slots, nu = select(hit, slots, nu)
+            self._next.index_copy_(0, slots, nu)
+            self._rekeyed(slots)
 
     def reset_stats(self, recursive: bool = True) -> None:
         super().reset_stats(recursive)

@@ -117,6 +117,7 @@ def test_victims_from_candidates_are_those_of_a_whole_pass(shared_data, monkeypa
 
     monkeypatch.setattr(la, "CANDIDATES", 16)
     monkeypatch.setattr(la, "CANDIDATE_STEPS", 2)
+    monkeypatch.setattr(la, "CANDIDATE_MIN_ROWS", 0)
     trace = read_arc(shared_data / "arc" / "OLTP.lis.zst", max_requests=12000)
     steps = [np.unique(c).tolist() for c in np.array_split(trace.astype(np.int64), 1500)]  # ~8 IDs a step
     far = trace_next_uses(steps)

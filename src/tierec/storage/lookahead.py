@@ -69,6 +69,7 @@ _COLD_BASE = torch.iinfo(torch.int64).min // 2  # eviction keys of rows not used
 CANDIDATES = 1 << 16
 CANDIDATE_STEPS = 16
 CANDIDATE_SAMPLE = 1 << 16
+CANDIDATE_CAP = 4  # candidates beyond this many times a pass's share drop rows tied at the threshold (half stay)
 # below this many resident rows a pass costs less than keeping candidates (bench_scale --quick, ~180K rows: the
 # look-ahead worker's CPU 12.2-12.6 s without candidates, 16.4-18.5 s with them)
 CANDIDATE_MIN_ROWS = 1 << 20
@@ -275,6 +276,7 @@ class LookaheadCache(CachedTable):
         # keys went down since (`_rekeyed`); every other slot's key is >= ``_cand_thr``
         self._cand: torch.Tensor | None = None
         self._cand_thr = 0
+        self._cand_keep = CANDIDATES  # the candidates a pass keeps
         self._rekeys: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ policy
@@ -321,7 +323,8 @@ class LookaheadCache(CachedTable):
             if got is not None:
                 return got
         key = self._victim_key()
-        cand = self._lowest_slots(key, max(CANDIDATES, CANDIDATE_STEPS * need))
+        self._cand_keep = max(CANDIDATES, CANDIDATE_STEPS * need)
+        cand = self._lowest_slots(key, self._cand_keep)
         self._cand, self._cand_thr, self._rekeys = cand, int(key.index_select(0, cand).max()), []
         got = self._from_candidates(need, protect)
         if got is not None:
@@ -361,6 +364,12 @@ class LookaheadCache(CachedTable):
                 cand = torch.cat([cand, more]).sort().values if more.numel() else cand
         key = self._key_at(cand)
         cand, key = select(key <= thr, cand, key)  # rows whose keys went up since leave
+        if cand.numel() > CANDIDATE_CAP * self._cand_keep:  # rows tied at the threshold may leave too: their keys are
+            drop = where(key == thr)[CANDIDATE_CAP * self._cand_keep // 2 :]  # >= it (late in a run most rows
+            if drop.numel():  # are never used again: the candidates would grow without bound)
+                left = torch.ones(cand.numel(), dtype=torch.bool, device=cand.device)
+                left.index_fill_(0, drop, False)
+                cand, key = select(left, cand, key)
         self._cand = cand
         key.masked_fill_(_sorted_holds(protect.sort().values, cand), _MAX)
         key.masked_fill_(self._pins.index_select(0, cand) > 0, _MAX)

@@ -315,10 +315,12 @@ class CachedTable(RowStoreDefaults):
             picked = self._sampled_victims(need, protect)
             if picked is not None:
                 return picked
-        key = self._victim_key()
+        return self._lowest(self._eligible(self._victim_key(), protect), need)
+
+    def _eligible(self, key: torch.Tensor, protect: torch.Tensor) -> torch.Tensor:
+        """``key`` (int64 [size], every resident slot's) with ``protect`` ed and pinned slots at `_MAX` (may not go)."""
         key.index_fill_(0, protect, _MAX)
-        key.index_fill_(0, where(self._pins[: self.size]), _MAX)
-        return self._lowest(key, need)
+        return key.index_fill_(0, where(self._pins[: self.size]), _MAX)
 
     def _lowest(self, key: torch.Tensor, need: int, slots: torch.Tensor | None = None) -> torch.Tensor | None:
         """The ``need`` entries of ``key`` (int64 [k], `_MAX`: may not go) lowest first, ties by `_tie_break`, as
@@ -328,11 +330,10 @@ class CachedTable(RowStoreDefaults):
             thr = torch.topk(key, need, largest=False, sorted=False).values.max()  # O(k) selection, no sort
         if thr == _MAX:  # fewer than ``need`` rows may go
             return None
-        victims, tied = where(key < thr), where(key == thr)
-        if slots is not None:
-            victims, tied = slots.index_select(0, victims), slots.index_select(0, tied)
+        at = (lambda pos: pos) if slots is None else (lambda pos: slots.index_select(0, pos))
+        victims = at(where(key < thr))
         rest = need - victims.numel()
-        return torch.cat([victims, self._tie_break(tied, rest)]) if rest else victims
+        return torch.cat([victims, self._tie_break(at(where(key == thr)), rest)]) if rest else victims
 
     def _tie_break(self, slots: torch.Tensor, n: int) -> torch.Tensor:
         """``n`` of ``slots`` (rows whose eviction keys tie at `_pick_slots`' threshold) to evict: the least

@@ -280,20 +280,14 @@ class LookaheadCache(CachedTable):
         self._rekeys: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ policy
-    def _victim_key(self) -> torch.Tensor:
-        K = self.size
-        nxt = self._next[:K]
+    def _victim_key(self, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """int64 [size] (or [k]: of ``slots`` only): each resident slot's eviction key, lowest evicted first."""
+        def at(t: torch.Tensor) -> torch.Tensor:
+            return t[: self.size] if slots is None else t.index_select(0, slots)
+        nxt = at(self._next)
         if not self._sketch.total:  # no long-run counts (a traced run): rows with no next use all rank first, alike
             return -nxt
-        cold = _COLD_BASE + self._lfreq[:K].clamp(max=1 << 40)
-        return torch.where(nxt == NEVER, cold, -nxt)
-
-    def _key_at(self, slots: torch.Tensor) -> torch.Tensor:
-        """`_victim_key` of ``slots`` only (int64 [k])."""
-        nxt = self._next.index_select(0, slots)
-        if not self._sketch.total:
-            return -nxt
-        cold = _COLD_BASE + self._lfreq.index_select(0, slots).clamp(max=1 << 40)
+        cold = _COLD_BASE + at(self._lfreq).clamp(max=1 << 40)
         return torch.where(nxt == NEVER, cold, -nxt)
 
     def _rekeyed(self, slots: torch.Tensor) -> None:
@@ -329,9 +323,7 @@ class LookaheadCache(CachedTable):
         got = self._from_candidates(need, protect)
         if got is not None:
             return got
-        key.index_fill_(0, protect, _MAX)  # fewer than ``need`` of the lowest keys may go: the whole pass
-        key.index_fill_(0, where(self._pins[: self.size]), _MAX)
-        return self._lowest(key, need)
+        return self._lowest(self._eligible(key, protect), need)  # fewer than ``need`` of them may go: the whole pass
 
     def _lowest_slots(self, key: torch.Tensor, keep: int) -> torch.Tensor:
         """About ``keep`` slots (int64, increasing) holding the lowest of ``key`` (int64 [K]): every slot left out has
@@ -358,11 +350,11 @@ class LookaheadCache(CachedTable):
         if self._rekeys:
             more = torch.cat(self._rekeys)
             self._rekeys = []
-            more = torch.unique(select(self._key_at(more) <= thr, more)[0])
+            more = torch.unique(select(self._victim_key(more) <= thr, more)[0])
             if more.numel():
                 more = select(~_sorted_holds(cand, more), more)[0]
                 cand = torch.cat([cand, more]).sort().values if more.numel() else cand
-        key = self._key_at(cand)
+        key = self._victim_key(cand)
         cand, key = select(key <= thr, cand, key)  # rows whose keys went up since leave
         if cand.numel() > CANDIDATE_CAP * self._cand_keep:  # rows tied at the threshold may leave too: their keys are
             drop = where(key == thr)[CANDIDATE_CAP * self._cand_keep // 2 :]  # >= it (late in a run most rows

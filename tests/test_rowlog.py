@@ -28,11 +28,15 @@ def same(a: SsdTable, b: SsdTable, ids: torch.Tensor) -> None:
     assert torch.equal(wa, wb) and torch.equal(sa, sb)
 
 
-@pytest.mark.parametrize("capacity, span", [(500, N), (5000, 3000)])
-def test_rows_read_back_as_from_a_plain_file(tmp_path, capacity, span):
+@pytest.mark.parametrize("capacity, span, small_delta", [(500, N, False), (5000, 3000, False), (5000, 3000, True)])
+def test_rows_read_back_as_from_a_plain_file(tmp_path, monkeypatch, capacity, span, small_delta):
     """Random exchanges (write-backs + misses), single writes and a range write: every read equals the
     plain file's; with 500 slots the map fills (its rows fold home), with 5,000 and rows written again
-    and again the halves switch."""
+    and again the halves switch; ``small_delta``: the map's delta level folds into its main level every few
+    appends."""
+    if small_delta:
+        monkeypatch.setattr(rowlog, "DELTA_MIN", 16)
+        monkeypatch.setattr(rowlog, "DELTA_FACTOR", 1)
     log, plain = pair(tmp_path, capacity)
     rng = np.random.default_rng(capacity)
     for step in range(120):
@@ -55,6 +59,33 @@ def test_rows_read_back_as_from_a_plain_file(tmp_path, capacity, span):
         assert st["log_folds"] > 0
     else:
         assert st["log_folds"] == 0 and st["log_switches"] > 0 and st["log_moved_rows"] > 0
+
+
+def test_the_two_level_map_maps_ids_as_a_dict_does(monkeypatch):
+    """`SlotMap` under random updates and removals, its delta folding in every few of them: every lookup,
+    its size and its one-level form equal a dict's."""
+    monkeypatch.setattr(rowlog, "DELTA_MIN", 8)
+    monkeypatch.setattr(rowlog, "DELTA_FACTOR", 2)
+    rng = np.random.default_rng(5)
+    m, ref = rowlog.SlotMap(np.empty(0, np.int32), np.empty(0, np.int32)), {}
+    folds = 0
+    for step in range(400):
+        ids = np.unique(rng.integers(0, 3000, rng.integers(1, 40)))
+        if step % 3 == 2:
+            m = m.without(ids)
+            for i in ids.tolist():
+                ref.pop(i, None)
+        else:
+            slots = rng.integers(0, 1 << 20, ids.size).astype(np.int32)
+            m = m.with_slots(ids, slots)
+            ref.update(zip(ids.tolist(), slots.tolist(), strict=True))
+        folds += not m.dkeys.size
+        probe = np.arange(3000, dtype=np.int64)
+        assert m.get(probe).tolist() == [ref.get(i, -1) for i in range(3000)], step
+        assert m.size == len(ref)
+    keys, slots = m.merged()
+    assert keys.tolist() == sorted(ref) and slots.tolist() == [ref[k] for k in sorted(ref)]
+    assert 10 < folds < 300 and m.merged()[0].dtype == np.int32
 
 
 def test_write_backs_never_read_a_block_first(tmp_path):

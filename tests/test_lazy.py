@@ -12,6 +12,7 @@ from tierec.errors import CheckpointError
 from tierec.storage.base import InMemoryTable
 from tierec.storage.lazy import RowBits, RowInit
 from tierec.storage.ssd import SsdTable, open_table_file, written_path
+from tierec.storage import tablefile
 from tierec.storage.tablefile import read_table_file, verify_table_file, write_table_file
 
 
@@ -127,6 +128,33 @@ def test_a_row_set_checkpoint_scales_with_the_rows_written(tmp_path):
     read_table_file(tmp_path / "t.tbl", back, entry, files["t.tbl.ids"])
     assert torch.equal(back.weight, t.weight) and torch.equal(back.state, t.state)
     assert np.array_equal(back.lazy_rows().written.ids(), np.sort(ids.numpy()))  # resume knows what was written
+
+
+def test_a_row_set_written_on_its_thread_equals_one_in_small_pieces_and_a_failed_write_reaches_the_caller(
+        tmp_path, monkeypatch):
+    """`RowSetWriter` hashes and writes on a thread of its own: the files and manifest entries are those of the
+    same rows in many small pieces, and a write that fails there (disk full) raises in `write_table_file`."""
+    n, d = 2_500_000, 4
+    t, _ = _table_after_writes(n, d, 5000)
+    big = write_table_file(tmp_path / "big.tbl", t)
+    monkeypatch.setattr(tablefile, "ROWSET_READ_ROWS", 7)
+    small = write_table_file(tmp_path / "small.tbl", t)
+    assert (tmp_path / "big.tbl").read_bytes() == (tmp_path / "small.tbl").read_bytes()
+    assert (tmp_path / "big.tbl.ids").read_bytes() == (tmp_path / "small.tbl.ids").read_bytes()
+    assert big["big.tbl"]["chunks"] == small["small.tbl"]["chunks"] and len(small["small.tbl"]["chunks"]) == 3
+    assert big["big.tbl"]["sha256"] == small["small.tbl"]["sha256"]
+    pieces = []
+
+    def full_disk(self, ids, rows):
+        pieces.append(ids.size)
+        if len(pieces) == 40:
+            raise OSError(28, "No space left on device")
+        self._f.write(rows.tobytes())
+
+    monkeypatch.setattr(tablefile.RowSetWriter, "_write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_table_file(tmp_path / "full.tbl", t)
+    assert len(pieces) == 40  # the pieces after the failure were not written
 
 
 def test_a_row_set_chunk_flip_is_caught_and_named(tmp_path):

@@ -215,7 +215,8 @@ def test_ranked_appends_read_back_as_from_a_plain_file(tmp_path, staging, recent
         w = np.unique(rng.integers(0, 550 if step < 120 else N, 350))  # rows written again (switches), then folds
         r = np.setdiff1d(np.unique(np.concatenate([rng.integers(0, N, 100), rng.integers(0, 600, 100)])), w)
         weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
-        rank = None if step % 5 == 0 else torch.from_numpy(rng.integers(0, 20, w.size))
+        rank = None if step % 5 == 0 else torch.from_numpy(
+            np.where(rng.random(w.size) < 0.3, rowlog.UNRANKED, rng.integers(0, 20, w.size)))  # some unranked
         got = log.exchange(torch.from_numpy(w), weight, state, torch.from_numpy(r), write_rank=rank)
         want = plain.exchange(torch.from_numpy(w), weight, state, torch.from_numpy(r))
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), step
@@ -230,6 +231,7 @@ def test_ranked_appends_read_back_as_from_a_plain_file(tmp_path, staging, recent
     st = log.stats()
     assert st["log_switches"] > 0 and st["log_folds"] > 0
     assert st["log_staged_peak"] == 0 if not staging else 0 < st["log_staged_peak"] <= staging
+    assert (st["log_unranked_batches"] > 0) == bool(staging)
     assert (st["log_recent_rows"] > 0) == bool(recent), st
     same(log, plain, torch.arange(N))
     log.close()
@@ -430,6 +432,44 @@ def test_bulk_reads_copy_staged_rows_and_step_reads_log_them_first(tmp_path):
     assert sum(t.row_log.staged for t in tabs) < sum(staged)  # the asked ranks went to the logs, then were read
     assert sum(t.stats()["device_bytes_read"] for t in tabs) > 0
     cat.close()
+
+
+def test_unranked_rows_wait_in_the_staging_area_and_go_to_the_log_together_in_id_order(tmp_path):
+    """Write-backs with no read-back known (`rowlog.UNRANKED`: rows the look-ahead cache never sees again) wait
+    in the staging area apart from the rank groups until it is full, then go to the log in one batch,
+    in ID order, so that a checkpoint's reads by ID find them in long runs. Meanwhile a bulk read copies them
+    (no device byte) and a step's read of one sends them all; every read equals the plain file's."""
+    log, plain = pair(tmp_path, 20_000, staging=1000)
+    rng = np.random.default_rng(4)
+    written = []
+    for step in range(9):  # 9 x ~120 rows: past the 1,000-row staging area at the last step
+        w = np.unique(rng.integers(0, N, 120))
+        weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
+        log.exchange(torch.from_numpy(w), weight, state, torch.tensor([1]),
+                     write_rank=torch.full((w.size,), rowlog.UNRANKED))
+        plain.exchange(torch.from_numpy(w), weight, state, torch.tensor([1]))
+        written.append(w)
+        st = log.stats()
+        if sum(x.size for x in written) <= 1000:
+            assert st["log_unranked_batches"] == 0 and st["log_bytes_written"] == 0
+            assert log.row_log.staged == np.unique(np.concatenate(written)).size
+            log.reset_stats()
+            same(log, plain, torch.from_numpy(np.concatenate(written)))  # a bulk read: copied from the staging area
+            assert log.stats()["device_bytes_read"] == 0 and log.row_log.staged > 0
+    assert log.stats()["log_unranked_batches"] == 1 and log.row_log.staged == 0
+    ids = np.unique(np.concatenate(written))
+    slots = log.slots_of(ids)
+    assert np.array_equal(np.diff(slots), np.ones(ids.size - 1))  # one run, in ID order
+    w = np.unique(rng.integers(0, N, 120))  # staged again, then a step reads one of them: all go
+    weight = torch.randn(w.size, DIM)
+    for t in (log, plain):
+        t.exchange(torch.from_numpy(w), weight, torch.zeros(w.size, 1), torch.tensor([1]),
+                   **({"write_rank": torch.full((w.size,), rowlog.UNRANKED)} if t is log else {}))
+    assert log.row_log.staged == w.size
+    got = log.exchange(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.empty(0, 1),
+                       torch.from_numpy(w[:1]))
+    assert torch.equal(got[0], weight[:1]) and log.row_log.staged == 0
+    same(log, plain, torch.arange(N))
 
 
 def write_back_random_rows(rng, steps: int, *tables: SsdTable, span: int = N) -> None:

@@ -28,6 +28,13 @@ IDs; `unstage` of everything before the map is saved or the file is made durable
 checkpoint's, an evaluation's) copies the staged rows it asks for from the staging area instead
 (`staged_rows`) and leaves their groups staged for the step that reads them back. Exactness is
 untouched: a row's bytes are the same wherever, and whenever, they are written.
+Unranked rows. A rank of `UNRANKED` (int64 max: the look-ahead cache's "no use inside the window", with a trace
+"never used again") says no read-back is known. Such rows wait apart from the rank groups (pieces of sorted IDs,
+no re-sort per append) until the staging area is full, and then go first, all together, in ID order. With a trace
+they are most write-backs once a cache evicts (rows touched once), and a checkpoint reads them back by ID: one
+step's write-backs per append cut its ID-ordered reads into runs of a few rows, one per append (a 1.2x-RAM run's
+checkpoint after evictions: 486K device reads for 6.0M rows, 9.9 s; batched: 6K reads, 5.0 s). A step that asks
+for one of them sends them all (`unstage`); a bulk read copies them (`staged_rows`).
 Recent sectors. Staging sends the lowest ranks out together when it is full, so one sector often holds rows read
 back at the next few steps: in a 2,750-step run of `benchmarks/bench_scale.py --quick`, half of the log rows a step
 read sat in a sector read within the last four steps, while the look-ahead window saw ~0.2 steps past the step it
@@ -112,7 +119,8 @@ STAGE_GROUP_BYTES = 1024  # a rank's staged rows go to the log once they fill tw
 # a full staging area sends its lowest ranks to the log until this share of its limit is left: one append of many
 # consecutive ranks, so rows read back at neighbouring steps share sectors (and the recent sectors catch them)
 STAGE_KEEP = 0.5
-STAGED_ROW_OVERHEAD = 16  # bytes of a staged row beside its floats: its ID and rank (int64 each)
+STAGED_ROW_OVERHEAD = 16  # bytes of a staged row beside its floats: its ID and rank (int64 each; unranked: ID twice)
+UNRANKED = np.iinfo(np.int64).max  # a placement rank that says "no read-back known" (the look-ahead cache's NEVER)
 # the log map's delta level folds into its main level past DELTA_FACTOR x sqrt(main) entries, at least DELTA_MIN
 DELTA_MIN = 1 << 12
 DELTA_FACTOR = 64
@@ -379,10 +387,13 @@ class RowLog:
         self.group = max(1, -(-STAGE_GROUP_BYTES // self.stride))  # rows of one rank written together
         self._staged: tuple[np.ndarray, np.ndarray, np.ndarray] = (
             np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, self.width), np.float32))
+        # unranked staged rows (module doc): their sorted IDs, and the pieces they came in [(sorted IDs, rows)],
+        # disjoint from each other and from the ranked ones; swapped as one tuple
+        self._unranked: tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]] = (np.empty(0, np.int64), [])
         self.stats = {"log_rows": 0, "log_switches": 0, "log_moved_rows": 0, "log_full": 0,
                       "log_bytes_written": 0, "log_bytes_read": 0, "log_staged_peak": 0, "log_folds": 0,
                       "log_folded_rows": 0, "log_compactions": 0, "log_run_rows": 0, "log_recent_rows": 0,
-                      "log_recent_kept": 0}
+                      "log_recent_kept": 0, "log_unranked_batches": 0}
         self.recent = RecentSectors(recent, sector, self.stats) if recent > 0 else None
 
     @staticmethod
@@ -419,8 +430,8 @@ class RowLog:
 
     @property
     def staged(self) -> int:
-        """Rows waiting in the staging area (module doc)."""
-        return int(self._staged[0].size)
+        """Rows waiting in the staging area (module doc), ranked and unranked."""
+        return int(self._staged[0].size) + int(self._unranked[0].size)
 
     # ------------------------------------------------------------------ lookups
     _find = staticmethod(find_sorted)
@@ -430,13 +441,24 @@ class RowLog:
         [k, width]: their rows, in the order of ``ids``). A bulk read (checkpoint, evaluation) takes them from here
         and leaves the rank groups staged, where `unstage` would write them to the log first: a staged row's
         bytes are its newest (a row written again replaces its staged copy)."""
-        sid = self._staged[0]
-        if not sid.size or not ids.size:
+        if not self.staged or not ids.size:
             return np.zeros(ids.size, bool), np.empty((0, self.width), np.float32)
+        ids = np.asarray(ids, np.int64)
         with self._lock:
             sid, _, srows = self._staged
-            held, pos = self._find(sid, np.asarray(ids, np.int64))
-            return held, srows[pos[held]]
+            held, pos = self._find(sid, ids)
+            out = np.empty((ids.size, self.width), np.float32)
+            out[held] = srows[pos[held]]
+            uids, pieces = self._unranked
+            if len(pieces) > 1:  # one piece in ID order: a bulk read asks many times (once per checkpoint piece)
+                rows = np.concatenate([p[1] for p in pieces])[np.argsort(np.concatenate([p[0] for p in pieces]))]
+                pieces = [(uids, rows)]
+                self._unranked = (uids, pieces)
+            if uids.size:
+                found, pos = self._find(uids, ids)
+                out[found] = pieces[0][1][pos[found]]
+                held |= found
+            return held, out[held]
 
     def lookup(self, ids: np.ndarray, home: np.ndarray) -> np.ndarray:
         """File rows of ``ids`` (int64 [U]): their log slots where relocated, else their run rows where the run
@@ -460,6 +482,7 @@ class RowLog:
             ids = np.sort(np.asarray(ids, np.int64))
             self._map = self._map.without(ids)
             self._staged = self._staged_without(ids)
+            self._unranked = self._unranked_without(ids)
 
     def _run_slot(self, region: int, rows: np.ndarray | int):
         """Slots (past the log's halves) of run rows ``rows`` of run region ``region``."""
@@ -479,14 +502,26 @@ class RowLog:
         keep = ~self._find(ids, sid)[0]
         return (sid[keep], srank[keep], srows[keep]) if not keep.all() else self._staged
 
+    def _unranked_without(self, ids: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """The unranked staged rows less their copies of rows ``ids`` (int64, sorted): they are stale."""
+        uids, pieces = self._unranked
+        if not uids.size or not ids.size or not self._find(ids, uids)[0].any():
+            return self._unranked
+        kept = []
+        for pid, prows in pieces:
+            keep = ~self._find(ids, pid)[0]
+            if keep.any():
+                kept.append((pid[keep], prows[keep]))
+        return uids[~self._find(ids, uids)[0]], kept
+
     def _room(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
         """(bool [U]: which of the sorted ``ids`` the log holds or stages; map entries left for new rows)."""
         lmap = self._map
         found = lmap.get(ids) >= 0
-        sid = self._staged[0]
+        sid = np.concatenate([self._staged[0], self._unranked[0]])
         new_staged = int(np.count_nonzero(lmap.get(sid) < 0)) if sid.size else 0  # map entries to come
         if sid.size:
-            found |= self._find(sid, ids)[0]
+            found |= np.isin(ids, sid)
         return found, self.capacity - self.live - new_staged
 
     def shortfall(self, ids: np.ndarray) -> int:
@@ -530,45 +565,82 @@ class RowLog:
             if rank is not None and self.stage_limit:
                 return self._stage(ids, rows, np.asarray(rank, np.int64))
             self._staged = self._staged_without(ids)  # staged copies of rows written now are stale
+            self._unranked = self._unranked_without(ids)
             return self._emit(ids, rows, rank)
 
     def _stage(self, ids: np.ndarray, rows: np.ndarray, rank: np.ndarray) -> tuple[int, int]:
         # a row staged again (normally read -- and so unstaged -- first): its new bytes win
+        ids = ids.astype(np.int64, copy=False)
+        self._unranked = self._unranked_without(ids)
         sid, srank, srows = self._staged_without(ids)
-        ids = np.concatenate([sid, ids.astype(np.int64, copy=False)])
+        rows = np.asarray(rows, np.float32)
+        un = rank == UNRANKED
+        if un.any():  # no read-back known: they wait together, apart from the rank groups (module doc)
+            uids, pieces = self._unranked
+            new = ids[un]  # sorted, and none of them in ``uids`` (dropped above): merged in O(n), not re-sorted
+            self._unranked = (np.insert(uids, np.searchsorted(uids, new), new), [*pieces, (new, rows[un])])
+            ids, rank, rows = ids[~un], rank[~un], rows[~un]
+        ids = np.concatenate([sid, ids])
         rank = np.concatenate([srank, rank])
-        rows = np.concatenate([srows, np.asarray(rows, np.float32)])
+        rows = np.concatenate([srows, rows])
         order = np.argsort(ids, kind="stable")
         ids, rank, rows = ids[order], rank[order], rows[order]
         ranks, of, counts = np.unique(rank, return_inverse=True, return_counts=True)
         go = counts >= self.group  # whole groups
         waiting = np.where(go, 0, counts)
-        over = int(waiting.sum()) - self.stage_limit
+        written = read = 0
+        over = int(waiting.sum()) + self._unranked[0].size - self.stage_limit
+        if over > 0 and self._unranked[0].size >= self.stage_limit * (1 - STAGE_KEEP):  # the unranked rows go
+            over -= self._unranked[0].size  # first, all together, in ID order
+            written, read = self._emit_unranked()
         if over > 0:  # the lowest ranks (read back soonest) go too, until `STAGE_KEEP` of the limit is left
             over += self.stage_limit - int(self.stage_limit * STAGE_KEEP)
             go[: int(np.searchsorted(np.cumsum(waiting), over)) + 1] = True
         out = go[of.reshape(-1)]
         self._staged = (ids[~out], rank[~out], rows[~out])
         self.stats["log_staged_peak"] = max(self.stats["log_staged_peak"], self.staged)
-        return self._emit(ids[out], rows[out], rank[out]) if out.any() else (0, 0)
+        if out.any():
+            w, r = self._emit(ids[out], rows[out], rank[out])
+            written, read = written + w, read + r
+        return written, read
+
+    def _emit_unranked(self) -> tuple[int, int]:
+        """Write every unranked staged row to the log now, in ID order."""
+        uids, pieces = self._unranked
+        if not uids.size:
+            return 0, 0
+        ids = np.concatenate([p[0] for p in pieces])
+        rows = np.concatenate([p[1] for p in pieces])
+        order = np.argsort(ids)
+        self._unranked = (uids[:0], [])
+        self.stats["log_unranked_batches"] += 1
+        return self._emit(ids[order], rows[order], None)
 
     def unstage(self, ids: np.ndarray | None = None) -> tuple[int, int]:
         """Write the staged rank groups that hold any of rows ``ids`` (int64 [U]; None: every staged row) to
-        the log, before they are read or the map is saved: (device bytes written, device bytes read)."""
-        sid = self._staged[0]
-        if not sid.size or (ids is not None and not self._find(sid, np.asarray(ids, np.int64))[0].any()):
+        the log, before they are read or the map is saved -- the unranked rows all together where any is asked
+        for: (device bytes written, device bytes read)."""
+        sid, uids = self._staged[0], self._unranked[0]
+        if ids is not None:
+            ids = np.asarray(ids, np.int64)
+        if not (sid.size or uids.size) or (ids is not None and not self._find(sid, ids)[0].any()
+                                            and not self._find(uids, ids)[0].any()):
             return 0, 0  # the common case, without the lock
         with self._lock:
+            written = read = 0
+            if self._unranked[0].size and (ids is None or self._find(self._unranked[0], ids)[0].any()):
+                written, read = self._emit_unranked()
             sid, srank, srows = self._staged
             if ids is None:
                 out = np.ones(sid.size, bool)
             else:
-                asked = self._find(np.sort(np.asarray(ids, np.int64)), sid)[0]
+                asked = self._find(np.sort(ids), sid)[0]
                 out = np.isin(srank, srank[asked])
-            if not out.any():
-                return 0, 0
-            self._staged = (sid[~out], srank[~out], srows[~out])
-            return self._emit(sid[out], srows[out], srank[out])
+            if out.any():
+                self._staged = (sid[~out], srank[~out], srows[~out])
+                w, r = self._emit(sid[out], srows[out], srank[out])
+                written, read = written + w, read + r
+            return written, read
 
     def compact(self, read: Callable[[np.ndarray], np.ndarray],
                 write_home: Callable[[np.ndarray, np.ndarray], None]) -> tuple[int, int]:

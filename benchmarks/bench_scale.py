@@ -451,14 +451,15 @@ def lowest_tiers(entry: dict) -> tuple[dict, dict]:
 COUNTERS = ("lookups", "hits", "evictions", "missed_bytes", "bytes_read", "device_bytes_read")
 
 
-LOG_COUNTERS = ("log_staged_peak", "log_compactions", "log_run_rows", "log_folds", "log_full", "log_recent_rows")
+LOG_COUNTERS = ("log_staged_peak", "log_compactions", "log_run_rows", "log_folds", "log_full", "log_recent_rows",
+                "log_unranked_batches")
 
 
 def log_totals(stats) -> dict[str, int]:
     """The write-back log counters (`LOG_COUNTERS`) of a train record's cache stats, summed over every SSD file
     below them: the most rows each file staged by next use, the compactions of full maps into their runs, the
     rows in the runs, the folds of runs home, the rows an append had no room for, the rows read from the log
-    sectors held in memory (`tierec.storage.rowlog.RecentSectors`)."""
+    sectors held in memory (`tierec.storage.rowlog.RecentSectors`), the batches of unranked rows sent to the logs."""
     tot = dict.fromkeys(LOG_COUNTERS, 0)
     if isinstance(stats, dict):
         for k, v in stats.items():
@@ -651,7 +652,8 @@ def tier_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
                                              t.amplification_by_part(s.steps)), "", "-"),
         ("  device bytes read per sample", "n/a" if (per := t.device_bytes_per_sample()) is None else
          f"{per:,.0f} B ({per * s.batch_size / 2**20:.2f} MiB per step)", "", "-"),
-        ("  write-back logs", f"{t.write_log.get('log_staged_peak', 0):,} rows staged at most, "
+        ("  write-back logs", f"{t.write_log.get('log_staged_peak', 0):,} rows staged at most "
+         f"({t.write_log.get('log_unranked_batches', 0):,} batches of unranked rows), "
          f"{t.write_log.get('log_compactions', 0):,} compactions ({t.write_log.get('log_run_rows', 0):,} rows in the "
          f"runs), {t.write_log.get('log_folds', 0):,} folds home, {t.write_log.get('log_full', 0):,} rows past a full "
          f"map, {t.write_log.get('log_recent_rows', 0):,} rows read from recent sectors (memory)", "", "-"),

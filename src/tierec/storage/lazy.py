@@ -120,9 +120,15 @@ class RowBits:
         self.data = data
 
     def mark(self, ids: np.ndarray) -> None:
-        """Set the bits of rows ``ids`` (int64 [U], any order)."""
-        if ids.size:
-            np.bitwise_or.at(self.data, ids >> 3, (np.uint8(1) << (ids & 7).astype(np.uint8)))
+        """Set the bits of rows ``ids`` (int64 [U], any order): the bits of each byte ORed together in sorted
+        order, then one store per byte (2.5x faster than the unbuffered `np.bitwise_or.at`; docs/storage.md)."""
+        if not ids.size:
+            return
+        if ids.size > 1 and not (ids[1:] >= ids[:-1]).all():
+            ids = np.sort(ids)
+        byte = ids >> 3
+        first = np.flatnonzero(np.concatenate(([True], byte[1:] != byte[:-1])))
+        self.data[byte[first]] |= np.bitwise_or.reduceat(np.left_shift(np.uint8(1), (ids & 7).astype(np.uint8)), first)
 
     def mark_range(self, start: int, end: int) -> None:
         """Set the bits of rows [start, end)."""

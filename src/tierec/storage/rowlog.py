@@ -32,9 +32,9 @@ Unranked rows. A rank of `UNRANKED` (int64 max: the look-ahead cache's "no use i
 "never used again") says no read-back is known. Such rows wait apart from the rank groups (pieces of sorted IDs,
 no re-sort per append) until the staging area is full, and then go first, all together, in ID order. With a trace
 they are most write-backs once a cache evicts (rows touched once), and a checkpoint reads them back by ID: one
-step's write-backs per append cut its ID-ordered reads into runs of a few rows, one per append (a 1.2x-RAM run's
-checkpoint after evictions: 486K device reads for 6.0M rows, 9.9 s; batched: 6K reads, 5.0 s). A step that asks
-for one of them sends them all (`unstage`); a bulk read copies them (`staged_rows`).
+step's write-backs per append would cut its ID-ordered reads into runs of a few rows, one per append (docs/storage.md
+has the measurement). A step that asks for one of them sends them all (`unstage`); a bulk read copies them
+(`staged_rows`).
 Recent sectors. Staging sends the lowest ranks out together when it is full, so one sector often holds rows read
 back at the next few steps: in a 2,750-step run of `benchmarks/bench_scale.py --quick`, half of the log rows a step
 read sat in a sector read within the last four steps, while the look-ahead window saw ~0.2 steps past the step it
@@ -286,10 +286,9 @@ class SlotMap:
     delta), not O(the map): ``keys``/``slots`` (the main level: sorted IDs in the table's key dtype, int32 slots)
     and a small ``dkeys``/``dslots`` delta over it (slot -1: the ID left the log). An ID's entry is the delta's
     where the delta has one, else the main level's. `merged` folds the delta in once it outgrows
-    ``DELTA_FACTOR x sqrt(main)`` entries: with ``k`` rows appended per step that costs ~2 sqrt(main) x
-    DELTA_FACTOR element copies per step amortised, where one level copied the whole map (measured late in a
-    1.2x-RAM run: 24% of the look-ahead worker's time). Immutable: every update returns a new map, so a reader
-    that took one sees one consistent map. ``size``: the IDs mapped (live rows)."""
+    ``DELTA_FACTOR x sqrt(main)`` entries: an append copies the delta and, amortised, a share of the main level,
+    where one level copied the whole map per append (docs/storage.md). Immutable: every update returns a new map,
+    so a reader that took one sees one consistent map. ``size``: the IDs mapped (live rows)."""
 
     __slots__ = ("keys", "slots", "dkeys", "dslots", "size")
 

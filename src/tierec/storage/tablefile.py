@@ -46,7 +46,7 @@ FORMAT = "tierec-table"
 CHUNK_ROWS = 1 << 16  # rows per streamed block when writing or loading a whole file
 # rows of a row set read by ID per piece: scattered rows of an O_DIRECT file cost a sector (512 B) each, so a piece
 # moves up to 64 MiB of sectors through memory at a checkpoint; larger pieces let more of a checkpoint's reads share
-# sectors and runs (a 1.2x-RAM run's checkpoint after evictions: 14.7 s at 16K rows, 11.2 s at 256K)
+# sectors and runs (docs/storage.md, "Checkpoints at 1.2x RAM")
 ROWSET_READ_ROWS = 1 << 17
 WRITE_AHEAD = 2  # pieces of a row set waiting for the writer's thread (`RowSetWriter`)
 ROWSET_CHUNK_IDS = 1 << 20  # a row set's checksum chunk: the written rows among 1M consecutive IDs
@@ -118,7 +118,7 @@ class RowSetWriter:
     """Writes the row set ``path`` (+ ``<path>.ids``) from rows given in ascending ID order, in pieces
     (`add`): one sha256 per chunk of `ROWSET_CHUNK_IDS` IDs as it goes, fsynced by `finish`. The hashing and
     writing run on a thread of their own, `WRITE_AHEAD` pieces behind `add` (both let go of the GIL), so
-    that a checkpoint reads its next rows meanwhile: at 1.2x RAM they took ~2 s of a ~12 s checkpoint."""
+    that a checkpoint reads its next rows meanwhile."""
 
     def __init__(self, path: Path):
         self.path, self.ipath = path, ids_path(path)

@@ -308,23 +308,32 @@ class SlotMap:
             out[dfound] = self.dslots[dpos[dfound]]
         return out
 
+    def _live(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bool [n]: which of ``ids`` the map holds; bool [n] and positions: which the delta has an entry for)."""
+        found, pos = find_sorted(self.dkeys, ids)
+        live = find_sorted(self.keys, ids)[0]
+        live[found] = self.dslots[pos[found]] >= 0
+        return live, found, pos
+
     def with_slots(self, ids: np.ndarray, slots: np.ndarray) -> SlotMap:
         """This map with ``ids`` (sorted, distinct) pointing at ``slots`` (int32 [n])."""
         ids = ids.astype(self.keys.dtype, copy=False)
-        added = int(np.count_nonzero(self.get(ids) < 0))
-        return self._with_delta(ids, slots.astype(np.int32, copy=False), self.size + added)
+        live, found, pos = self._live(ids)
+        return self._with_delta(ids, slots.astype(np.int32, copy=False), self.size + int(np.count_nonzero(~live)),
+                                found, pos)
 
     def without(self, ids: np.ndarray) -> SlotMap:
         """This map without ``ids`` (sorted, distinct; those not in it are ignored)."""
         ids = ids.astype(self.keys.dtype, copy=False)
-        live = self.get(ids) >= 0
+        live, found, pos = self._live(ids)
         if not live.any():
             return self
-        ids = ids[live]
-        return self._with_delta(ids, np.full(ids.size, -1, np.int32), self.size - ids.size)
+        return self._with_delta(ids[live], np.full(int(live.sum()), -1, np.int32), self.size - int(live.sum()),
+                                found[live], pos[live])
 
-    def _with_delta(self, ids: np.ndarray, slots: np.ndarray, size: int) -> SlotMap:
-        found, pos = find_sorted(self.dkeys, ids)
+    def _with_delta(self, ids: np.ndarray, slots: np.ndarray, size: int, found: np.ndarray,
+                    pos: np.ndarray) -> SlotMap:
+        """The map with delta entries ``ids`` -> ``slots`` (``found``/``pos``: where the delta has them already)."""
         dslots = self.dslots.copy()
         dslots[pos[found]] = slots[found]
         dkeys, new = self.dkeys, ~found
@@ -448,14 +457,10 @@ class RowLog:
             held, pos = self._find(sid, ids)
             out = np.empty((ids.size, self.width), np.float32)
             out[held] = srows[pos[held]]
-            uids, pieces = self._unranked
-            if len(pieces) > 1:  # one piece in ID order: a bulk read asks many times (once per checkpoint piece)
-                rows = np.concatenate([p[1] for p in pieces])[np.argsort(np.concatenate([p[0] for p in pieces]))]
-                pieces = [(uids, rows)]
-                self._unranked = (uids, pieces)
-            if uids.size:
+            uids = self._unranked[0]
+            if uids.size:  # a bulk read asks many times (once per checkpoint piece): merged into one piece once
                 found, pos = self._find(uids, ids)
-                out[found] = pieces[0][1][pos[found]]
+                out[found] = self._unranked_in_order()[pos[found]]
                 held |= found
             return held, out[held]
 
@@ -504,14 +509,17 @@ class RowLog:
     def _unranked_without(self, ids: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         """The unranked staged rows less their copies of rows ``ids`` (int64, sorted): they are stale."""
         uids, pieces = self._unranked
-        if not uids.size or not ids.size or not self._find(ids, uids)[0].any():
+        if not uids.size or not ids.size:
+            return self._unranked
+        stale = self._find(ids, uids)[0]
+        if not stale.any():
             return self._unranked
         kept = []
         for pid, prows in pieces:
             keep = ~self._find(ids, pid)[0]
             if keep.any():
                 kept.append((pid[keep], prows[keep]))
-        return uids[~self._find(ids, uids)[0]], kept
+        return uids[~stale], kept
 
     def _room(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
         """(bool [U]: which of the sorted ``ids`` the log holds or stages; map entries left for new rows)."""
@@ -603,17 +611,23 @@ class RowLog:
             written, read = written + w, read + r
         return written, read
 
+    def _unranked_in_order(self) -> np.ndarray:
+        """The unranked staged rows [P, width] in the order of their sorted IDs, its pieces merged into one."""
+        uids, pieces = self._unranked
+        if len(pieces) > 1:
+            rows = np.concatenate([p[1] for p in pieces])[np.argsort(np.concatenate([p[0] for p in pieces]))]
+            self._unranked = (uids, [(uids, rows)])
+        return self._unranked[1][0][1] if self._unranked[1] else np.empty((0, self.width), np.float32)
+
     def _emit_unranked(self) -> tuple[int, int]:
         """Write every unranked staged row to the log now, in ID order."""
-        uids, pieces = self._unranked
+        uids = self._unranked[0]
         if not uids.size:
             return 0, 0
-        ids = np.concatenate([p[0] for p in pieces])
-        rows = np.concatenate([p[1] for p in pieces])
-        order = np.argsort(ids)
+        rows = self._unranked_in_order()
         self._unranked = (uids[:0], [])
         self.stats["log_unranked_batches"] += 1
-        return self._emit(ids[order], rows[order], None)
+        return self._emit(uids, rows, None)
 
     def unstage(self, ids: np.ndarray | None = None) -> tuple[int, int]:
         """Write the staged rank groups that hold any of rows ``ids`` (int64 [U]; None: every staged row) to

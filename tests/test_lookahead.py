@@ -1,6 +1,7 @@
 """Look-ahead oracle caching: next-use oracle, Belady optimality, and bit-identical training."""
 
 import gc
+import threading
 import json
 import time
 import weakref
@@ -808,3 +809,49 @@ def test_released_steps_leave_nothing_for_the_gc(tmp_path, monkeypatch):
     finally:
         gc.enable()
     assert peak <= 2 * 3, peak  # two tables x (the step in training + 2 prepared)
+
+
+def test_read_each_reads_the_next_pieces_misses_ahead_on_a_thread_and_equals_read():
+    """A checkpoint's bulk read (`LookaheadCache.read_each`): each piece's rows equal `read`'s bit for bit -- cached
+    rows (changed since they left the store) and the store's -- while the store reads the next piece's misses on a
+    thread of its own; an error there reaches the caller."""
+    threads: list[str] = []
+
+    class Store(InMemoryTable):
+        fail_at: int | None = None
+
+        def read(self, ids):
+            threads.append(threading.current_thread().name)
+            if self.fail_at is not None and bool((ids == self.fail_at).any()):
+                raise OSError("device gone")
+            return super().read(ids)
+
+    store = Store(500, 4, 1)
+    store.weight.copy_(torch.randn(500, 4, generator=torch.Generator().manual_seed(0)))
+    cache = LookaheadCache(store, 64, name="a")
+    cached = torch.arange(3, 500, 8)[:60]  # in the cache and changed there: the store holds stale rows
+    cache.write(cached, torch.randn(60, 4), torch.rand(60, 1))
+    expect = store.weight.clone(), store.state.clone()
+    expect[0][cached], expect[1][cached] = cache.read(cached)
+    assert not torch.equal(expect[0][cached], store.weight[cached])
+    pieces = [torch.arange(a, min(a + 70, 500)) for a in range(0, 500, 70)]
+    asked: list[int] = []
+
+    def ask():
+        for k, p in enumerate(pieces):
+            asked.append(k)
+            yield p
+
+    threads.clear()
+    got = []
+    for k, (w, s) in enumerate(cache.read_each(ask())):
+        assert len(asked) >= min(k + 2, len(pieces))  # the next piece is asked for (its misses read) first
+        got.append((w, s))
+    assert all(t.startswith("tierec-read-ahead") for t in threads) and len(threads) == len(pieces), threads
+    for p, (w, s) in zip(pieces, got, strict=True):
+        rw, rs = cache.read(p)
+        assert torch.equal(w, rw) and torch.equal(s, rs)
+        assert torch.equal(w, expect[0][p]) and torch.equal(s, expect[1][p])
+    store.fail_at = 300
+    with pytest.raises(OSError, match="device gone"):
+        list(cache.read_each(iter(pieces)))

@@ -601,6 +601,34 @@ def test_count_min_sketch():
     assert wide.query(torch.tensor([5, 9, 11])).tolist() == [2, 1, 0]
 
 
+@pytest.mark.parametrize("num_ids,span_rows", [(5000, 64), (5000, 1 << 20), (1 << 61, 50)],
+                         ids=["small_spans", "one_span", "ids_too_wide_to_pack"])
+def test_a_sorted_sweep_finds_what_the_hash_map_finds(monkeypatch, num_ids, span_rows):
+    """`SortedSweep` (a checkpoint's ascending pieces) answers as a dict of the cached rows does: each cached ID's
+    slot, a miss for every other ID, across spans cut from the bins, pieces that straddle them, empty ones."""
+    from tierec.storage.sweep import SortedSweep
+
+    monkeypatch.setattr(SortedSweep, "SPAN_ROWS", span_rows)
+    g = torch.Generator().manual_seed(num_ids % 1000 + span_rows)
+    hot = torch.randint(0, 300, (400,), generator=g)  # many cached rows in a few bins, as a skewed cache holds
+    wide = torch.randint(0, num_ids, (900,), generator=g)
+    cached = torch.cat([hot, wide, torch.tensor([0, num_ids - 1])]).unique()
+    slot_ids = cached[torch.randperm(cached.numel(), generator=g)]  # slot -> ID, in no order
+    where_is = {i: s for s, i in enumerate(slot_ids.tolist())}
+    asked = torch.cat([cached, torch.randint(0, num_ids, (3000,), generator=g)]).unique()
+    sweep = SortedSweep(slot_ids, num_ids)
+    cuts = sorted(set(torch.randint(0, asked.numel(), (40,), generator=g).tolist()) | {0, asked.numel()})
+    pieces = [asked[a:b] for a, b in zip(cuts[:-1], cuts[1:])] + [asked[:0]]
+    hits = 0
+    for piece in pieces:
+        hit, slot = sweep.find(piece)
+        assert hit.tolist() == [i in where_is for i in piece.tolist()]
+        assert slot[hit].tolist() == [where_is[i] for i in piece[hit].tolist()]
+        hits += int(hit.sum())
+    assert hits == cached.numel()
+    assert sweep.packed == (num_ids < 1 << 40)
+
+
 @pytest.mark.parametrize("chunk", [None, 4], ids=["whole", "probes_in_chunks"])
 def test_hash_index_against_a_dict(monkeypatch, chunk):
     from tierec.storage.hashindex import HashIndex, NeedsRebuild

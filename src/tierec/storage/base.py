@@ -9,6 +9,7 @@ reference; `init_rows` gives every backend the same initial weights for any row 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,7 +46,8 @@ class WorkingSet:
 class TableStorage(Protocol):
     """Where a table's rows (weights + optimizer state) live.
 
-    ``read(ids)``/``write(ids, ...)``: rows by ID outside a step (checkpoints).
+    ``read(ids)``/``write(ids, ...)``: rows by ID outside a step (checkpoints); ``read_each(pieces)``: `read` of
+    each piece of IDs in turn, where a store may read ahead (a checkpoint's row sets, `read_in_turn` elsewhere).
     ``lazy_rows()``: the rows written since the table was initialised (and changed since the last
     checkpoint) and the `RowInit` that gives every other row (`tierec.storage.lazy.LazyRows`), or None
     when the store does not track them; a checkpoint then copies just those rows, read by ID through
@@ -60,6 +62,8 @@ class TableStorage(Protocol):
     def release(self, ws: WorkingSet, dirty: bool) -> None: ...
 
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
     def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None: ...
 
@@ -76,7 +80,8 @@ class RowStore(Protocol):
     """What a cache sits on (`tierec.storage.cache.CachedTable`'s backing store): rows moved by ID.
 
     ``read(ids)``: rows ``ids`` (int64 [U], unique) as fresh tensors (weight [U, D], state [U, S]), a bulk read
-    (checkpoints, evaluation); ``write(ids, weight, state)``: store them; ``exchange(write_ids, weight, state,
+    (checkpoints, evaluation); ``read_each(pieces)``: `read` of each piece of IDs in turn (a checkpoint's
+    row set), where a store may read ahead; ``write(ids, weight, state)``: store them; ``exchange(write_ids, weight, state,
     read_ids, write_rank=None)``: a cache's step, its write-backs (maybe none) and its misses (disjoint IDs) in one
     pass where the store can (`SsdTable`, `ConcatTable`: one I/O batch), else write then read; ``write_rank``
     (int64 [W] or None) is the caller's hint of when each written row is read back (lower: sooner), which a
@@ -96,6 +101,8 @@ class RowStore(Protocol):
     device: torch.device
 
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
     def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None: ...
 
@@ -125,9 +132,18 @@ class RowStore(Protocol):
         ...
 
 
+def read_in_turn(store: RowStore | TableStorage,
+                 pieces: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``read_each`` of a store that reads nothing ahead: `read` of each piece, when the caller asks for it."""
+    for ids in pieces:
+        yield store.read(ids)
+
+
 class RowStoreDefaults:
-    """`RowStore` methods for a store with nothing better to do: ``exchange`` = write, then read;
-    ``close`` = flush; no counters; written rows not tracked."""
+    """`RowStore` methods for a store with nothing better to do: ``read_each`` = `read_in_turn`; ``exchange`` =
+    write, then read; ``close`` = flush; no counters; written rows not tracked."""
+
+    read_each = read_in_turn
 
     def exchange(self: RowStore, write_ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
                  read_ids: torch.Tensor, write_rank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

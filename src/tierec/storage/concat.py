@@ -18,7 +18,7 @@ import torch
 
 from tierec.errors import ConfigError
 from tierec.storage import aio, multifile
-from tierec.storage.base import RowStore
+from tierec.storage.base import RowStore, read_in_turn
 from tierec.storage.blockio import IO_LANES
 from tierec.storage.cache import CachedTable, sort_ids, unsort
 from tierec.storage.lazy import LazyRows
@@ -97,6 +97,8 @@ class ConcatTable:
         """Rows ``ids`` (unique, any order) -> (weight [U, dim], state [U, state_dim]): a bulk read (checkpoints,
         evaluation, serving); a cache's misses go through `exchange`."""
         return self._read(ids, step=False)
+
+    read_each = read_in_turn
 
     def _read(self, ids: torch.Tensor, step: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """`read`, or with ``step`` a cache's read (`tierec.storage.multifile.read_many`'s ``recent``; the members'

@@ -29,6 +29,7 @@ row's value.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,13 @@ class TableView:
         if not self.group.built:
             return self.backing.read(ids)
         return self.group.cache.read(ids.to(self.group.cache.device) + self.offset)
+
+    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`read` of each piece of IDs in turn: the cache's, which reads its misses ahead (`LookaheadCache.read_each`)."""
+        if not self.group.built:
+            return self.backing.read_each(pieces)
+        c = self.group.cache
+        return c.read_each(ids.to(c.device) + self.offset for ids in pieces)
 
     def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None:
         """Store rows ``ids`` (unique), outside the step protocol (loading a checkpoint)."""

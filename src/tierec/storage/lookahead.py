@@ -47,6 +47,8 @@ import contextlib
 import logging
 import threading
 from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import torch
@@ -56,6 +58,7 @@ from tierec.storage.base import WorkingSet
 from tierec.storage.cache import _MAX, CachedTable, _Handle
 from tierec.storage.hashindex import HashIndex
 from tierec.storage.sketch import CountMinSketch
+from tierec.storage.sweep import SortedSweep
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +238,24 @@ class LookaheadGuard(Protocol):
 
 
 SKETCH_DEPTH = 2  # rows of the long-run count-min sketch
+# a bulk read's pieces of at least this many IDs are found by a `SortedSweep` of the cached IDs, not the hash map
+SWEEP_MIN_IDS = 1 << 14
 
 
 def default_sketch_width(capacity: int) -> int:
     """Counters per row of a cache's sketch: a power of two >= its capacity (at least 1024)."""
     return max(1024, 1 << (int(capacity) - 1).bit_length())
+
+
+def _with_misses(w: torch.Tensor, s: torch.Tensor, mi: torch.Tensor,
+                 misses: Future | tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [U, dim] and state [U, state_dim] with rows ``mi`` [M] copied in from ``misses`` (their rows, or
+    a future of them; None where M = 0)."""
+    if misses is not None:
+        bw, bs = misses.result() if isinstance(misses, Future) else misses
+        w.index_copy_(0, mi, bw)
+        s.index_copy_(0, mi, bs)
+    return w, s
 
 
 class LookaheadCache(CachedTable):
@@ -630,20 +646,44 @@ class LookaheadCache(CachedTable):
         self._check_quiet("read()")
         ids = ids.to(self.device)
         with self._locked():
-            hit, slots = self._lookup(ids)
-            hi, mi = where(hit), where(~hit)
-            w = torch.empty(ids.numel(), self.dim, device=self.device)
-            s = torch.empty(ids.numel(), self.state_dim, device=self.device)
-            at = slots.index_select(0, hi)
-            w.index_copy_(0, hi, self.weight.index_select(0, at))
-            s.index_copy_(0, hi, self.state.index_select(0, at))
-            if mi.numel():
-                bw, bs = self._bread(ids.index_select(0, mi))
-                w.index_copy_(0, mi, bw)
-                s.index_copy_(0, mi, bs)
-            self._st["upper_reads"] += ids.numel()
-            self._st["upper_read_hits"] += hi.numel()
-        return w, s
+            w, s, mi = self._read_hits(ids)
+            return _with_misses(w, s, mi, self._bread(ids.index_select(0, mi)) if mi.numel() else None)
+
+    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`read` of each piece of IDs in turn (a bulk read: a checkpoint's row set), the backing store one piece
+        ahead: a piece's misses are read on a thread of their own while this one finds and copies the next
+        piece's hits. One thread at a time in the backing store, and the cache's own state only read (the
+        worker paused), so the rows are `read`'s."""
+        self._check_quiet("read_each()")
+        sweep: SortedSweep | None = None  # made at the first large piece
+        with ThreadPoolExecutor(1, thread_name_prefix="tierec-read-ahead") as ahead:
+            waiting: deque = deque()  # (weights, state, miss positions, their rows' future): 2 pieces at most
+            for ids in pieces:
+                ids = ids.to(self.device)
+                with self._locked():
+                    if sweep is None and ids.numel() >= SWEEP_MIN_IDS and self.size:
+                        sweep = SortedSweep(self._slot_id[: self.size], self.num_embeddings)
+                    w, s, mi = self._read_hits(ids, sweep if ids.numel() >= SWEEP_MIN_IDS else None)
+                waiting.append((w, s, mi, ahead.submit(self._bread, ids.index_select(0, mi)) if mi.numel() else None))
+                if len(waiting) > 1:
+                    yield _with_misses(*waiting.popleft())
+            while waiting:
+                yield _with_misses(*waiting.popleft())
+
+    def _read_hits(self, ids: torch.Tensor, sweep: SortedSweep | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                        torch.Tensor]:
+        """Rows ``ids`` [U] with the cached ones filled in: (weights [U, dim], state [U, state_dim], the positions
+        of the misses [M], their rows not yet there), found through the hash map or ``sweep``. Under the lock."""
+        hit, slots = self._lookup(ids) if sweep is None else sweep.find(ids)
+        hi, mi = where(hit), where(~hit)
+        w = torch.empty(ids.numel(), self.dim, device=self.device)
+        s = torch.empty(ids.numel(), self.state_dim, device=self.device)
+        at = slots.index_select(0, hi)
+        w.index_copy_(0, hi, self.weight.index_select(0, at))
+        s.index_copy_(0, hi, self.state.index_select(0, at))
+        self._st["upper_reads"] += ids.numel()
+        self._st["upper_read_hits"] += hi.numel()
+        return w, s, mi
 
     def write(self, ids, weight, state):
         """An upper tier's write-backs: write-allocate (victims by next use, never pinned rows)."""

@@ -75,7 +75,7 @@ from tierec.errors import CheckpointError, ConfigError
 from tierec.fsio import atomic_write_bytes, fsync_dir, sha256_file, umask
 from tierec.sparse.dedup import expand_ranges
 from tierec.storage import aio, blockio
-from tierec.storage.base import WorkingSet
+from tierec.storage.base import WorkingSet, read_in_turn
 from tierec.storage.blockio import ALIGN, MAX_IO, BlockPlan
 from tierec.storage.layout import HotLayout
 from tierec.storage.lazy import LazyRows, RowBits, RowInit
@@ -466,6 +466,8 @@ class SsdTable:
         (one AIO batch, or concurrent preadv lanes). A bulk read (checkpoints, evaluation; a cache's misses go
         through `exchange`): rows waiting in the write-back log's staging area are copied from it."""
         return self._split(read_many([(self, self.check_ids(ids))])[0])
+
+    read_each = read_in_turn
 
     def slots_of(self, ids: np.ndarray) -> np.ndarray:
         """Row IDs (int64 [U]) -> the file rows that hold them: a row set's packed rows, a hot-row layout's

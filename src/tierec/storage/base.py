@@ -47,7 +47,8 @@ class TableStorage(Protocol):
     """Where a table's rows (weights + optimizer state) live.
 
     ``read(ids)``/``write(ids, ...)``: rows by ID outside a step (checkpoints); ``read_each(pieces)``: `read` of
-    each piece of IDs in turn, where a store may read ahead (a checkpoint's row sets, `read_in_turn` elsewhere).
+    each piece of IDs in turn (sorted pieces, each above the last: a checkpoint's row set), where a store may read
+    ahead (`LookaheadCache`; `read_in_turn` elsewhere).
     ``lazy_rows()``: the rows written since the table was initialised (and changed since the last
     checkpoint) and the `RowInit` that gives every other row (`tierec.storage.lazy.LazyRows`), or None
     when the store does not track them; a checkpoint then copies just those rows, read by ID through
@@ -80,13 +81,14 @@ class RowStore(Protocol):
     """What a cache sits on (`tierec.storage.cache.CachedTable`'s backing store): rows moved by ID.
 
     ``read(ids)``: rows ``ids`` (int64 [U], unique) as fresh tensors (weight [U, D], state [U, S]), a bulk read
-    (checkpoints, evaluation); ``read_each(pieces)``: `read` of each piece of IDs in turn (a checkpoint's
-    row set), where a store may read ahead; ``write(ids, weight, state)``: store them; ``exchange(write_ids, weight, state,
-    read_ids, write_rank=None)``: a cache's step, its write-backs (maybe none) and its misses (disjoint IDs) in one
-    pass where the store can (`SsdTable`, `ConcatTable`: one I/O batch), else write then read; ``write_rank``
-    (int64 [W] or None) is the caller's hint of when each written row is read back (lower: sooner), which a
-    write-back log places them by (`tierec.storage.rowlog`: a step's reads also send the staged rows they ask
-    for to the log and use its recent sectors; a bulk read copies staged rows), others ignore;
+    (checkpoints, evaluation); ``read_each(pieces)``: `read` of each piece of IDs in turn (sorted pieces,
+    each above the last: a checkpoint's row set), where a store may read ahead; ``write(ids, weight, state)``:
+    store them; ``exchange(write_ids, weight, state, read_ids, write_rank=None)``: a cache's step, its
+    write-backs (maybe none) and its misses (disjoint IDs) in one pass where the store can (`SsdTable`,
+    `ConcatTable`: one I/O batch), else write then read; ``write_rank`` (int64 [W] or None) is the caller's hint
+    of when each written row is read back (lower: sooner), which a write-back log places them by
+    (`tierec.storage.rowlog`: a step's reads also send the staged rows they ask for to the log and use its recent
+    sectors; a bulk read copies staged rows), others ignore;
     ``mark_written(ids)``: rows ``ids`` changed in a cache above (their bytes reach this
     store on write-back; its `LazyRows` count them now, so a checkpoint needs no flush first);
     ``neighbours(ids)``: the rows a read of ``ids`` moves anyway (shared device blocks);

@@ -650,10 +650,11 @@ class LookaheadCache(CachedTable):
             return _with_misses(w, s, mi, self._bread(ids.index_select(0, mi)) if mi.numel() else None)
 
     def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`read` of each piece of IDs in turn (a bulk read: a checkpoint's row set), the backing store one piece
-        ahead: a piece's misses are read on a thread of their own while this one finds and copies the next
-        piece's hits. One thread at a time in the backing store, and the cache's own state only read (the
-        worker paused), so the rows are `read`'s."""
+        """`read` of each piece of IDs in turn (a bulk read: a checkpoint's row set; sorted pieces, each above the
+        last), the backing store one piece ahead: a piece's misses are read on a thread of their own while this
+        one finds and copies the next piece's hits -- pieces of `SWEEP_MIN_IDS` or more through a `SortedSweep`
+        of the cached IDs instead of the hash map. One thread at a time in the backing store, and the cache's
+        own state only read (the worker paused), so the rows are `read`'s."""
         self._check_quiet("read_each()")
         sweep: SortedSweep | None = None  # made at the first large piece
         with ThreadPoolExecutor(1, thread_name_prefix="tierec-read-ahead") as ahead:

@@ -852,6 +852,10 @@ def test_read_each_reads_the_next_pieces_misses_ahead_on_a_thread_and_equals_rea
         rw, rs = cache.read(p)
         assert torch.equal(w, rw) and torch.equal(s, rs)
         assert torch.equal(w, expect[0][p]) and torch.equal(s, expect[1][p])
+    threads.clear()
+    (w, s), = cache.read_each(iter(pieces[:1]))  # a single piece: nothing to read beside, so no thread
+    assert threads == [threading.current_thread().name] and torch.equal(w, expect[0][pieces[0]])
     store.fail_at = 300
     with pytest.raises(OSError, match="device gone"):
         list(cache.read_each(iter(pieces)))
+    cache.close()

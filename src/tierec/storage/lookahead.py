@@ -286,6 +286,7 @@ class LookaheadCache(CachedTable):
         self._sketch = CountMinSketch(width=width, depth=SKETCH_DEPTH, device=self.device)
         self.oracle = NextUseOracle(self.device)
         self._mu = threading.Lock()  # metadata: index, pins, dirty bits, next uses, oracle
+        self._ahead: ThreadPoolExecutor | None = None  # read_each's thread, made once (docs/storage.md)
         self._released: deque[tuple[WorkingSet, bool, int]] = deque()  # trainer's releases, not yet applied
         self._guard: LookaheadGuard | None = None  # the driver of the step protocol, while there is one
         # victims by candidates (`_victims`): slots that may hold the lowest eviction keys, and the slots whose
@@ -630,6 +631,12 @@ class LookaheadCache(CachedTable):
         with self._locked():
             super().flush()
 
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.shutdown()
+            self._ahead = None
+        super().close()
+
     def read_rows(self, start: int, end: int):
         self._check_quiet("read_rows()")
         with self._locked():
@@ -657,19 +664,35 @@ class LookaheadCache(CachedTable):
         own state only read (the worker paused), so the rows are `read`'s."""
         self._check_quiet("read_each()")
         sweep: SortedSweep | None = None  # made at the first large piece
-        with ThreadPoolExecutor(1, thread_name_prefix="tierec-read-ahead") as ahead:
-            waiting: deque = deque()  # (weights, state, miss positions, their rows' future): 2 pieces at most
-            for ids in pieces:
+        if self._ahead is None:
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="tierec-read-ahead")
+        waiting: deque = deque()  # (weights, state, miss positions, their rows' future): 2 pieces at most
+        it = iter(pieces)
+        nxt = next(it, None)
+        try:
+            while (ids := nxt) is not None:
+                nxt = next(it, None)  # known before this piece's misses are asked for: a single piece reads them here
                 ids = ids.to(self.device)
                 with self._locked():
                     if sweep is None and ids.numel() >= SWEEP_MIN_IDS and self.size:
                         sweep = SortedSweep(self._slot_id[: self.size], self.num_embeddings)
                     w, s, mi = self._read_hits(ids, sweep if ids.numel() >= SWEEP_MIN_IDS else None)
-                waiting.append((w, s, mi, ahead.submit(self._bread, ids.index_select(0, mi)) if mi.numel() else None))
+                misses: Future | tuple[torch.Tensor, torch.Tensor] | None
+                if not mi.numel():
+                    misses = None
+                elif nxt is None and not waiting:  # nothing to read them beside
+                    misses = self._bread(ids.index_select(0, mi))
+                else:
+                    misses = self._ahead.submit(self._bread, ids.index_select(0, mi))
+                waiting.append((w, s, mi, misses))
                 if len(waiting) > 1:
                     yield _with_misses(*waiting.popleft())
             while waiting:
                 yield _with_misses(*waiting.popleft())
+        finally:  # the caller stopped early (an error): no read of this call left running in the backing store
+            for *_, misses in waiting:
+                if isinstance(misses, Future):
+                    misses.exception()
 
     def _read_hits(self, ids: torch.Tensor, sweep: SortedSweep | None = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                                         torch.Tensor]:

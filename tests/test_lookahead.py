@@ -811,10 +811,15 @@ def test_released_steps_leave_nothing_for_the_gc(tmp_path, monkeypatch):
     assert peak <= 2 * 3, peak  # two tables x (the step in training + 2 prepared)
 
 
-def test_read_each_reads_the_next_pieces_misses_ahead_on_a_thread_and_equals_read():
+@pytest.mark.parametrize("sweep", [False, True], ids=["hash_map", "sorted_sweep"])
+def test_read_each_reads_the_next_pieces_misses_ahead_on_a_thread_and_equals_read(monkeypatch, sweep):
     """A checkpoint's bulk read (`LookaheadCache.read_each`): each piece's rows equal `read`'s bit for bit -- cached
     rows (changed since they left the store) and the store's -- while the store reads the next piece's misses on a
-    thread of its own; an error there reaches the caller."""
+    thread of its own; an error there reaches the caller. ``sorted_sweep``: the cached rows found by a
+    `SortedSweep` (the pieces of a large table), not the hash map."""
+    import tierec.storage.lookahead as lookahead
+
+    monkeypatch.setattr(lookahead, "SWEEP_MIN_IDS", 8 if sweep else 1 << 40)
     threads: list[str] = []
 
     class Store(InMemoryTable):
@@ -844,17 +849,22 @@ def test_read_each_reads_the_next_pieces_misses_ahead_on_a_thread_and_equals_rea
 
     threads.clear()
     got = []
-    for k, (w, s) in enumerate(cache.read_each(ask())):
+    for k, rows in enumerate(cache.read_each(ask())):
         assert len(asked) >= min(k + 2, len(pieces))  # the next piece is asked for (its misses read) first
-        got.append((w, s))
+        got.append(rows)
     assert all(t.startswith("tierec-read-ahead") for t in threads) and len(threads) == len(pieces), threads
-    for p, (w, s) in zip(pieces, got, strict=True):
-        rw, rs = cache.read(p)
-        assert torch.equal(w, rw) and torch.equal(s, rs)
-        assert torch.equal(w, expect[0][p]) and torch.equal(s, expect[1][p])
+    for p, rows in zip(pieces, got, strict=True):  # joined as a table file holds them: weights, then state
+        assert rows.shape == (p.numel(), 5) and rows.dtype == torch.float32 and rows.is_contiguous()
+        assert torch.equal(rows, torch.cat(cache.read(p), 1))
+        assert torch.equal(rows, torch.cat([expect[0][p], expect[1][p]], 1))
     threads.clear()
-    (w, s), = cache.read_each(iter(pieces[:1]))  # a single piece: nothing to read beside, so no thread
-    assert threads == [threading.current_thread().name] and torch.equal(w, expect[0][pieces[0]])
+    rows, = cache.read_each(iter(pieces[:1]))  # a single piece: nothing to read beside, so no thread
+    assert threads == [threading.current_thread().name] and torch.equal(rows[:, :4], expect[0][pieces[0]])
+    more = torch.arange(1, 500, 8)[:60]  # rows installed since: a new sweep of the cached IDs
+    cache.write(more, torch.randn(60, 4), torch.rand(60, 1))
+    expect[0][more], expect[1][more] = cache.read(more)
+    for p, rows in zip(pieces, cache.read_each(iter(pieces)), strict=True):
+        assert torch.equal(rows, torch.cat([expect[0][p], expect[1][p]], 1))
     store.fail_at = 300
     with pytest.raises(OSError, match="device gone"):
         list(cache.read_each(iter(pieces)))

@@ -434,6 +434,41 @@ def test_bulk_reads_copy_staged_rows_and_step_reads_log_them_first(tmp_path):
     cat.close()
 
 
+def test_read_each_joins_rows_in_the_order_asked_wherever_they_are(tmp_path):
+    """`read_each` (a checkpoint's bulk read, pieces of sorted IDs) of a table with a write-back log, alone and as a
+    member of a `ConcatTable`: each piece's rows, joined as the file holds them (weights, then state), equal
+    `read`'s and a plain file's bit for bit -- rows in the log (at slots out of ID order: read in file order and
+    gathered back in the order asked), staged rows (copied, left staged), rows at home and rows never written."""
+    from tierec.storage.concat import ConcatTable
+
+    log, plain = pair(tmp_path, 20_000, staging=300)
+    rng = np.random.default_rng(7)
+    for _ in range(6):
+        w = np.unique(rng.integers(0, N, 400))
+        weight, state = torch.randn(w.size, DIM), torch.rand(w.size, 1)
+        rank = torch.from_numpy(rng.integers(0, 50, w.size))  # read back in no ID order: logged out of ID order
+        log.exchange(torch.from_numpy(w), weight, state, torch.tensor([1]), write_rank=rank)
+        plain.exchange(torch.from_numpy(w), weight, state, torch.tensor([1]))
+    ids = np.unique(rng.integers(0, N, 3000))
+    slots = log.slots_of(ids, unstage=False)
+    logged = slots[slots >= N]
+    assert logged.size > 100 and not np.all(np.diff(logged) > 0)
+    staged = log.row_log.staged
+    assert log.row_log.staged_rows(ids)[0].any()  # some of the rows asked for wait in the staging area
+    log.reset_stats()
+    pieces = [torch.from_numpy(ids[a : a + 700]) for a in range(0, ids.size, 700)]
+    for rows, p in zip(log.read_each(iter(pieces)), pieces, strict=True):
+        assert rows.shape == (p.numel(), DIM + 1) and rows.is_contiguous()
+        assert torch.equal(rows, torch.cat(plain.read(p), 1)) and torch.equal(rows, torch.cat(log.read(p), 1))
+    assert log.row_log.staged == staged and log.stats()["log_bytes_written"] == 0
+    cat = ConcatTable([log, plain], io_threads=1)  # pieces across both members: one plan over both files
+    both = [torch.cat([p[p.numel() // 2 :], p[: p.numel() // 2] + N]).sort().values for p in pieces]
+    for rows, p in zip(cat.read_each(iter(both)), both, strict=True):
+        assert torch.equal(rows, torch.cat(cat.read(p), 1))
+        assert torch.equal(rows, torch.cat([torch.cat(plain.read(p % N), 1)]))
+    cat.close()
+
+
 def test_unranked_rows_wait_in_the_staging_area_and_go_to_the_log_together_in_id_order(tmp_path):
     """Write-backs with no read-back known (`rowlog.UNRANKED`: rows the look-ahead cache never sees again) wait
     in the staging area apart from the rank groups until it is full, then go to the log in one batch,

@@ -46,9 +46,10 @@ class WorkingSet:
 class TableStorage(Protocol):
     """Where a table's rows (weights + optimizer state) live.
 
-    ``read(ids)``/``write(ids, ...)``: rows by ID outside a step (checkpoints); ``read_each(pieces)``: `read` of
-    each piece of IDs in turn (sorted pieces, each above the last: a checkpoint's row set), where a store may read
-    ahead (`LookaheadCache`; `read_in_turn` elsewhere).
+    ``read(ids)``/``write(ids, ...)``: rows by ID outside a step (checkpoints); ``read_each(pieces)``: the rows of
+    each piece of IDs in turn (sorted pieces, each above the last: a checkpoint's row set), joined as a table file
+    holds them (float32 CPU [U, dim + state_dim]: weights, then state), where a store may read ahead
+    (`LookaheadCache`) and skip the split and join (`SsdTable`); `read_in_turn` elsewhere.
     ``lazy_rows()``: the rows written since the table was initialised (and changed since the last
     checkpoint) and the `RowInit` that gives every other row (`tierec.storage.lazy.LazyRows`), or None
     when the store does not track them; a checkpoint then copies just those rows, read by ID through
@@ -64,7 +65,7 @@ class TableStorage(Protocol):
 
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]: ...
 
     def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None: ...
 
@@ -81,8 +82,9 @@ class RowStore(Protocol):
     """What a cache sits on (`tierec.storage.cache.CachedTable`'s backing store): rows moved by ID.
 
     ``read(ids)``: rows ``ids`` (int64 [U], unique) as fresh tensors (weight [U, D], state [U, S]), a bulk read
-    (checkpoints, evaluation); ``read_each(pieces)``: `read` of each piece of IDs in turn (sorted pieces,
-    each above the last: a checkpoint's row set), where a store may read ahead; ``write(ids, weight, state)``:
+    (checkpoints, evaluation); ``read_each(pieces)``: the rows of each piece of IDs in turn (sorted pieces,
+    each above the last: a checkpoint's row set) joined, float32 CPU [U, dim + state_dim], where a store may read
+    ahead; ``write(ids, weight, state)``:
     store them; ``exchange(write_ids, weight, state, read_ids, write_rank=None)``: a cache's step, its
     write-backs (maybe none) and its misses (disjoint IDs) in one pass where the store can (`SsdTable`,
     `ConcatTable`: one I/O batch), else write then read; ``write_rank`` (int64 [W] or None) is the caller's hint
@@ -104,7 +106,7 @@ class RowStore(Protocol):
 
     def read(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]: ...
 
     def write(self, ids: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> None: ...
 
@@ -134,11 +136,21 @@ class RowStore(Protocol):
         ...
 
 
-def read_in_turn(store: RowStore | TableStorage,
-                 pieces: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``read_each`` of a store that reads nothing ahead: `read` of each piece, when the caller asks for it."""
+def read_in_turn(store: RowStore | TableStorage, pieces: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``read_each`` of a store that reads nothing ahead: `read` of each piece, when the caller asks for it, its
+    weights and state joined (float32 CPU [U, dim + state_dim])."""
     for ids in pieces:
-        yield store.read(ids)
+        yield join_rows(*store.read(ids))
+
+
+def join_rows(weight: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """Weights [U, D] and state [U, S] (any device, dtype) -> float32 CPU [U, D + S], as a table file holds rows."""
+    return torch.cat([weight.detach().to("cpu", torch.float32), state.detach().to("cpu", torch.float32)], 1)
+
+
+def read_joined(store: RowStore, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (int64 [U], sorted) of ``store`` joined (float32 CPU [U, D + S]): its ``read_each`` of one piece."""
+    return next(iter(store.read_each((ids,))))
 
 
 class RowStoreDefaults:

@@ -43,7 +43,7 @@ import torch
 
 from tierec.errors import ConfigError
 from tierec.masks import any_true, count, select, where
-from tierec.storage.base import RowStore, RowStoreDefaults, WorkingSet
+from tierec.storage.base import RowStore, RowStoreDefaults, WorkingSet, read_joined
 from tierec.storage.hashindex import HashIndex, NeedsRebuild
 from tierec.storage.lazy import LazyRows
 from tierec.storage.sketch import CountMinSketch
@@ -401,6 +401,13 @@ class CachedTable(RowStoreDefaults):
         self._st["rows_read"] += ids.numel()
         self._st["read_calls"] += 1
         return w.to(self.device), s.to(self.device)
+
+    def _bread_joined(self, ids: torch.Tensor) -> torch.Tensor:
+        """`_bread`'s rows joined, as the backing store's ``read_each`` gives them (float32 CPU [U, dim + state_dim])."""
+        rows = read_joined(self.backing, ids.to(self._bdev))
+        self._st["rows_read"] += ids.numel()
+        self._st["read_calls"] += 1
+        return rows
 
     def _bwrite(self, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> None:
         self.backing.write(ids.to(self._bdev), w.to(self._bdev), s.to(self._bdev))

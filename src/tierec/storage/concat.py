@@ -10,7 +10,7 @@ Used wherever several tables' files act as one: below a table group's look-ahead
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -98,7 +98,27 @@ class ConcatTable:
         evaluation, serving); a cache's misses go through `exchange`."""
         return self._read(ids, step=False)
 
-    read_each = read_in_turn
+    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """`read` of each piece in turn, joined (`RowStore.read_each`): SSD members' rows as their files hold them."""
+        if not self._all_ssd or self.weights_only:
+            yield from read_in_turn(self, pieces)
+            return
+        for ids in pieces:
+            ids, order = sort_ids(ids)
+            rows = self._read_files(ids, self.space.parts(ids), step=False)
+            if order is not None:
+                rows, sorted_rows = torch.empty_like(rows), rows
+                rows[order] = sorted_rows
+            yield rows
+
+    def _read_files(self, ids: torch.Tensor, parts: list[tuple[int, int, int]], step: bool) -> torch.Tensor:
+        """Rows of sorted ``ids`` (int64 [U], cut into ``parts`` by the row space), every member an `SsdTable`: one
+        plan over their files (`tierec.storage.multifile.read_many`), float32 [U, width] as the files hold them."""
+        got = multifile.read_many([(self._files[t], (ids[lo:hi] - self.space.offset(t)).numpy()) for t, lo, hi in parts],
+                                  self._read_pool, self._lanes, recent=step)
+        if len(got) == 1:
+            return torch.from_numpy(got[0])
+        return torch.from_numpy(np.concatenate(got)) if got else torch.empty(0, self.dim + self.state_dim)
 
     def _read(self, ids: torch.Tensor, step: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """`read`, or with ``step`` a cache's read (`tierec.storage.multifile.read_many`'s ``recent``; the members'
@@ -106,9 +126,7 @@ class ConcatTable:
         ids, order = sort_ids(ids)
         parts = self.space.parts(ids)
         if self._all_ssd and (len(parts) > 1 or self.weights_only):  # one batched plan over the members' files
-            got = multifile.read_many([(self._files[t], (ids[lo:hi] - self.space.offset(t)).numpy()) for t, lo, hi in parts],
-                                      self._read_pool, self._lanes, recent=step)
-            rows = torch.from_numpy(np.concatenate(got)) if got else torch.empty(0, self.dim + self.state_dim)
+            rows = self._read_files(ids, parts, step)
             w, s = rows[:, : self.dim].contiguous(), rows[:, self.dim:].contiguous()
             if self.weights_only:
                 s = rows.new_empty(rows.shape[0], 0)

@@ -132,8 +132,9 @@ class TableView:
             return self.backing.read(ids)
         return self.group.cache.read(ids.to(self.group.cache.device) + self.offset)
 
-    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`read` of each piece of IDs in turn: the cache's, which reads its misses ahead (`LookaheadCache.read_each`)."""
+    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """`read` of each piece of IDs in turn, joined (`TableStorage.read_each`): the cache's, which reads its misses
+        ahead (`LookaheadCache.read_each`)."""
         if not self.group.built:
             return self.backing.read_each(pieces)
         c = self.group.cache

@@ -247,15 +247,12 @@ def default_sketch_width(capacity: int) -> int:
     return max(1024, 1 << (int(capacity) - 1).bit_length())
 
 
-def _with_misses(w: torch.Tensor, s: torch.Tensor, mi: torch.Tensor,
-                 misses: Future | tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights [U, dim] and state [U, state_dim] with rows ``mi`` [M] copied in from ``misses`` (their rows, or
-    a future of them; None where M = 0)."""
+def _with_misses(rows: torch.Tensor, mi: torch.Tensor, misses: Future | torch.Tensor | None) -> torch.Tensor:
+    """Rows [U, width] with rows ``mi`` [M] copied in from ``misses`` (their rows [M, width] on the CPU, or a
+    future of them; None where M = 0), on the CPU."""
     if misses is not None:
-        bw, bs = misses.result() if isinstance(misses, Future) else misses
-        w.index_copy_(0, mi, bw)
-        s.index_copy_(0, mi, bs)
-    return w, s
+        rows.index_copy_(0, mi, (misses.result() if isinstance(misses, Future) else misses).to(rows.device))
+    return rows.cpu()
 
 
 class LookaheadCache(CachedTable):
@@ -652,13 +649,20 @@ class LookaheadCache(CachedTable):
         `prepare` for this step) plus the rest from the backing store, without admitting them."""
         self._check_quiet("read()")
         ids = ids.to(self.device)
+        w = torch.empty(ids.numel(), self.dim, device=self.device)
+        s = torch.empty(ids.numel(), self.state_dim, device=self.device)
         with self._locked():
-            w, s, mi = self._read_hits(ids)
-            return _with_misses(w, s, mi, self._bread(ids.index_select(0, mi)) if mi.numel() else None)
+            mi = self._read_hits(ids, w, s)
+            if mi.numel():
+                bw, bs = self._bread(ids.index_select(0, mi))
+                w.index_copy_(0, mi, bw)
+                s.index_copy_(0, mi, bs)
+            return w, s
 
-    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         """`read` of each piece of IDs in turn (a bulk read: a checkpoint's row set; sorted pieces, each above the
-        last), the backing store one piece ahead: a piece's misses are read on a thread of their own while this
+        last), joined (float32 CPU [U, dim + state_dim]), the backing store one piece ahead: a piece's misses are
+        read on a thread of their own (the backing store's ``read_each`` of them: no split and join) while this
         one finds and copies the next piece's hits -- pieces of `SWEEP_MIN_IDS` or more through a `SortedSweep`
         of the cached IDs instead of the hash map. One thread at a time in the backing store, and the cache's
         own state only read (the worker paused), so the rows are `read`'s."""
@@ -666,25 +670,27 @@ class LookaheadCache(CachedTable):
         sweep: SortedSweep | None = None  # made at the first large piece
         if self._ahead is None:
             self._ahead = ThreadPoolExecutor(1, thread_name_prefix="tierec-read-ahead")
-        waiting: deque = deque()  # (weights, state, miss positions, their rows' future): 2 pieces at most
+        waiting: deque = deque()  # (rows, miss positions, their rows or a future of them): 2 pieces at most
         it = iter(pieces)
         nxt = next(it, None)
         try:
             while (ids := nxt) is not None:
                 nxt = next(it, None)  # known before this piece's misses are asked for: a single piece reads them here
                 ids = ids.to(self.device)
+                rows = torch.empty(ids.numel(), self.dim + self.state_dim, device=self.device)
                 with self._locked():
                     if sweep is None and ids.numel() >= SWEEP_MIN_IDS and self.size:
                         sweep = SortedSweep(self._slot_id[: self.size], self.num_embeddings)
-                    w, s, mi = self._read_hits(ids, sweep if ids.numel() >= SWEEP_MIN_IDS else None)
-                misses: Future | tuple[torch.Tensor, torch.Tensor] | None
+                    mi = self._read_hits(ids, rows[:, : self.dim], rows[:, self.dim:],
+                                         sweep if ids.numel() >= SWEEP_MIN_IDS else None)
+                misses: Future | torch.Tensor | None
                 if not mi.numel():
                     misses = None
                 elif nxt is None and not waiting:  # nothing to read them beside
-                    misses = self._bread(ids.index_select(0, mi))
+                    misses = self._bread_joined(ids.index_select(0, mi))
                 else:
-                    misses = self._ahead.submit(self._bread, ids.index_select(0, mi))
-                waiting.append((w, s, mi, misses))
+                    misses = self._ahead.submit(self._bread_joined, ids.index_select(0, mi))
+                waiting.append((rows, mi, misses))
                 if len(waiting) > 1:
                     yield _with_misses(*waiting.popleft())
             while waiting:
@@ -694,20 +700,18 @@ class LookaheadCache(CachedTable):
                 if isinstance(misses, Future):
                     misses.exception()
 
-    def _read_hits(self, ids: torch.Tensor, sweep: SortedSweep | None = None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                        torch.Tensor]:
-        """Rows ``ids`` [U] with the cached ones filled in: (weights [U, dim], state [U, state_dim], the positions
-        of the misses [M], their rows not yet there), found through the hash map or ``sweep``. Under the lock."""
+    def _read_hits(self, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
+                   sweep: SortedSweep | None = None) -> torch.Tensor:
+        """Copy the cached ones of rows ``ids`` [U] into ``w`` [U, dim] and ``s`` [U, state_dim] (found through
+        the hash map or ``sweep``); the positions of the misses [M], their rows not filled in. Under the lock."""
         hit, slots = self._lookup(ids) if sweep is None else sweep.find(ids)
         hi, mi = where(hit), where(~hit)
-        w = torch.empty(ids.numel(), self.dim, device=self.device)
-        s = torch.empty(ids.numel(), self.state_dim, device=self.device)
         at = slots.index_select(0, hi)
         w.index_copy_(0, hi, self.weight.index_select(0, at))
         s.index_copy_(0, hi, self.state.index_select(0, at))
         self._st["upper_reads"] += ids.numel()
         self._st["upper_read_hits"] += hi.numel()
-        return w, s, mi
+        return mi
 
     def write(self, ids, weight, state):
         """An upper tier's write-backs: write-allocate (victims by next use, never pinned rows)."""

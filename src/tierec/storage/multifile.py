@@ -66,11 +66,11 @@ def read_many(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecutor
         while link is not None and left.size:
             lazy = link.lazy_rows()
             if lazy is None:
-                parts.append((i, link, link.slots_of(left), pos))
+                parts.append((i, link, link.slots_of(left, unstage=recent), pos))
                 left = left[:0]
                 break
             w = lazy.stored.test(left)
-            parts.append((i, link, link.slots_of(left[w]), pos[w]))
+            parts.append((i, link, link.slots_of(left[w], unstage=recent), pos[w]))
             left, pos = left[~w], pos[~w]
             link = link.older
         if left.size:
@@ -107,14 +107,9 @@ def _read_files(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecut
     for idx in groups.values():
         if sum(reads[i][1].size for i in idx) < LANE_MIN_ROWS:
             continue  # read below, in this thread
-        gids = [reads[i][1] for i in idx]
-        order = [None if x.size < 2 or np.all(x[1:] > x[:-1]) else np.argsort(x, kind="stable") for x in gids]
-        gids = [x if o is None else x[o] for x, o in zip(gids, order, strict=True)]
-        got = _read_group([reads[i][0] for i in idx], gids, pool or blockio.io_pool(), lanes, recent)
-        for i, o, rows in zip(idx, order, got, strict=True):
-            if o is not None:  # back in the order asked: a scatter, not the argsort of the permutation
-                rows, sorted_rows = np.empty_like(rows), rows
-                rows[o] = sorted_rows
+        got = _read_group([reads[i][0] for i in idx], [reads[i][1] for i in idx], pool or blockio.io_pool(), lanes,
+                          recent)
+        for i, rows in zip(idx, got, strict=True):
             out[i] = rows
     for i, (t, ids) in enumerate(reads):
         if out[i] is None:
@@ -126,7 +121,7 @@ def _read_files(reads: list[tuple[SsdTable, np.ndarray]], pool: ThreadPoolExecut
 
 def _read_group(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExecutor, lanes: int,
                 use_recent: bool = False) -> list[np.ndarray]:
-    """`read_many` for tables of one row width and one kind of descriptor (``ids``: file rows, sorted per table).
+    """`read_many` for tables of one row width and one kind of descriptor (``ids``: file rows, any order).
     With ``use_recent``, rows whose sectors a write-back log holds in memory (`tierec.storage.rowlog.RecentSectors`)
     are copied from there; the rest are read, and the log sectors read are handed to it."""
     recent = [t.row_log.recent if t.row_log is not None and use_recent else None for t in tabs]
@@ -168,8 +163,9 @@ def _keep_recent(tabs: list[SsdTable], recent: list, epochs: list[int], plan: bl
 
 def _read_devices(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolExecutor, lanes: int,
                   keep: Callable | None = None) -> list[np.ndarray]:
-    """`_read_group`'s device reads: one plan over the tables' file rows ``ids``; ``keep(plan, table of each
-    run, buffer)`` sees the runs read before the buffer goes."""
+    """`_read_group`'s device reads: one plan over the tables' file rows ``ids`` (any order: planned sorted, and
+    the rows gathered from the buffer in the order asked, one copy); ``keep(plan, table of each run, buffer)``
+    sees the runs read before the buffer goes."""
     t0 = time.perf_counter()
     if not any(x.size for x in ids):
         return [np.empty((0, t.width), np.float32) for t in tabs]
@@ -177,8 +173,10 @@ def _read_devices(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolE
     tab_of = np.repeat(np.arange(len(tabs)), n)
     rb, stride = tabs[0].row_bytes, tabs[0].row_stride
     odirect = tabs[0].odirect
-    plan = blockio.plan_runs(np.concatenate(ids) * stride, rb, tab_of, tabs[0].read_align if odirect else 4,
-                             READ_GAP_BLOCKS if odirect else 0)
+    order = [None if x.size < 2 or np.all(x[1:] > x[:-1]) else np.argsort(x, kind="stable") for x in ids]
+    plan = blockio.plan_runs(np.concatenate([x if o is None else x[o] for x, o in zip(ids, order, strict=True)]) * stride,
+                             rb, tab_of, tabs[0].read_align if odirect else 4, READ_GAP_BLOCKS if odirect else 0)
+    at = _in_order_asked(plan.pos, n, order)
     run_tab = tab_of[plan.first].tolist()
     fds = [t.read_fd for t in tabs]
     sizes = [t.file_bytes for t in tabs]
@@ -194,7 +192,7 @@ def _read_devices(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolE
             return [t.read_local(x) for t, x in zip(tabs, ids, strict=True)]
         if keep is not None:
             keep(plan, rt, buf)
-        return _finish_group(tabs, ids, plan, tab_of, n, tabs[0].gather(buf, plan.pos), sizes, t0)
+        return _finish_group(tabs, ids, plan, tab_of, n, tabs[0].gather(buf, at), sizes, t0)
     runs = list(zip(run_tab, plan.foff.tolist(), plan.nbytes.tolist(), plan.boff.tolist(), strict=True))
     mm = mmap.mmap(-1, plan.total)  # page-aligned, as O_DIRECT needs
     mv = memoryview(mm)
@@ -221,7 +219,7 @@ def _read_devices(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolE
             return [t.read_local(x) for t, x in zip(tabs, ids, strict=True)]
         if keep is not None:
             keep(plan, tab_of[plan.first], mm)
-        rows = tabs[0].gather(mm, plan.pos)
+        rows = tabs[0].gather(mm, at)
     finally:
         mv.release()
         try:
@@ -229,6 +227,18 @@ def _read_devices(tabs: list[SsdTable], ids: list[np.ndarray], pool: ThreadPoolE
         except BufferError:  # a numpy view still exports it; freed at GC
             pass
     return _finish_group(tabs, ids, plan, tab_of, n, rows, sizes, t0)
+
+
+def _in_order_asked(pos: np.ndarray, n: np.ndarray, order: list[np.ndarray | None]) -> np.ndarray:
+    """Buffer positions of rows planned sorted (``pos`` [sum n]: tables' rows end to end, table k's ``n[k]`` rows
+    in the order ``order[k]``, an argsort, or None: as asked) -> the same positions in the order asked."""
+    if all(o is None for o in order):
+        return pos
+    pos, ends = pos.copy(), np.cumsum(n)
+    for o, a, b in zip(order, ends - n, ends, strict=True):
+        if o is not None:
+            pos[a:b][o] = pos[a:b].copy()  # rows asked o[r]-th were planned r-th
+    return pos
 
 
 def _finish_group(tabs, ids, plan: blockio.BlockPlan, tab_of, n, rows: np.ndarray, sizes,

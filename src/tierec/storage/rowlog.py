@@ -455,14 +455,17 @@ class RowLog:
         with self._lock:
             sid, _, srows = self._staged
             held, pos = self._find(sid, ids)
-            out = np.empty((ids.size, self.width), np.float32)
-            out[held] = srows[pos[held]]
             uids = self._unranked[0]
-            if uids.size:  # a bulk read asks many times (once per checkpoint piece): merged into one piece once
-                found, pos = self._find(uids, ids)
-                out[found] = self._unranked_in_order()[pos[found]]
-                held |= found
-            return held, out[held]
+            if not uids.size:
+                return held, srows[pos[held]]
+            found, upos = self._find(uids, ids)  # a bulk read asks many times (once per checkpoint piece):
+            urows = self._unranked_in_order()  # the unranked pieces merged into one piece once
+            both = held | found
+            at = np.cumsum(both) - 1  # where each of ids' staged rows goes among them
+            out = np.empty((int(at[-1]) + 1 if both.size else 0, self.width), np.float32)
+            out[at[held]] = srows[pos[held]]
+            out[at[found]] = urows[upos[found]]
+            return both, out
 
     def lookup(self, ids: np.ndarray, home: np.ndarray) -> np.ndarray:
         """File rows of ``ids`` (int64 [U]): their log slots where relocated, else their run rows where the run

@@ -65,6 +65,7 @@ import mmap
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import overload
 
@@ -75,7 +76,7 @@ from tierec.errors import CheckpointError, ConfigError
 from tierec.fsio import atomic_write_bytes, fsync_dir, sha256_file, umask
 from tierec.sparse.dedup import expand_ranges
 from tierec.storage import aio, blockio
-from tierec.storage.base import WorkingSet, read_in_turn
+from tierec.storage.base import WorkingSet
 from tierec.storage.blockio import ALIGN, MAX_IO, BlockPlan
 from tierec.storage.layout import HotLayout
 from tierec.storage.lazy import LazyRows, RowBits, RowInit
@@ -467,17 +468,23 @@ class SsdTable:
         through `exchange`): rows waiting in the write-back log's staging area are copied from it."""
         return self._split(read_many([(self, self.check_ids(ids))])[0])
 
-    read_each = read_in_turn
+    def read_each(self, pieces: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """`read` of each piece in turn, its rows as the file holds them (float32 [U, width]: no split)."""
+        for ids in pieces:
+            yield torch.from_numpy(read_many([(self, self.check_ids(ids))])[0])
 
-    def slots_of(self, ids: np.ndarray) -> np.ndarray:
+    def slots_of(self, ids: np.ndarray, unstage: bool = True) -> np.ndarray:
         """Row IDs (int64 [U]) -> the file rows that hold them: a row set's packed rows, a hot-row layout's
-        places (`tierec.storage.layout.HotLayout`), or the IDs themselves."""
+        places (`tierec.storage.layout.HotLayout`), or the IDs themselves; a write-back log's slots, its staged
+        rows among ``ids`` written to it first -- unless ``unstage`` is False: the caller took them from the
+        staging area (a bulk read, `RowLog.staged_rows`)."""
         if self._lazy is not None and self._lazy.slots is not None:
             return self._lazy.file_rows(ids)
         home = self._home_rows(ids)
         if self.row_log is None:
             return home
-        self._unstage(ids)
+        if unstage:
+            self._unstage(ids)
         return self.row_log.lookup(ids, home)
 
     def _home_rows(self, ids: np.ndarray) -> np.ndarray:

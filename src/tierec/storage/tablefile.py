@@ -41,6 +41,7 @@ import torch
 
 from tierec.errors import CheckpointError
 from tierec.fsio import sha256_file
+from tierec.storage.base import join_rows
 from tierec.storage.lazy import LazyRows, RowBits, RowInit
 
 FORMAT = "tierec-table"
@@ -89,8 +90,7 @@ def stream_rows(f, num_rows: int, block: Callable[[int, int], bytes], sync: bool
 
 def row_bytes_of(storage, a: int, b: int) -> bytes:
     """Rows [a, b) of a `TableStorage` as packed table-file bytes (weights | state, float32)."""
-    w, s = storage.read_rows(a, b)
-    return torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy().tobytes()
+    return join_rows(*storage.read_rows(a, b)).numpy().tobytes()
 
 
 def ids_path(path: Path) -> Path:
@@ -237,8 +237,8 @@ def _rows_by_id(storage, which: RowBits):
                 held = held[ROWSET_READ_ROWS:]  # a view: the rest is copied once, with the next chunk's IDs
                 yield torch.from_numpy(asked[-1])
 
-    for w, s in storage.read_each(pieces()):
-        yield asked.popleft(), torch.cat([w.detach().float().cpu(), s.detach().float().cpu()], 1).contiguous().numpy()
+    for rows in storage.read_each(pieces()):
+        yield asked.popleft(), rows.numpy()
 
 
 def write_row_set_part(path: Path, storage, which: RowBits, offset: int) -> None:

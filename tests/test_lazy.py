@@ -30,6 +30,27 @@ def test_row_init_does_not_depend_on_order_chunking_or_sharding():
     for other in (RowInit(8, 3, 200_000, 5), RowInit(7, 4, 200_000, 5)):  # seed and table matter
         assert not torch.equal(other.range(0, 10), whole[:10])
     assert RowInit.from_json(json.loads(json.dumps(shard.to_json()))) == shard
+    threaded = init.fill(torch.empty(150_000, 5), 50_000, threads=3)  # an in-memory table's creation
+    assert torch.equal(threaded, whole[50_000:])
+    for row, col in ((0, 0), (1, 4), (65_536, 2), (199_999, 3)):  # the documented function, one float at a time:
+        assert whole[row, col].item() == _reference_value(7, 3, 200_000, 5, row, col)  # checkpoints rely on it
+
+
+def _reference_value(seed: int, table: int, n: int, dim: int, row: int, col: int) -> float:
+    """`RowInit`'s float (row, col) in plain Python integers: splitmix64 of the coordinates, uniform(-b, b)."""
+    m = 2**64 - 1
+
+    def mix(z: int) -> int:
+        z ^= z >> 30
+        z = (z * 0xBF58476D1CE4E5B9) & m
+        z ^= z >> 27
+        z = (z * 0x94D049BB133111EB) & m
+        return z ^ (z >> 31)
+
+    key = mix(mix(((seed * 0x100000001B3) ^ table) & m))
+    x = mix(((row * dim + col) * 0x9E3779B97F4A7C15 + key) & m)
+    u = np.float32(x >> 40) * np.float32(2.0**-24)
+    return float((u * np.float32(2.0) - np.float32(1.0)) * np.float32(n**-0.5))
 
 
 def test_row_bits_match_a_set():

@@ -198,9 +198,12 @@ class InMemoryTable(RowStoreDefaults):
         self.device = self.weight.device
         self._lazy = None
         if init is not None:
-            for a in range(0, num_embeddings, INIT_CHUNK_ROWS * 16):
-                b = min(a + INIT_CHUNK_ROWS * 16, num_embeddings)
-                self.weight[a:b] = init.range(a, b).to(self.device)
+            if self.device.type == "cpu":
+                init.fill(self.weight)
+            else:
+                for a in range(0, num_embeddings, INIT_CHUNK_ROWS * 16):
+                    b = min(a + INIT_CHUNK_ROWS * 16, num_embeddings)
+                    self.weight[a:b] = init.range(a, b).to(self.device)
             self._lazy = LazyRows.fresh(init, num_embeddings)
 
     def _mark(self, ids: torch.Tensor) -> None:

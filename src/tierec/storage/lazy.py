@@ -24,6 +24,7 @@ table materialised up front (tests/test_lazy.py).
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_CHUNK_ROWS = 1 << 16  # rows per pass of RowInit.range / RowBits.ids (bounds temporary memory)
+_CHUNK_ROWS = 1 << 16  # RowBits.ids scans 8x this many rows a pass (bounds temporary memory)
 _INIT_PASS = 1 << 13  # rows per pass of RowInit.rows: ~400 B of uint64 temporaries per row (3.3 MB a pass)
 _MARK_LOCK = threading.Lock()  # RowBits.mark is a read-modify-write of bytes: one marker at a time
 
@@ -77,22 +78,43 @@ class RowInit:
             out[a : a + _INIT_PASS] = self._rows(ids[a : a + _INIT_PASS])
         return out
 
-    def _rows(self, ids: np.ndarray) -> torch.Tensor:
+    def _rows(self, ids: np.ndarray, out: np.ndarray | None = None) -> torch.Tensor:
+        """Rows ``ids`` (int64 [U]) -> float32 [U, dim], written into ``out`` (float32 [U, dim]) where given."""
         r = ids.astype(np.uint64) + np.uint64(self.row_offset)
-        x = r[:, None] * np.uint64(self.dim) + np.arange(self.dim, dtype=np.uint64)[None, :]
-        x *= _GOLDEN
-        x += self._key()
+        with np.errstate(over="ignore"):  # (r * dim + c) * golden + key, mod 2**64, as r * (dim * golden) + (c * ...)
+            x = (r * (np.uint64(self.dim) * _GOLDEN))[:, None] + (np.arange(self.dim, dtype=np.uint64) * _GOLDEN
+                                                                  + self._key())[None, :]
         _mix(x)
-        u = (x >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)  # [0, 1): 24 exact bits
-        bound = np.float32(self.num_embeddings ** -0.5)
-        return torch.from_numpy((u * np.float32(2.0) - np.float32(1.0)) * bound)
+        k = (x >> np.uint64(40)).astype(np.int32)  # u = k / 2**24 in [0, 1): 24 exact bits
+        k <<= 1
+        k -= np.int32(1 << 24)  # (2u - 1) * 2**24: exact in float32, as int32 -> float32 (no uint64 -> float)
+        scale = np.float32(self.num_embeddings ** -0.5) * np.float32(2.0**-24)  # bound / 2**24, exact
+        out = np.empty(x.shape, np.float32) if out is None else out
+        np.multiply(k, scale, out=out, dtype=np.float32)  # = (2u - 1) * bound, rounded once as before
+        return torch.from_numpy(out)
 
     def range(self, start: int, end: int) -> torch.Tensor:
-        """Rows [start, end) -> float32 [end - start, dim] (computed in 64K-row passes)."""
-        out = torch.empty(max(0, end - start), self.dim)
-        for a in range(start, end, _CHUNK_ROWS):
-            b = min(a + _CHUNK_ROWS, end)
-            out[a - start : b - start] = self.rows(np.arange(a, b, dtype=np.int64))
+        """Rows [start, end) -> float32 [end - start, dim]."""
+        return self.fill(torch.empty(max(0, end - start), self.dim), start)
+
+    def fill(self, out: torch.Tensor, start: int = 0, threads: int | None = None) -> torch.Tensor:
+        """Rows [start, start + n) into ``out`` (float32 CPU [n, dim], contiguous), in `_INIT_PASS`-row passes on
+        ``threads`` threads (default torch's intra-op threads; numpy lets go of the GIL in each pass): creating
+        an in-memory table at start is this, ~120M floats for bench_scale's 26 Criteo-shaped tables."""
+        n, flat = out.shape[0], out.numpy()
+
+        def one(a: int) -> None:
+            b = min(a + _INIT_PASS, n)
+            self._rows(np.arange(start + a, start + b, dtype=np.int64), flat[a:b])
+
+        passes = range(0, n, _INIT_PASS)
+        threads = min(threads or torch.get_num_threads(), len(passes))
+        if threads <= 1:
+            for a in passes:
+                one(a)
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="tierec-init") as pool:
+                list(pool.map(one, passes))
         return out
 
     def to_json(self) -> dict:

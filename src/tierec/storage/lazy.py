@@ -73,10 +73,10 @@ class RowInit:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size <= _INIT_PASS:
             return self._rows(ids)
-        out = torch.empty(ids.size, self.dim)  # in passes: a look-ahead step of 50K missed rows held 20 MB at once
+        out = np.empty((ids.size, self.dim), np.float32)  # in passes: a step of 50K missed rows held 20 MB at once
         for a in range(0, ids.size, _INIT_PASS):
-            out[a : a + _INIT_PASS] = self._rows(ids[a : a + _INIT_PASS])
-        return out
+            self._rows(ids[a : a + _INIT_PASS], out[a : a + _INIT_PASS])
+        return torch.from_numpy(out)
 
     def _rows(self, ids: np.ndarray, out: np.ndarray | None = None) -> torch.Tensor:
         """Rows ``ids`` (int64 [U]) -> float32 [U, dim], written into ``out`` (float32 [U, dim]) where given."""
@@ -94,8 +94,9 @@ class RowInit:
         return torch.from_numpy(out)
 
     def range(self, start: int, end: int) -> torch.Tensor:
-        """Rows [start, end) -> float32 [end - start, dim]."""
-        return self.fill(torch.empty(max(0, end - start), self.dim), start)
+        """Rows [start, end) -> float32 [end - start, dim], in this thread (callers that stream a table chunk by
+        chunk; a whole in-memory table is `fill`'s)."""
+        return self.fill(torch.empty(max(0, end - start), self.dim), start, threads=1)
 
     def fill(self, out: torch.Tensor, start: int = 0, threads: int | None = None) -> torch.Tensor:
         """Rows [start, start + n) into ``out`` (float32 CPU [n, dim], contiguous), in `_INIT_PASS`-row passes on

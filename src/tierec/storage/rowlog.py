@@ -462,7 +462,7 @@ class RowLog:
             urows = self._unranked_in_order()  # the unranked pieces merged into one piece once
             both = held | found
             at = np.cumsum(both) - 1  # where each of ids' staged rows goes among them
-            out = np.empty((int(at[-1]) + 1 if both.size else 0, self.width), np.float32)
+            out = np.empty((np.count_nonzero(both), self.width), np.float32)
             out[at[held]] = srows[pos[held]]
             out[at[found]] = urows[upos[found]]
             return both, out

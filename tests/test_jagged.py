@@ -37,3 +37,15 @@ def test_to_torchrec_round_trip():
     kjt = make().to_torchrec()
     assert kjt.keys() == ["a", "b"]
     assert kjt["b"].values().tolist() == [4, 5, 6, 7, 8]
+
+
+def test_a_kjt_keeps_its_views_and_offsets_and_stays_itself_on_its_device():
+    """The per-key views and offsets a step's forward asks for are computed once (the look-ahead worker computes
+    them ahead) and equal what they were computed from; `to` its own device keeps them."""
+    kjt = KeyedJaggedTensor(["a", "b"], torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([2, 0, 1, 1, 2, 0]))
+    a = kjt.to_dict()["a"]
+    assert a.offsets() is a.offsets() and a.offsets().tolist() == [0, 2, 2, 3]
+    assert kjt.to("cpu") is kjt and kjt.to_dict()["a"] is a
+    b = kjt.to_dict()["b"]
+    assert b.values.tolist() == [4, 5, 6] and b.offsets().tolist() == [0, 1, 3, 3]
+    assert kjt.split_by_key() is not kjt.split_by_key()  # a new list each time: the caller's to change

@@ -22,7 +22,7 @@ from tierec.sparse import KeyedJaggedTensor
 from tierec.storage.lookahead import NEVER, UNTRACKED_WITHIN, LookaheadCache, NextUseOracle
 from tierec.storage.ssd import SsdTable
 from tierec.train.pipeline import LookaheadPipeline, Member, PrefetchTarget
-from tierec.train.trainer import prefetch_targets
+from tierec.train.trainer import in_memory_members, prefetch_targets
 
 from test_tiered import cfg, table_rows
 
@@ -250,7 +250,8 @@ def raw_targets(caches: dict) -> tuple[list, dict]:
     return [PrefetchTarget(k, c, (Member(takers[k], k),)) for k, c in caches.items()], takers
 
 
-def train_tables(batches, storage_factory, optimizer, pipeline_kw=None, card=60, dim=4, step_s=0.0):
+def train_tables(batches, storage_factory, optimizer, pipeline_kw=None, card=60, dim=4, step_s=0.0,
+                 in_memory=False):
     keys = ["a", "b"]
     ebc = build_collection([TableConfig(k, card, dim) for k in keys], SparseOptimizer(optimizer, 0.1), seed=3,
                            storage_factory=storage_factory)
@@ -259,7 +260,8 @@ def train_tables(batches, storage_factory, optimizer, pipeline_kw=None, card=60,
     stream = batches
     pipe = None
     if pipeline_kw is not None:
-        pipe = stream = LookaheadPipeline(batches, prefetch_targets(ebc.tables), **pipeline_kw)
+        kw = dict(pipeline_kw, in_memory=in_memory_members(ebc.tables)) if in_memory else pipeline_kw
+        pipe = stream = LookaheadPipeline(batches, prefetch_targets(ebc.tables), **kw)
     for b in stream:
         pooled = ebc(b.sparse)  # [B, T, D]
         loss = ((pooled * head).sum(-1).tanh() ** 2).mean()
@@ -304,6 +306,58 @@ def test_lookahead_training_is_bit_identical(tmp_path, optimizer, capacity, wind
     assert st["lookups"] == st["hits"] + st["misses"] > 0
     if capacity < 60:
         assert st["backing"]["bytes_read"] > 0 and st["evictions"] + st["bypass_acquires"] > 0
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+def test_the_worker_deduplicates_the_tables_in_memory_beside_the_cached_ones(tmp_path, monkeypatch, optimizer):
+    """Table "a" behind a look-ahead cache, "b" in memory: the pipeline's worker makes b's lookups (the dedup of its
+    IDs) ahead of each step, the trainer's thread none, and training is bit-identical to both tables in memory."""
+    from tierec.modules.embedding import EmbeddingBag
+
+    rng = np.random.default_rng(11)
+    batches = make_batches(rng, 25, 16, ["a", "b"], 60, empty_every=6)
+    ref_losses, ref_rows, _ = train_tables(batches, None, optimizer)
+    made_on = []
+    make = EmbeddingBag.make_lookup
+
+    def spy(self, values):
+        made_on.append((self.config.name, threading.current_thread().name))
+        return make(self, values)
+
+    monkeypatch.setattr(EmbeddingBag, "make_lookup", spy)
+
+    def factory(i, tcfg, sdim):
+        if tcfg.name == "b":
+            return None
+        ssd = SsdTable(tmp_path / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, sdim, create=True,
+                       init_seed=3, table_index=i)
+        return LookaheadCache(ssd, 12, name=tcfg.name)
+
+    losses, rows, ebc = train_tables(batches, factory, optimizer, dict(window=4, depth=2), in_memory=True)
+    assert losses == ref_losses
+    for name in rows:
+        assert torch.equal(rows[name][0], ref_rows[name][0]) and torch.equal(rows[name][1], ref_rows[name][1])
+    assert [type(t.storage).__name__ for t in ebc.tables] == ["LookaheadCache", "InMemoryTable"]
+    assert len(made_on) == len(batches) and {n for n, _ in made_on} == {"b"}
+    assert {t for _, t in made_on} == {"tierec-lookahead"}  # the worker's, never the trainer's
+
+
+def test_a_lookup_made_from_other_ids_is_not_used(tmp_path):
+    """A table in memory handed a lookup made from other IDs than its forward looks up (a model that looks a table
+    up twice in a step) deduplicates its own IDs: the same rows as with no lookup handed."""
+    ebc = build_collection([TableConfig("a", 30, 4)], SparseOptimizer("rowwise_adagrad", 0.1), seed=1)
+    (t,) = ebc.tables
+    ids = torch.tensor([3, 7, 3, 9]), torch.tensor([5, 5, 1, 2])
+    offsets = torch.tensor([0, 2, 4])
+    t.eval()
+    want = t(ids[1], offsets)
+    released = []
+    handed = t.make_lookup(ids[0])
+    t.use_lookup(handed.__class__(handed.ws, handed.inverse, handed.perm, handed.counts,
+                                  lambda dirty: released.append(dirty), handed.values))
+    assert torch.equal(t(ids[1], offsets), want) and released == [False]
+    t.use_lookup(t.make_lookup(ids[1].clone()))  # the same IDs in other memory: used
+    assert torch.equal(t(ids[1], offsets), want)
 
 
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])

@@ -98,6 +98,13 @@ def row_gradients(grad_out: torch.Tensor, lengths: torch.Tensor, perm: torch.Ten
     return F.embedding_bag(bag.index_select(0, perm), grad_out, seg, mode="sum", per_sample_weights=psw)
 
 
+def _same_ids(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ID tensors ``a`` and ``b`` hold the same IDs (at once when they are the same memory)."""
+    if a.numel() != b.numel() or a.device != b.device:
+        return False
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() or torch.equal(a, b)
+
+
 @dataclass
 class Lookup:
     """One step's rows of one table: its IDs deduplicated, the rows resident, and how to give them back.
@@ -106,13 +113,16 @@ class Lookup:
     ``inverse`` [N] maps each ID of the step to its unique row, ``perm`` [N] sorts the IDs (stably),
     ``counts`` [U] counts each unique ID (see `dedup`); None when the maker did not know the step's
     IDs in order (a shard whose IDs arrive by all-to-all): the table computes them and checks that
-    they give ``ws.ids``. ``release(dirty)`` returns the rows once the step is done with them."""
+    they give ``ws.ids``. ``release(dirty)`` returns the rows once the step is done with them.
+    ``values``: the IDs [N] it was made from, where `EmbeddingBag.make_lookup` made it ahead of the step
+    (the forward checks that it looks up the same IDs)."""
 
     ws: WorkingSet
     inverse: torch.Tensor | None
     perm: torch.Tensor | None
     counts: torch.Tensor | None
     release: Callable[[bool], None]
+    values: torch.Tensor | None = None
 
 
 class _FusedPooledLookup(torch.autograd.Function):
@@ -191,18 +201,32 @@ class EmbeddingBag(torch.nn.Module):
     def _find_lookup(self, values: torch.Tensor) -> Lookup:
         """The one handed down, completed where it lacks the dedup; else from storage."""
         lk, self._next = self._next, None
+        if lk is not None and lk.values is not None and not _same_ids(lk.values, values):
+            lk.release(False)  # made ahead from other IDs than this forward's (a model that looks a table up twice)
+            lk = None
         if lk is not None and lk.perm is not None:
             return lk
-        identity = lk is None and isinstance(self.storage, InMemoryTable)  # rows addressed by ID: no inverse
+        if lk is None:
+            return self.make_lookup(values)
+        uniq, inverse, perm, counts = dedup(values)
+        if not torch.equal(uniq, lk.ws.ids):
+            lk.release(False)
+            raise RuntimeError(f"table {self.config.name!r}: the step's IDs do not match the rows prefetched for it")
+        return Lookup(lk.ws, inverse, perm, counts, lk.release)
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the rows are a plain table in CPU memory (`InMemoryTable`): a `Lookup` of them is the dedup of
+        the step's IDs alone, which `make_lookup` may compute on another thread ahead of the step."""
+        return type(self.storage) is InMemoryTable and self.storage.device.type == "cpu"
+
+    def make_lookup(self, values: torch.Tensor) -> Lookup:
+        """The step's `Lookup` of IDs ``values`` (int64 [N]) from the table's storage: their dedup, and the rows
+        acquired (an in-memory table's rows are addressed by ID: no inverse)."""
+        identity = isinstance(self.storage, InMemoryTable)
         uniq, inverse, perm, counts = dedup(values, with_inverse=not identity)
-        if lk is not None:
-            if not torch.equal(uniq, lk.ws.ids):
-                lk.release(False)
-                raise RuntimeError(f"table {self.config.name!r}: the step's IDs do not match the rows prefetched "
-                                   "for it")
-            return Lookup(lk.ws, inverse, perm, counts, lk.release)
         ws = self.storage.acquire(uniq)
-        return Lookup(ws, inverse, perm, counts, lambda dirty: self.storage.release(ws, dirty))
+        return Lookup(ws, inverse, perm, counts, lambda dirty: self.storage.release(ws, dirty), values)
 
     def forward(self, values: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None = None):
         """values int64 [N], offsets int64 [B+1] -> pooled float32 [B, D]."""

@@ -22,7 +22,7 @@ stride B; :func:`dedup_kjt` builds one from a plain batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,9 +41,13 @@ class JaggedTensor:
     values: torch.Tensor
     lengths: torch.Tensor
     weights: torch.Tensor | None = None
+    _offsets: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def offsets(self) -> torch.Tensor:
-        return lengths_to_offsets(self.lengths)
+        """int64 [B + 1] (computed once)."""
+        if self._offsets is None:
+            self._offsets = lengths_to_offsets(self.lengths)
+        return self._offsets
 
     def to_dense(self) -> list[torch.Tensor]:
         """Per-sample ID lists (for tests and debugging, not hot paths)."""
@@ -53,7 +57,8 @@ class JaggedTensor:
 class KeyedJaggedTensor:
     """A batch of multi-hot sparse features for several keys (see module doc)."""
 
-    __slots__ = ("_keys", "_values", "_lengths", "_weights", "_stride", "_offsets", "_length_per_key", "_inverse")
+    __slots__ = ("_keys", "_values", "_lengths", "_weights", "_stride", "_offsets", "_length_per_key", "_inverse",
+                 "_by_key")
 
     def __init__(
         self,
@@ -85,6 +90,7 @@ class KeyedJaggedTensor:
         self._stride = int(stride)
         self._offsets: torch.Tensor | None = None
         self._length_per_key: list[int] | None = None
+        self._by_key: list[JaggedTensor] | None = None  # split_by_key's, kept (a KJT is not changed after it is made)
         self._inverse = inverse_indices
         if inverse_indices is not None and validate:
             self._check_inverse(inverse_indices)
@@ -175,17 +181,22 @@ class KeyedJaggedTensor:
         return JaggedTensor(self._values[start:end], self._lengths[t * self._stride : (t + 1) * self._stride], w)
 
     def split_by_key(self) -> list[JaggedTensor]:
-        """One JaggedTensor per key, in key order (views, no copies)."""
-        lpk = self.length_per_key()
-        vals = torch.split(self._values, lpk)
-        lens = torch.split(self._lengths, self._stride)
-        ws = torch.split(self._weights, lpk) if self._weights is not None else [None] * len(lpk)
-        return [JaggedTensor(v, n, w) for v, n, w in zip(vals, lens, ws, strict=True)]
+        """One JaggedTensor per key, in key order (views, no copies; made once, with their offsets when asked)."""
+        if self._by_key is None:
+            lpk = self.length_per_key()
+            vals = torch.split(self._values, lpk)
+            lens = torch.split(self._lengths, self._stride)
+            ws = torch.split(self._weights, lpk) if self._weights is not None else [None] * len(lpk)
+            self._by_key = [JaggedTensor(v, n, w) for v, n, w in zip(vals, lens, ws, strict=True)]
+        return list(self._by_key)
 
     def to_dict(self) -> dict[str, JaggedTensor]:
         return dict(zip(self._keys, self.split_by_key(), strict=True))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> KeyedJaggedTensor:
+        """This KJT on ``device``: itself where it is there already (what it computed kept)."""
+        if self._values.device == torch.device(device):
+            return self
         w = self._weights.to(device, non_blocking=non_blocking) if self._weights is not None else None
         inv = None
         if self._inverse is not None:

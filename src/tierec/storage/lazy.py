@@ -143,15 +143,25 @@ class RowBits:
         self.data = data
 
     def mark(self, ids: np.ndarray) -> None:
-        """Set the bits of rows ``ids`` (int64 [U], any order): the bits of each byte ORed together in sorted
-        order, then one store per byte (2.5x faster than the unbuffered `np.bitwise_or.at`; docs/storage.md)."""
+        """Set the bits of rows ``ids`` (int64 [U], any order)."""
+        self.set_bytes(*self.bytes_of(ids))
+
+    @staticmethod
+    def bytes_of(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The bits of rows ``ids`` (int64 [U], any order) as (byte positions [K], unique; their bits uint8 [K]):
+        the bits of each byte ORed together in sorted order, for one store per byte (2.5x faster than the
+        unbuffered `np.bitwise_or.at`; docs/storage.md), and computed once for several bitmaps of the rows."""
         if not ids.size:
-            return
+            return np.empty(0, np.int64), np.empty(0, np.uint8)
         if ids.size > 1 and not (ids[1:] >= ids[:-1]).all():
             ids = np.sort(ids)
         byte = ids >> 3
         first = np.flatnonzero(np.concatenate(([True], byte[1:] != byte[:-1])))
-        self.data[byte[first]] |= np.bitwise_or.reduceat(np.left_shift(np.uint8(1), (ids & 7).astype(np.uint8)), first)
+        return byte[first], np.bitwise_or.reduceat(np.left_shift(np.uint8(1), (ids & 7).astype(np.uint8)), first)
+
+    def set_bytes(self, pos: np.ndarray, bits: np.ndarray) -> None:
+        """OR ``bits`` (uint8 [K]) into bytes ``pos`` (int64 [K], unique): `bytes_of`'s pattern."""
+        self.data[pos] |= bits
 
     def mark_range(self, start: int, end: int) -> None:
         """Set the bits of rows [start, end)."""
@@ -238,10 +248,11 @@ class LazyRows:
         that writes them back before it drops them (``stored=False``: until then the file holds nothing
         of theirs, so a write-back to a block of such rows needs no read first). Thread-safe: a cache's
         worker and the trainer mark."""
+        pattern = RowBits.bytes_of(ids)
         with _MARK_LOCK:
             for bits in (self.written, self.changed, self.here if stored else None):
                 if bits is not None:
-                    bits.mark(ids)
+                    bits.set_bytes(*pattern)
 
     def mark_range(self, start: int, end: int) -> None:
         with _MARK_LOCK:

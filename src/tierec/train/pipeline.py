@@ -43,11 +43,11 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -117,6 +117,22 @@ class LookupUser(Protocol):
     def use_lookup(self, lookup: Lookup | None) -> None: ...
 
 
+class LookupMaker(LookupUser, Protocol):
+    """A table whose rows are in memory: its step's `Lookup` is the dedup of the step's IDs alone, which any thread
+    may compute ahead (`tierec.modules.embedding.EmbeddingBag.make_lookup`)."""
+
+    def make_lookup(self, values: torch.Tensor) -> Lookup: ...
+
+
+@dataclass(frozen=True)
+class InMemoryMember:
+    """A table in memory, beside the prefetch targets: the worker deduplicates its IDs (sparse key ``feature``)
+    when it prepares a step, so that the trainer's thread does not."""
+
+    table: LookupMaker
+    feature: str
+
+
 @dataclass(frozen=True)
 class Member:
     """A table fed by a `PrefetchTarget`: it looks up the IDs of sparse key ``feature`` of each batch.
@@ -162,14 +178,26 @@ class _Lease:
     handed: bool = False  # the members hold their lookups (the trainer took the step)
 
 
+@dataclass
+class _Prepared:
+    """A step prepared for the trainer: its batch, its targets' leases, and its in-memory tables' lookups."""
+
+    step: int
+    batch: Any
+    leases: list[_Lease]
+    lookups: list[Lookup]  # one per `InMemoryMember`, in order
+
+
 class LookaheadPipeline(Generic[B]):
     """Iterate ``batches`` (steps ``start_step``, ``start_step`` + 1, ...) with look-ahead prefetching
-    into ``targets`` (module doc). Use as a context manager, or call `close`."""
+    into ``targets`` (module doc); ``in_memory``: tables in memory whose lookups (the dedup of their IDs) the
+    worker makes too. Use as a context manager, or call `close`."""
 
     def __init__(self, batches: Iterable[B], targets: list[PrefetchTarget], window: int = 200,
                  depth: int = 2, max_bytes: int = 1 << 30, start_step: int = 0, lower_depth: int | None = None,
                  io_threads: int | None = None, switch_interval: float | None = SWITCH_INTERVAL_S,
-                 leave_a_core: bool = False, next_uses: NextUses | None = None):
+                 leave_a_core: bool = False, next_uses: NextUses | None = None,
+                 in_memory: Sequence[InMemoryMember] = ()):
         if window < 1 or depth < 1:
             raise ValueError(f"window and depth must be >= 1, got {window}, {depth}")
         # The trainer gives up the GIL in every kernel and must take it back from the prefetch threads, which run
@@ -182,6 +210,7 @@ class LookaheadPipeline(Generic[B]):
         if len(self.targets) != len(targets):
             raise ValueError(f"prefetch targets need distinct names, got {[t.name for t in targets]}")
         self.caches = {t.name: t.cache for t in targets}
+        self.in_memory = tuple(in_memory)
         self.window, self.depth, self.max_bytes = window, min(depth, window), max_bytes
         # Lower tiers of a chain (device <- DRAM <- SSD): a LookaheadCache backing a LookaheadCache.
         # Each is prefetched `lower_depth` steps ahead, so the tier above finds its misses there.
@@ -202,7 +231,7 @@ class LookaheadPipeline(Generic[B]):
         self._next_uses = next_uses  # closed with the pipeline; dropped if the batches differ from its trace
         self._cond = threading.Condition()
         self._observed: deque[tuple[int, B, dict]] = deque()  # read and observed, not yet prepared
-        self._ready: deque[tuple[int, B, list[_Lease]]] = deque()  # prepared, not yet taken
+        self._ready: deque[_Prepared] = deque()  # prepared, not yet taken
         self._partial: dict[str, WorkingSet] = {}  # step being prepared: target -> working set
         self._leases: dict[int, list[_Lease]] = {}  # steps taken by the trainer, not yet fully released
         self._bytes = 0  # what the steps read and not yet taken hold: sum of _nbytes
@@ -260,7 +289,8 @@ class LookaheadPipeline(Generic[B]):
                 raise RuntimeError("look-ahead worker failed") from self._error
             if not self._ready:
                 raise StopIteration
-            step, batch, leases = self._ready.popleft()
+            ready = self._ready.popleft()
+            step, batch, leases = ready.step, ready.batch, ready.leases
             self.stats["lead_sum"] += len(self._ready)
             self.current_step = step
             self._next_take = step + 1
@@ -271,6 +301,8 @@ class LookaheadPipeline(Generic[B]):
             lease.handed = True
             for m, lk in zip(lease.target.members, lease.lookups, strict=True):
                 m.table.use_lookup(lk)
+        for im, lk in zip(self.in_memory, ready.lookups, strict=True):
+            im.table.use_lookup(lk)
         stall = time.perf_counter() - t0
         st = self.stats
         st["steps"] += 1
@@ -404,9 +436,13 @@ class LookaheadPipeline(Generic[B]):
                     m.table.use_lookup(None)
                 if lease.left:
                     self.caches[lease.target.name].release(lease.ws, True)
-        for _, _, leases in self._ready:
-            for lease in leases:
+        for im in self.in_memory:  # a step taken and not trained (an error mid-step): its lookups withdrawn
+            im.table.use_lookup(None)
+        for ready in self._ready:
+            for lease in ready.leases:
                 self.caches[lease.target.name].release(lease.ws, False)
+            for lk in ready.lookups:
+                lk.release(False)
         for name, ws in self._partial.items():
             self.caches[name].release(ws, False)
         self._partial.clear()
@@ -621,13 +657,16 @@ class LookaheadPipeline(Generic[B]):
         leases = [self._lease(self.targets[key], step, self._partial[key], batch) for key in self.caches]
         self._partial.clear()
         self._retire_lower(step, uniq)
-        made = sum(_lease_nbytes(lease) for lease in leases)
+        by_key = batch_ids(batch) if self.in_memory else {}
+        lookups = [im.table.make_lookup(by_key[im.feature]) for im in self.in_memory]
+        _index_features(batch)
+        made = sum(_lease_nbytes(lease) for lease in leases) + sum(_lookup_nbytes(lk) for lk in lookups)
         with self._cond:
             self._observed.popleft()
             self._nbytes[step] += made  # held until the trainer takes the step
             self._bytes += made
             self._note_held()
-            self._ready.append((step, batch, leases))
+            self._ready.append(_Prepared(step, batch, leases, lookups))
             self._cond.notify_all()
         return True
 
@@ -643,6 +682,20 @@ def _lease_nbytes(lease: _Lease) -> int:
         n += lk.ws.ids.nbytes if lease.target.space is not None else 0
         n += sum(t.nbytes for t in (lk.inverse, lk.perm, lk.counts) if t is not None)
     return n
+
+
+def _index_features(batch: Batch | StepIds) -> None:
+    """Compute what the model's forward asks of a `Batch`'s features, ahead: each key's view and offsets (kept
+    by the batch's `tierec.sparse.KeyedJaggedTensor` s)."""
+    if isinstance(batch, Batch):
+        for kjt in (batch.sparse, batch.user):
+            for jt in kjt.split_by_key() if kjt is not None else ():
+                jt.offsets()
+
+
+def _lookup_nbytes(lk: Lookup) -> int:
+    """Bytes an in-memory table's prepared lookup holds: its unique IDs and the dedup (its rows are the table's)."""
+    return lk.ws.ids.nbytes + sum(t.nbytes for t in (lk.inverse, lk.perm, lk.counts) if t is not None)
 
 
 def batch_ids(batch: Batch | StepIds) -> dict[str, torch.Tensor]:

@@ -51,7 +51,7 @@ from tierec.train.idmap import MAP_AHEAD_DEPTH, IdMaps, MappedBatch, map_ahead
 from tierec.train.input_probe import check_input, start_input
 from tierec.train.metrics import scores
 from tierec.train.nextuse import NextUseTrace
-from tierec.train.pipeline import LookaheadPipeline, Member, PrefetchTarget, batch_ids
+from tierec.train.pipeline import InMemoryMember, LookaheadPipeline, Member, PrefetchTarget, batch_ids
 from tierec.train.rundir import claim_run_dir
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,12 @@ def prefetch_targets(tables: list[EmbeddingBag],
                                "of this model")
         out.append(PrefetchTarget(name, g.cache, tuple(member(by_view[i]) for i in range(len(g.views))), g.space))
     return out
+
+
+def in_memory_members(tables: list[EmbeddingBag]) -> list[InMemoryMember]:
+    """The tables whose rows are in memory, whose lookups (the dedup of their IDs) a `LookaheadPipeline`'s worker
+    makes beside the prefetch targets' (not for a rank's shards: their IDs arrive by all-to-all in the step)."""
+    return [InMemoryMember(t, t.config.key) for t in tables if t.in_memory]
 
 
 def overall_hit_rate(stats: dict[str, dict]) -> float | None:
@@ -531,9 +537,10 @@ class Trainer:
             log.info("--evict l2: the look-ahead window is %d batches (norm sweeps every %d steps enter the map one "
                      "period later)", window, cfg.decay_every)
         trace = self._next_use_trace(targets, total, max_bytes)
+        in_memory = in_memory_members(self.model.embeddings.bags) if self._shard_ranges() is None else []
         return LookaheadPipeline(stream, targets, window=window, depth=cfg.prefetch_depth,
                                  max_bytes=max_bytes, start_step=self.step, io_threads=cfg.prefetch_threads,
-                                 leave_a_core=cfg.num_threads is None, next_uses=trace)
+                                 leave_a_core=cfg.num_threads is None, next_uses=trace, in_memory=in_memory)
 
     def _next_use_trace(self, targets: list[PrefetchTarget], total: int, memory_bytes: int) -> NextUseTrace | None:
         """``--lookahead-trace``: one pass over the batches from here to step ``total`` (a second reader of the same

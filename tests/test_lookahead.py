@@ -340,6 +340,10 @@ def test_the_worker_deduplicates_the_tables_in_memory_beside_the_cached_ones(tmp
     assert [type(t.storage).__name__ for t in ebc.tables] == ["LookaheadCache", "InMemoryTable"]
     assert len(made_on) == len(batches) and {n for n, _ in made_on} == {"b"}
     assert {t for _, t in made_on} == {"tierec-lookahead"}  # the worker's, never the trainer's
+    # b's rows were marked changed exactly as in memory: what checkpoints write
+    changed = ebc.tables[1].storage.lazy_rows().changed.ids()
+    touched = torch.cat([b.sparse.to_dict()["b"].values for b in batches]).unique().numpy()
+    assert np.array_equal(changed, touched)
 
 
 def test_a_lookup_made_from_other_ids_is_not_used(tmp_path):

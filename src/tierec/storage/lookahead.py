@@ -86,6 +86,15 @@ def _sorted_holds(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return keys.index_select(0, pos) == ids
 
 
+def _positions_in(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 [k]: the positions in the sorted, distinct ``keys`` of those of ``ids`` (any order) they hold -- a search
+    per ID, for few ``ids`` in many keys (a victim pass's protected slots among its candidates)."""
+    if keys.numel() == 0 or ids.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=keys.device)
+    pos = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)
+    return select(keys.index_select(0, pos) == ids, pos)[0]
+
+
 class NextUseOracle:
     """Next-use steps of row IDs inside a window of future steps.
 
@@ -377,7 +386,7 @@ class LookaheadCache(CachedTable):
                 left.index_fill_(0, drop, False)
                 cand, key = select(left, cand, key)
         self._cand = cand
-        key.masked_fill_(_sorted_holds(protect.sort().values, cand), _MAX)
+        key.index_fill_(0, _positions_in(cand, protect), _MAX)
         key.masked_fill_(self._pins.index_select(0, cand) > 0, _MAX)
         return self._lowest(key, need, cand) if count(key != _MAX) >= need else None
 

@@ -142,6 +142,15 @@ def find_sorted(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return keys[pos] == ids, pos
 
 
+def _positions_in(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """int64 [k]: the positions in the sorted, distinct ``keys`` of those of ``ids`` they hold (a search per ID: few
+    IDs in many keys, e.g. a step's write-backs among the staged rows)."""
+    if not keys.size or not ids.size:
+        return np.empty(0, np.int64)
+    held, pos = find_sorted(keys, ids)
+    return pos[held]
+
+
 def recent_sectors(nbytes: int, sector: int) -> int:
     """How many ``sector``-byte sectors `RecentSectors` holds in ``nbytes`` of memory (their bookkeeping included)."""
     return int(nbytes) // (int(sector) + RECENT_SECTOR_OVERHEAD)
@@ -504,25 +513,32 @@ class RowLog:
     def _staged_without(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The staging area less its copies of rows ``ids`` (int64, sorted): they are stale."""
         sid, srank, srows = self._staged
-        if not sid.size or not ids.size:
+        stale = _positions_in(sid, ids)
+        if not stale.size:
             return self._staged
-        keep = ~self._find(ids, sid)[0]
-        return (sid[keep], srank[keep], srows[keep]) if not keep.all() else self._staged
+        keep = np.ones(sid.size, bool)
+        keep[stale] = False
+        return sid[keep], srank[keep], srows[keep]
 
     def _unranked_without(self, ids: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         """The unranked staged rows less their copies of rows ``ids`` (int64, sorted): they are stale."""
         uids, pieces = self._unranked
-        if not uids.size or not ids.size:
+        at = _positions_in(uids, ids)
+        if not at.size:
             return self._unranked
-        stale = self._find(ids, uids)[0]
-        if not stale.any():
-            return self._unranked
+        stale = uids[at]
+        keep = np.ones(uids.size, bool)
+        keep[at] = False
         kept = []
         for pid, prows in pieces:
-            keep = ~self._find(ids, pid)[0]
-            if keep.any():
-                kept.append((pid[keep], prows[keep]))
-        return uids[~stale], kept
+            drop = _positions_in(pid, stale)
+            if drop.size:
+                left = np.ones(pid.size, bool)
+                left[drop] = False
+                pid, prows = pid[left], prows[left]
+            if pid.size:
+                kept.append((pid, prows))
+        return uids[keep], kept
 
     def _room(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
         """(bool [U]: which of the sorted ``ids`` the log holds or stages; map entries left for new rows)."""

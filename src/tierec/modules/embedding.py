@@ -102,7 +102,7 @@ def _same_ids(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ID tensors ``a`` and ``b`` hold the same IDs (at once when they are the same memory)."""
     if a.numel() != b.numel() or a.device != b.device:
         return False
-    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() or torch.equal(a, b)
+    return (a.data_ptr() == b.data_ptr() and a.stride() == b.stride()) or torch.equal(a, b)
 
 
 @dataclass

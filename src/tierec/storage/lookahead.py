@@ -78,21 +78,27 @@ CANDIDATE_CAP = 4  # candidates beyond this many times a pass's share drop rows 
 CANDIDATE_MIN_ROWS = 1 << 20
 
 
+def _search_sorted(keys: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bool [n]: which of ``ids`` the sorted, distinct ``keys`` hold; int64 [n]: their positions, where held): a
+    search per ID, no pass over ``keys``. ``keys`` not empty."""
+    pos = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)
+    return keys.index_select(0, pos) == ids, pos
+
+
 def _sorted_holds(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """bool [n]: which of ``ids`` the sorted ``keys`` hold (a search per ID: no pass over ``keys``)."""
+    """bool [n]: which of ``ids`` the sorted ``keys`` hold."""
     if keys.numel() == 0:
         return torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
-    pos = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)
-    return keys.index_select(0, pos) == ids
+    return _search_sorted(keys, ids)[0]
 
 
 def _positions_in(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """int64 [k]: the positions in the sorted, distinct ``keys`` of those of ``ids`` (any order) they hold -- a search
-    per ID, for few ``ids`` in many keys (a victim pass's protected slots among its candidates)."""
+    """int64 [k]: the positions in the sorted, distinct ``keys`` of those of ``ids`` (any order) they hold: for few
+    ``ids`` in many keys (a victim pass's protected slots among its candidates)."""
     if keys.numel() == 0 or ids.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=keys.device)
-    pos = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)
-    return select(keys.index_select(0, pos) == ids, pos)[0]
+    held, pos = _search_sorted(keys, ids)
+    return select(held, pos)[0]
 
 
 class NextUseOracle:

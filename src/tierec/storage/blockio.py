@@ -5,8 +5,9 @@ overlapping or adjacent blocks are coalesced into *runs* (`plan_runs`, vectorise
 end in one buffer. The runs are then read or written with one ``os.preadv`` per run
 (`pread_exact`) or all at once through Linux native AIO (`aio_runs`, `tierec.storage.aio`)
 where `use_aio` says it applies. Also here: the process's shared I/O threads (`io_pool`),
-opening a file with ``O_DIRECT`` (`open_direct`) and probing the smallest direct-I/O block a
-descriptor takes (`direct_align`). See docs/storage.md.
+opening a file with ``O_DIRECT`` (`open_direct`), probing the smallest direct-I/O block a
+descriptor takes (`direct_align`), and writing a new file front to back past the page cache
+(`SequentialWriter`: checkpoints' row sets). See docs/storage.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tierec.fsio import MAX_IO
+from tierec.fsio import MAX_IO, transfer_all
 from tierec.storage import aio
 
 ALIGN = 4096  # O_DIRECT block size and buffer alignment
@@ -136,3 +137,69 @@ def direct_align(fd: int, want: int, file_bytes: int) -> int:
             raise
         return ALIGN
     return want if got == want else ALIGN
+
+
+WRITE_BUFFER = 1 << 23  # bytes a `SequentialWriter` gathers before one O_DIRECT write (whole blocks)
+
+
+class SequentialWriter:
+    """A new file written front to back, with O_DIRECT where the file system takes it: the bytes go from one aligned
+    buffer of `WRITE_BUFFER` bytes to the device, not through the page cache, so writing costs a copy instead of the
+    page cache's allocation and later writeback, and ``close(sync=True)`` has only the metadata left to flush
+    (on this project's VM, 1 GiB in 4 MiB writes: 0.64 s O_DIRECT, 2.9 s buffered and fsynced). Elsewhere (tmpfs,
+    some network file systems: EINVAL) buffered, positional writes. Not thread-safe: one writer."""
+
+    def __init__(self, path: str | os.PathLike, buffer_bytes: int = WRITE_BUFFER):
+        self.path, self.size = Path(path), 0  # bytes written so far
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self.fd = os.open(self.path, flags | os.O_DIRECT, 0o666)
+            self.direct = True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.fd, self.direct = os.open(self.path, flags, 0o666), False
+        self._buf = aio.aligned_buffer(max(ALIGN, buffer_bytes // ALIGN * ALIGN)) if self.direct else None
+        self._fill = 0  # bytes waiting in the buffer; they go at file byte size - fill
+
+    def write(self, data) -> None:
+        """Append ``data`` (bytes or a contiguous buffer)."""
+        src = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        if self._buf is None:
+            transfer_all(os.pwritev, self.fd, src, self.size, self.path, "write")
+            self.size += src.size
+            return
+        pos = 0
+        while pos < src.size:
+            n = min(src.size - pos, self._buf.size - self._fill)
+            self._buf[self._fill : self._fill + n] = src[pos : pos + n]
+            self._fill, pos, self.size = self._fill + n, pos + n, self.size + n
+            if self._fill == self._buf.size:
+                self._flush()
+
+    def _flush(self) -> None:
+        """The buffer's bytes to the file, the last block padded with zeros (`close` cuts the file to its size)."""
+        n = -(-self._fill // ALIGN) * ALIGN
+        assert self._buf is not None
+        self._buf[self._fill : n] = 0
+        transfer_all(os.pwritev, self.fd, self._buf[:n], self.size - self._fill, self.path, "write")
+        self._fill = 0
+
+    def close(self, sync: bool = True) -> None:
+        """Write what is left, cut the file to the bytes written and, with ``sync``, fsync it."""
+        if self.fd < 0:
+            return
+        try:
+            if self._fill:
+                self._flush()
+                os.ftruncate(self.fd, self.size)
+            if sync:
+                os.fsync(self.fd)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Close without writing what is left (after an error: the file is not used). Idempotent."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

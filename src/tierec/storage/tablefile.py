@@ -42,6 +42,7 @@ import torch
 from tierec.errors import CheckpointError
 from tierec.fsio import sha256_file
 from tierec.storage.base import join_rows
+from tierec.storage.blockio import SequentialWriter
 from tierec.storage.lazy import LazyRows, RowBits, RowInit
 
 FORMAT = "tierec-table"
@@ -123,7 +124,7 @@ class RowSetWriter:
 
     def __init__(self, path: Path):
         self.path, self.ipath = path, ids_path(path)
-        self._f, self._fi = open(path, "wb"), open(self.ipath, "wb")
+        self._f, self._fi = SequentialWriter(path), SequentialWriter(self.ipath)
         self.chunks: list[list] = []
         self._root, self._ih = hashlib.sha256(), hashlib.sha256()
         self._chunk: tuple[int, int, Any] | None = None  # (chunk index, rows, its running sha256)
@@ -188,10 +189,7 @@ class RowSetWriter:
         self._raise()
         self._close_chunk()
         for g in (self._f, self._fi):
-            g.flush()
-            if sync:
-                os.fsync(g.fileno())
-            g.close()
+            g.close(sync)
         entry = {"bytes": self.path.stat().st_size, "sha256": self._root.hexdigest(), "layout": "rowset",
                  "rows": self.count, "init": init.to_json(), "chunk_ids": ROWSET_CHUNK_IDS, "chunks": self.chunks,
                  "ids": self.ipath.name}
@@ -203,8 +201,8 @@ class RowSetWriter:
     def close(self) -> None:
         """Close the files without publishing them (after an error)."""
         self._stop()
-        self._f.close()
-        self._fi.close()
+        self._f.discard()
+        self._fi.discard()
 
 
 def write_row_set(path: Path, storage, lazy: LazyRows, which: RowBits, delta: bool = False,

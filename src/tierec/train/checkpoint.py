@@ -47,6 +47,7 @@ import torch
 
 from tierec.errors import CheckpointError
 from tierec.fsio import atomic_write_bytes, fsync_dir, umask
+from tierec.storage.blockio import SequentialWriter
 from tierec.storage.spill import release_pages
 from tierec.storage.tablefile import check_bytes, read_table_file, verify_file, write_table_file
 
@@ -113,12 +114,14 @@ ARRAY_CHUNK = 1 << 24  # bytes per read or write of an array file
 
 def write_array_file(path: Path, t: torch.Tensor) -> dict:
     """A 1-D tensor's raw bytes (native order) to ``path``, ``ARRAY_CHUNK`` at a time (the pages of a spilled
-    tensor leave memory as they are written), fsynced -> its manifest entry {bytes, sha256, dtype, numel}."""
+    tensor leave memory as they are written; the file past the page cache, `SequentialWriter`), fsynced -> its
+    manifest entry {bytes, sha256, dtype, numel}."""
     flat = t.reshape(-1)
     step = max(1, ARRAY_CHUNK // max(1, flat.element_size()))
     h, n = hashlib.sha256(), 0
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
+    f = SequentialWriter(path)
+    try:
         for a in range(0, flat.numel(), step):
             part = flat[a : a + step]
             data = part.numpy().tobytes() if part.dtype != torch.bool else part.to(torch.uint8).numpy().tobytes()
@@ -126,8 +129,9 @@ def write_array_file(path: Path, t: torch.Tensor) -> dict:
             h.update(data)
             n += len(data)
             release_pages(part)
-        f.flush()
-        os.fsync(f.fileno())
+        f.close(sync=True)
+    finally:
+        f.discard()
     return {"bytes": n, "sha256": h.hexdigest(), "dtype": str(flat.dtype).removeprefix("torch."),
             "numel": flat.numel()}
 

@@ -61,7 +61,10 @@ away), and the device bytes read per sample (the I/O itself: a smaller cache low
 reading more rows), with the write-back logs' counters (rows staged by next use, folds of a
 full map, rows a full map sent home alone); peak RSS against the budget + 0.5 GiB, and what the tiered process holds
 beyond its budget against what the in-memory one holds beyond its tables (the fixed overhead of this
-model, batch and data, measured). Each figure is printed beside its target from the issue, PASS or MISS,
+model, batch and data, measured), and both runs' resident sets at their sampled peaks split into anonymous memory
+and mapped files (/proc/PID/status every 0.2 s: the mapped files are mostly torch's and Arrow's libraries, whose
+resident pages depend on the kernel, not the code: ~250 MiB on a 6.18 kernel, docs/benchmarks.md "Session 30").
+Each figure is printed beside its target from the issue, PASS or MISS,
 with the CPU other processes used during each run (a busy neighbour makes the speed figures noisy). All
 files go to a fresh ``bench_scale.*`` directory under --workdir (default: the repository's runs/),
 removed at the end unless --keep.
@@ -105,6 +108,7 @@ GiB = 1 << 30
 CREATE_S = 5.0  # table creation, at any size
 CHECKPOINT_SHARE = 0.10  # 2nd..5th checkpoint: at most this share of a full copy's time
 RSS_OVERHEAD = GiB // 2  # the stated fixed overhead above the budget
+RSS_POLL_S = 0.2  # how often a child's resident set's parts are sampled (`RssSampler`)
 READ_AMPLIFICATION = 4.0  # at dim 16
 SPEED_RATIO = 0.8  # samples/s with the tables beyond RAM, against the in-memory model
 DISK_SHARE = 0.70  # of the free space, at most
@@ -325,6 +329,36 @@ class Child:
     peak_rss: int
     wall_s: float
     others_cores: float
+    rss_parts: dict[str, int] = field(default_factory=dict)  # RssAnon / RssFile / RssShmem (bytes) at the sampled peak
+
+
+class RssSampler:
+    """Polls a process's /proc/PID/status every `RSS_POLL_S` and keeps its resident set's parts -- anonymous memory
+    (heap, arenas, tensors), mapped files (shared libraries' pages, memory-mapped files), shared memory -- at the
+    highest VmRSS seen. ru_maxrss is exact but one number; the parts say how much of it is the libraries' mapped
+    pages, whose size differs by kernel (fault-around, large folios) for the same code."""
+
+    def __init__(self, pid: int):
+        self.pid, self.best, self.parts = pid, 0, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(RSS_POLL_S):
+            try:
+                text = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
+                return
+            kib = {k: int(v.split()[0]) * 1024 for k, _, v in (ln.partition(":") for ln in text.splitlines())
+                   if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
+            if kib.get("VmRSS", 0) > self.best:
+                self.best, self.parts = kib["VmRSS"], {k: v for k, v in kib.items() if k != "VmRSS"}
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        return self.parts
 
 
 def busy_cpu_s() -> float:
@@ -339,10 +373,12 @@ def run_logged(cmd: list[str], logfile: Path) -> Child:
     busy0, t0 = busy_cpu_s(), time.perf_counter()
     with open(logfile, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        rss = RssSampler(proc.pid)
         if GUARD is not None:
             GUARD.watch(proc)
         assert proc.stdout is not None
         out = proc.stdout.read()
+        parts = rss.stop()  # stdout ends as the process exits
         _, status, usage = os.wait4(proc.pid, 0)
         if GUARD is not None:
             GUARD.watch(None)
@@ -353,7 +389,7 @@ def run_logged(cmd: list[str], logfile: Path) -> Child:
         tail = logfile.read_text(errors="replace").splitlines()[-15:]
         raise RuntimeError(f"exit {code}: {shlex.join(cmd)}\n" + "\n".join(tail))
     others = max(0.0, busy - usage.ru_utime - usage.ru_stime) / max(wall, 1e-9)
-    return Child(out, usage.ru_maxrss * 1024, wall, others)  # ru_maxrss: KiB on Linux
+    return Child(out, usage.ru_maxrss * 1024, wall, others, parts)  # ru_maxrss: KiB on Linux
 
 
 def write_json(path: Path | None, figures: dict) -> None:
@@ -514,6 +550,7 @@ class RunFigures:
     checkpoints: list[dict] = field(default_factory=list)  # step, seconds, bytes
     intervals: list[Interval] = field(default_factory=list)
     peak_rss: int = 0
+    rss_parts: dict[str, int] = field(default_factory=dict)  # anonymous / mapped files / shared at the sampled peak
     others_cores: float = 0.0  # CPU other processes used during the run
     write_log: dict = field(default_factory=dict)  # the SSD files' write-back log counters at the last train record
 
@@ -544,7 +581,7 @@ class RunFigures:
 
 def analyse(records: list[dict], summary: dict, child: Child) -> RunFigures:
     """A run's figures from its metrics records, its summary (the ``end`` record) and its process."""
-    fig = RunFigures(peak_rss=child.peak_rss, others_cores=child.others_cores,
+    fig = RunFigures(peak_rss=child.peak_rss, rss_parts=child.rss_parts, others_cores=child.others_cores,
                      samples_per_s=summary.get("samples_per_s"), stall_fraction=summary.get("stall_fraction"))
     prefetch = summary.get("prefetch") or {}
     fig.worker_cpu_s, fig.steps = prefetch.get("worker_cpu_s"), int(summary.get("step") or 0)
@@ -626,6 +663,14 @@ def speed_rows(s: Sizing, ts: list[RunFigures], ms: list[RunFigures]) -> list[Ro
     return rows
 
 
+def rss_parts(parts: dict[str, int]) -> str:
+    """A resident set's parts (`RssSampler`) in words."""
+    if not parts:
+        return "n/a"
+    return (f"{format_bytes(parts.get('RssAnon', 0))} anonymous + {format_bytes(parts.get('RssFile', 0))} mapped "
+            f"files" + (f" + {format_bytes(parts['RssShmem'])} shared" if parts.get("RssShmem") else ""))
+
+
 def tier_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
     """Stall, hit rate, when evictions start, peak RSS against the budget, read amplification."""
     ev = t.first_eviction_step
@@ -643,6 +688,7 @@ def tier_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
          f"<= {format_bytes(limit)} (budget + 0.5 GiB)", verdict(t.peak_rss <= limit)),
         ("  beyond the budget, against in memory", f"{signed_bytes(beyond)} (the in-memory run's process without "
          f"its tables: {format_bytes(fixed)})", "<= the in-memory run's", verdict(beyond <= fixed)),
+        ("  at the sampled peak", f"{rss_parts(t.rss_parts)} (in memory: {rss_parts(m.rss_parts)})", "", "-"),
         (f"read amplification (dim {s.dim})",
          "n/a" if amp is None else f"{amp:.1f}x: device bytes read / row bytes read from the files",
          f"<= {READ_AMPLIFICATION:g}x", verdict(None if amp is None else amp <= READ_AMPLIFICATION)),
@@ -712,8 +758,10 @@ def print_report(s: Sizing, ts: list[RunFigures], ms: list[RunFigures], copies: 
                  probes: dict[str, list[dict]], zipf: str = "auto") -> list[Row]:
     """The report; with several pairs, the last tiered run's figures (its files were copied), the speed pair by pair,
     and the highest peak RSS and busiest neighbour of each side's runs."""
-    t = replace(ts[-1], peak_rss=max(x.peak_rss for x in ts), others_cores=max(x.others_cores for x in ts))
-    m = replace(ms[-1], peak_rss=max(x.peak_rss for x in ms), others_cores=max(x.others_cores for x in ms))
+    t = replace(ts[-1], peak_rss=max(x.peak_rss for x in ts), others_cores=max(x.others_cores for x in ts),
+                rss_parts=max(ts, key=lambda x: x.peak_rss).rss_parts)
+    m = replace(ms[-1], peak_rss=max(x.peak_rss for x in ms), others_cores=max(x.others_cores for x in ms),
+                rss_parts=max(ms, key=lambda x: x.peak_rss).rss_parts)
     rows = speed_rows(s, ts, ms) + tier_rows(s, t, m) + checkpoint_rows(ts, copies)
     print(f"\nbench_scale: {os.cpu_count()} cores, RAM {format_bytes(s.ram)} (MemTotal); "
           f"{format_bytes(s.disk_free)} free on the work directory's disk: {disk_line(s)}")

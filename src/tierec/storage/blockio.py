@@ -146,19 +146,22 @@ class SequentialWriter:
     """A new file written front to back, with O_DIRECT where the file system takes it: the bytes go from one aligned
     buffer of `WRITE_BUFFER` bytes to the device, not through the page cache, so writing costs a copy instead of the
     page cache's allocation and later writeback, and ``close(sync=True)`` has only the metadata left to flush
-    (on this project's VM, 1 GiB in 4 MiB writes: 0.64 s O_DIRECT, 2.9 s buffered and fsynced). Elsewhere (tmpfs,
-    some network file systems: EINVAL) buffered, positional writes. Not thread-safe: one writer."""
+    (measured in docs/storage.md, "Checkpoints at 1.2x RAM"). Elsewhere (tmpfs, some network file systems:
+    EINVAL) buffered, positional writes. Not thread-safe: one writer."""
 
     def __init__(self, path: str | os.PathLike, buffer_bytes: int = WRITE_BUFFER):
         self.path, self.size = Path(path), 0  # bytes written so far
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        try:
-            self.fd = os.open(self.path, flags | os.O_DIRECT, 0o666)
-            self.direct = True
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self.fd, self.direct = os.open(self.path, flags, 0o666), False
+        flags, direct = os.O_WRONLY | os.O_CREAT | os.O_TRUNC, getattr(os, "O_DIRECT", 0)  # none on macOS
+        self.fd, self.direct = -1, bool(direct)
+        if direct:
+            try:
+                self.fd = os.open(self.path, flags | direct, 0o666)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct = False
+        if not self.direct:
+            self.fd = os.open(self.path, flags, 0o666)
         self._buf = aio.aligned_buffer(max(ALIGN, buffer_bytes // ALIGN * ALIGN)) if self.direct else None
         self._fill = 0  # bytes waiting in the buffer; they go at file byte size - fill
 

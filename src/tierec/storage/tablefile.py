@@ -52,6 +52,7 @@ CHUNK_ROWS = 1 << 16  # rows per streamed block when writing or loading a whole 
 # sectors and runs (docs/storage.md, "Checkpoints at 1.2x RAM")
 ROWSET_READ_ROWS = 1 << 17
 WRITE_AHEAD = 2  # pieces of a row set waiting for the writer's thread (`RowSetWriter`)
+IDS_BUFFER = 1 << 20  # bytes of a row set's IDs gathered per O_DIRECT write (8 B a row; its rows' file: 8 MiB)
 ROWSET_CHUNK_IDS = 1 << 20  # a row set's checksum chunk: the written rows among 1M consecutive IDs
 
 
@@ -124,7 +125,7 @@ class RowSetWriter:
 
     def __init__(self, path: Path):
         self.path, self.ipath = path, ids_path(path)
-        self._f, self._fi = SequentialWriter(path), SequentialWriter(self.ipath)
+        self._f, self._fi = SequentialWriter(path), SequentialWriter(self.ipath, IDS_BUFFER)
         self.chunks: list[list] = []
         self._root, self._ih = hashlib.sha256(), hashlib.sha256()
         self._chunk: tuple[int, int, Any] | None = None  # (chunk index, rows, its running sha256)

@@ -1,6 +1,7 @@
 """Tiered storage: SSD table files, the row cache (exactness against InMemoryTable), policies, stats."""
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -679,12 +680,22 @@ def _takes_o_direct(folder) -> bool:
         return False
 
 
-@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("direct", [True, False, "refused-writes"])
 def test_sequential_writer_writes_every_byte_with_or_without_o_direct(tmp_path, monkeypatch, direct):
     """`SequentialWriter` (checkpoints' row sets): pieces of odd sizes, larger and smaller than its buffer, make the
-    exact file, with O_DIRECT or, where the file system refuses it (EINVAL), buffered; a discarded writer leaves
-    only what it had written."""
-    if not direct:
+    exact file, with O_DIRECT or, where the file system refuses it (EINVAL at open, or at the first write),
+    buffered; a discarded writer leaves only what it had written."""
+    if direct == "refused-writes":
+        real_transfer, refused = blockio.transfer_all, []
+
+        def refuse_direct(op, fd, *a):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                refused.append(fd)
+                raise OSError(errno.EINVAL, "O_DIRECT write refused (simulated)")
+            return real_transfer(op, fd, *a)
+
+        monkeypatch.setattr(blockio, "transfer_all", refuse_direct)
+    elif not direct:
         real_open = os.open
 
         def no_direct(path, flags, *a):
@@ -696,12 +707,15 @@ def test_sequential_writer_writes_every_byte_with_or_without_o_direct(tmp_path, 
     rng = np.random.default_rng(3)
     pieces = [rng.integers(0, 256, n, dtype=np.uint8) for n in (1, 4095, 4096, 9000, 0, 20000, 68 * 129, 3)]
     w = blockio.SequentialWriter(tmp_path / "f", buffer_bytes=8192)
-    assert w.direct == (direct and _takes_o_direct(tmp_path))
+    assert w.direct == (direct is True and _takes_o_direct(tmp_path)) or direct == "refused-writes"
     for p in pieces:
         w.write(p.data)
     w.close()
     w.close()  # idempotent
     assert (tmp_path / "f").read_bytes() == np.concatenate(pieces).tobytes()
+    if direct == "refused-writes":
+        assert not w.direct and len(refused) == (1 if _takes_o_direct(tmp_path) else 0)
+        return
     w = blockio.SequentialWriter(tmp_path / "g", buffer_bytes=8192)
     w.write(pieces[3].data)  # O_DIRECT: one full buffer goes out, the rest waits in it; buffered: all goes out
     w.discard()

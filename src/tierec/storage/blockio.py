@@ -13,6 +13,7 @@ descriptor takes (`direct_align`), and writing a new file front to back past the
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -185,7 +186,14 @@ class SequentialWriter:
         n = -(-self._fill // ALIGN) * ALIGN
         assert self._buf is not None
         self._buf[self._fill : n] = 0
-        transfer_all(os.pwritev, self.fd, self._buf[:n], self.size - self._fill, self.path, "write")
+        try:
+            transfer_all(os.pwritev, self.fd, self._buf[:n], self.size - self._fill, self.path, "write")
+        except OSError as e:  # a file system that opens O_DIRECT but refuses its writes: buffered from here on
+            if e.errno != errno.EINVAL or not self.direct:
+                raise
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self.direct = False
+            transfer_all(os.pwritev, self.fd, self._buf[:n], self.size - self._fill, self.path, "write")
         self._fill = 0
 
     def close(self, sync: bool = True) -> None:

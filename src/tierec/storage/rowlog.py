@@ -142,13 +142,17 @@ def find_sorted(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return keys[pos] == ids, pos
 
 
-def _positions_in(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """int64 [k]: the positions in the sorted, distinct ``keys`` of those of ``ids`` they hold (a search per ID: few
-    IDs in many keys, e.g. a step's write-backs among the staged rows)."""
+def _kept(keys: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+    """bool [K]: which of the sorted, distinct ``keys`` are not among ``ids`` (a search per ID: few IDs in many keys,
+    e.g. a step's write-backs among the staged rows); None when every key is kept."""
     if not keys.size or not ids.size:
-        return np.empty(0, np.int64)
+        return None
     held, pos = find_sorted(keys, ids)
-    return pos[held]
+    if not held.any():
+        return None
+    keep = np.ones(keys.size, bool)
+    keep[pos[held]] = False
+    return keep
 
 
 def recent_sectors(nbytes: int, sector: int) -> int:
@@ -513,28 +517,19 @@ class RowLog:
     def _staged_without(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The staging area less its copies of rows ``ids`` (int64, sorted): they are stale."""
         sid, srank, srows = self._staged
-        stale = _positions_in(sid, ids)
-        if not stale.size:
-            return self._staged
-        keep = np.ones(sid.size, bool)
-        keep[stale] = False
-        return sid[keep], srank[keep], srows[keep]
+        keep = _kept(sid, ids)
+        return self._staged if keep is None else (sid[keep], srank[keep], srows[keep])
 
     def _unranked_without(self, ids: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         """The unranked staged rows less their copies of rows ``ids`` (int64, sorted): they are stale."""
         uids, pieces = self._unranked
-        at = _positions_in(uids, ids)
-        if not at.size:
+        keep = _kept(uids, ids)
+        if keep is None:
             return self._unranked
-        stale = uids[at]
-        keep = np.ones(uids.size, bool)
-        keep[at] = False
-        kept = []
+        stale, kept = uids[~keep], []
         for pid, prows in pieces:
-            drop = _positions_in(pid, stale)
-            if drop.size:
-                left = np.ones(pid.size, bool)
-                left[drop] = False
+            left = _kept(pid, stale)
+            if left is not None:
                 pid, prows = pid[left], prows[left]
             if pid.size:
                 kept.append((pid, prows))

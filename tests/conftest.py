@@ -52,6 +52,20 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Every test's training at one torch intra-op thread, whatever ran before it. Bit-identical comparisons
+    need the same thread count on both sides: on some CPUs (MKL on Intel Xeon) a linear layer's weight
+    gradient sums the batch in per-thread parts, and a look-ahead run trains with one thread fewer than torch's
+    default (`tierec.train.pipeline`), which at one thread it leaves as it is."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_threads():
     # Two cores on CI: keep torch from oversubscribing when tests run beside other work.

@@ -67,7 +67,7 @@ def test_demo_puts_the_tables_over_the_budget_and_matches_memory(tmp_path, capsy
     losses equal the all-in-memory run's, step for step."""
     out = run_cli(["demo", "--out", str(tmp_path), "--rows", "30000", "--max-cardinality", "20000",
                    "--budget", "256KiB"], capsys)
-    assert "identical, bit for bit" in out and "x over it" in out, out
+    assert "identical, bit for bit" in out and "x over it" in out and "both models trained with" in out, out
     plan = json.loads(next((tmp_path / "tiered" / "checkpoints").glob("step-*/manifest.json")).read_text())
     assert any(p["placement"] == "ssd" for p in plan["storage_plan"]), plan["storage_plan"]
 

@@ -4,7 +4,10 @@
    small memory budget;
 2. train a DLRM with the tables beyond the budget in SSD files behind the look-ahead cache
    (O_DIRECT: the files are really read from the device, not from the page cache);
-3. train the same model on the same batches with every table in memory, the reference;
+3. train the same model on the same batches with every table in memory, the reference, at the
+   number of torch threads the tiered run's model trained with (it leaves a core to its look-ahead
+   worker): on some CPUs (MKL on Intel Xeon) a linear layer's weight gradient sums the batch in
+   per-thread parts, so the thread count changes the last bits of the result;
 4. evaluate the tiered run's checkpoint, and print the comparison: table bytes against the
    budget, each run's peak resident memory, hit rate, stall, samples/s, and whether the
    training losses are identical (they must be: caching and prefetching are exact).
@@ -63,14 +66,17 @@ def run_demo(args) -> int:
              format_bytes(table_bytes), format_bytes(budget))
     tiered, tiered_rss = _train(common + ["--out", str(out / "tiered"), "--memory-budget", str(budget),
                                           "--cache-policy", "lookahead", "--direct-io"])
-    log.info("3/4 training the same model with every table in memory (the reference)")
-    memory, memory_rss = _train(common + ["--out", str(out / "memory")])
+    threads = int((tiered.get("prefetch") or {}).get("trainer_threads") or 0)
+    log.info("3/4 training the same model with every table in memory (the reference)%s",
+             f", at the tiered run's {threads} torch thread{'s' * (threads > 1)}" if threads else "")
+    memory, memory_rss = _train(common + ["--out", str(out / "memory")]
+                                + (["--num-threads", str(threads)] if threads else []))
     log.info("4/4 evaluating the tiered run's checkpoint %s (its tables read from the checkpoint's files)",
              tiered["checkpoint"])
     model, ds, _ = load_for_eval(str(tiered["checkpoint"]))
     res = evaluate(model, ds, "test", 8192, next(model.parameters()).device)
     same, n = _same_losses(out / "tiered" / "metrics.jsonl", out / "memory" / "metrics.jsonl")
-    _print_report(table_bytes, budget, tiered, tiered_rss, memory, memory_rss, res, same, n, out)
+    _print_report(table_bytes, budget, tiered, tiered_rss, memory, memory_rss, res, same, n, out, threads)
     return 0 if same else 1
 
 
@@ -105,7 +111,8 @@ def _same_losses(a: Path, b: Path) -> tuple[bool, int]:
     return la == lb and bool(la), len(la)
 
 
-def _print_report(table_bytes, budget, tiered, tiered_rss, memory, memory_rss, res, same, n, out) -> None:
+def _print_report(table_bytes, budget, tiered, tiered_rss, memory, memory_rss, res, same, n, out,
+                  threads: int = 0) -> None:
     t_sps, m_sps = tiered["samples_per_s"], memory["samples_per_s"]
     rows = [
         ("samples/s", f"{t_sps:,.0f}", f"{m_sps:,.0f}", f"{t_sps / m_sps:.2f}x"),
@@ -121,6 +128,9 @@ def _print_report(table_bytes, budget, tiered, tiered_rss, memory, memory_rss, r
         print(f"  {name:26}{a:>18}{b:>16}{r:>8}")
     verdict = "identical, bit for bit" if same else "DIFFERENT (a bug: caching must be exact)"
     print(f"  training losses: {verdict} ({n} records of {LOG_EVERY} steps compared)")
+    if threads:
+        print(f"  (both models trained with {threads} torch thread{'s' * (threads > 1)}: the tiered run leaves a core "
+              "to its look-ahead worker; benchmarks/bench_scale.py compares against memory at all threads)")
     print("  (peak RSS includes the fixed cost of Python, torch, the dense model and the data pipeline)")
     print(f"  evaluated from the checkpoint: AUC {res['auc']:.4f}, log-loss {res['logloss']:.4f}")
     print(f"  checkpoint {tiered['checkpoint']}; runs in {out}")

@@ -484,18 +484,20 @@ def lowest_tiers(entry: dict) -> tuple[dict, dict]:
     return cache, entry if entry.get("tier") in ("ssd", "group") else {}
 
 
-COUNTERS = ("lookups", "hits", "evictions", "missed_bytes", "bytes_read", "device_bytes_read")
+COUNTERS = ("lookups", "hits", "evictions", "missed_bytes", "bytes_read", "device_bytes_read", "log_bytes_read")
 
 
 LOG_COUNTERS = ("log_staged_peak", "log_compactions", "log_run_rows", "log_folds", "log_full", "log_recent_rows",
-                "log_unranked_batches")
+                "log_unranked_batches", "log_kept_rows", "log_bytes_read")
 
 
 def log_totals(stats) -> dict[str, int]:
     """The write-back log counters (`LOG_COUNTERS`) of a train record's cache stats, summed over every SSD file
     below them: the most rows each file staged by next use, the compactions of full maps into their runs, the
     rows in the runs, the folds of runs home, the rows an append had no room for, the rows read from the log
-    sectors held in memory (`tierec.storage.rowlog.RecentSectors`), the batches of unranked rows sent to the logs."""
+    sectors held in memory (`tierec.storage.rowlog.RecentSectors`), the batches of unranked rows sent to the logs,
+    the rows compactions kept in the logs (read back later), the device bytes the logs' upkeep read (switches
+    between halves, compactions)."""
     tot = dict.fromkeys(LOG_COUNTERS, 0)
     if isinstance(stats, dict):
         for k, v in stats.items():
@@ -520,6 +522,7 @@ def cache_totals(record: dict) -> dict[str, int]:
         tot["missed_bytes"] += cache.get("bytes_read", 0)
         for k in ("bytes_read", "device_bytes_read"):
             tot[k] += files.get(k, 0)
+        tot["log_bytes_read"] += log_totals(files)["log_bytes_read"]
     return tot
 
 
@@ -534,6 +537,7 @@ class Interval:
     missed_bytes: int
     bytes_read: int
     device_bytes_read: int
+    log_bytes_read: int  # of device_bytes_read: the write-back logs' upkeep (switches, compactions)
 
 
 @dataclass
@@ -559,12 +563,14 @@ class RunFigures:
         rates = [i.samples / i.seconds for i in self.intervals if i.start >= step and i.seconds > 0]
         return statistics.median(rates) if rates else None
 
-    def read_amplification(self, per: str = "bytes_read", intervals: list[Interval] | None = None) -> float | None:
+    def read_amplification(self, per: str = "bytes_read", intervals: list[Interval] | None = None,
+                           read: str = "device_bytes_read") -> float | None:
         """Device bytes read per byte of rows read from the files (``per="missed_bytes"``: per byte of rows
-        the cache fetched), over the clean intervals (or the given ones)."""
+        the cache fetched), over the clean intervals (or the given ones); ``read="log_bytes_read"``: the part
+        the write-back logs' upkeep read."""
         intervals = self.intervals if intervals is None else intervals
         needed = sum(getattr(i, per) for i in intervals)
-        return sum(i.device_bytes_read for i in intervals) / needed if needed else None
+        return sum(getattr(i, read) for i in intervals) / needed if needed else None
 
     def amplification_by_part(self, steps: int, parts: int = 4) -> list[float | None]:
         """`read_amplification` over each of ``parts`` equal stretches of the run's ``steps`` (how it grows as
@@ -692,6 +698,8 @@ def tier_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
         (f"read amplification (dim {s.dim})",
          "n/a" if amp is None else f"{amp:.1f}x: device bytes read / row bytes read from the files",
          f"<= {READ_AMPLIFICATION:g}x", verdict(None if amp is None else amp <= READ_AMPLIFICATION)),
+        ("  of which the logs' upkeep", "n/a" if (up := t.read_amplification(read="log_bytes_read")) is None else
+         f"{up:.1f}x (switches between log halves, compactions); the steps' reads {amp - up:.1f}x", "", "-"),
         ("  per row byte the cache missed",
          "n/a" if amp_missed is None else f"{amp_missed:.1f}x (never-written rows are not read)", "", "-"),
         ("  by quarter of the run", ", ".join("n/a" if a is None else f"{a:.1f}x" for a in
@@ -701,7 +709,7 @@ def tier_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
         ("  write-back logs", f"{t.write_log.get('log_staged_peak', 0):,} rows staged at most "
          f"({t.write_log.get('log_unranked_batches', 0):,} batches of unranked rows), "
          f"{t.write_log.get('log_compactions', 0):,} compactions ({t.write_log.get('log_run_rows', 0):,} rows in the "
-         f"runs), {t.write_log.get('log_folds', 0):,} folds home, {t.write_log.get('log_full', 0):,} rows past a full "
+         f"runs, {t.write_log.get('log_kept_rows', 0):,} kept in the logs to be read back), {t.write_log.get('log_folds', 0):,} folds home, {t.write_log.get('log_full', 0):,} rows past a full "
          f"map, {t.write_log.get('log_recent_rows', 0):,} rows read from recent sectors (memory)", "", "-"),
     ]
 

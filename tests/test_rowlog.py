@@ -313,8 +313,8 @@ def test_rows_of_sectors_read_lately_come_from_memory(tmp_path):
 
 
 def test_the_write_log_budget_buys_map_entries():
-    """A log's memory is its map, `map_entry_bytes` per capacity row (8 B, 12 in tables of 2^31 rows or more), and
-    its run's index, `run_index_bytes` (1.5 bits per table row, 2 from 2^31 rows); `split_budget` charges both, and
+    """A log's memory is its map, `map_entry_bytes` per capacity row (8 B, 12 in tables of 2^31 rows or more) and 2
+    bits of read-back flags (`log_bytes`, `log_capacity`), and its run's index, `run_index_bytes` (1.5 bits per table row, 2 from 2^31 rows); `split_budget` charges both, and
     with look-ahead its staging area (1/64 of the budget) and recent sectors (1/128)."""
     from pathlib import Path
 
@@ -324,9 +324,11 @@ def test_the_write_log_budget_buys_map_entries():
     from tierec.storage.tiered import split_budget
 
     assert (map_entry_bytes(N), map_entry_bytes(2**31)) == (8, 12)
+    assert (rowlog.log_bytes(1000, N), rowlog.log_bytes(1001, 2**31)) == (8250, 12263)
+    assert rowlog.log_capacity(8250, N) == 1000 and rowlog.log_capacity(8249, N) == 999
     rows, row_bytes = 1000, 1028  # a log of every row costs less than the share
     s = StorageSettings(root=Path("."), memory_budget=rows * row_bytes - 1, direct_io=True)
-    assert split_budget(s, [TableNeeds("t", rows, row_bytes, lookups=1)]).write_log == rows * 8
+    assert split_budget(s, [TableNeeds("t", rows, row_bytes, lookups=1)]).write_log == rows * 8 + rows // 4
     s = StorageSettings(root=Path("."), memory_budget=20 * rows * 68, direct_io=True)
     assert split_budget(s, [TableNeeds("t", 40 * rows, 68, lookups=1)]).write_log == 20 * rows * 68 // 16
     split = split_budget(s, [TableNeeds("t", 40 * rows, 68, lookups=1)])
@@ -626,3 +628,54 @@ def test_a_compaction_holds_a_bounded_share_of_the_map_rows(tmp_path, monkeypatc
         assert t.stats()["log_bytes_read"] > before  # the log's sequential passes, not a sector per row
         same(t, plain, torch.arange(N))
     assert peaks[1] < peaks[0] - 0.5 * (live * one.row_stride - (192 << 10)), peaks
+
+
+@pytest.mark.parametrize("unread, gather_bytes", [(400, rowlog.GATHER_BYTES), (700, rowlog.GATHER_BYTES),
+                                                   (400, 20_000), (400, 2_000)])
+def test_a_compaction_keeps_the_rows_a_later_step_reads_back_in_the_log(tmp_path, monkeypatch, unread, gather_bytes):
+    """A full map's rows written with a known read-back (a rank) that no step has read yet stay in the log, in the
+    other half, where they were appended in rank order (a step reads them back by sector runs, not one sector per
+    row from the ID-ordered run); rows read back already, and rows with no known read-back, go into the run. At
+    most half the map stays (the oldest), so the next compaction is at least half a map away. Every read equals
+    the plain file's, before and after the next compaction. The rows compacted are read while the kept ones
+    move (one pass over the old half), or where they would not fit one pass (`GATHER_BYTES` 20,000: three) by
+    passes over it after the move, or by sector (2,000)."""
+    monkeypatch.setattr(rowlog, "GATHER_BYTES", gather_bytes)
+    cap = 1000
+    log, plain = pair(tmp_path, cap)
+    rng = np.random.default_rng(unread)
+    ids = np.sort(rng.permutation(N)[:cap])
+    ranked = np.zeros(cap, bool)
+    ranked[rng.permutation(cap)[: unread + 200]] = True
+    rank = np.where(ranked, 10**6 + rng.permutation(cap), rowlog.UNRANKED)
+    weight, state = torch.randn(cap, DIM), torch.rand(cap, 1)
+    for part in np.array_split(np.arange(cap), 4):  # four appends: the oldest rows sit in the lowest slots
+        log.write(torch.from_numpy(ids[part]), weight[part], state[part], rank=rank[part])
+        plain.write(torch.from_numpy(ids[part]), weight[part], state[part])
+    done = ids[ranked][rng.permutation(unread + 200)[:200]]  # a step reads 200 of the ranked rows back
+    got = log.exchange(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.empty(0, 1),
+                       torch.from_numpy(done))
+    assert torch.equal(got[0], plain.read(torch.from_numpy(done))[0])
+    waiting = np.setdiff1d(ids[ranked], done)
+    slots = log.row_log.lookup(waiting, waiting) - log.row_log.base
+    waiting = waiting[np.argsort(slots)][: cap // 2]  # the kept ones: the oldest, at most half the map
+    new = np.setdiff1d(np.arange(N), ids)[:100]
+    w2, s2 = torch.randn(100, DIM), torch.rand(100, 1)
+    for t in (log, plain):  # the map is full: compacted first
+        t.write(torch.from_numpy(new), w2, s2)
+    st, rl = log.stats(), log.row_log
+    assert st["log_compactions"] == 1 and st["log_kept_rows"] == waiting.size == min(unread, cap // 2)
+    assert rl.live == waiting.size + 100 and rl.run.rows == cap - waiting.size
+    assert not rl.run.holds(waiting).any() and rl.run.holds(np.setdiff1d(ids, waiting)).all()
+    moved = rl.lookup(waiting, np.full(waiting.size, -1)) - rl.base
+    assert (moved >= 0).all() and (moved // rl.half == rl.active).all()  # in the half appends go to now
+    same(log, plain, torch.arange(N))
+    log.exchange(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.empty(0, 1), torch.from_numpy(waiting))
+    more = np.setdiff1d(np.arange(N), np.concatenate([ids, new]))[:900]
+    w3, s3 = torch.randn(more.size, DIM), torch.rand(more.size, 1)
+    for t in (log, plain):  # read back now: the next compaction takes them into the run
+        t.write(torch.from_numpy(more), w3, s3)
+    st = log.stats()
+    assert st["log_compactions"] == 2 and st["log_kept_rows"] == waiting.size and rl.live == more.size
+    assert rl.run.holds(np.concatenate([waiting, new])).all()
+    same(log, plain, torch.arange(N))

@@ -71,11 +71,21 @@ run starts empty. The limit balances the two costs: with a map of ``C`` rows and
 maps' worth, each relocated row is rewritten ~``K`` times by compactions (``K`` x its bytes) and
 shares a fold's pass over the table's ``N`` rows with ``K C - 1`` others (``N / (K C)`` of its bytes
 per row relocated), least at ``K = sqrt(N / C)``: a run of ``sqrt(N C)`` rows, at most 1/`RUN_SHARE`
-of the table. Readers snapshot the map before the run, and a
-compaction replaces the run before the map, so a reader never misses a row; the old region and half
-stay untouched until the next compaction, so a slot found just before one still reads the right bytes.
-Exactness: a row's bytes are the same wherever they sit; every reader maps IDs through
-`SsdTable.slots_of`, which asks `lookup` first.
+of the table. Readers snapshot the map before the run, and a compaction replaces the run before the map,
+so a reader never misses a row; the old region and half stay untouched until the next compaction, so a
+slot found just before one still reads the right bytes. Exactness: a row's bytes are the same wherever
+they sit; every reader maps IDs through `SsdTable.slots_of`, which asks `lookup` first.
+
+Kept at compaction. A run holds rows in ID order, so a row a later step reads back from it costs a sector
+of its own (68-byte rows: 7.5x), where in the log, appended by rank, it shares sectors with rows read back
+at the same steps. So a compaction leaves in the log the rows appended with a known read-back (a rank)
+that no step has read yet, at most half the map (the oldest slots: the next compaction is at least half a
+map of new rows away), moved to the other half as a switch moves rows; the rest go into the run. Which
+rows those are is one bit per slot of the active half (`SlotBits`, 2 bits per map entry, paid from the
+budget: `log_bytes`), set by an append, carried by a switch, cleared by a step's read (`lookup` with
+``read_back``; bulk reads leave it). A row read back is rewritten when its cache evicts it (a step changes
+the rows it reads), which leaves its log copy dead; a kept row's older copy in the run, if any, is
+shadowed by the map. The bits are not saved: a reopened log keeps nothing at its first compaction.
 
 `save` / `load` keep the map beside the file (``<file>.log``: IDs int64 then slots int64), the run's
 bitmap (``<file>.log.run``: uint64 words) and the active half, head and run in the sidecar, so that a
@@ -125,6 +135,17 @@ UNRANKED = np.iinfo(np.int64).max  # a placement rank that says "no read-back kn
 DELTA_MIN = 1 << 12
 DELTA_FACTOR = 64
 RECENT_SECTOR_OVERHEAD = 24  # bytes of a held sector beside its bytes: its slot's owner, its number and slot (int64)
+
+
+def log_capacity(nbytes: int, num_rows: int) -> int:
+    """The map entries (relocated rows) ``nbytes`` of memory buys in a table of ``num_rows``: `map_entry_bytes` each,
+    and the read-back bits of the log's two slots per entry (`SlotBits`: 2 bits)."""
+    return int(nbytes) * 4 // (4 * map_entry_bytes(num_rows) + 1)
+
+
+def log_bytes(capacity: int, num_rows: int) -> int:
+    """Memory of a log of ``capacity`` map entries in a table of ``num_rows`` (`log_capacity`'s inverse)."""
+    return int(capacity) * map_entry_bytes(num_rows) + -(-int(capacity) // 4)
 
 
 def staged_row_bytes(row_stride: int) -> int:
@@ -216,6 +237,28 @@ class RunIndex:
     def start(self, w: int) -> int:
         """Run row of the first of the run's IDs at or after word ``w``."""
         return self.rows if w >= self.bits.size else int(self.before[w])
+
+
+class SlotBits:
+    """One bit per slot of a log half (uint8 words, ``n`` bits): which slots hold a row a later step reads back and
+    no step has read yet (module doc, "Kept at compaction"). Vectorised get / set of any slots."""
+
+    def __init__(self, n: int):
+        self.words = np.zeros(-(-int(n) // 8), np.uint8)
+
+    def get(self, slots: np.ndarray) -> np.ndarray:
+        """bool [k]: the bits of ``slots`` (int64 [k])."""
+        return ((self.words[slots >> 3] >> (slots & 7).astype(np.uint8)) & 1).astype(bool)
+
+    def set(self, slots: np.ndarray, on: np.ndarray | bool) -> None:
+        """Set the bits of ``slots`` (int64 [k], distinct) to ``on`` (bool [k] or one bool for all)."""
+        at, mask = slots >> 3, np.left_shift(np.uint8(1), (slots & 7).astype(np.uint8))
+        np.bitwise_and.at(self.words, at, ~mask)
+        on = np.broadcast_to(np.asarray(on, bool), slots.shape)
+        np.bitwise_or.at(self.words, at[on], mask[on])
+
+    def clear(self) -> None:
+        self.words[:] = 0
 
 
 class RecentSectors:
@@ -402,6 +445,8 @@ class RowLog:
         self.active = 0  # the half appends go to
         self.head = 0  # next free slot of the active half
         self._tail = np.empty(0, np.uint8)  # the active half's last partial block, as written
+        # per slot of the active half (where every live row is): written with a known read-back not yet read
+        self._unread = SlotBits(self.half)
         self._lock = threading.RLock()  # one appender at a time (head, tail, map capacity, staging)
         # staged rows: IDs (int64 [P], sorted), ranks (int64 [P]), rows ([P, width] float32), swapped as one tuple
         self.stage_limit = max(0, int(staged))
@@ -414,7 +459,7 @@ class RowLog:
         self.stats = {"log_rows": 0, "log_switches": 0, "log_moved_rows": 0, "log_full": 0,
                       "log_bytes_written": 0, "log_bytes_read": 0, "log_staged_peak": 0, "log_folds": 0,
                       "log_folded_rows": 0, "log_compactions": 0, "log_run_rows": 0, "log_recent_rows": 0,
-                      "log_recent_kept": 0, "log_unranked_batches": 0}
+                      "log_recent_kept": 0, "log_unranked_batches": 0, "log_kept_rows": 0}
         self.recent = RecentSectors(recent, sector, self.stats) if recent > 0 else None
 
     @staticmethod
@@ -480,9 +525,10 @@ class RowLog:
             out[at[found]] = urows[upos[found]]
             return both, out
 
-    def lookup(self, ids: np.ndarray, home: np.ndarray) -> np.ndarray:
+    def lookup(self, ids: np.ndarray, home: np.ndarray, read_back: bool = False) -> np.ndarray:
         """File rows of ``ids`` (int64 [U]): their log slots where relocated, else their run rows where the run
-        holds them, else ``home`` (int64 [U])."""
+        holds them, else ``home`` (int64 [U]). ``read_back``: a step reads them back (module doc, "Kept at
+        compaction": their log copies need not stay in the log)."""
         lmap = self._map  # one snapshot, taken before the run's (module doc)
         run = self._run
         if run.rows:
@@ -493,6 +539,11 @@ class RowLog:
         if lmap.size == 0:
             return home
         slots = lmap.get(ids)
+        if read_back and (slots >= 0).any():
+            with self._lock:  # the bits are the current map's (the rows found stay the snapshot's)
+                now = slots if lmap is self._map else self._map.get(ids)
+                held = now[now >= 0] - self.active * self.half
+                self._unread.set(held[(held >= 0) & (held < self.half)], False)
         return np.where(slots >= 0, self.base + slots, home)
 
     def drop(self, ids: np.ndarray) -> None:
@@ -671,7 +722,8 @@ class RowLog:
 
     def compact(self, read: Callable[[np.ndarray], np.ndarray],
                 write_home: Callable[[np.ndarray, np.ndarray], None]) -> tuple[int, int]:
-        """Empty the map (a full one, module doc): merge its rows with the run's into a new run in the other run
+        """Empty the map (a full one, module doc) but for the rows a later step reads back (module doc, "Kept at
+        compaction": moved to the other half): merge its rows with the run's into a new run in the other run
         region, in ID order -- ``read`` (file rows int64 [n] -> [n, width] float32) gets the log's rows, the
         old run is read here in sequential stretches -- or, where the new run would exceed `run_limit`, write
         them all home with ``write_home`` (IDs int64 [n], rows) in sorted batches and start with no run. Then
@@ -680,6 +732,19 @@ class RowLog:
         count theirs)."""
         with self._lock:
             keys, slots = self._map.merged()
+            kept = self._unread.get(slots.astype(np.int64) - self.active * self.half)  # read back later: they stay
+            if np.count_nonzero(kept) > self.capacity // 2:  # at most half the map: the oldest (lowest slots)
+                idx = np.flatnonzero(kept)
+                kept[idx[np.argsort(slots[idx], kind="stable")][self.capacity // 2 :]] = False
+            half, head = self.active, self.head
+            keys, slots = keys[~kept], slots[~kept]
+            passes = max(1, -(-keys.size * self.stride // GATHER_BYTES))
+            gather = passes * head * self.stride < keys.size * SECTOR  # sequential passes read less
+            written = nread = 0
+            collected = None  # the log's rows to compact, read while the kept rows move (one pass: they fit)
+            if kept.any():
+                written, nread, collected = self._switch(exclude=keys, collect=gather and passes == 1)
+            self.stats["log_kept_rows"] += int(np.count_nonzero(kept))
             old = self._run
             bits = old.bits.copy() if old.bits.size else np.zeros(-(-self.num_rows // 64), np.uint64)
             words, add = word_bits(keys.astype(np.int64))
@@ -687,15 +752,14 @@ class RowLog:
             new = RunIndex(bits, 1 - old.region, self.num_rows)
             home = new.rows > self.run_limit
             start, tail = self.base + self._run_slot(new.region, 0), np.empty(0, np.uint8)
-            written = nread = 0
-            passes = max(1, -(-keys.size * self.stride // GATHER_BYTES))
-            gather = passes * self.head * self.stride < keys.size * SECTOR  # sequential passes read less
             cuts = [0, *(int(keys[k * keys.size // passes]) >> 6 for k in range(1, passes)), bits.size]
             for p0, p1 in zip(cuts[:-1], cuts[1:], strict=True):
                 pa, pb = np.searchsorted(keys, [64 * p0, 64 * p1])
-                if gather:  # this pass's log rows, in ID order, from one sequential read of the active half
+                if collected is not None:
+                    log_rows = collected
+                elif gather:  # this pass's log rows, in ID order, from one sequential read of the active half
                     log_rows = np.empty(0)  # the last pass's rows go first
-                    log_rows, n = self._gather(slots[pa:pb])
+                    log_rows, n = self._gather(slots[pa:pb], half, head)
                     nread += n
                 for w0, w1 in self._pieces(new, p0, p1):
                     ids = set_ids(bits, w0, w1)
@@ -715,21 +779,24 @@ class RowLog:
                         n, tail = self._write_at(start + new.start(w0), tail, rows)
                         written += n
             self._run = RunIndex.empty(self.num_rows) if home else new  # before the map
-            self._map = SlotMap(keys[:0], slots[:0])
-            self.active, self.head, self._tail = 1 - self.active, 0, np.empty(0, np.uint8)
+            if kept.any():  # the kept rows moved to the other half, where appends go on after them
+                self._map = self._map.without(keys.astype(np.int64)).flat()
+            else:
+                self._map = SlotMap(keys[:0], slots[:0])
+                self.active, self.head, self._tail = 1 - self.active, 0, np.empty(0, np.uint8)
+                self._unread.clear()
             self.stats["log_folds" if home else "log_compactions"] += 1
             self.stats["log_folded_rows"] += int(keys.size)
             self.stats["log_run_rows"] = self._run.rows
             return written, nread
 
-    def _gather(self, slots: np.ndarray) -> tuple[np.ndarray, int]:
+    def _gather(self, slots: np.ndarray, half: int, head: int) -> tuple[np.ndarray, int]:
         """The log's rows at ``slots`` (int32 [n], all in the active half's written part) -> ([n, width] float32,
         device bytes read), read in order in `GATHER_CHUNK` stretches that hold any of them."""
         out = np.empty((slots.size, self.width), np.float32)
         order = np.argsort(slots, kind="stable")
         nread = 0
-        for a, b, rows, n in self._stretches(slots[order].astype(np.int64), self.active * self.half, self.head,
-                                             GATHER_CHUNK):
+        for a, b, rows, n in self._stretches(slots[order].astype(np.int64), half * self.half, head, GATHER_CHUNK):
             out[order[a:b]] = rows
             nread += n
             del rows
@@ -766,12 +833,13 @@ class RowLog:
         """Write rows ``ids`` (sorted) to the log now, in (``rank``, ID) order (`append` without staging)."""
         written = read = 0
         if self.head + ids.size > self.half:
-            w, read = self._switch(exclude=ids)
-            written += w
+            written, read, _ = self._switch(exclude=ids)
         order = np.arange(ids.size) if rank is None else np.argsort(np.asarray(rank, np.int64), kind="stable")
         written += self._write(rows[order])
         slots = np.empty(ids.size, np.int32)
         slots[order] = self.active * self.half + self.head - ids.size + np.arange(ids.size)  # ids[order[j]]: j-th new slot
+        self._unread.set(slots.astype(np.int64) - self.active * self.half,
+                         False if rank is None else np.asarray(rank) != UNRANKED)
         self._remap(ids, slots)
         self.stats["log_rows"] += int(ids.size)
         return written, read
@@ -809,26 +877,42 @@ class RowLog:
         """Point ``ids`` (sorted) at ``slots`` (int32)."""
         self._map = self._map.with_slots(ids, slots)
 
-    def _switch(self, exclude: np.ndarray) -> tuple[int, int]:
-        """Move the live rows (but ``exclude``, about to be appended anew) to the other half, in slot order,
-        reading the old half in `COPY_CHUNK` stretches that hold live rows; appends continue after them."""
+    def _switch(self, exclude: np.ndarray, collect: bool = False) -> tuple[int, int, np.ndarray | None]:
+        """Move the live rows (but ``exclude``, about to be appended anew, or compacted) to the other half, in slot
+        order, reading the old half in `COPY_CHUNK` stretches that hold live rows; appends continue after them.
+        (Device bytes written, read; with ``collect``, the rows of the excluded IDs the map holds, [k, width] in ID
+        order, read in the same pass -- a compaction's -- else None.)"""
         keys, kslots = self._map.merged()
         keep = ~np.isin(keys, exclude, assume_unique=True)
-        ids, slots = keys[keep], kslots[keep].astype(np.int64)
+        take = np.ones(keys.size, bool) if collect else keep
+        ids, slots, move = keys[take], kslots[take].astype(np.int64), keep[take]
         order = np.argsort(slots, kind="stable")
-        ids, slots = ids[order], slots[order]
+        ids, slots, move = ids[order], slots[order], move[order]
         old = self.active
+        moved = int(np.count_nonzero(move))
+        unread = self._unread.get(slots[move] - old * self.half)
+        self._unread.clear()
+        self._unread.set(np.arange(moved), unread)  # the moved rows' slots, in order, from the new half's start
         self.active, self.head, self._tail = 1 - old, 0, np.empty(0, np.uint8)
+        got = np.empty((ids.size - moved, self.width), np.float32) if collect else None
+        at = np.cumsum(~move) - 1  # where each collected row goes among them (slot order)
         # every entry keeps its old slot (the old half is intact) until its row's new copy is written
         written = read = 0
-        for a, b, moved, nbytes in self._stretches(slots, old * self.half, self.half, COPY_CHUNK):
+        for a, b, rows, nbytes in self._stretches(slots, old * self.half, self.half, COPY_CHUNK):
             read += nbytes
-            written += self._write(moved)
-            self._remap_sorted_insert(ids[a:b], (self.active * self.half + self.head - (b - a)
-                                                 + np.arange(b - a)).astype(np.int32))
+            m = move[a:b]
+            if got is not None and not m.all():
+                got[at[a:b][~m]] = rows[~m]
+            if m.any():
+                written += self._write(rows[m] if got is not None else rows)
+                k = int(np.count_nonzero(m))
+                self._remap_sorted_insert(ids[a:b][m], (self.active * self.half + self.head - k
+                                                        + np.arange(k)).astype(np.int32))
         self.stats["log_switches"] += 1
-        self.stats["log_moved_rows"] += int(ids.size)
-        return written, read
+        self.stats["log_moved_rows"] += moved
+        if got is not None:
+            got = got[np.argsort(ids[~move], kind="stable")]
+        return written, read, got
 
     def _remap_sorted_insert(self, ids: np.ndarray, slots: np.ndarray) -> None:
         order = np.argsort(ids, kind="stable")

@@ -485,7 +485,7 @@ class SsdTable:
             return home
         if unstage:
             self._unstage(ids)
-        return self.row_log.lookup(ids, home)
+        return self.row_log.lookup(ids, home, read_back=unstage)
 
     def _home_rows(self, ids: np.ndarray) -> np.ndarray:
         """File rows of ``ids`` (int64 [U]) outside the write-back log: the IDs, or a hot-row layout's places."""

@@ -33,7 +33,7 @@ from tierec.storage.plan import (
     measure_lookups,
     plan_tables,
 )
-from tierec.storage.rowlog import map_entry_bytes, run_index_bytes, staged_row_bytes
+from tierec.storage.rowlog import log_bytes, log_capacity, run_index_bytes, staged_row_bytes
 from tierec.storage.settings import StorageSettings, TableSettings
 from tierec.storage.ssd import SsdTable, open_table_chain, read_layout
 from tierec.storage.tablefile import is_row_set, verify_file
@@ -150,7 +150,7 @@ def split_budget(settings: StorageSettings, needs: list[TableNeeds]) -> BudgetSp
         layout = min(total // LAYOUT_SHARE, HOT_LAYOUT_BYTES_PER_ROW * sum(n.sampled_rows for n in needs))
     write_log = 0
     if uses_write_log(settings) and sum(n.table_bytes for n in needs) > total:  # some table will be on SSD
-        write_log = min(total // WRITE_LOG_SHARE, sum(map_entry_bytes(n.num_embeddings) * n.num_embeddings
+        write_log = min(total // WRITE_LOG_SHARE, sum(log_bytes(n.num_embeddings, n.num_embeddings)
                                                       for n in needs))
     staging = total // LOG_STAGING_SHARE if write_log and settings.uses_lookahead else 0
     runs = sum(run_index_bytes(n.num_embeddings) for n in needs) if write_log else 0
@@ -288,10 +288,10 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
     # and goes through its cache, and fills its map)
     weight = {p.name: max(1, sample[p.name].ids.size if p.name in sample else 1) for p in plan if p.placement == "ssd"}
     total_weight = sum(weight.values())
-    log_bytes = split.write_log if split is not None and uses_write_log(settings) else 0
-    staging_bytes = split.log_staging if log_bytes and split is not None else 0
-    recent_bytes = split.log_recent if log_bytes and split is not None else 0
-    if settings.direct_io and not row_align and weight and not log_bytes:
+    log_share = split.write_log if split is not None and uses_write_log(settings) else 0
+    staging_bytes = split.log_staging if log_share and split is not None else 0
+    recent_bytes = split.log_recent if log_share and split is not None else 0
+    if settings.direct_io and not row_align and weight and not log_share:
         log.info("SSD tables: rows packed and no write-back log, so every write-back reads its 4 KiB block first "
                  "(docs/storage.md)")
 
@@ -308,7 +308,7 @@ def make_storage_factory(settings: StorageSettings, plan: list[Placement], sampl
         ssd = SsdTable(root / f"{tcfg.name}.tbl", tcfg.num_embeddings, tcfg.embedding_dim, state_dim,
                        create=True, init_seed=settings.seed, table_index=i, direct_io=settings.direct_io,
                        init="lazy", row_align=row_align, layout=layout, lazy_init=init,
-                       row_log=log_bytes * weight[p.name] // total_weight // map_entry_bytes(tcfg.num_embeddings),
+                       row_log=log_capacity(log_share * weight[p.name] // total_weight, tcfg.num_embeddings),
                        log_staging=staging_bytes * weight[p.name] // total_weight // staged_row_bytes(
                            4 * (tcfg.embedding_dim + state_dim)),  # packed rows: the log's stride
                        log_recent=recent_bytes * weight[p.name] // total_weight)

@@ -679,3 +679,23 @@ def test_a_compaction_keeps_the_rows_a_later_step_reads_back_in_the_log(tmp_path
     assert st["log_compactions"] == 2 and st["log_kept_rows"] == waiting.size and rl.live == more.size
     assert rl.run.holds(np.concatenate([waiting, new])).all()
     same(log, plain, torch.arange(N))
+
+
+def test_slot_bits_set_get_and_ranges_agree():
+    """`SlotBits`: a range set word by word equals the same bits set one by one, at every alignment, and `get`
+    reads back what was set (against a bool array)."""
+    rng = np.random.default_rng(21)
+    n = 1001
+    ranges, scattered, want = rowlog.SlotBits(n), rowlog.SlotBits(n), np.zeros(n, bool)
+    for _ in range(300):
+        s = int(rng.integers(0, n))
+        on = rng.random(int(rng.integers(0, n - s + 1))) < 0.5
+        ranges.set_range(s, on)
+        scattered.set(np.arange(s, s + on.size), on)
+        want[s : s + on.size] = on
+        assert np.array_equal(ranges.words, scattered.words)
+    assert np.array_equal(ranges.get(np.arange(n)), want)
+    some = rng.permutation(n)[:50]
+    ranges.set(some, False)
+    want[some] = False
+    assert np.array_equal(ranges.get(np.arange(n)), want)

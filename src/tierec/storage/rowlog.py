@@ -257,6 +257,16 @@ class SlotBits:
         on = np.broadcast_to(np.asarray(on, bool), slots.shape)
         np.bitwise_or.at(self.words, at[on], mask[on])
 
+    def set_range(self, start: int, on: np.ndarray) -> None:
+        """Set the bits of slots ``start .. start + len(on) - 1`` to ``on`` (bool [k]): unpacked and packed again
+        a word at a time, as an append or a switch writes consecutive slots."""
+        if not on.size:
+            return
+        w0, w1 = start // 8, -(-(start + on.size) // 8)
+        bits = np.unpackbits(self.words[w0:w1], bitorder="little")
+        bits[start - 8 * w0 : start - 8 * w0 + on.size] = on
+        self.words[w0:w1] = np.packbits(bits, bitorder="little")
+
     def clear(self) -> None:
         self.words[:] = 0
 
@@ -838,8 +848,8 @@ class RowLog:
         written += self._write(rows[order])
         slots = np.empty(ids.size, np.int32)
         slots[order] = self.active * self.half + self.head - ids.size + np.arange(ids.size)  # ids[order[j]]: j-th new slot
-        self._unread.set(slots.astype(np.int64) - self.active * self.half,
-                         False if rank is None else np.asarray(rank) != UNRANKED)
+        ranked = np.zeros(ids.size, bool) if rank is None else np.asarray(rank)[order] != UNRANKED
+        self._unread.set_range(self.head - ids.size, ranked)  # slot head - n + j: ids[order[j]]
         self._remap(ids, slots)
         self.stats["log_rows"] += int(ids.size)
         return written, read
@@ -892,7 +902,7 @@ class RowLog:
         moved = int(np.count_nonzero(move))
         unread = self._unread.get(slots[move] - old * self.half)
         self._unread.clear()
-        self._unread.set(np.arange(moved), unread)  # the moved rows' slots, in order, from the new half's start
+        self._unread.set_range(0, unread)  # the moved rows' slots, in order, from the new half's start
         self.active, self.head, self._tail = 1 - old, 0, np.empty(0, np.uint8)
         got = np.empty((ids.size - moved, self.width), np.float32) if collect else None
         at = np.cumsum(~move) - 1  # where each collected row goes among them (slot order)

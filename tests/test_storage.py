@@ -684,7 +684,8 @@ def _takes_o_direct(folder) -> bool:
 def test_sequential_writer_writes_every_byte_with_or_without_o_direct(tmp_path, monkeypatch, direct):
     """`SequentialWriter` (checkpoints' row sets): pieces of odd sizes, larger and smaller than its buffer, make the
     exact file, with O_DIRECT or, where the file system refuses it (EINVAL at open, or at the first write),
-    buffered; a discarded writer leaves only what it had written."""
+    buffered; a file that never filled the buffer goes through the page cache at close (no O_DIRECT write); a
+    discarded writer leaves only what it had written."""
     if direct == "refused-writes":
         real_transfer, refused = blockio.transfer_all, []
 
@@ -716,6 +717,11 @@ def test_sequential_writer_writes_every_byte_with_or_without_o_direct(tmp_path, 
     if direct == "refused-writes":
         assert not w.direct and len(refused) == (1 if _takes_o_direct(tmp_path) else 0)
         return
+    small = blockio.SequentialWriter(tmp_path / "s", buffer_bytes=8192)
+    small.write(pieces[1].data)
+    small.write(pieces[7].data)
+    small.close(sync=False)
+    assert not small.direct and (tmp_path / "s").read_bytes() == pieces[1].tobytes() + pieces[7].tobytes()
     w = blockio.SequentialWriter(tmp_path / "g", buffer_bytes=8192)
     w.write(pieces[3].data)  # O_DIRECT: one full buffer goes out, the rest waits in it; buffered: all goes out
     w.discard()

@@ -141,6 +141,7 @@ def direct_align(fd: int, want: int, file_bytes: int) -> int:
 
 
 WRITE_BUFFER = 1 << 23  # bytes a `SequentialWriter` gathers before one O_DIRECT write (whole blocks)
+SMALL_FILE = 1 << 20  # a `SequentialWriter`'s file of at most this many bytes goes through the page cache at close
 
 
 class SequentialWriter:
@@ -197,11 +198,20 @@ class SequentialWriter:
         self._fill = 0
 
     def close(self, sync: bool = True) -> None:
-        """Write what is left, cut the file to the bytes written and, with ``sync``, fsync it."""
+        """Write what is left, cut the file to the bytes written and, with ``sync``, fsync it. A file of at most
+        `SMALL_FILE` bytes (all still in the buffer) is written through the page cache instead: one O_DIRECT
+        write is a device round trip in the caller's thread, where a checkpoint writes two small files per
+        table and fsyncs them on other threads (docs/storage.md, "Checkpoints at 1.2x RAM")."""
         if self.fd < 0:
             return
         try:
-            if self._fill:
+            if self.direct and 0 < self._fill == self.size <= SMALL_FILE:
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
+                assert self._buf is not None
+                transfer_all(os.pwritev, self.fd, self._buf[: self._fill], 0, self.path, "write")
+                self._fill = 0
+            elif self._fill:
                 self._flush()
                 os.ftruncate(self.fd, self.size)
             if sync:

@@ -121,7 +121,9 @@ class RowSetWriter:
     """Writes the row set ``path`` (+ ``<path>.ids``) from rows given in ascending ID order, in pieces
     (`add`): one sha256 per chunk of `ROWSET_CHUNK_IDS` IDs as it goes, fsynced by `finish`. The hashing and
     writing run on a thread of their own, `WRITE_AHEAD` pieces behind `add` (both let go of the GIL), so
-    that a checkpoint reads its next rows meanwhile."""
+    that a checkpoint reads its next rows meanwhile -- from the second piece on: a row set of one piece (most
+    tables of an incremental checkpoint) is written by `finish`, in the calling thread, with no thread to
+    start and join."""
 
     def __init__(self, path: Path):
         self.path, self.ipath = path, ids_path(path)
@@ -132,8 +134,8 @@ class RowSetWriter:
         self.count = 0
         self._queue: queue.Queue = queue.Queue(WRITE_AHEAD)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="tierec-rowset-writer", daemon=True)
-        self._thread.start()
+        self._first: tuple[np.ndarray, np.ndarray] | None = None  # the first piece, until a second one comes
+        self._thread: threading.Thread | None = None
 
     def add(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Rows ``ids`` (int64 [n], ascending, above every ID added before) and their float32 rows [n, width]
@@ -141,8 +143,16 @@ class RowSetWriter:
         if ids.size == 0:
             return
         self._raise()
-        self._queue.put((ids, rows))
         self.count += int(ids.size)
+        if self._thread is None:
+            if self._first is None:
+                self._first = (ids, rows)
+                return
+            self._thread = threading.Thread(target=self._drain, name="tierec-rowset-writer", daemon=True)
+            self._thread.start()
+            self._queue.put(self._first)
+            self._first = None
+        self._queue.put((ids, rows))
 
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -157,7 +167,7 @@ class RowSetWriter:
             raise self._error
 
     def _stop(self) -> None:
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
 
@@ -188,6 +198,9 @@ class RowSetWriter:
         """Close and (``sync``) fsync both files; their manifest entries by file name."""
         self._stop()
         self._raise()
+        if self._first is not None:
+            self._write(*self._first)
+            self._first = None
         self._close_chunk()
         for g in (self._f, self._fi):
             g.close(sync)
@@ -202,6 +215,7 @@ class RowSetWriter:
     def close(self) -> None:
         """Close the files without publishing them (after an error)."""
         self._stop()
+        self._first = None
         self._f.discard()
         self._fi.discard()
 

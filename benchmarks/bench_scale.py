@@ -709,8 +709,9 @@ def tier_rows(s: Sizing, t: RunFigures, m: RunFigures) -> list[Row]:
         ("  write-back logs", f"{t.write_log.get('log_staged_peak', 0):,} rows staged at most "
          f"({t.write_log.get('log_unranked_batches', 0):,} batches of unranked rows), "
          f"{t.write_log.get('log_compactions', 0):,} compactions ({t.write_log.get('log_run_rows', 0):,} rows in the "
-         f"runs, {t.write_log.get('log_kept_rows', 0):,} kept in the logs to be read back), {t.write_log.get('log_folds', 0):,} folds home, {t.write_log.get('log_full', 0):,} rows past a full "
-         f"map, {t.write_log.get('log_recent_rows', 0):,} rows read from recent sectors (memory)", "", "-"),
+         f"runs, {t.write_log.get('log_kept_rows', 0):,} kept in the logs to be read back), "
+         f"{t.write_log.get('log_folds', 0):,} folds home, {t.write_log.get('log_full', 0):,} rows past a full map, "
+         f"{t.write_log.get('log_recent_rows', 0):,} rows read from recent sectors (memory)", "", "-"),
     ]
 
 

@@ -192,10 +192,14 @@ class SequentialWriter:
         except OSError as e:  # a file system that opens O_DIRECT but refuses its writes: buffered from here on
             if e.errno != errno.EINVAL or not self.direct:
                 raise
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-            self.direct = False
+            self._buffered()
             transfer_all(os.pwritev, self.fd, self._buf[:n], self.size - self._fill, self.path, "write")
         self._fill = 0
+
+    def _buffered(self) -> None:
+        """Write through the page cache from here on (O_DIRECT cleared on the open descriptor)."""
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
 
     def close(self, sync: bool = True) -> None:
         """Write what is left, cut the file to the bytes written and, with ``sync``, fsync it. A file of at most
@@ -206,8 +210,7 @@ class SequentialWriter:
             return
         try:
             if self.direct and 0 < self._fill == self.size <= SMALL_FILE:
-                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                self.direct = False
+                self._buffered()
                 assert self._buf is not None
                 transfer_all(os.pwritev, self.fd, self._buf[: self._fill], 0, self.path, "write")
                 self._fill = 0

@@ -743,8 +743,8 @@ class RowLog:
         with self._lock:
             keys, slots = self._map.merged()
             kept = self._unread.get(slots.astype(np.int64) - self.active * self.half)  # read back later: they stay
-            if np.count_nonzero(kept) > self.capacity // 2:  # at most half the map: the oldest (lowest slots)
-                idx = np.flatnonzero(kept)
+            idx = np.flatnonzero(kept)
+            if idx.size > self.capacity // 2:  # at most half the map: the oldest (lowest slots)
                 kept[idx[np.argsort(slots[idx], kind="stable")][self.capacity // 2 :]] = False
             half, head = self.active, self.head
             keys, slots = keys[~kept], slots[~kept]
@@ -754,7 +754,7 @@ class RowLog:
             collected = None  # the log's rows to compact, read while the kept rows move (one pass: they fit)
             if kept.any():
                 written, nread, collected = self._switch(exclude=keys, collect=gather and passes == 1)
-            self.stats["log_kept_rows"] += int(np.count_nonzero(kept))
+            self.stats["log_kept_rows"] += min(idx.size, self.capacity // 2)
             old = self._run
             bits = old.bits.copy() if old.bits.size else np.zeros(-(-self.num_rows // 64), np.uint64)
             words, add = word_bits(keys.astype(np.int64))
